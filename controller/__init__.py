@@ -1,0 +1,1 @@
+"""hotlab controller: configuration, supervision, MQTT, QC, durable outbox, InfluxDB, CLI."""

@@ -1,0 +1,40 @@
+"""`hotlab` command line: one sub-command per module, each with a `register(subparsers)`.
+
+Sub-command modules live beside their feature (decay maths, simulators, controller, QC,
+report); this file only wires them, so adding a command never touches another's code.
+Exit codes: 0 success, 1 runtime failure, 2 bad input (usage, config, unknown nuclide or unit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+#: Modules that each add one or more sub-commands, in the order `--help` lists them.
+COMMAND_MODULES: tuple[str, ...] = ()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hotlab",
+        description="Control and monitor radiopharmacy hot-lab instruments.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module_name in COMMAND_MODULES:
+        importlib.import_module(module_name).register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

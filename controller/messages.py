@@ -1,0 +1,146 @@
+"""The schema-versioned messages that leave the controller, one builder per kind.
+
+A message is built once, committed to the outbox, and then rendered by each sink:
+MQTT publishes `payload` as JSON on `topic`; InfluxDB turns the same payload into a point
+(measurement = kind). Keeping one envelope for both sinks is what lets a restart resend
+exactly what was read, and lets a consumer de-duplicate on `msg_id`.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+from drivers.records import ElutionRecord, Reading
+
+Kind = Literal["reading", "elution", "qc_result", "device_status"]
+SCHEMA_VERSION = 1
+TOPIC_ROOT = "hotlab"
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    kind: Kind
+    topic: str
+    payload: dict[str, Any]
+
+    @property
+    def msg_id(self) -> str:
+        return str(self.payload["msg_id"])
+
+
+def iso_utc(time_ns: int) -> str:
+    """RFC 3339 UTC with microseconds, for people and JSON consumers; `time_ns` stays authoritative."""
+    return datetime.fromtimestamp(time_ns / 1e9, tz=timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def _envelope(kind: Kind, time_ns: int) -> dict[str, Any]:
+    return {
+        "schema": f"hotlab.{kind}/{SCHEMA_VERSION}",
+        "msg_id": uuid.uuid4().hex,
+        "time_ns": int(time_ns),
+        "time": iso_utc(time_ns),
+    }
+
+
+def device_topic(site: str, station: str, device: str, leaf: str) -> str:
+    return f"{TOPIC_ROOT}/{site}/{station}/{device}/{leaf}"
+
+
+def reading_message(site: str, station: str, reading: Reading) -> Message:
+    payload = _envelope("reading", reading.timestamp_ns) | {
+        "site": site,
+        "station": station,
+        "device": reading.device,
+        "nuclide": reading.nuclide,
+        "activity_bq": float(reading.activity_bq),
+        "raw_value": float(reading.raw_value),
+        "unit": reading.unit,
+        "raw_frame": reading.raw_frame.decode("latin-1"),
+    }
+    if reading.extra:
+        payload["extra"] = dict(reading.extra)
+    return Message("reading", device_topic(site, station, reading.device, "reading"), payload)
+
+
+def elution_message(
+    site: str,
+    record: ElutionRecord,
+    *,
+    yield_pct: float | None = None,
+    breakthrough_pct: float | None = None,
+) -> Message:
+    payload = _envelope("elution", record.end_ns) | {
+        "site": site,
+        "station": record.station,
+        "generator": record.generator_id,
+        "parent": record.parent_nuclide,
+        "nuclide": record.daughter_nuclide,
+        "counter": int(record.counter),
+        "activity_bq": float(record.activity_bq),
+        "volume_ml": float(record.volume_ml),
+        "start_ns": int(record.start_ns),
+        "end_ns": int(record.end_ns),
+        "duration_s": float(record.duration_s),
+        "yield_pct": None if yield_pct is None else float(yield_pct),
+        "breakthrough_pct": None if breakthrough_pct is None else float(breakthrough_pct),
+    }
+    return Message("elution", f"{TOPIC_ROOT}/{site}/{record.station}/elution", payload)
+
+
+def qc_message(
+    site: str,
+    station: str,
+    device: str,
+    *,
+    test: str,
+    verdict: str,
+    measured: float,
+    expected: float,
+    deviation_pct: float,
+    limit: str,
+    limit_source: str,
+    inputs: dict[str, Any],
+    time_ns: int | None = None,
+) -> Message:
+    """A QC verdict; `inputs` holds everything needed to recompute it later."""
+    payload = _envelope("qc_result", time_ns if time_ns is not None else time.time_ns()) | {
+        "site": site,
+        "station": station,
+        "device": device,
+        "test": test,
+        "verdict": verdict,
+        "measured": float(measured),
+        "expected": float(expected),
+        "deviation_pct": float(deviation_pct),
+        "limit": limit,
+        "limit_source": limit_source,
+        "inputs": inputs,
+    }
+    return Message("qc_result", device_topic(site, station, device, "qc"), payload)
+
+
+def device_status_message(
+    site: str,
+    station: str,
+    device: str,
+    *,
+    up: bool,
+    latency_ms: float | None,
+    errors: int,
+    detail: str = "",
+    time_ns: int | None = None,
+) -> Message:
+    payload = _envelope("device_status", time_ns if time_ns is not None else time.time_ns()) | {
+        "site": site,
+        "station": station,
+        "device": device,
+        "up": bool(up),
+        "latency_ms": None if latency_ms is None else float(latency_ms),
+        "errors": int(errors),
+        "detail": detail,
+    }
+    return Message("device_status", device_topic(site, station, device, "status"), payload)

@@ -1,0 +1,73 @@
+"""Activity units: parse and format at the edges, becquerel (float) everywhere inside.
+
+1 Ci is defined as exactly 3.7e10 Bq (the curie's definition since 1953, adopted by the
+ICRU; see also NIST SP 811, table 11), so every conversion here is exact up to float rounding.
+"""
+
+from __future__ import annotations
+
+import re
+
+CURIE_IN_BQ = 3.7e10
+
+#: Multiplier from each accepted unit to becquerel. Keys are canonical spellings.
+ACTIVITY_UNITS: dict[str, float] = {
+    "Bq": 1.0,
+    "kBq": 1e3,
+    "MBq": 1e6,
+    "GBq": 1e9,
+    "TBq": 1e12,
+    "uCi": CURIE_IN_BQ * 1e-6,
+    "mCi": CURIE_IN_BQ * 1e-3,
+    "Ci": CURIE_IN_BQ,
+}
+
+_CANONICAL = {name.lower(): name for name in ACTIVITY_UNITS}
+_CANONICAL["µci"] = "uCi"
+_CANONICAL["μci"] = "uCi"
+_QUANTITY = re.compile(r"^\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*([A-Za-zµμ]+)\s*$")
+
+
+class UnitError(ValueError):
+    """An activity or unit that cannot be understood; the message lists what is allowed."""
+
+
+def canonical_unit(unit: str) -> str:
+    """Return the canonical spelling of an activity unit (`mci` -> `mCi`), or raise UnitError."""
+    try:
+        return _CANONICAL[unit.strip().lower()]
+    except KeyError:
+        allowed = ", ".join(ACTIVITY_UNITS)
+        raise UnitError(f"unknown activity unit {unit!r}; allowed: {allowed}") from None
+
+
+def to_bq(value: float, unit: str) -> float:
+    """Convert `value` in `unit` to becquerel."""
+    return float(value) * ACTIVITY_UNITS[canonical_unit(unit)]
+
+
+def from_bq(activity_bq: float, unit: str) -> float:
+    """Convert becquerel to `unit`."""
+    return float(activity_bq) / ACTIVITY_UNITS[canonical_unit(unit)]
+
+
+def parse_activity(text: str) -> float:
+    """Parse a quantity such as `7.4GBq`, `200 mCi` or `3.5e6 Bq` into becquerel."""
+    match = _QUANTITY.match(text)
+    if not match:
+        raise UnitError(f"cannot read activity {text!r}; expected a number and a unit, e.g. 7.4GBq or 200 mCi")
+    value = float(match.group(1))
+    if value < 0:
+        raise UnitError(f"activity must not be negative: {text!r}")
+    return to_bq(value, match.group(2))
+
+
+def format_activity(activity_bq: float, unit: str | None = None, digits: int = 4) -> str:
+    """Format becquerel for people: in `unit` if given, else in the SI prefix that fits best."""
+    if unit is not None:
+        name = canonical_unit(unit)
+        return f"{from_bq(activity_bq, name):.{digits}g} {name}"
+    for name in ("TBq", "GBq", "MBq", "kBq"):
+        if abs(activity_bq) >= ACTIVITY_UNITS[name]:
+            return f"{activity_bq / ACTIVITY_UNITS[name]:.{digits}g} {name}"
+    return f"{activity_bq:.{digits}g} Bq"

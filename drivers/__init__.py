@@ -1,0 +1,1 @@
+"""Async device drivers: dose calibrators (serial) and generator elution stations (Modbus)."""

@@ -1,0 +1,76 @@
+"""The typed values a driver hands to the controller, and the errors it raises.
+
+Every driver speaks a different wire protocol, but the controller, the QC engine and the
+sinks only ever see these types: activity in becquerel (float), time as UTC epoch
+nanoseconds, and the raw frame kept verbatim so a reading can be audited back to the bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+class DriverError(Exception):
+    """Base of every error a driver raises; the supervisor catches this and keeps running."""
+
+
+class FrameError(DriverError):
+    """A frame arrived but could not be parsed (garbage, wrong length, bad number, bad unit)."""
+
+    def __init__(self, message: str, frame: bytes = b"") -> None:
+        super().__init__(f"{message}: {frame!r}" if frame else message)
+        self.frame = frame
+
+
+class ChecksumError(FrameError):
+    """A frame's checksum did not match its payload."""
+
+
+class DeviceTimeout(DriverError):
+    """The device did not answer within the configured time."""
+
+
+class DeviceDisconnected(DriverError):
+    """The transport closed or could not be opened."""
+
+
+class DeviceRefused(DriverError):
+    """The device answered but refused the request (error reply, Modbus exception, wrong state)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Reading:
+    """One activity measurement as read from a device.
+
+    `raw_value` and `unit` are what the device displayed; `activity_bq` is the same value
+    converted to becquerel by the driver, so downstream code never converts units again.
+    """
+
+    device: str
+    nuclide: str | None
+    activity_bq: float
+    raw_value: float
+    unit: str
+    timestamp_ns: int
+    raw_frame: bytes = b""
+    extra: dict[str, float | str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ElutionRecord:
+    """One finished generator elution, emitted exactly once per (station, generator, counter)."""
+
+    station: str
+    generator_id: str
+    parent_nuclide: str
+    daughter_nuclide: str
+    counter: int
+    activity_bq: float
+    volume_ml: float
+    start_ns: int
+    end_ns: int
+    line_dose_rate_usv_h: float | None = None
+
+    @property
+    def duration_s(self) -> float:
+        return (self.end_ns - self.start_ns) / 1e9

@@ -1,0 +1,1 @@
+"""Physics-backed stand-ins for hot-lab devices, speaking the real wire protocols."""
