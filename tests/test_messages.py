@@ -1,0 +1,45 @@
+"""Message envelopes: schema version, unique ids, topics per DESIGN.md, JSON-safe payloads."""
+
+import json
+
+from controller.messages import device_status_message, elution_message, iso_utc, qc_message, reading_message
+from drivers.records import ElutionRecord, Reading
+
+T0 = 1_795_000_000_000_000_000
+
+
+def test_reading_message_topic_and_payload() -> None:
+    reading = Reading("cal-1", "Tc-99m", 7.4e8, 20.0, "mCi", T0, b"Tc99m: 20.0 mCi\r\n")
+    message = reading_message("lab-a", "hotcell-1", reading)
+    assert message.topic == "hotlab/lab-a/hotcell-1/cal-1/reading"
+    assert message.payload["schema"] == "hotlab.reading/1"
+    assert message.payload["activity_bq"] == 7.4e8
+    assert message.payload["raw_frame"] == "Tc99m: 20.0 mCi\r\n"
+    assert message.payload["time"] == iso_utc(T0)
+    json.dumps(message.payload, allow_nan=False)
+
+
+def test_every_message_gets_its_own_id() -> None:
+    reading = Reading("cal-1", "F-18", 1e9, 1e9, "Bq", T0)
+    ids = {reading_message("s", "st", reading).msg_id for _ in range(1000)}
+    assert len(ids) == 1000
+
+
+def test_elution_qc_and_status_topics() -> None:
+    record = ElutionRecord("ga-station", "GEN-1", "Ge-68", "Ga-68", 7, 1.1e9, 5.0, T0, T0 + 90 * 10**9)
+    elution = elution_message("lab-a", record, yield_pct=71.2)
+    assert elution.topic == "hotlab/lab-a/ga-station/elution"
+    assert elution.payload["duration_s"] == 90.0
+    assert elution.payload["breakthrough_pct"] is None
+    qc = qc_message(
+        "lab-a", "hotcell-1", "cal-1", test="constancy", verdict="pass", measured=1.0, expected=1.0,
+        deviation_pct=0.0, limit="±5 % warn, ±10 % fail", limit_source="AAPM TG-181", inputs={"source": "Cs-137"},
+    )
+    assert qc.topic == "hotlab/lab-a/hotcell-1/cal-1/qc"
+    status = device_status_message("lab-a", "hotcell-1", "cal-1", up=False, latency_ms=None, errors=3)
+    assert status.topic == "hotlab/lab-a/hotcell-1/cal-1/status"
+    assert status.payload["up"] is False
+
+
+def test_iso_utc_is_rfc3339_z() -> None:
+    assert iso_utc(0) == "1970-01-01T00:00:00.000000Z"
