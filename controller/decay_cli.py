@@ -1,0 +1,153 @@
+"""`hotlab decay`: decay-correct an activity between two moments, or ask a generator what it holds.
+
+    hotlab decay Lu-177 7.4GBq --from 2026-11-20T12:00Z --to 2026-11-24T09:00Z --unit MBq
+    hotlab decay Mo-99 20GBq --generator Tc-99m --since-elution 23h
+
+Times are ISO 8601 with `Z` or an explicit offset: a bare local time is refused, because the
+elapsed time across a daylight-saving change would silently be off by an hour. Exit codes
+follow controller/cli.py: 0 ok, 2 bad input (nuclide, unit, time, duration).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from datetime import datetime, timedelta, timezone
+
+from controller.decay import (
+    corrected_activity_uncertainty,
+    decay_factor,
+    elapsed_s,
+    equilibrium_fraction,
+    generator_daughter_activity,
+)
+from controller.nuclides import NUCLIDES, Nuclide, get_nuclide
+from controller.units import canonical_unit, format_activity, from_bq, parse_activity
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(s|sec|min|m|h|d)\s*$", re.IGNORECASE)
+_DURATION_UNIT_S = {"s": 1.0, "sec": 1.0, "min": 60.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+class DecayInputError(ValueError):
+    """A command-line value that cannot be used; the message says what was expected."""
+
+
+def parse_time(text: str) -> datetime:
+    """An ISO 8601 moment with `Z` or an offset, as an aware datetime in UTC."""
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise DecayInputError(f"cannot read time {text!r}; use ISO 8601 such as 2026-11-20T12:00Z") from None
+    if moment.tzinfo is None:
+        raise DecayInputError(f"time {text!r} has no timezone; add Z for UTC or an offset such as +01:00")
+    return moment.astimezone(timezone.utc)
+
+
+def parse_duration(text: str) -> timedelta:
+    """A non-negative duration such as `23h`, `90 min`, `1.5d` or `45s`."""
+    match = _DURATION.match(text)
+    if not match:
+        raise DecayInputError(f"cannot read duration {text!r}; use a number and s, min, h or d, e.g. 23h")
+    return timedelta(seconds=float(match.group(1)) * _DURATION_UNIT_S[match.group(2).lower()])
+
+
+def _iso(moment: datetime) -> str:
+    return moment.astimezone(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _half_life_text(nuclide: Nuclide) -> str:
+    for unit, seconds in (("y", 365.24219 * 86400.0), ("d", 86400.0), ("h", 3600.0), ("min", 60.0)):
+        if nuclide.half_life_s >= 2 * seconds:
+            break
+    else:
+        unit, seconds = "s", 1.0
+    return f"{nuclide.half_life_s / seconds:.6g} ± {nuclide.half_life_unc_s / seconds:.2g} {unit} [{nuclide.source}]"
+
+
+def _show(activity_bq: float, unit: str | None) -> str:
+    return format_activity(activity_bq, unit, digits=6)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "decay",
+        help="decay-correct an activity, or compute a generator's available daughter activity",
+        description="Decay-correct ACTIVITY of NUCLIDE measured at --from to --to (both default to now). "
+        "With --generator, NUCLIDE is the generator parent and ACTIVITY its calibrated activity at --from "
+        "(default: the elution time).",
+    )
+    parser.add_argument("nuclide", help="e.g. Lu-177, 99mTc, Ga68")
+    parser.add_argument("activity", help="activity with unit, e.g. 7.4GBq or 200mCi")
+    parser.add_argument("--from", dest="start", help="when ACTIVITY was measured (ISO 8601 with Z or offset)")
+    parser.add_argument("--to", dest="end", help="moment to correct to (default now)")
+    parser.add_argument("--unit", help="output unit: Bq, kBq, MBq, GBq, TBq, uCi, mCi, Ci (default: best SI prefix)")
+    parser.add_argument("--generator", metavar="DAUGHTER", help="daughter to elute, e.g. Tc-99m from Mo-99")
+    parser.add_argument("--since-elution", metavar="DURATION", help="time since the last elution, e.g. 23h (with --generator)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        nuclide = get_nuclide(args.nuclide)
+        activity_bq = parse_activity(args.activity)
+        unit = canonical_unit(args.unit) if args.unit else None
+        end = parse_time(args.end) if args.end else datetime.now(timezone.utc)
+        start = parse_time(args.start) if args.start else None
+        if args.generator:
+            if not args.since_elution:
+                raise DecayInputError("--generator needs --since-elution, e.g. --since-elution 23h")
+            lines = _generator_report(nuclide, get_nuclide(args.generator), activity_bq, start, end,
+                                      parse_duration(args.since_elution), unit)
+        else:
+            if args.since_elution:
+                raise DecayInputError("--since-elution only makes sense with --generator DAUGHTER")
+            lines = _decay_report(nuclide, activity_bq, start or end, end, unit)
+    except ValueError as error:  # UnknownNuclideError, UnitError, DecayInputError are all ValueErrors
+        print(f"hotlab decay: error: {error}", file=sys.stderr)
+        return 2
+    print("\n".join(lines))
+    return 0
+
+
+def _decay_report(nuclide: Nuclide, activity_bq: float, start: datetime, end: datetime, unit: str | None) -> list[str]:
+    dt_s = float(elapsed_s(start, end))
+    value, sigma = corrected_activity_uncertainty(activity_bq, nuclide, dt_s)
+    shown_unit = unit or format_activity(float(value)).split()[-1]  # the SI prefix format_activity picks
+    direction = "" if dt_s >= 0 else "  (back-correction: --to is before --from)"
+    return [
+        f"nuclide      {nuclide.name}  T1/2 = {_half_life_text(nuclide)}",
+        f"activity     {_show(activity_bq, unit)} at {_iso(start)}",
+        f"corrected    {_show(float(value), shown_unit)} ± {from_bq(float(sigma), shown_unit):.2g} {shown_unit}"
+        f" at {_iso(end)}  (1 sigma from the half-life uncertainty)",
+        f"elapsed      {dt_s / 3600.0:.4f} h = {dt_s / 86400.0:.5f} d{direction}",
+        f"decay factor {float(decay_factor(nuclide.half_life_s, dt_s)):.6f}",
+    ]
+
+
+def _generator_report(
+    parent: Nuclide,
+    daughter: Nuclide,
+    parent_bq: float,
+    calibration: datetime | None,
+    end: datetime,
+    since_elution: timedelta,
+    unit: str | None,
+) -> list[str]:
+    if parent.branching_to(daughter.name) is None:
+        links = ", ".join(f"{n.name} -> {d.daughter}" for n in NUCLIDES.values() for d in n.decays if d.daughter in NUCLIDES)
+        raise DecayInputError(f"{daughter.name} is not a daughter of {parent.name} in the library; known links: {links}")
+    elution = end - since_elution
+    calibration = calibration or elution
+    daughter_bq = float(generator_daughter_activity(parent_bq, calibration, parent, daughter, elution, end))
+    parent_now = parent_bq * float(decay_factor(parent.half_life_s, float(elapsed_s(calibration, end))))
+    lines = [
+        f"generator    {parent.name} -> {daughter.name}",
+        f"parent       {_show(parent_bq, unit)} at {_iso(calibration)}; {_show(parent_now, unit)} at {_iso(end)}",
+        f"last elution {_iso(elution)} ({since_elution.total_seconds() / 3600.0:.4f} h of ingrowth, no residual)",
+        f"available    {_show(daughter_bq, unit)} of {daughter.name} at {_iso(end)}",
+    ]
+    if daughter.half_life_s < parent.half_life_s:
+        fraction = float(equilibrium_fraction(parent, daughter, since_elution.total_seconds()))
+        lines.append(f"equilibrium  {100.0 * fraction:.2f} % of the equilibrium daughter activity")
+    return lines
