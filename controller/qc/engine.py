@@ -1,0 +1,341 @@
+"""The streaming QC engine: every reading and elution in, the QC verdicts it implies out.
+
+The controller calls `QcEngine.process(message)` on each reading/elution message before it
+commits it, and commits whatever comes back in the same batch, so a verdict is as durable
+as the measurement it judges (the no-loss path). `process` is synchronous on purpose: it
+does only arithmetic on in-memory state (microseconds), never I/O, so calling it on the
+event loop is safe and needs no executor.
+
+What a message means for QC:
+- a reading tagged ``extra["qc"]`` = ``constancy`` | ``accuracy`` | ``background`` |
+  ``dosage`` | ``mo99`` | ``ge68_breakthrough`` is judged by that rule (details in docs/qc.md);
+- an untagged reading from a calibrator that has a check source configured, taken on the
+  check source's nuclide setting, is a constancy measurement (in a radiopharmacy nothing
+  else is measured on the Cs-137/Co-57/Ba-133 setting);
+- an elution from a configured generator gets an elution-yield verdict, a yield-trend
+  verdict once enough elutions are known, and is returned again with ``yield_pct`` filled:
+  that replacement has the same ``msg_id`` and must be committed instead of the original.
+
+Bad input never raises out of `process`: it is logged, counted in `rejected`, and yields no
+verdict, so one bad frame cannot stop the controller.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from controller.decay import to_epoch_ns
+from controller.messages import Message
+from controller.nuclides import UnknownNuclideError, get_nuclide
+from controller.qc import calibrator_rules, dosage, generator_rules
+from controller.qc.calibrator_rules import ReferenceSource
+from controller.qc.generator_rules import GeneratorSpec, YieldPoint, generator_pair
+from controller.qc.limits import YIELD_LIMIT_BY_DAUGHTER, Limit, QcConfigError, load_limits
+from controller.qc.result import QcInputError, QcResult
+from controller.units import UnitError, parse_activity
+
+log = logging.getLogger(__name__)
+
+#: Elutions remembered per generator for the yield trend and later Ge-68 re-measurements.
+HISTORY_LENGTH = 64
+
+
+def parse_time_ns(value: Any, what: str) -> int:
+    """UTC epoch ns from a TOML datetime, an ISO 8601 text with offset (or Z), or an epoch-ns number."""
+    if isinstance(value, bool):
+        raise QcInputError(f"{what}: expected a time, got {value!r}")
+    if isinstance(value, (int, float)):
+        return int(value)
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value.strip())
+        except ValueError:
+            raise QcInputError(f"{what}: cannot read time {value!r}; use ISO 8601 with an offset, e.g. 2026-01-05T08:30:00Z") from None
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            raise QcInputError(f"{what}: {value.isoformat()} has no timezone; add Z or an offset such as +01:00")
+        return int(to_epoch_ns(value))
+    raise QcInputError(f"{what}: expected a time, got {value!r}")
+
+
+def parse_activity_bq(value: Any, what: str, *, allow_zero: bool = False) -> float:
+    """Becquerel from a number (Bq) or a quantity text such as ``7.4 MBq`` or ``200 mCi``; > 0 unless `allow_zero`."""
+    if isinstance(value, bool):
+        raise QcInputError(f"{what}: expected an activity, got {value!r}")
+    if isinstance(value, (int, float)):
+        bq = float(value)
+    elif isinstance(value, str):
+        try:
+            bq = parse_activity(value)
+        except UnitError as exc:
+            raise QcInputError(f"{what}: {exc}") from None
+    else:
+        raise QcInputError(f"{what}: expected an activity such as '7.4 MBq', got {value!r}")
+    if not (bq >= 0 if allow_zero else bq > 0):
+        raise QcInputError(f"{what}: activity must be {'>= 0' if allow_zero else 'positive'}, got {value!r}")
+    return bq
+
+
+def _table(data: Any, path: str) -> Mapping[str, Any]:
+    if not isinstance(data, Mapping):
+        raise QcConfigError(f"{path} must be a table, got {data!r}")
+    return data
+
+
+def _only(table: Mapping[str, Any], path: str, allowed: set[str]) -> None:
+    unknown = set(table) - allowed
+    if unknown:
+        raise QcConfigError(f"{path}: unknown key(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
+
+
+def _required(table: Mapping[str, Any], path: str, key: str) -> Any:
+    if key not in table:
+        raise QcConfigError(f"{path}.{key} is required")
+    return table[key]
+
+
+def _field(extra: Mapping[str, Any], key: str, tag: str) -> Any:
+    try:
+        return extra[key]
+    except KeyError:
+        raise QcInputError(f"a reading tagged qc={tag!r} needs extra[{key!r}]") from None
+
+
+@dataclass(frozen=True, slots=True)
+class QcConfig:
+    """Per-site QC configuration: limits, check/reference sources, calibrator and generator set-up."""
+
+    limits: Mapping[str, Limit] = field(default_factory=load_limits)
+    sources: Mapping[str, ReferenceSource] = field(default_factory=dict)
+    check_source_by_device: Mapping[str, str] = field(default_factory=dict)
+    generators: Mapping[str, GeneratorSpec] = field(default_factory=dict)
+    last_elution_ns: Mapping[str, int] = field(default_factory=dict)
+    trend_horizon_days: float = 30.0
+    trend_min_points: int = 5
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any] | None) -> QcConfig:
+        """Validate a ``[qc]`` TOML table (see docs/qc.md); every problem is a QcConfigError naming the key."""
+        root = _table(data or {}, "qc")
+        _only(root, "qc", {"limits", "sources", "devices", "generators", "trend_horizon_days", "trend_min_points"})
+        try:
+            return cls._parse(root)
+        except (QcInputError, UnknownNuclideError) as exc:
+            raise QcConfigError(str(exc)) from None
+
+    @classmethod
+    def _parse(cls, root: Mapping[str, Any]) -> QcConfig:
+        limits = load_limits(_table(root.get("limits", {}), "qc.limits"))
+        sources: dict[str, ReferenceSource] = {}
+        for source_id, raw in _table(root.get("sources", {}), "qc.sources").items():
+            path = f"qc.sources.{source_id}"
+            table = _table(raw, path)
+            _only(table, path, {"nuclide", "activity", "reference_time", "certificate", "uncertainty_pct"})
+            uncertainty = table.get("uncertainty_pct")
+            if uncertainty is not None and (isinstance(uncertainty, bool) or not isinstance(uncertainty, (int, float))):
+                raise QcConfigError(f"{path}.uncertainty_pct must be a number, got {uncertainty!r}")
+            sources[source_id] = ReferenceSource(
+                source_id=source_id,
+                nuclide=get_nuclide(str(_required(table, path, "nuclide"))),
+                reference_bq=parse_activity_bq(_required(table, path, "activity"), f"{path}.activity"),
+                reference_ns=parse_time_ns(_required(table, path, "reference_time"), f"{path}.reference_time"),
+                certificate=str(table.get("certificate", "")),
+                uncertainty_pct=None if uncertainty is None else float(uncertainty),
+            )
+        devices: dict[str, str] = {}
+        for device, raw in _table(root.get("devices", {}), "qc.devices").items():
+            path = f"qc.devices.{device}"
+            table = _table(raw, path)
+            _only(table, path, {"check_source"})
+            source_id = str(_required(table, path, "check_source"))
+            if source_id not in sources:
+                raise QcConfigError(f"{path}.check_source: no source {source_id!r} under [qc.sources]; known: {sorted(sources)}")
+            devices[device] = source_id
+        generators: dict[str, GeneratorSpec] = {}
+        last_elution: dict[str, int] = {}
+        for generator_id, raw in _table(root.get("generators", {}), "qc.generators").items():
+            path = f"qc.generators.{generator_id}"
+            table = _table(raw, path)
+            _only(table, path, {"parent", "daughter", "activity", "calibration_time", "last_elution"})
+            try:
+                parent, daughter = generator_pair(str(_required(table, path, "parent")), table.get("daughter"))
+            except QcInputError as exc:
+                raise QcConfigError(f"{path}: {exc}") from None
+            generators[generator_id] = GeneratorSpec(
+                generator_id=generator_id,
+                parent=parent,
+                daughter=daughter,
+                calibration_bq=parse_activity_bq(_required(table, path, "activity"), f"{path}.activity"),
+                calibration_ns=parse_time_ns(_required(table, path, "calibration_time"), f"{path}.calibration_time"),
+            )
+            if "last_elution" in table:
+                last_elution[generator_id] = parse_time_ns(table["last_elution"], f"{path}.last_elution")
+        horizon = root.get("trend_horizon_days", 30.0)
+        min_points = root.get("trend_min_points", 5)
+        if isinstance(horizon, bool) or not isinstance(horizon, (int, float)) or horizon <= 0:
+            raise QcConfigError(f"qc.trend_horizon_days must be a positive number, got {horizon!r}")
+        if isinstance(min_points, bool) or not isinstance(min_points, int) or min_points < 3:
+            raise QcConfigError(f"qc.trend_min_points must be an integer >= 3, got {min_points!r}")
+        return cls(limits=limits, sources=sources, check_source_by_device=devices, generators=generators,
+                   last_elution_ns=last_elution, trend_horizon_days=float(horizon), trend_min_points=min_points)
+
+
+@dataclass(slots=True)
+class _GeneratorState:
+    last_elution_ns: int | None
+    last_counter: int | None = None
+    residual_bq: float = 0.0
+    history: deque[YieldPoint] = field(default_factory=lambda: deque(maxlen=HISTORY_LENGTH))
+    eluate_by_counter: dict[int, tuple[int, float]] = field(default_factory=dict)
+
+
+class QcEngine:
+    """Turns reading and elution messages into qc_result messages (see the module docstring)."""
+
+    def __init__(self, site: str, config: QcConfig | None = None) -> None:
+        self.site = site
+        self.config = config or QcConfig()
+        self.rejected = 0
+        self._generators = {
+            gid: _GeneratorState(self.config.last_elution_ns.get(gid)) for gid in self.config.generators
+        }
+
+    def process(self, message: Message) -> list[Message]:
+        """The messages to commit alongside `message` (possibly a replacement of it); [] if none."""
+        try:
+            if message.kind == "reading":
+                return self._on_reading(message.payload)
+            if message.kind == "elution":
+                return self._on_elution(message)
+        except (QcInputError, UnknownNuclideError, KeyError, TypeError, ValueError) as exc:
+            self.rejected += 1
+            log.warning("QC skipped %s message %s: %s", message.kind, message.payload.get("msg_id"), exc)
+        return []
+
+    # -- readings -------------------------------------------------------------------------
+
+    def _on_reading(self, payload: Mapping[str, Any]) -> list[Message]:
+        extra: Mapping[str, Any] = payload.get("extra") or {}
+        tag = extra.get("qc")
+        device, station = str(payload["device"]), str(payload["station"])
+        result = self._judge_reading(tag, payload, extra, device)
+        return [] if result is None else [result.to_message(self.site, station, device)]
+
+    def _judge_reading(self, tag: Any, payload: Mapping[str, Any], extra: Mapping[str, Any],
+                       device: str) -> QcResult | None:
+        limits = self.config.limits
+        activity, time_ns = float(payload["activity_bq"]), int(payload["time_ns"])
+        setting = payload.get("nuclide")
+        if tag is None:
+            source = self._mounted_source(device)
+            if source is None or setting is None or get_nuclide(str(setting)).name != source.nuclide.name:
+                return None
+            return calibrator_rules.constancy(source, [activity], time_ns, limits["constancy"])
+        if tag in ("constancy", "accuracy"):
+            source = self._named_source(extra.get("source"), device, tag)
+            if setting is not None and get_nuclide(str(setting)).name != source.nuclide.name:
+                raise QcInputError(f"{tag} reading taken on the {setting} setting, but source {source.source_id} "
+                                   f"is {source.nuclide.name}")
+            rule = calibrator_rules.constancy if tag == "constancy" else calibrator_rules.accuracy
+            return rule(source, [activity], time_ns, limits[tag])
+        if tag == "background":
+            return calibrator_rules.background(activity, time_ns, limits["background"],
+                                               nuclide=None if setting is None else str(setting))
+        if tag == "dosage":
+            if setting is None:
+                raise QcInputError("a dosage reading needs the calibrator's nuclide setting")
+            return dosage.dosage_check(
+                get_nuclide(str(setting)), activity, time_ns,
+                parse_activity_bq(_field(extra, "prescribed_bq", tag), "extra.prescribed_bq"),
+                parse_time_ns(_field(extra, "administration_time", tag), "extra.administration_time"),
+                limits["dosage"],
+            )
+        if tag == "mo99":
+            return generator_rules.mo99_breakthrough(
+                activity, parse_activity_bq(_field(extra, "tc99m_bq", tag), "extra.tc99m_bq"), time_ns,
+                limits["mo99_breakthrough"],
+                administration_ns=(parse_time_ns(extra["administration_time"], "extra.administration_time")
+                                   if "administration_time" in extra else None),
+            )
+        if tag == "ge68_breakthrough":
+            return self._ge68_breakthrough(activity, time_ns, extra)
+        raise QcInputError(f"unknown QC tag {tag!r}; known: constancy, accuracy, background, dosage, mo99, "
+                           "ge68_breakthrough")
+
+    def _mounted_source(self, device: str) -> ReferenceSource | None:
+        source_id = self.config.check_source_by_device.get(device)
+        return None if source_id is None else self.config.sources[source_id]
+
+    def _named_source(self, source_id: Any, device: str, tag: str) -> ReferenceSource:
+        if source_id is None:
+            mounted = self._mounted_source(device)
+            if mounted is None:
+                raise QcInputError(f"{tag} reading from {device} names no source and none is configured for it")
+            return mounted
+        try:
+            return self.config.sources[str(source_id)]
+        except KeyError:
+            raise QcInputError(f"unknown source {source_id!r}; configured: {sorted(self.config.sources)}") from None
+
+    def _ge68_breakthrough(self, activity: float, time_ns: int, extra: Mapping[str, Any]) -> QcResult:
+        generator_id = str(_field(extra, "generator", "ge68_breakthrough"))
+        counter = int(_field(extra, "elution_counter", "ge68_breakthrough"))
+        state = self._generator_state(generator_id)
+        if counter not in state.eluate_by_counter:
+            raise QcInputError(f"elution {counter} of {generator_id} is not among the last {HISTORY_LENGTH} seen")
+        eoe_ns, eluted_bq = state.eluate_by_counter[counter]
+        return generator_rules.ge68_breakthrough(
+            eluted_bq, eoe_ns, activity, time_ns, self.config.limits["ge68_breakthrough"],
+            aliquot_fraction=float(extra.get("aliquot_fraction", 1.0)),
+        )
+
+    # -- elutions -------------------------------------------------------------------------
+
+    def _generator_state(self, generator_id: str) -> _GeneratorState:
+        try:
+            return self._generators[generator_id]
+        except KeyError:
+            raise QcInputError(f"generator {generator_id!r} is not configured under [qc.generators]") from None
+
+    def _on_elution(self, message: Message) -> list[Message]:
+        payload = message.payload
+        generator_id = str(payload["generator"])
+        spec = self.config.generators.get(generator_id)
+        if spec is None:
+            log.info("no QC for elution of unconfigured generator %s", generator_id)
+            return []
+        state = self._generators[generator_id]
+        counter, end_ns = int(payload["counter"]), int(payload["end_ns"])
+        if state.last_counter is not None and counter <= state.last_counter:
+            log.info("elution %s/%d already judged; not judging a re-delivery twice", generator_id, counter)
+            return []
+        yield_limit = self.config.limits[YIELD_LIMIT_BY_DAUGHTER[spec.daughter.name]]
+        result = generator_rules.elution_yield(
+            spec, float(payload["activity_bq"]), end_ns, yield_limit,
+            last_elution_ns=state.last_elution_ns, residual_bq=state.residual_bq,
+        )
+        state.last_counter, state.last_elution_ns = counter, end_ns
+        state.residual_bq = max(result.expected - result.measured, 0.0)
+        state.history.append(YieldPoint(end_ns, counter, result.value_judged))
+        state.eluate_by_counter[counter] = (end_ns, result.measured)
+        while len(state.eluate_by_counter) > HISTORY_LENGTH:
+            del state.eluate_by_counter[min(state.eluate_by_counter)]
+        station = str(payload["station"])
+        out = [
+            Message(message.kind, message.topic, dict(payload) | {"yield_pct": result.value_judged}),
+            result.to_message(self.site, station, generator_id),
+        ]
+        try:
+            trend = generator_rules.yield_trend(generator_id, list(state.history), yield_limit,
+                                                self.config.trend_horizon_days, self.config.trend_min_points)
+        except QcInputError as exc:  # the yield verdict above stands even when no trend can be fitted
+            log.warning("no yield trend for %s: %s", generator_id, exc)
+            trend = None
+        if trend is not None:
+            out.append(trend.to_message(self.site, station, generator_id))
+        return out

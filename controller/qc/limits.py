@@ -1,0 +1,254 @@
+"""QC acceptance limits: the defaults, where each comes from, and per-site overrides.
+
+Every limit carries its source so a verdict can always be traced to the standard that
+justifies it. A site may tighten or relax any limit from its configuration (a TOML table
+such as ``[qc.limits.constancy] warn = 3.0``); the override keeps the default's source
+in its text so an auditor sees both what was changed and what it replaced.
+
+Boundary rule (used by every test, chosen once here): a value exactly AT a limit is
+within it. The standards are phrased that way ("within ±10 %", "not more than 0.15",
+"not less than 60 %", "differs by more than 20 %"), so |deviation| = 5 % passes a
+±5 % test and 5.000001 % does not. A relative slack of 1e-9 absorbs float rounding so
+that a reading typed as exactly 105 % of expected is judged as exactly 5 %.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from enum import StrEnum
+from typing import Any, Literal
+
+Verdict = Literal["pass", "warn", "fail"]
+VERDICTS: tuple[Verdict, ...] = ("pass", "warn", "fail")
+
+#: Relative slack at a boundary so float rounding never flips an at-the-limit value.
+_BOUNDARY_SLACK = 1e-9
+
+
+class QcConfigError(ValueError):
+    """A limit or QC configuration value that is missing, of the wrong type or inconsistent."""
+
+
+class LimitKind(StrEnum):
+    """How a value is compared with the limit.
+
+    tolerance: |deviation_pct| <= warn passes, <= fail warns, beyond fails.
+    ceiling:   value <= warn passes, <= fail warns, beyond fails (breakthrough, background).
+    floor:     value >= warn passes, >= fail warns, below fails (elution yield).
+    range:     low <= value <= high passes, anything else fails (half-life identity).
+    A missing `warn` means the test only passes or fails.
+    """
+
+    TOLERANCE = "tolerance"
+    CEILING = "ceiling"
+    FLOOR = "floor"
+    RANGE = "range"
+
+
+def _within_upper(value: float, bound: float) -> bool:
+    return value <= bound + abs(bound) * _BOUNDARY_SLACK
+
+
+def _within_lower(value: float, bound: float) -> bool:
+    return value >= bound - abs(bound) * _BOUNDARY_SLACK
+
+
+@dataclass(frozen=True, slots=True)
+class Limit:
+    """One acceptance limit with its unit and the document it comes from."""
+
+    kind: LimitKind
+    unit: str
+    source: str
+    warn: float | None = None
+    fail: float | None = None
+    low: float | None = None
+    high: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind is LimitKind.RANGE:
+            if self.low is None or self.high is None or not self.low < self.high:
+                raise QcConfigError(f"a range limit needs low < high, got low={self.low} high={self.high}")
+            return
+        if self.fail is None:
+            raise QcConfigError(f"a {self.kind} limit needs a fail level")
+        if self.kind in (LimitKind.TOLERANCE, LimitKind.CEILING) and self.fail <= 0:
+            raise QcConfigError(f"a {self.kind} fail level must be positive, got fail={self.fail}")
+        if self.warn is None:
+            return
+        ordered = self.warn >= self.fail if self.kind is LimitKind.FLOOR else self.warn <= self.fail
+        if not ordered:
+            side = "at or above" if self.kind is LimitKind.FLOOR else "at or below"
+            raise QcConfigError(f"warn level {self.warn} must be {side} the fail level {self.fail} for a {self.kind}")
+
+    def judge(self, value: float) -> Verdict:
+        """The verdict for `value` (a deviation in % for a tolerance, the quantity itself otherwise)."""
+        if self.kind is LimitKind.RANGE:
+            assert self.low is not None and self.high is not None
+            return "pass" if _within_lower(value, self.low) and _within_upper(value, self.high) else "fail"
+        assert self.fail is not None
+        if self.kind is LimitKind.FLOOR:
+            within = _within_lower
+            probe = value
+        else:
+            within = _within_upper
+            probe = abs(value) if self.kind is LimitKind.TOLERANCE else value
+        if self.warn is not None and within(probe, self.warn):
+            return "pass"
+        if within(probe, self.fail):
+            return "warn" if self.warn is not None else "pass"
+        return "fail"
+
+    @property
+    def text(self) -> str:
+        """The limit as a person reads it, e.g. ``pass |dev| <= 5 %, warn <= 10 %, fail > 10 %``."""
+        u = self.unit
+        if self.kind is LimitKind.RANGE:
+            return f"pass {self.low:g}-{self.high:g} {u}, fail outside"
+        if self.kind is LimitKind.TOLERANCE:
+            subject, le, gt = "|dev|", "<=", ">"
+        elif self.kind is LimitKind.CEILING:
+            subject, le, gt = "value", "<=", ">"
+        else:
+            subject, le, gt = "value", ">=", "<"
+        if self.warn is None:
+            return f"pass {subject} {le} {self.fail:g} {u}, fail {gt} {self.fail:g} {u}"
+        return f"pass {subject} {le} {self.warn:g} {u}, warn {le} {self.fail:g} {u}, fail {gt} {self.fail:g} {u}"
+
+    def as_dict(self) -> dict[str, Any]:
+        """The numbers of the limit, for the result payload (so a verdict can be recomputed)."""
+        values: dict[str, Any] = {"kind": str(self.kind), "unit": self.unit}
+        for name in ("warn", "fail", "low", "high"):
+            value = getattr(self, name)
+            if value is not None:
+                values[name] = float(value)
+        return values
+
+
+# Former 10 CFR 35.50 (NRC, in force until the 2002 revision of Part 35) required daily
+# constancy, and accuracy, linearity and geometry tests, with repair above a 10 % constancy
+# or accuracy error and correction above a 10 % linearity or geometry error. Today's 10 CFR
+# 35.60 defers to the manufacturer and national standards (ANSI N42.13, AAPM Report 181),
+# which keep the 10 % action level and recommend investigating from 5 %.
+_TG181 = "AAPM Report 181 (TG-181, 2012)"
+_FORMER_35_50 = "former 10 CFR 35.50(b),(d) (NRC, pre-2002)"
+
+DEFAULT_LIMITS: dict[str, Limit] = {
+    # Daily constancy with a long-lived check source: investigate beyond 5 %, act beyond 10 %.
+    "constancy": Limit(
+        LimitKind.TOLERANCE, "%", f"{_TG181} daily constancy: investigate > 5 %, act > 10 %; {_FORMER_35_50}",
+        warn=5.0, fail=10.0,
+    ),
+    # Accuracy against a certified reference source: ANSI N42.13 requires +-10 %; the 5 % warn
+    # level is a configurable action level (TG-181 recommends investigating smaller drifts).
+    "accuracy": Limit(
+        LimitKind.TOLERANCE, "%", f"ANSI N42.13-2004 accuracy +-10 % of the certified activity; {_TG181}; warn 5 % is a site action level",
+        warn=5.0, fail=10.0,
+    ),
+    # Linearity (decay or sleeve method): each point within 5 % of the fitted response;
+    # beyond 10 % readings must be corrected (former 10 CFR 35.50(d)).
+    "linearity": Limit(
+        LimitKind.TOLERANCE, "%", f"{_TG181} linearity +-5 %; correction required > 10 % per {_FORMER_35_50}",
+        warn=5.0, fail=10.0,
+    ),
+    "linearity_sleeve": Limit(
+        LimitKind.TOLERANCE, "%", f"{_TG181} linearity (shield/sleeve method) +-5 %; correction required > 10 % per {_FORMER_35_50}",
+        warn=5.0, fail=10.0,
+    ),
+    # The half-life fitted to a decay series against the ENSDF/DDEP value: no standard sets a
+    # number; a 2 % half-life error skews readings by ~2 % per half-life of the series.
+    "linearity_half_life": Limit(
+        LimitKind.TOLERANCE, "%", "hotlab engineering default (no standard sets one): fitted vs library half-life",
+        warn=2.0, fail=5.0,
+    ),
+    # Geometry / volume dependence relative to the reference container and volume.
+    "geometry": Limit(
+        LimitKind.TOLERANCE, "%", f"{_TG181} geometry dependence; correction factors required > 10 % per {_FORMER_35_50}",
+        warn=5.0, fail=10.0,
+    ),
+    # Background with the chamber empty. TG-181 asks for a daily background check without a
+    # number; 370 kBq (10 uCi) is the smallest dosage former 10 CFR 35.50(d) required to be
+    # corrected, so a background that large corrupts every dose that must be right.
+    "background": Limit(
+        LimitKind.CEILING, "Bq", f"hotlab default: warn 37 kBq (1 uCi), fail 370 kBq (10 uCi, smallest corrected dosage in {_FORMER_35_50}); {_TG181} daily background check",
+        warn=37e3, fail=370e3,
+    ),
+    # Ga-68 elution yield: the GalliaPharm SmPC (Eckert & Ziegler, section 2) states that more
+    # than 60 % of the Ga-68 present at equilibrium can be eluted, so a yield below 60 % means the
+    # generator is out of its specification; 65 % warns early.
+    "elution_yield_ga68": Limit(
+        LimitKind.FLOOR, "%", "GalliaPharm SmPC section 2: > 60 % of present Ga-68 elutable at equilibrium; warn 65 % is a hotlab early-warning margin",
+        warn=65.0, fail=60.0,
+    ),
+    # Tc-99m elution efficiency: manufacturers' leaflets differ; set these from your generator's
+    # leaflet. The defaults flag a generator clearly below the typical >90 % efficiency of
+    # dry/wet column Mo-99/Tc-99m generators.
+    "elution_yield_tc99m": Limit(
+        LimitKind.FLOOR, "%", "hotlab default, set from the generator leaflet: warn < 90 %, fail < 80 % elution efficiency",
+        warn=90.0, fail=80.0,
+    ),
+    # Ge-68 in Ga-68 eluate: Ph. Eur. monograph 2464 (Gallium (68Ga) chloride solution for
+    # radiolabelling): germanium-68 and gamma-emitting impurities maximum 0.001 % of total.
+    "ge68_breakthrough": Limit(
+        LimitKind.CEILING, "%", "Ph. Eur. 2464 Gallium (68Ga) chloride solution for radiolabelling: Ge-68 max 0.001 %",
+        fail=0.001,
+    ),
+    # Radionuclide identity of Ga-68 by half-life: 62 to 74 min (Ph. Eur. 2464).
+    "ga68_half_life": Limit(
+        LimitKind.RANGE, "min", "Ph. Eur. 2464 identification: half-life 62 min to 74 min",
+        low=62.0, high=74.0,
+    ),
+    # 10 CFR 35.204(a): no more than 0.15 kBq Mo-99 per MBq Tc-99m at administration;
+    # the USP Sodium Pertechnetate Tc 99m Injection monograph sets the same 0.15 uCi/mCi.
+    "mo99_breakthrough": Limit(
+        LimitKind.CEILING, "kBq/MBq", "10 CFR 35.204(a): max 0.15 kBq Mo-99 per MBq Tc-99m at administration (also USP)",
+        fail=0.15,
+    ),
+    # 10 CFR 35.63(d): a dosage may not be used if it differs from the prescribed dosage by more
+    # than 20 % (unless the authorized user directs otherwise).
+    "dosage": Limit(
+        LimitKind.TOLERANCE, "%", "10 CFR 35.63(d): dosage within +-20 % of the prescribed dosage",
+        fail=20.0,
+    ),
+}
+
+#: Which yield limit applies to a generator, by daughter nuclide (canonical names).
+YIELD_LIMIT_BY_DAUGHTER: dict[str, str] = {"Ga-68": "elution_yield_ga68", "Tc-99m": "elution_yield_tc99m"}
+
+_OVERRIDE_KEYS = {"warn", "fail", "low", "high", "source"}
+
+
+def _number(test: str, key: str, value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise QcConfigError(f"qc.limits.{test}.{key} must be a number, got {value!r}")
+    return float(value)
+
+
+def _override(test: str, default: Limit, table: Any) -> Limit:
+    if not isinstance(table, Mapping):
+        raise QcConfigError(f"qc.limits.{test} must be a table of warn/fail/low/high/source, got {table!r}")
+    unknown = set(table) - _OVERRIDE_KEYS
+    if unknown:
+        raise QcConfigError(f"qc.limits.{test}: unknown key(s) {sorted(unknown)}; allowed: {sorted(_OVERRIDE_KEYS)}")
+    changes: dict[str, Any] = {key: _number(test, key, table[key]) for key in ("warn", "fail", "low", "high") if key in table}
+    source = table.get("source")
+    if source is not None and not isinstance(source, str):
+        raise QcConfigError(f"qc.limits.{test}.source must be text, got {source!r}")
+    changes["source"] = source or f"site configuration (default: {default.source})"
+    try:
+        return replace(default, **changes)
+    except QcConfigError as exc:
+        raise QcConfigError(f"qc.limits.{test}: {exc}") from None
+
+
+def load_limits(overrides: Mapping[str, Any] | None = None) -> dict[str, Limit]:
+    """The default limits with a site's overrides applied; unknown tests or keys are errors."""
+    limits = dict(DEFAULT_LIMITS)
+    for test, table in (overrides or {}).items():
+        if test not in DEFAULT_LIMITS:
+            raise QcConfigError(f"qc.limits: unknown test {test!r}; known: {', '.join(sorted(DEFAULT_LIMITS))}")
+        limits[test] = _override(test, DEFAULT_LIMITS[test], table)
+    return limits

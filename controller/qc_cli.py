@@ -1,0 +1,207 @@
+"""`hotlab qc ...`: run one QC rule on manually entered measurements and print the verdict.
+
+For the checks a technician does at the bench (a constancy reading, a Mo-99 assay, a Ge-68
+re-measurement two days after an elution) and for re-computing a stored verdict. The same
+rule functions as the streaming engine judge the input, so the CLI and the live system can
+never disagree. Exit 0 with a verdict (whatever it is), 2 on bad input or configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import tomllib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from controller.nuclides import UnknownNuclideError, get_nuclide
+from controller.qc import calibrator_rules, dosage, generator_rules
+from controller.qc.calibrator_rules import ReferenceSource, TimedReading
+from controller.qc.engine import parse_activity_bq, parse_time_ns
+from controller.qc.generator_rules import GeneratorSpec, generator_pair
+from controller.qc.limits import YIELD_LIMIT_BY_DAUGHTER, Limit, QcConfigError, load_limits
+from controller.qc.result import QcInputError, QcResult
+from controller.units import format_activity
+
+_VERDICT_STYLE = {"pass": "bold green", "warn": "bold yellow", "fail": "bold red"}
+Rule = Callable[[argparse.Namespace, dict[str, Limit]], list[QcResult]]
+
+
+def _time(text: str | None, what: str) -> int:
+    return time.time_ns() if text is None else parse_time_ns(text, what)
+
+
+def _reading(text: str) -> TimedReading:
+    """`TIME=ACTIVITY`, e.g. ``2026-03-02T08:00Z=1.2GBq``."""
+    when, sep, activity = text.rpartition("=")
+    if not sep:
+        raise QcInputError(f"reading {text!r}: expected TIME=ACTIVITY, e.g. 2026-03-02T08:00:00Z=1.2GBq")
+    return TimedReading(parse_time_ns(when, "reading time"), parse_activity_bq(activity, "reading activity"))
+
+
+def _source(args: argparse.Namespace) -> ReferenceSource:
+    return ReferenceSource(args.source_id, get_nuclide(args.nuclide), parse_activity_bq(args.reference, "--reference"),
+                           parse_time_ns(args.reference_date, "--reference-date"))
+
+
+def _constancy(args: argparse.Namespace, limits: dict[str, Limit]) -> list[QcResult]:
+    readings = [parse_activity_bq(value, "--measured") for value in args.measured]
+    return [calibrator_rules.constancy(_source(args), readings, _time(args.at, "--at"), limits["constancy"])]
+
+
+def _accuracy(args: argparse.Namespace, limits: dict[str, Limit]) -> list[QcResult]:
+    readings = [parse_activity_bq(value, "--measured") for value in args.measured]
+    return [calibrator_rules.accuracy(_source(args), readings, _time(args.at, "--at"), limits["accuracy"])]
+
+
+def _linearity(args: argparse.Namespace, limits: dict[str, Limit]) -> list[QcResult]:
+    series = [_reading(text) for text in args.reading]
+    return calibrator_rules.linearity_decay(get_nuclide(args.nuclide), series, limits["linearity"],
+                                            limits["linearity_half_life"])
+
+
+def _elution(args: argparse.Namespace, limits: dict[str, Limit]) -> list[QcResult]:
+    parent, daughter = generator_pair(args.parent, args.daughter)
+    spec = GeneratorSpec(args.generator, parent, daughter, parse_activity_bq(args.calibration, "--calibration"),
+                         parse_time_ns(args.calibration_date, "--calibration-date"))
+    last = None if args.last_elution is None else parse_time_ns(args.last_elution, "--last-elution")
+    residual = 0.0 if args.residual is None else parse_activity_bq(args.residual, "--residual")
+    return [generator_rules.elution_yield(spec, parse_activity_bq(args.eluted, "--eluted"), _time(args.at, "--at"),
+                                         limits[YIELD_LIMIT_BY_DAUGHTER[daughter.name]], last_elution_ns=last,
+                                         residual_bq=residual)]
+
+
+def _breakthrough(args: argparse.Namespace, limits: dict[str, Limit]) -> list[QcResult]:
+    return [generator_rules.ge68_breakthrough(
+        parse_activity_bq(args.eluate, "--eluate"), parse_time_ns(args.end_of_elution, "--end-of-elution"),
+        parse_activity_bq(args.remeasured, "--remeasured"), _time(args.at, "--at"), limits["ge68_breakthrough"],
+        aliquot_fraction=args.aliquot_fraction,
+    )]
+
+
+def _mo99(args: argparse.Namespace, limits: dict[str, Limit]) -> list[QcResult]:
+    administration = None if args.administration is None else parse_time_ns(args.administration, "--administration")
+    mo99 = parse_activity_bq(args.mo99, "--mo99", allow_zero=True)
+    return [generator_rules.mo99_breakthrough(mo99, parse_activity_bq(args.tc99m, "--tc99m"), _time(args.at, "--at"),
+                                              limits["mo99_breakthrough"], administration_ns=administration)]
+
+
+def _dosage(args: argparse.Namespace, limits: dict[str, Limit]) -> list[QcResult]:
+    return [dosage.dosage_check(get_nuclide(args.nuclide), parse_activity_bq(args.measured, "--measured"),
+                                _time(args.at, "--at"), parse_activity_bq(args.prescribed, "--prescribed"),
+                                parse_time_ns(args.administration, "--administration"), limits["dosage"])]
+
+
+def _site_limits(path: str | None) -> dict[str, Limit]:
+    if path is None:
+        return load_limits()
+    try:
+        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise QcConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise QcConfigError(f"{path}: not valid TOML: {exc}") from None
+    return load_limits(data.get("qc", {}).get("limits", {}))
+
+
+def _shown(value: float, unit: str) -> str:
+    return format_activity(value) if unit == "Bq" else f"{value:.6g} {unit}"
+
+
+def _print_table(results: Sequence[QcResult], console: Console) -> None:
+    table = Table(title="hotlab QC")
+    for column in ("test", "verdict", "measured", "expected", "deviation"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("limit")
+    for result in results:
+        table.add_row(result.test, f"[{_VERDICT_STYLE[result.verdict]}]{result.verdict.upper()}[/]",
+                      _shown(result.measured, result.unit), _shown(result.expected, result.unit),
+                      f"{result.deviation_pct:+.3f} %", result.limit.text)
+    console.print(table)
+    for result in results:
+        console.print(f"[bold]{result.test}[/]: {result.detail}")
+        console.print(f"  limit source: {result.limit.source}", highlight=False)
+
+
+def _run(rule: Rule) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        try:
+            results = rule(args, _site_limits(args.config))
+        except (QcInputError, QcConfigError, UnknownNuclideError, ValueError) as exc:
+            print(f"hotlab qc {args.qc_test}: error: {exc}", file=sys.stderr)
+            return 2
+        if args.json:
+            payloads = [r.to_message(args.site, args.station, args.device).payload for r in results]
+            print(json.dumps(payloads, indent=2, allow_nan=False))
+        else:
+            _print_table(results, Console())
+        return 0
+
+    return run
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print the qc_result payload(s) as JSON")
+    parser.add_argument("--config", help="lab TOML file whose [qc.limits] overrides the default limits")
+    parser.add_argument("--at", help="measurement time, ISO 8601 with offset (default: now)")
+    parser.add_argument("--site", default="manual", help="site name in the JSON payload")
+    parser.add_argument("--station", default="manual", help="station name in the JSON payload")
+    parser.add_argument("--device", default="manual", help="device (calibrator or generator) in the JSON payload")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("qc", help="judge a manually entered QC measurement",
+                                   description=__doc__.split("\n\n")[0])
+    tests = parser.add_subparsers(dest="qc_test", metavar="TEST", required=True)
+
+    def add(name: str, rule: Rule, help_text: str) -> argparse.ArgumentParser:
+        sub = tests.add_parser(name, help=help_text, description=help_text)
+        _common(sub)
+        sub.set_defaults(func=_run(rule))
+        return sub
+
+    for name, rule, text in (("constancy", _constancy, "daily constancy with a long-lived check source"),
+                             ("accuracy", _accuracy, "accuracy with a certified reference source")):
+        sub = add(name, rule, text)
+        sub.add_argument("--nuclide", required=True, help="source nuclide, e.g. Cs-137, Co-57, Ba-133")
+        sub.add_argument("--reference", required=True, help="certified activity, e.g. 7.4MBq or 200uCi")
+        sub.add_argument("--reference-date", required=True, help="certificate reference time (ISO 8601)")
+        sub.add_argument("--measured", required=True, nargs="+", help="reading(s), e.g. 5.8MBq (several are averaged)")
+        sub.add_argument("--source-id", default="manual", help="source identifier for the record")
+
+    sub = add("linearity", _linearity, "linearity by the decay method (log-linear fit)")
+    sub.add_argument("--nuclide", required=True, help="decaying source, e.g. Tc-99m or F-18")
+    sub.add_argument("--reading", required=True, action="append", metavar="TIME=ACTIVITY",
+                     help="one point of the series (at least 3), e.g. 2026-03-02T08:00:00Z=30GBq")
+
+    sub = add("elution", _elution, "generator elution yield against the Bateman-available daughter")
+    sub.add_argument("--parent", required=True, help="generator parent, e.g. Ge-68 or Mo-99")
+    sub.add_argument("--daughter", help="eluted daughter (default: the parent's daughter in the library)")
+    sub.add_argument("--generator", default="manual", help="generator identifier for the record")
+    sub.add_argument("--calibration", required=True, help="parent activity on the generator certificate")
+    sub.add_argument("--calibration-date", required=True, help="certificate reference time (ISO 8601)")
+    sub.add_argument("--eluted", required=True, help="eluate activity at end of elution (--at)")
+    sub.add_argument("--last-elution", help="previous elution time (default: column in equilibrium)")
+    sub.add_argument("--residual", help="daughter activity left on the column by the previous elution")
+
+    sub = add("breakthrough", _breakthrough, "Ge-68 breakthrough from a re-measurement >= 48 h after elution")
+    sub.add_argument("--eluate", required=True, help="Ga-68 activity of the eluate at end of elution")
+    sub.add_argument("--end-of-elution", required=True, help="end of elution (ISO 8601)")
+    sub.add_argument("--remeasured", required=True, help="Ga-68 reading of the aliquot at --at")
+    sub.add_argument("--aliquot-fraction", type=float, default=1.0, help="aliquot / eluate volume (default 1)")
+
+    sub = add("mo99", _mo99, "Mo-99 breakthrough (kBq Mo-99 per MBq Tc-99m) and when it exceeds the limit")
+    sub.add_argument("--mo99", required=True, help="Mo-99 activity of the eluate, e.g. 1.85MBq")
+    sub.add_argument("--tc99m", required=True, help="Tc-99m activity of the eluate, e.g. 37GBq")
+    sub.add_argument("--administration", help="administration time (default: judge at the assay time)")
+
+    sub = add("dosage", _dosage, "patient dose at administration vs the prescribed activity")
+    sub.add_argument("--nuclide", required=True, help="nuclide of the dose, e.g. F-18")
+    sub.add_argument("--measured", required=True, help="measured activity at --at")
+    sub.add_argument("--prescribed", required=True, help="prescribed activity at administration")
+    sub.add_argument("--administration", required=True, help="administration time (ISO 8601)")

@@ -1,0 +1,187 @@
+"""Dose-calibrator rules against hand computations from evaluated half-lives.
+
+Half-lives used in the hand computations (the library's evaluated values):
+Cs-137 30.08 y (ENSDF), Co-57 271.80 d (DDEP), Tc-99m 6.0067 h (DDEP), F-18 109.77 min (ENSDF);
+1 y = 365.24219 d (tropical year, as DDEP/NNDC convert).
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+
+import pytest
+
+from controller.nuclides import get_nuclide
+from controller.qc.calibrator_rules import (
+    ReferenceSource,
+    TimedReading,
+    accuracy,
+    background,
+    constancy,
+    geometry,
+    linearity_decay,
+    linearity_sleeve,
+    sleeve_factors,
+)
+from controller.qc.limits import DEFAULT_LIMITS as LIMITS
+from controller.qc.result import QcInputError
+
+HOUR_NS = 3_600_000_000_000
+TC99M_HALF_LIFE_NS = 21_624_120_000_000  # 6.0067 h
+
+
+def ns(text: str) -> int:
+    moment = datetime.fromisoformat(text)
+    return int(moment.timestamp()) * 1_000_000_000
+
+
+CS137 = ReferenceSource("CS-137-A", get_nuclide("Cs-137"), 7.4e6, ns("2016-01-01T00:00:00Z"), "PTB 1234", 3.0)
+
+
+def test_constancy_cs137_ten_years_after_the_certificate() -> None:
+    # 2016-01-01 -> 2026-01-01 is 3653 d (leap days 2016, 2020, 2024) = 3653 / 365.24219 = 10.00158 y.
+    # Decay factor 2^(-10.00158 / 30.08) = 2^(-0.332499) = 0.794159; expected 7.4 MBq * 0.794159 = 5.87678 MBq.
+    result = constancy(CS137, [5.80e6], ns("2026-01-01T00:00:00Z"), LIMITS["constancy"])
+    assert result.expected == pytest.approx(5.87678e6, rel=1e-5)
+    # (5.80 / 5.87678 - 1) * 100 = -1.3065 %
+    assert result.deviation_pct == pytest.approx(-1.3065, abs=1e-3)
+    assert result.verdict == "pass" and not result.alarm
+    assert result.inputs["half_life_source"].startswith("ENSDF")
+    assert result.inputs["elapsed_s"] == 3653 * 86400
+    # Half-life uncertainty carried to the expected value: ln2 * dt * u(T) / T^2 = 0.6931 * 10.00158 * 0.09 / 30.08^2
+    # = 6.8957e-4, i.e. 0.068957 % of the expected activity.
+    assert result.inputs["expected_half_life_sigma_pct"] == pytest.approx(0.068957, abs=1e-6)
+
+
+def test_constancy_warn_and_fail_bands() -> None:
+    when = ns("2026-01-01T00:00:00Z")
+    expected = constancy(CS137, [1.0], when, LIMITS["constancy"]).expected
+    verdicts = [constancy(CS137, [expected * f], when, LIMITS["constancy"]).verdict
+                for f in (1.05, 1.0501, 0.90, 0.8999)]
+    assert verdicts == ["pass", "warn", "warn", "fail"]
+
+
+def test_constancy_before_the_reference_date_is_rejected() -> None:
+    with pytest.raises(QcInputError, match="before reference date of source CS-137-A"):
+        constancy(CS137, [7.4e6], ns("2015-12-31T00:00:00Z"), LIMITS["constancy"])
+
+
+def test_constancy_rejects_negative_reading() -> None:
+    with pytest.raises(QcInputError, match="finite number >= 0"):
+        constancy(CS137, [-1.0], ns("2026-01-01T00:00:00Z"), LIMITS["constancy"])
+
+
+def test_accuracy_co57_mean_of_readings() -> None:
+    # Co-57 185 MBq (5 mCi) certified 2025-06-01; measured 2025-11-25 = 177 d later.
+    # 2^(-177 / 271.80) = 0.636744 -> expected 117.798 MBq. Mean of 125, 126, 127 = 126 MBq: +6.963 % -> warn.
+    source = ReferenceSource("CO-57-REF", get_nuclide("Co-57"), 185e6, ns("2025-06-01T00:00:00Z"))
+    result = accuracy(source, [125e6, 126e6, 127e6], ns("2025-11-25T00:00:00Z"), LIMITS["accuracy"])
+    assert result.expected == pytest.approx(117.798e6, rel=1e-5)
+    assert result.measured == pytest.approx(126e6)
+    assert result.deviation_pct == pytest.approx(6.963, abs=1e-3)
+    assert result.verdict == "warn"
+    assert result.inputs["reading_stdev_pct"] == pytest.approx(1 / 126 * 100)
+
+
+def _tc_series(values_mbq: list[float], spacing_ns: int = TC99M_HALF_LIFE_NS) -> list[TimedReading]:
+    start = ns("2026-02-02T07:00:00Z")
+    return [TimedReading(start + i * spacing_ns, v * 1e6) for i, v in enumerate(values_mbq)]
+
+
+def test_linearity_decay_perfect_series_fits_the_library_half_life() -> None:
+    # One point per half-life: 1000, 500, 250, 125 MBq lie exactly on the decay line.
+    point, half_life = linearity_decay(get_nuclide("Tc-99m"), _tc_series([1000, 500, 250, 125]),
+                                       LIMITS["linearity"], LIMITS["linearity_half_life"])
+    assert point.verdict == "pass" and abs(point.deviation_pct) < 1e-9
+    assert half_life.measured == pytest.approx(6.0067 * 3600, rel=1e-9)
+    assert half_life.verdict == "pass"
+
+
+def test_linearity_decay_middle_point_off() -> None:
+    # Three equally spaced points: the least-squares line has the endpoints' slope, and its value
+    # at the middle is the geometric mean (1000 * 560 * 250)^(1/3) = 519.249 MBq,
+    # so the middle reading 560 deviates 560 / 519.249 - 1 = +7.848 % -> warn.
+    point, half_life = linearity_decay(get_nuclide("Tc-99m"), _tc_series([1000, 560, 250]),
+                                       LIMITS["linearity"], LIMITS["linearity_half_life"])
+    assert point.expected == pytest.approx(519.2494e6, rel=1e-6)
+    assert point.deviation_pct == pytest.approx(7.848, abs=1e-3)
+    assert point.verdict == "warn"
+    assert half_life.deviation_pct == pytest.approx(0.0, abs=1e-9)
+
+
+def test_linearity_half_life_off_when_the_series_decays_too_slowly() -> None:
+    # F-18 readings that halve every 112.0 min instead of 109.77: (112.0 / 109.77 - 1) = +2.0315 % -> warn.
+    start = ns("2026-02-02T07:00:00Z")
+    minute = 60_000_000_000
+    series = [TimedReading(start + k * 112 * minute, 2e9 / 2**k) for k in range(5)]
+    _, half_life = linearity_decay(get_nuclide("F-18"), series, LIMITS["linearity"], LIMITS["linearity_half_life"])
+    assert half_life.deviation_pct == pytest.approx(2.0315, abs=1e-3)
+    assert half_life.verdict == "warn"
+
+
+def test_linearity_decay_rejects_short_or_rising_series() -> None:
+    tc = get_nuclide("Tc-99m")
+    with pytest.raises(QcInputError, match="at least 3"):
+        linearity_decay(tc, _tc_series([1000, 500]), LIMITS["linearity"], LIMITS["linearity_half_life"])
+    with pytest.raises(QcInputError, match="do not decay"):
+        linearity_decay(tc, _tc_series([100, 200, 400]), LIMITS["linearity"], LIMITS["linearity_half_life"])
+
+
+def test_sleeve_method() -> None:
+    tc = get_nuclide("Tc-99m")
+    t0 = ns("2026-03-02T08:00:00Z")
+    # Calibration (linear range): unshielded 100 MBq; sleeve A reads 50 MBq at once -> factor 2;
+    # sleeve B reads 10 MBq one half-life later, when the source is 50 MBq -> factor 5.
+    factors = sleeve_factors(tc, TimedReading(t0, 100e6), [TimedReading(t0, 50e6, "A"),
+                                                           TimedReading(t0 + TC99M_HALF_LIFE_NS, 10e6, "B")])
+    assert factors == pytest.approx({"A": 2.0, "B": 5.0}, rel=1e-12)
+    # Test run at 20 GBq: A reads 10 GBq -> 20 GBq; B reads 1.88 GBq one half-life later
+    # -> 9.4 GBq, decay-corrected back 2x = 18.8 GBq. Median of (20, 20, 18.8) = 20: B is -6 % -> warn.
+    t1 = t0 + 24 * HOUR_NS
+    result = linearity_sleeve(tc, factors, TimedReading(t1, 20e9),
+                              [TimedReading(t1, 10e9, "A"), TimedReading(t1 + TC99M_HALF_LIFE_NS, 1.88e9, "B")],
+                              LIMITS["linearity_sleeve"])
+    assert result.deviation_pct == pytest.approx(-6.0, abs=1e-9)
+    assert result.verdict == "warn"
+    # Exactly -5 % is at the limit and passes.
+    at_limit = linearity_sleeve(tc, factors, TimedReading(t1, 20e9),
+                                [TimedReading(t1, 10e9, "A"), TimedReading(t1 + TC99M_HALF_LIFE_NS, 1.9e9, "B")],
+                                LIMITS["linearity_sleeve"])
+    assert at_limit.deviation_pct == pytest.approx(-5.0, abs=1e-9) and at_limit.verdict == "pass"
+    with pytest.raises(QcInputError, match="no calibration factor for sleeve 'C'"):
+        linearity_sleeve(tc, factors, TimedReading(t1, 20e9), [TimedReading(t1, 1e9, "C")], LIMITS["linearity_sleeve"])
+
+
+def test_geometry_syringe_vs_reference_vial() -> None:
+    tc = get_nuclide("Tc-99m")
+    t0 = ns("2026-03-02T08:00:00Z")
+    # 10 mL vial reads 370 MBq; the same activity in a 3 mL syringe read one half-life later shows
+    # 197.5 MBq -> 395 MBq at the reference time: +6.757 % -> warn, correction factor 370/395 = 0.93671.
+    result = geometry(tc, TimedReading(t0, 370e6, "vial 10 mL"),
+                      [TimedReading(t0, 372e6, "vial 5 mL"), TimedReading(t0 + TC99M_HALF_LIFE_NS, 197.5e6, "syringe 3 mL")],
+                      LIMITS["geometry"])
+    assert result.deviation_pct == pytest.approx(6.757, abs=1e-3)
+    assert result.verdict == "warn"
+    assert result.inputs["correction_factors"]["syringe 3 mL"] == pytest.approx(0.93671, abs=1e-5)
+
+
+@pytest.mark.parametrize(("reading", "verdict"), [(0.0, "pass"), (37e3, "pass"), (50e3, "warn"), (370e3, "warn"),
+                                                  (-400e3, "fail"), (1e6, "fail")])
+def test_background(reading: float, verdict: str) -> None:
+    result = background(reading, ns("2026-03-02T08:00:00Z"), LIMITS["background"])
+    assert result.verdict == verdict
+    assert result.expected == 37e3
+
+
+def test_result_message_is_complete_json() -> None:
+    result = constancy(CS137, [6.5e6], ns("2026-01-01T00:00:00Z"), LIMITS["constancy"])
+    message = result.to_message("lab1", "hotcell", "calib1")
+    assert message.kind == "qc_result"
+    assert message.topic == "hotlab/lab1/hotcell/calib1/qc"
+    payload = json.loads(json.dumps(message.payload, allow_nan=False))
+    assert payload["verdict"] == "fail" and payload["alarm"] is True
+    assert payload["limit"] == "pass |dev| <= 5 %, warn <= 10 %, fail > 10 %"
+    assert payload["limit_values"] == {"kind": "tolerance", "unit": "%", "warn": 5.0, "fail": 10.0}
+    assert "TG-181" in payload["limit_source"]
+    assert payload["inputs"]["reference_bq"] == 7.4e6

@@ -1,0 +1,93 @@
+"""`hotlab qc ...`: verdict table, --json payloads, site limits, and exit 2 on bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from controller.cli import main
+
+CONSTANCY = ["qc", "constancy", "--nuclide", "Cs-137", "--reference", "7.4MBq", "--reference-date",
+             "2016-01-01T00:00:00Z", "--at", "2026-01-01T00:00:00Z"]
+
+
+def run_json(capsys: pytest.CaptureFixture[str], *argv: str) -> list[dict]:
+    assert main([*argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_constancy_table_shows_verdict_and_source(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([*CONSTANCY, "--measured", "6.2MBq"]) == 0
+    out = capsys.readouterr().out
+    assert "WARN" in out and "+5.500 %" in out and "5.877 MBq" in out
+    assert "limit source: AAPM Report 181" in out
+
+
+def test_constancy_json_mean_of_readings(capsys: pytest.CaptureFixture[str]) -> None:
+    [payload] = run_json(capsys, *CONSTANCY, "--measured", "5.8MBq", "5.9MBq", "--device", "calib1")
+    assert payload["test"] == "constancy" and payload["verdict"] == "pass"
+    assert payload["measured"] == pytest.approx(5.85e6)
+    assert payload["device"] == "calib1" and payload["schema"] == "hotlab.qc_result/1"
+    assert payload["inputs"]["readings_bq"] == [5.8e6, 5.9e6]
+
+
+def test_site_limits_from_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "lab.toml"
+    config.write_text("[qc.limits.constancy]\nwarn = 1.0\nfail = 1.2\n", encoding="utf-8")
+    [payload] = run_json(capsys, *CONSTANCY, "--measured", "5.8MBq", "--config", str(config))
+    # -1.31 % is beyond the site's 1.2 % fail level.
+    assert payload["verdict"] == "fail"
+    assert payload["limit_values"]["fail"] == 1.2
+
+
+def test_linearity_elution_mo99_dosage(capsys: pytest.CaptureFixture[str]) -> None:
+    linearity = run_json(capsys, "qc", "linearity", "--nuclide", "Tc-99m",
+                         "--reading", "2026-03-02T00:00:00Z=1000MBq",
+                         "--reading", "2026-03-02T06:00:24.120Z=560MBq",
+                         "--reading", "2026-03-02T12:00:48.240Z=250MBq")
+    assert [p["test"] for p in linearity] == ["linearity", "linearity_half_life"]
+    assert linearity[0]["deviation_pct"] == pytest.approx(7.848, abs=1e-3)
+    [elution] = run_json(capsys, "qc", "elution", "--parent", "Ge-68", "--calibration", "1.85GBq",
+                         "--calibration-date", "2026-01-01T00:00:00Z", "--eluted", "1.2GBq",
+                         "--at", "2026-03-01T00:00:00Z")
+    assert elution["value_judged"] == pytest.approx(75.42, abs=0.01)
+    [mo] = run_json(capsys, "qc", "mo99", "--mo99", "0 Bq", "--tc99m", "37GBq", "--at", "2026-03-01T06:00:00Z")
+    assert mo["measured"] == 0.0 and mo["inputs"]["exceeds_limit_at"] is None
+    [dose] = run_json(capsys, "qc", "dosage", "--nuclide", "F-18", "--measured", "430MBq",
+                      "--prescribed", "370MBq", "--at", "2026-03-01T08:00:00Z",
+                      "--administration", "2026-03-01T09:00:00Z")
+    assert dose["verdict"] == "fail" and dose["alarm"] is True
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        ([*CONSTANCY, "--measured=-5.8MBq"], "activity must not be negative"),
+        (["qc", "constancy", "--nuclide", "Cs-137", "--reference", "7.4MBq", "--reference-date", "2026-01-01T00:00:00Z",
+          "--at", "2025-01-01T00:00:00Z", "--measured", "7MBq"], "is before reference date"),
+        (["qc", "dosage", "--nuclide", "Fl-18", "--measured", "5MBq", "--prescribed", "5MBq",
+          "--administration", "2026-03-01T09:00:00Z"], "did you mean F-18"),
+        (["qc", "breakthrough", "--eluate", "1GBq", "--end-of-elution", "2026-03-01T10:00:00Z", "--remeasured", "10Bq",
+          "--at", "2026-03-02T10:00:00Z"], "Ph. Eur. 2464 requires >= 48 h"),
+        ([*CONSTANCY, "--measured", "5.8"], "expected a number and a unit"),
+        ([*CONSTANCY[:-1], "yesterday", "--measured", "5.8MBq"], "cannot read time 'yesterday'"),
+        (["qc", "elution", "--parent", "Cs-137", "--calibration", "1GBq", "--calibration-date", "2026-01-01T00:00:00Z",
+          "--eluted", "1GBq"], "no elution-yield limit"),
+    ],
+)
+def test_bad_input_exits_2_with_a_clear_message(argv: list[str], message: str,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_installed_entry_point_exit_code() -> None:
+    # Through a real process, as a technician runs it: bad input is exit 2 with the reason on stderr.
+    argv = [sys.executable, "-m", "controller.cli", "qc", "mo99", "--mo99=-1MBq", "--tc99m", "37GBq"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 2
+    assert "hotlab qc mo99: error: --mo99" in done.stderr

@@ -1,0 +1,185 @@
+"""The streaming engine: a stream of reading/elution messages in, the expected verdicts out."""
+
+from __future__ import annotations
+
+import json
+import logging
+import tomllib
+from datetime import datetime
+
+import pytest
+
+from controller.messages import elution_message, reading_message
+from controller.qc.engine import QcConfig, QcEngine, parse_time_ns
+from controller.qc.limits import QcConfigError
+from drivers.records import ElutionRecord, Reading
+
+HOUR_NS = 3_600_000_000_000
+DAY_NS = 24 * HOUR_NS
+
+CONFIG = """
+trend_horizon_days = 30
+trend_min_points = 5
+
+[limits.constancy]
+warn = 4.0
+
+[sources.CS-137-A]
+nuclide = "Cs137"
+activity = "200 uCi"
+reference_time = 2016-01-01T00:00:00Z
+certificate = "NIST-traceable 1234"
+
+[sources.CO-57-REF]
+nuclide = "57Co"
+activity = "185 MBq"
+reference_time = "2025-06-01T00:00:00Z"
+
+[devices.calib1]
+check_source = "CS-137-A"
+
+[generators.GA-1]
+parent = "Ge-68"
+activity = "1.85 GBq"
+calibration_time = 2026-01-01T00:00:00Z
+"""
+
+
+def ns(text: str) -> int:
+    return parse_time_ns(text, "test")
+
+
+@pytest.fixture
+def engine() -> QcEngine:
+    return QcEngine("lab1", QcConfig.from_mapping(tomllib.loads(CONFIG)))
+
+
+def reading(activity_bq: float, when: str, nuclide: str | None = "Cs-137", device: str = "calib1",
+            **extra: float | str) -> object:
+    record = Reading(device, nuclide, activity_bq, activity_bq / 1e6, "MBq", ns(when), b"frame", dict(extra))
+    return reading_message("lab1", "hotcell", record)
+
+
+def elution(counter: int, activity_bq: float, end_ns: int) -> object:
+    record = ElutionRecord("gastation", "GA-1", "Ge-68", "Ga-68", counter, activity_bq, 5.0, end_ns - 300 * 10**9, end_ns)
+    return elution_message("lab1", record)
+
+
+def test_config_from_toml(engine: QcEngine) -> None:
+    config = engine.config
+    assert config.sources["CS-137-A"].reference_bq == pytest.approx(7.4e6)  # 200 uCi = 7.4 MBq
+    assert config.sources["CS-137-A"].nuclide.name == "Cs-137"
+    assert config.generators["GA-1"].daughter.name == "Ga-68"
+    assert config.limits["constancy"].warn == 4.0
+
+
+def test_untagged_reading_on_the_check_source_setting_is_constancy(engine: QcEngine) -> None:
+    # Expected 5.87678 MBq on 2026-01-01 (see test_qc_calibrator); 6.2 / 5.87678 - 1 = +5.500 % -> warn (site warn 4 %).
+    out = engine.process(reading(6.2e6, "2026-01-01T00:00:00Z"))
+    assert len(out) == 1
+    payload = out[0].payload
+    assert out[0].topic == "hotlab/lab1/hotcell/calib1/qc"
+    assert (payload["test"], payload["verdict"], payload["alarm"]) == ("constancy", "warn", True)
+    assert payload["deviation_pct"] == pytest.approx(5.500, abs=1e-3)
+    assert payload["limit_source"].startswith("site configuration")
+
+
+def test_patient_readings_are_not_qc(engine: QcEngine) -> None:
+    assert engine.process(reading(370e6, "2026-01-01T09:00:00Z", nuclide="F-18")) == []
+    assert engine.process(reading(6.2e6, "2026-01-01T00:00:00Z", device="calib2")) == []
+
+
+def test_tagged_readings(engine: QcEngine) -> None:
+    accuracy = engine.process(reading(118e6, "2025-11-25T00:00:00Z", nuclide="Co-57", qc="accuracy", source="CO-57-REF"))
+    assert accuracy[0].payload["test"] == "accuracy" and accuracy[0].payload["verdict"] == "pass"
+    bg = engine.process(reading(400e3, "2026-01-01T07:00:00Z", nuclide="Tc-99m", qc="background"))
+    assert (bg[0].payload["test"], bg[0].payload["verdict"]) == ("background", "fail")
+    dose = engine.process(reading(550e6, "2026-03-01T08:00:00Z", nuclide="F-18", qc="dosage", prescribed_bq="370 MBq",
+                                  administration_time="2026-03-01T09:00:00Z"))
+    assert dose[0].payload["deviation_pct"] == pytest.approx(1.7698, abs=1e-3)
+    mo = engine.process(reading(1.85e6, "2026-03-01T06:00:00Z", nuclide="Mo-99", qc="mo99", tc99m_bq=37e9))
+    assert mo[0].payload["measured"] == pytest.approx(0.05)
+    assert mo[0].payload["inputs"]["exceeds_limit_after_s"] / 3600 == pytest.approx(10.4748, abs=1e-4)
+
+
+def test_bad_input_is_logged_and_skipped(engine: QcEngine, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING):
+        assert engine.process(reading(7e6, "2015-06-01T00:00:00Z")) == []  # before the certificate
+        assert engine.process(reading(1e6, "2026-01-01T00:00:00Z", qc="constancy", source="NOPE")) == []
+        assert engine.process(reading(1e6, "2026-01-01T00:00:00Z", qc="constancy", nuclide="Tc-99m")) == []
+        assert engine.process(reading(1e6, "2026-01-01T00:00:00Z", qc="linearity")) == []
+        assert engine.process(reading(1e6, "2026-01-01T00:00:00Z", nuclide="F-18", qc="dosage")) == []
+    assert engine.rejected == 5
+    assert "a reading tagged qc='dosage' needs extra['prescribed_bq']" in caplog.text
+    assert "before reference date of source CS-137-A" in caplog.text
+    assert "unknown source 'NOPE'" in caplog.text
+    assert "taken on the Tc-99m setting, but source CS-137-A is Cs-137" in caplog.text
+    assert "unknown QC tag 'linearity'" in caplog.text
+
+
+def test_elution_stream_yield_residual_trend_and_breakthrough(engine: QcEngine) -> None:
+    start = ns("2026-03-01T00:00:00Z")  # the equilibrium case of test_qc_generator
+    first = elution(1, 1.2e9, start)
+    out = engine.process(first)
+    # The elution comes back with yield_pct filled and the same msg_id, followed by its verdict.
+    replaced, verdict = out
+    assert replaced.msg_id == first.msg_id and replaced.topic == first.topic
+    assert replaced.payload["yield_pct"] == pytest.approx(1.2e9 / 1.59110e9 * 100, rel=1e-4)  # 75.42 %, equilibrium
+    assert verdict.payload["test"] == "elution_yield" and verdict.payload["verdict"] == "pass"
+    assert verdict.topic == "hotlab/lab1/gastation/GA-1/qc"
+    available = verdict.payload["expected"]
+    # The second elution 3 h later sees the residual of the first (available - eluted) decayed by 2^(-180/67.83).
+    second = engine.process(elution(2, 1.0e9, start + 3 * HOUR_NS))
+    inputs = second[1].payload["inputs"]
+    assert inputs["residual_bq"] == pytest.approx(available - 1.2e9)
+    assert inputs["last_elution"] == "2026-03-01T00:00:00.000000Z"
+    # A re-delivered elution is not judged twice.
+    assert engine.process(elution(2, 1.0e9, start + 3 * HOUR_NS)) == []
+    # Daily elutions with a falling yield: from the 5th elution on, a trend verdict follows.
+    trends = []
+    for day in range(1, 5):
+        result = engine.process(elution(2 + day, (1.1 - 0.05 * day) * 1e9, start + day * DAY_NS))
+        trends.append(result[2:] if len(result) > 2 else [])
+    assert trends[:2] == [[], []] and trends[2] and trends[3]
+    trend = trends[3][0].payload
+    assert trend["test"] == "elution_yield_trend"
+    assert trend["inputs"]["slope_pct_per_day"] < 0
+    # Ge-68 re-measurement of elution 1, 72 h later, 10 Bq -> 1.0075e-6 % * (1 GBq / 1.2 GBq) -> pass.
+    ge = engine.process(reading(10.0, "2026-03-04T00:00:00Z", nuclide="Ga-68", device="calib1",
+                                qc="ge68_breakthrough", generator="GA-1", elution_counter=1))
+    assert ge[0].payload["test"] == "ge68_breakthrough"
+    assert ge[0].payload["measured"] == pytest.approx(1.00753e-6 / 1.2, rel=1e-4)
+    assert json.dumps([m.payload for m in out + second + ge], allow_nan=False)
+
+
+def test_elution_of_unconfigured_generator_is_passed_through(engine: QcEngine) -> None:
+    record = ElutionRecord("tcstation", "TC-9", "Mo-99", "Tc-99m", 1, 5e9, 5.0, 0, 10**9)
+    assert engine.process(elution_message("lab1", record)) == []
+    assert engine.rejected == 0
+
+
+@pytest.mark.parametrize(
+    ("toml_text", "message"),
+    [
+        ("[sources.X]\nnuclide='Cs-137'\nactivity='7.4 MBq'", "qc.sources.X.reference_time is required"),
+        ("[sources.X]\nnuclide='Cs-999'\nactivity='7.4 MBq'\nreference_time=2020-01-01T00:00:00Z", "not in the library"),
+        ("[sources.X]\nnuclide='Cs-137'\nactivity='-7 MBq'\nreference_time=2020-01-01T00:00:00Z", "must not be negative"),
+        ("[sources.X]\nnuclide='Cs-137'\nactivity='7 MBq'\nreference_time=2020-01-01T00:00:00", "has no timezone"),
+        ("[devices.calib1]\ncheck_source='Y'", "no source 'Y' under [qc.sources]"),
+        ("[generators.G]\nparent='Cs-137'\nactivity='1 GBq'\ncalibration_time=2020-01-01T00:00:00Z",
+         "qc.generators.G: no elution-yield limit for daughter 'Ba-137m' of Cs-137"),
+        ("[sources.X]\nnuclide='Cs-137'\nactivity='7 MBq'\nreference_time=2020-01-01T00:00:00Z\nuncertainty_pct='3'",
+         "qc.sources.X.uncertainty_pct must be a number"),
+        ("trend_min_points = 2", "trend_min_points must be an integer >= 3"),
+        ("colour = 'red'", "unknown key(s) ['colour']"),
+    ],
+)
+def test_bad_config_is_rejected_clearly(toml_text: str, message: str) -> None:
+    with pytest.raises(QcConfigError) as info:
+        QcConfig.from_mapping(tomllib.loads(toml_text))
+    assert message in str(info.value)
+
+
+def test_parse_time_accepts_z_and_offsets() -> None:
+    assert parse_time_ns("2026-01-01T01:00:00+01:00", "t") == ns("2026-01-01T00:00:00Z")
+    assert parse_time_ns(datetime.fromisoformat("2026-01-01T00:00:00Z"), "t") == 1767225600 * 10**9

@@ -1,0 +1,87 @@
+"""Limits: verdict bands, the at-the-limit rule, sources, and site overrides."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from controller.qc.limits import DEFAULT_LIMITS, Limit, LimitKind, QcConfigError, load_limits
+
+
+def test_every_default_names_its_source() -> None:
+    for test, limit in DEFAULT_LIMITS.items():
+        assert len(limit.source) > 20, test
+    assert "35.204" in DEFAULT_LIMITS["mo99_breakthrough"].source
+    assert "2464" in DEFAULT_LIMITS["ge68_breakthrough"].source
+    assert "35.63" in DEFAULT_LIMITS["dosage"].source
+
+
+@pytest.mark.parametrize(
+    ("deviation", "verdict"),
+    [(0.0, "pass"), (5.0, "pass"), (-5.0, "pass"), (5.0001, "warn"), (10.0, "warn"), (-10.0, "warn"),
+     (10.0001, "fail"), (-12.0, "fail")],
+)
+def test_tolerance_at_the_limit_is_within(deviation: float, verdict: str) -> None:
+    assert DEFAULT_LIMITS["constancy"].judge(deviation) == verdict
+
+
+def test_float_rounding_at_the_boundary_does_not_flip_the_verdict() -> None:
+    # 1.05 * 100 is 105.00000000000001 in binary floating point: still exactly "5 %".
+    deviation = (1.05 * 100.0 / 100.0 - 1.0) * 100.0
+    assert deviation != 5.0
+    assert DEFAULT_LIMITS["constancy"].judge(deviation) == "pass"
+
+
+def test_ceiling_floor_and_range() -> None:
+    mo99 = DEFAULT_LIMITS["mo99_breakthrough"]
+    assert (mo99.judge(0.15), mo99.judge(0.1501)) == ("pass", "fail")
+    ga = DEFAULT_LIMITS["elution_yield_ga68"]
+    assert (ga.judge(65.0), ga.judge(64.9), ga.judge(60.0), ga.judge(59.9)) == ("pass", "warn", "warn", "fail")
+    half_life = DEFAULT_LIMITS["ga68_half_life"]
+    assert [half_life.judge(v) for v in (61.99, 62.0, 67.83, 74.0, 74.01)] == ["fail", "pass", "pass", "pass", "fail"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.floats(min_value=-1e3, max_value=1e3, allow_nan=False))
+def test_tolerance_verdict_is_monotonic_in_magnitude(deviation: float) -> None:
+    order = {"pass": 0, "warn": 1, "fail": 2}
+    limit = DEFAULT_LIMITS["accuracy"]
+    assert order[limit.judge(deviation)] <= order[limit.judge(abs(deviation) * 1.5 + 0.01)]
+
+
+def test_site_override_keeps_the_default_source_in_view() -> None:
+    limits = load_limits({"constancy": {"warn": 3.0, "fail": 6.0}})
+    assert (limits["constancy"].warn, limits["constancy"].fail) == (3.0, 6.0)
+    assert limits["constancy"].source.startswith("site configuration (default: AAPM")
+    assert limits["constancy"].judge(4.0) == "warn"
+    assert limits["accuracy"] is DEFAULT_LIMITS["accuracy"]
+
+
+def test_override_with_own_source() -> None:
+    limits = load_limits({"dosage": {"fail": 10.0, "source": "local SOP RP-12"}})
+    assert limits["dosage"].source == "local SOP RP-12"
+    assert limits["dosage"].judge(15.0) == "fail"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"constancyy": {"warn": 1.0}}, "unknown test 'constancyy'"),
+        ({"constancy": {"wran": 1.0}}, "unknown key(s) ['wran']"),
+        ({"constancy": {"warn": "five"}}, "must be a number"),
+        ({"constancy": {"warn": 12.0}}, "warn level 12.0 must be at or below the fail level 10.0"),
+        ({"elution_yield_ga68": {"warn": 50.0}}, "must be at or above the fail level"),
+        ({"ga68_half_life": {"low": 80.0}}, "low < high"),
+        ({"constancy": 5}, "must be a table"),
+    ],
+)
+def test_bad_overrides_are_rejected_clearly(overrides: dict, message: str) -> None:
+    with pytest.raises(QcConfigError) as info:
+        load_limits(overrides)
+    assert message in str(info.value)
+
+
+def test_limit_text_and_numbers() -> None:
+    limit = Limit(LimitKind.CEILING, "%", "test", fail=0.001)
+    assert limit.text == "pass value <= 0.001 %, fail > 0.001 %"
+    assert limit.as_dict() == {"kind": "ceiling", "unit": "%", "fail": 0.001}
