@@ -1,0 +1,285 @@
+"""The permanent local archive of everything the controller sent: a SQLite file QC officers keep.
+
+Why: the outbox (controller/outbox.py) forgets a message once every sink acknowledged it, but
+inspectors ask for months of constancy checks, elutions and verdicts. The "history" sink
+reads `pending("history")`, appends each message here and only then acknowledges it, so a
+crash between the two just replays the batch and `INSERT OR IGNORE` on `msg_id` keeps it
+idempotent. Where no InfluxDB is configured this archive is the only time series store.
+
+Columns that queries filter on are indexed (kind, time_ns, site, station, device, and test /
+verdict for qc_result); the complete JSON payload is kept verbatim beside them. For elution
+messages `device` holds the generator id, since a generator is the device an elution
+belongs to. Messages without a `msg_id` or an integer `time_ns` cannot be indexed; they go
+to the `rejected` table with the reason instead of blocking the queue or being dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import date, datetime, time as dt_time, timedelta, timezone
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from controller.messages import Message
+from controller.outbox import AsyncOutbox
+
+SINK_NAME = "history"
+_OPEN_END_NS = 2**63 - 1
+log = logging.getLogger(__name__)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS message (
+    msg_id      TEXT PRIMARY KEY,
+    kind        TEXT NOT NULL,
+    topic       TEXT NOT NULL,
+    time_ns     INTEGER NOT NULL,
+    site        TEXT,
+    station     TEXT,
+    device      TEXT,
+    test        TEXT,
+    verdict     TEXT,
+    payload     TEXT NOT NULL,
+    archived_ns INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS message_kind_time ON message (kind, time_ns);
+CREATE INDEX IF NOT EXISTS message_device_time ON message (device, kind, time_ns);
+CREATE INDEX IF NOT EXISTS message_station_time ON message (site, station, kind, time_ns);
+CREATE INDEX IF NOT EXISTS message_qc ON message (test, verdict, time_ns) WHERE kind = 'qc_result';
+CREATE TABLE IF NOT EXISTS rejected (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind        TEXT NOT NULL,
+    topic       TEXT NOT NULL,
+    payload     TEXT NOT NULL,
+    reason      TEXT NOT NULL,
+    archived_ns INTEGER NOT NULL
+);
+"""
+
+
+class HistoryQueryError(ValueError):
+    """A query that cannot be answered as asked (empty or inverted time range, unknown filter)."""
+
+
+@dataclass(frozen=True, slots=True)
+class TimeRange:
+    """Half-open UTC interval [start_ns, end_ns) in epoch nanoseconds."""
+
+    start_ns: int
+    end_ns: int
+
+    def __post_init__(self) -> None:
+        if self.end_ns <= self.start_ns:
+            raise HistoryQueryError(f"time range ends ({self.end_ns}) before or when it starts ({self.start_ns})")
+
+    @classmethod
+    def from_text(cls, start: str | None, end: str | None) -> TimeRange:
+        """From ISO dates or date-times; a bare end date includes that whole UTC day (`--to 2026-11-30`).
+
+        A missing bound is open (the epoch, or the largest time SQLite's INTEGER can hold).
+        """
+        start_ns = 0 if start is None else _parse_instant(start, "start", end_of_day=False)
+        end_ns = _OPEN_END_NS if end is None else _parse_instant(end, "end", end_of_day=True)
+        return cls(start_ns, end_ns)
+
+
+def _parse_instant(text: str, which: str, *, end_of_day: bool) -> int:
+    try:
+        day = date.fromisoformat(text)
+    except ValueError:
+        pass
+    else:
+        moment = datetime.combine(day, dt_time(0, 0), tzinfo=timezone.utc)
+        if end_of_day:
+            moment += timedelta(days=1)
+        return int(moment.timestamp()) * 1_000_000_000
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise HistoryQueryError(f"cannot read the {which} {text!r}; use a date (2026-11-01) or an ISO date-time") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return round(moment.timestamp() * 1e6) * 1000
+
+
+def _index_columns(message: Message) -> tuple[str, int, str | None, str | None, str | None, str | None, str | None]:
+    """The indexed columns of a message, or raise ValueError saying why it cannot be indexed."""
+    payload = message.payload
+    msg_id = payload.get("msg_id")
+    time_ns = payload.get("time_ns")
+    if not isinstance(msg_id, str) or not msg_id:
+        raise ValueError("payload has no msg_id")
+    if not isinstance(time_ns, int) or isinstance(time_ns, bool):
+        raise ValueError(f"payload time_ns is {time_ns!r}, not an integer")
+
+    def text(key: str) -> str | None:
+        value = payload.get(key)
+        return None if value is None else str(value)
+
+    device = text("device") if "device" in payload else text("generator")
+    return msg_id, time_ns, text("site"), text("station"), device, text("test"), text("verdict")
+
+
+class HistoryArchive:
+    """The SQLite archive. Thread-safe (one connection behind a lock); async code calls it via `asyncio.to_thread`."""
+
+    def __init__(self, path: str | Path, *, busy_timeout_s: float = 5.0, read_only: bool = False) -> None:
+        """Open (creating if needed) the archive; `read_only` opens an existing one for reports and
+        inspectors' copies without ever writing to it."""
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        if read_only:
+            if not self.path.is_file():
+                raise FileNotFoundError(f"no history archive at {self.path}")
+            uri = f"file:{quote(str(self.path.resolve()))}?mode=ro"
+            self._db = sqlite3.connect(uri, uri=True, timeout=busy_timeout_s, check_same_thread=False, isolation_level=None)
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, timeout=busy_timeout_s, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # A record we acknowledge to the outbox must survive power loss, not only a crash.
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> HistoryArchive:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def add_many(self, messages: Iterable[Message]) -> int:
+        """Archive messages in one transaction; return how many were new (replays are ignored)."""
+        now = time.time_ns()
+        rows: list[tuple[Any, ...]] = []
+        rejected: list[tuple[Any, ...]] = []
+        for message in messages:
+            payload_json = json.dumps(message.payload, separators=(",", ":"), allow_nan=False)
+            try:
+                msg_id, time_ns, site, station, device, test, verdict = _index_columns(message)
+            except ValueError as exc:
+                rejected.append((message.kind, message.topic, payload_json, str(exc), now))
+                continue
+            rows.append((msg_id, message.kind, message.topic, time_ns, site, station, device, test, verdict, payload_json, now))
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                before = self._db.total_changes
+                self._db.executemany("INSERT OR IGNORE INTO message VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+                added = self._db.total_changes - before
+                self._db.executemany(
+                    "INSERT INTO rejected (kind, topic, payload, reason, archived_ns) VALUES (?, ?, ?, ?, ?)", rejected
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        if rejected:
+            log.warning("history: %d message(s) without msg_id/time_ns kept in the rejected table", len(rejected))
+        return added
+
+    def query(
+        self,
+        kind: str,
+        period: TimeRange | None = None,
+        *,
+        site: str | None = None,
+        station: str | None = None,
+        device: str | None = None,
+        test: str | None = None,
+        verdict: str | None = None,
+        limit: int | None = None,
+    ) -> list[dict[str, Any]]:
+        """Payloads of one kind, oldest first, filtered by time range and indexed columns."""
+        clauses = ["kind = ?"]
+        params: list[Any] = [kind]
+        if period is not None:
+            clauses.append("time_ns >= ? AND time_ns < ?")
+            params += [period.start_ns, period.end_ns]
+        for column, value in (("site", site), ("station", station), ("device", device), ("test", test), ("verdict", verdict)):
+            if value is not None:
+                clauses.append(f"{column} = ?")
+                params.append(value)
+        sql = f"SELECT payload FROM message WHERE {' AND '.join(clauses)} ORDER BY time_ns, msg_id"
+        if limit is not None:
+            if limit <= 0:
+                raise HistoryQueryError(f"limit must be positive, got {limit}")
+            sql += " LIMIT ?"
+            params.append(limit)
+        with self._lock:
+            rows = self._db.execute(sql, params).fetchall()
+        return [json.loads(payload) for (payload,) in rows]
+
+    def count(self, kind: str | None = None) -> int:
+        with self._lock:
+            if kind is None:
+                return int(self._db.execute("SELECT COUNT(*) FROM message").fetchone()[0])
+            return int(self._db.execute("SELECT COUNT(*) FROM message WHERE kind = ?", (kind,)).fetchone()[0])
+
+    def rejected(self) -> list[tuple[str, str]]:
+        """(payload JSON, reason) of every message that could not be indexed."""
+        with self._lock:
+            return [(p, r) for p, r in self._db.execute("SELECT payload, reason FROM rejected ORDER BY id")]
+
+    def distinct(self, column: str, kind: str) -> list[str]:
+        """Distinct non-null values of an indexed column for one kind, e.g. every calibrator with qc results."""
+        if column not in ("site", "station", "device", "test", "verdict"):
+            raise HistoryQueryError(f"cannot list distinct {column!r}; use site, station, device, test or verdict")
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT DISTINCT {column} FROM message WHERE kind = ? AND {column} IS NOT NULL ORDER BY {column}", (kind,)
+            ).fetchall()
+        return [value for (value,) in rows]
+
+
+async def run_history_sink(
+    outbox: AsyncOutbox,
+    archive: HistoryArchive,
+    stop_event: asyncio.Event,
+    *,
+    batch_size: int = 500,
+    idle_poll_s: float = 0.5,
+    retry_backoff_s: Sequence[float] = (0.5, 1.0, 2.0, 5.0, 10.0),
+) -> int:
+    """Move messages from the outbox's "history" queue into the archive until `stop_event` is set.
+
+    Archive first, then ack: a crash in between replays the batch, which the archive ignores.
+    A failing archive or outbox (disk full, locked file) is logged and retried with backoff;
+    the messages stay in the outbox meanwhile. Returns how many new messages were archived.
+    """
+    archived = 0
+    failures = 0
+    while not stop_event.is_set():
+        try:
+            batch = await outbox.pending(SINK_NAME, batch_size)
+            if not batch:
+                await _wait(stop_event, idle_poll_s)
+                continue
+            archived += await asyncio.to_thread(archive.add_many, [stored.message for stored in batch])
+            # An ack lost here (crash, error) only replays the batch, which the archive ignores.
+            await outbox.ack(SINK_NAME, [stored.seq for stored in batch])
+        except sqlite3.Error as exc:
+            delay = retry_backoff_s[min(failures, len(retry_backoff_s) - 1)]
+            failures += 1
+            log.error("history: moving messages to the archive failed (%s); retrying in %.1f s", exc, delay)
+            await _wait(stop_event, delay)
+            continue
+        failures = 0
+    return archived
+
+
+async def _wait(stop_event: asyncio.Event, seconds: float) -> None:
+    try:
+        await asyncio.wait_for(stop_event.wait(), timeout=seconds)
+    except TimeoutError:
+        pass

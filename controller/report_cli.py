@@ -1,0 +1,75 @@
+"""`hotlab report --from 2026-11-01 --to 2026-11-30`: write the QC officer's report for a period.
+
+Exit codes: 0 report written; 1 report written but the audit chain is broken (so a scheduled
+monthly run cannot pass silently), or it could not be written; 2 bad input (dates, missing archive, bad key).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from controller.audit import AuditKeyError, load_hmac_key
+from controller.audit_cli import default_audit_path
+from controller.history import HistoryArchive, HistoryQueryError, TimeRange
+
+ARCHIVE_ENV = "HOTLAB_HISTORY"
+DEFAULT_ARCHIVE = Path("var/history.sqlite3")  # the [history] default of controller/config.py
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("report", help="write the QC report (self-contained HTML, optional PDF) for a period")
+    parser.add_argument("--from", dest="start", required=True, help="first day (UTC), e.g. 2026-11-01, or an ISO instant")
+    parser.add_argument("--to", dest="end", required=True, help="last day (UTC, included), e.g. 2026-11-30, or an ISO instant")
+    parser.add_argument("--archive", type=Path, default=None,
+                        help=f"history archive (default ${ARCHIVE_ENV} or {DEFAULT_ARCHIVE})")
+    parser.add_argument("--audit", type=Path, default=None, help="audit trail (default $HOTLAB_AUDIT_LOG or var/audit.jsonl)")
+    parser.add_argument("--audit-key-file", type=Path, default=None,
+                        help="HMAC key to verify the audit chain (default $HOTLAB_AUDIT_KEY_FILE or $HOTLAB_AUDIT_KEY)")
+    parser.add_argument("--site", default=None, help="only this site")
+    parser.add_argument("--out", type=Path, default=Path("report.html"), help="HTML file to write (default report.html)")
+    parser.add_argument("--pdf", action="store_true", help="also write a PDF next to the HTML file")
+    parser.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
+        period = TimeRange.from_text(args.start, args.end)
+        key = load_hmac_key({"HOTLAB_AUDIT_KEY_FILE": str(args.audit_key_file)} if args.audit_key_file else None)
+    except (HistoryQueryError, AuditKeyError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    archive_path = args.archive or Path(os.environ.get(ARCHIVE_ENV) or DEFAULT_ARCHIVE)
+    if not archive_path.is_file():
+        print(f"error: no history archive at {archive_path} (give --archive PATH)", file=sys.stderr)
+        return 2
+    audit_path = args.audit or default_audit_path()
+    if args.audit is not None and not audit_path.is_file():
+        print(f"error: no audit trail at {audit_path}", file=sys.stderr)
+        return 2
+
+    # Imported here so that `hotlab --help` and other commands never pay for matplotlib.
+    from controller.report import build_figures, collect, render_html, write_pdf
+
+    with HistoryArchive(archive_path, read_only=True) as archive:
+        data = collect(archive, period, audit_path, audit_key=key, site=args.site)
+    figures = build_figures(data)
+    try:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(render_html(data, figures), encoding="utf-8")
+        print(f"wrote {args.out}: {len(data.qc_results)} QC result(s), {len(data.elutions)} elution(s), "
+              f"{len(data.audit.records)} audited action(s), {len(figures)} figure(s)")
+        if args.pdf:
+            pdf_path = args.out.with_suffix(".pdf")
+            pages = write_pdf(data, pdf_path, figures)
+            print(f"wrote {pdf_path}: {pages} page(s)")
+    except OSError as exc:
+        print(f"error: cannot write the report: {exc}", file=sys.stderr)
+        return 1
+    verification = data.audit.verification
+    if verification is not None and not verification.ok:
+        print(f"warning: {verification.summary()}", file=sys.stderr)
+        return 1
+    return 0
