@@ -43,6 +43,9 @@ CREATE TABLE IF NOT EXISTS delivery (
     seq  INTEGER NOT NULL REFERENCES message(seq) ON DELETE CASCADE,
     PRIMARY KEY (sink, seq)
 ) WITHOUT ROWID;
+-- ack's "no sink still needs it" check looks delivery up by seq alone; without this index each
+-- acked message scans the whole backlog (ack of 1000 with 20000 pending: 8.4 s -> 0.04 s).
+CREATE INDEX IF NOT EXISTS delivery_by_seq ON delivery(seq);
 """
 
 

@@ -1,0 +1,151 @@
+"""Map an outbox message to one InfluxDB line-protocol point (measurement = message kind).
+
+The mapping is a pure function so it can be tested without a server and so the sink never
+has to think about schema. Rules (reasons in docs/influxdb.md):
+
+* Tags are the low-cardinality identity of a series (site, station, device, ...); a tag whose
+  value is missing or empty is left out rather than written as an empty string.
+* Every numeric field is written as a float, ints and bools included, so a field's type can
+  never conflict between two writers or two versions of this code.
+* `None` fields are omitted: InfluxDB has no null, and a missing field is what a null means there.
+* `msg_id` is a string field on every point. A resend of the same message lands on the same
+  series and timestamp and therefore overwrites itself: at-least-once delivery from the
+  outbox becomes exactly-once storage.
+* The timestamp is the payload's `time_ns` (UTC epoch nanoseconds), written at ns precision.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from influxdb_client import Point, WritePrecision
+
+from controller.messages import Message
+
+#: QC verdicts as numbers, so they can be graphed, aggregated (max over an interval is the
+#: worst verdict) and thresholded in Grafana; the verdict is also kept as a tag for filtering.
+VERDICT_CODES: dict[str, float] = {"pass": 0.0, "warn": 1.0, "fail": 2.0}
+
+
+#: Numbers of a QC limit (QcResult payload `limit_values`), written as float fields `limit_<name>`.
+LIMIT_NUMBERS = ("warn", "fail", "low", "high")
+
+
+class PointError(ValueError):
+    """A message that cannot become a point (unknown kind, missing tag or time, non-numeric field)."""
+
+    def __init__(self, message: Message, reason: str) -> None:
+        msg_id = message.payload.get("msg_id", "?")
+        super().__init__(f"{message.kind} message {msg_id}: {reason}")
+        self.msg_id = msg_id
+
+
+@dataclass(frozen=True, slots=True)
+class PointSchema:
+    """Which payload keys become tags, float fields and string fields for one message kind."""
+
+    required_tags: tuple[str, ...]
+    optional_tags: tuple[str, ...]
+    float_fields: tuple[str, ...]
+    string_fields: tuple[str, ...]
+
+
+SCHEMAS: dict[str, PointSchema] = {
+    "reading": PointSchema(
+        required_tags=("site", "station", "device"),
+        optional_tags=("nuclide",),
+        float_fields=("activity_bq", "raw_value"),
+        string_fields=("unit",),
+    ),
+    "elution": PointSchema(
+        required_tags=("site", "station", "generator"),
+        optional_tags=("parent", "nuclide"),
+        float_fields=("activity_bq", "yield_pct", "volume_ml", "breakthrough_pct", "counter", "duration_s"),
+        string_fields=(),
+    ),
+    "qc_result": PointSchema(
+        required_tags=("site", "station", "device", "test", "verdict"),
+        optional_tags=(),
+        float_fields=("measured", "expected", "deviation_pct", "value_judged"),
+        string_fields=("unit", "limit", "limit_source", "detail"),
+    ),
+    "device_status": PointSchema(
+        required_tags=("site", "station", "device"),
+        optional_tags=(),
+        float_fields=("up", "latency_ms", "errors"),
+        string_fields=("detail",),
+    ),
+}
+
+
+def message_to_point(message: Message) -> Point:
+    """Build the point for `message`, or raise PointError saying what is wrong with it."""
+    schema = SCHEMAS.get(message.kind)
+    if schema is None:
+        raise PointError(message, f"unknown kind {message.kind!r}; known: {', '.join(SCHEMAS)}")
+    payload = message.payload
+    point = Point(message.kind).time(_time_ns(message, payload), WritePrecision.NS)
+    for key in schema.required_tags:
+        value = payload.get(key)
+        if not isinstance(value, str) or not value.strip():
+            raise PointError(message, f"tag {key!r} must be a non-empty string, got {value!r}")
+        point.tag(key, value)
+    for key in schema.optional_tags:
+        value = payload.get(key)
+        if isinstance(value, str) and value.strip():
+            point.tag(key, value)
+    for key in schema.float_fields:
+        value = _float_or_none(message, key, payload.get(key))
+        if value is not None:
+            point.field(key, value)
+    for key in schema.string_fields:
+        value = payload.get(key)
+        if value is not None and str(value) != "":
+            point.field(key, str(value))
+    if message.kind == "qc_result":
+        _add_qc_numbers(message, point)
+    msg_id = payload.get("msg_id")
+    if not isinstance(msg_id, str) or not msg_id:
+        raise PointError(message, f"msg_id must be a non-empty string, got {msg_id!r}")
+    point.field("msg_id", msg_id)
+    return point
+
+
+def message_to_line(message: Message) -> str:
+    """The line-protocol text of `message`'s point (ns precision)."""
+    return message_to_point(message).to_line_protocol(WritePrecision.NS)
+
+
+def _add_qc_numbers(message: Message, point: Point) -> None:
+    """verdict_code, and the limit's numbers (`limit_values`) as limit_warn/fail/low/high for limit lines."""
+    code = VERDICT_CODES.get(str(message.payload["verdict"]))
+    if code is not None:
+        point.field("verdict_code", code)
+    limits = message.payload.get("limit_values")
+    if isinstance(limits, Mapping):
+        for name in LIMIT_NUMBERS:
+            value = _float_or_none(message, f"limit_values.{name}", limits.get(name))
+            if value is not None:
+                point.field(f"limit_{name}", value)
+
+
+def _time_ns(message: Message, payload: Mapping[str, Any]) -> int:
+    value = payload.get("time_ns")
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise PointError(message, f"time_ns must be an integer of UTC epoch nanoseconds, got {value!r}")
+    return value
+
+
+def _float_or_none(message: Message, key: str, value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, (bool, int, float)):
+        number = float(value)
+    else:
+        raise PointError(message, f"field {key!r} must be a number, got {value!r}")
+    if not math.isfinite(number):
+        raise PointError(message, f"field {key!r} must be finite, got {value!r}")
+    return number

@@ -1,0 +1,286 @@
+"""Drain the outbox into InfluxDB: batched, retried, acknowledged only after the server said yes.
+
+The sink reads `pending("influx")` in sequence order, turns each message into one point
+(controller.influx_points), posts up to `batch_size` points per request and `ack`s them only
+after InfluxDB answered 2xx (204 No Content). A crash between the write and the ack resends
+the batch on restart; that is harmless because a point with the same series and timestamp
+overwrites itself (see docs/influxdb.md).
+
+influxdb-client's HTTP calls are synchronous; they run on one private worker thread so the
+event loop never waits on the network, and each attempt is bounded by `timeout_s`. The
+client's own retry and batching machinery is not used (its `flush()` is a no-op and its
+`close()` blocks): retrying here is what makes "no loss" hold across outages of any length.
+
+Failure handling, by cause:
+* server unreachable, timeout, 5xx, 429, 401/403/404 (down, overloaded, or misconfigured and
+  fixable by an operator): keep the batch, back off exponentially with jitter, try again;
+* 400/413/422 (the server rejects the data itself): split the batch in halves until the
+  offending points are isolated; a single point the server refuses is logged with its msg_id,
+  counted in `stats.rejected` and acknowledged, so one poisoned message cannot stall the lab;
+* a message that cannot be mapped to a point at all (PointError): same as a rejected point.
+
+Works with InfluxDB 2.x/3.x (url, token, org, bucket) and 1.8+ through its v2 compatibility
+API (token "username:password", org "-", bucket "database/retention-policy").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections import deque
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import urllib3
+from influxdb_client import InfluxDBClient, WritePrecision
+from influxdb_client.client.write_api import SYNCHRONOUS
+from influxdb_client.rest import ApiException
+
+from controller.influx_points import PointError, message_to_line
+from controller.outbox import AsyncOutbox, StoredMessage
+
+log = logging.getLogger(__name__)
+
+SINK_NAME = "influx"
+
+#: Statuses that mean "this data is wrong", not "try later": retrying the same bytes cannot help.
+_DATA_REJECTED = frozenset({400, 413, 422})
+
+
+class InfluxConfigError(ValueError):
+    """The [influx] settings are missing, misspelt or out of range; the message says which."""
+
+
+@dataclass(frozen=True, slots=True)
+class InfluxConfig:
+    """Where and how to write. For InfluxDB 1.8+ use token "user:password", org "-", bucket "db/rp"."""
+
+    url: str
+    token: str = field(repr=False)
+    org: str
+    bucket: str
+    batch_size: int = 1000
+    flush_interval_s: float = 1.0
+    timeout_s: float = 10.0
+    retry_initial_s: float = 0.5
+    retry_max_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not self.url.startswith(("http://", "https://")):
+            raise InfluxConfigError(f"influx url must start with http:// or https://, got {self.url!r}")
+        for name in ("org", "bucket"):
+            if not getattr(self, name):
+                raise InfluxConfigError(f"influx {name} must not be empty (InfluxDB 1.8: org '-', bucket 'db/rp')")
+        if not 1 <= self.batch_size <= 50_000:
+            raise InfluxConfigError(f"influx batch_size must be 1..50000, got {self.batch_size}")
+        for name in ("flush_interval_s", "timeout_s", "retry_initial_s", "retry_max_s"):
+            if not getattr(self, name) > 0:
+                raise InfluxConfigError(f"influx {name} must be > 0, got {getattr(self, name)}")
+        if self.retry_max_s < self.retry_initial_s:
+            raise InfluxConfigError("influx retry_max_s must be >= retry_initial_s")
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> InfluxConfig:
+        """Build from a parsed TOML table, naming any unknown or missing key."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise InfluxConfigError(
+                f"unknown influx setting(s) {', '.join(unknown)}; allowed: {', '.join(sorted(known))}"
+            )
+        missing = [name for name in ("url", "token", "org", "bucket") if name not in data]
+        if missing:
+            raise InfluxConfigError(f"missing influx setting(s): {', '.join(missing)}")
+        texts: dict[str, Any] = {name: _text(name, data[name]) for name in ("url", "token", "org", "bucket")}
+        numbers = {name: _number(name, value) for name, value in data.items() if name not in texts}
+        return cls(**texts, **numbers)
+
+
+def _text(name: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise InfluxConfigError(f"influx {name} must be a string, got {value!r}")
+    return value
+
+
+def _number(name: str, value: Any) -> Any:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InfluxConfigError(f"influx {name} must be a number, got {value!r}")
+    if name == "batch_size":
+        if not isinstance(value, int):
+            raise InfluxConfigError(f"influx batch_size must be an integer, got {value!r}")
+        return value
+    return float(value)
+
+
+@dataclass(slots=True)
+class SinkStats:
+    """Counters for health reporting; `last_error` is empty while writes succeed."""
+
+    written: int = 0
+    rejected: int = 0
+    failed_attempts: int = 0
+    requests: int = 0
+    last_error: str = ""
+
+
+class _Transient(Exception):
+    """A write that may succeed later; carries the server's Retry-After hint if it gave one."""
+
+    def __init__(self, reason: str, retry_after_s: float | None = None) -> None:
+        super().__init__(reason)
+        self.retry_after_s = retry_after_s
+
+
+class _Rejected(Exception):
+    """The server refused the data itself (HTTP 400/413/422)."""
+
+
+class InfluxSink:
+    """Run with `await sink.run()` (usually as a task); `stop()` ends it after the current attempt.
+
+    A sink runs once: `run()` closes its client on the way out, so build a new sink to run again.
+    """
+
+    def __init__(self, config: InfluxConfig, outbox: AsyncOutbox, *, sink_name: str = SINK_NAME) -> None:
+        self.config = config
+        self.stats = SinkStats()
+        self._outbox = outbox
+        self._sink_name = sink_name
+        self._stopping = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hotlab-influx")
+        self._client = InfluxDBClient(
+            url=config.url,
+            token=config.token,
+            org=config.org,
+            timeout=int(config.timeout_s * 1000),
+            retries=False,
+        )
+        self._write_api = self._client.write_api(write_options=SYNCHRONOUS)
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def run(self) -> None:
+        """Write batches until `stop()`; a partial batch waits `flush_interval_s` for company."""
+        try:
+            while not self._stopping.is_set():
+                batch = await self._outbox.pending(self._sink_name, self.config.batch_size)
+                if batch:
+                    await self._deliver(batch)
+                if len(batch) < self.config.batch_size:
+                    await self._sleep(self.config.flush_interval_s)
+        finally:
+            await self._close()
+
+    async def _deliver(self, batch: Sequence[StoredMessage]) -> None:
+        """Write `batch` until the server has accepted or finally refused every point, then ack it all.
+
+        Chunks wait in a work list: a transient failure retries the same chunk after a backoff, a
+        data rejection replaces the chunk by its two halves, so nothing is written or counted twice.
+        """
+        loop = asyncio.get_running_loop()
+        lines, unmappable = await loop.run_in_executor(self._executor, _to_lines, batch)
+        self.stats.rejected += unmappable
+        chunks: deque[list[tuple[int, str]]] = deque([lines] if lines else [])
+        attempt = 0
+        while chunks:
+            chunk = chunks[0]
+            try:
+                await self._write([line for _, line in chunk])
+            except _Rejected as exc:
+                chunks.popleft()
+                if len(chunk) > 1:
+                    middle = len(chunk) // 2
+                    chunks.extendleft((chunk[middle:], chunk[:middle]))
+                else:
+                    self.stats.rejected += 1
+                    log.error("InfluxDB refused message seq %d for good (%s): %s", chunk[0][0], exc, chunk[0][1])
+                continue
+            except _Transient as exc:
+                self.stats.failed_attempts += 1
+                self.stats.last_error = str(exc)
+                delay = self._backoff(attempt, exc.retry_after_s)
+                log.warning("InfluxDB write of %d point(s) failed (%s); retrying in %.2f s", len(chunk), exc, delay)
+                attempt += 1
+                if await self._sleep(delay):
+                    return
+                continue
+            chunks.popleft()
+            self.stats.written += len(chunk)
+            attempt = 0
+        await self._outbox.ack(self._sink_name, [stored.seq for stored in batch])
+        self.stats.last_error = ""
+
+    async def _write(self, lines: list[str]) -> None:
+        loop = asyncio.get_running_loop()
+        self.stats.requests += 1
+        await loop.run_in_executor(self._executor, self._write_blocking, lines)
+
+    def _write_blocking(self, lines: list[str]) -> None:
+        """One HTTP request on the worker thread, translated into _Transient or _Rejected on failure."""
+        try:
+            self._write_api.write(
+                bucket=self.config.bucket,
+                org=self.config.org,
+                record="\n".join(lines),
+                write_precision=WritePrecision.NS,  # type: ignore[arg-type]  # the library's enum values are str
+            )
+        except ApiException as exc:
+            reason = f"HTTP {exc.status}: {_short(exc.message)}" if exc.status else _short(str(exc.reason))
+            if exc.status in _DATA_REJECTED:
+                raise _Rejected(reason) from None
+            raise _Transient(reason, _retry_after_s(exc.retry_after)) from None
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise _Transient(f"{type(exc).__name__}: {exc}") from None
+
+    def _backoff(self, attempt: int, retry_after_s: float | None) -> float:
+        """Exponential backoff with jitter (spreads reconnects of many controllers), capped."""
+        ceiling = min(self.config.retry_max_s, self.config.retry_initial_s * 2 ** min(attempt, 30))
+        delay = random.uniform(ceiling / 2, ceiling)
+        if retry_after_s is not None:
+            delay = max(delay, min(retry_after_s, self.config.retry_max_s))
+        return delay
+
+    async def _sleep(self, seconds: float) -> bool:
+        """Wait `seconds` or until stop(); True if stopping."""
+        try:
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+        except TimeoutError:
+            return False
+        return True
+
+    async def _close(self) -> None:
+        def close_client() -> None:
+            self._write_api.close()
+            self._client.close()
+
+        await asyncio.get_running_loop().run_in_executor(self._executor, close_client)
+        self._executor.shutdown(wait=False)
+
+
+def _to_lines(batch: Sequence[StoredMessage]) -> tuple[list[tuple[int, str]], int]:
+    """(seq, line) for every mappable message, and how many were not; runs on the worker thread."""
+    lines: list[tuple[int, str]] = []
+    unmappable = 0
+    for stored in batch:
+        try:
+            lines.append((stored.seq, message_to_line(stored.message)))
+        except PointError as exc:
+            log.error("not writing to InfluxDB: %s", exc)
+            unmappable += 1
+    return lines, unmappable
+
+
+def _retry_after_s(header: str | None) -> float | None:
+    try:
+        return float(header) if header else None
+    except ValueError:
+        return None
+
+
+def _short(text: Any, limit: int = 300) -> str:
+    text = text.decode("utf-8", "replace") if isinstance(text, bytes) else str(text)
+    return text if len(text) <= limit else text[:limit] + "…"

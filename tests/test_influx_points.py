@@ -1,0 +1,158 @@
+"""Message -> line-protocol mapping and [influx] config validation (no server needed)."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from controller.influx_points import PointError, message_to_line
+from controller.influx_sink import InfluxConfig, InfluxConfigError
+from controller.messages import Message, device_status_message, elution_message, qc_message, reading_message
+from drivers.records import ElutionRecord, Reading
+
+T0 = 1_764_000_000_000_000_001
+
+
+_SERIES_KEY = re.compile(r"^((?:[^ \\]|\\.)*) (.*) (\d+)$")
+_FIELD = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|[^,]+)(?:,|$)')
+
+
+def _fields(line: str) -> dict[str, str]:
+    """The field set of a line: name -> raw value text (strings keep their quotes)."""
+    match = _SERIES_KEY.match(line)
+    assert match, line
+    return dict(_FIELD.findall(match.group(2)))
+
+
+def _qc(verdict: str) -> Message:
+    return qc_message(
+        "s",
+        "st",
+        "d",
+        test="constancy",
+        verdict=verdict,
+        measured=1.0,
+        expected=1.0,
+        deviation_pct=0.0,
+        limit="5%",
+        limit_source="AAPM-181",
+        inputs={},
+        time_ns=T0,
+    )
+
+
+def test_reading_line_has_identity_tags_float_fields_and_ns_time() -> None:
+    reading = Reading("crc 55,tr", "F-18", 3.7e8, 10.0, "mCi", T0, b"raw")
+    line = message_to_line(reading_message("site=a", "st", reading))
+    message_id = line.split('msg_id="')[1].split('"')[0]
+    assert line == (
+        f"reading,device=crc\\ 55\\,tr,nuclide=F-18,site=site\\=a,station=st "
+        f'activity_bq=370000000,msg_id="{message_id}",raw_value=10,unit="mCi" {T0}'
+    )
+
+
+def test_ints_and_bools_become_floats_and_none_fields_vanish() -> None:
+    record = ElutionRecord("st", "gen", "Mo-99", "Tc-99m", 42, 1e10, 5.0, T0 - 10**9, T0)
+    fields = _fields(message_to_line(elution_message("s", record, yield_pct=None, breakthrough_pct=0.001)))
+    assert fields["counter"] == "42"  # no "i" suffix: an InfluxDB float, never an integer
+    assert "yield_pct" not in fields and fields["breakthrough_pct"] == "0.001"
+    status = _fields(
+        message_to_line(device_status_message("s", "st", "d", up=True, latency_ms=None, errors=0, time_ns=T0))
+    )
+    assert (status["up"], status["errors"]) == ("1", "0") and "latency_ms" not in status and "detail" not in status
+
+
+@pytest.mark.parametrize(("verdict", "code"), [("pass", "0"), ("warn", "1"), ("fail", "2"), ("error", None)])
+def test_verdict_is_a_tag_and_a_graphable_code(verdict: str, code: str | None) -> None:
+    line = message_to_line(_qc(verdict))
+    assert f",verdict={verdict} " in line
+    assert _fields(line).get("verdict_code") == code
+
+
+@pytest.mark.parametrize(
+    ("kind", "payload", "complaint"),
+    [
+        ("alarm", {"msg_id": "m", "time_ns": T0}, "unknown kind 'alarm'"),
+        ("reading", {"msg_id": "m", "time_ns": T0, "site": "s", "station": "st"}, "tag 'device'"),
+        ("reading", {"msg_id": "m", "time_ns": "now", "site": "s", "station": "st", "device": "d"}, "time_ns"),
+        (
+            "reading",
+            {"msg_id": "m", "time_ns": T0, "site": "s", "station": "st", "device": "d", "activity_bq": "12 MBq"},
+            "field 'activity_bq' must be a number",
+        ),
+        ("reading", {"time_ns": T0, "site": "s", "station": "st", "device": "d", "activity_bq": 1.0}, "msg_id"),
+    ],
+)
+def test_unmappable_messages_raise_a_clear_point_error(kind: str, payload: dict, complaint: str) -> None:
+    with pytest.raises(PointError, match=complaint):
+        message_to_line(Message(kind, "t", payload))  # type: ignore[arg-type]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    activity=st.floats(min_value=0, max_value=1e15, allow_nan=False),
+    device=st.text(st.characters(codec="utf-8", exclude_categories=("Cc", "Cs")), min_size=1, max_size=12).filter(
+        lambda s: s.strip() != "" and "\\" not in s
+    ),
+)
+def test_any_finite_activity_survives_line_protocol_exactly(activity: float, device: str) -> None:
+    reading = Reading(device, "Tc-99m", activity, activity, "Bq", T0)
+    line = message_to_line(reading_message("s", "st", reading))
+    value = line.split(" activity_bq=")[1].split(",")[0] if " activity_bq=" in line else None
+    assert value is not None and float(value) == activity and math.isfinite(float(value))
+
+
+def test_config_from_mapping_accepts_the_1_8_compatibility_form() -> None:
+    config = InfluxConfig.from_mapping(
+        {"url": "http://db:8086", "token": "user:pw", "org": "-", "bucket": "hotlab/autogen", "batch_size": 200}
+    )
+    assert (config.batch_size, config.flush_interval_s, config.timeout_s) == (200, 1.0, 10.0)
+    assert "user:pw" not in repr(config)  # secrets stay out of logs
+
+
+@pytest.mark.parametrize(
+    ("settings_", "complaint"),
+    [
+        ({"url": "http://x", "token": "t", "org": "o"}, "missing influx setting.*bucket"),
+        (
+            {"url": "http://x", "token": "t", "org": "o", "bucket": "b", "batchsize": 5},
+            "unknown influx setting.*batchsize",
+        ),
+        ({"url": "x:8086", "token": "t", "org": "o", "bucket": "b"}, "http:// or https://"),
+        ({"url": "http://x", "token": "t", "org": "o", "bucket": "b", "timeout_s": 0}, "timeout_s must be > 0"),
+        ({"url": "http://x", "token": "t", "org": "o", "bucket": "b", "batch_size": "many"}, "must be a number"),
+        ({"url": "http://x", "token": 5, "org": "o", "bucket": "b"}, "token must be a string"),
+        (
+            {"url": "http://x", "token": "t", "org": "o", "bucket": "b", "batch_size": 2.5},
+            "batch_size must be an integer",
+        ),
+    ],
+)
+def test_bad_config_names_the_problem(settings_: dict, complaint: str) -> None:
+    with pytest.raises(InfluxConfigError, match=complaint):
+        InfluxConfig.from_mapping(settings_)
+
+
+def test_a_qc_engine_result_keeps_its_limit_numbers_for_limit_lines() -> None:
+    from controller.qc.limits import DEFAULT_LIMITS
+    from controller.qc.result import judged
+
+    result = judged(
+        "constancy",
+        DEFAULT_LIMITS["constancy"],
+        measured=7.0e6,
+        expected=7.4e6,
+        unit="Bq",
+        time_ns=T0,
+        inputs={},
+        detail="Cs-137 check source",
+    )
+    fields = _fields(message_to_line(result.to_message("s", "st", "crc")))
+    assert (fields["limit_warn"], fields["limit_fail"], fields["verdict_code"]) == ("5", "10", "1")
+    assert float(fields["value_judged"]) == pytest.approx(-5.405, abs=1e-3)
+    assert fields["unit"] == '"Bq"' and fields["detail"] == '"Cs-137 check source"'
+    assert fields["limit"] == '"pass |dev| <= 5 %, warn <= 10 %, fail > 10 %"'

@@ -1,0 +1,299 @@
+"""InfluxSink against a real influxd: round trip of every kind, batching, outage, rejection, no blocking."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+from controller.influx_sink import InfluxConfig, InfluxSink
+from controller.messages import (
+    Message,
+    device_status_message,
+    elution_message,
+    qc_message,
+    reading_message,
+)
+from controller.outbox import AsyncOutbox, Outbox
+from drivers.records import ElutionRecord, Reading
+from tests import influx_service
+from tests.influx_service import InfluxService
+
+pytestmark = pytest.mark.integration
+
+influx_database = influx_service.influx_database  # the shared fixture, used by name below
+influx_server = influx_service.influx_server  # the shared fixture, used by name below
+
+T0 = 1_764_000_000_123_456_789  # 2025-11-24T16:00:00.123456789Z: ns precision must survive the trip
+SITE, STATION = "uhb", "hotlab-1"
+
+
+def _reading(i: int, device: str = "crc-55tr", nuclide: str | None = "Tc-99m") -> Message:
+    reading = Reading(
+        device=device,
+        nuclide=nuclide,
+        activity_bq=7.4e8 + i,
+        raw_value=20.0 + i / 1000,
+        unit="mCi",
+        timestamp_ns=T0 + i * 1_000_000,
+        raw_frame=b"A=20.000 mCi\r\n",
+    )
+    return reading_message(SITE, STATION, reading)
+
+
+def _every_kind() -> list[Message]:
+    elution = ElutionRecord(
+        station=STATION,
+        generator_id="ult-2291",
+        parent_nuclide="Mo-99",
+        daughter_nuclide="Tc-99m",
+        counter=17,
+        activity_bq=1.85e10,
+        volume_ml=5.0,
+        start_ns=T0 - 120_000_000_000,
+        end_ns=T0 + 7,
+    )
+    return [
+        _reading(0),
+        _reading(1, device="capintec", nuclide=None),
+        elution_message(SITE, elution, yield_pct=93.5, breakthrough_pct=None),
+        qc_message(
+            SITE,
+            STATION,
+            "crc-55tr",
+            test="constancy",
+            verdict="fail",
+            measured=3.4e6,
+            expected=3.7e6,
+            deviation_pct=-8.108,
+            limit="±5 %",
+            limit_source="AAPM Report 181 (2012)",
+            inputs={},
+            time_ns=T0 + 11,
+        ),
+        device_status_message(
+            SITE, STATION, "crc-55tr", up=False, latency_ms=None, errors=3, detail="timeout", time_ns=T0 + 13
+        ),
+    ]
+
+
+@pytest.fixture
+def outbox_path() -> Iterator[Path]:
+    root = Path(tempfile.mkdtemp(prefix="hotlab-outbox-"))
+    yield root / "outbox.sqlite"
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@asynccontextmanager
+async def running_sink(config: InfluxConfig, outbox: AsyncOutbox) -> AsyncIterator[InfluxSink]:
+    sink = InfluxSink(config, outbox)
+    task = asyncio.create_task(sink.run())
+    try:
+        yield sink
+    finally:
+        sink.stop()
+        await asyncio.wait_for(task, 30)
+
+
+async def wait_until(predicate, timeout_s: float = 30.0, what: str = "condition") -> None:
+    """Poll an async predicate: the outbox offers no event for "drained", so look every 20 ms."""
+    deadline = time.monotonic() + timeout_s
+    while not await predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+async def drained(outbox: AsyncOutbox, timeout_s: float = 30.0) -> None:
+    async def empty() -> bool:
+        return await outbox.pending_count("influx") == 0
+
+    await wait_until(empty, timeout_s, "the outbox to drain")
+
+
+def fast_config(settings: dict, **overrides) -> InfluxConfig:
+    return InfluxConfig.from_mapping(
+        settings | {"flush_interval_s": 0.05, "retry_initial_s": 0.05, "retry_max_s": 0.3} | overrides
+    )
+
+
+async def test_every_kind_round_trips_with_tags_fields_and_ns_time(
+    influx_server: InfluxService, influx_database: str, outbox_path: Path
+) -> None:
+    outbox = AsyncOutbox(Outbox(outbox_path, sinks=("influx",)))
+    messages = _every_kind()
+    await outbox.put_many(messages)
+    async with running_sink(fast_config(influx_server.sink_settings(influx_database)), outbox) as sink:
+        await drained(outbox)
+    assert sink.stats.written == len(messages) and sink.stats.rejected == 0
+
+    def only(measurement: str, where: str = "") -> list[dict]:
+        return influx_server.rows(f'SELECT * FROM "{measurement}" {where}', influx_database)
+
+    readings = {row["device"]: row for row in only("reading")}
+    assert readings["crc-55tr"] == {
+        "time": T0,
+        "site": SITE,
+        "station": STATION,
+        "device": "crc-55tr",
+        "nuclide": "Tc-99m",
+        "activity_bq": 7.4e8,
+        "raw_value": 20.0,
+        "unit": "mCi",
+        "msg_id": messages[0].msg_id,
+    }
+    assert readings["capintec"]["nuclide"] is None  # a missing nuclide is no tag, not an empty one
+    assert readings["capintec"]["time"] == T0 + 1_000_000
+
+    [elution] = only("elution")
+    assert elution["time"] == T0 + 7
+    assert (elution["generator"], elution["parent"], elution["nuclide"]) == ("ult-2291", "Mo-99", "Tc-99m")
+    assert elution["counter"] == 17 and elution["duration_s"] == pytest.approx(120.000000007)
+    assert elution["yield_pct"] == 93.5 and "breakthrough_pct" not in elution  # None: no field at all
+
+    [qc] = only("qc_result")
+    assert (qc["test"], qc["verdict"], qc["verdict_code"]) == ("constancy", "fail", 2)
+    assert qc["deviation_pct"] == -8.108 and qc["limit"] == "±5 %" and qc["time"] == T0 + 11
+
+    [status] = only("device_status")
+    assert (status["up"], status["errors"], status["detail"]) == (0, 3, "timeout") and "latency_ms" not in status
+
+    field_types = influx_server.rows('SHOW FIELD KEYS FROM "elution"', influx_database)
+    assert {row["fieldKey"]: row["fieldType"] for row in field_types}["counter"] == "float"
+    await outbox.close()
+
+
+async def test_resending_a_message_is_idempotent(
+    influx_server: InfluxService, influx_database: str, outbox_path: Path
+) -> None:
+    outbox = AsyncOutbox(Outbox(outbox_path, sinks=("influx",)))
+    messages = _every_kind()
+    await outbox.put_many(messages + messages)  # as after a crash between write and ack
+    async with running_sink(fast_config(influx_server.sink_settings(influx_database)), outbox):
+        await drained(outbox)
+    for measurement in ("reading", "elution", "qc_result", "device_status"):
+        counted = influx_server.rows(f'SELECT count("msg_id") FROM "{measurement}"', influx_database)
+        expected = sum(m.kind == measurement for m in messages)
+        assert counted[0]["count"] == expected, measurement
+    await outbox.close()
+
+
+async def test_a_full_backlog_goes_out_in_batches_of_batch_size(
+    influx_server: InfluxService, influx_database: str, outbox_path: Path
+) -> None:
+    outbox = AsyncOutbox(Outbox(outbox_path, sinks=("influx",)))
+    await outbox.put_many([_reading(i) for i in range(2500)])
+    config = fast_config(influx_server.sink_settings(influx_database), batch_size=1000)
+    async with running_sink(config, outbox) as sink:
+        await drained(outbox)
+    assert sink.stats.requests == 3 and sink.stats.written == 2500
+    assert influx_server.rows('SELECT count("activity_bq") FROM "reading"', influx_database)[0]["count"] == 2500
+    await outbox.close()
+
+
+async def test_outage_mid_stream_loses_nothing_and_duplicates_nothing(outbox_path: Path) -> None:
+    root = Path(tempfile.mkdtemp(prefix="hotlab-influxd-outage-"))
+    try:
+        with InfluxService(root) as service:
+            database = service.create_database()
+            outbox = AsyncOutbox(Outbox(outbox_path, sinks=("influx",)))
+            total = 600
+            config = fast_config(service.sink_settings(database), batch_size=50, timeout_s=2.0)
+            async with running_sink(config, outbox) as sink:
+                for i in range(total):
+                    await outbox.put(_reading(i))
+                    if i == total // 3:
+                        await drained(outbox)
+                        service.stop(kill=True)  # SIGKILL: only what influxd fsynced before its 204 survives
+                    if i == 2 * total // 3:
+
+                        async def failing() -> bool:
+                            return sink.stats.failed_attempts >= 2
+
+                        await wait_until(failing, what="the sink to notice the outage")
+                        outage_error = sink.stats.last_error
+                        assert await outbox.pending_count("influx") > 0  # held back, not dropped
+                        service.start()  # same data dir, same ports
+                await drained(outbox, timeout_s=60)
+            assert "refused" in outage_error.lower()  # the server was really gone, not answering with errors
+            assert sink.stats.rejected == 0 and sink.stats.last_error == ""
+            rows = service.rows('SELECT "msg_id" FROM "reading"', database)
+            assert len(rows) == total
+            assert len({row["msg_id"] for row in rows}) == total
+            assert sorted(row["time"] for row in rows) == [T0 + i * 1_000_000 for i in range(total)]
+            assert (await outbox.usage()).pending_messages == 0
+            await outbox.close()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+async def test_a_point_the_server_refuses_is_dropped_alone_and_the_rest_is_written(
+    influx_server: InfluxService, influx_database: str, outbox_path: Path
+) -> None:
+    # Another writer made device_status.up a string: our float "up" now conflicts (HTTP 400).
+    influx_server.write_lines(influx_database, [f'device_status,device=x up="yes" {T0}'])
+    outbox = AsyncOutbox(Outbox(outbox_path, sinks=("influx",)))
+    readings = [_reading(i) for i in range(7)]
+    status = device_status_message(SITE, STATION, "crc-55tr", up=True, latency_ms=12.0, errors=0, time_ns=T0)
+    broken = Message(
+        "reading",
+        "hotlab/x",
+        {"msg_id": "no-device", "time_ns": T0, "site": SITE, "station": STATION, "activity_bq": 1.0},
+    )
+    await outbox.put_many(readings[:3] + [status, broken] + readings[3:])
+    async with running_sink(fast_config(influx_server.sink_settings(influx_database)), outbox) as sink:
+        await drained(outbox)
+    assert sink.stats.rejected == 2 and sink.stats.written == 7
+    assert influx_server.rows('SELECT count("activity_bq") FROM "reading"', influx_database)[0]["count"] == 7
+    await outbox.close()
+
+
+async def test_wrong_credentials_keep_the_backlog_and_say_why(
+    influx_server: InfluxService, influx_database: str, outbox_path: Path
+) -> None:
+    outbox = AsyncOutbox(Outbox(outbox_path, sinks=("influx",)))
+    await outbox.put_many(_every_kind())
+    settings = influx_server.sink_settings(influx_database) | {"token": f"{influx_server.username}:wrong"}
+    async with running_sink(fast_config(settings), outbox) as sink:
+
+        async def failed_twice() -> bool:
+            return sink.stats.failed_attempts >= 2
+
+        await wait_until(failed_twice, what="two failed attempts")
+    assert "HTTP 401" in sink.stats.last_error
+    assert await outbox.pending_count("influx") == len(_every_kind())
+    await outbox.close()
+
+
+async def test_a_silent_server_neither_blocks_the_loop_nor_holds_an_attempt_past_timeout(outbox_path: Path) -> None:
+    # A listener that accepts connections and never answers: the worst case for a blocking client.
+    with socket.socket() as black_hole:
+        black_hole.bind(("127.0.0.1", 0))
+        black_hole.listen(16)
+        url = f"http://127.0.0.1:{black_hole.getsockname()[1]}"
+        outbox = AsyncOutbox(Outbox(outbox_path, sinks=("influx",)))
+        await outbox.put(_reading(0))
+        config = fast_config({"url": url, "token": "t", "org": "o", "bucket": "b"}, timeout_s=1.0)
+        ticks = 0
+        started = time.monotonic()
+        async with running_sink(config, outbox) as sink:
+
+            async def failed_once() -> bool:
+                nonlocal ticks
+                ticks += 1
+                return sink.stats.failed_attempts >= 1
+
+            await wait_until(failed_once, timeout_s=10, what="the attempt to time out")
+        elapsed = time.monotonic() - started
+    assert elapsed < 10  # bounded by timeout_s (1 s), not by the silent server
+    assert ticks >= 10  # the loop kept turning (every 20 ms, ~50 times) while the write waited
+    assert "timed out" in sink.stats.last_error.lower()
+    assert await outbox.pending_count("influx") == 1
+    await outbox.close()
