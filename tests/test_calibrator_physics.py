@@ -1,0 +1,137 @@
+"""The simulated chamber's physics and the fault injector, without any transport."""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+
+from controller.nuclides import get_nuclide
+from controller.units import ACTIVITY_UNITS
+from simulators.faults import Fault, FaultInjector, parse_fault_spec
+from simulators.source import (
+    CURIE_LADDER,
+    DEFAULT_RESPONSE_A_PER_BQ,
+    SI_LADDER,
+    IonChamber,
+    SimClock,
+    Source,
+    auto_range,
+    fixed_digits,
+    make_chamber,
+)
+
+
+def test_decay_follows_the_evaluated_half_life() -> None:
+    chamber = make_chamber("F-18", 1e9, noise_rel=0.0)
+    start = chamber.true_activity_bq()
+    # F-18: 109.77 (5) min, ENSDF (controller/nuclides.py); after 3 half-lives 1/8 is left.
+    chamber.clock.advance(3 * 109.77 * 60)
+    assert chamber.true_activity_bq() / start == pytest.approx(0.125, rel=1e-6)
+
+
+def test_accelerated_clock_runs_faster_than_wall_time() -> None:
+    clock = SimClock(acceleration=3600.0, start_ns=0)
+    first = clock.now_ns()
+    later = clock.now_ns()
+    assert later >= first
+    clock.advance(10.0)
+    assert clock.now_ns() - later >= 10e9
+    with pytest.raises(ValueError):
+        SimClock(acceleration=0)
+    with pytest.raises(ValueError):
+        clock.advance(-1)
+
+
+def test_wrong_calibration_scales_by_the_response_ratio() -> None:
+    chamber = make_chamber("Tc-99m", 500e6, noise_rel=0.0, selected_nuclide="Cs-137")
+    ratio = DEFAULT_RESPONSE_A_PER_BQ["Tc-99m"] / DEFAULT_RESPONSE_A_PER_BQ["Cs-137"]
+    now = chamber.clock.now_ns()
+    assert chamber.expected_display_bq(now) == pytest.approx(chamber.true_activity_bq(now) * ratio, rel=1e-12)
+    chamber.select("99mTc")
+    assert chamber.expected_display_bq(now) == pytest.approx(chamber.true_activity_bq(now), rel=1e-12)
+
+
+def test_background_is_added_unless_subtracted() -> None:
+    chamber = make_chamber("Cs-137", 7.4e6, noise_rel=0.0)
+    now = chamber.clock.now_ns()
+    true_bq = chamber.true_activity_bq(now)
+    background_bq = chamber.background_a / DEFAULT_RESPONSE_A_PER_BQ["Cs-137"]
+    chamber.background_subtraction = False
+    assert chamber.expected_display_bq(now) == pytest.approx(true_bq + background_bq, rel=1e-12)
+    chamber.background_subtraction = True
+    chamber.background_a *= 2  # background rose since the last autozero
+    assert chamber.expected_display_bq(now) == pytest.approx(true_bq + background_bq, rel=1e-12)
+    chamber.autozero()
+    assert chamber.expected_display_bq(now) == pytest.approx(true_bq, rel=1e-12)
+
+
+def test_noise_has_the_configured_spread_and_is_reproducible() -> None:
+    def sample(seed: int) -> list[float]:
+        chamber = make_chamber("Cs-137", 1e7, noise_rel=0.01, seed=seed)
+        expected = chamber.expected_display_bq()
+        return [chamber.measure_bq() / expected - 1 for _ in range(4000)]
+
+    values = sample(3)
+    assert statistics.pstdev(values) == pytest.approx(0.01, rel=0.1)
+    assert abs(statistics.fmean(values)) < 0.001
+    assert sample(3) == pytest.approx(values, abs=1e-9)
+    assert sample(4) != pytest.approx(values, abs=1e-9)
+
+
+def test_chamber_rejects_nuclides_without_a_response() -> None:
+    clock = SimClock()
+    source = Source(get_nuclide("I-131"), 1e8, clock.now_ns())
+    with pytest.raises(ValueError, match="no chamber response configured for I-131"):
+        IonChamber(source, clock=clock)
+    chamber = make_chamber("Tc-99m", 1e8)
+    with pytest.raises(ValueError):
+        chamber.select("I-131")
+    assert chamber.selected == "Tc-99m"
+
+
+def test_auto_range_and_display_digits() -> None:
+    value, unit = auto_range(740e6, SI_LADDER, ACTIVITY_UNITS)
+    assert unit == "MBq" and value == pytest.approx(740.0)
+    value, unit = auto_range(3.7e7, CURIE_LADDER, ACTIVITY_UNITS)
+    assert unit == "mCi" and value == pytest.approx(1.0)
+    assert auto_range(0.0, SI_LADDER, ACTIVITY_UNITS) == (0.0, "Bq")
+    assert [fixed_digits(v) for v in (740.04, 1.23456, 0.012345, 0.0, -5.5)] == [
+        "740.0",
+        "1.235",
+        "0.01235",
+        "0.000",
+        "-5.500",
+    ]
+
+
+def test_fault_injector_arm_enable_rate_and_hold() -> None:
+    faults = FaultInjector(seed=1)
+    faults.arm(Fault.DROP, times=2)
+    assert [faults.fires(Fault.DROP) for _ in range(3)] == [True, True, False]
+    faults.enable(Fault.GARBAGE)
+    assert all(faults.fires(Fault.GARBAGE) for _ in range(5))
+    faults.disable(Fault.GARBAGE)
+    assert not faults.fires(Fault.GARBAGE)
+    faults.set_rate(Fault.LATE, 0.25)
+    hits = sum(faults.fires(Fault.LATE) for _ in range(4000))
+    assert 800 < hits < 1200
+    counter = iter(range(100))
+    assert faults.hold(lambda: next(counter)) == 0
+    faults.enable(Fault.STUCK)
+    assert [faults.hold(lambda: next(counter)) for _ in range(3)] == [0, 0, 0]
+    faults.clear()
+    assert faults.hold(lambda: next(counter)) == 1
+    garbage = faults.garbage()
+    assert len(garbage) == faults.garbage_bytes and min(garbage) >= 0x80
+
+
+def test_fault_spec_parsing() -> None:
+    assert parse_fault_spec("drop:0.1") == (Fault.DROP, 0.1)
+    assert parse_fault_spec("STUCK") == (Fault.STUCK, 1.0)
+    with pytest.raises(ValueError, match="unknown fault 'melt'"):
+        parse_fault_spec("melt")
+    with pytest.raises(ValueError, match=r"must be in \[0, 1\]"):
+        parse_fault_spec("late:2")
+    with pytest.raises(ValueError, match="not a number"):
+        parse_fault_spec("late:x")
