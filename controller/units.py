@@ -25,6 +25,9 @@ ACTIVITY_UNITS: dict[str, float] = {
 _CANONICAL = {name.lower(): name for name in ACTIVITY_UNITS}
 _CANONICAL["µci"] = "uCi"
 _CANONICAL["μci"] = "uCi"
+#: Spellings that differ from a real unit only by the case of an SI prefix: "mBq" is a
+#: millibecquerel, not a megabecquerel, so folding case would be off by 1e9. Refuse them.
+_PREFIX_CASE_TRAPS = {"mBq": "MBq", "MCi": "mCi", "KBq": "kBq", "gBq": "GBq", "tBq": "TBq", "UCi": "uCi"}
 _QUANTITY = re.compile(r"^\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*([A-Za-zµμ]+)\s*$")
 
 
@@ -34,8 +37,14 @@ class UnitError(ValueError):
 
 def canonical_unit(unit: str) -> str:
     """Return the canonical spelling of an activity unit (`mci` -> `mCi`), or raise UnitError."""
+    stripped = unit.strip()
+    if stripped in _PREFIX_CASE_TRAPS:
+        raise UnitError(
+            f"ambiguous activity unit {unit!r}: the prefix's case matters (m = milli, M = mega); "
+            f"did you mean {_PREFIX_CASE_TRAPS[stripped]}?"
+        )
     try:
-        return _CANONICAL[unit.strip().lower()]
+        return _CANONICAL[stripped.lower()]
     except KeyError:
         allowed = ", ".join(ACTIVITY_UNITS)
         raise UnitError(f"unknown activity unit {unit!r}; allowed: {allowed}") from None

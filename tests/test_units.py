@@ -19,6 +19,7 @@ from controller.units import ACTIVITY_UNITS, UnitError, canonical_unit, format_a
         ("5µCi", 5 * 3.7e4),
         ("3.5e6 Bq", 3.5e6),
         ("12 kbq", 12e3),
+        ("3 mbq", 3e6),
         (".5 MBq", 5e5),
     ],
 )
@@ -48,3 +49,9 @@ def test_format_picks_a_fitting_prefix_or_the_requested_unit() -> None:
     assert format_activity(7.4e9) == "7.4 GBq"
     assert format_activity(7.4e9, "mCi") == "200 mCi"
     assert format_activity(12.0) == "12 Bq"
+
+
+@pytest.mark.parametrize(("text", "suggestion"), [("5 mBq", "MBq"), ("2 MCi", "mCi"), ("1 KBq", "kBq")])
+def test_prefix_case_that_changes_the_magnitude_is_refused(text: str, suggestion: str) -> None:
+    with pytest.raises(UnitError, match=f"did you mean {suggestion}"):
+        parse_activity(text)
