@@ -8,6 +8,7 @@ exactly what was read, and lets a consumer de-duplicate on `msg_id`.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from dataclasses import dataclass
@@ -37,10 +38,27 @@ def iso_utc(time_ns: int) -> str:
     return datetime.fromtimestamp(time_ns / 1e9, tz=timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
-def _envelope(kind: Kind, time_ns: int) -> dict[str, Any]:
+#: Namespace for name-based (uuid5) message ids. Fixed forever: changing it would give replayed
+#: events new ids and defeat de-duplication against what is already archived.
+MSG_ID_NAMESPACE = uuid.UUID("6207ae0a-4f7b-503f-bbb3-b13cde316529")
+
+
+def elution_msg_id(station: str, generator_id: str, counter: int) -> str:
+    """The msg_id of one elution, the same every time it is built.
+
+    The station driver hands an elution over again until the controller confirms delivery, so
+    a crash between outbox commit and confirmation replays it; with a name-based id the replay
+    is the same message (the history archive drops a known msg_id, InfluxDB overwrites the same
+    series and timestamp). The name is JSON so no separator inside a name can collide.
+    """
+    name = json.dumps(["elution", station, generator_id, int(counter)])
+    return uuid.uuid5(MSG_ID_NAMESPACE, name).hex
+
+
+def _envelope(kind: Kind, time_ns: int, msg_id: str | None = None) -> dict[str, Any]:
     return {
         "schema": f"hotlab.{kind}/{SCHEMA_VERSION}",
-        "msg_id": uuid.uuid4().hex,
+        "msg_id": msg_id if msg_id is not None else uuid.uuid4().hex,
         "time_ns": int(time_ns),
         "time": iso_utc(time_ns),
     }
@@ -72,8 +90,17 @@ def elution_message(
     *,
     yield_pct: float | None = None,
     breakthrough_pct: float | None = None,
+    msg_id: str | None = None,
 ) -> Message:
-    payload = _envelope("elution", record.end_ns) | {
+    """An elution; pass `msg_id=elution_msg_id(...)` so a replayed elution is recognisably the same.
+
+    Without an explicit `breakthrough_pct`, it comes from the station's own eluate measurement:
+    parent activity / daughter activity in the eluate, in percent. Both refer to the same instant,
+    the end of elution (docs/elution-station-registers.md), so no decay correction applies.
+    """
+    if breakthrough_pct is None and record.parent_bq is not None and record.activity_bq > 0:
+        breakthrough_pct = record.parent_bq / record.activity_bq * 100.0
+    payload = _envelope("elution", record.end_ns, msg_id) | {
         "site": site,
         "station": record.station,
         "generator": record.generator_id,

@@ -5,16 +5,22 @@ the `encode_status` / `decode_status` pair, so the driver and the simulator cann
 
 Two promises the controller relies on:
 
-* Every finished elution becomes exactly one ElutionRecord. The station only keeps its last
-  elution, identified by its elution counter; the driver emits a record when the counter moves
-  past the last one it emitted for that (station, generator) and persists that counter before
-  handing the record over, so neither a dropped connection nor a controller restart repeats
-  or loses one (a controller killed between `poll()` returning and the record reaching the
-  outbox is the one window left; both happen in the same synchronous step).
+* No finished elution is lost. The station only keeps its last elution, identified by its
+  elution counter. `poll()` returns that elution as an ElutionRecord for as long as its counter
+  is above the last one *delivered* for that (station, generator); the controller calls
+  `mark_delivered(record)` after its outbox commit succeeded, which persists the counter. A
+  crash or dropped connection anywhere before that point means the record comes again, so
+  delivery from the driver is at-least-once; the message id derived from (station, generator,
+  counter) (controller.messages.elution_msg_id) makes the sinks drop the replay, which is what
+  makes the stored result exactly-once. Elutions the station finished while nobody polled are
+  gone from the station itself; the driver logs the gap.
 * Commands that move radioactivity are never sent casually: each needs a named user and a
   reason, is checked against the station state first, written as one sequenced Modbus
   request, and confirmed by reading the station's command acknowledgement back. The result
   says who asked for what, when and why, and the state before and after, for the audit trail.
+  If the write's reply is lost the station may still have run it, so the driver still looks
+  for the acknowledgement; only when that cannot be read either does it raise
+  CommandOutcomeUnknown, which carries everything needed to audit the command as unconfirmed.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import math
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -261,7 +268,12 @@ def decode_status(regs: Sequence[int], order: WordOrder) -> StationStatus:
             return registers_to_string(regs[address : address + IR.STRING_LENGTHS[address]], order)
 
         def f32(address: int) -> float:
-            return registers_to_float32(regs[address : address + 2], order)
+            # Every float in the map is a physical quantity; a NaN or infinity is a station fault
+            # or a word-order mistake, and would also break the outbox's strict JSON downstream.
+            value = registers_to_float32(regs[address : address + 2], order)
+            if not math.isfinite(value):
+                raise RegisterValueError(f"non-finite float32 {value!r} at input register {address}")
+            return value
 
         def nuclide(address: int) -> str:
             try:
@@ -309,12 +321,14 @@ def encode_command(seq: int, code: CommandCode, volume_ml: float, order: WordOrd
 
 
 # --------------------------------------------------------------------------------------------
-# Transport configuration. Field names match controller.config's ModbusTcpTransport /
-# ModbusRtuTransport, so the controller can pass those objects straight in.
+# Transport configuration. The driver needs only the attributes of the ModbusLink protocol;
+# controller.service builds a ModbusTcpLink / ModbusRtuLink from its configured transport.
 # --------------------------------------------------------------------------------------------
 
 
 class ModbusLink(Protocol):
+    """What the driver reads from a link description (any object with these attributes will do)."""
+
     kind: str
     device_id: int
     word_order: str
@@ -357,12 +371,12 @@ def make_client(
 
 
 # --------------------------------------------------------------------------------------------
-# Exactly-once bookkeeping: the last elution counter emitted per (station, generator).
+# Delivery bookkeeping: the last elution counter the controller confirmed per (station, generator).
 # --------------------------------------------------------------------------------------------
 
 
 class CounterStore(Protocol):
-    """Where the driver remembers the last elution counter it emitted; must survive restarts to be useful."""
+    """Where the driver remembers the last elution counter delivered; must survive restarts to be useful."""
 
     def last_counter(self, station: str, generator_id: str) -> int | None: ...
 
@@ -370,7 +384,7 @@ class CounterStore(Protocol):
 
 
 class MemoryCounterStore:
-    """Process-lifetime store: exactly-once across reconnects, not across restarts (tests, dry runs)."""
+    """Process-lifetime store: no replay across reconnects, but a restart replays the last elution (tests, dry runs)."""
 
     def __init__(self) -> None:
         self._counters: dict[tuple[str, str], int] = {}
@@ -427,7 +441,7 @@ class SqliteCounterStore:
 
 @dataclass(frozen=True, slots=True)
 class StationPoll:
-    """One poll: the decoded status, how long the read took, and elutions that finished since the last one."""
+    """One poll: the decoded status, how long the read took, and the finished elution not yet marked delivered."""
 
     station: str
     received_ns: int
@@ -470,6 +484,40 @@ class CommandRefused(DeviceRefused):
         super().__init__(reason)
         self.reason = reason
         self.state = state
+
+
+class CommandOutcomeUnknown(DriverError):
+    """A command was sent but whether the station ran it cannot be known: audit it as unconfirmed.
+
+    Raised when the reply to the command write was lost (timeout or dropped link) and the
+    station's acknowledgement could not be read back within the confirmation time either. The
+    station may well be eluting; this is deliberately not a CommandRefused, which means
+    "not carried out". It carries who asked for what and why, so the refusal path cannot drop
+    the audit entry.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        action: str,
+        station: str,
+        user: str,
+        reason: str,
+        seq: int,
+        requested_ns: int,
+        old_state: StationState,
+        parameters: dict[str, float],
+    ) -> None:
+        super().__init__(message)
+        self.action = action
+        self.station = station
+        self.user = user
+        self.reason = reason
+        self.seq = seq
+        self.requested_ns = requested_ns
+        self.old_state = old_state
+        self.parameters = parameters
 
 
 @dataclass(frozen=True, slots=True)
@@ -537,12 +585,10 @@ class ElutionStationDriver:
         self._next_connect_at = 0.0
         self._command_lock = asyncio.Lock()
         #: Write-through cache of the store, per generator id, so a poll only touches disk on news.
-        self._last_emitted: dict[str, int | None] = {}
-
-    @classmethod
-    def from_transport(cls, transport: ModbusLink, *, station: str, **options: object) -> ElutionStationDriver:
-        """Build from a config transport (controller.config.ModbusTcpTransport / ModbusRtuTransport)."""
-        return cls(station, transport, **options)  # type: ignore[arg-type]
+        self._last_delivered: dict[str, int | None] = {}
+        #: Per generator, the counter whose gap was already logged, so a record awaiting delivery
+        #: does not repeat the warning on every poll.
+        self._gap_logged: dict[str, int] = {}
 
     # ---- connection ------------------------------------------------------------------------
 
@@ -637,43 +683,64 @@ class ElutionStationDriver:
         )
         return decode_status(response.registers, self.order)
 
-    # ---- polling and exactly-once elution records -------------------------------------------
+    # ---- polling and elution delivery --------------------------------------------------------
 
     async def poll(self) -> StationPoll:
-        """Read the station; a newly finished elution comes back in `finished` exactly once."""
+        """Read the station; the last finished elution is in `finished` until it is marked delivered."""
         started = time.perf_counter()
         status = await self.read_status()
         latency_ms = (time.perf_counter() - started) * 1000.0
         finished: list[ElutionRecord] = []
-        record = await self._new_elution(status)
+        record = await self._undelivered_elution(status)
         if record is not None:
             finished.append(record)
         return StationPoll(self.station, time.time_ns(), latency_ms, status, finished)
 
-    async def _new_elution(self, status: StationStatus) -> ElutionRecord | None:
-        """The station's last elution as a record, if it was not emitted before.
+    async def mark_delivered(self, record: ElutionRecord) -> None:
+        """Record that `record` reached the controller's outbox; later polls no longer return it.
+
+        Call only after the outbox commit succeeded. The counter is persisted off the event loop
+        before the cache changes, so a failed write leaves the record pending rather than lost.
+        Marking an older counter than one already delivered changes nothing.
+        """
+        if record.station != self.station:
+            raise ValueError(f"{self.station}: cannot mark an elution of station {record.station!r} delivered")
+        last = await self._delivered_counter(record.generator_id)
+        if last is not None and record.counter <= last:
+            return
+        await asyncio.to_thread(self.counter_store.set_last_counter, self.station, record.generator_id, record.counter)
+        self._last_delivered[record.generator_id] = record.counter
+
+    async def _delivered_counter(self, generator_id: str) -> int | None:
+        if generator_id not in self._last_delivered:
+            self._last_delivered[generator_id] = await asyncio.to_thread(
+                self.counter_store.last_counter, self.station, generator_id
+            )
+        return self._last_delivered[generator_id]
+
+    async def _undelivered_elution(self, status: StationStatus) -> ElutionRecord | None:
+        """The station's last elution as a record, unless it was delivered before.
 
         With nothing stored yet for this (station, generator) — a first install or a new
-        generator — the last elution the station holds is emitted once.
+        generator — the last elution the station holds is returned.
         """
         counter = status.elution_counter
         if counter == 0:
             return None
         generator = status.generator_id
-        if generator not in self._last_emitted:
-            self._last_emitted[generator] = await asyncio.to_thread(self.counter_store.last_counter, self.station, generator)
-        last = self._last_emitted[generator]
+        last = await self._delivered_counter(generator)
         if last is not None and counter <= last:
             return None
-        if last is not None and counter > last + 1:
+        if last is not None and counter > last + 1 and self._gap_logged.get(generator) != counter:
+            self._gap_logged[generator] = counter
             log.warning(
                 "%s: elution counter jumped from %d to %d on %s; the station keeps only the last elution,"
                 " so %d elution(s) in between cannot be recorded",
-                self.station, last, counter, status.generator_id, counter - last - 1,
+                self.station, last, counter, generator, counter - last - 1,
             )
-        record = ElutionRecord(
+        return ElutionRecord(
             station=self.station,
-            generator_id=status.generator_id,
+            generator_id=generator,
             parent_nuclide=status.parent_nuclide,
             daughter_nuclide=status.daughter_nuclide,
             counter=counter,
@@ -682,10 +749,8 @@ class ElutionStationDriver:
             start_ns=status.start_ns,
             end_ns=status.end_ns,
             line_dose_rate_usv_h=status.eluate_peak_dose_rate_usv_h,
+            parent_bq=status.eluate_parent_bq,
         )
-        await asyncio.to_thread(self.counter_store.set_last_counter, self.station, generator, counter)
-        self._last_emitted[generator] = counter
-        return record
 
     # ---- commands ---------------------------------------------------------------------------
 
@@ -720,13 +785,28 @@ class ElutionStationDriver:
                     before.state,
                 )
             seq = before.cmd_ack_seq % 0xFFFF + 1  # 1..65535; 0 means "no command yet"
-            await self._request(
-                f"{action} command write",
-                lambda c: c.write_registers(
-                    HR.CMD_SEQ, encode_command(seq, code, volume_ml, self.order), device_id=self.device_id
-                ),
-            )
+            parameters = {"volume_ml": float(volume_ml)} if code is CommandCode.START else {}
+            write_problem = ""
+            try:
+                await self._request(
+                    f"{action} command write",
+                    lambda c: c.write_registers(
+                        HR.CMD_SEQ, encode_command(seq, code, volume_ml, self.order), device_id=self.device_id
+                    ),
+                )
+            except (DeviceTimeout, DeviceDisconnected) as lost:
+                # The request may have reached the station with only the reply lost; the
+                # acknowledgement registers tell, so look there before giving up.
+                write_problem = f"reply to command {seq} lost ({lost}) and "
+                log.warning("%s: reply to %s command %d lost (%s); reading the acknowledgement", self.station, action, seq, lost)
             after = await self._await_ack(seq, action)
+            if after is None:
+                raise CommandOutcomeUnknown(
+                    f"{self.station}: {action} by {request.user} unconfirmed: {write_problem}no acknowledgement"
+                    f" readable within {self.confirm_timeout_s:g} s; the station may have carried it out",
+                    action=action, station=self.station, user=request.user, reason=request.reason, seq=seq,
+                    requested_ns=requested_ns, old_state=before.state, parameters=parameters,
+                )
             result = CommandResult(after.cmd_result) if after.cmd_result in CommandResult._value2member_map_ else None
             if result is not CommandResult.ACCEPTED:
                 why = {
@@ -735,7 +815,6 @@ class ElutionStationDriver:
                     CommandResult.UNKNOWN_COMMAND: "station does not know the command",
                 }.get(result, f"result code {after.cmd_result}")  # type: ignore[arg-type]
                 raise CommandRefused(f"{self.station}: {action} refused by the station: {why}", after.state)
-            parameters = {"volume_ml": float(volume_ml)} if code is CommandCode.START else {}
             return CommandOutcome(
                 action=action,
                 station=self.station,
@@ -749,20 +828,32 @@ class ElutionStationDriver:
                 parameters=parameters,
             )
 
-    async def _await_ack(self, seq: int, action: str) -> StationStatus:
-        """Re-read the status until the station acknowledges `seq`, or give up after confirm_timeout_s."""
+    async def _await_ack(self, seq: int, action: str) -> StationStatus | None:
+        """Re-read the status until the station acknowledges `seq`, for at most confirm_timeout_s.
+
+        Read failures (timeouts, a dropped link, refused reconnects) are retried until the
+        deadline, because a command the station may have run must not end in a bare transport
+        error; None means no status could be read at the end. A station that answers but never
+        acknowledges raises CommandRefused: it has the write and did not act on it.
+        """
         deadline = time.monotonic() + self.confirm_timeout_s
         delay = 0.02
         while True:
-            status = await self.read_status()
-            if status.cmd_ack_seq == seq:
-                return status
+            try:
+                status = await self.read_status()
+            except DriverError as exc:
+                log.debug("%s: acknowledgement of %s command %d not readable yet: %s", self.station, action, seq, exc)
+            else:
+                if status.cmd_ack_seq == seq:
+                    return status
+                if time.monotonic() >= deadline:
+                    raise CommandRefused(
+                        f"{self.station}: {action} not confirmed: station did not acknowledge command {seq}"
+                        f" within {self.confirm_timeout_s:g} s (last acknowledged {status.cmd_ack_seq})",
+                        status.state,
+                    )
             if time.monotonic() >= deadline:
-                raise CommandRefused(
-                    f"{self.station}: {action} not confirmed: station did not acknowledge command {seq}"
-                    f" within {self.confirm_timeout_s:g} s (last acknowledged {status.cmd_ack_seq})",
-                    status.state,
-                )
+                return None
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.25)
 

@@ -58,7 +58,13 @@ class Reading:
 
 @dataclass(frozen=True, slots=True)
 class ElutionRecord:
-    """One finished generator elution, emitted exactly once per (station, generator, counter)."""
+    """One finished generator elution, identified by (station, generator, counter).
+
+    A driver may hand the same elution over more than once until the controller confirms
+    delivery (see drivers.elution_station), so consumers key on that triple, not on arrival.
+    `parent_bq` is the station's own measurement of parent activity in the eluate at end of
+    elution (Ge-68 or Mo-99 breakthrough), None when the station does not measure it.
+    """
 
     station: str
     generator_id: str
@@ -70,6 +76,7 @@ class ElutionRecord:
     start_ns: int
     end_ns: int
     line_dose_rate_usv_h: float | None = None
+    parent_bq: float | None = None
 
     @property
     def duration_s(self) -> float:

@@ -4,8 +4,9 @@ The station is a pymodbus 3.16 server (SimDevice/SimData datastore) whose regist
 drivers.elution_station's map. A SimDevice `action` hook runs before every request: it
 advances the station's state machine to "now", re-renders the input registers and discrete
 inputs from the model, turns holding-register and coil writes into commands, and applies
-injected faults (exception responses). Silent replies are injected one layer lower, by
-swallowing the outgoing frame, so the client sees a genuine timeout.
+injected faults (exception responses, raw register overrides such as a NaN float). Silent
+replies, and lost replies to commands the station did carry out, are injected one layer lower,
+by swallowing the outgoing frame, so the client sees a genuine timeout.
 
 Time: the station has its own clock, which runs `acceleration` times faster than wall time
 from the moment the simulator starts. Priming and elution durations are realistic (tens of
@@ -283,7 +284,13 @@ class ElutionStationSimulator:
         self._exception_code: ExcCodes | None = None
         self._exceptions_left = 0
         self._silent_replies_left = 0
+        self._command_replies_to_lose = 0
+        self._lose_by_disconnect = False
+        self._silent_after_lost_reply = 0
+        #: Set by a command write whose reply is to be lost; consumed when that reply is sent.
+        self._lose_next_reply = False
         self._ignore_commands = False
+        self._input_overrides: dict[int, list[int]] = {}
         #: Last written holding registers (the coil commands take their volume from here).
         self._holding = [0] * HR.COUNT
         self.requests_seen = 0
@@ -315,11 +322,17 @@ class ElutionStationSimulator:
             return self._exception_code
         self.model.advance()
         if function_code == READ_INPUT_REGISTERS:
-            registers[: IR.COUNT] = encode_status(self.model.status(), self.word_order)
+            block = encode_status(self.model.status(), self.word_order)
+            for start, words in self._input_overrides.items():
+                block[start : start + len(words)] = words
+            registers[: IR.COUNT] = block
         elif function_code == READ_DISCRETE_INPUTS:
             registers[0] = self.model.outputs()
         elif function_code in HOLDING_WRITES and values is not None:
             self._holding_write(address, registers, [int(v) for v in values])
+            if self._command_replies_to_lose:
+                self._command_replies_to_lose -= 1
+                self._lose_next_reply = True
         elif function_code in COIL_WRITES and values is not None:
             self._coil_write(address, values)  # type: ignore[arg-type]
         return None
@@ -345,6 +358,12 @@ class ElutionStationSimulator:
             values[index] = False
 
     def _trace_packet(self, sending: bool, packet: bytes) -> bytes:
+        if sending and self._lose_next_reply:
+            self._lose_next_reply = False
+            self._silent_replies_left = self._silent_after_lost_reply
+            if self._lose_by_disconnect:
+                asyncio.get_running_loop().call_soon(self.drop_connections)
+            return b""
         if sending and self._silent_replies_left:
             self._silent_replies_left -= 1
             return b""
@@ -406,6 +425,21 @@ class ElutionStationSimulator:
         """Process but do not answer the next `count` requests (the client times out)."""
         self._silent_replies_left = count
 
+    def lose_command_replies(self, count: int = 1, *, disconnect: bool = False, silent_after: int = 0) -> None:
+        """Carry out the next `count` holding-register writes but lose their replies.
+
+        The command runs and is acknowledged in the input registers, as when a reply frame is
+        corrupted on the line. With `disconnect` the TCP connection also drops right after, as
+        when a switch port or serial device server resets mid-exchange; with `silent_after` the
+        station then leaves that many further requests unanswered, as a controller board that
+        hangs right after acting on a command.
+        """
+        if disconnect and self._pty_fds is not None:
+            raise RuntimeError("a pty has no connection to drop; lose the reply without disconnect")
+        self._command_replies_to_lose = count
+        self._lose_by_disconnect = disconnect
+        self._silent_after_lost_reply = silent_after
+
     def drop_connections(self) -> None:
         """Close every client TCP connection now, as a station reboot or a pulled network cable does."""
         if self._pty_fds is not None:
@@ -414,6 +448,14 @@ class ElutionStationSimulator:
             return
         for connection in list(self._server.active_connections.values()):
             connection.close()
+
+    def override_input_registers(self, overrides: dict[int, list[int]]) -> None:
+        """Serve these raw words at these input-register addresses (a failing ADC, a firmware bug)
+        instead of what the model says, until called again with {}."""
+        for start, words in overrides.items():
+            if start < 0 or start + len(words) > IR.COUNT or not all(0 <= w <= 0xFFFF for w in words):
+                raise ValueError(f"override at {start} does not fit the {IR.COUNT}-register block as 16-bit words")
+        self._input_overrides = {start: list(words) for start, words in overrides.items()}
 
     def set_stuck(self, stuck: bool = True) -> None:
         """Freeze the state machine: the station keeps reporting its current state forever."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -11,11 +11,14 @@ import pytest
 from pymodbus.client import AsyncModbusTcpClient
 from pymodbus.constants import ExcCodes
 
+from controller.config import ModbusTcpTransport
 from controller.decay import generator_daughter_activity
+from controller.messages import elution_message
 from drivers.elution_station import (
     HR,
     IR,
     CommandCode,
+    CommandOutcomeUnknown,
     CommandRefused,
     CommandResult,
     DiscreteInput,
@@ -32,8 +35,8 @@ from drivers.elution_station import (
     encode_command,
     encode_status,
 )
-from drivers.modbus_words import WordOrder
-from drivers.records import DeviceDisconnected, DeviceRefused, DeviceTimeout, FrameError
+from drivers.modbus_words import WordOrder, float32_to_registers
+from drivers.records import DeviceDisconnected, DeviceRefused, DeviceTimeout, ElutionRecord, FrameError
 from simulators.elution_station import ElutionStationSimulator, StationClock, StationModel
 from simulators.generator_physics import NS_PER_S, GeneratorColumn, get_profile
 
@@ -99,7 +102,8 @@ async def make() -> AsyncIterator[Make]:
 
 
 async def poll_until(driver: ElutionStationDriver, done: Callable[[StationPoll], bool]) -> list[StationPoll]:
-    """Poll until `done`; disconnects on the way are retried. Returns every successful poll."""
+    """Poll until `done`, marking each finished record delivered as the controller does after its
+    outbox commit; disconnects on the way are retried. Returns every successful poll."""
     polls: list[StationPoll] = []
     async with asyncio.timeout(WAIT_S):
         while True:
@@ -108,6 +112,8 @@ async def poll_until(driver: ElutionStationDriver, done: Callable[[StationPoll],
             except DeviceDisconnected:
                 await asyncio.sleep(0.05)
                 continue
+            for record in poll.finished:
+                await driver.mark_delivered(record)
             polls.append(poll)
             if done(poll):
                 return polls
@@ -158,6 +164,11 @@ async def test_elution_end_to_end_yields_one_record_with_bateman_activity(
     )
     expected_yield = profile.elution_yield((record.end_ns - column.cal_time_ns) / NS_PER_S, count)
     assert record.activity_bq == pytest.approx(available * expected_yield, rel=1e-6)
+    # The station's own breakthrough measurement reaches the record and the message.
+    age_s = (record.end_ns - column.cal_time_ns) / NS_PER_S
+    assert record.parent_bq == pytest.approx(record.activity_bq * profile.breakthrough_fraction(age_s), rel=1e-5)
+    breakthrough_pct = elution_message("lab", record).payload["breakthrough_pct"]
+    assert breakthrough_pct == pytest.approx(100 * profile.breakthrough_fraction(age_s), rel=1e-5)
 
 
 async def test_states_valves_and_dose_rate_follow_the_elution(make: Make) -> None:
@@ -182,7 +193,7 @@ async def test_every_word_order_decodes_the_same_values(make: Make, order: WordO
     assert status.clock_ns > status.cal_time_ns
 
 
-async def test_exactly_once_across_dropped_connections(make: Make) -> None:
+async def test_delivered_once_across_dropped_connections(make: Make) -> None:
     sim, driver = await make("tcp")
     await driver.start_elution(5.0, **WHO)
     sim.drop_connections()  # mid-priming
@@ -197,7 +208,7 @@ async def test_exactly_once_across_dropped_connections(make: Make) -> None:
     assert [r.counter for r in records] == [1]
 
 
-async def test_exactly_once_across_a_controller_restart(make: Make, tmp_path: Path) -> None:
+async def test_delivered_once_across_a_controller_restart(make: Make, tmp_path: Path) -> None:
     store_path = tmp_path / "state" / "hotcell-2.last_counter"
     model = make_model()
     sim, driver = await make("tcp", model=model, counter_store=SqliteCounterStore(store_path))
@@ -346,21 +357,12 @@ async def test_missing_serial_port_is_disconnected() -> None:
     await driver.close()
 
 
-async def test_config_transport_objects_are_accepted(make: Make) -> None:
-    """The controller passes its config dataclasses; only their attributes matter."""
-    sim, driver = await make("tcp")
-
-    @dataclasses.dataclass(frozen=True)
-    class ConfigLike:
-        host: str
-        port: int
-        device_id: int = 7
-        word_order: str = "ABCD"
-        kind: str = "modbus_tcp"
-
+async def test_config_transport_objects_satisfy_the_link_protocol(make: Make) -> None:
+    """Only the ModbusLink attributes matter, so the controller's config transport works as a link too."""
+    _sim, driver = await make("tcp")
     link = driver.link
-    other = ElutionStationDriver.from_transport(
-        ConfigLike(link.host, link.port), station="hotcell-2", timeout_s=1.0  # type: ignore[attr-defined]
+    other = ElutionStationDriver(
+        "hotcell-2", ModbusTcpTransport(link.host, link.port, device_id=7), timeout_s=1.0  # type: ignore[attr-defined]
     )
     try:
         assert (await other.poll()).status.model == "HL-ES100"
@@ -401,3 +403,122 @@ async def test_elutions_missed_while_away_yield_only_the_last_and_a_warning(make
     assert [r.counter for r in poll.finished] == [3]
     assert poll.finished[0].activity_bq == pytest.approx(sim.model.last.outcome.daughter_bq, rel=1e-6)
     assert "jumped from 1 to 3" in caplog.text and "1 elution(s) in between" in caplog.text
+
+
+async def test_a_record_comes_back_until_marked_delivered(make: Make, tmp_path: Path) -> None:
+    """The controller may die between poll() and its outbox commit: the record must come again."""
+    store_path = tmp_path / "hotcell-2.last_counter"
+    _sim, driver = await make("tcp", counter_store=SqliteCounterStore(store_path))
+    await driver.start_elution(5.0, **WHO)
+    async with asyncio.timeout(WAIT_S):
+        while (first := await driver.poll()).finished == []:
+            await asyncio.sleep(0.01)
+    second = await driver.poll()
+    assert second.finished == first.finished and [r.counter for r in first.finished] == [1]
+
+    link = driver.link
+    not_yet_marked = ElutionStationDriver("hotcell-2", link, last_counter_path=store_path, timeout_s=2.0)
+    try:  # a restart before delivery was confirmed replays the record
+        assert (await not_yet_marked.poll()).finished == first.finished
+    finally:
+        await not_yet_marked.close()
+
+    await driver.mark_delivered(first.finished[0])
+    assert (await driver.poll()).finished == []
+    assert (await driver.poll()).finished == []
+    assert SqliteCounterStore(store_path).last_counter("hotcell-2", "GE68-T-17") == 1
+
+    after_mark = ElutionStationDriver("hotcell-2", link, last_counter_path=store_path, timeout_s=2.0)
+    try:  # a restart after delivery does not
+        assert (await after_mark.poll()).finished == []
+    finally:
+        await after_mark.close()
+
+
+async def test_marking_is_idempotent_and_checks_the_station(tmp_path: Path) -> None:
+    store = SqliteCounterStore(tmp_path / "c.db")
+    driver = ElutionStationDriver("hotcell-2", ModbusTcpLink("127.0.0.1", 1), counter_store=store)
+    record = {"generator_id": "GEN-A", "parent_nuclide": "Ge-68", "daughter_nuclide": "Ga-68",
+              "activity_bq": 1e9, "volume_ml": 5.0, "start_ns": 0, "end_ns": 1}
+    await driver.mark_delivered(ElutionRecord("hotcell-2", counter=4, **record))
+    await driver.mark_delivered(ElutionRecord("hotcell-2", counter=3, **record))  # a late, older one
+    await driver.mark_delivered(ElutionRecord("hotcell-2", counter=4, **record))
+    assert store.last_counter("hotcell-2", "GEN-A") == 4
+    with pytest.raises(ValueError, match="station 'hotcell-9'"):
+        await driver.mark_delivered(ElutionRecord("hotcell-9", counter=5, **record))
+    assert store.last_counter("hotcell-2", "GEN-A") == 4
+
+
+async def test_a_pending_record_logs_its_gap_once(make: Make, caplog) -> None:
+    sim, driver = await make("tcp")
+    await driver.start_elution(5.0, **WHO)
+    await poll_until(driver, lambda p: bool(p.finished))
+    for _ in range(2):
+        assert sim.model.execute(CommandCode.START, 5.0) is CommandResult.ACCEPTED
+        async with asyncio.timeout(WAIT_S):
+            while sim.model.state is not StationState.DONE:
+                await asyncio.sleep(0.01)
+                sim.model.advance()
+    with caplog.at_level("WARNING", logger="drivers.elution_station"):
+        polls = [await driver.poll() for _ in range(3)]
+    assert [[r.counter for r in p.finished] for p in polls] == [[3], [3], [3]]
+    assert caplog.text.count("jumped from 1 to 3") == 1
+
+
+def _non_finite_words(order: WordOrder) -> dict[int, list[int]]:
+    return {
+        IR.ELUATE_ACTIVITY: float32_to_registers(math.nan, order),
+        IR.LINE_DOSE_RATE: float32_to_registers(math.inf, order),
+    }
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_codec_rejects_non_finite_floats(value: float) -> None:
+    status = make_model().status()
+    for order in WordOrder:
+        regs = encode_status(status, order)
+        regs[IR.ELUATE_PARENT : IR.ELUATE_PARENT + 2] = float32_to_registers(value, order)
+        with pytest.raises(FrameError, match=f"non-finite float32 .* at input register {IR.ELUATE_PARENT}"):
+            decode_status(regs, order)
+
+
+async def test_station_serving_nan_is_a_frame_error_and_polling_goes_on(make: Make) -> None:
+    sim, driver = await make("tcp", word_order=WordOrder.CDAB)
+    sim.override_input_registers(_non_finite_words(WordOrder.CDAB))
+    with pytest.raises(FrameError, match=f"non-finite float32 nan at input register {IR.ELUATE_ACTIVITY}"):
+        await driver.poll()
+    sim.override_input_registers({IR.ELUATE_ACTIVITY: float32_to_registers(1e9, WordOrder.CDAB),
+                                  IR.LINE_DOSE_RATE: float32_to_registers(math.inf, WordOrder.CDAB)})
+    with pytest.raises(FrameError, match=f"non-finite float32 inf at input register {IR.LINE_DOSE_RATE}"):
+        await driver.poll()
+    sim.override_input_registers({})
+    assert (await driver.poll()).status.line_dose_rate_usv_h == pytest.approx(sim.model.profile.background_usv_h)
+
+
+@pytest.mark.parametrize(("transport", "disconnect"), [("tcp", False), ("tcp", True), ("rtu-pty", False)])
+async def test_a_lost_write_reply_is_confirmed_from_the_acknowledgement(
+    make: Make, transport: str, disconnect: bool
+) -> None:
+    """The station ran the command but its reply never arrived: the driver must still confirm and report it."""
+    sim, driver = await make(transport, timeout_s=1.0)  # the lost reply costs one timeout; no shorter under load
+    sim.lose_command_replies(1, disconnect=disconnect)
+    outcome = await driver.start_elution(5.0, **WHO)
+    assert (outcome.action, outcome.user, outcome.sequence) == ("elution.start", "r.curie", 1)
+    assert outcome.old_state is StationState.IDLE and outcome.new_state is not StationState.IDLE
+    assert sim.model.cmd_ack_seq == 1 and sim.model.state is not StationState.IDLE
+
+
+async def test_a_lost_write_reply_with_no_readable_ack_is_outcome_unknown(make: Make) -> None:
+    sim, driver = await make("tcp", timeout_s=0.5)
+    driver.confirm_timeout_s = 1.0
+    sim.lose_command_replies(1, silent_after=1_000)  # the station acts, then hangs
+    with pytest.raises(CommandOutcomeUnknown, match="elution.start by r.curie unconfirmed") as unknown:
+        await driver.start_elution(5.0, **WHO)
+    assert not isinstance(unknown.value, CommandRefused)  # "unconfirmed" must not be audited as "refused"
+    exc = unknown.value
+    assert (exc.action, exc.station, exc.user, exc.reason, exc.seq) == (
+        "elution.start", "hotcell-2", "r.curie", "morning QC elution", 1)
+    assert exc.old_state is StationState.IDLE and exc.parameters == {"volume_ml": 5.0}
+    assert sim.model.state is not StationState.IDLE  # it did run: that is why it must be audited
+    sim.inject_silence(0)
+    assert (await poll_until(driver, lambda p: True))[0].status.cmd_ack_seq == 1

@@ -2,7 +2,16 @@
 
 import json
 
-from controller.messages import device_status_message, elution_message, iso_utc, qc_message, reading_message
+import pytest
+
+from controller.messages import (
+    device_status_message,
+    elution_message,
+    elution_msg_id,
+    iso_utc,
+    qc_message,
+    reading_message,
+)
 from drivers.records import ElutionRecord, Reading
 
 T0 = 1_795_000_000_000_000_000
@@ -43,3 +52,39 @@ def test_elution_qc_and_status_topics() -> None:
 
 def test_iso_utc_is_rfc3339_z() -> None:
     assert iso_utc(0) == "1970-01-01T00:00:00.000000Z"
+
+
+def test_elution_msg_id_is_stable_per_elution_and_distinct_between_them() -> None:
+    same = {elution_msg_id("ga-station", "GEN-1", 7) for _ in range(3)}
+    assert len(same) == 1
+    others = {
+        elution_msg_id("ga-station", "GEN-1", 8),
+        elution_msg_id("ga-station", "GEN-2", 7),
+        elution_msg_id("tc-station", "GEN-1", 7),
+        elution_msg_id("ga-station/GEN-1", "", 7),  # separators inside names cannot collide
+    }
+    assert len(others) == 4 and not same & others
+    assert elution_msg_id("ga-station", "GEN-1", 7) == "27dbc1a3c8c857878665714cb9bc4bf6"  # fixed forever
+
+
+def test_a_replayed_elution_keeps_its_msg_id() -> None:
+    record = ElutionRecord("ga-station", "GEN-1", "Ge-68", "Ga-68", 7, 1.1e9, 5.0, T0, T0 + 90 * 10**9)
+    msg_id = elution_msg_id(record.station, record.generator_id, record.counter)
+    first, replay = (elution_message("lab-a", record, msg_id=msg_id) for _ in range(2))
+    assert first.msg_id == replay.msg_id == msg_id
+    assert first.payload == replay.payload
+    assert elution_message("lab-a", record).msg_id != elution_message("lab-a", record).msg_id
+
+
+def test_breakthrough_comes_from_the_stations_parent_measurement() -> None:
+    # A Ge-68/Ga-68 eluate: 1.1 GBq Ga-68 with 5.5 kBq Ge-68 is 0.0005 % (Ph. Eur. 2464 limit 0.001 %).
+    record = ElutionRecord("ga-station", "GEN-1", "Ge-68", "Ga-68", 7, 1.1e9, 5.0, T0, T0 + 1, parent_bq=5.5e3)
+    payload = elution_message("lab-a", record).payload
+    assert payload["breakthrough_pct"] == pytest.approx(5e-4)
+    json.dumps(payload, allow_nan=False)
+    # A caller's own value (e.g. a >= 48 h re-measurement) wins over the station's.
+    assert elution_message("lab-a", record, breakthrough_pct=0.0002).payload["breakthrough_pct"] == 0.0002
+    unknown = ElutionRecord("ga-station", "GEN-1", "Ge-68", "Ga-68", 7, 1.1e9, 5.0, T0, T0 + 1)
+    assert elution_message("lab-a", unknown).payload["breakthrough_pct"] is None
+    empty = ElutionRecord("ga-station", "GEN-1", "Ge-68", "Ga-68", 7, 0.0, 5.0, T0, T0 + 1, parent_bq=0.0)
+    assert elution_message("lab-a", empty).payload["breakthrough_pct"] is None
