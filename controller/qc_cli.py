@@ -88,7 +88,8 @@ def _mo99(args: argparse.Namespace, limits: dict[str, Limit]) -> list[QcResult]:
     administration = None if args.administration is None else parse_time_ns(args.administration, "--administration")
     mo99 = parse_activity_bq(args.mo99, "--mo99", allow_zero=True)
     return [generator_rules.mo99_breakthrough(mo99, parse_activity_bq(args.tc99m, "--tc99m"), _time(args.at, "--at"),
-                                              limits["mo99_breakthrough"], administration_ns=administration)]
+                                              limits["mo99_breakthrough"], administration_ns=administration,
+                                              judge_horizon_h=args.horizon_h)]
 
 
 def _dosage(args: argparse.Namespace, limits: dict[str, Limit]) -> list[QcResult]:
@@ -198,7 +199,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub = add("mo99", _mo99, "Mo-99 breakthrough (kBq Mo-99 per MBq Tc-99m) and when it exceeds the limit")
     sub.add_argument("--mo99", required=True, help="Mo-99 activity of the eluate, e.g. 1.85MBq")
     sub.add_argument("--tc99m", required=True, help="Tc-99m activity of the eluate, e.g. 37GBq")
-    sub.add_argument("--administration", help="administration time (default: judge at the assay time)")
+    sub.add_argument("--administration",
+                     help="administration time (default: judge at the assay time + --horizon-h, the eluate shelf life)")
+    sub.add_argument("--horizon-h", type=float, default=generator_rules.MO99_DEFAULT_JUDGE_HORIZON_H,
+                     help="hours after the assay to judge at when no --administration is given (default 12 h: "
+                          "Tc-99m eluate shelf life)")
 
     sub = add("dosage", _dosage, "patient dose at administration vs the prescribed activity")
     sub.add_argument("--nuclide", required=True, help="nuclide of the dose, e.g. F-18")

@@ -57,6 +57,12 @@ def test_linearity_elution_mo99_dosage(capsys: pytest.CaptureFixture[str]) -> No
     assert elution["value_judged"] == pytest.approx(75.42, abs=0.01)
     [mo] = run_json(capsys, "qc", "mo99", "--mo99", "0 Bq", "--tc99m", "37GBq", "--at", "2026-03-01T06:00:00Z")
     assert mo["measured"] == 0.0 and mo["inputs"]["exceeds_limit_at"] is None
+    # 0.06 kBq/MBq at the assay: judged at assay + 12 h by default (0.2112, fail), at assay + 6 h if asked (pass).
+    mo99 = ["qc", "mo99", "--mo99", "2.22MBq", "--tc99m", "37GBq", "--at", "2026-03-01T06:00:00Z"]
+    [default] = run_json(capsys, *mo99)
+    assert default["verdict"] == "fail" and default["inputs"]["judged_time"] == "2026-03-01T18:00:00.000000Z"
+    [six] = run_json(capsys, *mo99, "--horizon-h", "6")
+    assert six["verdict"] == "pass" and six["measured"] == pytest.approx(0.112577, abs=1e-5)
     [dose] = run_json(capsys, "qc", "dosage", "--nuclide", "F-18", "--measured", "430MBq",
                       "--prescribed", "370MBq", "--at", "2026-03-01T08:00:00Z",
                       "--administration", "2026-03-01T09:00:00Z")

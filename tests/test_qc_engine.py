@@ -10,7 +10,7 @@ from datetime import datetime
 import pytest
 
 from controller.messages import elution_message, reading_message
-from controller.qc.engine import QcConfig, QcEngine, parse_time_ns
+from controller.qc.engine import QcConfig, QcEngine, QcOutcome, parse_time_ns
 from controller.qc.limits import QcConfigError
 from drivers.records import ElutionRecord, Reading
 
@@ -73,42 +73,74 @@ def test_config_from_toml(engine: QcEngine) -> None:
     assert config.limits["constancy"].warn == 4.0
 
 
+def judge(engine: QcEngine, *messages: object) -> QcOutcome:
+    """Process, "commit" (nothing to store here) and apply, as the controller does."""
+    outcome = engine.process(*messages)
+    engine.apply(outcome)
+    return outcome
+
+
 def test_untagged_reading_on_the_check_source_setting_is_constancy(engine: QcEngine) -> None:
     # Expected 5.87678 MBq on 2026-01-01 (see test_qc_calibrator); 6.2 / 5.87678 - 1 = +5.500 % -> warn (site warn 4 %).
-    out = engine.process(reading(6.2e6, "2026-01-01T00:00:00Z"))
-    assert len(out) == 1
-    payload = out[0].payload
-    assert out[0].topic == "hotlab/lab1/hotcell/calib1/qc"
+    message = reading(6.2e6, "2026-01-01T00:00:00Z")
+    outcome = judge(engine, message)
+    assert len(outcome.results) == 1 and outcome.replacements == {}
+    assert outcome.messages == (message, *outcome.results)
+    verdict = outcome.results[0]
+    payload = verdict.payload
+    assert verdict.topic == "hotlab/lab1/hotcell/calib1/qc"
     assert (payload["test"], payload["verdict"], payload["alarm"]) == ("constancy", "warn", True)
     assert payload["deviation_pct"] == pytest.approx(5.500, abs=1e-3)
     assert payload["limit_source"].startswith("site configuration")
 
 
 def test_patient_readings_are_not_qc(engine: QcEngine) -> None:
-    assert engine.process(reading(370e6, "2026-01-01T09:00:00Z", nuclide="F-18")) == []
-    assert engine.process(reading(6.2e6, "2026-01-01T00:00:00Z", device="calib2")) == []
+    patient = reading(370e6, "2026-01-01T09:00:00Z", nuclide="F-18")
+    assert judge(engine, patient).messages == (patient,)
+    assert judge(engine, reading(6.2e6, "2026-01-01T00:00:00Z", device="calib2")).results == ()
 
 
 def test_tagged_readings(engine: QcEngine) -> None:
-    accuracy = engine.process(reading(118e6, "2025-11-25T00:00:00Z", nuclide="Co-57", qc="accuracy", source="CO-57-REF"))
-    assert accuracy[0].payload["test"] == "accuracy" and accuracy[0].payload["verdict"] == "pass"
-    bg = engine.process(reading(400e3, "2026-01-01T07:00:00Z", nuclide="Tc-99m", qc="background"))
-    assert (bg[0].payload["test"], bg[0].payload["verdict"]) == ("background", "fail")
-    dose = engine.process(reading(550e6, "2026-03-01T08:00:00Z", nuclide="F-18", qc="dosage", prescribed_bq="370 MBq",
-                                  administration_time="2026-03-01T09:00:00Z"))
-    assert dose[0].payload["deviation_pct"] == pytest.approx(1.7698, abs=1e-3)
-    mo = engine.process(reading(1.85e6, "2026-03-01T06:00:00Z", nuclide="Mo-99", qc="mo99", tc99m_bq=37e9))
-    assert mo[0].payload["measured"] == pytest.approx(0.05)
-    assert mo[0].payload["inputs"]["exceeds_limit_after_s"] / 3600 == pytest.approx(10.4748, abs=1e-4)
+    [accuracy] = judge(engine, reading(118e6, "2025-11-25T00:00:00Z", nuclide="Co-57", qc="accuracy",
+                                       source="CO-57-REF")).results
+    assert accuracy.payload["test"] == "accuracy" and accuracy.payload["verdict"] == "pass"
+    [bg] = judge(engine, reading(400e3, "2026-01-01T07:00:00Z", nuclide="Tc-99m", qc="background")).results
+    assert (bg.payload["test"], bg.payload["verdict"]) == ("background", "fail")
+    [dose] = judge(engine, reading(550e6, "2026-03-01T08:00:00Z", nuclide="F-18", qc="dosage",
+                                   prescribed_bq="370 MBq", administration_time="2026-03-01T09:00:00Z")).results
+    assert dose.payload["deviation_pct"] == pytest.approx(1.7698, abs=1e-3)
+    # 0.05 kBq/MBq at the assay, no administration time: judged at assay + 12 h, 0.05 * 2^(12 * 0.151312) = 0.17602.
+    [mo] = judge(engine, reading(1.85e6, "2026-03-01T06:00:00Z", nuclide="Mo-99", qc="mo99", tc99m_bq=37e9)).results
+    assert mo.payload["measured"] == pytest.approx(0.17602, abs=1e-5) and mo.payload["verdict"] == "fail"
+    assert mo.payload["inputs"]["judged_time"] == "2026-03-01T18:00:00.000000Z"
+    assert mo.payload["inputs"]["exceeds_limit_after_s"] / 3600 == pytest.approx(10.4748, abs=1e-4)
+    [given] = judge(engine, reading(1.85e6, "2026-03-01T06:00:00Z", nuclide="Mo-99", qc="mo99", tc99m_bq=37e9,
+                                    administration_time="2026-03-01T14:00:00Z")).results
+    assert given.payload["measured"] == pytest.approx(0.11571, abs=1e-5) and given.payload["verdict"] == "pass"
+
+
+def test_mo99_judge_horizon_is_configurable() -> None:
+    engine = QcEngine("lab1", QcConfig.from_mapping({"mo99_judge_horizon_h": 8}))
+    # 0.05 * 2^(8 * 0.151312) = 0.11571 -> pass, judged 8 h after the assay.
+    [mo] = judge(engine, reading(1.85e6, "2026-03-01T06:00:00Z", nuclide="Mo-99", qc="mo99", tc99m_bq=37e9)).results
+    assert mo.payload["measured"] == pytest.approx(0.11571, abs=1e-5) and mo.payload["verdict"] == "pass"
+    assert mo.payload["inputs"]["judged_at"] == "assay + 8 h eluate shelf life (no administration time given)"
 
 
 def test_bad_input_is_logged_and_skipped(engine: QcEngine, caplog: pytest.LogCaptureFixture) -> None:
+    bad = [
+        reading(7e6, "2015-06-01T00:00:00Z"),  # before the certificate
+        reading(1e6, "2026-01-01T00:00:00Z", qc="constancy", source="NOPE"),
+        reading(1e6, "2026-01-01T00:00:00Z", qc="constancy", nuclide="Tc-99m"),
+        reading(1e6, "2026-01-01T00:00:00Z", qc="linearity"),
+        reading(1e6, "2026-01-01T00:00:00Z", nuclide="F-18", qc="dosage"),
+    ]
     with caplog.at_level(logging.WARNING):
-        assert engine.process(reading(7e6, "2015-06-01T00:00:00Z")) == []  # before the certificate
-        assert engine.process(reading(1e6, "2026-01-01T00:00:00Z", qc="constancy", source="NOPE")) == []
-        assert engine.process(reading(1e6, "2026-01-01T00:00:00Z", qc="constancy", nuclide="Tc-99m")) == []
-        assert engine.process(reading(1e6, "2026-01-01T00:00:00Z", qc="linearity")) == []
-        assert engine.process(reading(1e6, "2026-01-01T00:00:00Z", nuclide="F-18", qc="dosage")) == []
+        outcome = engine.process(*bad)
+    # Rejected input is still committed as it was, without a verdict; the count reaches the engine on apply.
+    assert outcome.messages == tuple(bad) and outcome.results == () and outcome.rejected == 5
+    assert engine.rejected == 0
+    engine.apply(outcome)
     assert engine.rejected == 5
     assert "a reading tagged qc='dosage' needs extra['prescribed_bq']" in caplog.text
     assert "before reference date of source CS-137-A" in caplog.text
@@ -120,42 +152,47 @@ def test_bad_input_is_logged_and_skipped(engine: QcEngine, caplog: pytest.LogCap
 def test_elution_stream_yield_residual_trend_and_breakthrough(engine: QcEngine) -> None:
     start = ns("2026-03-01T00:00:00Z")  # the equilibrium case of test_qc_generator
     first = elution(1, 1.2e9, start)
-    out = engine.process(first)
-    # The elution comes back with yield_pct filled and the same msg_id, followed by its verdict.
-    replaced, verdict = out
+    out = judge(engine, first)
+    # The elution is replaced by itself with yield_pct filled (same msg_id), followed by its verdict.
+    replaced = out.replacements[first.msg_id]
+    verdict = out.results[0]
+    assert out.messages == (replaced, verdict)
     assert replaced.msg_id == first.msg_id and replaced.topic == first.topic
+    assert first.payload["yield_pct"] is None  # the input message itself is left alone
     assert replaced.payload["yield_pct"] == pytest.approx(1.2e9 / 1.59110e9 * 100, rel=1e-4)  # 75.42 %, equilibrium
     assert verdict.payload["test"] == "elution_yield" and verdict.payload["verdict"] == "pass"
     assert verdict.topic == "hotlab/lab1/gastation/GA-1/qc"
     available = verdict.payload["expected"]
     # The second elution 3 h later sees the residual of the first (available - eluted) decayed by 2^(-180/67.83).
-    second = engine.process(elution(2, 1.0e9, start + 3 * HOUR_NS))
-    inputs = second[1].payload["inputs"]
+    second = judge(engine, elution(2, 1.0e9, start + 3 * HOUR_NS))
+    inputs = second.results[0].payload["inputs"]
     assert inputs["residual_bq"] == pytest.approx(available - 1.2e9)
     assert inputs["last_elution"] == "2026-03-01T00:00:00.000000Z"
-    # A re-delivered elution is not judged twice.
-    assert engine.process(elution(2, 1.0e9, start + 3 * HOUR_NS)) == []
+    # A re-delivered elution is not judged twice: it is committed as it came, with no verdict.
+    again = elution(2, 1.0e9, start + 3 * HOUR_NS)
+    assert judge(engine, again).messages == (again,)
     # Daily elutions with a falling yield: from the 5th elution on, a trend verdict follows.
     trends = []
     for day in range(1, 5):
-        result = engine.process(elution(2 + day, (1.1 - 0.05 * day) * 1e9, start + day * DAY_NS))
-        trends.append(result[2:] if len(result) > 2 else [])
+        result = judge(engine, elution(2 + day, (1.1 - 0.05 * day) * 1e9, start + day * DAY_NS))
+        trends.append(list(result.results[1:]))
     assert trends[:2] == [[], []] and trends[2] and trends[3]
     trend = trends[3][0].payload
     assert trend["test"] == "elution_yield_trend"
     assert trend["inputs"]["slope_pct_per_day"] < 0
     # Ge-68 re-measurement of elution 1, 72 h later, 10 Bq -> 1.0075e-6 % * (1 GBq / 1.2 GBq) -> pass.
-    ge = engine.process(reading(10.0, "2026-03-04T00:00:00Z", nuclide="Ga-68", device="calib1",
-                                qc="ge68_breakthrough", generator="GA-1", elution_counter=1))
+    ge = judge(engine, reading(10.0, "2026-03-04T00:00:00Z", nuclide="Ga-68", device="calib1",
+                               qc="ge68_breakthrough", generator="GA-1", elution_counter=1)).results
     assert ge[0].payload["test"] == "ge68_breakthrough"
     assert ge[0].payload["measured"] == pytest.approx(1.00753e-6 / 1.2, rel=1e-4)
-    assert json.dumps([m.payload for m in out + second + ge], allow_nan=False)
+    assert json.dumps([m.payload for m in out.messages + second.messages + ge], allow_nan=False)
 
 
 def test_elution_of_unconfigured_generator_is_passed_through(engine: QcEngine) -> None:
     record = ElutionRecord("tcstation", "TC-9", "Mo-99", "Tc-99m", 1, 5e9, 5.0, 0, 10**9)
-    assert engine.process(elution_message("lab1", record)) == []
-    assert engine.rejected == 0
+    message = elution_message("lab1", record)
+    outcome = judge(engine, message)
+    assert outcome.messages == (message,) and outcome.rejected == 0 and engine.rejected == 0
 
 
 @pytest.mark.parametrize(
@@ -171,6 +208,7 @@ def test_elution_of_unconfigured_generator_is_passed_through(engine: QcEngine) -
         ("[sources.X]\nnuclide='Cs-137'\nactivity='7 MBq'\nreference_time=2020-01-01T00:00:00Z\nuncertainty_pct='3'",
          "qc.sources.X.uncertainty_pct must be a number"),
         ("trend_min_points = 2", "trend_min_points must be an integer >= 3"),
+        ("mo99_judge_horizon_h = -1", "mo99_judge_horizon_h must be a number of hours from 0 to 72"),
         ("colour = 'red'", "unknown key(s) ['colour']"),
     ],
 )

@@ -152,7 +152,7 @@ def test_mo99_ratio_and_closed_form_exceed_time() -> None:
     # The ratio grows as 2^(t (1/6.0067 h - 1/65.924 h)) = 2^(0.151312 t/h); it reaches 0.15 when
     # t = log2(0.15/0.05) / 0.151312 = 1.584963 / 0.151312 = 10.4748 h.
     t0 = ns("2026-03-01T06:00:00Z")
-    result = mo99_breakthrough(1.85e6, 37e9, t0, LIMITS["mo99_breakthrough"])
+    result = mo99_breakthrough(1.85e6, 37e9, t0, LIMITS["mo99_breakthrough"], administration_ns=t0)
     assert result.measured == pytest.approx(0.05)
     assert result.verdict == "pass"
     assert result.inputs["exceeds_limit_after_s"] / 3600 == pytest.approx(10.4748, abs=1e-4)
@@ -165,6 +165,30 @@ def test_mo99_ratio_and_closed_form_exceed_time() -> None:
     exceed_ns = t0 + round(result.inputs["exceeds_limit_after_s"] * 1e9)
     edge = mo99_breakthrough(1.85e6, 37e9, t0, LIMITS["mo99_breakthrough"], administration_ns=exceed_ns)
     assert edge.measured == pytest.approx(0.15, rel=1e-9) and edge.verdict == "pass"
+
+
+def test_mo99_without_administration_time_is_judged_at_the_end_of_the_eluate_shelf_life() -> None:
+    # The reviewer's case: 0.06 kBq/MBq at the assay passes there, but the ratio reaches 0.15 after
+    # log2(0.15/0.06) / 0.151312 h^-1 = 1.321928 / 0.151312 = 8.7364 h. With no administration time it
+    # is judged at assay + 12 h: 0.06 * 2^(12 * 0.151312) = 0.06 * 3.52040 = 0.21122 -> fail.
+    t0 = ns("2026-03-01T06:00:00Z")
+    mo99_bq, tc99m_bq = 0.06 * 37e9 / 1e3, 37e9
+    unknown = mo99_breakthrough(mo99_bq, tc99m_bq, t0, LIMITS["mo99_breakthrough"])
+    assert unknown.verdict == "fail" and unknown.measured == pytest.approx(0.21122, abs=1e-5)
+    assert unknown.inputs["judged_at"] == "assay + 12 h eluate shelf life (no administration time given)"
+    assert unknown.inputs["judged_time"] == "2026-03-01T18:00:00.000000Z"
+    assert unknown.inputs["administration_time"] is None
+    assert unknown.inputs["exceeds_limit_after_s"] / 3600 == pytest.approx(8.7364, abs=1e-4)
+    assert "judged at assay + 12 h" in unknown.detail
+    # Administered 1 h after the assay: 0.06 * 2^0.151312 = 0.066635 -> pass, judged at administration.
+    given = mo99_breakthrough(mo99_bq, tc99m_bq, t0, LIMITS["mo99_breakthrough"], administration_ns=t0 + HOUR_NS)
+    assert given.verdict == "pass" and given.measured == pytest.approx(0.066635, abs=1e-5)
+    assert given.inputs["judged_at"] == "administration time" and given.inputs["judge_horizon_h"] is None
+    # A site with a shorter eluate shelf life configures the horizon: 6 h -> 0.06 * 2^0.907872 = 0.112577 -> pass.
+    six = mo99_breakthrough(mo99_bq, tc99m_bq, t0, LIMITS["mo99_breakthrough"], judge_horizon_h=6.0)
+    assert six.verdict == "pass" and six.measured == pytest.approx(0.112577, abs=1e-5)
+    with pytest.raises(QcInputError, match="Mo-99 judge horizon"):
+        mo99_breakthrough(mo99_bq, tc99m_bq, t0, LIMITS["mo99_breakthrough"], judge_horizon_h=-1.0)
 
 
 def test_mo99_edge_cases() -> None:

@@ -85,3 +85,11 @@ def test_limit_text_and_numbers() -> None:
     limit = Limit(LimitKind.CEILING, "%", "test", fail=0.001)
     assert limit.text == "pass value <= 0.001 %, fail > 0.001 %"
     assert limit.as_dict() == {"kind": "ceiling", "unit": "%", "fail": 0.001}
+
+
+def test_default_sources_cite_only_what_was_checked() -> None:
+    # The calibrator tolerances rest on ANSI N42.13-2004 s.2.2; no default cites the unverified former 35.50(d).
+    assert all("35.50(d)" not in limit.source for limit in DEFAULT_LIMITS.values())
+    assert "ANSI N42.13-2004 s.2.2 (accuracy +-10 %, reproducibility +-5 %)" in DEFAULT_LIMITS["accuracy"].source
+    assert DEFAULT_LIMITS["elution_yield_ga68"].source.startswith("GalliaPharm SmPC section 2")
+    assert DEFAULT_LIMITS["background"].source.startswith("hotlab engineering default")

@@ -202,6 +202,30 @@ def sleeve_factors(nuclide: Nuclide, unshielded: TimedReading, sleeves: Sequence
     return factors
 
 
+@dataclass(frozen=True, slots=True)
+class _Spread:
+    """Readings decay-corrected to one time and their deviations from a reference activity."""
+
+    corrected_bq: dict[str, float]
+    reference_bq: float
+    deviation_pct: dict[str, float]
+    worst: str
+
+
+def _spread(nuclide: Nuclide, to_ns: int, readings: dict[str, tuple[int, float]],
+            reference_bq: float | None = None) -> _Spread:
+    """Decay-correct `readings` (label -> (time_ns, Bq)) to `to_ns` and compare each with the reference.
+
+    The reference is `reference_bq`, or the median of the corrected readings when None (so one
+    deviant point cannot drag the reference with it). `worst` labels the largest |deviation|.
+    """
+    corrected = {label: _decayed(bq, nuclide, (to_ns - time_ns) / _NS_PER_S) for label, (time_ns, bq) in readings.items()}
+    reference = statistics.median(corrected.values()) if reference_bq is None else reference_bq
+    deviations = {label: deviation_pct(value, reference) for label, value in corrected.items()}
+    labels = list(deviations)
+    return _Spread(corrected, reference, deviations, labels[_worst([deviations[label] for label in labels])])
+
+
 def linearity_sleeve(
     nuclide: Nuclide,
     factors: dict[str, float],
@@ -215,34 +239,29 @@ def linearity_sleeve(
     reference is the median of all of them (unshielded included), so one non-linear point
     cannot drag the reference with it. The worst deviation from the median is judged.
     """
-    unshielded_bq = require_positive("unshielded reading", unshielded.activity_bq)
-    corrected: dict[str, float] = {"unshielded": unshielded_bq}
+    readings = {"unshielded": (unshielded.time_ns, require_positive("unshielded reading", unshielded.activity_bq))}
     for sleeve in sleeves:
         if sleeve.label not in factors:
             raise QcInputError(f"no calibration factor for sleeve {sleeve.label!r}; known: {', '.join(sorted(factors))}")
         reading = require_positive(f"reading of sleeve {sleeve.label}", sleeve.activity_bq)
-        dt_s = (unshielded.time_ns - sleeve.time_ns) / _NS_PER_S
-        corrected[sleeve.label] = _decayed(reading * factors[sleeve.label], nuclide, dt_s)
-    if len(corrected) < 2:
+        readings[sleeve.label] = (sleeve.time_ns, reading * factors[sleeve.label])
+    if len(readings) < 2:
         raise QcInputError("a sleeve linearity test needs at least one sleeve reading")
-    reference = statistics.median(corrected.values())
-    labels = list(corrected)
-    deviations = [deviation_pct(corrected[label], reference) for label in labels]
-    worst = _worst(deviations)
+    spread = _spread(nuclide, unshielded.time_ns, readings)
     inputs = {
         "nuclide": nuclide.name,
         "half_life_s": nuclide.half_life_s,
         "half_life_source": nuclide.source,
         "reference_time": iso_utc(unshielded.time_ns),
         "sleeve_factors": dict(factors),
-        "corrected_bq": corrected,
-        "deviation_pct": dict(zip(labels, deviations)),
+        "corrected_bq": spread.corrected_bq,
+        "deviation_pct": spread.deviation_pct,
         "readings": [{"label": s.label, "time_ns": s.time_ns, "activity_bq": s.activity_bq} for s in sleeves],
     }
     return judged(
-        "linearity_sleeve", limit, measured=corrected[labels[worst]], expected=reference, unit="Bq",
+        "linearity_sleeve", limit, measured=spread.corrected_bq[spread.worst], expected=spread.reference_bq, unit="Bq",
         time_ns=max([unshielded.time_ns, *(s.time_ns for s in sleeves)]), inputs=inputs,
-        detail=f"worst: {labels[worst]} vs the median of {len(labels)} sleeve-corrected activities",
+        detail=f"worst: {spread.worst} vs the median of {len(readings)} sleeve-corrected activities",
     )
 
 
@@ -256,31 +275,29 @@ def geometry(nuclide: Nuclide, reference: TimedReading, others: Sequence[TimedRe
     if not others:
         raise QcInputError("a geometry test needs at least one reading besides the reference geometry")
     reference_bq = require_positive("reference-geometry reading", reference.activity_bq)
-    corrected: dict[str, float] = {}
+    readings: dict[str, tuple[int, float]] = {}
     for reading in others:
-        label = reading.label or f"reading {len(corrected) + 1}"
-        if label in corrected:
+        label = reading.label or f"reading {len(readings) + 1}"
+        if label in readings:
             raise QcInputError(f"geometry {label!r} appears twice")
-        value = require_positive(f"reading in geometry {label}", reading.activity_bq)
-        corrected[label] = _decayed(value, nuclide, (reference.time_ns - reading.time_ns) / _NS_PER_S)
-    labels = list(corrected)
-    deviations = [deviation_pct(corrected[label], reference_bq) for label in labels]
-    worst = _worst(deviations)
+        readings[label] = (reading.time_ns, require_positive(f"reading in geometry {label}", reading.activity_bq))
+    spread = _spread(nuclide, reference.time_ns, readings, reference_bq)
+    reference_label = reference.label or "reference"
     inputs = {
         "nuclide": nuclide.name,
         "half_life_s": nuclide.half_life_s,
         "half_life_source": nuclide.source,
-        "reference_geometry": reference.label or "reference",
+        "reference_geometry": reference_label,
         "reference_bq": reference_bq,
         "reference_time": iso_utc(reference.time_ns),
-        "corrected_bq": corrected,
-        "deviation_pct": dict(zip(labels, deviations)),
-        "correction_factors": {label: reference_bq / corrected[label] for label in labels},
+        "corrected_bq": spread.corrected_bq,
+        "deviation_pct": spread.deviation_pct,
+        "correction_factors": {label: reference_bq / value for label, value in spread.corrected_bq.items()},
     }
     return judged(
-        "geometry", limit, measured=corrected[labels[worst]], expected=reference_bq, unit="Bq",
+        "geometry", limit, measured=spread.corrected_bq[spread.worst], expected=reference_bq, unit="Bq",
         time_ns=max([reference.time_ns, *(r.time_ns for r in others)]), inputs=inputs,
-        detail=f"worst geometry: {labels[worst]} vs {inputs['reference_geometry']}",
+        detail=f"worst geometry: {spread.worst} vs {reference_label}",
     )
 
 

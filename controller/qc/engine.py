@@ -1,10 +1,20 @@
 """The streaming QC engine: every reading and elution in, the QC verdicts it implies out.
 
-The controller calls `QcEngine.process(message)` on each reading/elution message before it
-commits it, and commits whatever comes back in the same batch, so a verdict is as durable
-as the measurement it judges (the no-loss path). `process` is synchronous on purpose: it
-does only arithmetic on in-memory state (microseconds), never I/O, so calling it on the
-event loop is safe and needs no executor.
+Two phases, so that the engine's memory never runs ahead of the outbox:
+
+    outcome = engine.process(*messages)          # pure: judges, changes nothing in the engine
+    await outbox.put_many(outcome.messages)      # the inputs (or their replacements) + verdicts
+    engine.apply(outcome)                        # only after the commit succeeded
+
+If the commit fails, the outcome is dropped and the same messages processed again give the
+same verdicts (an engine that advanced first would skip them as "already judged"). Messages
+committed together go through one `process` call, so a second elution of a generator in the
+same batch is judged against the first. `process` is synchronous on purpose: it does only
+arithmetic on in-memory state (microseconds), never I/O, so it is safe on the event loop.
+
+Generator state (last elution, residual on the column, yield history, recent eluates for
+Ge-68 re-measurements) survives a restart through `restore`, which rebuilds it from the
+history archive (controller/history.py) and any messages still waiting in the outbox.
 
 What a message means for QC:
 - a reading tagged ``extra["qc"]`` = ``constancy`` | ``accuracy`` | ``background`` |
@@ -13,31 +23,42 @@ What a message means for QC:
   check source's nuclide setting, is a constancy measurement (in a radiopharmacy nothing
   else is measured on the Cs-137/Co-57/Ba-133 setting);
 - an elution from a configured generator gets an elution-yield verdict, a yield-trend
-  verdict once enough elutions are known, and is returned again with ``yield_pct`` filled:
-  that replacement has the same ``msg_id`` and must be committed instead of the original.
+  verdict once enough elutions are known, and a `replacement`: the elution message with
+  ``yield_pct`` filled (same ``msg_id``), which `QcOutcome.messages` commits in its place.
 
-Bad input never raises out of `process`: it is logged, counted in `rejected`, and yields no
-verdict, so one bad frame cannot stop the controller.
+Bad input never raises out of `process`: it is logged, counted in `QcOutcome.rejected`
+(added to `QcEngine.rejected` by `apply`), and yields no verdict, so one bad frame cannot
+stop the controller.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from controller.decay import to_epoch_ns
 from controller.messages import Message
 from controller.nuclides import UnknownNuclideError, get_nuclide
 from controller.qc import calibrator_rules, dosage, generator_rules
 from controller.qc.calibrator_rules import ReferenceSource
-from controller.qc.generator_rules import GeneratorSpec, YieldPoint, generator_pair
+from controller.qc.generator_rules import (
+    MO99_DEFAULT_JUDGE_HORIZON_H,
+    GeneratorSpec,
+    YieldPoint,
+    available_activity,
+    generator_pair,
+)
 from controller.qc.limits import YIELD_LIMIT_BY_DAUGHTER, Limit, QcConfigError, load_limits
 from controller.qc.result import QcInputError, QcResult
 from controller.units import UnitError, parse_activity
+
+if TYPE_CHECKING:
+    from controller.history import HistoryArchive
 
 log = logging.getLogger(__name__)
 
@@ -117,12 +138,14 @@ class QcConfig:
     last_elution_ns: Mapping[str, int] = field(default_factory=dict)
     trend_horizon_days: float = 30.0
     trend_min_points: int = 5
+    mo99_judge_horizon_h: float = MO99_DEFAULT_JUDGE_HORIZON_H
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any] | None) -> QcConfig:
         """Validate a ``[qc]`` TOML table (see docs/qc.md); every problem is a QcConfigError naming the key."""
         root = _table(data or {}, "qc")
-        _only(root, "qc", {"limits", "sources", "devices", "generators", "trend_horizon_days", "trend_min_points"})
+        _only(root, "qc", {"limits", "sources", "devices", "generators", "trend_horizon_days", "trend_min_points",
+                          "mo99_judge_horizon_h"})
         try:
             return cls._parse(root)
         except (QcInputError, UnknownNuclideError) as exc:
@@ -181,17 +204,61 @@ class QcConfig:
             raise QcConfigError(f"qc.trend_horizon_days must be a positive number, got {horizon!r}")
         if isinstance(min_points, bool) or not isinstance(min_points, int) or min_points < 3:
             raise QcConfigError(f"qc.trend_min_points must be an integer >= 3, got {min_points!r}")
+        mo99_horizon = root.get("mo99_judge_horizon_h", MO99_DEFAULT_JUDGE_HORIZON_H)
+        if isinstance(mo99_horizon, bool) or not isinstance(mo99_horizon, (int, float)) or not 0 <= mo99_horizon <= 72:
+            raise QcConfigError(f"qc.mo99_judge_horizon_h must be a number of hours from 0 to 72, got {mo99_horizon!r}")
         return cls(limits=limits, sources=sources, check_source_by_device=devices, generators=generators,
-                   last_elution_ns=last_elution, trend_horizon_days=float(horizon), trend_min_points=min_points)
+                   last_elution_ns=last_elution, trend_horizon_days=float(horizon), trend_min_points=min_points,
+                   mo99_judge_horizon_h=float(mo99_horizon))
+
+
+def _restorable(payload: Mapping[str, Any], keys: tuple[str, ...]) -> bool:
+    """True if an archived payload has a finite number under every key (restore skips others)."""
+    values = [payload.get(key) for key in keys]
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
 
 
 @dataclass(slots=True)
 class _GeneratorState:
+    """What the engine remembers of one generator between elutions."""
+
     last_elution_ns: int | None
     last_counter: int | None = None
     residual_bq: float = 0.0
     history: deque[YieldPoint] = field(default_factory=lambda: deque(maxlen=HISTORY_LENGTH))
     eluate_by_counter: dict[int, tuple[int, float]] = field(default_factory=dict)
+
+    def copy(self) -> _GeneratorState:
+        return _GeneratorState(self.last_elution_ns, self.last_counter, self.residual_bq,
+                               deque(self.history, maxlen=HISTORY_LENGTH), dict(self.eluate_by_counter))
+
+    def advance(self, counter: int, end_ns: int, eluted_bq: float, available_bq: float | None,
+                yield_pct: float | None) -> None:
+        """Record one elution: the residual is what it left on the column (available - eluted)."""
+        self.last_counter, self.last_elution_ns = counter, end_ns
+        self.residual_bq = 0.0 if available_bq is None else max(available_bq - eluted_bq, 0.0)
+        if yield_pct is not None:
+            self.history.append(YieldPoint(end_ns, counter, yield_pct))
+        self.eluate_by_counter[counter] = (end_ns, eluted_bq)
+        while len(self.eluate_by_counter) > HISTORY_LENGTH:
+            del self.eluate_by_counter[min(self.eluate_by_counter)]
+
+
+@dataclass(frozen=True, slots=True)
+class QcOutcome:
+    """What `QcEngine.process` decided for a batch of messages; commit `messages`, then `apply` it.
+
+    `messages` is the whole batch to commit, in order: every input message (or its
+    `replacement`) followed by its verdicts. `results` are the verdicts alone and
+    `replacements` maps an input's msg_id to the message that must be committed instead of it
+    (an elution with ``yield_pct`` filled). `rejected` counts inputs that could not be judged.
+    """
+
+    messages: tuple[Message, ...]
+    results: tuple[Message, ...]
+    replacements: Mapping[str, Message]
+    rejected: int
+    _generator_states: Mapping[str, _GeneratorState] = field(repr=False)
 
 
 class QcEngine:
@@ -205,29 +272,112 @@ class QcEngine:
             gid: _GeneratorState(self.config.last_elution_ns.get(gid)) for gid in self.config.generators
         }
 
-    def process(self, message: Message) -> list[Message]:
-        """The messages to commit alongside `message` (possibly a replacement of it); [] if none."""
-        try:
-            if message.kind == "reading":
-                return self._on_reading(message.payload)
-            if message.kind == "elution":
-                return self._on_elution(message)
-        except (QcInputError, UnknownNuclideError, KeyError, TypeError, ValueError) as exc:
-            self.rejected += 1
-            log.warning("QC skipped %s message %s: %s", message.kind, message.payload.get("msg_id"), exc)
-        return []
+    def process(self, *messages: Message) -> QcOutcome:
+        """Judge `messages` (one commit batch, in order) without changing the engine; see `apply`."""
+        staged: dict[str, _GeneratorState] = {}
+        batch: list[Message] = []
+        results: list[Message] = []
+        replacements: dict[str, Message] = {}
+        rejected = 0
+        for message in messages:
+            replacement: Message | None = None
+            verdicts: list[Message] = []
+            try:
+                if message.kind == "reading":
+                    verdicts = self._on_reading(message.payload, staged)
+                elif message.kind == "elution":
+                    replacement, verdicts = self._on_elution(message, staged)
+            except (QcInputError, UnknownNuclideError, KeyError, TypeError, ValueError) as exc:
+                rejected += 1
+                log.warning("QC skipped %s message %s: %s", message.kind, message.payload.get("msg_id"), exc)
+            if replacement is not None:
+                replacements[message.msg_id] = replacement
+            batch.append(replacement or message)
+            batch.extend(verdicts)
+            results.extend(verdicts)
+        return QcOutcome(tuple(batch), tuple(results), replacements, rejected, staged)
+
+    def apply(self, outcome: QcOutcome) -> None:
+        """Take over the generator state of a committed outcome. Call once, after the commit succeeded.
+
+        A state older than the engine's (an outcome applied twice, or out of order) is ignored.
+        """
+        self.rejected += outcome.rejected
+        for generator_id, state in outcome._generator_states.items():
+            current = self._generators[generator_id]
+            if current.last_counter is None or (state.last_counter is not None
+                                                and state.last_counter > current.last_counter):
+                self._generators[generator_id] = state.copy()
+
+    def restore(self, archive: HistoryArchive, unarchived: Iterable[Message] = ()) -> int:
+        """Rebuild each configured generator's state from what was committed before a restart.
+
+        Sources: elution messages and elution_yield qc_results in `archive`, plus `unarchived`,
+        the messages still in the outbox that the history sink has not archived yet (pass
+        ``[s.message for s in outbox.pending("history", ...)]``). Each elution's residual and
+        yield are taken from the verdict that judged it, so the state is what the engine had,
+        even if the configuration changed since. An elution with no verdict (QC rejected it)
+        is re-modelled from the state before it; if that fails its residual is taken as 0.
+        Call once at start-up, before `process`; it does SQLite I/O, so from async code run it
+        in `asyncio.to_thread`. A config `last_elution` later than the archive still wins.
+        Returns how many elutions were restored.
+        """
+        pending = [m for m in unarchived if m.payload.get("site") == self.site]
+        restored = 0
+        for generator_id, spec in self.config.generators.items():
+            elutions = self._payloads(
+                archive.query("elution", site=self.site, device=generator_id),
+                [m.payload for m in pending if m.kind == "elution" and m.payload.get("generator") == generator_id])
+            verdicts = self._payloads(
+                archive.query("qc_result", site=self.site, device=generator_id, test="elution_yield"),
+                [m.payload for m in pending if m.kind == "qc_result" and m.payload.get("device") == generator_id
+                 and m.payload.get("test") == "elution_yield"])
+            usable = [e for e in elutions if _restorable(e, ("counter", "end_ns", "activity_bq"))]
+            verdicts = [v for v in verdicts if _restorable(v, ("time_ns", "expected", "value_judged"))]
+            if len(usable) < len(elutions):
+                log.warning("restore: %d archived elution(s) of %s lack counter/end_ns/activity_bq; skipped",
+                            len(elutions) - len(usable), generator_id)
+            verdict_by_end_ns = {int(v["time_ns"]): v for v in verdicts}
+            state = _GeneratorState(None)
+            kept = sorted(usable, key=lambda e: int(e["counter"]))[-HISTORY_LENGTH:]
+            for elution in kept:
+                counter, end_ns, eluted = int(elution["counter"]), int(elution["end_ns"]), float(elution["activity_bq"])
+                verdict = verdict_by_end_ns.get(end_ns)
+                if verdict is not None:
+                    state.advance(counter, end_ns, eluted, float(verdict["expected"]), float(verdict["value_judged"]))
+                    continue
+                try:
+                    available: float | None = available_activity(spec, end_ns, state.last_elution_ns, state.residual_bq)
+                except QcInputError as exc:
+                    log.warning("restore: elution %s/%d cannot be re-modelled (%s); residual taken as 0",
+                                generator_id, counter, exc)
+                    available = None
+                state.advance(counter, end_ns, eluted, available, None)
+            restored += len(kept)
+            seed = self.config.last_elution_ns.get(generator_id)
+            if seed is not None and (state.last_elution_ns is None or seed > state.last_elution_ns):
+                state.last_elution_ns, state.residual_bq = seed, 0.0
+            self._generators[generator_id] = state
+            log.info("QC restored %s: %d elution(s), last counter %s", generator_id, len(kept), state.last_counter)
+        return restored
+
+    @staticmethod
+    def _payloads(archived: list[dict[str, Any]], unarchived: list[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+        """Archived payloads plus the not yet archived ones, each msg_id once."""
+        seen = {p["msg_id"] for p in archived}
+        return [*archived, *(p for p in unarchived if p.get("msg_id") not in seen)]
 
     # -- readings -------------------------------------------------------------------------
 
-    def _on_reading(self, payload: Mapping[str, Any]) -> list[Message]:
+    def _on_reading(self, payload: Mapping[str, Any], staged: Mapping[str, _GeneratorState]) -> list[Message]:
         extra: Mapping[str, Any] = payload.get("extra") or {}
         tag = extra.get("qc")
         device, station = str(payload["device"]), str(payload["station"])
-        result = self._judge_reading(tag, payload, extra, device)
+        result = self._judge_reading(tag, payload, extra, device, staged)
         return [] if result is None else [result.to_message(self.site, station, device)]
 
     def _judge_reading(self, tag: Any, payload: Mapping[str, Any], extra: Mapping[str, Any],
-                       device: str) -> QcResult | None:
+                       device: str, staged: Mapping[str, _GeneratorState]) -> QcResult | None:
         limits = self.config.limits
         activity, time_ns = float(payload["activity_bq"]), int(payload["time_ns"])
         setting = payload.get("nuclide")
@@ -261,9 +411,10 @@ class QcEngine:
                 limits["mo99_breakthrough"],
                 administration_ns=(parse_time_ns(extra["administration_time"], "extra.administration_time")
                                    if "administration_time" in extra else None),
+                judge_horizon_h=self.config.mo99_judge_horizon_h,
             )
         if tag == "ge68_breakthrough":
-            return self._ge68_breakthrough(activity, time_ns, extra)
+            return self._ge68_breakthrough(activity, time_ns, extra, staged)
         raise QcInputError(f"unknown QC tag {tag!r}; known: constancy, accuracy, background, dosage, mo99, "
                            "ge68_breakthrough")
 
@@ -282,10 +433,11 @@ class QcEngine:
         except KeyError:
             raise QcInputError(f"unknown source {source_id!r}; configured: {sorted(self.config.sources)}") from None
 
-    def _ge68_breakthrough(self, activity: float, time_ns: int, extra: Mapping[str, Any]) -> QcResult:
+    def _ge68_breakthrough(self, activity: float, time_ns: int, extra: Mapping[str, Any],
+                           staged: Mapping[str, _GeneratorState]) -> QcResult:
         generator_id = str(_field(extra, "generator", "ge68_breakthrough"))
         counter = int(_field(extra, "elution_counter", "ge68_breakthrough"))
-        state = self._generator_state(generator_id)
+        state = staged.get(generator_id) or self._committed_state(generator_id)
         if counter not in state.eluate_by_counter:
             raise QcInputError(f"elution {counter} of {generator_id} is not among the last {HISTORY_LENGTH} seen")
         eoe_ns, eluted_bq = state.eluate_by_counter[counter]
@@ -296,40 +448,36 @@ class QcEngine:
 
     # -- elutions -------------------------------------------------------------------------
 
-    def _generator_state(self, generator_id: str) -> _GeneratorState:
+    def _committed_state(self, generator_id: str) -> _GeneratorState:
         try:
             return self._generators[generator_id]
         except KeyError:
             raise QcInputError(f"generator {generator_id!r} is not configured under [qc.generators]") from None
 
-    def _on_elution(self, message: Message) -> list[Message]:
+    def _on_elution(self, message: Message,
+                    staged: dict[str, _GeneratorState]) -> tuple[Message | None, list[Message]]:
         payload = message.payload
         generator_id = str(payload["generator"])
         spec = self.config.generators.get(generator_id)
         if spec is None:
             log.info("no QC for elution of unconfigured generator %s", generator_id)
-            return []
-        state = self._generators[generator_id]
+            return None, []
+        state = staged.get(generator_id) or self._generators[generator_id]
         counter, end_ns = int(payload["counter"]), int(payload["end_ns"])
         if state.last_counter is not None and counter <= state.last_counter:
             log.info("elution %s/%d already judged; not judging a re-delivery twice", generator_id, counter)
-            return []
+            return None, []
         yield_limit = self.config.limits[YIELD_LIMIT_BY_DAUGHTER[spec.daughter.name]]
         result = generator_rules.elution_yield(
             spec, float(payload["activity_bq"]), end_ns, yield_limit,
             last_elution_ns=state.last_elution_ns, residual_bq=state.residual_bq,
         )
-        state.last_counter, state.last_elution_ns = counter, end_ns
-        state.residual_bq = max(result.expected - result.measured, 0.0)
-        state.history.append(YieldPoint(end_ns, counter, result.value_judged))
-        state.eluate_by_counter[counter] = (end_ns, result.measured)
-        while len(state.eluate_by_counter) > HISTORY_LENGTH:
-            del state.eluate_by_counter[min(state.eluate_by_counter)]
+        state = state.copy()
+        state.advance(counter, end_ns, result.measured, result.expected, result.value_judged)
+        staged[generator_id] = state
         station = str(payload["station"])
-        out = [
-            Message(message.kind, message.topic, dict(payload) | {"yield_pct": result.value_judged}),
-            result.to_message(self.site, station, generator_id),
-        ]
+        replacement = Message(message.kind, message.topic, dict(payload) | {"yield_pct": result.value_judged})
+        verdicts = [result.to_message(self.site, station, generator_id)]
         try:
             trend = generator_rules.yield_trend(generator_id, list(state.history), yield_limit,
                                                 self.config.trend_horizon_days, self.config.trend_min_points)
@@ -337,5 +485,5 @@ class QcEngine:
             log.warning("no yield trend for %s: %s", generator_id, exc)
             trend = None
         if trend is not None:
-            out.append(trend.to_message(self.site, station, generator_id))
-        return out
+            verdicts.append(trend.to_message(self.site, station, generator_id))
+        return replacement, verdicts

@@ -277,6 +277,15 @@ def mo99_exceed_after_s(ratio_kbq_per_mbq: float, limit_kbq_per_mbq: float) -> f
     return math.log2(limit_kbq_per_mbq / ratio_kbq_per_mbq) / (1.0 / t_tc - 1.0 / t_mo)
 
 
+#: Without an administration time the Mo-99 ratio is judged this long after the assay. The
+#: ratio only rises, so judging at the assay would pass eluates that are out of limit when
+#: injected; 12 h is the usual shelf life of a Tc-99m eluate: "use within 12 hours" of elution
+#: (Poltechnet SmPC, POLATOM) and "not later than one working day after the elution (12 hours)"
+#: (TechneLite prescribing information, Lantheus). Sites with another eluate shelf life set
+#: ``[qc] mo99_judge_horizon_h``.
+MO99_DEFAULT_JUDGE_HORIZON_H = 12.0
+
+
 def mo99_breakthrough(
     mo99_bq: float,
     tc99m_bq: float,
@@ -284,16 +293,24 @@ def mo99_breakthrough(
     limit: Limit,
     *,
     administration_ns: int | None = None,
+    judge_horizon_h: float = MO99_DEFAULT_JUDGE_HORIZON_H,
 ) -> QcResult:
     """Mo-99 breakthrough in kBq Mo-99 per MBq Tc-99m, judged at administration (10 CFR 35.204(a)).
 
-    Without an administration time the ratio at measurement is judged. The result also says
-    when the eluate will cross the limit, since the ratio only rises.
+    Without an administration time it is judged at assay + `judge_horizon_h` (the eluate's
+    shelf life): the latest time the eluate may still be administered, when the ratio is
+    highest. The result names which time was judged and when the eluate crosses the limit.
     """
     mo99, tc99m = get_nuclide("Mo-99"), get_nuclide("Tc-99m")
     mo = require_non_negative("Mo-99 activity", mo99_bq)
     tc = require_positive("Tc-99m activity", tc99m_bq)
-    at_ns = measured_ns if administration_ns is None else administration_ns
+    horizon_h = require_non_negative("Mo-99 judge horizon (h)", judge_horizon_h)
+    if administration_ns is None:
+        at_ns = measured_ns + int(horizon_h * 3600 * _NS_PER_S)
+        basis = f"assay + {horizon_h:g} h eluate shelf life (no administration time given)"
+    else:
+        at_ns = administration_ns
+        basis = "administration time"
     require_not_before("administration time", at_ns, "Mo-99 assay time", measured_ns)
     ratio_now = (mo / 1e3) / (tc / 1e6)
     dt_s = (at_ns - measured_ns) / _NS_PER_S
@@ -302,9 +319,12 @@ def mo99_breakthrough(
     exceed_s = mo99_exceed_after_s(ratio_now, limit.fail)
     inputs = {
         "mo99_bq": mo, "tc99m_bq": tc, "measured_time": iso_utc(measured_ns),
-        "administration_time": iso_utc(at_ns),
+        "administration_time": None if administration_ns is None else iso_utc(administration_ns),
+        "judged_time": iso_utc(at_ns),
+        "judged_at": basis,
+        "judge_horizon_h": None if administration_ns is not None else horizon_h,
         "ratio_at_measurement_kbq_per_mbq": ratio_now,
-        "ratio_at_administration_kbq_per_mbq": ratio_then,
+        "ratio_at_judged_time_kbq_per_mbq": ratio_then,
         "exceeds_limit_after_s": None if math.isinf(exceed_s) else exceed_s,
         "exceeds_limit_at": None if math.isinf(exceed_s) else iso_utc(measured_ns + int(exceed_s * _NS_PER_S)),
         "half_lives_s": {"Mo-99": mo99.half_life_s, "Tc-99m": tc99m.half_life_s},
@@ -314,5 +334,5 @@ def mo99_breakthrough(
     return judged(
         "mo99_breakthrough", limit, measured=ratio_then, expected=limit.fail, unit="kBq/MBq", time_ns=at_ns,
         inputs=inputs, value=ratio_then,
-        detail=f"{ratio_then:.4g} kBq Mo-99/MBq Tc-99m at administration; limit reached {when}",
+        detail=f"{ratio_then:.4g} kBq Mo-99/MBq Tc-99m judged at {basis}; limit reached {when}",
     )
