@@ -1,0 +1,623 @@
+"""The controller's TOML configuration, validated up front with errors a lab technician can act on.
+
+A bad config must stop `hotlab run` before any device is touched, and the error must say
+which file, which key, what is wrong and what would be accepted — `ConfigError` carries
+exactly that as its message. Unknown keys are errors too (with a "did you mean" hint): a
+typo such as `pol_interval_s` silently falling back to a default is how a lab ends up
+polling a calibrator ten times too often.
+
+Secrets (MQTT password, InfluxDB token/password) are only ever read from an environment
+variable or a file named in the config, never from the TOML itself, and are held in
+`Secret`, whose repr and str are masked so a logged or printed config never leaks them.
+Relative paths (outbox, TLS files, secret files) are resolved against the config file's
+directory, so a config works the same from any working directory.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import math
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+CALIBRATOR_FAMILIES: tuple[str, ...] = ("vik202", "crc15r", "vdc404", "atomlab500")
+STATION_FAMILIES: tuple[str, ...] = ("elution_station",)
+WORD_ORDERS: tuple[str, ...] = ("ABCD", "CDAB", "BADC", "DCBA")
+SERIAL_URL_SCHEMES: tuple[str, ...] = ("socket", "rfc2217")
+
+# MQTT topic levels must not contain the separators or wildcards (MQTT 3.1.1 §4.7); keep names
+# to a conservative set that is also a valid InfluxDB tag value without escaping.
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_NAME_RULE = "1-64 characters: letters, digits, '_', '-', '.', starting with a letter or digit"
+
+
+class ConfigError(ValueError):
+    """A config problem; `str()` is the full, user-facing message (file, key path, problem, what is allowed)."""
+
+
+class Secret:
+    """A credential whose value is only available through `reveal()`; repr and str are masked."""
+
+    __slots__ = ("_value", "origin")
+
+    def __init__(self, value: str, origin: str) -> None:
+        self._value = value
+        self.origin = origin
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return f"Secret(<hidden>, from {self.origin})"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True, slots=True)
+class SerialTransport:
+    """A serial line by pyserial URL: /dev/ttyUSB0, COM3, socket://host:port, rfc2217://host:port."""
+
+    url: str
+    kind: Literal["serial"] = "serial"
+
+
+@dataclass(frozen=True, slots=True)
+class ModbusTcpTransport:
+    host: str
+    port: int = 502
+    device_id: int = 1
+    word_order: str = "ABCD"
+    kind: Literal["modbus_tcp"] = "modbus_tcp"
+
+
+@dataclass(frozen=True, slots=True)
+class ModbusRtuTransport:
+    """Modbus RTU over a serial URL (a tty, or socket:// for RTU framing through a serial device server)."""
+
+    url: str
+    baudrate: int = 19200
+    device_id: int = 1
+    word_order: str = "ABCD"
+    kind: Literal["modbus_rtu"] = "modbus_rtu"
+
+
+Transport = SerialTransport | ModbusTcpTransport | ModbusRtuTransport
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceConfig:
+    name: str
+    station: str
+    family: str
+    transport: Transport
+    poll_interval_s: float = 2.0
+    timeout_s: float = 2.0
+    nuclide: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_station(self) -> bool:
+        return self.family in STATION_FAMILIES
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    insecure_skip_hostname_check: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class MqttConfig:
+    host: str = "127.0.0.1"
+    port: int = 1883
+    client_id: str = "hotlab-controller"
+    keepalive_s: int = 30
+    username: str | None = None
+    password: Secret | None = None
+    tls: TlsConfig | None = None
+    inflight_window: int = 32
+    connect_timeout_s: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class InfluxSection:
+    """[influx] as parsed here; the InfluxDB sink maps it onto its own client settings.
+
+    InfluxDB 2.x/3.x: url + token + org + bucket. InfluxDB 1.8+: url + username/password
+    (sent as the token "user:password") + database/retention_policy (bucket "db/rp"), org "-".
+    """
+
+    url: str
+    org: str
+    bucket: str
+    token: Secret | None = None
+    username: str | None = None
+    password: Secret | None = None
+    batch_size: int = 1000
+    flush_interval_s: float = 1.0
+    timeout_s: float = 10.0
+
+    def auth_token(self) -> str:
+        """The token the influxdb-client expects: the v2 token, or "user:password" for the 1.8 compat API."""
+        if self.token is not None:
+            return self.token.reveal()
+        password = self.password.reveal() if self.password is not None else ""
+        return f"{self.username}:{password}"
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxConfig:
+    path: Path
+    max_bytes: int = 256 * 1024 * 1024
+    warn_fraction: float = 0.8
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceConfig:
+    #: On SIGTERM/SIGINT, how long to keep sending the backlog before leaving the rest on disk.
+    drain_timeout_s: float = 10.0
+    #: How often each device's status (up, latency, errors) is re-published while nothing changes.
+    status_interval_s: float = 60.0
+    #: Reconnect backoff bounds for devices and the broker (exponential with full jitter).
+    backoff_initial_s: float = 0.5
+    backoff_max_s: float = 30.0
+    #: Where drivers keep small state (e.g. the last elution counter seen per station).
+    state_dir: Path = Path("var")
+
+
+@dataclass(frozen=True, slots=True)
+class LabConfig:
+    site: str
+    devices: tuple[DeviceConfig, ...]
+    outbox: OutboxConfig
+    service: ServiceConfig
+    mqtt: MqttConfig | None = None
+    influx: InfluxSection | None = None
+    #: The local permanent archive (controller/history.py) for QC officers; None when disabled.
+    history_path: Path | None = None
+    #: The [qc] table as written (validated at load by controller.qc.engine.QcConfig; see docs/qc.md).
+    qc: dict[str, Any] = field(default_factory=dict)
+    source: Path | None = None
+
+
+class _Table:
+    """One TOML table being validated: knows its key path for messages and which keys were consumed."""
+
+    def __init__(self, data: Mapping[str, Any], path: str, file: str, base_dir: Path) -> None:
+        self.data = data
+        self.path = path
+        self.file = file
+        self.base_dir = base_dir
+        self._seen: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def error(self, name: str | None, problem: str) -> ConfigError:
+        where = self.key(name) if name else (self.path or "(top level)")
+        return ConfigError(f"{self.file}: {where}: {problem}")
+
+    def _raw(self, name: str, required: bool) -> Any:
+        self._seen.add(name)
+        if name not in self.data:
+            if required:
+                raise self.error(name, "is required but missing")
+            return None
+        return self.data[name]
+
+    def string(self, name: str, default: str | None = None, *, required: bool = False,
+               choices: tuple[str, ...] | None = None, pattern: re.Pattern[str] | None = None,
+               rule: str = "") -> str | None:
+        value = self._raw(name, required)
+        if value is None:
+            return default
+        if not isinstance(value, str):
+            raise self.error(name, f"must be a string, got {_describe(value)}")
+        if choices is not None and value not in choices:
+            raise self.error(name, f"{value!r} is not allowed; allowed: {', '.join(choices)}")
+        if pattern is not None and not pattern.match(value):
+            raise self.error(name, f"{value!r} is not valid; expected {rule}")
+        if not value.strip():
+            raise self.error(name, "must not be empty")
+        return value
+
+    def number(self, name: str, default: float, *, minimum: float | None = None, maximum: float | None = None,
+               exclusive_minimum: bool = False) -> float:
+        value = self._raw(name, False)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise self.error(name, f"must be a finite number, got {_describe(value)}")
+        self._check_range(name, value, minimum, maximum, exclusive_minimum)
+        return float(value)
+
+    def integer(self, name: str, default: int, *, minimum: int | None = None, maximum: int | None = None) -> int:
+        value = self._raw(name, False)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.error(name, f"must be an integer, got {_describe(value)}")
+        self._check_range(name, value, minimum, maximum, False)
+        return value
+
+    def boolean(self, name: str, default: bool) -> bool:
+        value = self._raw(name, False)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise self.error(name, f"must be true or false, got {_describe(value)}")
+        return value
+
+    def path_value(self, name: str, default: Path | None = None, *, must_exist: bool = False) -> Path | None:
+        text = self.string(name)
+        if text is None:
+            return default
+        resolved = _resolve(self.base_dir, text)
+        if must_exist and not resolved.is_file():
+            raise self.error(name, f"file {str(resolved)!r} does not exist or is not a regular file")
+        return resolved
+
+    def table(self, name: str, *, required: bool = False) -> _Table | None:
+        value = self._raw(name, required)
+        if value is None:
+            return None
+        if not isinstance(value, Mapping):
+            raise self.error(name, f"must be a table, got {_describe(value)}")
+        return _Table(value, self.key(name), self.file, self.base_dir)
+
+    def secret(self, stem: str, *, required: bool = False) -> Secret | None:
+        """`<stem>_env` (environment variable name) or `<stem>_file` (path); the value never sits in the TOML."""
+        if stem in self.data:
+            self._seen.add(stem)
+            raise self.error(stem, f"secrets are not accepted inline; set {stem}_env (an environment variable "
+                                   f"name) or {stem}_file (a file holding only the secret)")
+        env_name = self.string(f"{stem}_env")
+        file_path = self.path_value(f"{stem}_file")
+        if env_name is not None and file_path is not None:
+            raise self.error(f"{stem}_env", f"give either {stem}_env or {stem}_file, not both")
+        if env_name is not None:
+            value = os.environ.get(env_name)
+            if value is None:
+                raise self.error(f"{stem}_env", f"environment variable {env_name!r} is not set")
+            return Secret(value, f"${env_name}")
+        if file_path is not None:
+            try:
+                value = file_path.read_text(encoding="utf-8").rstrip("\r\n")
+            except OSError as exc:
+                raise self.error(f"{stem}_file", f"cannot read {str(file_path)!r}: {exc.strerror}") from None
+            if not value:
+                raise self.error(f"{stem}_file", f"file {str(file_path)!r} is empty")
+            return Secret(value, str(file_path))
+        if required:
+            raise self.error(None, f"needs {stem}_env or {stem}_file")
+        return None
+
+    def finish(self) -> None:
+        """Reject keys nobody asked for: almost always a typo."""
+        unknown = sorted(set(self.data) - self._seen)
+        if unknown:
+            name = unknown[0]
+            hint = difflib.get_close_matches(name, sorted(self._seen), n=1)
+            allowed = ", ".join(sorted(self._seen))
+            suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
+            raise self.error(name, f"unknown key{suggestion}; allowed here: {allowed}")
+
+    def _check_range(self, name: str, value: float, minimum: float | None, maximum: float | None,
+                     exclusive_minimum: bool) -> None:
+        if minimum is not None and (value <= minimum if exclusive_minimum else value < minimum):
+            raise self.error(name, f"must be {'>' if exclusive_minimum else '>='} {minimum:g}, got {value!r}")
+        if maximum is not None and value > maximum:
+            raise self.error(name, f"must be <= {maximum:g}, got {value!r}")
+
+
+def _describe(value: Any) -> str:
+    kinds = {bool: "boolean", int: "integer", float: "number", str: "string", list: "array", dict: "table"}
+    return f"{value!r} ({kinds.get(type(value), type(value).__name__)})"
+
+
+def _resolve(base_dir: Path, text: str) -> Path:
+    path = Path(text).expanduser()
+    return Path(os.path.normpath(path if path.is_absolute() else base_dir / path))
+
+
+def load_config(path: str | Path) -> LabConfig:
+    """Read and validate a lab config file; raise ConfigError with a precise message on any problem."""
+    file = Path(path)
+    try:
+        raw = file.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{file}: cannot read config file: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{file}: not UTF-8 text (byte {exc.start})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{file}: not valid TOML: {exc}") from None
+    return parse_config(data, file=str(file), base_dir=file.resolve().parent, source=file)
+
+
+def parse_config(data: Mapping[str, Any], *, file: str = "<config>", base_dir: Path | None = None,
+                 source: Path | None = None) -> LabConfig:
+    """Validate an already-parsed TOML document (useful for configs built in code, e.g. the simulated lab)."""
+    root = _Table(data, "", file, base_dir or Path.cwd())
+    site_table = root.table("site", required=True)
+    assert site_table is not None
+    site = site_table.string("name", required=True, pattern=_NAME, rule=_NAME_RULE)
+    site_table.finish()
+
+    devices = _parse_devices(root)
+    outbox = _parse_outbox(root.table("outbox"), root)
+    service = _parse_service(root.table("service"), root)
+    mqtt_table = root.table("mqtt")
+    mqtt = _parse_mqtt(mqtt_table) if mqtt_table is not None else None
+    influx_table = root.table("influx")
+    influx = _parse_influx(influx_table) if influx_table is not None else None
+    history_path = _parse_history(root.table("history"), root)
+    qc_table = root.table("qc")
+    qc = _parse_qc(qc_table) if qc_table is not None else {}
+    root.finish()
+    assert site is not None
+    return LabConfig(site=site, devices=devices, outbox=outbox, service=service, mqtt=mqtt, influx=influx,
+                     history_path=history_path, qc=qc, source=source)
+
+
+def _parse_devices(root: _Table) -> tuple[DeviceConfig, ...]:
+    raw = root._raw("device", False)
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise root.error("device", f"must be an array of tables ([[device]]), got {_describe(raw)}")
+    devices: list[DeviceConfig] = []
+    names: set[str] = set()
+    for index, item in enumerate(raw):
+        if not isinstance(item, Mapping):
+            raise root.error(f"device[{index}]", f"must be a table, got {_describe(item)}")
+        table = _Table(item, f"device[{index}]", root.file, root.base_dir)
+        device = _parse_device(table)
+        if device.name in names:
+            raise table.error("name", f"duplicate device name {device.name!r}; every device needs its own name")
+        names.add(device.name)
+        devices.append(device)
+    return tuple(devices)
+
+
+def _parse_device(table: _Table) -> DeviceConfig:
+    families = CALIBRATOR_FAMILIES + STATION_FAMILIES
+    name = table.string("name", required=True, pattern=_NAME, rule=_NAME_RULE)
+    station = table.string("station", required=True, pattern=_NAME, rule=_NAME_RULE)
+    family = table.string("family", required=True, choices=families)
+    assert name is not None and station is not None and family is not None
+    transport = _parse_transport(table, family)
+    poll = table.number("poll_interval_s", 1.0 if family in STATION_FAMILIES else 2.0, minimum=0.0)
+    timeout = table.number("timeout_s", 2.0, minimum=0.0, exclusive_minimum=True, maximum=300.0)
+    nuclide = table.string("nuclide")
+    if nuclide is not None:
+        nuclide = _canonical_nuclide(table, nuclide)
+    options_table = table.table("options")
+    options = dict(options_table.data) if options_table is not None else {}
+    if options_table is not None:
+        _check_driver_options(options_table, family)
+    table.finish()
+    return DeviceConfig(name=name, station=station, family=family, transport=transport, poll_interval_s=poll,
+                        timeout_s=timeout, nuclide=nuclide, options=options)
+
+
+#: Constructor arguments the controller itself sets; [device.options] may not override them.
+_RESERVED_DRIVER_ARGS = frozenset({"self", "url", "device", "timeout_s", "station", "link", "counter_store",
+                                   "last_counter_path"})
+
+
+def _check_driver_options(options: _Table, family: str) -> None:
+    """Options go to the driver's constructor unchanged: reject names it does not take, now, with the list."""
+    if family in CALIBRATOR_FAMILIES:
+        from drivers.calibrator import CALIBRATOR_DRIVERS
+
+        driver: type = CALIBRATOR_DRIVERS[family]
+    else:
+        from drivers.elution_station import ElutionStationDriver
+
+        driver = ElutionStationDriver
+    parameters = inspect.signature(driver).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        options._seen.update(options.data)
+        return
+    allowed = sorted(p.name for p in parameters if p.name not in _RESERVED_DRIVER_ARGS
+                     and p.kind is not inspect.Parameter.VAR_POSITIONAL)
+    for name in options.data:
+        if name not in allowed:
+            raise options.error(name, f"not an option of the {family} driver; allowed: {', '.join(allowed) or 'none'}")
+        options._seen.add(name)
+
+
+def _canonical_nuclide(table: _Table, text: str) -> str:
+    from controller.nuclides import UnknownNuclideError, get_nuclide
+
+    try:
+        return get_nuclide(text).name
+    except UnknownNuclideError as exc:
+        raise table.error("nuclide", str(exc)) from None
+
+
+def _parse_transport(device: _Table, family: str) -> Transport:
+    raw = device._raw("transport", True)
+    if family in CALIBRATOR_FAMILIES:
+        if isinstance(raw, str):
+            return SerialTransport(_serial_url(device, "transport", raw))
+        if not isinstance(raw, Mapping):
+            raise device.error("transport", f"must be a serial URL string or a table {{ url = ... }}, "
+                                            f"got {_describe(raw)}")
+        table = device.table("transport")
+        assert table is not None
+        url = table.string("url", required=True)
+        assert url is not None
+        table.finish()
+        return SerialTransport(_serial_url(table, "url", url))
+    if not isinstance(raw, Mapping):
+        raise device.error("transport", "an elution station needs a table: { modbus = \"tcp\", host = ..., port = ... } "
+                                        "or { modbus = \"rtu\", url = ..., baudrate = ... }")
+    table = device.table("transport")
+    assert table is not None
+    mode = table.string("modbus", required=True, choices=("tcp", "rtu"))
+    device_id = table.integer("device_id", 1, minimum=0, maximum=247)  # Modbus unit ids 1-247, 0 = broadcast
+    word_order = table.string("word_order", "ABCD", choices=WORD_ORDERS)
+    assert word_order is not None
+    result: Transport
+    if mode == "tcp":
+        host = table.string("host", required=True)
+        assert host is not None
+        port = table.integer("port", 502, minimum=1, maximum=65535)
+        result = ModbusTcpTransport(host=host, port=port, device_id=device_id, word_order=word_order)
+    else:
+        url = table.string("url", required=True)
+        assert url is not None
+        baudrate = table.integer("baudrate", 19200, minimum=300, maximum=921600)
+        result = ModbusRtuTransport(url=_serial_url(table, "url", url), baudrate=baudrate, device_id=device_id,
+                                    word_order=word_order)
+    table.finish()
+    return result
+
+
+def _serial_url(table: _Table, key: str, url: str) -> str:
+    """Accept device paths and the network URL schemes pyserial supports for device servers."""
+    if url.startswith("/") or re.fullmatch(r"COM\d+", url):
+        return url
+    scheme, sep, rest = url.partition("://")
+    if sep and scheme in SERIAL_URL_SCHEMES:
+        host, colon, port = rest.rpartition(":")
+        port = port.split("?", 1)[0].rstrip("/")
+        if colon and host and port.isdigit() and 0 < int(port) < 65536:
+            return url
+        raise table.error(key, f"{url!r} needs a host and port, e.g. {scheme}://192.168.1.20:4001")
+    allowed = "a device path (/dev/ttyUSB0, COM3), socket://host:port or rfc2217://host:port"
+    raise table.error(key, f"{url!r} is not a serial URL; allowed: {allowed}")
+
+
+def _parse_outbox(table: _Table | None, root: _Table) -> OutboxConfig:
+    if table is None:
+        return OutboxConfig(path=_resolve(root.base_dir, "var/outbox.sqlite3"))
+    path = table.path_value("path", _resolve(root.base_dir, "var/outbox.sqlite3"))
+    assert path is not None
+    max_bytes = table.integer("max_bytes", 256 * 1024 * 1024, minimum=64 * 1024)
+    warn = table.number("warn_fraction", 0.8, minimum=0.0, maximum=1.0, exclusive_minimum=True)
+    table.finish()
+    return OutboxConfig(path=path, max_bytes=max_bytes, warn_fraction=warn)
+
+
+def _parse_qc(table: _Table) -> dict[str, Any]:
+    """The QC engine owns the [qc] schema; its errors already name the key (e.g. qc.sources.cs137.activity)."""
+    from controller.qc.engine import QcConfig
+    from controller.qc.limits import QcConfigError
+
+    try:
+        QcConfig.from_mapping(table.data)
+    except QcConfigError as exc:
+        raise ConfigError(f"{table.file}: {exc}") from None
+    table._seen.update(table.data)
+    return dict(table.data)
+
+
+def _parse_history(table: _Table | None, root: _Table) -> Path | None:
+    default = _resolve(root.base_dir, "var/history.sqlite3")
+    if table is None:
+        return default
+    enabled = table.boolean("enabled", True)
+    path = table.path_value("path", default)
+    table.finish()
+    return path if enabled else None
+
+
+def _parse_service(table: _Table | None, root: _Table) -> ServiceConfig:
+    if table is None:
+        return ServiceConfig(state_dir=_resolve(root.base_dir, "var"))
+    drain = table.number("drain_timeout_s", 10.0, minimum=0.0, maximum=3600.0)
+    status = table.number("status_interval_s", 60.0, minimum=1.0)
+    initial = table.number("backoff_initial_s", 0.5, minimum=0.0, exclusive_minimum=True)
+    maximum = table.number("backoff_max_s", 30.0, minimum=initial)
+    state_dir = table.path_value("state_dir", _resolve(root.base_dir, "var"))
+    assert state_dir is not None
+    table.finish()
+    return ServiceConfig(drain_timeout_s=drain, status_interval_s=status, backoff_initial_s=initial,
+                         backoff_max_s=maximum, state_dir=state_dir)
+
+
+def _parse_mqtt(table: _Table) -> MqttConfig:
+    host = table.string("host", "127.0.0.1")
+    port = table.integer("port", 1883, minimum=1, maximum=65535)
+    client_id = table.string("client_id", "hotlab-controller", pattern=re.compile(r"^[A-Za-z0-9_.:-]{1,64}$"),
+                             rule="1-64 characters: letters, digits, '_', '.', ':', '-'")
+    # Mosquitto and MQTT 3.1.1 §3.1.2.10: keepalive is a 16-bit number of seconds; 0 would disable the Last Will timing.
+    keepalive = table.integer("keepalive_s", 30, minimum=5, maximum=65535)
+    username = table.string("username")
+    password = table.secret("password")
+    if password is not None and username is None:
+        raise table.error("username", "is required when a password is configured")
+    window = table.integer("inflight_window", 32, minimum=1, maximum=1000)
+    connect_timeout = table.number("connect_timeout_s", 10.0, minimum=0.0, exclusive_minimum=True)
+    tls_table = table.table("tls")
+    tls = _parse_tls(tls_table) if tls_table is not None else None
+    table.finish()
+    assert host is not None and client_id is not None
+    return MqttConfig(host=host, port=port, client_id=client_id, keepalive_s=keepalive, username=username,
+                      password=password, tls=tls, inflight_window=window, connect_timeout_s=connect_timeout)
+
+
+def _parse_tls(table: _Table) -> TlsConfig:
+    ca = table.path_value("ca_file", must_exist=True)
+    cert = table.path_value("cert_file", must_exist=True)
+    key = table.path_value("key_file", must_exist=True)
+    if (cert is None) != (key is None):
+        raise table.error("cert_file" if cert is None else "key_file",
+                          "a client certificate needs both cert_file and key_file")
+    insecure = table.boolean("insecure_skip_hostname_check", False)
+    table.finish()
+    return TlsConfig(ca_file=ca, cert_file=cert, key_file=key, insecure_skip_hostname_check=insecure)
+
+
+def _parse_influx(table: _Table) -> InfluxSection:
+    url = table.string("url", required=True)
+    assert url is not None
+    if not re.match(r"^https?://[^/\s]+", url):
+        raise table.error("url", f"{url!r} is not an http(s) URL, e.g. http://127.0.0.1:8086")
+    token = table.secret("token")
+    username = table.string("username")
+    password = table.secret("password")
+    if token is not None and (username is not None or password is not None):
+        raise table.error("token_env", "give either a token (InfluxDB 2.x/3.x) or username + password "
+                                       "(InfluxDB 1.8 compatibility), not both")
+    if token is None and username is None:
+        raise table.error(None, "needs token_env/token_file (InfluxDB 2.x/3.x) or username with "
+                                "password_env/password_file (InfluxDB 1.8+)")
+    bucket = table.string("bucket")
+    database = table.string("database")
+    retention = table.string("retention_policy")
+    if bucket is not None and database is not None:
+        raise table.error("database", "give either bucket (2.x/3.x) or database/retention_policy (1.8), not both")
+    if bucket is None and database is None:
+        raise table.error(None, "needs bucket (InfluxDB 2.x/3.x) or database (InfluxDB 1.8+)")
+    if retention is not None and database is None:
+        raise table.error("retention_policy", "only makes sense together with database")
+    if bucket is None:
+        bucket = f"{database}/{retention}" if retention else str(database)
+    org = table.string("org", "-" if database is not None else None)
+    if org is None:
+        raise table.error("org", "is required with a bucket (InfluxDB 2.x/3.x); use \"-\" for InfluxDB 1.8")
+    batch = table.integer("batch_size", 1000, minimum=1, maximum=100_000)
+    flush = table.number("flush_interval_s", 1.0, minimum=0.0, exclusive_minimum=True)
+    timeout = table.number("timeout_s", 10.0, minimum=0.0, exclusive_minimum=True)
+    table.finish()
+    return InfluxSection(url=url, org=org, bucket=bucket, token=token, username=username, password=password,
+                         batch_size=batch, flush_interval_s=flush, timeout_s=timeout)

@@ -1,0 +1,273 @@
+"""The MQTT sink: publish the outbox in order, acknowledge only what the broker acknowledged.
+
+One aiomqtt Client (aiomqtt 2.x has no automatic reconnect) is entered again and again by
+a reconnect loop with exponential backoff and full jitter. Per connection:
+
+1. publish the retained controller status "online" (the Last Will, set at CONNECT, turns
+   it into "offline" if the controller dies or the network drops: MQTT 3.1.1 §3.1.2.5);
+2. publish `outbox.pending("mqtt")` in `seq` order with QoS 1, keeping up to
+   `inflight_window` PUBLISHes unacknowledged at once for throughput; paho sends them in
+   the order they were issued, and the broker keeps per-client order (MQTT 3.1.1 §4.6);
+3. `ack` the outbox only for the longest prefix whose PUBACKs arrived, so a crash or an
+   outage resends from the first unacknowledged message, never skipping one.
+
+Delivery is therefore at-least-once: a message whose PUBACK was lost is sent again, and
+consumers de-duplicate on the payload's `msg_id` (see docs/mqtt.md).
+
+Device statuses are published retained so a dashboard that subscribes later still sees
+each device's last state; readings, elutions and QC results are not retained (a late
+subscriber must not mistake an old reading for a live one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import os
+import random
+import ssl
+import time
+from collections import deque
+from typing import Any
+
+import aiomqtt
+
+from controller.config import MqttConfig
+from controller.messages import SCHEMA_VERSION, TOPIC_ROOT, iso_utc
+from controller.outbox import AsyncOutbox
+from controller.supervisor import Backoff
+
+log = logging.getLogger(__name__)
+
+SINK = "mqtt"
+QOS_DATA = 1
+
+
+def controller_topic(site: str, leaf: str) -> str:
+    """hotlab/<site>/controller/<leaf>: the controller's own status and alarms."""
+    return f"{TOPIC_ROOT}/{site}/controller/{leaf}"
+
+
+def controller_status_payload(site: str, client_id: str, state: str, reason: str,
+                              time_ns: int | None = None, **extra: Any) -> dict[str, Any]:
+    payload: dict[str, Any] = {
+        "schema": f"hotlab.controller_status/{SCHEMA_VERSION}",
+        "site": site,
+        "client_id": client_id,
+        "state": state,
+        "reason": reason,
+    }
+    if time_ns is not None:
+        payload |= {"time_ns": int(time_ns), "time": iso_utc(time_ns)}
+    return payload | extra
+
+
+def _encode(payload: dict[str, Any]) -> bytes:
+    return json.dumps(payload, separators=(",", ":"), allow_nan=False).encode("utf-8")
+
+
+class MqttSink:
+    """Publishes the outbox's "mqtt" deliveries; `run()` until `drain()` is called."""
+
+    def __init__(self, config: MqttConfig, site: str, outbox: AsyncOutbox, *,
+                 backoff: Backoff | None = None, publish_timeout_s: float = 10.0,
+                 rng: random.Random | None = None) -> None:
+        self.config = config
+        self.site = site
+        self.outbox = outbox
+        self.backoff = backoff or Backoff()
+        self.publish_timeout_s = publish_timeout_s
+        self._rng = rng or random.Random()
+        self.status_topic = controller_topic(site, "status")
+        self.alarm_topic = controller_topic(site, "alarm")
+        self.published = 0
+        self.connections = 0
+        self.connected = asyncio.Event()
+        self._wakeup = asyncio.Event()
+        self._drain_deadline: float | None = None
+        self._alarm: dict[str, Any] | None = None
+        self._alarm_sent: dict[str, Any] | None = None
+        self._client = self._make_client()
+
+    def notify(self) -> None:
+        """New messages were committed: wake the publisher."""
+        self._wakeup.set()
+
+    def set_alarm(self, payload: dict[str, Any]) -> None:
+        """Publish (retained) this controller alarm state as soon as connected."""
+        self._alarm = payload
+        self._wakeup.set()
+
+    def drain(self, timeout_s: float) -> None:
+        """Ask `run()` to finish: send the backlog for at most `timeout_s`, then go offline cleanly."""
+        self._drain_deadline = time.monotonic() + timeout_s
+        self._wakeup.set()
+
+    @property
+    def draining(self) -> bool:
+        return self._drain_deadline is not None
+
+    def _time_left(self) -> float:
+        return math.inf if self._drain_deadline is None else self._drain_deadline - time.monotonic()
+
+    def _make_client(self) -> aiomqtt.Client:
+        cfg = self.config
+        will = aiomqtt.Will(
+            self.status_topic,
+            _encode(controller_status_payload(self.site, cfg.client_id, "offline", "connection lost (last will)")),
+            qos=QOS_DATA,
+            retain=True,
+        )
+        tls_params = None
+        if cfg.tls is not None:
+            tls_params = aiomqtt.TLSParameters(
+                ca_certs=str(cfg.tls.ca_file) if cfg.tls.ca_file else None,
+                certfile=str(cfg.tls.cert_file) if cfg.tls.cert_file else None,
+                keyfile=str(cfg.tls.key_file) if cfg.tls.key_file else None,
+                cert_reqs=ssl.CERT_REQUIRED,
+            )
+        client = aiomqtt.Client(
+            cfg.host,
+            cfg.port,
+            username=cfg.username,
+            password=cfg.password.reveal() if cfg.password is not None else None,
+            identifier=cfg.client_id,
+            will=will,
+            clean_session=True,  # the outbox, not the broker session, is our memory of what is unsent
+            keepalive=cfg.keepalive_s,
+            timeout=cfg.connect_timeout_s,
+            max_inflight_messages=cfg.inflight_window,
+            tls_params=tls_params,
+            tls_insecure=cfg.tls.insecure_skip_hostname_check if cfg.tls is not None else None,
+            logger=logging.getLogger("hotlab.paho"),
+        )
+        # aiomqtt warns once more than this many publishes await PUBACKs; a full window is normal here.
+        client.pending_calls_threshold = cfg.inflight_window + 10
+        return client
+
+    async def run(self) -> None:
+        """Connect, publish, reconnect on failure; return after `drain()` once done or out of time."""
+        attempt = 0
+        while True:
+            if self.draining and self._time_left() <= 0:
+                log.warning("mqtt: drain time over while disconnected; backlog stays in the outbox")
+                return
+            try:
+                async with self._client as client:
+                    self.connections += 1
+                    attempt = 0
+                    self.connected.set()
+                    log.info("mqtt: connected to %s:%d as %s", self.config.host, self.config.port,
+                             self.config.client_id)
+                    await self._session(client)
+                    await self._go_offline(client)
+                    return
+            except aiomqtt.MqttError as exc:
+                self.connected.clear()
+                self._alarm_sent = None
+                log.warning("mqtt: %s:%d unavailable (%s); messages stay in the outbox",
+                            self.config.host, self.config.port, exc)
+            delay = min(self.backoff.delay(attempt, self._rng), max(0.0, self._time_left()))
+            attempt += 1
+            await self._sleep_unless_draining(delay)
+
+    async def _sleep_unless_draining(self, delay: float) -> None:
+        """Back off, but wake early if a drain starts (so shutdown stays prompt)."""
+        self._wakeup.clear()
+        if self.draining:
+            await asyncio.sleep(delay)
+            return
+        try:
+            await asyncio.wait_for(self._wait_for_drain(), timeout=delay)
+        except TimeoutError:
+            pass
+
+    async def _wait_for_drain(self) -> None:
+        while not self.draining:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+
+    async def _session(self, client: aiomqtt.Client) -> None:
+        online = controller_status_payload(self.site, self.config.client_id, "online", "connected",
+                                           time.time_ns(), pid=os.getpid())
+        await client.publish(self.status_topic, _encode(online), qos=QOS_DATA, retain=True)
+        watcher = asyncio.ensure_future(self._watch_disconnect(client))
+        inflight: deque[tuple[int, asyncio.Future[None]]] = deque()
+        last_issued = 0
+        try:
+            while True:
+                self._wakeup.clear()
+                await self._publish_alarm(client)
+                room = self.config.inflight_window - len(inflight)
+                if room > 0 and self._time_left() > 0:
+                    for stored in await self.outbox.pending(SINK, limit=room, after_seq=last_issued):
+                        message = stored.message
+                        publish = client.publish(
+                            message.topic, _encode(message.payload), qos=QOS_DATA,
+                            retain=message.kind == "device_status", timeout=self.publish_timeout_s,
+                        )
+                        inflight.append((stored.seq, asyncio.ensure_future(publish)))
+                        last_issued = stored.seq
+                if not inflight and self.draining:
+                    return
+                if self._time_left() <= 0:
+                    log.warning("mqtt: drain time over with %d message(s) in flight; they stay in the outbox",
+                                len(inflight))
+                    return
+                waits: set[asyncio.Future[Any]] = {watcher}
+                wakeup = asyncio.ensure_future(self._wakeup.wait())
+                waits.add(wakeup)
+                if inflight:
+                    waits.add(inflight[0][1])
+                timeout = None if math.isinf(self._time_left()) else max(0.0, self._time_left())
+                try:
+                    await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    wakeup.cancel()
+                if watcher.done():
+                    watcher.result()  # raises the disconnect as MqttError
+                await self._ack_prefix(inflight)
+        finally:
+            watcher.cancel()
+            for _, task in inflight:
+                task.cancel()
+            await asyncio.gather(watcher, *(task for _, task in inflight), return_exceptions=True)
+
+    async def _ack_prefix(self, inflight: deque[tuple[int, asyncio.Future[None]]]) -> None:
+        acked: list[int] = []
+        try:
+            while inflight and inflight[0][1].done():
+                seq, task = inflight[0]
+                task.result()  # a failed publish (timeout, disconnect) raises MqttError here
+                inflight.popleft()
+                acked.append(seq)
+        finally:
+            if acked:
+                await self.outbox.ack(SINK, acked)
+                self.published += len(acked)
+
+    @staticmethod
+    async def _watch_disconnect(client: aiomqtt.Client) -> None:
+        """aiomqtt only reports a lost connection to waiters; the message iterator is its public signal."""
+        async for _message in client.messages:
+            pass
+
+    async def _publish_alarm(self, client: aiomqtt.Client) -> None:
+        if self._alarm is not None and self._alarm is not self._alarm_sent:
+            alarm = self._alarm
+            await client.publish(self.alarm_topic, _encode(alarm), qos=QOS_DATA, retain=True,
+                                 timeout=self.publish_timeout_s)
+            self._alarm_sent = alarm
+
+    async def _go_offline(self, client: aiomqtt.Client) -> None:
+        backlog = await self.outbox.pending_count(SINK)
+        offline = controller_status_payload(self.site, self.config.client_id, "offline", "shutdown",
+                                            time.time_ns(), backlog=backlog)
+        try:
+            await client.publish(self.status_topic, _encode(offline), qos=QOS_DATA, retain=True,
+                                 timeout=min(self.publish_timeout_s, 5.0))
+        except aiomqtt.MqttError as exc:
+            log.warning("mqtt: could not publish offline status (%s); the broker will send the last will", exc)
+        log.info("mqtt: stopped with %d message(s) left in the outbox", backlog)

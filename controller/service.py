@@ -1,0 +1,549 @@
+"""The controller service behind `hotlab run`: devices in, outbox in the middle, sinks out.
+
+    device supervisors ──items──> processors, QC stage ──> outbox.put_many ──> sinks (MQTT, InfluxDB, history)
+
+Rules this module enforces:
+
+* Nothing reaches a sink that was not committed first: a reading, and every message the
+  processors and the QC stage derived from it, are committed together in one transaction,
+  then the sinks are woken. Sinks only ever read the outbox.
+* Two kinds of hooks: simple processors (`Message -> list[Message]`, sync or async) add
+  messages; the commit stage (the QC engine) sees the whole batch, may replace an input
+  (an elution with its yield filled in) and is told to `apply` only after the commit, so its
+  memory never runs ahead of the outbox.
+* A failing processor or stage is logged; the reading itself is still committed.
+* The device is told (`Source.delivered`) only after the commit, so the elution station stops
+  repeating an elution only once it is safely stored.
+* The outbox is bounded. Above `warn_fraction` a retained alarm goes to
+  hotlab/<site>/controller/alarm and a warning to the log; when it is full the supervisor
+  holds the device's data and retries (see controller/supervisor.py).
+* One controller per outbox (an flock), so two processes never send the same backlog.
+* Shutdown (SIGINT/SIGTERM or `--duration`): stop reading devices (the item in hand is
+  committed), commit an "offline" status per device, give the sinks `drain_timeout_s` to
+  send the backlog, publish the controller's offline status, close the outbox. What was not
+  sent stays on disk and goes first after the next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import fcntl
+import inspect
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from controller.config import (
+    DeviceConfig,
+    InfluxSection,
+    LabConfig,
+    ModbusRtuTransport,
+    ModbusTcpTransport,
+)
+from controller.messages import (
+    SCHEMA_VERSION,
+    Message,
+    device_status_message,
+    elution_message,
+    elution_msg_id,
+    iso_utc,
+    reading_message,
+)
+from controller.mqtt_sink import SINK as MQTT_SINK
+from controller.mqtt_sink import MqttSink
+from controller.outbox import AsyncOutbox, Outbox, OutboxFull
+from controller.supervisor import Backoff, DeviceState, DeviceSupervisor, Item, Source
+from drivers.records import ElutionRecord, Reading
+
+log = logging.getLogger(__name__)
+
+ProcessorResult = list[Message] | Awaitable[list[Message]]
+Processor = Callable[[Message], ProcessorResult]
+SourceFactory = Callable[[DeviceConfig], Source]
+
+
+class StagedOutcome(Protocol):
+    #: Everything to commit, in order: the inputs (or their replacements) and what was derived.
+    messages: Sequence[Message]
+
+
+class CommitStage(Protocol):
+    """A two-phase processor (the QC engine): judge a batch, commit `outcome.messages`, then `apply`.
+
+    `process` must not change the stage, so a failed commit can simply be retried; `apply`
+    runs only after the commit succeeded (controller/qc/engine.py explains why).
+    """
+
+    def process(self, *messages: Message) -> StagedOutcome: ...
+
+    def apply(self, outcome: Any) -> None: ...
+
+#: Below this fraction of warn_fraction an active usage alarm clears (hysteresis, so it does not flap).
+ALARM_CLEAR_RATIO = 0.9
+
+
+class ServiceError(RuntimeError):
+    """The service cannot start (outbox unusable, or already in use by another controller)."""
+
+
+@contextlib.contextmanager
+def _exclusive_lock(outbox_path: Path) -> Iterator[None]:
+    """One controller per outbox: two would publish the same backlog twice and race on acks.
+
+    An flock on `<outbox>.lock`; the kernel releases it when the process dies, even by kill -9,
+    so a crash never leaves a stale lock behind.
+    """
+    lock_path = outbox_path.with_name(outbox_path.name + ".lock")
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        handle = lock_path.open("a+")
+    except OSError as exc:
+        raise ServiceError(f"cannot create the outbox lock {lock_path}: {exc.strerror}") from exc
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise ServiceError(f"outbox {outbox_path} is in use by another hotlab controller (pid {holder}); "
+                               "run one controller per outbox") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@dataclass
+class _SinkRunner:
+    """A sink task. `stop(budget_s)` ends it; a sink that cannot drain by itself (`self_draining`
+    False) is only stopped once its backlog is empty or the drain budget is spent."""
+
+    name: str
+    run: Callable[[], Coroutine[Any, Any, Any]]
+    stop: Callable[[float], None]
+    self_draining: bool = False
+
+
+class CalibratorSource:
+    """Adapts a dose calibrator driver (drivers.calibrator.CALIBRATOR_DRIVERS) to `Source`.
+
+    The configured `nuclide` labels readings whose frame does not name one (e.g. VIK-202 `!R`
+    reports only Bq); it never overrides what the device said it measured.
+    """
+
+    def __init__(self, device: DeviceConfig) -> None:
+        from drivers.calibrator import CALIBRATOR_DRIVERS
+
+        driver_class = CALIBRATOR_DRIVERS[device.family]
+        url = device.transport.url  # type: ignore[union-attr]
+        self.driver = driver_class(url, device.name, timeout_s=device.timeout_s, **device.options)
+        self.streaming = bool(getattr(driver_class, "streaming", False))
+        self.nuclide = device.nuclide
+
+    async def connect(self) -> None:
+        await self.driver.connect()
+
+    async def read(self) -> Sequence[Item]:
+        reading: Reading = await self.driver.read()
+        if reading.nuclide is None and self.nuclide is not None:
+            reading = dataclasses.replace(reading, nuclide=self.nuclide)
+        return [reading]
+
+    async def delivered(self, items: Sequence[Item]) -> None:
+        """A calibrator shows its value once; there is nothing to confirm."""
+
+    async def close(self) -> None:
+        await self.driver.close()
+
+
+class StationSource:
+    """Adapts the Modbus elution station driver: each poll yields the elution not yet delivered.
+
+    The driver repeats the station's last elution until `mark_delivered`, which is called only
+    after the outbox commit; the persisted counter (in `state_dir`) carries that across restarts.
+    """
+
+    streaming = False
+
+    def __init__(self, device: DeviceConfig, state_dir: Path) -> None:
+        from drivers.elution_station import (
+            ElutionStationDriver,
+            ModbusRtuLink,
+            ModbusTcpLink,
+        )
+
+        transport = device.transport
+        link: ModbusTcpLink | ModbusRtuLink
+        if isinstance(transport, ModbusTcpTransport):
+            link = ModbusTcpLink(transport.host, transport.port, transport.device_id, transport.word_order)
+        elif isinstance(transport, ModbusRtuTransport):
+            link = ModbusRtuLink(transport.url, transport.baudrate, transport.device_id, transport.word_order)
+        else:
+            raise TypeError(f"device {device.name}: an elution station needs a Modbus transport, not {transport}")
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self.driver = ElutionStationDriver(
+            device.station, link, timeout_s=device.timeout_s,
+            last_counter_path=state_dir / f"{device.name}.last_counter", **device.options,
+        )
+
+    async def connect(self) -> None:
+        await self.driver.connect()
+
+    async def read(self) -> Sequence[Item]:
+        poll = await self.driver.poll()
+        return list(poll.finished)
+
+    async def delivered(self, items: Sequence[Item]) -> None:
+        for item in items:
+            if isinstance(item, ElutionRecord):
+                await self.driver.mark_delivered(item)
+
+    async def close(self) -> None:
+        await self.driver.close()
+
+
+def driver_source(device: DeviceConfig, state_dir: Path) -> Source:
+    """The production source for a configured device."""
+    if device.is_station:
+        return StationSource(device, state_dir)
+    return CalibratorSource(device)
+
+
+class ControllerService:
+    def __init__(
+        self,
+        config: LabConfig,
+        *,
+        processors: Sequence[Processor] = (),
+        stage: CommitStage | None = None,
+        source_factory: SourceFactory | None = None,
+    ) -> None:
+        self.config = config
+        self.processors = list(processors)
+        self.stage = stage
+        self.source_factory = source_factory or (lambda device: driver_source(device, config.service.state_dir))
+        self.backoff = Backoff(config.service.backoff_initial_s, config.service.backoff_max_s)
+        self.sink_names = self._sink_names()
+        self.outbox: AsyncOutbox | None = None
+        self.mqtt: MqttSink | None = None
+        self.supervisors: dict[str, DeviceSupervisor] = {}
+        self.committed = 0
+        self._alarm_active = False
+        self._full_count = 0
+        self._full_count_published = 0
+        self._alarm_published = False
+        self._wake: list[Callable[[], None]] = []
+
+    def _sink_names(self) -> tuple[str, ...]:
+        # "mqtt" is always a sink: without a broker (local-only mode) messages wait in the outbox for one.
+        names = [MQTT_SINK]
+        if self.config.influx is not None:
+            names.append("influx")
+        if self.config.history_path is not None:
+            names.append("history")
+        return tuple(names)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Run until `stop` is set, then shut down gracefully (see module docstring)."""
+        with _exclusive_lock(self.config.outbox.path):
+            await self._run_locked(stop)
+
+    async def _run_locked(self, stop: asyncio.Event) -> None:
+        cfg = self.config
+        try:
+            sync_outbox = await asyncio.to_thread(Outbox, cfg.outbox.path, self.sink_names, cfg.outbox.max_bytes)
+        except (sqlite3.Error, OSError) as exc:
+            raise ServiceError(f"cannot open the outbox {cfg.outbox.path}: {exc}") from exc
+        outbox = AsyncOutbox(sync_outbox)
+        self.outbox = outbox
+        backlog = await outbox.pending_count(MQTT_SINK)
+        log.info("outbox %s: sinks %s, %d message(s) waiting from earlier runs", cfg.outbox.path,
+                 ", ".join(self.sink_names), backlog)
+        await asyncio.to_thread(_warn_about_orphaned_deliveries, cfg.outbox.path, self.sink_names)
+        await self._restore_stage(outbox)
+        sinks = self._start_sinks(outbox)
+        sink_tasks = [asyncio.create_task(sink.run(), name=f"sink-{sink.name}") for sink in sinks]
+        for task in sink_tasks:
+            task.add_done_callback(self._sink_ended)
+        monitor = asyncio.create_task(self._watch_usage(), name="outbox-usage")
+        device_tasks = [self._start_device(device) for device in cfg.devices]
+        try:
+            await stop.wait()
+        finally:
+            log.info("stopping: %d device task(s), draining sinks for up to %.1f s", len(device_tasks),
+                     cfg.service.drain_timeout_s)
+            await self._stop_devices(device_tasks)
+            await self._commit_final_statuses()
+            monitor.cancel()
+            await asyncio.gather(monitor, return_exceptions=True)
+            await asyncio.gather(*(self._drain(sink, task, outbox) for sink, task in zip(sinks, sink_tasks)))
+            await self._await_sinks(sink_tasks)
+            left = await outbox.pending_count(MQTT_SINK)
+            await outbox.close()
+            log.info("stopped; %d message(s) kept in the outbox for the next start", left)
+
+    async def _restore_stage(self, outbox: AsyncOutbox) -> None:
+        """Let the QC engine rebuild its generator state from the archive before the first reading."""
+        restore = getattr(self.stage, "restore", None)
+        if restore is None or self.config.history_path is None:
+            return
+        from controller.history import HistoryArchive
+
+        unarchived = [stored.message for stored in await outbox.pending("history", limit=1_000_000)]
+
+        def run() -> int:
+            archive = HistoryArchive(self.config.history_path)  # type: ignore[arg-type]
+            try:
+                return int(restore(archive, unarchived))
+            finally:
+                archive.close()
+
+        restored = await asyncio.to_thread(run)
+        log.info("QC: restored the state of %d elution(s) from the history archive", restored)
+
+    async def _drain(self, sink: _SinkRunner, task: asyncio.Task[Any], outbox: AsyncOutbox) -> None:
+        budget = self.config.service.drain_timeout_s
+        if not sink.self_draining:
+            deadline = time.monotonic() + budget
+            while not task.done() and time.monotonic() < deadline and await outbox.pending_count(sink.name):
+                await asyncio.sleep(0.1)
+        sink.stop(budget)
+
+    def _sink_ended(self, task: asyncio.Task[Any]) -> None:
+        """A sink must only end when asked to; otherwise say loudly that its messages now pile up."""
+        if task.cancelled() or task.exception() is None:
+            return
+        log.error("%s crashed: %r; its messages accumulate in the outbox until the controller is restarted",
+                  task.get_name(), task.exception(), exc_info=task.exception())
+
+    async def _stop_devices(self, tasks: list[asyncio.Task[None]]) -> None:
+        """Let each supervisor commit what it holds; cancel any that does not finish in time."""
+        for supervisor in self.supervisors.values():
+            supervisor.stop()
+        if not tasks:
+            return
+        _done, late = await asyncio.wait(tasks, timeout=10.0)
+        for task in late:
+            log.error("%s did not stop within 10 s; cancelling it", task.get_name())
+            task.cancel()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        for task, result in zip(tasks, results):
+            if isinstance(result, Exception):
+                log.error("%s ended with %r", task.get_name(), result)
+
+    def _start_sinks(self, outbox: AsyncOutbox) -> list[_SinkRunner]:
+        cfg = self.config
+        sinks: list[_SinkRunner] = []
+        if cfg.mqtt is not None:
+            self.mqtt = MqttSink(cfg.mqtt, cfg.site, outbox, backoff=self.backoff)
+            sinks.append(_SinkRunner(MQTT_SINK, self.mqtt.run, self.mqtt.drain, self_draining=True))
+            self._wake.append(self.mqtt.notify)
+        else:
+            log.warning("no [mqtt] configured: local-only mode, messages are kept in the outbox %s",
+                        cfg.outbox.path)
+        if cfg.influx is not None:
+            sinks.append(_influx_runner(cfg.influx, outbox))
+        if cfg.history_path is not None:
+            sinks.append(_history_runner(cfg.history_path, outbox))
+        return sinks
+
+    async def _await_sinks(self, tasks: list[asyncio.Task[Any]]) -> None:
+        if not tasks:
+            return
+        # Sinks bound their own drain; the margin covers one last publish/write timeout.
+        _done, pending = await asyncio.wait(tasks, timeout=self.config.service.drain_timeout_s + 15.0)
+        for task in pending:
+            log.error("sink task %s did not stop in time; cancelling it", task.get_name())
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
+    def _start_device(self, device: DeviceConfig) -> asyncio.Task[None]:
+        try:
+            source = self.source_factory(device)
+        except Exception as exc:  # e.g. a driver rejecting an option value: this device only
+            log.exception("device %s: cannot create its %s driver; the other devices run on", device.name,
+                          device.family)
+            return asyncio.create_task(self._report_unusable(device, f"driver not created: {exc}"),
+                                       name=f"device-{device.name}")
+
+        async def deliver(items: Sequence[Item]) -> None:
+            await self.commit(device, items)
+
+        async def report_status(state: DeviceState) -> None:
+            await self._commit_messages([self._status_message(device, state)])
+
+        supervisor = DeviceSupervisor(
+            device.name, source, poll_interval_s=device.poll_interval_s, deliver=deliver,
+            report_status=report_status, backoff=self.backoff,
+            status_interval_s=self.config.service.status_interval_s,
+            # Generous: a streaming device waits up to timeout_s for its next line by design.
+            watchdog_s=max(10.0, 5.0 * device.timeout_s),
+        )
+        self.supervisors[device.name] = supervisor
+        return asyncio.create_task(supervisor.run(), name=f"device-{device.name}")
+
+    async def _report_unusable(self, device: DeviceConfig, detail: str) -> None:
+        try:
+            await self._commit_messages([self._status_message(device, DeviceState(device.name, False, None, 1,
+                                                                                  detail))])
+        except OutboxFull:
+            log.error("device %s: status not stored, outbox full", device.name)
+
+    def _status_message(self, device: DeviceConfig, state: DeviceState) -> Message:
+        return device_status_message(self.config.site, device.station, device.name, up=state.up,
+                                     latency_ms=state.latency_ms, errors=state.errors, detail=state.detail)
+
+    async def commit(self, device: DeviceConfig, items: Sequence[Item]) -> None:
+        """Build messages for `items`, run the processors and the stage, commit everything in one transaction."""
+        messages: list[Message] = []
+        for item in items:
+            if isinstance(item, ElutionRecord):
+                # A name-based id: a replayed elution (crash before mark_delivered) is the same message.
+                msg_id = elution_msg_id(item.station, item.generator_id, item.counter)
+                message = elution_message(self.config.site, item, msg_id=msg_id)
+            else:
+                message = reading_message(self.config.site, device.station, item)
+            messages.append(message)
+            messages.extend(await self._process(message))
+        if self.stage is None:
+            await self._commit_messages(messages)
+            return
+        try:
+            outcome = self.stage.process(*messages)
+            staged = list(outcome.messages)
+        except Exception:
+            log.exception("QC stage failed on %d message(s); they are stored without QC", len(messages))
+            await self._commit_messages(messages)
+            return
+        await self._commit_messages(staged)
+        self.stage.apply(outcome)
+
+    async def _process(self, message: Message) -> list[Message]:
+        derived: list[Message] = []
+        for processor in self.processors:
+            try:
+                result = processor(message)
+                if inspect.isawaitable(result):
+                    result = await result
+                derived.extend(result)
+            except Exception:
+                log.exception("processor %r failed on %s %s; the %s itself is still stored",
+                              processor, message.kind, message.msg_id, message.kind)
+        return derived
+
+    async def _commit_messages(self, messages: list[Message]) -> None:
+        assert self.outbox is not None
+        try:
+            await self.outbox.put_many(messages)
+        except OutboxFull:
+            self._full_count += 1
+            await self._check_usage()
+            raise
+        self.committed += len(messages)
+        for wake in self._wake:
+            wake()
+
+    async def _commit_final_statuses(self) -> None:
+        messages = [
+            self._status_message(device, DeviceState(device.name, False, None, self.supervisors[device.name].errors,
+                                                     "controller stopped"))
+            for device in self.config.devices if device.name in self.supervisors
+        ]
+        if not messages:
+            return
+        try:
+            await self._commit_messages(messages)
+        except OutboxFull:
+            log.error("outbox full: final device statuses not stored")
+
+    async def _watch_usage(self, interval_s: float = 1.0) -> None:
+        while True:
+            await self._check_usage()
+            await asyncio.sleep(interval_s)
+
+    async def _check_usage(self) -> None:
+        """Raise or clear the outbox alarm (retained on MQTT, and in the log); publish its state once at start."""
+        assert self.outbox is not None
+        usage = await self.outbox.usage()
+        warn = self.config.outbox.warn_fraction
+        active = self._alarm_active
+        if usage.fraction >= warn:
+            active = True
+        elif usage.fraction < warn * ALARM_CLEAR_RATIO:
+            active = False
+        changed = active != self._alarm_active
+        self._alarm_active = active
+        if changed and active:
+            log.warning("OUTBOX ALARM: %.1f %% of %d bytes used (%d messages waiting); sinks are not keeping up",
+                        usage.fraction * 100, usage.max_bytes, usage.pending_messages)
+        elif changed:
+            log.warning("outbox alarm cleared: %.1f %% used", usage.fraction * 100)
+        full_reported = self._full_count == self._full_count_published
+        if self.mqtt is None or (self._alarm_published and not changed and full_reported):
+            return
+        now = time.time_ns()
+        self.mqtt.set_alarm({
+            "schema": f"hotlab.controller_alarm/{SCHEMA_VERSION}",
+            "site": self.config.site,
+            "alarm": "outbox_usage",
+            "active": active,
+            "fraction": round(usage.fraction, 6),
+            "warn_fraction": warn,
+            "payload_bytes": usage.payload_bytes,
+            "max_bytes": usage.max_bytes,
+            "pending_messages": usage.pending_messages,
+            "full_events": self._full_count,
+            "time_ns": now,
+            "time": iso_utc(now),
+        })
+        self._alarm_published = True
+        self._full_count_published = self._full_count
+
+
+def _warn_about_orphaned_deliveries(path: Path, sinks: Sequence[str]) -> None:
+    """Deliveries for a sink that is no longer configured keep their messages (and bytes) forever.
+
+    That happens when e.g. [influx] is removed from the config while a backlog was waiting for
+    it. Nothing is deleted automatically (that data may still be wanted): the operator is told.
+    """
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+        rows = db.execute("SELECT sink, COUNT(*) FROM delivery GROUP BY sink").fetchall()
+    for sink, count in rows:
+        if sink not in sinks:
+            log.warning("outbox %s holds %d message(s) for sink %r, which is not configured any more; they use "
+                        "outbox space until that sink is configured again and has sent them", path, count, sink)
+
+
+def _influx_runner(section: InfluxSection, outbox: AsyncOutbox) -> _SinkRunner:
+    from controller.influx_sink import InfluxConfig, InfluxSink
+
+    sink = InfluxSink(InfluxConfig(url=section.url, token=section.auth_token(), org=section.org, bucket=section.bucket,
+                                   batch_size=section.batch_size, flush_interval_s=section.flush_interval_s,
+                                   timeout_s=section.timeout_s), outbox)
+    return _SinkRunner("influx", sink.run, lambda _budget: sink.stop())
+
+
+def _history_runner(path: Path, outbox: AsyncOutbox) -> _SinkRunner:
+    from controller.history import HistoryArchive, run_history_sink
+
+    stop = asyncio.Event()
+    archive = HistoryArchive(path)
+
+    async def run() -> None:
+        try:
+            await run_history_sink(outbox, archive, stop)
+        finally:
+            await asyncio.to_thread(archive.close)
+
+    return _SinkRunner("history", run, lambda _budget: stop.set())

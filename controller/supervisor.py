@@ -1,0 +1,291 @@
+"""One supervised task per device: read, hand over, reconnect with backoff, report status.
+
+The supervisor only knows the small `Source` protocol below, so a calibrator driver, the
+Modbus elution station and a test double are handled the same way. Its rules:
+
+* A `DriverError` (bad frame, checksum, timeout, refused) is counted and logged; after
+  `max_consecutive_errors` in a row, or at once on `DeviceDisconnected`, the source is
+  closed and reopened with exponential backoff and full jitter (AWS Architecture Blog,
+  "Exponential Backoff And Jitter", 2015: full jitter spreads reconnect storms best).
+* Any other exception from a source is a bug in that driver: it is logged with its
+  traceback and handled like a disconnect. Nothing a device does can stop another
+  device's task or the controller.
+* Data is handed to `deliver` (which commits it to the outbox). If the outbox is full,
+  the same items are retried until there is room, and the device is not read meanwhile:
+  a calibrator keeps displaying its value, a station keeps its elution counter, so the
+  data waits on the device instead of being dropped here.
+* Status (up, last read latency, error count) is reported on every change and every
+  `status_interval_s`; the service turns it into a retained device_status message.
+* A watchdog bounds every connect/read (drivers have their own timeouts; this catches a
+  driver that hangs anyway) and turns a hang into a DeviceTimeout.
+* `stop()` is graceful: an item already read is committed before `run()` returns; only
+  waiting (for the device, the poll interval or the backoff) is interrupted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import Protocol, TypeVar
+
+from controller.outbox import OutboxFull
+from drivers.records import (
+    DeviceDisconnected,
+    DeviceTimeout,
+    DriverError,
+    ElutionRecord,
+    Reading,
+)
+
+log = logging.getLogger(__name__)
+
+Item = Reading | ElutionRecord
+T = TypeVar("T")
+
+
+class _Stopped(Enum):
+    STOPPED = "stopped"
+
+
+_STOPPED = _Stopped.STOPPED
+
+
+class Source(Protocol):
+    """What the supervisor needs from a device driver.
+
+    `read()` performs one poll (or, for a streaming device, waits for the next frame) and
+    returns what it produced — possibly nothing, e.g. a station with no finished elution.
+    `delivered(items)` is called once those items are committed to the outbox, so a device
+    that repeats data until it is confirmed (the elution station) can stop repeating it.
+    """
+
+    streaming: bool
+
+    async def connect(self) -> None: ...
+
+    async def read(self) -> Sequence[Item]: ...
+
+    async def delivered(self, items: Sequence[Item]) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceState:
+    device: str
+    up: bool
+    latency_ms: float | None
+    errors: int
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """Exponential backoff with full jitter: uniform(0, min(cap, base * 2**attempt))."""
+
+    initial_s: float = 0.5
+    max_s: float = 30.0
+
+    def delay(self, attempt: int, rng: random.Random) -> float:
+        return rng.uniform(0.0, min(self.max_s, self.initial_s * 2.0 ** min(attempt, 30)))
+
+
+Deliver = Callable[[Sequence[Item]], Awaitable[None]]
+ReportStatus = Callable[[DeviceState], Awaitable[None]]
+
+
+class DeviceSupervisor:
+    def __init__(
+        self,
+        device: str,
+        source: Source,
+        *,
+        poll_interval_s: float,
+        deliver: Deliver,
+        report_status: ReportStatus,
+        backoff: Backoff | None = None,
+        status_interval_s: float = 60.0,
+        max_consecutive_errors: int = 3,
+        outbox_retry_s: float = 1.0,
+        watchdog_s: float = 30.0,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.device = device
+        self.source = source
+        self.poll_interval_s = poll_interval_s
+        self._deliver = deliver
+        self._report_status = report_status
+        self.backoff = backoff or Backoff()
+        self.status_interval_s = status_interval_s
+        self.max_consecutive_errors = max_consecutive_errors
+        self.outbox_retry_s = outbox_retry_s
+        self.watchdog_s = watchdog_s
+        self._rng = rng or random.Random()
+        self.errors = 0
+        self.reads = 0
+        self.up = False
+        self.latency_ms: float | None = None
+        self._last_status_at = float("-inf")
+        self._stopping = asyncio.Event()
+
+    def stop(self) -> None:
+        """Finish the item in hand (commit it), then return from `run()` without reading again."""
+        self._stopping.set()
+
+    async def run(self) -> None:
+        """Supervise until `stop()` (graceful) or cancellation."""
+        attempt = 0
+        try:
+            while not self._stopping.is_set():
+                try:
+                    if await self._unless_stopping(self._watched(self.source.connect(), "connect")) is _STOPPED:
+                        return
+                    await self._read_loop()
+                    return
+                except asyncio.CancelledError:
+                    raise
+                except DriverError as exc:
+                    self.errors += 1
+                    log.warning("device %s: %s: %s; reconnecting", self.device, type(exc).__name__, exc)
+                    await self._set_down(f"{type(exc).__name__}: {exc}")
+                except Exception as exc:  # a driver bug must not take the controller down
+                    self.errors += 1
+                    log.exception("device %s: unexpected %s from driver; reconnecting", self.device,
+                                  type(exc).__name__)
+                    await self._set_down(f"driver failure: {type(exc).__name__}: {exc}")
+                await self._close_quietly()
+                if self.reads:  # the last connection worked for a while: start the backoff over
+                    attempt = 0
+                    self.reads = 0
+                delay = self.backoff.delay(attempt, self._rng)
+                attempt += 1
+                log.info("device %s: next connection attempt in %.2f s", self.device, delay)
+                await self._sleep(delay)
+        finally:
+            await asyncio.shield(self._close_quietly())
+
+    async def _read_loop(self) -> None:
+        """Read until stopped; returns normally only on stop, raises to trigger a reconnect."""
+        consecutive = 0
+        while not self._stopping.is_set():
+            started = time.monotonic()
+            try:
+                items = await self._unless_stopping(self._watched(self.source.read(), "read"))
+            except DeviceDisconnected:
+                raise
+            except DriverError as exc:
+                consecutive += 1
+                log.warning("device %s: %s: %s (%d in a row)", self.device, type(exc).__name__, exc, consecutive)
+                if consecutive >= self.max_consecutive_errors:
+                    raise  # counted by run(), which reconnects
+                self.errors += 1
+                await self._report(detail=f"{type(exc).__name__}: {exc}")
+                await self._pause(started)
+                continue
+            if items is _STOPPED:
+                return
+            consecutive = 0
+            self.reads += 1
+            self.latency_ms = (time.monotonic() - started) * 1000.0
+            if not self.up:
+                self.up = True
+                log.info("device %s: online", self.device)
+                await self._report(detail="online", force=True)
+            if items:
+                await self._hand_over(items)  # type: ignore[arg-type]
+            await self._report(detail="ok")
+            await self._pause(started)
+
+    async def _hand_over(self, items: Sequence[Item]) -> None:
+        """Commit, or keep retrying while the outbox is full; the device is not read meanwhile.
+
+        Deliberately not interrupted by `stop()`: an item that was read is committed first.
+        """
+        full_since: float | None = None
+        while True:
+            try:
+                await self._deliver(items)
+                await self._confirm(items)
+                if full_since is not None:
+                    log.warning("device %s: outbox has room again after %.1f s; %d item(s) committed",
+                                self.device, time.monotonic() - full_since, len(items))
+                return
+            except OutboxFull as exc:
+                if full_since is None:
+                    full_since = time.monotonic()
+                    log.error("device %s: OUTBOX FULL, holding %d item(s) and pausing reads until a sink "
+                              "catches up: %s", self.device, len(items), exc)
+                if self._stopping.is_set():
+                    log.error("device %s: stopping while the outbox is full; %d item(s) read but not stored: %r",
+                              self.device, len(items), items)
+                    return
+                await self._sleep(self.outbox_retry_s)
+
+    async def _confirm(self, items: Sequence[Item]) -> None:
+        """Tell the source its items are stored; if that fails they come again (same msg_id: harmless)."""
+        try:
+            await self.source.delivered(items)
+        except Exception as exc:  # noqa: BLE001 - the data is safe in the outbox either way
+            log.warning("device %s: could not confirm delivery (%s: %s); the device will repeat it",
+                        self.device, type(exc).__name__, exc)
+
+    async def _unless_stopping(self, operation: Awaitable[T]) -> T | _Stopped:
+        """Await `operation` unless `stop()` comes first (then cancel it: it produced nothing yet)."""
+        task = asyncio.ensure_future(operation)
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        if task.cancelled():
+            return _STOPPED
+        return task.result()
+
+    async def _watched(self, operation: Awaitable[T], what: str) -> T:
+        """Drivers enforce their own timeouts; this catches one that hangs anyway (a driver bug)."""
+        try:
+            return await asyncio.wait_for(operation, self.watchdog_s)
+        except TimeoutError:
+            raise DeviceTimeout(f"driver {what} gave no result within {self.watchdog_s:g} s (watchdog)") from None
+
+    async def _sleep(self, seconds: float) -> None:
+        try:
+            await asyncio.wait_for(self._stopping.wait(), timeout=max(0.0, seconds))
+        except TimeoutError:
+            pass
+
+    async def _pause(self, started: float) -> None:
+        if self.source.streaming:
+            return
+        await self._sleep(self.poll_interval_s - (time.monotonic() - started))
+
+    async def _report(self, *, detail: str, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_status_at < self.status_interval_s:
+            return
+        self._last_status_at = now
+        state = DeviceState(self.device, self.up, self.latency_ms, self.errors, detail)
+        try:
+            await self._report_status(state)
+        except OutboxFull:
+            log.warning("device %s: status not stored, outbox full", self.device)
+
+    async def _set_down(self, detail: str) -> None:
+        if self.up or self._last_status_at == float("-inf"):
+            log.warning("device %s: offline (%s)", self.device, detail)
+        was_up, self.up = self.up, False
+        await self._report(detail=detail, force=was_up or self._last_status_at == float("-inf"))
+
+    async def _close_quietly(self) -> None:
+        try:
+            await self.source.close()
+        except Exception as exc:  # noqa: BLE001 - closing a broken transport may fail again; nothing to save
+            log.debug("device %s: error while closing: %s", self.device, exc)

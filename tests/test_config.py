@@ -1,0 +1,237 @@
+"""Config validation: the example loads, and every kind of mistake names file, key, problem and what is allowed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from controller.config import (
+    ConfigError,
+    ModbusRtuTransport,
+    ModbusTcpTransport,
+    SerialTransport,
+    load_config,
+)
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "lab.toml"
+
+MINIMAL = """
+[site]
+name = "lab-a"
+
+[[device]]
+name = "cal-1"
+station = "hotcell-1"
+family = "vik202"
+transport = "socket://127.0.0.1:4001"
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "lab.toml"
+    path.write_text(text)
+    return path
+
+
+def error_for(tmp_path: Path, text: str) -> str:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: "), message
+    return message
+
+
+def test_example_config_loads_completely() -> None:
+    config = load_config(EXAMPLE)
+    assert config.site == "radiopharmacy-a"
+    assert [d.family for d in config.devices] == ["vik202", "crc15r", "vdc404", "atomlab500", "elution_station"]
+    assert config.devices[0].transport == SerialTransport("/dev/ttyUSB0")
+    assert config.devices[0].nuclide == "Tc-99m"
+    assert config.devices[3].transport == SerialTransport("/dev/ttyUSB1")
+    assert config.devices[4].transport == ModbusTcpTransport("10.0.20.40", 502, 1, "ABCD")
+    assert config.devices[4].is_station
+    assert config.outbox.path == EXAMPLE.parent.parent / "var" / "outbox.sqlite3"
+    assert config.outbox.max_bytes == 268435456 and config.outbox.warn_fraction == 0.8
+    assert config.mqtt is not None and config.mqtt.port == 1883 and config.mqtt.password is None
+    assert config.influx is None
+    assert config.history_path == EXAMPLE.parent.parent / "var" / "history.sqlite3"
+    assert config.qc["devices"]["calibrator-1"] == {"check_source": "cs137-check"}
+
+
+def test_defaults_and_relative_paths(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, MINIMAL))
+    assert config.mqtt is None  # no [mqtt]: local-only mode
+    assert config.outbox.path == tmp_path / "var" / "outbox.sqlite3"
+    assert config.devices[0].poll_interval_s == 2.0
+    assert config.service.drain_timeout_s == 10.0
+
+
+def test_nuclide_spellings_are_normalised(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, MINIMAL + 'nuclide = "68Ga"\n'))
+    assert config.devices[0].nuclide == "Ga-68"
+
+
+def test_modbus_rtu_transport(tmp_path: Path) -> None:
+    text = """
+[site]
+name = "lab"
+[[device]]
+name = "gen"
+station = "elution-1"
+family = "elution_station"
+[device.transport]
+modbus = "rtu"
+url = "socket://127.0.0.1:5020"
+device_id = 7
+word_order = "CDAB"
+"""
+    device = load_config(write(tmp_path, text)).devices[0]
+    assert device.transport == ModbusRtuTransport("socket://127.0.0.1:5020", 19200, 7, "CDAB")
+    assert device.poll_interval_s == 1.0
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ('family = "vdc404"', None),
+        ('family = "capintec"', ("device[0].family: 'capintec' is not allowed; allowed: vik202, crc15r, vdc404, "
+                                 "atomlab500, elution_station")),
+        ('transport = "COM3x"', "device[0].transport: 'COM3x' is not a serial URL; allowed: a device path"),
+        ('transport = "socket://host"', "device[0].transport: 'socket://host' needs a host and port"),
+        ('transport = 4001', "device[0].transport: must be a serial URL string or a table { url = ... }, got 4001"),
+        ('name = "cal/1"', "device[0].name: 'cal/1' is not valid; expected 1-64 characters"),
+    ],
+)
+def test_device_field_errors(tmp_path: Path, change: str, expected: str | None) -> None:
+    key = change.split(" = ")[0]
+    device_part = MINIMAL.split("[[device]]")[1]
+    kept = [line for line in device_part.splitlines() if not line.startswith(f"{key} = ")]
+    text = MINIMAL.split("[[device]]")[0] + "[[device]]" + "\n".join(kept) + "\n" + change + "\n"
+    if expected is None:
+        load_config(write(tmp_path, text))
+        return
+    assert expected in error_for(tmp_path, text)
+
+
+def test_unknown_key_suggests_the_right_one(tmp_path: Path) -> None:
+    message = error_for(tmp_path, MINIMAL + "pol_interval_s = 5\n")
+    assert "device[0].pol_interval_s: unknown key (did you mean 'poll_interval_s'?)" in message
+    assert "allowed here:" in message and "timeout_s" in message
+
+
+def test_numbers_are_range_checked(tmp_path: Path) -> None:
+    assert "device[0].poll_interval_s: must be >= 0, got -1" in error_for(tmp_path, MINIMAL + "poll_interval_s = -1\n")
+    assert "must be a finite number, got 'fast' (string)" in error_for(tmp_path, MINIMAL + 'poll_interval_s = "fast"\n')
+    message = error_for(tmp_path, MINIMAL + "[outbox]\nwarn_fraction = 1.5\n")
+    assert "outbox.warn_fraction: must be <= 1, got 1.5" in message
+    message = error_for(tmp_path, MINIMAL + "[mqtt]\nport = 70000\n")
+    assert "mqtt.port: must be <= 65535, got 70000" in message
+
+
+def test_missing_and_duplicate(tmp_path: Path) -> None:
+    assert "site: is required but missing" in error_for(tmp_path, "[[device]]\nname='x'\n")
+    assert "site.name: is required but missing" in error_for(tmp_path, "[site]\n")
+    duplicate = MINIMAL + MINIMAL.split("\n", 3)[3].replace("cal-1", "cal-1")
+    assert "device[1].name: duplicate device name 'cal-1'" in error_for(tmp_path, duplicate)
+
+
+def test_invalid_toml_names_the_line(tmp_path: Path) -> None:
+    assert "not valid TOML" in error_for(tmp_path, "[site\nname = 1\n")
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(tmp_path / "missing.toml")
+
+
+def test_unknown_nuclide_lists_close_matches(tmp_path: Path) -> None:
+    message = error_for(tmp_path, MINIMAL + 'nuclide = "Ga-86"\n')
+    assert "device[0].nuclide:" in message and "Ga-68" in message
+
+
+def test_modbus_transport_errors(tmp_path: Path) -> None:
+    base = '[site]\nname = "lab"\n[[device]]\nname = "gen"\nstation = "e1"\nfamily = "elution_station"\n'
+    assert "an elution station needs a table" in error_for(tmp_path, base + 'transport = "/dev/ttyUSB0"\n')
+    message = error_for(tmp_path, base + 'transport = { modbus = "tcp", host = "h", word_order = "XYZW" }\n')
+    assert "device[0].transport.word_order: 'XYZW' is not allowed; allowed: ABCD, CDAB, BADC, DCBA" in message
+    message = error_for(tmp_path, base + 'transport = { modbus = "tcp", host = "h", device_id = 300 }\n')
+    assert "device[0].transport.device_id: must be <= 247, got 300" in message
+    assert "device[0].transport.host: is required" in error_for(tmp_path, base + 'transport = { modbus = "tcp" }\n')
+
+
+def test_secrets_come_from_env_or_file_and_are_masked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TEST_MQTT_PASSWORD", "s3cret-mqtt")
+    (tmp_path / "token").write_text("s3cret-token\n")
+    text = MINIMAL + """
+[mqtt]
+username = "ctl"
+password_env = "TEST_MQTT_PASSWORD"
+
+[influx]
+url = "http://127.0.0.1:8086"
+token_file = "token"
+org = "lab"
+bucket = "hotlab"
+"""
+    config = load_config(write(tmp_path, text))
+    assert config.mqtt is not None and config.mqtt.password is not None and config.influx is not None
+    assert config.mqtt.password.reveal() == "s3cret-mqtt"
+    assert config.influx.auth_token() == "s3cret-token"
+    shown = repr(config) + str(config)
+    assert "s3cret" not in shown
+    assert "Secret(<hidden>, from $TEST_MQTT_PASSWORD)" in shown
+
+
+def test_secret_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HOTLAB_TEST_UNSET", raising=False)
+    inline = error_for(tmp_path, MINIMAL + '[mqtt]\nusername = "u"\npassword = "hunter2"\n')
+    assert "mqtt.password: secrets are not accepted inline; set password_env" in inline
+    assert "hunter2" not in inline
+    unset = error_for(tmp_path, MINIMAL + '[mqtt]\nusername = "u"\npassword_env = "HOTLAB_TEST_UNSET"\n')
+    assert "mqtt.password_env: environment variable 'HOTLAB_TEST_UNSET' is not set" in unset
+    missing = error_for(tmp_path, MINIMAL + '[mqtt]\nusername = "u"\npassword_file = "nope"\n')
+    assert "mqtt.password_file: cannot read" in missing
+    no_user = error_for(tmp_path, MINIMAL + '[mqtt]\npassword_file = "/etc/hostname"\n')
+    assert "mqtt.username: is required when a password is configured" in no_user
+
+
+def test_influx_forms(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("INFLUX_PW", "pw")
+    v18 = MINIMAL + ('[influx]\nurl = "http://127.0.0.1:8086"\nusername = "hotlab"\npassword_env = "INFLUX_PW"\n'
+                     'database = "hotlab"\nretention_policy = "autogen"\n')
+    influx = load_config(write(tmp_path, v18)).influx
+    assert influx is not None
+    assert (influx.bucket, influx.org, influx.auth_token()) == ("hotlab/autogen", "-", "hotlab:pw")
+    both = MINIMAL + '[influx]\nurl = "http://h:8086"\ntoken_env = "INFLUX_PW"\nusername = "u"\nbucket = "b"\norg = "o"\n'
+    assert "influx.token_env: give either a token" in error_for(tmp_path, both)
+    neither = MINIMAL + '[influx]\nurl = "http://h:8086"\ntoken_env = "INFLUX_PW"\norg = "o"\n'
+    assert "influx: needs bucket (InfluxDB 2.x/3.x) or database" in error_for(tmp_path, neither)
+    bad_url = MINIMAL + '[influx]\nurl = "h:8086"\ntoken_env = "INFLUX_PW"\norg = "o"\nbucket = "b"\n'
+    assert "influx.url: 'h:8086' is not an http(s) URL" in error_for(tmp_path, bad_url)
+
+
+def test_tls_files_must_exist_and_pair(tmp_path: Path) -> None:
+    (tmp_path / "ca.crt").write_text("x")
+    (tmp_path / "c.crt").write_text("x")
+    missing = error_for(tmp_path, MINIMAL + '[mqtt.tls]\nca_file = "nope.crt"\n')
+    assert "mqtt.tls.ca_file: file" in missing and "does not exist" in missing
+    unpaired = error_for(tmp_path, MINIMAL + '[mqtt.tls]\nca_file = "ca.crt"\ncert_file = "c.crt"\n')
+    assert "mqtt.tls.key_file: a client certificate needs both cert_file and key_file" in unpaired
+
+
+def test_driver_options_are_checked_against_the_driver(tmp_path: Path) -> None:
+    ok = load_config(write(tmp_path, MINIMAL + "[device.options]\nmax_identical_readings = 5\n"))
+    assert ok.devices[0].options == {"max_identical_readings": 5}
+    message = error_for(tmp_path, MINIMAL + "[device.options]\nbaud = 9600\n")
+    assert "device[0].options.baud: not an option of the vik202 driver; allowed:" in message
+    assert "max_identical_readings" in message
+    reserved = error_for(tmp_path, MINIMAL + "[device.options]\ntimeout_s = 1\n")
+    assert "device[0].options.timeout_s: not an option" in reserved  # set by the controller, not by options
+
+
+def test_qc_section_is_validated_by_the_qc_engine(tmp_path: Path) -> None:
+    good = MINIMAL + ('[qc.sources.cs137]\nnuclide = "Cs-137"\nactivity = "7.4 MBq"\n'
+                      'reference_time = "2026-01-01T00:00:00Z"\n[qc.devices.cal-1]\ncheck_source = "cs137"\n')
+    assert load_config(write(tmp_path, good)).qc["devices"] == {"cal-1": {"check_source": "cs137"}}
+    bad = MINIMAL + '[qc.devices.cal-1]\ncheck_source = "nope"\n'
+    message = error_for(tmp_path, bad)
+    assert "qc.devices.cal-1.check_source: no source 'nope'" in message

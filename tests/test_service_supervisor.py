@@ -1,0 +1,316 @@
+"""Device supervision and the commit path, without a broker (local-only mode keeps everything in the outbox)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from controller.config import DeviceConfig, parse_config
+from controller.messages import Message, qc_message
+from controller.outbox import Outbox
+from controller.service import ControllerService, ServiceError
+from controller.supervisor import Backoff, DeviceState, DeviceSupervisor, Item
+from drivers.records import DeviceDisconnected, FrameError, Reading
+
+
+def reading(device: str, n: int) -> Reading:
+    return Reading(device, "F-18", float(n), float(n), "Bq", time.time_ns(), b"%d" % n)
+
+
+class ScriptedSource:
+    """Each read takes the next step: an int n yields reading n, an exception is raised."""
+
+    streaming = False
+
+    def __init__(self, device: str, script: Sequence[int | Exception], then: int | Exception = 0) -> None:
+        self.device = device
+        self.script = list(script)
+        self.then = then
+        self.connects = 0
+        self.closes = 0
+        self.reads = 0
+        self.confirmed: list[Item] = []
+
+    async def connect(self) -> None:
+        self.connects += 1
+
+    async def read(self) -> Sequence[Item]:
+        self.reads += 1
+        step = self.script.pop(0) if self.script else self.then
+        if isinstance(step, Exception):
+            raise step
+        return [reading(self.device, step or self.reads)]
+
+    async def delivered(self, items: Sequence[Item]) -> None:
+        self.confirmed.extend(items)
+
+    async def close(self) -> None:
+        self.closes += 1
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.items: list[Item] = []
+        self.states: list[DeviceState] = []
+        self.changed = asyncio.Event()
+
+    async def deliver(self, items: Sequence[Item]) -> None:
+        self.items.extend(items)
+        self.changed.set()
+
+    async def status(self, state: DeviceState) -> None:
+        self.states.append(state)
+        self.changed.set()
+
+    async def until(self, predicate: object, timeout: float = 10.0) -> None:
+        async def wait() -> None:
+            while not predicate():  # type: ignore[operator]
+                self.changed.clear()
+                await self.changed.wait()
+
+        await asyncio.wait_for(wait(), timeout)
+
+
+def supervise(source: ScriptedSource, recorder: Recorder, **options: object) -> DeviceSupervisor:
+    return DeviceSupervisor(source.device, source, poll_interval_s=0.001, deliver=recorder.deliver,
+                            report_status=recorder.status, backoff=Backoff(0.01, 0.05), status_interval_s=0.0,
+                            rng=random.Random(1), **options)  # type: ignore[arg-type]
+
+
+def test_backoff_is_full_jitter_within_the_exponential_cap() -> None:
+    backoff = Backoff(initial_s=0.5, max_s=30.0)
+    rng = random.Random(42)
+    for attempt, cap in [(0, 0.5), (1, 1.0), (3, 4.0), (6, 30.0), (100, 30.0)]:
+        delays = [backoff.delay(attempt, rng) for _ in range(2000)]
+        assert 0.0 <= min(delays) and max(delays) <= cap
+        assert min(delays) < cap * 0.05 and max(delays) > cap * 0.95  # spread over the whole range
+
+
+async def test_a_few_bad_frames_do_not_reconnect_but_a_run_of_them_does() -> None:
+    bad = FrameError("garbage", b"\x00\xff")
+    source = ScriptedSource("cal", [1, bad, 2, bad, bad, 3, bad, bad, bad], then=0)
+    recorder = Recorder()
+    task = asyncio.create_task(supervise(source, recorder).run())
+    await recorder.until(lambda: len(recorder.items) >= 6)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    assert [r.activity_bq for r in recorder.items[:3]] == [1.0, 2.0, 3.0]
+    assert source.connects == 2  # only the third bad frame in a row forced a reconnect
+    downs = [s for s in recorder.states if not s.up]
+    assert downs and downs[0].detail.startswith("FrameError: garbage") and downs[0].errors == 6
+    assert recorder.states[-1].up
+
+
+async def test_disconnect_reconnects_at_once_and_reports_offline_then_online() -> None:
+    source = ScriptedSource("cal", [1, DeviceDisconnected("cable pulled"), 2])
+    recorder = Recorder()
+    supervisor = supervise(source, recorder)
+    task = asyncio.create_task(supervisor.run())
+    await recorder.until(lambda: len(recorder.items) >= 3)
+    supervisor.stop()
+    await asyncio.wait_for(task, 5)
+    ups = [(s.up, s.detail) for s in recorder.states if s.detail in ("online",) or not s.up]
+    assert ups[:3] == [(True, "online"), (False, "DeviceDisconnected: cable pulled"), (True, "online")]
+    assert source.connects == 2 and source.closes >= 2  # closed before reconnecting and at the end
+
+
+async def test_a_driver_bug_is_contained_to_its_device(caplog: pytest.LogCaptureFixture) -> None:
+    broken = ScriptedSource("broken", [], then=ZeroDivisionError("driver bug"))
+    healthy = ScriptedSource("healthy", [])
+    broken_rec, healthy_rec = Recorder(), Recorder()
+    tasks = [asyncio.create_task(supervise(broken, broken_rec).run()),
+             asyncio.create_task(supervise(healthy, healthy_rec).run())]
+    await healthy_rec.until(lambda: len(healthy_rec.items) >= 50)
+    await broken_rec.until(lambda: broken.connects >= 3)
+    for task in tasks:
+        task.cancel()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert all(isinstance(r, asyncio.CancelledError) for r in results)
+    assert broken_rec.states[0].detail == "driver failure: ZeroDivisionError: driver bug"
+    assert "unexpected ZeroDivisionError from driver" in caplog.text
+
+
+async def test_stop_lets_the_item_in_hand_be_committed() -> None:
+    source = ScriptedSource("cal", [])
+    committed: list[Item] = []
+    started = asyncio.Event()
+
+    async def slow_deliver(items: Sequence[Item]) -> None:
+        started.set()
+        await asyncio.sleep(0.3)
+        committed.extend(items)
+
+    async def status(_state: DeviceState) -> None:
+        pass
+
+    supervisor = DeviceSupervisor("cal", source, poll_interval_s=0.0, deliver=slow_deliver, report_status=status)
+    task = asyncio.create_task(supervisor.run())
+    await started.wait()
+    supervisor.stop()
+    await asyncio.wait_for(task, 5)
+    assert len(committed) == source.reads == 1
+    assert source.confirmed == committed  # confirmed to the device only after the commit
+
+
+def local_config(tmp_path: Path):  # type: ignore[no-untyped-def]
+    return parse_config({
+        "site": {"name": "local"},
+        "device": [{"name": "cal-1", "station": "s1", "family": "vik202", "transport": "/dev/null",
+                    "poll_interval_s": 0.01}],
+        "outbox": {"path": "outbox.sqlite3"},
+        "history": {"enabled": False},
+    }, base_dir=tmp_path)
+
+
+async def test_local_only_mode_commits_readings_with_processor_results_together(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    source = ScriptedSource("cal-1", [])
+
+    async def async_qc(message: Message) -> list[Message]:
+        p = message.payload
+        return [qc_message(p["site"], p["station"], p["device"], test="constancy", verdict="pass", measured=1.0,
+                           expected=1.0, deviation_pct=0.0, limit="±5 %", limit_source="test", inputs={})]
+
+    def failing_qc(message: Message) -> list[Message]:
+        raise KeyError("calibration certificate")
+
+    def by_source(device: DeviceConfig) -> ScriptedSource:
+        return source
+
+    service = ControllerService(local_config(tmp_path), processors=[async_qc, failing_qc], source_factory=by_source)
+    stop = asyncio.Event()
+    task = asyncio.create_task(service.run(stop))
+    while service.committed < 30:
+        await asyncio.sleep(0.01)
+    stop.set()
+    await asyncio.wait_for(task, 20)
+
+    assert "local-only mode" in caplog.text
+    assert "processor" in caplog.text and "KeyError" in caplog.text  # logged, and the reading still stored
+    outbox = Outbox(tmp_path / "outbox.sqlite3", ["mqtt"])
+    stored = outbox.pending("mqtt", limit=10_000)
+    outbox.close()
+    kinds = [s.message.kind for s in stored]
+    data = [k for k in kinds if k != "device_status"]
+    assert data[0::2] == ["reading"] * (len(data) // 2) and data[1::2] == ["qc_result"] * (len(data) // 2)
+    readings = [s.message.payload["activity_bq"] for s in stored if s.message.kind == "reading"]
+    assert readings == [float(n) for n in range(1, len(readings) + 1)] and len(readings) == source.reads
+    assert kinds[-1] == "device_status" and stored[-1].message.payload["detail"] == "controller stopped"
+
+
+async def test_deliveries_for_a_removed_sink_are_reported(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    earlier = Outbox(tmp_path / "outbox.sqlite3", ["mqtt", "influx"])
+    earlier.put(qc_message("local", "s1", "cal-1", test="constancy", verdict="pass", measured=1.0, expected=1.0,
+                           deviation_pct=0.0, limit="±5 %", limit_source="test", inputs={}))
+    earlier.close()
+    service = ControllerService(local_config(tmp_path), source_factory=lambda d: ScriptedSource(d.name, []))
+    stop = asyncio.Event()
+    stop.set()
+    await asyncio.wait_for(service.run(stop), 20)
+    assert "holds 1 message(s) for sink 'influx', which is not configured any more" in caplog.text
+
+
+async def test_a_hanging_driver_is_caught_by_the_watchdog() -> None:
+    class HangingSource(ScriptedSource):
+        async def read(self) -> Sequence[Item]:
+            self.reads += 1
+            if self.reads == 2:
+                await asyncio.Event().wait()  # a driver bug: never returns
+            return [reading(self.device, self.reads)]
+
+    source = HangingSource("cal", [])
+    recorder = Recorder()
+    task = asyncio.create_task(supervise(source, recorder, watchdog_s=0.2, max_consecutive_errors=1).run())
+    await recorder.until(lambda: len(recorder.items) >= 3)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    assert any(s.detail == "DeviceTimeout: driver read gave no result within 0.2 s (watchdog)" for s in recorder.states)
+    assert source.connects == 2
+
+
+async def test_one_controller_per_outbox(tmp_path: Path) -> None:
+    first = ControllerService(local_config(tmp_path), source_factory=lambda d: ScriptedSource(d.name, []))
+    second = ControllerService(local_config(tmp_path), source_factory=lambda d: ScriptedSource(d.name, []))
+    stop_first = asyncio.Event()
+    task = asyncio.create_task(first.run(stop_first))
+    while first.committed == 0:
+        await asyncio.sleep(0.01)
+    with pytest.raises(ServiceError, match=r"is in use by another hotlab controller \(pid \d+\)"):
+        await second.run(asyncio.Event())
+    stop_first.set()
+    await asyncio.wait_for(task, 20)
+    stop_second = asyncio.Event()
+    stop_second.set()
+    await asyncio.wait_for(second.run(stop_second), 20)  # free again once the first one stopped
+
+
+async def test_an_unusable_outbox_path_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "outbox.sqlite3").mkdir()  # a directory where the database file should be
+    service = ControllerService(local_config(tmp_path), source_factory=lambda d: ScriptedSource(d.name, []))
+    with pytest.raises(ServiceError, match="cannot open the outbox"):
+        await service.run(asyncio.Event())
+
+
+async def test_a_device_whose_driver_cannot_be_built_does_not_stop_the_others(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    config = parse_config({
+        "site": {"name": "local"},
+        "device": [{"name": name, "station": "s1", "family": "vik202", "transport": "/dev/null",
+                    "poll_interval_s": 0.01} for name in ("broken", "healthy")],
+        "outbox": {"path": "outbox.sqlite3"},
+        "history": {"enabled": False},
+    }, base_dir=tmp_path)
+
+    def factory(device: DeviceConfig) -> ScriptedSource:
+        if device.name == "broken":
+            raise ValueError("calibration factor table is empty")
+        return ScriptedSource(device.name, [])
+
+    service = ControllerService(config, source_factory=factory)
+    stop = asyncio.Event()
+    task = asyncio.create_task(service.run(stop))
+    while service.committed < 20:
+        await asyncio.sleep(0.01)
+    stop.set()
+    await asyncio.wait_for(task, 20)
+    assert "device broken: cannot create its vik202 driver" in caplog.text
+    outbox = Outbox(tmp_path / "outbox.sqlite3", ["mqtt"])
+    payloads = [s.message.payload for s in outbox.pending("mqtt", limit=10_000)]
+    outbox.close()
+    broken = [p for p in payloads if p["device"] == "broken"]
+    assert broken[0]["up"] is False and "calibration factor table is empty" in broken[0]["detail"]
+    assert sum(1 for p in payloads if p["device"] == "healthy" and "activity_bq" in p) >= 10
+
+
+async def test_a_failing_commit_stage_never_costs_a_reading(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    class BrokenStage:
+        applied = 0
+
+        def process(self, *messages: Message) -> object:
+            raise RuntimeError("limits table corrupt")
+
+        def apply(self, outcome: object) -> None:
+            self.applied += 1
+
+    stage = BrokenStage()
+    source = ScriptedSource("cal-1", [])
+    service = ControllerService(local_config(tmp_path), stage=stage, source_factory=lambda d: source)
+    stop = asyncio.Event()
+    task = asyncio.create_task(service.run(stop))
+    while service.committed < 10:
+        await asyncio.sleep(0.01)
+    stop.set()
+    await asyncio.wait_for(task, 20)
+    assert "QC stage failed on 1 message(s); they are stored without QC" in caplog.text
+    assert stage.applied == 0  # nothing to apply: no outcome was committed
+    outbox = Outbox(tmp_path / "outbox.sqlite3", ["mqtt"])
+    readings = [s for s in outbox.pending("mqtt", limit=10_000) if s.message.kind == "reading"]
+    outbox.close()
+    assert len(readings) == source.reads
