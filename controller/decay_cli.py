@@ -3,8 +3,9 @@
     hotlab decay Lu-177 7.4GBq --from 2026-11-20T12:00Z --to 2026-11-24T09:00Z --unit MBq
     hotlab decay Mo-99 20GBq --generator Tc-99m --since-elution 23h
 
-Times are ISO 8601 with `Z` or an explicit offset: a bare local time is refused, because the
-elapsed time across a daylight-saving change would silently be off by an hour. Exit codes
+Times are ISO 8601 with `Z` or an explicit offset (a bare date such as 2026-11-20 is 00:00 UTC):
+a bare local time is refused, because the elapsed time across a daylight-saving change would
+silently be off by an hour. Exit codes
 follow controller/cli.py: 0 ok, 2 bad input (nuclide, unit, time, duration).
 """
 
@@ -21,12 +22,14 @@ from controller.decay import (
     elapsed_s,
     equilibrium_fraction,
     generator_daughter_activity,
+    parse_utc_ns,
 )
 from controller.nuclides import NUCLIDES, Nuclide, get_nuclide
 from controller.units import canonical_unit, format_activity, from_bq, parse_activity
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(s|sec|min|m|h|d)\s*$", re.IGNORECASE)
 _DURATION_UNIT_S = {"s": 1.0, "sec": 1.0, "min": 60.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
 class DecayInputError(ValueError):
@@ -34,14 +37,16 @@ class DecayInputError(ValueError):
 
 
 def parse_time(text: str) -> datetime:
-    """An ISO 8601 moment with `Z` or an offset, as an aware datetime in UTC."""
+    """An ISO 8601 moment with `Z` or an offset (or a bare date: 00:00 UTC), as an aware datetime in UTC.
+
+    Read by the shared controller.decay.parse_utc_ns; the datetime keeps microseconds, which is
+    far finer than any half-life this command reports on.
+    """
     try:
-        moment = datetime.fromisoformat(text.strip())
-    except ValueError:
-        raise DecayInputError(f"cannot read time {text!r}; use ISO 8601 such as 2026-11-20T12:00Z") from None
-    if moment.tzinfo is None:
-        raise DecayInputError(f"time {text!r} has no timezone; add Z for UTC or an offset such as +01:00")
-    return moment.astimezone(timezone.utc)
+        moment_ns = parse_utc_ns(text)
+    except ValueError as exc:  # TimeFormatError, NaiveDatetimeError
+        raise DecayInputError(str(exc)) from None
+    return _EPOCH + timedelta(microseconds=moment_ns // 1_000)
 
 
 def parse_duration(text: str) -> timedelta:

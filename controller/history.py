@@ -23,16 +23,18 @@ import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import date, datetime, time as dt_time, timedelta, timezone
+from datetime import date
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from controller.decay import parse_utc_ns
 from controller.messages import Message
 from controller.outbox import AsyncOutbox
 
 SINK_NAME = "history"
 _OPEN_END_NS = 2**63 - 1
+_DAY_NS = 86_400_000_000_000
 log = logging.getLogger(__name__)
 
 _SCHEMA = """
@@ -81,7 +83,7 @@ class TimeRange:
 
     @classmethod
     def from_text(cls, start: str | None, end: str | None) -> TimeRange:
-        """From ISO dates or date-times; a bare end date includes that whole UTC day (`--to 2026-11-30`).
+        """From ISO dates or date-times with Z/offset; a bare end date includes that whole UTC day (`--to 2026-11-30`).
 
         A missing bound is open (the epoch, or the largest time SQLite's INTEGER can hold).
         """
@@ -91,22 +93,26 @@ class TimeRange:
 
 
 def _parse_instant(text: str, which: str, *, end_of_day: bool) -> int:
+    """A bound as UTC epoch ns via the shared parser (controller.decay.parse_utc_ns).
+
+    A bare date is 00:00 UTC of that day; as the end of a range it means the whole day, so the
+    next midnight. Date-times need Z or an offset, exactly as everywhere else in hotlab.
+    """
     try:
-        day = date.fromisoformat(text)
-    except ValueError:
-        pass
-    else:
-        moment = datetime.combine(day, dt_time(0, 0), tzinfo=timezone.utc)
-        if end_of_day:
-            moment += timedelta(days=1)
-        return int(moment.timestamp()) * 1_000_000_000
+        moment_ns = parse_utc_ns(text)
+    except ValueError as exc:  # TimeFormatError, NaiveDatetimeError
+        raise HistoryQueryError(f"cannot read the {which} {text!r}: {exc}") from None
+    if end_of_day and _is_bare_date(text):
+        moment_ns += _DAY_NS
+    return moment_ns
+
+
+def _is_bare_date(text: str) -> bool:
     try:
-        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        date.fromisoformat(text.strip())
     except ValueError:
-        raise HistoryQueryError(f"cannot read the {which} {text!r}; use a date (2026-11-01) or an ISO date-time") from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
-    return round(moment.timestamp() * 1e6) * 1000
+        return False
+    return True
 
 
 def _index_columns(message: Message) -> tuple[str, int, str | None, str | None, str | None, str | None, str | None]:

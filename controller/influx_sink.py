@@ -17,7 +17,10 @@ Failure handling, by cause:
 * 400/413/422 (the server rejects the data itself): split the batch in halves until the
   offending points are isolated; a single point the server refuses is logged with its msg_id,
   counted in `stats.rejected` and acknowledged, so one poisoned message cannot stall the lab;
-* a message that cannot be mapped to a point at all (PointError): same as a rejected point.
+* a message that cannot be mapped to a point at all (PointError): same as a rejected point;
+* the outbox itself failing (sqlite3.Error: disk full, database locked) or any unexpected error:
+  logged (the latter with its traceback), shown in `stats.last_error`, retried after a backoff.
+  The task never ends on its own, because an undrained outbox would eventually stop the lab.
 
 Works with InfluxDB 2.x/3.x (url, token, org, bucket) and 1.8+ through its v2 compatibility
 API (token "username:password", org "-", bucket "database/retention-policy").
@@ -28,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import sqlite3
 from collections import deque
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -117,7 +121,11 @@ def _number(name: str, value: Any) -> Any:
 
 @dataclass(slots=True)
 class SinkStats:
-    """Counters for health reporting; `last_error` is empty while writes succeed."""
+    """Counters for health reporting; `last_error` is empty while writes succeed.
+
+    `written`/`rejected` count acknowledged messages; `failed_attempts` counts failed writes and
+    failed outbox calls alike, each followed by a backoff.
+    """
 
     written: int = 0
     rejected: int = 0
@@ -164,26 +172,57 @@ class InfluxSink:
         self._stopping.set()
 
     async def run(self) -> None:
-        """Write batches until `stop()`; a partial batch waits `flush_interval_s` for company."""
+        """Write batches until `stop()`; a partial batch waits `flush_interval_s` for company.
+
+        Nothing but stop() or cancellation ends this loop: a backlog that nobody drains would fill
+        the outbox until OutboxFull stops every producer in the lab. So an outbox error (disk
+        full, database locked) and, as a last resort, any unexpected error are logged, shown in
+        `stats.last_error` and retried after a backoff. CancelledError is a BaseException and
+        passes through untouched.
+        """
+        failures = 0
         try:
             while not self._stopping.is_set():
-                batch = await self._outbox.pending(self._sink_name, self.config.batch_size)
-                if batch:
-                    await self._deliver(batch)
-                if len(batch) < self.config.batch_size:
-                    await self._sleep(self.config.flush_interval_s)
+                try:
+                    batch = await self._outbox.pending(self._sink_name, self.config.batch_size)
+                    completed = await self._deliver(batch) if batch else True
+                except sqlite3.Error as exc:
+                    delay = self._note_failure(f"outbox {type(exc).__name__}: {exc}", failures)
+                    log.error("outbox unusable for the InfluxDB sink (%s); retrying in %.2f s", exc, delay)
+                except Exception as exc:  # last resort: a bug must not silently stop the sink
+                    delay = self._note_failure(f"unexpected {type(exc).__name__}: {exc}", failures)
+                    log.exception("InfluxDB sink hit an unexpected error; retrying in %.2f s", delay)
+                else:
+                    failures = 0
+                    if completed:  # no error is current any more
+                        self.stats.last_error = ""
+                    if len(batch) < self.config.batch_size:
+                        await self._sleep(self.config.flush_interval_s)
+                    continue
+                failures += 1
+                await self._sleep(delay)
         finally:
             await self._close()
 
-    async def _deliver(self, batch: Sequence[StoredMessage]) -> None:
+    def _note_failure(self, reason: str, attempt: int, retry_after_s: float | None = None) -> float:
+        """Count a failed attempt, publish its reason in stats, and return how long to back off."""
+        self.stats.failed_attempts += 1
+        self.stats.last_error = reason
+        return self._backoff(attempt, retry_after_s)
+
+    async def _deliver(self, batch: Sequence[StoredMessage]) -> bool:
         """Write `batch` until the server has accepted or finally refused every point, then ack it all.
 
+        Returns False if stop() interrupted it before the ack (the batch stays pending).
+
         Chunks wait in a work list: a transient failure retries the same chunk after a backoff, a
-        data rejection replaces the chunk by its two halves, so nothing is written or counted twice.
+        data rejection replaces the chunk by its two halves, so nothing is written twice. The
+        counters move only once the ack succeeded: if the ack fails (outbox error), run() retries
+        the whole batch, which rewrites identical points (idempotent) and counts them once.
         """
         loop = asyncio.get_running_loop()
         lines, unmappable = await loop.run_in_executor(self._executor, _to_lines, batch)
-        self.stats.rejected += unmappable
+        rejected, written = unmappable, 0
         chunks: deque[list[tuple[int, str]]] = deque([lines] if lines else [])
         attempt = 0
         while chunks:
@@ -196,23 +235,23 @@ class InfluxSink:
                     middle = len(chunk) // 2
                     chunks.extendleft((chunk[middle:], chunk[:middle]))
                 else:
-                    self.stats.rejected += 1
+                    rejected += 1
                     log.error("InfluxDB refused message seq %d for good (%s): %s", chunk[0][0], exc, chunk[0][1])
                 continue
             except _Transient as exc:
-                self.stats.failed_attempts += 1
-                self.stats.last_error = str(exc)
-                delay = self._backoff(attempt, exc.retry_after_s)
+                delay = self._note_failure(str(exc), attempt, exc.retry_after_s)
                 log.warning("InfluxDB write of %d point(s) failed (%s); retrying in %.2f s", len(chunk), exc, delay)
                 attempt += 1
                 if await self._sleep(delay):
-                    return
+                    return False
                 continue
             chunks.popleft()
-            self.stats.written += len(chunk)
+            written += len(chunk)
             attempt = 0
         await self._outbox.ack(self._sink_name, [stored.seq for stored in batch])
-        self.stats.last_error = ""
+        self.stats.written += written
+        self.stats.rejected += rejected
+        return True
 
     async def _write(self, lines: list[str]) -> None:
         loop = asyncio.get_running_loop()

@@ -40,6 +40,8 @@ import pytest
 
 INFLUXD = shutil.which("influxd") or "/usr/bin/influxd"
 _START_TIMEOUT_S = 60.0  # a loaded 2-core CI box running other servers can be slow to open a TSM store
+_START_ATTEMPTS = 4  # lost port races tolerated per start() before giving up
+_PORT_WAIT_S = 5.0  # how long a restart waits for its old ports before moving to new ones
 
 _CONFIG = """\
 reporting-enabled = false
@@ -97,8 +99,32 @@ def free_ports(count: int) -> list[int]:
             sock.close()
 
 
+def ports_free_within(ports: list[int], timeout_s: float) -> bool:
+    """Wait until every port in `ports` can be bound on 127.0.0.1 again; False if one is still taken at the deadline.
+
+    The probe sets SO_REUSEADDR as Go's listeners (influxd) do, so connections of the previous
+    run lingering in TIME_WAIT do not count as taken; only a live socket does.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            for port in ports:
+                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+                    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    probe.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.1)
+
+
 class InfluxService:
-    """One influxd process plus its v2 write bridge; ports and data dir survive stop/restart."""
+    """One influxd process plus its v2 write bridge; the data dir and the bridge port survive stop/restart.
+
+    influxd's own ports normally survive too, but if one was taken while the server was down, a
+    restart moves influxd to fresh ports (see `start`); read `url` after a restart, not before.
+    """
 
     def __init__(self, root: Path, username: str = "hotlab", password: str = "hot-lab-secret") -> None:
         self.root = Path(root)
@@ -134,15 +160,25 @@ class InfluxService:
         return {"url": self.v2_url, "token": self.token, "org": "-", "bucket": f"{database}/{retention_policy}"}
 
     def start(self) -> None:
-        """Start influxd and the bridge. On the first start, lost races for a port are retried on new ports."""
+        """Start influxd and the bridge, surviving lost races for influxd's ports.
+
+        Ports picked by `free_ports` can be taken by anyone before influxd binds them, on the first
+        start as on a restart (another test's server, any client's ephemeral port). A restart
+        first waits up to _PORT_WAIT_S for its old ports to come free (a process of the previous
+        run may still be letting go); if they do not, or a start fails with "address already in
+        use", influxd moves to fresh ports. Users and data live in the data dir and the sink
+        talks to the bridge, whose port never changes, so moving influxd is invisible to it.
+        """
         if self.running:
             return
-        for attempt in range(3):
+        if self._users_created and not ports_free_within([self.http_port, self.rpc_port], _PORT_WAIT_S):
+            self.http_port, self.rpc_port = free_ports(2)
+        for attempt in range(_START_ATTEMPTS):
             try:
                 self._start_once()
                 return
             except InfluxServiceError as exc:
-                if self._users_created or "address already in use" not in str(exc) or attempt == 2:
+                if "address already in use" not in str(exc) or attempt == _START_ATTEMPTS - 1:
                     raise
                 self.http_port, self.rpc_port = free_ports(2)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from datetime import datetime, timedelta, timezone
+from datetime import date, datetime, timedelta, timezone
 
 import numpy as np
 import pytest
@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from controller.decay import (
     NaiveDatetimeError,
+    TimeFormatError,
     activity_at,
     corrected_activity_uncertainty,
     daughter_activity,
@@ -21,6 +22,7 @@ from controller.decay import (
     elapsed_s,
     equilibrium_fraction,
     generator_daughter_activity,
+    parse_utc_ns,
     time_of_max_daughter,
     time_to_reach,
     to_epoch_ns,
@@ -128,6 +130,75 @@ def test_epoch_ns_arrays_are_differenced_exactly() -> None:
 def test_naive_datetimes_are_refused() -> None:
     with pytest.raises(NaiveDatetimeError, match="no timezone"):
         decay_correct(1.0, "F-18", datetime(2026, 1, 1), datetime(2026, 1, 2, tzinfo=timezone.utc))
+
+
+# --- the shared time parser ---------------------------------------------------------------
+
+NOV_1_NS = 1_793_491_200_000_000_000  # 2026-11-01T00:00:00Z = 20758 days * 86400 s after the epoch
+
+
+@pytest.mark.parametrize(
+    ("value", "expected_ns"),
+    [
+        ("2026-11-01T00:00:00Z", NOV_1_NS),
+        ("2026-11-01", NOV_1_NS),  # a bare date is 00:00 UTC
+        (date(2026, 11, 1), NOV_1_NS),  # as is a TOML bare date
+        (" 2026-11-01T01:00+01:00 ", NOV_1_NS),
+        ("2026-10-31 19:00:00-05:00", NOV_1_NS),
+        ("2026-11-01T00:00:00z", NOV_1_NS),  # RFC 3339 lower-case z
+        ("2026-11-01T00:00:00.123456789Z", NOV_1_NS + 123_456_789),  # all 9 digits, not truncated to 6
+        ("2026-11-01T00:00:00,5Z", NOV_1_NS + 500_000_000),
+        (datetime(2026, 11, 1, 2, tzinfo=timezone(timedelta(hours=2))), NOV_1_NS),
+        (NOV_1_NS, NOV_1_NS),
+        (np.int64(NOV_1_NS), NOV_1_NS),
+    ],
+)
+def test_parse_utc_ns_reads_every_accepted_form(value: object, expected_ns: int) -> None:
+    assert parse_utc_ns(value) == expected_ns
+    assert type(parse_utc_ns(value)) is int
+
+
+@pytest.mark.parametrize("value", ["2026-11-01T00:00", "2026-11-01 08:30:00.5", datetime(2026, 11, 1)])
+def test_parse_utc_ns_refuses_times_without_offset(value: object) -> None:
+    with pytest.raises(NaiveDatetimeError, match="no timezone"):
+        parse_utc_ns(value)
+
+
+@pytest.mark.parametrize(
+    ("value", "unit"),
+    [(1_793_491_200, "seconds"), (1_793_491_200_000, "milliseconds"), (1_793_491_200_000_000, "microseconds")],
+)
+def test_parse_utc_ns_refuses_epoch_ints_in_a_smaller_unit_and_names_it(value: int, unit: str) -> None:
+    with pytest.raises(TimeFormatError, match=f"epoch {unit}"):
+        parse_utc_ns(value)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (1.7934912e18, "got float"),
+        (True, "got bool"),
+        (None, "got NoneType"),
+        ("next tuesday", "cannot read time"),
+        ("2026-11-01T00:00:00.1234567891Z", "more than 9 fractional digits"),
+        (2**63, "int64"),
+    ],
+)
+def test_parse_utc_ns_refuses_other_values_with_a_typed_error(value: object, message: str) -> None:
+    with pytest.raises(TimeFormatError, match=message):
+        parse_utc_ns(value)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    moment=st.datetimes(min_value=datetime(1974, 1, 1), max_value=datetime(2200, 1, 1)),
+    offset_min=st.integers(min_value=-14 * 60, max_value=14 * 60),
+    extra_ns=st.integers(min_value=0, max_value=999),
+)
+def test_parse_utc_ns_round_trips_iso_text_to_the_nanosecond(moment: datetime, offset_min: int, extra_ns: int) -> None:
+    aware = moment.replace(tzinfo=timezone(timedelta(minutes=offset_min)))
+    text = aware.strftime("%Y-%m-%dT%H:%M:%S") + f".{aware.microsecond:06d}{extra_ns:03d}" + aware.strftime("%z")
+    assert parse_utc_ns(text) == int(to_epoch_ns(aware)) + extra_ns
 
 
 def test_float_times_are_refused_with_a_type_error() -> None:

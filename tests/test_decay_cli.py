@@ -71,6 +71,15 @@ def test_generator_reports_the_available_daughter(capsys: pytest.CaptureFixture[
     assert _number_before("%", _line(out, "equilibrium")) == pytest.approx(fraction, abs=0.01)
 
 
+def test_a_bare_date_means_midnight_utc(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["decay", "F-18", "1GBq", "--from", "2026-11-20", "--to", "2026-11-20T01:49:46.2Z", "--unit", "MBq"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "at 2026-11-20T00:00:00Z" in _line(out, "activity")
+    # 1 h 49 min 46.2 s = 6586.2 s is one ENSDF half-life of F-18 (109.77 min).
+    assert _number_before("MBq", _line(out, "corrected")) == pytest.approx(500.0, rel=5e-6)
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

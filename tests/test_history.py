@@ -106,6 +106,16 @@ def test_time_range_parsing() -> None:
         TimeRange.from_text("2026-11-30", "2026-11-01")
 
 
+def test_time_range_reads_times_like_every_other_hotlab_input() -> None:
+    """Same rules as controller.decay.parse_utc_ns: offsets honoured, ns kept, naive refused."""
+    assert TimeRange.from_text("2026-11-01T01:00:00+01:00", None).start_ns == NOV_1
+    assert TimeRange.from_text(None, "2026-11-01T00:00:00.000000001Z").end_ns == NOV_1 + 1  # a date-time end is exact
+    with pytest.raises(HistoryQueryError, match="no timezone"):  # was silently taken as UTC
+        TimeRange.from_text("2026-11-01T06:30:00", None)
+    with pytest.raises(HistoryQueryError, match="cannot read the end"):
+        TimeRange.from_text(None, "2026-11-31")
+
+
 async def test_sink_archives_everything_then_acks(tmp_path: Path) -> None:
     outbox = AsyncOutbox(Outbox(tmp_path / "outbox.sqlite", SINKS))
     archive = HistoryArchive(tmp_path / "history.sqlite")

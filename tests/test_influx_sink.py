@@ -1,11 +1,15 @@
-"""InfluxSink against a real influxd: round trip of every kind, batching, outage, rejection, no blocking."""
+"""InfluxSink against a real influxd: round trip of every kind, batching, outage, rejection, no blocking,
+and a sink task that survives outbox errors and its own bugs."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import shutil
 import socket
+import sqlite3
 import tempfile
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -220,7 +224,7 @@ async def test_outage_mid_stream_loses_nothing_and_duplicates_nothing(outbox_pat
                         await wait_until(failing, what="the sink to notice the outage")
                         outage_error = sink.stats.last_error
                         assert await outbox.pending_count("influx") > 0  # held back, not dropped
-                        service.start()  # same data dir, same ports
+                        service.start()  # same data dir, same bridge port (influxd keeps its ports if free)
                 await drained(outbox, timeout_s=60)
             assert "refused" in outage_error.lower()  # the server was really gone, not answering with errors
             assert sink.stats.rejected == 0 and sink.stats.last_error == ""
@@ -231,6 +235,61 @@ async def test_outage_mid_stream_loses_nothing_and_duplicates_nothing(outbox_pat
             assert (await outbox.usage()).pending_messages == 0
             await outbox.close()
     finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _hold_port(port: int) -> socket.socket:
+    """Take `port` as another program would: a live listener, which influxd cannot share."""
+    holder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    holder.bind(("127.0.0.1", port))
+    holder.listen(1)
+    return holder
+
+
+def test_a_restart_waits_for_its_briefly_held_port_and_keeps_it() -> None:
+    root = Path(tempfile.mkdtemp(prefix="hotlab-influxd-restart-"))
+    try:
+        with InfluxService(root) as service:
+            database = service.create_database()
+            service.write_lines(database, [f"reading,device=a activity_bq=1.0 {T0}"])
+            old_port = service.http_port
+            service.stop()
+            holder = _hold_port(old_port)
+            release = threading.Timer(1.0, holder.close)  # e.g. a client's socket that lets go a moment later
+            release.start()
+            try:
+                service.start()
+            finally:
+                release.join()
+            assert service.http_port == old_port
+            assert service.rows('SELECT "activity_bq" FROM "reading"', database)[0]["time"] == T0
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+async def test_a_restart_moves_influxd_off_a_port_taken_for_good_and_the_sink_never_notices(outbox_path: Path) -> None:
+    root = Path(tempfile.mkdtemp(prefix="hotlab-influxd-moved-"))
+    holder: socket.socket | None = None
+    try:
+        with InfluxService(root) as service:
+            database = service.create_database()
+            outbox = AsyncOutbox(Outbox(outbox_path, sinks=("influx",)))
+            async with running_sink(fast_config(service.sink_settings(database)), outbox) as sink:
+                await outbox.put_many([_reading(i) for i in range(10)])
+                await drained(outbox)
+                old_port, bridge_port = service.http_port, service.bridge_port
+                await asyncio.to_thread(service.stop)
+                holder = _hold_port(old_port)
+                await outbox.put_many([_reading(i) for i in range(10, 20)])
+                await asyncio.to_thread(service.start)
+                assert service.http_port != old_port and service.bridge_port == bridge_port
+                await drained(outbox, timeout_s=60)
+            assert sink.stats.written == 20 and sink.stats.rejected == 0
+            assert service.rows('SELECT count("activity_bq") FROM "reading"', database)[0]["count"] == 20
+            await outbox.close()
+    finally:
+        if holder is not None:
+            holder.close()
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -296,4 +355,103 @@ async def test_a_silent_server_neither_blocks_the_loop_nor_holds_an_attempt_past
     assert ticks >= 10  # the loop kept turning (every 20 ms, ~50 times) while the write waited
     assert "timed out" in sink.stats.last_error.lower()
     assert await outbox.pending_count("influx") == 1
+    await outbox.close()
+
+
+class FaultyOutbox(AsyncOutbox):
+    """A real outbox whose next calls fail as a full disk, a lock or a bug would make them fail."""
+
+    def __init__(self, outbox: Outbox) -> None:
+        super().__init__(outbox)
+        self.pending_faults: list[BaseException] = []
+        self.ack_faults: list[BaseException] = []
+
+    async def pending(self, sink: str, limit: int = 500, after_seq: int = 0):
+        if self.pending_faults:
+            raise self.pending_faults.pop(0)
+        return await super().pending(sink, limit, after_seq)
+
+    async def ack(self, sink: str, seqs) -> None:
+        if self.ack_faults:
+            raise self.ack_faults.pop(0)
+        await super().ack(sink, seqs)
+
+
+async def test_outbox_errors_are_retried_and_everything_is_still_delivered_once(
+    influx_server: InfluxService, influx_database: str, outbox_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    outbox = FaultyOutbox(Outbox(outbox_path, sinks=("influx",)))
+    outbox.pending_faults = [sqlite3.OperationalError("database is locked") for _ in range(3)]
+    outbox.ack_faults = [sqlite3.OperationalError("disk I/O error")]  # after the write: the batch is resent
+    messages = [_reading(i) for i in range(40)]
+    await outbox.put_many(messages)
+    with caplog.at_level(logging.ERROR, logger="controller.influx_sink"):
+        async with running_sink(fast_config(influx_server.sink_settings(influx_database)), outbox) as sink:
+            await drained(outbox)
+    assert not outbox.pending_faults and not outbox.ack_faults
+    assert sink.stats.failed_attempts == 4
+    assert sink.stats.written == len(messages)  # the resent batch is counted once
+    assert sink.stats.last_error == ""
+    assert sum("outbox unusable" in record.getMessage() for record in caplog.records) == 4
+    rows = influx_server.rows('SELECT "msg_id" FROM "reading"', influx_database)
+    assert sorted(row["msg_id"] for row in rows) == sorted(m.msg_id for m in messages)
+    await outbox.close()
+
+
+async def test_a_real_sqlite_lock_on_the_outbox_delays_the_ack_but_loses_nothing(
+    influx_server: InfluxService, influx_database: str, outbox_path: Path
+) -> None:
+    outbox = AsyncOutbox(Outbox(outbox_path, sinks=("influx",)))
+    messages = _every_kind()
+    await outbox.put_many(messages)
+    other_process = sqlite3.connect(outbox_path, isolation_level=None)  # e.g. a backup tool holding a write lock
+    other_process.execute("BEGIN IMMEDIATE")
+    try:
+        async with running_sink(fast_config(influx_server.sink_settings(influx_database)), outbox) as sink:
+
+            async def ack_failed() -> bool:
+                return "locked" in sink.stats.last_error
+
+            await wait_until(ack_failed, timeout_s=60, what="the ack to hit sqlite's 5 s busy timeout")
+            other_process.execute("COMMIT")
+            await drained(outbox)
+    finally:
+        other_process.close()
+    assert sink.stats.written == len(messages) and sink.stats.last_error == ""
+    assert sink.stats.failed_attempts >= 1
+    assert influx_server.rows('SELECT count("msg_id") FROM "reading"', influx_database)[0]["count"] == 2
+    await outbox.close()
+
+
+async def test_an_unexpected_error_is_logged_with_its_traceback_and_the_sink_carries_on(
+    influx_server: InfluxService, influx_database: str, outbox_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    outbox = FaultyOutbox(Outbox(outbox_path, sinks=("influx",)))
+    outbox.pending_faults = [RuntimeError("a bug in a sink's collaborator")]
+    await outbox.put(_reading(0))
+    with caplog.at_level(logging.ERROR, logger="controller.influx_sink"):
+        async with running_sink(fast_config(influx_server.sink_settings(influx_database)), outbox) as sink:
+            await drained(outbox)
+    [record] = [r for r in caplog.records if "unexpected error" in r.getMessage()]
+    assert record.exc_info is not None and record.exc_info[0] is RuntimeError
+    assert sink.stats.written == 1 and sink.stats.failed_attempts == 1 and sink.stats.last_error == ""
+    await outbox.close()
+
+
+async def test_cancelling_the_sink_still_ends_it_even_while_it_backs_off(outbox_path: Path) -> None:
+    outbox = FaultyOutbox(Outbox(outbox_path, sinks=("influx",)))
+    outbox.pending_faults = [sqlite3.OperationalError("database is locked") for _ in range(1000)]
+    config = fast_config({"url": "http://127.0.0.1:9", "token": "t", "org": "o", "bucket": "b"}, retry_initial_s=5.0,
+                         retry_max_s=30.0)
+    sink = InfluxSink(config, outbox)
+    task = asyncio.create_task(sink.run())
+
+    async def backing_off() -> bool:
+        return sink.stats.failed_attempts >= 1
+
+    await wait_until(backing_off, what="the first outbox error")
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 30)
+    assert task.cancelled()
     await outbox.close()
