@@ -113,7 +113,8 @@ class Outbox:
                         "INSERT INTO message (kind, topic, payload, bytes) VALUES (?, ?, ?, ?)",
                         (kind, topic, payload, len(payload)),
                     )
-                    seq = int(cur.lastrowid)
+                    seq = cur.lastrowid
+                    assert seq is not None  # an INSERT on a rowid table always sets it
                     self._db.executemany("INSERT INTO delivery (sink, seq) VALUES (?, ?)", [(s, seq) for s in self.sinks])
                     seqs.append(seq)
                 self._db.execute("COMMIT")

@@ -87,7 +87,7 @@ class GeneratorProfile:
 PROFILES: dict[str, GeneratorProfile] = {
     # Ge-68/Ga-68 column (TiO2/SnO2 type, eluted with 0.1 M HCl). Yield ~80 % fresh, falling
     # towards ~65 % after a year, as generator SmPCs/labels describe (e.g. GalliaPharm SmPC
-    # section 12: Ga-68 yield not less than 60 % over the shelf life). Ga-68 dose rate constant
+    # section 2: Ga-68 yield not less than 60 % over the shelf life). Ga-68 dose rate constant
     # ~0.13 uSv*m^2/(MBq*h) (511 keV annihilation photons; Smith & Stabin, Health Phys
     # 102(3):271-291, 2012, rounded).
     "ge68": GeneratorProfile(

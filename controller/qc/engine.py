@@ -38,10 +38,9 @@ import math
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from controller.decay import to_epoch_ns
+from controller.decay import parse_utc_ns
 from controller.messages import Message
 from controller.nuclides import UnknownNuclideError, get_nuclide
 from controller.qc import calibrator_rules, dosage, generator_rules
@@ -67,21 +66,16 @@ HISTORY_LENGTH = 64
 
 
 def parse_time_ns(value: Any, what: str) -> int:
-    """UTC epoch ns from a TOML datetime, an ISO 8601 text with offset (or Z), or an epoch-ns number."""
-    if isinstance(value, bool):
-        raise QcInputError(f"{what}: expected a time, got {value!r}")
-    if isinstance(value, (int, float)):
-        return int(value)
-    if isinstance(value, str):
-        try:
-            value = datetime.fromisoformat(value.strip())
-        except ValueError:
-            raise QcInputError(f"{what}: cannot read time {value!r}; use ISO 8601 with an offset, e.g. 2026-01-05T08:30:00Z") from None
-    if isinstance(value, datetime):
-        if value.tzinfo is None:
-            raise QcInputError(f"{what}: {value.isoformat()} has no timezone; add Z or an offset such as +01:00")
-        return int(to_epoch_ns(value))
-    raise QcInputError(f"{what}: expected a time, got {value!r}")
+    """UTC epoch ns from a TOML datetime or date, ISO 8601 text with an offset (or Z), or epoch ns.
+
+    One parser for the whole project (`controller.decay.parse_utc_ns`): naive times and epoch
+    seconds are refused rather than guessed, so a config value can never silently shift a
+    decay correction by hours or decades.
+    """
+    try:
+        return parse_utc_ns(value)
+    except ValueError as exc:  # TimeFormatError, NaiveDatetimeError
+        raise QcInputError(f"{what}: {exc}") from None
 
 
 def parse_activity_bq(value: Any, what: str, *, allow_zero: bool = False) -> float:
