@@ -19,15 +19,13 @@ from __future__ import annotations
 
 import math
 import re
-import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from controller.nuclides import UnknownNuclideError, normalize_name
-from controller.units import UnitError, canonical_unit, to_bq
+from controller.units import UnitError, canonical_unit
 from drivers.records import DeviceRefused, FrameError, Reading
-from drivers.serial_link import SerialDevice, SerialSettings, as_bytes, exclusive
+from drivers.serial_link import DisplayedActivity, SerialDevice, SerialSettings, as_bytes, exclusive
 
 READ_LATEST = b"\x03"
 MAX_COMMAND_LETTERS = 7
@@ -35,17 +33,6 @@ MAX_COMMAND_LETTERS = 7
 _REPORT = re.compile(rb"^([A-Za-z]{1,2}-?\d{1,3}m?) +(-?(?:\d+\.?\d*|\.\d+)) +([A-Za-z]{1,4})$")
 _ISO_REPLY = re.compile(rb"^ISO[ ,]+([A-Za-z]{1,2}-?\d{1,3}m?)$")
 _ERROR_PREFIX = b"ERR"
-
-
-@dataclass(frozen=True, slots=True)
-class AtomlabReport:
-    nuclide: str
-    value: float
-    unit: str
-
-    @property
-    def activity_bq(self) -> float:
-        return to_bq(self.value, self.unit)
 
 
 def parse_line(frame: bytes, terminator: bytes = b"\r\n") -> bytes:
@@ -69,7 +56,7 @@ def _nuclide(token: bytes, line: bytes) -> str:
         raise FrameError(f"Atomlab isotope unreadable ({exc})", line) from None
 
 
-def parse_report(line: bytes) -> AtomlabReport:
+def parse_report(line: bytes) -> DisplayedActivity:
     match = _REPORT.match(line)
     if match is None:
         raise FrameError("Atomlab report is not '<isotope> <value> <unit>'", line)
@@ -80,7 +67,7 @@ def parse_report(line: bytes) -> AtomlabReport:
         unit = canonical_unit(match.group(3).decode("ascii"))
     except UnitError as exc:
         raise FrameError(f"Atomlab unit unreadable ({exc})", line) from None
-    return AtomlabReport(nuclide=_nuclide(match.group(1), line), value=value, unit=unit)
+    return DisplayedActivity(nuclide=_nuclide(match.group(1), line), value=value, unit=unit)
 
 
 def parse_iso_reply(line: bytes) -> str:
@@ -129,16 +116,7 @@ class Atomlab500Driver(SerialDevice):
     async def read(self) -> Reading:
         frame, line = await self._exchange(self._read_command)
         report = parse_report(line)
-        self._check_not_frozen(line)
-        return Reading(
-            device=self.device,
-            nuclide=report.nuclide,
-            activity_bq=report.activity_bq,
-            raw_value=report.value,
-            unit=report.unit,
-            timestamp_ns=time.time_ns(),
-            raw_frame=frame,
-        )
+        return self._reading(report, frame, line)
 
     @exclusive
     async def select_nuclide(self, name: str) -> None:

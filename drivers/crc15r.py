@@ -18,15 +18,12 @@ from __future__ import annotations
 
 import math
 import re
-import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from controller.nuclides import normalize_name
-from controller.units import to_bq
 from drivers.records import ChecksumError, DeviceRefused, FrameError, Reading
-from drivers.serial_link import SerialDevice, SerialSettings, as_bytes, exclusive
+from drivers.serial_link import DisplayedActivity, SerialDevice, SerialSettings, as_bytes, exclusive
 
 #: Unit codes of the reply, as documented for the CRC-15R serial output.
 UNIT_CODES: dict[int, str] = {1: "uCi", 2: "mCi", 3: "Ci", 4: "kBq", 5: "MBq", 6: "GBq"}
@@ -34,19 +31,6 @@ UNIT_CODE_BY_NAME: dict[str, int] = {unit: code for code, unit in UNIT_CODES.ite
 
 _REPORT = re.compile(rb"^A,([A-Za-z]{1,2}\d{1,3}m?),(\d),(-?(?:\d+\.?\d*|\.\d+))$")
 _ERROR_PREFIX = b"E,"
-
-
-@dataclass(frozen=True, slots=True)
-class CrcReport:
-    """One activity report: canonical nuclide name, display unit and displayed value."""
-
-    nuclide: str
-    unit: str
-    value: float
-
-    @property
-    def activity_bq(self) -> float:
-        return to_bq(self.value, self.unit)
 
 
 def checksum(body: bytes) -> bytes:
@@ -72,8 +56,8 @@ def is_error_body(body: bytes) -> bool:
     return body.startswith(_ERROR_PREFIX)
 
 
-def parse_report(body: bytes) -> CrcReport:
-    """Decode `A,<nuclide>,<unit code>,<value>` into a CrcReport."""
+def parse_report(body: bytes) -> DisplayedActivity:
+    """Decode `A,<nuclide>,<unit code>,<value>` into a DisplayedActivity."""
     match = _REPORT.match(body)
     if match is None:
         raise FrameError("CRC-15R report is not 'A,<nuclide>,<unit code>,<value>'", body)
@@ -87,7 +71,7 @@ def parse_report(body: bytes) -> CrcReport:
         nuclide = normalize_name(match.group(1).decode("ascii"))
     except ValueError as exc:
         raise FrameError(f"CRC-15R nuclide unreadable ({exc})", body) from None
-    return CrcReport(nuclide=nuclide, unit=unit, value=value)
+    return DisplayedActivity(nuclide=nuclide, unit=unit, value=value)
 
 
 def wire_name(nuclide: str) -> str:
@@ -131,16 +115,7 @@ class Crc15rDriver(SerialDevice):
         if is_error_body(body):
             raise DeviceRefused(f"CRC-15R refused {self._request!r}: {body.decode('ascii')}")
         report = parse_report(body)
-        self._check_not_frozen(body)
-        return Reading(
-            device=self.device,
-            nuclide=report.nuclide,
-            activity_bq=report.activity_bq,
-            raw_value=report.value,
-            unit=report.unit,
-            timestamp_ns=time.time_ns(),
-            raw_frame=frame,
-        )
+        return self._reading(report, frame, body)
 
     async def select_nuclide(self, name: str) -> None:
         """Always refused: the CRC-15R serial output is read-only (assumption, see module doc)."""

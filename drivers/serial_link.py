@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import time
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from types import TracebackType
@@ -23,7 +24,8 @@ from typing import Any, ClassVar, Concatenate, ParamSpec, TypeVar
 import serial
 import serial_asyncio_fast
 
-from drivers.records import DeviceDisconnected, DeviceTimeout, DriverError, FrameError
+from controller.units import to_bq
+from drivers.records import DeviceDisconnected, DeviceTimeout, DriverError, FrameError, Reading
 
 #: How long `close()` waits for the transport to confirm it let go of the port.
 _CLOSE_GRACE_S = 2.0
@@ -70,9 +72,17 @@ def as_bytes(value: bytes | str) -> bytes:
 
 
 class _ReceiveBuffer(asyncio.Protocol):
-    """Collects received bytes and wakes whoever waits for more."""
+    """Collects received bytes and wakes whoever waits for more.
 
-    def __init__(self) -> None:
+    The buffer is capped at `limit` bytes, keeping the newest: bytes can arrive while no read
+    is pending (a device babbling between polls, a serial server replaying garbage), and
+    without a cap they would be held in full. Anything older than the cap cannot belong to a
+    valid frame, which is at most a quarter of it; the overlong check in `read_until` still
+    reports the garbage as a FrameError.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
         self.data = bytearray()
         self.lost = False
         self.lost_reason: BaseException | None = None
@@ -81,6 +91,8 @@ class _ReceiveBuffer(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.data += data
+        if len(self.data) > self.limit:
+            del self.data[: len(self.data) - self.limit]
         self._changed.set()
 
     def eof_received(self) -> bool:
@@ -121,7 +133,7 @@ class SerialLink:
     async def open(self, timeout_s: float) -> None:
         """Open the port; any failure becomes DeviceDisconnected naming the URL and the cause."""
         await self.close()
-        rx = _ReceiveBuffer()
+        rx = _ReceiveBuffer(limit=4 * self.max_frame_bytes)
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(timeout_s):
@@ -205,6 +217,22 @@ class SerialLink:
             raise FrameError(f"frame longer than {self.max_frame_bytes} bytes, no terminator yet", garbage[:64])
 
 
+@dataclass(frozen=True, slots=True)
+class DisplayedActivity:
+    """What a calibrator's display showed, as parsed from its frame; becquerel derived from it.
+
+    Kept separate from `Reading` so the pure parsers can be fuzzed without a device, time or frame.
+    """
+
+    nuclide: str
+    value: float
+    unit: str
+
+    @property
+    def activity_bq(self) -> float:
+        return to_bq(self.value, self.unit)
+
+
 class SerialDevice:
     """Base of a driver for one instrument on one serial link.
 
@@ -267,6 +295,19 @@ class SerialDevice:
     async def _ensure_open(self) -> None:
         if not self.link.is_open:
             await self.connect()
+
+    def _reading(self, shown: DisplayedActivity, frame: bytes, payload: bytes) -> Reading:
+        """The Reading for a parsed display, once the frozen-value check on `payload` passed."""
+        self._check_not_frozen(payload)
+        return Reading(
+            device=self.device,
+            nuclide=shown.nuclide,
+            activity_bq=shown.activity_bq,
+            raw_value=shown.value,
+            unit=shown.unit,
+            timestamp_ns=time.time_ns(),
+            raw_frame=frame,
+        )
 
     def _check_not_frozen(self, payload: bytes) -> None:
         """Raise FrozenValueError once a payload repeats more than the configured count."""

@@ -20,31 +20,18 @@ from __future__ import annotations
 
 import math
 import re
-import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from controller.nuclides import normalize_name
-from controller.units import UnitError, canonical_unit, to_bq
+from controller.units import UnitError, canonical_unit
 from drivers.records import DeviceRefused, FrameError, Reading
-from drivers.serial_link import SerialDevice, SerialSettings, as_bytes, exclusive
+from drivers.serial_link import DisplayedActivity, SerialDevice, SerialSettings, as_bytes, exclusive
 
 _LINE = re.compile(rb"^ *([A-Za-z]{1,2}-?\d{1,3}m?) *: *(-?(?:\d+\.?\d*|\.\d+)) +([A-Za-z]{1,4}) *$")
 
 
-@dataclass(frozen=True, slots=True)
-class VdcLine:
-    nuclide: str
-    value: float
-    unit: str
-
-    @property
-    def activity_bq(self) -> float:
-        return to_bq(self.value, self.unit)
-
-
-def parse_line(frame: bytes, terminator: bytes = b"\r\n") -> VdcLine:
+def parse_line(frame: bytes, terminator: bytes = b"\r\n") -> DisplayedActivity:
     """Decode one streamed line (terminator included) into nuclide, value and unit."""
     if not frame.endswith(terminator):
         raise FrameError("VDC-404 line without terminator", frame)
@@ -59,7 +46,7 @@ def parse_line(frame: bytes, terminator: bytes = b"\r\n") -> VdcLine:
         nuclide = normalize_name(match.group(1).decode("ascii"))
     except (UnitError, ValueError) as exc:
         raise FrameError(f"VDC-404 line unreadable ({exc})", frame) from None
-    return VdcLine(nuclide=nuclide, value=value, unit=unit)
+    return DisplayedActivity(nuclide=nuclide, value=value, unit=unit)
 
 
 class Vdc404Driver(SerialDevice):
@@ -91,16 +78,7 @@ class Vdc404Driver(SerialDevice):
             await self.link.read_until(self._terminator, self.timeout_s)  # tail of a cut line
         frame = await self.link.read_until(self._terminator, self.timeout_s)
         line = parse_line(frame, self._terminator)
-        self._check_not_frozen(frame)
-        return Reading(
-            device=self.device,
-            nuclide=line.nuclide,
-            activity_bq=line.activity_bq,
-            raw_value=line.value,
-            unit=line.unit,
-            timestamp_ns=time.time_ns(),
-            raw_frame=frame,
-        )
+        return self._reading(line, frame, frame)
 
     async def select_nuclide(self, name: str) -> None:
         """Always refused: in PC mode the VDC-404 only talks, it does not listen."""
