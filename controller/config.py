@@ -36,6 +36,18 @@ SERIAL_URL_SCHEMES: tuple[str, ...] = ("socket", "rfc2217")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _NAME_RULE = "1-64 characters: letters, digits, '_', '-', '.', starting with a letter or digit"
 
+#: Operator roles, least privileged first: a role may do everything a role before it may.
+ROLES: tuple[str, ...] = ("operator", "qc_officer", "admin")
+#: MQTT control commands (controller/commands.py) and the least role each needs unless [commands.min_role] says otherwise.
+DEFAULT_MIN_ROLE: dict[str, str] = {
+    "start_elution": "operator",
+    "abort": "operator",
+    "acknowledge_fault": "operator",
+    "select_nuclide": "operator",
+}
+#: A command token shorter than this is guessable by brute force over MQTT; refuse it at load time.
+MIN_TOKEN_CHARS = 16
+
 
 class ConfigError(ValueError):
     """A config problem; `str()` is the full, user-facing message (file, key path, problem, what is allowed)."""
@@ -180,6 +192,27 @@ class ServiceConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class OperatorConfig:
+    """[[operator]]: a person who may send control commands, with the token that proves it is them."""
+
+    name: str
+    role: str
+    token: Secret
+
+
+@dataclass(frozen=True, slots=True)
+class CommandsConfig:
+    """[commands]: where command attempts are audited and which role each command needs."""
+
+    #: The hash-chained audit trail; None means `<state_dir>/audit.jsonl`.
+    audit_path: Path | None = None
+    min_role: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_MIN_ROLE))
+
+    def resolved_audit_path(self, state_dir: Path) -> Path:
+        return self.audit_path if self.audit_path is not None else state_dir / "audit.jsonl"
+
+
+@dataclass(frozen=True, slots=True)
 class LabConfig:
     site: str
     devices: tuple[DeviceConfig, ...]
@@ -192,6 +225,9 @@ class LabConfig:
     #: The [qc] table as written (validated at load by controller.qc.engine.QcConfig; see docs/qc.md).
     qc: dict[str, Any] = field(default_factory=dict)
     source: Path | None = None
+    #: [[operator]] entries; without any, every control command is refused (and audited).
+    operators: tuple[OperatorConfig, ...] = ()
+    commands: CommandsConfig = field(default_factory=CommandsConfig)
 
 
 class _Table:
@@ -369,10 +405,59 @@ def parse_config(data: Mapping[str, Any], *, file: str = "<config>", base_dir: P
     history_path = _parse_history(root.table("history"), root)
     qc_table = root.table("qc")
     qc = _parse_qc(qc_table) if qc_table is not None else {}
+    operators = _parse_operators(root)
+    commands = _parse_commands(root.table("commands"))
     root.finish()
     assert site is not None
     return LabConfig(site=site, devices=devices, outbox=outbox, service=service, mqtt=mqtt, influx=influx,
-                     history_path=history_path, qc=qc, source=source)
+                     history_path=history_path, qc=qc, source=source, operators=operators, commands=commands)
+
+
+def _parse_operators(root: _Table) -> tuple[OperatorConfig, ...]:
+    raw = root._raw("operator", False)
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise root.error("operator", f"must be an array of tables ([[operator]]), got {_describe(raw)}")
+    operators: list[OperatorConfig] = []
+    for index, item in enumerate(raw):
+        if not isinstance(item, Mapping):
+            raise root.error(f"operator[{index}]", f"must be a table, got {_describe(item)}")
+        table = _Table(item, f"operator[{index}]", root.file, root.base_dir)
+        name = table.string("name", required=True, pattern=_NAME, rule=_NAME_RULE)
+        role = table.string("role", required=True, choices=ROLES)
+        token = table.secret("token", required=True)
+        table.finish()
+        assert name is not None and role is not None and token is not None
+        if len(token.reveal()) < MIN_TOKEN_CHARS:
+            raise table.error("token_env" if token.origin.startswith("$") else "token_file",
+                              f"the token from {token.origin} has {len(token.reveal())} characters; at least "
+                              f"{MIN_TOKEN_CHARS} are needed (e.g. `openssl rand -hex 32`)")
+        for other in operators:
+            if other.name == name:
+                raise table.error("name", f"duplicate operator {name!r}; every operator needs one entry")
+            if other.token == token:
+                # Two people sharing a token could not be told apart in the audit trail.
+                raise table.error(None, f"operator {name!r} has the same token as {other.name!r}; "
+                                        "every operator needs their own token")
+        operators.append(OperatorConfig(name=name, role=role, token=token))
+    return tuple(operators)
+
+
+def _parse_commands(table: _Table | None) -> CommandsConfig:
+    if table is None:
+        return CommandsConfig()
+    audit_path = table.path_value("audit_path")
+    min_role = dict(DEFAULT_MIN_ROLE)
+    roles_table = table.table("min_role")
+    if roles_table is not None:
+        for action in DEFAULT_MIN_ROLE:
+            role = roles_table.string(action, choices=ROLES)
+            if role is not None:
+                min_role[action] = role
+        roles_table.finish()
+    table.finish()
+    return CommandsConfig(audit_path=audit_path, min_role=min_role)
 
 
 def _parse_devices(root: _Table) -> tuple[DeviceConfig, ...]:

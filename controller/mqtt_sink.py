@@ -3,7 +3,8 @@
 One aiomqtt Client (aiomqtt 2.x has no automatic reconnect) is entered again and again by
 a reconnect loop with exponential backoff and full jitter. Per connection:
 
-1. publish the retained controller status "online" (the Last Will, set at CONNECT, turns
+1. subscribe to the command topics when a command router is attached (below), then
+   publish the retained controller status "online" (the Last Will, set at CONNECT, turns
    it into "offline" if the controller dies or the network drops: MQTT 3.1.1 §3.1.2.5);
 2. publish `outbox.pending("mqtt")` in `seq` order with QoS 1, keeping up to
    `inflight_window` PUBLISHes unacknowledged at once for throughput; paho sends them in
@@ -17,6 +18,13 @@ consumers de-duplicate on the payload's `msg_id` (see docs/mqtt.md).
 Device statuses are published retained so a dashboard that subscribes later still sees
 each device's last state; readings, elutions and QC results are not retained (a late
 subscriber must not mistake an old reading for a live one).
+
+Control commands (controller/commands.py) arrive on the same client: with a router attached,
+each connection subscribes to the command topics (QoS 1; the session is clean, so this is
+repeated on every reconnect and commands sent while the controller was away are not
+queued up to run later) and hands every received message to the router. Replies are
+published through this client too, concurrently with the outbox publishes: they do not
+pass through the outbox, so they never reorder or delay the data path's sequence.
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ import random
 import ssl
 import time
 from collections import deque
-from typing import Any
+from typing import Any, Protocol
 
 import aiomqtt
 
@@ -64,6 +72,14 @@ def controller_status_payload(site: str, client_id: str, state: str, reason: str
     return payload | extra
 
 
+class CommandRouter(Protocol):
+    """Receives command messages (controller.commands.CommandHandler)."""
+
+    topic_filter: str
+
+    async def submit(self, topic: str, payload: bytes, retain: bool) -> None: ...
+
+
 def _encode(payload: dict[str, Any]) -> bytes:
     return json.dumps(payload, separators=(",", ":"), allow_nan=False).encode("utf-8")
 
@@ -89,7 +105,24 @@ class MqttSink:
         self._drain_deadline: float | None = None
         self._alarm: dict[str, Any] | None = None
         self._alarm_sent: dict[str, Any] | None = None
+        self._commands: CommandRouter | None = None
         self._client = self._make_client()
+
+    def route_commands(self, router: CommandRouter) -> None:
+        """Subscribe to `router.topic_filter` on every connection and hand it each message received."""
+        self._commands = router
+
+    async def publish_reply(self, topic: str, payload: dict[str, Any]) -> bool:
+        """Publish a command reply (QoS 1, not retained); False if not connected or not acknowledged."""
+        if not self.connected.is_set():
+            return False
+        try:
+            await self._client.publish(topic, _encode(payload), qos=QOS_DATA, retain=False,
+                                       timeout=self.publish_timeout_s)
+        except aiomqtt.MqttError as exc:
+            log.warning("mqtt: reply on %s not published: %s", topic, exc)
+            return False
+        return True
 
     def notify(self) -> None:
         """New messages were committed: wake the publisher."""
@@ -192,8 +225,11 @@ class MqttSink:
     async def _session(self, client: aiomqtt.Client) -> None:
         online = controller_status_payload(self.site, self.config.client_id, "online", "connected",
                                            time.time_ns(), pid=os.getpid())
+        if self._commands is not None:
+            # Before "online": a client that sees the controller online can send commands at once.
+            await client.subscribe(self._commands.topic_filter, qos=QOS_DATA)
         await client.publish(self.status_topic, _encode(online), qos=QOS_DATA, retain=True)
-        watcher = asyncio.ensure_future(self._watch_disconnect(client))
+        watcher = asyncio.ensure_future(self._receive(client))
         inflight: deque[tuple[int, asyncio.Future[None]]] = deque()
         last_issued = 0
         try:
@@ -248,11 +284,21 @@ class MqttSink:
                 await self.outbox.ack(SINK, acked)
                 self.published += len(acked)
 
-    @staticmethod
-    async def _watch_disconnect(client: aiomqtt.Client) -> None:
-        """aiomqtt only reports a lost connection to waiters; the message iterator is its public signal."""
-        async for _message in client.messages:
-            pass
+    async def _receive(self, client: aiomqtt.Client) -> None:
+        """Route commands; this loop is also how a lost connection surfaces (aiomqtt only tells waiters).
+
+        `submit` waits while the command handler is saturated, so a flood of commands slows this
+        loop (aiomqtt buffers meanwhile) instead of growing an unbounded backlog of tasks.
+        """
+        async for message in client.messages:
+            if self._commands is None:
+                continue
+            raw = message.payload
+            payload = bytes(raw) if isinstance(raw, (bytes, bytearray)) else str(raw if raw is not None else "").encode()
+            try:
+                await self._commands.submit(str(message.topic), payload, bool(message.retain))
+            except Exception:  # a router bug must not be mistaken for a lost connection
+                log.exception("mqtt: command router failed on %s", message.topic)
 
     async def _publish_alarm(self, client: aiomqtt.Client) -> None:
         if self._alarm is not None and self._alarm is not self._alarm_sent:

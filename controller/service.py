@@ -18,7 +18,12 @@ Rules this module enforces:
   hotlab/<site>/controller/alarm and a warning to the log; when it is full the supervisor
   holds the device's data and retries (see controller/supervisor.py).
 * One controller per outbox (an flock), so two processes never send the same backlog.
-* Shutdown (SIGINT/SIGTERM or `--duration`): stop reading devices (the item in hand is
+* Control commands from MQTT (controller/commands.py) reach a device only through its source,
+  which holds one lock per device around connect, read, close and every command, so a
+  command and a poll never interleave on the wire and a failed command leaves polling alone.
+  Every attempt is audited in `[commands] audit_path` (default `<state_dir>/audit.jsonl`).
+* Shutdown (SIGINT/SIGTERM or `--duration`): refuse new commands and let those in progress
+  finish, stop reading devices (the item in hand is
   committed), commit an "offline" status per device, give the sinks `drain_timeout_s` to
   send the backlog, publish the controller's offline status, close the outbox. What was not
   sent stays on disk and goes first after the next start.
@@ -40,6 +45,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from controller.audit import AuditKeyError, AuditLog, load_hmac_key
+from controller.commands import Authoriser, CommandHandler, CommandTarget
 from controller.config import (
     DeviceConfig,
     InfluxSection,
@@ -60,6 +67,7 @@ from controller.mqtt_sink import SINK as MQTT_SINK
 from controller.mqtt_sink import MqttSink
 from controller.outbox import AsyncOutbox, Outbox, OutboxFull
 from controller.supervisor import Backoff, DeviceState, DeviceSupervisor, Item, Source
+from drivers.elution_station import CommandOutcome
 from drivers.records import ElutionRecord, Reading
 
 log = logging.getLogger(__name__)
@@ -150,21 +158,42 @@ class CalibratorSource:
         self.driver = driver_class(url, device.name, timeout_s=device.timeout_s, **device.options)
         self.streaming = bool(getattr(driver_class, "streaming", False))
         self.nuclide = device.nuclide
+        #: The nuclide of the last reading, i.e. what the calibrator is set to as far as we know.
+        self.last_nuclide: str | None = device.nuclide
+        #: One user of the serial line at a time: the supervisor's polling or a command.
+        self.access = asyncio.Lock()
 
     async def connect(self) -> None:
-        await self.driver.connect()
+        async with self.access:
+            await self.driver.connect()
 
     async def read(self) -> Sequence[Item]:
-        reading: Reading = await self.driver.read()
+        async with self.access:
+            reading: Reading = await self.driver.read()
         if reading.nuclide is None and self.nuclide is not None:
             reading = dataclasses.replace(reading, nuclide=self.nuclide)
+        self.last_nuclide = reading.nuclide
         return [reading]
 
     async def delivered(self, items: Sequence[Item]) -> None:
         """A calibrator shows its value once; there is nothing to confirm."""
 
     async def close(self) -> None:
-        await self.driver.close()
+        async with self.access:
+            await self.driver.close()
+
+    async def select_nuclide(self, nuclide: str) -> tuple[str | None, str]:
+        """Set the calibrator to `nuclide`; from then on its unlabelled readings carry that nuclide.
+
+        Returns (nuclide before, nuclide after) for the audit trail.
+        """
+        async with self.access:
+            before = self.last_nuclide
+            await self.driver.select_nuclide(nuclide)
+            # The configured label must follow, or readings whose frame names no nuclide (e.g. a
+            # VIK-202 factor missing from the driver's table) would keep the nuclide set before.
+            self.nuclide = self.last_nuclide = nuclide
+        return before, nuclide
 
 
 class StationSource:
@@ -196,12 +225,17 @@ class StationSource:
             device.station, link, timeout_s=device.timeout_s,
             last_counter_path=state_dir / f"{device.name}.last_counter", **device.options,
         )
+        #: One user of the Modbus link at a time: the supervisor's polling or a command (which
+        #: reads the state, writes, and reads the acknowledgement back as one unit).
+        self.access = asyncio.Lock()
 
     async def connect(self) -> None:
-        await self.driver.connect()
+        async with self.access:
+            await self.driver.connect()
 
     async def read(self) -> Sequence[Item]:
-        poll = await self.driver.poll()
+        async with self.access:
+            poll = await self.driver.poll()
         return list(poll.finished)
 
     async def delivered(self, items: Sequence[Item]) -> None:
@@ -210,7 +244,20 @@ class StationSource:
                 await self.driver.mark_delivered(item)
 
     async def close(self) -> None:
-        await self.driver.close()
+        async with self.access:
+            await self.driver.close()
+
+    async def start_elution(self, volume_ml: float, *, user: str, reason: str) -> CommandOutcome:
+        async with self.access:
+            return await self.driver.start_elution(volume_ml, user=user, reason=reason)
+
+    async def abort(self, *, user: str, reason: str) -> CommandOutcome:
+        async with self.access:
+            return await self.driver.abort(user=user, reason=reason)
+
+    async def acknowledge_fault(self, *, user: str, reason: str) -> CommandOutcome:
+        async with self.access:
+            return await self.driver.acknowledge_fault(user=user, reason=reason)
 
 
 def driver_source(device: DeviceConfig, state_dir: Path) -> Source:
@@ -238,6 +285,8 @@ class ControllerService:
         self.outbox: AsyncOutbox | None = None
         self.mqtt: MqttSink | None = None
         self.supervisors: dict[str, DeviceSupervisor] = {}
+        self.commands: CommandHandler | None = None
+        self._audit_key: bytes | None = None
         self.committed = 0
         self._alarm_active = False
         self._full_count = 0
@@ -262,6 +311,10 @@ class ControllerService:
     async def _run_locked(self, stop: asyncio.Event) -> None:
         cfg = self.config
         try:
+            self._audit_key = await asyncio.to_thread(load_hmac_key)
+        except AuditKeyError as exc:
+            raise ServiceError(f"audit trail: {exc}") from exc
+        try:
             sync_outbox = await asyncio.to_thread(Outbox, cfg.outbox.path, self.sink_names, cfg.outbox.max_bytes)
         except (sqlite3.Error, OSError) as exc:
             raise ServiceError(f"cannot open the outbox {cfg.outbox.path}: {exc}") from exc
@@ -283,6 +336,8 @@ class ControllerService:
         finally:
             log.info("stopping: %d device task(s), draining sinks for up to %.1f s", len(device_tasks),
                      cfg.service.drain_timeout_s)
+            if self.commands is not None:
+                await self.commands.close()
             await self._stop_devices(device_tasks)
             await self._commit_final_statuses()
             monitor.cancel()
@@ -347,6 +402,8 @@ class ControllerService:
         sinks: list[_SinkRunner] = []
         if cfg.mqtt is not None:
             self.mqtt = MqttSink(cfg.mqtt, cfg.site, outbox, backoff=self.backoff)
+            self.commands = self._command_handler(self.mqtt)
+            self.mqtt.route_commands(self.commands)
             sinks.append(_SinkRunner(MQTT_SINK, self.mqtt.run, self.mqtt.drain, self_draining=True))
             self._wake.append(self.mqtt.notify)
         else:
@@ -357,6 +414,24 @@ class ControllerService:
         if cfg.history_path is not None:
             sinks.append(_history_runner(cfg.history_path, outbox))
         return sinks
+
+    def _command_handler(self, mqtt: MqttSink) -> CommandHandler:
+        """Commands need MQTT (they arrive there); without [[operator]]s every one is refused, and audited."""
+        cfg = self.config
+        audit_path = cfg.commands.resolved_audit_path(cfg.service.state_dir)
+        if not cfg.operators:
+            log.warning("no [[operator]] configured: every MQTT control command will be refused (and audited)")
+        handler = CommandHandler(cfg.site, Authoriser(cfg.operators, cfg.commands.min_role),
+                                 AuditLog(audit_path, key=self._audit_key), mqtt.publish_reply, self._command_target)
+        log.info("control commands on %s, audited in %s", handler.topic_filter, audit_path)
+        return handler
+
+    def _command_target(self, device_name: str) -> CommandTarget | None:
+        supervisor = self.supervisors.get(device_name)
+        device = next((d for d in self.config.devices if d.name == device_name), None)
+        if supervisor is None or device is None:
+            return None
+        return CommandTarget(device, supervisor.source, lambda: supervisor.up)  # type: ignore[arg-type]
 
     async def _await_sinks(self, tasks: list[asyncio.Task[Any]]) -> None:
         if not tasks:

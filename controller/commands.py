@@ -1,0 +1,612 @@
+"""MQTT control commands: validate, authenticate, authorise, audit, execute, reply.
+
+A command is a QoS 1 PUBLISH to hotlab/<site>/<station>/<device>/cmd/<action> carrying
+`hotlab.command/1` JSON (controller/schemas/command.json); the answer goes to the same topic
+plus `/reply` (`hotlab.command_reply/1`, QoS 1, not retained). docs/mqtt.md has the contract.
+
+Rules this module enforces, in this order:
+
+1. Parse strictly: payload at most MAX_PAYLOAD_BYTES, UTF-8, one JSON object without duplicate
+   keys or NaN/Infinity, exactly the envelope keys, an action the device's family knows, and
+   arguments of the right type and range. A retained command is refused: the broker would hand
+   it to the controller again on every reconnect and it would run again.
+2. Authenticate: the claimed `user` must be an [[operator]] and `token` must equal that
+   operator's secret (hmac.compare_digest, so the time taken does not reveal how much of a
+   guess was right). Authorise: the operator's role must be at least [commands.min_role].
+3. Audit every attempt in the hash-chained trail (controller/audit.py), including malformed
+   and unauthorised ones, with the claimed user as actor. Audit first: an authorised command
+   gets an intent record ("requested") before anything is sent to the device, and is not
+   executed at all if that record cannot be written (fail closed); its result follows as a
+   second record. A crash mid-command therefore still leaves who asked for what, and why.
+4. Execute through the device's source (controller/service.py), which serialises commands
+   with the device's polling on one lock, so the two never interleave on the wire.
+5. Reply. Replies are not stored in the outbox: the audit trail is the durable record, and a
+   requester that lost a reply re-sends the same `request_id`, which is answered from memory
+   (outcome of the first attempt, `duplicate: true`) and never executed twice. That also
+   covers a QoS 1 redelivery of the command itself.
+
+Tokens never appear in a log line, an audit record or a reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import math
+import re
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, Protocol
+
+from controller.audit import (
+    ELUTION_ABORT,
+    ELUTION_START,
+    FAULT_ACKNOWLEDGE,
+    AuditError,
+    AuditLog,
+    AuditRecord,
+)
+from controller.config import ROLES, DeviceConfig, OperatorConfig
+from controller.messages import TOPIC_ROOT, iso_utc
+from drivers.elution_station import (
+    CommandOutcome,
+    CommandOutcomeUnknown,
+    CommandRefused,
+    NotAuthorised,
+)
+from drivers.records import DeviceRefused, DriverError
+
+log = logging.getLogger(__name__)
+
+COMMAND_SCHEMA = "hotlab.command/1"
+REPLY_SCHEMA = "hotlab.command_reply/1"
+#: Commands are a few hundred bytes; anything larger is a mistake or an attack on the parser.
+MAX_PAYLOAD_BYTES = 4096
+#: Controller-side sanity bound on an elution volume; the station refuses volumes outside its
+#: generator's own range (e.g. 1-10 mL for a Ge-68/Ga-68 generator) with a precise reason.
+MAX_VOLUME_ML = 50.0
+MAX_REASON_CHARS = 500
+MAX_TOKEN_CHARS = 256
+
+STATION_ACTIONS: tuple[str, ...] = ("start_elution", "abort", "acknowledge_fault")
+CALIBRATOR_ACTIONS: tuple[str, ...] = ("select_nuclide",)
+#: The audit trail's action names (dotted, controller/audit.py) for each command.
+AUDIT_ACTIONS: dict[str, str] = {
+    "start_elution": ELUTION_START,
+    "abort": ELUTION_ABORT,
+    "acknowledge_fault": FAULT_ACKNOWLEDGE,
+    "select_nuclide": "calibrator.select_nuclide",
+}
+#: Audit action of an attempt whose topic names no command this controller knows.
+UNKNOWN_AUDIT_ACTION = "command.unknown"
+#: Who the audit trail names when a payload claims no readable user.
+UNKNOWN_ACTOR = "unknown"
+#: Audit reason when the attempt gave none (the audit trail requires one; Annex 11 §9).
+NO_REASON = "(no reason given)"
+
+_ENVELOPE_KEYS = frozenset({"schema", "request_id", "user", "token", "reason", "args"})
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+_USER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+#: How many answered request ids are remembered for duplicate detection, per controller.
+_REMEMBERED_REQUESTS = 1024
+
+
+class Outcome(StrEnum):
+    REQUESTED = "requested"  # intent record, written before the device is touched
+    EXECUTED = "executed"
+    REFUSED = "refused"  # not carried out: device state, device refusal, device offline
+    UNAUTHORISED = "unauthorised"  # unknown user, wrong or missing token, or role not allowed
+    MALFORMED = "malformed"
+    UNCONFIRMED = "unconfirmed"  # sent, but whether the device carried it out is unknown: check the device
+    FAILED = "failed"  # not carried out: the audit trail could not be written (commands fail closed)
+    DUPLICATE = "duplicate"  # audit only: a request id seen before, answered with the first outcome, not run again
+
+
+class CommandRejected(Exception):
+    """A command that is answered without touching the device; `outcome` says why."""
+
+    outcome = Outcome.MALFORMED
+
+
+class MalformedCommand(CommandRejected):
+    """Topic or payload is not a valid command; the message says exactly what is wrong."""
+
+
+class Unauthorised(CommandRejected):
+    """Not authenticated (unknown user, wrong token) or the role may not run the action."""
+
+    outcome = Outcome.UNAUTHORISED
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """A well-formed command (not yet authenticated)."""
+
+    request_id: str
+    user: str
+    token: str
+    reason: str
+    action: str
+    args: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """What an attempt said about itself, read leniently for the audit trail even from a bad payload."""
+
+    actor: str = UNKNOWN_ACTOR
+    reason: str = NO_REASON
+    request_id: str | None = None
+
+    @classmethod
+    def read(cls, payload: bytes) -> Claim:
+        try:
+            body = json.loads(payload) if len(payload) <= MAX_PAYLOAD_BYTES else None
+        except (ValueError, RecursionError):
+            return cls()
+        if not isinstance(body, dict):
+            return cls()
+
+        def text(key: str, limit: int) -> str | None:
+            value = body.get(key)
+            return (value.strip()[:limit] or None) if isinstance(value, str) else None
+
+        request_id = text("request_id", 64)
+        return cls(actor=text("user", 64) or UNKNOWN_ACTOR, reason=text("reason", MAX_REASON_CHARS) or NO_REASON,
+                   request_id=request_id if request_id and _REQUEST_ID.match(request_id) else None)
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def command_topic_filter(site: str) -> str:
+    """The subscription that catches every command for this site (and not the replies: one level more)."""
+    return f"{TOPIC_ROOT}/{site}/+/+/cmd/+"
+
+
+def reply_topic(command_topic: str) -> str:
+    return f"{command_topic}/reply"
+
+
+def actions_for(device: DeviceConfig) -> tuple[str, ...]:
+    return STATION_ACTIONS if device.is_station else CALIBRATOR_ACTIONS
+
+
+def parse_topic(site: str, topic: str) -> tuple[str, str, str]:
+    """(station, device, action) of hotlab/<site>/<station>/<device>/cmd/<action>."""
+    levels = topic.split("/")
+    if len(levels) != 6 or levels[0] != TOPIC_ROOT or levels[1] != site or levels[4] != "cmd":
+        raise MalformedCommand(f"topic {topic!r} is not {TOPIC_ROOT}/{site}/<station>/<device>/cmd/<action>")
+    return levels[2], levels[3], levels[5]
+
+
+def _reject_constant(name: str) -> float:
+    raise MalformedCommand(f"payload contains {name}, which is not JSON (RFC 8259 §6)")
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    body: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in body:
+            raise MalformedCommand(f"key {key!r} appears twice; which one was meant is ambiguous")
+        body[key] = value
+    return body
+
+
+def decode_json(payload: bytes) -> dict[str, Any]:
+    """One strict JSON object from at most MAX_PAYLOAD_BYTES of UTF-8."""
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        raise MalformedCommand(f"payload has {len(payload)} bytes; at most {MAX_PAYLOAD_BYTES} are accepted")
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise MalformedCommand(f"payload is not UTF-8 (byte {exc.start})") from None
+    try:
+        body = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_no_duplicate_keys)
+    except json.JSONDecodeError as exc:
+        raise MalformedCommand(f"payload is not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except RecursionError:
+        raise MalformedCommand("payload nests too deeply") from None
+    if not isinstance(body, dict):
+        raise MalformedCommand(f"payload must be a JSON object, got {_json_type(body)}")
+    return body
+
+
+def parse_command(payload: bytes, action: str, device: DeviceConfig) -> Command:
+    """Validate `payload` as `action` for `device`; raise MalformedCommand naming the first problem.
+
+    A command that is complete except for its token raises Unauthorised instead.
+    """
+    allowed = actions_for(device)
+    if action not in allowed:
+        kind = "an elution station" if device.is_station else "a dose calibrator"
+        raise MalformedCommand(f"{action!r} is not a command for {device.name} ({kind}); allowed: {', '.join(allowed)}")
+    body = decode_json(payload)
+    missing = sorted(_ENVELOPE_KEYS - body.keys() - {"token"})
+    if missing:
+        raise MalformedCommand(f"missing key(s): {', '.join(missing)}")
+    unknown = sorted(body.keys() - _ENVELOPE_KEYS)
+    if unknown:
+        raise MalformedCommand(f"unknown key(s): {', '.join(unknown)}; allowed: {', '.join(sorted(_ENVELOPE_KEYS))}")
+    if body["schema"] != COMMAND_SCHEMA:
+        raise MalformedCommand(f"schema must be {COMMAND_SCHEMA!r}, got {_brief(body['schema'])}")
+    request_id = _string(body, "request_id", 64)
+    if not _REQUEST_ID.match(request_id):
+        raise MalformedCommand("request_id must be 1-64 characters: letters, digits, '_', '.', ':', '-' (a UUID works)")
+    user = _string(body, "user", 64)
+    if not _USER.match(user):
+        raise MalformedCommand("user must be an operator name: 1-64 letters, digits, '_', '-', '.'")
+    if body.get("token") in (None, ""):
+        # Well-formed otherwise, but without credentials: an authentication failure, not a syntax error.
+        raise Unauthorised(f"command by {user!r} carries no token; every control command must be authenticated")
+    token = _string(body, "token", MAX_TOKEN_CHARS)
+    reason = _string(body, "reason", MAX_REASON_CHARS).strip()
+    if not reason:
+        raise MalformedCommand("reason must say why (it goes into the audit trail)")
+    if _CONTROL_CHARS.search(reason):
+        raise MalformedCommand("reason must not contain control characters")
+    args = body["args"]
+    if not isinstance(args, dict):
+        raise MalformedCommand(f"args must be a JSON object, got {_json_type(args)}")
+    return Command(request_id, user, token, reason, action, _parse_args(action, args))
+
+
+def _parse_args(action: str, args: dict[str, Any]) -> dict[str, Any]:
+    expected = {"start_elution": {"volume_ml"}, "select_nuclide": {"nuclide"}}.get(action, set())
+    if args.keys() != expected:
+        wanted = ", ".join(sorted(expected)) or "none (use {})"
+        raise MalformedCommand(f"args of {action} must be exactly: {wanted}; got: {', '.join(sorted(args)) or 'none'}")
+    if action == "start_elution":
+        volume = args["volume_ml"]
+        if isinstance(volume, bool) or not isinstance(volume, (int, float)) or not math.isfinite(volume):
+            raise MalformedCommand(f"args.volume_ml must be a number of millilitres, got {_json_type(volume)}")
+        if not 0.0 < volume <= MAX_VOLUME_ML:
+            raise MalformedCommand(f"args.volume_ml must be > 0 and <= {MAX_VOLUME_ML:g} mL, got {volume!r}")
+        return {"volume_ml": float(volume)}
+    if action == "select_nuclide":
+        from controller.nuclides import UnknownNuclideError, get_nuclide
+
+        text = _string(args, "nuclide", 32, where="args.nuclide")
+        try:
+            return {"nuclide": get_nuclide(text).name}
+        except UnknownNuclideError as exc:
+            raise MalformedCommand(f"args.nuclide: {exc}") from None
+    return {}
+
+
+def _string(body: Mapping[str, Any], key: str, limit: int, *, where: str | None = None) -> str:
+    value = body[key]
+    name = where or key
+    if not isinstance(value, str) or not value:
+        raise MalformedCommand(f"{name} must be a non-empty string, got {_json_type(value)}")
+    if len(value) > limit:
+        raise MalformedCommand(f"{name} has {len(value)} characters; at most {limit} are accepted")
+    return value
+
+
+def _json_type(value: Any) -> str:
+    names = {bool: "boolean", int: "integer", float: "number", str: "string", list: "array", dict: "object",
+             type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _brief(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, float) or math.isfinite(value) else str(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+# --------------------------------------------------------------------------- authorisation
+
+
+class Authoriser:
+    """Who may do what: [[operator]] tokens and [commands.min_role]."""
+
+    def __init__(self, operators: Sequence[OperatorConfig], min_role: Mapping[str, str]) -> None:
+        self._operators = {operator.name: operator for operator in operators}
+        self._min_role = dict(min_role)
+        # Compared against when the user is unknown, so an unknown name costs the same as a wrong token.
+        self._decoy = b"\0" * 64
+
+    def authorise(self, command: Command) -> OperatorConfig:
+        """The authenticated operator, or Unauthorised saying why (never how close a token was)."""
+        operator = self._operators.get(command.user)
+        expected = operator.token.reveal().encode() if operator is not None else self._decoy
+        token_ok = hmac.compare_digest(command.token.encode(), expected)
+        if operator is None or not token_ok:
+            raise Unauthorised(f"user {command.user!r} is not authenticated: unknown user or wrong token")
+        needed = self._min_role[command.action]
+        if ROLES.index(operator.role) < ROLES.index(needed):
+            raise Unauthorised(f"role {operator.role} of {operator.name!r} may not run {command.action}; "
+                               f"it needs {needed} or higher")
+        return operator
+
+
+# --------------------------------------------------------------------------- execution
+
+
+class StationControl(Protocol):
+    """What the service's elution-station source offers (drivers.elution_station semantics)."""
+
+    async def start_elution(self, volume_ml: float, *, user: str, reason: str) -> CommandOutcome: ...
+
+    async def abort(self, *, user: str, reason: str) -> CommandOutcome: ...
+
+    async def acknowledge_fault(self, *, user: str, reason: str) -> CommandOutcome: ...
+
+
+class CalibratorControl(Protocol):
+    """What the service's calibrator source offers: select a nuclide, return (old, new) nuclide."""
+
+    async def select_nuclide(self, nuclide: str) -> tuple[str | None, str]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class CommandTarget:
+    """A configured device that can take commands, and whether its supervisor has it online."""
+
+    device: DeviceConfig
+    control: StationControl | CalibratorControl
+    online: Callable[[], bool]
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    outcome: Outcome
+    error: str | None = None
+    old_value: Any = None
+    new_value: Any = None
+
+
+async def execute(target: CommandTarget, command: Command, operator: OperatorConfig) -> Result:
+    """Run an authorised command on its device and classify what happened."""
+    if not target.online():
+        return Result(Outcome.REFUSED, f"{target.device.name} is offline; the command was not sent")
+    try:
+        if target.device.is_station:
+            return await _execute_station(target.control, command, operator)  # type: ignore[arg-type]
+        return await _execute_calibrator(target.control, command)  # type: ignore[arg-type]
+    except Exception as exc:  # a driver bug: the requester still gets an answer and the trail an outcome
+        log.exception("command %s on %s: unexpected %s from the driver", command.action, target.device.name,
+                      type(exc).__name__)
+        return Result(Outcome.UNCONFIRMED, f"internal error in the {target.device.family} driver "
+                                           f"({type(exc).__name__}); check the device before retrying")
+
+
+async def _execute_station(control: StationControl, command: Command, operator: OperatorConfig) -> Result:
+    who = {"user": operator.name, "reason": command.reason}
+    try:
+        if command.action == "start_elution":
+            done = await control.start_elution(command.args["volume_ml"], **who)
+        elif command.action == "abort":
+            done = await control.abort(**who)
+        else:
+            done = await control.acknowledge_fault(**who)
+    except CommandRefused as exc:
+        state = exc.state.name.lower() if exc.state is not None else None
+        return Result(Outcome.REFUSED, exc.reason, {"state": state}, {"state": state})
+    except CommandOutcomeUnknown as exc:
+        return Result(Outcome.UNCONFIRMED, f"{exc}; check the station before retrying",
+                      {"state": exc.old_state.name.lower()}, {"state": None, "sequence": exc.seq})
+    except (DeviceRefused, NotAuthorised) as exc:
+        return Result(Outcome.REFUSED, str(exc))
+    except DriverError as exc:
+        # Usually the state read before the write failed (nothing sent), but a garbled reply to
+        # the write itself cannot be told apart from here: claim nothing that is not known.
+        return Result(Outcome.UNCONFIRMED, f"{type(exc).__name__}: {exc}; the command may or may not have "
+                                           "reached the station: check it before retrying")
+    return Result(Outcome.EXECUTED, None, {"state": done.old_state.name.lower()},
+                  {"state": done.new_state.name.lower(), "sequence": done.sequence})
+
+
+async def _execute_calibrator(control: CalibratorControl, command: Command) -> Result:
+    try:
+        old, new = await control.select_nuclide(command.args["nuclide"])
+    except DeviceRefused as exc:
+        return Result(Outcome.REFUSED, str(exc))
+    except DriverError as exc:
+        # A serial command may have been applied with only the reply lost: say so, never "failed".
+        return Result(Outcome.UNCONFIRMED, f"{type(exc).__name__}: {exc}; check the calibrator's nuclide setting")
+    return Result(Outcome.EXECUTED, None, {"nuclide": old}, {"nuclide": new})
+
+
+# --------------------------------------------------------------------------- the handler
+
+Publish = Callable[[str, dict[str, Any]], Awaitable[bool]]
+Lookup = Callable[[str], CommandTarget | None]
+
+
+class CommandHandler:
+    """Turns command messages into audited actions and replies; `submit` never raises.
+
+    At most `concurrency` commands are handled at once; `submit` waits for a slot, which
+    slows the MQTT receive loop rather than growing an unbounded backlog. Commands for one
+    device are serialised by that device's source lock, not here.
+    """
+
+    def __init__(self, site: str, authoriser: Authoriser, audit: AuditLog, publish: Publish, lookup: Lookup,
+                 *, concurrency: int = 8) -> None:
+        self.site = site
+        self.authoriser = authoriser
+        self.audit = audit
+        self.publish = publish
+        self.lookup = lookup
+        self.topic_filter = command_topic_filter(site)
+        self.handled = 0
+        self._slots = asyncio.Semaphore(concurrency)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._answers: OrderedDict[tuple[str, str], asyncio.Future[dict[str, Any]]] = OrderedDict()
+        self._stopping = False
+
+    async def submit(self, topic: str, payload: bytes, retain: bool) -> None:
+        """Accept one received message; it is handled in its own task."""
+        await self._slots.acquire()
+        task = asyncio.create_task(self._handle_in_slot(topic, payload, retain), name=f"command {topic}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self, timeout_s: float = 30.0) -> None:
+        """Refuse new commands from now on and wait (bounded) for those in progress."""
+        self._stopping = True
+        if self._tasks:
+            _done, late = await asyncio.wait(set(self._tasks), timeout=timeout_s)
+            for task in late:
+                log.error("command %s did not finish within %.0f s; cancelling it", task.get_name(), timeout_s)
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
+
+    async def _handle_in_slot(self, topic: str, payload: bytes, retain: bool) -> None:
+        try:
+            await self.handle(topic, payload, retain)
+        except Exception:  # a bug here must not end the subscriber; the audit/reply paths log their own failures
+            log.exception("command on %s: unexpected failure", topic)
+        finally:
+            self._slots.release()
+
+    async def handle(self, topic: str, payload: bytes, retain: bool = False) -> dict[str, Any]:
+        """Validate, authorise, audit, execute and answer one command; return the reply sent."""
+        self.handled += 1
+        claim = Claim.read(payload)
+        station, device, action = _topic_levels(topic)
+        target_name = f"{station}/{device}" if station and device else topic
+        audit_action = AUDIT_ACTIONS.get(action, UNKNOWN_AUDIT_ACTION)
+        context = _Context(topic, target_name, audit_action, action, station, device, claim)
+        try:
+            target = self._resolve(topic)
+            if retain:
+                raise MalformedCommand("retained commands are refused: the broker would deliver them again on "
+                                       "every reconnect and they would run again; publish with retain=false")
+            command = parse_command(payload, action, target.device)
+            context.claim = Claim(command.user, command.reason, command.request_id)
+            operator = self.authoriser.authorise(command)
+        except CommandRejected as exc:
+            log.warning("command %s on %s by %r: %s: %s", action, target_name, context.claim.actor, exc.outcome, exc)
+            record = await self._audit_quietly(context, Result(exc.outcome, str(exc)), {"authenticated": False})
+            return await self._reply(context, Result(exc.outcome, str(exc)), record)
+        return await self._run_once(context, target, command, operator)
+
+    def _resolve(self, topic: str) -> CommandTarget:
+        station, device, _action = parse_topic(self.site, topic)
+        target = self.lookup(device)
+        if target is None or target.device.station != station:
+            raise MalformedCommand(f"no device {device!r} at station {station!r} on this controller")
+        return target
+
+    async def _run_once(self, context: _Context, target: CommandTarget, command: Command,
+                        operator: OperatorConfig) -> dict[str, Any]:
+        """Execute unless this request id was seen before; then answer with the first attempt's outcome."""
+        key = (target.device.name, command.request_id)
+        earlier = self._answers.get(key)
+        if earlier is not None:
+            first = await asyncio.shield(earlier)
+            result = Result(Outcome(first["outcome"]), first["error"], first["old_value"], first["new_value"])
+            record = await self._audit_quietly(context, Result(Outcome.DUPLICATE), _who(operator) | {
+                "first_outcome": first["outcome"], "first_audit_seq": first["audit_seq"]})
+            log.info("command %s %s on %s repeated; answered with the first outcome (%s), not run again",
+                     command.action, command.request_id, context.target, first["outcome"])
+            return await self._reply(context, result, record, duplicate=True)
+        answer: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._answers[key] = answer
+        while len(self._answers) > _REMEMBERED_REQUESTS:
+            self._answers.popitem(last=False)
+        try:
+            reply = await self._execute_audited(context, target, command, operator)
+        except BaseException:
+            self._answers.pop(key, None)
+            answer.cancel()
+            raise
+        answer.set_result(reply)
+        return reply
+
+    async def _execute_audited(self, context: _Context, target: CommandTarget, command: Command,
+                               operator: OperatorConfig) -> dict[str, Any]:
+        who = _who(operator) | {"args": command.args}
+        try:
+            await self._append(context, Result(Outcome.REQUESTED), who)
+        except (AuditError, OSError) as exc:
+            log.error("command %s on %s by %s NOT executed: audit trail %s unwritable: %s", command.action,
+                      context.target, operator.name, self.audit.path, exc)
+            result = Result(Outcome.FAILED, f"audit trail unavailable ({type(exc).__name__}); command not executed")
+            return await self._reply(context, result, None)
+        if self._stopping:
+            result = Result(Outcome.REFUSED, "the controller is shutting down; the command was not sent")
+        else:
+            result = await execute(target, command, operator)
+        level = logging.INFO if result.outcome is Outcome.EXECUTED else logging.WARNING
+        log.log(level, "command %s on %s by %s (%s): %s%s", command.action, context.target, operator.name,
+                command.reason, result.outcome, f": {result.error}" if result.error else "")
+        record = await self._audit_quietly(context, result, who)
+        return await self._reply(context, result, record)
+
+    async def _append(self, context: _Context, result: Result, detail: dict[str, Any]) -> AuditRecord:
+        new_value = {"outcome": str(result.outcome), "command": context.action, "topic": context.topic,
+                     "request_id": context.claim.request_id, **detail}
+        if result.error is not None:
+            new_value["error"] = result.error
+        if result.new_value is not None:
+            new_value["result"] = result.new_value
+        return await self.audit.append_async(actor=context.claim.actor, action=context.audit_action,
+                                             target=context.target, reason=context.claim.reason,
+                                             old_value=result.old_value, new_value=new_value)
+
+    async def _audit_quietly(self, context: _Context, result: Result, detail: dict[str, Any]) -> AuditRecord | None:
+        """Audit an outcome; a failing trail is logged loudly but does not hide the outcome from the requester."""
+        try:
+            return await self._append(context, result, detail)
+        except (AuditError, OSError) as exc:
+            log.error("AUDIT FAILURE: could not record %s of %s on %s by %r in %s: %s", result.outcome,
+                      context.action, context.target, context.claim.actor, self.audit.path, exc)
+            return None
+
+    async def _reply(self, context: _Context, result: Result, record: AuditRecord | None, *,
+                     duplicate: bool = False) -> dict[str, Any]:
+        now = time.time_ns()
+        reply = {
+            "schema": REPLY_SCHEMA,
+            "request_id": context.claim.request_id,
+            "site": self.site,
+            "station": context.station,
+            "device": context.device,
+            "action": context.action,
+            "ok": result.outcome is Outcome.EXECUTED,
+            "outcome": str(result.outcome),
+            "error": result.error,
+            "old_value": result.old_value,
+            "new_value": result.new_value,
+            "audit_seq": record.seq if record is not None else None,
+            "duplicate": duplicate,
+            "time_ns": now,
+            "time": iso_utc(now),
+        }
+        if not await self.publish(reply_topic(context.topic), reply):
+            log.warning("reply to %s (%s) not delivered; the requester can re-send request_id %s to get it",
+                        context.topic, result.outcome, context.claim.request_id)
+        return reply
+
+
+@dataclass(slots=True)
+class _Context:
+    topic: str
+    target: str
+    audit_action: str
+    action: str
+    station: str | None
+    device: str | None
+    claim: Claim
+
+
+def _who(operator: OperatorConfig) -> dict[str, Any]:
+    return {"authenticated": True, "role": operator.role}
+
+
+def _topic_levels(topic: str) -> tuple[str | None, str | None, str]:
+    """Best-effort (station, device, action) for audit and reply even when the topic is wrong."""
+    levels = topic.split("/")
+    if len(levels) == 6 and levels[4] == "cmd":
+        return levels[2], levels[3], levels[5]
+    return None, None, levels[-1] if levels else ""

@@ -1,0 +1,399 @@
+"""MQTT control commands end to end: real Mosquitto, the real controller service, a real Modbus station simulator.
+
+Every attempt must be answered, audited (hash chain intact, `hotlab audit verify` passes) and
+must leave the station alone unless it was authorised; polling must carry on throughout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import jsonschema
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from controller.audit import AuditRecord, iter_records
+from controller.cli import main as hotlab
+from controller.config import parse_config
+from controller.service import ControllerService
+from drivers.elution_station import FaultCode, StationState
+from simulators.calibrator_vik202 import Vik202Simulator
+from simulators.elution_station import (
+    ElutionStationSimulator,
+    StationClock,
+    StationIdentity,
+    StationModel,
+)
+from simulators.generator_physics import GeneratorColumn, get_profile
+from simulators.serial_host import PtyHost
+from simulators.source import make_chamber
+from tests.mosquitto_service import MosquittoBroker, mosquitto  # noqa: F401 - fixture
+
+SITE = "cmdlab"
+TOPIC = f"hotlab/{SITE}/elution-1/gen-1/cmd"
+TOKENS = {"alice": "alice-token-7f3a9c2e5b1d4f60", "bob": "bob-token-1c8e4a7d2f9b3e56"}
+REPLY_SCHEMA = json.loads((Path(__file__).resolve().parent.parent / "controller" / "schemas" /
+                           "command_reply.json").read_text())
+REPLY_VALIDATOR = jsonschema.Draft202012Validator(REPLY_SCHEMA, format_checker=jsonschema.FormatChecker())
+
+
+def station_model() -> StationModel:
+    now = time.time_ns()
+    column = GeneratorColumn(get_profile("ge68"), generator_id="GE68-CMD-1", parent_cal_bq=1.85e9,
+                             cal_time_ns=now - 30 * 86400 * 10**9, last_elution_ns=now - 86400 * 10**9)
+    # A slow clock: priming (8 s of station time) lasts minutes, so the state cannot change under a test.
+    return StationModel(column, StationClock(acceleration=0.05), StationIdentity())
+
+
+def command(user: str, action_args: dict[str, Any], *, token: str | None = None, request_id: str | None = None,
+            reason: str = "test of the command path") -> bytes:
+    body: dict[str, Any] = {"schema": "hotlab.command/1", "request_id": request_id or uuid.uuid4().hex, "user": user,
+                            "token": TOKENS.get(user, "") if token is None else token, "reason": reason,
+                            "args": action_args}
+    return json.dumps(body).encode()
+
+
+class Requester:
+    """An operator console: publishes a command (QoS 1) and waits for the reply on <topic>/reply."""
+
+    def __init__(self, client: aiomqtt.Client) -> None:
+        self.client = client
+        self.replies: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue()
+        self.online = asyncio.Event()
+
+    async def listen(self) -> None:
+        async for message in self.client.messages:
+            payload = json.loads(bytes(message.payload))  # type: ignore[arg-type]
+            if str(message.topic).endswith("/controller/status"):
+                if payload["state"] == "online":
+                    self.online.set()
+            else:
+                await self.replies.put((str(message.topic), payload))
+
+    async def send(self, topic: str, payload: bytes, *, retain: bool = False) -> dict[str, Any]:
+        await self.client.publish(topic, payload, qos=1, retain=retain)
+        return await self.reply_to(topic)
+
+    async def reply_to(self, topic: str) -> dict[str, Any]:
+        reply_topic, reply = await asyncio.wait_for(self.replies.get(), 30)
+        assert reply_topic == f"{topic}/reply"
+        REPLY_VALIDATOR.validate(reply)
+        return reply
+
+
+@dataclass
+class Lab:
+    service: ControllerService
+    model: Any  # the simulator's device model: StationModel or Vik202Simulator
+    requester: Requester
+    audit_path: Path
+    task: asyncio.Task[None]
+    simulator: ElutionStationSimulator | None = None
+
+    @property
+    def polls(self) -> int:
+        return next(iter(self.service.supervisors.values())).reads
+
+    async def polling_goes_on(self) -> None:
+        """Wait until the device is up and has been read again since this call (a reconnect resets `reads`)."""
+        supervisor = next(iter(self.service.supervisors.values()))
+        before = supervisor.reads
+        deadline = time.monotonic() + 30
+        while not (supervisor.up and supervisor.reads != before):
+            assert time.monotonic() < deadline, "polling did not go on"
+            await asyncio.sleep(0.02)
+
+    def records(self) -> list[AuditRecord]:
+        return list(iter_records(self.audit_path))
+
+    def verify(self) -> int:
+        return hotlab(["audit", "verify", "--path", str(self.audit_path)])
+
+
+async def start_lab(tmp_path: Path, broker: MosquittoBroker, monkeypatch: pytest.MonkeyPatch, model: Any,
+                    device: dict[str, Any], retained_before_start: bytes | None = None) -> AsyncIterator[Lab]:
+    """The controller service with one device, running until the test is done."""
+    for name, token in TOKENS.items():
+        monkeypatch.setenv(f"HOTLAB_TEST_TOKEN_{name.upper()}", token)
+    monkeypatch.delenv("HOTLAB_AUDIT_KEY", raising=False)
+    monkeypatch.delenv("HOTLAB_AUDIT_KEY_FILE", raising=False)
+    config = parse_config({
+        "site": {"name": SITE},
+        "device": [device],
+        "outbox": {"path": "outbox.sqlite3"},
+        "service": {"state_dir": "state", "backoff_initial_s": 0.1, "backoff_max_s": 1.0, "drain_timeout_s": 2.0},
+        "history": {"enabled": False},
+        "mqtt": {"host": broker.host, "port": broker.port, "client_id": f"ctl-{uuid.uuid4().hex[:8]}"},
+        "operator": [{"name": "alice", "role": "qc_officer", "token_env": "HOTLAB_TEST_TOKEN_ALICE"},
+                     {"name": "bob", "role": "operator", "token_env": "HOTLAB_TEST_TOKEN_BOB"}],
+        "commands": {"min_role": {"start_elution": "qc_officer"}},
+    }, base_dir=tmp_path)
+    service = ControllerService(config)
+    stop = asyncio.Event()
+    async with aiomqtt.Client(broker.host, broker.port, identifier=f"console-{uuid.uuid4().hex[:8]}") as client:
+        requester = Requester(client)
+        await client.subscribe(f"hotlab/{SITE}/+/+/cmd/+/reply", qos=1)
+        await client.subscribe(f"hotlab/{SITE}/controller/status", qos=1)
+        listener = asyncio.create_task(requester.listen())
+        if retained_before_start is not None:
+            await client.publish(f"{TOPIC}/start_elution", retained_before_start, qos=1, retain=True)
+        task = asyncio.create_task(service.run(stop))
+        try:
+            await asyncio.wait_for(requester.online.wait(), 30)
+            deadline = time.monotonic() + 30
+            while not (service.supervisors.get(device["name"]) and service.supervisors[device["name"]].up):
+                assert time.monotonic() < deadline, "station never came online"
+                await asyncio.sleep(0.05)
+            yield Lab(service, model, requester, config.commands.resolved_audit_path(config.service.state_dir), task)
+            assert not task.done(), "the service ended during the test"
+        finally:
+            if retained_before_start is not None:
+                await client.publish(f"{TOPIC}/start_elution", b"", qos=1, retain=True)
+            stop.set()
+            await asyncio.wait_for(task, 30)
+            listener.cancel()
+            await asyncio.gather(listener, return_exceptions=True)
+
+
+async def station_lab(tmp_path: Path, broker: MosquittoBroker, monkeypatch: pytest.MonkeyPatch,
+                      retained_before_start: bytes | None = None, **device_extra: Any) -> AsyncIterator[Lab]:
+    model = station_model()
+    simulator = ElutionStationSimulator(model)
+    _host, port = await simulator.start_tcp("127.0.0.1", 0)
+    device = {"name": "gen-1", "station": "elution-1", "family": "elution_station", "poll_interval_s": 0.05,
+              "transport": {"modbus": "tcp", "host": "127.0.0.1", "port": port}, **device_extra}
+    try:
+        async for running in start_lab(tmp_path, broker, monkeypatch, model, device, retained_before_start):
+            running.simulator = simulator
+            yield running
+    finally:
+        await simulator.stop()
+
+
+@pytest.fixture
+async def lab(tmp_path: Path, mosquitto: MosquittoBroker,  # noqa: F811 - the imported fixture
+              monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Lab]:
+    async for running in station_lab(tmp_path, mosquitto, monkeypatch):
+        yield running
+
+
+async def test_authorised_commands_run_once_are_audited_and_refused_in_the_wrong_state(lab: Lab) -> None:
+    send = lab.requester.send
+    start = command("alice", {"volume_ml": 5.0}, request_id="start-1", reason="Ga-68 for PSMA batch 12")
+    reply = await send(f"{TOPIC}/start_elution", start)
+    assert reply["ok"] is True and reply["outcome"] == "executed" and reply["error"] is None, reply
+    assert reply["old_value"] == {"state": "idle"} and reply["new_value"] == {"state": "priming", "sequence": 1}
+    assert lab.model.state is StationState.PRIMING and lab.model.requested_volume_ml == 5.0
+
+    again = await send(f"{TOPIC}/start_elution", start)  # a QoS 1 redelivery or a console retry
+    assert again["duplicate"] is True and again["outcome"] == "executed" and again["new_value"] == reply["new_value"]
+    assert lab.model.cmd_ack_seq == 1, "a repeated request_id must never run twice"
+
+    busy = await send(f"{TOPIC}/start_elution", command("alice", {"volume_ml": 5.0}))
+    assert busy["ok"] is False and busy["outcome"] == "refused"
+    assert "elution.start refused: station is priming; allowed only when done or idle" in busy["error"] and busy["old_value"] == {"state": "priming"}
+
+    stop = await send(f"{TOPIC}/abort", command("bob", {}, reason="wrong generator selected"))
+    assert stop["outcome"] == "executed" and stop["old_value"] == {"state": "priming"}
+    assert stop["new_value"]["state"] == "idle" and lab.model.state is StationState.IDLE
+
+    nothing_to_ack = await send(f"{TOPIC}/acknowledge_fault", command("bob", {}))
+    assert nothing_to_ack["outcome"] == "refused" and "allowed only when fault" in nothing_to_ack["error"]
+    lab.model.raise_fault(FaultCode.OVERPRESSURE)
+    ack = await send(f"{TOPIC}/acknowledge_fault", command("bob", {}, reason="kinked line replaced"))
+    assert ack["outcome"] == "executed" and ack["old_value"] == {"state": "fault"} and lab.model.state is StationState.IDLE
+
+    records = lab.records()
+    assert [(r.actor, r.action, r.new_value["outcome"]) for r in records] == [
+        ("alice", "elution.start", "requested"), ("alice", "elution.start", "executed"),
+        ("alice", "elution.start", "duplicate"),
+        ("alice", "elution.start", "requested"), ("alice", "elution.start", "refused"),
+        ("bob", "elution.abort", "requested"), ("bob", "elution.abort", "executed"),
+        ("bob", "fault.acknowledge", "requested"), ("bob", "fault.acknowledge", "refused"),
+        ("bob", "fault.acknowledge", "requested"), ("bob", "fault.acknowledge", "executed"),
+    ]
+    intent, executed, duplicate = records[0], records[1], records[2]
+    assert intent.target == executed.target == "elution-1/gen-1"
+    assert intent.reason == executed.reason == "Ga-68 for PSMA batch 12"
+    assert intent.new_value["args"] == {"volume_ml": 5.0} and intent.new_value["request_id"] == "start-1"
+    assert executed.old_value == {"state": "idle"} and executed.new_value["result"] == {"state": "priming", "sequence": 1}
+    assert executed.new_value["authenticated"] is True and executed.new_value["role"] == "qc_officer"
+    assert executed.seq == reply["audit_seq"]
+    assert duplicate.new_value["first_audit_seq"] == executed.seq and duplicate.new_value["first_outcome"] == "executed"
+    assert duplicate.seq == again["audit_seq"]
+    assert records[4].new_value["error"] == busy["error"]
+    assert all(token not in lab.audit_path.read_text() for token in TOKENS.values())
+    assert lab.verify() == 0
+    await lab.polling_goes_on()
+
+
+@pytest.fixture
+async def lab_with_retained_command(tmp_path: Path, mosquitto: MosquittoBroker,  # noqa: F811
+                                    monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Lab]:
+    retained = command("alice", {"volume_ml": 5.0}, reason="left retained by a misconfigured console")
+    async for running in station_lab(tmp_path, mosquitto, monkeypatch, retained_before_start=retained):
+        yield running
+
+
+async def test_unauthorised_attempts_are_refused_audited_and_leave_the_station_alone(
+        lab_with_retained_command: Lab) -> None:
+    lab = lab_with_retained_command
+    # The broker hands the retained command over as soon as the controller subscribes.
+    replayed = await lab.requester.reply_to(f"{TOPIC}/start_elution")
+    assert replayed["outcome"] == "malformed" and "retained commands are refused" in replayed["error"]
+
+    attempts = {
+        "wrong token": command("alice", {"volume_ml": 5.0}, token=TOKENS["bob"]),
+        "missing token": command("alice", {"volume_ml": 5.0}, token=""),
+        "unknown user": command("mallory", {"volume_ml": 5.0}, token="mallory-token-0000000000"),
+        "role not allowed": command("bob", {"volume_ml": 5.0}),
+    }
+    replies = {what: await lab.requester.send(f"{TOPIC}/start_elution", payload) for what, payload in attempts.items()}
+    for what, reply in replies.items():
+        assert reply["ok"] is False and reply["outcome"] == "unauthorised", (what, reply)
+    assert "not authenticated" in replies["wrong token"]["error"]
+    assert "carries no token" in replies["missing token"]["error"]
+    assert "not authenticated" in replies["unknown user"]["error"]
+    assert "role operator of 'bob' may not run start_elution; it needs qc_officer" in replies["role not allowed"]["error"]
+    assert lab.model.state is StationState.IDLE and lab.model.cmd_ack_seq == 0, "nothing may reach the station"
+
+    records = lab.records()
+    assert [(r.actor, r.new_value["outcome"], r.new_value["authenticated"]) for r in records] == [
+        ("alice", "malformed", False), ("alice", "unauthorised", False), ("alice", "unauthorised", False),
+        ("mallory", "unauthorised", False), ("bob", "unauthorised", False)]
+    assert all(r.action == "elution.start" and r.target == "elution-1/gen-1" for r in records)
+    assert all(token not in lab.audit_path.read_text() for token in [*TOKENS.values(), "mallory-token-0000000000"])
+    assert lab.verify() == 0
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+#: Nearly valid envelopes, never with a valid token (an accepted fuzz command would really elute).
+NEAR_MISS = st.fixed_dictionaries({}, optional={
+    "schema": st.just("hotlab.command/1") | JSON,
+    "request_id": st.just("fuzz-1") | JSON,
+    "user": st.sampled_from(["alice", "bob", "mallory"]) | JSON,
+    "token": st.sampled_from(["guess-guess-guess-guess", ""]) | JSON,
+    "reason": st.just("fuzz") | JSON,
+    "args": st.fixed_dictionaries({}, optional={"volume_ml": st.floats() | JSON, "nuclide": JSON}) | JSON,
+})
+PAYLOADS = st.binary(max_size=200) | JSON.map(lambda v: json.dumps(v).encode()) | \
+    NEAR_MISS.map(lambda v: json.dumps(v).encode())
+TOPICS = st.sampled_from([f"{TOPIC}/{action}" for action in
+                          ("start_elution", "abort", "acknowledge_fault", "select_nuclide", "reboot")]
+                         + [f"hotlab/{SITE}/elution-1/no-such-device/cmd/abort",
+                            f"hotlab/{SITE}/wrong-station/gen-1/cmd/abort"])
+
+
+async def test_malformed_payloads_get_an_error_reply_and_polling_goes_on(lab: Lab) -> None:
+    loop = asyncio.get_running_loop()
+    sent: list[tuple[str, dict[str, Any]]] = []
+
+    @settings(max_examples=40, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(topic=TOPICS, payload=PAYLOADS)
+    @example(topic=f"{TOPIC}/start_elution", payload=b"{" + b" " * 5000 + b"}")  # oversized
+    @example(topic=f"{TOPIC}/abort", payload=b"")
+    def fuzz(topic: str, payload: bytes) -> None:
+        # Hypothesis drives from a worker thread; the service and the broker client run on the loop.
+        reply = asyncio.run_coroutine_threadsafe(lab.requester.send(topic, payload), loop).result(60)
+        sent.append((topic, reply))
+        assert reply["ok"] is False and reply["outcome"] in ("malformed", "unauthorised"), reply
+        assert reply["error"]
+
+    reads_before = lab.polls
+    await asyncio.to_thread(fuzz)
+    oversized = [reply for _topic, reply in sent if "at most 4096 are accepted" in (reply["error"] or "")]
+    assert oversized, "the oversized payload must be named as such"
+    assert lab.model.cmd_ack_seq == 0 and lab.model.state is StationState.IDLE
+    assert lab.polls > reads_before, "the station was polled while the fuzz ran"
+    await lab.polling_goes_on()
+    records = lab.records()
+    assert len(records) == len(sent)
+    assert [r.new_value["outcome"] for r in records] == [reply["outcome"] for _topic, reply in sent]
+    assert lab.verify() == 0
+    # ...and a real command still works afterwards.
+    reply = await lab.requester.send(f"{TOPIC}/start_elution", command("alice", {"volume_ml": 2.0}))
+    assert reply["outcome"] == "executed" and lab.model.state is StationState.PRIMING
+
+
+async def test_commands_fail_closed_when_the_audit_trail_cannot_be_written(lab: Lab) -> None:
+    lab.audit_path.parent.mkdir(parents=True, exist_ok=True)
+    lab.audit_path.write_bytes(b'{"schema": "hotlab.audit/1", "seq": 1, "edited": "by hand"}\n')
+    reply = await lab.requester.send(f"{TOPIC}/start_elution", command("alice", {"volume_ml": 5.0}))
+    assert reply["outcome"] == "failed" and reply["audit_seq"] is None
+    assert "audit trail unavailable (AuditLogCorrupt); command not executed" in reply["error"]
+    assert lab.model.cmd_ack_seq == 0 and lab.model.state is StationState.IDLE
+
+
+@pytest.fixture
+async def hanging_station_lab(tmp_path: Path, mosquitto: MosquittoBroker,  # noqa: F811
+                              monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Lab]:
+    async for running in station_lab(tmp_path, mosquitto, monkeypatch, timeout_s=0.5,
+                                     options={"confirm_timeout_s": 1.0}):
+        yield running
+
+
+async def test_a_command_the_station_ran_but_never_confirmed_is_audited_as_unconfirmed(
+        hanging_station_lab: Lab) -> None:
+    lab = hanging_station_lab
+    assert lab.simulator is not None
+    lab.simulator.lose_command_replies(1, silent_after=1_000)  # the station acts, then its board hangs
+    reply = await lab.requester.send(f"{TOPIC}/start_elution", command("alice", {"volume_ml": 5.0}))
+    assert reply["outcome"] == "unconfirmed" and reply["ok"] is False, reply
+    assert "unconfirmed" in reply["error"] and "check the station before retrying" in reply["error"]
+    assert reply["old_value"] == {"state": "idle"} and reply["new_value"] == {"state": None, "sequence": 1}
+    assert lab.model.state is not StationState.IDLE, "it did run: that is why 'unconfirmed' is not 'refused'"
+    outcome = lab.records()[-1]
+    assert outcome.new_value["outcome"] == "unconfirmed" and outcome.old_value == {"state": "idle"}
+    lab.simulator.inject_silence(0)  # the board recovers: polling must pick up again by itself
+    await lab.polling_goes_on()
+    assert lab.verify() == 0
+
+
+@pytest.fixture
+async def calibrator_lab(tmp_path: Path, mosquitto: MosquittoBroker,  # noqa: F811
+                         monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Lab]:
+    model = Vik202Simulator(make_chamber("Tc-99m", 740e6, noise_rel=0.002, seed=3))
+    host = PtyHost(model)
+    url = await host.start()
+    device = {"name": "cal-1", "station": "hotcell-1", "family": "vik202", "poll_interval_s": 0.05, "transport": url}
+    try:
+        async for running in start_lab(tmp_path, mosquitto, monkeypatch, model, device):
+            yield running
+    finally:
+        await host.stop()
+
+
+async def test_select_nuclide_switches_the_calibrator_over_its_tty_and_is_audited(calibrator_lab: Lab) -> None:
+    lab = calibrator_lab
+    topic = f"hotlab/{SITE}/hotcell-1/cal-1/cmd/select_nuclide"
+    reply = await lab.requester.send(topic, command("bob", {"nuclide": "18F"}, reason="FDG dispensing"))
+    assert reply["outcome"] == "executed", reply
+    assert reply["old_value"] == {"nuclide": "Tc-99m"} and reply["new_value"] == {"nuclide": "F-18"}
+    assert lab.model.factor == 762  # the VIK-202's F-18 calibration factor, set over the pty
+    refused = await lab.requester.send(topic, command("bob", {"nuclide": "I-131"}))
+    assert refused["outcome"] == "refused" and "no VIK-202 calibration factor configured for I-131" in refused["error"]
+    assert lab.model.factor == 762
+    wrong_family = await lab.requester.send(f"hotlab/{SITE}/hotcell-1/cal-1/cmd/start_elution",
+                                            command("alice", {"volume_ml": 5.0}))
+    assert wrong_family["outcome"] == "malformed" and "allowed: select_nuclide" in wrong_family["error"]
+    records = lab.records()
+    assert [(r.action, r.new_value["outcome"]) for r in records] == [
+        ("calibrator.select_nuclide", "requested"), ("calibrator.select_nuclide", "executed"),
+        ("calibrator.select_nuclide", "requested"), ("calibrator.select_nuclide", "refused"),
+        ("elution.start", "malformed")]
+    assert records[1].old_value == {"nuclide": "Tc-99m"} and records[1].new_value["result"] == {"nuclide": "F-18"}
+    assert lab.verify() == 0
+    await lab.polling_goes_on()
