@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 #: Modules that each add one or more sub-commands, in the order `--help` lists them.
-COMMAND_MODULES: tuple[str, ...] = ("controller.run_cli", "controller.decay_cli", "controller.qc_cli", "controller.audit_cli", "controller.report_cli", "simulators.calibrator_cli", "simulators.elution_station_cli")
+COMMAND_MODULES: tuple[str, ...] = ("controller.run_cli", "controller.demo_cli", "controller.decay_cli", "controller.qc_cli", "controller.audit_cli", "controller.report_cli", "simulators.calibrator_cli", "simulators.elution_station_cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,7 +1,8 @@
 """`hotlab run [--config lab.toml] [--duration S]`: the controller service from the command line.
 
-With `--config` it runs the configured lab. Without it, it runs a simulated lab so a
-newcomer sees the whole pipeline at once, with nothing to install or configure:
+With `--config` it runs the configured lab. Without it, it runs a simulated lab
+(controller/simulated_lab.py, RUN_LAB) so a newcomer sees the whole pipeline at once,
+with nothing to install or configure:
 
 * four dose calibrators, one per family, each the physics simulator from simulators/
   speaking its real wire protocol: VIK-202 and VDC-404 on pseudo-terminals (real ttys),
@@ -25,19 +26,12 @@ import contextlib
 import logging
 import signal
 import sys
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from controller.config import (
-    ConfigError,
-    LabConfig,
-    ModbusTcpTransport,
-    load_config,
-    parse_config,
-)
-from controller.messages import iso_utc
+from controller.config import ConfigError, LabConfig, load_config
 from controller.service import CommitStage, ControllerService, ServiceError
+from controller.simulated_lab import simulated_lab
 
 log = logging.getLogger("hotlab.run")
 
@@ -100,125 +94,6 @@ async def _lab(config: LabConfig | None) -> AsyncIterator[LabConfig]:
         return
     async with simulated_lab(Path("var/simulated-lab")) as lab_config:
         yield lab_config
-
-
-#: Simulated operator: seconds of wall time between elutions in the simulated lab, and the volume.
-SIM_ELUTION_EVERY_S = 30.0
-SIM_ELUTION_VOLUME_ML = 5.0
-SIM_STATION_ACCELERATION = 30.0
-SIM_GENERATOR_ID = "GE68-SIM-001"
-SIM_GENERATOR_CAL_BQ = 1.85e9  # 50 mCi Ge-68, a common clinical generator size
-
-
-@contextlib.asynccontextmanager
-async def simulated_lab(workdir: Path) -> AsyncIterator[LabConfig]:
-    """Start simulators (and a private broker when possible); yield the config that points at them."""
-    from controller.embedded_broker import BrokerUnavailable, MosquittoBroker
-    from simulators.calibrator_cli import CALIBRATOR_SIMULATORS
-    from simulators.faults import FaultInjector
-    from simulators.serial_host import PtyHost, TcpHost
-    from simulators.source import make_chamber
-
-    workdir.mkdir(parents=True, exist_ok=True)
-    async with contextlib.AsyncExitStack() as stack:
-        broker: MosquittoBroker | None = MosquittoBroker(persistence=False)
-        try:
-            await asyncio.to_thread(broker.start)  # type: ignore[union-attr]
-            stack.push_async_callback(asyncio.to_thread, broker.close)  # type: ignore[union-attr]
-        except BrokerUnavailable as exc:
-            log.warning("no broker for the simulated lab (%s): LOCAL-ONLY mode, messages stay in %s",
-                        exc, workdir / "outbox.sqlite3")
-            broker = None
-
-        calibrators = [  # (family, station, nuclide, activity at start, host kind)
-            ("vik202", "hotcell-1", "Tc-99m", 7.4e9, "pty"),
-            ("crc15r", "dispensing", "F-18", 3.7e9, "tcp"),
-            ("vdc404", "qc-lab", "Cs-137", 7.4e6, "pty"),
-            ("atomlab500", "qc-lab", "Tc-99m", 1.1e9, "tcp"),
-        ]
-        devices: list[dict[str, object]] = []
-        for index, (family, station, nuclide, activity_bq, kind) in enumerate(calibrators):
-            chamber = make_chamber(nuclide, activity_bq, seed=index)
-            model = CALIBRATOR_SIMULATORS[family](chamber, FaultInjector(seed=index))
-            host = PtyHost(model) if kind == "pty" else TcpHost(model)
-            address = await host.start()
-            stack.push_async_callback(host.stop)
-            devices.append({"name": f"{family}-sim", "station": station, "family": family, "transport": address,
-                            "poll_interval_s": 2.0, "timeout_s": 3.0})
-
-        now_ns = time.time_ns()
-        cal_ns, last_elution_ns = now_ns - 30 * 86400 * 10**9, now_ns - 86400 * 10**9
-        station_address = await _start_station(stack, cal_ns, last_elution_ns)
-        devices.append({"name": "ga68-generator-sim", "station": "elution-1", "family": "elution_station",
-                        "poll_interval_s": 1.0, "transport": station_address})
-
-        document: dict[str, object] = {
-            "site": {"name": "simulated-lab"},
-            "device": devices,
-            "outbox": {"path": "outbox.sqlite3"},
-            "history": {"path": "history.sqlite3"},
-            "service": {"state_dir": "state", "drain_timeout_s": 5.0, "status_interval_s": 30.0},
-            # QC (docs/qc.md): daily constancy of the VDC-404 on its Cs-137 check source, and the
-            # elution yield of the simulated generator, with the same calibration as the station's column.
-            "qc": {
-                "sources": {"cs137-check": {"nuclide": "Cs-137", "activity": "7.4 MBq",
-                                            "reference_time": iso_utc(now_ns), "certificate": "simulated"}},
-                "devices": {"vdc404-sim": {"check_source": "cs137-check"}},
-                "generators": {SIM_GENERATOR_ID: {"parent": "Ge-68", "activity": f"{SIM_GENERATOR_CAL_BQ} Bq",
-                                                  "calibration_time": iso_utc(cal_ns),
-                                                  "last_elution": iso_utc(last_elution_ns)}},
-            },
-        }
-        if broker is not None:
-            document["mqtt"] = {"host": broker.host, "port": broker.port, "client_id": "hotlab-simulated-lab"}
-        config = parse_config(document, file="<simulated lab>", base_dir=workdir.resolve())
-        _announce(config)
-        yield config
-
-
-async def _start_station(stack: contextlib.AsyncExitStack, cal_ns: int, last_elution_ns: int) -> dict[str, object]:
-    """A Ge-68/Ga-68 generator station on Modbus TCP, and an operator who starts elutions."""
-    from drivers.elution_station import CommandCode
-    from simulators.elution_station import (
-        ElutionStationSimulator,
-        StationClock,
-        StationIdentity,
-        StationModel,
-    )
-    from simulators.generator_physics import GeneratorColumn, get_profile
-
-    column = GeneratorColumn(get_profile("ge68"), generator_id=SIM_GENERATOR_ID, parent_cal_bq=SIM_GENERATOR_CAL_BQ,
-                             cal_time_ns=cal_ns, last_elution_ns=last_elution_ns)
-    model = StationModel(column, StationClock(SIM_STATION_ACCELERATION), StationIdentity())
-    simulator = ElutionStationSimulator(model)
-    host, port = await simulator.start_tcp("127.0.0.1", 0)
-    stack.push_async_callback(simulator.stop)
-
-    async def operator() -> None:
-        while True:
-            await asyncio.sleep(SIM_ELUTION_EVERY_S)
-            model.execute(CommandCode.START, SIM_ELUTION_VOLUME_ML)
-
-    task = asyncio.create_task(operator(), name="simulated-operator")
-    stack.callback(task.cancel)
-    return {"modbus": "tcp", "host": host, "port": port, "device_id": 1, "word_order": "ABCD"}
-
-
-def _announce(config: LabConfig) -> None:
-    lines = ["", "hotlab simulated lab", "  devices:"]
-    for device in config.devices:
-        transport = device.transport
-        where = (f"modbus tcp {transport.host}:{transport.port}" if isinstance(transport, ModbusTcpTransport)
-                 else transport.url)
-        lines.append(f"    {device.name:<20} {device.family:<16} {where}")
-    if config.mqtt is not None:
-        lines += [f"  MQTT broker: private mosquitto on {config.mqtt.host}:{config.mqtt.port}",
-                  f"  watch it:    mosquitto_sub -h {config.mqtt.host} -p {config.mqtt.port} -t 'hotlab/#' -v"]
-    else:
-        lines.append("  MQTT broker: none (mosquitto not installed) - LOCAL-ONLY mode, data stays in the outbox")
-    lines += [f"  outbox:      {config.outbox.path}", f"  history:     {config.history_path}",
-              "  stop with Ctrl-C", ""]
-    print("\n".join(lines), file=sys.stderr, flush=True)
 
 
 def _qc_engine(config: LabConfig) -> CommitStage | None:

@@ -1,0 +1,236 @@
+"""`hotlab demo`: a whole simulated hot lab and a live view of it, in one command.
+
+What runs (controller/simulated_lab.py starts it, DEMO_LAB below describes it):
+
+* two dose calibrators of different families: a VIK-202 in the hot cell (Tc-99m, on a
+  pseudo-terminal) and a VDC-404 in the QC lab on TCP (socket://) with a Cs-137 check source
+  mounted, so every reading is a daily-constancy check;
+* a Ge-68/Ga-68 and a Mo-99/Tc-99m generator, each on its own Modbus TCP elution station,
+  with a simulated operator who elutes on a schedule by MQTT `start_elution` commands; the
+  station clocks (and the calibrators' decay) run `--acceleration` times faster than the wall clock;
+* the controller with the QC engine (constancy, elution yield and its trend, Mo-99
+  breakthrough), the history archive, the audit trail of control commands, and the private
+  mosquitto unless --mqtt-host is given; --influx-url adds the InfluxDB sink;
+* the live view (controller/demo.py), subscribed to the broker like a lab-wall screen.
+
+Exit codes: 0 after a clean stop (Ctrl-C, SIGTERM or --duration), 2 for bad options,
+1 when the service fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.live import Live
+from rich.logging import RichHandler
+
+from controller.demo import LabView, render, snapshot_svg, watch_broker
+from controller.service import ControllerService, ServiceError
+from controller.simulated_lab import (
+    BrokerAddress,
+    CheckSource,
+    SimCalibrator,
+    SimGenerator,
+    SimLab,
+    simulated_lab,
+    station_mo99_breakthrough,
+)
+
+log = logging.getLogger("hotlab.demo")
+
+#: The InfluxDB token reaches the config through this variable, never through the TOML (controller/config.py).
+INFLUX_TOKEN_ENV = "HOTLAB_INFLUX_TOKEN"
+
+DEMO_LAB = SimLab(
+    site="hotlab-demo",
+    calibrators=(
+        SimCalibrator("hotcell-calibrator", "vik202", "hotcell-1", "Tc-99m", 7.4e9, "pty"),
+        SimCalibrator("qc-calibrator", "vdc404", "qc-lab", "Cs-137", 7.4e6, "tcp"),
+    ),
+    generators=(
+        # 1.85 GBq (50 mCi) Ge-68, a common clinical size, calibrated a month ago; eluted every 15 min.
+        SimGenerator("ga68-station", "radiochemistry", "ge68", "GE68-DEMO-001", 1.85e9, 30.0, 900.0, 5.0),
+        # 20 GBq Mo-99 (the simulator's nominal size), calibrated 2 days ago; eluted every 20 min.
+        SimGenerator("tc99m-station", "hotcell-1", "mo99", "MO99-DEMO-001", 20e9, 2.0, 1200.0, 10.0),
+    ),
+    # 7.4 MBq (200 uCi) Cs-137 vial source, a usual constancy check source.
+    check_source=CheckSource("cs137-check", "qc-calibrator", "Cs-137", 7.4e6),
+    acceleration=60.0,
+    calibrator_acceleration=60.0,
+)
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "demo",
+        help="start a simulated hot lab with a live view (the first thing to try)",
+        description="Start two dose calibrators, a Ga-68 and a Tc-99m generator station, the controller with QC, "
+                    "a private MQTT broker and the history archive, and show everything live. Ctrl-C stops.",
+    )
+    parser.add_argument("--duration", type=float, metavar="S", help="stop cleanly after S seconds")
+    parser.add_argument("--headless", action="store_true", help="no live view; print a summary at the end")
+    parser.add_argument("--acceleration", type=float, default=DEMO_LAB.acceleration, metavar="X",
+                        help=f"simulated time runs X times faster than the wall clock (default {DEMO_LAB.acceleration:g})")
+    parser.add_argument("--state-dir", type=Path, default=Path("var/demo"),
+                        help="outbox, history archive, audit trail and driver state (default var/demo)")
+    parser.add_argument("--mqtt-host", help="use this MQTT broker instead of starting a private mosquitto")
+    parser.add_argument("--mqtt-port", type=int, default=1883, help="port of --mqtt-host (default 1883)")
+    parser.add_argument("--influx-url", help="also write to InfluxDB, e.g. http://127.0.0.1:8086")
+    parser.add_argument("--influx-token", help=f"InfluxDB token (default ${INFLUX_TOKEN_ENV}); "
+                                               "InfluxDB 1.8: user:password")
+    parser.add_argument("--influx-org", default="-", help="InfluxDB organisation (default '-', for InfluxDB 1.8)")
+    parser.add_argument("--influx-bucket", default="hotlab", help="InfluxDB bucket, or database/retention (1.8)")
+    parser.add_argument("--snapshot", type=Path, metavar="SVG",
+                        help="when the demo is told to stop, save the live view as an SVG image")
+    parser.add_argument("--log-level", default="WARNING", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    parser.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    problem = _check_options(args)
+    if problem:
+        print(f"hotlab demo: {problem}", file=sys.stderr)
+        return 2
+    # One console for the live view and the log, so log lines scroll above the view instead of through it.
+    console = Console()
+    handler: logging.Handler = (logging.StreamHandler(sys.stderr) if args.headless
+                                else RichHandler(console=console, show_path=False))
+    logging.basicConfig(level=args.log_level, handlers=[handler], format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    influx: dict[str, Any] | None = None
+    if args.influx_url:
+        if args.influx_token:
+            os.environ[INFLUX_TOKEN_ENV] = args.influx_token
+        influx = {"url": args.influx_url, "token_env": INFLUX_TOKEN_ENV, "org": args.influx_org,
+                  "bucket": args.influx_bucket}
+    broker = BrokerAddress(args.mqtt_host, args.mqtt_port) if args.mqtt_host else None
+    lab = replace(DEMO_LAB, acceleration=args.acceleration, calibrator_acceleration=args.acceleration)
+    try:
+        asyncio.run(_run(lab, args, broker, influx, console))
+    except ServiceError as exc:
+        print(f"hotlab demo: {exc}", file=sys.stderr)
+        return 1
+    except Exception:
+        log.exception("demo failed")
+        return 1
+    return 0
+
+
+def _check_options(args: argparse.Namespace) -> str:
+    if args.duration is not None and not args.duration > 0:
+        return f"--duration must be > 0, got {args.duration:g}"
+    if not 1 <= args.acceleration <= 3600:
+        return f"--acceleration must be from 1 to 3600, got {args.acceleration:g}"
+    if not 1 <= args.mqtt_port <= 65535:
+        return f"--mqtt-port must be from 1 to 65535, got {args.mqtt_port}"
+    if args.influx_url and not (args.influx_token or os.environ.get(INFLUX_TOKEN_ENV)):
+        return f"--influx-url needs --influx-token or ${INFLUX_TOKEN_ENV}"
+    return ""
+
+
+async def _run(lab: SimLab, args: argparse.Namespace, broker: BrokerAddress | None,
+               influx: dict[str, Any] | None, console: Console) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    state_dir: Path = args.state_dir
+    audit_path = state_dir / "audit.jsonl"
+    async with simulated_lab(state_dir, lab, broker=broker, influx=influx, audit_path=audit_path) as config:
+        from controller.qc.engine import QcConfig, QcEngine
+
+        service = ControllerService(config, processors=[station_mo99_breakthrough(config.site)],
+                                    stage=QcEngine(config.site, QcConfig.from_mapping(config.qc)))
+        where = "none" if config.mqtt is None else f"{config.mqtt.host}:{config.mqtt.port}"
+        view = LabView(config.site, where, lab.acceleration)
+        watcher: asyncio.Task[None] | None = None
+        if config.mqtt is not None:
+            subscribed = asyncio.Event()
+            watcher = asyncio.create_task(watch_broker(view, config.mqtt.host, config.mqtt.port,
+                                                       subscribed=subscribed), name="live-view")
+            # Subscribe before the first reading is published, so the screen misses nothing.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(subscribed.wait(), timeout=10.0)
+        if args.duration is not None:
+            loop.call_later(args.duration, stop.set)
+        print(f"demo running: state in {state_dir}; "
+              f"{'Ctrl-C stops' if args.duration is None else f'stops after {args.duration:g} s'}",
+              file=sys.stderr, flush=True)
+        started = time.monotonic()
+        snapshot = (asyncio.create_task(_snapshot_on_stop(view, stop, args.snapshot), name="snapshot")
+                    if args.snapshot is not None else None)
+        try:
+            if args.headless:
+                await service.run(stop)
+            else:
+                await _run_live(service, view, stop, console)
+        finally:
+            background = [task for task in (watcher, snapshot) if task is not None]
+            if watcher is not None:
+                watcher.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+        if args.headless:
+            print(await asyncio.to_thread(summary, view, config.history_path, time.monotonic() - started,
+                                          audit_path))
+
+
+async def _snapshot_on_stop(view: LabView, stop: asyncio.Event, path: Path) -> None:
+    """Before the controller shuts the devices down, while the view still shows the running lab."""
+    await stop.wait()
+    svg = snapshot_svg(view)
+    try:
+        await asyncio.to_thread(path.write_text, svg, encoding="utf-8")
+    except OSError as exc:
+        log.error("cannot write the snapshot %s: %s", path, exc)
+        return
+    print(f"wrote the live view to {path}", file=sys.stderr, flush=True)
+
+
+async def _run_live(service: ControllerService, view: LabView, stop: asyncio.Event, console: Console) -> None:
+    with Live(render(view), console=console, refresh_per_second=4, screen=False) as live:
+        task = asyncio.create_task(service.run(stop), name="controller")
+        while not task.done():
+            live.update(render(view))
+            await asyncio.wait({task}, timeout=0.25)
+        live.update(render(view))
+        await task
+
+
+def summary(view: LabView, history_path: Path | None, wall_s: float, audit_path: Path) -> str:
+    """The headless end-of-run summary: what the archive holds, and each device's last state."""
+    lines = [f"hotlab demo summary (site {view.site}, {wall_s:.0f} s wall, stations at {view.acceleration:g}x)"]
+    if history_path is not None and history_path.is_file():
+        from controller.history import HistoryArchive
+
+        with HistoryArchive(history_path, read_only=True) as archive:
+            counts = {kind: archive.count(kind) for kind in ("reading", "elution", "qc_result", "device_status")}
+            verdicts = Counter((str(r["test"]), str(r["verdict"])) for r in archive.query("qc_result"))
+            elutions = archive.query("elution")
+        lines.append(f"  history {history_path}: {counts['reading']} readings, {counts['elution']} elutions, "
+                     f"{counts['qc_result']} QC results, {counts['device_status']} device statuses")
+        for (test, verdict), count in sorted(verdicts.items()):
+            lines.append(f"  qc {test:<22} {verdict:<5} {count}")
+        for elution in elutions[-4:]:
+            yield_pct = elution.get("yield_pct")
+            lines.append(f"  elution {elution['generator']} #{elution['counter']}: "
+                         f"{float(elution['activity_bq']) / 1e6:.1f} MBq {elution['nuclide']}, yield "
+                         f"{'-' if yield_pct is None else f'{float(yield_pct):.1f} %'}")
+    else:
+        lines.append("  no history archive was written")
+    for name, row in sorted(view.devices.items()):
+        lines.append(f"  device {name:<20} {'online' if row.up else 'offline':<8} errors {row.errors}"
+                     f"{'  ' + row.detail if row.detail else ''}")
+    lines.append(f"  live view: {sum(view.counts.values())} messages, {view.rejected} rejected; "
+                 f"audit trail {audit_path}")
+    return "\n".join(lines)

@@ -1,0 +1,370 @@
+"""A simulated hot lab: real simulators on real transports, and the config that points at them.
+
+`hotlab run` (no --config) and `hotlab demo` both start one. Each instrument is the physics
+simulator from simulators/ speaking its real wire protocol:
+
+* dose calibrators on pseudo-terminals (real ttys) or on TCP (serial device server style, socket://);
+* generator elution stations as real Modbus TCP servers whose clock runs `acceleration` times
+  faster than the wall clock, each with a simulated operator who starts elutions on a schedule
+  (in station time, so a faster clock means more elutions per wall-clock minute). With a broker,
+  the operator works as an operator console does: a `start_elution` command over MQTT with an
+  operator token, which the controller authorises, audits and sends to the station over Modbus
+  (docs/mqtt.md, Commands). Without one, the operator presses start on the station's front panel;
+* the system `mosquitto` on a free loopback port (controller/embedded_broker.py) unless a broker
+  is given; without mosquitto, local-only mode (everything waits in the outbox).
+
+The lab is described by a `SimLab` (RUN_LAB for `hotlab run`, DEMO_LAB for `hotlab demo`); the QC
+configuration it yields mounts the check source and declares the generators with the same
+calibration as the simulated columns, so constancy and yield verdicts are judged against the
+physics that produced the readings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import aiomqtt
+
+from controller.config import LabConfig, ModbusTcpTransport, parse_config
+from controller.messages import MSG_ID_NAMESPACE, Message, iso_utc, reading_message
+from drivers.records import Reading
+
+log = logging.getLogger("hotlab.simulated_lab")
+
+NS_PER_S = 1_000_000_000
+SECONDS_PER_DAY = 86_400
+
+
+@dataclass(frozen=True, slots=True)
+class SimCalibrator:
+    """A dose calibrator simulator holding a source of `activity_bq` (at start) of `nuclide`."""
+
+    name: str
+    family: str
+    station: str
+    nuclide: str
+    activity_bq: float
+    host: Literal["pty", "tcp"]
+
+
+@dataclass(frozen=True, slots=True)
+class SimGenerator:
+    """A generator on a simulated elution station, and the operator's elution schedule (station time)."""
+
+    device: str
+    station: str
+    profile: str  # simulators.generator_physics.PROFILES key: "ge68" or "mo99"
+    generator_id: str
+    calibration_bq: float
+    column_age_days: float
+    elution_every_s: float
+    volume_ml: float
+
+
+@dataclass(frozen=True, slots=True)
+class CheckSource:
+    """A long-lived check source mounted on a calibrator, for the daily constancy test."""
+
+    source_id: str
+    device: str
+    nuclide: str
+    activity_bq: float
+
+
+@dataclass(frozen=True, slots=True)
+class SimLab:
+    site: str
+    calibrators: tuple[SimCalibrator, ...]
+    generators: tuple[SimGenerator, ...]
+    check_source: CheckSource | None
+    #: Elution stations' clock speed-up; calibrators decay at `calibrator_acceleration`.
+    acceleration: float
+    calibrator_acceleration: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerAddress:
+    """An existing MQTT broker to use instead of the private mosquitto."""
+
+    host: str
+    port: int
+
+
+#: `hotlab run` without a config: one calibrator per family and a Ge-68/Ga-68 station eluted
+#: every 30 s of wall time (15 min of station time at 30x).
+RUN_LAB = SimLab(
+    site="simulated-lab",
+    calibrators=(
+        SimCalibrator("vik202-sim", "vik202", "hotcell-1", "Tc-99m", 7.4e9, "pty"),
+        SimCalibrator("crc15r-sim", "crc15r", "dispensing", "F-18", 3.7e9, "tcp"),
+        SimCalibrator("vdc404-sim", "vdc404", "qc-lab", "Cs-137", 7.4e6, "pty"),
+        SimCalibrator("atomlab500-sim", "atomlab500", "qc-lab", "Tc-99m", 1.1e9, "tcp"),
+    ),
+    generators=(
+        # 1.85 GBq (50 mCi) Ge-68: a common clinical generator size.
+        SimGenerator("ga68-generator-sim", "elution-1", "ge68", "GE68-SIM-001", 1.85e9, 30.0, 900.0, 5.0),
+    ),
+    check_source=CheckSource("cs137-check", "vdc404-sim", "Cs-137", 7.4e6),
+    acceleration=30.0,
+)
+
+
+@contextlib.asynccontextmanager
+async def simulated_lab(
+    workdir: Path,
+    lab: SimLab = RUN_LAB,
+    *,
+    broker: BrokerAddress | None = None,
+    influx: Mapping[str, Any] | None = None,
+    audit_path: Path | None = None,
+) -> AsyncIterator[LabConfig]:
+    """Start the simulators (and a private broker unless `broker` is given); yield the config for them.
+
+    `influx` is an [influx] table (controller/config.py) to add the InfluxDB sink;
+    `audit_path` is where the controller audits control commands (default `<state_dir>/audit.jsonl`).
+    """
+    from controller.embedded_broker import BrokerUnavailable, MosquittoBroker
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    async with contextlib.AsyncExitStack() as stack:
+        mqtt: dict[str, Any] | None = None
+        if broker is not None:
+            mqtt = {"host": broker.host, "port": broker.port}
+        else:
+            private = MosquittoBroker(persistence=False)
+            try:
+                await asyncio.to_thread(private.start)
+                stack.push_async_callback(asyncio.to_thread, private.close)
+                mqtt = {"host": private.host, "port": private.port}
+            except BrokerUnavailable as exc:
+                log.warning("no broker for the simulated lab (%s): LOCAL-ONLY mode, messages stay in %s",
+                            exc, workdir / "outbox.sqlite3")
+        devices = [await _start_calibrator(stack, calibrator, index, lab.calibrator_acceleration)
+                   for index, calibrator in enumerate(lab.calibrators)]
+        now_ns = time.time_ns()
+        console = None if mqtt is None else OperatorConsole(mqtt["host"], mqtt["port"], lab.site, "demo-operator",
+                                                            secrets.token_hex(16))
+        generators: dict[str, Any] = {}
+        for generator in lab.generators:
+            cal_ns = now_ns - int(generator.column_age_days * SECONDS_PER_DAY * NS_PER_S)
+            last_elution_ns = now_ns - SECONDS_PER_DAY * NS_PER_S  # yesterday's elution
+            address = await _start_station(stack, generator, cal_ns, last_elution_ns, lab.acceleration, console)
+            devices.append({"name": generator.device, "station": generator.station, "family": "elution_station",
+                            "poll_interval_s": 1.0, "transport": address})
+            generators[generator.generator_id] = {
+                "parent": _parent_nuclide(generator), "activity": f"{generator.calibration_bq} Bq",
+                "calibration_time": iso_utc(cal_ns), "last_elution": iso_utc(last_elution_ns)}
+        qc: dict[str, Any] = {"generators": generators}
+        if lab.check_source is not None:
+            source = lab.check_source
+            qc["sources"] = {source.source_id: {"nuclide": source.nuclide, "activity": f"{source.activity_bq} Bq",
+                                                "reference_time": iso_utc(now_ns), "certificate": "simulated"}}
+            qc["devices"] = {source.device: {"check_source": source.source_id}}
+        document: dict[str, Any] = {
+            "site": {"name": lab.site},
+            "device": devices,
+            "outbox": {"path": "outbox.sqlite3"},
+            "history": {"path": "history.sqlite3"},
+            "service": {"state_dir": "state", "drain_timeout_s": 5.0, "status_interval_s": 30.0},
+            "qc": qc,
+        }
+        if mqtt is not None:
+            document["mqtt"] = mqtt | {"client_id": f"hotlab-{lab.site}"}
+        if console is not None:
+            token_file = workdir / "operator.token"
+            await asyncio.to_thread(_write_secret, token_file, console.token)
+            document["operator"] = [{"name": console.user, "role": "operator", "token_file": str(token_file.resolve())}]
+        if audit_path is not None:
+            document["commands"] = {"audit_path": str(audit_path.resolve())}
+        if influx is not None:
+            document["influx"] = dict(influx)
+        config = parse_config(document, file=f"<{lab.site}>", base_dir=workdir.resolve())
+        announce(config, lab, private_broker=broker is None)
+        yield config
+
+
+def _parent_nuclide(generator: SimGenerator) -> str:
+    from simulators.generator_physics import get_profile
+
+    return get_profile(generator.profile).parent
+
+
+async def _start_calibrator(stack: contextlib.AsyncExitStack, calibrator: SimCalibrator, seed: int,
+                            acceleration: float) -> dict[str, Any]:
+    from simulators.calibrator_cli import CALIBRATOR_SIMULATORS
+    from simulators.faults import FaultInjector
+    from simulators.serial_host import PtyHost, TcpHost
+    from simulators.source import make_chamber
+
+    chamber = make_chamber(calibrator.nuclide, calibrator.activity_bq, acceleration=acceleration, seed=seed)
+    model = CALIBRATOR_SIMULATORS[calibrator.family](chamber, FaultInjector(seed=seed))
+    host = PtyHost(model) if calibrator.host == "pty" else TcpHost(model)
+    address = await host.start()
+    stack.push_async_callback(host.stop)
+    return {"name": calibrator.name, "station": calibrator.station, "family": calibrator.family,
+            "transport": address, "poll_interval_s": 2.0, "timeout_s": 3.0}
+
+
+async def _start_station(stack: contextlib.AsyncExitStack, generator: SimGenerator, cal_ns: int,
+                         last_elution_ns: int, acceleration: float, console: OperatorConsole | None) -> dict[str, Any]:
+    """A generator station on Modbus TCP, and an operator who starts elutions on its schedule."""
+    from simulators.elution_station import (
+        ElutionStationSimulator,
+        StationClock,
+        StationIdentity,
+        StationModel,
+    )
+    from simulators.generator_physics import GeneratorColumn, get_profile
+
+    column = GeneratorColumn(get_profile(generator.profile), generator_id=generator.generator_id,
+                             parent_cal_bq=generator.calibration_bq, cal_time_ns=cal_ns,
+                             last_elution_ns=last_elution_ns)
+    model = StationModel(column, StationClock(acceleration), StationIdentity(serial=generator.generator_id))
+    simulator = ElutionStationSimulator(model)
+    host, port = await simulator.start_tcp("127.0.0.1", 0)
+    stack.push_async_callback(simulator.stop)
+    period_s = generator.elution_every_s / acceleration
+    work = (console.operate(generator, period_s) if console is not None
+            else _press_start_on_front_panel(model, generator, period_s))
+    task = asyncio.create_task(work, name=f"simulated-operator-{generator.device}")
+    stack.push_async_callback(_cancel, task)
+    return {"modbus": "tcp", "host": host, "port": port, "device_id": 1, "word_order": "ABCD"}
+
+
+async def _press_start_on_front_panel(model: Any, generator: SimGenerator, period_s: float) -> None:
+    """Without a broker there is no command path: the operator starts the station by hand."""
+    from drivers.elution_station import CommandCode
+
+    while True:
+        await asyncio.sleep(period_s)
+        model.execute(CommandCode.START, generator.volume_ml)
+
+
+@dataclass(frozen=True, slots=True)
+class OperatorConsole:
+    """The simulated operator's console: MQTT `start_elution` commands with the operator's own token."""
+
+    host: str
+    port: int
+    site: str
+    user: str
+    token: str = field(repr=False)
+
+    async def operate(self, generator: SimGenerator, period_s: float) -> None:
+        """Every `period_s`, while the controller is online, ask it to elute; reconnect after a broker loss."""
+        topic = f"hotlab/{self.site}/{generator.station}/{generator.device}/cmd/start_elution"
+        online = asyncio.Event()
+        while True:
+            try:
+                async with aiomqtt.Client(self.host, self.port, identifier=f"hotlab-console-{uuid.uuid4().hex[:8]}",
+                                          keepalive=30) as client:
+                    await client.subscribe(f"hotlab/{self.site}/controller/status", qos=1)
+                    await client.subscribe(f"{topic}/reply", qos=1)
+                    listener = asyncio.create_task(self._listen(client, online))
+                    try:
+                        while True:
+                            await asyncio.sleep(period_s)
+                            await online.wait()
+                            await client.publish(topic, self._command(generator), qos=1)
+                    finally:
+                        listener.cancel()
+                        await asyncio.gather(listener, return_exceptions=True)
+            except aiomqtt.MqttError as exc:
+                online.clear()
+                log.warning("simulated operator of %s: broker connection lost (%s); reconnecting",
+                            generator.device, exc)
+                await asyncio.sleep(1.0)
+
+    def _command(self, generator: SimGenerator) -> bytes:
+        return json.dumps({"schema": "hotlab.command/1", "request_id": str(uuid.uuid4()), "user": self.user,
+                           "token": self.token, "reason": f"scheduled elution of {generator.generator_id}",
+                           "args": {"volume_ml": generator.volume_ml}}).encode()
+
+    @staticmethod
+    async def _listen(client: aiomqtt.Client, online: asyncio.Event) -> None:
+        """Follow the controller's retained status, and say so when a command was not carried out."""
+        async for message in client.messages:
+            try:
+                body = json.loads(message.payload)  # type: ignore[arg-type]
+            except (TypeError, ValueError):
+                continue
+            if str(message.topic).endswith("/controller/status"):
+                (online.set if body.get("state") == "online" else online.clear)()
+            elif not body.get("ok"):
+                log.warning("simulated operator: %s %s: %s", body.get("outcome"), message.topic, body.get("error"))
+
+
+def _write_secret(path: Path, secret: str) -> None:
+    path.touch(mode=0o600, exist_ok=True)
+    path.chmod(0o600)
+    path.write_text(secret + "\n", encoding="utf-8")
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+def station_mo99_breakthrough(site: str) -> Callable[[Message], list[Message]]:
+    """A service processor: the station's own eluate Mo-99 measurement becomes a `mo99` QC reading.
+
+    The station measures the parent activity in each eluate (register ELUATE_PARENT,
+    docs/elution-station-registers.md) and the elution message carries it as
+    `breakthrough_pct`. The QC engine judges Mo-99 breakthrough (10 CFR 35.204(a)) from a
+    reading tagged `qc = "mo99"` with the eluate's Tc-99m activity, so this turns the
+    station's measurement into exactly that reading, at the end-of-elution instant both
+    activities refer to. Its msg_id is derived from the elution's, so a re-delivered elution
+    yields the same reading.
+    """
+
+    def derive(message: Message) -> list[Message]:
+        payload = message.payload
+        if message.kind != "elution" or payload.get("parent") != "Mo-99" or payload.get("breakthrough_pct") is None:
+            return []
+        tc99m_bq = float(payload["activity_bq"])
+        mo99_bq = float(payload["breakthrough_pct"]) / 100.0 * tc99m_bq
+        reading = Reading(device=str(payload["generator"]), nuclide="Mo-99", activity_bq=mo99_bq, raw_value=mo99_bq,
+                          unit="Bq", timestamp_ns=int(payload["end_ns"]),
+                          extra={"qc": "mo99", "tc99m_bq": tc99m_bq, "measured_by": "station eluate monitor"})
+        derived = reading_message(site, str(payload["station"]), reading)
+        msg_id = uuid.uuid5(MSG_ID_NAMESPACE, json.dumps(["mo99", message.msg_id])).hex
+        return [replace(derived, payload=derived.payload | {"msg_id": msg_id})]
+
+    return derive
+
+
+def announce(config: LabConfig, lab: SimLab, *, private_broker: bool) -> None:
+    """Tell the newcomer what runs where, and which embedded defaults are in use."""
+    lines = ["", f"hotlab simulated lab ({config.site})", "  devices:"]
+    for device in config.devices:
+        transport = device.transport
+        where = (f"modbus tcp {transport.host}:{transport.port}" if isinstance(transport, ModbusTcpTransport)
+                 else transport.url)
+        lines.append(f"    {device.name:<20} {device.family:<16} {where}")
+    lines.append(f"  time:        elution stations run {lab.acceleration:g}x faster than the wall clock"
+                 + (f", calibrators {lab.calibrator_acceleration:g}x" if lab.calibrator_acceleration != 1 else ""))
+    if config.mqtt is None:
+        lines.append("  MQTT broker: none (mosquitto not installed) - LOCAL-ONLY mode, data stays in the outbox")
+    else:
+        kind = "private mosquitto" if private_broker else "your broker"
+        lines += [f"  MQTT broker: {kind} on {config.mqtt.host}:{config.mqtt.port}",
+                  f"  watch it:    mosquitto_sub -h {config.mqtt.host} -p {config.mqtt.port} -t 'hotlab/#' -v"]
+    if config.influx is not None:
+        lines.append(f"  InfluxDB:    {config.influx.url} bucket {config.influx.bucket}")
+    lines += [f"  outbox:      {config.outbox.path}", f"  history:     {config.history_path}",
+              f"  audit trail: {config.commands.resolved_audit_path(config.service.state_dir)}"]
+    if config.operators:
+        lines.append(f"  operator:    {config.operators[0].name} (simulated) sends start_elution commands over MQTT")
+    lines += ["  stop with Ctrl-C", ""]
+    print("\n".join(lines), file=sys.stderr, flush=True)

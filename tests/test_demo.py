@@ -1,0 +1,259 @@
+"""`hotlab demo`: the whole simulated lab end to end (real simulators, real mosquitto), and its live view.
+
+The two subprocess tests run the real command; the rest check the view and the Mo-99 processor
+from fixed messages, so a rendering or physics mistake fails without a lab running.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import IO
+
+import pytest
+from rich.console import Console
+
+from controller.audit import iter_records, verify_chain
+from controller.cli import main as hotlab
+from controller.demo import LabView, ViewInputError, render, snapshot_svg
+from controller.demo_cli import DEMO_LAB
+from controller.history import HistoryArchive
+from controller.messages import (
+    Message,
+    device_status_message,
+    elution_message,
+    elution_msg_id,
+    qc_message,
+    reading_message,
+)
+from controller.qc.engine import QcConfig, QcEngine
+from controller.simulated_lab import station_mo99_breakthrough
+from drivers.records import ElutionRecord, Reading
+from tests.mosquitto_service import require_mosquitto
+
+REPO = Path(__file__).resolve().parent.parent
+SITE = DEMO_LAB.site
+T0 = 1_795_000_000_000_000_000
+
+
+def _hotlab(*args: str, cwd: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "controller.cli", *args], cwd=cwd, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "150"})
+
+
+@pytest.mark.integration
+def test_headless_demo_produces_readings_elutions_and_verdicts(tmp_path: Path) -> None:
+    require_mosquitto()
+    # 200x: the Ga-68 station is eluted every 4.5 s and the Tc-99m station every 6 s of wall time, slow
+    # enough for the 1 s station poll to see every elution even on a loaded machine.
+    process = _hotlab("demo", "--headless", "--duration", "16", "--acceleration", "200", "--state-dir", "state",
+                      cwd=tmp_path)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr[-3000:]
+    assert "MQTT broker: private mosquitto on 127.0.0.1:" in stderr  # the embedded defaults are announced
+    assert "Traceback" not in stderr
+    assert "hotlab demo summary" in stdout and "qc mo99_breakthrough" in stdout, stdout
+
+    with HistoryArchive(tmp_path / "state" / "history.sqlite3", read_only=True) as archive:
+        readings = archive.query("reading")
+        elutions = archive.query("elution")
+        verdicts = archive.query("qc_result")
+    assert {r["device"] for r in readings} >= {"hotcell-calibrator", "qc-calibrator"}
+    by_generator = {g: [e for e in elutions if e["generator"] == g] for g in ("GE68-DEMO-001", "MO99-DEMO-001")}
+    assert all(len(found) >= 2 for found in by_generator.values()), {g: len(e) for g, e in by_generator.items()}
+    # Yields come from the simulator's column model and are judged by the QC engine against Bateman:
+    # Ga-68 ~78.8 % (80 % fresh, 30 days old), Tc-99m ~93.6 % (94 % fresh, 2 days old).
+    for generator, (low, high) in {"GE68-DEMO-001": (75.0, 80.0), "MO99-DEMO-001": (92.0, 94.0)}.items():
+        assert all(low <= e["yield_pct"] <= high for e in by_generator[generator]), by_generator[generator]
+    tests = {(v["test"], v["device"], v["verdict"]) for v in verdicts}
+    assert ("constancy", "qc-calibrator", "pass") in tests
+    assert ("elution_yield", "GE68-DEMO-001", "pass") in tests
+    assert ("elution_yield", "MO99-DEMO-001", "pass") in tests  # above the 90 % default warn level
+    assert ("mo99_breakthrough", "MO99-DEMO-001", "pass") in tests
+    assert f"{len(elutions)} elutions" in stdout
+
+    # The simulated operator elutes through the controller's command path: an authorised MQTT command,
+    # audited before and after the station acknowledged it over Modbus.
+    audit = tmp_path / "state" / "audit.jsonl"
+    assert verify_chain(audit).ok
+    executed = [r for r in iter_records(audit) if r.action == "elution.start" and r.new_value["outcome"] == "executed"]
+    assert len(executed) >= len(elutions)
+    assert {(r.actor, r.new_value["authenticated"]) for r in executed} == {("demo-operator", True)}
+
+
+@pytest.mark.integration
+def test_ctrl_c_stops_the_live_demo_cleanly_and_drains(tmp_path: Path) -> None:
+    require_mosquitto()
+    snapshot = tmp_path / "view.svg"
+    process = _hotlab("demo", "--acceleration", "300", "--state-dir", "state", "--log-level", "INFO",
+                      "--snapshot", str(snapshot), cwd=tmp_path)
+    running = threading.Event()
+    stdout_lines: list[str] = []
+    stderr_lines: list[str] = []
+
+    def collect(stream: IO[str], lines: list[str]) -> None:
+        for line in stream:
+            lines.append(line)
+            if line.startswith("demo running"):
+                running.set()
+
+    assert process.stdout is not None and process.stderr is not None
+    readers = [threading.Thread(target=collect, args=(process.stdout, stdout_lines), daemon=True),
+               threading.Thread(target=collect, args=(process.stderr, stderr_lines), daemon=True)]
+    for reader in readers:
+        reader.start()
+    try:
+        assert running.wait(60), "".join(stderr_lines)[-3000:]
+        _wait_for_archived_elution(tmp_path / "state" / "history.sqlite3")
+        process.send_signal(signal.SIGINT)
+        process.wait(60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    for reader in readers:
+        reader.join(10)
+    stdout, stderr = "".join(stdout_lines), "".join(stderr_lines)
+    assert process.returncode == 0, (stdout + stderr)[-3000:]
+    # In live mode the log shares the view's console (stdout), so it scrolls above the view.
+    assert "stopped; 0 message(s) kept in the outbox" in stdout
+    assert "Traceback" not in stdout + stderr
+    assert "hotcell-calibrator" in stdout and "Elutions" in stdout  # the live view's last frame
+    assert snapshot.read_text().startswith("<svg")
+
+
+def _wait_for_archived_elution(path: Path, timeout_s: float = 60.0) -> None:
+    """Poll the archive (there is no event to await across processes) until the first elution is stored."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if path.is_file():
+            with HistoryArchive(path, read_only=True) as archive:
+                if archive.count("elution"):
+                    return
+        time.sleep(0.2)
+    raise AssertionError(f"no elution archived in {path} within {timeout_s:g} s")
+
+
+def _payload_bytes(message: Message) -> bytes:
+    return json.dumps(message.payload).encode()
+
+
+def _fixed_view() -> LabView:
+    view = LabView(SITE, "127.0.0.1:1883", 60.0, connected=True)
+    statuses = [("hotcell-calibrator", "hotcell-1", True, 12.0, 0, ""),
+                ("qc-calibrator", "qc-lab", True, 8.0, 3, "last error: checksum mismatch"),
+                ("ga68-station", "radiochemistry", True, 5.0, 0, "")]
+    for device, station, up, latency, errors, detail in statuses:
+        message = device_status_message(SITE, station, device, up=up, latency_ms=latency, errors=errors,
+                                        detail=detail, time_ns=T0)
+        view.apply(message.topic, _payload_bytes(message))
+    reading = reading_message(SITE, "hotcell-1", Reading("hotcell-calibrator", "Tc-99m", 7.4e9, 7.4, "GBq", T0))
+    view.apply(reading.topic, _payload_bytes(reading))
+    record = ElutionRecord("radiochemistry", "GE68-DEMO-001", "Ge-68", "Ga-68", 7, 4.376e8, 5.0, T0, T0 + 28 * 10**9,
+                           parent_bq=4.4e2)
+    elution = elution_message(SITE, record, yield_pct=78.8,
+                              msg_id=elution_msg_id(record.station, record.generator_id, record.counter))
+    view.apply(elution.topic, _payload_bytes(elution))
+    for device, test, verdict, value in (("qc-calibrator", "constancy", "pass", 0.26),
+                                         ("MO99-DEMO-001", "elution_yield", "warn", 89.4),
+                                         ("GE68-DEMO-001", "ge68_breakthrough", "fail", 0.0021)):
+        result = qc_message(SITE, "lab", device, test=test, verdict=verdict, measured=1.0, expected=1.0,
+                            deviation_pct=0.0, limit="pass value >= 90 %", limit_source="test", inputs={},
+                            time_ns=T0)
+        payload = result.payload | {"value_judged": value, "limit_values": {"kind": "floor", "unit": "%"}}
+        view.apply(result.topic, json.dumps(payload).encode())
+    return view
+
+
+def test_the_live_view_renders_devices_activities_elutions_and_coloured_verdicts() -> None:
+    view = _fixed_view()
+    console = Console(record=True, width=150, color_system="truecolor", force_terminal=True)
+    console.print(render(view))
+    text = console.export_text(clear=False)
+    for expected in ("hotcell-calibrator", "qc-calibrator", "ga68-station", "online", "12 ms",
+                     "7.4 GBq", "Tc-99m", "GE68-DEMO-001", "437.6 MBq Ga-68", "78.8 %",
+                     "PASS", "WARN", "FAIL", "89.4 %", "constancy"):
+        assert expected in text, expected
+    assert "1 readings · 1 elutions · QC verdicts: 1 pass, 1 warn, 1 fail" in text
+    assert "ge68_breakthrough FAIL" in text  # warn and fail verdicts are also alarms
+    ansi = console.export_text(styles=True)
+    assert "\x1b[1;32mPASS" in ansi and "\x1b[1;33mWARN" in ansi and "\x1b[1;31mFAIL" in ansi
+    assert snapshot_svg(view).startswith("<svg")
+
+
+def test_offline_devices_raise_an_alarm_but_a_clean_shutdown_does_not() -> None:
+    view = _fixed_view()
+    before = len(view.alarms)
+    stopped = device_status_message(SITE, "hotcell-1", "hotcell-calibrator", up=False, latency_ms=None, errors=0,
+                                    detail="controller stopped")
+    view.apply(stopped.topic, _payload_bytes(stopped))
+    assert len(view.alarms) == before and not view.devices["hotcell-calibrator"].up
+    lost = device_status_message(SITE, "qc-lab", "qc-calibrator", up=False, latency_ms=None, errors=4,
+                                 detail="device timeout")
+    view.apply(lost.topic, _payload_bytes(lost))
+    assert view.alarms[-1].text == "qc-calibrator offline: device timeout"
+    view.apply(f"hotlab/{SITE}/controller/status", json.dumps({"schema": "hotlab.controller_status/1",
+                                                               "state": "offline", "reason": "shutdown"}))
+    assert view.alarms[-1].text == "qc-calibrator offline: device timeout"
+    view.apply(f"hotlab/{SITE}/controller/status", json.dumps({"schema": "hotlab.controller_status/1",
+                                                               "state": "offline",
+                                                               "reason": "connection lost (last will)"}))
+    assert view.alarms[-1].text == "controller offline: connection lost (last will)"
+
+
+def test_a_message_delivered_twice_is_shown_once_and_bad_input_is_a_typed_error() -> None:
+    view = _fixed_view()
+    reading = reading_message(SITE, "qc-lab", Reading("qc-calibrator", "Cs-137", 7.4e6, 7.4, "MBq", T0))
+    view.apply(reading.topic, _payload_bytes(reading))
+    view.apply(reading.topic, _payload_bytes(reading))  # at-least-once delivery: a resend
+    assert view.counts["reading"] == 2  # the fixed view's one reading plus this one, not three
+    with pytest.raises(ViewInputError, match="not JSON"):
+        view.apply("hotlab/x/reading", b"\xff garbage")
+    bad = reading.payload | {"msg_id": "f" * 32}
+    del bad["activity_bq"]
+    with pytest.raises(ViewInputError, match="activity_bq"):
+        view.apply(reading.topic, json.dumps(bad))
+
+
+def _tc99m_elution(breakthrough_bq: float) -> Message:
+    record = ElutionRecord("hotcell-1", "MO99-DEMO-001", "Mo-99", "Tc-99m", 3, 9.5e9, 10.0, T0, T0 + 25 * 10**9,
+                           parent_bq=breakthrough_bq)
+    return elution_message(SITE, record, msg_id=elution_msg_id(record.station, record.generator_id, record.counter))
+
+
+def test_the_station_mo99_measurement_becomes_a_judged_mo99_reading() -> None:
+    derive = station_mo99_breakthrough(SITE)
+    elution = _tc99m_elution(5.7e4)  # 6e-6 of the Tc-99m: 0.006 kBq/MBq at end of elution
+    (reading,) = derive(elution)
+    assert reading.kind == "reading" and reading.payload["nuclide"] == "Mo-99"
+    assert reading.payload["activity_bq"] == pytest.approx(5.7e4)
+    assert reading.payload["extra"]["tc99m_bq"] == pytest.approx(9.5e9)
+    assert reading.payload["time_ns"] == elution.payload["end_ns"]
+    assert derive(elution)[0].msg_id == reading.msg_id  # a re-delivered elution gives the same reading
+    ga68 = elution_message(SITE, ElutionRecord("r", "GE68-DEMO-001", "Ge-68", "Ga-68", 1, 4e8, 5.0, T0, T0 + 1,
+                                               parent_bq=4.0))
+    assert derive(ga68) == []
+
+    engine = QcEngine(SITE)
+    (verdict,) = engine.process(reading).messages[1:]
+    # 0.006 kBq/MBq grows ~3.5x by the 12 h shelf-life horizon (Tc-99m 6.01 h vs Mo-99 65.9 h): still far below 0.15.
+    assert verdict.payload["test"] == "mo99_breakthrough" and verdict.payload["verdict"] == "pass"
+    assert 0.015 < verdict.payload["value_judged"] < 0.025
+    over = derive(_tc99m_elution(9.5e9 * 0.10e-3))[0]  # 0.10 kBq/MBq at EOE exceeds 0.15 within 12 h
+    assert engine.process(over).messages[1].payload["verdict"] == "fail"
+    assert QcConfig.from_mapping({}).mo99_judge_horizon_h == 12.0
+
+
+@pytest.mark.parametrize("args", [["--acceleration", "0"], ["--duration", "-1"], ["--mqtt-port", "70000"],
+                                  ["--influx-url", "http://127.0.0.1:8086"]])
+def test_bad_options_exit_2_with_a_message(args: list[str], capsys: pytest.CaptureFixture[str],
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HOTLAB_INFLUX_TOKEN", raising=False)
+    assert hotlab(["demo", *args]) == 2
+    assert "hotlab demo: --" in capsys.readouterr().err
