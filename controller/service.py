@@ -78,8 +78,10 @@ SourceFactory = Callable[[DeviceConfig], Source]
 
 
 class StagedOutcome(Protocol):
-    #: Everything to commit, in order: the inputs (or their replacements) and what was derived.
-    messages: Sequence[Message]
+    @property
+    def messages(self) -> Sequence[Message]:
+        """Everything to commit, in order: the inputs (or their replacements) and what was derived."""
+        ...
 
 
 class CommitStage(Protocol):

@@ -327,11 +327,19 @@ def encode_command(seq: int, code: CommandCode, volume_ml: float, order: WordOrd
 
 
 class ModbusLink(Protocol):
-    """What the driver reads from a link description (any object with these attributes will do)."""
+    """What the driver reads from a link description (any object with these attributes will do).
 
-    kind: str
-    device_id: int
-    word_order: str
+    Read-only properties, so frozen dataclasses such as the controller's config links match.
+    """
+
+    @property
+    def kind(self) -> str: ...
+
+    @property
+    def device_id(self) -> int: ...
+
+    @property
+    def word_order(self) -> str: ...
 
 
 @dataclass(frozen=True, slots=True)
