@@ -302,9 +302,16 @@ class _Table:
         text = self.string(name)
         if text is None:
             return default
+        if "\x00" in text:
+            raise self.error(name, "must not contain a NUL byte (no file system accepts one in a path)")
         resolved = _resolve(self.base_dir, text)
-        if must_exist and not resolved.is_file():
-            raise self.error(name, f"file {str(resolved)!r} does not exist or is not a regular file")
+        if must_exist:
+            try:
+                is_file = resolved.is_file()
+            except OSError as exc:  # e.g. ENAMETOOLONG: the name cannot be a file at all
+                raise self.error(name, f"cannot check {str(resolved)[:200]!r}: {exc.strerror}") from None
+            if not is_file:
+                raise self.error(name, f"file {str(resolved)!r} does not exist or is not a regular file")
         return resolved
 
     def table(self, name: str, *, required: bool = False) -> _Table | None:

@@ -62,8 +62,8 @@ def tomlish_documents(draw: st.DrawFn) -> str:
     return "\n".join(lines) + "\n"
 
 
-#: NUL is left out of random text: its known failures are pinned by test_a_nul_byte_in_a_file_name_is_a_config_error
-#: (xfail until fixed), and random hits on them would make these tests flaky instead of informative.
+#: NUL is left out of random text: test_a_nul_byte_in_a_file_name_is_a_config_error covers it in every
+#: path-like key, deterministically.
 _TEXT = st.text(st.characters(blacklist_characters="\x00"), max_size=40)
 toml_scalars = st.one_of(
     _TEXT,
@@ -175,11 +175,7 @@ def test_the_fuzzer_reaches_validation_not_just_the_parser(tmp_path: Path) -> No
         load_config(path)
 
 
-_LONG_NAME_XFAIL = pytest.mark.xfail(strict=True, reason=(
-    "controller/config.py _Table.path_value(must_exist=True): Path.is_file() raises OSError ENAMETOOLONG for a "
-    "5000-character TLS file name instead of returning False; fix: wrap the is_file() check in "
-    "`try/except OSError as exc: raise self.error(name, f'cannot check {resolved}: {exc.strerror}')`"))
-AWKWARD_STRINGS = ["", " ", "\t\n", pytest.param("x" * 5000, marks=_LONG_NAME_XFAIL, id="'x'*5000"), "\U0001f9ea",
+AWKWARD_STRINGS = ["", " ", "\t\n", pytest.param("x" * 5000, id="'x'*5000"), "\U0001f9ea",
                    "..", "~", "/", "-1", "nan", "socket://", "\\\\?\\C:"]
 
 
@@ -206,26 +202,18 @@ def test_every_string_value_replaced_by_an_awkward_string(
     assert checked >= 30
 
 
-#: A NUL byte cannot be in a file name (open() raises ValueError, not OSError). Where the
-#: loader only resolves the path, the NUL gets through and `hotlab run` stops later with a
-#: ValueError traceback and exit 1 (the outbox lock's open() in controller/service.py catches
-#: only OSError) instead of exit 2 and a one-line config error.
-_NUL_PATH_XFAIL = pytest.mark.xfail(strict=True, reason=(
-    "controller/config.py _Table.path_value accepts a path containing NUL; fix: in path_value, "
-    "`if '\\x00' in text: raise self.error(name, 'must not contain a NUL byte')`"))
-_NUL_SECRET_XFAIL = pytest.mark.xfail(strict=True, reason=(
-    "controller/config.py _Table.secret: file_path.read_text() raises ValueError ('embedded null byte'), only "
-    "OSError is caught; the path_value fix above also fixes this"))
+#: A NUL byte cannot be in a file name (open() raises ValueError, not OSError). The loader must
+#: refuse it itself; otherwise `hotlab run` would stop later with a ValueError traceback and
+#: exit 1 (the outbox lock's open() catches only OSError) instead of exit 2 and a config error.
 
 
 @pytest.mark.parametrize("section", [
-    pytest.param({"mqtt": {"username": "u", "password_file": "secret\x00"}}, marks=_NUL_SECRET_XFAIL,
+    pytest.param({"mqtt": {"username": "u", "password_file": "secret\x00"}},
                  id="mqtt.password_file"),
-    pytest.param({"influx": {"url": "http://127.0.0.1:1", "org": "o", "bucket": "b", "token_file": "t\x00"}},
-                 marks=_NUL_SECRET_XFAIL, id="influx.token_file"),
-    pytest.param({"outbox": {"path": "outbox\x00.sqlite3"}}, marks=_NUL_PATH_XFAIL, id="outbox.path"),
-    pytest.param({"history": {"path": "history\x00.sqlite3"}}, marks=_NUL_PATH_XFAIL, id="history.path"),
-    pytest.param({"service": {"state_dir": "var\x00"}}, marks=_NUL_PATH_XFAIL, id="service.state_dir"),
+    pytest.param({"influx": {"url": "http://127.0.0.1:1", "org": "o", "bucket": "b", "token_file": "t\x00"}}, id="influx.token_file"),
+    pytest.param({"outbox": {"path": "outbox\x00.sqlite3"}}, id="outbox.path"),
+    pytest.param({"history": {"path": "history\x00.sqlite3"}}, id="history.path"),
+    pytest.param({"service": {"state_dir": "var\x00"}}, id="service.state_dir"),
     pytest.param({"mqtt": {"tls": {"ca_file": "ca\x00.crt"}}}, id="mqtt.tls.ca_file"),
 ])
 def test_a_nul_byte_in_a_file_name_is_a_config_error(section: dict[str, Any], tmp_path: Path) -> None:
