@@ -97,6 +97,17 @@ def test_yield_trend_declining_generator() -> None:
     assert yield_trend("GA-1", history[:4], LIMITS["elution_yield_ga68"], horizon_days=30) is None
 
 
+def test_yield_trend_waits_for_history_spread_over_days() -> None:
+    # Six elutions an hour apart with a falling yield: a slope of -24 %/day over 5 hours would
+    # project a dead column in 30 days; with less than the 2-day minimum span there is no trend.
+    start = ns("2026-01-10T08:00:00Z")
+    morning = [YieldPoint(start + h * HOUR_NS, h + 1, 80.0 - 1.0 * h) for h in range(6)]
+    assert yield_trend("GA-1", morning, LIMITS["elution_yield_ga68"], horizon_days=30) is None
+    # The same points judged without the guard show what it prevents.
+    unguarded = yield_trend("GA-1", morning, LIMITS["elution_yield_ga68"], horizon_days=30, min_span_days=0)
+    assert unguarded is not None and unguarded.verdict == "warn" and unguarded.measured == 0.0
+
+
 def test_ge68_breakthrough_hand_computed() -> None:
     # 1 GBq Ga-68 at end of elution; whole eluate re-measured 72 h later reads 10 Bq of Ga-68.
     # Ga-68 fed by 1 Bq of Ge-68 after 72 h: 1.000174 * (2^(-3/270.95) - 2^(-4320/67.83)) = 0.992527,

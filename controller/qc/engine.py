@@ -132,13 +132,14 @@ class QcConfig:
     last_elution_ns: Mapping[str, int] = field(default_factory=dict)
     trend_horizon_days: float = 30.0
     trend_min_points: int = 5
+    trend_min_span_days: float = 2.0
     mo99_judge_horizon_h: float = MO99_DEFAULT_JUDGE_HORIZON_H
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any] | None) -> QcConfig:
         """Validate a ``[qc]`` TOML table (see docs/qc.md); every problem is a QcConfigError naming the key."""
         root = _table(data or {}, "qc")
-        _only(root, "qc", {"limits", "sources", "devices", "generators", "trend_horizon_days", "trend_min_points",
+        _only(root, "qc", {"limits", "sources", "devices", "generators", "trend_horizon_days", "trend_min_points", "trend_min_span_days",
                           "mo99_judge_horizon_h"})
         try:
             return cls._parse(root)
@@ -198,11 +199,15 @@ class QcConfig:
             raise QcConfigError(f"qc.trend_horizon_days must be a positive number, got {horizon!r}")
         if isinstance(min_points, bool) or not isinstance(min_points, int) or min_points < 3:
             raise QcConfigError(f"qc.trend_min_points must be an integer >= 3, got {min_points!r}")
+        min_span = root.get("trend_min_span_days", 2.0)
+        if isinstance(min_span, bool) or not isinstance(min_span, (int, float)) or not 0 <= min_span <= 365:
+            raise QcConfigError(f"qc.trend_min_span_days must be a number of days from 0 to 365, got {min_span!r}")
         mo99_horizon = root.get("mo99_judge_horizon_h", MO99_DEFAULT_JUDGE_HORIZON_H)
         if isinstance(mo99_horizon, bool) or not isinstance(mo99_horizon, (int, float)) or not 0 <= mo99_horizon <= 72:
             raise QcConfigError(f"qc.mo99_judge_horizon_h must be a number of hours from 0 to 72, got {mo99_horizon!r}")
         return cls(limits=limits, sources=sources, check_source_by_device=devices, generators=generators,
                    last_elution_ns=last_elution, trend_horizon_days=float(horizon), trend_min_points=min_points,
+                   trend_min_span_days=float(min_span),
                    mo99_judge_horizon_h=float(mo99_horizon))
 
 
@@ -474,7 +479,8 @@ class QcEngine:
         verdicts = [result.to_message(self.site, station, generator_id)]
         try:
             trend = generator_rules.yield_trend(generator_id, list(state.history), yield_limit,
-                                                self.config.trend_horizon_days, self.config.trend_min_points)
+                                                self.config.trend_horizon_days, self.config.trend_min_points,
+                                                self.config.trend_min_span_days)
         except QcInputError as exc:  # the yield verdict above stands even when no trend can be fitted
             log.warning("no yield trend for %s: %s", generator_id, exc)
             trend = None

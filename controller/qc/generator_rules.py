@@ -136,10 +136,12 @@ class YieldPoint:
 
 
 def yield_trend(generator_id: str, history: Sequence[YieldPoint], yield_limit: Limit, horizon_days: float,
-                min_points: int = 5) -> QcResult | None:
+                min_points: int = 5, min_span_days: float = 2.0) -> QcResult | None:
     """Yield trend: least-squares slope per day and per elution, projected `horizon_days` ahead.
 
-    Returns None until `min_points` elutions are known (a slope from two points is noise).
+    Returns None until `min_points` elutions spread over at least `min_span_days` are known:
+    a slope from two points, or from a few elutions within hours, is noise when projected
+    weeks ahead (several elutions in one morning would otherwise forecast a dead column).
     A projection is a forecast, not a measurement, so it can only warn: the verdict is warn
     when the projected yield falls below the yield limit's fail level.
     """
@@ -148,9 +150,11 @@ def yield_trend(generator_id: str, history: Sequence[YieldPoint], yield_limit: L
     points = sorted(history, key=lambda p: p.end_ns)
     t0 = points[0].end_ns
     days = np.array([(p.end_ns - t0) / _NS_PER_S / _DAY_S for p in points])
+    if np.ptp(days) < min_span_days:
+        return None
     counters = np.array([float(p.counter) for p in points])
     yields = np.array([p.yield_pct for p in points])
-    if np.ptp(days) == 0:
+    if np.ptp(days) == 0:  # only reachable with min_span_days = 0
         raise QcInputError("a yield trend needs elutions at different times")
     per_day, at_t0 = np.polyfit(days, yields, 1)
     per_elution = float(np.polyfit(counters, yields, 1)[0]) if np.ptp(counters) > 0 else 0.0
