@@ -7,9 +7,10 @@ plus `/reply` (`hotlab.command_reply/1`, QoS 1, not retained). docs/mqtt.md has 
 Rules this module enforces, in this order:
 
 1. Parse strictly: payload at most MAX_PAYLOAD_BYTES, UTF-8, one JSON object without duplicate
-   keys or NaN/Infinity, exactly the envelope keys, an action the device's family knows, and
-   arguments of the right type and range. A retained command is refused: the broker would hand
-   it to the controller again on every reconnect and it would run again.
+   keys, NaN/Infinity or lone surrogate escapes, exactly the envelope keys, an action the
+   device's family knows, and arguments of the right type and range. A retained command is
+   refused: the broker would hand it to the controller again on every reconnect and it would
+   run again.
 2. Authenticate: the claimed `user` must be an [[operator]] and `token` must equal that
    operator's secret (hmac.compare_digest, so the time taken does not reveal how much of a
    guess was right). Authorise: the operator's role must be at least [commands.min_role].
@@ -18,12 +19,22 @@ Rules this module enforces, in this order:
    gets an intent record ("requested") before anything is sent to the device, and is not
    executed at all if that record cannot be written (fail closed); its result follows as a
    second record. A crash mid-command therefore still leaves who asked for what, and why.
+   The one exception is `abort`: stopping an elution is the safe action, so an abort whose
+   intent record fails still runs, logged as an AUDIT FAILURE, and is audited afterwards
+   (the append is retried a few times).
 4. Execute through the device's source (controller/service.py), which serialises commands
    with the device's polling on one lock, so the two never interleave on the wire.
 5. Reply. Replies are not stored in the outbox: the audit trail is the durable record, and a
    requester that lost a reply re-sends the same `request_id`, which is answered from memory
    (outcome of the first attempt, `duplicate: true`) and never executed twice. That also
-   covers a QoS 1 redelivery of the command itself.
+   covers a QoS 1 redelivery of the command itself. The memory is keyed on the request id
+   alone and holds who asked for what on which device: the same id with any other user,
+   action, device or arguments is refused as malformed, never answered with someone else's
+   outcome. It is seeded from the audit trail before the first command after a start, so a
+   console re-sending after a controller crash does not run the command again; an intent
+   record without an outcome is answered `unconfirmed`. Refusals that never reached the
+   device (device offline, controller shutting down, audit trail unwritable) are not
+   remembered: a retry with the same id after the cause is fixed runs.
 
 Tokens never appear in a log line, an audit record or a reply.
 """
@@ -39,8 +50,9 @@ import re
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
+from pathlib import Path
 from typing import Any, Protocol
 
 from controller.audit import (
@@ -50,6 +62,7 @@ from controller.audit import (
     AuditError,
     AuditLog,
     AuditRecord,
+    iter_records,
 )
 from controller.config import ROLES, DeviceConfig, OperatorConfig
 from controller.messages import TOPIC_ROOT, iso_utc
@@ -95,6 +108,11 @@ _USER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 #: How many answered request ids are remembered for duplicate detection, per controller.
 _REMEMBERED_REQUESTS = 1024
+#: What a failing audit trail raises: its own errors, I/O errors, and ValueError (which covers
+#: UnicodeEncodeError from text that is not valid Unicode) so no attempt escapes unaudited.
+_AUDIT_ERRORS = (AuditError, OSError, ValueError)
+#: An abort whose intent record failed is audited afterwards; these are the waits between tries.
+_AUDIT_RETRY_DELAYS_S = (0.2, 0.5, 1.0)
 
 
 class Outcome(StrEnum):
@@ -130,7 +148,7 @@ class Command:
 
     request_id: str
     user: str
-    token: str
+    token: str = field(repr=False)
     reason: str
     action: str
     args: dict[str, Any]
@@ -155,7 +173,9 @@ class Claim:
 
         def text(key: str, limit: int) -> str | None:
             value = body.get(key)
-            return (value.strip()[:limit] or None) if isinstance(value, str) else None
+            if not isinstance(value, str) or not _is_unicode(value):
+                return None  # a lone surrogate escape cannot be written to the audit trail
+            return value.strip()[:limit] or None
 
         request_id = text("request_id", 64)
         return cls(actor=text("user", 64) or UNKNOWN_ACTOR, reason=text("reason", MAX_REASON_CHARS) or NO_REASON,
@@ -209,13 +229,27 @@ def decode_json(payload: bytes) -> dict[str, Any]:
         raise MalformedCommand(f"payload is not UTF-8 (byte {exc.start})") from None
     try:
         body = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_no_duplicate_keys)
+        # JSON allows "\ud800" escapes that decode to no Unicode character (RFC 8259 §8.2);
+        # such a string could be neither audited nor compared as UTF-8.
+        unicode_only = _is_unicode(json.dumps(body, ensure_ascii=False))
     except json.JSONDecodeError as exc:
         raise MalformedCommand(f"payload is not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
     except RecursionError:
         raise MalformedCommand("payload nests too deeply") from None
     if not isinstance(body, dict):
         raise MalformedCommand(f"payload must be a JSON object, got {_json_type(body)}")
+    if not unicode_only:
+        raise MalformedCommand("payload contains a lone surrogate escape (\\ud800-\\udfff), which is not Unicode text")
     return body
+
+
+def _is_unicode(text: str) -> bool:
+    """Whether `text` encodes as UTF-8, i.e. holds no unpaired surrogate."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def parse_command(payload: bytes, action: str, device: DeviceConfig) -> Command:
@@ -361,18 +395,21 @@ class Result:
     error: str | None = None
     old_value: Any = None
     new_value: Any = None
+    #: False when the device was certainly not touched (offline, shutting down): such a refusal
+    #: is not remembered, so the same request id may be sent again once the cause is gone.
+    sent: bool = True
 
 
 async def execute(target: CommandTarget, command: Command, operator: OperatorConfig) -> Result:
     """Run an authorised command on its device and classify what happened."""
     if not target.online():
-        return Result(Outcome.REFUSED, f"{target.device.name} is offline; the command was not sent")
+        return Result(Outcome.REFUSED, f"{target.device.name} is offline; the command was not sent", sent=False)
     try:
         if target.device.is_station:
             return await _execute_station(target.control, command, operator)  # type: ignore[arg-type]
         return await _execute_calibrator(target.control, command)  # type: ignore[arg-type]
     except Exception as exc:  # a driver bug: the requester still gets an answer and the trail an outcome
-        log.exception("command %s on %s: unexpected %s from the driver", command.action, target.device.name,
+        log.exception("command %r on %r: unexpected %s from the driver", command.action, target.device.name,
                       type(exc).__name__)
         return Result(Outcome.UNCONFIRMED, f"internal error in the {target.device.family} driver "
                                            f"({type(exc).__name__}); check the device before retrying")
@@ -440,7 +477,9 @@ class CommandHandler:
         self.handled = 0
         self._slots = asyncio.Semaphore(concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
-        self._answers: OrderedDict[tuple[str, str], asyncio.Future[dict[str, Any]]] = OrderedDict()
+        self._answers: OrderedDict[str, _Remembered] = OrderedDict()
+        self._recall_lock = asyncio.Lock()
+        self._recalled = False
         self._stopping = False
 
     async def submit(self, topic: str, payload: bytes, retain: bool) -> None:
@@ -485,9 +524,7 @@ class CommandHandler:
             context.claim = Claim(command.user, command.reason, command.request_id)
             operator = self.authoriser.authorise(command)
         except CommandRejected as exc:
-            log.warning("command %s on %s by %r: %s: %s", action, target_name, context.claim.actor, exc.outcome, exc)
-            record = await self._audit_quietly(context, Result(exc.outcome, str(exc)), {"authenticated": False})
-            return await self._reply(context, Result(exc.outcome, str(exc)), record)
+            return await self._reject(context, exc, {"authenticated": False})
         return await self._run_once(context, target, command, operator)
 
     def _resolve(self, topic: str) -> CommandTarget:
@@ -497,51 +534,120 @@ class CommandHandler:
             raise MalformedCommand(f"no device {device!r} at station {station!r} on this controller")
         return target
 
+    async def _reject(self, context: _Context, exc: CommandRejected, detail: dict[str, Any]) -> dict[str, Any]:
+        # %r throughout: action and target come from the topic, and a newline in them must not forge a log line.
+        log.warning("command %r on %r by %r: %s: %s", context.action, context.target, context.claim.actor,
+                    exc.outcome, exc)
+        result = Result(exc.outcome, str(exc))
+        return await self._reply(context, result, await self._audit_quietly(context, result, detail))
+
     async def _run_once(self, context: _Context, target: CommandTarget, command: Command,
                         operator: OperatorConfig) -> dict[str, Any]:
         """Execute unless this request id was seen before; then answer with the first attempt's outcome."""
-        key = (target.device.name, command.request_id)
-        earlier = self._answers.get(key)
+        try:
+            await self._recall_trail()
+        except _AUDIT_ERRORS as exc:
+            reply, _sent = await self._without_intent_record(context, target, command, operator, exc)
+            return reply
+        fingerprint = _Fingerprint(context.target, command.user, command.action, _canonical_args(command.args))
+        earlier = self._answers.get(command.request_id)
+        if earlier is not None and earlier.fingerprint != fingerprint:
+            # Answering would hand one command's outcome to another (or to another user) without running it.
+            return await self._reject(context, MalformedCommand(
+                f"request_id {command.request_id!r} already used for a different command; use a new request_id "
+                "for every new intention"), _who(operator))
         if earlier is not None:
-            first = await asyncio.shield(earlier)
+            first = await asyncio.shield(earlier.answer)
             result = Result(Outcome(first["outcome"]), first["error"], first["old_value"], first["new_value"])
             record = await self._audit_quietly(context, Result(Outcome.DUPLICATE), _who(operator) | {
                 "first_outcome": first["outcome"], "first_audit_seq": first["audit_seq"]})
-            log.info("command %s %s on %s repeated; answered with the first outcome (%s), not run again",
+            log.info("command %r %s on %r repeated; answered with the first outcome (%s), not run again",
                      command.action, command.request_id, context.target, first["outcome"])
             return await self._reply(context, result, record, duplicate=True)
-        answer: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._answers[key] = answer
-        while len(self._answers) > _REMEMBERED_REQUESTS:
-            self._answers.popitem(last=False)
+        remembered = _Remembered(fingerprint, asyncio.get_running_loop().create_future())
+        self._remember(command.request_id, remembered)
         try:
-            reply = await self._execute_audited(context, target, command, operator)
+            reply, sent = await self._execute_audited(context, target, command, operator)
         except BaseException:
-            self._answers.pop(key, None)
-            answer.cancel()
+            self._forget(command.request_id, remembered)
             raise
-        answer.set_result(reply)
+        remembered.answer.set_result(reply)
+        if not sent:
+            self._forget(command.request_id, remembered)
         return reply
 
+    def _remember(self, request_id: str, remembered: _Remembered) -> None:
+        self._answers[request_id] = remembered
+        while len(self._answers) > _REMEMBERED_REQUESTS:
+            self._answers.popitem(last=False)
+
+    def _forget(self, request_id: str, remembered: _Remembered) -> None:
+        if self._answers.get(request_id) is remembered:
+            del self._answers[request_id]
+        if not remembered.answer.done():
+            remembered.answer.cancel()
+
+    async def _recall_trail(self) -> None:
+        """Seed the duplicate memory from the audit trail once, before the first command is run."""
+        async with self._recall_lock:
+            if self._recalled:
+                return
+            answers = await asyncio.to_thread(answers_in_trail, self.audit.path, _REMEMBERED_REQUESTS)
+            loop = asyncio.get_running_loop()
+            for request_id, (fingerprint, reply) in answers.items():
+                answer: asyncio.Future[dict[str, Any]] = loop.create_future()
+                answer.set_result(reply)
+                self._remember(request_id, _Remembered(fingerprint, answer))
+            self._recalled = True
+            if answers:
+                log.info("remembered %d request id(s) from the audit trail %s", len(answers), self.audit.path)
+
     async def _execute_audited(self, context: _Context, target: CommandTarget, command: Command,
-                               operator: OperatorConfig) -> dict[str, Any]:
+                               operator: OperatorConfig) -> tuple[dict[str, Any], bool]:
+        """(reply, whether the device may have been touched) of one authorised command, audited before and after."""
         who = _who(operator) | {"args": command.args}
         try:
             await self._append(context, Result(Outcome.REQUESTED), who)
-        except (AuditError, OSError) as exc:
-            log.error("command %s on %s by %s NOT executed: audit trail %s unwritable: %s", command.action,
-                      context.target, operator.name, self.audit.path, exc)
-            result = Result(Outcome.FAILED, f"audit trail unavailable ({type(exc).__name__}); command not executed")
-            return await self._reply(context, result, None)
-        if self._stopping:
-            result = Result(Outcome.REFUSED, "the controller is shutting down; the command was not sent")
-        else:
-            result = await execute(target, command, operator)
-        level = logging.INFO if result.outcome is Outcome.EXECUTED else logging.WARNING
-        log.log(level, "command %s on %s by %s (%s): %s%s", command.action, context.target, operator.name,
-                command.reason, result.outcome, f": {result.error}" if result.error else "")
+        except _AUDIT_ERRORS as exc:
+            return await self._without_intent_record(context, target, command, operator, exc)
+        result = await self._execute_unless_stopping(target, command, operator)
+        self._log_outcome(context, command, operator, result)
         record = await self._audit_quietly(context, result, who)
-        return await self._reply(context, result, record)
+        return await self._reply(context, result, record), result.sent
+
+    async def _without_intent_record(self, context: _Context, target: CommandTarget, command: Command,
+                                     operator: OperatorConfig, exc: Exception) -> tuple[dict[str, Any], bool]:
+        """The audit trail failed before the device was touched: fail closed, except for `abort`.
+
+        Stopping an elution is the safe action; refusing it because a disk is full would leave
+        activity flowing that the operator wanted stopped. Everything else is not executed.
+        """
+        if command.action != "abort":
+            log.error("command %r on %r by %s NOT executed: audit trail %s unusable: %s: %s", command.action,
+                      context.target, operator.name, self.audit.path, type(exc).__name__, exc)
+            result = Result(Outcome.FAILED, f"audit trail unavailable ({type(exc).__name__}); command not executed",
+                            sent=False)
+            return await self._reply(context, result, None), False
+        log.error("AUDIT FAILURE: abort on %r by %s runs WITHOUT its intent record (stopping an elution is the safe "
+                  "action); audit trail %s: %s: %s", context.target, operator.name, self.audit.path,
+                  type(exc).__name__, exc)
+        result = await self._execute_unless_stopping(target, command, operator)
+        self._log_outcome(context, command, operator, result)
+        detail = _who(operator) | {"args": command.args, "intent_record": f"not written ({type(exc).__name__})"}
+        record = await self._audit_with_retries(context, result, detail)
+        return await self._reply(context, result, record), result.sent
+
+    async def _execute_unless_stopping(self, target: CommandTarget, command: Command,
+                                       operator: OperatorConfig) -> Result:
+        if self._stopping:
+            return Result(Outcome.REFUSED, "the controller is shutting down; the command was not sent", sent=False)
+        return await execute(target, command, operator)
+
+    @staticmethod
+    def _log_outcome(context: _Context, command: Command, operator: OperatorConfig, result: Result) -> None:
+        level = logging.INFO if result.outcome is Outcome.EXECUTED else logging.WARNING
+        log.log(level, "command %r on %r by %s (%r): %s%s", command.action, context.target, operator.name,
+                command.reason, result.outcome, f": {result.error}" if result.error else "")
 
     async def _append(self, context: _Context, result: Result, detail: dict[str, Any]) -> AuditRecord:
         new_value = {"outcome": str(result.outcome), "command": context.action, "topic": context.topic,
@@ -550,6 +656,8 @@ class CommandHandler:
             new_value["error"] = result.error
         if result.new_value is not None:
             new_value["result"] = result.new_value
+        if not result.sent:
+            new_value["sent"] = False
         return await self.audit.append_async(actor=context.claim.actor, action=context.audit_action,
                                              target=context.target, reason=context.claim.reason,
                                              old_value=result.old_value, new_value=new_value)
@@ -558,10 +666,26 @@ class CommandHandler:
         """Audit an outcome; a failing trail is logged loudly but does not hide the outcome from the requester."""
         try:
             return await self._append(context, result, detail)
-        except (AuditError, OSError) as exc:
-            log.error("AUDIT FAILURE: could not record %s of %s on %s by %r in %s: %s", result.outcome,
-                      context.action, context.target, context.claim.actor, self.audit.path, exc)
+        except _AUDIT_ERRORS as exc:
+            self._log_audit_failure(context, result, exc)
             return None
+
+    async def _audit_with_retries(self, context: _Context, result: Result,
+                                  detail: dict[str, Any]) -> AuditRecord | None:
+        """Audit an outcome that already happened without an intent record; a transient failure gets more tries."""
+        for delay_s in (*_AUDIT_RETRY_DELAYS_S, None):
+            try:
+                return await self._append(context, result, detail)
+            except _AUDIT_ERRORS as exc:
+                self._log_audit_failure(context, result, exc)
+                if delay_s is None:
+                    return None
+                await asyncio.sleep(delay_s)
+        return None
+
+    def _log_audit_failure(self, context: _Context, result: Result, exc: Exception) -> None:
+        log.error("AUDIT FAILURE: could not record %s of %r on %r by %r in %s: %s: %s", result.outcome,
+                  context.action, context.target, context.claim.actor, self.audit.path, type(exc).__name__, exc)
 
     async def _reply(self, context: _Context, result: Result, record: AuditRecord | None, *,
                      duplicate: bool = False) -> dict[str, Any]:
@@ -584,7 +708,7 @@ class CommandHandler:
             "time": iso_utc(now),
         }
         if not await self.publish(reply_topic(context.topic), reply):
-            log.warning("reply to %s (%s) not delivered; the requester can re-send request_id %s to get it",
+            log.warning("reply to %r (%s) not delivered; the requester can re-send request_id %s to get it",
                         context.topic, result.outcome, context.claim.request_id)
         return reply
 
@@ -598,6 +722,66 @@ class _Context:
     station: str | None
     device: str | None
     claim: Claim
+
+
+@dataclass(frozen=True, slots=True)
+class _Fingerprint:
+    """What a request id stands for: the same id must always mean the same command by the same user."""
+
+    target: str
+    user: str
+    action: str
+    args: str  # canonical JSON
+
+
+@dataclass(frozen=True, slots=True)
+class _Remembered:
+    fingerprint: _Fingerprint
+    answer: asyncio.Future[dict[str, Any]]
+
+
+def _canonical_args(args: Any) -> str:
+    return json.dumps(args, sort_keys=True, separators=(",", ":"))
+
+
+#: Outcome records in the trail that answer a request id for good (a re-send gets them back).
+_FINAL_OUTCOMES = frozenset({Outcome.EXECUTED, Outcome.REFUSED, Outcome.UNCONFIRMED})
+_CRASHED_MID_COMMAND = ("the controller stopped after recording this command's intent and before recording its "
+                        "outcome; whether the device carried it out is unknown: check it before sending a new "
+                        "request_id")
+
+
+def answers_in_trail(path: str | Path, limit: int) -> OrderedDict[str, tuple[_Fingerprint, dict[str, Any]]]:
+    """The answers the audit trail holds for the last `limit` request ids, oldest first (blocking: run in a thread).
+
+    An intent record without an outcome (the controller stopped in between) is answered
+    `unconfirmed`; an outcome marked `sent: false` (the device was never touched) is forgotten.
+    """
+    answers: OrderedDict[str, tuple[_Fingerprint, dict[str, Any]]] = OrderedDict()
+    for record in iter_records(path):
+        value = record.new_value
+        if not isinstance(value, dict) or value.get("authenticated") is not True:
+            continue
+        request_id, outcome, command = value.get("request_id"), value.get("outcome"), value.get("command")
+        if not (isinstance(request_id, str) and isinstance(outcome, str) and isinstance(command, str)):
+            continue  # not a command record (or an unreadable one): it answers nothing
+        fingerprint = _Fingerprint(record.target, record.actor, command, _canonical_args(value.get("args")))
+        if outcome == Outcome.REQUESTED:
+            answer = {"outcome": str(Outcome.UNCONFIRMED), "error": _CRASHED_MID_COMMAND, "old_value": None,
+                      "new_value": None, "audit_seq": record.seq}
+        elif outcome in _FINAL_OUTCOMES and value.get("sent") is not False:
+            answer = {"outcome": outcome, "error": value.get("error"), "old_value": record.old_value,
+                      "new_value": value.get("result"), "audit_seq": record.seq}
+        elif outcome in _FINAL_OUTCOMES:
+            answers.pop(request_id, None)
+            continue
+        else:
+            continue  # duplicates and rejections answer nothing new
+        answers.pop(request_id, None)
+        answers[request_id] = (fingerprint, answer)
+        while len(answers) > limit:
+            answers.popitem(last=False)
+    return answers
 
 
 def _who(operator: OperatorConfig) -> dict[str, Any]:

@@ -6,20 +6,27 @@ tests/test_commands_service.py.
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import json
+import logging
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from controller.audit import AuditLog, AuditRecord, iter_records
 from controller.commands import (
     MAX_PAYLOAD_BYTES,
     Authoriser,
     Claim,
     Command,
+    CommandHandler,
+    CommandTarget,
     MalformedCommand,
     Unauthorised,
     command_topic_filter,
@@ -27,12 +34,16 @@ from controller.commands import (
     parse_topic,
 )
 from controller.config import (
+    DEFAULT_MIN_ROLE,
     ConfigError,
     DeviceConfig,
     ModbusTcpTransport,
+    OperatorConfig,
+    Secret,
     SerialTransport,
     parse_config,
 )
+from drivers.elution_station import CommandOutcome, StationState
 
 SCHEMAS = Path(__file__).resolve().parent.parent / "controller" / "schemas"
 STATION = DeviceConfig("gen-1", "elution-1", "elution_station", ModbusTcpTransport("127.0.0.1"))
@@ -86,6 +97,9 @@ def test_select_nuclide_canonicalises_the_name() -> None:
         (encode(command(user="../root")), "start_elution", STATION, "user must be an operator name"),
         (encode(command(reason="   ")), "start_elution", STATION, "reason must say why"),
         (encode(command(reason="ok\u0000")), "start_elution", STATION, "control characters"),
+        (encode(command(token="\ud800")), "start_elution", STATION, "lone surrogate escape"),
+        (encode(command(reason="why \udfff")), "start_elution", STATION, "lone surrogate escape"),
+        (encode(command(args={"volume_ml": 5.0, "\udc80": 1})), "start_elution", STATION, "lone surrogate escape"),
         (encode(command(args=[])), "start_elution", STATION, "args must be a JSON object, got array"),
         (encode(command(args={})), "start_elution", STATION, "must be exactly: volume_ml; got: none"),
         (encode(command(args={"volume_ml": "5"})), "start_elution", STATION, "got string"),
@@ -112,9 +126,11 @@ def test_a_command_without_a_token_is_unauthorised_not_malformed(token: Any) -> 
         parse_command(encode(command(token=token)), "start_elution", STATION)
 
 
+#: Text that may hold lone surrogates: json.dumps writes them as "\ud800" escapes, which JSON allows.
+TEXT = st.text(st.characters() | st.characters(categories=["Cs"]), max_size=20)
 JSON = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=5),
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | TEXT,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(TEXT, inner, max_size=5),
     max_leaves=20,
 )
 #: Envelopes that are nearly right: each key present or not, with a right-ish or random value.
@@ -146,6 +162,14 @@ def test_the_claim_of_a_bad_payload_names_who_and_why_for_the_audit() -> None:
     assert Claim.read(encode(command(args="nonsense"))) == Claim("alice", "morning Ga-68 elution for DOTATATE", "req-1")
     assert Claim.read(b"\xff") == Claim("unknown", "(no reason given)", None)
     assert Claim.read(encode({"user": 7, "request_id": "bad id"})) == Claim("unknown", "(no reason given)", None)
+    # Lone surrogates cannot be written to the trail as UTF-8: the claim drops them, keeps the rest.
+    assert Claim.read(encode(command(user="\ud800", reason="x\udfff"))) == Claim("unknown", "(no reason given)", "req-1")
+
+
+def test_the_repr_of_a_command_hides_its_token() -> None:
+    parsed = parse_command(encode(command()), "start_elution", STATION)
+    assert ALICE_TOKEN not in repr(parsed) and ALICE_TOKEN not in str(parsed)
+    assert "req-1" in repr(parsed)
 
 
 def test_topics() -> None:
@@ -236,3 +260,223 @@ def test_authoriser_checks_user_token_and_role(tmp_path: Path, tokens: None) -> 
             authoriser.authorise(attempt(user, token))
         assert expected in str(raised.value)
         assert token not in str(raised.value)
+
+
+# --------------------------------------------------------------------------- the handler, on a real audit trail
+
+OPERATORS = (OperatorConfig("alice", "operator", Secret(ALICE_TOKEN, "test")),
+             OperatorConfig("bob", "operator", Secret(BOB_TOKEN, "test")))
+CMD = "hotlab/lab/elution-1/gen-1/cmd"
+
+
+class RecordingStation:
+    """The StationControl a handler drives, answering like a station; records what reached it.
+
+    The real station over Modbus is in tests/test_commands_service.py; here the subject is what
+    the handler lets through, so every call that arrives is a call that would reach the device.
+    """
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.state = StationState.IDLE
+        self.reached = asyncio.Event()
+        self.hang = False
+
+    async def _run(self, action: str, new_state: StationState, user: str, reason: str) -> CommandOutcome:
+        self.calls.append(action)
+        self.reached.set()
+        if self.hang:
+            await asyncio.Event().wait()  # a station that never answers: the command is cut off mid-way
+        old, self.state = self.state, new_state
+        return CommandOutcome(action, "elution-1", user, reason, 0, 0, len(self.calls), old, new_state)
+
+    async def start_elution(self, volume_ml: float, *, user: str, reason: str) -> CommandOutcome:
+        return await self._run("start_elution", StationState.PRIMING, user, reason)
+
+    async def abort(self, *, user: str, reason: str) -> CommandOutcome:
+        return await self._run("abort", StationState.IDLE, user, reason)
+
+    async def acknowledge_fault(self, *, user: str, reason: str) -> CommandOutcome:
+        return await self._run("acknowledge_fault", StationState.IDLE, user, reason)
+
+
+class Console:
+    """A handler on an audit trail with one station, and every reply it published."""
+
+    def __init__(self, audit: AuditLog, station: RecordingStation | None = None) -> None:
+        self.audit = audit
+        self.station = station or RecordingStation()
+        self.online = True
+        self.replies: list[dict[str, Any]] = []
+        target = CommandTarget(STATION, self.station, lambda: self.online)
+        self.handler = CommandHandler("lab", Authoriser(OPERATORS, DEFAULT_MIN_ROLE), audit, self._publish,
+                                      lambda name: target if name == "gen-1" else None)
+
+    async def _publish(self, topic: str, reply: dict[str, Any]) -> bool:
+        assert topic.endswith("/reply")
+        self.replies.append(reply)
+        return True
+
+    async def send(self, action: str, request_id: str, user: str = "alice", **changes: Any) -> dict[str, Any]:
+        args = {"volume_ml": 5.0} if action == "start_elution" else {}
+        token = ALICE_TOKEN if user == "alice" else BOB_TOKEN
+        body = command(request_id=request_id, user=user, token=token, args=args, **changes)
+        return await self.handler.handle(f"{CMD}/{action}", encode(body))
+
+    def outcomes(self) -> list[tuple[str, str, str]]:
+        return [(r.actor, r.action, r.new_value["outcome"]) for r in iter_records(self.audit.path)]
+
+
+@pytest.fixture
+def trail(tmp_path: Path) -> AuditLog:
+    return AuditLog(tmp_path / "audit.jsonl")
+
+
+async def test_a_reused_request_id_for_another_command_is_refused_not_answered(trail: AuditLog) -> None:
+    console = Console(trail)
+    started = await console.send("start_elution", "r1")
+    assert started["outcome"] == "executed"
+    abort = await console.send("abort", "r1")
+    assert abort["outcome"] == "malformed" and abort["duplicate"] is False and abort["ok"] is False
+    assert "request_id 'r1' already used for a different command" in abort["error"]
+    assert console.station.calls == ["start_elution"], "the abort was neither sent nor may it be reported as done"
+    stolen = await console.send("start_elution", "r1", user="bob")
+    assert stolen["outcome"] == "malformed" and stolen["new_value"] is None, "bob must not get alice's result"
+    same = await console.send("start_elution", "r1")
+    assert same["duplicate"] is True and same["outcome"] == "executed" and same["new_value"] == started["new_value"]
+    assert console.station.calls == ["start_elution"]
+    assert console.outcomes() == [("alice", "elution.start", "requested"), ("alice", "elution.start", "executed"),
+                                  ("alice", "elution.abort", "malformed"), ("bob", "elution.start", "malformed"),
+                                  ("alice", "elution.start", "duplicate")]
+
+
+async def test_a_restarted_handler_remembers_request_ids_from_the_audit_trail(trail: AuditLog) -> None:
+    before = Console(trail)
+    assert (await before.send("start_elution", "r1"))["outcome"] == "executed"
+    before.station.hang = True
+    before.station.reached.clear()
+    cut_off = asyncio.create_task(before.send("abort", "r2"))
+    await asyncio.wait_for(before.station.reached.wait(), 30)
+    cut_off.cancel()  # the controller dies after sending, before it learns or records the outcome
+    await asyncio.gather(cut_off, return_exceptions=True)
+    assert before.station.calls == ["start_elution", "abort"]
+
+    after = Console(trail)
+    again = await after.send("start_elution", "r1")
+    assert again["duplicate"] is True and again["outcome"] == "executed" and again["new_value"]["sequence"] == 1
+    assert [r.new_value.get("first_audit_seq") for r in iter_records(trail.path)][-1] == 2  # the executed record
+    unknown = await after.send("abort", "r2")
+    assert unknown["duplicate"] is True and unknown["outcome"] == "unconfirmed"
+    assert "check it before sending a new request_id" in unknown["error"]
+    reused = await after.send("abort", "r1")
+    assert reused["outcome"] == "malformed" and "already used for a different command" in reused["error"]
+    assert after.station.calls == [], "nothing may run twice across a restart"
+
+
+async def test_refusals_that_never_reached_the_device_are_not_remembered(trail: AuditLog) -> None:
+    console = Console(trail)
+    console.online = False
+    offline = await console.send("start_elution", "r1")
+    assert offline["outcome"] == "refused" and "offline" in offline["error"]
+    console.online = True
+    assert (await console.send("start_elution", "r1"))["outcome"] == "executed"
+
+    good_trail = trail.path.read_bytes()
+    trail.path.write_bytes(good_trail + b'{"edited": "by hand"}\n')
+    failed = await console.send("acknowledge_fault", "r2")
+    assert failed["outcome"] == "failed" and "audit trail unavailable" in failed["error"]
+    trail.path.write_bytes(good_trail)
+    assert (await console.send("acknowledge_fault", "r2"))["outcome"] == "executed"
+
+    await console.handler.close()
+    stopping = await console.send("abort", "r3")
+    assert stopping["outcome"] == "refused" and "shutting down" in stopping["error"]
+    restarted = Console(trail, console.station)  # the trail says "not sent": the restarted handler runs it
+    assert (await restarted.send("abort", "r3"))["outcome"] == "executed"
+    assert console.station.calls == ["start_elution", "acknowledge_fault", "abort"]
+
+
+class FlakyAuditLog(AuditLog):
+    """A trail on a disk that is full for the next `failures` appends (ENOSPC), then has room again."""
+
+    def __init__(self, path: Path, failures: int) -> None:
+        super().__init__(path)
+        self.failures = failures
+
+    def append(self, **entry: Any) -> AuditRecord:
+        if self.failures:
+            self.failures -= 1
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return super().append(**entry)
+
+
+async def test_abort_runs_when_its_intent_cannot_be_audited_and_is_audited_afterwards(tmp_path: Path,
+                                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    trail = FlakyAuditLog(tmp_path / "audit.jsonl", failures=1)
+    console = Console(trail)
+    start = await console.send("start_elution", "r1")
+    assert start["outcome"] == "failed" and console.station.calls == [], "everything but abort fails closed"
+
+    trail.failures = 2  # the intent record and the first try of the outcome record
+    abort = await console.send("abort", "r2")
+    assert abort["outcome"] == "executed" and console.station.calls == ["abort"]
+    assert any("abort on 'elution-1/gen-1' by alice runs WITHOUT its intent record" in r.getMessage()
+               for r in caplog.records if r.levelno == logging.ERROR)
+    [record] = list(iter_records(trail.path))
+    assert abort["audit_seq"] == record.seq == 1
+    assert record.action == "elution.abort" and record.new_value["outcome"] == "executed"
+    assert record.new_value["intent_record"] == "not written (OSError)"
+
+
+async def test_topic_levels_are_logged_quoted_so_a_newline_cannot_forge_a_log_line(
+        trail: AuditLog, caplog: pytest.LogCaptureFixture) -> None:
+    console = Console(trail)
+    reply = await console.handler.handle(f"{CMD}/abort\nINFO command abort executed", encode(command()))
+    assert reply["outcome"] == "malformed"
+    assert caplog.records and all("\n" not in r.getMessage() for r in caplog.records)
+
+
+HANDLER_TOPICS = st.sampled_from([f"{CMD}/{action}" for action in ("start_elution", "abort", "acknowledge_fault",
+                                                                  "select_nuclide", "reboot")]
+                                 + ["hotlab/lab/elution-1/other/cmd/abort", "hotlab/elsewhere/x/y/cmd/abort", "x"])
+#: Mostly valid envelopes with valid tokens (the station is a recorder), so executions, duplicates,
+#: reused ids and malformed values all occur; strings may carry lone surrogates.
+HANDLER_PAYLOADS = st.fixed_dictionaries({
+    "schema": st.just("hotlab.command/1"),
+    "request_id": st.sampled_from(["r1", "r2", "r3"]),
+    "user": st.sampled_from(["alice", "bob"]) | TEXT,
+    "token": st.sampled_from([ALICE_TOKEN, BOB_TOKEN]) | TEXT,
+    "reason": st.just("because") | TEXT,
+    "args": st.sampled_from([{}, {"volume_ml": 5.0}]) | JSON,
+}).map(encode) | NEAR_MISS.map(encode) | st.binary(max_size=100)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(messages=st.lists(st.tuples(HANDLER_TOPICS, HANDLER_PAYLOADS, st.booleans()), min_size=1, max_size=4))
+@example(messages=[(f"{CMD}/abort", encode(command(args={}, token="\ud800")), False)])
+@example(messages=[(f"{CMD}/abort", encode(command(args={}, reason="why \udfff")), False)])
+def test_every_submitted_message_gets_exactly_one_reply_and_an_audit_record(
+        messages: list[tuple[str, bytes, bool]]) -> None:
+    async def run(directory: str) -> None:
+        audit = AuditLog(Path(directory) / "audit.jsonl")
+        for topic, payload, retain in messages:
+            console = Console(audit)  # a fresh handler per message: each also recalls the trail
+            records_before = len(list(iter_records(audit.path)))
+            await console.handler.submit(topic, payload, retain)
+            await console.handler.close()
+            assert len(console.replies) == 1, (topic, payload)
+            assert len(list(iter_records(audit.path))) > records_before, (topic, payload)
+
+    with tempfile.TemporaryDirectory() as directory:
+        asyncio.run(run(directory))
+
+
+async def test_odd_records_in_the_trail_do_not_stop_the_handler_from_recalling_it(trail: AuditLog) -> None:
+    for odd in ({"authenticated": True, "request_id": "r1", "command": "abort", "outcome": ["executed"]},
+                {"authenticated": True, "request_id": ["r1"], "command": "abort", "outcome": "executed"},
+                {"authenticated": True, "request_id": "r1", "outcome": "executed"}, "a note", None):
+        trail.append(actor="hotlab", action="qc.manual_entry", target="elution-1/gen-1", reason="other records",
+                     new_value=odd)
+    console = Console(trail)
+    assert (await console.send("abort", "r1"))["outcome"] == "executed"
+    assert console.station.calls == ["abort"]

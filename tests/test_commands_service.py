@@ -236,6 +236,41 @@ async def test_authorised_commands_run_once_are_audited_and_refused_in_the_wrong
     await lab.polling_goes_on()
 
 
+async def test_a_request_id_reused_for_another_command_is_refused_and_the_station_keeps_priming(lab: Lab) -> None:
+    send = lab.requester.send
+    started = await send(f"{TOPIC}/start_elution", command("alice", {"volume_ml": 5.0}, request_id="shared-1"))
+    assert started["outcome"] == "executed" and lab.model.state is StationState.PRIMING
+    for user in ("alice", "bob"):
+        abort = await send(f"{TOPIC}/abort", command(user, {}, request_id="shared-1"))
+        assert abort["outcome"] == "malformed" and abort["duplicate"] is False, abort
+        assert "request_id 'shared-1' already used for a different command" in abort["error"]
+    assert lab.model.state is StationState.PRIMING and lab.model.cmd_ack_seq == 1, "the abort was never sent"
+    assert [(r.actor, r.action, r.new_value["outcome"]) for r in lab.records()][-2:] == [
+        ("alice", "elution.abort", "malformed"), ("bob", "elution.abort", "malformed")]
+    assert lab.verify() == 0
+
+
+async def test_a_request_id_resent_after_a_controller_restart_is_not_run_again(
+        tmp_path: Path, mosquitto: MosquittoBroker, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    start = command("alice", {"volume_ml": 5.0}, request_id="before-restart")
+    first_run = station_lab(tmp_path, mosquitto, monkeypatch)
+    try:
+        before = await anext(first_run)
+        assert (await before.requester.send(f"{TOPIC}/start_elution", start))["outcome"] == "executed"
+    finally:
+        assert await anext(first_run, None) is None  # runs the generator on: the service stops, frees its outbox
+
+    second_run = station_lab(tmp_path, mosquitto, monkeypatch)  # same state dir, so the same audit trail
+    try:
+        after = await anext(second_run)
+        again = await after.requester.send(f"{TOPIC}/start_elution", start)
+        assert again["duplicate"] is True and again["outcome"] == "executed", again
+        assert after.model.cmd_ack_seq == 0 and after.model.state is StationState.IDLE, "no second elution"
+        assert after.verify() == 0
+    finally:
+        assert await anext(second_run, None) is None
+
+
 @pytest.fixture
 async def lab_with_retained_command(tmp_path: Path, mosquitto: MosquittoBroker,  # noqa: F811
                                     monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Lab]:
@@ -275,9 +310,11 @@ async def test_unauthorised_attempts_are_refused_audited_and_leave_the_station_a
     assert lab.verify() == 0
 
 
+#: Text that may hold lone surrogates, which json.dumps sends as "\ud800" escapes (valid JSON, not Unicode).
+TEXT = st.text(st.characters() | st.characters(categories=["Cs"]), max_size=12)
 JSON = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=12),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | TEXT,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(TEXT, inner, max_size=4),
     max_leaves=12,
 )
 #: Nearly valid envelopes, never with a valid token (an accepted fuzz command would really elute).
@@ -305,6 +342,7 @@ async def test_malformed_payloads_get_an_error_reply_and_polling_goes_on(lab: La
     @given(topic=TOPICS, payload=PAYLOADS)
     @example(topic=f"{TOPIC}/start_elution", payload=b"{" + b" " * 5000 + b"}")  # oversized
     @example(topic=f"{TOPIC}/abort", payload=b"")
+    @example(topic=f"{TOPIC}/abort", payload=command("bob", {}, token="\ud800"))  # not encodable: no reply before
     def fuzz(topic: str, payload: bytes) -> None:
         # Hypothesis drives from a worker thread; the service and the broker client run on the loop.
         reply = asyncio.run_coroutine_threadsafe(lab.requester.send(topic, payload), loop).result(60)
