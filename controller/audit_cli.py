@@ -1,6 +1,12 @@
 """`hotlab audit verify|show|append`: check, read and (for manual entries) write the audit trail.
 
-Exit codes follow controller/cli.py: 0 ok, 1 broken chain or failed write, 2 bad input.
+The trail is found, in this order: --path; --config lab.toml (where that lab's service writes
+it: `[commands] audit_path`, else `<state_dir>/audit.jsonl`); `$HOTLAB_AUDIT_LOG`; else where
+`hotlab run` without a config (the simulated lab) writes it. A missing trail is an error for
+`verify` and `show` unless --allow-empty: a typo in the path, or a deleted trail, must not read
+as "intact".
+
+Exit codes follow controller/cli.py: 0 ok, 1 broken chain, missing trail or failed write, 2 bad input.
 """
 
 from __future__ import annotations
@@ -21,15 +27,22 @@ from controller.audit import (
     load_hmac_key,
     verify_chain,
 )
+from controller.config import ConfigError, load_audit_path
 from controller.history import HistoryQueryError, TimeRange
 
 PATH_ENV = "HOTLAB_AUDIT_LOG"
-DEFAULT_PATH = Path("var/audit.jsonl")
+#: `hotlab run` without --config runs the simulated lab in var/simulated-lab (controller/run_cli.py)
+#: with state_dir "state" (controller/simulated_lab.py), so its service audits here.
+DEFAULT_PATH = Path("var/simulated-lab/state/audit.jsonl")
 
 
 def default_audit_path() -> Path:
-    """`$HOTLAB_AUDIT_LOG`, else var/audit.jsonl relative to the working directory."""
+    """`$HOTLAB_AUDIT_LOG`, else the simulated lab's trail, relative to the working directory."""
     return Path(os.environ.get(PATH_ENV) or DEFAULT_PATH)
+
+
+class _NoTrail(Exception):
+    """The audit trail to read does not exist."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -37,12 +50,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     actions = parser.add_subparsers(dest="audit_command", metavar="ACTION", required=True)
 
     def common(sub: argparse.ArgumentParser) -> None:
-        sub.add_argument("--path", type=Path, default=None, help=f"audit log (default ${PATH_ENV} or {DEFAULT_PATH})")
+        where = sub.add_mutually_exclusive_group()
+        where.add_argument("--path", type=Path, default=None, help=f"audit log (default ${PATH_ENV} or {DEFAULT_PATH})")
+        where.add_argument("--config", type=Path, default=None,
+                           help="lab config (TOML): use the audit trail that lab's service writes")
         sub.add_argument("--key-file", type=Path, default=None,
                          help="HMAC key file (default $HOTLAB_AUDIT_KEY_FILE or $HOTLAB_AUDIT_KEY)")
 
     verify = actions.add_parser("verify", help="check the whole chain; exit 1 at the first broken record")
     common(verify)
+    verify.add_argument("--allow-empty", action="store_true",
+                        help="a missing trail is an empty, intact one (e.g. a new lab); default: exit 1")
     verify.set_defaults(func=_verify)
 
     show = actions.add_parser("show", help="list records (optionally in a UTC period)")
@@ -51,6 +69,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     show.add_argument("--to", dest="end", help="last day (inclusive) or instant (UTC)")
     show.add_argument("--action", help="only this action, e.g. elution.start")
     show.add_argument("--json", action="store_true", help="one JSON record per line instead of a table")
+    show.add_argument("--allow-empty", action="store_true", help="a missing trail lists nothing; default: exit 1")
     show.set_defaults(func=_show)
 
     append = actions.add_parser("append", help="record a manual action or QC entry")
@@ -72,17 +91,33 @@ def _key(args: argparse.Namespace) -> bytes | None:
 
 
 def _path(args: argparse.Namespace) -> Path:
-    return args.path if args.path is not None else default_audit_path()
+    """--path, else the trail of the --config lab (ConfigError if it is unreadable), else the default."""
+    if args.path is not None:
+        return args.path
+    if args.config is not None:
+        return load_audit_path(args.config)
+    return default_audit_path()
+
+
+def _existing_path(args: argparse.Namespace) -> Path:
+    path = _path(args)
+    if not args.allow_empty and not path.exists():
+        raise _NoTrail(f"no audit trail at {path} (check --path/--config; --allow-empty accepts a missing trail)")
+    return path
 
 
 def _verify(args: argparse.Namespace) -> int:
     try:
-        result = verify_chain(_path(args), _key(args))
-    except AuditKeyError as exc:
+        key = _key(args)  # a bad key is bad input even when the trail is missing too
+        result = verify_chain(_existing_path(args), key)
+    except (AuditKeyError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except _NoTrail as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except OSError as exc:
-        print(f"error: cannot read {_path(args)}: {exc.strerror}", file=sys.stderr)
+        print(f"error: cannot read {exc.filename}: {exc.strerror}", file=sys.stderr)
         return 1
     print(result.summary(), file=sys.stdout if result.ok else sys.stderr)
     return 0 if result.ok else 1
@@ -91,11 +126,15 @@ def _verify(args: argparse.Namespace) -> int:
 def _show(args: argparse.Namespace) -> int:
     try:
         period = TimeRange.from_text(args.start, args.end)
-    except HistoryQueryError as exc:
+        path = _existing_path(args)
+    except (HistoryQueryError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except _NoTrail as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     records = [
-        r for r in iter_records(_path(args))
+        r for r in iter_records(path)
         if period.start_ns <= r.time_ns < period.end_ns and (args.action is None or r.action == args.action)
     ]
     if args.json:
@@ -105,7 +144,7 @@ def _show(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"audit trail {_path(args)}")
+    table = Table(title=f"audit trail {path}")
     for column in ("#", "time (UTC)", "who", "what", "target", "old", "new", "why"):
         table.add_column(column)
     for r in records:
@@ -134,7 +173,7 @@ def _append(args: argparse.Namespace) -> int:
             actor=args.actor, action=args.action, target=args.target, reason=args.reason,
             old_value=_json_or_text(args.old), new_value=_json_or_text(args.new),
         )
-    except (AuditEntryError, AuditKeyError) as exc:
+    except (AuditEntryError, AuditKeyError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except (AuditLogCorrupt, OSError) as exc:

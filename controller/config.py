@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from drivers.elution_station import ModbusRtuLink, ModbusTcpLink
+
 CALIBRATOR_FAMILIES: tuple[str, ...] = ("vik202", "crc15r", "vdc404", "atomlab500")
 STATION_FAMILIES: tuple[str, ...] = ("elution_station",)
 WORD_ORDERS: tuple[str, ...] = ("ABCD", "CDAB", "BADC", "DCBA")
@@ -85,25 +87,10 @@ class SerialTransport:
     kind: Literal["serial"] = "serial"
 
 
-@dataclass(frozen=True, slots=True)
-class ModbusTcpTransport:
-    host: str
-    port: int = 502
-    device_id: int = 1
-    word_order: str = "ABCD"
-    kind: Literal["modbus_tcp"] = "modbus_tcp"
-
-
-@dataclass(frozen=True, slots=True)
-class ModbusRtuTransport:
-    """Modbus RTU over a serial URL (a tty, or socket:// for RTU framing through a serial device server)."""
-
-    url: str
-    baudrate: int = 19200
-    device_id: int = 1
-    word_order: str = "ABCD"
-    kind: Literal["modbus_rtu"] = "modbus_rtu"
-
+#: A station's transport is the driver's own link description, built here once validated, so the two
+#: cannot drift apart; the Transport names stay for the code that reads a config.
+ModbusTcpTransport = ModbusTcpLink
+ModbusRtuTransport = ModbusRtuLink
 
 Transport = SerialTransport | ModbusTcpTransport | ModbusRtuTransport
 
@@ -332,19 +319,11 @@ class _Table:
         file_path = self.path_value(f"{stem}_file")
         if env_name is not None and file_path is not None:
             raise self.error(f"{stem}_env", f"give either {stem}_env or {stem}_file, not both")
-        if env_name is not None:
-            value = os.environ.get(env_name)
-            if value is None:
-                raise self.error(f"{stem}_env", f"environment variable {env_name!r} is not set")
-            return Secret(value, f"${env_name}")
-        if file_path is not None:
+        if env_name is not None or file_path is not None:
             try:
-                value = file_path.read_text(encoding="utf-8").rstrip("\r\n")
-            except OSError as exc:
-                raise self.error(f"{stem}_file", f"cannot read {str(file_path)!r}: {exc.strerror}") from None
-            if not value:
-                raise self.error(f"{stem}_file", f"file {str(file_path)!r} is empty")
-            return Secret(value, str(file_path))
+                return load_secret(env=env_name, file=file_path)
+            except ConfigError as exc:
+                raise self.error(f"{stem}_env" if env_name is not None else f"{stem}_file", str(exc)) from None
         if required:
             raise self.error(None, f"needs {stem}_env or {stem}_file")
         return None
@@ -367,6 +346,31 @@ class _Table:
             raise self.error(name, f"must be <= {maximum:g}, got {value!r}")
 
 
+def load_secret(*, env: str | None = None, file: Path | None = None) -> Secret:
+    """The value of environment variable `env`, or the contents of `file` without its final newline.
+
+    The one way a secret enters hotlab, for the config's `*_env`/`*_file` keys and for command
+    options alike: never as an inline value, which would sit in a TOML file or in the process
+    arguments (visible in `ps`, /proc/<pid>/cmdline and shell history). `ConfigError` says what is wrong.
+    """
+    if (env is None) == (file is None):
+        raise ConfigError("give exactly one of an environment variable name or a file")
+    if env is not None:
+        value = os.environ.get(env)
+        if value is None:
+            raise ConfigError(f"environment variable {env!r} is not set")
+        return Secret(value, f"${env}")
+    assert file is not None
+    try:
+        text = file.read_text(encoding="utf-8").rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ConfigError(f"cannot read {str(file)!r}: {reason}") from None
+    if not text:
+        raise ConfigError(f"file {str(file)!r} is empty")
+    return Secret(text, str(file))
+
+
 def _describe(value: Any) -> str:
     kinds = {bool: "boolean", int: "integer", float: "number", str: "string", list: "array", dict: "table"}
     return f"{value!r} ({kinds.get(type(value), type(value).__name__)})"
@@ -380,17 +384,34 @@ def _resolve(base_dir: Path, text: str) -> Path:
 def load_config(path: str | Path) -> LabConfig:
     """Read and validate a lab config file; raise ConfigError with a precise message on any problem."""
     file = Path(path)
+    data = _read_toml(file)
+    return parse_config(data, file=str(file), base_dir=file.resolve().parent, source=file)
+
+
+def load_audit_path(path: str | Path) -> Path:
+    """Where the service configured in `path` writes its audit trail (`[commands] audit_path`, else
+    `<state_dir>/audit.jsonl`).
+
+    Only [service] and [commands] are read, with the same rules as `load_config`: whoever verifies
+    the trail (a QA officer, a cron job) needs no MQTT, InfluxDB or operator secrets for it.
+    """
+    file = Path(path)
+    root = _Table(_read_toml(file), "", str(file), file.resolve().parent)
+    service = _parse_service(root.table("service"), root)
+    return _parse_commands(root.table("commands")).resolved_audit_path(service.state_dir)
+
+
+def _read_toml(file: Path) -> Mapping[str, Any]:
     try:
         raw = file.read_bytes()
     except OSError as exc:
         raise ConfigError(f"{file}: cannot read config file: {exc.strerror}") from None
     try:
-        data = tomllib.loads(raw.decode("utf-8"))
+        return tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{file}: not UTF-8 text (byte {exc.start})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{file}: not valid TOML: {exc}") from None
-    return parse_config(data, file=str(file), base_dir=file.resolve().parent, source=file)
 
 
 def parse_config(data: Mapping[str, Any], *, file: str = "<config>", base_dir: Path | None = None,
@@ -572,13 +593,13 @@ def _parse_transport(device: _Table, family: str) -> Transport:
         host = table.string("host", required=True)
         assert host is not None
         port = table.integer("port", 502, minimum=1, maximum=65535)
-        result = ModbusTcpTransport(host=host, port=port, device_id=device_id, word_order=word_order)
+        result = ModbusTcpLink(host=host, port=port, device_id=device_id, word_order=word_order)
     else:
         url = table.string("url", required=True)
         assert url is not None
         baudrate = table.integer("baudrate", 19200, minimum=300, maximum=921600)
-        result = ModbusRtuTransport(url=_serial_url(table, "url", url), baudrate=baudrate, device_id=device_id,
-                                    word_order=word_order)
+        result = ModbusRtuLink(url=_serial_url(table, "url", url), baudrate=baudrate, device_id=device_id,
+                               word_order=word_order)
     table.finish()
     return result
 

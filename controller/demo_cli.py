@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 import sys
 import time
@@ -36,6 +35,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.logging import RichHandler
 
+from controller.config import ConfigError, load_secret
 from controller.demo import LabView, render, snapshot_svg, watch_broker
 from controller.service import ControllerService, ServiceError
 from controller.simulated_lab import (
@@ -50,7 +50,9 @@ from controller.simulated_lab import (
 
 log = logging.getLogger("hotlab.demo")
 
-#: The InfluxDB token reaches the config through this variable, never through the TOML (controller/config.py).
+#: Where the InfluxDB token is read from unless --influx-token-env/--influx-token-file say otherwise. There is
+#: no option taking the token itself: process arguments are visible to every user (ps, /proc/<pid>/cmdline)
+#: and end up in shell history (controller/config.py, load_secret).
 INFLUX_TOKEN_ENV = "HOTLAB_INFLUX_TOKEN"
 
 DEMO_LAB = SimLab(
@@ -88,8 +90,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("--mqtt-host", help="use this MQTT broker instead of starting a private mosquitto")
     parser.add_argument("--mqtt-port", type=int, default=1883, help="port of --mqtt-host (default 1883)")
     parser.add_argument("--influx-url", help="also write to InfluxDB, e.g. http://127.0.0.1:8086")
-    parser.add_argument("--influx-token", help=f"InfluxDB token (default ${INFLUX_TOKEN_ENV}); "
-                                               "InfluxDB 1.8: user:password")
+    token = parser.add_mutually_exclusive_group()
+    token.add_argument("--influx-token-env", metavar="NAME",
+                       help=f"environment variable holding the InfluxDB token (default {INFLUX_TOKEN_ENV}); "
+                            "InfluxDB 1.8: user:password")
+    token.add_argument("--influx-token-file", type=Path, metavar="PATH",
+                       help="file holding only the InfluxDB token (instead of an environment variable)")
     parser.add_argument("--influx-org", default="-", help="InfluxDB organisation (default '-', for InfluxDB 1.8)")
     parser.add_argument("--influx-bucket", default="hotlab", help="InfluxDB bucket, or database/retention (1.8)")
     parser.add_argument("--snapshot", type=Path, metavar="SVG",
@@ -110,10 +116,8 @@ def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level, handlers=[handler], format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     influx: dict[str, Any] | None = None
     if args.influx_url:
-        if args.influx_token:
-            os.environ[INFLUX_TOKEN_ENV] = args.influx_token
-        influx = {"url": args.influx_url, "token_env": INFLUX_TOKEN_ENV, "org": args.influx_org,
-                  "bucket": args.influx_bucket}
+        influx = {"url": args.influx_url, "org": args.influx_org, "bucket": args.influx_bucket,
+                  **_influx_token_source(args)}
     broker = BrokerAddress(args.mqtt_host, args.mqtt_port) if args.mqtt_host else None
     lab = replace(DEMO_LAB, acceleration=args.acceleration, calibrator_acceleration=args.acceleration)
     try:
@@ -134,9 +138,27 @@ def _check_options(args: argparse.Namespace) -> str:
         return f"--acceleration must be from 1 to 3600, got {args.acceleration:g}"
     if not 1 <= args.mqtt_port <= 65535:
         return f"--mqtt-port must be from 1 to 65535, got {args.mqtt_port}"
-    if args.influx_url and not (args.influx_token or os.environ.get(INFLUX_TOKEN_ENV)):
-        return f"--influx-url needs --influx-token or ${INFLUX_TOKEN_ENV}"
+    if args.influx_url:
+        option = "--influx-token-file" if args.influx_token_file is not None else "--influx-token-env"
+        try:
+            load_secret(env=None if args.influx_token_file is not None else _influx_token_env(args),
+                        file=args.influx_token_file)
+        except ConfigError as exc:
+            return f"{option}: {exc} (--influx-url needs the InfluxDB token)"
+    elif args.influx_token_env is not None or args.influx_token_file is not None:
+        return "--influx-token-env/--influx-token-file need --influx-url"
     return ""
+
+
+def _influx_token_env(args: argparse.Namespace) -> str:
+    return args.influx_token_env if args.influx_token_env is not None else INFLUX_TOKEN_ENV
+
+
+def _influx_token_source(args: argparse.Namespace) -> dict[str, str]:
+    """The [influx] token keys: the config reads the secret itself, so its value never passes through here."""
+    if args.influx_token_file is not None:
+        return {"token_file": str(args.influx_token_file.resolve())}
+    return {"token_env": _influx_token_env(args)}
 
 
 async def _run(lab: SimLab, args: argparse.Namespace, broker: BrokerAddress | None,

@@ -10,16 +10,21 @@ Modbus elution station and a test double are handled the same way. Its rules:
 * Any other exception from a source is a bug in that driver: it is logged with its
   traceback and handled like a disconnect. Nothing a device does can stop another
   device's task or the controller.
-* Data is handed to `deliver` (which commits it to the outbox). If the outbox is full,
-  the same items are retried until there is room, and the device is not read meanwhile:
-  a calibrator keeps displaying its value, a station keeps its elution counter, so the
-  data waits on the device instead of being dropped here.
+* Data is handed to `deliver` (which commits it to the outbox). If that fails — the outbox
+  is full, or unavailable (sqlite3 disk I/O error, disk full: `sqlite3.Error`, `OSError`),
+  or anything else in the commit path — the same items are retried with backoff, and the
+  device is neither reconnected (it is fine) nor read meanwhile: a calibrator keeps
+  displaying its value, a station keeps its elution counter, so the data waits on the device
+  instead of being dropped here. The status detail says why ("outbox full", "outbox
+  unavailable: ...", "commit failed: ...").
 * Status (up, last read latency, error count) is reported on every change and every
   `status_interval_s`; the service turns it into a retained device_status message.
 * A watchdog bounds every connect/read (drivers have their own timeouts; this catches a
   driver that hangs anyway) and turns a hang into a DeviceTimeout.
 * `stop()` is graceful: an item already read is committed before `run()` returns; only
-  waiting (for the device, the poll interval or the backoff) is interrupted.
+  waiting (for the device, the poll interval or the backoff) is interrupted. A commit that
+  keeps failing is retried for up to `stop_commit_s` after `stop()`; only then, or if the
+  task is cancelled first, are the items given up, and the log names each one (ERROR).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -112,6 +118,7 @@ class DeviceSupervisor:
         status_interval_s: float = 60.0,
         max_consecutive_errors: int = 3,
         outbox_retry_s: float = 1.0,
+        stop_commit_s: float = 8.0,
         watchdog_s: float = 30.0,
         rng: random.Random | None = None,
     ) -> None:
@@ -124,6 +131,10 @@ class DeviceSupervisor:
         self.status_interval_s = status_interval_s
         self.max_consecutive_errors = max_consecutive_errors
         self.outbox_retry_s = outbox_retry_s
+        #: How long after `stop()` a failing commit is still retried. The service should pass its
+        #: drain timeout; the default stays under the 10 s ControllerService._stop_devices waits.
+        self.stop_commit_s = stop_commit_s
+        self._stop_deadline = float("inf")
         self.watchdog_s = watchdog_s
         self._rng = rng or random.Random()
         self.errors = 0
@@ -135,6 +146,8 @@ class DeviceSupervisor:
 
     def stop(self) -> None:
         """Finish the item in hand (commit it), then return from `run()` without reading again."""
+        if not self._stopping.is_set():
+            self._stop_deadline = time.monotonic() + self.stop_commit_s
         self._stopping.set()
 
     async def run(self) -> None:
@@ -202,29 +215,79 @@ class DeviceSupervisor:
             await self._pause(started)
 
     async def _hand_over(self, items: Sequence[Item]) -> None:
-        """Commit, or keep retrying while the outbox is full; the device is not read meanwhile.
+        """Commit, retrying any failure with backoff; the device is not read (nor reconnected) meanwhile.
 
-        Deliberately not interrupted by `stop()`: an item that was read is committed first.
+        Deliberately not interrupted by `stop()`: an item that was read is committed first, for
+        up to `stop_commit_s`. Only the commit is guarded here, so a commit failure is never
+        mistaken for a driver failure (which would reconnect the device and lose the items).
         """
-        full_since: float | None = None
-        while True:
-            try:
-                await self._deliver(items)
+        failing_since = 0.0
+        failures = 0
+        try:
+            while True:
+                try:
+                    await self._deliver(items)
+                except Exception as exc:  # noqa: BLE001 - whatever failed, the items must not be dropped
+                    failures += 1
+                    detail, delay = self._commit_failure(exc, items, failures)
+                    if failures == 1:
+                        failing_since = time.monotonic()
+                        await self._report(detail=detail, force=True)
+                    if self._stopping.is_set() and time.monotonic() >= self._stop_deadline:
+                        self._log_not_committed(items, f"still failing {self.stop_commit_s:g} s after stop "
+                                                       f"({failures} attempt(s), last: {detail})")
+                        return
+                    await self._retry_pause(delay)
+                    continue
                 await self._confirm(items)
-                if full_since is not None:
-                    log.warning("device %s: outbox has room again after %.1f s; %d item(s) committed",
-                                self.device, time.monotonic() - full_since, len(items))
+                if failures:
+                    log.warning("device %s: commit works again after %.1f s and %d failed attempt(s); "
+                                "%d item(s) committed", self.device, time.monotonic() - failing_since, failures,
+                                len(items))
+                    await self._report(detail="ok", force=True)
                 return
-            except OutboxFull as exc:
-                if full_since is None:
-                    full_since = time.monotonic()
-                    log.error("device %s: OUTBOX FULL, holding %d item(s) and pausing reads until a sink "
-                              "catches up: %s", self.device, len(items), exc)
-                if self._stopping.is_set():
-                    log.error("device %s: stopping while the outbox is full; %d item(s) read but not stored: %r",
-                              self.device, len(items), items)
-                    return
-                await self._sleep(self.outbox_retry_s)
+        except asyncio.CancelledError:
+            self._log_not_committed(items, "cancelled before the commit succeeded")
+            raise
+
+    def _commit_failure(self, exc: Exception, items: Sequence[Item], failures: int) -> tuple[str, float]:
+        """Log one failed commit (loudly the first time); return the status detail and the retry delay."""
+        first = failures == 1
+        if isinstance(exc, OutboxFull):
+            # A sink has to catch up; that is not sped up by waiting longer between attempts.
+            detail, delay = f"outbox full: {exc}", self.outbox_retry_s
+            if first:
+                log.error("device %s: OUTBOX FULL, holding %d item(s) and pausing reads until a sink "
+                          "catches up: %s", self.device, len(items), exc)
+            return detail, delay
+        delay = min(self.backoff.max_s, self.outbox_retry_s * 2.0 ** min(failures - 1, 30))
+        if isinstance(exc, (sqlite3.Error, OSError)):
+            detail = f"outbox unavailable: {type(exc).__name__}: {exc}"
+            if first:
+                log.error("device %s: OUTBOX UNAVAILABLE (%s), holding %d item(s) and pausing reads; retrying "
+                          "with backoff", self.device, detail, len(items))
+        else:
+            detail = f"commit failed: {type(exc).__name__}: {exc}"
+            if first:
+                log.error("device %s: COMMIT FAILED (a bug in the commit path), holding %d item(s) and pausing "
+                          "reads; retrying with backoff", self.device, len(items), exc_info=exc)
+        if not first:
+            log.warning("device %s: commit attempt %d failed (%s); next in %.2f s", self.device, failures,
+                        detail, delay)
+        return detail, delay
+
+    async def _retry_pause(self, seconds: float) -> None:
+        """Wait before the next commit attempt; once stopping, only as long as the stop deadline allows."""
+        if self._stopping.is_set():
+            await asyncio.sleep(max(0.0, min(seconds, self._stop_deadline - time.monotonic())))
+        else:
+            await self._sleep(seconds)  # a stop() ends this early: the next attempt comes at once
+
+    def _log_not_committed(self, items: Sequence[Item], why: str) -> None:
+        log.error("device %s: %d item(s) read but NOT COMMITTED (%s); they are lost unless the device repeats "
+                  "them:", self.device, len(items), why)
+        for item in items:
+            log.error("device %s: not committed: %r", self.device, item)
 
     async def _confirm(self, items: Sequence[Item]) -> None:
         """Tell the source its items are stored; if that fails they come again (same msg_id: harmless)."""
@@ -275,8 +338,8 @@ class DeviceSupervisor:
         state = DeviceState(self.device, self.up, self.latency_ms, self.errors, detail)
         try:
             await self._report_status(state)
-        except OutboxFull:
-            log.warning("device %s: status not stored, outbox full", self.device)
+        except Exception as exc:  # noqa: BLE001 - a status goes where the data goes; its commit failure is logged there
+            log.warning("device %s: status %r not stored (%s: %s)", self.device, detail, type(exc).__name__, exc)
 
     async def _set_down(self, detail: str) -> None:
         if self.up or self._last_status_at == float("-inf"):

@@ -322,7 +322,7 @@ def encode_command(seq: int, code: CommandCode, volume_ml: float, order: WordOrd
 
 # --------------------------------------------------------------------------------------------
 # Transport configuration. The driver needs only the attributes of the ModbusLink protocol;
-# controller.service builds a ModbusTcpLink / ModbusRtuLink from its configured transport.
+# controller.config builds ModbusTcpLink / ModbusRtuLink directly as a station's transport.
 # --------------------------------------------------------------------------------------------
 
 

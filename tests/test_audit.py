@@ -323,3 +323,58 @@ def test_cli_verify_with_short_key_is_bad_input(tmp_path: Path, capsys: pytest.C
     key_file.write_text("short")
     assert hotlab(["audit", "verify", "--path", str(tmp_path / "a.jsonl"), "--key-file", str(key_file)]) == 2
     assert "at least 32" in capsys.readouterr().err
+
+
+def test_cli_verify_refuses_a_missing_trail_unless_allowed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "audti.jsonl"  # a typo'd path must not read as an intact trail
+    assert hotlab(["audit", "verify", "--path", str(missing)]) == 1
+    assert f"no audit trail at {missing}" in capsys.readouterr().err
+    assert hotlab(["audit", "show", "--path", str(missing)]) == 1
+    assert hotlab(["audit", "verify", "--path", str(missing), "--allow-empty"]) == 0
+    assert "0 record(s)" in capsys.readouterr().out
+
+
+def test_cli_default_path_is_where_the_simulated_lab_audits(monkeypatch: pytest.MonkeyPatch) -> None:
+    from controller.audit_cli import default_audit_path
+
+    monkeypatch.delenv("HOTLAB_AUDIT_LOG", raising=False)
+    # controller/run_cli.py runs the simulated lab in var/simulated-lab with state_dir "state".
+    assert default_audit_path() == Path("var/simulated-lab/state/audit.jsonl")
+
+
+def _lab_toml(directory: Path, extra: str = "") -> Path:
+    config = directory / "lab.toml"
+    # An MQTT password in an unset variable: verifying the trail must not need the service's secrets.
+    config.write_text('[site]\nname = "hotlab-a"\n[service]\nstate_dir = "state"\n'
+                      '[mqtt]\nhost = "127.0.0.1"\nusername = "ctl"\npassword_env = "HOTLAB_TEST_UNSET_PASSWORD"\n'
+                      + extra)
+    return config
+
+
+def test_cli_config_resolves_the_services_trail(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HOTLAB_TEST_UNSET_PASSWORD", raising=False)
+    monkeypatch.delenv("HOTLAB_AUDIT_KEY", raising=False)
+    monkeypatch.delenv("HOTLAB_AUDIT_KEY_FILE", raising=False)
+    config = _lab_toml(tmp_path)
+    assert hotlab(["audit", "verify", "--config", str(config)]) == 1
+    assert f"no audit trail at {tmp_path / 'state' / 'audit.jsonl'}" in capsys.readouterr().err
+    write_five(tmp_path / "state" / "audit.jsonl")
+    assert hotlab(["audit", "verify", "--config", str(config)]) == 0
+    assert "5 record(s)" in capsys.readouterr().out
+
+    elsewhere = tmp_path / "other"
+    elsewhere.mkdir()
+    write_five(elsewhere / "trail.jsonl")
+    explicit = _lab_toml(elsewhere, '[commands]\naudit_path = "trail.jsonl"\n')
+    assert hotlab(["audit", "show", "--config", str(explicit), "--json"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 5
+
+
+def test_cli_config_errors_are_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = _lab_toml(tmp_path, '[commands]\naudit_pth = "x.jsonl"\n')
+    assert hotlab(["audit", "verify", "--config", str(config)]) == 2
+    assert "did you mean 'audit_path'" in capsys.readouterr().err
+    assert hotlab(["audit", "verify", "--config", str(tmp_path / "missing.toml")]) == 2
+    with pytest.raises(SystemExit):  # --path and --config name the same thing twice
+        hotlab(["audit", "verify", "--config", str(config), "--path", str(tmp_path / "a.jsonl")])

@@ -90,6 +90,10 @@ word_order = "CDAB"
     device = load_config(write(tmp_path, text)).devices[0]
     assert device.transport == ModbusRtuTransport("socket://127.0.0.1:5020", 19200, 7, "CDAB")
     assert device.poll_interval_s == 1.0
+    # The driver's own link description, not a field-for-field copy of it.
+    from drivers.elution_station import ModbusRtuLink
+
+    assert type(device.transport) is ModbusRtuLink
 
 
 @pytest.mark.parametrize(
@@ -235,3 +239,31 @@ def test_qc_section_is_validated_by_the_qc_engine(tmp_path: Path) -> None:
     bad = MINIMAL + '[qc.devices.cal-1]\ncheck_source = "nope"\n'
     message = error_for(tmp_path, bad)
     assert "qc.devices.cal-1.check_source: no source 'nope'" in message
+
+
+def test_audit_path_is_read_without_the_services_secrets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from controller.config import load_audit_path
+
+    monkeypatch.delenv("HOTLAB_TEST_UNSET", raising=False)
+    secret_unset = MINIMAL + '[mqtt]\nusername = "u"\npassword_env = "HOTLAB_TEST_UNSET"\n'
+    assert load_audit_path(write(tmp_path, secret_unset)) == tmp_path / "var" / "audit.jsonl"
+    assert load_audit_path(write(tmp_path, secret_unset + '[service]\nstate_dir = "/srv/lab"\n')) == \
+        Path("/srv/lab/audit.jsonl")
+    assert load_audit_path(write(tmp_path, secret_unset + '[commands]\naudit_path = "trail/a.jsonl"\n')) == \
+        tmp_path / "trail" / "a.jsonl"
+    with pytest.raises(ConfigError, match=r"service.state_dr: unknown key \(did you mean 'state_dir'\?\)"):
+        load_audit_path(write(tmp_path, MINIMAL + '[service]\nstate_dr = "x"\n'))
+
+
+def test_load_secret_refuses_unreadable_and_non_text_files(tmp_path: Path) -> None:
+    from controller.config import load_secret
+
+    binary = tmp_path / "token.bin"
+    binary.write_bytes(b"\xff\xfe token")
+    with pytest.raises(ConfigError, match="not UTF-8 text"):
+        load_secret(file=binary)
+    with pytest.raises(ConfigError, match="exactly one"):
+        load_secret(env="X", file=binary)
+    good = tmp_path / "token"
+    good.write_text("t0ken\r\n")
+    assert load_secret(file=good).reveal() == "t0ken"

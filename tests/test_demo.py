@@ -257,3 +257,48 @@ def test_bad_options_exit_2_with_a_message(args: list[str], capsys: pytest.Captu
     monkeypatch.delenv("HOTLAB_INFLUX_TOKEN", raising=False)
     assert hotlab(["demo", *args]) == 2
     assert "hotlab demo: --" in capsys.readouterr().err
+
+
+def test_the_influx_token_is_never_an_option_value(capsys: pytest.CaptureFixture[str]) -> None:
+    # A token in the arguments is visible in ps, /proc/<pid>/cmdline and shell history.
+    with pytest.raises(SystemExit) as exited:
+        hotlab(["demo", "--influx-url", "http://127.0.0.1:8086", "--influx-token", "s3cret"])
+    assert exited.value.code == 2 and "error: ambiguous option: --influx-token" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("options, problem", [
+    (["--influx-token-env", "HOTLAB_TEST_UNSET_TOKEN"],
+     "--influx-token-env: environment variable 'HOTLAB_TEST_UNSET_TOKEN' is not set"),
+    (["--influx-token-file", "{empty}"], "--influx-token-file: file '{empty}' is empty"),
+    (["--influx-token-file", "{missing}"], "--influx-token-file: cannot read '{missing}': No such file"),
+])
+def test_influx_token_sources_are_checked_before_anything_starts(
+        options: list[str], problem: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HOTLAB_TEST_UNSET_TOKEN", raising=False)
+    (tmp_path / "empty").write_text("\n")
+    paths = {"empty": str(tmp_path / "empty"), "missing": str(tmp_path / "missing")}
+    assert hotlab(["demo", "--influx-url", "http://127.0.0.1:8086",
+                   *[option.format(**paths) for option in options]]) == 2
+    assert f"hotlab demo: {problem.format(**paths)}" in capsys.readouterr().err
+
+
+def test_influx_token_options_reach_the_config_as_env_or_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from controller.cli import build_parser
+    from controller.config import parse_config
+    from controller.demo_cli import _influx_token_source
+
+    token_file = tmp_path / "influx.token"
+    token_file.write_text("hotlab:from-file\n")
+    monkeypatch.setenv("HOTLAB_INFLUX_TOKEN", "from-default-env")
+    monkeypatch.setenv("LAB_INFLUX_TOKEN", "from-named-env")
+    url = ["demo", "--influx-url", "http://127.0.0.1:8086"]
+    for options, expected in [([], "from-default-env"), (["--influx-token-env", "LAB_INFLUX_TOKEN"], "from-named-env"),
+                              (["--influx-token-file", str(token_file)], "hotlab:from-file")]:
+        args = build_parser().parse_args([*url, *options])
+        table = {"url": args.influx_url, "org": "-", "bucket": "hotlab", **_influx_token_source(args)}
+        assert expected not in repr(table)  # only where the secret is, never the secret
+        config = parse_config({"site": {"name": "demo"}, "influx": table}, base_dir=tmp_path)
+        assert config.influx is not None and config.influx.auth_token() == expected
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*url, "--influx-token-env", "X", "--influx-token-file", str(token_file)])

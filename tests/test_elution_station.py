@@ -11,7 +11,7 @@ import pytest
 from pymodbus.client import AsyncModbusTcpClient
 from pymodbus.constants import ExcCodes
 
-from controller.config import ModbusTcpTransport
+from controller.config import ModbusRtuTransport, ModbusTcpTransport, parse_config
 from controller.decay import generator_daughter_activity
 from controller.messages import elution_message
 from drivers.elution_station import (
@@ -357,13 +357,17 @@ async def test_missing_serial_port_is_disconnected() -> None:
     await driver.close()
 
 
-async def test_config_transport_objects_satisfy_the_link_protocol(make: Make) -> None:
-    """Only the ModbusLink attributes matter, so the controller's config transport works as a link too."""
+async def test_the_config_builds_the_drivers_own_link(make: Make) -> None:
+    """One link description for config and driver: a validated [[device]] transport drives a station as it is."""
     _sim, driver = await make("tcp")
     link = driver.link
-    other = ElutionStationDriver(
-        "hotcell-2", ModbusTcpTransport(link.host, link.port, device_id=7), timeout_s=1.0  # type: ignore[attr-defined]
-    )
+    assert ModbusTcpTransport is ModbusTcpLink and ModbusRtuTransport is ModbusRtuLink
+    config = parse_config({"site": {"name": "lab"}, "device": [{
+        "name": "gen-1", "station": "hotcell-2", "family": "elution_station",
+        "transport": {"modbus": "tcp", "host": link.host, "port": link.port, "device_id": 7}}]})  # type: ignore[attr-defined]
+    transport = config.devices[0].transport
+    assert isinstance(transport, ModbusTcpLink)
+    other = ElutionStationDriver("hotcell-2", transport, timeout_s=1.0)
     try:
         assert (await other.poll()).status.model == "HL-ES100"
     finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import sqlite3
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -314,3 +315,111 @@ async def test_a_failing_commit_stage_never_costs_a_reading(tmp_path: Path, capl
     readings = [s for s in outbox.pending("mqtt", limit=10_000) if s.message.kind == "reading"]
     outbox.close()
     assert len(readings) == source.reads
+
+
+class FailingCommit:
+    """A commit callable that raises `errors` in turn, then `forever` (or stores, telling `recorder`)."""
+
+    def __init__(self, errors: Sequence[Exception], *, forever: Exception | None = None,
+                 recorder: Recorder | None = None) -> None:
+        self.errors = list(errors)
+        self.recorder = recorder
+        self.forever = forever
+        self.attempts = 0
+        self.items: list[Item] = []
+        self.first_failure = asyncio.Event()
+
+    async def __call__(self, items: Sequence[Item]) -> None:
+        self.attempts += 1
+        error = self.errors.pop(0) if self.errors else self.forever
+        if error is not None:
+            self.first_failure.set()
+            raise error
+        self.items.extend(items)
+        if self.recorder is not None:
+            self.recorder.changed.set()
+
+
+async def test_an_unavailable_outbox_is_retried_without_reconnecting_or_losing_the_reading(
+        caplog: pytest.LogCaptureFixture) -> None:
+    source = ScriptedSource("cal", [])
+    recorder = Recorder()
+    commit = FailingCommit([sqlite3.OperationalError("disk I/O error"), sqlite3.OperationalError("disk I/O error")],
+                           recorder=recorder)
+    supervisor = DeviceSupervisor("cal", source, poll_interval_s=0.001, deliver=commit, report_status=recorder.status,
+                                  status_interval_s=3600.0, outbox_retry_s=0.01, rng=random.Random(1))
+    task = asyncio.create_task(supervisor.run())
+    await recorder.until(lambda: len(commit.items) >= 2)
+    supervisor.stop()
+    await asyncio.wait_for(task, 10)
+    assert commit.attempts == len(commit.items) + 2
+    assert [r.activity_bq for r in commit.items] == [float(n) for n in range(1, len(commit.items) + 1)]
+    assert commit.items[0].raw_frame == b"1"  # the reading in hand when the outbox failed, committed once
+    assert source.confirmed == commit.items
+    assert source.connects == 1 and source.reads == len(commit.items)  # not reconnected, not read while failing
+    details = [s.detail for s in recorder.states]
+    assert "outbox unavailable: OperationalError: disk I/O error" in details
+    assert details[details.index("outbox unavailable: OperationalError: disk I/O error") + 1] == "ok"
+    assert all(s.up for s in recorder.states)  # the device itself is fine
+    assert "OUTBOX UNAVAILABLE" in caplog.text and "from driver" not in caplog.text
+
+
+async def test_a_commit_bug_is_retried_and_not_blamed_on_the_driver(caplog: pytest.LogCaptureFixture) -> None:
+    source = ScriptedSource("cal", [])
+    recorder = Recorder()
+    commit = FailingCommit([ValueError("QC stage bug")], recorder=recorder)
+    supervisor = supervise(source, recorder, outbox_retry_s=0.01)
+    supervisor._deliver = commit  # the same supervisor options, with this commit callable
+    task = asyncio.create_task(supervisor.run())
+    await recorder.until(lambda: len(commit.items) >= 1)
+    supervisor.stop()
+    await asyncio.wait_for(task, 10)
+    assert commit.items[0].raw_frame == b"1" and source.connects == 1
+    assert any(s.detail == "commit failed: ValueError: QC stage bug" for s in recorder.states)
+    assert "COMMIT FAILED" in caplog.text and "from driver" not in caplog.text
+
+
+async def test_stop_keeps_retrying_a_failing_commit_until_the_deadline(caplog: pytest.LogCaptureFixture) -> None:
+    source = ScriptedSource("cal", [])
+    recorder = Recorder()
+    commit = FailingCommit([], forever=OSError(28, "No space left on device"))
+    supervisor = DeviceSupervisor("cal", source, poll_interval_s=0.001, deliver=commit, report_status=recorder.status,
+                                  outbox_retry_s=0.02, stop_commit_s=0.6, backoff=Backoff(0.01, 0.05))
+    task = asyncio.create_task(supervisor.run())
+    await asyncio.wait_for(commit.first_failure.wait(), 10)
+    attempts_before_stop = commit.attempts
+    stopped_at = time.monotonic()
+    supervisor.stop()
+    await asyncio.wait_for(task, 10)
+    waited = time.monotonic() - stopped_at
+    assert 0.55 <= waited < 5.0
+    assert commit.attempts - attempts_before_stop >= 5  # retried every <= 0.05 s (backoff cap) meanwhile
+    assert commit.items == [] and source.confirmed == [] and source.reads == 1
+    assert "1 item(s) read but NOT COMMITTED (still failing 0.6 s after stop" in caplog.text
+    assert "not committed: Reading(" in caplog.text and "raw_frame=b'1'" in caplog.text
+
+
+async def test_a_commit_that_recovers_during_the_stop_deadline_is_kept() -> None:
+    source = ScriptedSource("cal", [])
+    recorder = Recorder()
+    commit = FailingCommit([sqlite3.OperationalError("database is locked")] * 8)
+    supervisor = DeviceSupervisor("cal", source, poll_interval_s=0.001, deliver=commit, report_status=recorder.status,
+                                  outbox_retry_s=0.02, stop_commit_s=30.0, backoff=Backoff(0.01, 0.04))
+    task = asyncio.create_task(supervisor.run())
+    await asyncio.wait_for(commit.first_failure.wait(), 10)
+    supervisor.stop()  # while the first reading is still failing to commit
+    await asyncio.wait_for(task, 10)
+    assert commit.attempts == 9 and [r.raw_frame for r in commit.items] == [b"1"]
+    assert source.confirmed == commit.items and source.reads == 1
+
+
+async def test_cancelling_a_failing_commit_names_what_was_lost(caplog: pytest.LogCaptureFixture) -> None:
+    source = ScriptedSource("cal", [])
+    commit = FailingCommit([], forever=sqlite3.OperationalError("disk I/O error"))
+    supervisor = DeviceSupervisor("cal", source, poll_interval_s=0.001, deliver=commit,
+                                  report_status=Recorder().status, outbox_retry_s=0.02)
+    task = asyncio.create_task(supervisor.run())
+    await asyncio.wait_for(commit.first_failure.wait(), 10)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    assert "NOT COMMITTED (cancelled before the commit succeeded)" in caplog.text
