@@ -25,7 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--to", dest="end", required=True, help="last day (UTC, included), e.g. 2026-11-30, or an ISO instant")
     parser.add_argument("--archive", type=Path, default=None,
                         help=f"history archive (default ${ARCHIVE_ENV} or {DEFAULT_ARCHIVE})")
-    parser.add_argument("--audit", type=Path, default=None, help="audit trail (default $HOTLAB_AUDIT_LOG or var/audit.jsonl)")
+    parser.add_argument("--audit", type=Path, default=None, help="audit trail (default $HOTLAB_AUDIT_LOG or var/simulated-lab/state/audit.jsonl)")
     parser.add_argument("--audit-key-file", type=Path, default=None,
                         help="HMAC key to verify the audit chain (default $HOTLAB_AUDIT_KEY_FILE or $HOTLAB_AUDIT_KEY)")
     parser.add_argument("--site", default=None, help="only this site")
