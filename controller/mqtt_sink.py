@@ -10,7 +10,10 @@ a reconnect loop with exponential backoff and full jitter. Per connection:
    `inflight_window` PUBLISHes unacknowledged at once for throughput; paho sends them in
    the order they were issued, and the broker keeps per-client order (MQTT 3.1.1 §4.6);
 3. `ack` the outbox only for the longest prefix whose PUBACKs arrived, so a crash or an
-   outage resends from the first unacknowledged message, never skipping one.
+   outage resends from the first unacknowledged message, never skipping one. The acks are
+   written by a background `_OutboxAcker`, all that arrived meanwhile in one transaction,
+   so the publisher never waits for the disk between windows; every ack of a connection is
+   written before the next connection reads the outbox again (no extra repeats).
 
 Delivery is therefore at-least-once: a message whose PUBACK was lost is sent again, and
 consumers de-duplicate on the payload's `msg_id` (see docs/mqtt.md).
@@ -38,6 +41,7 @@ import random
 import ssl
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import aiomqtt
@@ -230,6 +234,7 @@ class MqttSink:
             await client.subscribe(self._commands.topic_filter, qos=QOS_DATA)
         await client.publish(self.status_topic, _encode(online), qos=QOS_DATA, retain=True)
         watcher = asyncio.ensure_future(self._receive(client))
+        acker = _OutboxAcker(self.outbox, self._count_published)
         inflight: deque[tuple[int, asyncio.Future[None]]] = deque()
         last_issued = 0
         try:
@@ -264,14 +269,19 @@ class MqttSink:
                     wakeup.cancel()
                 if watcher.done():
                     watcher.result()  # raises the disconnect as MqttError
-                await self._ack_prefix(inflight)
+                acker.raise_if_failed()
+                self._ack_prefix(inflight, acker)
         finally:
             watcher.cancel()
             for _, task in inflight:
                 task.cancel()
             await asyncio.gather(watcher, *(task for _, task in inflight), return_exceptions=True)
+            await acker.close()
 
-    async def _ack_prefix(self, inflight: deque[tuple[int, asyncio.Future[None]]]) -> None:
+    def _count_published(self, count: int) -> None:
+        self.published += count
+
+    def _ack_prefix(self, inflight: deque[tuple[int, asyncio.Future[None]]], acker: _OutboxAcker) -> None:
         acked: list[int] = []
         try:
             while inflight and inflight[0][1].done():
@@ -280,9 +290,7 @@ class MqttSink:
                 inflight.popleft()
                 acked.append(seq)
         finally:
-            if acked:
-                await self.outbox.ack(SINK, acked)
-                self.published += len(acked)
+            acker.add(acked)
 
     async def _receive(self, client: aiomqtt.Client) -> None:
         """Route commands; this loop is also how a lost connection surfaces (aiomqtt only tells waiters).
@@ -317,3 +325,67 @@ class MqttSink:
         except aiomqtt.MqttError as exc:
             log.warning("mqtt: could not publish offline status (%s); the broker will send the last will", exc)
         log.info("mqtt: stopped with %d message(s) left in the outbox", backlog)
+
+
+#: Acks are written once this many wait, or `ACK_DELAY_S` after the first of them arrived.
+ACK_BATCH = 100
+ACK_DELAY_S = 0.02
+
+
+class _OutboxAcker:
+    """Writes the sink's outbox acks in the background, many in one transaction.
+
+    An ack is a write transaction; awaiting each one before publishing more would put a disk
+    commit (queued behind the devices' commits) between every two windows, and one per PUBACK
+    would cost a transaction per message at low rates. Delaying an ack is safe: until it is
+    written the message merely counts as unsent, so a crash resends it (at-least-once,
+    de-duplicated on `msg_id`). `close()` writes what is left.
+    """
+
+    def __init__(self, outbox: AsyncOutbox, on_acked: Callable[[int], None]) -> None:
+        self._outbox = outbox
+        self._on_acked = on_acked
+        self._waiting: list[int] = []
+        self._writer: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def add(self, seqs: list[int]) -> None:
+        if not seqs:
+            return
+        self.raise_if_failed()
+        self._waiting.extend(seqs)
+        if len(self._waiting) >= ACK_BATCH:
+            self._start()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(ACK_DELAY_S, self._start)
+
+    def raise_if_failed(self) -> None:
+        """Re-raise a failed ack write in the publisher (the session ends; the next one resends)."""
+        if self._writer is not None and self._writer.done() and not self._writer.cancelled():
+            error = self._writer.exception()
+            if error is not None:
+                self._writer = None
+                raise error
+
+    def _start(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write(), name="mqtt-outbox-ack")
+
+    async def _write(self) -> None:
+        while self._waiting:
+            seqs, self._waiting = self._waiting, []
+            await self._outbox.ack(SINK, seqs)
+            self._on_acked(len(seqs))
+
+    async def close(self) -> None:
+        """Write every ack added so far (also after a failed publish: those PUBACKs did arrive)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._writer is not None:
+            await asyncio.shield(asyncio.gather(self._writer, return_exceptions=True))
+        if self._waiting:
+            await self._write()

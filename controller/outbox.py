@@ -5,13 +5,18 @@ SQLite in WAL mode. Each message gets one pending delivery row per sink (e.g. "m
 message itself goes once no sink still needs it. A restart or a kill -9 therefore resends
 exactly what was not acknowledged, in insertion order (`seq`).
 
-`synchronous=FULL` makes every commit survive power loss, not just a process crash; writes
-are batched by callers (`put_many`) so the fsync cost is paid per batch, not per reading.
+`synchronous=FULL` makes every `put_many` survive power loss, not just a process crash; writes
+are batched (`put_many`, and `GroupCommit` across producers) so the fsync cost is paid per
+batch, not per reading. Acks skip the fsync: losing one to a power cut only means a resend.
 
 The queue is bounded: `put` raises `OutboxFull` past `max_bytes` rather than silently
 dropping anything, and `usage()` lets the controller raise an alarm well before that.
-All methods are synchronous; `AsyncOutbox` runs them on one dedicated thread so the event
-loop never waits on disk.
+All methods are synchronous; `AsyncOutbox` runs them on two dedicated threads (writes, and
+the sinks' reads) so the event loop never waits on disk.
+
+Reads (`pending`, `pending_count`, `usage`) use their own connection: WAL lets them see the
+last commit while a write is in progress, so a sink looking for work never queues behind
+the devices' commits.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ import asyncio
 import json
 import sqlite3
 import threading
-from collections.abc import Iterable, Sequence
+from collections import deque
+from collections.abc import Awaitable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,8 +93,14 @@ class Outbox:
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(_SCHEMA)
         self._payload_bytes = self._db.execute("SELECT COALESCE(SUM(bytes), 0) FROM message").fetchone()[0]
+        #: Reads only, on their own lock: a read never waits for a write transaction (WAL).
+        self._read_lock = threading.Lock()
+        self._reader = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._reader.execute("PRAGMA query_only=ON")
 
     def close(self) -> None:
+        with self._read_lock:
+            self._reader.close()
         with self._lock:
             self._db.close()
 
@@ -105,18 +117,18 @@ class Outbox:
                     f"outbox {self.path} holds {self._payload_bytes} of {self.max_bytes} bytes; "
                     f"refusing {len(rows)} message(s) until a sink catches up"
                 )
-            seqs: list[int] = []
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                for kind, topic, payload in rows:
-                    cur = self._db.execute(
-                        "INSERT INTO message (kind, topic, payload, bytes) VALUES (?, ?, ?, ?)",
-                        (kind, topic, payload, len(payload)),
-                    )
-                    seq = cur.lastrowid
-                    assert seq is not None  # an INSERT on a rowid table always sets it
-                    self._db.executemany("INSERT INTO delivery (sink, seq) VALUES (?, ?)", [(s, seq) for s in self.sinks])
-                    seqs.append(seq)
+                self._db.executemany(
+                    "INSERT INTO message (kind, topic, payload, bytes) VALUES (?, ?, ?, ?)",
+                    [(kind, topic, payload, len(payload)) for kind, topic, payload in rows],
+                )
+                # This transaction holds the only write lock, so AUTOINCREMENT numbered its rows
+                # consecutively, ending at the last rowid inserted.
+                last = self._db.execute("SELECT last_insert_rowid()").fetchone()[0]
+                seqs = list(range(last - len(rows) + 1, last + 1))
+                self._db.executemany("INSERT INTO delivery (sink, seq) VALUES (?, ?)",
+                                     [(sink, seq) for seq in seqs for sink in self.sinks])
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
@@ -127,8 +139,8 @@ class Outbox:
     def pending(self, sink: str, limit: int = 500, after_seq: int = 0) -> list[StoredMessage]:
         """The oldest messages `sink` has not acknowledged, in order, with `seq > after_seq`."""
         self._check_sink(sink)
-        with self._lock:
-            rows = self._db.execute(
+        with self._read_lock:
+            rows = self._reader.execute(
                 "SELECT m.seq, m.kind, m.topic, m.payload FROM delivery d JOIN message m ON m.seq = d.seq "
                 "WHERE d.sink = ? AND d.seq > ? ORDER BY d.seq LIMIT ?",
                 (sink, after_seq, limit),
@@ -142,6 +154,10 @@ class Outbox:
         if not seq_list:
             return
         with self._lock:
+            # No fsync for an ack (WAL + synchronous=NORMAL): a crash of the process still keeps it,
+            # and the power loss that could undo it only makes the sink send those messages again
+            # (at-least-once). The next put_many's fsync makes it durable along with its own data.
+            self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 self._db.executemany("DELETE FROM delivery WHERE sink = ? AND seq = ?", seq_list)
@@ -159,17 +175,19 @@ class Outbox:
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+            finally:
+                self._db.execute("PRAGMA synchronous=FULL")
             self._payload_bytes -= freed
 
     def pending_count(self, sink: str) -> int:
         self._check_sink(sink)
-        with self._lock:
-            return int(self._db.execute("SELECT COUNT(*) FROM delivery WHERE sink = ?", (sink,)).fetchone()[0])
+        with self._read_lock:
+            return int(self._reader.execute("SELECT COUNT(*) FROM delivery WHERE sink = ?", (sink,)).fetchone()[0])
 
     def usage(self) -> OutboxUsage:
-        with self._lock:
-            count = int(self._db.execute("SELECT COUNT(*) FROM message").fetchone()[0])
-            return OutboxUsage(count, self._payload_bytes, self.max_bytes)
+        with self._read_lock:
+            count = int(self._reader.execute("SELECT COUNT(*) FROM message").fetchone()[0])
+        return OutboxUsage(count, self._payload_bytes, self.max_bytes)
 
     def _check_sink(self, sink: str) -> None:
         if sink not in self.sinks:
@@ -177,33 +195,140 @@ class Outbox:
 
 
 class AsyncOutbox:
-    """`Outbox` for asyncio code: every call runs on one private thread, in submission order."""
+    """`Outbox` for asyncio code: writes run on one private thread, in submission order; reads on another.
+
+    Reads therefore do not wait behind writes, and a read submitted before a write has
+    completed may not see it: await the write first (as every caller here does).
+    """
 
     def __init__(self, outbox: Outbox) -> None:
         self.sync = outbox
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hotlab-outbox")
+        self._writes = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hotlab-outbox")
+        self._reads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hotlab-outbox-read")
 
-    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+    async def _write(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._writes, fn, *args)
+
+    async def _read(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._reads, fn, *args)
 
     async def put(self, message: Message) -> int:
-        return await self._run(self.sync.put, message)
+        return await self._write(self.sync.put, message)
 
     async def put_many(self, messages: Sequence[Message]) -> list[int]:
-        return await self._run(self.sync.put_many, list(messages))
+        return await self._write(self.sync.put_many, list(messages))
 
     async def pending(self, sink: str, limit: int = 500, after_seq: int = 0) -> list[StoredMessage]:
-        return await self._run(self.sync.pending, sink, limit, after_seq)
+        return await self._read(self.sync.pending, sink, limit, after_seq)
 
     async def ack(self, sink: str, seqs: Sequence[int]) -> None:
-        await self._run(self.sync.ack, sink, list(seqs))
+        await self._write(self.sync.ack, sink, list(seqs))
 
     async def pending_count(self, sink: str) -> int:
-        return await self._run(self.sync.pending_count, sink)
+        return await self._read(self.sync.pending_count, sink)
 
     async def usage(self) -> OutboxUsage:
-        return await self._run(self.sync.usage)
+        return await self._read(self.sync.usage)
 
     async def close(self) -> None:
-        await self._run(self.sync.close)
-        self._executor.shutdown(wait=False)
+        await self._read(lambda: None)  # reads already submitted finish first
+        await self._write(self.sync.close)
+        for executor in (self._writes, self._reads):
+            executor.shutdown(wait=False)
+
+
+CommitBatch = Callable[[list[Message]], Awaitable[None]]
+
+
+@dataclass(slots=True)
+class _Submission:
+    messages: list[Message]
+    done: asyncio.Future[None]
+
+
+class GroupCommit:
+    """Group commit: what many producers hand over while a commit is running goes into the next one.
+
+    With `synchronous=FULL` every transaction costs an fsync, so one transaction per device
+    reading caps the controller near the disk's fsync rate (about 3,000/s on the benchmark
+    disk, docs/benchmarks.md), while a transaction of 100 messages costs hardly more than one
+    of 1. Here one flusher task commits everything submitted so far in one `commit_batch`
+    call, and meanwhile the next submissions queue up: the batch grows with the load, and an
+    idle controller still commits a lone reading at once (no fixed delay).
+
+    The contract for each producer is the one of a private `put_many`: `submit` returns only
+    after the transaction that holds its messages committed, and raises what that commit
+    raised. If a batch of several submissions fails (e.g. `OutboxFull`: the sum does not fit
+    where each part might), every submission is retried alone, so only the producers whose
+    own messages cannot be stored see the error, exactly as without grouping. Hence
+    `commit_batch` must raise only when it committed nothing.
+    """
+
+    def __init__(self, commit_batch: CommitBatch, *, max_messages: int = 1000) -> None:
+        if max_messages < 1:
+            raise ValueError("max_messages must be >= 1")
+        self._commit_batch = commit_batch
+        self.max_messages = max_messages
+        self._queue: deque[_Submission] = deque()
+        self._flusher: asyncio.Task[None] | None = None
+        #: Transactions committed (or attempted) by `commit_batch`; for tests and benchmarks.
+        self.batches = 0
+
+    async def submit(self, messages: Sequence[Message]) -> None:
+        """Commit `messages` in one transaction, together with whatever else is waiting; return once durable."""
+        submission = _Submission(list(messages), asyncio.get_running_loop().create_future())
+        self._queue.append(submission)
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush(), name="outbox-group-commit")
+        # Shielded: a cancelled producer must not cancel a commit that other producers share;
+        # its messages may still be committed (as a cancelled put_many's could before).
+        await asyncio.shield(submission.done)
+
+    async def _flush(self) -> None:
+        while self._queue:
+            batch = self._take_batch()
+            try:
+                await self._commit(batch)
+            except BaseException:  # cancelled (the loop is closing): nobody may wait forever
+                for submission in batch + list(self._queue):
+                    _settle(submission, RuntimeError("the outbox group commit was cancelled; not known to be stored"))
+                self._queue.clear()
+                raise
+
+    def _take_batch(self) -> list[_Submission]:
+        batch = [self._queue.popleft()]
+        size = len(batch[0].messages)
+        while self._queue and size + len(self._queue[0].messages) <= self.max_messages:
+            submission = self._queue.popleft()
+            batch.append(submission)
+            size += len(submission.messages)
+        return batch
+
+    async def _commit(self, batch: list[_Submission]) -> None:
+        try:
+            self.batches += 1
+            await self._commit_batch([m for submission in batch for m in submission.messages])
+        except Exception as exc:  # noqa: BLE001 - not handled here: handed to the producers that wait
+            if len(batch) == 1:
+                _settle(batch[0], exc)
+                return
+            for submission in batch:  # alone, so that each producer gets its own outcome
+                try:
+                    self.batches += 1
+                    await self._commit_batch(submission.messages)
+                except Exception as alone:  # noqa: BLE001 - handed to this producer
+                    _settle(submission, alone)
+                else:
+                    _settle(submission, None)
+            return
+        for submission in batch:
+            _settle(submission, None)
+
+
+def _settle(submission: _Submission, error: Exception | None) -> None:
+    if submission.done.done():
+        return
+    if error is None:
+        submission.done.set_result(None)
+    else:
+        submission.done.set_exception(error)

@@ -7,10 +7,14 @@ Rules this module enforces:
 * Nothing reaches a sink that was not committed first: a reading, and every message the
   processors and the QC stage derived from it, are committed together in one transaction,
   then the sinks are woken. Sinks only ever read the outbox.
+* Group commit (controller/outbox.py `GroupCommit`): what all devices hand over while a
+  commit runs goes into the next transaction, so the fsync is paid per batch, not per
+  reading; each device still waits for the transaction that holds its own messages.
 * Two kinds of hooks: simple processors (`Message -> list[Message]`, sync or async) add
-  messages; the commit stage (the QC engine) sees the whole batch, may replace an input
-  (an elution with its yield filled in) and is told to `apply` only after the commit, so its
-  memory never runs ahead of the outbox.
+  messages; the commit stage (the QC engine) sees each transaction's whole batch (device
+  statuses pass through it unchanged), may replace an input (an elution with its yield
+  filled in) and is told to `apply` only after the commit, so its memory never runs ahead
+  of the outbox.
 * A failing processor or stage is logged; the reading itself is still committed.
 * The device is told (`Source.delivered`) only after the commit, so the elution station stops
   repeating an elution only once it is safely stored.
@@ -65,7 +69,7 @@ from controller.messages import (
 )
 from controller.mqtt_sink import SINK as MQTT_SINK
 from controller.mqtt_sink import MqttSink
-from controller.outbox import AsyncOutbox, Outbox, OutboxFull
+from controller.outbox import AsyncOutbox, GroupCommit, Outbox, OutboxFull
 from controller.supervisor import Backoff, DeviceState, DeviceSupervisor, Item, Source
 from drivers.elution_station import CommandOutcome
 from drivers.records import ElutionRecord, Reading
@@ -285,6 +289,7 @@ class ControllerService:
         self.backoff = Backoff(config.service.backoff_initial_s, config.service.backoff_max_s)
         self.sink_names = self._sink_names()
         self.outbox: AsyncOutbox | None = None
+        self.group_commit: GroupCommit | None = None
         self.mqtt: MqttSink | None = None
         self.supervisors: dict[str, DeviceSupervisor] = {}
         self.commands: CommandHandler | None = None
@@ -322,6 +327,7 @@ class ControllerService:
             raise ServiceError(f"cannot open the outbox {cfg.outbox.path}: {exc}") from exc
         outbox = AsyncOutbox(sync_outbox)
         self.outbox = outbox
+        self.group_commit = GroupCommit(self._commit_batch)
         backlog = await outbox.pending_count(MQTT_SINK)
         log.info("outbox %s: sinks %s, %d message(s) waiting from earlier runs", cfg.outbox.path,
                  ", ".join(self.sink_names), backlog)
@@ -482,7 +488,12 @@ class ControllerService:
                                      latency_ms=state.latency_ms, errors=state.errors, detail=state.detail)
 
     async def commit(self, device: DeviceConfig, items: Sequence[Item]) -> None:
-        """Build messages for `items`, run the processors and the stage, commit everything in one transaction."""
+        """Build messages for `items`, run the processors, and commit them; return once they are durable.
+
+        The commit is shared with whatever other devices handed over meanwhile (`GroupCommit`),
+        but these messages are still stored all or nothing, and this returns (so the supervisor
+        confirms the items to the device) only after that transaction committed.
+        """
         messages: list[Message] = []
         for item in items:
             if isinstance(item, ElutionRecord):
@@ -493,18 +504,7 @@ class ControllerService:
                 message = reading_message(self.config.site, device.station, item)
             messages.append(message)
             messages.extend(await self._process(message))
-        if self.stage is None:
-            await self._commit_messages(messages)
-            return
-        try:
-            outcome = self.stage.process(*messages)
-            staged = list(outcome.messages)
-        except Exception:
-            log.exception("QC stage failed on %d message(s); they are stored without QC", len(messages))
-            await self._commit_messages(messages)
-            return
-        await self._commit_messages(staged)
-        self.stage.apply(outcome)
+        await self._commit_messages(messages)
 
     async def _process(self, message: Message) -> list[Message]:
         derived: list[Message] = []
@@ -520,14 +520,41 @@ class ControllerService:
         return derived
 
     async def _commit_messages(self, messages: list[Message]) -> None:
-        assert self.outbox is not None
+        """One producer's messages, through the group commit; `OutboxFull` is this producer's own."""
+        assert self.group_commit is not None
         try:
-            await self.outbox.put_many(messages)
+            await self.group_commit.submit(messages)
         except OutboxFull:
             self._full_count += 1
             await self._check_usage()
             raise
-        self.committed += len(messages)
+
+    async def _commit_batch(self, messages: list[Message]) -> None:
+        """Commit one group: the QC stage judges it as one batch, and takes it over only once it is stored.
+
+        Runs in the group commit's single flusher, so `process` and `apply` of successive
+        batches never interleave: each batch is judged against the state of all batches
+        committed before it (controller/qc/engine.py).
+        """
+        assert self.outbox is not None
+        staged, outcome = messages, None
+        if self.stage is not None:
+            try:
+                outcome = self.stage.process(*messages)
+                staged = list(outcome.messages)
+            except Exception:
+                log.exception("QC stage failed on %d message(s); they are stored without QC", len(messages))
+                staged, outcome = messages, None
+        await self.outbox.put_many(staged)
+        # Committed: from here nothing may raise, or the group commit would store the batch again.
+        if outcome is not None:
+            assert self.stage is not None
+            try:
+                self.stage.apply(outcome)
+            except Exception:
+                log.exception("QC stage failed to take over %d committed message(s); its state may lag",
+                              len(staged))
+        self.committed += len(staged)
         for wake in self._wake:
             wake()
 

@@ -7,13 +7,16 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 import time
+from collections.abc import Iterable
+from contextlib import closing
 from pathlib import Path
 
 import pytest
 
 from controller.messages import Message, reading_message
-from controller.outbox import AsyncOutbox, Outbox, OutboxFull
+from controller.outbox import AsyncOutbox, GroupCommit, Outbox, OutboxFull
 from drivers.records import Reading
 
 
@@ -119,3 +122,132 @@ def test_every_committed_message_survives_kill_9(tmp_path: Path) -> None:
     stored = [row[0] for row in sqlite3.connect(path).execute("SELECT json_extract(payload, '$.activity_bq') FROM message ORDER BY seq")]
     assert committed >= 200
     assert stored[: committed + 1] == [float(n) for n in range(committed + 1)]
+
+
+class CountingOutbox(Outbox):
+    """A real outbox that counts its write transactions and can hold them at a gate (in the outbox thread)."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.transactions = 0
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+
+    def put_many(self, messages: Iterable[Message]) -> list[int]:
+        self.entered.set()
+        self.gate.wait(30)
+        self.transactions += 1
+        return super().put_many(messages)
+
+
+def stored_values(path: Path) -> list[float]:
+    """What a fresh connection sees on disk: only committed transactions."""
+    with closing(sqlite3.connect(path)) as db:
+        return [row[0] for row in db.execute("SELECT json_extract(payload, '$.activity_bq') FROM message ORDER BY seq")]
+
+
+async def test_group_commit_puts_concurrent_producers_into_few_transactions(tmp_path: Path) -> None:
+    sync = CountingOutbox(tmp_path / "o.sqlite3", sinks=("mqtt",))
+    outbox = AsyncOutbox(sync)
+    group = GroupCommit(outbox.put_many, max_messages=1000)
+
+    async def producer(p: int) -> None:
+        for k in range(5):  # like a device: the next reading only after the last one is stored
+            await group.submit([make_message(p * 100 + k), make_message(p * 100 + 50 + k)])
+
+    await asyncio.gather(*(producer(p) for p in range(40)))
+    await outbox.close()
+    values = stored_values(tmp_path / "o.sqlite3")
+    assert sorted(values) == sorted(float(p * 100 + k + d) for p in range(40) for k in range(5) for d in (0, 50))
+    for p in range(40):  # each producer's messages stay together and in its order
+        mine = [v for v in values if p * 100 <= v < p * 100 + 100]
+        assert mine == [float(p * 100 + k + d) for k in range(5) for d in (0, 50)]
+    # 200 submissions; one transaction each without grouping. Each round of 40 waits for at most one commit.
+    assert sync.transactions == group.batches
+    assert sync.transactions <= 20, sync.transactions
+
+
+async def test_a_producer_returns_only_after_its_batch_is_on_disk(tmp_path: Path) -> None:
+    path = tmp_path / "o.sqlite3"
+    sync = CountingOutbox(path, sinks=("mqtt",))
+    outbox = AsyncOutbox(sync)
+    group = GroupCommit(outbox.put_many)
+    sync.gate.clear()  # the first commit is held in the outbox thread, as if fsync were slow
+    first = asyncio.create_task(group.submit([make_message(1)]))
+    assert await asyncio.to_thread(sync.entered.wait, 10)
+    others = [asyncio.create_task(group.submit([make_message(n)])) for n in (2, 3, 4)]
+    await asyncio.sleep(0.2)
+    assert not first.done() and not any(task.done() for task in others)
+    assert stored_values(path) == []
+    sync.gate.set()
+    await first
+    assert 1.0 in stored_values(path)
+    await asyncio.gather(*others)
+    assert stored_values(path) == [1.0, 2.0, 3.0, 4.0]
+    assert sync.transactions == 2  # the three that waited went in together
+    await outbox.close()
+
+
+async def test_outbox_full_reaches_only_the_producer_whose_messages_do_not_fit(tmp_path: Path) -> None:
+    probe = Outbox(tmp_path / "probe.sqlite3", sinks=("mqtt",))
+    probe.put(make_message(1))
+    one = probe.usage().payload_bytes
+    sync = CountingOutbox(tmp_path / "o.sqlite3", sinks=("mqtt",), max_bytes=int(one * 3.5))
+    outbox = AsyncOutbox(sync)
+    group = GroupCommit(outbox.put_many)
+    results = await asyncio.gather(group.submit([make_message(1), make_message(2)]),
+                                   group.submit([make_message(3), make_message(4)]), return_exceptions=True)
+    assert results[0] is None
+    assert isinstance(results[1], OutboxFull)
+    assert stored_values(tmp_path / "o.sqlite3") == [1.0, 2.0]
+    assert sync.transactions == 3  # together (refused), then each alone
+    await outbox.close()
+
+
+GROUP_WRITER = textwrap.dedent(
+    """
+    import asyncio, sys
+    from controller.outbox import AsyncOutbox, GroupCommit, Outbox
+    from controller.messages import reading_message
+    from drivers.records import Reading
+
+    async def main():
+        outbox = AsyncOutbox(Outbox(sys.argv[1], sinks=("mqtt",)))
+        group = GroupCommit(outbox.put_many)
+
+        async def device(d):
+            n = 0
+            while True:
+                value = d * 1_000_000 + n
+                await group.submit([reading_message("s", "st", Reading("cal", "F-18", float(value), 1.0, "Bq", n))])
+                print(value, flush=True)  # acknowledged: from now on it must survive
+                n += 1
+
+        await asyncio.gather(*(device(d) for d in range(20)))
+
+    asyncio.run(main())
+    """
+)
+
+
+def test_every_acknowledged_group_commit_survives_kill_9(tmp_path: Path) -> None:
+    path = tmp_path / "o.sqlite3"
+    writer = subprocess.Popen(
+        [sys.executable, "-c", GROUP_WRITER, str(path)], stdout=subprocess.PIPE, text=True,
+        cwd=Path(__file__).parents[1],
+    )
+    assert writer.stdout is not None
+    acknowledged: list[float] = []
+    deadline = time.monotonic() + 30
+    while len(acknowledged) < 1000 and time.monotonic() < deadline:
+        acknowledged.append(float(writer.stdout.readline()))
+    os.kill(writer.pid, signal.SIGKILL)
+    writer.wait()
+    writer.stdout.close()
+    stored = stored_values(path)
+    assert len(acknowledged) >= 1000
+    assert set(acknowledged) <= set(stored)
+    for d in range(20):  # per device: stored in order, and nothing acknowledged is missing from its prefix
+        mine = [v for v in stored if d * 1_000_000 <= v < (d + 1) * 1_000_000]
+        assert mine == [float(d * 1_000_000 + n) for n in range(len(mine))]
