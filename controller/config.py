@@ -128,7 +128,7 @@ class MqttConfig:
     username: str | None = None
     password: Secret | None = None
     tls: TlsConfig | None = None
-    inflight_window: int = 32
+    inflight_window: int = 128
     connect_timeout_s: float = 10.0
 
 
@@ -678,7 +678,7 @@ def _parse_mqtt(table: _Table) -> MqttConfig:
     password = table.secret("password")
     if password is not None and username is None:
         raise table.error("username", "is required when a password is configured")
-    window = table.integer("inflight_window", 32, minimum=1, maximum=1000)
+    window = table.integer("inflight_window", 128, minimum=1, maximum=1000)
     connect_timeout = table.number("connect_timeout_s", 10.0, minimum=0.0, exclusive_minimum=True)
     tls_table = table.table("tls")
     tls = _parse_tls(tls_table) if tls_table is not None else None

@@ -396,9 +396,11 @@ class ControllerService:
             supervisor.stop()
         if not tasks:
             return
-        _done, late = await asyncio.wait(tasks, timeout=10.0)
+        # A supervisor retries a failing commit for up to drain_timeout_s after stop(): wait for that.
+        grace_s = self.config.service.drain_timeout_s + 2.0
+        _done, late = await asyncio.wait(tasks, timeout=grace_s)
         for task in late:
-            log.error("%s did not stop within 10 s; cancelling it", task.get_name())
+            log.error("%s did not stop within %.0f s; cancelling it", task.get_name(), grace_s)
             task.cancel()
         results = await asyncio.gather(*tasks, return_exceptions=True)
         for task, result in zip(tasks, results):
@@ -472,6 +474,7 @@ class ControllerService:
             status_interval_s=self.config.service.status_interval_s,
             # Generous: a streaming device waits up to timeout_s for its next line by design.
             watchdog_s=max(10.0, 5.0 * device.timeout_s),
+            stop_commit_s=self.config.service.drain_timeout_s,
         )
         self.supervisors[device.name] = supervisor
         return asyncio.create_task(supervisor.run(), name=f"device-{device.name}")
