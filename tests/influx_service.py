@@ -19,6 +19,7 @@ refused), not like an HTTP error from a proxy.
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.client
 import json
 import os
@@ -460,10 +461,10 @@ class _BridgeHandler(BaseHTTPRequestHandler):
         self.wfile.write(payload)
 
 
-@pytest.fixture(scope="module")
-def influx_server() -> Iterator[InfluxService]:
-    """One running influxd (plus bridge) shared by the tests of a module; removed afterwards."""
-    root = Path(tempfile.mkdtemp(prefix="hotlab-influxd-"))
+@contextlib.contextmanager
+def running_influxd(prefix: str = "hotlab-influxd-") -> Iterator[InfluxService]:
+    """A started influxd (plus bridge) in a fresh temporary directory, stopped and removed afterwards."""
+    root = Path(tempfile.mkdtemp(prefix=prefix))
     service = InfluxService(root)
     try:
         service.start()
@@ -471,6 +472,13 @@ def influx_server() -> Iterator[InfluxService]:
     finally:
         service.close()
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def influx_server() -> Iterator[InfluxService]:
+    """One running influxd (plus bridge) shared by the tests of a module; removed afterwards."""
+    with running_influxd() as service:
+        yield service
 
 
 @pytest.fixture

@@ -11,8 +11,6 @@ stopped and restarted, and the history archive. Produced = readings the driver h
 from __future__ import annotations
 
 import asyncio
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +18,7 @@ import pytest
 
 from simulators.faults import FaultInjector
 from simulators.serial_host import TcpHost
-from tests.influx_service import InfluxService
+from tests.influx_service import InfluxService, running_influxd
 from tests.mosquitto_service import MosquittoBroker, MqttCollector, mosquitto  # noqa: F401
 from tests.test_faults_devices import (
     assert_zero_loss,
@@ -36,14 +34,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 @pytest.fixture
 def influxd() -> Iterator[InfluxService]:
     """A private influxd: this test stops and restarts it, so it cannot be the shared module server."""
-    root = Path(tempfile.mkdtemp(prefix="hotlab-influxd-faults-"))
-    service = InfluxService(root)
-    try:
-        service.start()
+    with running_influxd("hotlab-influxd-faults-") as service:
         yield service
-    finally:
-        service.close()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def influx_frame_times(influx: InfluxService, database: str, device: str) -> list[int]:
