@@ -55,8 +55,6 @@ from controller.config import (
     DeviceConfig,
     InfluxSection,
     LabConfig,
-    ModbusRtuTransport,
-    ModbusTcpTransport,
 )
 from controller.messages import (
     SCHEMA_VERSION,
@@ -149,7 +147,29 @@ class _SinkRunner:
     self_draining: bool = False
 
 
-class CalibratorSource:
+class _ExclusiveDevice:
+    """A device link with one user at a time: the supervisor's polling or a command.
+
+    A station command reads the state, writes and reads the acknowledgement back as one unit,
+    and a calibrator's nuclide selection is a command/confirm exchange; a poll in between
+    would take the other's reply.
+    """
+
+    driver: Any
+
+    def __init__(self) -> None:
+        self.access = asyncio.Lock()
+
+    async def connect(self) -> None:
+        async with self.access:
+            await self.driver.connect()
+
+    async def close(self) -> None:
+        async with self.access:
+            await self.driver.close()
+
+
+class CalibratorSource(_ExclusiveDevice):
     """Adapts a dose calibrator driver (drivers.calibrator.CALIBRATOR_DRIVERS) to `Source`.
 
     The configured `nuclide` labels readings whose frame does not name one (e.g. VIK-202 `!R`
@@ -159,6 +179,7 @@ class CalibratorSource:
     def __init__(self, device: DeviceConfig) -> None:
         from drivers.calibrator import CALIBRATOR_DRIVERS
 
+        super().__init__()
         driver_class = CALIBRATOR_DRIVERS[device.family]
         url = device.transport.url  # type: ignore[union-attr]
         self.driver = driver_class(url, device.name, timeout_s=device.timeout_s, **device.options)
@@ -166,12 +187,6 @@ class CalibratorSource:
         self.nuclide = device.nuclide
         #: The nuclide of the last reading, i.e. what the calibrator is set to as far as we know.
         self.last_nuclide: str | None = device.nuclide
-        #: One user of the serial line at a time: the supervisor's polling or a command.
-        self.access = asyncio.Lock()
-
-    async def connect(self) -> None:
-        async with self.access:
-            await self.driver.connect()
 
     async def read(self) -> Sequence[Item]:
         async with self.access:
@@ -183,10 +198,6 @@ class CalibratorSource:
 
     async def delivered(self, items: Sequence[Item]) -> None:
         """A calibrator shows its value once; there is nothing to confirm."""
-
-    async def close(self) -> None:
-        async with self.access:
-            await self.driver.close()
 
     async def select_nuclide(self, nuclide: str) -> tuple[str | None, str]:
         """Set the calibrator to `nuclide`; from then on its unlabelled readings carry that nuclide.
@@ -202,7 +213,7 @@ class CalibratorSource:
         return before, nuclide
 
 
-class StationSource:
+class StationSource(_ExclusiveDevice):
     """Adapts the Modbus elution station driver: each poll yields the elution not yet delivered.
 
     The driver repeats the station's last elution until `mark_delivered`, which is called only
@@ -218,26 +229,15 @@ class StationSource:
             ModbusTcpLink,
         )
 
-        transport = device.transport
-        link: ModbusTcpLink | ModbusRtuLink
-        if isinstance(transport, ModbusTcpTransport):
-            link = ModbusTcpLink(transport.host, transport.port, transport.device_id, transport.word_order)
-        elif isinstance(transport, ModbusRtuTransport):
-            link = ModbusRtuLink(transport.url, transport.baudrate, transport.device_id, transport.word_order)
-        else:
-            raise TypeError(f"device {device.name}: an elution station needs a Modbus transport, not {transport}")
+        super().__init__()
+        link = device.transport  # config builds the driver's own link dataclasses
+        if not isinstance(link, (ModbusTcpLink, ModbusRtuLink)):
+            raise TypeError(f"device {device.name}: an elution station needs a Modbus transport, not {link}")
         state_dir.mkdir(parents=True, exist_ok=True)
         self.driver = ElutionStationDriver(
             device.station, link, timeout_s=device.timeout_s,
             last_counter_path=state_dir / f"{device.name}.last_counter", **device.options,
         )
-        #: One user of the Modbus link at a time: the supervisor's polling or a command (which
-        #: reads the state, writes, and reads the acknowledgement back as one unit).
-        self.access = asyncio.Lock()
-
-    async def connect(self) -> None:
-        async with self.access:
-            await self.driver.connect()
 
     async def read(self) -> Sequence[Item]:
         async with self.access:
@@ -248,10 +248,6 @@ class StationSource:
         for item in items:
             if isinstance(item, ElutionRecord):
                 await self.driver.mark_delivered(item)
-
-    async def close(self) -> None:
-        async with self.access:
-            await self.driver.close()
 
     async def start_elution(self, volume_ml: float, *, user: str, reason: str) -> CommandOutcome:
         async with self.access:
