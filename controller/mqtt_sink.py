@@ -6,9 +6,16 @@ a reconnect loop with exponential backoff and full jitter. Per connection:
 1. subscribe to the command topics when a command router is attached (below), then
    publish the retained controller status "online" (the Last Will, set at CONNECT, turns
    it into "offline" if the controller dies or the network drops: MQTT 3.1.1 §3.1.2.5);
-2. publish `outbox.pending("mqtt")` in `seq` order with QoS 1, keeping up to
+2. publish `outbox.pending_json("mqtt")` in `seq` order with QoS 1, keeping up to
    `inflight_window` PUBLISHes unacknowledged at once for throughput; paho sends them in
-   the order they were issued, and the broker keeps per-client order (MQTT 3.1.1 §4.6);
+   the order they were issued, and the broker keeps per-client order (MQTT 3.1.1 §4.6).
+   The payload is the JSON text the outbox stored, sent as it is (parsing and encoding it
+   again changed nothing and cost CPU per message). These data publishes go straight to
+   aiomqtt's paho client, with PUBACKs tracked by message id from paho's `on_publish`:
+   aiomqtt's own `publish` costs a task, a `wait_for` and a scan of all pending calls per
+   message, a large share of the controller's CPU per reading (docs/benchmarks.md). aiomqtt
+   still owns the connection; a PUBACK later than `publish_timeout_s` ends the connection,
+   as an aiomqtt publish timeout did;
 3. `ack` the outbox only for the longest prefix whose PUBACKs arrived, so a crash or an
    outage resends from the first unacknowledged message, never skipping one. The acks are
    written by a background `_OutboxAcker`, all that arrived meanwhile in one transaction,
@@ -42,13 +49,15 @@ import ssl
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import aiomqtt
+import paho.mqtt.client as paho
 
 from controller.config import MqttConfig
 from controller.messages import SCHEMA_VERSION, TOPIC_ROOT, iso_utc
-from controller.outbox import AsyncOutbox
+from controller.outbox import AsyncOutbox, StoredPayload
 from controller.supervisor import Backoff
 
 log = logging.getLogger(__name__)
@@ -88,6 +97,15 @@ def _encode(payload: dict[str, Any]) -> bytes:
     return json.dumps(payload, separators=(",", ":"), allow_nan=False).encode("utf-8")
 
 
+@dataclass(slots=True)
+class _InFlight:
+    """One outbox message published and not yet acknowledged by the broker."""
+
+    seq: int
+    deadline: float  # time.monotonic() after which its missing PUBACK ends the connection
+    acked: bool = False
+
+
 class MqttSink:
     """Publishes the outbox's "mqtt" deliveries; `run()` until `drain()` is called."""
 
@@ -110,6 +128,9 @@ class MqttSink:
         self._alarm: dict[str, Any] | None = None
         self._alarm_sent: dict[str, Any] | None = None
         self._commands: CommandRouter | None = None
+        #: The outbox messages of this connection awaiting a PUBACK, by paho message id.
+        self._awaiting_puback: dict[int, _InFlight] = {}
+        self._puback: asyncio.Future[None] | None = None
         self._client = self._make_client()
 
     def route_commands(self, router: CommandRouter) -> None:
@@ -180,9 +201,26 @@ class MqttSink:
             tls_insecure=cfg.tls.insecure_skip_hostname_check if cfg.tls is not None else None,
             logger=logging.getLogger("hotlab.paho"),
         )
-        # aiomqtt warns once more than this many publishes await PUBACKs; a full window is normal here.
-        client.pending_calls_threshold = cfg.inflight_window + 10
+        # aiomqtt 2.x has no public handle on its paho client; the data path needs it (module docstring).
+        aiomqtt_on_publish = client._client.on_publish
+
+        def on_publish(paho_client: paho.Client, userdata: Any, mid: int, reason_code: paho.ReasonCode,
+                       properties: paho.Properties | None) -> None:
+            # Called by paho on the event loop thread (aiomqtt reads the socket there).
+            aiomqtt_on_publish(paho_client, userdata, mid, reason_code, properties)
+            self._on_puback(mid)
+
+        client._client.on_publish = on_publish
         return client
+
+    def _on_puback(self, mid: int) -> None:
+        """The broker acknowledged `mid`: mark it if it is one of ours, and wake the publisher."""
+        entry = self._awaiting_puback.pop(mid, None)
+        if entry is None:
+            return  # a status, alarm or reply publish: aiomqtt's own publish waits for it
+        entry.acked = True
+        if self._puback is not None and not self._puback.done():
+            self._puback.set_result(None)
 
     async def run(self) -> None:
         """Connect, publish, reconnect on failure; return after `drain()` once done or out of time."""
@@ -235,62 +273,77 @@ class MqttSink:
         await client.publish(self.status_topic, _encode(online), qos=QOS_DATA, retain=True)
         watcher = asyncio.ensure_future(self._receive(client))
         acker = _OutboxAcker(self.outbox, self._count_published)
-        inflight: deque[tuple[int, asyncio.Future[None]]] = deque()
+        inflight: deque[_InFlight] = deque()
+        self._awaiting_puback.clear()
         last_issued = 0
+        loop = asyncio.get_running_loop()
         try:
             while True:
                 self._wakeup.clear()
+                self._puback = loop.create_future()
                 await self._publish_alarm(client)
                 room = self.config.inflight_window - len(inflight)
                 if room > 0 and self._time_left() > 0:
-                    for stored in await self.outbox.pending(SINK, limit=room, after_seq=last_issued):
-                        message = stored.message
-                        publish = client.publish(
-                            message.topic, _encode(message.payload), qos=QOS_DATA,
-                            retain=message.kind == "device_status", timeout=self.publish_timeout_s,
-                        )
-                        inflight.append((stored.seq, asyncio.ensure_future(publish)))
-                        last_issued = stored.seq
+                    batch = await self.outbox.pending_json(SINK, limit=room, after_seq=last_issued)
+                    if batch:
+                        self._publish_batch(client, batch, inflight)
+                        last_issued = batch[-1].seq
                 if not inflight and self.draining:
                     return
                 if self._time_left() <= 0:
                     log.warning("mqtt: drain time over with %d message(s) in flight; they stay in the outbox",
                                 len(inflight))
                     return
-                waits: set[asyncio.Future[Any]] = {watcher}
                 wakeup = asyncio.ensure_future(self._wakeup.wait())
-                waits.add(wakeup)
-                if inflight:
-                    waits.add(inflight[0][1])
-                timeout = None if math.isinf(self._time_left()) else max(0.0, self._time_left())
+                waits: set[asyncio.Future[Any]] = {watcher, wakeup, self._puback}
                 try:
-                    await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                    await asyncio.wait(waits, timeout=self._wait_timeout(inflight),
+                                       return_when=asyncio.FIRST_COMPLETED)
                 finally:
                     wakeup.cancel()
                 if watcher.done():
                     watcher.result()  # raises the disconnect as MqttError
                 acker.raise_if_failed()
                 self._ack_prefix(inflight, acker)
+                if inflight and time.monotonic() >= inflight[0].deadline:
+                    raise aiomqtt.MqttError(f"no PUBACK for outbox message {inflight[0].seq} within "
+                                            f"{self.publish_timeout_s:g} s")
         finally:
+            self._puback = None
+            self._awaiting_puback.clear()
             watcher.cancel()
-            for _, task in inflight:
-                task.cancel()
-            await asyncio.gather(watcher, *(task for _, task in inflight), return_exceptions=True)
+            await asyncio.gather(watcher, return_exceptions=True)
             await acker.close()
+
+    def _publish_batch(self, client: aiomqtt.Client, batch: list[StoredPayload],
+                       inflight: deque[_InFlight]) -> None:
+        """Hand `batch` to paho in order (QoS 1) and track each one's PUBACK."""
+        deadline = time.monotonic() + self.publish_timeout_s
+        for stored in batch:
+            info = client._client.publish(stored.topic, stored.payload_json, qos=QOS_DATA,
+                                          retain=stored.kind == "device_status")
+            if info.rc != paho.MQTT_ERR_SUCCESS:
+                raise aiomqtt.MqttCodeError(info.rc, f"could not publish outbox message {stored.seq}")
+            entry = _InFlight(stored.seq, deadline)
+            self._awaiting_puback[info.mid] = entry
+            inflight.append(entry)
+
+    def _wait_timeout(self, inflight: deque[_InFlight]) -> float | None:
+        """Until the drain deadline or the oldest PUBACK's deadline, whichever comes first."""
+        timeout = self._time_left()
+        if inflight:
+            timeout = min(timeout, inflight[0].deadline - time.monotonic())
+        return None if math.isinf(timeout) else max(0.0, timeout)
 
     def _count_published(self, count: int) -> None:
         self.published += count
 
-    def _ack_prefix(self, inflight: deque[tuple[int, asyncio.Future[None]]], acker: _OutboxAcker) -> None:
+    @staticmethod
+    def _ack_prefix(inflight: deque[_InFlight], acker: _OutboxAcker) -> None:
         acked: list[int] = []
-        try:
-            while inflight and inflight[0][1].done():
-                seq, task = inflight[0]
-                task.result()  # a failed publish (timeout, disconnect) raises MqttError here
-                inflight.popleft()
-                acked.append(seq)
-        finally:
-            acker.add(acked)
+        while inflight and inflight[0].acked:
+            acked.append(inflight.popleft().seq)
+        acker.add(acked)
 
     async def _receive(self, client: aiomqtt.Client) -> None:
         """Route commands; this loop is also how a lost connection surfaces (aiomqtt only tells waiters).

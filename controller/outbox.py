@@ -66,6 +66,21 @@ class StoredMessage:
 
 
 @dataclass(frozen=True, slots=True)
+class StoredPayload:
+    """A pending message with its payload as the JSON text stored, not parsed.
+
+    For a sink that forwards the payload unchanged (MQTT): the stored text is exactly what
+    `json.dumps(payload, separators=(",", ":"))` gives, so parsing it and encoding it again
+    would cost CPU per message and change nothing.
+    """
+
+    seq: int
+    kind: str
+    topic: str
+    payload_json: str
+
+
+@dataclass(frozen=True, slots=True)
 class OutboxUsage:
     pending_messages: int
     payload_bytes: int
@@ -138,14 +153,21 @@ class Outbox:
 
     def pending(self, sink: str, limit: int = 500, after_seq: int = 0) -> list[StoredMessage]:
         """The oldest messages `sink` has not acknowledged, in order, with `seq > after_seq`."""
+        return [StoredMessage(seq, Message(kind, topic, json.loads(payload)))
+                for seq, kind, topic, payload in self._pending_rows(sink, limit, after_seq)]
+
+    def pending_json(self, sink: str, limit: int = 500, after_seq: int = 0) -> list[StoredPayload]:
+        """As `pending`, with each payload as its stored JSON text (no parsing)."""
+        return [StoredPayload(*row) for row in self._pending_rows(sink, limit, after_seq)]
+
+    def _pending_rows(self, sink: str, limit: int, after_seq: int) -> list[tuple[int, str, str, str]]:
         self._check_sink(sink)
         with self._read_lock:
-            rows = self._reader.execute(
+            return self._reader.execute(
                 "SELECT m.seq, m.kind, m.topic, m.payload FROM delivery d JOIN message m ON m.seq = d.seq "
                 "WHERE d.sink = ? AND d.seq > ? ORDER BY d.seq LIMIT ?",
                 (sink, after_seq, limit),
             ).fetchall()
-        return [StoredMessage(seq, Message(kind, topic, json.loads(payload))) for seq, kind, topic, payload in rows]
 
     def ack(self, sink: str, seqs: Iterable[int]) -> None:
         """Mark messages delivered to `sink`; delete the ones no sink needs any more."""
@@ -220,6 +242,9 @@ class AsyncOutbox:
 
     async def pending(self, sink: str, limit: int = 500, after_seq: int = 0) -> list[StoredMessage]:
         return await self._read(self.sync.pending, sink, limit, after_seq)
+
+    async def pending_json(self, sink: str, limit: int = 500, after_seq: int = 0) -> list[StoredPayload]:
+        return await self._read(self.sync.pending_json, sink, limit, after_seq)
 
     async def ack(self, sink: str, seqs: Sequence[int]) -> None:
         await self._write(self.sync.ack, sink, list(seqs))

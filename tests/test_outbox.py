@@ -1,6 +1,7 @@
 """The durable outbox: per-sink delivery, order, bounds, and survival of a kill -9."""
 
 import asyncio
+import json
 import os
 import signal
 import sqlite3
@@ -31,6 +32,22 @@ def test_messages_come_back_in_order_per_sink(tmp_path: Path) -> None:
     assert [m.message.payload["activity_bq"] for m in outbox.pending("mqtt")] == [float(n) for n in range(10)]
     assert [m.seq for m in outbox.pending("influx", limit=3)] == seqs[:3]
     assert [m.seq for m in outbox.pending("mqtt", after_seq=seqs[7])] == seqs[8:]
+
+
+def test_pending_json_is_the_stored_text_of_pending(tmp_path: Path) -> None:
+    """The MQTT sink forwards this text unparsed: it must be the same message, in the same order."""
+    outbox = Outbox(tmp_path / "o.sqlite3", sinks=("mqtt", "influx"))
+    messages = [make_message(n) for n in range(5)]
+    seqs = outbox.put_many(messages)
+    outbox.ack("mqtt", seqs[:1])
+    raw = outbox.pending_json("mqtt", limit=3)
+    assert [r.seq for r in raw] == seqs[1:4]
+    assert [(r.kind, r.topic) for r in raw] == [(m.kind, m.topic) for m in messages[1:4]]
+    assert [json.loads(r.payload_json) for r in raw] == [m.payload for m in messages[1:4]]
+    assert raw[0].payload_json == json.dumps(messages[1].payload, separators=(",", ":"), allow_nan=False)
+    assert [r.seq for r in outbox.pending_json("influx", after_seq=seqs[3])] == seqs[4:]
+    with pytest.raises(ValueError, match="unknown sink"):
+        outbox.pending_json("nowhere")
 
 
 def test_a_message_lives_until_every_sink_acked_it(tmp_path: Path) -> None:
