@@ -37,7 +37,7 @@ from rich.logging import RichHandler
 
 from controller.config import ConfigError, load_secret
 from controller.demo import LabView, render, snapshot_svg, watch_broker
-from controller.service import ControllerService, ServiceError
+from controller.service import ControllerService, run_to_exit_code
 from controller.simulated_lab import (
     BrokerAddress,
     CheckSource,
@@ -120,15 +120,7 @@ def main(args: argparse.Namespace) -> int:
                   **_influx_token_source(args)}
     broker = BrokerAddress(args.mqtt_host, args.mqtt_port) if args.mqtt_host else None
     lab = replace(DEMO_LAB, acceleration=args.acceleration, calibrator_acceleration=args.acceleration)
-    try:
-        asyncio.run(_run(lab, args, broker, influx, console))
-    except ServiceError as exc:
-        print(f"hotlab demo: {exc}", file=sys.stderr)
-        return 1
-    except Exception:
-        log.exception("demo failed")
-        return 1
-    return 0
+    return run_to_exit_code(_run(lab, args, broker, influx, console), "hotlab demo")
 
 
 def _check_options(args: argparse.Namespace) -> str:

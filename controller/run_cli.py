@@ -30,7 +30,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from controller.config import ConfigError, LabConfig, load_config
-from controller.service import CommitStage, ControllerService, ServiceError
+from controller.service import CommitStage, ControllerService, run_to_exit_code
 from controller.simulated_lab import simulated_lab
 
 log = logging.getLogger("hotlab.run")
@@ -62,15 +62,7 @@ def main(args: argparse.Namespace) -> int:
         except ConfigError as exc:
             print(f"hotlab run: config error: {exc}", file=sys.stderr)
             return 2
-    try:
-        asyncio.run(_run(config, args.duration))
-    except ServiceError as exc:
-        print(f"hotlab run: {exc}", file=sys.stderr)
-        return 1
-    except Exception:
-        log.exception("controller failed")
-        return 1
-    return 0
+    return run_to_exit_code(_run(config, args.duration), "hotlab run")
 
 
 async def _run(config: LabConfig | None, duration_s: float | None) -> None:

@@ -43,6 +43,7 @@ import inspect
 import logging
 import os
 import sqlite3
+import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
@@ -103,6 +104,23 @@ ALARM_CLEAR_RATIO = 0.9
 
 class ServiceError(RuntimeError):
     """The service cannot start (outbox unusable, or already in use by another controller)."""
+
+
+def run_to_exit_code(main: Coroutine[Any, Any, None], prog: str) -> int:
+    """Run a service coroutine to the end and map how it ended to the CLI's exit code.
+
+    0 after a clean stop; 1 when it failed: a ServiceError is a known condition whose message
+    is enough (printed on one line), anything else is a bug and is logged with its traceback.
+    """
+    try:
+        asyncio.run(main)
+    except ServiceError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 1
+    except Exception:
+        log.exception("%s failed", prog)
+        return 1
+    return 0
 
 
 @contextlib.contextmanager
