@@ -169,6 +169,16 @@ def local_config(tmp_path: Path):  # type: ignore[no-untyped-def]
     }, base_dir=tmp_path)
 
 
+async def run_until_committed(service: ControllerService, count: int) -> None:
+    """Run the service until it has committed `count` messages, then stop it cleanly."""
+    stop = asyncio.Event()
+    task = asyncio.create_task(service.run(stop))
+    while service.committed < count:
+        await asyncio.sleep(0.01)
+    stop.set()
+    await asyncio.wait_for(task, 20)
+
+
 async def test_local_only_mode_commits_readings_with_processor_results_together(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
@@ -186,12 +196,7 @@ async def test_local_only_mode_commits_readings_with_processor_results_together(
         return source
 
     service = ControllerService(local_config(tmp_path), processors=[async_qc, failing_qc], source_factory=by_source)
-    stop = asyncio.Event()
-    task = asyncio.create_task(service.run(stop))
-    while service.committed < 30:
-        await asyncio.sleep(0.01)
-    stop.set()
-    await asyncio.wait_for(task, 20)
+    await run_until_committed(service, 30)
 
     assert "local-only mode" in caplog.text
     assert "processor" in caplog.text and "KeyError" in caplog.text  # logged, and the reading still stored
@@ -275,12 +280,7 @@ async def test_a_device_whose_driver_cannot_be_built_does_not_stop_the_others(
         return ScriptedSource(device.name, [])
 
     service = ControllerService(config, source_factory=factory)
-    stop = asyncio.Event()
-    task = asyncio.create_task(service.run(stop))
-    while service.committed < 20:
-        await asyncio.sleep(0.01)
-    stop.set()
-    await asyncio.wait_for(task, 20)
+    await run_until_committed(service, 20)
     assert "device broken: cannot create its vik202 driver" in caplog.text
     outbox = Outbox(tmp_path / "outbox.sqlite3", ["mqtt"])
     payloads = [s.message.payload for s in outbox.pending("mqtt", limit=10_000)]
@@ -303,12 +303,7 @@ async def test_a_failing_commit_stage_never_costs_a_reading(tmp_path: Path, capl
     stage = BrokenStage()
     source = ScriptedSource("cal-1", [])
     service = ControllerService(local_config(tmp_path), stage=stage, source_factory=lambda d: source)
-    stop = asyncio.Event()
-    task = asyncio.create_task(service.run(stop))
-    while service.committed < 10:
-        await asyncio.sleep(0.01)
-    stop.set()
-    await asyncio.wait_for(task, 20)
+    await run_until_committed(service, 10)
     assert "QC stage failed on 1 message(s); they are stored without QC" in caplog.text
     assert stage.applied == 0  # nothing to apply: no outcome was committed
     outbox = Outbox(tmp_path / "outbox.sqlite3", ["mqtt"])
