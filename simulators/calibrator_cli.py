@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
+import signal
 import sys
 from collections.abc import Callable
 from typing import Any, TypeAlias
@@ -110,9 +110,7 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, UnitError, UnknownNuclideError) as exc:
         print(f"hotlab simulate calibrator: {exc}", file=sys.stderr)
         return 2
-    with contextlib.suppress(KeyboardInterrupt):
-        return asyncio.run(_serve(model, args))
-    return 0
+    return asyncio.run(_serve(model, args))
 
 
 async def _serve(model: DeviceModel, args: argparse.Namespace) -> int:
@@ -130,9 +128,16 @@ async def _serve(model: DeviceModel, args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"hotlab simulate calibrator: cannot serve: {exc}", file=sys.stderr)
         return 1
+    # Handlers rather than KeyboardInterrupt: SIGTERM (a service manager's stop) ends it cleanly
+    # too, and so does Ctrl-C when a shell started it as a background job with SIGINT ignored.
+    # Installed before the address is printed, so whoever reads it may signal at once.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
     print(where, flush=True)
     try:
-        await asyncio.Event().wait()
+        await stop.wait()
     finally:
         await host.stop()
     return 0

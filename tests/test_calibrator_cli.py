@@ -15,7 +15,8 @@ from drivers.calibrator import create_calibrator
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-async def _run_simulator(*args: str) -> tuple[asyncio.subprocess.Process, str]:
+async def _run_simulator(*args: str, ignore_sigint: bool = False) -> tuple[asyncio.subprocess.Process, str]:
+    """Start the simulator CLI; `ignore_sigint` starts it as a shell starts a background job."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -26,6 +27,7 @@ async def _run_simulator(*args: str) -> tuple[asyncio.subprocess.Process, str]:
         cwd=REPO,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
+        preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if ignore_sigint else None,
     )
     assert process.stdout is not None
     first_line = await asyncio.wait_for(process.stdout.readline(), 30)
@@ -57,6 +59,13 @@ async def test_simulator_process_serves_until_ctrl_c(args: list[str], nuclide: s
     assert returncode == 0
     if "--pty" in args:
         assert not pathlib.Path(where).exists()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+async def test_simulator_stops_on_signal_even_when_started_with_sigint_ignored(signum: int) -> None:
+    process, _ = await _run_simulator("--model", "vik202", "--tcp", "127.0.0.1:0", ignore_sigint=True)
+    process.send_signal(signum)
+    assert await asyncio.wait_for(process.wait(), 30) == 0
 
 
 @pytest.mark.parametrize(
