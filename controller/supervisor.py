@@ -25,6 +25,11 @@ Modbus elution station and a test double are handled the same way. Its rules:
   waiting (for the device, the poll interval or the backoff) is interrupted. A commit that
   keeps failing is retried for up to `stop_commit_s` after `stop()`; only then, or if the
   task is cancelled first, are the items given up, and the log names each one (ERROR).
+
+The read loop runs once per poll of every device (thousands of times a second in a large
+lab), so it creates no task and no `wait_for` per poll: the read, the watchdog and the
+pause run in the supervisor's own task, under `asyncio.timeout`, and `stop()` interrupts a
+wait by cancelling that task while (and only while) it is in an interruptible wait.
 """
 
 from __future__ import annotations
@@ -142,21 +147,29 @@ class DeviceSupervisor:
         self.up = False
         self.latency_ms: float | None = None
         self._last_status_at = float("-inf")
-        self._stopping = asyncio.Event()
+        self._stopping = False
+        #: The supervisor's task while it waits in `_interruptible`, else None.
+        self._waiting_task: asyncio.Task[object] | None = None
+        #: True once `stop()` cancelled `_waiting_task`; that one cancellation is ours to absorb.
+        self._stop_cancelled = False
 
     def stop(self) -> None:
         """Finish the item in hand (commit it), then return from `run()` without reading again."""
-        if not self._stopping.is_set():
-            self._stop_deadline = time.monotonic() + self.stop_commit_s
-        self._stopping.set()
+        if self._stopping:
+            return
+        self._stopping = True
+        self._stop_deadline = time.monotonic() + self.stop_commit_s
+        if self._waiting_task is not None:
+            self._stop_cancelled = True
+            self._waiting_task.cancel()
 
     async def run(self) -> None:
         """Supervise until `stop()` (graceful) or cancellation."""
         attempt = 0
         try:
-            while not self._stopping.is_set():
+            while not self._stopping:
                 try:
-                    if await self._unless_stopping(self._watched(self.source.connect(), "connect")) is _STOPPED:
+                    if await self._interruptible(self._watched(self.source.connect, "connect")) is _STOPPED:
                         return
                     await self._read_loop()
                     return
@@ -185,10 +198,10 @@ class DeviceSupervisor:
     async def _read_loop(self) -> None:
         """Read until stopped; returns normally only on stop, raises to trigger a reconnect."""
         consecutive = 0
-        while not self._stopping.is_set():
+        while not self._stopping:
             started = time.monotonic()
             try:
-                items = await self._unless_stopping(self._watched(self.source.read(), "read"))
+                items = await self._interruptible(self._watched(self.source.read, "read"))
             except DeviceDisconnected:
                 raise
             except DriverError as exc:
@@ -233,7 +246,7 @@ class DeviceSupervisor:
                     if failures == 1:
                         failing_since = time.monotonic()
                         await self._report(detail=detail, force=True)
-                    if self._stopping.is_set() and time.monotonic() >= self._stop_deadline:
+                    if self._stopping and time.monotonic() >= self._stop_deadline:
                         self._log_not_committed(items, f"still failing {self.stop_commit_s:g} s after stop "
                                                        f"({failures} attempt(s), last: {detail})")
                         return
@@ -278,7 +291,7 @@ class DeviceSupervisor:
 
     async def _retry_pause(self, seconds: float) -> None:
         """Wait before the next commit attempt; once stopping, only as long as the stop deadline allows."""
-        if self._stopping.is_set():
+        if self._stopping:
             await asyncio.sleep(max(0.0, min(seconds, self._stop_deadline - time.monotonic())))
         else:
             await self._sleep(seconds)  # a stop() ends this early: the next attempt comes at once
@@ -297,33 +310,44 @@ class DeviceSupervisor:
             log.warning("device %s: could not confirm delivery (%s: %s); the device will repeat it",
                         self.device, type(exc).__name__, exc)
 
-    async def _unless_stopping(self, operation: Awaitable[T]) -> T | _Stopped:
-        """Await `operation` unless `stop()` comes first (then cancel it: it produced nothing yet)."""
-        task = asyncio.ensure_future(operation)
-        stopping = asyncio.ensure_future(self._stopping.wait())
-        try:
-            await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stopping.cancel()
-            if not task.done():
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-        if task.cancelled():
-            return _STOPPED
-        return task.result()
+    async def _interruptible(self, operation: Awaitable[T]) -> T | _Stopped:
+        """Await `operation` in this task unless `stop()` comes first (then cancel it: it produced nothing yet).
 
-    async def _watched(self, operation: Awaitable[T], what: str) -> T:
+        `stop()` cancels this task only while it waits here; the one cancellation it caused is
+        absorbed here (`uncancel`), any other cancellation of the task passes through.
+        """
+        if self._stopping:
+            if asyncio.iscoroutine(operation):
+                operation.close()
+            return _STOPPED
+        task = asyncio.current_task()
+        assert task is not None
+        self._waiting_task = task
+        try:
+            result = await operation
+        except asyncio.CancelledError:
+            if self._stop_cancelled and task.uncancel() == 0:
+                return _STOPPED
+            raise
+        else:
+            if self._stop_cancelled:  # the driver swallowed stop's cancellation: keep the task's count right
+                task.uncancel()
+            return result
+        finally:
+            self._waiting_task = None
+            self._stop_cancelled = False
+
+    async def _watched(self, operation: Callable[[], Awaitable[T]], what: str) -> T:
         """Drivers enforce their own timeouts; this catches one that hangs anyway (a driver bug)."""
         try:
-            return await asyncio.wait_for(operation, self.watchdog_s)
+            async with asyncio.timeout(self.watchdog_s):
+                return await operation()
         except TimeoutError:
             raise DeviceTimeout(f"driver {what} gave no result within {self.watchdog_s:g} s (watchdog)") from None
 
     async def _sleep(self, seconds: float) -> None:
-        try:
-            await asyncio.wait_for(self._stopping.wait(), timeout=max(0.0, seconds))
-        except TimeoutError:
-            pass
+        """Wait, unless `stop()` comes first."""
+        await self._interruptible(asyncio.sleep(max(0.0, seconds)))
 
     async def _pause(self, started: float) -> None:
         if self.source.streaming:

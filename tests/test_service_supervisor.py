@@ -79,9 +79,10 @@ class Recorder:
 
 
 def supervise(source: ScriptedSource, recorder: Recorder, **options: object) -> DeviceSupervisor:
-    return DeviceSupervisor(source.device, source, poll_interval_s=0.001, deliver=recorder.deliver,
-                            report_status=recorder.status, backoff=Backoff(0.01, 0.05), status_interval_s=0.0,
-                            rng=random.Random(1), **options)  # type: ignore[arg-type]
+    settings: dict[str, object] = {"poll_interval_s": 0.001, "backoff": Backoff(0.01, 0.05), "status_interval_s": 0.0,
+                                   "rng": random.Random(1)} | options
+    return DeviceSupervisor(source.device, source, deliver=recorder.deliver, report_status=recorder.status,
+                            **settings)  # type: ignore[arg-type]
 
 
 def test_backoff_is_full_jitter_within_the_exponential_cap() -> None:
@@ -157,6 +158,64 @@ async def test_stop_lets_the_item_in_hand_be_committed() -> None:
     await asyncio.wait_for(task, 5)
     assert len(committed) == source.reads == 1
     assert source.confirmed == committed  # confirmed to the device only after the commit
+
+
+class BlockingSource(ScriptedSource):
+    """Reads 1 at once, then the second read waits for the device forever."""
+
+    def __init__(self, device: str) -> None:
+        super().__init__(device, [])
+        self.read_cancelled = False
+
+    async def read(self) -> Sequence[Item]:
+        self.reads += 1
+        if self.reads == 1:
+            return [reading(self.device, 1)]
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.read_cancelled = True
+            raise
+        raise AssertionError("unreachable")
+
+
+@pytest.mark.parametrize("waiting_in", ["read", "poll pause", "reconnect backoff"])
+async def test_stop_interrupts_a_wait_and_run_returns_normally(waiting_in: str) -> None:
+    recorder = Recorder()
+    if waiting_in == "read":
+        source: ScriptedSource = BlockingSource("cal")
+        supervisor = supervise(source, recorder)
+    elif waiting_in == "poll pause":
+        source = ScriptedSource("cal", [])
+        supervisor = supervise(source, recorder, poll_interval_s=3600.0)
+    else:
+        source = ScriptedSource("cal", [DeviceDisconnected("unplugged")])
+        supervisor = supervise(source, recorder, backoff=Backoff(3600.0, 3600.0), rng=random.Random(4))
+    task = asyncio.create_task(supervisor.run())
+    if waiting_in == "reconnect backoff":
+        await recorder.until(lambda: any(not s.up for s in recorder.states))
+    else:
+        await recorder.until(lambda: len(recorder.items) == 1)
+    await asyncio.sleep(0.05)  # now waiting: for the device, the next poll or the next connection
+    supervisor.stop()
+    await asyncio.wait_for(task, 2)  # returns, not cancelled
+    assert not task.cancelled() and task.result() is None
+    assert source.closes >= 1
+    if isinstance(source, BlockingSource):
+        assert source.read_cancelled and len(recorder.items) == 1
+
+
+async def test_a_cancellation_from_outside_still_cancels_the_supervisor() -> None:
+    source = BlockingSource("cal")
+    recorder = Recorder()
+    supervisor = supervise(source, recorder)
+    task = asyncio.create_task(supervisor.run())
+    await recorder.until(lambda: len(recorder.items) == 1)
+    await asyncio.sleep(0.05)
+    supervisor.stop()
+    task.cancel()  # in the same turn as stop(): stop's cancellation is absorbed, this one is not
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 2)
 
 
 def local_config(tmp_path: Path):  # type: ignore[no-untyped-def]
