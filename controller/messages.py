@@ -8,6 +8,7 @@ exactly what was read, and lets a consumer de-duplicate on `msg_id`.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 import uuid
@@ -34,8 +35,18 @@ class Message:
 
 
 def iso_utc(time_ns: int) -> str:
-    """RFC 3339 UTC with microseconds, for people and JSON consumers; `time_ns` stays authoritative."""
-    return datetime.fromtimestamp(time_ns / 1e9, tz=timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    """RFC 3339 UTC with microseconds, for people and JSON consumers; `time_ns` stays authoritative.
+
+    Every message carries one, so the date part is formatted once per second (cached) and
+    the microseconds are cut from the integer, not rounded through a float.
+    """
+    seconds, nanoseconds = divmod(time_ns, 1_000_000_000)
+    return f"{_utc_second(seconds)}.{nanoseconds // 1000:06d}Z"
+
+
+@functools.lru_cache(maxsize=256)
+def _utc_second(seconds: int) -> str:
+    return datetime.fromtimestamp(seconds, tz=timezone.utc).replace(tzinfo=None).isoformat(timespec="seconds")
 
 
 #: Namespace for name-based (uuid5) message ids. Fixed forever: changing it would give replayed

@@ -88,3 +88,8 @@ def test_breakthrough_comes_from_the_stations_parent_measurement() -> None:
     assert elution_message("lab-a", unknown).payload["breakthrough_pct"] is None
     empty = ElutionRecord("ga-station", "GEN-1", "Ge-68", "Ga-68", 7, 0.0, 5.0, T0, T0 + 1, parent_bq=0.0)
     assert elution_message("lab-a", empty).payload["breakthrough_pct"] is None
+
+
+def test_iso_utc_truncates_to_the_microsecond_and_handles_times_before_1970() -> None:
+    assert iso_utc(1_700_000_000_123_456_789) == "2023-11-14T22:13:20.123456Z"
+    assert iso_utc(-1) == "1969-12-31T23:59:59.999999Z"
