@@ -50,6 +50,7 @@ import paho.mqtt.client as mqtt
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from controller.config import MqttConfig
 from controller.embedded_broker import MosquittoBroker
 from tests.influx_service import InfluxService
 
@@ -285,7 +286,8 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=30.0, help="controller run time per device count, s")
     parser.add_argument("--warmup", type=float, default=6.0, help="seconds excluded at the start of each run")
     parser.add_argument("--offered", type=float, default=2000.0, help="offered load, readings/s over all devices")
-    parser.add_argument("--inflight", type=int, default=32, help="[mqtt] inflight_window of the controller")
+    parser.add_argument("--inflight", type=int, default=MqttConfig().inflight_window,
+                        help="[mqtt] inflight_window of the controller (default: the config's default)")
     parser.add_argument("--quick", action="store_true", help="1 and 100 devices, 10 s each")
     parser.add_argument("--serve-simulators", type=int, metavar="N", help=argparse.SUPPRESS)
     args = parser.parse_args()
