@@ -85,6 +85,11 @@ def test_verdict_is_a_tag_and_a_graphable_code(verdict: str, code: str | None) -
             "field 'activity_bq' must be a number",
         ),
         ("reading", {"time_ns": T0, "site": "s", "station": "st", "device": "d", "activity_bq": 1.0}, "msg_id"),
+        (
+            "reading",
+            {"msg_id": "m", "time_ns": T0, "site": "s", "station": "st", "device": "d", "activity_bq": 10**400},
+            "field 'activity_bq' is out of float range",
+        ),
     ],
 )
 def test_unmappable_messages_raise_a_clear_point_error(kind: str, payload: dict, complaint: str) -> None:
