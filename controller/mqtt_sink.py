@@ -40,6 +40,7 @@ pass through the outbox, so they never reorder or delay the data path's sequence
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -130,7 +131,9 @@ class MqttSink:
         self._commands: CommandRouter | None = None
         #: The outbox messages of this connection awaiting a PUBACK, by paho message id.
         self._awaiting_puback: dict[int, _InFlight] = {}
-        self._puback: asyncio.Future[None] | None = None
+        #: Resolved by whatever the connected publisher waits for: a commit, a PUBACK, an alarm, a
+        #: drain, the end of the connection. One future per turn of its loop, not a task per turn.
+        self._turn: asyncio.Future[None] | None = None
         self._client = self._make_client()
 
     def route_commands(self, router: CommandRouter) -> None:
@@ -151,17 +154,23 @@ class MqttSink:
 
     def notify(self) -> None:
         """New messages were committed: wake the publisher."""
-        self._wakeup.set()
+        self._wake()
 
     def set_alarm(self, payload: dict[str, Any]) -> None:
         """Publish (retained) this controller alarm state as soon as connected."""
         self._alarm = payload
-        self._wakeup.set()
+        self._wake()
 
     def drain(self, timeout_s: float) -> None:
         """Ask `run()` to finish: send the backlog for at most `timeout_s`, then go offline cleanly."""
         self._drain_deadline = time.monotonic() + timeout_s
+        self._wake()
+
+    def _wake(self, _done: object = None) -> None:
         self._wakeup.set()
+        turn = self._turn
+        if turn is not None and not turn.done():
+            turn.set_result(None)
 
     @property
     def draining(self) -> bool:
@@ -219,8 +228,7 @@ class MqttSink:
         if entry is None:
             return  # a status, alarm or reply publish: aiomqtt's own publish waits for it
         entry.acked = True
-        if self._puback is not None and not self._puback.done():
-            self._puback.set_result(None)
+        self._wake()
 
     async def run(self) -> None:
         """Connect, publish, reconnect on failure; return after `drain()` once done or out of time."""
@@ -272,6 +280,7 @@ class MqttSink:
             await client.subscribe(self._commands.topic_filter, qos=QOS_DATA)
         await client.publish(self.status_topic, _encode(online), qos=QOS_DATA, retain=True)
         watcher = asyncio.ensure_future(self._receive(client))
+        watcher.add_done_callback(self._wake)
         acker = _OutboxAcker(self.outbox, self._count_published)
         inflight: deque[_InFlight] = deque()
         self._awaiting_puback.clear()
@@ -279,8 +288,7 @@ class MqttSink:
         loop = asyncio.get_running_loop()
         try:
             while True:
-                self._wakeup.clear()
-                self._puback = loop.create_future()
+                self._turn = turn = loop.create_future()
                 await self._publish_alarm(client)
                 room = self.config.inflight_window - len(inflight)
                 if room > 0 and self._time_left() > 0:
@@ -294,13 +302,10 @@ class MqttSink:
                     log.warning("mqtt: drain time over with %d message(s) in flight; they stay in the outbox",
                                 len(inflight))
                     return
-                wakeup = asyncio.ensure_future(self._wakeup.wait())
-                waits: set[asyncio.Future[Any]] = {watcher, wakeup, self._puback}
-                try:
-                    await asyncio.wait(waits, timeout=self._wait_timeout(inflight),
-                                       return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    wakeup.cancel()
+                if not turn.done() and not watcher.done():
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(self._wait_timeout(inflight)):
+                            await turn
                 if watcher.done():
                     watcher.result()  # raises the disconnect as MqttError
                 acker.raise_if_failed()
@@ -309,7 +314,7 @@ class MqttSink:
                     raise aiomqtt.MqttError(f"no PUBACK for outbox message {inflight[0].seq} within "
                                             f"{self.publish_timeout_s:g} s")
         finally:
-            self._puback = None
+            self._turn = None
             self._awaiting_puback.clear()
             watcher.cancel()
             await asyncio.gather(watcher, return_exceptions=True)
