@@ -57,6 +57,7 @@ from controller.config import (
     InfluxSection,
     LabConfig,
 )
+from controller.event_loop import loop_factory
 from controller.messages import (
     SCHEMA_VERSION,
     Message,
@@ -106,14 +107,16 @@ class ServiceError(RuntimeError):
     """The service cannot start (outbox unusable, or already in use by another controller)."""
 
 
-def run_to_exit_code(main: Coroutine[Any, Any, None], prog: str) -> int:
-    """Run a service coroutine to the end and map how it ended to the CLI's exit code.
+def run_to_exit_code(main: Coroutine[Any, Any, None], prog: str, event_loop: str = "uvloop") -> int:
+    """Run a service coroutine on `event_loop` to the end and map how it ended to the CLI's exit code.
 
     0 after a clean stop; 1 when it failed: a ServiceError is a known condition whose message
     is enough (printed on one line), anything else is a bug and is logged with its traceback.
     """
     try:
-        asyncio.run(main)
+        with asyncio.Runner(loop_factory=loop_factory(event_loop)) as runner:
+            log.info("%s: event loop %s.%s", prog, type(runner.get_loop()).__module__, type(runner.get_loop()).__name__)
+            runner.run(main)
     except ServiceError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 1

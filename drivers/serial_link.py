@@ -2,8 +2,9 @@
 
 Hot-lab instruments hang off RS-232, often through a USB adapter (`/dev/ttyUSB0`) or a
 serial device server on the network (`socket://host:port`, `rfc2217://host:port`).
-pyserial's `serial_for_url` understands all three; serial_asyncio_fast turns the port into
-an asyncio transport so no read ever blocks the event loop.
+pyserial's `serial_for_url` opens ttys and `rfc2217://`, and serial_asyncio_fast turns the
+port into an asyncio transport so no read ever blocks the event loop; `socket://` is a plain
+TCP connection of the event loop.
 
 The link keeps its own receive buffer instead of an `asyncio.StreamReader` because the
 drivers must throw away stale input, which a stream reader does not offer: garbage and late
@@ -16,10 +17,11 @@ import asyncio
 import contextlib
 import functools
 import time
+import urllib.parse
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, ClassVar, Concatenate, ParamSpec, TypeVar
+from typing import Any, ClassVar, Concatenate, ParamSpec, TypeVar, cast
 
 import serial
 import serial_asyncio_fast
@@ -137,20 +139,37 @@ class SerialLink:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(timeout_s):
-                transport, _ = await serial_asyncio_fast.create_serial_connection(
-                    loop,
-                    lambda: rx,
-                    self.url,
-                    baudrate=self.settings.baudrate,
-                    bytesize=self.settings.bytesize,
-                    parity=self.settings.parity,
-                    stopbits=self.settings.stopbits,
-                )
+                transport = await self._connect(loop, rx)
         except TimeoutError:
             raise DeviceDisconnected(f"opening {self.url} took longer than {timeout_s} s") from None
         except (serial.SerialException, OSError, ValueError) as exc:
             raise DeviceDisconnected(f"cannot open {self.url}: {exc}") from exc
         self._transport, self._rx = transport, rx
+
+    async def _connect(self, loop: asyncio.AbstractEventLoop, rx: _ReceiveBuffer) -> asyncio.BaseTransport:
+        """A transport for the URL: a plain TCP connection for `socket://`, pyserial for the rest.
+
+        A serial device server (`socket://host:port`) is a TCP peer, so its transport comes from
+        the loop itself: pyserial-asyncio-fast does the same, but then patches the transport in
+        a way only the standard loop's transports allow (not uvloop's; controller/event_loop.py).
+        """
+        scheme, _, _ = self.url.partition("://")
+        if scheme == "socket":
+            parts = urllib.parse.urlsplit(self.url)
+            if parts.hostname is None or parts.port is None:
+                raise ValueError(f"expected socket://HOST:PORT, got {self.url!r}")
+            transport, _ = await loop.create_connection(lambda: rx, parts.hostname, parts.port)
+            return transport
+        transport, _ = await serial_asyncio_fast.create_serial_connection(
+            loop,
+            lambda: rx,
+            self.url,
+            baudrate=self.settings.baudrate,
+            bytesize=self.settings.bytesize,
+            parity=self.settings.parity,
+            stopbits=self.settings.stopbits,
+        )
+        return transport
 
     async def close(self) -> None:
         transport, rx = self._transport, self._rx
@@ -170,10 +189,9 @@ class SerialLink:
         return stale
 
     def write(self, data: bytes) -> None:
-        transport = self._transport
         self._require_open()
-        assert isinstance(transport, asyncio.WriteTransport)
-        transport.write(data)
+        # Duck-typed: uvloop's transports do not derive from asyncio.WriteTransport.
+        cast(asyncio.WriteTransport, self._transport).write(data)
 
     async def read_until(self, terminator: bytes, timeout_s: float) -> bytes:
         """Return the next frame up to and including `terminator`.
