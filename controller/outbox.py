@@ -11,12 +11,13 @@ batch, not per reading. Acks skip the fsync: losing one to a power cut only mean
 
 The queue is bounded: `put` raises `OutboxFull` past `max_bytes` rather than silently
 dropping anything, and `usage()` lets the controller raise an alarm well before that.
-All methods are synchronous; `AsyncOutbox` runs them on two dedicated threads (writes, and
-the sinks' reads) so the event loop never waits on disk.
+All methods are synchronous; `AsyncOutbox` runs them on dedicated threads (writes, the bulk
+sinks' reads, the MQTT sink's reads) so the event loop never waits on disk.
 
-Reads (`pending`, `pending_count`, `usage`) use their own connection: WAL lets them see the
-last commit while a write is in progress, so a sink looking for work never queues behind
-the devices' commits.
+Reads (`pending`, `pending_count`, `usage`) use their own connection, and `pending_json` (the
+MQTT sink, whose reads set the readings' latency) another: WAL lets them see the last commit
+while a write is in progress, so a sink looking for work never queues behind the devices'
+commits, and MQTT never queues behind InfluxDB's or the archive's batches of hundreds.
 """
 
 from __future__ import annotations
@@ -35,6 +36,11 @@ from typing import Any, Callable, TypeVar
 from controller.messages import Message
 
 T = TypeVar("T")
+
+#: Rows per multi-row INSERT (4 parameters each, well under SQLite's 32766). The writes run on
+#: a thread that must take the GIL back after every SQLite call, and under load it waits for
+#: the event loop each time; so a commit makes a handful of calls, not one per row.
+_ROWS_PER_INSERT = 500
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS message (
@@ -110,12 +116,18 @@ class Outbox:
         self._payload_bytes = self._db.execute("SELECT COALESCE(SUM(bytes), 0) FROM message").fetchone()[0]
         #: Reads only, on their own lock: a read never waits for a write transaction (WAL).
         self._read_lock = threading.Lock()
-        self._reader = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._reader.execute("PRAGMA query_only=ON")
+        self._reader = _read_only_connection(self.path)
+        #: `pending_json`'s own connection: the MQTT sink's small, latency-bound reads do not
+        #: queue behind the bulk sinks' reads of hundreds of rows.
+        self._live_lock = threading.Lock()
+        self._live_reader = _read_only_connection(self.path)
+        self._sinks_json = json.dumps(self.sinks)
 
     def close(self) -> None:
         with self._read_lock:
             self._reader.close()
+        with self._live_lock:
+            self._live_reader.close()
         with self._lock:
             self._db.close()
 
@@ -125,6 +137,8 @@ class Outbox:
     def put_many(self, messages: Iterable[Message]) -> list[int]:
         """Commit messages atomically, one pending delivery per sink; return their sequence numbers."""
         rows = [(m.kind, m.topic, json.dumps(m.payload, separators=(",", ":"), allow_nan=False)) for m in messages]
+        if not rows:
+            return []
         added = sum(len(payload) for _, _, payload in rows)
         with self._lock:
             if self._payload_bytes + added > self.max_bytes:
@@ -134,16 +148,21 @@ class Outbox:
                 )
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                self._db.executemany(
-                    "INSERT INTO message (kind, topic, payload, bytes) VALUES (?, ?, ?, ?)",
-                    [(kind, topic, payload, len(payload)) for kind, topic, payload in rows],
-                )
+                for start in range(0, len(rows), _ROWS_PER_INSERT):
+                    chunk = rows[start:start + _ROWS_PER_INSERT]
+                    self._db.execute(
+                        "INSERT INTO message (kind, topic, payload, bytes) VALUES " + ",".join(["(?, ?, ?, ?)"] * len(chunk)),
+                        [value for kind, topic, payload in chunk for value in (kind, topic, payload, len(payload))],
+                    )
                 # This transaction holds the only write lock, so AUTOINCREMENT numbered its rows
                 # consecutively, ending at the last rowid inserted.
                 last = self._db.execute("SELECT last_insert_rowid()").fetchone()[0]
                 seqs = list(range(last - len(rows) + 1, last + 1))
-                self._db.executemany("INSERT INTO delivery (sink, seq) VALUES (?, ?)",
-                                     [(sink, seq) for seq in seqs for sink in self.sinks])
+                self._db.execute(
+                    "INSERT INTO delivery (sink, seq) SELECT sink.value, m.seq FROM message AS m, json_each(?) AS sink "
+                    "WHERE m.seq BETWEEN ? AND ?",
+                    (self._sinks_json, seqs[0], seqs[-1]),
+                )
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
@@ -153,28 +172,31 @@ class Outbox:
 
     def pending(self, sink: str, limit: int = 500, after_seq: int = 0) -> list[StoredMessage]:
         """The oldest messages `sink` has not acknowledged, in order, with `seq > after_seq`."""
-        return [StoredMessage(seq, Message(kind, topic, json.loads(payload)))
-                for seq, kind, topic, payload in self._pending_rows(sink, limit, after_seq)]
+        with self._read_lock:
+            rows = self._pending_rows(self._reader, sink, limit, after_seq)
+        return [StoredMessage(seq, Message(kind, topic, json.loads(payload))) for seq, kind, topic, payload in rows]
 
     def pending_json(self, sink: str, limit: int = 500, after_seq: int = 0) -> list[StoredPayload]:
-        """As `pending`, with each payload as its stored JSON text (no parsing)."""
-        return [StoredPayload(*row) for row in self._pending_rows(sink, limit, after_seq)]
+        """As `pending`, with each payload as its stored JSON text (no parsing), on its own connection."""
+        with self._live_lock:
+            return [StoredPayload(*row) for row in self._pending_rows(self._live_reader, sink, limit, after_seq)]
 
-    def _pending_rows(self, sink: str, limit: int, after_seq: int) -> list[tuple[int, str, str, str]]:
+    def _pending_rows(self, reader: sqlite3.Connection, sink: str, limit: int,
+                      after_seq: int) -> list[tuple[int, str, str, str]]:
         self._check_sink(sink)
-        with self._read_lock:
-            return self._reader.execute(
-                "SELECT m.seq, m.kind, m.topic, m.payload FROM delivery d JOIN message m ON m.seq = d.seq "
-                "WHERE d.sink = ? AND d.seq > ? ORDER BY d.seq LIMIT ?",
-                (sink, after_seq, limit),
-            ).fetchall()
+        return reader.execute(
+            "SELECT m.seq, m.kind, m.topic, m.payload FROM delivery d JOIN message m ON m.seq = d.seq "
+            "WHERE d.sink = ? AND d.seq > ? ORDER BY d.seq LIMIT ?",
+            (sink, after_seq, limit),
+        ).fetchall()
 
     def ack(self, sink: str, seqs: Iterable[int]) -> None:
         """Mark messages delivered to `sink`; delete the ones no sink needs any more."""
         self._check_sink(sink)
-        seq_list = [(sink, int(s)) for s in seqs]
+        seq_list = [int(s) for s in seqs]
         if not seq_list:
             return
+        seqs_json = json.dumps(seq_list)
         with self._lock:
             # No fsync for an ack (WAL + synchronous=NORMAL): a crash of the process still keeps it,
             # and the power loss that could undo it only makes the sink send those messages again
@@ -182,16 +204,17 @@ class Outbox:
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                self._db.executemany("DELETE FROM delivery WHERE sink = ? AND seq = ?", seq_list)
+                self._db.execute("DELETE FROM delivery WHERE sink = ? AND seq IN (SELECT value FROM json_each(?))",
+                                 (sink, seqs_json))
                 freed = self._db.execute(
-                    "SELECT COALESCE(SUM(bytes), 0) FROM message m WHERE m.seq IN (%s) "
-                    "AND NOT EXISTS (SELECT 1 FROM delivery d WHERE d.seq = m.seq)" % ",".join("?" * len(seq_list)),
-                    [s for _, s in seq_list],
+                    "SELECT COALESCE(SUM(bytes), 0) FROM message m WHERE m.seq IN (SELECT value FROM json_each(?)) "
+                    "AND NOT EXISTS (SELECT 1 FROM delivery d WHERE d.seq = m.seq)",
+                    (seqs_json,),
                 ).fetchone()[0]
                 self._db.execute(
-                    "DELETE FROM message WHERE seq IN (%s) AND NOT EXISTS (SELECT 1 FROM delivery d WHERE d.seq = message.seq)"
-                    % ",".join("?" * len(seq_list)),
-                    [s for _, s in seq_list],
+                    "DELETE FROM message WHERE seq IN (SELECT value FROM json_each(?)) "
+                    "AND NOT EXISTS (SELECT 1 FROM delivery d WHERE d.seq = message.seq)",
+                    (seqs_json,),
                 )
                 self._db.execute("COMMIT")
             except BaseException:
@@ -216,17 +239,25 @@ class Outbox:
             raise ValueError(f"unknown sink {sink!r}; this outbox serves {', '.join(self.sinks)}")
 
 
+def _read_only_connection(path: Path) -> sqlite3.Connection:
+    reader = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    reader.execute("PRAGMA query_only=ON")
+    return reader
+
+
 class AsyncOutbox:
-    """`Outbox` for asyncio code: writes run on one private thread, in submission order; reads on another.
+    """`Outbox` for asyncio code: writes run on one private thread, in submission order; reads on others.
 
     Reads therefore do not wait behind writes, and a read submitted before a write has
     completed may not see it: await the write first (as every caller here does).
+    `pending_json` (the MQTT sink's reads) has a thread of its own, like its connection.
     """
 
     def __init__(self, outbox: Outbox) -> None:
         self.sync = outbox
         self._writes = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hotlab-outbox")
         self._reads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hotlab-outbox-read")
+        self._live_reads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hotlab-outbox-live")
 
     async def _write(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._writes, fn, *args)
@@ -244,7 +275,8 @@ class AsyncOutbox:
         return await self._read(self.sync.pending, sink, limit, after_seq)
 
     async def pending_json(self, sink: str, limit: int = 500, after_seq: int = 0) -> list[StoredPayload]:
-        return await self._read(self.sync.pending_json, sink, limit, after_seq)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._live_reads, self.sync.pending_json, sink, limit, after_seq)
 
     async def ack(self, sink: str, seqs: Sequence[int]) -> None:
         await self._write(self.sync.ack, sink, list(seqs))
@@ -257,8 +289,9 @@ class AsyncOutbox:
 
     async def close(self) -> None:
         await self._read(lambda: None)  # reads already submitted finish first
+        await asyncio.get_running_loop().run_in_executor(self._live_reads, lambda: None)
         await self._write(self.sync.close)
-        for executor in (self._writes, self._reads):
+        for executor in (self._writes, self._reads, self._live_reads):
             executor.shutdown(wait=False)
 
 

@@ -34,6 +34,25 @@ def test_messages_come_back_in_order_per_sink(tmp_path: Path) -> None:
     assert [m.seq for m in outbox.pending("mqtt", after_seq=seqs[7])] == seqs[8:]
 
 
+def test_a_batch_larger_than_one_insert_statement_is_stored_whole(tmp_path: Path) -> None:
+    """put_many inserts in multi-row chunks; every message must get its seq and a delivery per sink."""
+    outbox = Outbox(tmp_path / "o.sqlite3", sinks=("mqtt", "influx", "history"))
+    first = outbox.put_many([make_message(n) for n in range(3)])
+    seqs = outbox.put_many([make_message(n) for n in range(1234)])
+    assert seqs == list(range(first[-1] + 1, first[-1] + 1235))
+    assert outbox.put_many([]) == []
+    for sink in ("mqtt", "influx", "history"):
+        pending = outbox.pending(sink, limit=5000)
+        assert [m.seq for m in pending] == first + seqs
+        assert [m.message.payload["activity_bq"] for m in pending[3:]] == [float(n) for n in range(1234)]
+    outbox.ack("mqtt", seqs)
+    outbox.ack("influx", seqs + first)
+    assert outbox.usage().pending_messages == 1237  # history still needs every one
+    outbox.ack("history", seqs)
+    assert outbox.usage().pending_messages == 3
+    assert [m.seq for m in outbox.pending("mqtt")] == first and outbox.pending("influx") == []
+
+
 def test_pending_json_is_the_stored_text_of_pending(tmp_path: Path) -> None:
     """The MQTT sink forwards this text unparsed: it must be the same message, in the same order."""
     outbox = Outbox(tmp_path / "o.sqlite3", sinks=("mqtt", "influx"))
