@@ -19,8 +19,6 @@ Modbus elution station and a test double are handled the same way. Its rules:
   unavailable: ...", "commit failed: ...").
 * Status (up, last read latency, error count) is reported on every change and every
   `status_interval_s`; the service turns it into a retained device_status message.
-* Polls follow a fixed grid per device, at a random phase (`PollSchedule`), so a lab of
-  devices on one interval hands over a steady stream rather than bursts.
 * A watchdog bounds every connect/read (drivers have their own timeouts; this catches a
   driver that hangs anyway) and turns a hang into a DeviceTimeout.
 * `stop()` is graceful: an item already read is committed before `run()` returns; only
@@ -38,7 +36,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import random
 import sqlite3
 import time
@@ -107,35 +104,6 @@ class Backoff:
 
     def delay(self, attempt: int, rng: random.Random) -> float:
         return rng.uniform(0.0, min(self.max_s, self.initial_s * 2.0 ** min(attempt, 30)))
-
-
-class PollSchedule:
-    """When a polled device is due next: on a fixed grid of `interval_s`, at a random phase per device.
-
-    Devices polled at one interval and connected together would otherwise poll in lockstep
-    and hand the controller bursts (a whole tick's readings in one commit, the last of them
-    waiting for all the others) instead of a steady stream. The first poll of a connection is
-    at once; the device's phase is drawn after it. A poll that overran skips the slots it
-    missed instead of polling at once, so devices delayed by the same slow commit do not
-    all poll again at the same instant.
-    """
-
-    def __init__(self, interval_s: float, rng: random.Random) -> None:
-        self.interval_s = interval_s
-        self._rng = rng
-        self.due: float | None = None
-
-    def wait_s(self, now: float) -> float:
-        """Seconds from `now` (a poll just ended) until the next poll is due."""
-        if self.interval_s <= 0:
-            return 0.0
-        if self.due is None:
-            self.due = now + self._rng.uniform(0.0, self.interval_s)
-        else:
-            self.due += self.interval_s
-            if self.due < now:
-                self.due += math.ceil((now - self.due) / self.interval_s) * self.interval_s
-        return self.due - now
 
 
 Deliver = Callable[[Sequence[Item]], Awaitable[None]]
@@ -230,7 +198,6 @@ class DeviceSupervisor:
     async def _read_loop(self) -> None:
         """Read until stopped; returns normally only on stop, raises to trigger a reconnect."""
         consecutive = 0
-        schedule = PollSchedule(self.poll_interval_s, self._rng)
         while not self._stopping:
             started = time.monotonic()
             try:
@@ -244,7 +211,7 @@ class DeviceSupervisor:
                     raise  # counted by run(), which reconnects
                 self.errors += 1
                 await self._report(detail=f"{type(exc).__name__}: {exc}")
-                await self._pause(schedule)
+                await self._pause(started)
                 continue
             if items is _STOPPED:
                 return
@@ -258,7 +225,7 @@ class DeviceSupervisor:
             if items:
                 await self._hand_over(items)  # type: ignore[arg-type]
             await self._report(detail="ok")
-            await self._pause(schedule)
+            await self._pause(started)
 
     async def _hand_over(self, items: Sequence[Item]) -> None:
         """Commit, retrying any failure with backoff; the device is not read (nor reconnected) meanwhile.
@@ -382,10 +349,10 @@ class DeviceSupervisor:
         """Wait, unless `stop()` comes first."""
         await self._interruptible(asyncio.sleep(max(0.0, seconds)))
 
-    async def _pause(self, schedule: PollSchedule) -> None:
+    async def _pause(self, started: float) -> None:
         if self.source.streaming:
             return
-        await self._sleep(schedule.wait_s(time.monotonic()))
+        await self._sleep(self.poll_interval_s - (time.monotonic() - started))
 
     async def _report(self, *, detail: str, force: bool = False) -> None:
         now = time.monotonic()

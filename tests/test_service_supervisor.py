@@ -16,7 +16,7 @@ from controller.config import DeviceConfig, parse_config
 from controller.messages import Message, qc_message
 from controller.outbox import Outbox
 from controller.service import ControllerService, ServiceError
-from controller.supervisor import Backoff, DeviceState, DeviceSupervisor, Item, PollSchedule
+from controller.supervisor import Backoff, DeviceState, DeviceSupervisor, Item
 from drivers.records import DeviceDisconnected, FrameError, Reading
 
 
@@ -92,23 +92,6 @@ def test_backoff_is_full_jitter_within_the_exponential_cap() -> None:
         delays = [backoff.delay(attempt, rng) for _ in range(2000)]
         assert 0.0 <= min(delays) and max(delays) <= cap
         assert min(delays) < cap * 0.05 and max(delays) > cap * 0.95  # spread over the whole range
-
-
-def test_polls_keep_a_fixed_grid_from_a_random_phase() -> None:
-    schedule = PollSchedule(1.0, random.Random(3))
-    first = schedule.wait_s(100.0)  # the first poll was at once; this device's phase starts now
-    assert 0.0 <= first < 1.0
-    phase = 100.0 + first
-    assert schedule.wait_s(phase + 0.3) == pytest.approx(0.7)  # a 0.3 s poll: the rest of the slot
-    assert schedule.wait_s(phase + 1.0 + 2.6) == pytest.approx(0.4)  # overran two slots: skip them, keep the phase
-    assert schedule.due == pytest.approx(phase + 4.0)
-    assert PollSchedule(0.0, random.Random(3)).wait_s(5.0) == 0.0  # back to back
-
-
-def test_devices_on_one_interval_get_spread_phases() -> None:
-    phases = [PollSchedule(1.0, random.Random(seed)).wait_s(0.0) for seed in range(100)]
-    per_tenth = [sum(1 for p in phases if k / 10 <= p < (k + 1) / 10) for k in range(10)]
-    assert max(per_tenth) <= 25  # lockstep would put all 100 in one
 
 
 async def test_a_few_bad_frames_do_not_reconnect_but_a_run_of_them_does() -> None:
