@@ -25,7 +25,14 @@ from typing import Any
 from controller.nuclides import UnknownNuclideError, normalize_name
 from controller.units import UnitError, canonical_unit
 from drivers.records import DeviceRefused, FrameError, Reading
-from drivers.serial_link import DisplayedActivity, SerialDevice, SerialSettings, as_bytes, exclusive
+from drivers.serial_link import (
+    DisplayedActivity,
+    SerialDevice,
+    SerialSettings,
+    as_bytes,
+    exclusive,
+    is_printable_ascii,
+)
 
 READ_LATEST = b"\x03"
 MAX_COMMAND_LETTERS = 7
@@ -40,7 +47,7 @@ def parse_line(frame: bytes, terminator: bytes = b"\r\n") -> bytes:
     if not frame.endswith(terminator):
         raise FrameError("Atomlab reply without CR LF", frame)
     line = frame[: len(frame) - len(terminator)].strip(b" ")
-    if not line or any(byte < 0x20 or byte > 0x7E for byte in line):
+    if not is_printable_ascii(line):
         raise FrameError("Atomlab reply empty or not printable ASCII", frame)
     return line
 

@@ -23,7 +23,14 @@ from typing import Any
 
 from controller.nuclides import normalize_name
 from drivers.records import ChecksumError, DeviceRefused, FrameError, Reading
-from drivers.serial_link import DisplayedActivity, SerialDevice, SerialSettings, as_bytes, exclusive
+from drivers.serial_link import (
+    DisplayedActivity,
+    SerialDevice,
+    SerialSettings,
+    as_bytes,
+    exclusive,
+    is_printable_ascii,
+)
 
 #: Unit codes of the reply, as documented for the CRC-15R serial output.
 UNIT_CODES: dict[int, str] = {1: "uCi", 2: "mCi", 3: "Ci", 4: "kBq", 5: "MBq", 6: "GBq"}
@@ -45,7 +52,7 @@ def parse_frame(frame: bytes, *, terminator: bytes = b"\r\n", verify: bool = Tru
     body, star, received = text.rpartition(b"*")
     if not star or len(received) != 2 or not all(chr(c) in "0123456789ABCDEF" for c in received):
         raise FrameError("CRC-15R frame does not end in '*' and two hex digits", frame)
-    if not body or any(byte < 0x20 or byte > 0x7E for byte in body):
+    if not is_printable_ascii(body):
         raise FrameError("CRC-15R frame body empty or not printable ASCII", frame)
     if verify and checksum(body) != received:
         raise ChecksumError(f"CRC-15R checksum {received.decode()} != computed {checksum(body).decode()}", frame)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import re
 import time
 import urllib.parse
 from collections.abc import Callable, Coroutine, Mapping
@@ -66,6 +67,17 @@ class SerialSettings:
             raise ValueError(
                 f"serial settings {dict(value)!r}: {exc}; keys: baudrate, bytesize, parity, stopbits"
             ) from None
+
+
+_PRINTABLE_ASCII = re.compile(rb"[\x20-\x7e]+")
+
+
+def is_printable_ascii(data: bytes) -> bool:
+    """True for a non-empty run of printable ASCII (0x20-0x7E), the payload of every family's frames.
+
+    A regex, not a per-byte loop: it runs on every reply the controller reads.
+    """
+    return _PRINTABLE_ASCII.fullmatch(data) is not None
 
 
 def as_bytes(value: bytes | str) -> bytes:

@@ -28,7 +28,7 @@ from typing import Any
 
 from controller.nuclides import UnknownNuclideError, normalize_name
 from drivers.records import DeviceRefused, DeviceTimeout, FrameError, Reading
-from drivers.serial_link import SerialDevice, SerialSettings, as_bytes, exclusive
+from drivers.serial_link import SerialDevice, SerialSettings, as_bytes, exclusive, is_printable_ascii
 
 #: Calibration factor numbers quoted for the VIK-202 (nuclide -> factor).
 DEFAULT_FACTORS: dict[str, int] = {"Tc-99m": 236, "F-18": 762, "Cs-137": 587}
@@ -52,7 +52,7 @@ def parse_reply(frame: bytes, terminator: bytes = b"\r\n") -> bytes:
     if not body.startswith(REPLY_PREFIX):
         raise FrameError("VIK-202 reply does not start with '>'", frame)
     payload = body[len(REPLY_PREFIX) :]
-    if not payload or any(byte < 0x20 or byte > 0x7E for byte in payload):
+    if not is_printable_ascii(payload):
         raise FrameError("VIK-202 reply payload empty or not printable ASCII", frame)
     return payload
 
