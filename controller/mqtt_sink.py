@@ -210,7 +210,9 @@ class MqttSink:
             clean_session=True,  # the outbox, not the broker session, is our memory of what is unsent
             keepalive=cfg.keepalive_s,
             timeout=cfg.connect_timeout_s,
-            max_inflight_messages=cfg.inflight_window,
+            # Unlimited in paho: the sink's own window (`inflight_window`) bounds the data publishes,
+            # and with a limit set paho re-scans every message it holds on each PUBACK.
+            max_inflight_messages=0,
             tls_params=tls_params,
             tls_insecure=cfg.tls.insecure_skip_hostname_check if cfg.tls is not None else None,
             logger=logging.getLogger("hotlab.paho"),
