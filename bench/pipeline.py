@@ -1,7 +1,7 @@
 """Diagnosis benchmark: the controller pipeline alone, with devices that answer instantly.
 
     .venv/bin/python bench/pipeline.py                     # 100 devices, 2000 readings/s offered
-    .venv/bin/python bench/pipeline.py --inflight 32,500 --history on,off
+    .venv/bin/python bench/pipeline.py --inflight 32,500 --history on,off --event-loop asyncio
 
 bench/e2e.py measures the deployed system; this separates the controller's own limits from
 device I/O. Each device is an in-memory source whose read returns a reading at once, so
@@ -30,8 +30,9 @@ import paho.mqtt.client as mqtt
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from controller.config import DeviceConfig, parse_config
+from controller.config import DeviceConfig, MqttConfig, ServiceConfig, parse_config
 from controller.embedded_broker import MosquittoBroker
+from controller.event_loop import EVENT_LOOPS, loop_factory
 from controller.service import ControllerService
 from controller.supervisor import Item
 from drivers.records import Reading
@@ -117,7 +118,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--devices", type=int, default=100)
     parser.add_argument("--offered", type=float, default=2000.0, help="readings/s over all devices")
-    parser.add_argument("--inflight", default="32,500", help="comma-separated [mqtt] inflight_window values")
+    parser.add_argument("--inflight", default=str(MqttConfig().inflight_window),
+                        help="comma-separated [mqtt] inflight_window values (default: the config's default)")
+    parser.add_argument("--event-loop", choices=EVENT_LOOPS, default=ServiceConfig().event_loop,
+                        help="event loop of this process (default: the controller's default)")
     parser.add_argument("--history", default="off,on", help="history archive sink: on, off or both")
     parser.add_argument("--warmup", type=float, default=3.0)
     parser.add_argument("--seconds", type=float, default=8.0)
@@ -133,8 +137,9 @@ def main() -> int:
                     [int(w) for w in args.inflight.split(",")], [h == "on" for h in args.history.split(",")])):
                 workdir = root / f"run-{run}"
                 workdir.mkdir()
-                print(asyncio.run(measure(broker, workdir, args.devices, args.offered, inflight, history,
-                                          args.warmup, args.seconds)), flush=True)
+                with asyncio.Runner(loop_factory=loop_factory(args.event_loop)) as runner:
+                    print(runner.run(measure(broker, workdir, args.devices, args.offered, inflight, history,
+                                             args.warmup, args.seconds)), flush=True)
     return 0
 
 
