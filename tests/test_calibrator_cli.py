@@ -37,6 +37,17 @@ async def _run_simulator(*args: str, ignore_sigint: bool = False) -> tuple[async
     return process, first_line.decode().strip()
 
 
+async def _stop(process: asyncio.subprocess.Process, signum: int) -> int:
+    """Send `signum` and return the exit code; a simulator that ignores it is killed, not left behind."""
+    process.send_signal(signum)
+    try:
+        return await asyncio.wait_for(process.wait(), 30)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise AssertionError(f"the simulator did not stop on signal {signum} within 30 s") from None
+
+
 @pytest.mark.parametrize(
     ("args", "nuclide", "activity_bq"),
     [
@@ -54,8 +65,7 @@ async def test_simulator_process_serves_until_ctrl_c(args: list[str], nuclide: s
         assert reading.nuclide == nuclide
         assert reading.activity_bq == pytest.approx(activity_bq, rel=0.02)
     finally:
-        process.send_signal(signal.SIGINT)
-        returncode = await asyncio.wait_for(process.wait(), 30)
+        returncode = await _stop(process, signal.SIGINT)
     assert returncode == 0
     if "--pty" in args:
         assert not pathlib.Path(where).exists()
@@ -64,8 +74,7 @@ async def test_simulator_process_serves_until_ctrl_c(args: list[str], nuclide: s
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 async def test_simulator_stops_on_signal_even_when_started_with_sigint_ignored(signum: int) -> None:
     process, _ = await _run_simulator("--model", "vik202", "--tcp", "127.0.0.1:0", ignore_sigint=True)
-    process.send_signal(signum)
-    assert await asyncio.wait_for(process.wait(), 30) == 0
+    assert await _stop(process, signum) == 0
 
 
 @pytest.mark.parametrize(
