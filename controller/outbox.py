@@ -136,6 +136,10 @@ class Outbox:
 
     def put_many(self, messages: Iterable[Message]) -> list[int]:
         """Commit messages atomically, one pending delivery per sink; return their sequence numbers."""
+        return [stored.seq for stored in self.put_many_stored(messages)]
+
+    def put_many_stored(self, messages: Iterable[Message]) -> list[StoredPayload]:
+        """As `put_many`, returning each message as stored: what `pending_json` would return for it."""
         rows = [(m.kind, m.topic, json.dumps(m.payload, separators=(",", ":"), allow_nan=False)) for m in messages]
         if not rows:
             return []
@@ -168,7 +172,7 @@ class Outbox:
                 self._db.execute("ROLLBACK")
                 raise
             self._payload_bytes += added
-            return seqs
+            return [StoredPayload(seq, kind, topic, payload) for seq, (kind, topic, payload) in zip(seqs, rows)]
 
     def pending(self, sink: str, limit: int = 500, after_seq: int = 0) -> list[StoredMessage]:
         """The oldest messages `sink` has not acknowledged, in order, with `seq > after_seq`."""
@@ -270,6 +274,9 @@ class AsyncOutbox:
 
     async def put_many(self, messages: Sequence[Message]) -> list[int]:
         return await self._write(self.sync.put_many, list(messages))
+
+    async def put_many_stored(self, messages: Sequence[Message]) -> list[StoredPayload]:
+        return await self._write(self.sync.put_many_stored, list(messages))
 
     async def pending(self, sink: str, limit: int = 500, after_seq: int = 0) -> list[StoredMessage]:
         return await self._read(self.sync.pending, sink, limit, after_seq)

@@ -69,7 +69,7 @@ from controller.messages import (
 )
 from controller.mqtt_sink import SINK as MQTT_SINK
 from controller.mqtt_sink import MqttSink
-from controller.outbox import AsyncOutbox, GroupCommit, Outbox, OutboxFull
+from controller.outbox import AsyncOutbox, GroupCommit, Outbox, OutboxFull, StoredPayload
 from controller.supervisor import Backoff, DeviceState, DeviceSupervisor, Item, Source
 from drivers.elution_station import CommandOutcome
 from drivers.records import ElutionRecord, Reading
@@ -316,7 +316,8 @@ class ControllerService:
         self._full_count = 0
         self._full_count_published = 0
         self._alarm_published = False
-        self._wake: list[Callable[[], None]] = []
+        #: Told what each commit stored (the MQTT sink publishes it without reading it back).
+        self._wake: list[Callable[[Sequence[StoredPayload]], None]] = []
 
     def _sink_names(self) -> tuple[str, ...]:
         # "mqtt" is always a sink: without a broker (local-only mode) messages wait in the outbox for one.
@@ -565,7 +566,7 @@ class ControllerService:
             except Exception:
                 log.exception("QC stage failed on %d message(s); they are stored without QC", len(messages))
                 staged, outcome = messages, None
-        await self.outbox.put_many(staged)
+        stored = await self.outbox.put_many_stored(staged)
         # Committed: from here nothing may raise, or the group commit would store the batch again.
         if outcome is not None:
             assert self.stage is not None
@@ -576,7 +577,7 @@ class ControllerService:
                               len(staged))
         self.committed += len(staged)
         for wake in self._wake:
-            wake()
+            wake(stored)
 
     async def _commit_final_statuses(self) -> None:
         messages = [

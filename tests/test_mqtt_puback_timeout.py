@@ -93,8 +93,9 @@ def readings(start: int, count: int) -> list[Message]:
             for n in range(start, start + count)]
 
 
+@pytest.mark.parametrize("from_memory", [False, True], ids=["read-from-outbox", "handed-over-by-commit"])
 async def test_missing_pubacks_end_the_connection_and_everything_is_resent(
-        tmp_path: Path, mosquitto: MosquittoBroker) -> None:
+        tmp_path: Path, mosquitto: MosquittoBroker, from_memory: bool) -> None:
     outbox = AsyncOutbox(Outbox(tmp_path / "outbox.sqlite3", sinks=(SINK,)))
     async with SilencingRelay(mosquitto.host, mosquitto.port) as relay, \
             MqttCollector(mosquitto.host, mosquitto.port) as collector:
@@ -102,18 +103,21 @@ async def test_missing_pubacks_end_the_connection_and_everything_is_resent(
                             inflight_window=32, connect_timeout_s=5.0)
         sink = MqttSink(config, "site", outbox, backoff=Backoff(0.05, 0.2), publish_timeout_s=PUBLISH_TIMEOUT_S,
                         rng=random.Random(1))
+
+        async def commit(messages: list[Message]) -> None:
+            stored = await outbox.put_many_stored(messages)
+            sink.notify(stored if from_memory else ())
+
         run = asyncio.create_task(sink.run())
         try:
             first = readings(0, 20)
-            await outbox.put_many(first)
-            sink.notify()
+            await commit(first)
             await collector.wait_for(lambda: len(collector.payloads("/reading")) >= 20, what="the first 20")
             await asyncio.wait_for(_until(lambda: sink.published == 20), 20)
 
             relay.silence()  # the broker still gets PUBLISHes; its PUBACKs no longer arrive
             second = readings(20, 20)
-            await outbox.put_many(second)
-            sink.notify()
+            await commit(second)
             loop = asyncio.get_running_loop()
             silenced_at = loop.time()
             await collector.wait_for(lambda: len(collector.payloads("/reading")) >= 40, what="the second 20")

@@ -16,7 +16,7 @@ import pytest
 import controller.service
 from controller.config import parse_config
 from controller.messages import Message, qc_message
-from controller.outbox import Outbox
+from controller.outbox import Outbox, StoredPayload
 from controller.service import ControllerService
 from controller.supervisor import Item
 from drivers.records import Reading
@@ -35,11 +35,11 @@ class CountingOutbox(Outbox):
         self.largest = 0
         CountingOutbox.instances.append(self)
 
-    def put_many(self, messages: Iterable[Message]) -> list[int]:
+    def put_many_stored(self, messages: Iterable[Message]) -> list[StoredPayload]:
         batch = list(messages)
         self.transactions += 1
         self.largest = max(self.largest, len(batch))
-        return super().put_many(batch)
+        return super().put_many_stored(batch)
 
 
 def stored_msg_ids(path: Path) -> set[str]:
