@@ -12,12 +12,12 @@ a reconnect loop with exponential backoff and full jitter. Per connection:
    The payload is the JSON text the outbox stored, sent as it is (parsing and encoding it
    again changed nothing and cost CPU per message). What a commit just stored comes with its
    `notify`, so while the publisher keeps up it sends that without reading it back; the
-   outbox is read after a reconnect, a gap, or when memory was not enough. These data publishes go straight to
-   aiomqtt's paho client, with PUBACKs tracked by message id from paho's `on_publish`:
-   aiomqtt's own `publish` costs a task, a `wait_for` and a scan of all pending calls per
-   message, a large share of the controller's CPU per reading (docs/benchmarks.md). aiomqtt
-   still owns the connection; a PUBACK later than `publish_timeout_s` ends the connection,
-   as an aiomqtt publish timeout did;
+   outbox is read after a reconnect, a gap, or when memory was not enough. These data
+   publishes go straight to aiomqtt's paho client, with PUBACKs tracked by message id from
+   paho's `on_publish`: aiomqtt's own `publish` costs a task, a `wait_for` and a scan of all
+   pending calls per message, a large share of the controller's CPU per reading
+   (docs/benchmarks.md). aiomqtt still owns the connection; a PUBACK later than
+   `publish_timeout_s` ends the connection, as an aiomqtt publish timeout did;
 3. `ack` the outbox only for the longest prefix whose PUBACKs arrived, so a crash or an
    outage resends from the first unacknowledged message, never skipping one. The acks are
    written by a background `_OutboxAcker`, all that arrived meanwhile in one transaction,

@@ -37,9 +37,9 @@ from controller.messages import Message
 
 T = TypeVar("T")
 
-#: Rows per multi-row INSERT (4 parameters each, well under SQLite's 32766). The writes run on
-#: a thread that must take the GIL back after every SQLite call, and under load it waits for
-#: the event loop each time; so a commit makes a handful of calls, not one per row.
+#: Rows per multi-row INSERT (4 parameters each, well under SQLite's 32766). A commit makes a
+#: handful of SQLite calls, not one per row: each call gives up the GIL and must take it back
+#: from the event loop (a 14-reading commit alone: 0.63 -> 0.50 ms).
 _ROWS_PER_INSERT = 500
 
 _SCHEMA = """
@@ -269,6 +269,9 @@ class AsyncOutbox:
     async def _read(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._reads, fn, *args)
 
+    async def _live_read(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._live_reads, fn, *args)
+
     async def put(self, message: Message) -> int:
         return await self._write(self.sync.put, message)
 
@@ -282,8 +285,7 @@ class AsyncOutbox:
         return await self._read(self.sync.pending, sink, limit, after_seq)
 
     async def pending_json(self, sink: str, limit: int = 500, after_seq: int = 0) -> list[StoredPayload]:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._live_reads, self.sync.pending_json, sink, limit, after_seq)
+        return await self._live_read(self.sync.pending_json, sink, limit, after_seq)
 
     async def ack(self, sink: str, seqs: Sequence[int]) -> None:
         await self._write(self.sync.ack, sink, list(seqs))
@@ -296,7 +298,7 @@ class AsyncOutbox:
 
     async def close(self) -> None:
         await self._read(lambda: None)  # reads already submitted finish first
-        await asyncio.get_running_loop().run_in_executor(self._live_reads, lambda: None)
+        await self._live_read(lambda: None)
         await self._write(self.sync.close)
         for executor in (self._writes, self._reads, self._live_reads):
             executor.shutdown(wait=False)

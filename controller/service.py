@@ -115,7 +115,8 @@ def run_to_exit_code(main: Coroutine[Any, Any, None], prog: str, event_loop: str
     """
     try:
         with asyncio.Runner(loop_factory=loop_factory(event_loop)) as runner:
-            log.info("%s: event loop %s.%s", prog, type(runner.get_loop()).__module__, type(runner.get_loop()).__name__)
+            loop_type = type(runner.get_loop())
+            log.info("%s: event loop %s.%s", prog, loop_type.__module__, loop_type.__name__)
             runner.run(main)
     except ServiceError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
