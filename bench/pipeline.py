@@ -30,9 +30,9 @@ import paho.mqtt.client as mqtt
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from controller.config import DeviceConfig, MqttConfig, ServiceConfig, parse_config
+from controller.config import DeviceConfig, MqttConfig, parse_config
 from controller.embedded_broker import MosquittoBroker
-from controller.event_loop import EVENT_LOOPS, loop_factory
+from controller.event_loop import DEFAULT_EVENT_LOOP, EVENT_LOOPS, loop_factory
 from controller.service import ControllerService
 from controller.supervisor import Item
 from drivers.records import Reading
@@ -120,7 +120,7 @@ def main() -> int:
     parser.add_argument("--offered", type=float, default=2000.0, help="readings/s over all devices")
     parser.add_argument("--inflight", default=str(MqttConfig().inflight_window),
                         help="comma-separated [mqtt] inflight_window values (default: the config's default)")
-    parser.add_argument("--event-loop", choices=EVENT_LOOPS, default=ServiceConfig().event_loop,
+    parser.add_argument("--event-loop", choices=EVENT_LOOPS, default=DEFAULT_EVENT_LOOP,
                         help="event loop of this process (default: the controller's default)")
     parser.add_argument("--history", default="off,on", help="history archive sink: on, off or both")
     parser.add_argument("--warmup", type=float, default=3.0)

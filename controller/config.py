@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from controller.event_loop import EVENT_LOOPS
+from controller.event_loop import DEFAULT_EVENT_LOOP, EVENT_LOOPS
 from drivers.elution_station import ModbusRtuLink, ModbusTcpLink
 
 CALIBRATOR_FAMILIES: tuple[str, ...] = ("vik202", "crc15r", "vdc404", "atomlab500")
@@ -178,7 +178,7 @@ class ServiceConfig:
     #: Where drivers keep small state (e.g. the last elution counter seen per station).
     state_dir: Path = Path("var")
     #: "uvloop" (faster, the default) or "asyncio" (the standard loop); controller/event_loop.py.
-    event_loop: str = "uvloop"
+    event_loop: str = DEFAULT_EVENT_LOOP
 
 
 @dataclass(frozen=True, slots=True)
@@ -665,7 +665,7 @@ def _parse_service(table: _Table | None, root: _Table) -> ServiceConfig:
     maximum = table.number("backoff_max_s", 30.0, minimum=initial)
     state_dir = table.path_value("state_dir", _resolve(root.base_dir, "var"))
     assert state_dir is not None
-    event_loop = table.string("event_loop", "uvloop", choices=EVENT_LOOPS)
+    event_loop = table.string("event_loop", DEFAULT_EVENT_LOOP, choices=EVENT_LOOPS)
     assert event_loop is not None
     table.finish()
     return ServiceConfig(drain_timeout_s=drain, status_interval_s=status, backoff_initial_s=initial,

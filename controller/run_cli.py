@@ -29,7 +29,8 @@ import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from controller.config import ConfigError, LabConfig, ServiceConfig, load_config
+from controller.config import ConfigError, LabConfig, load_config
+from controller.event_loop import DEFAULT_EVENT_LOOP
 from controller.service import CommitStage, ControllerService, run_to_exit_code
 from controller.simulated_lab import simulated_lab
 
@@ -62,7 +63,7 @@ def main(args: argparse.Namespace) -> int:
         except ConfigError as exc:
             print(f"hotlab run: config error: {exc}", file=sys.stderr)
             return 2
-    event_loop = config.service.event_loop if config is not None else ServiceConfig().event_loop
+    event_loop = config.service.event_loop if config is not None else DEFAULT_EVENT_LOOP
     return run_to_exit_code(_run(config, args.duration), "hotlab run", event_loop)
 
 

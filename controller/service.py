@@ -57,7 +57,7 @@ from controller.config import (
     InfluxSection,
     LabConfig,
 )
-from controller.event_loop import loop_factory
+from controller.event_loop import DEFAULT_EVENT_LOOP, loop_factory
 from controller.messages import (
     SCHEMA_VERSION,
     Message,
@@ -107,7 +107,7 @@ class ServiceError(RuntimeError):
     """The service cannot start (outbox unusable, or already in use by another controller)."""
 
 
-def run_to_exit_code(main: Coroutine[Any, Any, None], prog: str, event_loop: str = "uvloop") -> int:
+def run_to_exit_code(main: Coroutine[Any, Any, None], prog: str, event_loop: str = DEFAULT_EVENT_LOOP) -> int:
     """Run a service coroutine on `event_loop` to the end and map how it ended to the CLI's exit code.
 
     0 after a clean stop; 1 when it failed: a ServiceError is a known condition whose message
