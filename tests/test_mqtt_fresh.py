@@ -19,7 +19,7 @@ from controller.mqtt_sink import SINK, MqttSink
 from controller.outbox import AsyncOutbox, Outbox, StoredPayload
 from controller.supervisor import Backoff
 from tests.mosquitto_service import MosquittoBroker, MqttCollector, mosquitto  # noqa: F401
-from tests.test_mqtt_puback_timeout import _until, readings
+from tests.test_mqtt_puback_timeout import _until, readings, sink_running
 
 pytestmark = pytest.mark.integration
 
@@ -43,8 +43,7 @@ async def test_committed_messages_go_out_from_memory_and_gaps_from_the_outbox(
     sink = MqttSink(config, "site", outbox, backoff=Backoff(0.05, 0.2), rng=random.Random(1))
     sent = []
     async with MqttCollector(mosquitto.host, mosquitto.port) as collector:
-        run = asyncio.create_task(sink.run())
-        try:
+        async with sink_running(sink, outbox) as run:
             await asyncio.wait_for(sink.connected.wait(), 10)
             await asyncio.wait_for(_until(lambda: outbox.reads >= 1), 10)  # the connection's first look
             reads_at_start = outbox.reads
@@ -65,10 +64,6 @@ async def test_committed_messages_go_out_from_memory_and_gaps_from_the_outbox(
             await collector.wait_for(lambda: len(collector.payloads("/reading")) >= len(sent), what="every reading")
             sink.drain(10.0)
             await asyncio.wait_for(run, 20)
-        finally:
-            run.cancel()
-            await asyncio.gather(run, return_exceptions=True)
-            await outbox.close()
 
     arrived = [p["msg_id"] for p in collector.payloads("/reading")]
     assert arrived == [m.msg_id for m in sent]  # each once, in commit order

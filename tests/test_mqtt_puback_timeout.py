@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Self
 
@@ -108,8 +108,7 @@ async def test_missing_pubacks_end_the_connection_and_everything_is_resent(
             stored = await outbox.put_many_stored(messages)
             sink.notify(stored if from_memory else ())
 
-        run = asyncio.create_task(sink.run())
-        try:
+        async with sink_running(sink, outbox) as run:
             first = readings(0, 20)
             await commit(first)
             await collector.wait_for(lambda: len(collector.payloads("/reading")) >= 20, what="the first 20")
@@ -129,10 +128,6 @@ async def test_missing_pubacks_end_the_connection_and_everything_is_resent(
             recovered_after = loop.time() - silenced_at
             sink.drain(10.0)
             await asyncio.wait_for(run, 20)
-        finally:
-            run.cancel()
-            await asyncio.gather(run, return_exceptions=True)
-            await outbox.close()
 
     assert sink.connections == 2 and relay.connections == 2
     assert PUBLISH_TIMEOUT_S <= recovered_after < 30  # the PUBACK timeout, not the 60 s keepalive
@@ -140,6 +135,18 @@ async def test_missing_pubacks_end_the_connection_and_everything_is_resent(
     expected = [m.msg_id for m in first + second]
     assert list(dict.fromkeys(arrived)) == expected  # all of them, in order by first arrival
     assert len(arrived) > len(expected)  # the unacknowledged ones were sent again
+
+
+@contextlib.asynccontextmanager
+async def sink_running(sink: MqttSink, outbox: AsyncOutbox) -> AsyncIterator[asyncio.Task[None]]:
+    """`sink.run()` as a task; afterwards it is cancelled (if still running) and the outbox closed."""
+    run = asyncio.create_task(sink.run())
+    try:
+        yield run
+    finally:
+        run.cancel()
+        await asyncio.gather(run, return_exceptions=True)
+        await outbox.close()
 
 
 async def _until(predicate: Callable[[], bool]) -> None:
