@@ -31,6 +31,7 @@ from pathlib import Path
 
 from controller.config import ConfigError, LabConfig, load_config
 from controller.event_loop import DEFAULT_EVENT_LOOP
+from controller.gc_policy import settle_after_startup
 from controller.service import CommitStage, ControllerService, run_to_exit_code
 from controller.simulated_lab import simulated_lab
 
@@ -75,7 +76,7 @@ async def _run(config: LabConfig | None, duration_s: float | None) -> None:
     if duration_s is not None:
         loop.call_later(duration_s, stop.set)
     async with _lab(config) as lab_config:
-        service = ControllerService(lab_config, stage=_qc_engine(lab_config))
+        service = ControllerService(lab_config, stage=_qc_engine(lab_config), on_started=settle_after_startup)
         log.info("site %s: %d device(s): %s", lab_config.site, len(lab_config.devices),
                  ", ".join(f"{d.name} ({d.family})" for d in lab_config.devices) or "none")
         await service.run(stop)

@@ -299,8 +299,11 @@ class ControllerService:
         processors: Sequence[Processor] = (),
         stage: CommitStage | None = None,
         source_factory: SourceFactory | None = None,
+        on_started: Callable[[], None] | None = None,
     ) -> None:
+        """`on_started` is called once the outbox, the sinks and every device task exist."""
         self.config = config
+        self.on_started = on_started
         self.processors = list(processors)
         self.stage = stage
         self.source_factory = source_factory or (lambda device: driver_source(device, config.service.state_dir))
@@ -358,6 +361,8 @@ class ControllerService:
             task.add_done_callback(self._sink_ended)
         monitor = asyncio.create_task(self._watch_usage(), name="outbox-usage")
         device_tasks = [self._start_device(device) for device in cfg.devices]
+        if self.on_started is not None:
+            self.on_started()
         try:
             await stop.wait()
         finally:

@@ -197,7 +197,9 @@ async def test_sigterm_without_broker_keeps_backlog_then_sends_it(tmp_path: Path
             await host.stop()
     first_ids = [p["msg_id"] for p in collector.payloads("/reading", "reading")][: len(kept)]
     assert first_ids == kept  # the backlog goes first, in its original order
-    assert "drain time over while disconnected" in controller.log.read_text()
+    log = controller.log.read_text()
+    assert "drain time over while disconnected" in log
+    assert log.count("garbage collector: ") == 2 and "thresholds 10000/50/50" in log  # once per start
 
 
 def test_bad_config_exits_2_with_precise_message(tmp_path: Path) -> None:
