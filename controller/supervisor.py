@@ -45,6 +45,7 @@ from enum import Enum
 from typing import Protocol, TypeVar
 
 from controller.outbox import OutboxFull
+from drivers.deadlines import SharedDeadlines
 from drivers.records import (
     DeviceDisconnected,
     DeviceTimeout,
@@ -141,6 +142,7 @@ class DeviceSupervisor:
         self.stop_commit_s = stop_commit_s
         self._stop_deadline = float("inf")
         self.watchdog_s = watchdog_s
+        self._watchdog = SharedDeadlines()  # one timer for the watchdog of every poll (drivers/deadlines.py)
         self._rng = rng or random.Random()
         self.errors = 0
         self.reads = 0
@@ -340,7 +342,7 @@ class DeviceSupervisor:
     async def _watched(self, operation: Callable[[], Awaitable[T]], what: str) -> T:
         """Drivers enforce their own timeouts; this catches one that hangs anyway (a driver bug)."""
         try:
-            async with asyncio.timeout(self.watchdog_s):
+            async with self._watchdog.timeout(self.watchdog_s):
                 return await operation()
         except TimeoutError:
             raise DeviceTimeout(f"driver {what} gave no result within {self.watchdog_s:g} s (watchdog)") from None

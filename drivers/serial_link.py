@@ -28,6 +28,7 @@ import serial
 import serial_asyncio_fast
 
 from controller.units import to_bq
+from drivers.deadlines import SharedDeadlines
 from drivers.records import DeviceDisconnected, DeviceTimeout, DriverError, FrameError, Reading
 
 #: How long `close()` waits for the transport to confirm it let go of the port.
@@ -139,6 +140,8 @@ class SerialLink:
         self.max_frame_bytes = max_frame_bytes
         self._transport: asyncio.BaseTransport | None = None
         self._rx: _ReceiveBuffer | None = None
+        #: Every exchange waits under a timeout that almost never expires: one timer for all of them.
+        self._deadlines = SharedDeadlines()
 
     @property
     def is_open(self) -> bool:
@@ -213,7 +216,7 @@ class SerialLink:
         """
         rx = self._require_open()
         try:
-            async with asyncio.timeout(timeout_s):
+            async with self._deadlines.timeout(timeout_s):
                 while True:
                     end = rx.data.find(terminator)
                     if end >= 0:
