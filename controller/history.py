@@ -265,15 +265,17 @@ async def run_history_sink(
     """
     archived = 0
     failures = 0
+    acked_through = 0  # each read continues here, so while the sink keeps up the outbox answers from memory
     while not stop_event.is_set():
         try:
-            batch = await outbox.pending(SINK_NAME, batch_size)
+            batch = await outbox.pending(SINK_NAME, batch_size, after_seq=acked_through)
             if not batch:
                 await _wait(stop_event, idle_poll_s)
                 continue
             archived += await asyncio.to_thread(archive.add_many, [stored.message for stored in batch])
             # An ack lost here (crash, error) only replays the batch, which the archive ignores.
             await outbox.ack(SINK_NAME, [stored.seq for stored in batch])
+            acked_through = batch[-1].seq
         except sqlite3.Error as exc:
             delay = retry_backoff_s[min(failures, len(retry_backoff_s) - 1)]
             failures += 1

@@ -2,7 +2,8 @@
 
 The sink reads `pending("influx")` in sequence order, turns each message into one point
 (controller.influx_points), posts up to `batch_size` points per request and `ack`s them only
-after InfluxDB answered 2xx (204 No Content). A crash between the write and the ack resends
+after InfluxDB answered 2xx (204 No Content). Each read continues after the last message it
+acknowledged, so while the sink keeps up the outbox answers from memory. A crash between the write and the ack resends
 the batch on restart; that is harmless because a point with the same series and timestamp
 overwrites itself (see docs/influxdb.md).
 
@@ -158,6 +159,8 @@ class InfluxSink:
         self._outbox = outbox
         self._sink_name = sink_name
         self._stopping = asyncio.Event()
+        #: The last seq acknowledged by this sink: everything up to it is done.
+        self._acked_through = 0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hotlab-influx")
         self._client = InfluxDBClient(
             url=config.url,
@@ -184,7 +187,8 @@ class InfluxSink:
         try:
             while not self._stopping.is_set():
                 try:
-                    batch = await self._outbox.pending(self._sink_name, self.config.batch_size)
+                    batch = await self._outbox.pending(self._sink_name, self.config.batch_size,
+                                                       after_seq=self._acked_through)
                     completed = await self._deliver(batch) if batch else True
                 except sqlite3.Error as exc:
                     delay = self._note_failure(f"outbox {type(exc).__name__}: {exc}", failures)
@@ -249,6 +253,7 @@ class InfluxSink:
             written += len(chunk)
             attempt = 0
         await self._outbox.ack(self._sink_name, [stored.seq for stored in batch])
+        self._acked_through = batch[-1].seq
         self.stats.written += written
         self.stats.rejected += rejected
         return True

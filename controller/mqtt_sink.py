@@ -10,9 +10,9 @@ a reconnect loop with exponential backoff and full jitter. Per connection:
    `inflight_window` PUBLISHes unacknowledged at once for throughput; paho sends them in
    the order they were issued, and the broker keeps per-client order (MQTT 3.1.1 §4.6).
    The payload is the JSON text the outbox stored, sent as it is (parsing and encoding it
-   again changed nothing and cost CPU per message). What a commit just stored comes with its
-   `notify`, so while the publisher keeps up it sends that without reading it back; the
-   outbox is read after a reconnect, a gap, or when memory was not enough. These data
+   again changed nothing and cost CPU per message). A commit calls `notify`; while the
+   publisher keeps up, the outbox answers its next read from memory (what that commit
+   stored), and after a reconnect or a gap from the database. These data
    publishes go straight to aiomqtt's paho client, with PUBACKs tracked by message id from
    paho's `on_publish`: aiomqtt's own `publish` costs a task, a `wait_for` and a scan of all
    pending calls per message, a large share of the controller's CPU per reading
@@ -51,7 +51,7 @@ import random
 import ssl
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -137,10 +137,8 @@ class MqttSink:
         #: drain, the end of the connection. One future per turn of its loop, not a task per turn.
         self._turn: asyncio.Future[None] | None = None
         #: Set by a commit: the outbox may hold messages this connection has not read yet. Most
-        #: turns are PUBACKs, and without this each one would cost an outbox query.
+        #: turns are PUBACKs, and without this each one would cost an outbox read.
         self._unread = True
-        #: What the latest commits stored, in seq order, as `pending_json` would return it.
-        self._fresh: deque[StoredPayload] = deque()
         self._client = self._make_client()
 
     def route_commands(self, router: CommandRouter) -> None:
@@ -159,15 +157,12 @@ class MqttSink:
             return False
         return True
 
-    def notify(self, committed: Sequence[StoredPayload] = ()) -> None:
-        """New messages were committed (`committed`, if the caller has them): wake the publisher.
+    def notify(self) -> None:
+        """New messages were committed: wake the publisher.
 
-        The publisher takes them from memory when they continue exactly where it is in the
-        outbox, and otherwise reads the outbox, which holds them too (`_take_fresh`).
+        Its next read continues where it is (`after_seq`), so the outbox answers it from
+        memory while the publisher keeps up (controller/recent_commits.py).
         """
-        self._fresh.extend(committed)
-        if len(self._fresh) > FRESH_LIMIT:  # not publishing (broker down): the outbox has them all
-            self._fresh.clear()
         self._unread = True
         self._wake()
 
@@ -311,10 +306,8 @@ class MqttSink:
                 await self._publish_alarm(client)
                 room = self.config.inflight_window - len(inflight)
                 if room > 0 and self._unread and self._time_left() > 0:
-                    self._unread = False  # a commit during the query sets it again
-                    batch = self._take_fresh(last_issued, room)
-                    if batch is None:
-                        batch = await self.outbox.pending_json(SINK, limit=room, after_seq=last_issued)
+                    self._unread = False  # a commit during the read sets it again
+                    batch = await self.outbox.pending_json(SINK, limit=room, after_seq=last_issued)
                     if len(batch) == room:
                         self._unread = True  # the window was the limit: there may be more
                     if batch:
@@ -343,20 +336,6 @@ class MqttSink:
             watcher.cancel()
             await asyncio.gather(watcher, return_exceptions=True)
             await acker.close()
-
-    def _take_fresh(self, after_seq: int, limit: int) -> list[StoredPayload] | None:
-        """Up to `limit` committed messages following `after_seq` from memory, or None: read the outbox.
-
-        Only if the first one remembered is `after_seq + 1`: the outbox numbers each commit's
-        messages consecutively, so nothing unsent lies between (after a reconnect, or when
-        memory was cleared, the outbox is read until the publisher is back at that point).
-        """
-        fresh = self._fresh
-        while fresh and fresh[0].seq <= after_seq:
-            fresh.popleft()  # already issued (read from the outbox meanwhile)
-        if not fresh or fresh[0].seq != after_seq + 1:
-            return None
-        return [fresh.popleft() for _ in range(min(limit, len(fresh)))]
 
     def _publish_batch(self, client: aiomqtt.Client, batch: list[StoredPayload],
                        inflight: deque[_InFlight]) -> None:
@@ -422,9 +401,6 @@ class MqttSink:
             log.warning("mqtt: could not publish offline status (%s); the broker will send the last will", exc)
         log.info("mqtt: stopped with %d message(s) left in the outbox", backlog)
 
-
-#: Committed messages kept in memory for the publisher at most; beyond, it reads the outbox.
-FRESH_LIMIT = 10_000
 
 #: Acks are written once this many wait, or `ACK_DELAY_S` after the first of them arrived.
 #: They share the outbox's one write thread with the devices' commits: at 2000 readings/s,

@@ -12,7 +12,8 @@ batch, not per reading. Acks skip the fsync: losing one to a power cut only mean
 The queue is bounded: `put` raises `OutboxFull` past `max_bytes` rather than silently
 dropping anything, and `usage()` lets the controller raise an alarm well before that.
 All methods are synchronous; `AsyncOutbox` runs them on dedicated threads (writes, the bulk
-sinks' reads, the MQTT sink's reads) so the event loop never waits on disk.
+sinks' reads, the MQTT sink's reads) so the event loop never waits on disk, and answers a
+sink's read of what its own commits just stored from memory (controller/recent_commits.py).
 
 Reads (`pending`, `pending_count`, `usage`) use their own connection, and `pending_json` (the
 MQTT sink, whose reads set the readings' latency) another: WAL lets them see the last commit
@@ -34,6 +35,7 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from controller.messages import Message
+from controller.recent_commits import RecentCommits
 
 T = TypeVar("T")
 
@@ -249,12 +251,26 @@ def _read_only_connection(path: Path) -> sqlite3.Connection:
     return reader
 
 
+@dataclass(frozen=True, slots=True)
+class _Committed:
+    """A message a commit of this process stored, as each kind of read would return it."""
+
+    seq: int
+    as_json: StoredPayload
+    as_message: StoredMessage
+
+
 class AsyncOutbox:
     """`Outbox` for asyncio code: writes run on one private thread, in submission order; reads on others.
 
     Reads therefore do not wait behind writes, and a read submitted before a write has
     completed may not see it: await the write first (as every caller here does).
     `pending_json` (the MQTT sink's reads) has a thread of its own, like its connection.
+
+    A read with `after_seq` that continues exactly where the commits of this `AsyncOutbox` went
+    on is answered from memory, with what those commits stored (`pending` then returns the
+    committed `Message` objects themselves, not a parse of their JSON); any other read goes to
+    the database. `reads_from_memory` counts the former, for tests and benchmarks.
     """
 
     def __init__(self, outbox: Outbox) -> None:
@@ -262,6 +278,8 @@ class AsyncOutbox:
         self._writes = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hotlab-outbox")
         self._reads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hotlab-outbox-read")
         self._live_reads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hotlab-outbox-live")
+        self._recent: dict[str, RecentCommits[_Committed]] = {sink: RecentCommits() for sink in outbox.sinks}
+        self.reads_from_memory = 0
 
     async def _write(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._writes, fn, *args)
@@ -273,19 +291,37 @@ class AsyncOutbox:
         return await asyncio.get_running_loop().run_in_executor(self._live_reads, fn, *args)
 
     async def put(self, message: Message) -> int:
-        return await self._write(self.sync.put, message)
+        return (await self.put_many_stored([message]))[0].seq
 
     async def put_many(self, messages: Sequence[Message]) -> list[int]:
-        return await self._write(self.sync.put_many, list(messages))
+        return [stored.seq for stored in await self.put_many_stored(messages)]
 
     async def put_many_stored(self, messages: Sequence[Message]) -> list[StoredPayload]:
-        return await self._write(self.sync.put_many_stored, list(messages))
+        batch = list(messages)
+        stored = await self._write(self.sync.put_many_stored, batch)
+        committed = [_Committed(s.seq, s, StoredMessage(s.seq, m)) for s, m in zip(stored, batch)]
+        for recent in self._recent.values():
+            recent.add(committed)
+        return stored
 
     async def pending(self, sink: str, limit: int = 500, after_seq: int = 0) -> list[StoredMessage]:
+        recent = self._from_memory(sink, limit, after_seq)
+        if recent is not None:
+            return [committed.as_message for committed in recent]
         return await self._read(self.sync.pending, sink, limit, after_seq)
 
     async def pending_json(self, sink: str, limit: int = 500, after_seq: int = 0) -> list[StoredPayload]:
+        recent = self._from_memory(sink, limit, after_seq)
+        if recent is not None:
+            return [committed.as_json for committed in recent]
         return await self._live_read(self.sync.pending_json, sink, limit, after_seq)
+
+    def _from_memory(self, sink: str, limit: int, after_seq: int) -> list[_Committed] | None:
+        recent = self._recent.get(sink)
+        taken = None if recent is None else recent.take(after_seq, limit)
+        if taken is not None:
+            self.reads_from_memory += 1
+        return taken
 
     async def ack(self, sink: str, seqs: Sequence[int]) -> None:
         await self._write(self.sync.ack, sink, list(seqs))

@@ -69,7 +69,7 @@ from controller.messages import (
 )
 from controller.mqtt_sink import SINK as MQTT_SINK
 from controller.mqtt_sink import MqttSink
-from controller.outbox import AsyncOutbox, GroupCommit, Outbox, OutboxFull, StoredPayload
+from controller.outbox import AsyncOutbox, GroupCommit, Outbox, OutboxFull
 from controller.supervisor import Backoff, DeviceState, DeviceSupervisor, Item, Source
 from drivers.elution_station import CommandOutcome
 from drivers.records import ElutionRecord, Reading
@@ -320,8 +320,8 @@ class ControllerService:
         self._full_count = 0
         self._full_count_published = 0
         self._alarm_published = False
-        #: Told what each commit stored (the MQTT sink publishes it without reading it back).
-        self._wake: list[Callable[[Sequence[StoredPayload]], None]] = []
+        #: Told after each commit (the MQTT sink publishes at once instead of at its next turn).
+        self._wake: list[Callable[[], None]] = []
 
     def _sink_names(self) -> tuple[str, ...]:
         # "mqtt" is always a sink: without a broker (local-only mode) messages wait in the outbox for one.
@@ -572,7 +572,7 @@ class ControllerService:
             except Exception:
                 log.exception("QC stage failed on %d message(s); they are stored without QC", len(messages))
                 staged, outcome = messages, None
-        stored = await self.outbox.put_many_stored(staged)
+        await self.outbox.put_many(staged)
         # Committed: from here nothing may raise, or the group commit would store the batch again.
         if outcome is not None:
             assert self.stage is not None
@@ -583,7 +583,7 @@ class ControllerService:
                               len(staged))
         self.committed += len(staged)
         for wake in self._wake:
-            wake(stored)
+            wake()
 
     async def _commit_final_statuses(self) -> None:
         messages = [

@@ -1,7 +1,7 @@
 """The MQTT sink publishes what a commit just stored from memory, and reads the outbox otherwise.
 
 Memory is only a shortcut: every message is in the outbox first, so whatever memory misses
-(a commit that came without its stored messages, a reconnect) must still arrive, once per
+(a commit made behind the AsyncOutbox's back, a reconnect) must still arrive, once per
 connection, in seq order.
 """
 
@@ -24,43 +24,44 @@ from tests.test_mqtt_puback_timeout import _until, readings, sink_running
 pytestmark = pytest.mark.integration
 
 
-class CountingReads(AsyncOutbox):
-    """The real outbox, counting the MQTT sink's reads."""
+class CountingReads(Outbox):
+    """The real outbox, counting the MQTT sink's reads of the database."""
 
-    def __init__(self, outbox: Outbox) -> None:
-        super().__init__(outbox)
-        self.reads = 0
+    reads = 0
 
-    async def pending_json(self, sink: str, limit: int = 500, after_seq: int = 0) -> list[StoredPayload]:
+    def pending_json(self, sink: str, limit: int = 500, after_seq: int = 0) -> list[StoredPayload]:
         self.reads += 1
-        return await super().pending_json(sink, limit, after_seq)
+        return super().pending_json(sink, limit, after_seq)
 
 
 async def test_committed_messages_go_out_from_memory_and_gaps_from_the_outbox(
         tmp_path: Path, mosquitto: MosquittoBroker) -> None:
-    outbox = CountingReads(Outbox(tmp_path / "outbox.sqlite3", sinks=(SINK,)))
+    database = CountingReads(tmp_path / "outbox.sqlite3", sinks=(SINK,))
+    outbox = AsyncOutbox(database)
     config = MqttConfig(host=mosquitto.host, port=mosquitto.port, client_id="ctl-fresh", inflight_window=16)
     sink = MqttSink(config, "site", outbox, backoff=Backoff(0.05, 0.2), rng=random.Random(1))
     sent = []
     async with MqttCollector(mosquitto.host, mosquitto.port) as collector:
         async with sink_running(sink, outbox) as run:
             await asyncio.wait_for(sink.connected.wait(), 10)
-            await asyncio.wait_for(_until(lambda: outbox.reads >= 1), 10)  # the connection's first look
-            reads_at_start = outbox.reads
+            await asyncio.wait_for(_until(lambda: database.reads >= 1), 10)  # the connection's first look
+            reads_at_start = database.reads
             for start in range(0, 100, 20):  # caught up: each commit goes out from memory
                 batch = readings(start, 20)
                 sent += batch
-                sink.notify(await outbox.put_many_stored(batch))
+                await outbox.put_many(batch)
+                sink.notify()
                 await asyncio.wait_for(_until(lambda: sink.published == len(sent)), 20)
-            assert outbox.reads == reads_at_start
+            assert database.reads == reads_at_start and outbox.reads_from_memory >= 5
 
-            skipped = readings(100, 7)  # committed, but its notify never came
-            await outbox.put_many(skipped)
+            skipped = readings(100, 7)  # committed behind the AsyncOutbox's back: not in its memory
+            await asyncio.to_thread(database.put_many, skipped)
             after = readings(107, 30)  # more than one window: memory must not skip the 7
-            sink.notify(await outbox.put_many_stored(after))
+            await outbox.put_many(after)
+            sink.notify()
             sent += skipped + after
             await asyncio.wait_for(_until(lambda: sink.published == len(sent)), 20)
-            assert outbox.reads > reads_at_start
+            assert database.reads > reads_at_start
             await collector.wait_for(lambda: len(collector.payloads("/reading")) >= len(sent), what="every reading")
             sink.drain(10.0)
             await asyncio.wait_for(run, 20)

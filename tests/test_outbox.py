@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from controller.messages import Message, reading_message
-from controller.outbox import AsyncOutbox, GroupCommit, Outbox, OutboxFull
+from controller.outbox import AsyncOutbox, GroupCommit, Outbox, OutboxFull, StoredPayload
 from drivers.records import Reading
 
 
@@ -170,11 +170,11 @@ class CountingOutbox(Outbox):
         self.gate.set()
         self.entered = threading.Event()
 
-    def put_many(self, messages: Iterable[Message]) -> list[int]:
+    def put_many_stored(self, messages: Iterable[Message]) -> list[StoredPayload]:
         self.entered.set()
         self.gate.wait(30)
         self.transactions += 1
-        return super().put_many(messages)
+        return super().put_many_stored(messages)
 
 
 def stored_values(path: Path) -> list[float]:
