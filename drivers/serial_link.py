@@ -2,9 +2,11 @@
 
 Hot-lab instruments hang off RS-232, often through a USB adapter (`/dev/ttyUSB0`) or a
 serial device server on the network (`socket://host:port`, `rfc2217://host:port`).
-pyserial's `serial_for_url` opens ttys and `rfc2217://`, and serial_asyncio_fast turns the
-port into an asyncio transport so no read ever blocks the event loop; `socket://` is a plain
-TCP connection of the event loop.
+pyserial's `serial_for_url` opens ttys, and serial_asyncio_fast turns the port into an
+asyncio transport so no read ever blocks the event loop; `socket://` is a plain TCP
+connection of the event loop; `rfc2217://` (Telnet with the COM-PORT option, which also
+carries the port settings to the device server) is pyserial's own client, read by a thread
+(drivers/threaded_serial.py).
 
 The link keeps its own receive buffer instead of an `asyncio.StreamReader` because the
 drivers must throw away stale input, which a stream reader does not offer: garbage and late
@@ -29,6 +31,7 @@ import serial_asyncio_fast
 
 from controller.units import to_bq
 from drivers.deadlines import SharedDeadlines
+from drivers.threaded_serial import ThreadedSerialTransport
 from drivers.records import DeviceDisconnected, DeviceTimeout, DriverError, FrameError, Reading
 
 #: How long `close()` waits for the transport to confirm it let go of the port.
@@ -162,13 +165,18 @@ class SerialLink:
         self._transport, self._rx = transport, rx
 
     async def _connect(self, loop: asyncio.AbstractEventLoop, rx: _ReceiveBuffer) -> asyncio.BaseTransport:
-        """A transport for the URL: a plain TCP connection for `socket://`, pyserial for the rest.
+        """A transport for the URL: a plain TCP connection for `socket://`, pyserial's RFC 2217
+        client read by a thread for `rfc2217://`, serial_asyncio_fast for the rest (ttys).
 
         A serial device server (`socket://host:port`) is a TCP peer, so its transport comes from
         the loop itself: pyserial-asyncio-fast does the same, but then patches the transport in
         a way only the standard loop's transports allow (not uvloop's; controller/event_loop.py).
         """
         scheme, _, _ = self.url.partition("://")
+        if scheme == "rfc2217":
+            return await ThreadedSerialTransport.open(
+                loop, rx, self.url, baudrate=self.settings.baudrate, bytesize=self.settings.bytesize,
+                parity=self.settings.parity, stopbits=self.settings.stopbits)
         if scheme == "socket":
             parts = urllib.parse.urlsplit(self.url)
             if parts.hostname is None or parts.port is None:

@@ -2,8 +2,10 @@
 
 A pty is a real tty: the driver opens it with pyserial exactly like `/dev/ttyUSB0`, with
 termios, raw mode and all. TCP is what a serial device server (Moxa NPort, Lantronix) offers
-and what pyserial reaches with `socket://host:port`. Both run on the asyncio loop: the pty
-master fd is watched with `loop.add_reader`, TCP uses asyncio streams; nothing blocks.
+and what pyserial reaches with `socket://host:port`; in its RFC 2217 mode (`rfc2217://`) the
+same server also takes the port settings over Telnet (`Rfc2217Host`). All run on the asyncio
+loop: the pty master fd is watched with `loop.add_reader`, TCP uses asyncio streams; nothing
+blocks.
 
 The pty is published through a symlink whose path never changes. Pulling the cable
 (`hang_up`) closes the pty, so the client's next read fails like a removed USB adapter, and
@@ -21,6 +23,9 @@ import tempfile
 import tty
 from abc import ABC, abstractmethod
 from typing import Protocol
+
+import serial
+import serial.rfc2217
 
 from simulators.faults import FaultInjector, send_reply
 
@@ -106,8 +111,47 @@ class _StreamChannel(ByteChannel):
         self._writer.close()
 
 
+class _Rfc2217Channel(_StreamChannel):
+    """A TCP connection speaking RFC 2217: Telnet with the COM-PORT option.
+
+    pyserial's `PortManager` is the server half of the protocol: it strips the Telnet
+    negotiation from what arrives (answering it), applies the client's port settings to
+    `port` (a loopback port that only records them: the instrument here is simulated), and
+    escapes what the instrument sends (a data byte 0xFF is doubled on the wire).
+    """
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, port: serial.SerialBase) -> None:
+        super().__init__(reader, writer)
+        self.manager = serial.rfc2217.PortManager(port, _Wire(self))
+
+    async def read(self) -> bytes:
+        while data := await super().read():
+            payload = b"".join(self.manager.filter(data))
+            if payload:
+                return payload
+        return b""
+
+    def write(self, data: bytes) -> None:
+        super().write(b"".join(self.manager.escape(data)))
+
+    def send_telnet(self, data: bytes) -> None:
+        super().write(data)
+
+
+class _Wire:
+    """The `connection` PortManager writes its Telnet answers to: the raw stream, unescaped."""
+
+    def __init__(self, channel: _Rfc2217Channel) -> None:
+        self._channel = channel
+
+    def write(self, data: bytes) -> None:
+        self._channel.send_telnet(data)
+
+
 class TcpHost:
     """Serve a device model to TCP clients (`socket://host:port`)."""
+
+    scheme = "socket"
 
     #: How long `stop()` lets sessions end after hanging up before cancelling them.
     stop_grace_s = 2.0
@@ -124,7 +168,7 @@ class TcpHost:
         if self._server is None:
             raise RuntimeError("TcpHost is not started")
         host, port = self._server.sockets[0].getsockname()[:2]
-        return f"socket://{host}:{port}"
+        return f"{self.scheme}://{host}:{port}"
 
     async def start(self) -> str:
         self._server = await asyncio.start_server(self._serve_client, self._host, self._port)
@@ -147,7 +191,7 @@ class TcpHost:
     async def _serve_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        channel = _StreamChannel(reader, writer)
+        channel = self._channel(reader, writer)
         self._sessions[task] = channel
         try:
             await self.model.serve(channel)
@@ -156,6 +200,27 @@ class TcpHost:
             channel.hang_up()
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
+
+
+    def _channel(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> _StreamChannel:
+        return _StreamChannel(reader, writer)
+
+
+class Rfc2217Host(TcpHost):
+    """Serve a device model as a serial device server in RFC 2217 mode (`rfc2217://host:port`).
+
+    `port_settings` holds what the last client set (baud rate, data bits, parity, stop bits),
+    as the device server would apply it to its serial line.
+    """
+
+    scheme = "rfc2217"
+
+    def __init__(self, model: DeviceModel, host: str = "127.0.0.1", port: int = 0) -> None:
+        super().__init__(model, host, port)
+        self.port_settings: serial.SerialBase = serial.serial_for_url("loop://")
+
+    def _channel(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> _StreamChannel:
+        return _Rfc2217Channel(reader, writer, self.port_settings)
 
 
 class _PtyChannel(ByteChannel):

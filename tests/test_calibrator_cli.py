@@ -53,13 +53,17 @@ async def _stop(process: asyncio.subprocess.Process, signum: int) -> int:
     [
         (["--model", "atomlab500", "--tcp", "127.0.0.1:0", "--nuclide", "F-18", "--activity", "2GBq"], "F-18", 2e9),
         (["--model", "vik202", "--pty", "--activity", "20 mCi", "--fault", "garbage:0"], "Tc-99m", 7.4e8),
+        (["--model", "crc15r", "--rfc2217", "127.0.0.1:0", "--nuclide", "F-18", "--activity", "1GBq"], "F-18", 1e9),
     ],
-    ids=["atomlab500-tcp", "vik202-pty"],
+    ids=["atomlab500-tcp", "vik202-pty", "crc15r-rfc2217"],
 )
 async def test_simulator_process_serves_until_ctrl_c(args: list[str], nuclide: str, activity_bq: float) -> None:
     process, where = await _run_simulator(*args)
     try:
-        assert where.startswith("socket://127.0.0.1:") if "--tcp" in args else pathlib.Path(where).exists()
+        if "--pty" in args:
+            assert pathlib.Path(where).exists()
+        else:
+            assert where.startswith("socket://127.0.0.1:" if "--tcp" in args else "rfc2217://127.0.0.1:")
         async with create_calibrator(args[1], where, "cli-test", timeout_s=10) as driver:
             reading = await driver.read()
         assert reading.nuclide == nuclide

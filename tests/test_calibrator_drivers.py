@@ -32,11 +32,13 @@ from drivers.records import (
 from drivers.serial_link import FrozenValueError
 from simulators.calibrator_cli import CALIBRATOR_SIMULATORS
 from simulators.faults import Fault, FaultInjector
-from simulators.serial_host import DeviceModel, PtyHost, TcpHost
+from simulators.serial_host import DeviceModel, PtyHost, Rfc2217Host, TcpHost
 from simulators.source import DEFAULT_RESPONSE_A_PER_BQ, IonChamber, make_chamber
 
 FAMILIES = ("vik202", "crc15r", "vdc404", "atomlab500")
-TRANSPORTS = ("pty", "tcp")
+#: A tty, a serial device server in raw TCP mode, and one in RFC 2217 mode.
+HOSTS: dict[str, type[PtyHost | TcpHost]] = {"pty": PtyHost, "tcp": TcpHost, "rfc2217": Rfc2217Host}
+TRANSPORTS = tuple(HOSTS)
 NOISE_REL = 0.002
 #: A four-digit display rounds by at most half a unit in the last place, 5e-4 relative.
 DISPLAY_REL = 5e-4
@@ -62,7 +64,7 @@ async def calibrator_rig(family: str, transport: str, **driver_options: Any) -> 
     chamber = make_chamber("Tc-99m", 740e6, noise_rel=NOISE_REL, seed=7)
     faults = FaultInjector(seed=7, late_s=LATE_S)
     model: DeviceModel = CALIBRATOR_SIMULATORS[family](chamber, faults, interval_s=STREAM_INTERVAL_S)
-    host: PtyHost | TcpHost = PtyHost(model) if transport == "pty" else TcpHost(model)
+    host = HOSTS[transport](model)
     url = await host.start()
     driver = create_calibrator(family, url, f"{family}-1", timeout_s=TIMEOUT_S, **driver_options)
     try:
@@ -272,10 +274,33 @@ async def test_unreachable_url_raises_device_disconnected() -> None:
         await driver.read()  # read() opens the link itself
 
 
+@pytest.mark.parametrize(("family", "options", "line"), [
+    ("crc15r", {}, (4800, 8, "N", 1)),  # the family's default line
+    ("vik202", {"settings": {"baudrate": 19200, "parity": "E"}}, (19200, 8, "E", 1)),  # as configured
+])
+async def test_rfc2217_carries_the_port_settings_to_the_device_server(
+        family: str, options: dict[str, Any], line: tuple[int, int, str, int]) -> None:
+    model = CALIBRATOR_SIMULATORS[family](make_chamber("Tc-99m", 740e6, seed=1), FaultInjector(seed=1))
+    host = Rfc2217Host(model)
+    url = await host.start()
+    driver = create_calibrator(family, url, "cal-1", timeout_s=TIMEOUT_S, **options)
+    try:
+        await driver.connect()
+        await driver.read()
+        settings = host.port_settings
+        assert (settings.baudrate, settings.bytesize, settings.parity, settings.stopbits) == line
+    finally:
+        await driver.close()
+        await host.stop()
+    with pytest.raises(DeviceDisconnected, match="cannot open rfc2217://"):  # the server is gone
+        await create_calibrator(family, url, "cal-1", timeout_s=TIMEOUT_S).connect()
+
+
 async def test_drivers_share_one_event_loop_without_blocking_it() -> None:
-    """Four devices read concurrently, while a ticker shows the loop never stalls."""
+    """Four devices on three kinds of port read concurrently, while a ticker shows the loop never stalls."""
     async with contextlib.AsyncExitStack() as stack:
-        rigs = [await stack.enter_async_context(calibrator_rig(f, "pty")) for f in FAMILIES]
+        rigs = [await stack.enter_async_context(calibrator_rig(f, t))
+                for f, t in zip(FAMILIES, ("rfc2217", "tcp", "pty", "rfc2217"), strict=True)]
         ticks: list[float] = []
 
         async def ticker() -> None:
