@@ -269,8 +269,9 @@ class AsyncOutbox:
 
     A read with `after_seq` that continues exactly where the commits of this `AsyncOutbox` went
     on is answered from memory, with what those commits stored (`pending` then returns the
-    committed `Message` objects themselves, not a parse of their JSON); any other read goes to
-    the database. `reads_from_memory` counts the former, for tests and benchmarks.
+    committed `Message` objects themselves, not a parse of their JSON, shared by every sink:
+    a sink must not change a message it reads); any other read goes to the database.
+    `reads_from_memory` counts the former, for tests and benchmarks.
     """
 
     def __init__(self, outbox: Outbox) -> None:

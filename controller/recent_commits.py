@@ -34,29 +34,41 @@ class RecentCommits(Generic[S]):
     def __init__(self, limit: int = DEFAULT_LIMIT) -> None:
         self.limit = limit
         self._items: deque[S] = deque()
+        #: Set when memory overflowed: the sink is not reading (its server is down, or there is
+        #: none), so nothing is kept until it reads again, instead of filling up and dropping
+        #: `limit` messages over and over.
+        self._idle = False
 
     def __len__(self) -> int:
         return len(self._items)
 
     def add(self, committed: Iterable[S]) -> None:
+        if self._idle:
+            return
         self._items.extend(committed)
         if len(self._items) > self.limit:
             self._items.clear()
+            self._idle = True
 
     def take(self, after_seq: int, limit: int) -> list[S] | None:
-        """Up to `limit` messages following `after_seq` without a gap, or None: read the outbox.
+        """Up to `limit` messages following `after_seq`, or None: read the outbox.
 
-        Only if the first one remembered is `after_seq + 1`, and only as far as the seqs run
-        on without a gap: the outbox numbers each commit's messages consecutively, so a gap
-        means a commit that memory did not see, which only the outbox can fill. What is at or
-        before `after_seq` is dropped: the sink has had it.
+        Only if the first one remembered is `after_seq + 1`, and only if the seqs run on without
+        a gap to the end of memory or to `limit`: the outbox numbers each commit's messages
+        consecutively, so a gap means a commit that memory did not see, and the outbox read
+        that fills it returns what follows it too (answering only up to the gap would leave
+        the sink believing it had read everything). What is at or before `after_seq` is
+        dropped: the sink has had it.
         """
+        self._idle = False
         items = self._items
         while items and items[0].seq <= after_seq:
             items.popleft()
         if not items or items[0].seq != after_seq + 1 or limit < 1:
             return None
-        taken = [items.popleft()]
-        while items and len(taken) < limit and items[0].seq == taken[-1].seq + 1:
-            taken.append(items.popleft())
-        return taken
+        count = 1
+        while count < len(items) and count < limit and items[count].seq == items[count - 1].seq + 1:
+            count += 1
+        if count < limit and count < len(items):
+            return None  # a gap after `count` messages
+        return [items.popleft() for _ in range(count)]

@@ -109,7 +109,11 @@ async def test_a_commit_made_elsewhere_sends_the_reader_to_the_database(tmp_path
         after = await outbox.put_many([reading(n) for n in range(5, 9)])
         got = await outbox.pending("history", limit=100, after_seq=first[-1])
         assert [s.seq for s in got] == behind_its_back + after  # the gap is filled, nothing skipped
-        assert database.database_reads == 1 and outbox.reads_from_memory == 0
+        # Memory holds what comes before the gap, but answering with only that would make a
+        # reader that got less than its limit believe it had everything.
+        got = await outbox.pending_json("mqtt", limit=100, after_seq=first[0] - 1)
+        assert [s.seq for s in got] == first + behind_its_back + after
+        assert database.database_reads == 2 and outbox.reads_from_memory == 0
 
 
 def test_memory_stops_at_a_gap_and_at_the_limit() -> None:
@@ -120,12 +124,16 @@ def test_memory_stops_at_a_gap_and_at_the_limit() -> None:
     recent: RecentCommits[Item] = RecentCommits(limit=10)
     recent.add([Item(s) for s in (4, 5, 6, 9, 10)])
     assert recent.take(2, 100) is None  # 3 is missing: only the database has it
-    assert [i.seq for i in recent.take(3, 2) or []] == [4, 5]
-    assert [i.seq for i in recent.take(5, 100) or []] == [6]  # 7 and 8 are missing
+    assert [i.seq for i in recent.take(3, 2) or []] == [4, 5]  # the limit comes before the gap
+    assert recent.take(5, 100) is None  # 7 and 8 are missing: the database answers 6, 7, 8, 9, 10 at once
     assert recent.take(6, 100) is None
     assert [i.seq for i in recent.take(8, 100) or []] == [9, 10]
     recent.add([Item(s) for s in range(11, 22)])  # more than the limit: a sink this far behind reads the database
-    assert len(recent) == 0 and recent.take(10, 100) is None
+    recent.add([Item(22)])
+    assert len(recent) == 0  # and memory stays empty while that sink is not reading
+    assert recent.take(10, 100) is None
+    recent.add([Item(23)])  # it reads again: memory fills again
+    assert len(recent) == 1
 
 
 async def test_the_history_sink_archives_a_live_stream_from_memory(tmp_path: Path) -> None:
