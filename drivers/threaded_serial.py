@@ -11,7 +11,8 @@ transport, which hands what arrives to the protocol on the event loop
 (`call_soon_threadsafe`); writes go, in order, to one writer thread, so a slow network
 never blocks the loop; opening and closing run in a thread too. The protocol sees what
 any transport gives it: `data_received`, then one `connection_lost` (with the error, or
-None after `close()`).
+None after `close()`). That is three threads per port (pyserial's, the reader, the writer):
+right for the few instruments behind an RFC 2217 server, not meant for hundreds.
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ import serial
 
 #: How long a blocking read waits before it looks at whether the transport was closed.
 _READ_POLL_S = 0.1
+
+#: Opens and closes of these ports: off the loop's default executor, which a few slow device
+#: servers (pyserial waits up to 5 s to connect, then 3 s per negotiation) would otherwise fill.
+_OPENER = ThreadPoolExecutor(max_workers=4, thread_name_prefix="hotlab-serial-open")
 
 
 class ThreadedSerialTransport(asyncio.Transport):
@@ -45,9 +50,17 @@ class ThreadedSerialTransport(asyncio.Transport):
     @classmethod
     async def open(cls, loop: asyncio.AbstractEventLoop, protocol: asyncio.Protocol, url: str,
                    **settings: Any) -> ThreadedSerialTransport:
-        """Open `url` with pyserial in a thread (RFC 2217 negotiates first) and start reading it."""
-        port = await loop.run_in_executor(
-            None, lambda: serial.serial_for_url(url, timeout=_READ_POLL_S, write_timeout=None, **settings))
+        """Open `url` with pyserial in a thread (RFC 2217 negotiates first) and start reading it.
+
+        If the caller stops waiting (its timeout), the open still finishes in its thread; the
+        port is then closed there, not left connected: many device servers take one client.
+        """
+        opening = _OPENER.submit(serial.serial_for_url, url, timeout=_READ_POLL_S, write_timeout=None, **settings)
+        try:
+            port = await asyncio.wrap_future(opening, loop=loop)
+        except asyncio.CancelledError:
+            opening.add_done_callback(_close_if_opened)
+            raise
         transport = cls(loop, protocol, port)
         protocol.connection_made(transport)
         transport._reader.start()
@@ -63,10 +76,11 @@ class ThreadedSerialTransport(asyncio.Transport):
         return self._closing
 
     def close(self) -> None:
+        """Close the port after the writes already queued; `connection_lost` comes once it is closed."""
         if self._closing:
             return
         self._closing = True
-        self._writer.submit(self._close_port)  # after the writes already queued
+        self._writer.submit(self._close_port)
         self._writer.shutdown(wait=False)
 
     def abort(self) -> None:
@@ -76,31 +90,53 @@ class ThreadedSerialTransport(asyncio.Transport):
         return self._port if name == "serial" else default
 
     def _read_forever(self) -> None:
-        error: BaseException | None = None
+        """Hand what arrives to the loop until closed; a failure of the port ends the connection."""
         try:
             while not self._closing:
                 data = self._port.read(self._port.in_waiting or 1)
-                if data:
-                    self._loop.call_soon_threadsafe(self._protocol.data_received, data)
-        except (serial.SerialException, OSError, TypeError, AttributeError) as exc:
-            # pyserial's RFC 2217 port, closed or dropped under a read, raises any of these.
-            error = None if self._closing else exc
-        with contextlib.suppress(RuntimeError):  # the loop is already closed: nobody to tell
-            self._loop.call_soon_threadsafe(self._connection_lost, error)
+                if data and not self._post(self._protocol.data_received, data):
+                    break  # the loop is gone: nobody reads any more
+        except Exception as exc:  # noqa: BLE001 - whatever pyserial raises, the connection is over
+            if not self._closing:
+                self._post(self._connection_lost, exc)
+                return
+        if not self._closing:  # the loop closed under us: let go of the port
+            self._closing = True
+            self._close_port_quietly()
 
     def _write_done(self, future: Any) -> None:
         error = future.exception()
         if error is not None and not self._closing:
-            self._loop.call_soon_threadsafe(self._connection_lost, error)
+            self._post(self._connection_lost, error)
 
     def _close_port(self) -> None:
-        with contextlib.suppress(serial.SerialException, OSError):
+        """On the writer thread, after the queued writes: close, then tell the protocol."""
+        self._close_port_quietly()
+        self._post(self._connection_lost, None)
+
+    def _close_port_quietly(self) -> None:
+        with contextlib.suppress(Exception):  # closing a port that already failed may fail again
             self._port.close()
 
-    def _connection_lost(self, error: BaseException | None) -> None:
+    def _post(self, callback: Any, *args: Any) -> bool:
+        """Run `callback(*args)` on the loop; False if the loop is closed."""
+        try:
+            self._loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:
+            return False
+        return True
+
+    def _connection_lost(self, error: Exception | None) -> None:
         if self._lost:
             return
         self._lost = True
-        if not self._closing:
-            self.close()
-        self._protocol.connection_lost(error if isinstance(error, Exception) else None)
+        self.close()  # after a failure: close the port too (its connection_lost is then ignored)
+        self._protocol.connection_lost(error)
+
+
+def _close_if_opened(opening: Any) -> None:
+    """Done-callback of an open nobody waits for any more: close the port it opened, if it did."""
+    if opening.cancelled() or opening.exception() is not None:
+        return
+    with contextlib.suppress(Exception):
+        opening.result().close()

@@ -164,6 +164,11 @@ class TcpHost:
         self._sessions: dict[asyncio.Task[None], _StreamChannel] = {}
 
     @property
+    def clients(self) -> int:
+        """Connections being served now."""
+        return len(self._sessions)
+
+    @property
     def url(self) -> str:
         if self._server is None:
             raise RuntimeError("TcpHost is not started")

@@ -12,6 +12,7 @@ import itertools
 import os
 import pathlib
 import shutil
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +30,7 @@ from drivers.records import (
     FrameError,
     Reading,
 )
-from drivers.serial_link import FrozenValueError
+from drivers.serial_link import FrozenValueError, SerialLink, SerialSettings
 from simulators.calibrator_cli import CALIBRATOR_SIMULATORS
 from simulators.faults import Fault, FaultInjector
 from simulators.serial_host import DeviceModel, PtyHost, Rfc2217Host, TcpHost
@@ -294,6 +295,25 @@ async def test_rfc2217_carries_the_port_settings_to_the_device_server(
         await host.stop()
     with pytest.raises(DeviceDisconnected, match="cannot open rfc2217://"):  # the server is gone
         await create_calibrator(family, url, "cal-1", timeout_s=TIMEOUT_S).connect()
+
+
+async def test_an_rfc2217_open_that_times_out_does_not_stay_connected() -> None:
+    """The open goes on in its thread after the timeout; the port it opens is closed, not kept."""
+    host = Rfc2217Host(CALIBRATOR_SIMULATORS["vik202"](make_chamber("Tc-99m", 740e6, seed=1), FaultInjector(seed=1)))
+    url = await host.start()
+    try:
+        for _ in range(3):
+            with pytest.raises(DeviceDisconnected, match="took longer"):
+                await SerialLink(url, SerialSettings(9600)).open(0.001)  # the negotiation takes longer
+        deadline = time.monotonic() + 15
+        while not host.clients and time.monotonic() < deadline:  # the opens go on and connect
+            await asyncio.sleep(0.01)
+        assert host.clients > 0
+        while host.clients and time.monotonic() < deadline:  # and each port is closed once it is open
+            await asyncio.sleep(0.05)
+        assert host.clients == 0
+    finally:
+        await host.stop()
 
 
 async def test_drivers_share_one_event_loop_without_blocking_it() -> None:
