@@ -3,9 +3,9 @@
 Why: a VIK-202 reading is two serial exchanges, each bounded by a timeout, inside the
 supervisor's watchdog: three `asyncio.timeout`s per reading, each arming a loop timer and
 cancelling it a millisecond later when the reply arrives. With 100 devices polling, that
-cost about 14 µs per timeout (a tenth of the read path: 6,800 -> 8,400 reads per CPU-second
-without the two in `SerialLink.read_until`), since nearly every timer is armed only to be
-cancelled.
+cost about 14 µs per timeout: without the two in `SerialLink.read_until` the read path did
+8,000-9,500 reads per CPU-second instead of 6,200-7,800, and with them sharing a timer as
+here 7,200-8,300 (docs/benchmarks.md, second sitting of 2026-11-26).
 
 Here each owner (one serial link, one supervisor) keeps its open timeouts' deadlines in a dict
 and arms one timer, for the earliest; a timeout that ends before its deadline only leaves the
@@ -22,8 +22,8 @@ import asyncio
 import math
 from types import TracebackType
 
-#: A deadline this close counts as due when the timer fires: loop clocks and timers have about
-#: a millisecond of resolution (asyncio's own loop treats timers this way too).
+#: A deadline this close counts as due when the timer fires: uvloop's clock and timers have a
+#: resolution of one millisecond, so its timer may fire up to that much before the deadline.
 _CLOCK_SLACK_S = 0.001
 
 
