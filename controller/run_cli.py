@@ -6,7 +6,8 @@ with nothing to install or configure:
 
 * four dose calibrators, one per family, each the physics simulator from simulators/
   speaking its real wire protocol: VIK-202 and VDC-404 on pseudo-terminals (real ttys),
-  CRC-15R and Atomlab 500 on TCP (serial device server style, socket://);
+  CRC-15R and Atomlab 500 on TCP as behind a serial device server, in raw mode (socket://)
+  and in RFC 2217 mode (rfc2217://);
 * a Ge-68/Ga-68 elution station as a real Modbus TCP server, clock accelerated 30x, where a
   simulated operator starts an elution every 30 s of wall time;
 * the system `mosquitto` binary on a free loopback port (controller/embedded_broker.py);

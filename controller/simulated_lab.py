@@ -3,7 +3,8 @@
 `hotlab run` (no --config) and `hotlab demo` both start one. Each instrument is the physics
 simulator from simulators/ speaking its real wire protocol:
 
-* dose calibrators on pseudo-terminals (real ttys) or on TCP (serial device server style, socket://);
+* dose calibrators on pseudo-terminals (real ttys) or on TCP as a serial device server would
+  serve them, in raw mode (socket://) or in RFC 2217 mode (rfc2217://, port settings included);
 * generator elution stations as real Modbus TCP servers whose clock runs `acceleration` times
   faster than the wall clock, each with a simulated operator who starts elutions on a schedule
   (in station time, so a faster clock means more elutions per wall-clock minute). With a broker,
@@ -55,7 +56,7 @@ class SimCalibrator:
     station: str
     nuclide: str
     activity_bq: float
-    host: Literal["pty", "tcp"]
+    host: Literal["pty", "tcp", "rfc2217"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +110,7 @@ RUN_LAB = SimLab(
         SimCalibrator("vik202-sim", "vik202", "hotcell-1", "Tc-99m", 7.4e9, "pty"),
         SimCalibrator("crc15r-sim", "crc15r", "dispensing", "F-18", 3.7e9, "tcp"),
         SimCalibrator("vdc404-sim", "vdc404", "qc-lab", "Cs-137", 7.4e6, "pty"),
-        SimCalibrator("atomlab500-sim", "atomlab500", "qc-lab", "Tc-99m", 1.1e9, "tcp"),
+        SimCalibrator("atomlab500-sim", "atomlab500", "qc-lab", "Tc-99m", 1.1e9, "rfc2217"),
     ),
     generators=(
         # 1.85 GBq (50 mCi) Ge-68: a common clinical generator size.
@@ -204,12 +205,12 @@ async def _start_calibrator(stack: contextlib.AsyncExitStack, calibrator: SimCal
                             acceleration: float) -> dict[str, Any]:
     from simulators.calibrator_cli import CALIBRATOR_SIMULATORS
     from simulators.faults import FaultInjector
-    from simulators.serial_host import PtyHost, TcpHost
+    from simulators.serial_host import PtyHost, Rfc2217Host, TcpHost
     from simulators.source import make_chamber
 
     chamber = make_chamber(calibrator.nuclide, calibrator.activity_bq, acceleration=acceleration, seed=seed)
     model = CALIBRATOR_SIMULATORS[calibrator.family](chamber, FaultInjector(seed=seed))
-    host = PtyHost(model) if calibrator.host == "pty" else TcpHost(model)
+    host = {"pty": PtyHost, "tcp": TcpHost, "rfc2217": Rfc2217Host}[calibrator.host](model)
     address = await host.start()
     stack.push_async_callback(host.stop)
     return {"name": calibrator.name, "station": calibrator.station, "family": calibrator.family,

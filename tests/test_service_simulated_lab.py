@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import controller.embedded_broker
+from controller.config import SerialTransport
 from controller.run_cli import simulated_lab
 from tests.mosquitto_service import require_mosquitto
 
@@ -39,4 +40,7 @@ async def test_without_mosquitto_the_simulated_lab_is_local_only(tmp_path: Path,
     async with simulated_lab(tmp_path) as config:
         assert config.mqtt is None
         assert len(config.devices) == 5 and config.outbox.path == tmp_path.resolve() / "outbox.sqlite3"
+        schemes = {d.transport.url.partition("://")[0] for d in config.devices
+                   if isinstance(d.transport, SerialTransport)}
+        assert {"socket", "rfc2217"} <= schemes and any(s.startswith("/") for s in schemes)  # and a tty
     assert "LOCAL-ONLY mode" in capsys.readouterr().err
