@@ -28,8 +28,9 @@ import serial
 #: How long a blocking read waits before it looks at whether the transport was closed.
 _READ_POLL_S = 0.1
 
-#: Opens and closes of these ports: off the loop's default executor, which a few slow device
-#: servers (pyserial waits up to 5 s to connect, then 3 s per negotiation) would otherwise fill.
+#: The opens of these ports (and the close of a port opened after its caller gave up): off the
+#: loop's default executor, which a few slow device servers (pyserial waits up to 5 s to connect,
+#: then 3 s per negotiation) would otherwise fill.
 _OPENER = ThreadPoolExecutor(max_workers=4, thread_name_prefix="hotlab-serial-open")
 
 
@@ -37,7 +38,7 @@ class ThreadedSerialTransport(asyncio.Transport):
     """One open pyserial port, read by a thread of its own; see the module docstring."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, protocol: asyncio.Protocol, port: serial.SerialBase) -> None:
-        super().__init__()
+        super().__init__(extra={"serial": port})
         self._loop = loop
         self._protocol = protocol
         self._port = port
@@ -85,9 +86,6 @@ class ThreadedSerialTransport(asyncio.Transport):
 
     def abort(self) -> None:
         self.close()
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return self._port if name == "serial" else default
 
     def _read_forever(self) -> None:
         """Hand what arrives to the loop until closed; a failure of the port ends the connection."""
