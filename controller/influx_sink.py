@@ -3,9 +3,9 @@
 The sink reads `pending("influx")` in sequence order, turns each message into one point
 (controller.influx_points), posts up to `batch_size` points per request and `ack`s them only
 after InfluxDB answered 2xx (204 No Content). Each read continues after the last message it
-acknowledged, so while the sink keeps up the outbox answers from memory. A crash between the write and the ack resends
-the batch on restart; that is harmless because a point with the same series and timestamp
-overwrites itself (see docs/influxdb.md).
+acknowledged, so while the sink keeps up the outbox answers from memory. A crash between the
+write and the ack resends the batch on restart; that is harmless because a point with the
+same series and timestamp overwrites itself (see docs/influxdb.md).
 
 influxdb-client's HTTP calls are synchronous; they run on one private worker thread so the
 event loop never waits on the network, and each attempt is bounded by `timeout_s`. The
