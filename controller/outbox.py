@@ -255,9 +255,12 @@ def _read_only_connection(path: Path) -> sqlite3.Connection:
 class _Committed:
     """A message a commit of this process stored, as each kind of read would return it."""
 
-    seq: int
     as_json: StoredPayload
     as_message: StoredMessage
+
+    @property
+    def seq(self) -> int:
+        return self.as_json.seq
 
 
 class AsyncOutbox:
@@ -300,7 +303,7 @@ class AsyncOutbox:
     async def put_many_stored(self, messages: Sequence[Message]) -> list[StoredPayload]:
         batch = list(messages)
         stored = await self._write(self.sync.put_many_stored, batch)
-        committed = [_Committed(s.seq, s, StoredMessage(s.seq, m)) for s, m in zip(stored, batch)]
+        committed = [_Committed(s, StoredMessage(s.seq, m)) for s, m in zip(stored, batch)]
         for recent in self._recent.values():
             recent.add(committed)
         return stored

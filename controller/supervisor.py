@@ -28,8 +28,9 @@ Modbus elution station and a test double are handled the same way. Its rules:
 
 The read loop runs once per poll of every device (thousands of times a second in a large
 lab), so it creates no task and no `wait_for` per poll: the read, the watchdog and the
-pause run in the supervisor's own task, under `asyncio.timeout`, and `stop()` interrupts a
-wait by cancelling that task while (and only while) it is in an interruptible wait.
+pause run in the supervisor's own task, under a shared timeout (drivers/deadlines.py), and
+`stop()` interrupts a wait by cancelling that task while (and only while) it is in an
+interruptible wait.
 """
 
 from __future__ import annotations

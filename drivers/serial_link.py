@@ -22,7 +22,7 @@ import re
 import time
 import urllib.parse
 from collections.abc import Callable, Coroutine, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from types import TracebackType
 from typing import Any, ClassVar, Concatenate, ParamSpec, TypeVar, cast
 
@@ -173,25 +173,16 @@ class SerialLink:
         a way only the standard loop's transports allow (not uvloop's; controller/event_loop.py).
         """
         scheme, _, _ = self.url.partition("://")
+        line = asdict(self.settings)  # baudrate, bytesize, parity, stopbits: pyserial's own keywords
         if scheme == "rfc2217":
-            return await ThreadedSerialTransport.open(
-                loop, rx, self.url, baudrate=self.settings.baudrate, bytesize=self.settings.bytesize,
-                parity=self.settings.parity, stopbits=self.settings.stopbits)
+            return await ThreadedSerialTransport.open(loop, rx, self.url, **line)
         if scheme == "socket":
             parts = urllib.parse.urlsplit(self.url)
             if parts.hostname is None or parts.port is None:
                 raise ValueError(f"expected socket://HOST:PORT, got {self.url!r}")
             transport, _ = await loop.create_connection(lambda: rx, parts.hostname, parts.port)
             return transport
-        transport, _ = await serial_asyncio_fast.create_serial_connection(
-            loop,
-            lambda: rx,
-            self.url,
-            baudrate=self.settings.baudrate,
-            bytesize=self.settings.bytesize,
-            parity=self.settings.parity,
-            stopbits=self.settings.stopbits,
-        )
+        transport, _ = await serial_asyncio_fast.create_serial_connection(loop, lambda: rx, self.url, **line)
         return transport
 
     async def close(self) -> None:
