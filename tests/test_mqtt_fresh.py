@@ -38,7 +38,7 @@ async def test_committed_messages_go_out_from_memory_and_gaps_from_the_outbox(
         tmp_path: Path, mosquitto: MosquittoBroker) -> None:
     database = CountingReads(tmp_path / "outbox.sqlite3", sinks=(SINK,))
     outbox = AsyncOutbox(database)
-    config = MqttConfig(host=mosquitto.host, port=mosquitto.port, client_id="ctl-fresh", inflight_window=16)
+    config = MqttConfig(host=mosquitto.host, port=mosquitto.port, client_id="ctl-fresh", inflight_window=32)
     sink = MqttSink(config, "site", outbox, backoff=Backoff(0.05, 0.2), rng=random.Random(1))
     sent = []
     async with MqttCollector(mosquitto.host, mosquitto.port) as collector:
@@ -46,7 +46,10 @@ async def test_committed_messages_go_out_from_memory_and_gaps_from_the_outbox(
             await asyncio.wait_for(sink.connected.wait(), 10)
             await asyncio.wait_for(_until(lambda: database.reads >= 1), 10)  # the connection's first look
             reads_at_start = database.reads
-            for start in range(0, 100, 20):  # caught up: each commit goes out from memory
+            # Caught up: each commit goes out from memory. Its 20 messages fit the window of 32 with
+            # room to spare, so no read ever fills the window (which makes the sink look again at
+            # once, in the database if memory has nothing more).
+            for start in range(0, 100, 20):
                 batch = readings(start, 20)
                 sent += batch
                 await outbox.put_many(batch)
@@ -56,7 +59,7 @@ async def test_committed_messages_go_out_from_memory_and_gaps_from_the_outbox(
 
             skipped = readings(100, 7)  # committed behind the AsyncOutbox's back: not in its memory
             await asyncio.to_thread(database.put_many, skipped)
-            after = readings(107, 30)  # more than one window: memory must not skip the 7
+            after = readings(107, 40)  # more than one window: memory must not skip the 7
             await outbox.put_many(after)
             sink.notify()
             sent += skipped + after
