@@ -90,7 +90,10 @@ _LIBRARY: tuple[Nuclide, ...] = (
     # DDEP update by N. K. Kuzmenko, Appl. Radiat. Isot. 152 (2019) 188; ENSDF (2012) has 67.71 (9) min.
     _nuclide("Ga-68", 67.83, 0.20, MINUTE_S, DDEP),  # 67.83 (20) min
     _nuclide(
-        "Mo-99", 65.924, 0.006, HOUR_S, DDEP,  # 65.924 (6) h
+        # LNHB sheet (Morillon, Be, Chechev, Egorov, 2004; tables of 2012): 2.7479 (6) d = 65.950 (14) h.
+        # ENSDF, as IAEA LiveChart shows it, has 65.924 h; this entry quoted that value under DDEP's name
+        # until 2026-11-26.
+        "Mo-99", 2.7479, 0.0006, DAY_S, DDEP,  # 2.7479 (6) d
         # Fraction of Mo-99 beta decays that end in the 142.7 keV isomer (directly or by gamma
         # cascade); the rest feeds the Tc-99 ground state. ICRP Publication 107 (2008, ENSDF-based)
         # gives 0.8773; radiopharmacy texts round it to 87.5-88 % (IAEA Human Health Campus:
@@ -130,7 +133,8 @@ _LIBRARY: tuple[Nuclide, ...] = (
     ),
     # SPECT
     _nuclide("I-123", 13.2235, 0.0019, HOUR_S, DDEP),  # 13.2235 (19) h
-    _nuclide("In-111", 2.8047, 0.0004, DAY_S, DDEP),  # 2.8047 (4) d
+    # DDEP (BIPM-5, Table of Radionuclides vol. 3, 2006) has 2.8049 d; this is the ENSDF value.
+    _nuclide("In-111", 2.8047, 0.0004, DAY_S, ENSDF),  # 2.8047 (4) d
     _nuclide("Tl-201", 3.0421, 0.0017, DAY_S, DDEP),  # 3.0421 (17) d
     # Dose-calibrator check sources
     _nuclide(
@@ -138,7 +142,8 @@ _LIBRARY: tuple[Nuclide, ...] = (
         # Ba-137m (2.552 min) carries the 661.7 keV line a calibrator sees.
         Decay("Ba-137m", 0.9470, "ENSDF: beta- to the 661.7 keV level, 94.70 (20) %"),
     ),
-    _nuclide("Co-57", 271.80, 0.05, DAY_S, DDEP),  # 271.80 (5) d
+    # LNHB sheet by V. P. Chechev and N. K. Kuzmenko (2014, revised 2017); the earlier DDEP value was 271.80 (5) d.
+    _nuclide("Co-57", 271.81, 0.04, DAY_S, DDEP),  # 271.81 (4) d
     _nuclide("Ba-133", 10.540, 0.006, YEAR_S, DDEP),  # 10.540 (6) a
 )
 

@@ -60,7 +60,7 @@ def test_generator_reports_the_available_daughter(capsys: pytest.CaptureFixture[
                  "--to", "2026-11-24T07:00Z", "--unit", "GBq"])
     out = capsys.readouterr().out
     assert code == 0
-    lam_p = math.log(2) / (65.924 * 3600.0)
+    lam_p = math.log(2) / (2.7479 * 86400.0)  # DDEP 2.7479 (6) d
     lam_d = math.log(2) / (6.0067 * 3600.0)
     t = 23 * 3600.0
     # Bateman, parent at 20 GBq at the elution (no --from), no residual.

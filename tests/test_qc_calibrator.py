@@ -1,7 +1,7 @@
 """Dose-calibrator rules against hand computations from evaluated half-lives.
 
 Half-lives used in the hand computations (the library's evaluated values):
-Cs-137 30.08 y (ENSDF), Co-57 271.80 d (DDEP), Tc-99m 6.0067 h (DDEP), F-18 109.77 min (ENSDF);
+Cs-137 30.08 y (ENSDF), Co-57 271.81 d (DDEP), Tc-99m 6.0067 h (DDEP), F-18 109.77 min (ENSDF);
 1 y = 365.24219 d (tropical year, as DDEP/NNDC convert).
 """
 
@@ -74,12 +74,12 @@ def test_constancy_rejects_negative_reading() -> None:
 
 def test_accuracy_co57_mean_of_readings() -> None:
     # Co-57 185 MBq (5 mCi) certified 2025-06-01; measured 2025-11-25 = 177 d later.
-    # 2^(-177 / 271.80) = 0.636744 -> expected 117.798 MBq. Mean of 125, 126, 127 = 126 MBq: +6.963 % -> warn.
+    # 2^(-177 / 271.81) = 0.636755 -> expected 117.800 MBq. Mean of 125, 126, 127 = 126 MBq: +6.961 % -> warn.
     source = ReferenceSource("CO-57-REF", get_nuclide("Co-57"), 185e6, ns("2025-06-01T00:00:00Z"))
     result = accuracy(source, [125e6, 126e6, 127e6], ns("2025-11-25T00:00:00Z"), LIMITS["accuracy"])
-    assert result.expected == pytest.approx(117.798e6, rel=1e-5)
+    assert result.expected == pytest.approx(117.800e6, rel=1e-5)
     assert result.measured == pytest.approx(126e6)
-    assert result.deviation_pct == pytest.approx(6.963, abs=1e-3)
+    assert result.deviation_pct == pytest.approx(6.961, abs=1e-3)
     assert result.verdict == "warn"
     assert result.inputs["reading_stdev_pct"] == pytest.approx(1 / 126 * 100)
 

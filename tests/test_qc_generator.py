@@ -1,6 +1,6 @@
 """Generator rules against hand computations.
 
-Half-lives (library): Ge-68 270.95 d, Ga-68 67.83 min (DDEP); Mo-99 65.924 h, Tc-99m 6.0067 h (DDEP);
+Half-lives (library): Ge-68 270.95 d, Ga-68 67.83 min (DDEP); Mo-99 2.7479 d = 65.9496 h, Tc-99m 6.0067 h (DDEP);
 Mo-99 -> Tc-99m branching 0.8773 (ICRP 107).
 """
 
@@ -67,11 +67,11 @@ def test_ga68_yield_after_a_short_regrowth_with_residual() -> None:
 def test_tc99m_available_one_day_after_elution() -> None:
     # Mo-99 10 GBq at the last elution (= calibration), t = 24 h:
     # Tc = 0.8773 * 10 GBq * lambda_Tc/(lambda_Tc - lambda_Mo) * (e^(-lambda_Mo t) - e^(-lambda_Tc t))
-    #    = 0.8773 * 10 GBq * 1.100249 * (0.776958 - 0.062702) = 6.89462 GBq.
+    #    = 0.8773 * 10 GBq * 1.100207 * (0.777053 - 0.062694) = 6.89508 GBq.
     cal = TC_GEN.calibration_ns
     result = elution_yield(TC_GEN, 6.2e9, cal + 24 * HOUR_NS, LIMITS["elution_yield_tc99m"], last_elution_ns=cal)
-    assert result.expected == pytest.approx(6.89462e9, rel=1e-5)
-    assert result.value_judged == pytest.approx(6.2 / 6.89462 * 100, rel=1e-5)  # 89.93 % -> warn
+    assert result.expected == pytest.approx(6.89508e9, rel=1e-5)
+    assert result.value_judged == pytest.approx(6.2 / 6.89508 * 100, rel=1e-5)  # 89.92 % -> warn
     assert result.verdict == "warn"
 
 
@@ -160,18 +160,18 @@ def test_ga68_half_life_needs_decaying_readings() -> None:
 
 def test_mo99_ratio_and_closed_form_exceed_time() -> None:
     # 1.85 MBq (50 uCi) Mo-99 in 37 GBq (1 Ci) Tc-99m: 1850 kBq / 37000 MBq = 0.05 kBq/MBq.
-    # The ratio grows as 2^(t (1/6.0067 h - 1/65.924 h)) = 2^(0.151312 t/h); it reaches 0.15 when
-    # t = log2(0.15/0.05) / 0.151312 = 1.584963 / 0.151312 = 10.4748 h.
+    # The ratio grows as 2^(t (1/6.0067 h - 1/65.9496 h)) = 2^(0.151318 t/h); it reaches 0.15 when
+    # t = log2(0.15/0.05) / 0.151312 = 1.584963 / 0.151318 = 10.4744 h.
     t0 = ns("2026-03-01T06:00:00Z")
     result = mo99_breakthrough(1.85e6, 37e9, t0, LIMITS["mo99_breakthrough"], administration_ns=t0)
     assert result.measured == pytest.approx(0.05)
     assert result.verdict == "pass"
-    assert result.inputs["exceeds_limit_after_s"] / 3600 == pytest.approx(10.4748, abs=1e-4)
-    # At administration 8 h later: 0.05 * 2^(8 * 0.151312) = 0.11571 -> pass; 12 h later 0.17602 -> fail.
+    assert result.inputs["exceeds_limit_after_s"] / 3600 == pytest.approx(10.4744, abs=1e-4)
+    # At administration 8 h later: 0.05 * 2^(8 * 0.151318) = 0.11571 -> pass; 12 h later 0.17603 -> fail.
     later = mo99_breakthrough(1.85e6, 37e9, t0, LIMITS["mo99_breakthrough"], administration_ns=t0 + 8 * HOUR_NS)
     assert later.measured == pytest.approx(0.11571, abs=1e-5) and later.verdict == "pass"
     too_late = mo99_breakthrough(1.85e6, 37e9, t0, LIMITS["mo99_breakthrough"], administration_ns=t0 + 12 * HOUR_NS)
-    assert too_late.measured == pytest.approx(0.17602, abs=1e-5) and too_late.verdict == "fail"
+    assert too_late.measured == pytest.approx(0.17603, abs=1e-5) and too_late.verdict == "fail"
     # Closed form agrees with the rule: exactly at the exceed time the ratio is the limit, which passes.
     exceed_ns = t0 + round(result.inputs["exceeds_limit_after_s"] * 1e9)
     edge = mo99_breakthrough(1.85e6, 37e9, t0, LIMITS["mo99_breakthrough"], administration_ns=exceed_ns)
@@ -180,24 +180,24 @@ def test_mo99_ratio_and_closed_form_exceed_time() -> None:
 
 def test_mo99_without_administration_time_is_judged_at_the_end_of_the_eluate_shelf_life() -> None:
     # The reviewer's case: 0.06 kBq/MBq at the assay passes there, but the ratio reaches 0.15 after
-    # log2(0.15/0.06) / 0.151312 h^-1 = 1.321928 / 0.151312 = 8.7364 h. With no administration time it
-    # is judged at assay + 12 h: 0.06 * 2^(12 * 0.151312) = 0.06 * 3.52040 = 0.21122 -> fail.
+    # log2(0.15/0.06) / 0.151318 h^-1 = 1.321928 / 0.151318 = 8.7361 h. With no administration time it
+    # is judged at assay + 12 h: 0.06 * 2^(12 * 0.151318) = 0.06 * 3.52058 = 0.21123 -> fail.
     t0 = ns("2026-03-01T06:00:00Z")
     mo99_bq, tc99m_bq = 0.06 * 37e9 / 1e3, 37e9
     unknown = mo99_breakthrough(mo99_bq, tc99m_bq, t0, LIMITS["mo99_breakthrough"])
-    assert unknown.verdict == "fail" and unknown.measured == pytest.approx(0.21122, abs=1e-5)
+    assert unknown.verdict == "fail" and unknown.measured == pytest.approx(0.21123, abs=1e-5)
     assert unknown.inputs["judged_at"] == "assay + 12 h eluate shelf life (no administration time given)"
     assert unknown.inputs["judged_time"] == "2026-03-01T18:00:00.000000Z"
     assert unknown.inputs["administration_time"] is None
-    assert unknown.inputs["exceeds_limit_after_s"] / 3600 == pytest.approx(8.7364, abs=1e-4)
+    assert unknown.inputs["exceeds_limit_after_s"] / 3600 == pytest.approx(8.7361, abs=1e-4)
     assert "judged at assay + 12 h" in unknown.detail
-    # Administered 1 h after the assay: 0.06 * 2^0.151312 = 0.066635 -> pass, judged at administration.
+    # Administered 1 h after the assay: 0.06 * 2^0.151318 = 0.066635 -> pass, judged at administration.
     given = mo99_breakthrough(mo99_bq, tc99m_bq, t0, LIMITS["mo99_breakthrough"], administration_ns=t0 + HOUR_NS)
     assert given.verdict == "pass" and given.measured == pytest.approx(0.066635, abs=1e-5)
     assert given.inputs["judged_at"] == "administration time" and given.inputs["judge_horizon_h"] is None
-    # A site with a shorter eluate shelf life configures the horizon: 6 h -> 0.06 * 2^0.907872 = 0.112577 -> pass.
+    # A site with a shorter eluate shelf life configures the horizon: 6 h -> 0.06 * 2^0.907906 = 0.112579 -> pass.
     six = mo99_breakthrough(mo99_bq, tc99m_bq, t0, LIMITS["mo99_breakthrough"], judge_horizon_h=6.0)
-    assert six.verdict == "pass" and six.measured == pytest.approx(0.112577, abs=1e-5)
+    assert six.verdict == "pass" and six.measured == pytest.approx(0.112579, abs=1e-5)
     with pytest.raises(QcInputError, match="Mo-99 judge horizon"):
         mo99_breakthrough(mo99_bq, tc99m_bq, t0, LIMITS["mo99_breakthrough"], judge_horizon_h=-1.0)
 

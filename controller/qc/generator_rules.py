@@ -270,7 +270,7 @@ def mo99_exceed_after_s(ratio_kbq_per_mbq: float, limit_kbq_per_mbq: float) -> f
 
     Both decay freely in the eluate, so R(t) = R0 * 2**(t/T_Tc - t/T_Mo); solving R(t) = L:
         t = log2(L / R0) / (1/T_Tc - 1/T_Mo),
-    positive because Tc-99m (6.0067 h, DDEP) is shorter-lived than Mo-99 (65.924 h, DDEP).
+    positive because Tc-99m (6.0067 h, DDEP) is shorter-lived than Mo-99 (2.7479 d = 65.95 h, DDEP).
     The Tc-99m that the Mo-99 impurity itself feeds (~1e-4 of the eluate) is neglected.
     """
     if ratio_kbq_per_mbq <= 0:
