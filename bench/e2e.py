@@ -168,7 +168,7 @@ def write_config(path: Path, site: str, urls: list[str], poll_s: float, broker: 
 
 
 def run_once(devices: int, duration_s: float, warmup_s: float, offered: float, inflight: int,
-             broker: MosquittoBroker, influx: InfluxService, workdir: Path) -> RunResult:
+             broker: MosquittoBroker, influx: InfluxService, workdir: Path, controller_cpu: int | None) -> RunResult:
     site = f"bench-{devices}"
     run_dir = workdir / site
     run_dir.mkdir()
@@ -183,8 +183,9 @@ def run_once(devices: int, duration_s: float, warmup_s: float, offered: float, i
         subscriber = LatencySubscriber(broker.host, broker.port, site)
         try:
             with (run_dir / "controller.log").open("wb") as log:
+                pin = [] if controller_cpu is None else ["taskset", "--cpu-list", str(controller_cpu)]
                 controller = subprocess.Popen(
-                    [sys.executable, "-m", "controller.cli", "run", "--config", str(run_dir / "lab.toml"),
+                    [*pin, sys.executable, "-m", "controller.cli", "run", "--config", str(run_dir / "lab.toml"),
                      "--duration", str(duration_s), "--log-level", "WARNING"],
                     cwd=REPO, stdout=log, stderr=log, env={**os.environ, PASSWORD_ENV: influx.password})
             try:
@@ -288,6 +289,8 @@ def main() -> int:
     parser.add_argument("--offered", type=float, default=2000.0, help="offered load, readings/s over all devices")
     parser.add_argument("--inflight", type=int, default=MqttConfig().inflight_window,
                         help="[mqtt] inflight_window of the controller (default: the config's default)")
+    parser.add_argument("--controller-cpu", type=int, metavar="CPU",
+                        help="run the controller on this one CPU only (taskset), all its threads included")
     parser.add_argument("--quick", action="store_true", help="1 and 100 devices, 10 s each")
     parser.add_argument("--serve-simulators", type=int, metavar="N", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -305,7 +308,7 @@ def main() -> int:
         with MosquittoBroker(workdir=workdir / "mosquitto") as broker, InfluxService(workdir / "influxd") as influx:
             for devices in counts:
                 result = run_once(devices, args.duration, args.warmup, args.offered, args.inflight, broker, influx,
-                                  workdir)
+                                  workdir, args.controller_cpu)
                 results.append(result)
                 print(f"# {devices} device(s): {result.per_cpu_s:.0f} readings/CPU-s, p99 {result.p99_ms:.1f} ms",
                       file=sys.stderr, flush=True)
@@ -313,7 +316,8 @@ def main() -> int:
         shutil.rmtree(workdir, ignore_errors=True)
     print(f"# hotlab e2e, {os.cpu_count()} CPU(s), offered {args.offered:g} readings/s, "
           f"inflight_window {args.inflight}, "
-          f"{args.duration:g} s per run, window after {args.warmup:g} s")
+          + ("" if args.controller_cpu is None else f"controller pinned to CPU {args.controller_cpu}, ")
+          + f"{args.duration:g} s per run, window after {args.warmup:g} s")
     print_table(results)
     return 0
 
