@@ -109,11 +109,11 @@ def test_tagged_readings(engine: QcEngine) -> None:
     [dose] = judge(engine, reading(550e6, "2026-03-01T08:00:00Z", nuclide="F-18", qc="dosage",
                                    prescribed_bq="370 MBq", administration_time="2026-03-01T09:00:00Z")).results
     assert dose.payload["deviation_pct"] == pytest.approx(1.7698, abs=1e-3)
-    # 0.05 kBq/MBq at the assay, no administration time: judged at assay + 12 h, 0.05 * 2^(12 * 0.151312) = 0.17602.
+    # 0.05 kBq/MBq at the assay, no administration time: judged at assay + 12 h, 0.05 * 2^(12 * 0.151318) = 0.17603.
     [mo] = judge(engine, reading(1.85e6, "2026-03-01T06:00:00Z", nuclide="Mo-99", qc="mo99", tc99m_bq=37e9)).results
-    assert mo.payload["measured"] == pytest.approx(0.17602, abs=1e-5) and mo.payload["verdict"] == "fail"
+    assert mo.payload["measured"] == pytest.approx(0.17603, abs=1e-5) and mo.payload["verdict"] == "fail"
     assert mo.payload["inputs"]["judged_time"] == "2026-03-01T18:00:00.000000Z"
-    assert mo.payload["inputs"]["exceeds_limit_after_s"] / 3600 == pytest.approx(10.4748, abs=1e-4)
+    assert mo.payload["inputs"]["exceeds_limit_after_s"] / 3600 == pytest.approx(10.4744, abs=1e-4)
     [given] = judge(engine, reading(1.85e6, "2026-03-01T06:00:00Z", nuclide="Mo-99", qc="mo99", tc99m_bq=37e9,
                                     administration_time="2026-03-01T14:00:00Z")).results
     assert given.payload["measured"] == pytest.approx(0.11571, abs=1e-5) and given.payload["verdict"] == "pass"
@@ -121,7 +121,7 @@ def test_tagged_readings(engine: QcEngine) -> None:
 
 def test_mo99_judge_horizon_is_configurable() -> None:
     engine = QcEngine("lab1", QcConfig.from_mapping({"mo99_judge_horizon_h": 8}))
-    # 0.05 * 2^(8 * 0.151312) = 0.11571 -> pass, judged 8 h after the assay.
+    # 0.05 * 2^(8 * 0.151318) = 0.11571 -> pass, judged 8 h after the assay.
     [mo] = judge(engine, reading(1.85e6, "2026-03-01T06:00:00Z", nuclide="Mo-99", qc="mo99", tc99m_bq=37e9)).results
     assert mo.payload["measured"] == pytest.approx(0.11571, abs=1e-5) and mo.payload["verdict"] == "pass"
     assert mo.payload["inputs"]["judged_at"] == "assay + 8 h eluate shelf life (no administration time given)"

@@ -161,7 +161,7 @@ def test_ga68_half_life_needs_decaying_readings() -> None:
 def test_mo99_ratio_and_closed_form_exceed_time() -> None:
     # 1.85 MBq (50 uCi) Mo-99 in 37 GBq (1 Ci) Tc-99m: 1850 kBq / 37000 MBq = 0.05 kBq/MBq.
     # The ratio grows as 2^(t (1/6.0067 h - 1/65.9496 h)) = 2^(0.151318 t/h); it reaches 0.15 when
-    # t = log2(0.15/0.05) / 0.151312 = 1.584963 / 0.151318 = 10.4744 h.
+    # t = log2(0.15/0.05) / 0.151318 = 1.584963 / 0.151318 = 10.4744 h.
     t0 = ns("2026-03-01T06:00:00Z")
     result = mo99_breakthrough(1.85e6, 37e9, t0, LIMITS["mo99_breakthrough"], administration_ns=t0)
     assert result.measured == pytest.approx(0.05)
