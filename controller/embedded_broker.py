@@ -98,9 +98,12 @@ class MosquittoBroker:
                 self.port = free_tcp_port(self.host)
             config = self._write_config()
             log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+            # A session of its own: a terminal's Ctrl-C goes to the whole foreground process group,
+            # and would stop the broker while its owner is still draining the backlog to it. The
+            # owner stops it with stop() or close() once it is done.
             self._process = subprocess.Popen(
                 [binary, "-c", str(config)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=subprocess.STDOUT, cwd=self._dir,
+                stderr=subprocess.STDOUT, cwd=self._dir, start_new_session=True,
             )
             if self._wait_listening():
                 return self

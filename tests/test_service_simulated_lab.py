@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 import re
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -32,6 +35,37 @@ def test_simulated_lab_runs_every_device_and_drains(tmp_path: Path) -> None:
     assert "stopped; 0 message(s) kept in the outbox" in log
     assert (tmp_path / "var" / "simulated-lab" / "outbox.sqlite3").is_file()
     assert "Traceback" not in log
+
+
+def test_ctrl_c_in_a_terminal_drains_before_the_private_broker_stops(tmp_path: Path) -> None:
+    """A terminal's Ctrl-C signals the whole foreground process group, the private broker included.
+
+    The broker must still be there while the controller drains, and be gone once it has stopped.
+    """
+    require_mosquitto()
+    log_path = tmp_path / "run.log"
+    with log_path.open("w") as log:
+        process = subprocess.Popen([sys.executable, "-m", "controller.cli", "run"], cwd=tmp_path, stdout=log,
+                                   stderr=log, env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not all(f"device {d}: online" in log_path.read_text() for d in ("vik202-sim", "vdc404-sim")):
+            assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.1)
+        time.sleep(1.0)  # readings flowing
+        os.killpg(process.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    log = log_path.read_text()
+    assert "stopped; 0 message(s) kept in the outbox" in log, log[-3000:]
+    assert "unavailable" not in log, log[-3000:]
+    port_match = re.search(r"MQTT broker: private mosquitto on 127\.0\.0\.1:(\d+)", log)
+    assert port_match is not None
+    with pytest.raises(ConnectionRefusedError):  # the controller stopped its broker on the way out
+        socket.create_connection(("127.0.0.1", int(port_match[1])), timeout=5).close()
 
 
 async def test_without_mosquitto_the_simulated_lab_is_local_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
