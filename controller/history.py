@@ -30,7 +30,7 @@ from urllib.parse import quote
 
 from controller.decay import parse_utc_ns
 from controller.messages import Message
-from controller.outbox import AsyncOutbox
+from controller.outbox import AsyncOutbox, rollback_unless_done
 
 SINK_NAME = "history"
 _OPEN_END_NS = 2**63 - 1
@@ -188,7 +188,7 @@ class HistoryArchive:
                 )
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                rollback_unless_done(self._db)
                 raise
         if rejected:
             log.warning("history: %d message(s) without msg_id/time_ns kept in the rejected table", len(rejected))

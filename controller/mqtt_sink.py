@@ -48,6 +48,7 @@ import logging
 import math
 import os
 import random
+import sqlite3
 import ssl
 import time
 from collections import deque
@@ -125,6 +126,10 @@ class MqttSink:
         self.alarm_topic = controller_topic(site, "alarm")
         self.published = 0
         self.connections = 0
+        #: Outbox failures (e.g. a full disk) since the last ack that could be written: each one
+        #: ends a session, and the reconnection backs off further, so a disk that stays full does
+        #: not make the sink resend its backlog every fraction of a second.
+        self._outbox_failures = 0
         self.connected = asyncio.Event()
         self._wakeup = asyncio.Event()
         self._drain_deadline: float | None = None
@@ -261,10 +266,15 @@ class MqttSink:
                     await self._go_offline(client)
                     return
             except aiomqtt.MqttError as exc:
-                self.connected.clear()
-                self._alarm_sent = None
                 log.warning("mqtt: %s:%d unavailable (%s); messages stay in the outbox",
                             self.config.host, self.config.port, exc)
+            except sqlite3.Error as exc:  # e.g. a full disk: the acks cannot be written
+                self._outbox_failures += 1
+                attempt = max(attempt, self._outbox_failures)
+                log.error("mqtt: the outbox failed (%s: %s); reconnecting, and what was not acknowledged in the "
+                          "outbox is sent again", type(exc).__name__, exc)
+            self.connected.clear()
+            self._alarm_sent = None
             delay = min(self.backoff.delay(attempt, self._rng), max(0.0, self._time_left()))
             attempt += 1
             await self._sleep_unless_draining(delay)
@@ -294,7 +304,7 @@ class MqttSink:
         await client.publish(self.status_topic, _encode(online), qos=QOS_DATA, retain=True)
         watcher = asyncio.ensure_future(self._receive(client))
         watcher.add_done_callback(self._wake)
-        acker = _OutboxAcker(self.outbox, self._count_published)
+        acker = _OutboxAcker(self.outbox, self._count_published, on_failure=self._wake)
         inflight: deque[_InFlight] = deque()
         self._awaiting_puback.clear()
         last_issued = 0
@@ -359,6 +369,7 @@ class MqttSink:
 
     def _count_published(self, count: int) -> None:
         self.published += count
+        self._outbox_failures = 0
 
     @staticmethod
     def _ack_prefix(inflight: deque[_InFlight], acker: _OutboxAcker) -> None:
@@ -420,9 +431,11 @@ class _OutboxAcker:
     de-duplicated on `msg_id`). `close()` writes what is left.
     """
 
-    def __init__(self, outbox: AsyncOutbox, on_acked: Callable[[int], None]) -> None:
+    def __init__(self, outbox: AsyncOutbox, on_acked: Callable[[int], None], *,
+                 on_failure: Callable[[], None]) -> None:
         self._outbox = outbox
         self._on_acked = on_acked
+        self._on_failure = on_failure
         self._waiting: list[int] = []
         self._writer: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -451,6 +464,12 @@ class _OutboxAcker:
             self._timer = None
         if self._writer is None or self._writer.done():
             self._writer = asyncio.create_task(self._write(), name="mqtt-outbox-ack")
+            self._writer.add_done_callback(self._tell_failure)
+
+    def _tell_failure(self, writer: asyncio.Task[None]) -> None:
+        """Wake the publisher, which may be idle, so that it sees the failure (`raise_if_failed`) now."""
+        if not writer.cancelled() and writer.exception() is not None:
+            self._on_failure()
 
     async def _write(self) -> None:
         while self._waiting:

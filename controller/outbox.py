@@ -171,7 +171,7 @@ class Outbox:
                 )
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                rollback_unless_done(self._db)
                 raise
             self._payload_bytes += added
             return [StoredPayload(seq, kind, topic, payload) for seq, (kind, topic, payload) in zip(seqs, rows)]
@@ -224,7 +224,7 @@ class Outbox:
                 )
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                rollback_unless_done(self._db)
                 raise
             finally:
                 self._db.execute("PRAGMA synchronous=FULL")
@@ -243,6 +243,17 @@ class Outbox:
     def _check_sink(self, sink: str) -> None:
         if sink not in self.sinks:
             raise ValueError(f"unknown sink {sink!r}; this outbox serves {', '.join(self.sinks)}")
+
+
+def rollback_unless_done(db: sqlite3.Connection) -> None:
+    """Roll back the open transaction, unless SQLite already has.
+
+    On a full disk (SQLITE_FULL), and on I/O and memory errors, SQLite may roll the whole
+    transaction back itself; a ROLLBACK then fails with "no transaction is active", and that
+    error would replace the one that says what is wrong ("database or disk is full").
+    """
+    if db.in_transaction:
+        db.execute("ROLLBACK")
 
 
 def _read_only_connection(path: Path) -> sqlite3.Connection:
