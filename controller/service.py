@@ -319,6 +319,10 @@ class ControllerService:
         self._alarm_active = False
         self._full_count = 0
         self._full_count_published = 0
+        #: The last commit's SQLite or OS error (a full disk, an I/O error), None once a commit succeeds.
+        self._commit_error: str | None = None
+        self._commit_error_published: str | None = None
+        self._unavailable_count = 0
         self._alarm_published = False
         #: Told after each commit (the MQTT sink publishes at once instead of at its next turn).
         self._wake: list[Callable[[], None]] = []
@@ -547,14 +551,26 @@ class ControllerService:
         return derived
 
     async def _commit_messages(self, messages: list[Message]) -> None:
-        """One producer's messages, through the group commit; `OutboxFull` is this producer's own."""
+        """One producer's messages, through the group commit; `OutboxFull` is this producer's own.
+
+        A SQLite or OS error (the disk is full, say) raises the outbox alarm until a commit
+        works again: the status messages that would tell a dashboard go through this outbox too.
+        """
         assert self.group_commit is not None
         try:
             await self.group_commit.submit(messages)
         except OutboxFull:
             self._full_count += 1
-            await self._check_usage()
+            await self._check_usage_quietly()
             raise
+        except (sqlite3.Error, OSError) as exc:
+            self._unavailable_count += 1
+            self._commit_error = f"{type(exc).__name__}: {exc}"
+            await self._check_usage_quietly()
+            raise
+        if self._commit_error is not None:
+            self._commit_error = None
+            await self._check_usage_quietly()
 
     async def _commit_batch(self, messages: list[Message]) -> None:
         """Commit one group: the QC stage judges it as one batch, and takes it over only once it is stored.
@@ -600,8 +616,15 @@ class ControllerService:
 
     async def _watch_usage(self, interval_s: float = 1.0) -> None:
         while True:
-            await self._check_usage()
+            await self._check_usage_quietly()
             await asyncio.sleep(interval_s)
+
+    async def _check_usage_quietly(self) -> None:
+        """`_check_usage`, logging instead of raising when the outbox cannot even be read."""
+        try:
+            await self._check_usage()
+        except (sqlite3.Error, OSError) as exc:
+            log.error("outbox usage unknown (%s: %s); the alarm is not updated", type(exc).__name__, exc)
 
     async def _check_usage(self) -> None:
         """Raise or clear the outbox alarm (retained on MQTT, and in the log); publish its state once at start."""
@@ -621,14 +644,19 @@ class ControllerService:
         elif changed:
             log.warning("outbox alarm cleared: %.1f %% used", usage.fraction * 100)
         full_reported = self._full_count == self._full_count_published
-        if self.mqtt is None or (self._alarm_published and not changed and full_reported):
+        failing = self._commit_error
+        if self.mqtt is None or (self._alarm_published and not changed and full_reported
+                                 and failing == self._commit_error_published):
             return
         now = time.time_ns()
         self.mqtt.set_alarm({
             "schema": f"hotlab.controller_alarm/{SCHEMA_VERSION}",
             "site": self.config.site,
             "alarm": "outbox_usage",
-            "active": active,
+            "active": active or failing is not None,
+            "commit_failing": failing is not None,
+            "commit_error": failing,
+            "unavailable_events": self._unavailable_count,
             "fraction": round(usage.fraction, 6),
             "warn_fraction": warn,
             "payload_bytes": usage.payload_bytes,
@@ -640,6 +668,7 @@ class ControllerService:
         })
         self._alarm_published = True
         self._full_count_published = self._full_count
+        self._commit_error_published = failing
 
 
 def _warn_about_orphaned_deliveries(path: Path, sinks: Sequence[str]) -> None:

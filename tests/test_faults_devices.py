@@ -10,6 +10,7 @@ The other faults of the issue-9 list are covered elsewhere, each with produced-v
 * broker down/up: tests/test_mqtt_delivery.py::test_broker_outage_loses_nothing_and_keeps_order
 * outbox bound reached ("disk nearly full") -> alarm, no loss once space frees:
   tests/test_mqtt_delivery.py::test_full_outbox_holds_device_data_and_raises_alarm
+* the disk really full under the outbox and the archive: tests/test_faults_disk_full.py
 * controller kill -9 (twice, once with a backlog): tests/test_service_process.py::test_kill_9_and_restart_loses_nothing
   (history sink: tests/test_history.py::test_kill_9_mid_stream_loses_nothing)
 * InfluxDB down/up through the service: tests/test_faults_influx.py
