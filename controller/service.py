@@ -111,7 +111,9 @@ def run_to_exit_code(main: Coroutine[Any, Any, None], prog: str, event_loop: str
     """Run a service coroutine on `event_loop` to the end and map how it ended to the CLI's exit code.
 
     0 after a clean stop; 1 when it failed: a ServiceError is a known condition whose message
-    is enough (printed on one line), anything else is a bug and is logged with its traceback.
+    is enough (printed on one line), and so is an OSError that got this far (a full disk, a
+    read-only or missing directory, no permission: the machine, not the code; its traceback is
+    logged at DEBUG); anything else is a bug and is logged with its traceback.
     """
     try:
         with asyncio.Runner(loop_factory=loop_factory(event_loop)) as runner:
@@ -120,6 +122,10 @@ def run_to_exit_code(main: Coroutine[Any, Any, None], prog: str, event_loop: str
             runner.run(main)
     except ServiceError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        log.debug("%s failed", prog, exc_info=True)
+        print(f"{prog}: {exc} (--log-level DEBUG shows where)", file=sys.stderr)
         return 1
     except Exception:
         log.exception("%s failed", prog)
@@ -148,10 +154,11 @@ def _exclusive_lock(outbox_path: Path) -> Iterator[None]:
             holder = handle.read().strip() or "unknown"
             raise ServiceError(f"outbox {outbox_path} is in use by another hotlab controller (pid {holder}); "
                                "run one controller per outbox") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(str(os.getpid()))
-        handle.flush()
+        try:  # unbuffered, so that a failed write is not tried again when the file is closed
+            os.ftruncate(handle.fileno(), 0)
+            os.write(handle.fileno(), str(os.getpid()).encode())
+        except OSError as exc:
+            raise ServiceError(f"cannot write the outbox lock {lock_path}: {exc.strerror}") from exc
         try:
             yield
         finally:

@@ -307,9 +307,12 @@ class OperatorConsole:
 
 
 def _write_secret(path: Path, secret: str) -> None:
-    path.touch(mode=0o600, exist_ok=True)
-    path.chmod(0o600)
-    path.write_text(secret + "\n", encoding="utf-8")
+    try:
+        path.touch(mode=0o600, exist_ok=True)
+        path.chmod(0o600)
+        path.write_text(secret + "\n", encoding="utf-8")
+    except OSError as exc:  # a failed write() names no file: say which one (the disk may be full)
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
 
 
 async def _cancel(task: asyncio.Task[None]) -> None:

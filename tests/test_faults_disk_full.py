@@ -19,7 +19,9 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,12 +30,13 @@ import pytest
 
 from simulators.faults import FaultInjector
 from simulators.serial_host import TcpHost
-from tests.mosquitto_service import MosquittoBroker, MqttCollector, mosquitto  # noqa: F401
+from tests.mosquitto_service import MosquittoBroker, MqttCollector, mosquitto, require_mosquitto  # noqa: F401
 from tests.test_faults_devices import assert_zero_loss, frame_times, lab_config, running_lab, vik202
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 DISK_BYTES = 8 * 1024 * 1024
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -111,3 +114,31 @@ async def test_disk_full_holds_the_readings_and_delivers_them_all_once_there_is_
     assert len(produced) >= 40
     assert "disk is full" in caplog.text  # SQLite's own words reach the log
     assert "Traceback" not in caplog.text
+
+
+def hotlab_run(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "controller.cli", "run", "--duration", "3", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=60, check=False,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def test_starting_on_a_full_disk_is_one_clear_line(tiny_disk: Path) -> None:
+    fill(tiny_disk)
+    config = tiny_disk.parent / "lab.toml"
+    config.write_text(f'[site]\nname = "full"\n[outbox]\npath = "{tiny_disk / "outbox.sqlite3"}"\n'
+                      '[[device]]\nname = "cal"\nstation = "s1"\nfamily = "vik202"\n'
+                      'transport = "socket://127.0.0.1:9"\n', encoding="utf-8")
+    result = hotlab_run(tiny_disk.parent, "--config", str(config))
+    assert result.returncode == 1
+    assert f"hotlab run: cannot write the outbox lock {tiny_disk / 'outbox.sqlite3.lock'}: No space left on device" \
+        in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_the_simulated_lab_on_a_full_disk_names_the_file(tiny_disk: Path) -> None:
+    require_mosquitto()
+    fill(tiny_disk)
+    result = hotlab_run(tiny_disk)
+    assert result.returncode == 1
+    assert "hotlab run: [Errno 28] No space left on device: 'var/simulated-lab/" in result.stderr
+    assert "Traceback" not in result.stderr
