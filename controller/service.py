@@ -42,6 +42,7 @@ import fcntl
 import inspect
 import logging
 import os
+import random
 import sqlite3
 import sys
 import time
@@ -367,9 +368,7 @@ class ControllerService:
         await asyncio.to_thread(_warn_about_orphaned_deliveries, cfg.outbox.path, self.sink_names)
         await self._restore_stage(outbox)
         sinks = self._start_sinks(outbox)
-        sink_tasks = [asyncio.create_task(sink.run(), name=f"sink-{sink.name}") for sink in sinks]
-        for task in sink_tasks:
-            task.add_done_callback(self._sink_ended)
+        sink_tasks = [asyncio.create_task(self._keep_running(sink), name=f"sink-{sink.name}") for sink in sinks]
         monitor = asyncio.create_task(self._watch_usage(), name="outbox-usage")
         device_tasks = [self._start_device(device) for device in cfg.devices]
         if self.on_started is not None:
@@ -418,12 +417,26 @@ class ControllerService:
                 await asyncio.sleep(0.1)
         sink.stop(budget)
 
-    def _sink_ended(self, task: asyncio.Task[Any]) -> None:
-        """A sink must only end when asked to; otherwise say loudly that its messages now pile up."""
-        if task.cancelled() or task.exception() is None:
-            return
-        log.error("%s crashed: %r; its messages accumulate in the outbox until the controller is restarted",
-                  task.get_name(), task.exception(), exc_info=task.exception())
+    async def _keep_running(self, sink: _SinkRunner) -> None:
+        """Run a sink until it ends as asked; if it crashes instead (a bug), log that and start it again.
+
+        A dead sink would let its messages pile up in the outbox until the outbox is full and
+        holds every device. Started again, after a backoff, it resumes from its last ack
+        (at-least-once). A sink that was told to stop meanwhile finishes its drain when it
+        comes back, or ends at once.
+        """
+        rng = random.Random()
+        crashes = 0
+        while True:
+            try:
+                await sink.run()
+                return
+            except Exception:
+                delay = self.backoff.delay(crashes, rng)
+                crashes += 1
+                log.exception("sink %s crashed (%d time(s) so far); starting it again in %.2f s, its messages "
+                              "wait in the outbox", sink.name, crashes, delay)
+                await asyncio.sleep(delay)
 
     async def _stop_devices(self, tasks: list[asyncio.Task[None]]) -> None:
         """Let each supervisor commit what it holds; cancel any that does not finish in time."""

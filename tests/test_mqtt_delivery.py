@@ -20,6 +20,7 @@ import pytest
 
 from controller.config import DeviceConfig, LabConfig, parse_config
 from controller.messages import Message, qc_message
+from controller.mqtt_sink import MqttSink
 from controller.service import ControllerService
 from controller.supervisor import Item
 from drivers.records import DeviceTimeout, Reading
@@ -243,3 +244,30 @@ async def test_full_outbox_holds_device_data_and_raises_alarm(tmp_path: Path, mo
     assert alarms[0]["active"] is True and alarms[0]["full_events"] >= 1
     assert alarms[-1]["active"] is False
     assert service._full_count >= 1
+
+
+async def test_a_crashed_sink_is_started_again_and_loses_nothing(tmp_path: Path, mosquitto: MosquittoBroker,
+                                                                 monkeypatch: pytest.MonkeyPatch,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """A bug that ends the MQTT sink's run() must not leave the lab without MQTT until a restart."""
+    crashes_left = [1]
+    session = MqttSink._session
+
+    async def crashing_session(self: MqttSink, client: Any) -> None:
+        if crashes_left[0]:
+            crashes_left[0] -= 1
+            raise RuntimeError("a bug in the sink (injected)")
+        await session(self, client)
+
+    monkeypatch.setattr(MqttSink, "_session", crashing_session)
+    async with MqttCollector(mosquitto.host, mosquitto.port) as collector:
+        async with Lab(lab(tmp_path, mosquitto, devices=1, poll_s=0.01)) as running:
+            await collector.wait_for(lambda: len(collector.payloads("/reading")) >= 30, what="30 readings")
+            await running.shutdown()
+        produced = running.sources["cal-1"].produced
+        await collector.wait_for(lambda: len({p["msg_id"] for p in collector.payloads("/reading")}) >= len(produced),
+                                 what=f"all {len(produced)} readings")
+    values, _repeats = first_occurrences(readings_by_device(collector)["cal-1"])
+    assert values == produced
+    assert "sink mqtt crashed (1 time(s) so far); starting it again" in caplog.text
+    assert "RuntimeError: a bug in the sink (injected)" in caplog.text  # with its traceback
