@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import signal
 import sys
 import time
 from collections import Counter
@@ -47,6 +46,7 @@ from controller.simulated_lab import (
     simulated_lab,
     station_mo99_breakthrough,
 )
+from controller.stop_signals import StopSignals
 
 log = logging.getLogger("hotlab.demo")
 
@@ -155,10 +155,19 @@ def _influx_token_source(args: argparse.Namespace) -> dict[str, str]:
 
 async def _run(lab: SimLab, args: argparse.Namespace, broker: BrokerAddress | None,
                influx: dict[str, Any] | None, console: Console) -> None:
-    stop = asyncio.Event()
+    signals = StopSignals()
+    try:
+        await _run_lab(lab, args, broker, influx, console, signals)
+    except asyncio.CancelledError:
+        if not signals.absorb_interrupted_start():
+            raise
+        log.warning("stopped by a signal while starting")
+
+
+async def _run_lab(lab: SimLab, args: argparse.Namespace, broker: BrokerAddress | None,
+                   influx: dict[str, Any] | None, console: Console, signals: StopSignals) -> None:
+    stop = signals.stop
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
     state_dir: Path = args.state_dir
     audit_path = state_dir / "audit.jsonl"
     async with simulated_lab(state_dir, lab, broker=broker, influx=influx, audit_path=audit_path) as config:
@@ -182,6 +191,7 @@ async def _run(lab: SimLab, args: argparse.Namespace, broker: BrokerAddress | No
               f"{'Ctrl-C stops' if args.duration is None else f'stops after {args.duration:g} s'}",
               file=sys.stderr, flush=True)
         started = time.monotonic()
+        signals.running()
         snapshot = (asyncio.create_task(_snapshot_on_stop(view, stop, args.snapshot), name="snapshot")
                     if args.snapshot is not None else None)
         try:

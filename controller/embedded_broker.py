@@ -98,19 +98,28 @@ class MosquittoBroker:
                 self.port = free_tcp_port(self.host)
             config = self._write_config()
             log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-            # A session of its own: a terminal's Ctrl-C goes to the whole foreground process group,
-            # and would stop the broker while its owner is still draining the backlog to it. The
-            # owner stops it with stop() or close() once it is done.
-            self._process = subprocess.Popen(
-                [binary, "-c", str(config)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=subprocess.STDOUT, cwd=self._dir, start_new_session=True,
-            )
+            self._process = self._spawn_deaf_to_ctrl_c([binary, "-c", str(config)])
             if self._wait_listening():
                 return self
             self.kill()
             if not first_start:
                 break
         raise BrokerUnavailable(f"mosquitto did not listen on {self.host}:{self.port}: {self._log_tail(log_offset)}")
+
+    def _spawn_deaf_to_ctrl_c(self, command: list[str]) -> subprocess.Popen[bytes]:
+        """Start mosquitto with SIGINT blocked (a blocked signal stays blocked across exec).
+
+        A terminal's Ctrl-C goes to the whole foreground process group: it would stop the broker
+        while its owner is still draining the backlog to it. The owner stops it with SIGTERM
+        (stop/close) once done. It stays in its owner's process group, so a signal sent to the
+        group by a supervisor or a CI runner (SIGTERM, SIGKILL) still ends it.
+        """
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            return subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.STDOUT, cwd=self._dir)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Graceful stop (SIGTERM): mosquitto writes its persistence file, like a service restart."""

@@ -25,7 +25,6 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import signal
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -35,6 +34,7 @@ from controller.event_loop import DEFAULT_EVENT_LOOP
 from controller.gc_policy import settle_after_startup
 from controller.service import CommitStage, ControllerService, run_to_exit_code
 from controller.simulated_lab import simulated_lab
+from controller.stop_signals import StopSignals
 
 log = logging.getLogger("hotlab.run")
 
@@ -70,17 +70,20 @@ def main(args: argparse.Namespace) -> int:
 
 
 async def _run(config: LabConfig | None, duration_s: float | None) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
+    signals = StopSignals()
     if duration_s is not None:
-        loop.call_later(duration_s, stop.set)
-    async with _lab(config) as lab_config:
-        service = ControllerService(lab_config, stage=_qc_engine(lab_config), on_started=settle_after_startup)
-        log.info("site %s: %d device(s): %s", lab_config.site, len(lab_config.devices),
-                 ", ".join(f"{d.name} ({d.family})" for d in lab_config.devices) or "none")
-        await service.run(stop)
+        asyncio.get_running_loop().call_later(duration_s, signals.stop.set)
+    try:
+        async with _lab(config) as lab_config:
+            service = ControllerService(lab_config, stage=_qc_engine(lab_config), on_started=settle_after_startup)
+            log.info("site %s: %d device(s): %s", lab_config.site, len(lab_config.devices),
+                     ", ".join(f"{d.name} ({d.family})" for d in lab_config.devices) or "none")
+            signals.running()
+            await service.run(signals.stop)
+    except asyncio.CancelledError:
+        if not signals.absorb_interrupted_start():
+            raise
+        log.warning("stopped by a signal while starting; nothing was read yet")
 
 
 @contextlib.asynccontextmanager

@@ -33,13 +33,16 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import aiomqtt
 
 from controller.config import LabConfig, ModbusTcpTransport, parse_config
 from controller.messages import MSG_ID_NAMESPACE, Message, iso_utc, reading_message
 from drivers.records import Reading
+
+if TYPE_CHECKING:
+    from controller.embedded_broker import MosquittoBroker
 
 log = logging.getLogger("hotlab.simulated_lab")
 
@@ -144,9 +147,10 @@ async def simulated_lab(
             mqtt = {"host": broker.host, "port": broker.port}
         else:
             private = MosquittoBroker(persistence=False)
+            starting = asyncio.ensure_future(asyncio.to_thread(private.start))
+            stack.push_async_callback(_close_when_started, starting, private)
             try:
-                await asyncio.to_thread(private.start)
-                stack.push_async_callback(asyncio.to_thread, private.close)
+                await asyncio.shield(starting)  # a Ctrl-C now must not leave a broker started behind our back
                 mqtt = {"host": private.host, "port": private.port}
             except BrokerUnavailable as exc:
                 log.warning("no broker for the simulated lab (%s): LOCAL-ONLY mode, messages stay in %s",
@@ -315,8 +319,22 @@ def _write_secret(path: Path, secret: str) -> None:
         raise OSError(exc.errno, exc.strerror, str(path)) from exc
 
 
+async def _close_when_started(starting: asyncio.Future[Any], broker: MosquittoBroker) -> None:
+    """Close the private broker once its start has ended: a cancellation cannot stop the thread that starts it."""
+    await asyncio.gather(starting, return_exceptions=True)
+    await asyncio.to_thread(broker.close)
+
+
 async def _cancel(task: asyncio.Task[None]) -> None:
-    task.cancel()
+    """Cancel `task` and wait for it, cancelling again if a cancellation was lost.
+
+    On Python 3.11, `asyncio.wait_for` (which aiomqtt's connect uses) drops a cancellation
+    that arrives as the awaited future completes; the operator task then went on running
+    and the lab never finished shutting down (seen on a full disk, about 1 start in 8).
+    """
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=1.0)
     await asyncio.gather(task, return_exceptions=True)
 
 
