@@ -262,10 +262,18 @@ class MqttSink:
                     self.connected.set()
                     log.info("mqtt: connected to %s:%d as %s", self.config.host, self.config.port,
                              self.config.client_id)
-                    await self._session(client)
+                    try:
+                        await self._session(client)
+                    except sqlite3.Error as exc:
+                        if not self.draining:
+                            raise
+                        # Shutting down: another session would fail the same way; go offline now.
+                        log.error("mqtt: the outbox failed while draining (%s: %s); the rest stays in the outbox",
+                                  type(exc).__name__, exc)
                     await self._go_offline(client)
                     return
             except aiomqtt.MqttError as exc:
+                self._outbox_failures = 0  # the outbox was not what failed
                 log.warning("mqtt: %s:%d unavailable (%s); messages stay in the outbox",
                             self.config.host, self.config.port, exc)
             except sqlite3.Error as exc:  # e.g. a full disk: the acks cannot be written
@@ -402,15 +410,20 @@ class MqttSink:
             self._alarm_sent = alarm
 
     async def _go_offline(self, client: aiomqtt.Client) -> None:
-        backlog = await self.outbox.pending_count(SINK)
+        try:
+            backlog: int | None = await self.outbox.pending_count(SINK)
+        except sqlite3.Error as exc:
+            log.error("mqtt: backlog unknown (%s: %s); going offline without it", type(exc).__name__, exc)
+            backlog = None
+        extra = {} if backlog is None else {"backlog": backlog}
         offline = controller_status_payload(self.site, self.config.client_id, "offline", "shutdown",
-                                            time.time_ns(), backlog=backlog)
+                                            time.time_ns(), **extra)
         try:
             await client.publish(self.status_topic, _encode(offline), qos=QOS_DATA, retain=True,
                                  timeout=min(self.publish_timeout_s, 5.0))
         except aiomqtt.MqttError as exc:
             log.warning("mqtt: could not publish offline status (%s); the broker will send the last will", exc)
-        log.info("mqtt: stopped with %d message(s) left in the outbox", backlog)
+        log.info("mqtt: stopped with %s message(s) left in the outbox", "an unknown number of" if backlog is None else backlog)
 
 
 #: Acks are written once this many wait, or `ACK_DELAY_S` after the first of them arrived.
@@ -452,17 +465,23 @@ class _OutboxAcker:
 
     def raise_if_failed(self) -> None:
         """Re-raise a failed ack write in the publisher (the session ends; the next one resends)."""
-        if self._writer is not None and self._writer.done() and not self._writer.cancelled():
-            error = self._writer.exception()
-            if error is not None:
-                self._writer = None
-                raise error
+        error = self._failure()
+        if error is not None:
+            self._writer = None
+            raise error
+
+    def _failure(self) -> BaseException | None:
+        writer = self._writer
+        if writer is None or not writer.done() or writer.cancelled():
+            return None
+        return writer.exception()
 
     def _start(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self._writer is None or self._writer.done():
+        # A failed writer stays until the publisher has seen its error (raise_if_failed).
+        if self._writer is None or (self._writer.done() and self._failure() is None):
             self._writer = asyncio.create_task(self._write(), name="mqtt-outbox-ack")
             self._writer.add_done_callback(self._tell_failure)
 
@@ -474,7 +493,11 @@ class _OutboxAcker:
     async def _write(self) -> None:
         while self._waiting:
             seqs, self._waiting = self._waiting, []
-            await self._outbox.ack(SINK, seqs)
+            try:
+                await self._outbox.ack(SINK, seqs)
+            except BaseException:
+                self._waiting[:0] = seqs  # still to be written: close() tries once more
+                raise
             self._on_acked(len(seqs))
 
     async def close(self) -> None:

@@ -70,7 +70,7 @@ from controller.messages import (
 )
 from controller.mqtt_sink import SINK as MQTT_SINK
 from controller.mqtt_sink import MqttSink
-from controller.outbox import AsyncOutbox, GroupCommit, Outbox, OutboxFull
+from controller.outbox import AsyncOutbox, GroupCommit, Outbox, OutboxFull, OutboxUsage
 from controller.supervisor import Backoff, DeviceState, DeviceSupervisor, Item, Source
 from drivers.elution_station import CommandOutcome
 from drivers.records import ElutionRecord, Reading
@@ -102,6 +102,9 @@ class CommitStage(Protocol):
 
 #: Below this fraction of warn_fraction an active usage alarm clears (hysteresis, so it does not flap).
 ALARM_CLEAR_RATIO = 0.9
+#: An alarm for failing commits clears once commits have worked for this long: on a disk that is
+#: all but full, a small commit can get through now and then between failing ones.
+COMMIT_ERROR_CLEAR_S = 5.0
 
 
 class ServiceError(RuntimeError):
@@ -327,10 +330,14 @@ class ControllerService:
         self._alarm_active = False
         self._full_count = 0
         self._full_count_published = 0
-        #: The last commit's SQLite or OS error (a full disk, an I/O error), None once a commit succeeds.
+        #: The last commit's SQLite or OS error (a full disk, an I/O error); None again once commits
+        #: have worked for COMMIT_ERROR_CLEAR_S.
         self._commit_error: str | None = None
         self._commit_error_published: str | None = None
+        self._commit_failed_at = 0.0
         self._unavailable_count = 0
+        self._last_usage: OutboxUsage | None = None
+        self._usage_unreadable = False
         self._alarm_published = False
         #: Told after each commit (the MQTT sink publishes at once instead of at its next turn).
         self._wake: list[Callable[[], None]] = []
@@ -581,16 +588,19 @@ class ControllerService:
             await self.group_commit.submit(messages)
         except OutboxFull:
             self._full_count += 1
-            await self._check_usage_quietly()
+            await self._check_usage()
             raise
         except (sqlite3.Error, OSError) as exc:
             self._unavailable_count += 1
+            self._commit_failed_at = time.monotonic()
+            first = self._commit_error is None
             self._commit_error = f"{type(exc).__name__}: {exc}"
-            await self._check_usage_quietly()
+            if first:  # later ones reach the alarm with the next periodic check, not a usage scan per device each
+                await self._check_usage()
             raise
-        if self._commit_error is not None:
+        if self._commit_error is not None and time.monotonic() - self._commit_failed_at >= COMMIT_ERROR_CLEAR_S:
             self._commit_error = None
-            await self._check_usage_quietly()
+            await self._check_usage()
 
     async def _commit_batch(self, messages: list[Message]) -> None:
         """Commit one group: the QC stage judges it as one batch, and takes it over only once it is stored.
@@ -633,23 +643,36 @@ class ControllerService:
             await self._commit_messages(messages)
         except OutboxFull:
             log.error("outbox full: final device statuses not stored")
+        except (sqlite3.Error, OSError) as exc:  # the drain that follows must still run
+            log.error("outbox unavailable: final device statuses not stored (%s: %s)", type(exc).__name__, exc)
 
     async def _watch_usage(self, interval_s: float = 1.0) -> None:
         while True:
-            await self._check_usage_quietly()
+            await self._check_usage()
             await asyncio.sleep(interval_s)
 
-    async def _check_usage_quietly(self) -> None:
-        """`_check_usage`, logging instead of raising when the outbox cannot even be read."""
+    async def _read_usage(self) -> OutboxUsage | None:
+        """The outbox's usage, or the last known one if it cannot be read now (logged once per outage)."""
+        assert self.outbox is not None
         try:
-            await self._check_usage()
+            usage = await self.outbox.usage()
+        except sqlite3.ProgrammingError:
+            raise  # a closed or misused connection: a bug, not the disk
         except (sqlite3.Error, OSError) as exc:
-            log.error("outbox usage unknown (%s: %s); the alarm is not updated", type(exc).__name__, exc)
+            if not self._usage_unreadable:
+                log.error("outbox usage cannot be read (%s: %s); the alarm shows the last known usage",
+                          type(exc).__name__, exc)
+            self._usage_unreadable = True
+            return self._last_usage
+        self._usage_unreadable = False
+        self._last_usage = usage
+        return usage
 
     async def _check_usage(self) -> None:
         """Raise or clear the outbox alarm (retained on MQTT, and in the log); publish its state once at start."""
-        assert self.outbox is not None
-        usage = await self.outbox.usage()
+        usage = await self._read_usage()
+        if usage is None:
+            return
         warn = self.config.outbox.warn_fraction
         active = self._alarm_active
         if usage.fraction >= warn:
