@@ -423,7 +423,8 @@ class MqttSink:
                                  timeout=min(self.publish_timeout_s, 5.0))
         except aiomqtt.MqttError as exc:
             log.warning("mqtt: could not publish offline status (%s); the broker will send the last will", exc)
-        log.info("mqtt: stopped with %s message(s) left in the outbox", "an unknown number of" if backlog is None else backlog)
+        left = "an unknown number of" if backlog is None else backlog
+        log.info("mqtt: stopped with %s message(s) left in the outbox", left)
 
 
 #: Acks are written once this many wait, or `ACK_DELAY_S` after the first of them arrived.

@@ -580,8 +580,9 @@ class ControllerService:
     async def _commit_messages(self, messages: list[Message]) -> None:
         """One producer's messages, through the group commit; `OutboxFull` is this producer's own.
 
-        A SQLite or OS error (the disk is full, say) raises the outbox alarm until a commit
-        works again: the status messages that would tell a dashboard go through this outbox too.
+        A SQLite or OS error (the disk is full, say) raises the outbox alarm until commits have
+        worked for COMMIT_ERROR_CLEAR_S: the status messages that would tell a dashboard go
+        through this outbox too.
         """
         assert self.group_commit is not None
         try:
@@ -595,7 +596,7 @@ class ControllerService:
             self._commit_failed_at = time.monotonic()
             first = self._commit_error is None
             self._commit_error = f"{type(exc).__name__}: {exc}"
-            if first:  # later ones reach the alarm with the next periodic check, not a usage scan per device each
+            if first:  # later ones reach the alarm at the next periodic check (no usage scan per failure)
                 await self._check_usage()
             raise
         if self._commit_error is not None and time.monotonic() - self._commit_failed_at >= COMMIT_ERROR_CLEAR_S:
