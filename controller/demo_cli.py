@@ -156,12 +156,8 @@ def _influx_token_source(args: argparse.Namespace) -> dict[str, str]:
 async def _run(lab: SimLab, args: argparse.Namespace, broker: BrokerAddress | None,
                influx: dict[str, Any] | None, console: Console) -> None:
     signals = StopSignals()
-    try:
+    with signals.interruptible_start():
         await _run_lab(lab, args, broker, influx, console, signals)
-    except asyncio.CancelledError:
-        if not signals.absorb_interrupted_start():
-            raise
-        log.warning("stopped by a signal while starting")
 
 
 async def _run_lab(lab: SimLab, args: argparse.Namespace, broker: BrokerAddress | None,

@@ -73,17 +73,13 @@ async def _run(config: LabConfig | None, duration_s: float | None) -> None:
     signals = StopSignals()
     if duration_s is not None:
         asyncio.get_running_loop().call_later(duration_s, signals.stop.set)
-    try:
+    with signals.interruptible_start():
         async with _lab(config) as lab_config:
             service = ControllerService(lab_config, stage=_qc_engine(lab_config), on_started=settle_after_startup)
             log.info("site %s: %d device(s): %s", lab_config.site, len(lab_config.devices),
                      ", ".join(f"{d.name} ({d.family})" for d in lab_config.devices) or "none")
             signals.running()
             await service.run(signals.stop)
-    except asyncio.CancelledError:
-        if not signals.absorb_interrupted_start():
-            raise
-        log.warning("stopped by a signal while starting; nothing was read yet")
 
 
 @contextlib.asynccontextmanager

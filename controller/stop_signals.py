@@ -10,7 +10,12 @@ signal therefore cancels the task that is starting the lab, and its cleanup runs
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import signal
+from collections.abc import Iterator
+
+log = logging.getLogger("hotlab.stop_signals")
 
 
 class StopSignals:
@@ -37,9 +42,13 @@ class StopSignals:
         self.interrupted_start = True
         self._starting_task.cancel()
 
-    def absorb_interrupted_start(self) -> bool:
-        """After a CancelledError: True (and the task's cancellation undone) if it was this start's."""
-        if not self.interrupted_start or self._starting_task is None:
-            return False
-        self._starting_task.uncancel()
-        return True
+    @contextlib.contextmanager
+    def interruptible_start(self) -> Iterator[None]:
+        """Around the start and the run: a start cancelled by a signal ends here, quietly."""
+        try:
+            yield
+        except asyncio.CancelledError:
+            if not self.interrupted_start or self._starting_task is None:
+                raise  # somebody else's cancellation
+            self._starting_task.uncancel()
+            log.warning("stopped by a signal while starting")

@@ -22,13 +22,14 @@ from controller.stop_signals import StopSignals
 
 async def main():
     signals = StopSignals()
-    print("starting", flush=True)
-    try:
-        await asyncio.Event().wait()  # a start that never finishes
-    except asyncio.CancelledError:
-        print("absorbed", signals.absorb_interrupted_start(), "stop", signals.stop.is_set(), flush=True)
-        await asyncio.sleep(0.01)  # the task is not left cancelled
-        print("cleaned up", flush=True)
+    with signals.interruptible_start():
+        print("starting", flush=True)
+        try:
+            await asyncio.Event().wait()  # a start that never finishes
+        finally:
+            print("cleaning up", flush=True)
+    await asyncio.sleep(0.01)  # the task is not left cancelled
+    print("ended quietly, stop", signals.stop.is_set(), flush=True)
 
 asyncio.run(main())
 """
@@ -67,7 +68,7 @@ def signalled(script: str, signum: int) -> tuple[int, str]:
 def test_a_signal_interrupts_a_start_that_hangs(signum: int) -> None:
     returncode, out = signalled(HUNG_START, signum)
     assert returncode == 0
-    assert out.splitlines() == ["absorbed True stop True", "cleaned up"]
+    assert out.splitlines() == ["cleaning up", "ended quietly, stop True"]
 
 
 def test_a_signal_only_sets_stop_once_running() -> None:
