@@ -19,9 +19,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,12 +29,12 @@ import pytest
 from simulators.faults import FaultInjector
 from simulators.serial_host import TcpHost
 from tests.mosquitto_service import MosquittoBroker, MqttCollector, mosquitto, require_mosquitto  # noqa: F401
+from tests.cli_process import run_hotlab
 from tests.test_faults_devices import assert_zero_loss, frame_times, lab_config, running_lab, vik202
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 DISK_BYTES = 8 * 1024 * 1024
-REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -117,9 +115,7 @@ async def test_disk_full_holds_the_readings_and_delivers_them_all_once_there_is_
 
 
 def hotlab_run(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "controller.cli", "run", "--duration", "3", *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=60, check=False,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    return run_hotlab("run", "--duration", "3", *args, cwd=cwd, timeout_s=60)
 
 
 def test_starting_on_a_full_disk_is_one_clear_line(tiny_disk: Path) -> None:

@@ -16,17 +16,15 @@ import pytest
 import controller.embedded_broker
 from controller.config import SerialTransport
 from controller.run_cli import simulated_lab
+from tests.cli_process import REPO, run_hotlab
 from tests.mosquitto_service import require_mosquitto
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parent.parent
-
 
 def test_simulated_lab_runs_every_device_and_drains(tmp_path: Path) -> None:
     require_mosquitto()
-    result = subprocess.run([sys.executable, "-m", "controller.cli", "run", "--duration", "4"], check=False, cwd=tmp_path,
-                            capture_output=True, text=True, timeout=90, env={**os.environ, "PYTHONPATH": str(REPO)})
+    result = run_hotlab("run", "--duration", "4", cwd=tmp_path, timeout_s=90)
     assert result.returncode == 0, result.stderr[-3000:]
     log = result.stderr
     assert re.search(r"MQTT broker: private mosquitto on 127\.0\.0\.1:\d+", log)

@@ -1,0 +1,31 @@
+"""Run `hotlab` (python -m controller.cli) as a child process the way the tests need it.
+
+`subprocess.run(timeout=...)` kills only the child it started: a `hotlab run` that hangs would
+leave its private mosquitto behind, running. Here the child gets a process group of its own, and
+a timeout kills the whole group before the test fails.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_hotlab(*args: str, cwd: Path, timeout_s: float) -> subprocess.CompletedProcess[str]:
+    """`hotlab ARGS` in `cwd`, with its output captured; the test fails if it takes longer than `timeout_s`."""
+    command = [sys.executable, "-m", "controller.cli", *args]
+    process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)  # the private broker and anything else it started
+        stdout, stderr = process.communicate()
+        raise AssertionError(f"hotlab {' '.join(args)} did not finish within {timeout_s:g} s; "
+                             f"its log ends with:\n{stderr[-3000:]}") from None
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
