@@ -23,13 +23,19 @@ class StopSignals:
 
     def __init__(self) -> None:
         self.stop = asyncio.Event()
-        #: True once a signal cancelled the start (the caller then ends quietly, not with an error).
-        self.interrupted_start = False
         self._starting_task = asyncio.current_task()
         self._running = False
+        #: Cancellations of the start that the signals asked for; each signal asks again, because
+        #: a library may lose one (Python 3.11's `wait_for` does, as the awaited thing completes).
+        self._cancels = 0
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, self._on_signal)
+
+    @property
+    def interrupted_start(self) -> bool:
+        """True once a signal cancelled the start (the caller then ends quietly, not with an error)."""
+        return self._cancels > 0
 
     def running(self) -> None:
         """From now on a signal only sets `stop`: the service stops gracefully."""
@@ -37,18 +43,30 @@ class StopSignals:
 
     def _on_signal(self) -> None:
         self.stop.set()
-        if self._running or self.interrupted_start or self._starting_task is None:
+        if self._running or self._starting_task is None or self._starting_task.done():
             return
-        self.interrupted_start = True
+        self._cancels += 1
         self._starting_task.cancel()
 
     @contextlib.contextmanager
     def interruptible_start(self) -> Iterator[None]:
-        """Around the start and the run: a start cancelled by a signal ends here, quietly."""
+        """Around the start and the run: a start cancelled by a signal ends here, quietly.
+
+        Unless the start was failing already (a full disk, say) when the signal came: then that
+        error is what the caller must see, not a quiet stop.
+        """
         try:
             yield
-        except asyncio.CancelledError:
-            if not self.interrupted_start or self._starting_task is None:
+        except asyncio.CancelledError as cancelled:
+            task = self._starting_task
+            if not self._cancels or task is None:
                 raise  # somebody else's cancellation
-            self._starting_task.uncancel()
+            left = task.cancelling()
+            for _ in range(self._cancels):
+                left = task.uncancel()
+            if left > 0:
+                raise  # somebody else cancelled it too
+            failure = cancelled.__context__
+            if isinstance(failure, Exception):
+                raise failure from None
             log.warning("stopped by a signal while starting")

@@ -49,29 +49,79 @@ asyncio.run(main())
 """
 
 
-def signalled(script: str, signum: int) -> tuple[int, str]:
-    process = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE, text=True,
-                               env={**os.environ, "PYTHONPATH": str(REPO)})
+SWALLOWING_START = """
+import asyncio
+from controller.stop_signals import StopSignals
+
+async def main():
+    signals = StopSignals()
+    with signals.interruptible_start():
+        print("starting", flush=True)
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            print("starting", flush=True)  # a library that loses the cancellation, and hangs on
+        await asyncio.Event().wait()
+    print("ended quietly", flush=True)
+
+asyncio.run(main())
+"""
+
+FAILING_START = """
+import asyncio
+from controller.stop_signals import StopSignals
+
+async def main():
+    signals = StopSignals()
+    with signals.interruptible_start():
+        try:
+            raise OSError(28, "No space left on device", "operator.token")
+        finally:
+            print("starting", flush=True)  # cleaning up after the failure, which takes a while
+            await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+def signalled(script: str, *signums: int) -> tuple[int, str, str]:
+    """Run `script`; each time it prints "starting", send it the next signal. Returns (code, stdout, stderr)."""
+    process = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     try:
         assert process.stdout is not None
-        assert process.stdout.readline().strip() == "starting"
-        process.send_signal(signum)
-        out, _ = process.communicate(timeout=20)
+        for signum in signums:
+            assert process.stdout.readline().strip() == "starting"
+            process.send_signal(signum)
+        out, err = process.communicate(timeout=20)
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
-    return process.returncode, out
+    return process.returncode, out, err
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_a_signal_interrupts_a_start_that_hangs(signum: int) -> None:
-    returncode, out = signalled(HUNG_START, signum)
+    returncode, out, _err = signalled(HUNG_START, signum)
     assert returncode == 0
     assert out.splitlines() == ["cleaning up", "ended quietly, stop True"]
 
 
 def test_a_signal_only_sets_stop_once_running() -> None:
-    returncode, out = signalled(RUNNING, signal.SIGINT)
+    returncode, out, _err = signalled(RUNNING, signal.SIGINT)
     assert returncode == 0
     assert out.strip() == "stopped gracefully, interrupted start: False"
+
+
+def test_a_second_signal_ends_a_start_that_lost_the_first() -> None:
+    returncode, out, _err = signalled(SWALLOWING_START, signal.SIGINT, signal.SIGINT)
+    assert returncode == 0
+    assert out.strip() == "ended quietly"
+
+
+def test_a_signal_does_not_hide_the_error_a_start_was_failing_with() -> None:
+    returncode, _out, err = signalled(FAILING_START, signal.SIGINT)
+    assert returncode == 1
+    assert "OSError: [Errno 28] No space left on device: 'operator.token'" in err
+    assert "stopped by a signal while starting" not in err
