@@ -43,6 +43,7 @@ from controller.simulated_lab import (
     SimCalibrator,
     SimGenerator,
     SimLab,
+    cancel_and_wait,
     simulated_lab,
     station_mo99_breakthrough,
 )
@@ -174,32 +175,35 @@ async def _run_lab(lab: SimLab, args: argparse.Namespace, broker: BrokerAddress 
         where = "none" if config.mqtt is None else f"{config.mqtt.host}:{config.mqtt.port}"
         view = LabView(config.site, where, lab.acceleration)
         watcher: asyncio.Task[None] | None = None
-        if config.mqtt is not None:
-            subscribed = asyncio.Event()
-            watcher = asyncio.create_task(watch_broker(view, config.mqtt.host, config.mqtt.port,
-                                                       subscribed=subscribed), name="live-view")
-            # Subscribe before the first reading is published, so the screen misses nothing.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(subscribed.wait(), timeout=10.0)
-        if args.duration is not None:
-            loop.call_later(args.duration, stop.set)
-        print(f"demo running: state in {state_dir}; "
-              f"{'Ctrl-C stops' if args.duration is None else f'stops after {args.duration:g} s'}",
-              file=sys.stderr, flush=True)
-        started = time.monotonic()
-        signals.running()
-        snapshot = (asyncio.create_task(_snapshot_on_stop(view, stop, args.snapshot), name="snapshot")
-                    if args.snapshot is not None else None)
-        try:
+        snapshot: asyncio.Task[None] | None = None
+        try:  # from here on the live view's task exists: it must end with the demo, however the demo ends
+            if config.mqtt is not None:
+                subscribed = asyncio.Event()
+                watcher = asyncio.create_task(watch_broker(view, config.mqtt.host, config.mqtt.port,
+                                                           subscribed=subscribed), name="live-view")
+                # Subscribe before the first reading is published, so the screen misses nothing.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(subscribed.wait(), timeout=10.0)
+            if args.duration is not None:
+                loop.call_later(args.duration, stop.set)
+            print(f"demo running: state in {state_dir}; "
+                  f"{'Ctrl-C stops' if args.duration is None else f'stops after {args.duration:g} s'}",
+                  file=sys.stderr, flush=True)
+            started = time.monotonic()
+            signals.running()
+            if args.snapshot is not None:
+                snapshot = asyncio.create_task(_snapshot_on_stop(view, stop, args.snapshot), name="snapshot")
             if args.headless:
                 await service.run(stop)
             else:
                 await _run_live(service, view, stop, console)
         finally:
-            background = [task for task in (watcher, snapshot) if task is not None]
             if watcher is not None:
-                watcher.cancel()
-            await asyncio.gather(*background, return_exceptions=True)
+                await cancel_and_wait(watcher)
+            if snapshot is not None:
+                if not stop.is_set():  # the demo failed: there is no running lab to draw
+                    snapshot.cancel()
+                await asyncio.gather(snapshot, return_exceptions=True)
         if args.headless:
             print(await asyncio.to_thread(summary, view, config.history_path, time.monotonic() - started,
                                           audit_path))

@@ -98,7 +98,7 @@ class MosquittoBroker:
                 self.port = free_tcp_port(self.host)
             config = self._write_config()
             log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-            self._process = self._spawn_deaf_to_ctrl_c([binary, "-c", str(config)])
+            self._spawn_deaf_to_ctrl_c([binary, "-c", str(config)])
             if self._wait_listening():
                 return self
             self.kill()
@@ -106,18 +106,21 @@ class MosquittoBroker:
                 break
         raise BrokerUnavailable(f"mosquitto did not listen on {self.host}:{self.port}: {self._log_tail(log_offset)}")
 
-    def _spawn_deaf_to_ctrl_c(self, command: list[str]) -> subprocess.Popen[bytes]:
+    def _spawn_deaf_to_ctrl_c(self, command: list[str]) -> None:
         """Start mosquitto with SIGINT blocked (a blocked signal stays blocked across exec).
 
         A terminal's Ctrl-C goes to the whole foreground process group: it would stop the broker
         while its owner is still draining the backlog to it. The owner stops it with SIGTERM
         (stop/close) once done. It stays in its owner's process group, so a signal sent to the
         group by a supervisor or a CI runner (SIGTERM, SIGKILL) still ends it.
+
+        `_process` is set before the mask is restored: a Ctrl-C that waited meanwhile is raised
+        (KeyboardInterrupt) right then, and close() must still know the broker to stop it.
         """
         previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
-            return subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.STDOUT, cwd=self._dir)
+            self._process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                             stderr=subprocess.STDOUT, cwd=self._dir)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 

@@ -243,7 +243,7 @@ async def _start_station(stack: contextlib.AsyncExitStack, generator: SimGenerat
     work = (console.operate(generator, period_s) if console is not None
             else _press_start_on_front_panel(model, generator, period_s))
     task = asyncio.create_task(work, name=f"simulated-operator-{generator.device}")
-    stack.push_async_callback(_cancel, task)
+    stack.push_async_callback(cancel_and_wait, task)
     return {"modbus": "tcp", "host": host, "port": port, "device_id": 1, "word_order": "ABCD"}
 
 
@@ -325,7 +325,7 @@ async def _close_when_started(starting: asyncio.Future[Any], broker: MosquittoBr
     await asyncio.to_thread(broker.close)
 
 
-async def _cancel(task: asyncio.Task[None]) -> None:
+async def cancel_and_wait(task: asyncio.Task[None]) -> None:
     """Cancel `task` and wait for it, cancelling again if a cancellation was lost.
 
     On Python 3.11, `asyncio.wait_for` (which aiomqtt's connect uses) drops a cancellation
