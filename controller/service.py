@@ -393,9 +393,10 @@ class ControllerService:
             await asyncio.gather(monitor, return_exceptions=True)
             await asyncio.gather(*(self._drain(sink, task, outbox) for sink, task in zip(sinks, sink_tasks)))
             await self._await_sinks(sink_tasks)
-            left = await outbox.pending_count(MQTT_SINK)
+            left = await self._backlog(outbox, MQTT_SINK)
             await outbox.close()
-            log.info("stopped; %d message(s) kept in the outbox for the next start", left)
+            log.info("stopped; %s message(s) kept in the outbox for the next start",
+                     "an unknown number of" if left is None else left)
 
     async def _restore_stage(self, outbox: AsyncOutbox) -> None:
         """Let the QC engine rebuild its generator state from the archive before the first reading."""
@@ -420,9 +421,18 @@ class ControllerService:
         budget = self.config.service.drain_timeout_s
         if not sink.self_draining:
             deadline = time.monotonic() + budget
-            while not task.done() and time.monotonic() < deadline and await outbox.pending_count(sink.name):
+            while not task.done() and time.monotonic() < deadline and await self._backlog(outbox, sink.name):
                 await asyncio.sleep(0.1)
         sink.stop(budget)
+
+    @staticmethod
+    async def _backlog(outbox: AsyncOutbox, sink: str) -> int | None:
+        """What `sink` has left in the outbox; None if the outbox cannot tell (a shutdown goes on regardless)."""
+        try:
+            return await outbox.pending_count(sink)
+        except (sqlite3.Error, OSError) as exc:
+            log.error("outbox: the %s backlog cannot be read (%s: %s)", sink, type(exc).__name__, exc)
+            return None
 
     async def _keep_running(self, sink: _SinkRunner) -> None:
         """Run a sink until it ends as asked; if it crashes instead (a bug), log that and start it again.
@@ -657,9 +667,7 @@ class ControllerService:
         assert self.outbox is not None
         try:
             usage = await self.outbox.usage()
-        except sqlite3.ProgrammingError:
-            raise  # a closed or misused connection: a bug, not the disk
-        except (sqlite3.Error, OSError) as exc:
+        except (sqlite3.Error, OSError) as exc:  # never raised: this runs on the commit path too
             if not self._usage_unreadable:
                 log.error("outbox usage cannot be read (%s: %s); the alarm shows the last known usage",
                           type(exc).__name__, exc)
@@ -742,9 +750,11 @@ def _history_runner(path: Path, outbox: AsyncOutbox) -> _SinkRunner:
     from controller.history import HistoryArchive, run_history_sink
 
     stop = asyncio.Event()
-    archive = HistoryArchive(path)
+    first_archive = [HistoryArchive(path)]  # opened now: an archive that cannot be opened stops the start
 
     async def run() -> None:
+        # A run after a crash (_keep_running) opens the archive again: the last run closed it.
+        archive = first_archive.pop() if first_archive else await asyncio.to_thread(HistoryArchive, path)
         try:
             await run_history_sink(outbox, archive, stop)
         finally:

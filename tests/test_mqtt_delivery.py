@@ -8,6 +8,7 @@ gaps and duplicates can be checked exactly. The service, outbox, MQTT sink and b
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -25,6 +26,7 @@ from controller.service import ControllerService
 from controller.supervisor import Item
 from drivers.records import DeviceTimeout, Reading
 from tests.mosquitto_service import MosquittoBroker, MqttCollector, mosquitto  # noqa: F401
+from tests.test_faults_devices import archived_frame_times
 
 pytestmark = pytest.mark.integration
 
@@ -271,3 +273,30 @@ async def test_a_crashed_sink_is_started_again_and_loses_nothing(tmp_path: Path,
     assert values == produced
     assert "sink mqtt crashed (1 time(s) so far); starting it again" in caplog.text
     assert "RuntimeError: a bug in the sink (injected)" in caplog.text  # with its traceback
+
+
+async def test_a_crashed_history_sink_reopens_its_archive_and_loses_nothing(
+        tmp_path: Path, mosquitto: MosquittoBroker, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The history sink closes its archive when it ends; started again after a crash it must open it again."""
+    import controller.history
+
+    crashes_left = [1]
+    run_history_sink = controller.history.run_history_sink
+
+    async def crashing_once(*args: Any, **kwargs: Any) -> int:
+        if crashes_left[0]:
+            crashes_left[0] -= 1
+            await asyncio.sleep(0.3)  # some readings wait in the outbox meanwhile
+            raise RuntimeError("a bug in the history sink (injected)")
+        return await run_history_sink(*args, **kwargs)
+
+    monkeypatch.setattr(controller.history, "run_history_sink", crashing_once)
+    config = dataclasses.replace(lab(tmp_path, mosquitto), history_path=tmp_path / "history.sqlite3")
+    async with Lab(config) as running:
+        await asyncio.sleep(1.5)
+        await running.shutdown()
+    produced = running.sources["cal-1"].produced
+    archived = await asyncio.to_thread(archived_frame_times, tmp_path / "history.sqlite3", "cal-1")
+    assert len(archived) == len(produced) > 20
+    assert "sink history crashed (1 time(s) so far); starting it again" in caplog.text
