@@ -7,6 +7,7 @@ a timeout kills the whole group before the test fails.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -28,4 +29,8 @@ def run_hotlab(*args: str, cwd: Path, timeout_s: float) -> subprocess.CompletedP
         stdout, stderr = process.communicate()
         raise AssertionError(f"hotlab {' '.join(args)} did not finish within {timeout_s:g} s; "
                              f"its log ends with:\n{stderr[-3000:]}") from None
+    finally:  # also after pytest's own timeout, or when hotlab ended but left a child behind
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)

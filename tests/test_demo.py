@@ -43,8 +43,9 @@ T0 = 1_795_000_000_000_000_000
 
 
 def _hotlab(*args: str, cwd: Path) -> subprocess.Popen[str]:
+    """In a process group of its own, so that a failed test can kill the demo's private broker with it."""
     return subprocess.Popen([sys.executable, "-m", "controller.cli", *args], cwd=cwd, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
                             env={**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "150"})
 
 
@@ -116,7 +117,8 @@ def test_ctrl_c_stops_the_live_demo_cleanly_and_drains(tmp_path: Path) -> None:
         process.wait(60)
     finally:
         if process.poll() is None:
-            process.kill()
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
     for reader in readers:
         reader.join(10)
     stdout, stderr = "".join(stdout_lines), "".join(stderr_lines)
