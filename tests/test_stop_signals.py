@@ -10,18 +10,23 @@ import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+from tests.cli_process import REPO
 
-HUNG_START = """
+#: Each case is the body of `main()`, which runs on its own event loop with `signals = StopSignals()` made first.
+PROGRAM = """\
 import asyncio
 from controller.stop_signals import StopSignals
 
 async def main():
     signals = StopSignals()
+{case}
+asyncio.run(main())
+"""
+
+HUNG_START = """\
     with signals.interruptible_start():
         print("starting", flush=True)
         try:
@@ -30,31 +35,16 @@ async def main():
             print("cleaning up", flush=True)
     await asyncio.sleep(0.01)  # the task is not left cancelled
     print("ended quietly, stop", signals.stop.is_set(), flush=True)
-
-asyncio.run(main())
 """
 
-RUNNING = """
-import asyncio
-from controller.stop_signals import StopSignals
-
-async def main():
-    signals = StopSignals()
+RUNNING = """\
     signals.running()
     print("starting", flush=True)
     await signals.stop.wait()
     print("stopped gracefully, interrupted start:", signals.interrupted_start, flush=True)
-
-asyncio.run(main())
 """
 
-
-SWALLOWING_START = """
-import asyncio
-from controller.stop_signals import StopSignals
-
-async def main():
-    signals = StopSignals()
+SWALLOWING_START = """\
     with signals.interruptible_start():
         print("starting", flush=True)
         try:
@@ -63,30 +53,21 @@ async def main():
             print("starting", flush=True)  # a library that loses the cancellation, and hangs on
         await asyncio.Event().wait()
     print("ended quietly", flush=True)
-
-asyncio.run(main())
 """
 
-FAILING_START = """
-import asyncio
-from controller.stop_signals import StopSignals
-
-async def main():
-    signals = StopSignals()
+FAILING_START = """\
     with signals.interruptible_start():
         try:
             raise OSError(28, "No space left on device", "operator.token")
         finally:
             print("starting", flush=True)  # cleaning up after the failure, which takes a while
             await asyncio.Event().wait()
-
-asyncio.run(main())
 """
 
 
-def signalled(script: str, *signums: int) -> tuple[int, str, str]:
-    """Run `script`; each time it prints "starting", send it the next signal. Returns (code, stdout, stderr)."""
-    process = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE,
+def signalled(case: str, *signums: int) -> tuple[int, str, str]:
+    """Run `case`; each time it prints "starting", send it the next signal. Returns (code, stdout, stderr)."""
+    process = subprocess.Popen([sys.executable, "-c", PROGRAM.format(case=case)], cwd=REPO, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     try:
         assert process.stdout is not None
