@@ -24,10 +24,8 @@ import paho.mqtt.client as mqtt
 from influxdb_client import InfluxDBClient, Point, WritePrecision
 from influxdb_client.client.write_api import SYNCHRONOUS
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from controller.messages import reading_message
-from drivers.records import Reading
+from hotlab.controller.messages import reading_message
+from hotlab.drivers.records import Reading
 
 
 def build_points(count: int, site: str) -> list[tuple[str, bytes, Point]]:

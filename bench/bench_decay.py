@@ -20,10 +20,8 @@ from pathlib import Path
 import numpy as np
 import radioactivedecay as rd
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from controller.decay import decay_factor  # noqa: E402
-from controller.nuclides import NUCLIDES  # noqa: E402
+from hotlab.physics.decay import decay_factor
+from hotlab.physics.nuclides import NUCLIDES
 
 
 def hotlab_correct(a0_bq: np.ndarray, half_lives_s: np.ndarray, index: np.ndarray, dt_s: np.ndarray) -> np.ndarray:

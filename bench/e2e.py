@@ -7,7 +7,7 @@ Per device count N, everything is a real process on loopback:
 
 * N VIK-202 simulators (simulators/calibrator_vik202.py) on TCP in one separate process,
   reached by the driver through `socket://` URLs, as through a serial device server;
-* the controller, `python -m controller.cli run --config ... --duration D`, exactly as
+* the controller, `python -m hotlab.controller.cli run --config ... --duration D`, exactly as
   deployed (outbox with synchronous=FULL, QC engine, MQTT, InfluxDB and history sinks);
 * Mosquitto and influxd started like the test fixtures (tests/mosquitto_service.py and
   tests/influx_service.py, including its v2-write bridge for InfluxDB 1.6);
@@ -50,8 +50,8 @@ import paho.mqtt.client as mqtt
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from controller.config import MqttConfig
-from controller.embedded_broker import MosquittoBroker
+from hotlab.controller.config import MqttConfig
+from hotlab.controller.lab.embedded_broker import MosquittoBroker
 from tests.influx_service import InfluxService
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -62,10 +62,10 @@ PASSWORD_ENV = "HOTLAB_BENCH_INFLUX_PASSWORD"
 
 async def serve_simulators(count: int) -> None:
     """Child process: N VIK-202 simulators on TCP; print their URLs as one JSON line; run until stdin closes."""
-    from simulators.calibrator_vik202 import Vik202Simulator
-    from simulators.faults import FaultInjector
-    from simulators.serial_host import TcpHost
-    from simulators.source import make_chamber
+    from hotlab.simulators.calibrator_vik202 import Vik202Simulator
+    from hotlab.simulators.faults import FaultInjector
+    from hotlab.simulators.serial_host import TcpHost
+    from hotlab.simulators.source import make_chamber
 
     hosts = []
     for index in range(count):
@@ -185,7 +185,7 @@ def run_once(devices: int, duration_s: float, warmup_s: float, offered: float, i
             with (run_dir / "controller.log").open("wb") as log:
                 pin = [] if controller_cpu is None else ["taskset", "--cpu-list", str(controller_cpu)]
                 controller = subprocess.Popen(
-                    [*pin, sys.executable, "-m", "controller.cli", "run", "--config", str(run_dir / "lab.toml"),
+                    [*pin, sys.executable, "-m", "hotlab.controller.cli", "run", "--config", str(run_dir / "lab.toml"),
                      "--duration", str(duration_s), "--log-level", "WARNING"],
                     cwd=REPO, stdout=log, stderr=log, env={**os.environ, PASSWORD_ENV: influx.password})
             try:

@@ -28,14 +28,12 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from controller.config import DeviceConfig, MqttConfig, parse_config
-from controller.embedded_broker import MosquittoBroker
-from controller.event_loop import DEFAULT_EVENT_LOOP, EVENT_LOOPS, loop_factory
-from controller.service import ControllerService
-from controller.supervisor import Item
-from drivers.records import Reading
+from hotlab.controller.config import DeviceConfig, MqttConfig, parse_config
+from hotlab.controller.lab.embedded_broker import MosquittoBroker
+from hotlab.controller.event_loop import DEFAULT_EVENT_LOOP, EVENT_LOOPS, loop_factory
+from hotlab.controller.service import ControllerService
+from hotlab.controller.supervisor import Item
+from hotlab.drivers.records import Reading
 
 
 class ArrivalCounter:

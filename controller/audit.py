@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from controller.messages import iso_utc
+from hotlab.controller.messages import iso_utc
 
 SCHEMA = "hotlab.audit/1"
 #: `prev_hash` of the first record: a fixed, documented value rather than zeros, so an

@@ -55,7 +55,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol
 
-from controller.audit import (
+from hotlab.controller.audit import (
     ELUTION_ABORT,
     ELUTION_START,
     FAULT_ACKNOWLEDGE,
@@ -64,15 +64,15 @@ from controller.audit import (
     AuditRecord,
     iter_records,
 )
-from controller.config import ROLES, DeviceConfig, OperatorConfig
-from controller.messages import TOPIC_ROOT, iso_utc
-from drivers.elution_station import (
+from hotlab.controller.config import ROLES, DeviceConfig, OperatorConfig
+from hotlab.controller.messages import TOPIC_ROOT, iso_utc
+from hotlab.drivers.elution_station import (
     CommandOutcome,
     CommandOutcomeUnknown,
     CommandRefused,
     NotAuthorised,
 )
-from drivers.records import DeviceRefused, DriverError
+from hotlab.drivers.records import DeviceRefused, DriverError
 
 log = logging.getLogger(__name__)
 
@@ -304,7 +304,7 @@ def _parse_args(action: str, args: dict[str, Any]) -> dict[str, Any]:
             raise MalformedCommand(f"args.volume_ml must be > 0 and <= {MAX_VOLUME_ML:g} mL, got {volume!r}")
         return {"volume_ml": float(volume)}
     if action == "select_nuclide":
-        from controller.nuclides import UnknownNuclideError, get_nuclide
+        from hotlab.physics.nuclides import UnknownNuclideError, get_nuclide
 
         text = _string(args, "nuclide", 32, where="args.nuclide")
         try:
@@ -365,7 +365,7 @@ class Authoriser:
 
 
 class StationControl(Protocol):
-    """What the service's elution-station source offers (drivers.elution_station semantics)."""
+    """What the service's elution-station source offers (hotlab.drivers.elution_station semantics)."""
 
     async def start_elution(self, volume_ml: float, *, user: str, reason: str) -> CommandOutcome: ...
 

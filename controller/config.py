@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from controller.event_loop import DEFAULT_EVENT_LOOP, EVENT_LOOPS
-from drivers.elution_station import ModbusRtuLink, ModbusTcpLink
+from hotlab.controller.event_loop import DEFAULT_EVENT_LOOP, EVENT_LOOPS
+from hotlab.drivers.elution_station import ModbusRtuLink, ModbusTcpLink
 
 CALIBRATOR_FAMILIES: tuple[str, ...] = ("vik202", "crc15r", "vdc404", "atomlab500")
 STATION_FAMILIES: tuple[str, ...] = ("elution_station",)
@@ -212,7 +212,7 @@ class LabConfig:
     influx: InfluxSection | None = None
     #: The local permanent archive (controller/history.py) for QC officers; None when disabled.
     history_path: Path | None = None
-    #: The [qc] table as written (validated at load by controller.qc.engine.QcConfig; see docs/qc.md).
+    #: The [qc] table as written (validated at load by hotlab.controller.qc.engine.QcConfig; see docs/qc.md).
     qc: dict[str, Any] = field(default_factory=dict)
     source: Path | None = None
     #: [[operator]] entries; without any, every control command is refused (and audited).
@@ -540,11 +540,11 @@ _RESERVED_DRIVER_ARGS = frozenset({"self", "url", "device", "timeout_s", "statio
 def _check_driver_options(options: _Table, family: str) -> None:
     """Options go to the driver's constructor unchanged: reject names it does not take, now, with the list."""
     if family in CALIBRATOR_FAMILIES:
-        from drivers.calibrator import CALIBRATOR_DRIVERS
+        from hotlab.drivers.calibrator import CALIBRATOR_DRIVERS
 
         driver: type = CALIBRATOR_DRIVERS[family]
     else:
-        from drivers.elution_station import ElutionStationDriver
+        from hotlab.drivers.elution_station import ElutionStationDriver
 
         driver = ElutionStationDriver
     parameters = inspect.signature(driver).parameters.values()
@@ -560,7 +560,7 @@ def _check_driver_options(options: _Table, family: str) -> None:
 
 
 def _canonical_nuclide(table: _Table, text: str) -> str:
-    from controller.nuclides import UnknownNuclideError, get_nuclide
+    from hotlab.physics.nuclides import UnknownNuclideError, get_nuclide
 
     try:
         return get_nuclide(text).name
@@ -635,8 +635,8 @@ def _parse_outbox(table: _Table | None, root: _Table) -> OutboxConfig:
 
 def _parse_qc(table: _Table) -> dict[str, Any]:
     """The QC engine owns the [qc] schema; its errors already name the key (e.g. qc.sources.cs137.activity)."""
-    from controller.qc.engine import QcConfig
-    from controller.qc.limits import QcConfigError
+    from hotlab.controller.qc.engine import QcConfig
+    from hotlab.controller.qc.limits import QcConfigError
 
     try:
         QcConfig.from_mapping(table.data)

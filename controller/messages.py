@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Literal
 
-from drivers.records import ElutionRecord, Reading
+from hotlab.drivers.records import ElutionRecord, Reading
 
 Kind = Literal["reading", "elution", "qc_result", "device_status"]
 SCHEMA_VERSION = 1

@@ -34,8 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-from controller.messages import Message
-from controller.recent_commits import RecentCommits
+from hotlab.controller.messages import Message
+from hotlab.controller.recent_commits import RecentCommits
 
 T = TypeVar("T")
 

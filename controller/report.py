@@ -27,10 +27,10 @@ from typing import Any
 from matplotlib.backends.backend_pdf import PdfPages
 from matplotlib.figure import Figure
 
-from controller.audit import AuditRecord, VerifyResult, iter_records, verify_chain
-from controller.history import HistoryArchive, TimeRange
-from controller.messages import iso_utc
-from controller.report_plots import (
+from hotlab.controller.audit import AuditRecord, VerifyResult, iter_records, verify_chain
+from hotlab.controller.archive import HistoryArchive, TimeRange
+from hotlab.controller.messages import iso_utc
+from hotlab.controller.report_plots import (
     TrendPoint,
     elution_yield_figure,
     linearity_figure,
@@ -39,7 +39,7 @@ from controller.report_plots import (
     text_pages,
     trend_figure,
 )
-from controller.units import format_activity
+from hotlab.physics.units import format_activity
 
 #: Tests with a dedicated figure; every other test gets the generic trend of its judged value.
 DEDICATED_TESTS = ("constancy", "accuracy", "linearity", "elution_yield", "ge68_breakthrough", "mo99_breakthrough")

@@ -51,15 +51,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from controller.audit import AuditKeyError, AuditLog, load_hmac_key
-from controller.commands import Authoriser, CommandHandler, CommandTarget
-from controller.config import (
+from hotlab.controller.audit import AuditKeyError, AuditLog, load_hmac_key
+from hotlab.controller.commands import Authoriser, CommandHandler, CommandTarget
+from hotlab.controller.config import (
     DeviceConfig,
     InfluxSection,
     LabConfig,
 )
-from controller.event_loop import DEFAULT_EVENT_LOOP, loop_factory
-from controller.messages import (
+from hotlab.controller.event_loop import DEFAULT_EVENT_LOOP, loop_factory
+from hotlab.controller.messages import (
     SCHEMA_VERSION,
     Message,
     device_status_message,
@@ -68,12 +68,13 @@ from controller.messages import (
     iso_utc,
     reading_message,
 )
-from controller.mqtt_sink import SINK as MQTT_SINK
-from controller.mqtt_sink import MqttSink
-from controller.outbox import AsyncOutbox, GroupCommit, Outbox, OutboxFull, OutboxUsage
-from controller.supervisor import Backoff, DeviceState, DeviceSupervisor, Item, Source
-from drivers.elution_station import CommandOutcome
-from drivers.records import ElutionRecord, Reading
+from hotlab.controller.sinks.mqtt import SINK as MQTT_SINK
+from hotlab.controller.sinks.mqtt import MqttSink
+from hotlab.controller.outbox import AsyncOutbox, GroupCommit, Outbox, OutboxFull, OutboxUsage
+from hotlab.controller.sources import driver_source
+from hotlab.controller.supervisor import Backoff, DeviceState, DeviceSupervisor, Item, Source
+from hotlab.drivers.elution_station import CommandOutcome
+from hotlab.drivers.records import ElutionRecord, Reading
 
 log = logging.getLogger(__name__)
 
@@ -180,128 +181,6 @@ class _SinkRunner:
     self_draining: bool = False
 
 
-class _ExclusiveDevice:
-    """A device link with one user at a time: the supervisor's polling or a command.
-
-    A station command reads the state, writes and reads the acknowledgement back as one unit,
-    and a calibrator's nuclide selection is a command/confirm exchange; a poll in between
-    would take the other's reply.
-    """
-
-    driver: Any
-
-    def __init__(self) -> None:
-        self.access = asyncio.Lock()
-
-    async def connect(self) -> None:
-        async with self.access:
-            await self.driver.connect()
-
-    async def close(self) -> None:
-        async with self.access:
-            await self.driver.close()
-
-
-class CalibratorSource(_ExclusiveDevice):
-    """Adapts a dose calibrator driver (drivers.calibrator.CALIBRATOR_DRIVERS) to `Source`.
-
-    The configured `nuclide` labels readings whose frame does not name one (e.g. VIK-202 `!R`
-    reports only Bq); it never overrides what the device said it measured.
-    """
-
-    def __init__(self, device: DeviceConfig) -> None:
-        from drivers.calibrator import CALIBRATOR_DRIVERS
-
-        super().__init__()
-        driver_class = CALIBRATOR_DRIVERS[device.family]
-        url = device.transport.url  # type: ignore[union-attr]
-        self.driver = driver_class(url, device.name, timeout_s=device.timeout_s, **device.options)
-        self.streaming = bool(getattr(driver_class, "streaming", False))
-        self.nuclide = device.nuclide
-        #: The nuclide of the last reading, i.e. what the calibrator is set to as far as we know.
-        self.last_nuclide: str | None = device.nuclide
-
-    async def read(self) -> Sequence[Item]:
-        async with self.access:
-            reading: Reading = await self.driver.read()
-        if reading.nuclide is None and self.nuclide is not None:
-            reading = dataclasses.replace(reading, nuclide=self.nuclide)
-        self.last_nuclide = reading.nuclide
-        return [reading]
-
-    async def delivered(self, items: Sequence[Item]) -> None:
-        """A calibrator shows its value once; there is nothing to confirm."""
-
-    async def select_nuclide(self, nuclide: str) -> tuple[str | None, str]:
-        """Set the calibrator to `nuclide`; from then on its unlabelled readings carry that nuclide.
-
-        Returns (nuclide before, nuclide after) for the audit trail.
-        """
-        async with self.access:
-            before = self.last_nuclide
-            await self.driver.select_nuclide(nuclide)
-            # The configured label must follow, or readings whose frame names no nuclide (e.g. a
-            # VIK-202 factor missing from the driver's table) would keep the nuclide set before.
-            self.nuclide = self.last_nuclide = nuclide
-        return before, nuclide
-
-
-class StationSource(_ExclusiveDevice):
-    """Adapts the Modbus elution station driver: each poll yields the elution not yet delivered.
-
-    The driver repeats the station's last elution until `mark_delivered`, which is called only
-    after the outbox commit; the persisted counter (in `state_dir`) carries that across restarts.
-    """
-
-    streaming = False
-
-    def __init__(self, device: DeviceConfig, state_dir: Path) -> None:
-        from drivers.elution_station import (
-            ElutionStationDriver,
-            ModbusRtuLink,
-            ModbusTcpLink,
-        )
-
-        super().__init__()
-        link = device.transport  # config builds the driver's own link dataclasses
-        if not isinstance(link, (ModbusTcpLink, ModbusRtuLink)):
-            raise TypeError(f"device {device.name}: an elution station needs a Modbus transport, not {link}")
-        state_dir.mkdir(parents=True, exist_ok=True)
-        self.driver = ElutionStationDriver(
-            device.station, link, timeout_s=device.timeout_s,
-            last_counter_path=state_dir / f"{device.name}.last_counter", **device.options,
-        )
-
-    async def read(self) -> Sequence[Item]:
-        async with self.access:
-            poll = await self.driver.poll()
-        return list(poll.finished)
-
-    async def delivered(self, items: Sequence[Item]) -> None:
-        for item in items:
-            if isinstance(item, ElutionRecord):
-                await self.driver.mark_delivered(item)
-
-    async def start_elution(self, volume_ml: float, *, user: str, reason: str) -> CommandOutcome:
-        async with self.access:
-            return await self.driver.start_elution(volume_ml, user=user, reason=reason)
-
-    async def abort(self, *, user: str, reason: str) -> CommandOutcome:
-        async with self.access:
-            return await self.driver.abort(user=user, reason=reason)
-
-    async def acknowledge_fault(self, *, user: str, reason: str) -> CommandOutcome:
-        async with self.access:
-            return await self.driver.acknowledge_fault(user=user, reason=reason)
-
-
-def driver_source(device: DeviceConfig, state_dir: Path) -> Source:
-    """The production source for a configured device."""
-    if device.is_station:
-        return StationSource(device, state_dir)
-    return CalibratorSource(device)
-
-
 class ControllerService:
     def __init__(
         self,
@@ -403,7 +282,7 @@ class ControllerService:
         restore = getattr(self.stage, "restore", None)
         if restore is None or self.config.history_path is None:
             return
-        from controller.history import HistoryArchive
+        from hotlab.controller.archive import HistoryArchive
 
         unarchived = [stored.message for stored in await outbox.pending("history", limit=1_000_000)]
 
@@ -738,7 +617,7 @@ def _warn_about_orphaned_deliveries(path: Path, sinks: Sequence[str]) -> None:
 
 
 def _influx_runner(section: InfluxSection, outbox: AsyncOutbox) -> _SinkRunner:
-    from controller.influx_sink import InfluxConfig, InfluxSink
+    from hotlab.controller.sinks.influx import InfluxConfig, InfluxSink
 
     sink = InfluxSink(InfluxConfig(url=section.url, token=section.auth_token(), org=section.org, bucket=section.bucket,
                                    batch_size=section.batch_size, flush_interval_s=section.flush_interval_s,
@@ -747,7 +626,8 @@ def _influx_runner(section: InfluxSection, outbox: AsyncOutbox) -> _SinkRunner:
 
 
 def _history_runner(path: Path, outbox: AsyncOutbox) -> _SinkRunner:
-    from controller.history import HistoryArchive, run_history_sink
+    from hotlab.controller.archive import HistoryArchive
+    from hotlab.controller.sinks.history import run_history_sink
 
     stop = asyncio.Event()
     first_archive = [HistoryArchive(path)]  # opened now: an archive that cannot be opened stops the start

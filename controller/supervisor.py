@@ -45,9 +45,9 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Protocol, TypeVar
 
-from controller.outbox import OutboxFull
-from drivers.deadlines import SharedDeadlines
-from drivers.records import (
+from hotlab.controller.outbox import OutboxFull
+from hotlab.drivers.deadlines import SharedDeadlines
+from hotlab.drivers.records import (
     DeviceDisconnected,
     DeviceTimeout,
     DriverError,

@@ -22,10 +22,10 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from controller.nuclides import UnknownNuclideError, normalize_name
-from controller.units import UnitError, canonical_unit
-from drivers.records import DeviceRefused, FrameError, Reading
-from drivers.serial_link import (
+from hotlab.physics.nuclides import UnknownNuclideError, normalize_name
+from hotlab.physics.units import UnitError, canonical_unit
+from hotlab.drivers.records import DeviceRefused, FrameError, Reading
+from hotlab.drivers.serial_link import (
     DisplayedActivity,
     SerialDevice,
     SerialSettings,

@@ -3,7 +3,7 @@
 The controller's configuration names a family ("vik202") and a serial URL; `create_calibrator`
 turns that into a driver without the controller knowing any wire protocol. The shared
 behaviour (open by URL, reopen after a drop, timeouts, context manager) lives in
-`drivers.serial_link.SerialDevice`, which each family subclasses; this module only states
+`hotlab.drivers.serial_link.SerialDevice`, which each family subclasses; this module only states
 the contract, so it imports the families and none of them imports it.
 """
 
@@ -12,11 +12,11 @@ from __future__ import annotations
 from types import TracebackType
 from typing import Any, Protocol, runtime_checkable
 
-from drivers.atomlab500 import Atomlab500Driver
-from drivers.crc15r import Crc15rDriver
-from drivers.records import Reading
-from drivers.vdc404 import Vdc404Driver
-from drivers.vik202 import Vik202Driver
+from hotlab.drivers.atomlab500 import Atomlab500Driver
+from hotlab.drivers.crc15r import Crc15rDriver
+from hotlab.drivers.records import Reading
+from hotlab.drivers.vdc404 import Vdc404Driver
+from hotlab.drivers.vik202 import Vik202Driver
 
 
 @runtime_checkable
@@ -24,7 +24,7 @@ class CalibratorDriver(Protocol):
     """A dose calibrator on one serial URL.
 
     `read()` returns activity in Bq with the nuclide the device is set to (None when the
-    device cannot tell) and raises only `drivers.records.DriverError` subclasses:
+    device cannot tell) and raises only `hotlab.drivers.records.DriverError` subclasses:
     DeviceTimeout, DeviceDisconnected (the next call reopens the link), FrameError /
     ChecksumError (the next call starts from a clean buffer) and DeviceRefused.
     `select_nuclide()` raises DeviceRefused where the device cannot be set remotely.

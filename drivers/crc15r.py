@@ -21,9 +21,9 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from controller.nuclides import normalize_name
-from drivers.records import ChecksumError, DeviceRefused, FrameError, Reading
-from drivers.serial_link import (
+from hotlab.physics.nuclides import normalize_name
+from hotlab.drivers.records import ChecksumError, DeviceRefused, FrameError, Reading
+from hotlab.drivers.serial_link import (
     DisplayedActivity,
     SerialDevice,
     SerialSettings,

@@ -11,7 +11,7 @@ Two promises the controller relies on:
   `mark_delivered(record)` after its outbox commit succeeded, which persists the counter. A
   crash or dropped connection anywhere before that point means the record comes again, so
   delivery from the driver is at-least-once; the message id derived from (station, generator,
-  counter) (controller.messages.elution_msg_id) makes the sinks drop the replay, which is what
+  counter) (hotlab.controller.messages.elution_msg_id) makes the sinks drop the replay, which is what
   makes the stored result exactly-once. Elutions the station finished while nobody polled are
   gone from the station itself; the driver logs the gap.
 * Commands that move radioactivity are never sent casually: each needs a named user and a
@@ -42,7 +42,7 @@ from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOEx
 from pymodbus.framer import FramerType
 from pymodbus.pdu import ModbusPDU
 
-from drivers.modbus_words import (
+from hotlab.drivers.modbus_words import (
     RegisterValueError,
     WordOrder,
     float32_to_registers,
@@ -52,7 +52,7 @@ from drivers.modbus_words import (
     string_to_registers,
     uint32_to_registers,
 )
-from drivers.records import DeviceDisconnected, DeviceRefused, DeviceTimeout, DriverError, ElutionRecord, FrameError
+from hotlab.drivers.records import DeviceDisconnected, DeviceRefused, DeviceTimeout, DriverError, ElutionRecord, FrameError
 
 log = logging.getLogger(__name__)
 
@@ -322,7 +322,7 @@ def encode_command(seq: int, code: CommandCode, volume_ml: float, order: WordOrd
 
 # --------------------------------------------------------------------------------------------
 # Transport configuration. The driver needs only the attributes of the ModbusLink protocol;
-# controller.config builds ModbusTcpLink / ModbusRtuLink directly as a station's transport.
+# hotlab.controller.config builds ModbusTcpLink / ModbusRtuLink directly as a station's transport.
 # --------------------------------------------------------------------------------------------
 
 
@@ -544,7 +544,7 @@ class CommandOutcome:
     parameters: dict[str, float] = field(default_factory=dict)
 
 
-#: Audit action names, as used by controller.audit.
+#: Audit action names, as used by hotlab.controller.audit.
 ACTION_NAMES = {
     CommandCode.START: "elution.start",
     CommandCode.ABORT: "elution.abort",

@@ -61,7 +61,7 @@ class ElutionRecord:
     """One finished generator elution, identified by (station, generator, counter).
 
     A driver may hand the same elution over more than once until the controller confirms
-    delivery (see drivers.elution_station), so consumers key on that triple, not on arrival.
+    delivery (see hotlab.drivers.elution_station), so consumers key on that triple, not on arrival.
     `parent_bq` is the station's own measurement of parent activity in the eluate at end of
     elution (Ge-68 or Mo-99 breakthrough), None when the station does not measure it.
     """

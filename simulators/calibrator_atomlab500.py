@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from controller.nuclides import UnknownNuclideError
-from controller.units import ACTIVITY_UNITS
-from drivers.atomlab500 import MAX_COMMAND_LETTERS, READ_LATEST, wire_name
-from simulators.faults import FaultInjector
-from simulators.serial_host import RequestReplyDevice
-from simulators.source import SI_LADDER, IonChamber, auto_range, fixed_digits
+from hotlab.physics.nuclides import UnknownNuclideError
+from hotlab.physics.units import ACTIVITY_UNITS
+from hotlab.drivers.atomlab500 import MAX_COMMAND_LETTERS, READ_LATEST, wire_name
+from hotlab.simulators.faults import FaultInjector
+from hotlab.simulators.serial_host import RequestReplyDevice
+from hotlab.simulators.source import SI_LADDER, IonChamber, auto_range, fixed_digits
 
 #: Bytes that ask for the latest reading without a CR (manual: ^C, and "1" for the same).
 _IMMEDIATE = (READ_LATEST[0], ord("1"))

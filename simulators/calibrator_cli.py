@@ -17,15 +17,15 @@ import sys
 from collections.abc import Callable
 from typing import Any, TypeAlias
 
-from controller.nuclides import UnknownNuclideError
-from controller.units import UnitError, parse_activity
-from simulators.calibrator_atomlab500 import Atomlab500Simulator
-from simulators.calibrator_crc15r import Crc15rSimulator
-from simulators.calibrator_vdc404 import Vdc404Simulator
-from simulators.calibrator_vik202 import Vik202Simulator
-from simulators.faults import FaultInjector, parse_fault_spec
-from simulators.serial_host import DeviceModel, PtyHost, Rfc2217Host, TcpHost
-from simulators.source import make_chamber
+from hotlab.physics.nuclides import UnknownNuclideError
+from hotlab.physics.units import UnitError, parse_activity
+from hotlab.simulators.calibrator_atomlab500 import Atomlab500Simulator
+from hotlab.simulators.calibrator_crc15r import Crc15rSimulator
+from hotlab.simulators.calibrator_vdc404 import Vdc404Simulator
+from hotlab.simulators.calibrator_vik202 import Vik202Simulator
+from hotlab.simulators.faults import FaultInjector, parse_fault_spec
+from hotlab.simulators.serial_host import DeviceModel, PtyHost, Rfc2217Host, TcpHost
+from hotlab.simulators.source import make_chamber
 
 #: Family name -> factory(chamber, faults, **options) for its simulator.
 CALIBRATOR_SIMULATORS: dict[str, Callable[..., DeviceModel]] = {

@@ -5,11 +5,11 @@ The nuclide is set "on the front panel": `select_on_panel` is what a test or the
 
 from __future__ import annotations
 
-from controller.units import ACTIVITY_UNITS
-from drivers.crc15r import UNIT_CODE_BY_NAME, checksum, wire_name
-from simulators.faults import Fault, FaultInjector
-from simulators.serial_host import RequestReplyDevice
-from simulators.source import CURIE_LADDER, SI_LADDER, IonChamber, auto_range, fixed_digits
+from hotlab.physics.units import ACTIVITY_UNITS
+from hotlab.drivers.crc15r import UNIT_CODE_BY_NAME, checksum, wire_name
+from hotlab.simulators.faults import Fault, FaultInjector
+from hotlab.simulators.serial_host import RequestReplyDevice
+from hotlab.simulators.source import CURIE_LADDER, SI_LADDER, IonChamber, auto_range, fixed_digits
 
 SI_UNITS = tuple(unit for unit in SI_LADDER if unit in UNIT_CODE_BY_NAME)
 

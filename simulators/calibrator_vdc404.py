@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import asyncio
 
-from controller.units import ACTIVITY_UNITS
-from simulators.faults import FaultInjector, send_reply
-from simulators.serial_host import ByteChannel
-from simulators.source import CURIE_LADDER, SI_LADDER, IonChamber, auto_range, fixed_digits
+from hotlab.physics.units import ACTIVITY_UNITS
+from hotlab.simulators.faults import FaultInjector, send_reply
+from hotlab.simulators.serial_host import ByteChannel
+from hotlab.simulators.source import CURIE_LADDER, SI_LADDER, IonChamber, auto_range, fixed_digits
 
 
 def format_line(

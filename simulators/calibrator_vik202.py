@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from controller.nuclides import normalize_name
-from drivers.vik202 import DEFAULT_FACTORS, REPLY_PREFIX
-from simulators.faults import FaultInjector
-from simulators.serial_host import RequestReplyDevice
-from simulators.source import IonChamber
+from hotlab.physics.nuclides import normalize_name
+from hotlab.drivers.vik202 import DEFAULT_FACTORS, REPLY_PREFIX
+from hotlab.simulators.faults import FaultInjector
+from hotlab.simulators.serial_host import RequestReplyDevice
+from hotlab.simulators.source import IonChamber
 
 VERSION = "VIK-202 SIM 1.0"
 

@@ -1,7 +1,7 @@
 """A generator elution station that speaks real Modbus: TCP, RTU over TCP, or RTU on a pty.
 
 The station is a pymodbus 3.16 server (SimDevice/SimData datastore) whose registers follow
-drivers.elution_station's map. A SimDevice `action` hook runs before every request: it
+hotlab.drivers.elution_station's map. A SimDevice `action` hook runs before every request: it
 advances the station's state machine to "now", re-renders the input registers and discrete
 inputs from the model, turns holding-register and coil writes into commands, and applies
 injected faults (exception responses, raw register overrides such as a NaN float). Silent
@@ -30,7 +30,7 @@ from pymodbus.framer import FramerType
 from pymodbus.server import ModbusSerialServer, ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
-from drivers.elution_station import (
+from hotlab.drivers.elution_station import (
     HR,
     IR,
     NS_PER_S,
@@ -44,8 +44,8 @@ from drivers.elution_station import (
     StationStatus,
     encode_status,
 )
-from drivers.modbus_words import WordOrder, registers_to_float32
-from simulators.generator_physics import ElutionOutcome, GeneratorColumn
+from hotlab.drivers.modbus_words import WordOrder, registers_to_float32
+from hotlab.simulators.generator_physics import ElutionOutcome, GeneratorColumn
 
 READ_INPUT_REGISTERS = 4
 READ_DISCRETE_INPUTS = 2

@@ -15,11 +15,11 @@ import signal
 import sys
 from datetime import datetime, timedelta, timezone
 
-from controller.units import UnitError, format_activity, parse_activity
-from drivers.elution_station import IR, NS_PER_S
-from drivers.modbus_words import WordOrder
-from simulators.elution_station import ElutionStationSimulator, StationClock, StationIdentity, StationModel
-from simulators.generator_physics import PROFILES, GeneratorColumn, get_profile
+from hotlab.physics.units import UnitError, format_activity, parse_activity
+from hotlab.drivers.elution_station import IR, NS_PER_S
+from hotlab.drivers.modbus_words import WordOrder
+from hotlab.simulators.elution_station import ElutionStationSimulator, StationClock, StationIdentity, StationModel
+from hotlab.simulators.generator_physics import PROFILES, GeneratorColumn, get_profile
 
 SIMULATE_COMMAND = "simulate"
 

@@ -2,7 +2,7 @@
 
 The decay physics (parent decay since calibration, Bateman ingrowth of the daughter since the
 last elution, the Mo-99 -> Tc-99m branching) is not repeated here: it comes from
-controller.decay, the same code the QC engine uses to judge the elution, so a simulated
+hotlab.physics.decay, the same code the QC engine uses to judge the elution, so a simulated
 elution is judged against exactly the physics that produced it. This module adds only what
 is specific to a column: how much of the available daughter an elution recovers (yield), how
 much parent leaks into the eluate (breakthrough), how long an elution takes, and the gamma
@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from controller.decay import activity_at, generator_daughter_activity
+from hotlab.physics.decay import activity_at, generator_daughter_activity
 
 NS_PER_S = 1_000_000_000
 SECONDS_PER_DAY = 86_400.0
@@ -117,7 +117,7 @@ PROFILES: dict[str, GeneratorProfile] = {
         background_usv_h=0.15,
     ),
     # Mo-99/Tc-99m alumina column, eluted with 0.9 % saline; elution efficiency ~90 %. The
-    # ~87.6 % Mo-99 -> Tc-99m branching is applied by controller.decay (nuclide data). Tc-99m
+    # ~87.6 % Mo-99 -> Tc-99m branching is applied by hotlab.physics.decay (nuclide data). Tc-99m
     # dose rate constant ~0.017 uSv*m^2/(MBq*h) (140.5 keV gamma; Smith & Stabin 2012, rounded).
     "mo99": GeneratorProfile(
         key="mo99",

@@ -27,7 +27,7 @@ from typing import Protocol
 import serial
 import serial.rfc2217
 
-from simulators.faults import FaultInjector, send_reply
+from hotlab.simulators.faults import FaultInjector, send_reply
 
 
 class ByteChannel(ABC):

@@ -9,8 +9,8 @@ emissions. The electrometer divides by the response of the nuclide the *operator
 (its calibration factor), so a wrongly selected nuclide scales the displayed activity by
 S(true) / S(selected). That is the calibration-factor error the simulator reproduces.
 
-Decay uses the evaluated half-lives in `controller.nuclides` (DDEP/ENSDF, sources listed
-there) through `controller.decay.activity_at`: A(t) = A0 * 2^(-dt / T1/2).
+Decay uses the evaluated half-lives in `hotlab.physics.nuclides` (DDEP/ENSDF, sources listed
+there) through `hotlab.physics.decay.activity_at`: A(t) = A0 * 2^(-dt / T1/2).
 
 Simulated time can run faster than wall time (`acceleration`), so an F-18 half-life
 (109.77 min, ENSDF) passes in seconds in a test.
@@ -24,8 +24,8 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from controller.decay import activity_at
-from controller.nuclides import Nuclide, get_nuclide
+from hotlab.physics.decay import activity_at
+from hotlab.physics.nuclides import Nuclide, get_nuclide
 
 #: Chamber response per becquerel (A/Bq), a MODEL PARAMETER, not device data. Real responses
 #: are chamber-specific and come with the device's calibration certificate. The relative

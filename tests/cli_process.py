@@ -1,4 +1,4 @@
-"""Run `hotlab` (python -m controller.cli) as a child process the way the tests need it.
+"""Run `hotlab` (python -m hotlab.controller.cli) as a child process the way the tests need it.
 
 `subprocess.run(timeout=...)` kills only the child it started: a `hotlab run` that hangs would
 leave its private mosquitto behind, running. Here the child gets a process group of its own, and
@@ -19,9 +19,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 def run_hotlab(*args: str, cwd: Path, timeout_s: float) -> subprocess.CompletedProcess[str]:
     """`hotlab ARGS` in `cwd`, with its output captured; the test fails if it takes longer than `timeout_s`."""
-    command = [sys.executable, "-m", "controller.cli", *args]
+    command = [sys.executable, "-m", "hotlab.controller.cli", *args]
     process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True)
+                               start_new_session=True)
     try:
         stdout, stderr = process.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:

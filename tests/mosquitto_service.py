@@ -26,7 +26,7 @@ from typing import Any, Self
 import aiomqtt
 import pytest
 
-from controller.embedded_broker import (
+from hotlab.controller.lab.embedded_broker import (
     MosquittoBroker,
     TlsListener,
     free_tcp_port,

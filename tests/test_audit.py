@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from controller.audit import (
+from hotlab.controller.audit import (
     ELUTION_ABORT,
     ELUTION_START,
     FAULT_ACKNOWLEDGE,
@@ -30,7 +30,7 @@ from controller.audit import (
     record_hash,
     verify_chain,
 )
-from controller.cli import main as hotlab
+from hotlab.controller.cli.main import main as hotlab
 
 KEY = b"k" * 32
 T0 = 1_793_577_600_000_000_000  # 2026-11-02T00:00:00Z
@@ -259,7 +259,7 @@ async def test_concurrent_async_appends_form_one_chain(tmp_path: Path) -> None:
 def test_concurrent_processes_do_not_interleave(tmp_path: Path) -> None:
     path = tmp_path / "audit.jsonl"
     script = (
-        "import sys; from controller.audit import AuditLog\n"
+        "import sys; from hotlab.controller.audit import AuditLog\n"
         "log = AuditLog(sys.argv[1])\n"
         "for i in range(25): log.append(actor=sys.argv[2], action='qc.manual_entry', target='crc-1', reason=str(i))\n"
     )
@@ -335,7 +335,7 @@ def test_cli_verify_refuses_a_missing_trail_unless_allowed(tmp_path: Path, capsy
 
 
 def test_cli_default_path_is_where_the_simulated_lab_audits(monkeypatch: pytest.MonkeyPatch) -> None:
-    from controller.audit_cli import default_audit_path
+    from hotlab.controller.cli.audit import default_audit_path
 
     monkeypatch.delenv("HOTLAB_AUDIT_LOG", raising=False)
     # controller/run_cli.py runs the simulated lab in var/simulated-lab with state_dir "state".

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from controller.cli import main
-from drivers.calibrator import create_calibrator
+from hotlab.controller.cli.main import main
+from hotlab.drivers.calibrator import create_calibrator
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -20,7 +20,7 @@ async def _run_simulator(*args: str, ignore_sigint: bool = False) -> tuple[async
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "controller.cli",
+        "hotlab.controller.cli",
         "simulate",
         "calibrator",
         *args,

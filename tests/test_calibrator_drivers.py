@@ -19,9 +19,9 @@ from typing import Any
 
 import pytest
 
-from controller.nuclides import get_nuclide
-from drivers.calibrator import CALIBRATOR_DRIVERS, CalibratorDriver, UnknownFamilyError, create_calibrator
-from drivers.records import (
+from hotlab.physics.nuclides import get_nuclide
+from hotlab.drivers.calibrator import CALIBRATOR_DRIVERS, CalibratorDriver, UnknownFamilyError, create_calibrator
+from hotlab.drivers.records import (
     ChecksumError,
     DeviceDisconnected,
     DeviceRefused,
@@ -30,11 +30,11 @@ from drivers.records import (
     FrameError,
     Reading,
 )
-from drivers.serial_link import FrozenValueError, SerialLink, SerialSettings
-from simulators.calibrator_cli import CALIBRATOR_SIMULATORS
-from simulators.faults import Fault, FaultInjector
-from simulators.serial_host import DeviceModel, PtyHost, Rfc2217Host, TcpHost
-from simulators.source import DEFAULT_RESPONSE_A_PER_BQ, IonChamber, make_chamber
+from hotlab.drivers.serial_link import FrozenValueError, SerialLink, SerialSettings
+from hotlab.simulators.calibrator_cli import CALIBRATOR_SIMULATORS
+from hotlab.simulators.faults import Fault, FaultInjector
+from hotlab.simulators.serial_host import DeviceModel, PtyHost, Rfc2217Host, TcpHost
+from hotlab.simulators.source import DEFAULT_RESPONSE_A_PER_BQ, IonChamber, make_chamber
 
 FAMILIES = ("vik202", "crc15r", "vdc404", "atomlab500")
 #: A tty, a serial device server in raw TCP mode, and one in RFC 2217 mode.

@@ -6,10 +6,10 @@ import statistics
 
 import pytest
 
-from controller.nuclides import get_nuclide
-from controller.units import ACTIVITY_UNITS
-from simulators.faults import Fault, FaultInjector, parse_fault_spec
-from simulators.source import (
+from hotlab.physics.nuclides import get_nuclide
+from hotlab.physics.units import ACTIVITY_UNITS
+from hotlab.simulators.faults import Fault, FaultInjector, parse_fault_spec
+from hotlab.simulators.source import (
     CURIE_LADDER,
     DEFAULT_RESPONSE_A_PER_BQ,
     SI_LADDER,

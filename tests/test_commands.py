@@ -19,8 +19,8 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from controller.audit import AuditLog, AuditRecord, iter_records
-from controller.commands import (
+from hotlab.controller.audit import AuditLog, AuditRecord, iter_records
+from hotlab.controller.commands import (
     MAX_PAYLOAD_BYTES,
     Authoriser,
     Claim,
@@ -33,7 +33,7 @@ from controller.commands import (
     parse_command,
     parse_topic,
 )
-from controller.config import (
+from hotlab.controller.config import (
     DEFAULT_MIN_ROLE,
     ConfigError,
     DeviceConfig,
@@ -43,7 +43,7 @@ from controller.config import (
     SerialTransport,
     parse_config,
 )
-from drivers.elution_station import CommandOutcome, StationState
+from hotlab.drivers.elution_station import CommandOutcome, StationState
 
 SCHEMAS = Path(__file__).resolve().parent.parent / "controller" / "schemas"
 STATION = DeviceConfig("gen-1", "elution-1", "elution_station", ModbusTcpTransport("127.0.0.1"))

@@ -21,21 +21,21 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from controller.audit import AuditRecord, iter_records
-from controller.cli import main as hotlab
-from controller.config import parse_config
-from controller.service import ControllerService
-from drivers.elution_station import FaultCode, StationState
-from simulators.calibrator_vik202 import Vik202Simulator
-from simulators.elution_station import (
+from hotlab.controller.audit import AuditRecord, iter_records
+from hotlab.controller.cli.main import main as hotlab
+from hotlab.controller.config import parse_config
+from hotlab.controller.service import ControllerService
+from hotlab.drivers.elution_station import FaultCode, StationState
+from hotlab.simulators.calibrator_vik202 import Vik202Simulator
+from hotlab.simulators.elution_station import (
     ElutionStationSimulator,
     StationClock,
     StationIdentity,
     StationModel,
 )
-from simulators.generator_physics import GeneratorColumn, get_profile
-from simulators.serial_host import PtyHost
-from simulators.source import make_chamber
+from hotlab.simulators.generator_physics import GeneratorColumn, get_profile
+from hotlab.simulators.serial_host import PtyHost
+from hotlab.simulators.source import make_chamber
 from tests.mosquitto_service import MosquittoBroker, mosquitto  # noqa: F401 - fixture
 
 SITE = "cmdlab"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from controller.config import (
+from hotlab.controller.config import (
     ConfigError,
     ModbusRtuTransport,
     ModbusTcpTransport,
@@ -91,7 +91,7 @@ word_order = "CDAB"
     assert device.transport == ModbusRtuTransport("socket://127.0.0.1:5020", 19200, 7, "CDAB")
     assert device.poll_interval_s == 1.0
     # The driver's own link description, not a field-for-field copy of it.
-    from drivers.elution_station import ModbusRtuLink
+    from hotlab.drivers.elution_station import ModbusRtuLink
 
     assert type(device.transport) is ModbusRtuLink
 
@@ -242,7 +242,7 @@ def test_qc_section_is_validated_by_the_qc_engine(tmp_path: Path) -> None:
 
 
 def test_audit_path_is_read_without_the_services_secrets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from controller.config import load_audit_path
+    from hotlab.controller.config import load_audit_path
 
     monkeypatch.delenv("HOTLAB_TEST_UNSET", raising=False)
     secret_unset = MINIMAL + '[mqtt]\nusername = "u"\npassword_env = "HOTLAB_TEST_UNSET"\n'
@@ -256,7 +256,7 @@ def test_audit_path_is_read_without_the_services_secrets(tmp_path: Path, monkeyp
 
 
 def test_load_secret_refuses_unreadable_and_non_text_files(tmp_path: Path) -> None:
-    from controller.config import load_secret
+    from hotlab.controller.config import load_secret
 
     binary = tmp_path / "token.bin"
     binary.write_bytes(b"\xff\xfe token")

@@ -22,11 +22,11 @@ from typing import Any
 
 import pytest
 
-from controller.influx_sink import InfluxConfig, InfluxSink
-from controller.messages import Message, device_status_message, elution_message, qc_message, reading_message
-from controller.outbox import AsyncOutbox, Outbox
-from controller.units import from_bq
-from drivers.records import ElutionRecord, Reading
+from hotlab.controller.sinks.influx import InfluxConfig, InfluxSink
+from hotlab.controller.messages import Message, device_status_message, elution_message, qc_message, reading_message
+from hotlab.controller.outbox import AsyncOutbox, Outbox
+from hotlab.physics.units import from_bq
+from hotlab.drivers.records import ElutionRecord, Reading
 from tests import influx_service
 from tests.influx_service import InfluxService
 

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from drivers.deadlines import SharedDeadlines
+from hotlab.drivers.deadlines import SharedDeadlines
 
 
 async def test_a_timeout_that_is_reached_raises_timeout_error_at_its_deadline() -> None:

@@ -11,9 +11,7 @@ import radioactivedecay as rd
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from controller.decay import (
-    NaiveDatetimeError,
-    TimeFormatError,
+from hotlab.physics.decay import (
     activity_at,
     corrected_activity_uncertainty,
     daughter_activity,
@@ -22,12 +20,11 @@ from controller.decay import (
     elapsed_s,
     equilibrium_fraction,
     generator_daughter_activity,
-    parse_utc_ns,
     time_of_max_daughter,
     time_to_reach,
-    to_epoch_ns,
 )
-from controller.nuclides import NUCLIDES, Decay, Nuclide, UnknownNuclideError
+from hotlab.physics.utc_time import NaiveDatetimeError, TimeFormatError, parse_utc_ns, to_epoch_ns
+from hotlab.physics.nuclides import NUCLIDES, Decay, Nuclide, UnknownNuclideError
 
 NAMES = sorted(NUCLIDES)
 HOUR = 3600.0

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from controller.cli import main
-from controller.decay_cli import parse_duration
-from controller.nuclides import NUCLIDES
+from hotlab.controller.cli.main import main
+from hotlab.controller.cli.decay import parse_duration
+from hotlab.physics.nuclides import NUCLIDES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -110,7 +110,7 @@ def test_durations(text: str, seconds: float) -> None:
 def test_installed_command_runs_as_a_process() -> None:
     """The real entry point, in a fresh interpreter: exit codes and streams as a shell sees them."""
     ok = subprocess.run(
-        [sys.executable, "-m", "controller.cli", "decay", "Tc99m", "1000MBq", "--from", "2026-11-20T06:00Z",
+        [sys.executable, "-m", "hotlab.controller.cli", "decay", "Tc99m", "1000MBq", "--from", "2026-11-20T06:00Z",
          "--to", "2026-11-20T12:00:34.824Z", "--unit", "MBq"],
         cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
     )
@@ -119,7 +119,7 @@ def test_installed_command_runs_as_a_process() -> None:
     expected = 1000.0 * 2.0 ** (-(6 * 3600 + 34.824) / NUCLIDES["Tc-99m"].half_life_s)
     assert _number_before("MBq", _line(ok.stdout, "corrected")) == pytest.approx(expected, rel=5e-6)
     bad = subprocess.run(
-        [sys.executable, "-m", "controller.cli", "decay", "Zz-1", "1GBq"],
+        [sys.executable, "-m", "hotlab.controller.cli", "decay", "Zz-1", "1GBq"],
         cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
     )
     assert bad.returncode == 2 and "hotlab decay: error" in bad.stderr

@@ -19,12 +19,12 @@ from typing import IO
 import pytest
 from rich.console import Console
 
-from controller.audit import iter_records, verify_chain
-from controller.cli import main as hotlab
-from controller.demo import LabView, ViewInputError, render, snapshot_svg
-from controller.demo_cli import DEMO_LAB
-from controller.history import HistoryArchive
-from controller.messages import (
+from hotlab.controller.audit import iter_records, verify_chain
+from hotlab.controller.cli.main import main as hotlab
+from hotlab.controller.lab.demo import LabView, ViewInputError, render, snapshot_svg
+from hotlab.controller.cli.demo import DEMO_LAB
+from hotlab.controller.archive import HistoryArchive
+from hotlab.controller.messages import (
     Message,
     device_status_message,
     elution_message,
@@ -32,9 +32,9 @@ from controller.messages import (
     qc_message,
     reading_message,
 )
-from controller.qc.engine import QcConfig, QcEngine
-from controller.simulated_lab import station_mo99_breakthrough
-from drivers.records import ElutionRecord, Reading
+from hotlab.controller.qc.engine import QcConfig, QcEngine
+from hotlab.controller.lab.simulated_lab import station_mo99_breakthrough
+from hotlab.drivers.records import ElutionRecord, Reading
 from tests.mosquitto_service import require_mosquitto
 
 REPO = Path(__file__).resolve().parent.parent
@@ -44,9 +44,9 @@ T0 = 1_795_000_000_000_000_000
 
 def _hotlab(*args: str, cwd: Path) -> subprocess.Popen[str]:
     """In a process group of its own, so that a failed test can kill the demo's private broker with it."""
-    return subprocess.Popen([sys.executable, "-m", "controller.cli", *args], cwd=cwd, text=True,
+    return subprocess.Popen([sys.executable, "-m", "hotlab.controller.cli", *args], cwd=cwd, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "150"})
+                            env={**os.environ, "COLUMNS": "150"})
 
 
 @pytest.mark.integration
@@ -286,9 +286,9 @@ def test_influx_token_sources_are_checked_before_anything_starts(
 
 
 def test_influx_token_options_reach_the_config_as_env_or_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from controller.cli import build_parser
-    from controller.config import parse_config
-    from controller.demo_cli import _influx_token_source
+    from hotlab.controller.cli.main import build_parser
+    from hotlab.controller.config import parse_config
+    from hotlab.controller.cli.demo import _influx_token_source
 
     token_file = tmp_path / "influx.token"
     token_file.write_text("hotlab:from-file\n")

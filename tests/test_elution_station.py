@@ -11,10 +11,10 @@ import pytest
 from pymodbus.client import AsyncModbusTcpClient
 from pymodbus.constants import ExcCodes
 
-from controller.config import ModbusRtuTransport, ModbusTcpTransport, parse_config
-from controller.decay import generator_daughter_activity
-from controller.messages import elution_message
-from drivers.elution_station import (
+from hotlab.controller.config import ModbusRtuTransport, ModbusTcpTransport, parse_config
+from hotlab.physics.decay import generator_daughter_activity
+from hotlab.controller.messages import elution_message
+from hotlab.drivers.elution_station import (
     HR,
     IR,
     CommandCode,
@@ -35,10 +35,10 @@ from drivers.elution_station import (
     encode_command,
     encode_status,
 )
-from drivers.modbus_words import WordOrder, float32_to_registers
-from drivers.records import DeviceDisconnected, DeviceRefused, DeviceTimeout, ElutionRecord, FrameError
-from simulators.elution_station import ElutionStationSimulator, StationClock, StationModel
-from simulators.generator_physics import NS_PER_S, GeneratorColumn, get_profile
+from hotlab.drivers.modbus_words import WordOrder, float32_to_registers
+from hotlab.drivers.records import DeviceDisconnected, DeviceRefused, DeviceTimeout, ElutionRecord, FrameError
+from hotlab.simulators.elution_station import ElutionStationSimulator, StationClock, StationModel
+from hotlab.simulators.generator_physics import NS_PER_S, GeneratorColumn, get_profile
 
 #: Station clock speed-up: an 8 s priming + 20 s elution takes 0.28 s of test time.
 FAST = 100.0
@@ -402,7 +402,7 @@ async def test_elutions_missed_while_away_yield_only_the_last_and_a_warning(make
             while sim.model.state is not StationState.DONE:
                 await asyncio.sleep(0.01)
                 sim.model.advance()
-    with caplog.at_level("WARNING", logger="drivers.elution_station"):
+    with caplog.at_level("WARNING", logger="hotlab.drivers.elution_station"):
         poll = await driver.poll()
     assert [r.counter for r in poll.finished] == [3]
     assert poll.finished[0].activity_bq == pytest.approx(sim.model.last.outcome.daughter_bq, rel=1e-6)
@@ -463,7 +463,7 @@ async def test_a_pending_record_logs_its_gap_once(make: Make, caplog) -> None:
             while sim.model.state is not StationState.DONE:
                 await asyncio.sleep(0.01)
                 sim.model.advance()
-    with caplog.at_level("WARNING", logger="drivers.elution_station"):
+    with caplog.at_level("WARNING", logger="hotlab.drivers.elution_station"):
         polls = [await driver.poll() for _ in range(3)]
     assert [[r.counter for r in p.finished] for p in polls] == [[3], [3], [3]]
     assert caplog.text.count("jumped from 1 to 3") == 1

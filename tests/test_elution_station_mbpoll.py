@@ -14,10 +14,10 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from drivers.elution_station import IR, NUCLIDE_NUMBERS, REGISTER_MAP_VERSION, DiscreteInput, StationState
-from drivers.modbus_words import WordOrder, registers_to_string
-from simulators.elution_station import ElutionStationSimulator, StationClock, StationModel
-from simulators.generator_physics import NS_PER_S, GeneratorColumn, get_profile
+from hotlab.drivers.elution_station import IR, NUCLIDE_NUMBERS, REGISTER_MAP_VERSION, DiscreteInput, StationState
+from hotlab.drivers.modbus_words import WordOrder, registers_to_string
+from hotlab.simulators.elution_station import ElutionStationSimulator, StationClock, StationModel
+from hotlab.simulators.generator_physics import NS_PER_S, GeneratorColumn, get_profile
 
 pytestmark = [
     pytest.mark.integration,

@@ -9,10 +9,10 @@ import sys
 import pytest
 import uvloop
 
-from controller.config import ConfigError, parse_config
-from controller.event_loop import loop_factory
-from drivers.records import DeviceDisconnected
-from drivers.serial_link import SerialLink, SerialSettings
+from hotlab.controller.config import ConfigError, parse_config
+from hotlab.controller.event_loop import loop_factory
+from hotlab.drivers.records import DeviceDisconnected
+from hotlab.drivers.serial_link import SerialLink, SerialSettings
 from tests.test_calibrator_drivers import FAMILIES, TRANSPORTS, assert_matches_physics, calibrator_rig
 
 

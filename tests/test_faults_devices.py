@@ -28,14 +28,15 @@ from typing import Any
 
 import pytest
 
-from controller.config import DeviceConfig, LabConfig, parse_config
-from controller.service import ControllerService, driver_source
-from controller.supervisor import Item, Source
-from drivers.records import Reading
-from simulators.calibrator_vik202 import Vik202Simulator
-from simulators.faults import Fault, FaultInjector
-from simulators.serial_host import PtyHost, TcpHost
-from simulators.source import make_chamber
+from hotlab.controller.config import DeviceConfig, LabConfig, parse_config
+from hotlab.controller.service import ControllerService
+from hotlab.controller.sources import driver_source
+from hotlab.controller.supervisor import Item, Source
+from hotlab.drivers.records import Reading
+from hotlab.simulators.calibrator_vik202 import Vik202Simulator
+from hotlab.simulators.faults import Fault, FaultInjector
+from hotlab.simulators.serial_host import PtyHost, TcpHost
+from hotlab.simulators.source import make_chamber
 from tests.mosquitto_service import MosquittoBroker, MqttCollector, mosquitto  # noqa: F401
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]

@@ -26,8 +26,8 @@ from typing import Any
 
 import pytest
 
-from simulators.faults import FaultInjector
-from simulators.serial_host import TcpHost
+from hotlab.simulators.faults import FaultInjector
+from hotlab.simulators.serial_host import TcpHost
 from tests.mosquitto_service import MosquittoBroker, MqttCollector, mosquitto, require_mosquitto  # noqa: F401
 from tests.cli_process import run_hotlab
 from tests.test_faults_devices import assert_zero_loss, frame_times, lab_config, running_lab, vik202

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from simulators.faults import FaultInjector
-from simulators.serial_host import TcpHost
+from hotlab.simulators.faults import FaultInjector
+from hotlab.simulators.serial_host import TcpHost
 from tests.influx_service import InfluxService, running_influxd
 from tests.mosquitto_service import MosquittoBroker, MqttCollector, mosquitto  # noqa: F401
 from tests.test_faults_devices import (

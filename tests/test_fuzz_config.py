@@ -24,7 +24,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from controller.config import ConfigError, LabConfig, load_config, parse_config
+from hotlab.controller.config import ConfigError, LabConfig, load_config, parse_config
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "lab.toml"
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

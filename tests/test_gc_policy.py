@@ -8,8 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from controller.gc_policy import SERVICE_THRESHOLDS
-from controller.service import ControllerService
+from hotlab.controller.gc_policy import SERVICE_THRESHOLDS
+from hotlab.controller.service import ControllerService
 from tests.test_service_supervisor import ScriptedSource, local_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -19,7 +19,7 @@ def test_settling_freezes_the_survivors_and_raises_the_thresholds() -> None:
     # In a child process: freezing the test runner's objects would keep them from ever being collected.
     script = (
         "import gc\n"
-        "from controller.gc_policy import SERVICE_THRESHOLDS, settle_after_startup\n"
+        "from hotlab.controller.gc_policy import SERVICE_THRESHOLDS, settle_after_startup\n"
         "assert gc.get_threshold() == (700, 10, 10) and gc.get_freeze_count() == 0\n"
         "kept = [[i] for i in range(1000)]\n"
         "settle_after_startup()\n"

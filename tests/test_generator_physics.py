@@ -1,4 +1,4 @@
-"""Generator column physics: yield and breakthrough curves, and elutions built on controller.decay."""
+"""Generator column physics: yield and breakthrough curves, and elutions built on hotlab.physics.decay."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import math
 
 import pytest
 
-from controller.decay import generator_daughter_activity
-from controller.nuclides import get_nuclide
-from simulators.generator_physics import (
+from hotlab.physics.decay import generator_daughter_activity
+from hotlab.physics.nuclides import get_nuclide
+from hotlab.simulators.generator_physics import (
     NS_PER_S,
     PROFILES,
     GeneratorColumn,

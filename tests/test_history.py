@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from controller.history import HistoryArchive, HistoryQueryError, TimeRange, run_history_sink
-from controller.messages import Message, device_status_message, elution_message, qc_message, reading_message
-from controller.outbox import AsyncOutbox, Outbox
-from drivers.records import ElutionRecord, Reading
+from hotlab.controller.archive import HistoryArchive, HistoryQueryError, TimeRange
+from hotlab.controller.sinks.history import run_history_sink
+from hotlab.controller.messages import Message, device_status_message, elution_message, qc_message, reading_message
+from hotlab.controller.outbox import AsyncOutbox, Outbox
+from hotlab.drivers.records import ElutionRecord, Reading
 
 ROOT = Path(__file__).resolve().parents[1]
 DAY_NS = 86_400_000_000_000
@@ -107,7 +108,7 @@ def test_time_range_parsing() -> None:
 
 
 def test_time_range_reads_times_like_every_other_hotlab_input() -> None:
-    """Same rules as controller.decay.parse_utc_ns: offsets honoured, ns kept, naive refused."""
+    """Same rules as hotlab.physics.decay.parse_utc_ns: offsets honoured, ns kept, naive refused."""
     assert TimeRange.from_text("2026-11-01T01:00:00+01:00", None).start_ns == NOV_1
     assert TimeRange.from_text(None, "2026-11-01T00:00:00.000000001Z").end_ns == NOV_1 + 1  # a date-time end is exact
     with pytest.raises(HistoryQueryError, match="no timezone"):  # was silently taken as UTC
@@ -160,8 +161,9 @@ async def test_replayed_batch_after_crash_before_ack_is_not_duplicated(tmp_path:
 
 _SINK_SCRIPT = """
 import asyncio, sys
-from controller.history import HistoryArchive, run_history_sink
-from controller.outbox import AsyncOutbox, Outbox
+from hotlab.controller.archive import HistoryArchive
+from hotlab.controller.sinks.history import run_history_sink
+from hotlab.controller.outbox import AsyncOutbox, Outbox
 
 async def main():
     outbox = AsyncOutbox(Outbox(sys.argv[1], ("mqtt", "history")))
@@ -225,7 +227,7 @@ async def test_sink_retries_while_the_archive_is_locked(tmp_path: Path, caplog: 
     blocker = sqlite3.connect(tmp_path / "history.sqlite", isolation_level=None)
     blocker.execute("BEGIN EXCLUSIVE")
     stop = asyncio.Event()
-    with caplog.at_level(logging.ERROR, logger="controller.history"):
+    with caplog.at_level(logging.ERROR, logger="hotlab.controller.sinks.history"):
         task = asyncio.create_task(run_history_sink(outbox, archive, stop, idle_poll_s=0.05, retry_backoff_s=(0.05,)))
         await until(lambda: any("retrying" in r.message for r in caplog.records))
         assert await outbox.pending_count("history") == 10  # nothing acked while nothing is archived

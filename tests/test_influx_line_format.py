@@ -9,8 +9,8 @@ from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
 from influxdb_client import WritePrecision
 
-from controller.influx_points import LIMIT_NUMBERS, SCHEMAS, VERDICT_CODES, PointError, message_to_line, message_to_point
-from controller.messages import Message
+from hotlab.controller.sinks.influx_points import LIMIT_NUMBERS, SCHEMAS, VERDICT_CODES, PointError, message_to_line, message_to_point
+from hotlab.controller.messages import Message
 
 T0 = 1_764_000_000_000_000_001
 MISSING = object()

@@ -9,10 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from controller.influx_points import PointError, message_to_line
-from controller.influx_sink import InfluxConfig, InfluxConfigError
-from controller.messages import Message, device_status_message, elution_message, qc_message, reading_message
-from drivers.records import ElutionRecord, Reading
+from hotlab.controller.sinks.influx_points import PointError, message_to_line
+from hotlab.controller.sinks.influx import InfluxConfig, InfluxConfigError
+from hotlab.controller.messages import Message, device_status_message, elution_message, qc_message, reading_message
+from hotlab.drivers.records import ElutionRecord, Reading
 
 T0 = 1_764_000_000_000_000_001
 
@@ -143,8 +143,8 @@ def test_bad_config_names_the_problem(settings_: dict, complaint: str) -> None:
 
 
 def test_a_qc_engine_result_keeps_its_limit_numbers_for_limit_lines() -> None:
-    from controller.qc.limits import DEFAULT_LIMITS
-    from controller.qc.result import judged
+    from hotlab.controller.qc.limits import DEFAULT_LIMITS
+    from hotlab.controller.qc.result import judged
 
     result = judged(
         "constancy",

@@ -17,16 +17,16 @@ from pathlib import Path
 
 import pytest
 
-from controller.influx_sink import InfluxConfig, InfluxSink
-from controller.messages import (
+from hotlab.controller.sinks.influx import InfluxConfig, InfluxSink
+from hotlab.controller.messages import (
     Message,
     device_status_message,
     elution_message,
     qc_message,
     reading_message,
 )
-from controller.outbox import AsyncOutbox, Outbox
-from drivers.records import ElutionRecord, Reading
+from hotlab.controller.outbox import AsyncOutbox, Outbox
+from hotlab.drivers.records import ElutionRecord, Reading
 from tests import influx_service
 from tests.influx_service import InfluxService
 
@@ -386,7 +386,7 @@ async def test_outbox_errors_are_retried_and_everything_is_still_delivered_once(
     outbox.ack_faults = [sqlite3.OperationalError("disk I/O error")]  # after the write: the batch is resent
     messages = [_reading(i) for i in range(40)]
     await outbox.put_many(messages)
-    with caplog.at_level(logging.ERROR, logger="controller.influx_sink"):
+    with caplog.at_level(logging.ERROR, logger="hotlab.controller.sinks.influx"):
         async with running_sink(fast_config(influx_server.sink_settings(influx_database)), outbox) as sink:
             await drained(outbox)
     assert not outbox.pending_faults and not outbox.ack_faults
@@ -430,7 +430,7 @@ async def test_an_unexpected_error_is_logged_with_its_traceback_and_the_sink_car
     outbox = FaultyOutbox(Outbox(outbox_path, sinks=("influx",)))
     outbox.pending_faults = [RuntimeError("a bug in a sink's collaborator")]
     await outbox.put(_reading(0))
-    with caplog.at_level(logging.ERROR, logger="controller.influx_sink"):
+    with caplog.at_level(logging.ERROR, logger="hotlab.controller.sinks.influx"):
         async with running_sink(fast_config(influx_server.sink_settings(influx_database)), outbox) as sink:
             await drained(outbox)
     [record] = [r for r in caplog.records if "unexpected error" in r.getMessage()]

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from controller.messages import (
+from hotlab.controller.messages import (
     device_status_message,
     elution_message,
     elution_msg_id,
@@ -12,7 +12,7 @@ from controller.messages import (
     qc_message,
     reading_message,
 )
-from drivers.records import ElutionRecord, Reading
+from hotlab.drivers.records import ElutionRecord, Reading
 
 T0 = 1_795_000_000_000_000_000
 

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pymodbus.client import ModbusTcpClient
 
-from drivers.modbus_words import (
+from hotlab.drivers.modbus_words import (
     RegisterValueError,
     WordOrder,
     float32_to_registers,

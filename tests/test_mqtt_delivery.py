@@ -19,12 +19,12 @@ from typing import Any, Self
 import jsonschema
 import pytest
 
-from controller.config import DeviceConfig, LabConfig, parse_config
-from controller.messages import Message, qc_message
-from controller.mqtt_sink import MqttSink
-from controller.service import ControllerService
-from controller.supervisor import Item
-from drivers.records import DeviceTimeout, Reading
+from hotlab.controller.config import DeviceConfig, LabConfig, parse_config
+from hotlab.controller.messages import Message, qc_message
+from hotlab.controller.sinks.mqtt import MqttSink
+from hotlab.controller.service import ControllerService
+from hotlab.controller.supervisor import Item
+from hotlab.drivers.records import DeviceTimeout, Reading
 from tests.mosquitto_service import MosquittoBroker, MqttCollector, mosquitto  # noqa: F401
 from tests.test_faults_devices import archived_frame_times
 
@@ -279,10 +279,10 @@ async def test_a_crashed_history_sink_reopens_its_archive_and_loses_nothing(
         tmp_path: Path, mosquitto: MosquittoBroker, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
     """The history sink closes its archive when it ends; started again after a crash it must open it again."""
-    import controller.history
+    import hotlab.controller.sinks.history
 
     crashes_left = [1]
-    run_history_sink = controller.history.run_history_sink
+    run_history_sink = hotlab.controller.sinks.history.run_history_sink
 
     async def crashing_once(*args: Any, **kwargs: Any) -> int:
         if crashes_left[0]:
@@ -291,7 +291,7 @@ async def test_a_crashed_history_sink_reopens_its_archive_and_loses_nothing(
             raise RuntimeError("a bug in the history sink (injected)")
         return await run_history_sink(*args, **kwargs)
 
-    monkeypatch.setattr(controller.history, "run_history_sink", crashing_once)
+    monkeypatch.setattr(hotlab.controller.sinks.history, "run_history_sink", crashing_once)
     config = dataclasses.replace(lab(tmp_path, mosquitto), history_path=tmp_path / "history.sqlite3")
     async with Lab(config) as running:
         await asyncio.sleep(1.5)

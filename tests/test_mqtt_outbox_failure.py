@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from controller.config import MqttConfig
-from controller.mqtt_sink import SINK, MqttSink
-from controller.outbox import AsyncOutbox, Outbox
-from controller.supervisor import Backoff
+from hotlab.controller.config import MqttConfig
+from hotlab.controller.sinks.mqtt import SINK, MqttSink
+from hotlab.controller.outbox import AsyncOutbox, Outbox
+from hotlab.controller.supervisor import Backoff
 from tests.mosquitto_service import MosquittoBroker, MqttCollector, mosquitto  # noqa: F401
 from tests.test_mqtt_puback_timeout import _until, readings, sink_running
 
@@ -45,7 +45,7 @@ class AcksRefused(Outbox):
 
 async def test_failed_acks_end_the_session_not_the_sink(tmp_path: Path, mosquitto: MosquittoBroker,
                                                         caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="controller.mqtt_sink")
+    caplog.set_level(logging.INFO, logger="hotlab.controller.sinks.mqtt")
     outbox = AsyncOutbox(AcksRefused(tmp_path / "outbox.sqlite3", refusals=3))
     config = MqttConfig(host=mosquitto.host, port=mosquitto.port, client_id="ctl-ack-refused", inflight_window=32)
     sink = MqttSink(config, "site", outbox, backoff=Backoff(0.05, 0.2), rng=random.Random(2))

@@ -19,12 +19,12 @@ from typing import Self
 
 import pytest
 
-from controller.config import MqttConfig
-from controller.messages import Message, reading_message
-from controller.mqtt_sink import SINK, MqttSink
-from controller.outbox import AsyncOutbox, Outbox
-from controller.supervisor import Backoff
-from drivers.records import Reading
+from hotlab.controller.config import MqttConfig
+from hotlab.controller.messages import Message, reading_message
+from hotlab.controller.sinks.mqtt import SINK, MqttSink
+from hotlab.controller.outbox import AsyncOutbox, Outbox
+from hotlab.controller.supervisor import Backoff
+from hotlab.drivers.records import Reading
 from tests.mosquitto_service import MosquittoBroker, MqttCollector, mosquitto  # noqa: F401
 
 pytestmark = pytest.mark.integration

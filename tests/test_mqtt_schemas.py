@@ -10,14 +10,14 @@ from typing import Any
 import jsonschema
 import pytest
 
-from controller.messages import (
+from hotlab.controller.messages import (
     device_status_message,
     elution_message,
     qc_message,
     reading_message,
 )
-from controller.mqtt_sink import controller_status_payload
-from drivers.records import ElutionRecord, Reading
+from hotlab.controller.sinks.mqtt import controller_status_payload
+from hotlab.drivers.records import ElutionRecord, Reading
 
 SCHEMAS = Path(__file__).resolve().parent.parent / "controller" / "schemas"
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import aiomqtt
 import pytest
 
-from controller.config import parse_config
+from hotlab.controller.config import parse_config
 from tests.mosquitto_service import (
     MosquittoBroker,
     MqttCollector,

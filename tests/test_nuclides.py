@@ -9,7 +9,7 @@ import radioactivedecay as rd
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from controller.nuclides import NUCLIDES, Decay, Nuclide, UnknownNuclideError, get_nuclide, normalize_name
+from hotlab.physics.nuclides import NUCLIDES, Decay, Nuclide, UnknownNuclideError, get_nuclide, normalize_name
 
 REQUIRED = (
     "F-18 Ga-68 Ge-68 Tc-99m Mo-99 Lu-177 Lu-177m Y-90 I-131 I-123 In-111 Tl-201 Cs-137 Co-57 Ba-133 "

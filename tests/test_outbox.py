@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from controller.messages import Message, reading_message
-from controller.outbox import AsyncOutbox, GroupCommit, Outbox, OutboxFull, StoredPayload
-from drivers.records import Reading
+from hotlab.controller.messages import Message, reading_message
+from hotlab.controller.outbox import AsyncOutbox, GroupCommit, Outbox, OutboxFull, StoredPayload
+from hotlab.drivers.records import Reading
 
 
 def make_message(n: int) -> Message:
@@ -130,9 +130,9 @@ async def test_async_outbox_runs_off_the_event_loop(tmp_path: Path) -> None:
 WRITER = textwrap.dedent(
     """
     import sys
-    from controller.outbox import Outbox
-    from controller.messages import reading_message
-    from drivers.records import Reading
+    from hotlab.controller.outbox import Outbox
+    from hotlab.controller.messages import reading_message
+    from hotlab.drivers.records import Reading
     outbox = Outbox(sys.argv[1], sinks=("mqtt",))
     n = 0
     while True:
@@ -244,9 +244,9 @@ async def test_outbox_full_reaches_only_the_producer_whose_messages_do_not_fit(t
 GROUP_WRITER = textwrap.dedent(
     """
     import asyncio, sys
-    from controller.outbox import AsyncOutbox, GroupCommit, Outbox
-    from controller.messages import reading_message
-    from drivers.records import Reading
+    from hotlab.controller.outbox import AsyncOutbox, GroupCommit, Outbox
+    from hotlab.controller.messages import reading_message
+    from hotlab.drivers.records import Reading
 
     async def main():
         outbox = AsyncOutbox(Outbox(sys.argv[1], sinks=("mqtt",)))

@@ -14,12 +14,13 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from controller.history import HistoryArchive, run_history_sink
-from controller.influx_points import message_to_line
-from controller.messages import Message, device_status_message, elution_message, qc_message, reading_message
-from controller.outbox import AsyncOutbox, Outbox, StoredMessage, StoredPayload
-from controller.recent_commits import RecentCommits
-from drivers.records import ElutionRecord, Reading
+from hotlab.controller.archive import HistoryArchive
+from hotlab.controller.sinks.history import run_history_sink
+from hotlab.controller.sinks.influx_points import message_to_line
+from hotlab.controller.messages import Message, device_status_message, elution_message, qc_message, reading_message
+from hotlab.controller.outbox import AsyncOutbox, Outbox, StoredMessage, StoredPayload
+from hotlab.controller.recent_commits import RecentCommits
+from hotlab.drivers.records import ElutionRecord, Reading
 
 SINKS = ("mqtt", "influx", "history")
 

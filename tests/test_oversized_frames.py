@@ -23,13 +23,13 @@ from typing import Any
 
 import pytest
 
-from drivers.calibrator import create_calibrator
-from drivers.records import DriverError, FrameError
-from drivers.serial_link import _ReceiveBuffer
-from simulators.calibrator_cli import CALIBRATOR_SIMULATORS
-from simulators.faults import FaultInjector
-from simulators.serial_host import ByteChannel, DeviceModel, PtyHost, TcpHost
-from simulators.source import IonChamber, make_chamber
+from hotlab.drivers.calibrator import create_calibrator
+from hotlab.drivers.records import DriverError, FrameError
+from hotlab.drivers.serial_link import _ReceiveBuffer
+from hotlab.simulators.calibrator_cli import CALIBRATOR_SIMULATORS
+from hotlab.simulators.faults import FaultInjector
+from hotlab.simulators.serial_host import ByteChannel, DeviceModel, PtyHost, TcpHost
+from hotlab.simulators.source import IonChamber, make_chamber
 
 FAMILIES = ("vik202", "crc15r", "vdc404", "atomlab500")
 FLOOD_BYTES = 1024 * 1024

@@ -14,12 +14,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from controller.nuclides import NUCLIDES
-from controller.units import ACTIVITY_UNITS
-from drivers import atomlab500, crc15r, vdc404, vik202
-from drivers.records import ChecksumError, FrameError
-from simulators import calibrator_atomlab500, calibrator_crc15r, calibrator_vdc404, calibrator_vik202
-from simulators.source import CURIE_LADDER
+from hotlab.physics.nuclides import NUCLIDES
+from hotlab.physics.units import ACTIVITY_UNITS
+from hotlab.drivers import atomlab500, crc15r, vdc404, vik202
+from hotlab.drivers.records import ChecksumError, FrameError
+from hotlab.simulators import calibrator_atomlab500, calibrator_crc15r, calibrator_vdc404, calibrator_vik202
+from hotlab.simulators.source import CURIE_LADDER
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 ROUND_TRIP = settings(max_examples=150, deadline=None)

@@ -12,8 +12,8 @@ from datetime import datetime
 
 import pytest
 
-from controller.nuclides import get_nuclide
-from controller.qc.calibrator_rules import (
+from hotlab.physics.nuclides import get_nuclide
+from hotlab.controller.qc.calibrator_rules import (
     ReferenceSource,
     TimedReading,
     accuracy,
@@ -24,8 +24,8 @@ from controller.qc.calibrator_rules import (
     linearity_sleeve,
     sleeve_factors,
 )
-from controller.qc.limits import DEFAULT_LIMITS as LIMITS
-from controller.qc.result import QcInputError
+from hotlab.controller.qc.limits import DEFAULT_LIMITS as LIMITS
+from hotlab.controller.qc.result import QcInputError
 
 HOUR_NS = 3_600_000_000_000
 TC99M_HALF_LIFE_NS = 21_624_120_000_000  # 6.0067 h

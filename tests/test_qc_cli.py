@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from controller.cli import main
+from hotlab.controller.cli.main import main
 
 CONSTANCY = ["qc", "constancy", "--nuclide", "Cs-137", "--reference", "7.4MBq", "--reference-date",
              "2016-01-01T00:00:00Z", "--at", "2026-01-01T00:00:00Z"]
@@ -93,7 +93,7 @@ def test_bad_input_exits_2_with_a_clear_message(argv: list[str], message: str,
 
 def test_installed_entry_point_exit_code() -> None:
     # Through a real process, as a technician runs it: bad input is exit 2 with the reason on stderr.
-    argv = [sys.executable, "-m", "controller.cli", "qc", "mo99", "--mo99=-1MBq", "--tc99m", "37GBq"]
+    argv = [sys.executable, "-m", "hotlab.controller.cli", "qc", "mo99", "--mo99=-1MBq", "--tc99m", "37GBq"]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[1])
     assert done.returncode == 2
     assert "hotlab qc mo99: error: --mo99" in done.stderr

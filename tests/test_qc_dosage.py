@@ -6,10 +6,10 @@ from datetime import datetime
 
 import pytest
 
-from controller.nuclides import get_nuclide
-from controller.qc.dosage import dosage_check
-from controller.qc.limits import DEFAULT_LIMITS as LIMITS
-from controller.qc.result import QcInputError
+from hotlab.physics.nuclides import get_nuclide
+from hotlab.controller.qc.dosage import dosage_check
+from hotlab.controller.qc.limits import DEFAULT_LIMITS as LIMITS
+from hotlab.controller.qc.result import QcInputError
 
 F18 = get_nuclide("F-18")
 T0 = int(datetime.fromisoformat("2026-03-01T08:00:00Z").timestamp()) * 1_000_000_000

@@ -9,10 +9,10 @@ from datetime import datetime
 
 import pytest
 
-from controller.messages import elution_message, reading_message
-from controller.qc.engine import QcConfig, QcEngine, QcOutcome, parse_time_ns
-from controller.qc.limits import QcConfigError
-from drivers.records import ElutionRecord, Reading
+from hotlab.controller.messages import elution_message, reading_message
+from hotlab.controller.qc.engine import QcConfig, QcEngine, QcOutcome, parse_time_ns
+from hotlab.controller.qc.limits import QcConfigError
+from hotlab.drivers.records import ElutionRecord, Reading
 
 HOUR_NS = 3_600_000_000_000
 DAY_NS = 24 * HOUR_NS

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from controller.history import HistoryArchive
-from controller.messages import Message, elution_message, reading_message
-from controller.outbox import Outbox
-from controller.qc.engine import QcConfig, QcEngine, QcOutcome, parse_time_ns
-from controller.qc.generator_rules import available_activity
-from drivers.records import ElutionRecord, Reading
+from hotlab.controller.archive import HistoryArchive
+from hotlab.controller.messages import Message, elution_message, reading_message
+from hotlab.controller.outbox import Outbox
+from hotlab.controller.qc.engine import QcConfig, QcEngine, QcOutcome, parse_time_ns
+from hotlab.controller.qc.generator_rules import available_activity
+from hotlab.drivers.records import ElutionRecord, Reading
 
 HOUR_NS = 3_600_000_000_000
 DAY_NS = 24 * HOUR_NS

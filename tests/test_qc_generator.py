@@ -12,9 +12,9 @@ from datetime import datetime
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from controller.nuclides import get_nuclide
-from controller.qc.calibrator_rules import TimedReading
-from controller.qc.generator_rules import (
+from hotlab.physics.nuclides import get_nuclide
+from hotlab.controller.qc.calibrator_rules import TimedReading
+from hotlab.controller.qc.generator_rules import (
     GeneratorSpec,
     YieldPoint,
     elution_yield,
@@ -24,8 +24,8 @@ from controller.qc.generator_rules import (
     mo99_exceed_after_s,
     yield_trend,
 )
-from controller.qc.limits import DEFAULT_LIMITS as LIMITS
-from controller.qc.result import QcInputError
+from hotlab.controller.qc.limits import DEFAULT_LIMITS as LIMITS
+from hotlab.controller.qc.result import QcInputError
 
 HOUR_NS = 3_600_000_000_000
 MINUTE_NS = 60_000_000_000

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from controller.qc.limits import DEFAULT_LIMITS, Limit, LimitKind, QcConfigError, load_limits
+from hotlab.controller.qc.limits import DEFAULT_LIMITS, Limit, LimitKind, QcConfigError, load_limits
 
 
 def test_every_default_names_its_source() -> None:

@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from controller.audit import ELUTION_ABORT, ELUTION_START, FAULT_ACKNOWLEDGE, QC_MANUAL_ENTRY, AuditLog
-from controller.cli import main as hotlab
-from controller.history import HistoryArchive, TimeRange
-from controller.messages import Message, device_status_message, elution_message, qc_message, reading_message
-from controller.report import build_figures, collect, judged_value, render_html
-from controller.report_plots import draw_limit_bands, linearity_figure, new_figure
-from drivers.records import ElutionRecord, Reading
+from hotlab.controller.audit import ELUTION_ABORT, ELUTION_START, FAULT_ACKNOWLEDGE, QC_MANUAL_ENTRY, AuditLog
+from hotlab.controller.cli.main import main as hotlab
+from hotlab.controller.archive import HistoryArchive, TimeRange
+from hotlab.controller.messages import Message, device_status_message, elution_message, qc_message, reading_message
+from hotlab.controller.report import build_figures, collect, judged_value, render_html
+from hotlab.controller.report_plots import draw_limit_bands, linearity_figure, new_figure
+from hotlab.drivers.records import ElutionRecord, Reading
 
 HOUR_NS = 3_600_000_000_000
 DAY_NS = 24 * HOUR_NS

@@ -13,13 +13,13 @@ from typing import ClassVar
 
 import pytest
 
-import controller.service
-from controller.config import parse_config
-from controller.messages import Message, qc_message
-from controller.outbox import Outbox, StoredPayload
-from controller.service import ControllerService
-from controller.supervisor import Item
-from drivers.records import Reading
+import hotlab.controller.service
+from hotlab.controller.config import parse_config
+from hotlab.controller.messages import Message, qc_message
+from hotlab.controller.outbox import Outbox, StoredPayload
+from hotlab.controller.service import ControllerService
+from hotlab.controller.supervisor import Item
+from hotlab.drivers.records import Reading
 
 DEVICES = 30
 
@@ -122,7 +122,7 @@ class RecordingStage:
 
 async def test_many_devices_share_transactions_and_are_confirmed_only_after_them(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(controller.service, "Outbox", CountingOutbox)
+    monkeypatch.setattr(hotlab.controller.service, "Outbox", CountingOutbox)
     CountingOutbox.instances.clear()
     outbox_path = tmp_path / "outbox.sqlite3"
     config = parse_config({

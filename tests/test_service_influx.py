@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from controller.config import parse_config
+from hotlab.controller.config import parse_config
 from tests.influx_service import InfluxService, influx_database, influx_server  # noqa: F401
 from tests.mosquitto_service import MosquittoBroker, MqttCollector, mosquitto  # noqa: F401
 from tests.test_mqtt_delivery import Lab

@@ -18,10 +18,10 @@ from typing import Any
 
 import pytest
 
-from simulators.calibrator_cli import CALIBRATOR_SIMULATORS
-from simulators.faults import FaultInjector
-from simulators.serial_host import TcpHost
-from simulators.source import make_chamber
+from hotlab.simulators.calibrator_cli import CALIBRATOR_SIMULATORS
+from hotlab.simulators.faults import FaultInjector
+from hotlab.simulators.serial_host import TcpHost
+from hotlab.simulators.source import make_chamber
 from tests.mosquitto_service import MosquittoBroker, MqttCollector, mosquitto  # noqa: F401
 
 pytestmark = pytest.mark.integration
@@ -55,7 +55,7 @@ def write_config(tmp_path: Path, broker: MosquittoBroker, hosts: list[TcpHost], 
 
 
 class Controller:
-    """`python -m controller.cli run --config ...` as a child process, its log in a file."""
+    """`python -m hotlab.controller.cli run --config ...` as a child process, its log in a file."""
 
     def __init__(self, config: Path, log: Path) -> None:
         self.config = config
@@ -65,7 +65,7 @@ class Controller:
     async def start(self, *extra: str) -> None:
         with self.log.open("ab") as log:
             self.process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "controller.cli", "run", "--config", str(self.config), *extra,
+                sys.executable, "-m", "hotlab.controller.cli", "run", "--config", str(self.config), *extra,
                 cwd=REPO, stdout=log, stderr=log,
             )
 
@@ -208,7 +208,7 @@ def test_bad_config_exits_2_with_precise_message(tmp_path: Path) -> None:
     config = tmp_path / "bad.toml"
     config.write_text('[site]\nname = "lab"\n\n[[device]]\nname = "c"\nstation = "s"\nfamily = "capintec"\n'
                       'transport = "/dev/ttyUSB0"\n')
-    result = subprocess.run([sys.executable, "-m", "controller.cli", "run", "--config", str(config)], check=False, cwd=REPO,
+    result = subprocess.run([sys.executable, "-m", "hotlab.controller.cli", "run", "--config", str(config)], check=False, cwd=REPO,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert result.stderr.strip() == (

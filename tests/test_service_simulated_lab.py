@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-import controller.embedded_broker
-from controller.config import SerialTransport
-from controller.run_cli import simulated_lab
+import hotlab.controller.lab.embedded_broker
+from hotlab.controller.config import SerialTransport
+from hotlab.controller.cli.run import simulated_lab
 from tests.cli_process import REPO, run_hotlab
 from tests.mosquitto_service import require_mosquitto
 
@@ -43,8 +43,8 @@ def test_ctrl_c_in_a_terminal_drains_before_the_private_broker_stops(tmp_path: P
     require_mosquitto()
     log_path = tmp_path / "run.log"
     with log_path.open("w") as log:
-        process = subprocess.Popen([sys.executable, "-m", "controller.cli", "run"], cwd=tmp_path, stdout=log,
-                                   stderr=log, env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True)
+        process = subprocess.Popen([sys.executable, "-m", "hotlab.controller.cli", "run"], cwd=tmp_path, stdout=log,
+                                   stderr=log, start_new_session=True)
     try:
         deadline = time.monotonic() + 60
         while not all(f"device {d}: online" in log_path.read_text() for d in ("vik202-sim", "vdc404-sim")):
@@ -68,7 +68,7 @@ def test_ctrl_c_in_a_terminal_drains_before_the_private_broker_stops(tmp_path: P
 
 async def test_without_mosquitto_the_simulated_lab_is_local_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                  capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setattr(controller.embedded_broker, "mosquitto_binary", lambda: None)
+    monkeypatch.setattr(hotlab.controller.lab.embedded_broker, "mosquitto_binary", lambda: None)
     async with simulated_lab(tmp_path) as config:
         assert config.mqtt is None
         assert len(config.devices) == 5 and config.outbox.path == tmp_path.resolve() / "outbox.sqlite3"

@@ -11,19 +11,19 @@ from typing import Any
 
 import jsonschema
 
-from controller.config import LabConfig, parse_config
-from controller.messages import elution_msg_id, iso_utc
-from controller.outbox import Outbox
-from controller.qc.engine import QcConfig, QcEngine
-from controller.service import ControllerService
-from drivers.elution_station import NS_PER_S, CommandCode
-from simulators.elution_station import (
+from hotlab.controller.config import LabConfig, parse_config
+from hotlab.controller.messages import elution_msg_id, iso_utc
+from hotlab.controller.outbox import Outbox
+from hotlab.controller.qc.engine import QcConfig, QcEngine
+from hotlab.controller.service import ControllerService
+from hotlab.drivers.elution_station import NS_PER_S, CommandCode
+from hotlab.simulators.elution_station import (
     ElutionStationSimulator,
     StationClock,
     StationIdentity,
     StationModel,
 )
-from simulators.generator_physics import GeneratorColumn, get_profile
+from hotlab.simulators.generator_physics import GeneratorColumn, get_profile
 
 SCHEMA = json.loads((Path(__file__).resolve().parent.parent / "controller" / "schemas" / "elution.json").read_text())
 

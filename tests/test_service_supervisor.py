@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from controller.config import DeviceConfig, parse_config
-from controller.messages import Message, qc_message
-from controller.outbox import Outbox
-from controller.service import ControllerService, ServiceError
-from controller.supervisor import Backoff, DeviceState, DeviceSupervisor, Item
-from drivers.records import DeviceDisconnected, FrameError, Reading
+from hotlab.controller.config import DeviceConfig, parse_config
+from hotlab.controller.messages import Message, qc_message
+from hotlab.controller.outbox import Outbox
+from hotlab.controller.service import ControllerService, ServiceError
+from hotlab.controller.supervisor import Backoff, DeviceState, DeviceSupervisor, Item
+from hotlab.drivers.records import DeviceDisconnected, FrameError, Reading
 
 
 def reading(device: str, n: int) -> Reading:

@@ -18,7 +18,7 @@ from tests.cli_process import REPO
 #: Each case is the body of `main()`, which runs on its own event loop with `signals = StopSignals()` made first.
 PROGRAM = """\
 import asyncio
-from controller.stop_signals import StopSignals
+from hotlab.controller.stop_signals import StopSignals
 
 async def main():
     signals = StopSignals()
@@ -68,7 +68,7 @@ FAILING_START = """\
 def signalled(case: str, *signums: int) -> tuple[int, str, str]:
     """Run `case`; each time it prints "starting", send it the next signal. Returns (code, stdout, stderr)."""
     process = subprocess.Popen([sys.executable, "-c", PROGRAM.format(case=case)], cwd=REPO, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+                               stderr=subprocess.PIPE, text=True)
     try:
         assert process.stdout is not None
         for signum in signums:

@@ -2,8 +2,8 @@
 
 Each rule is a pure function from measurements to a `QcResult` (or several): no I/O, no
 clock, so the streaming engine and the CLI share them and tests can feed published numbers.
-Expected activities are always decay-corrected with `controller.decay` and the evaluated
-half-lives of `controller.nuclides` (DDEP / ENSDF, named in every result's inputs).
+Expected activities are always decay-corrected with `hotlab.physics.decay` and the evaluated
+half-lives of `hotlab.physics.nuclides` (DDEP / ENSDF, named in every result's inputs).
 Times are UTC epoch nanoseconds, activities becquerel.
 """
 
@@ -16,11 +16,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from controller.decay import activity_at, corrected_activity_uncertainty
-from controller.messages import iso_utc
-from controller.nuclides import Nuclide
-from controller.qc.limits import Limit
-from controller.qc.result import (
+from hotlab.physics.decay import activity_at, corrected_activity_uncertainty
+from hotlab.controller.messages import iso_utc
+from hotlab.physics.nuclides import Nuclide
+from hotlab.controller.qc.limits import Limit
+from hotlab.controller.qc.result import (
     QcInputError,
     QcResult,
     deviation_pct,
@@ -29,7 +29,7 @@ from controller.qc.result import (
     require_not_before,
     require_positive,
 )
-from controller.units import format_activity
+from hotlab.physics.units import format_activity
 
 _NS_PER_S = 1e9
 

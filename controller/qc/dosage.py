@@ -8,11 +8,11 @@ from the measurement time to the planned administration time before it is compar
 
 from __future__ import annotations
 
-from controller.decay import activity_at
-from controller.messages import iso_utc
-from controller.nuclides import Nuclide
-from controller.qc.limits import Limit
-from controller.qc.result import QcResult, judged, require_not_before, require_positive
+from hotlab.physics.decay import activity_at
+from hotlab.controller.messages import iso_utc
+from hotlab.physics.nuclides import Nuclide
+from hotlab.controller.qc.limits import Limit
+from hotlab.controller.qc.result import QcResult, judged, require_not_before, require_positive
 
 
 def dosage_check(

@@ -40,24 +40,24 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from controller.decay import parse_utc_ns
-from controller.messages import Message
-from controller.nuclides import UnknownNuclideError, get_nuclide
-from controller.qc import calibrator_rules, dosage, generator_rules
-from controller.qc.calibrator_rules import ReferenceSource
-from controller.qc.generator_rules import (
+from hotlab.physics.utc_time import parse_utc_ns
+from hotlab.controller.messages import Message
+from hotlab.physics.nuclides import UnknownNuclideError, get_nuclide
+from hotlab.controller.qc import calibrator_rules, dosage, generator_rules
+from hotlab.controller.qc.calibrator_rules import ReferenceSource
+from hotlab.controller.qc.generator_rules import (
     MO99_DEFAULT_JUDGE_HORIZON_H,
     GeneratorSpec,
     YieldPoint,
     available_activity,
     generator_pair,
 )
-from controller.qc.limits import YIELD_LIMIT_BY_DAUGHTER, Limit, QcConfigError, load_limits
-from controller.qc.result import QcInputError, QcResult
-from controller.units import UnitError, parse_activity
+from hotlab.controller.qc.limits import YIELD_LIMIT_BY_DAUGHTER, Limit, QcConfigError, load_limits
+from hotlab.controller.qc.result import QcInputError, QcResult
+from hotlab.physics.units import UnitError, parse_activity
 
 if TYPE_CHECKING:
-    from controller.history import HistoryArchive
+    from hotlab.controller.archive import HistoryArchive
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ HISTORY_LENGTH = 64
 def parse_time_ns(value: Any, what: str) -> int:
     """UTC epoch ns from a TOML datetime or date, ISO 8601 text with an offset (or Z), or epoch ns.
 
-    One parser for the whole project (`controller.decay.parse_utc_ns`): naive times and epoch
+    One parser for the whole project (`hotlab.physics.decay.parse_utc_ns`): naive times and epoch
     seconds are refused rather than guessed, so a config value can never silently shift a
     decay correction by hours or decades.
     """

@@ -1,9 +1,9 @@
 """Generator QC rules: elution yield and its trend, Ge-68 and Mo-99 breakthrough, Ga-68 identity.
 
 Pure functions like the calibrator rules: the expected daughter activity comes from the
-two-member Bateman solution in `controller.decay` (parent decayed from the generator's
+two-member Bateman solution in `hotlab.physics.decay` (parent decayed from the generator's
 calibration, daughter grown in since the last elution, plus what that elution left behind),
-and half-lives from `controller.nuclides` (DDEP / ENSDF). Times are UTC epoch ns.
+and half-lives from `hotlab.physics.nuclides` (DDEP / ENSDF). Times are UTC epoch ns.
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from controller.decay import daughter_activity, decay_factor, generator_daughter_activity
-from controller.messages import iso_utc
-from controller.nuclides import Nuclide, get_nuclide, normalize_name
-from controller.qc.calibrator_rules import TimedReading
-from controller.qc.limits import YIELD_LIMIT_BY_DAUGHTER, Limit, LimitKind
-from controller.qc.result import (
+from hotlab.physics.decay import daughter_activity, decay_factor, generator_daughter_activity
+from hotlab.controller.messages import iso_utc
+from hotlab.physics.nuclides import Nuclide, get_nuclide, normalize_name
+from hotlab.controller.qc.calibrator_rules import TimedReading
+from hotlab.controller.qc.limits import YIELD_LIMIT_BY_DAUGHTER, Limit, LimitKind
+from hotlab.controller.qc.result import (
     QcInputError,
     QcResult,
     judged,

@@ -12,8 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from controller.messages import Message, qc_message
-from controller.qc.limits import Limit, Verdict
+from hotlab.controller.messages import Message, qc_message
+from hotlab.controller.qc.limits import Limit, Verdict
 
 
 class QcInputError(ValueError):

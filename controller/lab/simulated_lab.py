@@ -37,12 +37,12 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import aiomqtt
 
-from controller.config import LabConfig, ModbusTcpTransport, parse_config
-from controller.messages import MSG_ID_NAMESPACE, Message, iso_utc, reading_message
-from drivers.records import Reading
+from hotlab.controller.config import LabConfig, ModbusTcpTransport, parse_config
+from hotlab.controller.messages import MSG_ID_NAMESPACE, Message, iso_utc, reading_message
+from hotlab.drivers.records import Reading
 
 if TYPE_CHECKING:
-    from controller.embedded_broker import MosquittoBroker
+    from hotlab.controller.lab.embedded_broker import MosquittoBroker
 
 log = logging.getLogger("hotlab.simulated_lab")
 
@@ -68,7 +68,7 @@ class SimGenerator:
 
     device: str
     station: str
-    profile: str  # simulators.generator_physics.PROFILES key: "ge68" or "mo99"
+    profile: str  # hotlab.simulators.generator_physics.PROFILES key: "ge68" or "mo99"
     generator_id: str
     calibration_bq: float
     column_age_days: float
@@ -138,7 +138,7 @@ async def simulated_lab(
     `influx` is an [influx] table (controller/config.py) to add the InfluxDB sink;
     `audit_path` is where the controller audits control commands (default `<state_dir>/audit.jsonl`).
     """
-    from controller.embedded_broker import BrokerUnavailable, MosquittoBroker
+    from hotlab.controller.lab.embedded_broker import BrokerUnavailable, MosquittoBroker
 
     workdir.mkdir(parents=True, exist_ok=True)
     async with contextlib.AsyncExitStack() as stack:
@@ -200,17 +200,17 @@ async def simulated_lab(
 
 
 def _parent_nuclide(generator: SimGenerator) -> str:
-    from simulators.generator_physics import get_profile
+    from hotlab.simulators.generator_physics import get_profile
 
     return get_profile(generator.profile).parent
 
 
 async def _start_calibrator(stack: contextlib.AsyncExitStack, calibrator: SimCalibrator, seed: int,
                             acceleration: float) -> dict[str, Any]:
-    from simulators.calibrator_cli import CALIBRATOR_SIMULATORS
-    from simulators.faults import FaultInjector
-    from simulators.serial_host import PtyHost, Rfc2217Host, TcpHost
-    from simulators.source import make_chamber
+    from hotlab.simulators.calibrator_cli import CALIBRATOR_SIMULATORS
+    from hotlab.simulators.faults import FaultInjector
+    from hotlab.simulators.serial_host import PtyHost, Rfc2217Host, TcpHost
+    from hotlab.simulators.source import make_chamber
 
     chamber = make_chamber(calibrator.nuclide, calibrator.activity_bq, acceleration=acceleration, seed=seed)
     model = CALIBRATOR_SIMULATORS[calibrator.family](chamber, FaultInjector(seed=seed))
@@ -224,13 +224,13 @@ async def _start_calibrator(stack: contextlib.AsyncExitStack, calibrator: SimCal
 async def _start_station(stack: contextlib.AsyncExitStack, generator: SimGenerator, cal_ns: int,
                          last_elution_ns: int, acceleration: float, console: OperatorConsole | None) -> dict[str, Any]:
     """A generator station on Modbus TCP, and an operator who starts elutions on its schedule."""
-    from simulators.elution_station import (
+    from hotlab.simulators.elution_station import (
         ElutionStationSimulator,
         StationClock,
         StationIdentity,
         StationModel,
     )
-    from simulators.generator_physics import GeneratorColumn, get_profile
+    from hotlab.simulators.generator_physics import GeneratorColumn, get_profile
 
     column = GeneratorColumn(get_profile(generator.profile), generator_id=generator.generator_id,
                              parent_cal_bq=generator.calibration_bq, cal_time_ns=cal_ns,
@@ -249,7 +249,7 @@ async def _start_station(stack: contextlib.AsyncExitStack, generator: SimGenerat
 
 async def _press_start_on_front_panel(model: Any, generator: SimGenerator, period_s: float) -> None:
     """Without a broker there is no command path: the operator starts the station by hand."""
-    from drivers.elution_station import CommandCode
+    from hotlab.drivers.elution_station import CommandCode
 
     while True:
         await asyncio.sleep(period_s)

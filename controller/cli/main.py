@@ -9,11 +9,19 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import sys
 from collections.abc import Sequence
 
 #: Modules that each add one or more sub-commands, in the order `--help` lists them.
-COMMAND_MODULES: tuple[str, ...] = ("controller.run_cli", "controller.demo_cli", "controller.decay_cli", "controller.qc_cli", "controller.audit_cli", "controller.report_cli", "simulators.calibrator_cli", "simulators.elution_station_cli")
+COMMAND_MODULES: tuple[str, ...] = (
+    "hotlab.controller.cli.run",
+    "hotlab.controller.cli.demo",
+    "hotlab.controller.cli.decay",
+    "hotlab.controller.cli.qc",
+    "hotlab.controller.cli.audit",
+    "hotlab.controller.cli.report",
+    "hotlab.simulators.calibrator_cli",
+    "hotlab.simulators.elution_station_cli",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,6 +43,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     return int(args.func(args) or 0)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -29,12 +29,12 @@ import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from controller.config import ConfigError, LabConfig, load_config
-from controller.event_loop import DEFAULT_EVENT_LOOP
-from controller.gc_policy import settle_after_startup
-from controller.service import CommitStage, ControllerService, run_to_exit_code
-from controller.simulated_lab import simulated_lab
-from controller.stop_signals import StopSignals
+from hotlab.controller.config import ConfigError, LabConfig, load_config
+from hotlab.controller.event_loop import DEFAULT_EVENT_LOOP
+from hotlab.controller.gc_policy import settle_after_startup
+from hotlab.controller.service import CommitStage, ControllerService, run_to_exit_code
+from hotlab.controller.lab.simulated_lab import simulated_lab
+from hotlab.controller.stop_signals import StopSignals
 
 log = logging.getLogger("hotlab.run")
 
@@ -94,7 +94,7 @@ async def _lab(config: LabConfig | None) -> AsyncIterator[LabConfig]:
 def _qc_engine(config: LabConfig) -> CommitStage | None:
     """The QC engine judges every reading and elution in the same commit (config: the [qc] table)."""
     try:
-        from controller.qc.engine import QcConfig, QcEngine
+        from hotlab.controller.qc.engine import QcConfig, QcEngine
     except ImportError as exc:
         log.error("QC engine not available (%s): readings are published WITHOUT QC", exc)
         return None

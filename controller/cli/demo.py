@@ -34,10 +34,10 @@ from rich.console import Console
 from rich.live import Live
 from rich.logging import RichHandler
 
-from controller.config import ConfigError, load_secret
-from controller.demo import LabView, render, snapshot_svg, watch_broker
-from controller.service import ControllerService, run_to_exit_code
-from controller.simulated_lab import (
+from hotlab.controller.config import ConfigError, load_secret
+from hotlab.controller.lab.demo import LabView, render, snapshot_svg, watch_broker
+from hotlab.controller.service import ControllerService, run_to_exit_code
+from hotlab.controller.lab.simulated_lab import (
     BrokerAddress,
     CheckSource,
     SimCalibrator,
@@ -47,7 +47,7 @@ from controller.simulated_lab import (
     simulated_lab,
     station_mo99_breakthrough,
 )
-from controller.stop_signals import StopSignals
+from hotlab.controller.stop_signals import StopSignals
 
 log = logging.getLogger("hotlab.demo")
 
@@ -168,7 +168,7 @@ async def _run_lab(lab: SimLab, args: argparse.Namespace, broker: BrokerAddress 
     state_dir: Path = args.state_dir
     audit_path = state_dir / "audit.jsonl"
     async with simulated_lab(state_dir, lab, broker=broker, influx=influx, audit_path=audit_path) as config:
-        from controller.qc.engine import QcConfig, QcEngine
+        from hotlab.controller.qc.engine import QcConfig, QcEngine
 
         service = ControllerService(config, processors=[station_mo99_breakthrough(config.site)],
                                     stage=QcEngine(config.site, QcConfig.from_mapping(config.qc)))
@@ -235,7 +235,7 @@ def summary(view: LabView, history_path: Path | None, wall_s: float, audit_path:
     """The headless end-of-run summary: what the archive holds, and each device's last state."""
     lines = [f"hotlab demo summary (site {view.site}, {wall_s:.0f} s wall, stations at {view.acceleration:g}x)"]
     if history_path is not None and history_path.is_file():
-        from controller.history import HistoryArchive
+        from hotlab.controller.archive import HistoryArchive
 
         with HistoryArchive(history_path, read_only=True) as archive:
             counts = {kind: archive.count(kind) for kind in ("reading", "elution", "qc_result", "device_status")}

@@ -16,16 +16,16 @@ import re
 import sys
 from datetime import datetime, timedelta, timezone
 
-from controller.decay import (
+from hotlab.physics.decay import (
     corrected_activity_uncertainty,
     decay_factor,
     elapsed_s,
     equilibrium_fraction,
     generator_daughter_activity,
-    parse_utc_ns,
 )
-from controller.nuclides import NUCLIDES, Nuclide, get_nuclide
-from controller.units import canonical_unit, format_activity, from_bq, parse_activity
+from hotlab.physics.utc_time import parse_utc_ns
+from hotlab.physics.nuclides import NUCLIDES, Nuclide, get_nuclide
+from hotlab.physics.units import canonical_unit, format_activity, from_bq, parse_activity
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(s|sec|min|m|h|d)\s*$", re.IGNORECASE)
 _DURATION_UNIT_S = {"s": 1.0, "sec": 1.0, "min": 60.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -39,7 +39,7 @@ class DecayInputError(ValueError):
 def parse_time(text: str) -> datetime:
     """An ISO 8601 moment with `Z` or an offset (or a bare date: 00:00 UTC), as an aware datetime in UTC.
 
-    Read by the shared controller.decay.parse_utc_ns; the datetime keeps microseconds, which is
+    Read by the shared hotlab.physics.decay.parse_utc_ns; the datetime keeps microseconds, which is
     far finer than any half-life this command reports on.
     """
     try:

@@ -11,9 +11,9 @@ import os
 import sys
 from pathlib import Path
 
-from controller.audit import AuditKeyError, load_hmac_key
-from controller.audit_cli import default_audit_path
-from controller.history import HistoryArchive, HistoryQueryError, TimeRange
+from hotlab.controller.audit import AuditKeyError, load_hmac_key
+from hotlab.controller.cli.audit import default_audit_path
+from hotlab.controller.archive import HistoryArchive, HistoryQueryError, TimeRange
 
 ARCHIVE_ENV = "HOTLAB_HISTORY"
 DEFAULT_ARCHIVE = Path("var/history.sqlite3")  # the [history] default of controller/config.py
@@ -51,7 +51,7 @@ def _run(args: argparse.Namespace) -> int:
         return 2
 
     # Imported here so that `hotlab --help` and other commands never pay for matplotlib.
-    from controller.report import build_figures, collect, render_html, write_pdf
+    from hotlab.controller.report import build_figures, collect, render_html, write_pdf
 
     with HistoryArchive(archive_path, read_only=True) as archive:
         data = collect(archive, period, audit_path, audit_key=key, site=args.site)

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from controller.audit import (
+from hotlab.controller.audit import (
     AuditEntryError,
     AuditKeyError,
     AuditLog,
@@ -27,8 +27,8 @@ from controller.audit import (
     load_hmac_key,
     verify_chain,
 )
-from controller.config import ConfigError, load_audit_path
-from controller.history import HistoryQueryError, TimeRange
+from hotlab.controller.config import ConfigError, load_audit_path
+from hotlab.controller.archive import HistoryQueryError, TimeRange
 
 PATH_ENV = "HOTLAB_AUDIT_LOG"
 #: `hotlab run` without --config runs the simulated lab in var/simulated-lab (controller/run_cli.py)

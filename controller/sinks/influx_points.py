@@ -23,7 +23,7 @@ from typing import Any
 
 from influxdb_client import Point, WritePrecision
 
-from controller.messages import Message
+from hotlab.controller.messages import Message
 
 #: QC verdicts as numbers, so they can be graphed, aggregated (max over an interval is the
 #: worst verdict) and thresholded in Grafana; the verdict is also kept as a tag for filtering.

@@ -19,14 +19,14 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from controller.nuclides import UnknownNuclideError, get_nuclide
-from controller.qc import calibrator_rules, dosage, generator_rules
-from controller.qc.calibrator_rules import ReferenceSource, TimedReading
-from controller.qc.engine import parse_activity_bq, parse_time_ns
-from controller.qc.generator_rules import GeneratorSpec, generator_pair
-from controller.qc.limits import YIELD_LIMIT_BY_DAUGHTER, Limit, QcConfigError, load_limits
-from controller.qc.result import QcInputError, QcResult
-from controller.units import format_activity
+from hotlab.physics.nuclides import UnknownNuclideError, get_nuclide
+from hotlab.controller.qc import calibrator_rules, dosage, generator_rules
+from hotlab.controller.qc.calibrator_rules import ReferenceSource, TimedReading
+from hotlab.controller.qc.engine import parse_activity_bq, parse_time_ns
+from hotlab.controller.qc.generator_rules import GeneratorSpec, generator_pair
+from hotlab.controller.qc.limits import YIELD_LIMIT_BY_DAUGHTER, Limit, QcConfigError, load_limits
+from hotlab.controller.qc.result import QcInputError, QcResult
+from hotlab.physics.units import format_activity
 
 _VERDICT_STYLE = {"pass": "bold green", "warn": "bold yellow", "fail": "bold red"}
 Rule = Callable[[argparse.Namespace, dict[str, Limit]], list[QcResult]]

@@ -27,7 +27,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from controller.units import format_activity
+from hotlab.physics.units import format_activity
 
 log = logging.getLogger("hotlab.demo")
 

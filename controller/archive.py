@@ -1,10 +1,11 @@
 """The permanent local archive of everything the controller sent: a SQLite file QC officers keep.
 
 Why: the outbox (controller/outbox.py) forgets a message once every sink acknowledged it, but
-inspectors ask for months of constancy checks, elutions and verdicts. The "history" sink
-reads `pending("history")`, appends each message here and only then acknowledges it, so a
+inspectors ask for months of constancy checks, elutions and verdicts. The history sink
+(controller/sinks/history.py) appends each message here and only then acknowledges it, so a
 crash between the two just replays the batch and `INSERT OR IGNORE` on `msg_id` keeps it
-idempotent. Where no InfluxDB is configured this archive is the only time series store.
+idempotent. The QC engine's restore and the report read this module directly; only the sink
+loop sits with the other sinks. Where no InfluxDB is configured this archive is the only time series store.
 
 Columns that queries filter on are indexed (kind, time_ns, site, station, device, and test /
 verdict for qc_result); the complete JSON payload is kept verbatim beside them. For elution
@@ -28,11 +29,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from controller.decay import parse_utc_ns
-from controller.messages import Message
-from controller.outbox import AsyncOutbox, rollback_unless_done
+from hotlab.physics.utc_time import parse_utc_ns
+from hotlab.controller.messages import Message
+from hotlab.controller.outbox import AsyncOutbox, rollback_unless_done
 
-SINK_NAME = "history"
 _OPEN_END_NS = 2**63 - 1
 _DAY_NS = 86_400_000_000_000
 log = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ class TimeRange:
 
 
 def _parse_instant(text: str, which: str, *, end_of_day: bool) -> int:
-    """A bound as UTC epoch ns via the shared parser (controller.decay.parse_utc_ns).
+    """A bound as UTC epoch ns via the shared parser (hotlab.physics.decay.parse_utc_ns).
 
     A bare date is 00:00 UTC of that day; as the end of a range it means the whole day, so the
     next midnight. Date-times need Z or an offset, exactly as everywhere else in hotlab.
@@ -246,48 +246,3 @@ class HistoryArchive:
                 f"SELECT DISTINCT {column} FROM message WHERE kind = ? AND {column} IS NOT NULL ORDER BY {column}", (kind,)
             ).fetchall()
         return [value for (value,) in rows]
-
-
-async def run_history_sink(
-    outbox: AsyncOutbox,
-    archive: HistoryArchive,
-    stop_event: asyncio.Event,
-    *,
-    batch_size: int = 500,
-    idle_poll_s: float = 0.5,
-    retry_backoff_s: Sequence[float] = (0.5, 1.0, 2.0, 5.0, 10.0),
-) -> int:
-    """Move messages from the outbox's "history" queue into the archive until `stop_event` is set.
-
-    Archive first, then ack: a crash in between replays the batch, which the archive ignores.
-    A failing archive or outbox (disk full, locked file) is logged and retried with backoff;
-    the messages stay in the outbox meanwhile. Returns how many new messages were archived.
-    """
-    archived = 0
-    failures = 0
-    acked_through = 0  # each read continues here, so while the sink keeps up the outbox answers from memory
-    while not stop_event.is_set():
-        try:
-            batch = await outbox.pending(SINK_NAME, batch_size, after_seq=acked_through)
-            if not batch:
-                await _wait(stop_event, idle_poll_s)
-                continue
-            archived += await asyncio.to_thread(archive.add_many, [stored.message for stored in batch])
-            # An ack lost here (crash, error) only replays the batch, which the archive ignores.
-            await outbox.ack(SINK_NAME, [stored.seq for stored in batch])
-            acked_through = batch[-1].seq
-        except sqlite3.Error as exc:
-            delay = retry_backoff_s[min(failures, len(retry_backoff_s) - 1)]
-            failures += 1
-            log.error("history: moving messages to the archive failed (%s); retrying in %.1f s", exc, delay)
-            await _wait(stop_event, delay)
-            continue
-        failures = 0
-    return archived
-
-
-async def _wait(stop_event: asyncio.Event, seconds: float) -> None:
-    try:
-        await asyncio.wait_for(stop_event.wait(), timeout=seconds)
-    except TimeoutError:
-        pass

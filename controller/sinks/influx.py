@@ -1,7 +1,7 @@
 """Drain the outbox into InfluxDB: batched, retried, acknowledged only after the server said yes.
 
 The sink reads `pending("influx")` in sequence order, turns each message into one point
-(controller.influx_points), posts up to `batch_size` points per request and `ack`s them only
+(hotlab.controller.sinks.influx_points), posts up to `batch_size` points per request and `ack`s them only
 after InfluxDB answered 2xx (204 No Content). Each read continues after the last message it
 acknowledged, so while the sink keeps up the outbox answers from memory. A crash between the
 write and the ack resends the batch on restart; that is harmless because a point with the
@@ -44,8 +44,8 @@ from influxdb_client import InfluxDBClient, WritePrecision
 from influxdb_client.client.write_api import SYNCHRONOUS
 from influxdb_client.rest import ApiException
 
-from controller.influx_points import PointError, message_to_line
-from controller.outbox import AsyncOutbox, StoredMessage
+from hotlab.controller.sinks.influx_points import PointError, message_to_line
+from hotlab.controller.outbox import AsyncOutbox, StoredMessage
 
 log = logging.getLogger(__name__)
 

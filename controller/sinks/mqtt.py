@@ -59,10 +59,10 @@ from typing import Any, Protocol
 import aiomqtt
 import paho.mqtt.client as paho
 
-from controller.config import MqttConfig
-from controller.messages import SCHEMA_VERSION, TOPIC_ROOT, iso_utc
-from controller.outbox import AsyncOutbox, StoredPayload
-from controller.supervisor import Backoff
+from hotlab.controller.config import MqttConfig
+from hotlab.controller.messages import SCHEMA_VERSION, TOPIC_ROOT, iso_utc
+from hotlab.controller.outbox import AsyncOutbox, StoredPayload
+from hotlab.controller.supervisor import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def controller_status_payload(site: str, client_id: str, state: str, reason: str
 
 
 class CommandRouter(Protocol):
-    """Receives command messages (controller.commands.CommandHandler)."""
+    """Receives command messages (hotlab.controller.commands.CommandHandler)."""
 
     topic_filter: str
 

@@ -1,0 +1,1 @@
+"""The `hotlab` command line: `main` wires one module per sub-command."""
