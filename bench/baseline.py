@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
-from pathlib import Path
 
 import paho.mqtt.client as mqtt
 from influxdb_client import InfluxDBClient, Point, WritePrecision
@@ -32,13 +30,28 @@ def build_points(count: int, site: str) -> list[tuple[str, bytes, Point]]:
     """The same payloads (and InfluxDB points) the controller would produce for `count` readings."""
     out = []
     for index in range(count):
-        reading = Reading(f"cal-{index % 100}", "Tc-99m", 7.4e8 + index, 7.4e8 + index, "Bq", time.time_ns(),
-                          b">7.4000E+08\r\n", {"calibration_factor": 236.0})
+        reading = Reading(
+            f"cal-{index % 100}",
+            "Tc-99m",
+            7.4e8 + index,
+            7.4e8 + index,
+            "Bq",
+            time.time_ns(),
+            b">7.4000E+08\r\n",
+            {"calibration_factor": 236.0},
+        )
         message = reading_message(site, "hotcell-1", reading)
-        point = (Point("reading").tag("site", site).tag("station", "hotcell-1").tag("device", reading.device)
-                 .tag("nuclide", "Tc-99m").field("activity_bq", float(reading.activity_bq))
-                 .field("raw_value", float(reading.raw_value)).field("unit", reading.unit)
-                 .time(reading.timestamp_ns, WritePrecision.NS))
+        point = (
+            Point("reading")
+            .tag("site", site)
+            .tag("station", "hotcell-1")
+            .tag("device", reading.device)
+            .tag("nuclide", "Tc-99m")
+            .field("activity_bq", float(reading.activity_bq))
+            .field("raw_value", float(reading.raw_value))
+            .field("unit", reading.unit)
+            .time(reading.timestamp_ns, WritePrecision.NS)
+        )
         out.append((message.topic, json.dumps(message.payload, separators=(",", ":")).encode(), point))
     return out
 
@@ -62,7 +75,7 @@ def write_all(url: str, token: str, bucket: str, items: list[tuple[str, bytes, P
     with InfluxDBClient(url=url, token=token, org="-", timeout=30_000) as client:
         write = client.write_api(write_options=SYNCHRONOUS)
         for start in range(0, len(items), batch):
-            write.write(bucket=bucket, record=[point for _, _, point in items[start:start + batch]])
+            write.write(bucket=bucket, record=[point for _, _, point in items[start : start + batch]])
 
 
 def main() -> int:
@@ -81,8 +94,17 @@ def main() -> int:
     publish_all(host, int(port), items)
     write_all(args.influx, args.token, args.bucket, items, args.batch)
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
-    print(json.dumps({"points": args.points, "cpu_s": cpu, "wall_s": wall, "per_cpu_s": args.points / cpu,
-                      "per_wall_s": args.points / wall}))
+    print(
+        json.dumps(
+            {
+                "points": args.points,
+                "cpu_s": cpu,
+                "wall_s": wall,
+                "per_cpu_s": args.points / cpu,
+                "per_wall_s": args.points / wall,
+            }
+        )
+    )
     return 0
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import radioactivedecay as rd
@@ -60,26 +59,37 @@ def main() -> int:
     sample = rng.choice(args.n, size=min(args.sample, args.n), replace=False)
     start = time.perf_counter()
     theirs = np.array(
-        [rd.Inventory({names[index[i]]: a0[i]}, "Bq").decay(dt[i], "s").activities("Bq")[names[index[i]]] for i in sample]
+        [
+            rd.Inventory({names[index[i]]: a0[i]}, "Bq").decay(dt[i], "s").activities("Bq")[names[index[i]]]
+            for i in sample
+        ]
     )
     rd_s = time.perf_counter() - start
     rd_rate = len(sample) / rd_s
 
     # Agreement 1: as shipped, within what the two half-life evaluations imply.
-    implied = np.abs(np.exp2(dt[sample] * (1.0 / icrp_half_lives[index[sample]] - 1.0 / half_lives[index[sample]])) - 1.0)
+    implied = np.abs(
+        np.exp2(dt[sample] * (1.0 / icrp_half_lives[index[sample]] - 1.0 / half_lives[index[sample]])) - 1.0
+    )
     deviation = np.abs(ours[sample] / theirs - 1.0)
     excess = deviation - (1.001 * implied + 1e-10)
     # Agreement 2: same maths on the same (ICRP-107) data.
     same_data = hotlab_correct(a0[sample], icrp_half_lives, index[sample], dt[sample])
     maths = np.max(np.abs(same_data / theirs - 1.0))
 
-    print(f"hotlab decay_factor (numpy, vectorised): {args.n:,} corrections in {hotlab_s * 1e3:.1f} ms "
-          f"(best of 5) = {hotlab_rate:,.0f} /s")
-    print(f"radioactivedecay {rd.__version__} Inventory.decay: {len(sample):,} sampled corrections in {rd_s:.2f} s "
-          f"= {rd_rate:,.0f} /s; scaled to {args.n:,}: {args.n / rd_rate:.0f} s (estimated from the sample, not run)")
+    print(
+        f"hotlab decay_factor (numpy, vectorised): {args.n:,} corrections in {hotlab_s * 1e3:.1f} ms "
+        f"(best of 5) = {hotlab_rate:,.0f} /s"
+    )
+    print(
+        f"radioactivedecay {rd.__version__} Inventory.decay: {len(sample):,} sampled corrections in {rd_s:.2f} s "
+        f"= {rd_rate:,.0f} /s; scaled to {args.n:,}: {args.n / rd_rate:.0f} s (estimated from the sample, not run)"
+    )
     print(f"speed-up: {hotlab_rate / rd_rate:,.0f}x")
-    print(f"agreement as shipped (DDEP/ENSDF vs ICRP-107 half-lives): max |rel diff| {deviation.max():.3e}, "
-          f"all within the half-life-implied bound: {bool(np.all(excess <= 0))}")
+    print(
+        f"agreement as shipped (DDEP/ENSDF vs ICRP-107 half-lives): max |rel diff| {deviation.max():.3e}, "
+        f"all within the half-life-implied bound: {bool(np.all(excess <= 0))}"
+    )
     print(f"agreement on identical ICRP-107 half-lives: max |rel diff| {maths:.3e}")
     return 0 if np.all(excess <= 0) and maths < 1e-9 else 1
 

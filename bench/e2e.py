@@ -60,6 +60,7 @@ PASSWORD_ENV = "HOTLAB_BENCH_INFLUX_PASSWORD"
 
 # --------------------------------------------------------------------------- simulator process
 
+
 async def serve_simulators(count: int) -> None:
     """Child process: N VIK-202 simulators on TCP; print their URLs as one JSON line; run until stdin closes."""
     from hotlab.simulators.calibrator_vik202 import Vik202Simulator
@@ -80,6 +81,7 @@ async def serve_simulators(count: int) -> None:
 
 
 # --------------------------------------------------------------------------- measurement
+
 
 class LatencySubscriber:
     """A QoS 1 subscriber on its own paho network thread; records (arrival ns, frame ns, msg_id) per reading."""
@@ -153,28 +155,53 @@ class RunResult:
         return self.per_cpu_s / self.baseline_per_cpu_s
 
 
-def write_config(path: Path, site: str, urls: list[str], poll_s: float, broker: MosquittoBroker,
-                 influx: InfluxService, database: str, inflight: int) -> None:
+def write_config(
+    path: Path,
+    site: str,
+    urls: list[str],
+    poll_s: float,
+    broker: MosquittoBroker,
+    influx: InfluxService,
+    database: str,
+    inflight: int,
+) -> None:
     devices = "".join(
         f'[[device]]\nname = "cal-{i}"\nstation = "hotcell-1"\nfamily = "vik202"\ntransport = "{url}"\n'
-        f"poll_interval_s = {poll_s}\ntimeout_s = 5.0\n\n" for i, url in enumerate(urls, start=1))
+        f"poll_interval_s = {poll_s}\ntimeout_s = 5.0\n\n"
+        for i, url in enumerate(urls, start=1)
+    )
     path.write_text(
         f'[site]\nname = "{site}"\n\n[service]\ndrain_timeout_s = 60\n\n'
         f'[outbox]\npath = "outbox.sqlite3"\n\n[history]\npath = "history.sqlite3"\n\n'
         f'[mqtt]\nhost = "{broker.host}"\nport = {broker.port}\nclient_id = "bench-{site}"\n'
-        f'inflight_window = {inflight}\n\n'
+        f"inflight_window = {inflight}\n\n"
         f'[influx]\nurl = "{influx.v2_url}"\nusername = "{influx.username}"\npassword_env = "{PASSWORD_ENV}"\n'
-        f'database = "{database}"\nflush_interval_s = 0.5\n\n' + devices)
+        f'database = "{database}"\nflush_interval_s = 0.5\n\n' + devices
+    )
 
 
-def run_once(devices: int, duration_s: float, warmup_s: float, offered: float, inflight: int,
-             broker: MosquittoBroker, influx: InfluxService, workdir: Path, controller_cpu: int | None) -> RunResult:
+def run_once(
+    devices: int,
+    duration_s: float,
+    warmup_s: float,
+    offered: float,
+    inflight: int,
+    broker: MosquittoBroker,
+    influx: InfluxService,
+    workdir: Path,
+    controller_cpu: int | None,
+) -> RunResult:
     site = f"bench-{devices}"
     run_dir = workdir / site
     run_dir.mkdir()
     poll_s = round(devices / offered, 4)
-    simulators = subprocess.Popen([sys.executable, __file__, "--serve-simulators", str(devices)], cwd=REPO,
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    simulators = subprocess.Popen(
+        [sys.executable, __file__, "--serve-simulators", str(devices)],
+        cwd=REPO,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert simulators.stdout is not None
         urls = json.loads(simulators.stdout.readline())
@@ -185,9 +212,24 @@ def run_once(devices: int, duration_s: float, warmup_s: float, offered: float, i
             with (run_dir / "controller.log").open("wb") as log:
                 pin = [] if controller_cpu is None else ["taskset", "--cpu-list", str(controller_cpu)]
                 controller = subprocess.Popen(
-                    [*pin, sys.executable, "-m", "hotlab.controller.cli", "run", "--config", str(run_dir / "lab.toml"),
-                     "--duration", str(duration_s), "--log-level", "WARNING"],
-                    cwd=REPO, stdout=log, stderr=log, env={**os.environ, PASSWORD_ENV: influx.password})
+                    [
+                        *pin,
+                        sys.executable,
+                        "-m",
+                        "hotlab.controller.cli",
+                        "run",
+                        "--config",
+                        str(run_dir / "lab.toml"),
+                        "--duration",
+                        str(duration_s),
+                        "--log-level",
+                        "WARNING",
+                    ],
+                    cwd=REPO,
+                    stdout=log,
+                    stderr=log,
+                    env={**os.environ, PASSWORD_ENV: influx.password},
+                )
             try:
                 started = time.monotonic()
                 time.sleep(warmup_s)
@@ -227,12 +269,21 @@ def run_once(devices: int, duration_s: float, warmup_s: float, offered: float, i
     count = subscriber.distinct()
     baseline = run_baseline(max(len(window), 1000), broker, influx, site)
     return RunResult(
-        devices=devices, poll_s=poll_s, readings=count, per_wall_s=len(window) / window_s,
-        per_cpu_s=len(window) / (cpu1 - cpu0), cpu_fraction=(cpu1 - cpu0) / window_s,
-        p50_ms=statistics.median(latencies_ms), p99_ms=percentile(latencies_ms, 0.99), rss_mib=rss,
-        max_rss_mib=usage.ru_maxrss / 1024, influx_rows=influx_rows, mqtt_distinct=count,
+        devices=devices,
+        poll_s=poll_s,
+        readings=count,
+        per_wall_s=len(window) / window_s,
+        per_cpu_s=len(window) / (cpu1 - cpu0),
+        cpu_fraction=(cpu1 - cpu0) / window_s,
+        p50_ms=statistics.median(latencies_ms),
+        p99_ms=percentile(latencies_ms, 0.99),
+        rss_mib=rss,
+        max_rss_mib=usage.ru_maxrss / 1024,
+        influx_rows=influx_rows,
+        mqtt_distinct=count,
         left_in_outbox=left_in_outbox,
-        baseline_per_cpu_s=baseline["per_cpu_s"], baseline_per_wall_s=baseline["per_wall_s"],
+        baseline_per_cpu_s=baseline["per_cpu_s"],
+        baseline_per_wall_s=baseline["per_wall_s"],
     )
 
 
@@ -245,14 +296,32 @@ def undelivered(outbox: Path) -> int:
 def run_baseline(points: int, broker: MosquittoBroker, influx: InfluxService, site: str) -> dict[str, float]:
     database = influx.create_database(f"baseline_{site.replace('-', '_')}")
     result = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "baseline.py"), "--points", str(points),
-         "--mqtt", f"{broker.host}:{broker.port}", "--influx", influx.v2_url, "--token", influx.token,
-         "--bucket", f"{database}/autogen", "--site", f"{site}-baseline"],
-        check=True, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            str(REPO / "bench" / "baseline.py"),
+            "--points",
+            str(points),
+            "--mqtt",
+            f"{broker.host}:{broker.port}",
+            "--influx",
+            influx.v2_url,
+            "--token",
+            influx.token,
+            "--bucket",
+            f"{database}/autogen",
+            "--site",
+            f"{site}-baseline",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     return json.loads(result.stdout)
 
 
 # --------------------------------------------------------------------------- report
+
 
 def complete(result: RunResult) -> str:
     """'yes' when InfluxDB holds what MQTT delivered and the drain left nothing behind."""
@@ -262,22 +331,50 @@ def complete(result: RunResult) -> str:
 
 
 def print_table(results: list[RunResult]) -> None:
-    header = ("devices", "poll s", "readings", "rd/s wall", "rd/CPU-s", "ctl CPU", "p50 ms", "p99 ms", "RSS MiB",
-              "maxRSS", "influx=mqtt, drained", "base/CPU-s", "hotlab/base")
+    header = (
+        "devices",
+        "poll s",
+        "readings",
+        "rd/s wall",
+        "rd/CPU-s",
+        "ctl CPU",
+        "p50 ms",
+        "p99 ms",
+        "RSS MiB",
+        "maxRSS",
+        "influx=mqtt, drained",
+        "base/CPU-s",
+        "hotlab/base",
+    )
     print(" | ".join(header))
     print(" | ".join("---" for _ in header))
     for r in results:
-        print(" | ".join([
-            str(r.devices), f"{r.poll_s:g}", str(r.readings), f"{r.per_wall_s:.0f}", f"{r.per_cpu_s:.0f}",
-            f"{r.cpu_fraction * 100:.0f} %", f"{r.p50_ms:.1f}", f"{r.p99_ms:.1f}", f"{r.rss_mib:.0f}",
-            f"{r.max_rss_mib:.0f}", complete(r),
-            f"{r.baseline_per_cpu_s:.0f}", f"{r.ratio_cpu:.2f}",
-        ]))
+        print(
+            " | ".join(
+                [
+                    str(r.devices),
+                    f"{r.poll_s:g}",
+                    str(r.readings),
+                    f"{r.per_wall_s:.0f}",
+                    f"{r.per_cpu_s:.0f}",
+                    f"{r.cpu_fraction * 100:.0f} %",
+                    f"{r.p50_ms:.1f}",
+                    f"{r.p99_ms:.1f}",
+                    f"{r.rss_mib:.0f}",
+                    f"{r.max_rss_mib:.0f}",
+                    complete(r),
+                    f"{r.baseline_per_cpu_s:.0f}",
+                    f"{r.ratio_cpu:.2f}",
+                ]
+            )
+        )
     target = next((r for r in results if r.devices == 100), None)
     if target is not None:
         met = target.per_cpu_s >= 2000 and target.p99_ms < 50
-        print(f"\ntarget at 100 devices (>= 2000 readings/s per core, p99 < 50 ms): "
-              f"{'MET' if met else 'NOT MET'} ({target.per_cpu_s:.0f} readings/CPU-s, p99 {target.p99_ms:.1f} ms)")
+        print(
+            f"\ntarget at 100 devices (>= 2000 readings/s per core, p99 < 50 ms): "
+            f"{'MET' if met else 'NOT MET'} ({target.per_cpu_s:.0f} readings/CPU-s, p99 {target.p99_ms:.1f} ms)"
+        )
     print("decay maths vs radioactivedecay: run bench/bench_decay.py (target >= 1000x)")
 
 
@@ -287,10 +384,18 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=30.0, help="controller run time per device count, s")
     parser.add_argument("--warmup", type=float, default=6.0, help="seconds excluded at the start of each run")
     parser.add_argument("--offered", type=float, default=2000.0, help="offered load, readings/s over all devices")
-    parser.add_argument("--inflight", type=int, default=MqttConfig().inflight_window,
-                        help="[mqtt] inflight_window of the controller (default: the config's default)")
-    parser.add_argument("--controller-cpu", type=int, metavar="CPU",
-                        help="run the controller on this one CPU only (taskset), all its threads included")
+    parser.add_argument(
+        "--inflight",
+        type=int,
+        default=MqttConfig().inflight_window,
+        help="[mqtt] inflight_window of the controller (default: the config's default)",
+    )
+    parser.add_argument(
+        "--controller-cpu",
+        type=int,
+        metavar="CPU",
+        help="run the controller on this one CPU only (taskset), all its threads included",
+    )
     parser.add_argument("--quick", action="store_true", help="1 and 100 devices, 10 s each")
     parser.add_argument("--serve-simulators", type=int, metavar="N", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -307,17 +412,31 @@ def main() -> int:
     try:
         with MosquittoBroker(workdir=workdir / "mosquitto") as broker, InfluxService(workdir / "influxd") as influx:
             for devices in counts:
-                result = run_once(devices, args.duration, args.warmup, args.offered, args.inflight, broker, influx,
-                                  workdir, args.controller_cpu)
+                result = run_once(
+                    devices,
+                    args.duration,
+                    args.warmup,
+                    args.offered,
+                    args.inflight,
+                    broker,
+                    influx,
+                    workdir,
+                    args.controller_cpu,
+                )
                 results.append(result)
-                print(f"# {devices} device(s): {result.per_cpu_s:.0f} readings/CPU-s, p99 {result.p99_ms:.1f} ms",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"# {devices} device(s): {result.per_cpu_s:.0f} readings/CPU-s, p99 {result.p99_ms:.1f} ms",
+                    file=sys.stderr,
+                    flush=True,
+                )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    print(f"# hotlab e2e, {os.cpu_count()} CPU(s), offered {args.offered:g} readings/s, "
-          f"inflight_window {args.inflight}, "
-          + ("" if args.controller_cpu is None else f"controller pinned to CPU {args.controller_cpu}, ")
-          + f"{args.duration:g} s per run, window after {args.warmup:g} s")
+    print(
+        f"# hotlab e2e, {os.cpu_count()} CPU(s), offered {args.offered:g} readings/s, "
+        f"inflight_window {args.inflight}, "
+        + ("" if args.controller_cpu is None else f"controller pinned to CPU {args.controller_cpu}, ")
+        + f"{args.duration:g} s per run, window after {args.warmup:g} s"
+    )
     print_table(results)
     return 0
 

@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import itertools
 import logging
-import sys
 import tempfile
 import threading
 import time
@@ -29,8 +28,8 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 
 from hotlab.controller.config import DeviceConfig, MqttConfig, parse_config
-from hotlab.controller.lab.embedded_broker import MosquittoBroker
 from hotlab.controller.event_loop import DEFAULT_EVENT_LOOP, EVENT_LOOPS, loop_factory
+from hotlab.controller.lab.embedded_broker import MosquittoBroker
 from hotlab.controller.service import ControllerService
 from hotlab.controller.supervisor import Item
 from hotlab.drivers.records import Reading
@@ -71,22 +70,41 @@ class InstantSource:
         """Nothing to close."""
 
 
-async def measure(broker: MosquittoBroker, workdir: Path, devices: int, offered: float, inflight: int,
-                  history: bool, warmup_s: float, seconds: float) -> str:
+async def measure(
+    broker: MosquittoBroker,
+    workdir: Path,
+    devices: int,
+    offered: float,
+    inflight: int,
+    history: bool,
+    warmup_s: float,
+    seconds: float,
+) -> str:
     arrivals = ArrivalCounter()
     subscriber = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
     subscriber.on_message = arrivals.on_message
     subscriber.connect(broker.host, broker.port)
     subscriber.subscribe("hotlab/+/+/+/reading", qos=1)
     subscriber.loop_start()
-    config = parse_config({
-        "site": {"name": "pipeline"},
-        "device": [{"name": f"cal-{i}", "station": "s1", "family": "vik202", "transport": "/dev/null",
-                    "poll_interval_s": devices / offered} for i in range(devices)],
-        "mqtt": {"host": broker.host, "port": broker.port, "inflight_window": inflight},
-        "outbox": {"path": "outbox.sqlite3"},
-        "history": {"enabled": history, "path": "history.sqlite3"},
-    }, base_dir=workdir)
+    config = parse_config(
+        {
+            "site": {"name": "pipeline"},
+            "device": [
+                {
+                    "name": f"cal-{i}",
+                    "station": "s1",
+                    "family": "vik202",
+                    "transport": "/dev/null",
+                    "poll_interval_s": devices / offered,
+                }
+                for i in range(devices)
+            ],
+            "mqtt": {"host": broker.host, "port": broker.port, "inflight_window": inflight},
+            "outbox": {"path": "outbox.sqlite3"},
+            "history": {"enabled": history, "path": "history.sqlite3"},
+        },
+        base_dir=workdir,
+    )
     sources: dict[str, InstantSource] = {}
 
     def source(device: DeviceConfig) -> InstantSource:
@@ -108,18 +126,27 @@ async def measure(broker: MosquittoBroker, workdir: Path, devices: int, offered:
         subscriber.disconnect()
         subscriber.loop_stop()
     produced = reads1 - reads0
-    return (f"{devices} | {offered:g} | {inflight} | {'on' if history else 'off'} | {produced / seconds:.0f} | "
-            f"{(got1 - got0) / seconds:.0f} | {backlog} | {produced / (cpu1 - cpu0):.0f}")
+    return (
+        f"{devices} | {offered:g} | {inflight} | {'on' if history else 'off'} | {produced / seconds:.0f} | "
+        f"{(got1 - got0) / seconds:.0f} | {backlog} | {produced / (cpu1 - cpu0):.0f}"
+    )
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--devices", type=int, default=100)
     parser.add_argument("--offered", type=float, default=2000.0, help="readings/s over all devices")
-    parser.add_argument("--inflight", default=str(MqttConfig().inflight_window),
-                        help="comma-separated [mqtt] inflight_window values (default: the config's default)")
-    parser.add_argument("--event-loop", choices=EVENT_LOOPS, default=DEFAULT_EVENT_LOOP,
-                        help="event loop of this process (default: the controller's default)")
+    parser.add_argument(
+        "--inflight",
+        default=str(MqttConfig().inflight_window),
+        help="comma-separated [mqtt] inflight_window values (default: the config's default)",
+    )
+    parser.add_argument(
+        "--event-loop",
+        choices=EVENT_LOOPS,
+        default=DEFAULT_EVENT_LOOP,
+        help="event loop of this process (default: the controller's default)",
+    )
     parser.add_argument("--history", default="off,on", help="history archive sink: on, off or both")
     parser.add_argument("--warmup", type=float, default=3.0)
     parser.add_argument("--seconds", type=float, default=8.0)
@@ -131,13 +158,29 @@ def main() -> int:
         root = Path(tmp)
         (root / "mosquitto").mkdir()
         with MosquittoBroker(workdir=root / "mosquitto") as broker:
-            for run, (inflight, history) in enumerate(itertools.product(
-                    [int(w) for w in args.inflight.split(",")], [h == "on" for h in args.history.split(",")])):
+            for run, (inflight, history) in enumerate(
+                itertools.product(
+                    [int(w) for w in args.inflight.split(",")], [h == "on" for h in args.history.split(",")]
+                )
+            ):
                 workdir = root / f"run-{run}"
                 workdir.mkdir()
                 with asyncio.Runner(loop_factory=loop_factory(args.event_loop)) as runner:
-                    print(runner.run(measure(broker, workdir, args.devices, args.offered, inflight, history,
-                                             args.warmup, args.seconds)), flush=True)
+                    print(
+                        runner.run(
+                            measure(
+                                broker,
+                                workdir,
+                                args.devices,
+                                args.offered,
+                                inflight,
+                                history,
+                                args.warmup,
+                                args.seconds,
+                            )
+                        ),
+                        flush=True,
+                    )
     return 0
 
 

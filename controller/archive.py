@@ -16,22 +16,21 @@ to the `rejected` table with the reason instead of blocking the queue or being d
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from hotlab.physics.utc_time import parse_utc_ns
 from hotlab.controller.messages import Message
-from hotlab.controller.outbox import AsyncOutbox, rollback_unless_done
+from hotlab.controller.outbox import rollback_unless_done
+from hotlab.physics.utc_time import parse_utc_ns
 
 _OPEN_END_NS = 2**63 - 1
 _DAY_NS = 86_400_000_000_000
@@ -145,7 +144,9 @@ class HistoryArchive:
             if not self.path.is_file():
                 raise FileNotFoundError(f"no history archive at {self.path}")
             uri = f"file:{quote(str(self.path.resolve()))}?mode=ro"
-            self._db = sqlite3.connect(uri, uri=True, timeout=busy_timeout_s, check_same_thread=False, isolation_level=None)
+            self._db = sqlite3.connect(
+                uri, uri=True, timeout=busy_timeout_s, check_same_thread=False, isolation_level=None
+            )
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.path, timeout=busy_timeout_s, check_same_thread=False, isolation_level=None)
@@ -176,7 +177,9 @@ class HistoryArchive:
             except ValueError as exc:
                 rejected.append((message.kind, message.topic, payload_json, str(exc), now))
                 continue
-            rows.append((msg_id, message.kind, message.topic, time_ns, site, station, device, test, verdict, payload_json, now))
+            rows.append(
+                (msg_id, message.kind, message.topic, time_ns, site, station, device, test, verdict, payload_json, now)
+            )
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -212,7 +215,13 @@ class HistoryArchive:
         if period is not None:
             clauses.append("time_ns >= ? AND time_ns < ?")
             params += [period.start_ns, period.end_ns]
-        for column, value in (("site", site), ("station", station), ("device", device), ("test", test), ("verdict", verdict)):
+        for column, value in (
+            ("site", site),
+            ("station", station),
+            ("device", device),
+            ("test", test),
+            ("verdict", verdict),
+        ):
             if value is not None:
                 clauses.append(f"{column} = ?")
                 params.append(value)
@@ -243,6 +252,7 @@ class HistoryArchive:
             raise HistoryQueryError(f"cannot list distinct {column!r}; use site, station, device, test or verdict")
         with self._lock:
             rows = self._db.execute(
-                f"SELECT DISTINCT {column} FROM message WHERE kind = ? AND {column} IS NOT NULL ORDER BY {column}", (kind,)
+                f"SELECT DISTINCT {column} FROM message WHERE kind = ? AND {column} IS NOT NULL ORDER BY {column}",
+                (kind,),
             ).fetchall()
         return [value for (value,) in rows]

@@ -249,7 +249,9 @@ def _short(value: str) -> str:
     return value if len(value) <= 20 else f"{value[:16]}…"
 
 
-def _check_line(line_no: int, raw: bytes, prev_hash: str, key: bytes | None) -> tuple[dict[str, Any] | None, ChainBreak | None]:
+def _check_line(
+    line_no: int, raw: bytes, prev_hash: str, key: bytes | None
+) -> tuple[dict[str, Any] | None, ChainBreak | None]:
     try:
         body = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -261,8 +263,15 @@ def _check_line(line_no: int, raw: bytes, prev_hash: str, key: bytes | None) -> 
     if body["seq"] != line_no:
         diffs.append(Difference("seq", str(line_no), str(body["seq"])))
     if body["prev_hash"] != prev_hash:
-        diffs.append(Difference("prev_hash", f"{_short(prev_hash)} (hash of line {line_no - 1})" if line_no > 1 else
-                                f"{_short(prev_hash)} (genesis)", _short(body["prev_hash"])))
+        diffs.append(
+            Difference(
+                "prev_hash",
+                f"{_short(prev_hash)} (hash of line {line_no - 1})"
+                if line_no > 1
+                else f"{_short(prev_hash)} (genesis)",
+                _short(body["prev_hash"]),
+            )
+        )
     recomputed = record_hash(body)
     if body["hash"] != recomputed:
         diffs.append(Difference("hash", f"{_short(recomputed)} (recomputed from the content)", _short(body["hash"])))
@@ -417,12 +426,26 @@ class AuditLog:
         """`append` on a worker thread, so the fsync never stalls the event loop."""
         return await asyncio.to_thread(lambda: self.append(**entry))
 
-    def _build(self, seq: int, stamp: int, actor: str, action: str, target: str, reason: str,
-               old_value: Any, new_value: Any, prev_hash: str) -> AuditRecord:
-        draft = AuditRecord(seq, stamp, actor, action, target, reason, old_value, new_value, prev_hash, "", None, iso_utc(stamp))
+    def _build(
+        self,
+        seq: int,
+        stamp: int,
+        actor: str,
+        action: str,
+        target: str,
+        reason: str,
+        old_value: Any,
+        new_value: Any,
+        prev_hash: str,
+    ) -> AuditRecord:
+        draft = AuditRecord(
+            seq, stamp, actor, action, target, reason, old_value, new_value, prev_hash, "", None, iso_utc(stamp)
+        )
         digest = record_hash(draft.to_json())
         mac = record_mac(self.key, digest) if self.key is not None else None
-        return AuditRecord(seq, stamp, actor, action, target, reason, old_value, new_value, prev_hash, digest, mac, draft.time)
+        return AuditRecord(
+            seq, stamp, actor, action, target, reason, old_value, new_value, prev_hash, digest, mac, draft.time
+        )
 
     def _chain_head(self, fd: int) -> tuple[str, int]:
         """(hash, next seq) of the last record, after setting aside a torn tail if a crash left one."""
@@ -432,10 +455,18 @@ class AuditLog:
             return prev_hash, seq
         fragment = self._set_aside_torn_tail(fd, torn_at)
         note = self._build(
-            seq, time.time_ns(), "hotlab", TORN_TAIL_DISCARDED, str(self.path),
+            seq,
+            time.time_ns(),
+            "hotlab",
+            TORN_TAIL_DISCARDED,
+            str(self.path),
             "a crash interrupted a previous append; that action was never confirmed",
             None,
-            {"bytes": len(fragment), "sha256": hashlib.sha256(fragment).hexdigest(), "moved_to": self.path.name + ".torn"},
+            {
+                "bytes": len(fragment),
+                "sha256": hashlib.sha256(fragment).hexdigest(),
+                "moved_to": self.path.name + ".torn",
+            },
             prev_hash,
         )
         _write_all(fd, canonical_json(note.to_json()) + b"\n")
@@ -447,13 +478,16 @@ class AuditLog:
         try:
             body = json.loads(last.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError):
-            raise AuditLogCorrupt(f"last record of {self.path} is not valid JSON; refusing to chain onto it "
-                                  "(run `hotlab audit verify`)") from None
+            raise AuditLogCorrupt(
+                f"last record of {self.path} is not valid JSON; refusing to chain onto it (run `hotlab audit verify`)"
+            ) from None
         problem = _structure_problem(body)
         if problem is None and record_hash(body) != body["hash"]:
             problem = "does not match its own hash"
         if problem is not None:
-            raise AuditLogCorrupt(f"last record of {self.path} {problem}; refusing to chain onto it (run `hotlab audit verify`)")
+            raise AuditLogCorrupt(
+                f"last record of {self.path} {problem}; refusing to chain onto it (run `hotlab audit verify`)"
+            )
         return body["hash"], body["seq"] + 1
 
     def _set_aside_torn_tail(self, fd: int, torn_at: int) -> bytes:

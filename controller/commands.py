@@ -178,8 +178,11 @@ class Claim:
             return value.strip()[:limit] or None
 
         request_id = text("request_id", 64)
-        return cls(actor=text("user", 64) or UNKNOWN_ACTOR, reason=text("reason", MAX_REASON_CHARS) or NO_REASON,
-                   request_id=request_id if request_id and _REQUEST_ID.match(request_id) else None)
+        return cls(
+            actor=text("user", 64) or UNKNOWN_ACTOR,
+            reason=text("reason", MAX_REASON_CHARS) or NO_REASON,
+            request_id=request_id if request_id and _REQUEST_ID.match(request_id) else None,
+        )
 
 
 # --------------------------------------------------------------------------- parsing
@@ -325,8 +328,15 @@ def _string(body: Mapping[str, Any], key: str, limit: int, *, where: str | None 
 
 
 def _json_type(value: Any) -> str:
-    names = {bool: "boolean", int: "integer", float: "number", str: "string", list: "array", dict: "object",
-             type(None): "null"}
+    names = {
+        bool: "boolean",
+        int: "integer",
+        float: "number",
+        str: "string",
+        list: "array",
+        dict: "object",
+        type(None): "null",
+    }
     return names.get(type(value), type(value).__name__)
 
 
@@ -356,8 +366,9 @@ class Authoriser:
             raise Unauthorised(f"user {command.user!r} is not authenticated: unknown user or wrong token")
         needed = self._min_role[command.action]
         if ROLES.index(operator.role) < ROLES.index(needed):
-            raise Unauthorised(f"role {operator.role} of {operator.name!r} may not run {command.action}; "
-                               f"it needs {needed} or higher")
+            raise Unauthorised(
+                f"role {operator.role} of {operator.name!r} may not run {command.action}; it needs {needed} or higher"
+            )
         return operator
 
 
@@ -409,10 +420,14 @@ async def execute(target: CommandTarget, command: Command, operator: OperatorCon
             return await _execute_station(target.control, command, operator)  # type: ignore[arg-type]
         return await _execute_calibrator(target.control, command)  # type: ignore[arg-type]
     except Exception as exc:  # a driver bug: the requester still gets an answer and the trail an outcome
-        log.exception("command %r on %r: unexpected %s from the driver", command.action, target.device.name,
-                      type(exc).__name__)
-        return Result(Outcome.UNCONFIRMED, f"internal error in the {target.device.family} driver "
-                                           f"({type(exc).__name__}); check the device before retrying")
+        log.exception(
+            "command %r on %r: unexpected %s from the driver", command.action, target.device.name, type(exc).__name__
+        )
+        return Result(
+            Outcome.UNCONFIRMED,
+            f"internal error in the {target.device.family} driver "
+            f"({type(exc).__name__}); check the device before retrying",
+        )
 
 
 async def _execute_station(control: StationControl, command: Command, operator: OperatorConfig) -> Result:
@@ -428,17 +443,28 @@ async def _execute_station(control: StationControl, command: Command, operator: 
         state = exc.state.name.lower() if exc.state is not None else None
         return Result(Outcome.REFUSED, exc.reason, {"state": state}, {"state": state})
     except CommandOutcomeUnknown as exc:
-        return Result(Outcome.UNCONFIRMED, f"{exc}; check the station before retrying",
-                      {"state": exc.old_state.name.lower()}, {"state": None, "sequence": exc.seq})
+        return Result(
+            Outcome.UNCONFIRMED,
+            f"{exc}; check the station before retrying",
+            {"state": exc.old_state.name.lower()},
+            {"state": None, "sequence": exc.seq},
+        )
     except (DeviceRefused, NotAuthorised) as exc:
         return Result(Outcome.REFUSED, str(exc))
     except DriverError as exc:
         # Usually the state read before the write failed (nothing sent), but a garbled reply to
         # the write itself cannot be told apart from here: claim nothing that is not known.
-        return Result(Outcome.UNCONFIRMED, f"{type(exc).__name__}: {exc}; the command may or may not have "
-                                           "reached the station: check it before retrying")
-    return Result(Outcome.EXECUTED, None, {"state": done.old_state.name.lower()},
-                  {"state": done.new_state.name.lower(), "sequence": done.sequence})
+        return Result(
+            Outcome.UNCONFIRMED,
+            f"{type(exc).__name__}: {exc}; the command may or may not have "
+            "reached the station: check it before retrying",
+        )
+    return Result(
+        Outcome.EXECUTED,
+        None,
+        {"state": done.old_state.name.lower()},
+        {"state": done.new_state.name.lower(), "sequence": done.sequence},
+    )
 
 
 async def _execute_calibrator(control: CalibratorControl, command: Command) -> Result:
@@ -466,8 +492,16 @@ class CommandHandler:
     device are serialised by that device's source lock, not here.
     """
 
-    def __init__(self, site: str, authoriser: Authoriser, audit: AuditLog, publish: Publish, lookup: Lookup,
-                 *, concurrency: int = 8) -> None:
+    def __init__(
+        self,
+        site: str,
+        authoriser: Authoriser,
+        audit: AuditLog,
+        publish: Publish,
+        lookup: Lookup,
+        *,
+        concurrency: int = 8,
+    ) -> None:
         self.site = site
         self.authoriser = authoriser
         self.audit = audit
@@ -518,8 +552,10 @@ class CommandHandler:
         try:
             target = self._resolve(topic)
             if retain:
-                raise MalformedCommand("retained commands are refused: the broker would deliver them again on "
-                                       "every reconnect and they would run again; publish with retain=false")
+                raise MalformedCommand(
+                    "retained commands are refused: the broker would deliver them again on "
+                    "every reconnect and they would run again; publish with retain=false"
+                )
             command = parse_command(payload, action, target.device)
             context.claim = Claim(command.user, command.reason, command.request_id)
             operator = self.authoriser.authorise(command)
@@ -536,13 +572,15 @@ class CommandHandler:
 
     async def _reject(self, context: _Context, exc: CommandRejected, detail: dict[str, Any]) -> dict[str, Any]:
         # %r throughout: action and target come from the topic, and a newline in them must not forge a log line.
-        log.warning("command %r on %r by %r: %s: %s", context.action, context.target, context.claim.actor,
-                    exc.outcome, exc)
+        log.warning(
+            "command %r on %r by %r: %s: %s", context.action, context.target, context.claim.actor, exc.outcome, exc
+        )
         result = Result(exc.outcome, str(exc))
         return await self._reply(context, result, await self._audit_quietly(context, result, detail))
 
-    async def _run_once(self, context: _Context, target: CommandTarget, command: Command,
-                        operator: OperatorConfig) -> dict[str, Any]:
+    async def _run_once(
+        self, context: _Context, target: CommandTarget, command: Command, operator: OperatorConfig
+    ) -> dict[str, Any]:
         """Execute unless this request id was seen before; then answer with the first attempt's outcome."""
         try:
             await self._recall_trail()
@@ -553,16 +591,29 @@ class CommandHandler:
         earlier = self._answers.get(command.request_id)
         if earlier is not None and earlier.fingerprint != fingerprint:
             # Answering would hand one command's outcome to another (or to another user) without running it.
-            return await self._reject(context, MalformedCommand(
-                f"request_id {command.request_id!r} already used for a different command; use a new request_id "
-                "for every new intention"), _who(operator))
+            return await self._reject(
+                context,
+                MalformedCommand(
+                    f"request_id {command.request_id!r} already used for a different command; use a new request_id "
+                    "for every new intention"
+                ),
+                _who(operator),
+            )
         if earlier is not None:
             first = await asyncio.shield(earlier.answer)
             result = Result(Outcome(first["outcome"]), first["error"], first["old_value"], first["new_value"])
-            record = await self._audit_quietly(context, Result(Outcome.DUPLICATE), _who(operator) | {
-                "first_outcome": first["outcome"], "first_audit_seq": first["audit_seq"]})
-            log.info("command %r %s on %r repeated; answered with the first outcome (%s), not run again",
-                     command.action, command.request_id, context.target, first["outcome"])
+            record = await self._audit_quietly(
+                context,
+                Result(Outcome.DUPLICATE),
+                _who(operator) | {"first_outcome": first["outcome"], "first_audit_seq": first["audit_seq"]},
+            )
+            log.info(
+                "command %r %s on %r repeated; answered with the first outcome (%s), not run again",
+                command.action,
+                command.request_id,
+                context.target,
+                first["outcome"],
+            )
             return await self._reply(context, result, record, duplicate=True)
         remembered = _Remembered(fingerprint, asyncio.get_running_loop().create_future())
         self._remember(command.request_id, remembered)
@@ -602,8 +653,9 @@ class CommandHandler:
             if answers:
                 log.info("remembered %d request id(s) from the audit trail %s", len(answers), self.audit.path)
 
-    async def _execute_audited(self, context: _Context, target: CommandTarget, command: Command,
-                               operator: OperatorConfig) -> tuple[dict[str, Any], bool]:
+    async def _execute_audited(
+        self, context: _Context, target: CommandTarget, command: Command, operator: OperatorConfig
+    ) -> tuple[dict[str, Any], bool]:
         """(reply, whether the device may have been touched) of one authorised command, audited before and after."""
         who = _who(operator) | {"args": command.args}
         try:
@@ -615,30 +667,46 @@ class CommandHandler:
         record = await self._audit_quietly(context, result, who)
         return await self._reply(context, result, record), result.sent
 
-    async def _without_intent_record(self, context: _Context, target: CommandTarget, command: Command,
-                                     operator: OperatorConfig, exc: Exception) -> tuple[dict[str, Any], bool]:
+    async def _without_intent_record(
+        self, context: _Context, target: CommandTarget, command: Command, operator: OperatorConfig, exc: Exception
+    ) -> tuple[dict[str, Any], bool]:
         """The audit trail failed before the device was touched: fail closed, except for `abort`.
 
         Stopping an elution is the safe action; refusing it because a disk is full would leave
         activity flowing that the operator wanted stopped. Everything else is not executed.
         """
         if command.action != "abort":
-            log.error("command %r on %r by %s NOT executed: audit trail %s unusable: %s: %s", command.action,
-                      context.target, operator.name, self.audit.path, type(exc).__name__, exc)
-            result = Result(Outcome.FAILED, f"audit trail unavailable ({type(exc).__name__}); command not executed",
-                            sent=False)
+            log.error(
+                "command %r on %r by %s NOT executed: audit trail %s unusable: %s: %s",
+                command.action,
+                context.target,
+                operator.name,
+                self.audit.path,
+                type(exc).__name__,
+                exc,
+            )
+            result = Result(
+                Outcome.FAILED, f"audit trail unavailable ({type(exc).__name__}); command not executed", sent=False
+            )
             return await self._reply(context, result, None), False
-        log.error("AUDIT FAILURE: abort on %r by %s runs WITHOUT its intent record (stopping an elution is the safe "
-                  "action); audit trail %s: %s: %s", context.target, operator.name, self.audit.path,
-                  type(exc).__name__, exc)
+        log.error(
+            "AUDIT FAILURE: abort on %r by %s runs WITHOUT its intent record (stopping an elution is the safe "
+            "action); audit trail %s: %s: %s",
+            context.target,
+            operator.name,
+            self.audit.path,
+            type(exc).__name__,
+            exc,
+        )
         result = await self._execute_unless_stopping(target, command, operator)
         self._log_outcome(context, command, operator, result)
         detail = _who(operator) | {"args": command.args, "intent_record": f"not written ({type(exc).__name__})"}
         record = await self._audit_with_retries(context, result, detail)
         return await self._reply(context, result, record), result.sent
 
-    async def _execute_unless_stopping(self, target: CommandTarget, command: Command,
-                                       operator: OperatorConfig) -> Result:
+    async def _execute_unless_stopping(
+        self, target: CommandTarget, command: Command, operator: OperatorConfig
+    ) -> Result:
         if self._stopping:
             return Result(Outcome.REFUSED, "the controller is shutting down; the command was not sent", sent=False)
         return await execute(target, command, operator)
@@ -646,21 +714,39 @@ class CommandHandler:
     @staticmethod
     def _log_outcome(context: _Context, command: Command, operator: OperatorConfig, result: Result) -> None:
         level = logging.INFO if result.outcome is Outcome.EXECUTED else logging.WARNING
-        log.log(level, "command %r on %r by %s (%r): %s%s", command.action, context.target, operator.name,
-                command.reason, result.outcome, f": {result.error}" if result.error else "")
+        log.log(
+            level,
+            "command %r on %r by %s (%r): %s%s",
+            command.action,
+            context.target,
+            operator.name,
+            command.reason,
+            result.outcome,
+            f": {result.error}" if result.error else "",
+        )
 
     async def _append(self, context: _Context, result: Result, detail: dict[str, Any]) -> AuditRecord:
-        new_value = {"outcome": str(result.outcome), "command": context.action, "topic": context.topic,
-                     "request_id": context.claim.request_id, **detail}
+        new_value = {
+            "outcome": str(result.outcome),
+            "command": context.action,
+            "topic": context.topic,
+            "request_id": context.claim.request_id,
+            **detail,
+        }
         if result.error is not None:
             new_value["error"] = result.error
         if result.new_value is not None:
             new_value["result"] = result.new_value
         if not result.sent:
             new_value["sent"] = False
-        return await self.audit.append_async(actor=context.claim.actor, action=context.audit_action,
-                                             target=context.target, reason=context.claim.reason,
-                                             old_value=result.old_value, new_value=new_value)
+        return await self.audit.append_async(
+            actor=context.claim.actor,
+            action=context.audit_action,
+            target=context.target,
+            reason=context.claim.reason,
+            old_value=result.old_value,
+            new_value=new_value,
+        )
 
     async def _audit_quietly(self, context: _Context, result: Result, detail: dict[str, Any]) -> AuditRecord | None:
         """Audit an outcome; a failing trail is logged loudly but does not hide the outcome from the requester."""
@@ -670,8 +756,9 @@ class CommandHandler:
             self._log_audit_failure(context, result, exc)
             return None
 
-    async def _audit_with_retries(self, context: _Context, result: Result,
-                                  detail: dict[str, Any]) -> AuditRecord | None:
+    async def _audit_with_retries(
+        self, context: _Context, result: Result, detail: dict[str, Any]
+    ) -> AuditRecord | None:
         """Audit an outcome that already happened without an intent record; a transient failure gets more tries."""
         for delay_s in (*_AUDIT_RETRY_DELAYS_S, None):
             try:
@@ -684,11 +771,20 @@ class CommandHandler:
         return None
 
     def _log_audit_failure(self, context: _Context, result: Result, exc: Exception) -> None:
-        log.error("AUDIT FAILURE: could not record %s of %r on %r by %r in %s: %s: %s", result.outcome,
-                  context.action, context.target, context.claim.actor, self.audit.path, type(exc).__name__, exc)
+        log.error(
+            "AUDIT FAILURE: could not record %s of %r on %r by %r in %s: %s: %s",
+            result.outcome,
+            context.action,
+            context.target,
+            context.claim.actor,
+            self.audit.path,
+            type(exc).__name__,
+            exc,
+        )
 
-    async def _reply(self, context: _Context, result: Result, record: AuditRecord | None, *,
-                     duplicate: bool = False) -> dict[str, Any]:
+    async def _reply(
+        self, context: _Context, result: Result, record: AuditRecord | None, *, duplicate: bool = False
+    ) -> dict[str, Any]:
         now = time.time_ns()
         reply = {
             "schema": REPLY_SCHEMA,
@@ -708,8 +804,12 @@ class CommandHandler:
             "time": iso_utc(now),
         }
         if not await self.publish(reply_topic(context.topic), reply):
-            log.warning("reply to %r (%s) not delivered; the requester can re-send request_id %s to get it",
-                        context.topic, result.outcome, context.claim.request_id)
+            log.warning(
+                "reply to %r (%s) not delivered; the requester can re-send request_id %s to get it",
+                context.topic,
+                result.outcome,
+                context.claim.request_id,
+            )
         return reply
 
 
@@ -746,9 +846,11 @@ def _canonical_args(args: Any) -> str:
 
 #: Outcome records in the trail that answer a request id for good (a re-send gets them back).
 _FINAL_OUTCOMES = frozenset({Outcome.EXECUTED, Outcome.REFUSED, Outcome.UNCONFIRMED})
-_CRASHED_MID_COMMAND = ("the controller stopped after recording this command's intent and before recording its "
-                        "outcome; whether the device carried it out is unknown: check it before sending a new "
-                        "request_id")
+_CRASHED_MID_COMMAND = (
+    "the controller stopped after recording this command's intent and before recording its "
+    "outcome; whether the device carried it out is unknown: check it before sending a new "
+    "request_id"
+)
 
 
 def answers_in_trail(path: str | Path, limit: int) -> OrderedDict[str, tuple[_Fingerprint, dict[str, Any]]]:
@@ -767,11 +869,21 @@ def answers_in_trail(path: str | Path, limit: int) -> OrderedDict[str, tuple[_Fi
             continue  # not a command record (or an unreadable one): it answers nothing
         fingerprint = _Fingerprint(record.target, record.actor, command, _canonical_args(value.get("args")))
         if outcome == Outcome.REQUESTED:
-            answer = {"outcome": str(Outcome.UNCONFIRMED), "error": _CRASHED_MID_COMMAND, "old_value": None,
-                      "new_value": None, "audit_seq": record.seq}
+            answer = {
+                "outcome": str(Outcome.UNCONFIRMED),
+                "error": _CRASHED_MID_COMMAND,
+                "old_value": None,
+                "new_value": None,
+                "audit_seq": record.seq,
+            }
         elif outcome in _FINAL_OUTCOMES and value.get("sent") is not False:
-            answer = {"outcome": outcome, "error": value.get("error"), "old_value": record.old_value,
-                      "new_value": value.get("result"), "audit_seq": record.seq}
+            answer = {
+                "outcome": outcome,
+                "error": value.get("error"),
+                "old_value": record.old_value,
+                "new_value": value.get("result"),
+                "audit_seq": record.seq,
+            }
         elif outcome in _FINAL_OUTCOMES:
             answers.pop(request_id, None)
             continue

@@ -245,9 +245,16 @@ class _Table:
             return None
         return self.data[name]
 
-    def string(self, name: str, default: str | None = None, *, required: bool = False,
-               choices: tuple[str, ...] | None = None, pattern: re.Pattern[str] | None = None,
-               rule: str = "") -> str | None:
+    def string(
+        self,
+        name: str,
+        default: str | None = None,
+        *,
+        required: bool = False,
+        choices: tuple[str, ...] | None = None,
+        pattern: re.Pattern[str] | None = None,
+        rule: str = "",
+    ) -> str | None:
         value = self._raw(name, required)
         if value is None:
             return default
@@ -261,8 +268,15 @@ class _Table:
             raise self.error(name, "must not be empty")
         return value
 
-    def number(self, name: str, default: float, *, minimum: float | None = None, maximum: float | None = None,
-               exclusive_minimum: bool = False) -> float:
+    def number(
+        self,
+        name: str,
+        default: float,
+        *,
+        minimum: float | None = None,
+        maximum: float | None = None,
+        exclusive_minimum: bool = False,
+    ) -> float:
         value = self._raw(name, False)
         if value is None:
             return default
@@ -316,8 +330,11 @@ class _Table:
         """`<stem>_env` (environment variable name) or `<stem>_file` (path); the value never sits in the TOML."""
         if stem in self.data:
             self._seen.add(stem)
-            raise self.error(stem, f"secrets are not accepted inline; set {stem}_env (an environment variable "
-                                   f"name) or {stem}_file (a file holding only the secret)")
+            raise self.error(
+                stem,
+                f"secrets are not accepted inline; set {stem}_env (an environment variable "
+                f"name) or {stem}_file (a file holding only the secret)",
+            )
         env_name = self.string(f"{stem}_env")
         file_path = self.path_value(f"{stem}_file")
         if env_name is not None and file_path is not None:
@@ -341,8 +358,9 @@ class _Table:
             suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
             raise self.error(name, f"unknown key{suggestion}; allowed here: {allowed}")
 
-    def _check_range(self, name: str, value: float, minimum: float | None, maximum: float | None,
-                     exclusive_minimum: bool) -> None:
+    def _check_range(
+        self, name: str, value: float, minimum: float | None, maximum: float | None, exclusive_minimum: bool
+    ) -> None:
         if minimum is not None and (value <= minimum if exclusive_minimum else value < minimum):
             raise self.error(name, f"must be {'>' if exclusive_minimum else '>='} {minimum:g}, got {value!r}")
         if maximum is not None and value > maximum:
@@ -417,8 +435,9 @@ def _read_toml(file: Path) -> Mapping[str, Any]:
         raise ConfigError(f"{file}: not valid TOML: {exc}") from None
 
 
-def parse_config(data: Mapping[str, Any], *, file: str = "<config>", base_dir: Path | None = None,
-                 source: Path | None = None) -> LabConfig:
+def parse_config(
+    data: Mapping[str, Any], *, file: str = "<config>", base_dir: Path | None = None, source: Path | None = None
+) -> LabConfig:
     """Validate an already-parsed TOML document (useful for configs built in code, e.g. the simulated lab)."""
     root = _Table(data, "", file, base_dir or Path.cwd())
     site_table = root.table("site", required=True)
@@ -440,8 +459,19 @@ def parse_config(data: Mapping[str, Any], *, file: str = "<config>", base_dir: P
     commands = _parse_commands(root.table("commands"))
     root.finish()
     assert site is not None
-    return LabConfig(site=site, devices=devices, outbox=outbox, service=service, mqtt=mqtt, influx=influx,
-                     history_path=history_path, qc=qc, source=source, operators=operators, commands=commands)
+    return LabConfig(
+        site=site,
+        devices=devices,
+        outbox=outbox,
+        service=service,
+        mqtt=mqtt,
+        influx=influx,
+        history_path=history_path,
+        qc=qc,
+        source=source,
+        operators=operators,
+        commands=commands,
+    )
 
 
 def _parse_operators(root: _Table) -> tuple[OperatorConfig, ...]:
@@ -461,16 +491,20 @@ def _parse_operators(root: _Table) -> tuple[OperatorConfig, ...]:
         table.finish()
         assert name is not None and role is not None and token is not None
         if len(token.reveal()) < MIN_TOKEN_CHARS:
-            raise table.error("token_env" if token.origin.startswith("$") else "token_file",
-                              f"the token from {token.origin} has {len(token.reveal())} characters; at least "
-                              f"{MIN_TOKEN_CHARS} are needed (e.g. `openssl rand -hex 32`)")
+            raise table.error(
+                "token_env" if token.origin.startswith("$") else "token_file",
+                f"the token from {token.origin} has {len(token.reveal())} characters; at least "
+                f"{MIN_TOKEN_CHARS} are needed (e.g. `openssl rand -hex 32`)",
+            )
         for other in operators:
             if other.name == name:
                 raise table.error("name", f"duplicate operator {name!r}; every operator needs one entry")
             if other.token == token:
                 # Two people sharing a token could not be told apart in the audit trail.
-                raise table.error(None, f"operator {name!r} has the same token as {other.name!r}; "
-                                        "every operator needs their own token")
+                raise table.error(
+                    None,
+                    f"operator {name!r} has the same token as {other.name!r}; every operator needs their own token",
+                )
         operators.append(OperatorConfig(name=name, role=role, token=token))
     return tuple(operators)
 
@@ -528,13 +562,22 @@ def _parse_device(table: _Table) -> DeviceConfig:
     if options_table is not None:
         _check_driver_options(options_table, family)
     table.finish()
-    return DeviceConfig(name=name, station=station, family=family, transport=transport, poll_interval_s=poll,
-                        timeout_s=timeout, nuclide=nuclide, options=options)
+    return DeviceConfig(
+        name=name,
+        station=station,
+        family=family,
+        transport=transport,
+        poll_interval_s=poll,
+        timeout_s=timeout,
+        nuclide=nuclide,
+        options=options,
+    )
 
 
 #: Constructor arguments the controller itself sets; [device.options] may not override them.
-_RESERVED_DRIVER_ARGS = frozenset({"self", "url", "device", "timeout_s", "station", "link", "counter_store",
-                                   "last_counter_path"})
+_RESERVED_DRIVER_ARGS = frozenset(
+    {"self", "url", "device", "timeout_s", "station", "link", "counter_store", "last_counter_path"}
+)
 
 
 def _check_driver_options(options: _Table, family: str) -> None:
@@ -551,8 +594,11 @@ def _check_driver_options(options: _Table, family: str) -> None:
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
         options._seen.update(options.data)
         return
-    allowed = sorted(p.name for p in parameters if p.name not in _RESERVED_DRIVER_ARGS
-                     and p.kind is not inspect.Parameter.VAR_POSITIONAL)
+    allowed = sorted(
+        p.name
+        for p in parameters
+        if p.name not in _RESERVED_DRIVER_ARGS and p.kind is not inspect.Parameter.VAR_POSITIONAL
+    )
     for name in options.data:
         if name not in allowed:
             raise options.error(name, f"not an option of the {family} driver; allowed: {', '.join(allowed) or 'none'}")
@@ -574,8 +620,9 @@ def _parse_transport(device: _Table, family: str) -> Transport:
         if isinstance(raw, str):
             return SerialTransport(_serial_url(device, "transport", raw))
         if not isinstance(raw, Mapping):
-            raise device.error("transport", f"must be a serial URL string or a table {{ url = ... }}, "
-                                            f"got {_describe(raw)}")
+            raise device.error(
+                "transport", f"must be a serial URL string or a table {{ url = ... }}, got {_describe(raw)}"
+            )
         table = device.table("transport")
         assert table is not None
         url = table.string("url", required=True)
@@ -583,8 +630,11 @@ def _parse_transport(device: _Table, family: str) -> Transport:
         table.finish()
         return SerialTransport(_serial_url(table, "url", url))
     if not isinstance(raw, Mapping):
-        raise device.error("transport", "an elution station needs a table: { modbus = \"tcp\", host = ..., port = ... } "
-                                        "or { modbus = \"rtu\", url = ..., baudrate = ... }")
+        raise device.error(
+            "transport",
+            'an elution station needs a table: { modbus = "tcp", host = ..., port = ... } '
+            'or { modbus = "rtu", url = ..., baudrate = ... }',
+        )
     table = device.table("transport")
     assert table is not None
     mode = table.string("modbus", required=True, choices=("tcp", "rtu"))
@@ -601,8 +651,9 @@ def _parse_transport(device: _Table, family: str) -> Transport:
         url = table.string("url", required=True)
         assert url is not None
         baudrate = table.integer("baudrate", 19200, minimum=300, maximum=921600)
-        result = ModbusRtuLink(url=_serial_url(table, "url", url), baudrate=baudrate, device_id=device_id,
-                               word_order=word_order)
+        result = ModbusRtuLink(
+            url=_serial_url(table, "url", url), baudrate=baudrate, device_id=device_id, word_order=word_order
+        )
     table.finish()
     return result
 
@@ -668,15 +719,25 @@ def _parse_service(table: _Table | None, root: _Table) -> ServiceConfig:
     event_loop = table.string("event_loop", DEFAULT_EVENT_LOOP, choices=EVENT_LOOPS)
     assert event_loop is not None
     table.finish()
-    return ServiceConfig(drain_timeout_s=drain, status_interval_s=status, backoff_initial_s=initial,
-                         backoff_max_s=maximum, state_dir=state_dir, event_loop=event_loop)
+    return ServiceConfig(
+        drain_timeout_s=drain,
+        status_interval_s=status,
+        backoff_initial_s=initial,
+        backoff_max_s=maximum,
+        state_dir=state_dir,
+        event_loop=event_loop,
+    )
 
 
 def _parse_mqtt(table: _Table) -> MqttConfig:
     host = table.string("host", "127.0.0.1")
     port = table.integer("port", 1883, minimum=1, maximum=65535)
-    client_id = table.string("client_id", "hotlab-controller", pattern=re.compile(r"^[A-Za-z0-9_.:-]{1,64}$"),
-                             rule="1-64 characters: letters, digits, '_', '.', ':', '-'")
+    client_id = table.string(
+        "client_id",
+        "hotlab-controller",
+        pattern=re.compile(r"^[A-Za-z0-9_.:-]{1,64}$"),
+        rule="1-64 characters: letters, digits, '_', '.', ':', '-'",
+    )
     # Mosquitto and MQTT 3.1.1 §3.1.2.10: keepalive is a 16-bit number of seconds; 0 would disable the Last Will timing.
     keepalive = table.integer("keepalive_s", 30, minimum=5, maximum=65535)
     username = table.string("username")
@@ -689,8 +750,17 @@ def _parse_mqtt(table: _Table) -> MqttConfig:
     tls = _parse_tls(tls_table) if tls_table is not None else None
     table.finish()
     assert host is not None and client_id is not None
-    return MqttConfig(host=host, port=port, client_id=client_id, keepalive_s=keepalive, username=username,
-                      password=password, tls=tls, inflight_window=window, connect_timeout_s=connect_timeout)
+    return MqttConfig(
+        host=host,
+        port=port,
+        client_id=client_id,
+        keepalive_s=keepalive,
+        username=username,
+        password=password,
+        tls=tls,
+        inflight_window=window,
+        connect_timeout_s=connect_timeout,
+    )
 
 
 def _parse_tls(table: _Table) -> TlsConfig:
@@ -698,8 +768,9 @@ def _parse_tls(table: _Table) -> TlsConfig:
     cert = table.path_value("cert_file", must_exist=True)
     key = table.path_value("key_file", must_exist=True)
     if (cert is None) != (key is None):
-        raise table.error("cert_file" if cert is None else "key_file",
-                          "a client certificate needs both cert_file and key_file")
+        raise table.error(
+            "cert_file" if cert is None else "key_file", "a client certificate needs both cert_file and key_file"
+        )
     insecure = table.boolean("insecure_skip_hostname_check", False)
     table.finish()
     return TlsConfig(ca_file=ca, cert_file=cert, key_file=key, insecure_skip_hostname_check=insecure)
@@ -714,11 +785,15 @@ def _parse_influx(table: _Table) -> InfluxSection:
     username = table.string("username")
     password = table.secret("password")
     if token is not None and (username is not None or password is not None):
-        raise table.error("token_env", "give either a token (InfluxDB 2.x/3.x) or username + password "
-                                       "(InfluxDB 1.8 compatibility), not both")
+        raise table.error(
+            "token_env",
+            "give either a token (InfluxDB 2.x/3.x) or username + password (InfluxDB 1.8 compatibility), not both",
+        )
     if token is None and username is None:
-        raise table.error(None, "needs token_env/token_file (InfluxDB 2.x/3.x) or username with "
-                                "password_env/password_file (InfluxDB 1.8+)")
+        raise table.error(
+            None,
+            "needs token_env/token_file (InfluxDB 2.x/3.x) or username with password_env/password_file (InfluxDB 1.8+)",
+        )
     bucket = table.string("bucket")
     database = table.string("database")
     retention = table.string("retention_policy")
@@ -732,10 +807,19 @@ def _parse_influx(table: _Table) -> InfluxSection:
         bucket = f"{database}/{retention}" if retention else str(database)
     org = table.string("org", "-" if database is not None else None)
     if org is None:
-        raise table.error("org", "is required with a bucket (InfluxDB 2.x/3.x); use \"-\" for InfluxDB 1.8")
+        raise table.error("org", 'is required with a bucket (InfluxDB 2.x/3.x); use "-" for InfluxDB 1.8')
     batch = table.integer("batch_size", 1000, minimum=1, maximum=100_000)
     flush = table.number("flush_interval_s", 1.0, minimum=0.0, exclusive_minimum=True)
     timeout = table.number("timeout_s", 10.0, minimum=0.0, exclusive_minimum=True)
     table.finish()
-    return InfluxSection(url=url, org=org, bucket=bucket, token=token, username=username, password=password,
-                         batch_size=batch, flush_interval_s=flush, timeout_s=timeout)
+    return InfluxSection(
+        url=url,
+        org=org,
+        bucket=bucket,
+        token=token,
+        username=username,
+        password=password,
+        batch_size=batch,
+        flush_interval_s=flush,
+        timeout_s=timeout,
+    )

@@ -33,5 +33,8 @@ def settle_after_startup() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(*SERVICE_THRESHOLDS)
-    log.info("garbage collector: %d startup objects frozen, thresholds %s", gc.get_freeze_count(),
-             "/".join(map(str, SERVICE_THRESHOLDS)))
+    log.info(
+        "garbage collector: %d startup objects frozen, thresholds %s",
+        gc.get_freeze_count(),
+        "/".join(map(str, SERVICE_THRESHOLDS)),
+    )

@@ -13,7 +13,7 @@ import json
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from hotlab.drivers.records import ElutionRecord, Reading
@@ -46,7 +46,7 @@ def iso_utc(time_ns: int) -> str:
 
 @functools.lru_cache(maxsize=256)
 def _utc_second(seconds: int) -> str:
-    return datetime.fromtimestamp(seconds, tz=timezone.utc).replace(tzinfo=None).isoformat(timespec="seconds")
+    return datetime.fromtimestamp(seconds, tz=UTC).replace(tzinfo=None).isoformat(timespec="seconds")
 
 
 #: Namespace for name-based (uuid5) message ids. Fixed forever: changing it would give replayed

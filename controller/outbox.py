@@ -28,11 +28,11 @@ import json
 import sqlite3
 import threading
 from collections import deque
-from collections.abc import Awaitable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 from hotlab.controller.messages import Message
 from hotlab.controller.recent_commits import RecentCommits
@@ -155,9 +155,10 @@ class Outbox:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 for start in range(0, len(rows), _ROWS_PER_INSERT):
-                    chunk = rows[start:start + _ROWS_PER_INSERT]
+                    chunk = rows[start : start + _ROWS_PER_INSERT]
                     self._db.execute(
-                        "INSERT INTO message (kind, topic, payload, bytes) VALUES " + ",".join(["(?, ?, ?, ?)"] * len(chunk)),
+                        "INSERT INTO message (kind, topic, payload, bytes) VALUES "
+                        + ",".join(["(?, ?, ?, ?)"] * len(chunk)),
                         [value for kind, topic, payload in chunk for value in (kind, topic, payload, len(payload))],
                     )
                 # This transaction holds the only write lock, so AUTOINCREMENT numbered its rows
@@ -187,8 +188,9 @@ class Outbox:
         with self._live_lock:
             return [StoredPayload(*row) for row in self._pending_rows(self._live_reader, sink, limit, after_seq)]
 
-    def _pending_rows(self, reader: sqlite3.Connection, sink: str, limit: int,
-                      after_seq: int) -> list[tuple[int, str, str, str]]:
+    def _pending_rows(
+        self, reader: sqlite3.Connection, sink: str, limit: int, after_seq: int
+    ) -> list[tuple[int, str, str, str]]:
         self._check_sink(sink)
         return reader.execute(
             "SELECT m.seq, m.kind, m.topic, m.payload FROM delivery d JOIN message m ON m.seq = d.seq "
@@ -210,8 +212,9 @@ class Outbox:
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                self._db.execute("DELETE FROM delivery WHERE sink = ? AND seq IN (SELECT value FROM json_each(?))",
-                                 (sink, seqs_json))
+                self._db.execute(
+                    "DELETE FROM delivery WHERE sink = ? AND seq IN (SELECT value FROM json_each(?))", (sink, seqs_json)
+                )
                 freed = self._db.execute(
                     "SELECT COALESCE(SUM(bytes), 0) FROM message m WHERE m.seq IN (SELECT value FROM json_each(?)) "
                     "AND NOT EXISTS (SELECT 1 FROM delivery d WHERE d.seq = m.seq)",
@@ -426,7 +429,7 @@ class GroupCommit:
         try:
             self.batches += 1
             await self._commit_batch([m for submission in batch for m in submission.messages])
-        except Exception as exc:  # noqa: BLE001 - not handled here: handed to the producers that wait
+        except Exception as exc:
             if len(batch) == 1:
                 _settle(batch[0], exc)
                 return
@@ -434,7 +437,7 @@ class GroupCommit:
                 try:
                     self.batches += 1
                     await self._commit_batch(submission.messages)
-                except Exception as alone:  # noqa: BLE001 - handed to this producer
+                except Exception as alone:
                     _settle(submission, alone)
                 else:
                     _settle(submission, None)

@@ -27,15 +27,15 @@ from typing import Any
 from matplotlib.backends.backend_pdf import PdfPages
 from matplotlib.figure import Figure
 
-from hotlab.controller.audit import AuditRecord, VerifyResult, iter_records, verify_chain
 from hotlab.controller.archive import HistoryArchive, TimeRange
+from hotlab.controller.audit import AuditRecord, VerifyResult, iter_records, verify_chain
 from hotlab.controller.messages import iso_utc
 from hotlab.controller.report_plots import (
+    TEXT_PAGE_COLUMNS,
     TrendPoint,
     elution_yield_figure,
     linearity_figure,
     png_base64,
-    TEXT_PAGE_COLUMNS,
     text_pages,
     trend_figure,
 )
@@ -72,8 +72,14 @@ class ReportFigure:
     figure: Figure
 
 
-def collect(archive: HistoryArchive, period: TimeRange, audit_path: Path, *, audit_key: bytes | None = None,
-            site: str | None = None) -> ReportData:
+def collect(
+    archive: HistoryArchive,
+    period: TimeRange,
+    audit_path: Path,
+    *,
+    audit_key: bytes | None = None,
+    site: str | None = None,
+) -> ReportData:
     """Everything the report shows, read once: QC results and elutions in the period, and the audit trail.
 
     The whole audit chain is verified (a break before the period also makes the period's
@@ -106,7 +112,9 @@ def judged_value(result: Mapping[str, Any]) -> float | None:
     if value is not None:
         return value
     limit = result.get("limit_values") or {}
-    return _number(result.get("deviation_pct") if limit.get("kind", "tolerance") == "tolerance" else result.get("measured"))
+    return _number(
+        result.get("deviation_pct") if limit.get("kind", "tolerance") == "tolerance" else result.get("measured")
+    )
 
 
 def signed_pct(value: Any) -> str:
@@ -143,8 +151,11 @@ def _latest_limit(results: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | N
 
 
 def _points(results: Iterable[Mapping[str, Any]]) -> list[TrendPoint]:
-    return [TrendPoint(int(r["time_ns"]), value, str(r.get("verdict")))
-            for r in results if (value := judged_value(r)) is not None]
+    return [
+        TrendPoint(int(r["time_ns"]), value, str(r.get("verdict")))
+        for r in results
+        if (value := judged_value(r)) is not None
+    ]
 
 
 def _by(results: Iterable[Mapping[str, Any]], key: Any) -> dict[str, list[Mapping[str, Any]]]:
@@ -157,8 +168,15 @@ def _by(results: Iterable[Mapping[str, Any]], key: Any) -> dict[str, list[Mappin
 # --------------------------------------------------------------------------- figures
 
 
-def _trend(section: str, caption: str, title: str, results: Sequence[Mapping[str, Any]], series_key: Any,
-           span: tuple[int, int], ylabel: str | None = None) -> ReportFigure:
+def _trend(
+    section: str,
+    caption: str,
+    title: str,
+    results: Sequence[Mapping[str, Any]],
+    series_key: Any,
+    span: tuple[int, int],
+    ylabel: str | None = None,
+) -> ReportFigure:
     """A judged-value trend of `results`, one marker per `series_key`, on the bands of the latest limit."""
     series = {name: _points(group) for name, group in _by(results, series_key).items()}
     figure = trend_figure(title, ylabel or _judged_label(results[-1]), series, _latest_limit(results), span)
@@ -172,33 +190,68 @@ def build_figures(data: ReportData) -> list[ReportFigure]:
     figures: list[ReportFigure] = []
     for test in ("constancy", "accuracy"):
         for device, results in _by(by_test.get(test, []), lambda r: str(r.get("device"))).items():
-            caption = (f"{test.capitalize()} of calibrator {device}: deviation from the decay-corrected certificate "
-                       "value, one marker per source, on the warn/fail bands")
-            figures.append(_trend(test, caption, f"{test} — {device}", results,
-                                  lambda r: str((r.get("inputs") or {}).get("source_id") or "check source"), span))
+            caption = (
+                f"{test.capitalize()} of calibrator {device}: deviation from the decay-corrected certificate "
+                "value, one marker per source, on the warn/fail bands"
+            )
+            figures.append(
+                _trend(
+                    test,
+                    caption,
+                    f"{test} — {device}",
+                    results,
+                    lambda r: str((r.get("inputs") or {}).get("source_id") or "check source"),
+                    span,
+                )
+            )
     for result in by_test.get("linearity", []):
         inputs = result.get("inputs") or {}
         title = f"linearity (decay method) — {result.get('device')}, {inputs.get('nuclide', '')}, {iso_utc(result['time_ns'])[:10]}"
         figure = linearity_figure(title, inputs, result.get("limit_values"))
         if figure is not None:
-            figures.append(ReportFigure("linearity", f"Decay-method linearity of {result.get('device')}: readings, "
-                                                     "log-linear fit and each reading's deviation from it", figure))
+            figures.append(
+                ReportFigure(
+                    "linearity",
+                    f"Decay-method linearity of {result.get('device')}: readings, "
+                    "log-linear fit and each reading's deviation from it",
+                    figure,
+                )
+            )
     figures += _yield_figures(data, by_test.get("elution_yield", []), span)
     for test, name in BREAKTHROUGH_TITLES.items():
         if results := by_test.get(test, []):
-            figures.append(_trend("breakthrough", f"{name}: every result against its limit", name, results,
-                                  _generator_of, span, ylabel=f"{name} ({results[-1].get('unit', '')})"))
+            figures.append(
+                _trend(
+                    "breakthrough",
+                    f"{name}: every result against its limit",
+                    name,
+                    results,
+                    _generator_of,
+                    span,
+                    ylabel=f"{name} ({results[-1].get('unit', '')})",
+                )
+            )
     for test, results in by_test.items():
         if test not in DEDICATED_TESTS:
-            figures.append(_trend("other", f"{test}: judged value of every result against its limit", test, results,
-                                  lambda r: str(r.get("device")), span))
+            figures.append(
+                _trend(
+                    "other",
+                    f"{test}: judged value of every result against its limit",
+                    test,
+                    results,
+                    lambda r: str(r.get("device")),
+                    span,
+                )
+            )
     return figures
 
 
 def _yield_figures(data: ReportData, yield_results: list[dict[str, Any]], span: tuple[int, int]) -> list[ReportFigure]:
     """One figure per generator: QC-judged yields where the engine judged them, else the elution records' yields."""
     judged_by_generator = _by(yield_results, _generator_of)
-    recorded = _by((e for e in data.elutions if isinstance(e.get("yield_pct"), (int, float))), lambda e: str(e.get("generator")))
+    recorded = _by(
+        (e for e in data.elutions if isinstance(e.get("yield_pct"), (int, float))), lambda e: str(e.get("generator"))
+    )
     figures = []
     for generator in sorted(set(judged_by_generator) | set(recorded)):
         results = judged_by_generator.get(generator, [])
@@ -206,9 +259,13 @@ def _yield_figures(data: ReportData, yield_results: list[dict[str, Any]], span: 
             points = _points(results)
         else:
             points = [TrendPoint(int(e["time_ns"]), float(e["yield_pct"])) for e in recorded[generator]]
-        figures.append(ReportFigure("elution-yield", f"Elution yield of generator {generator} over its life, "
-                                                     "with the least-squares trend",
-                                    elution_yield_figure(f"elution yield — {generator}", points, _latest_limit(results), span)))
+        figures.append(
+            ReportFigure(
+                "elution-yield",
+                f"Elution yield of generator {generator} over its life, with the least-squares trend",
+                elution_yield_figure(f"elution yield — {generator}", points, _latest_limit(results), span),
+            )
+        )
     return figures
 
 
@@ -271,21 +328,34 @@ def _verdict_row(r: Mapping[str, Any]) -> str:
     )
 
 
-_VERDICT_HEADER = ("time (UTC)", "site/station/device", "test", "verdict", "measured", "expected", "deviation",
-                   "limit", "limit source", "detail and inputs")
+_VERDICT_HEADER = (
+    "time (UTC)",
+    "site/station/device",
+    "test",
+    "verdict",
+    "measured",
+    "expected",
+    "deviation",
+    "limit",
+    "limit source",
+    "detail and inputs",
+)
 
 
 def _summary_html(data: ReportData) -> str:
     counts = Counter((str(r.get("test")), str(r.get("verdict"))) for r in data.qc_results)
     tests = sorted({test for test, _ in counts})
     rows = [
-        f"<tr><td>{_e(t)}</td>" + "".join(f'<td class="num">{counts[(t, v)]}</td>' for v in VERDICTS)
+        f"<tr><td>{_e(t)}</td>"
+        + "".join(f'<td class="num">{counts[(t, v)]}</td>' for v in VERDICTS)
         + f'<td class="num">{sum(counts[(t, v)] for v in VERDICTS)}</td></tr>'
         for t in tests
     ]
     verdicts = _table(("test", "pass", "warn", "fail", "total"), rows, "No QC results in this period.")
-    return (f"{verdicts}<p>{len(data.qc_results)} QC result(s), {len(data.elutions)} elution(s), "
-            f"{len(data.audit.records)} audited action(s) in the period.</p>{_audit_status_html(data.audit)}")
+    return (
+        f"{verdicts}<p>{len(data.qc_results)} QC result(s), {len(data.elutions)} elution(s), "
+        f"{len(data.audit.records)} audited action(s) in the period.</p>{_audit_status_html(data.audit)}"
+    )
 
 
 def _audit_status_html(audit: AuditSection) -> str:
@@ -293,28 +363,44 @@ def _audit_status_html(audit: AuditSection) -> str:
         return f'<p class="status absent">No audit trail at <code>{_e(audit.path)}</code>.</p>'
     result = audit.verification
     if result.ok:
-        mac = ("HMAC verified" if result.mac_checked else
-               "HMAC present, not checked (no key given)" if result.mac_present else "no HMAC")
-        return (f'<p class="status ok">Audit chain intact: {result.records} record(s) in <code>{_e(audit.path)}</code>, '
-                f"{mac}. Head hash <code>{_e(result.head_hash)}</code>.</p>")
+        mac = (
+            "HMAC verified"
+            if result.mac_checked
+            else "HMAC present, not checked (no key given)"
+            if result.mac_present
+            else "no HMAC"
+        )
+        return (
+            f'<p class="status ok">Audit chain intact: {result.records} record(s) in <code>{_e(audit.path)}</code>, '
+            f"{mac}. Head hash <code>{_e(result.head_hash)}</code>.</p>"
+        )
     assert result.broken is not None
-    return (f'<div class="status broken">Audit chain BROKEN in <code>{_e(audit.path)}</code> after '
-            f"{result.records} intact record(s):<pre>{_e(result.broken.describe())}</pre>"
-            "Records from that line on cannot be trusted.</div>")
+    return (
+        f'<div class="status broken">Audit chain BROKEN in <code>{_e(audit.path)}</code> after '
+        f"{result.records} intact record(s):<pre>{_e(result.broken.describe())}</pre>"
+        "Records from that line on cannot be trusted.</div>"
+    )
 
 
 def _audit_html(audit: AuditSection) -> str:
     rows = [
-        f"<tr><td class=\"num\">{r.seq}</td><td>{_e(r.time)}</td><td>{_e(r.actor)}</td><td>{_e(r.action)}</td>"
+        f'<tr><td class="num">{r.seq}</td><td>{_e(r.time)}</td><td>{_e(r.actor)}</td><td>{_e(r.action)}</td>'
         f"<td>{_e(r.target)}</td><td>{_e(_plain(r.old_value))}</td><td>{_e(_plain(r.new_value))}</td><td>{_e(r.reason)}</td></tr>"
         for r in audit.records
     ]
-    return _audit_status_html(audit) + _table(("#", "time (UTC)", "who", "what", "target", "old", "new", "why"), rows,
-                                              "No audited actions in this period.")
+    return _audit_status_html(audit) + _table(
+        ("#", "time (UTC)", "who", "what", "target", "old", "new", "why"), rows, "No audited actions in this period."
+    )
 
 
 def _plain(value: Any) -> str:
-    return "" if value is None else value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, sort_keys=True)
+    return (
+        ""
+        if value is None
+        else value
+        if isinstance(value, str)
+        else json.dumps(value, ensure_ascii=False, sort_keys=True)
+    )
 
 
 def _limits_rows(results: Sequence[Mapping[str, Any]]) -> list[tuple[str, str, str, int]]:
@@ -344,7 +430,7 @@ def render_html(data: ReportData, figures: Sequence[ReportFigure] | None = None)
     parts = [
         f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title>'
         f"<style>{_CSS}</style></head><body>",
-        f"<header><h1>{_e(title)}</h1><p class=\"meta\">Period {_e(start)} to {_e(end)} (end exclusive)"
+        f'<header><h1>{_e(title)}</h1><p class="meta">Period {_e(start)} to {_e(end)} (end exclusive)'
         f"{' · site ' + _e(data.site) if data.site else ''} · archive <code>{_e(data.archive_path)}</code> · "
         f"generated {_e(iso_utc(data.generated_ns))}</p></header>",
         f'<section id="summary"><h2>Summary</h2>{_summary_html(data)}</section>',
@@ -359,16 +445,26 @@ def render_html(data: ReportData, figures: Sequence[ReportFigure] | None = None)
             )
             parts.append(f'<section id="{section}"><h2>{_e(heading)}</h2>{body}</section>')
     deviations = [r for r in data.qc_results if r.get("verdict") != "pass"]
-    parts.append(f'<section id="deviations"><h2>Warnings and failures</h2>'
-                 f"{_table(_VERDICT_HEADER, map(_verdict_row, deviations), 'Every result in the period passed.')}</section>")
-    parts.append(f'<section id="verdicts"><h2>All verdicts</h2>'
-                 f"{_table(_VERDICT_HEADER, map(_verdict_row, data.qc_results), 'No QC results in this period.')}</section>")
-    limit_rows = [f"<tr><td>{_e(t)}</td><td>{_e(lim)}</td><td>{_e(src)}</td><td class=\"num\">{n}</td></tr>"
-                  for t, lim, src, n in _limits_rows(data.qc_results)]
-    parts.append(f'<section id="limits"><h2>Limits and their sources</h2>'
-                 f"{_table(('test', 'limit', 'source', 'results'), limit_rows, 'No limits applied in this period.')}</section>")
-    parts.append(f'<section id="elutions"><h2>Elutions</h2>'
-                 f"{_table(('end (UTC)', 'station', 'generator', 'counter', 'activity', 'volume', 'duration', 'yield', 'breakthrough'), map(_elution_row, data.elutions), 'No elutions in this period.')}</section>")
+    parts.append(
+        f'<section id="deviations"><h2>Warnings and failures</h2>'
+        f"{_table(_VERDICT_HEADER, map(_verdict_row, deviations), 'Every result in the period passed.')}</section>"
+    )
+    parts.append(
+        f'<section id="verdicts"><h2>All verdicts</h2>'
+        f"{_table(_VERDICT_HEADER, map(_verdict_row, data.qc_results), 'No QC results in this period.')}</section>"
+    )
+    limit_rows = [
+        f'<tr><td>{_e(t)}</td><td>{_e(lim)}</td><td>{_e(src)}</td><td class="num">{n}</td></tr>'
+        for t, lim, src, n in _limits_rows(data.qc_results)
+    ]
+    parts.append(
+        f'<section id="limits"><h2>Limits and their sources</h2>'
+        f"{_table(('test', 'limit', 'source', 'results'), limit_rows, 'No limits applied in this period.')}</section>"
+    )
+    parts.append(
+        f'<section id="elutions"><h2>Elutions</h2>'
+        f"{_table(('end (UTC)', 'station', 'generator', 'counter', 'activity', 'volume', 'duration', 'yield', 'breakthrough'), map(_elution_row, data.elutions), 'No elutions in this period.')}</section>"
+    )
     parts.append(f'<section id="audit"><h2>Audit trail of control actions</h2>{_audit_html(data.audit)}</section>')
     parts.append("</body></html>")
     return "\n".join(parts)
@@ -379,7 +475,7 @@ def render_html(data: ReportData, figures: Sequence[ReportFigure] | None = None)
 
 def _wrapped(cells: Sequence[str], widths: Sequence[int]) -> list[str]:
     """One table row as monospaced lines; the last column wraps onto continuation lines instead of being cut."""
-    fixed = "".join(c[:w - 1].ljust(w) for c, w in zip(cells[:-1], widths))
+    fixed = "".join(c[: w - 1].ljust(w) for c, w in zip(cells[:-1], widths))
     tail = textwrap.wrap(cells[-1], width=max(20, TEXT_PAGE_COLUMNS - len(fixed))) or [""]
     return [fixed + tail[0], *(" " * len(fixed) + more for more in tail[1:])]
 
@@ -393,29 +489,62 @@ def _pdf_text(data: ReportData) -> list[tuple[str, list[str]]]:
         for r in results:
             unit = r.get("unit")
             verdict = str(r.get("verdict"))
-            lines += _wrapped((str(r.get("time", ""))[:19], str(r.get("device")), str(r.get("test")),
-                               verdict if verdict == "pass" else verdict.upper(),
-                               quantity(r.get("measured"), unit), quantity(r.get("expected"), unit),
-                               signed_pct(r.get("deviation_pct")), f"{r.get('limit')} — {r.get('limit_source')}"),
-                              widths)
+            lines += _wrapped(
+                (
+                    str(r.get("time", ""))[:19],
+                    str(r.get("device")),
+                    str(r.get("test")),
+                    verdict if verdict == "pass" else verdict.upper(),
+                    quantity(r.get("measured"), unit),
+                    quantity(r.get("expected"), unit),
+                    signed_pct(r.get("deviation_pct")),
+                    f"{r.get('limit')} — {r.get('limit_source')}",
+                ),
+                widths,
+            )
         return lines
 
     audit = data.audit
-    status = (f"no audit trail at {audit.path}" if audit.verification is None else audit.verification.summary())
-    summary = [f"period {iso_utc(data.period.start_ns)} to {iso_utc(data.period.end_ns)} (end exclusive)",
-               f"archive {data.archive_path}", f"generated {iso_utc(data.generated_ns)}", "",
-               f"{len(data.qc_results)} QC result(s), {len(data.elutions)} elution(s), {len(audit.records)} audited action(s)", ""]
+    status = f"no audit trail at {audit.path}" if audit.verification is None else audit.verification.summary()
+    summary = [
+        f"period {iso_utc(data.period.start_ns)} to {iso_utc(data.period.end_ns)} (end exclusive)",
+        f"archive {data.archive_path}",
+        f"generated {iso_utc(data.generated_ns)}",
+        "",
+        f"{len(data.qc_results)} QC result(s), {len(data.elutions)} elution(s), {len(audit.records)} audited action(s)",
+        "",
+    ]
     counts = Counter((str(r.get("test")), str(r.get("verdict"))) for r in data.qc_results)
-    summary += [f"{t:<24} pass {counts[(t, 'pass')]:>4}  warn {counts[(t, 'warn')]:>4}  fail {counts[(t, 'fail')]:>4}"
-                for t in sorted({t for t, _ in counts})]
+    summary += [
+        f"{t:<24} pass {counts[(t, 'pass')]:>4}  warn {counts[(t, 'warn')]:>4}  fail {counts[(t, 'fail')]:>4}"
+        for t in sorted({t for t, _ in counts})
+    ]
     summary += ["", *textwrap.wrap(status, TEXT_PAGE_COLUMNS)]
-    limits = [line for t, lim, src, n in _limits_rows(data.qc_results) for line in _wrapped((t, f"{n} result(s)", f"{lim} — {src}"), (24, 14))]
-    elutions = [f"{str(e.get('time', ''))[:19]:<21}{str(e.get('generator')):<16}#{e.get('counter')!s:<6}"
-                f"{quantity(e.get('activity_bq'), 'Bq'):<14} yield {e.get('yield_pct')!s:<8} breakthrough {e.get('breakthrough_pct')}"
-                for e in data.elutions]
-    audit_lines = [line for r in audit.records for line in _wrapped(
-        (f"#{r.seq}", r.time[:19], r.actor, r.action, r.target,
-         f"{_plain(r.old_value)} -> {_plain(r.new_value)}; why: {r.reason}"), (6, 21, 12, 20, 20))]
+    limits = [
+        line
+        for t, lim, src, n in _limits_rows(data.qc_results)
+        for line in _wrapped((t, f"{n} result(s)", f"{lim} — {src}"), (24, 14))
+    ]
+    elutions = [
+        f"{str(e.get('time', ''))[:19]:<21}{str(e.get('generator')):<16}#{e.get('counter')!s:<6}"
+        f"{quantity(e.get('activity_bq'), 'Bq'):<14} yield {e.get('yield_pct')!s:<8} breakthrough {e.get('breakthrough_pct')}"
+        for e in data.elutions
+    ]
+    audit_lines = [
+        line
+        for r in audit.records
+        for line in _wrapped(
+            (
+                f"#{r.seq}",
+                r.time[:19],
+                r.actor,
+                r.action,
+                r.target,
+                f"{_plain(r.old_value)} -> {_plain(r.new_value)}; why: {r.reason}",
+            ),
+            (6, 21, 12, 20, 20),
+        )
+    ]
     return [
         ("hotlab QC report — summary", summary),
         ("Warnings and failures", verdict_lines([r for r in data.qc_results if r.get("verdict") != "pass"])),
@@ -433,8 +562,9 @@ def write_pdf(data: ReportData, path: Path, figures: Sequence[ReportFigure] | No
     pages = text_pages(*texts[0]) + [f.figure for f in figures]
     for title, lines in texts[1:]:
         pages += text_pages(title, lines)
-    with PdfPages(path, metadata={"Title": f"hotlab QC report {iso_utc(data.period.start_ns)[:10]}",
-                                  "Creator": "hotlab report"}) as pdf:
+    with PdfPages(
+        path, metadata={"Title": f"hotlab QC report {iso_utc(data.period.start_ns)[:10]}", "Creator": "hotlab report"}
+    ) as pdf:
         for page in pages:
             pdf.savefig(page)
     return len(pages)

@@ -17,7 +17,7 @@ import io
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -44,7 +44,7 @@ class TrendPoint:
 
 
 def utc(time_ns: int) -> datetime:
-    return datetime.fromtimestamp(time_ns / _NS_PER_S, tz=timezone.utc)
+    return datetime.fromtimestamp(time_ns / _NS_PER_S, tz=UTC)
 
 
 def new_figure(height: float = 3.2) -> Figure:
@@ -64,9 +64,9 @@ def _time_axis(ax: Any, period_ns: tuple[int, int] | None) -> None:
     """UTC dates on x; spanning the report period so figures of one report line up (and one point is not a decade)."""
     if period_ns is not None:
         ax.set_xlim(utc(period_ns[0]), utc(period_ns[1]))
-    locator = AutoDateLocator(tz=timezone.utc)
+    locator = AutoDateLocator(tz=UTC)
     ax.xaxis.set_major_locator(locator)
-    ax.xaxis.set_major_formatter(ConciseDateFormatter(locator, tz=timezone.utc))
+    ax.xaxis.set_major_formatter(ConciseDateFormatter(locator, tz=UTC))
     ax.set_xlabel("time (UTC)")
 
 
@@ -133,12 +133,26 @@ def _scatter_by_verdict(ax: Any, points: Sequence[TrendPoint], marker: str, labe
     times = [utc(p.time_ns) for p in points]
     colours = [VERDICT_COLOURS.get(p.verdict or "", NEUTRAL) for p in points]
     ax.plot(times, [p.value for p in points], color="#888888", lw=0.6, zorder=2)
-    ax.scatter(times, [p.value for p in points], c=colours, marker=marker, s=26, zorder=3, label=label,
-               edgecolors="black", linewidths=0.3)
+    ax.scatter(
+        times,
+        [p.value for p in points],
+        c=colours,
+        marker=marker,
+        s=26,
+        zorder=3,
+        label=label,
+        edgecolors="black",
+        linewidths=0.3,
+    )
 
 
-def trend_figure(title: str, ylabel: str, series: Mapping[str, Sequence[TrendPoint]],
-                 limit: Mapping[str, Any] | None, period_ns: tuple[int, int] | None = None) -> Figure:
+def trend_figure(
+    title: str,
+    ylabel: str,
+    series: Mapping[str, Sequence[TrendPoint]],
+    limit: Mapping[str, Any] | None,
+    period_ns: tuple[int, int] | None = None,
+) -> Figure:
     """Judged values over time, one marker per series (e.g. check source), on the limit's bands."""
     figure = new_figure()
     ax = figure.add_subplot()
@@ -192,8 +206,15 @@ def linearity_figure(title: str, inputs: Mapping[str, Any], limit: Mapping[str, 
     top.set_title(title, fontsize=10)
     top.legend(fontsize=7)
     top.grid(alpha=0.3, which="both")
-    bottom.scatter(hours, deviation, c=[_point_colour(d, limit) for d in deviation], s=22, zorder=3,
-                   edgecolors="black", linewidths=0.3)
+    bottom.scatter(
+        hours,
+        deviation,
+        c=[_point_colour(d, limit) for d in deviation],
+        s=22,
+        zorder=3,
+        edgecolors="black",
+        linewidths=0.3,
+    )
     draw_limit_bands(bottom, limit, list(deviation))
     bottom.set_ylabel("deviation from fit (%)")
     bottom.set_xlabel("hours since first reading")
@@ -212,8 +233,9 @@ def _point_colour(deviation: float, limit: Mapping[str, Any] | None) -> str:
     return VERDICT_COLOURS["pass"]
 
 
-def elution_yield_figure(title: str, points: Sequence[TrendPoint], limit: Mapping[str, Any] | None,
-                         period_ns: tuple[int, int] | None = None) -> Figure:
+def elution_yield_figure(
+    title: str, points: Sequence[TrendPoint], limit: Mapping[str, Any] | None, period_ns: tuple[int, int] | None = None
+) -> Figure:
     """Elution yield over the generator's life with its floor bands and a least-squares trend in %/day."""
     figure = new_figure()
     ax = figure.add_subplot()
@@ -223,8 +245,14 @@ def elution_yield_figure(title: str, points: Sequence[TrendPoint], limit: Mappin
         days = np.array([(p.time_ns - ordered[0].time_ns) / _NS_PER_S / _DAY_S for p in ordered])
         if np.ptp(days) > 0:
             slope, intercept = np.polyfit(days, [p.value for p in ordered], 1)
-            ax.plot([utc(p.time_ns) for p in (ordered[0], ordered[-1])], [intercept, intercept + slope * days[-1]],
-                    color="black", lw=0.9, ls=":", label=f"trend {slope:+.3f} %/day")
+            ax.plot(
+                [utc(p.time_ns) for p in (ordered[0], ordered[-1])],
+                [intercept, intercept + slope * days[-1]],
+                color="black",
+                lw=0.9,
+                ls=":",
+                label=f"trend {slope:+.3f} %/day",
+            )
             ax.legend(fontsize=7, loc="best")
     draw_limit_bands(ax, limit, [p.value for p in ordered])
     ax.set_title(title, fontsize=10)

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import fcntl
 import inspect
 import logging
@@ -68,13 +67,12 @@ from hotlab.controller.messages import (
     iso_utc,
     reading_message,
 )
+from hotlab.controller.outbox import AsyncOutbox, GroupCommit, Outbox, OutboxFull, OutboxUsage
 from hotlab.controller.sinks.mqtt import SINK as MQTT_SINK
 from hotlab.controller.sinks.mqtt import MqttSink
-from hotlab.controller.outbox import AsyncOutbox, GroupCommit, Outbox, OutboxFull, OutboxUsage
 from hotlab.controller.sources import driver_source
 from hotlab.controller.supervisor import Backoff, DeviceState, DeviceSupervisor, Item, Source
-from hotlab.drivers.elution_station import CommandOutcome
-from hotlab.drivers.records import ElutionRecord, Reading
+from hotlab.drivers.records import ElutionRecord
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +98,7 @@ class CommitStage(Protocol):
     def process(self, *messages: Message) -> StagedOutcome: ...
 
     def apply(self, outcome: Any) -> None: ...
+
 
 #: Below this fraction of warn_fraction an active usage alarm clears (hysteresis, so it does not flap).
 ALARM_CLEAR_RATIO = 0.9
@@ -157,8 +156,10 @@ def _exclusive_lock(outbox_path: Path) -> Iterator[None]:
         except BlockingIOError:
             handle.seek(0)
             holder = handle.read().strip() or "unknown"
-            raise ServiceError(f"outbox {outbox_path} is in use by another hotlab controller (pid {holder}); "
-                               "run one controller per outbox") from None
+            raise ServiceError(
+                f"outbox {outbox_path} is in use by another hotlab controller (pid {holder}); "
+                "run one controller per outbox"
+            ) from None
         try:  # unbuffered, so that a failed write is not tried again when the file is closed
             os.ftruncate(handle.fileno(), 0)
             os.write(handle.fileno(), str(os.getpid()).encode())
@@ -249,8 +250,12 @@ class ControllerService:
         self.outbox = outbox
         self.group_commit = GroupCommit(self._commit_batch)
         backlog = await outbox.pending_count(MQTT_SINK)
-        log.info("outbox %s: sinks %s, %d message(s) waiting from earlier runs", cfg.outbox.path,
-                 ", ".join(self.sink_names), backlog)
+        log.info(
+            "outbox %s: sinks %s, %d message(s) waiting from earlier runs",
+            cfg.outbox.path,
+            ", ".join(self.sink_names),
+            backlog,
+        )
         await asyncio.to_thread(_warn_about_orphaned_deliveries, cfg.outbox.path, self.sink_names)
         await self._restore_stage(outbox)
         sinks = self._start_sinks(outbox)
@@ -262,8 +267,11 @@ class ControllerService:
         try:
             await stop.wait()
         finally:
-            log.info("stopping: %d device task(s), draining sinks for up to %.1f s", len(device_tasks),
-                     cfg.service.drain_timeout_s)
+            log.info(
+                "stopping: %d device task(s), draining sinks for up to %.1f s",
+                len(device_tasks),
+                cfg.service.drain_timeout_s,
+            )
             if self.commands is not None:
                 await self.commands.close()
             await self._stop_devices(device_tasks)
@@ -274,8 +282,10 @@ class ControllerService:
             await self._await_sinks(sink_tasks)
             left = await self._backlog(outbox, MQTT_SINK)
             await outbox.close()
-            log.info("stopped; %s message(s) kept in the outbox for the next start",
-                     "an unknown number of" if left is None else left)
+            log.info(
+                "stopped; %s message(s) kept in the outbox for the next start",
+                "an unknown number of" if left is None else left,
+            )
 
     async def _restore_stage(self, outbox: AsyncOutbox) -> None:
         """Let the QC engine rebuild its generator state from the archive before the first reading."""
@@ -330,8 +340,12 @@ class ControllerService:
             except Exception:
                 delay = self.backoff.delay(crashes, rng)
                 crashes += 1
-                log.exception("sink %s crashed (%d time(s) so far); starting it again in %.2f s, its messages "
-                              "wait in the outbox", sink.name, crashes, delay)
+                log.exception(
+                    "sink %s crashed (%d time(s) so far); starting it again in %.2f s, its messages wait in the outbox",
+                    sink.name,
+                    crashes,
+                    delay,
+                )
                 await asyncio.sleep(delay)
 
     async def _stop_devices(self, tasks: list[asyncio.Task[None]]) -> None:
@@ -361,8 +375,7 @@ class ControllerService:
             sinks.append(_SinkRunner(MQTT_SINK, self.mqtt.run, self.mqtt.drain, self_draining=True))
             self._wake.append(self.mqtt.notify)
         else:
-            log.warning("no [mqtt] configured: local-only mode, messages are kept in the outbox %s",
-                        cfg.outbox.path)
+            log.warning("no [mqtt] configured: local-only mode, messages are kept in the outbox %s", cfg.outbox.path)
         if cfg.influx is not None:
             sinks.append(_influx_runner(cfg.influx, outbox))
         if cfg.history_path is not None:
@@ -375,8 +388,13 @@ class ControllerService:
         audit_path = cfg.commands.resolved_audit_path(cfg.service.state_dir)
         if not cfg.operators:
             log.warning("no [[operator]] configured: every MQTT control command will be refused (and audited)")
-        handler = CommandHandler(cfg.site, Authoriser(cfg.operators, cfg.commands.min_role),
-                                 AuditLog(audit_path, key=self._audit_key), mqtt.publish_reply, self._command_target)
+        handler = CommandHandler(
+            cfg.site,
+            Authoriser(cfg.operators, cfg.commands.min_role),
+            AuditLog(audit_path, key=self._audit_key),
+            mqtt.publish_reply,
+            self._command_target,
+        )
         log.info("control commands on %s, audited in %s", handler.topic_filter, audit_path)
         return handler
 
@@ -401,10 +419,12 @@ class ControllerService:
         try:
             source = self.source_factory(device)
         except Exception as exc:  # e.g. a driver rejecting an option value: this device only
-            log.exception("device %s: cannot create its %s driver; the other devices run on", device.name,
-                          device.family)
-            return asyncio.create_task(self._report_unusable(device, f"driver not created: {exc}"),
-                                       name=f"device-{device.name}")
+            log.exception(
+                "device %s: cannot create its %s driver; the other devices run on", device.name, device.family
+            )
+            return asyncio.create_task(
+                self._report_unusable(device, f"driver not created: {exc}"), name=f"device-{device.name}"
+            )
 
         async def deliver(items: Sequence[Item]) -> None:
             await self.commit(device, items)
@@ -413,8 +433,12 @@ class ControllerService:
             await self._commit_messages([self._status_message(device, state)])
 
         supervisor = DeviceSupervisor(
-            device.name, source, poll_interval_s=device.poll_interval_s, deliver=deliver,
-            report_status=report_status, backoff=self.backoff,
+            device.name,
+            source,
+            poll_interval_s=device.poll_interval_s,
+            deliver=deliver,
+            report_status=report_status,
+            backoff=self.backoff,
             status_interval_s=self.config.service.status_interval_s,
             # Generous: a streaming device waits up to timeout_s for its next line by design.
             watchdog_s=max(10.0, 5.0 * device.timeout_s),
@@ -425,14 +449,22 @@ class ControllerService:
 
     async def _report_unusable(self, device: DeviceConfig, detail: str) -> None:
         try:
-            await self._commit_messages([self._status_message(device, DeviceState(device.name, False, None, 1,
-                                                                                  detail))])
+            await self._commit_messages(
+                [self._status_message(device, DeviceState(device.name, False, None, 1, detail))]
+            )
         except OutboxFull:
             log.error("device %s: status not stored, outbox full", device.name)
 
     def _status_message(self, device: DeviceConfig, state: DeviceState) -> Message:
-        return device_status_message(self.config.site, device.station, device.name, up=state.up,
-                                     latency_ms=state.latency_ms, errors=state.errors, detail=state.detail)
+        return device_status_message(
+            self.config.site,
+            device.station,
+            device.name,
+            up=state.up,
+            latency_ms=state.latency_ms,
+            errors=state.errors,
+            detail=state.detail,
+        )
 
     async def commit(self, device: DeviceConfig, items: Sequence[Item]) -> None:
         """Build messages for `items`, run the processors, and commit them; return once they are durable.
@@ -462,8 +494,13 @@ class ControllerService:
                     result = await result
                 derived.extend(result)
             except Exception:
-                log.exception("processor %r failed on %s %s; the %s itself is still stored",
-                              processor, message.kind, message.msg_id, message.kind)
+                log.exception(
+                    "processor %r failed on %s %s; the %s itself is still stored",
+                    processor,
+                    message.kind,
+                    message.msg_id,
+                    message.kind,
+                )
         return derived
 
     async def _commit_messages(self, messages: list[Message]) -> None:
@@ -515,17 +552,19 @@ class ControllerService:
             try:
                 self.stage.apply(outcome)
             except Exception:
-                log.exception("QC stage failed to take over %d committed message(s); its state may lag",
-                              len(staged))
+                log.exception("QC stage failed to take over %d committed message(s); its state may lag", len(staged))
         self.committed += len(staged)
         for wake in self._wake:
             wake()
 
     async def _commit_final_statuses(self) -> None:
         messages = [
-            self._status_message(device, DeviceState(device.name, False, None, self.supervisors[device.name].errors,
-                                                     "controller stopped"))
-            for device in self.config.devices if device.name in self.supervisors
+            self._status_message(
+                device,
+                DeviceState(device.name, False, None, self.supervisors[device.name].errors, "controller stopped"),
+            )
+            for device in self.config.devices
+            if device.name in self.supervisors
         ]
         if not messages:
             return
@@ -548,8 +587,11 @@ class ControllerService:
             usage = await self.outbox.usage()
         except (sqlite3.Error, OSError) as exc:  # never raised: this runs on the commit path too
             if not self._usage_unreadable:
-                log.error("outbox usage cannot be read (%s: %s); the alarm shows the last known usage",
-                          type(exc).__name__, exc)
+                log.error(
+                    "outbox usage cannot be read (%s: %s); the alarm shows the last known usage",
+                    type(exc).__name__,
+                    exc,
+                )
             self._usage_unreadable = True
             return self._last_usage
         self._usage_unreadable = False
@@ -570,33 +612,40 @@ class ControllerService:
         changed = active != self._alarm_active
         self._alarm_active = active
         if changed and active:
-            log.warning("OUTBOX ALARM: %.1f %% of %d bytes used (%d messages waiting); sinks are not keeping up",
-                        usage.fraction * 100, usage.max_bytes, usage.pending_messages)
+            log.warning(
+                "OUTBOX ALARM: %.1f %% of %d bytes used (%d messages waiting); sinks are not keeping up",
+                usage.fraction * 100,
+                usage.max_bytes,
+                usage.pending_messages,
+            )
         elif changed:
             log.warning("outbox alarm cleared: %.1f %% used", usage.fraction * 100)
         full_reported = self._full_count == self._full_count_published
         failing = self._commit_error
-        if self.mqtt is None or (self._alarm_published and not changed and full_reported
-                                 and failing == self._commit_error_published):
+        if self.mqtt is None or (
+            self._alarm_published and not changed and full_reported and failing == self._commit_error_published
+        ):
             return
         now = time.time_ns()
-        self.mqtt.set_alarm({
-            "schema": f"hotlab.controller_alarm/{SCHEMA_VERSION}",
-            "site": self.config.site,
-            "alarm": "outbox_usage",
-            "active": active or failing is not None,
-            "commit_failing": failing is not None,
-            "commit_error": failing,
-            "unavailable_events": self._unavailable_count,
-            "fraction": round(usage.fraction, 6),
-            "warn_fraction": warn,
-            "payload_bytes": usage.payload_bytes,
-            "max_bytes": usage.max_bytes,
-            "pending_messages": usage.pending_messages,
-            "full_events": self._full_count,
-            "time_ns": now,
-            "time": iso_utc(now),
-        })
+        self.mqtt.set_alarm(
+            {
+                "schema": f"hotlab.controller_alarm/{SCHEMA_VERSION}",
+                "site": self.config.site,
+                "alarm": "outbox_usage",
+                "active": active or failing is not None,
+                "commit_failing": failing is not None,
+                "commit_error": failing,
+                "unavailable_events": self._unavailable_count,
+                "fraction": round(usage.fraction, 6),
+                "warn_fraction": warn,
+                "payload_bytes": usage.payload_bytes,
+                "max_bytes": usage.max_bytes,
+                "pending_messages": usage.pending_messages,
+                "full_events": self._full_count,
+                "time_ns": now,
+                "time": iso_utc(now),
+            }
+        )
         self._alarm_published = True
         self._full_count_published = self._full_count
         self._commit_error_published = failing
@@ -612,16 +661,30 @@ def _warn_about_orphaned_deliveries(path: Path, sinks: Sequence[str]) -> None:
         rows = db.execute("SELECT sink, COUNT(*) FROM delivery GROUP BY sink").fetchall()
     for sink, count in rows:
         if sink not in sinks:
-            log.warning("outbox %s holds %d message(s) for sink %r, which is not configured any more; they use "
-                        "outbox space until that sink is configured again and has sent them", path, count, sink)
+            log.warning(
+                "outbox %s holds %d message(s) for sink %r, which is not configured any more; they use "
+                "outbox space until that sink is configured again and has sent them",
+                path,
+                count,
+                sink,
+            )
 
 
 def _influx_runner(section: InfluxSection, outbox: AsyncOutbox) -> _SinkRunner:
     from hotlab.controller.sinks.influx import InfluxConfig, InfluxSink
 
-    sink = InfluxSink(InfluxConfig(url=section.url, token=section.auth_token(), org=section.org, bucket=section.bucket,
-                                   batch_size=section.batch_size, flush_interval_s=section.flush_interval_s,
-                                   timeout_s=section.timeout_s), outbox)
+    sink = InfluxSink(
+        InfluxConfig(
+            url=section.url,
+            token=section.auth_token(),
+            org=section.org,
+            bucket=section.bucket,
+            batch_size=section.batch_size,
+            flush_interval_s=section.flush_interval_s,
+            timeout_s=section.timeout_s,
+        ),
+        outbox,
+    )
     return _SinkRunner("influx", sink.run, lambda _budget: sink.stop())
 
 

@@ -107,8 +107,11 @@ class StationSource(_ExclusiveDevice):
             raise TypeError(f"device {device.name}: an elution station needs a Modbus transport, not {link}")
         state_dir.mkdir(parents=True, exist_ok=True)
         self.driver = ElutionStationDriver(
-            device.station, link, timeout_s=device.timeout_s,
-            last_counter_path=state_dir / f"{device.name}.last_counter", **device.options,
+            device.station,
+            link,
+            timeout_s=device.timeout_s,
+            last_counter_path=state_dir / f"{device.name}.last_counter",
+            **device.options,
         )
 
     async def read(self) -> Sequence[Item]:

@@ -184,8 +184,7 @@ class DeviceSupervisor:
                     await self._set_down(f"{type(exc).__name__}: {exc}")
                 except Exception as exc:  # a driver bug must not take the controller down
                     self.errors += 1
-                    log.exception("device %s: unexpected %s from driver; reconnecting", self.device,
-                                  type(exc).__name__)
+                    log.exception("device %s: unexpected %s from driver; reconnecting", self.device, type(exc).__name__)
                     await self._set_down(f"driver failure: {type(exc).__name__}: {exc}")
                 await self._close_quietly()
                 if self.reads:  # the last connection worked for a while: start the backoff over
@@ -243,23 +242,30 @@ class DeviceSupervisor:
             while True:
                 try:
                     await self._deliver(items)
-                except Exception as exc:  # noqa: BLE001 - whatever failed, the items must not be dropped
+                except Exception as exc:
                     failures += 1
                     detail, delay = self._commit_failure(exc, items, failures)
                     if failures == 1:
                         failing_since = time.monotonic()
                         await self._report(detail=detail, force=True)
                     if self._stopping and time.monotonic() >= self._stop_deadline:
-                        self._log_not_committed(items, f"still failing {self.stop_commit_s:g} s after stop "
-                                                       f"({failures} attempt(s), last: {detail})")
+                        self._log_not_committed(
+                            items,
+                            f"still failing {self.stop_commit_s:g} s after stop "
+                            f"({failures} attempt(s), last: {detail})",
+                        )
                         return
                     await self._retry_pause(delay)
                     continue
                 await self._confirm(items)
                 if failures:
-                    log.warning("device %s: commit works again after %.1f s and %d failed attempt(s); "
-                                "%d item(s) committed", self.device, time.monotonic() - failing_since, failures,
-                                len(items))
+                    log.warning(
+                        "device %s: commit works again after %.1f s and %d failed attempt(s); %d item(s) committed",
+                        self.device,
+                        time.monotonic() - failing_since,
+                        failures,
+                        len(items),
+                    )
                     await self._report(detail="ok", force=True)
                 return
         except asyncio.CancelledError:
@@ -273,23 +279,37 @@ class DeviceSupervisor:
             # A sink has to catch up; that is not sped up by waiting longer between attempts.
             detail, delay = f"outbox full: {exc}", self.outbox_retry_s
             if first:
-                log.error("device %s: OUTBOX FULL, holding %d item(s) and pausing reads until a sink "
-                          "catches up: %s", self.device, len(items), exc)
+                log.error(
+                    "device %s: OUTBOX FULL, holding %d item(s) and pausing reads until a sink catches up: %s",
+                    self.device,
+                    len(items),
+                    exc,
+                )
             return detail, delay
         delay = min(self.backoff.max_s, self.outbox_retry_s * 2.0 ** min(failures - 1, 30))
         if isinstance(exc, (sqlite3.Error, OSError)):
             detail = f"outbox unavailable: {type(exc).__name__}: {exc}"
             if first:
-                log.error("device %s: OUTBOX UNAVAILABLE (%s), holding %d item(s) and pausing reads; retrying "
-                          "with backoff", self.device, detail, len(items))
+                log.error(
+                    "device %s: OUTBOX UNAVAILABLE (%s), holding %d item(s) and pausing reads; retrying with backoff",
+                    self.device,
+                    detail,
+                    len(items),
+                )
         else:
             detail = f"commit failed: {type(exc).__name__}: {exc}"
             if first:
-                log.error("device %s: COMMIT FAILED (a bug in the commit path), holding %d item(s) and pausing "
-                          "reads; retrying with backoff", self.device, len(items), exc_info=exc)
+                log.error(
+                    "device %s: COMMIT FAILED (a bug in the commit path), holding %d item(s) and pausing "
+                    "reads; retrying with backoff",
+                    self.device,
+                    len(items),
+                    exc_info=exc,
+                )
         if not first:
-            log.warning("device %s: commit attempt %d failed (%s); next in %.2f s", self.device, failures,
-                        detail, delay)
+            log.warning(
+                "device %s: commit attempt %d failed (%s); next in %.2f s", self.device, failures, detail, delay
+            )
         return detail, delay
 
     async def _retry_pause(self, seconds: float) -> None:
@@ -300,8 +320,12 @@ class DeviceSupervisor:
             await self._sleep(seconds)  # a stop() ends this early: the next attempt comes at once
 
     def _log_not_committed(self, items: Sequence[Item], why: str) -> None:
-        log.error("device %s: %d item(s) read but NOT COMMITTED (%s); they are lost unless the device repeats "
-                  "them:", self.device, len(items), why)
+        log.error(
+            "device %s: %d item(s) read but NOT COMMITTED (%s); they are lost unless the device repeats them:",
+            self.device,
+            len(items),
+            why,
+        )
         for item in items:
             log.error("device %s: not committed: %r", self.device, item)
 
@@ -309,9 +333,13 @@ class DeviceSupervisor:
         """Tell the source its items are stored; if that fails they come again (same msg_id: harmless)."""
         try:
             await self.source.delivered(items)
-        except Exception as exc:  # noqa: BLE001 - the data is safe in the outbox either way
-            log.warning("device %s: could not confirm delivery (%s: %s); the device will repeat it",
-                        self.device, type(exc).__name__, exc)
+        except Exception as exc:
+            log.warning(
+                "device %s: could not confirm delivery (%s: %s); the device will repeat it",
+                self.device,
+                type(exc).__name__,
+                exc,
+            )
 
     async def _interruptible(self, operation: Awaitable[T]) -> T | _Stopped:
         """Await `operation` in this task unless `stop()` comes first (then cancel it: it produced nothing yet).
@@ -365,7 +393,7 @@ class DeviceSupervisor:
         state = DeviceState(self.device, self.up, self.latency_ms, self.errors, detail)
         try:
             await self._report_status(state)
-        except Exception as exc:  # noqa: BLE001 - a status goes where the data goes; its commit failure is logged there
+        except Exception as exc:
             log.warning("device %s: status %r not stored (%s: %s)", self.device, detail, type(exc).__name__, exc)
 
     async def _set_down(self, detail: str) -> None:
@@ -377,5 +405,5 @@ class DeviceSupervisor:
     async def _close_quietly(self) -> None:
         try:
             await self.source.close()
-        except Exception as exc:  # noqa: BLE001 - closing a broken transport may fail again; nothing to save
+        except Exception as exc:
             log.debug("device %s: error while closing: %s", self.device, exc)

@@ -22,8 +22,6 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from hotlab.physics.nuclides import UnknownNuclideError, normalize_name
-from hotlab.physics.units import UnitError, canonical_unit
 from hotlab.drivers.records import DeviceRefused, FrameError, Reading
 from hotlab.drivers.serial_link import (
     DisplayedActivity,
@@ -33,6 +31,8 @@ from hotlab.drivers.serial_link import (
     exclusive,
     is_printable_ascii,
 )
+from hotlab.physics.nuclides import UnknownNuclideError, normalize_name
+from hotlab.physics.units import UnitError, canonical_unit
 
 READ_LATEST = b"\x03"
 MAX_COMMAND_LETTERS = 7

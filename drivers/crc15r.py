@@ -21,7 +21,6 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from hotlab.physics.nuclides import normalize_name
 from hotlab.drivers.records import ChecksumError, DeviceRefused, FrameError, Reading
 from hotlab.drivers.serial_link import (
     DisplayedActivity,
@@ -31,6 +30,7 @@ from hotlab.drivers.serial_link import (
     exclusive,
     is_printable_ascii,
 )
+from hotlab.physics.nuclides import normalize_name
 
 #: Unit codes of the reply, as documented for the CRC-15R serial output.
 UNIT_CODES: dict[int, str] = {1: "uCi", 2: "mCi", 3: "Ci", 4: "kBq", 5: "MBq", 6: "GBq"}

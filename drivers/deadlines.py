@@ -90,8 +90,9 @@ class SharedTimeout:
         self._owner._add(scope, loop.time() + self._delay_s, loop)
         return scope
 
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        traceback: TracebackType | None) -> bool | None:
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> bool | None:
         assert self._scope is not None
         self._owner._remove(self._scope)
         return await self._scope.__aexit__(exc_type, exc, traceback)

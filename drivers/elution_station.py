@@ -52,7 +52,14 @@ from hotlab.drivers.modbus_words import (
     string_to_registers,
     uint32_to_registers,
 )
-from hotlab.drivers.records import DeviceDisconnected, DeviceRefused, DeviceTimeout, DriverError, ElutionRecord, FrameError
+from hotlab.drivers.records import (
+    DeviceDisconnected,
+    DeviceRefused,
+    DeviceTimeout,
+    DriverError,
+    ElutionRecord,
+    FrameError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -262,7 +269,9 @@ def decode_status(regs: Sequence[int], order: WordOrder) -> StationStatus:
         raise FrameError(f"input-register block has {len(regs)} registers, expected {IR.COUNT}")
     try:
         if regs[IR.MAP_VERSION] != REGISTER_MAP_VERSION:
-            raise RegisterValueError(f"register map version {regs[IR.MAP_VERSION]}, driver speaks {REGISTER_MAP_VERSION}")
+            raise RegisterValueError(
+                f"register map version {regs[IR.MAP_VERSION]}, driver speaks {REGISTER_MAP_VERSION}"
+            )
 
         def text(address: int) -> str:
             return registers_to_string(regs[address : address + IR.STRING_LENGTHS[address]], order)
@@ -653,7 +662,9 @@ class ElutionStationDriver:
         if not connected:
             self._link_lost.set()
 
-    async def _request(self, what: str, call: Callable[[AsyncModbusTcpClient | AsyncModbusSerialClient], Awaitable[_T]]) -> _T:
+    async def _request(
+        self, what: str, call: Callable[[AsyncModbusTcpClient | AsyncModbusSerialClient], Awaitable[_T]]
+    ) -> _T:
         """Run one Modbus request and translate every failure into the driver's typed errors."""
         await self.connect()
         client = self._client
@@ -744,7 +755,11 @@ class ElutionStationDriver:
             log.warning(
                 "%s: elution counter jumped from %d to %d on %s; the station keeps only the last elution,"
                 " so %d elution(s) in between cannot be recorded",
-                self.station, last, counter, generator, counter - last - 1,
+                self.station,
+                last,
+                counter,
+                generator,
+                counter - last - 1,
             )
         return ElutionRecord(
             station=self.station,
@@ -762,7 +777,9 @@ class ElutionStationDriver:
 
     # ---- commands ---------------------------------------------------------------------------
 
-    async def start_elution(self, volume_ml: float, *, user: str | None = None, reason: str | None = None) -> CommandOutcome:
+    async def start_elution(
+        self, volume_ml: float, *, user: str | None = None, reason: str | None = None
+    ) -> CommandOutcome:
         """Start an elution of `volume_ml`; refused unless the station is idle or done."""
         return await self._command(CommandCode.START, volume_ml, _authorise(user, reason), STARTABLE_STATES)
 
@@ -772,7 +789,9 @@ class ElutionStationDriver:
 
     async def acknowledge_fault(self, *, user: str | None = None, reason: str | None = None) -> CommandOutcome:
         """Acknowledge a fault after the cause was dealt with; the station returns to idle."""
-        return await self._command(CommandCode.ACK_FAULT, 0.0, _authorise(user, reason), frozenset({StationState.FAULT}))
+        return await self._command(
+            CommandCode.ACK_FAULT, 0.0, _authorise(user, reason), frozenset({StationState.FAULT})
+        )
 
     async def _command(
         self,
@@ -806,14 +825,22 @@ class ElutionStationDriver:
                 # The request may have reached the station with only the reply lost; the
                 # acknowledgement registers tell, so look there before giving up.
                 write_problem = f"reply to command {seq} lost ({lost}) and "
-                log.warning("%s: reply to %s command %d lost (%s); reading the acknowledgement", self.station, action, seq, lost)
+                log.warning(
+                    "%s: reply to %s command %d lost (%s); reading the acknowledgement", self.station, action, seq, lost
+                )
             after = await self._await_ack(seq, action)
             if after is None:
                 raise CommandOutcomeUnknown(
                     f"{self.station}: {action} by {request.user} unconfirmed: {write_problem}no acknowledgement"
                     f" readable within {self.confirm_timeout_s:g} s; the station may have carried it out",
-                    action=action, station=self.station, user=request.user, reason=request.reason, seq=seq,
-                    requested_ns=requested_ns, old_state=before.state, parameters=parameters,
+                    action=action,
+                    station=self.station,
+                    user=request.user,
+                    reason=request.reason,
+                    seq=seq,
+                    requested_ns=requested_ns,
+                    old_state=before.state,
+                    parameters=parameters,
                 )
             result = CommandResult(after.cmd_result) if after.cmd_result in CommandResult._value2member_map_ else None
             if result is not CommandResult.ACCEPTED:

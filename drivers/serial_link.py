@@ -29,10 +29,10 @@ from typing import Any, ClassVar, Concatenate, ParamSpec, TypeVar, cast
 import serial
 import serial_asyncio_fast
 
-from hotlab.physics.units import to_bq
 from hotlab.drivers.deadlines import SharedDeadlines
-from hotlab.drivers.threaded_serial import ThreadedSerialTransport
 from hotlab.drivers.records import DeviceDisconnected, DeviceTimeout, DriverError, FrameError, Reading
+from hotlab.drivers.threaded_serial import ThreadedSerialTransport
+from hotlab.physics.units import to_bq
 
 #: How long `close()` waits for the transport to confirm it let go of the port.
 _CLOSE_GRACE_S = 2.0

@@ -45,12 +45,12 @@ class ThreadedSerialTransport(asyncio.Transport):
         self._closing = False
         self._lost = False
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hotlab-serial-write")
-        self._reader = threading.Thread(target=self._read_forever, name=f"hotlab-serial-read {port.port}",
-                                        daemon=True)
+        self._reader = threading.Thread(target=self._read_forever, name=f"hotlab-serial-read {port.port}", daemon=True)
 
     @classmethod
-    async def open(cls, loop: asyncio.AbstractEventLoop, protocol: asyncio.Protocol, url: str,
-                   **settings: Any) -> ThreadedSerialTransport:
+    async def open(
+        cls, loop: asyncio.AbstractEventLoop, protocol: asyncio.Protocol, url: str, **settings: Any
+    ) -> ThreadedSerialTransport:
         """Open `url` with pyserial in a thread (RFC 2217 negotiates first) and start reading it.
 
         If the caller stops waiting (its timeout), the open still finishes in its thread; the
@@ -94,7 +94,7 @@ class ThreadedSerialTransport(asyncio.Transport):
                 data = self._port.read(self._port.in_waiting or 1)
                 if data and not self._post(self._protocol.data_received, data):
                     break  # the loop is gone: nobody reads any more
-        except Exception as exc:  # noqa: BLE001 - whatever pyserial raises, the connection is over
+        except Exception as exc:
             if not self._closing:
                 self._post(self._connection_lost, exc)
                 return

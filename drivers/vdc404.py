@@ -23,10 +23,10 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from hotlab.physics.nuclides import normalize_name
-from hotlab.physics.units import UnitError, canonical_unit
 from hotlab.drivers.records import DeviceRefused, FrameError, Reading
 from hotlab.drivers.serial_link import DisplayedActivity, SerialDevice, SerialSettings, as_bytes, exclusive
+from hotlab.physics.nuclides import normalize_name
+from hotlab.physics.units import UnitError, canonical_unit
 
 _LINE = re.compile(rb"^ *([A-Za-z]{1,2}-?\d{1,3}m?) *: *(-?(?:\d+\.?\d*|\.\d+)) +([A-Za-z]{1,4}) *$")
 

@@ -26,9 +26,9 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from hotlab.physics.nuclides import UnknownNuclideError, normalize_name
 from hotlab.drivers.records import DeviceRefused, DeviceTimeout, FrameError, Reading
 from hotlab.drivers.serial_link import SerialDevice, SerialSettings, as_bytes, exclusive, is_printable_ascii
+from hotlab.physics.nuclides import UnknownNuclideError, normalize_name
 
 #: Calibration factor numbers quoted for the VIK-202 (nuclide -> factor).
 DEFAULT_FACTORS: dict[str, int] = {"Tc-99m": 236, "F-18": 762, "Cs-137": 587}

@@ -10,8 +10,6 @@ parent -> daughter pair, the two-member Bateman solution (H. Bateman, Proc. Camb
 
 from __future__ import annotations
 
-
-
 from typing import TypeAlias
 
 import numpy as np
@@ -62,7 +60,9 @@ def decay_correct(
     return activity_at(activity_bq, nuclide, elapsed_s(from_time, to_time))
 
 
-def time_to_reach(a0_bq: ArrayLike, target_bq: ArrayLike, nuclide: str | Nuclide) -> np.floating | npt.NDArray[np.floating]:
+def time_to_reach(
+    a0_bq: ArrayLike, target_bq: ArrayLike, nuclide: str | Nuclide
+) -> np.floating | npt.NDArray[np.floating]:
     """Seconds until an activity a0_bq has decayed to target_bq: T1/2 * log2(a0 / target).
 
     Negative when target_bq is above a0_bq: that is how long ago the activity was target_bq.

@@ -84,7 +84,11 @@ _LIBRARY: tuple[Nuclide, ...] = (
     _nuclide("Zr-89", 78.41, 0.12, HOUR_S, ENSDF),  # 78.41 (12) h
     # Generators and their daughters
     _nuclide(
-        "Ge-68", 270.95, 0.26, DAY_S, DDEP,  # 270.95 (26) d
+        "Ge-68",
+        270.95,
+        0.26,
+        DAY_S,
+        DDEP,  # 270.95 (26) d
         Decay("Ga-68", 1.0, "DDEP: Ge-68 decays 100 % by electron capture to Ga-68 ground state"),
     ),
     # DDEP update by N. K. Kuzmenko, Appl. Radiat. Isot. 152 (2019) 188; ENSDF (2012) has 67.71 (9) min.
@@ -93,7 +97,11 @@ _LIBRARY: tuple[Nuclide, ...] = (
         # LNHB sheet (Morillon, Be, Chechev, Egorov, 2004; tables of 2012): 2.7479 (6) d = 65.950 (14) h.
         # ENSDF, as IAEA LiveChart shows it, has 65.924 h; this entry quoted that value under DDEP's name
         # until 2026-11-26.
-        "Mo-99", 2.7479, 0.0006, DAY_S, DDEP,  # 2.7479 (6) d
+        "Mo-99",
+        2.7479,
+        0.0006,
+        DAY_S,
+        DDEP,  # 2.7479 (6) d
         # Fraction of Mo-99 beta decays that end in the 142.7 keV isomer (directly or by gamma
         # cascade); the rest feeds the Tc-99 ground state. ICRP Publication 107 (2008, ENSDF-based)
         # gives 0.8773; radiopharmacy texts round it to 87.5-88 % (IAEA Human Health Campus:
@@ -102,19 +110,31 @@ _LIBRARY: tuple[Nuclide, ...] = (
         Decay("Tc-99", 0.1227, "ICRP Publication 107 (2008), ENSDF-based"),
     ),
     _nuclide(
-        "Tc-99m", 6.0067, 0.0010, HOUR_S, DDEP,  # 6.0067 (10) h; ENSDF (2017) 6.0072 (9) h
+        "Tc-99m",
+        6.0067,
+        0.0010,
+        HOUR_S,
+        DDEP,  # 6.0067 (10) h; ENSDF (2017) 6.0072 (9) h
         # IT 99.9963 (6) %, the rest beta- to Ru-99: ENSDF, E. Browne & J. K. Tuli, NDS 145 (2017) 25.
         Decay("Tc-99", 0.999963, "ENSDF (Browne & Tuli, NDS 145, 2017): IT 99.9963 (6) %"),
     ),
     _nuclide(
-        "Sr-82", 25.35, 0.03, DAY_S, ENSDF,  # 25.35 (3) d
+        "Sr-82",
+        25.35,
+        0.03,
+        DAY_S,
+        ENSDF,  # 25.35 (3) d
         Decay("Rb-82", 1.0, "ENSDF: Sr-82 decays 100 % by electron capture to Rb-82"),
     ),
     _nuclide("Rb-82", 1.2575, 0.0002, MINUTE_S, ENSDF),  # 1.2575 (2) min
     # Therapy
     _nuclide("Lu-177", 6.6443, 0.0009, DAY_S, ENSDF),  # 6.6443 (9) d
     _nuclide(
-        "Lu-177m", 160.44, 0.06, DAY_S, ENSDF,  # 160.44 (6) d
+        "Lu-177m",
+        160.44,
+        0.06,
+        DAY_S,
+        ENSDF,  # 160.44 (6) d
         # Isomeric transition 21.4 (20) %, beta- to Hf-177 78.6 % (ENSDF).
         Decay("Lu-177", 0.214, "ENSDF: IT branch 21.4 (20) %"),
     ),
@@ -123,12 +143,20 @@ _LIBRARY: tuple[Nuclide, ...] = (
     _nuclide("Sm-153", 46.284, 0.004, HOUR_S, ENSDF),  # 46.284 (4) h
     _nuclide("Ho-166", 26.824, 0.012, HOUR_S, ENSDF),  # 26.824 (12) h
     _nuclide(
-        "Ra-223", 11.43, 0.03, DAY_S, ENSDF,  # 11.43 (3) d
+        "Ra-223",
+        11.43,
+        0.03,
+        DAY_S,
+        ENSDF,  # 11.43 (3) d
         # Alpha 100 %; the C-14 cluster branch (~9e-10) is negligible for activity.
         Decay("Rn-219", 1.0, "ENSDF: alpha 100 %"),
     ),
     _nuclide(
-        "Ac-225", 9.920, 0.003, DAY_S, ENSDF,  # 9.920 (3) d
+        "Ac-225",
+        9.920,
+        0.003,
+        DAY_S,
+        ENSDF,  # 9.920 (3) d
         Decay("Fr-221", 1.0, "ENSDF: alpha 100 %"),
     ),
     # SPECT
@@ -138,7 +166,11 @@ _LIBRARY: tuple[Nuclide, ...] = (
     _nuclide("Tl-201", 3.0421, 0.0017, DAY_S, DDEP),  # 3.0421 (17) d
     # Dose-calibrator check sources
     _nuclide(
-        "Cs-137", 30.08, 0.09, YEAR_S, ENSDF,  # 30.08 (9) y
+        "Cs-137",
+        30.08,
+        0.09,
+        YEAR_S,
+        ENSDF,  # 30.08 (9) y
         # Ba-137m (2.552 min) carries the 661.7 keV line a calibrator sees.
         Decay("Ba-137m", 0.9470, "ENSDF: beta- to the 661.7 keV level, 94.70 (20) %"),
     ),
@@ -160,12 +192,34 @@ _ELEMENT_BY_KEY: dict[str, str] = {symbol.lower(): symbol for symbol in _SYMBOLS
 # Full names, for the elements in the library only (what a label or a prescription spells out).
 _ELEMENT_BY_KEY.update(
     {
-        "fluorine": "F", "carbon": "C", "nitrogen": "N", "oxygen": "O", "copper": "Cu",
-        "zirconium": "Zr", "germanium": "Ge", "gallium": "Ga", "molybdenum": "Mo",
-        "technetium": "Tc", "strontium": "Sr", "rubidium": "Rb", "lutetium": "Lu",
-        "yttrium": "Y", "iodine": "I", "samarium": "Sm", "holmium": "Ho", "radium": "Ra",
-        "actinium": "Ac", "indium": "In", "thallium": "Tl", "caesium": "Cs", "cesium": "Cs",
-        "cobalt": "Co", "barium": "Ba", "radon": "Rn", "francium": "Fr", "hafnium": "Hf",
+        "fluorine": "F",
+        "carbon": "C",
+        "nitrogen": "N",
+        "oxygen": "O",
+        "copper": "Cu",
+        "zirconium": "Zr",
+        "germanium": "Ge",
+        "gallium": "Ga",
+        "molybdenum": "Mo",
+        "technetium": "Tc",
+        "strontium": "Sr",
+        "rubidium": "Rb",
+        "lutetium": "Lu",
+        "yttrium": "Y",
+        "iodine": "I",
+        "samarium": "Sm",
+        "holmium": "Ho",
+        "radium": "Ra",
+        "actinium": "Ac",
+        "indium": "In",
+        "thallium": "Tl",
+        "caesium": "Cs",
+        "cesium": "Cs",
+        "cobalt": "Co",
+        "barium": "Ba",
+        "radon": "Rn",
+        "francium": "Fr",
+        "hafnium": "Hf",
     }
 )
 

@@ -7,7 +7,7 @@ nanoseconds inside hotlab; a time without an offset is refused rather than guess
 from __future__ import annotations
 
 import re
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from typing import Any, TypeAlias
 
 import numpy as np
@@ -16,7 +16,7 @@ import numpy.typing as npt
 #: A moment: a tz-aware datetime, UTC epoch nanoseconds (int or int64 array), or numpy datetime64.
 TimeLike: TypeAlias = datetime | int | np.integer | np.datetime64 | npt.NDArray[np.integer] | npt.NDArray[np.datetime64]
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 class NaiveDatetimeError(ValueError):
@@ -86,7 +86,11 @@ def _plausible_ns(value: int) -> int:
         return value
     magnitude = abs(value)
     unit, factor = (
-        ("seconds", "1e9") if magnitude < 10**11 else ("milliseconds", "1e6") if magnitude < 10**14 else ("microseconds", "1e3")
+        ("seconds", "1e9")
+        if magnitude < 10**11
+        else ("milliseconds", "1e6")
+        if magnitude < 10**14
+        else ("microseconds", "1e3")
     )
     raise TimeFormatError(
         f"{value} is too small to be epoch nanoseconds (before 1973); if it is epoch {unit}, multiply by {factor}"
@@ -94,7 +98,7 @@ def _plausible_ns(value: int) -> int:
 
 
 def _midnight_utc_ns(day: date) -> int:
-    return int(to_epoch_ns(datetime(day.year, day.month, day.day, tzinfo=timezone.utc)))
+    return int(to_epoch_ns(datetime(day.year, day.month, day.day, tzinfo=UTC)))
 
 
 def _parse_iso_ns(text: str) -> int:

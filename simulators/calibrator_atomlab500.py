@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from hotlab.drivers.atomlab500 import MAX_COMMAND_LETTERS, READ_LATEST, wire_name
 from hotlab.physics.nuclides import UnknownNuclideError
 from hotlab.physics.units import ACTIVITY_UNITS
-from hotlab.drivers.atomlab500 import MAX_COMMAND_LETTERS, READ_LATEST, wire_name
 from hotlab.simulators.faults import FaultInjector
 from hotlab.simulators.serial_host import RequestReplyDevice
 from hotlab.simulators.source import SI_LADDER, IonChamber, auto_range, fixed_digits

@@ -51,8 +51,11 @@ def register(subparsers: Subparsers) -> None:
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--pty", nargs="?", const="", metavar="LINK", help="serve on a pty (optional symlink path)")
     where.add_argument("--tcp", metavar="HOST:PORT", help="serve on TCP, e.g. 127.0.0.1:0 for a free port")
-    where.add_argument("--rfc2217", metavar="HOST:PORT",
-                       help="serve on TCP as a serial device server in RFC 2217 mode (rfc2217:// URLs)")
+    where.add_argument(
+        "--rfc2217",
+        metavar="HOST:PORT",
+        help="serve on TCP as a serial device server in RFC 2217 mode (rfc2217:// URLs)",
+    )
     parser.add_argument("--nuclide", default="Tc-99m", help="nuclide of the source in the chamber")
     parser.add_argument("--activity", default="740 MBq", help="source activity at start, e.g. 740MBq or 20 mCi")
     parser.add_argument("--selected", help="nuclide the device is set to (default: the source's)")
@@ -118,8 +121,9 @@ def run(args: argparse.Namespace) -> int:
 async def _serve(model: DeviceModel, args: argparse.Namespace) -> int:
     host: PtyHost | TcpHost
     if args.tcp is not None or args.rfc2217 is not None:
-        option, kind, spec = ("tcp", TcpHost, args.tcp) if args.tcp is not None else ("rfc2217", Rfc2217Host,
-                                                                                      args.rfc2217)
+        option, kind, spec = (
+            ("tcp", TcpHost, args.tcp) if args.tcp is not None else ("rfc2217", Rfc2217Host, args.rfc2217)
+        )
         address, _, port = spec.rpartition(":")
         if not address or not port.isdigit():
             print(f"hotlab simulate calibrator: --{option} wants HOST:PORT, got {spec!r}", file=sys.stderr)

@@ -5,8 +5,8 @@ The nuclide is set "on the front panel": `select_on_panel` is what a test or the
 
 from __future__ import annotations
 
-from hotlab.physics.units import ACTIVITY_UNITS
 from hotlab.drivers.crc15r import UNIT_CODE_BY_NAME, checksum, wire_name
+from hotlab.physics.units import ACTIVITY_UNITS
 from hotlab.simulators.faults import Fault, FaultInjector
 from hotlab.simulators.serial_host import RequestReplyDevice
 from hotlab.simulators.source import CURIE_LADDER, SI_LADDER, IonChamber, auto_range, fixed_digits

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from hotlab.physics.nuclides import normalize_name
 from hotlab.drivers.vik202 import DEFAULT_FACTORS, REPLY_PREFIX
+from hotlab.physics.nuclides import normalize_name
 from hotlab.simulators.faults import FaultInjector
 from hotlab.simulators.serial_host import RequestReplyDevice
 from hotlab.simulators.source import IonChamber

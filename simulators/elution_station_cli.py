@@ -13,11 +13,11 @@ import argparse
 import asyncio
 import signal
 import sys
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
-from hotlab.physics.units import UnitError, format_activity, parse_activity
 from hotlab.drivers.elution_station import IR, NS_PER_S
 from hotlab.drivers.modbus_words import WordOrder
+from hotlab.physics.units import UnitError, format_activity, parse_activity
 from hotlab.simulators.elution_station import ElutionStationSimulator, StationClock, StationIdentity, StationModel
 from hotlab.simulators.generator_physics import PROFILES, GeneratorColumn, get_profile
 
@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.acceleration > 0 or args.eluted_hours_ago < 0:
         print("hotlab simulate station: --acceleration must be > 0 and --eluted-hours-ago >= 0", file=sys.stderr)
         return 2
-    now = datetime.now(timezone.utc).replace(microsecond=0)
+    now = datetime.now(UTC).replace(microsecond=0)
     calibrated = args.calibrated or now - timedelta(days=30)
     last_elution = max(now - timedelta(hours=args.eluted_hours_ago), calibrated)
     column = GeneratorColumn(

@@ -206,7 +206,6 @@ class TcpHost:
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
 
-
     def _channel(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> _StreamChannel:
         return _StreamChannel(reader, writer)
 

@@ -18,7 +18,9 @@ FOLDER_NAMES = frozenset({"controller", "drivers", "simulators", "physics"})
 
 
 class _RefuseFolderNames(importlib.abc.MetaPathFinder):
-    def find_spec(self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None) -> ModuleSpec | None:
+    def find_spec(
+        self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
+    ) -> ModuleSpec | None:
         if fullname.split(".", 1)[0] in FOLDER_NAMES:
             raise ImportError(f"import hotlab.{fullname}, not {fullname}: the folders are installed under hotlab")
         return None

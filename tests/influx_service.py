@@ -379,7 +379,7 @@ class _BridgeHandler(BaseHTTPRequestHandler):
         self.close_connection = True
         super().end_headers()
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - silence per-request stderr lines
+    def log_message(self, format: str, *args: Any) -> None:
         pass
 
     def do_GET(self) -> None:

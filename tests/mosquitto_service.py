@@ -63,8 +63,9 @@ class MqttCollector:
     graceful broker restart. `messages` holds (topic, payload dict, retain flag) in arrival order.
     """
 
-    def __init__(self, host: str, port: int, topic: str = "hotlab/#", client_id: str = "test-collector",
-                 **client_options: Any) -> None:
+    def __init__(
+        self, host: str, port: int, topic: str = "hotlab/#", client_id: str = "test-collector", **client_options: Any
+    ) -> None:
         self.client_options = client_options  # e.g. tls_params, username, password
         self.host = host
         self.port = port
@@ -86,8 +87,9 @@ class MqttCollector:
         await asyncio.gather(self._task, return_exceptions=True)
 
     async def _run(self) -> None:
-        client = aiomqtt.Client(self.host, self.port, identifier=self.client_id, clean_session=False, timeout=5,
-                                **self.client_options)
+        client = aiomqtt.Client(
+            self.host, self.port, identifier=self.client_id, clean_session=False, timeout=5, **self.client_options
+        )
         while True:
             try:
                 async with client:
@@ -102,8 +104,11 @@ class MqttCollector:
                 await asyncio.sleep(0.2)
 
     def payloads(self, topic_suffix: str = "", kind: str | None = None) -> list[dict[str, Any]]:
-        return [p for t, p, _ in self.messages
-                if t.endswith(topic_suffix) and (kind is None or p.get("schema", "").startswith(f"hotlab.{kind}/"))]
+        return [
+            p
+            for t, p, _ in self.messages
+            if t.endswith(topic_suffix) and (kind is None or p.get("schema", "").startswith(f"hotlab.{kind}/"))
+        ]
 
     async def wait_for(self, predicate: Callable[[], bool], timeout: float = 30.0, what: str = "messages") -> None:
         """Wait (event-driven) until `predicate()` holds; fail with a clear message after `timeout`."""

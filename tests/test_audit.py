@@ -39,16 +39,46 @@ T0 = 1_793_577_600_000_000_000  # 2026-11-02T00:00:00Z
 def write_five(path: Path, key: bytes | None = None) -> list[dict]:
     log = AuditLog(path, key=key)
     entries = [
-        dict(actor="alice", action=ELUTION_START, target="hotlab-a/gen-1", reason="morning elution", old_value="idle",
-             new_value={"state": "eluting", "volume_ml": 5.0}),
-        dict(actor="bob", action=ELUTION_ABORT, target="hotlab-a/gen-1", reason="line pressure high", old_value="eluting",
-             new_value="idle"),
-        dict(actor="bob", action=FAULT_ACKNOWLEDGE, target="hotlab-a/gen-1", reason="pressure sensor checked",
-             old_value={"fault": 3}, new_value=None),
-        dict(actor="carol", action=QC_MANUAL_ENTRY, target="hotlab-a/crc-1", reason="constancy, Cs-137 source A",
-             old_value=None, new_value={"test": "constancy", "measured_bq": 7.12e6}),
-        dict(actor="alice", action=ELUTION_START, target="hotlab-a/gen-1", reason="afternoon elution", old_value="idle",
-             new_value="eluting"),
+        dict(
+            actor="alice",
+            action=ELUTION_START,
+            target="hotlab-a/gen-1",
+            reason="morning elution",
+            old_value="idle",
+            new_value={"state": "eluting", "volume_ml": 5.0},
+        ),
+        dict(
+            actor="bob",
+            action=ELUTION_ABORT,
+            target="hotlab-a/gen-1",
+            reason="line pressure high",
+            old_value="eluting",
+            new_value="idle",
+        ),
+        dict(
+            actor="bob",
+            action=FAULT_ACKNOWLEDGE,
+            target="hotlab-a/gen-1",
+            reason="pressure sensor checked",
+            old_value={"fault": 3},
+            new_value=None,
+        ),
+        dict(
+            actor="carol",
+            action=QC_MANUAL_ENTRY,
+            target="hotlab-a/crc-1",
+            reason="constancy, Cs-137 source A",
+            old_value=None,
+            new_value={"test": "constancy", "measured_bq": 7.12e6},
+        ),
+        dict(
+            actor="alice",
+            action=ELUTION_START,
+            target="hotlab-a/gen-1",
+            reason="afternoon elution",
+            old_value="idle",
+            new_value="eluting",
+        ),
     ]
     for i, entry in enumerate(entries):
         log.append(**entry, time_ns=T0 + i * 3_600_000_000_000)
@@ -71,7 +101,9 @@ def test_intact_chain_verifies_and_links_every_record(tmp_path: Path) -> None:
         assert after["prev_hash"] == before["hash"]
     # The hash is SHA-256 over the canonical JSON of everything but hash/mac, computed independently here.
     body = {k: v for k, v in records[2].items() if k != "hash"}
-    expected = hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()).hexdigest()
+    expected = hashlib.sha256(
+        json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    ).hexdigest()
     assert records[2]["hash"] == expected
     assert result.head_hash == records[-1]["hash"]
     assert records[0]["time"] == "2026-11-02T00:00:00.000000Z"
@@ -245,10 +277,12 @@ async def test_concurrent_async_appends_form_one_chain(tmp_path: Path) -> None:
             await asyncio.sleep(0)
 
     tick_task = asyncio.create_task(ticker())
-    records = await asyncio.gather(*(
-        log.append_async(actor=f"user{i}", action=ELUTION_START, target=f"station-{i % 3}", reason=f"run {i}")
-        for i in range(40)
-    ))
+    records = await asyncio.gather(
+        *(
+            log.append_async(actor=f"user{i}", action=ELUTION_START, target=f"station-{i % 3}", reason=f"run {i}")
+            for i in range(40)
+        )
+    )
     tick_task.cancel()
     assert sorted(r.seq for r in records) == list(range(1, 41))
     result = verify_chain(path, KEY)
@@ -271,7 +305,10 @@ def test_concurrent_processes_do_not_interleave(tmp_path: Path) -> None:
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.floats(allow_nan=False, allow_infinity=False)
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**53), 2**53)
+    | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(max_size=20),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
     max_leaves=10,
@@ -296,14 +333,54 @@ def test_missing_log_is_an_empty_intact_trail(tmp_path: Path) -> None:
     assert result.ok and result.records == 0 and result.head_hash == GENESIS_HASH
 
 
-def test_cli_append_show_verify(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_append_show_verify(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("HOTLAB_AUDIT_KEY", raising=False)
     monkeypatch.delenv("HOTLAB_AUDIT_KEY_FILE", raising=False)
     path = tmp_path / "audit.jsonl"
-    assert hotlab(["audit", "append", "--path", str(path), "--actor", "dana", "--action", "fault.acknowledge",
-                   "--target", "hotlab-a/gen-2", "--reason", "valve reseated", "--old", '{"fault": 7}', "--new", "ok"]) == 0
-    assert hotlab(["audit", "append", "--path", str(path), "--actor", "dana", "--action", "BAD",
-                   "--target", "x", "--reason", "y"]) == 2
+    assert (
+        hotlab(
+            [
+                "audit",
+                "append",
+                "--path",
+                str(path),
+                "--actor",
+                "dana",
+                "--action",
+                "fault.acknowledge",
+                "--target",
+                "hotlab-a/gen-2",
+                "--reason",
+                "valve reseated",
+                "--old",
+                '{"fault": 7}',
+                "--new",
+                "ok",
+            ]
+        )
+        == 0
+    )
+    assert (
+        hotlab(
+            [
+                "audit",
+                "append",
+                "--path",
+                str(path),
+                "--actor",
+                "dana",
+                "--action",
+                "BAD",
+                "--target",
+                "x",
+                "--reason",
+                "y",
+            ]
+        )
+        == 2
+    )
     capsys.readouterr()
     assert hotlab(["audit", "show", "--path", str(path), "--json", "--from", "2020-01-01"]) == 0
     shown = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
@@ -345,14 +422,16 @@ def test_cli_default_path_is_where_the_simulated_lab_audits(monkeypatch: pytest.
 def _lab_toml(directory: Path, extra: str = "") -> Path:
     config = directory / "lab.toml"
     # An MQTT password in an unset variable: verifying the trail must not need the service's secrets.
-    config.write_text('[site]\nname = "hotlab-a"\n[service]\nstate_dir = "state"\n'
-                      '[mqtt]\nhost = "127.0.0.1"\nusername = "ctl"\npassword_env = "HOTLAB_TEST_UNSET_PASSWORD"\n'
-                      + extra)
+    config.write_text(
+        '[site]\nname = "hotlab-a"\n[service]\nstate_dir = "state"\n'
+        '[mqtt]\nhost = "127.0.0.1"\nusername = "ctl"\npassword_env = "HOTLAB_TEST_UNSET_PASSWORD"\n' + extra
+    )
     return config
 
 
-def test_cli_config_resolves_the_services_trail(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_config_resolves_the_services_trail(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("HOTLAB_TEST_UNSET_PASSWORD", raising=False)
     monkeypatch.delenv("HOTLAB_AUDIT_KEY", raising=False)
     monkeypatch.delenv("HOTLAB_AUDIT_KEY_FILE", raising=False)

@@ -19,7 +19,6 @@ from typing import Any
 
 import pytest
 
-from hotlab.physics.nuclides import get_nuclide
 from hotlab.drivers.calibrator import CALIBRATOR_DRIVERS, CalibratorDriver, UnknownFamilyError, create_calibrator
 from hotlab.drivers.records import (
     ChecksumError,
@@ -31,6 +30,7 @@ from hotlab.drivers.records import (
     Reading,
 )
 from hotlab.drivers.serial_link import FrozenValueError, SerialLink, SerialSettings
+from hotlab.physics.nuclides import get_nuclide
 from hotlab.simulators.calibrator_cli import CALIBRATOR_SIMULATORS
 from hotlab.simulators.faults import Fault, FaultInjector
 from hotlab.simulators.serial_host import DeviceModel, PtyHost, Rfc2217Host, TcpHost
@@ -275,12 +275,16 @@ async def test_unreachable_url_raises_device_disconnected() -> None:
         await driver.read()  # read() opens the link itself
 
 
-@pytest.mark.parametrize(("family", "options", "line"), [
-    ("crc15r", {}, (4800, 8, "N", 1)),  # the family's default line
-    ("vik202", {"settings": {"baudrate": 19200, "parity": "E"}}, (19200, 8, "E", 1)),  # as configured
-])
+@pytest.mark.parametrize(
+    ("family", "options", "line"),
+    [
+        ("crc15r", {}, (4800, 8, "N", 1)),  # the family's default line
+        ("vik202", {"settings": {"baudrate": 19200, "parity": "E"}}, (19200, 8, "E", 1)),  # as configured
+    ],
+)
 async def test_rfc2217_carries_the_port_settings_to_the_device_server(
-        family: str, options: dict[str, Any], line: tuple[int, int, str, int]) -> None:
+    family: str, options: dict[str, Any], line: tuple[int, int, str, int]
+) -> None:
     model = CALIBRATOR_SIMULATORS[family](make_chamber("Tc-99m", 740e6, seed=1), FaultInjector(seed=1))
     host = Rfc2217Host(model)
     url = await host.start()
@@ -319,8 +323,10 @@ async def test_an_rfc2217_open_that_times_out_does_not_stay_connected() -> None:
 async def test_drivers_share_one_event_loop_without_blocking_it() -> None:
     """Four devices on three kinds of port read concurrently, while a ticker shows the loop never stalls."""
     async with contextlib.AsyncExitStack() as stack:
-        rigs = [await stack.enter_async_context(calibrator_rig(f, t))
-                for f, t in zip(FAMILIES, ("rfc2217", "tcp", "pty", "rfc2217"), strict=True)]
+        rigs = [
+            await stack.enter_async_context(calibrator_rig(f, t))
+            for f, t in zip(FAMILIES, ("rfc2217", "tcp", "pty", "rfc2217"), strict=True)
+        ]
         ticks: list[float] = []
 
         async def ticker() -> None:

@@ -53,9 +53,14 @@ BOB_TOKEN = "bob-token-0123456789abcdef"
 
 
 def command(**changes: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {"schema": "hotlab.command/1", "request_id": "req-1", "user": "alice",
-                            "token": ALICE_TOKEN, "reason": "morning Ga-68 elution for DOTATATE",
-                            "args": {"volume_ml": 5.0}}
+    body: dict[str, Any] = {
+        "schema": "hotlab.command/1",
+        "request_id": "req-1",
+        "user": "alice",
+        "token": ALICE_TOKEN,
+        "reason": "morning Ga-68 elution for DOTATATE",
+        "args": {"volume_ml": 5.0},
+    }
     body.update(changes)
     return {k: v for k, v in body.items() if v is not ...}
 
@@ -67,8 +72,9 @@ def encode(body: Any) -> bytes:
 def test_a_valid_start_elution_parses_and_matches_the_published_schema() -> None:
     body = command()
     parsed = parse_command(encode(body), "start_elution", STATION)
-    assert parsed == Command("req-1", "alice", ALICE_TOKEN, "morning Ga-68 elution for DOTATATE", "start_elution",
-                             {"volume_ml": 5.0})
+    assert parsed == Command(
+        "req-1", "alice", ALICE_TOKEN, "morning Ga-68 elution for DOTATATE", "start_elution", {"volume_ml": 5.0}
+    )
     schema = json.loads((SCHEMAS / "command.json").read_text())
     jsonschema.Draft202012Validator.check_schema(schema)
     jsonschema.validate(body, schema)
@@ -113,8 +119,9 @@ def test_select_nuclide_canonicalises_the_name() -> None:
         (encode(command()), "reboot", STATION, "'reboot' is not a command"),
     ],
 )
-def test_malformed_commands_are_refused_with_the_precise_reason(payload: bytes, action: str, device: DeviceConfig,
-                                                                message: str) -> None:
+def test_malformed_commands_are_refused_with_the_precise_reason(
+    payload: bytes, action: str, device: DeviceConfig, message: str
+) -> None:
     with pytest.raises(MalformedCommand) as raised:
         parse_command(payload, action, device)
     assert message in str(raised.value)
@@ -134,20 +141,25 @@ JSON = st.recursive(
     max_leaves=20,
 )
 #: Envelopes that are nearly right: each key present or not, with a right-ish or random value.
-NEAR_MISS = st.fixed_dictionaries({}, optional={
-    "schema": st.sampled_from(["hotlab.command/1", "hotlab.command/2"]) | JSON,
-    "request_id": st.sampled_from(["r-1", "", "x" * 65]) | JSON,
-    "user": st.sampled_from(["alice", "mallory", ""]) | JSON,
-    "token": st.sampled_from([ALICE_TOKEN, "guess"]) | JSON,
-    "reason": st.sampled_from(["because", " "]) | JSON,
-    "args": st.fixed_dictionaries({}, optional={"volume_ml": st.floats() | JSON, "nuclide": JSON}) | JSON,
-})
+NEAR_MISS = st.fixed_dictionaries(
+    {},
+    optional={
+        "schema": st.sampled_from(["hotlab.command/1", "hotlab.command/2"]) | JSON,
+        "request_id": st.sampled_from(["r-1", "", "x" * 65]) | JSON,
+        "user": st.sampled_from(["alice", "mallory", ""]) | JSON,
+        "token": st.sampled_from([ALICE_TOKEN, "guess"]) | JSON,
+        "reason": st.sampled_from(["because", " "]) | JSON,
+        "args": st.fixed_dictionaries({}, optional={"volume_ml": st.floats() | JSON, "nuclide": JSON}) | JSON,
+    },
+)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(payload=st.binary(max_size=300) | JSON.map(encode) | NEAR_MISS.map(encode),
-       action=st.sampled_from(["start_elution", "abort", "acknowledge_fault", "select_nuclide", "x"]),
-       device=st.sampled_from([STATION, CALIBRATOR]))
+@given(
+    payload=st.binary(max_size=300) | JSON.map(encode) | NEAR_MISS.map(encode),
+    action=st.sampled_from(["start_elution", "abort", "acknowledge_fault", "select_nuclide", "x"]),
+    device=st.sampled_from([STATION, CALIBRATOR]),
+)
 def test_any_payload_parses_or_raises_a_typed_refusal(payload: bytes, action: str, device: DeviceConfig) -> None:
     try:
         parsed = parse_command(payload, action, device)
@@ -163,7 +175,9 @@ def test_the_claim_of_a_bad_payload_names_who_and_why_for_the_audit() -> None:
     assert Claim.read(b"\xff") == Claim("unknown", "(no reason given)", None)
     assert Claim.read(encode({"user": 7, "request_id": "bad id"})) == Claim("unknown", "(no reason given)", None)
     # Lone surrogates cannot be written to the trail as UTF-8: the claim drops them, keeps the rest.
-    assert Claim.read(encode(command(user="\ud800", reason="x\udfff"))) == Claim("unknown", "(no reason given)", "req-1")
+    assert Claim.read(encode(command(user="\ud800", reason="x\udfff"))) == Claim(
+        "unknown", "(no reason given)", "req-1"
+    )
 
 
 def test_the_repr_of_a_command_hides_its_token() -> None:
@@ -194,19 +208,32 @@ def tokens(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_operators_and_min_roles_are_loaded(tmp_path: Path, tokens: None) -> None:
     (tmp_path / "carol.token").write_text("carol-token-0123456789abcdef\n")
-    config = parse_config(lab(tmp_path, operator=[
-        {"name": "alice", "role": "qc_officer", "token_env": "T_ALICE"},
-        {"name": "bob", "role": "operator", "token_env": "T_BOB"},
-        {"name": "carol", "role": "admin", "token_file": "carol.token"},
-    ], commands={"audit_path": "trail/audit.jsonl", "min_role": {"acknowledge_fault": "qc_officer"}}),
-        base_dir=tmp_path)
-    assert [(o.name, o.role) for o in config.operators] == [("alice", "qc_officer"), ("bob", "operator"),
-                                                             ("carol", "admin")]
+    config = parse_config(
+        lab(
+            tmp_path,
+            operator=[
+                {"name": "alice", "role": "qc_officer", "token_env": "T_ALICE"},
+                {"name": "bob", "role": "operator", "token_env": "T_BOB"},
+                {"name": "carol", "role": "admin", "token_file": "carol.token"},
+            ],
+            commands={"audit_path": "trail/audit.jsonl", "min_role": {"acknowledge_fault": "qc_officer"}},
+        ),
+        base_dir=tmp_path,
+    )
+    assert [(o.name, o.role) for o in config.operators] == [
+        ("alice", "qc_officer"),
+        ("bob", "operator"),
+        ("carol", "admin"),
+    ]
     assert config.operators[2].token.reveal() == "carol-token-0123456789abcdef"
     assert ALICE_TOKEN not in repr(config)
     assert config.commands.resolved_audit_path(tmp_path / "var") == tmp_path / "trail" / "audit.jsonl"
-    assert config.commands.min_role == {"start_elution": "operator", "abort": "operator",
-                                        "acknowledge_fault": "qc_officer", "select_nuclide": "operator"}
+    assert config.commands.min_role == {
+        "start_elution": "operator",
+        "abort": "operator",
+        "acknowledge_fault": "qc_officer",
+        "select_nuclide": "operator",
+    }
     default = parse_config(lab(tmp_path), base_dir=tmp_path)
     assert default.operators == ()
     assert default.commands.resolved_audit_path(default.service.state_dir) == tmp_path / "var" / "audit.jsonl"
@@ -215,25 +242,45 @@ def test_operators_and_min_roles_are_loaded(tmp_path: Path, tokens: None) -> Non
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        ({"operator": [{"name": "alice", "role": "operator", "token": "inline-secret-123456"}]},
-         "operator[0].token: secrets are not accepted inline"),
-        ({"operator": [{"name": "alice", "role": "root", "token_env": "T_ALICE"}]},
-         "operator[0].role: 'root' is not allowed; allowed: operator, qc_officer, admin"),
+        (
+            {"operator": [{"name": "alice", "role": "operator", "token": "inline-secret-123456"}]},
+            "operator[0].token: secrets are not accepted inline",
+        ),
+        (
+            {"operator": [{"name": "alice", "role": "root", "token_env": "T_ALICE"}]},
+            "operator[0].role: 'root' is not allowed; allowed: operator, qc_officer, admin",
+        ),
         ({"operator": [{"name": "alice", "role": "operator"}]}, "operator[0]: needs token_env or token_file"),
-        ({"operator": [{"name": "alice", "role": "operator", "token_env": "T_SHORT"}]},
-         "operator[0].token_env: the token from $T_SHORT has 5 characters; at least 16"),
-        ({"operator": [{"name": "alice", "role": "operator", "token_env": "T_ALICE"},
-                       {"name": "alice", "role": "admin", "token_env": "T_BOB"}]}, "duplicate operator 'alice'"),
-        ({"operator": [{"name": "alice", "role": "operator", "token_env": "T_ALICE"},
-                       {"name": "bob", "role": "admin", "token_env": "T_ALICE"}]}, "the same token as 'alice'"),
+        (
+            {"operator": [{"name": "alice", "role": "operator", "token_env": "T_SHORT"}]},
+            "operator[0].token_env: the token from $T_SHORT has 5 characters; at least 16",
+        ),
+        (
+            {
+                "operator": [
+                    {"name": "alice", "role": "operator", "token_env": "T_ALICE"},
+                    {"name": "alice", "role": "admin", "token_env": "T_BOB"},
+                ]
+            },
+            "duplicate operator 'alice'",
+        ),
+        (
+            {
+                "operator": [
+                    {"name": "alice", "role": "operator", "token_env": "T_ALICE"},
+                    {"name": "bob", "role": "admin", "token_env": "T_ALICE"},
+                ]
+            },
+            "the same token as 'alice'",
+        ),
         ({"commands": {"min_role": {"start_elution": "superuser"}}}, "commands.min_role.start_elution: 'superuser'"),
         ({"commands": {"min_role": {"reboot": "admin"}}}, "commands.min_role.reboot: unknown key"),
         ({"commands": {"audit": "x"}}, "did you mean 'audit_path'"),
     ],
 )
-def test_bad_operator_or_command_config_is_refused_precisely(tmp_path: Path, tokens: None,
-                                                             monkeypatch: pytest.MonkeyPatch,
-                                                             extra: dict[str, Any], message: str) -> None:
+def test_bad_operator_or_command_config_is_refused_precisely(
+    tmp_path: Path, tokens: None, monkeypatch: pytest.MonkeyPatch, extra: dict[str, Any], message: str
+) -> None:
     monkeypatch.setenv("T_SHORT", "short")
     with pytest.raises(ConfigError) as raised:
         parse_config(lab(tmp_path, **extra), base_dir=tmp_path)
@@ -242,10 +289,17 @@ def test_bad_operator_or_command_config_is_refused_precisely(tmp_path: Path, tok
 
 
 def test_authoriser_checks_user_token_and_role(tmp_path: Path, tokens: None) -> None:
-    config = parse_config(lab(tmp_path, operator=[
-        {"name": "alice", "role": "qc_officer", "token_env": "T_ALICE"},
-        {"name": "bob", "role": "operator", "token_env": "T_BOB"},
-    ], commands={"min_role": {"start_elution": "qc_officer"}}), base_dir=tmp_path)
+    config = parse_config(
+        lab(
+            tmp_path,
+            operator=[
+                {"name": "alice", "role": "qc_officer", "token_env": "T_ALICE"},
+                {"name": "bob", "role": "operator", "token_env": "T_BOB"},
+            ],
+            commands={"min_role": {"start_elution": "qc_officer"}},
+        ),
+        base_dir=tmp_path,
+    )
     authoriser = Authoriser(config.operators, config.commands.min_role)
 
     def attempt(user: str, token: str, action: str = "start_elution") -> Command:
@@ -253,9 +307,12 @@ def test_authoriser_checks_user_token_and_role(tmp_path: Path, tokens: None) -> 
 
     assert authoriser.authorise(attempt("alice", ALICE_TOKEN)).name == "alice"
     assert authoriser.authorise(attempt("bob", BOB_TOKEN, "abort")).role == "operator"
-    for user, token, expected in [("alice", BOB_TOKEN, "not authenticated"), ("mallory", ALICE_TOKEN, "not authenticated"),
-                                  ("alice", ALICE_TOKEN[:-1], "not authenticated"),
-                                  ("bob", BOB_TOKEN, "role operator of 'bob' may not run start_elution; it needs qc_officer")]:
+    for user, token, expected in [
+        ("alice", BOB_TOKEN, "not authenticated"),
+        ("mallory", ALICE_TOKEN, "not authenticated"),
+        ("alice", ALICE_TOKEN[:-1], "not authenticated"),
+        ("bob", BOB_TOKEN, "role operator of 'bob' may not run start_elution; it needs qc_officer"),
+    ]:
         with pytest.raises(Unauthorised) as raised:
             authoriser.authorise(attempt(user, token))
         assert expected in str(raised.value)
@@ -264,8 +321,10 @@ def test_authoriser_checks_user_token_and_role(tmp_path: Path, tokens: None) -> 
 
 # --------------------------------------------------------------------------- the handler, on a real audit trail
 
-OPERATORS = (OperatorConfig("alice", "operator", Secret(ALICE_TOKEN, "test")),
-             OperatorConfig("bob", "operator", Secret(BOB_TOKEN, "test")))
+OPERATORS = (
+    OperatorConfig("alice", "operator", Secret(ALICE_TOKEN, "test")),
+    OperatorConfig("bob", "operator", Secret(BOB_TOKEN, "test")),
+)
 CMD = "hotlab/lab/elution-1/gen-1/cmd"
 
 
@@ -309,8 +368,13 @@ class Console:
         self.online = True
         self.replies: list[dict[str, Any]] = []
         target = CommandTarget(STATION, self.station, lambda: self.online)
-        self.handler = CommandHandler("lab", Authoriser(OPERATORS, DEFAULT_MIN_ROLE), audit, self._publish,
-                                      lambda name: target if name == "gen-1" else None)
+        self.handler = CommandHandler(
+            "lab",
+            Authoriser(OPERATORS, DEFAULT_MIN_ROLE),
+            audit,
+            self._publish,
+            lambda name: target if name == "gen-1" else None,
+        )
 
     async def _publish(self, topic: str, reply: dict[str, Any]) -> bool:
         assert topic.endswith("/reply")
@@ -345,9 +409,13 @@ async def test_a_reused_request_id_for_another_command_is_refused_not_answered(t
     same = await console.send("start_elution", "r1")
     assert same["duplicate"] is True and same["outcome"] == "executed" and same["new_value"] == started["new_value"]
     assert console.station.calls == ["start_elution"]
-    assert console.outcomes() == [("alice", "elution.start", "requested"), ("alice", "elution.start", "executed"),
-                                  ("alice", "elution.abort", "malformed"), ("bob", "elution.start", "malformed"),
-                                  ("alice", "elution.start", "duplicate")]
+    assert console.outcomes() == [
+        ("alice", "elution.start", "requested"),
+        ("alice", "elution.start", "executed"),
+        ("alice", "elution.abort", "malformed"),
+        ("bob", "elution.start", "malformed"),
+        ("alice", "elution.start", "duplicate"),
+    ]
 
 
 async def test_a_restarted_handler_remembers_request_ids_from_the_audit_trail(trail: AuditLog) -> None:
@@ -410,8 +478,9 @@ class FlakyAuditLog(AuditLog):
         return super().append(**entry)
 
 
-async def test_abort_runs_when_its_intent_cannot_be_audited_and_is_audited_afterwards(tmp_path: Path,
-                                                                                      caplog: pytest.LogCaptureFixture) -> None:
+async def test_abort_runs_when_its_intent_cannot_be_audited_and_is_audited_afterwards(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     trail = FlakyAuditLog(tmp_path / "audit.jsonl", failures=1)
     console = Console(trail)
     start = await console.send("start_elution", "r1")
@@ -420,8 +489,11 @@ async def test_abort_runs_when_its_intent_cannot_be_audited_and_is_audited_after
     trail.failures = 2  # the intent record and the first try of the outcome record
     abort = await console.send("abort", "r2")
     assert abort["outcome"] == "executed" and console.station.calls == ["abort"]
-    assert any("abort on 'elution-1/gen-1' by alice runs WITHOUT its intent record" in r.getMessage()
-               for r in caplog.records if r.levelno == logging.ERROR)
+    assert any(
+        "abort on 'elution-1/gen-1' by alice runs WITHOUT its intent record" in r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.ERROR
+    )
     [record] = list(iter_records(trail.path))
     assert abort["audit_seq"] == record.seq == 1
     assert record.action == "elution.abort" and record.new_value["outcome"] == "executed"
@@ -429,26 +501,34 @@ async def test_abort_runs_when_its_intent_cannot_be_audited_and_is_audited_after
 
 
 async def test_topic_levels_are_logged_quoted_so_a_newline_cannot_forge_a_log_line(
-        trail: AuditLog, caplog: pytest.LogCaptureFixture) -> None:
+    trail: AuditLog, caplog: pytest.LogCaptureFixture
+) -> None:
     console = Console(trail)
     reply = await console.handler.handle(f"{CMD}/abort\nINFO command abort executed", encode(command()))
     assert reply["outcome"] == "malformed"
     assert caplog.records and all("\n" not in r.getMessage() for r in caplog.records)
 
 
-HANDLER_TOPICS = st.sampled_from([f"{CMD}/{action}" for action in ("start_elution", "abort", "acknowledge_fault",
-                                                                  "select_nuclide", "reboot")]
-                                 + ["hotlab/lab/elution-1/other/cmd/abort", "hotlab/elsewhere/x/y/cmd/abort", "x"])
+HANDLER_TOPICS = st.sampled_from(
+    [f"{CMD}/{action}" for action in ("start_elution", "abort", "acknowledge_fault", "select_nuclide", "reboot")]
+    + ["hotlab/lab/elution-1/other/cmd/abort", "hotlab/elsewhere/x/y/cmd/abort", "x"]
+)
 #: Mostly valid envelopes with valid tokens (the station is a recorder), so executions, duplicates,
 #: reused ids and malformed values all occur; strings may carry lone surrogates.
-HANDLER_PAYLOADS = st.fixed_dictionaries({
-    "schema": st.just("hotlab.command/1"),
-    "request_id": st.sampled_from(["r1", "r2", "r3"]),
-    "user": st.sampled_from(["alice", "bob"]) | TEXT,
-    "token": st.sampled_from([ALICE_TOKEN, BOB_TOKEN]) | TEXT,
-    "reason": st.just("because") | TEXT,
-    "args": st.sampled_from([{}, {"volume_ml": 5.0}]) | JSON,
-}).map(encode) | NEAR_MISS.map(encode) | st.binary(max_size=100)
+HANDLER_PAYLOADS = (
+    st.fixed_dictionaries(
+        {
+            "schema": st.just("hotlab.command/1"),
+            "request_id": st.sampled_from(["r1", "r2", "r3"]),
+            "user": st.sampled_from(["alice", "bob"]) | TEXT,
+            "token": st.sampled_from([ALICE_TOKEN, BOB_TOKEN]) | TEXT,
+            "reason": st.just("because") | TEXT,
+            "args": st.sampled_from([{}, {"volume_ml": 5.0}]) | JSON,
+        }
+    ).map(encode)
+    | NEAR_MISS.map(encode)
+    | st.binary(max_size=100)
+)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -456,7 +536,8 @@ HANDLER_PAYLOADS = st.fixed_dictionaries({
 @example(messages=[(f"{CMD}/abort", encode(command(args={}, token="\ud800")), False)])
 @example(messages=[(f"{CMD}/abort", encode(command(args={}, reason="why \udfff")), False)])
 def test_every_submitted_message_gets_exactly_one_reply_and_an_audit_record(
-        messages: list[tuple[str, bytes, bool]]) -> None:
+    messages: list[tuple[str, bytes, bool]],
+) -> None:
     async def run(directory: str) -> None:
         audit = AuditLog(Path(directory) / "audit.jsonl")
         for topic, payload, retain in messages:
@@ -472,11 +553,16 @@ def test_every_submitted_message_gets_exactly_one_reply_and_an_audit_record(
 
 
 async def test_odd_records_in_the_trail_do_not_stop_the_handler_from_recalling_it(trail: AuditLog) -> None:
-    for odd in ({"authenticated": True, "request_id": "r1", "command": "abort", "outcome": ["executed"]},
-                {"authenticated": True, "request_id": ["r1"], "command": "abort", "outcome": "executed"},
-                {"authenticated": True, "request_id": "r1", "outcome": "executed"}, "a note", None):
-        trail.append(actor="hotlab", action="qc.manual_entry", target="elution-1/gen-1", reason="other records",
-                     new_value=odd)
+    for odd in (
+        {"authenticated": True, "request_id": "r1", "command": "abort", "outcome": ["executed"]},
+        {"authenticated": True, "request_id": ["r1"], "command": "abort", "outcome": "executed"},
+        {"authenticated": True, "request_id": "r1", "outcome": "executed"},
+        "a note",
+        None,
+    ):
+        trail.append(
+            actor="hotlab", action="qc.manual_entry", target="elution-1/gen-1", reason="other records", new_value=odd
+        )
     console = Console(trail)
     assert (await console.send("abort", "r1"))["outcome"] == "executed"
     assert console.station.calls == ["abort"]

@@ -41,24 +41,41 @@ from tests.mosquitto_service import MosquittoBroker, mosquitto  # noqa: F401 - f
 SITE = "cmdlab"
 TOPIC = f"hotlab/{SITE}/elution-1/gen-1/cmd"
 TOKENS = {"alice": "alice-token-7f3a9c2e5b1d4f60", "bob": "bob-token-1c8e4a7d2f9b3e56"}
-REPLY_SCHEMA = json.loads((Path(__file__).resolve().parent.parent / "controller" / "schemas" /
-                           "command_reply.json").read_text())
+REPLY_SCHEMA = json.loads(
+    (Path(__file__).resolve().parent.parent / "controller" / "schemas" / "command_reply.json").read_text()
+)
 REPLY_VALIDATOR = jsonschema.Draft202012Validator(REPLY_SCHEMA, format_checker=jsonschema.FormatChecker())
 
 
 def station_model() -> StationModel:
     now = time.time_ns()
-    column = GeneratorColumn(get_profile("ge68"), generator_id="GE68-CMD-1", parent_cal_bq=1.85e9,
-                             cal_time_ns=now - 30 * 86400 * 10**9, last_elution_ns=now - 86400 * 10**9)
+    column = GeneratorColumn(
+        get_profile("ge68"),
+        generator_id="GE68-CMD-1",
+        parent_cal_bq=1.85e9,
+        cal_time_ns=now - 30 * 86400 * 10**9,
+        last_elution_ns=now - 86400 * 10**9,
+    )
     # A slow clock: priming (8 s of station time) lasts minutes, so the state cannot change under a test.
     return StationModel(column, StationClock(acceleration=0.05), StationIdentity())
 
 
-def command(user: str, action_args: dict[str, Any], *, token: str | None = None, request_id: str | None = None,
-            reason: str = "test of the command path") -> bytes:
-    body: dict[str, Any] = {"schema": "hotlab.command/1", "request_id": request_id or uuid.uuid4().hex, "user": user,
-                            "token": TOKENS.get(user, "") if token is None else token, "reason": reason,
-                            "args": action_args}
+def command(
+    user: str,
+    action_args: dict[str, Any],
+    *,
+    token: str | None = None,
+    request_id: str | None = None,
+    reason: str = "test of the command path",
+) -> bytes:
+    body: dict[str, Any] = {
+        "schema": "hotlab.command/1",
+        "request_id": request_id or uuid.uuid4().hex,
+        "user": user,
+        "token": TOKENS.get(user, "") if token is None else token,
+        "reason": reason,
+        "args": action_args,
+    }
     return json.dumps(body).encode()
 
 
@@ -119,24 +136,35 @@ class Lab:
         return hotlab(["audit", "verify", "--path", str(self.audit_path)])
 
 
-async def start_lab(tmp_path: Path, broker: MosquittoBroker, monkeypatch: pytest.MonkeyPatch, model: Any,
-                    device: dict[str, Any], retained_before_start: bytes | None = None) -> AsyncIterator[Lab]:
+async def start_lab(
+    tmp_path: Path,
+    broker: MosquittoBroker,
+    monkeypatch: pytest.MonkeyPatch,
+    model: Any,
+    device: dict[str, Any],
+    retained_before_start: bytes | None = None,
+) -> AsyncIterator[Lab]:
     """The controller service with one device, running until the test is done."""
     for name, token in TOKENS.items():
         monkeypatch.setenv(f"HOTLAB_TEST_TOKEN_{name.upper()}", token)
     monkeypatch.delenv("HOTLAB_AUDIT_KEY", raising=False)
     monkeypatch.delenv("HOTLAB_AUDIT_KEY_FILE", raising=False)
-    config = parse_config({
-        "site": {"name": SITE},
-        "device": [device],
-        "outbox": {"path": "outbox.sqlite3"},
-        "service": {"state_dir": "state", "backoff_initial_s": 0.1, "backoff_max_s": 1.0, "drain_timeout_s": 2.0},
-        "history": {"enabled": False},
-        "mqtt": {"host": broker.host, "port": broker.port, "client_id": f"ctl-{uuid.uuid4().hex[:8]}"},
-        "operator": [{"name": "alice", "role": "qc_officer", "token_env": "HOTLAB_TEST_TOKEN_ALICE"},
-                     {"name": "bob", "role": "operator", "token_env": "HOTLAB_TEST_TOKEN_BOB"}],
-        "commands": {"min_role": {"start_elution": "qc_officer"}},
-    }, base_dir=tmp_path)
+    config = parse_config(
+        {
+            "site": {"name": SITE},
+            "device": [device],
+            "outbox": {"path": "outbox.sqlite3"},
+            "service": {"state_dir": "state", "backoff_initial_s": 0.1, "backoff_max_s": 1.0, "drain_timeout_s": 2.0},
+            "history": {"enabled": False},
+            "mqtt": {"host": broker.host, "port": broker.port, "client_id": f"ctl-{uuid.uuid4().hex[:8]}"},
+            "operator": [
+                {"name": "alice", "role": "qc_officer", "token_env": "HOTLAB_TEST_TOKEN_ALICE"},
+                {"name": "bob", "role": "operator", "token_env": "HOTLAB_TEST_TOKEN_BOB"},
+            ],
+            "commands": {"min_role": {"start_elution": "qc_officer"}},
+        },
+        base_dir=tmp_path,
+    )
     service = ControllerService(config)
     stop = asyncio.Event()
     async with aiomqtt.Client(broker.host, broker.port, identifier=f"console-{uuid.uuid4().hex[:8]}") as client:
@@ -164,13 +192,24 @@ async def start_lab(tmp_path: Path, broker: MosquittoBroker, monkeypatch: pytest
             await asyncio.gather(listener, return_exceptions=True)
 
 
-async def station_lab(tmp_path: Path, broker: MosquittoBroker, monkeypatch: pytest.MonkeyPatch,
-                      retained_before_start: bytes | None = None, **device_extra: Any) -> AsyncIterator[Lab]:
+async def station_lab(
+    tmp_path: Path,
+    broker: MosquittoBroker,
+    monkeypatch: pytest.MonkeyPatch,
+    retained_before_start: bytes | None = None,
+    **device_extra: Any,
+) -> AsyncIterator[Lab]:
     model = station_model()
     simulator = ElutionStationSimulator(model)
     _host, port = await simulator.start_tcp("127.0.0.1", 0)
-    device = {"name": "gen-1", "station": "elution-1", "family": "elution_station", "poll_interval_s": 0.05,
-              "transport": {"modbus": "tcp", "host": "127.0.0.1", "port": port}, **device_extra}
+    device = {
+        "name": "gen-1",
+        "station": "elution-1",
+        "family": "elution_station",
+        "poll_interval_s": 0.05,
+        "transport": {"modbus": "tcp", "host": "127.0.0.1", "port": port},
+        **device_extra,
+    }
     try:
         async for running in start_lab(tmp_path, broker, monkeypatch, model, device, retained_before_start):
             running.simulator = simulator
@@ -180,8 +219,11 @@ async def station_lab(tmp_path: Path, broker: MosquittoBroker, monkeypatch: pyte
 
 
 @pytest.fixture
-async def lab(tmp_path: Path, mosquitto: MosquittoBroker,  # noqa: F811 - the imported fixture
-              monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Lab]:
+async def lab(
+    tmp_path: Path,
+    mosquitto: MosquittoBroker,
+    monkeypatch: pytest.MonkeyPatch,
+) -> AsyncIterator[Lab]:
     async for running in station_lab(tmp_path, mosquitto, monkeypatch):
         yield running
 
@@ -200,7 +242,9 @@ async def test_authorised_commands_run_once_are_audited_and_refused_in_the_wrong
 
     busy = await send(f"{TOPIC}/start_elution", command("alice", {"volume_ml": 5.0}))
     assert busy["ok"] is False and busy["outcome"] == "refused"
-    assert "elution.start refused: station is priming; allowed only when done or idle" in busy["error"] and busy["old_value"] == {"state": "priming"}
+    assert "elution.start refused: station is priming; allowed only when done or idle" in busy["error"] and busy[
+        "old_value"
+    ] == {"state": "priming"}
 
     stop = await send(f"{TOPIC}/abort", command("bob", {}, reason="wrong generator selected"))
     assert stop["outcome"] == "executed" and stop["old_value"] == {"state": "priming"}
@@ -210,22 +254,32 @@ async def test_authorised_commands_run_once_are_audited_and_refused_in_the_wrong
     assert nothing_to_ack["outcome"] == "refused" and "allowed only when fault" in nothing_to_ack["error"]
     lab.model.raise_fault(FaultCode.OVERPRESSURE)
     ack = await send(f"{TOPIC}/acknowledge_fault", command("bob", {}, reason="kinked line replaced"))
-    assert ack["outcome"] == "executed" and ack["old_value"] == {"state": "fault"} and lab.model.state is StationState.IDLE
+    assert (
+        ack["outcome"] == "executed" and ack["old_value"] == {"state": "fault"} and lab.model.state is StationState.IDLE
+    )
 
     records = lab.records()
     assert [(r.actor, r.action, r.new_value["outcome"]) for r in records] == [
-        ("alice", "elution.start", "requested"), ("alice", "elution.start", "executed"),
+        ("alice", "elution.start", "requested"),
+        ("alice", "elution.start", "executed"),
         ("alice", "elution.start", "duplicate"),
-        ("alice", "elution.start", "requested"), ("alice", "elution.start", "refused"),
-        ("bob", "elution.abort", "requested"), ("bob", "elution.abort", "executed"),
-        ("bob", "fault.acknowledge", "requested"), ("bob", "fault.acknowledge", "refused"),
-        ("bob", "fault.acknowledge", "requested"), ("bob", "fault.acknowledge", "executed"),
+        ("alice", "elution.start", "requested"),
+        ("alice", "elution.start", "refused"),
+        ("bob", "elution.abort", "requested"),
+        ("bob", "elution.abort", "executed"),
+        ("bob", "fault.acknowledge", "requested"),
+        ("bob", "fault.acknowledge", "refused"),
+        ("bob", "fault.acknowledge", "requested"),
+        ("bob", "fault.acknowledge", "executed"),
     ]
     intent, executed, duplicate = records[0], records[1], records[2]
     assert intent.target == executed.target == "elution-1/gen-1"
     assert intent.reason == executed.reason == "Ga-68 for PSMA batch 12"
     assert intent.new_value["args"] == {"volume_ml": 5.0} and intent.new_value["request_id"] == "start-1"
-    assert executed.old_value == {"state": "idle"} and executed.new_value["result"] == {"state": "priming", "sequence": 1}
+    assert executed.old_value == {"state": "idle"} and executed.new_value["result"] == {
+        "state": "priming",
+        "sequence": 1,
+    }
     assert executed.new_value["authenticated"] is True and executed.new_value["role"] == "qc_officer"
     assert executed.seq == reply["audit_seq"]
     assert duplicate.new_value["first_audit_seq"] == executed.seq and duplicate.new_value["first_outcome"] == "executed"
@@ -246,12 +300,15 @@ async def test_a_request_id_reused_for_another_command_is_refused_and_the_statio
         assert "request_id 'shared-1' already used for a different command" in abort["error"]
     assert lab.model.state is StationState.PRIMING and lab.model.cmd_ack_seq == 1, "the abort was never sent"
     assert [(r.actor, r.action, r.new_value["outcome"]) for r in lab.records()][-2:] == [
-        ("alice", "elution.abort", "malformed"), ("bob", "elution.abort", "malformed")]
+        ("alice", "elution.abort", "malformed"),
+        ("bob", "elution.abort", "malformed"),
+    ]
     assert lab.verify() == 0
 
 
 async def test_a_request_id_resent_after_a_controller_restart_is_not_run_again(
-        tmp_path: Path, mosquitto: MosquittoBroker, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    tmp_path: Path, mosquitto: MosquittoBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
     start = command("alice", {"volume_ml": 5.0}, request_id="before-restart")
     first_run = station_lab(tmp_path, mosquitto, monkeypatch)
     try:
@@ -272,15 +329,19 @@ async def test_a_request_id_resent_after_a_controller_restart_is_not_run_again(
 
 
 @pytest.fixture
-async def lab_with_retained_command(tmp_path: Path, mosquitto: MosquittoBroker,  # noqa: F811
-                                    monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Lab]:
+async def lab_with_retained_command(
+    tmp_path: Path,
+    mosquitto: MosquittoBroker,
+    monkeypatch: pytest.MonkeyPatch,
+) -> AsyncIterator[Lab]:
     retained = command("alice", {"volume_ml": 5.0}, reason="left retained by a misconfigured console")
     async for running in station_lab(tmp_path, mosquitto, monkeypatch, retained_before_start=retained):
         yield running
 
 
 async def test_unauthorised_attempts_are_refused_audited_and_leave_the_station_alone(
-        lab_with_retained_command: Lab) -> None:
+    lab_with_retained_command: Lab,
+) -> None:
     lab = lab_with_retained_command
     # The broker hands the retained command over as soon as the controller subscribes.
     replayed = await lab.requester.reply_to(f"{TOPIC}/start_elution")
@@ -298,13 +359,19 @@ async def test_unauthorised_attempts_are_refused_audited_and_leave_the_station_a
     assert "not authenticated" in replies["wrong token"]["error"]
     assert "carries no token" in replies["missing token"]["error"]
     assert "not authenticated" in replies["unknown user"]["error"]
-    assert "role operator of 'bob' may not run start_elution; it needs qc_officer" in replies["role not allowed"]["error"]
+    assert (
+        "role operator of 'bob' may not run start_elution; it needs qc_officer" in replies["role not allowed"]["error"]
+    )
     assert lab.model.state is StationState.IDLE and lab.model.cmd_ack_seq == 0, "nothing may reach the station"
 
     records = lab.records()
     assert [(r.actor, r.new_value["outcome"], r.new_value["authenticated"]) for r in records] == [
-        ("alice", "malformed", False), ("alice", "unauthorised", False), ("alice", "unauthorised", False),
-        ("mallory", "unauthorised", False), ("bob", "unauthorised", False)]
+        ("alice", "malformed", False),
+        ("alice", "unauthorised", False),
+        ("alice", "unauthorised", False),
+        ("mallory", "unauthorised", False),
+        ("bob", "unauthorised", False),
+    ]
     assert all(r.action == "elution.start" and r.target == "elution-1/gen-1" for r in records)
     assert all(token not in lab.audit_path.read_text() for token in [*TOKENS.values(), "mallory-token-0000000000"])
     assert lab.verify() == 0
@@ -318,20 +385,26 @@ JSON = st.recursive(
     max_leaves=12,
 )
 #: Nearly valid envelopes, never with a valid token (an accepted fuzz command would really elute).
-NEAR_MISS = st.fixed_dictionaries({}, optional={
-    "schema": st.just("hotlab.command/1") | JSON,
-    "request_id": st.just("fuzz-1") | JSON,
-    "user": st.sampled_from(["alice", "bob", "mallory"]) | JSON,
-    "token": st.sampled_from(["guess-guess-guess-guess", ""]) | JSON,
-    "reason": st.just("fuzz") | JSON,
-    "args": st.fixed_dictionaries({}, optional={"volume_ml": st.floats() | JSON, "nuclide": JSON}) | JSON,
-})
-PAYLOADS = st.binary(max_size=200) | JSON.map(lambda v: json.dumps(v).encode()) | \
-    NEAR_MISS.map(lambda v: json.dumps(v).encode())
-TOPICS = st.sampled_from([f"{TOPIC}/{action}" for action in
-                          ("start_elution", "abort", "acknowledge_fault", "select_nuclide", "reboot")]
-                         + [f"hotlab/{SITE}/elution-1/no-such-device/cmd/abort",
-                            f"hotlab/{SITE}/wrong-station/gen-1/cmd/abort"])
+NEAR_MISS = st.fixed_dictionaries(
+    {},
+    optional={
+        "schema": st.just("hotlab.command/1") | JSON,
+        "request_id": st.just("fuzz-1") | JSON,
+        "user": st.sampled_from(["alice", "bob", "mallory"]) | JSON,
+        "token": st.sampled_from(["guess-guess-guess-guess", ""]) | JSON,
+        "reason": st.just("fuzz") | JSON,
+        "args": st.fixed_dictionaries({}, optional={"volume_ml": st.floats() | JSON, "nuclide": JSON}) | JSON,
+    },
+)
+PAYLOADS = (
+    st.binary(max_size=200)
+    | JSON.map(lambda v: json.dumps(v).encode())
+    | NEAR_MISS.map(lambda v: json.dumps(v).encode())
+)
+TOPICS = st.sampled_from(
+    [f"{TOPIC}/{action}" for action in ("start_elution", "abort", "acknowledge_fault", "select_nuclide", "reboot")]
+    + [f"hotlab/{SITE}/elution-1/no-such-device/cmd/abort", f"hotlab/{SITE}/wrong-station/gen-1/cmd/abort"]
+)
 
 
 async def test_malformed_payloads_get_an_error_reply_and_polling_goes_on(lab: Lab) -> None:
@@ -376,15 +449,20 @@ async def test_commands_fail_closed_when_the_audit_trail_cannot_be_written(lab: 
 
 
 @pytest.fixture
-async def hanging_station_lab(tmp_path: Path, mosquitto: MosquittoBroker,  # noqa: F811
-                              monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Lab]:
-    async for running in station_lab(tmp_path, mosquitto, monkeypatch, timeout_s=0.5,
-                                     options={"confirm_timeout_s": 1.0}):
+async def hanging_station_lab(
+    tmp_path: Path,
+    mosquitto: MosquittoBroker,
+    monkeypatch: pytest.MonkeyPatch,
+) -> AsyncIterator[Lab]:
+    async for running in station_lab(
+        tmp_path, mosquitto, monkeypatch, timeout_s=0.5, options={"confirm_timeout_s": 1.0}
+    ):
         yield running
 
 
 async def test_a_command_the_station_ran_but_never_confirmed_is_audited_as_unconfirmed(
-        hanging_station_lab: Lab) -> None:
+    hanging_station_lab: Lab,
+) -> None:
     lab = hanging_station_lab
     assert lab.simulator is not None
     lab.simulator.lose_command_replies(1, silent_after=1_000)  # the station acts, then its board hangs
@@ -401,8 +479,11 @@ async def test_a_command_the_station_ran_but_never_confirmed_is_audited_as_uncon
 
 
 @pytest.fixture
-async def calibrator_lab(tmp_path: Path, mosquitto: MosquittoBroker,  # noqa: F811
-                         monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Lab]:
+async def calibrator_lab(
+    tmp_path: Path,
+    mosquitto: MosquittoBroker,
+    monkeypatch: pytest.MonkeyPatch,
+) -> AsyncIterator[Lab]:
     model = Vik202Simulator(make_chamber("Tc-99m", 740e6, noise_rel=0.002, seed=3))
     host = PtyHost(model)
     url = await host.start()
@@ -424,14 +505,18 @@ async def test_select_nuclide_switches_the_calibrator_over_its_tty_and_is_audite
     refused = await lab.requester.send(topic, command("bob", {"nuclide": "I-131"}))
     assert refused["outcome"] == "refused" and "no VIK-202 calibration factor configured for I-131" in refused["error"]
     assert lab.model.factor == 762
-    wrong_family = await lab.requester.send(f"hotlab/{SITE}/hotcell-1/cal-1/cmd/start_elution",
-                                            command("alice", {"volume_ml": 5.0}))
+    wrong_family = await lab.requester.send(
+        f"hotlab/{SITE}/hotcell-1/cal-1/cmd/start_elution", command("alice", {"volume_ml": 5.0})
+    )
     assert wrong_family["outcome"] == "malformed" and "allowed: select_nuclide" in wrong_family["error"]
     records = lab.records()
     assert [(r.action, r.new_value["outcome"]) for r in records] == [
-        ("calibrator.select_nuclide", "requested"), ("calibrator.select_nuclide", "executed"),
-        ("calibrator.select_nuclide", "requested"), ("calibrator.select_nuclide", "refused"),
-        ("elution.start", "malformed")]
+        ("calibrator.select_nuclide", "requested"),
+        ("calibrator.select_nuclide", "executed"),
+        ("calibrator.select_nuclide", "requested"),
+        ("calibrator.select_nuclide", "refused"),
+        ("elution.start", "malformed"),
+    ]
     assert records[1].old_value == {"nuclide": "Tc-99m"} and records[1].new_value["result"] == {"nuclide": "F-18"}
     assert lab.verify() == 0
     await lab.polling_goes_on()

@@ -100,11 +100,16 @@ word_order = "CDAB"
     ("change", "expected"),
     [
         ('family = "vdc404"', None),
-        ('family = "capintec"', ("device[0].family: 'capintec' is not allowed; allowed: vik202, crc15r, vdc404, "
-                                 "atomlab500, elution_station")),
+        (
+            'family = "capintec"',
+            (
+                "device[0].family: 'capintec' is not allowed; allowed: vik202, crc15r, vdc404, "
+                "atomlab500, elution_station"
+            ),
+        ),
         ('transport = "COM3x"', "device[0].transport: 'COM3x' is not a serial URL; allowed: a device path"),
         ('transport = "socket://host"', "device[0].transport: 'socket://host' needs a host and port"),
-        ('transport = 4001', "device[0].transport: must be a serial URL string or a table { url = ... }, got 4001"),
+        ("transport = 4001", "device[0].transport: must be a serial URL string or a table { url = ... }, got 4001"),
         ('name = "cal/1"', "device[0].name: 'cal/1' is not valid; expected 1-64 characters"),
     ],
 )
@@ -165,7 +170,9 @@ def test_modbus_transport_errors(tmp_path: Path) -> None:
 def test_secrets_come_from_env_or_file_and_are_masked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TEST_MQTT_PASSWORD", "s3cret-mqtt")
     (tmp_path / "token").write_text("s3cret-token\n")
-    text = MINIMAL + """
+    text = (
+        MINIMAL
+        + """
 [mqtt]
 username = "ctl"
 password_env = "TEST_MQTT_PASSWORD"
@@ -176,6 +183,7 @@ token_file = "token"
 org = "lab"
 bucket = "hotlab"
 """
+    )
     config = load_config(write(tmp_path, text))
     assert config.mqtt is not None and config.mqtt.password is not None and config.influx is not None
     assert config.mqtt.password.reveal() == "s3cret-mqtt"
@@ -200,12 +208,16 @@ def test_secret_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_influx_forms(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("INFLUX_PW", "pw")
-    v18 = MINIMAL + ('[influx]\nurl = "http://127.0.0.1:8086"\nusername = "hotlab"\npassword_env = "INFLUX_PW"\n'
-                     'database = "hotlab"\nretention_policy = "autogen"\n')
+    v18 = MINIMAL + (
+        '[influx]\nurl = "http://127.0.0.1:8086"\nusername = "hotlab"\npassword_env = "INFLUX_PW"\n'
+        'database = "hotlab"\nretention_policy = "autogen"\n'
+    )
     influx = load_config(write(tmp_path, v18)).influx
     assert influx is not None
     assert (influx.bucket, influx.org, influx.auth_token()) == ("hotlab/autogen", "-", "hotlab:pw")
-    both = MINIMAL + '[influx]\nurl = "http://h:8086"\ntoken_env = "INFLUX_PW"\nusername = "u"\nbucket = "b"\norg = "o"\n'
+    both = (
+        MINIMAL + '[influx]\nurl = "http://h:8086"\ntoken_env = "INFLUX_PW"\nusername = "u"\nbucket = "b"\norg = "o"\n'
+    )
     assert "influx.token_env: give either a token" in error_for(tmp_path, both)
     neither = MINIMAL + '[influx]\nurl = "http://h:8086"\ntoken_env = "INFLUX_PW"\norg = "o"\n'
     assert "influx: needs bucket (InfluxDB 2.x/3.x) or database" in error_for(tmp_path, neither)
@@ -233,8 +245,10 @@ def test_driver_options_are_checked_against_the_driver(tmp_path: Path) -> None:
 
 
 def test_qc_section_is_validated_by_the_qc_engine(tmp_path: Path) -> None:
-    good = MINIMAL + ('[qc.sources.cs137]\nnuclide = "Cs-137"\nactivity = "7.4 MBq"\n'
-                      'reference_time = "2026-01-01T00:00:00Z"\n[qc.devices.cal-1]\ncheck_source = "cs137"\n')
+    good = MINIMAL + (
+        '[qc.sources.cs137]\nnuclide = "Cs-137"\nactivity = "7.4 MBq"\n'
+        'reference_time = "2026-01-01T00:00:00Z"\n[qc.devices.cal-1]\ncheck_source = "cs137"\n'
+    )
     assert load_config(write(tmp_path, good)).qc["devices"] == {"cal-1": {"check_source": "cs137"}}
     bad = MINIMAL + '[qc.devices.cal-1]\ncheck_source = "nope"\n'
     message = error_for(tmp_path, bad)
@@ -247,10 +261,13 @@ def test_audit_path_is_read_without_the_services_secrets(tmp_path: Path, monkeyp
     monkeypatch.delenv("HOTLAB_TEST_UNSET", raising=False)
     secret_unset = MINIMAL + '[mqtt]\nusername = "u"\npassword_env = "HOTLAB_TEST_UNSET"\n'
     assert load_audit_path(write(tmp_path, secret_unset)) == tmp_path / "var" / "audit.jsonl"
-    assert load_audit_path(write(tmp_path, secret_unset + '[service]\nstate_dir = "/srv/lab"\n')) == \
-        Path("/srv/lab/audit.jsonl")
-    assert load_audit_path(write(tmp_path, secret_unset + '[commands]\naudit_path = "trail/a.jsonl"\n')) == \
-        tmp_path / "trail" / "a.jsonl"
+    assert load_audit_path(write(tmp_path, secret_unset + '[service]\nstate_dir = "/srv/lab"\n')) == Path(
+        "/srv/lab/audit.jsonl"
+    )
+    assert (
+        load_audit_path(write(tmp_path, secret_unset + '[commands]\naudit_path = "trail/a.jsonl"\n'))
+        == tmp_path / "trail" / "a.jsonl"
+    )
     with pytest.raises(ConfigError, match=r"service.state_dr: unknown key \(did you mean 'state_dir'\?\)"):
         load_audit_path(write(tmp_path, MINIMAL + '[service]\nstate_dr = "x"\n'))
 

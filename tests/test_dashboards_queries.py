@@ -22,11 +22,11 @@ from typing import Any
 
 import pytest
 
-from hotlab.controller.sinks.influx import InfluxConfig, InfluxSink
 from hotlab.controller.messages import Message, device_status_message, elution_message, qc_message, reading_message
 from hotlab.controller.outbox import AsyncOutbox, Outbox
-from hotlab.physics.units import from_bq
+from hotlab.controller.sinks.influx import InfluxConfig, InfluxSink
 from hotlab.drivers.records import ElutionRecord, Reading
+from hotlab.physics.units import from_bq
 from tests import influx_service
 from tests.influx_service import InfluxService
 

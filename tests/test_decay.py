@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta, timezone
 
 import numpy as np
 import pytest
@@ -23,8 +23,8 @@ from hotlab.physics.decay import (
     time_of_max_daughter,
     time_to_reach,
 )
-from hotlab.physics.utc_time import NaiveDatetimeError, TimeFormatError, parse_utc_ns, to_epoch_ns
 from hotlab.physics.nuclides import NUCLIDES, Decay, Nuclide, UnknownNuclideError
+from hotlab.physics.utc_time import NaiveDatetimeError, TimeFormatError, parse_utc_ns, to_epoch_ns
 
 NAMES = sorted(NUCLIDES)
 HOUR = 3600.0
@@ -107,7 +107,7 @@ def test_unknown_nuclide_raises_the_library_error() -> None:
 
 
 def test_decay_correct_accepts_datetimes_epoch_ns_and_datetime64_alike() -> None:
-    start = datetime(2026, 11, 20, 12, 0, tzinfo=timezone.utc)
+    start = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
     end = datetime(2026, 11, 24, 10, 0, tzinfo=timezone(timedelta(hours=1)))  # 09:00Z
     expected = 7.4e9 * 2 ** (-93 * HOUR / NUCLIDES["Lu-177"].half_life_s)
     by_datetime = decay_correct(7.4e9, "Lu-177", start, end)
@@ -126,7 +126,7 @@ def test_epoch_ns_arrays_are_differenced_exactly() -> None:
 
 def test_naive_datetimes_are_refused() -> None:
     with pytest.raises(NaiveDatetimeError, match="no timezone"):
-        decay_correct(1.0, "F-18", datetime(2026, 1, 1), datetime(2026, 1, 2, tzinfo=timezone.utc))
+        decay_correct(1.0, "F-18", datetime(2026, 1, 1), datetime(2026, 1, 2, tzinfo=UTC))
 
 
 # --- the shared time parser ---------------------------------------------------------------
@@ -212,11 +212,15 @@ def test_half_life_uncertainty_matches_a_numerical_derivative(name: str) -> None
     dt = 3.7 * nuclide.half_life_s
     value, sigma = corrected_activity_uncertainty(1e9, name, dt)
     step = nuclide.half_life_s * 1e-6
-    derivative = (1e9 * 2 ** (-dt / (nuclide.half_life_s + step)) - 1e9 * 2 ** (-dt / (nuclide.half_life_s - step))) / (2 * step)
+    derivative = (1e9 * 2 ** (-dt / (nuclide.half_life_s + step)) - 1e9 * 2 ** (-dt / (nuclide.half_life_s - step))) / (
+        2 * step
+    )
     assert value == pytest.approx(activity_at(1e9, name, dt), rel=1e-15)
     assert sigma == pytest.approx(abs(derivative) * nuclide.half_life_unc_s, rel=1e-6)
     # Same size whether correcting forward or backward by the same time.
-    assert corrected_activity_uncertainty(1e9, name, -dt)[1] / activity_at(1e9, name, -dt) == pytest.approx(sigma / value)
+    assert corrected_activity_uncertainty(1e9, name, -dt)[1] / activity_at(1e9, name, -dt) == pytest.approx(
+        sigma / value
+    )
 
 
 def test_no_elapsed_time_means_no_half_life_uncertainty_and_sources_add_in_quadrature() -> None:
@@ -252,7 +256,9 @@ def _as_icrp(name: str) -> Nuclide:
     return Nuclide(name, nuclide.half_life("s"), 0.0, "ICRP-107", decays)
 
 
-@pytest.mark.parametrize(("parent", "daughter"), [("Mo-99", "Tc-99m"), ("Ge-68", "Ga-68"), ("Sr-82", "Rb-82"), ("Lu-177m", "Lu-177")])
+@pytest.mark.parametrize(
+    ("parent", "daughter"), [("Mo-99", "Tc-99m"), ("Ge-68", "Ga-68"), ("Sr-82", "Rb-82"), ("Lu-177m", "Lu-177")]
+)
 def test_bateman_ingrowth_matches_radioactivedecay_on_the_same_data(parent: str, daughter: str) -> None:
     p, d = _as_icrp(parent), _as_icrp(daughter)
     times = np.array([1e-3, 0.3, 1.0, 2.5, 7.0, 20.0]) * d.half_life_s
@@ -359,9 +365,9 @@ def test_equilibrium_fraction_needs_a_shorter_lived_daughter() -> None:
 
 
 def test_generator_daughter_decays_the_parent_from_calibration_to_elution_first() -> None:
-    calibration = datetime(2026, 11, 16, 6, 0, tzinfo=timezone.utc)
-    elution = datetime(2026, 11, 20, 7, 30, tzinfo=timezone.utc)
-    now = datetime(2026, 11, 21, 6, 30, tzinfo=timezone.utc)
+    calibration = datetime(2026, 11, 16, 6, 0, tzinfo=UTC)
+    elution = datetime(2026, 11, 20, 7, 30, tzinfo=UTC)
+    now = datetime(2026, 11, 21, 6, 30, tzinfo=UTC)
     got = generator_daughter_activity(20e9, calibration, "Mo-99", "Tc-99m", elution, now, residual_daughter_bq=0.5e9)
     parent_at_elution = 20e9 * 2 ** (-(elution - calibration).total_seconds() / NUCLIDES["Mo-99"].half_life_s)
     expected = daughter_activity(parent_at_elution, "Mo-99", "Tc-99m", 23 * HOUR, residual_daughter_bq=0.5e9)

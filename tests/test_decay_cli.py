@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from hotlab.controller.cli.main import main
 from hotlab.controller.cli.decay import parse_duration
+from hotlab.controller.cli.main import main
 from hotlab.physics.nuclides import NUCLIDES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,7 +29,9 @@ def _line(output: str, label: str) -> str:
 
 
 def test_lu177_example_prints_the_decayed_activity_factor_and_uncertainty(capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["decay", "Lu-177", "7.4GBq", "--from", "2026-11-20T12:00Z", "--to", "2026-11-24T09:00Z", "--unit", "MBq"])
+    code = main(
+        ["decay", "Lu-177", "7.4GBq", "--from", "2026-11-20T12:00Z", "--to", "2026-11-24T09:00Z", "--unit", "MBq"]
+    )
     out = capsys.readouterr().out
     assert code == 0
     half_life_d = 6.6443  # ENSDF, independent of the library
@@ -47,7 +49,9 @@ def test_lu177_example_prints_the_decayed_activity_factor_and_uncertainty(capsys
 
 def test_offsets_and_curie_units_in_and_out(capsys: pytest.CaptureFixture[str]) -> None:
     # 10 mCi of F-18 at 11:00Z (12:00+01:00), corrected back one hour to 10:00Z.
-    code = main(["decay", "18F", "10 mCi", "--from", "2026-11-20T12:00+01:00", "--to", "2026-11-20T10:00Z", "--unit", "mCi"])
+    code = main(
+        ["decay", "18F", "10 mCi", "--from", "2026-11-20T12:00+01:00", "--to", "2026-11-20T10:00Z", "--unit", "mCi"]
+    )
     out = capsys.readouterr().out
     assert code == 0
     expected = 10.0 * 2.0 ** (60.0 / 109.77)
@@ -56,8 +60,21 @@ def test_offsets_and_curie_units_in_and_out(capsys: pytest.CaptureFixture[str]) 
 
 
 def test_generator_reports_the_available_daughter(capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["decay", "Mo-99", "20GBq", "--generator", "Tc-99m", "--since-elution", "23h",
-                 "--to", "2026-11-24T07:00Z", "--unit", "GBq"])
+    code = main(
+        [
+            "decay",
+            "Mo-99",
+            "20GBq",
+            "--generator",
+            "Tc-99m",
+            "--since-elution",
+            "23h",
+            "--to",
+            "2026-11-24T07:00Z",
+            "--unit",
+            "GBq",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0
     lam_p = math.log(2) / (2.7479 * 86400.0)  # DDEP 2.7479 (6) d
@@ -95,14 +112,18 @@ def test_a_bare_date_means_midnight_utc(capsys: pytest.CaptureFixture[str]) -> N
         (["decay", "Lu-177", "1GBq", "--since-elution", "1h"], "only makes sense with --generator"),
     ],
 )
-def test_bad_input_exits_2_with_a_message_on_stderr(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_input_exits_2_with_a_message_on_stderr(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(argv) == 2
     captured = capsys.readouterr()
     assert message in captured.err
     assert captured.out == ""
 
 
-@pytest.mark.parametrize(("text", "seconds"), [("23h", 82800.0), ("90 min", 5400.0), ("1.5d", 129600.0), ("45s", 45.0), ("2M", 120.0)])
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("23h", 82800.0), ("90 min", 5400.0), ("1.5d", 129600.0), ("45s", 45.0), ("2M", 120.0)]
+)
 def test_durations(text: str, seconds: float) -> None:
     assert parse_duration(text).total_seconds() == seconds
 
@@ -110,9 +131,25 @@ def test_durations(text: str, seconds: float) -> None:
 def test_installed_command_runs_as_a_process() -> None:
     """The real entry point, in a fresh interpreter: exit codes and streams as a shell sees them."""
     ok = subprocess.run(
-        [sys.executable, "-m", "hotlab.controller.cli", "decay", "Tc99m", "1000MBq", "--from", "2026-11-20T06:00Z",
-         "--to", "2026-11-20T12:00:34.824Z", "--unit", "MBq"],
-        cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
+        [
+            sys.executable,
+            "-m",
+            "hotlab.controller.cli",
+            "decay",
+            "Tc99m",
+            "1000MBq",
+            "--from",
+            "2026-11-20T06:00Z",
+            "--to",
+            "2026-11-20T12:00:34.824Z",
+            "--unit",
+            "MBq",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert ok.returncode == 0, ok.stderr
     # 6 h 0 min 24.12 s is one DDEP half-life of Tc-99m (6.0067 h); the extra 10.7 s are 0.05 %.
@@ -120,6 +157,10 @@ def test_installed_command_runs_as_a_process() -> None:
     assert _number_before("MBq", _line(ok.stdout, "corrected")) == pytest.approx(expected, rel=5e-6)
     bad = subprocess.run(
         [sys.executable, "-m", "hotlab.controller.cli", "decay", "Zz-1", "1GBq"],
-        cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert bad.returncode == 2 and "hotlab decay: error" in bad.stderr

@@ -19,11 +19,12 @@ from typing import IO
 import pytest
 from rich.console import Console
 
+from hotlab.controller.archive import HistoryArchive
 from hotlab.controller.audit import iter_records, verify_chain
+from hotlab.controller.cli.demo import DEMO_LAB
 from hotlab.controller.cli.main import main as hotlab
 from hotlab.controller.lab.demo import LabView, ViewInputError, render, snapshot_svg
-from hotlab.controller.cli.demo import DEMO_LAB
-from hotlab.controller.archive import HistoryArchive
+from hotlab.controller.lab.simulated_lab import station_mo99_breakthrough
 from hotlab.controller.messages import (
     Message,
     device_status_message,
@@ -33,7 +34,6 @@ from hotlab.controller.messages import (
     reading_message,
 )
 from hotlab.controller.qc.engine import QcConfig, QcEngine
-from hotlab.controller.lab.simulated_lab import station_mo99_breakthrough
 from hotlab.drivers.records import ElutionRecord, Reading
 from tests.mosquitto_service import require_mosquitto
 
@@ -44,9 +44,15 @@ T0 = 1_795_000_000_000_000_000
 
 def _hotlab(*args: str, cwd: Path) -> subprocess.Popen[str]:
     """In a process group of its own, so that a failed test can kill the demo's private broker with it."""
-    return subprocess.Popen([sys.executable, "-m", "hotlab.controller.cli", *args], cwd=cwd, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-                            env={**os.environ, "COLUMNS": "150"})
+    return subprocess.Popen(
+        [sys.executable, "-m", "hotlab.controller.cli", *args],
+        cwd=cwd,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        env={**os.environ, "COLUMNS": "150"},
+    )
 
 
 @pytest.mark.integration
@@ -54,8 +60,9 @@ def test_headless_demo_produces_readings_elutions_and_verdicts(tmp_path: Path) -
     require_mosquitto()
     # 200x: the Ga-68 station is eluted every 4.5 s and the Tc-99m station every 6 s of wall time, slow
     # enough for the 1 s station poll to see every elution even on a loaded machine.
-    process = _hotlab("demo", "--headless", "--duration", "16", "--acceleration", "200", "--state-dir", "state",
-                      cwd=tmp_path)
+    process = _hotlab(
+        "demo", "--headless", "--duration", "16", "--acceleration", "200", "--state-dir", "state", cwd=tmp_path
+    )
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 0, stderr[-3000:]
     assert "MQTT broker: private mosquitto on 127.0.0.1:" in stderr  # the embedded defaults are announced
@@ -93,8 +100,18 @@ def test_headless_demo_produces_readings_elutions_and_verdicts(tmp_path: Path) -
 def test_ctrl_c_stops_the_live_demo_cleanly_and_drains(tmp_path: Path) -> None:
     require_mosquitto()
     snapshot = tmp_path / "view.svg"
-    process = _hotlab("demo", "--acceleration", "300", "--state-dir", "state", "--log-level", "INFO",
-                      "--snapshot", str(snapshot), cwd=tmp_path)
+    process = _hotlab(
+        "demo",
+        "--acceleration",
+        "300",
+        "--state-dir",
+        "state",
+        "--log-level",
+        "INFO",
+        "--snapshot",
+        str(snapshot),
+        cwd=tmp_path,
+    )
     running = threading.Event()
     stdout_lines: list[str] = []
     stderr_lines: list[str] = []
@@ -106,8 +123,10 @@ def test_ctrl_c_stops_the_live_demo_cleanly_and_drains(tmp_path: Path) -> None:
                 running.set()
 
     assert process.stdout is not None and process.stderr is not None
-    readers = [threading.Thread(target=collect, args=(process.stdout, stdout_lines), daemon=True),
-               threading.Thread(target=collect, args=(process.stderr, stderr_lines), daemon=True)]
+    readers = [
+        threading.Thread(target=collect, args=(process.stdout, stdout_lines), daemon=True),
+        threading.Thread(target=collect, args=(process.stderr, stderr_lines), daemon=True),
+    ]
     for reader in readers:
         reader.start()
     try:
@@ -148,26 +167,44 @@ def _payload_bytes(message: Message) -> bytes:
 
 def _fixed_view() -> LabView:
     view = LabView(SITE, "127.0.0.1:1883", 60.0, connected=True)
-    statuses = [("hotcell-calibrator", "hotcell-1", True, 12.0, 0, ""),
-                ("qc-calibrator", "qc-lab", True, 8.0, 3, "last error: checksum mismatch"),
-                ("ga68-station", "radiochemistry", True, 5.0, 0, "")]
+    statuses = [
+        ("hotcell-calibrator", "hotcell-1", True, 12.0, 0, ""),
+        ("qc-calibrator", "qc-lab", True, 8.0, 3, "last error: checksum mismatch"),
+        ("ga68-station", "radiochemistry", True, 5.0, 0, ""),
+    ]
     for device, station, up, latency, errors, detail in statuses:
-        message = device_status_message(SITE, station, device, up=up, latency_ms=latency, errors=errors,
-                                        detail=detail, time_ns=T0)
+        message = device_status_message(
+            SITE, station, device, up=up, latency_ms=latency, errors=errors, detail=detail, time_ns=T0
+        )
         view.apply(message.topic, _payload_bytes(message))
     reading = reading_message(SITE, "hotcell-1", Reading("hotcell-calibrator", "Tc-99m", 7.4e9, 7.4, "GBq", T0))
     view.apply(reading.topic, _payload_bytes(reading))
-    record = ElutionRecord("radiochemistry", "GE68-DEMO-001", "Ge-68", "Ga-68", 7, 4.376e8, 5.0, T0, T0 + 28 * 10**9,
-                           parent_bq=4.4e2)
-    elution = elution_message(SITE, record, yield_pct=78.8,
-                              msg_id=elution_msg_id(record.station, record.generator_id, record.counter))
+    record = ElutionRecord(
+        "radiochemistry", "GE68-DEMO-001", "Ge-68", "Ga-68", 7, 4.376e8, 5.0, T0, T0 + 28 * 10**9, parent_bq=4.4e2
+    )
+    elution = elution_message(
+        SITE, record, yield_pct=78.8, msg_id=elution_msg_id(record.station, record.generator_id, record.counter)
+    )
     view.apply(elution.topic, _payload_bytes(elution))
-    for device, test, verdict, value in (("qc-calibrator", "constancy", "pass", 0.26),
-                                         ("MO99-DEMO-001", "elution_yield", "warn", 89.4),
-                                         ("GE68-DEMO-001", "ge68_breakthrough", "fail", 0.0021)):
-        result = qc_message(SITE, "lab", device, test=test, verdict=verdict, measured=1.0, expected=1.0,
-                            deviation_pct=0.0, limit="pass value >= 90 %", limit_source="test", inputs={},
-                            time_ns=T0)
+    for device, test, verdict, value in (
+        ("qc-calibrator", "constancy", "pass", 0.26),
+        ("MO99-DEMO-001", "elution_yield", "warn", 89.4),
+        ("GE68-DEMO-001", "ge68_breakthrough", "fail", 0.0021),
+    ):
+        result = qc_message(
+            SITE,
+            "lab",
+            device,
+            test=test,
+            verdict=verdict,
+            measured=1.0,
+            expected=1.0,
+            deviation_pct=0.0,
+            limit="pass value >= 90 %",
+            limit_source="test",
+            inputs={},
+            time_ns=T0,
+        )
         payload = result.payload | {"value_judged": value, "limit_values": {"kind": "floor", "unit": "%"}}
         view.apply(result.topic, json.dumps(payload).encode())
     return view
@@ -178,9 +215,23 @@ def test_the_live_view_renders_devices_activities_elutions_and_coloured_verdicts
     console = Console(record=True, width=150, color_system="truecolor", force_terminal=True)
     console.print(render(view))
     text = console.export_text(clear=False)
-    for expected in ("hotcell-calibrator", "qc-calibrator", "ga68-station", "online", "12 ms",
-                     "7.4 GBq", "Tc-99m", "GE68-DEMO-001", "437.6 MBq Ga-68", "78.8 %",
-                     "PASS", "WARN", "FAIL", "89.4 %", "constancy"):
+    for expected in (
+        "hotcell-calibrator",
+        "qc-calibrator",
+        "ga68-station",
+        "online",
+        "12 ms",
+        "7.4 GBq",
+        "Tc-99m",
+        "GE68-DEMO-001",
+        "437.6 MBq Ga-68",
+        "78.8 %",
+        "PASS",
+        "WARN",
+        "FAIL",
+        "89.4 %",
+        "constancy",
+    ):
         assert expected in text, expected
     assert "1 readings · 1 elutions · QC verdicts: 1 pass, 1 warn, 1 fail" in text
     assert "ge68_breakthrough FAIL" in text  # warn and fail verdicts are also alarms
@@ -192,20 +243,27 @@ def test_the_live_view_renders_devices_activities_elutions_and_coloured_verdicts
 def test_offline_devices_raise_an_alarm_but_a_clean_shutdown_does_not() -> None:
     view = _fixed_view()
     before = len(view.alarms)
-    stopped = device_status_message(SITE, "hotcell-1", "hotcell-calibrator", up=False, latency_ms=None, errors=0,
-                                    detail="controller stopped")
+    stopped = device_status_message(
+        SITE, "hotcell-1", "hotcell-calibrator", up=False, latency_ms=None, errors=0, detail="controller stopped"
+    )
     view.apply(stopped.topic, _payload_bytes(stopped))
     assert len(view.alarms) == before and not view.devices["hotcell-calibrator"].up
-    lost = device_status_message(SITE, "qc-lab", "qc-calibrator", up=False, latency_ms=None, errors=4,
-                                 detail="device timeout")
+    lost = device_status_message(
+        SITE, "qc-lab", "qc-calibrator", up=False, latency_ms=None, errors=4, detail="device timeout"
+    )
     view.apply(lost.topic, _payload_bytes(lost))
     assert view.alarms[-1].text == "qc-calibrator offline: device timeout"
-    view.apply(f"hotlab/{SITE}/controller/status", json.dumps({"schema": "hotlab.controller_status/1",
-                                                               "state": "offline", "reason": "shutdown"}))
+    view.apply(
+        f"hotlab/{SITE}/controller/status",
+        json.dumps({"schema": "hotlab.controller_status/1", "state": "offline", "reason": "shutdown"}),
+    )
     assert view.alarms[-1].text == "qc-calibrator offline: device timeout"
-    view.apply(f"hotlab/{SITE}/controller/status", json.dumps({"schema": "hotlab.controller_status/1",
-                                                               "state": "offline",
-                                                               "reason": "connection lost (last will)"}))
+    view.apply(
+        f"hotlab/{SITE}/controller/status",
+        json.dumps(
+            {"schema": "hotlab.controller_status/1", "state": "offline", "reason": "connection lost (last will)"}
+        ),
+    )
     assert view.alarms[-1].text == "controller offline: connection lost (last will)"
 
 
@@ -224,8 +282,9 @@ def test_a_message_delivered_twice_is_shown_once_and_bad_input_is_a_typed_error(
 
 
 def _tc99m_elution(breakthrough_bq: float) -> Message:
-    record = ElutionRecord("hotcell-1", "MO99-DEMO-001", "Mo-99", "Tc-99m", 3, 9.5e9, 10.0, T0, T0 + 25 * 10**9,
-                           parent_bq=breakthrough_bq)
+    record = ElutionRecord(
+        "hotcell-1", "MO99-DEMO-001", "Mo-99", "Tc-99m", 3, 9.5e9, 10.0, T0, T0 + 25 * 10**9, parent_bq=breakthrough_bq
+    )
     return elution_message(SITE, record, msg_id=elution_msg_id(record.station, record.generator_id, record.counter))
 
 
@@ -238,8 +297,9 @@ def test_the_station_mo99_measurement_becomes_a_judged_mo99_reading() -> None:
     assert reading.payload["extra"]["tc99m_bq"] == pytest.approx(9.5e9)
     assert reading.payload["time_ns"] == elution.payload["end_ns"]
     assert derive(elution)[0].msg_id == reading.msg_id  # a re-delivered elution gives the same reading
-    ga68 = elution_message(SITE, ElutionRecord("r", "GE68-DEMO-001", "Ge-68", "Ga-68", 1, 4e8, 5.0, T0, T0 + 1,
-                                               parent_bq=4.0))
+    ga68 = elution_message(
+        SITE, ElutionRecord("r", "GE68-DEMO-001", "Ge-68", "Ga-68", 1, 4e8, 5.0, T0, T0 + 1, parent_bq=4.0)
+    )
     assert derive(ga68) == []
 
     engine = QcEngine(SITE)
@@ -252,10 +312,18 @@ def test_the_station_mo99_measurement_becomes_a_judged_mo99_reading() -> None:
     assert QcConfig.from_mapping({}).mo99_judge_horizon_h == 12.0
 
 
-@pytest.mark.parametrize("args", [["--acceleration", "0"], ["--duration", "-1"], ["--mqtt-port", "70000"],
-                                  ["--influx-url", "http://127.0.0.1:8086"]])
-def test_bad_options_exit_2_with_a_message(args: list[str], capsys: pytest.CaptureFixture[str],
-                                           monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--acceleration", "0"],
+        ["--duration", "-1"],
+        ["--mqtt-port", "70000"],
+        ["--influx-url", "http://127.0.0.1:8086"],
+    ],
+)
+def test_bad_options_exit_2_with_a_message(
+    args: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("HOTLAB_INFLUX_TOKEN", raising=False)
     assert hotlab(["demo", *args]) == 2
     assert "hotlab demo: --" in capsys.readouterr().err
@@ -268,35 +336,48 @@ def test_the_influx_token_is_never_an_option_value(capsys: pytest.CaptureFixture
     assert exited.value.code == 2 and "error: ambiguous option: --influx-token" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("options, problem", [
-    (["--influx-token-env", "HOTLAB_TEST_UNSET_TOKEN"],
-     "--influx-token-env: environment variable 'HOTLAB_TEST_UNSET_TOKEN' is not set"),
-    (["--influx-token-file", "{empty}"], "--influx-token-file: file '{empty}' is empty"),
-    (["--influx-token-file", "{missing}"], "--influx-token-file: cannot read '{missing}': No such file"),
-])
+@pytest.mark.parametrize(
+    "options, problem",
+    [
+        (
+            ["--influx-token-env", "HOTLAB_TEST_UNSET_TOKEN"],
+            "--influx-token-env: environment variable 'HOTLAB_TEST_UNSET_TOKEN' is not set",
+        ),
+        (["--influx-token-file", "{empty}"], "--influx-token-file: file '{empty}' is empty"),
+        (["--influx-token-file", "{missing}"], "--influx-token-file: cannot read '{missing}': No such file"),
+    ],
+)
 def test_influx_token_sources_are_checked_before_anything_starts(
-        options: list[str], problem: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    options: list[str],
+    problem: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.delenv("HOTLAB_TEST_UNSET_TOKEN", raising=False)
     (tmp_path / "empty").write_text("\n")
     paths = {"empty": str(tmp_path / "empty"), "missing": str(tmp_path / "missing")}
-    assert hotlab(["demo", "--influx-url", "http://127.0.0.1:8086",
-                   *[option.format(**paths) for option in options]]) == 2
+    assert (
+        hotlab(["demo", "--influx-url", "http://127.0.0.1:8086", *[option.format(**paths) for option in options]]) == 2
+    )
     assert f"hotlab demo: {problem.format(**paths)}" in capsys.readouterr().err
 
 
 def test_influx_token_options_reach_the_config_as_env_or_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from hotlab.controller.cli.demo import _influx_token_source
     from hotlab.controller.cli.main import build_parser
     from hotlab.controller.config import parse_config
-    from hotlab.controller.cli.demo import _influx_token_source
 
     token_file = tmp_path / "influx.token"
     token_file.write_text("hotlab:from-file\n")
     monkeypatch.setenv("HOTLAB_INFLUX_TOKEN", "from-default-env")
     monkeypatch.setenv("LAB_INFLUX_TOKEN", "from-named-env")
     url = ["demo", "--influx-url", "http://127.0.0.1:8086"]
-    for options, expected in [([], "from-default-env"), (["--influx-token-env", "LAB_INFLUX_TOKEN"], "from-named-env"),
-                              (["--influx-token-file", str(token_file)], "hotlab:from-file")]:
+    for options, expected in [
+        ([], "from-default-env"),
+        (["--influx-token-env", "LAB_INFLUX_TOKEN"], "from-named-env"),
+        (["--influx-token-file", str(token_file)], "hotlab:from-file"),
+    ]:
         args = build_parser().parse_args([*url, *options])
         table = {"url": args.influx_url, "org": "-", "bucket": "hotlab", **_influx_token_source(args)}
         assert expected not in repr(table)  # only where the secret is, never the secret

@@ -12,7 +12,6 @@ from pymodbus.client import AsyncModbusTcpClient
 from pymodbus.constants import ExcCodes
 
 from hotlab.controller.config import ModbusRtuTransport, ModbusTcpTransport, parse_config
-from hotlab.physics.decay import generator_daughter_activity
 from hotlab.controller.messages import elution_message
 from hotlab.drivers.elution_station import (
     HR,
@@ -37,6 +36,7 @@ from hotlab.drivers.elution_station import (
 )
 from hotlab.drivers.modbus_words import WordOrder, float32_to_registers
 from hotlab.drivers.records import DeviceDisconnected, DeviceRefused, DeviceTimeout, ElutionRecord, FrameError
+from hotlab.physics.decay import generator_daughter_activity
 from hotlab.simulators.elution_station import ElutionStationSimulator, StationClock, StationModel
 from hotlab.simulators.generator_physics import NS_PER_S, GeneratorColumn, get_profile
 
@@ -89,8 +89,12 @@ async def make() -> AsyncIterator[Make]:
         else:
             link = ModbusRtuLink(await sim.start_rtu_pty(), baudrate=115200, device_id=7, word_order=word_order.value)
         driver = ElutionStationDriver(
-            "hotcell-2", link, counter_store=counter_store or MemoryCounterStore(), timeout_s=timeout_s,
-            backoff_initial_s=0.05, backoff_max_s=0.2,
+            "hotcell-2",
+            link,
+            counter_store=counter_store or MemoryCounterStore(),
+            timeout_s=timeout_s,
+            backoff_initial_s=0.05,
+            backoff_max_s=0.2,
         )
         started.append((sim, driver))
         return sim, driver
@@ -158,7 +162,12 @@ async def test_elution_end_to_end_yields_one_record_with_bateman_activity(
     assert record.duration_s == pytest.approx(5.0 / profile.flow_ml_per_s, abs=0.002)
     available = float(
         generator_daughter_activity(
-            column.parent_cal_bq, column.cal_time_ns, profile.parent, profile.daughter, last_elution_ns, record.end_ns,
+            column.parent_cal_bq,
+            column.cal_time_ns,
+            profile.parent,
+            profile.daughter,
+            last_elution_ns,
+            record.end_ns,
             residual,
         )
     )
@@ -362,9 +371,19 @@ async def test_the_config_builds_the_drivers_own_link(make: Make) -> None:
     _sim, driver = await make("tcp")
     link = driver.link
     assert ModbusTcpTransport is ModbusTcpLink and ModbusRtuTransport is ModbusRtuLink
-    config = parse_config({"site": {"name": "lab"}, "device": [{
-        "name": "gen-1", "station": "hotcell-2", "family": "elution_station",
-        "transport": {"modbus": "tcp", "host": link.host, "port": link.port, "device_id": 7}}]})  # type: ignore[attr-defined]
+    config = parse_config(
+        {
+            "site": {"name": "lab"},
+            "device": [
+                {
+                    "name": "gen-1",
+                    "station": "hotcell-2",
+                    "family": "elution_station",
+                    "transport": {"modbus": "tcp", "host": link.host, "port": link.port, "device_id": 7},
+                }
+            ],
+        }
+    )  # type: ignore[attr-defined]
     transport = config.devices[0].transport
     assert isinstance(transport, ModbusTcpLink)
     other = ElutionStationDriver("hotcell-2", transport, timeout_s=1.0)
@@ -442,8 +461,15 @@ async def test_a_record_comes_back_until_marked_delivered(make: Make, tmp_path: 
 async def test_marking_is_idempotent_and_checks_the_station(tmp_path: Path) -> None:
     store = SqliteCounterStore(tmp_path / "c.db")
     driver = ElutionStationDriver("hotcell-2", ModbusTcpLink("127.0.0.1", 1), counter_store=store)
-    record = {"generator_id": "GEN-A", "parent_nuclide": "Ge-68", "daughter_nuclide": "Ga-68",
-              "activity_bq": 1e9, "volume_ml": 5.0, "start_ns": 0, "end_ns": 1}
+    record = {
+        "generator_id": "GEN-A",
+        "parent_nuclide": "Ge-68",
+        "daughter_nuclide": "Ga-68",
+        "activity_bq": 1e9,
+        "volume_ml": 5.0,
+        "start_ns": 0,
+        "end_ns": 1,
+    }
     await driver.mark_delivered(ElutionRecord("hotcell-2", counter=4, **record))
     await driver.mark_delivered(ElutionRecord("hotcell-2", counter=3, **record))  # a late, older one
     await driver.mark_delivered(ElutionRecord("hotcell-2", counter=4, **record))
@@ -491,8 +517,12 @@ async def test_station_serving_nan_is_a_frame_error_and_polling_goes_on(make: Ma
     sim.override_input_registers(_non_finite_words(WordOrder.CDAB))
     with pytest.raises(FrameError, match=f"non-finite float32 nan at input register {IR.ELUATE_ACTIVITY}"):
         await driver.poll()
-    sim.override_input_registers({IR.ELUATE_ACTIVITY: float32_to_registers(1e9, WordOrder.CDAB),
-                                  IR.LINE_DOSE_RATE: float32_to_registers(math.inf, WordOrder.CDAB)})
+    sim.override_input_registers(
+        {
+            IR.ELUATE_ACTIVITY: float32_to_registers(1e9, WordOrder.CDAB),
+            IR.LINE_DOSE_RATE: float32_to_registers(math.inf, WordOrder.CDAB),
+        }
+    )
     with pytest.raises(FrameError, match=f"non-finite float32 inf at input register {IR.LINE_DOSE_RATE}"):
         await driver.poll()
     sim.override_input_registers({})
@@ -521,7 +551,12 @@ async def test_a_lost_write_reply_with_no_readable_ack_is_outcome_unknown(make: 
     assert not isinstance(unknown.value, CommandRefused)  # "unconfirmed" must not be audited as "refused"
     exc = unknown.value
     assert (exc.action, exc.station, exc.user, exc.reason, exc.seq) == (
-        "elution.start", "hotcell-2", "r.curie", "morning QC elution", 1)
+        "elution.start",
+        "hotcell-2",
+        "r.curie",
+        "morning QC elution",
+        1,
+    )
     assert exc.old_state is StationState.IDLE and exc.parameters == {"volume_ml": 5.0}
     assert sim.model.state is not StationState.IDLE  # it did run: that is why it must be audited
     sim.inject_silence(0)

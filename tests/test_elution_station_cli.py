@@ -10,16 +10,22 @@ import sys
 
 import pytest
 
-from hotlab.simulators import elution_station_cli
 from hotlab.drivers.elution_station import ElutionStationDriver, ModbusRtuLink, ModbusTcpLink, StationState
+from hotlab.simulators import elution_station_cli
 
 SERVING = re.compile(r"serving Modbus (?:TCP on (\S+):(\d+)|RTU on (\S+) )")
 
 
 async def start_cli(*args: str) -> tuple[asyncio.subprocess.Process, str]:
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "hotlab.controller.cli", "simulate", "station", *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "hotlab.controller.cli",
+        "simulate",
+        "station",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     assert process.stdout is not None
     banner = ""
@@ -83,8 +89,17 @@ def test_cli_bad_arguments_exit_2_with_a_clear_message(args: list[str], message:
 
 async def test_cli_bad_activity_exits_2() -> None:
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "hotlab.controller.cli", "simulate", "station", "--tcp", "127.0.0.1:0", "--activity", "3 furlongs",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "hotlab.controller.cli",
+        "simulate",
+        "station",
+        "--tcp",
+        "127.0.0.1:0",
+        "--activity",
+        "3 furlongs",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     async with asyncio.timeout(30):
         _, stderr = await process.communicate()

@@ -51,8 +51,14 @@ async def station_abcd() -> AsyncIterator[tuple[ElutionStationSimulator, int]]:
 async def mbpoll(*args: str) -> dict[int, str]:
     """Run mbpoll without blocking the loop (the simulator answers on this same loop); returns {address: text}."""
     process = await asyncio.create_subprocess_exec(
-        "mbpoll", "-1", "-0", "-o", "5", *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        "mbpoll",
+        "-1",
+        "-0",
+        "-o",
+        "5",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     async with asyncio.timeout(20):
         stdout, stderr = await process.communicate()

@@ -16,7 +16,6 @@ The other faults of the issue-9 list are covered elsewhere, each with produced-v
 * InfluxDB down/up through the service: tests/test_faults_influx.py
 """
 
-# ruff: noqa: F811  (the `mosquitto` fixture is imported by name, and tests take it as a parameter)
 from __future__ import annotations
 
 import asyncio
@@ -67,12 +66,22 @@ class RecordingSource:
         await self.inner.close()
 
 
-def lab_config(tmp_path: Path, broker: MosquittoBroker, transports: dict[str, str],
-               influx: dict[str, Any] | None = None) -> LabConfig:
+def lab_config(
+    tmp_path: Path, broker: MosquittoBroker, transports: dict[str, str], influx: dict[str, Any] | None = None
+) -> LabConfig:
     data: dict[str, Any] = {
         "site": {"name": "fault-lab"},
-        "device": [{"name": name, "station": "hotcell-1", "family": "vik202", "transport": url,
-                    "poll_interval_s": 0.02, "timeout_s": TIMEOUT_S} for name, url in transports.items()],
+        "device": [
+            {
+                "name": name,
+                "station": "hotcell-1",
+                "family": "vik202",
+                "transport": url,
+                "poll_interval_s": 0.02,
+                "timeout_s": TIMEOUT_S,
+            }
+            for name, url in transports.items()
+        ],
         "mqtt": {"host": broker.host, "port": broker.port, "client_id": "ctl-faults", "keepalive_s": 5},
         "outbox": {"path": "outbox.sqlite3"},
         "history": {"path": "history.sqlite3"},
@@ -133,8 +142,9 @@ def frame_times(collector: MqttCollector, device: str) -> list[int]:
 
 def archived_frame_times(history: Path, device: str) -> list[int]:
     with contextlib.closing(sqlite3.connect(history)) as db:
-        rows = db.execute("SELECT time_ns FROM message WHERE kind = 'reading' AND device = ? ORDER BY time_ns",
-                          (device,)).fetchall()
+        rows = db.execute(
+            "SELECT time_ns FROM message WHERE kind = 'reading' AND device = ? ORDER BY time_ns", (device,)
+        ).fetchall()
     return [time_ns for (time_ns,) in rows]
 
 
@@ -142,8 +152,9 @@ async def assert_zero_loss(lab: RunningLab, collector: MqttCollector, device: st
     """Every reading the driver produced reached MQTT (once per msg_id, in order) and the archive."""
     produced = list(lab.sources[device].produced)
     expected = [reading.timestamp_ns for reading in produced]
-    await collector.wait_for(lambda: len(frame_times(collector, device)) >= len(expected),
-                             what=f"all {len(expected)} readings of {device}")
+    await collector.wait_for(
+        lambda: len(frame_times(collector, device)) >= len(expected), what=f"all {len(expected)} readings of {device}"
+    )
     assert frame_times(collector, device) == expected, "MQTT: readings lost, duplicated under new ids or reordered"
     archived = await asyncio.to_thread(archived_frame_times, lab.config.history_path, device)  # type: ignore[arg-type]
     assert archived == expected, f"history archive: {len(archived)} stored of {len(expected)} produced"
@@ -165,11 +176,15 @@ async def test_pty_unplugged_and_replugged_loses_nothing(tmp_path: Path, mosquit
                 first_tty = host.slave_path
                 faults.arm(Fault.DISCONNECT, 3)  # pulled, and the first reconnection attempts fail too
                 await collector.wait_for(
-                    lambda: any(not s["up"] for s in device_statuses(collector, "cal-pty")), what="device offline")
+                    lambda: any(not s["up"] for s in device_statuses(collector, "cal-pty")), what="device offline"
+                )
                 at_unplug = lab.produced("cal-pty")
-                await collector.wait_for(lambda: lab.produced("cal-pty") >= at_unplug + 20
-                                         and device_statuses(collector, "cal-pty")[-1]["up"],
-                                         what="readings after the replug")
+                await collector.wait_for(
+                    lambda: (
+                        lab.produced("cal-pty") >= at_unplug + 20 and device_statuses(collector, "cal-pty")[-1]["up"]
+                    ),
+                    what="readings after the replug",
+                )
                 assert host.slave_path != first_tty  # a new pty behind the same path
                 await lab.shutdown()
             produced = await assert_zero_loss(lab, collector, "cal-pty")
@@ -192,14 +207,16 @@ async def test_tcp_device_server_rebooted_loses_nothing(tmp_path: Path, mosquitt
                 await collector.wait_for(lambda: len(frame_times(collector, "cal-tcp")) >= 20, what="20 readings")
                 await host.stop()
                 await collector.wait_for(
-                    lambda: any(not s["up"] for s in device_statuses(collector, "cal-tcp")), what="device offline")
+                    lambda: any(not s["up"] for s in device_statuses(collector, "cal-tcp")), what="device offline"
+                )
                 at_unplug = lab.produced("cal-tcp")
                 await asyncio.sleep(1.0)  # the outage: reconnection attempts are refused meanwhile
                 assert lab.produced("cal-tcp") == at_unplug
                 host = TcpHost(model, port=port)
                 await host.start()
-                await collector.wait_for(lambda: lab.produced("cal-tcp") >= at_unplug + 20,
-                                         what="readings after the device server is back")
+                await collector.wait_for(
+                    lambda: lab.produced("cal-tcp") >= at_unplug + 20, what="readings after the device server is back"
+                )
                 await lab.shutdown()
             await assert_zero_loss(lab, collector, "cal-tcp")
     finally:
@@ -208,7 +225,8 @@ async def test_tcp_device_server_rebooted_loses_nothing(tmp_path: Path, mosquitt
 
 
 async def test_slow_device_late_replies_lose_nothing_and_the_device_stays_usable(
-        tmp_path: Path, mosquitto: MosquittoBroker, caplog: pytest.LogCaptureFixture) -> None:
+    tmp_path: Path, mosquitto: MosquittoBroker, caplog: pytest.LogCaptureFixture
+) -> None:
     """Replies later than the driver's timeout: DeviceTimeout each time, no reading lost, reading continues."""
     faults = FaultInjector(seed=3, late_s=TIMEOUT_S + 0.3)
     host = TcpHost(vik202(3, faults))
@@ -218,12 +236,12 @@ async def test_slow_device_late_replies_lose_nothing_and_the_device_stays_usable
             async with running_lab(lab_config(tmp_path, mosquitto, {"cal-slow": url})) as lab:
                 await collector.wait_for(lambda: len(frame_times(collector, "cal-slow")) >= 10, what="10 readings")
                 faults.set_rate(Fault.LATE, 0.3)
-                await collector.wait_for(lambda: lab.service.supervisors["cal-slow"].errors >= 3,
-                                         what="three timeouts")
+                await collector.wait_for(lambda: lab.service.supervisors["cal-slow"].errors >= 3, what="three timeouts")
                 faults.disable(Fault.LATE)
                 at_recovery = lab.produced("cal-slow")
-                await collector.wait_for(lambda: lab.produced("cal-slow") >= at_recovery + 20,
-                                         what="readings after the device is fast again")
+                await collector.wait_for(
+                    lambda: lab.produced("cal-slow") >= at_recovery + 20, what="readings after the device is fast again"
+                )
                 await lab.shutdown()
             produced = await assert_zero_loss(lab, collector, "cal-slow")
     finally:

@@ -13,7 +13,6 @@ the archive.
 Mounting needs root (CI runs as root); elsewhere the test is skipped and says why.
 """
 
-# ruff: noqa: F811  (the `mosquitto` fixture is imported by name, and tests take it as a parameter)
 from __future__ import annotations
 
 import asyncio
@@ -28,8 +27,8 @@ import pytest
 
 from hotlab.simulators.faults import FaultInjector
 from hotlab.simulators.serial_host import TcpHost
-from tests.mosquitto_service import MosquittoBroker, MqttCollector, mosquitto, require_mosquitto  # noqa: F401
 from tests.cli_process import run_hotlab
+from tests.mosquitto_service import MosquittoBroker, MqttCollector, mosquitto, require_mosquitto  # noqa: F401
 from tests.test_faults_devices import assert_zero_loss, frame_times, lab_config, running_lab, vik202
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -42,8 +41,12 @@ def tiny_disk(tmp_path: Path) -> Iterator[Path]:
     """A tmpfs of DISK_BYTES at tmp_path/disk, unmounted afterwards."""
     mount_point = tmp_path / "disk"
     mount_point.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={DISK_BYTES},mode=0700", "tmpfs",
-                              str(mount_point)], capture_output=True, text=True, check=False)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={DISK_BYTES},mode=0700", "tmpfs", str(mount_point)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.strip()}")
     try:
@@ -79,7 +82,8 @@ def alarms(collector: MqttCollector) -> list[dict[str, Any]]:
 
 
 async def test_disk_full_holds_the_readings_and_delivers_them_all_once_there_is_room(
-        tiny_disk: Path, mosquitto: MosquittoBroker, caplog: pytest.LogCaptureFixture) -> None:
+    tiny_disk: Path, mosquitto: MosquittoBroker, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.WARNING)
     host = TcpHost(vik202(4, FaultInjector(seed=4)))
     url = await host.start()
@@ -90,12 +94,19 @@ async def test_disk_full_holds_the_readings_and_delivers_them_all_once_there_is_
             async with running_lab(config) as lab:
                 await collector.wait_for(lambda: len(frame_times(collector, "cal-disk")) >= 20, what="20 readings")
                 filler = await asyncio.to_thread(fill, tiny_disk)
-                await collector.wait_for(lambda: "OUTBOX UNAVAILABLE" in caplog.text, timeout=60,
-                                         what="the controller to report the full disk")
+                await collector.wait_for(
+                    lambda: "OUTBOX UNAVAILABLE" in caplog.text,
+                    timeout=60,
+                    what="the controller to report the full disk",
+                )
                 # The device statuses go through the full outbox too; the retained alarm does not.
-                await collector.wait_for(lambda: any(a["commit_failing"] and "disk is full" in a["commit_error"]
-                                                     and a["active"] for a in alarms(collector)),
-                                         what="an active outbox alarm naming the full disk")
+                await collector.wait_for(
+                    lambda: any(
+                        a["commit_failing"] and "disk is full" in a["commit_error"] and a["active"]
+                        for a in alarms(collector)
+                    ),
+                    what="an active outbox alarm naming the full disk",
+                )
                 # The reading in hand is held and its commit retried, not dropped and not replaced by a new one.
                 await collector.wait_for(lambda: "commit attempt 2 failed" in caplog.text, what="a retried commit")
                 held_at = lab.produced("cal-disk")
@@ -103,8 +114,11 @@ async def test_disk_full_holds_the_readings_and_delivers_them_all_once_there_is_
                 # Not read meanwhile, unless a commit got through in between (a disk this full can let one pass).
                 assert lab.produced("cal-disk") == held_at or "commit works again" in caplog.text
                 filler.unlink()
-                await collector.wait_for(lambda: lab.produced("cal-disk") >= held_at + 20, timeout=60,
-                                         what="readings after the disk has room again")
+                await collector.wait_for(
+                    lambda: lab.produced("cal-disk") >= held_at + 20,
+                    timeout=60,
+                    what="readings after the disk has room again",
+                )
                 await collector.wait_for(lambda: not alarms(collector)[-1]["active"], what="the alarm cleared")
                 assert alarms(collector)[-1]["commit_error"] is None
                 assert alarms(collector)[-1]["unavailable_events"] >= 1
@@ -124,13 +138,18 @@ def hotlab_run(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
 def test_starting_on_a_full_disk_is_one_clear_line(tiny_disk: Path) -> None:
     fill(tiny_disk)
     config = tiny_disk.parent / "lab.toml"
-    config.write_text(f'[site]\nname = "full"\n[outbox]\npath = "{tiny_disk / "outbox.sqlite3"}"\n'
-                      '[[device]]\nname = "cal"\nstation = "s1"\nfamily = "vik202"\n'
-                      'transport = "socket://127.0.0.1:9"\n', encoding="utf-8")
+    config.write_text(
+        f'[site]\nname = "full"\n[outbox]\npath = "{tiny_disk / "outbox.sqlite3"}"\n'
+        '[[device]]\nname = "cal"\nstation = "s1"\nfamily = "vik202"\n'
+        'transport = "socket://127.0.0.1:9"\n',
+        encoding="utf-8",
+    )
     result = hotlab_run(tiny_disk.parent, "--config", str(config))
     assert result.returncode == 1
-    assert f"hotlab run: cannot write the outbox lock {tiny_disk / 'outbox.sqlite3.lock'}: No space left on device" \
+    assert (
+        f"hotlab run: cannot write the outbox lock {tiny_disk / 'outbox.sqlite3.lock'}: No space left on device"
         in result.stderr
+    )
     assert "Traceback" not in result.stderr
 
 

@@ -7,7 +7,6 @@ driver and service, real Mosquitto, a real influxd (with the test v2-write bridg
 stopped and restarted, and the history archive. Produced = readings the driver handed over.
 """
 
-# ruff: noqa: F811  (fixtures are imported by name, and tests take them as parameters)
 from __future__ import annotations
 
 import asyncio
@@ -43,14 +42,21 @@ def influx_frame_times(influx: InfluxService, database: str, device: str) -> lis
     return sorted(int(row["time"]) for row in rows)
 
 
-async def test_influxdb_down_and_up_loses_nothing(tmp_path: Path, mosquitto: MosquittoBroker, influxd: InfluxService,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_influxdb_down_and_up_loses_nothing(
+    tmp_path: Path, mosquitto: MosquittoBroker, influxd: InfluxService, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("FAULTS_INFLUX_PASSWORD", influxd.password)
     database = influxd.create_database()
     host = TcpHost(vik202(4, FaultInjector(seed=4)))
     url = await host.start()
-    influx = {"url": influxd.v2_url, "username": influxd.username, "password_env": "FAULTS_INFLUX_PASSWORD",
-              "database": database, "flush_interval_s": 0.2, "timeout_s": 2.0}
+    influx = {
+        "url": influxd.v2_url,
+        "username": influxd.username,
+        "password_env": "FAULTS_INFLUX_PASSWORD",
+        "database": database,
+        "flush_interval_s": 0.2,
+        "timeout_s": 2.0,
+    }
     config = lab_config(tmp_path, mosquitto, {"cal-1": url}, influx=influx)
     try:
         async with MqttCollector(mosquitto.host, mosquitto.port) as collector:
@@ -61,8 +67,10 @@ async def test_influxdb_down_and_up_loses_nothing(tmp_path: Path, mosquitto: Mos
                 await asyncio.to_thread(influxd.stop)
                 at_outage = len(frame_times(collector, "cal-1"))
                 # MQTT stays live during the outage while InfluxDB's deliveries wait in the outbox.
-                await collector.wait_for(lambda: len(frame_times(collector, "cal-1")) >= at_outage + 60,
-                                         what="live MQTT readings during the InfluxDB outage")
+                await collector.wait_for(
+                    lambda: len(frame_times(collector, "cal-1")) >= at_outage + 60,
+                    what="live MQTT readings during the InfluxDB outage",
+                )
                 assert service.outbox is not None
                 waiting_for_influx = await service.outbox.pending_count("influx")
                 waiting_for_mqtt = await service.outbox.pending_count("mqtt")
@@ -74,4 +82,5 @@ async def test_influxdb_down_and_up_loses_nothing(tmp_path: Path, mosquitto: Mos
         await host.stop()
     assert waiting_for_influx >= 50 and waiting_for_mqtt < waiting_for_influx
     assert stored == [reading.timestamp_ns for reading in produced], (
-        f"InfluxDB holds {len(stored)} of {len(produced)} produced readings")
+        f"InfluxDB holds {len(stored)} of {len(produced)} produced readings"
+    )

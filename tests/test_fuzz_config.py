@@ -29,21 +29,117 @@ from hotlab.controller.config import ConfigError, LabConfig, load_config, parse_
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "lab.toml"
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
-SECTIONS = ["site", "service", "outbox", "history", "mqtt", "mqtt.tls", "influx", "qc.sources.s1", "qc.devices.d1",
-            "qc.generators.g1", "nonsense"]
-KEYS = ["name", "station", "family", "transport", "poll_interval_s", "timeout_s", "nuclide", "options", "url",
-        "host", "port", "device_id", "word_order", "modbus", "baudrate", "path", "max_bytes", "warn_fraction",
-        "enabled", "drain_timeout_s", "status_interval_s", "backoff_initial_s", "backoff_max_s", "state_dir",
-        "client_id", "keepalive_s", "username", "password", "password_env", "password_file", "inflight_window",
-        "connect_timeout_s", "ca_file", "cert_file", "key_file", "insecure_skip_hostname_check", "token",
-        "token_env", "token_file", "org", "bucket", "database", "retention_policy", "batch_size",
-        "flush_interval_s", "activity", "reference_time", "check_source", "parent", "calibration_time", "pol_interval_s"]
-LITERALS = ['"vik202"', '"crc15r"', '"elution_station"', '"capintec"', '"socket://127.0.0.1:4001"', '"/dev/ttyUSB0"',
-            '"socket://:0"', '"rfc2217://host:99999"', '"Tc-99m"', '"Tc99m"', '"Xx-999"', '"740 MBq"', '"-1 GBq"',
-            '"http://127.0.0.1:8086"', '"ftp://x"', '"ABCD"', '"tcp"', '"rtu"', '""', '" "',
-            '"2025-01-15T12:00:00Z"', '"yesterday"', "0", "-1", "1", "65536", "1e308", "-0.0", "nan", "inf", "-inf",
-            "9223372036854775807", "true", "false", "[]", "[1, \"a\"]", "{}", '{ url = "/dev/ttyS0" }',
-            '{ modbus = "tcp", host = "h" }', "2025-01-01T00:00:00Z", "2025-01-01", "12:00:00", '"../../etc/passwd"']
+SECTIONS = [
+    "site",
+    "service",
+    "outbox",
+    "history",
+    "mqtt",
+    "mqtt.tls",
+    "influx",
+    "qc.sources.s1",
+    "qc.devices.d1",
+    "qc.generators.g1",
+    "nonsense",
+]
+KEYS = [
+    "name",
+    "station",
+    "family",
+    "transport",
+    "poll_interval_s",
+    "timeout_s",
+    "nuclide",
+    "options",
+    "url",
+    "host",
+    "port",
+    "device_id",
+    "word_order",
+    "modbus",
+    "baudrate",
+    "path",
+    "max_bytes",
+    "warn_fraction",
+    "enabled",
+    "drain_timeout_s",
+    "status_interval_s",
+    "backoff_initial_s",
+    "backoff_max_s",
+    "state_dir",
+    "client_id",
+    "keepalive_s",
+    "username",
+    "password",
+    "password_env",
+    "password_file",
+    "inflight_window",
+    "connect_timeout_s",
+    "ca_file",
+    "cert_file",
+    "key_file",
+    "insecure_skip_hostname_check",
+    "token",
+    "token_env",
+    "token_file",
+    "org",
+    "bucket",
+    "database",
+    "retention_policy",
+    "batch_size",
+    "flush_interval_s",
+    "activity",
+    "reference_time",
+    "check_source",
+    "parent",
+    "calibration_time",
+    "pol_interval_s",
+]
+LITERALS = [
+    '"vik202"',
+    '"crc15r"',
+    '"elution_station"',
+    '"capintec"',
+    '"socket://127.0.0.1:4001"',
+    '"/dev/ttyUSB0"',
+    '"socket://:0"',
+    '"rfc2217://host:99999"',
+    '"Tc-99m"',
+    '"Tc99m"',
+    '"Xx-999"',
+    '"740 MBq"',
+    '"-1 GBq"',
+    '"http://127.0.0.1:8086"',
+    '"ftp://x"',
+    '"ABCD"',
+    '"tcp"',
+    '"rtu"',
+    '""',
+    '" "',
+    '"2025-01-15T12:00:00Z"',
+    '"yesterday"',
+    "0",
+    "-1",
+    "1",
+    "65536",
+    "1e308",
+    "-0.0",
+    "nan",
+    "inf",
+    "-inf",
+    "9223372036854775807",
+    "true",
+    "false",
+    "[]",
+    '[1, "a"]',
+    "{}",
+    '{ url = "/dev/ttyS0" }',
+    '{ modbus = "tcp", host = "h" }',
+    "2025-01-01T00:00:00Z",
+    "2025-01-01",
+    "12:00:00",
+    '"../../etc/passwd"',
+]
 
 
 @st.composite
@@ -67,8 +163,22 @@ def tomlish_documents(draw: st.DrawFn) -> str:
 _TEXT = st.text(st.characters(blacklist_characters="\x00"), max_size=40)
 toml_scalars = st.one_of(
     _TEXT,
-    st.sampled_from(["vik202", "elution_station", "socket://127.0.0.1:1", "/dev/null", "Tc-99m", "740 MBq",
-                     "http://127.0.0.1:1", "ABCD", "tcp", "rtu", "HOME", "../nowhere"]),
+    st.sampled_from(
+        [
+            "vik202",
+            "elution_station",
+            "socket://127.0.0.1:1",
+            "/dev/null",
+            "Tc-99m",
+            "740 MBq",
+            "http://127.0.0.1:1",
+            "ABCD",
+            "tcp",
+            "rtu",
+            "HOME",
+            "../nowhere",
+        ]
+    ),
     st.integers(min_value=-(2**63), max_value=2**63 - 1),
     st.floats(allow_nan=True, allow_infinity=True),
     st.booleans(),
@@ -78,7 +188,10 @@ toml_scalars = st.one_of(
 )
 toml_values = st.recursive(
     toml_scalars,
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=12).filter(lambda k: "\x00" not in k), inner, max_size=3),
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(st.text(max_size=12).filter(lambda k: "\x00" not in k), inner, max_size=3)
+    ),
     max_leaves=6,
 )
 
@@ -105,8 +218,11 @@ def valid_document(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, 
     for name in ("ca.crt", "client.crt", "client.key", "mqtt-password", "influx-token"):
         (base / name).write_text("secret-or-pem\n")
     document = tomllib.loads(EXAMPLE.read_text())
-    document["mqtt"] |= {"username": "hotlab", "password_file": "mqtt-password",
-                         "tls": {"ca_file": "ca.crt", "cert_file": "client.crt", "key_file": "client.key"}}
+    document["mqtt"] |= {
+        "username": "hotlab",
+        "password_file": "mqtt-password",
+        "tls": {"ca_file": "ca.crt", "cert_file": "client.crt", "key_file": "client.key"},
+    }
     document["influx"] = {"url": "http://127.0.0.1:8086", "token_file": "influx-token", "org": "o", "bucket": "b"}
     document["device"][1]["transport"] = {"url": "socket://127.0.0.1:4001"}
     document["device"][3]["options"] = {"read_command": "DS\r", "settings": {"baudrate": 19200}}
@@ -141,7 +257,8 @@ def test_arbitrary_bytes_give_a_config_error(raw: bytes, tmp_path: Path) -> None
 @FUZZ
 @given(data=st.data())
 def test_one_random_change_to_a_valid_document_gives_a_config_or_a_config_error(
-        data: st.DataObject, valid_document: tuple[dict[str, Any], Path]) -> None:
+    data: st.DataObject, valid_document: tuple[dict[str, Any], Path]
+) -> None:
     original, base = valid_document
     document = copy.deepcopy(original)
     path = data.draw(st.sampled_from(sorted(paths(document), key=repr)), label="path")
@@ -169,14 +286,28 @@ def test_one_random_change_to_a_valid_document_gives_a_config_or_a_config_error(
 def test_the_fuzzer_reaches_validation_not_just_the_parser(tmp_path: Path) -> None:
     """Guard against a generator that only ever produces TOML syntax errors."""
     path = tmp_path / "fuzz.toml"
-    path.write_text('[site]\nname = "lab"\n[[device]]\nname = "c"\nstation = "s"\nfamily = "vik202"\n'
-                    'transport = "socket://127.0.0.1:4001"\npol_interval_s = 1\n')
+    path.write_text(
+        '[site]\nname = "lab"\n[[device]]\nname = "c"\nstation = "s"\nfamily = "vik202"\n'
+        'transport = "socket://127.0.0.1:4001"\npol_interval_s = 1\n'
+    )
     with pytest.raises(ConfigError, match=r"device\[0\]\.pol_interval_s: unknown key \(did you mean 'poll_interval_s'"):
         load_config(path)
 
 
-AWKWARD_STRINGS = ["", " ", "\t\n", pytest.param("x" * 5000, id="'x'*5000"), "\U0001f9ea",
-                   "..", "~", "/", "-1", "nan", "socket://", "\\\\?\\C:"]
+AWKWARD_STRINGS = [
+    "",
+    " ",
+    "\t\n",
+    pytest.param("x" * 5000, id="'x'*5000"),
+    "\U0001f9ea",
+    "..",
+    "~",
+    "/",
+    "-1",
+    "nan",
+    "socket://",
+    "\\\\?\\C:",
+]
 
 
 def string_paths(node: Any, prefix: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]:
@@ -187,7 +318,8 @@ def string_paths(node: Any, prefix: tuple[Any, ...] = ()) -> Iterator[tuple[Any,
 
 @pytest.mark.parametrize("awkward", AWKWARD_STRINGS, ids=repr)
 def test_every_string_value_replaced_by_an_awkward_string(
-        awkward: str, valid_document: tuple[dict[str, Any], Path]) -> None:
+    awkward: str, valid_document: tuple[dict[str, Any], Path]
+) -> None:
     """Exhaustive where random sampling is thin: each string in the document, one at a time."""
     original, base = valid_document
     checked = 0
@@ -207,15 +339,20 @@ def test_every_string_value_replaced_by_an_awkward_string(
 #: exit 1 (the outbox lock's open() catches only OSError) instead of exit 2 and a config error.
 
 
-@pytest.mark.parametrize("section", [
-    pytest.param({"mqtt": {"username": "u", "password_file": "secret\x00"}},
-                 id="mqtt.password_file"),
-    pytest.param({"influx": {"url": "http://127.0.0.1:1", "org": "o", "bucket": "b", "token_file": "t\x00"}}, id="influx.token_file"),
-    pytest.param({"outbox": {"path": "outbox\x00.sqlite3"}}, id="outbox.path"),
-    pytest.param({"history": {"path": "history\x00.sqlite3"}}, id="history.path"),
-    pytest.param({"service": {"state_dir": "var\x00"}}, id="service.state_dir"),
-    pytest.param({"mqtt": {"tls": {"ca_file": "ca\x00.crt"}}}, id="mqtt.tls.ca_file"),
-])
+@pytest.mark.parametrize(
+    "section",
+    [
+        pytest.param({"mqtt": {"username": "u", "password_file": "secret\x00"}}, id="mqtt.password_file"),
+        pytest.param(
+            {"influx": {"url": "http://127.0.0.1:1", "org": "o", "bucket": "b", "token_file": "t\x00"}},
+            id="influx.token_file",
+        ),
+        pytest.param({"outbox": {"path": "outbox\x00.sqlite3"}}, id="outbox.path"),
+        pytest.param({"history": {"path": "history\x00.sqlite3"}}, id="history.path"),
+        pytest.param({"service": {"state_dir": "var\x00"}}, id="service.state_dir"),
+        pytest.param({"mqtt": {"tls": {"ca_file": "ca\x00.crt"}}}, id="mqtt.tls.ca_file"),
+    ],
+)
 def test_a_nul_byte_in_a_file_name_is_a_config_error(section: dict[str, Any], tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"^nul\.toml: "):
         parse_config({"site": {"name": "lab"}} | section, file="nul.toml", base_dir=tmp_path)

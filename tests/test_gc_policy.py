@@ -39,8 +39,9 @@ async def test_the_service_calls_on_started_once_its_devices_run(tmp_path: Path)
     def on_started() -> None:
         calls.append((len(service.supervisors), gc.get_freeze_count()))
 
-    service = ControllerService(local_config(tmp_path), source_factory=lambda d: ScriptedSource(d.name, []),
-                                on_started=on_started)
+    service = ControllerService(
+        local_config(tmp_path), source_factory=lambda d: ScriptedSource(d.name, []), on_started=on_started
+    )
     stop = asyncio.Event()
     task = asyncio.create_task(service.run(stop))
     for _ in range(200):

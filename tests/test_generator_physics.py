@@ -23,7 +23,9 @@ CAL_NS = 1_790_000_000 * NS_PER_S
 
 def column(key: str, **kwargs) -> GeneratorColumn:
     profile = get_profile(key)
-    return GeneratorColumn(profile, generator_id="G1", parent_cal_bq=profile.nominal_cal_bq, cal_time_ns=CAL_NS, **kwargs)
+    return GeneratorColumn(
+        profile, generator_id="G1", parent_cal_bq=profile.nominal_cal_bq, cal_time_ns=CAL_NS, **kwargs
+    )
 
 
 def test_yield_falls_with_age_and_use_but_not_below_the_floor() -> None:

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from hotlab.controller.archive import HistoryArchive, HistoryQueryError, TimeRange
-from hotlab.controller.sinks.history import run_history_sink
 from hotlab.controller.messages import Message, device_status_message, elution_message, qc_message, reading_message
 from hotlab.controller.outbox import AsyncOutbox, Outbox
+from hotlab.controller.sinks.history import run_history_sink
 from hotlab.drivers.records import ElutionRecord, Reading
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,19 +34,46 @@ def sample_messages(n: int, start_ns: int = NOV_1) -> list[Message]:
         t = start_ns + i * 600_000_000_000
         match i % 4:
             case 0:
-                out.append(reading_message("hotlab-a", "hot-cell-1", Reading(
-                    "crc-1", "Tc-99m", 7.4e8 + i, 20.0, "mCi", t, b"A 20.00 mCi\r")))
+                out.append(
+                    reading_message(
+                        "hotlab-a",
+                        "hot-cell-1",
+                        Reading("crc-1", "Tc-99m", 7.4e8 + i, 20.0, "mCi", t, b"A 20.00 mCi\r"),
+                    )
+                )
             case 1:
-                out.append(elution_message("hotlab-a", ElutionRecord(
-                    "hot-cell-1", "gen-GE-1", "Ge-68", "Ga-68", i, 1.1e9, 5.0, t - 120_000_000_000, t), yield_pct=71.0))
+                out.append(
+                    elution_message(
+                        "hotlab-a",
+                        ElutionRecord(
+                            "hot-cell-1", "gen-GE-1", "Ge-68", "Ga-68", i, 1.1e9, 5.0, t - 120_000_000_000, t
+                        ),
+                        yield_pct=71.0,
+                    )
+                )
             case 2:
-                out.append(qc_message("hotlab-a", "hot-cell-1", "crc-1", test="constancy",
-                                      verdict="warn" if i % 8 == 6 else "pass", measured=7.1e6, expected=7.0e6,
-                                      deviation_pct=1.43, limit="±5 % warn, ±10 % fail",
-                                      limit_source="AAPM TG-181", inputs={"source": "CS-137-A"}, time_ns=t))
+                out.append(
+                    qc_message(
+                        "hotlab-a",
+                        "hot-cell-1",
+                        "crc-1",
+                        test="constancy",
+                        verdict="warn" if i % 8 == 6 else "pass",
+                        measured=7.1e6,
+                        expected=7.0e6,
+                        deviation_pct=1.43,
+                        limit="±5 % warn, ±10 % fail",
+                        limit_source="AAPM TG-181",
+                        inputs={"source": "CS-137-A"},
+                        time_ns=t,
+                    )
+                )
             case 3:
-                out.append(device_status_message("hotlab-a", "hot-cell-1", "crc-1", up=True, latency_ms=12.0, errors=0,
-                                                 time_ns=t))
+                out.append(
+                    device_status_message(
+                        "hotlab-a", "hot-cell-1", "crc-1", up=True, latency_ms=12.0, errors=0, time_ns=t
+                    )
+                )
     return out
 
 
@@ -73,14 +100,29 @@ def test_add_many_is_idempotent_on_msg_id(tmp_path: Path) -> None:
 
 def test_queries_filter_by_kind_time_and_indexed_columns(tmp_path: Path) -> None:
     messages = sample_messages(40)
-    other = qc_message("hotlab-b", "lab-2", "crc-9", test="linearity", verdict="fail", measured=1.0, expected=1.1,
-                       deviation_pct=-9.1, limit="±5 %", limit_source="ANSI N42.13", inputs={}, time_ns=NOV_1 + DAY_NS)
+    other = qc_message(
+        "hotlab-b",
+        "lab-2",
+        "crc-9",
+        test="linearity",
+        verdict="fail",
+        measured=1.0,
+        expected=1.1,
+        deviation_pct=-9.1,
+        limit="±5 %",
+        limit_source="ANSI N42.13",
+        inputs={},
+        time_ns=NOV_1 + DAY_NS,
+    )
     with HistoryArchive(tmp_path / "history.sqlite") as archive:
         archive.add_many(messages + [other])
         first_three_hours = TimeRange(NOV_1, NOV_1 + 3 * 3_600_000_000_000)
         readings = archive.query("reading", first_three_hours)
-        assert [r["time_ns"] for r in readings] == [m.payload["time_ns"] for m in messages
-                                                    if m.kind == "reading" and m.payload["time_ns"] < first_three_hours.end_ns]
+        assert [r["time_ns"] for r in readings] == [
+            m.payload["time_ns"]
+            for m in messages
+            if m.kind == "reading" and m.payload["time_ns"] < first_three_hours.end_ns
+        ]
         assert all(r["device"] == "crc-1" for r in readings)
         assert len(archive.query("qc_result", test="constancy")) == 10
         assert len(archive.query("qc_result", test="constancy", verdict="warn")) == 5
@@ -131,7 +173,9 @@ async def test_sink_archives_everything_then_acks(tmp_path: Path) -> None:
     stop.set()
     assert await asyncio.wait_for(task, 30) == 125
     assert await outbox.pending_count("mqtt") == 125  # the other sink's deliveries are untouched
-    stored = {p["msg_id"]: p for kind in ("reading", "elution", "qc_result", "device_status") for p in archive.query(kind)}
+    stored = {
+        p["msg_id"]: p for kind in ("reading", "elution", "qc_result", "device_status") for p in archive.query(kind)
+    }
     assert stored == {m.msg_id: m.payload for m in messages + late}
     archive.close()
     await outbox.close()

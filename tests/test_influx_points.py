@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hotlab.controller.sinks.influx_points import PointError, message_to_line
-from hotlab.controller.sinks.influx import InfluxConfig, InfluxConfigError
 from hotlab.controller.messages import Message, device_status_message, elution_message, qc_message, reading_message
+from hotlab.controller.sinks.influx import InfluxConfig, InfluxConfigError
+from hotlab.controller.sinks.influx_points import PointError, message_to_line
 from hotlab.drivers.records import ElutionRecord, Reading
 
 T0 = 1_764_000_000_000_000_001

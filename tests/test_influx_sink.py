@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 
-from hotlab.controller.sinks.influx import InfluxConfig, InfluxSink
 from hotlab.controller.messages import (
     Message,
     device_status_message,
@@ -26,6 +25,7 @@ from hotlab.controller.messages import (
     reading_message,
 )
 from hotlab.controller.outbox import AsyncOutbox, Outbox
+from hotlab.controller.sinks.influx import InfluxConfig, InfluxSink
 from hotlab.drivers.records import ElutionRecord, Reading
 from tests import influx_service
 from tests.influx_service import InfluxService
@@ -442,8 +442,9 @@ async def test_an_unexpected_error_is_logged_with_its_traceback_and_the_sink_car
 async def test_cancelling_the_sink_still_ends_it_even_while_it_backs_off(outbox_path: Path) -> None:
     outbox = FaultyOutbox(Outbox(outbox_path, sinks=("influx",)))
     outbox.pending_faults = [sqlite3.OperationalError("database is locked") for _ in range(1000)]
-    config = fast_config({"url": "http://127.0.0.1:9", "token": "t", "org": "o", "bucket": "b"}, retry_initial_s=5.0,
-                         retry_max_s=30.0)
+    config = fast_config(
+        {"url": "http://127.0.0.1:9", "token": "t", "org": "o", "bucket": "b"}, retry_initial_s=5.0, retry_max_s=30.0
+    )
     sink = InfluxSink(config, outbox)
     task = asyncio.create_task(sink.run())
 

@@ -41,8 +41,17 @@ def test_elution_qc_and_status_topics() -> None:
     assert elution.payload["duration_s"] == 90.0
     assert elution.payload["breakthrough_pct"] is None
     qc = qc_message(
-        "lab-a", "hotcell-1", "cal-1", test="constancy", verdict="pass", measured=1.0, expected=1.0,
-        deviation_pct=0.0, limit="±5 % warn, ±10 % fail", limit_source="AAPM TG-181", inputs={"source": "Cs-137"},
+        "lab-a",
+        "hotcell-1",
+        "cal-1",
+        test="constancy",
+        verdict="pass",
+        measured=1.0,
+        expected=1.0,
+        deviation_pct=0.0,
+        limit="±5 % warn, ±10 % fail",
+        limit_source="AAPM TG-181",
+        inputs={"source": "Cs-137"},
     )
     assert qc.topic == "hotlab/lab-a/hotcell-1/cal-1/qc"
     status = device_status_message("lab-a", "hotcell-1", "cal-1", up=False, latency_ms=None, errors=3)

@@ -83,7 +83,9 @@ def test_string_round_trip(text: str, order: WordOrder) -> None:
 def test_big_and_word_swapped_agree_with_pymodbus(value: float) -> None:
     float32 = ModbusTcpClient.DATATYPE.FLOAT32
     assert ModbusTcpClient.convert_from_registers(float32_to_registers(value, WordOrder.ABCD), float32, "big") == value
-    assert ModbusTcpClient.convert_from_registers(float32_to_registers(value, WordOrder.CDAB), float32, "little") == value
+    assert (
+        ModbusTcpClient.convert_from_registers(float32_to_registers(value, WordOrder.CDAB), float32, "little") == value
+    )
 
 
 def test_float_rounds_to_nearest_float32() -> None:

@@ -4,7 +4,6 @@ Devices are an in-test `CountingSource` whose n-th reading carries activity n Bq
 gaps and duplicates can be checked exactly. The service, outbox, MQTT sink and broker are real.
 """
 
-# ruff: noqa: F811  (the `mosquitto` fixture is imported by name, and tests take it as a parameter)
 from __future__ import annotations
 
 import asyncio
@@ -21,8 +20,8 @@ import pytest
 
 from hotlab.controller.config import DeviceConfig, LabConfig, parse_config
 from hotlab.controller.messages import Message, qc_message
-from hotlab.controller.sinks.mqtt import MqttSink
 from hotlab.controller.service import ControllerService
+from hotlab.controller.sinks.mqtt import MqttSink
 from hotlab.controller.supervisor import Item
 from hotlab.drivers.records import DeviceTimeout, Reading
 from tests.mosquitto_service import MosquittoBroker, MqttCollector, mosquitto  # noqa: F401
@@ -67,13 +66,17 @@ class CountingSource:
         pass
 
 
-def lab(tmp_path: Path, broker: MosquittoBroker, devices: int = 1, poll_s: float = 0.01,
-        **outbox: Any) -> LabConfig:
+def lab(tmp_path: Path, broker: MosquittoBroker, devices: int = 1, poll_s: float = 0.01, **outbox: Any) -> LabConfig:
     data = {
         "site": {"name": "test-lab"},
         "device": [
-            {"name": f"cal-{i}", "station": "hotcell-1", "family": "vik202", "transport": "socket://127.0.0.1:9",
-             "poll_interval_s": poll_s}
+            {
+                "name": f"cal-{i}",
+                "station": "hotcell-1",
+                "family": "vik202",
+                "transport": "socket://127.0.0.1:9",
+                "poll_interval_s": poll_s,
+            }
             for i in range(1, devices + 1)
         ],
         "mqtt": {"host": broker.host, "port": broker.port, "client_id": "ctl-under-test", "keepalive_s": 5},
@@ -135,20 +138,40 @@ async def test_payloads_match_schemas_and_topics(tmp_path: Path, mosquitto: Mosq
         if int(message.payload["activity_bq"]) % 3:
             return []
         p = message.payload
-        return [qc_message(p["site"], p["station"], p["device"], test="constancy", verdict="pass", measured=1.0,
-                           expected=1.0, deviation_pct=0.0, limit="±5 %", limit_source="test",
-                           inputs={"reading": p["msg_id"]})]
+        return [
+            qc_message(
+                p["site"],
+                p["station"],
+                p["device"],
+                test="constancy",
+                verdict="pass",
+                measured=1.0,
+                expected=1.0,
+                deviation_pct=0.0,
+                limit="±5 %",
+                limit_source="test",
+                inputs={"reading": p["msg_id"]},
+            )
+        ]
 
     async with MqttCollector(mosquitto.host, mosquitto.port) as collector:
         async with Lab(lab(tmp_path, mosquitto, devices=2, poll_s=0.02), processors=[qc_every_third]) as running:
-            await collector.wait_for(lambda: all(len(v) >= 10 for v in readings_by_device(collector).values())
-                                     and len(readings_by_device(collector)) == 2, what="10 readings per device")
+            await collector.wait_for(
+                lambda: (
+                    all(len(v) >= 10 for v in readings_by_device(collector).values())
+                    and len(readings_by_device(collector)) == 2
+                ),
+                what="10 readings per device",
+            )
             await running.shutdown()
-        await collector.wait_for(lambda: any(p["state"] == "offline" for p in collector.payloads("controller/status")),
-                                 what="offline status")
+        await collector.wait_for(
+            lambda: any(p["state"] == "offline" for p in collector.payloads("controller/status")), what="offline status"
+        )
 
-    validators = {kind: jsonschema.Draft202012Validator(schema(kind), format_checker=jsonschema.FormatChecker())
-                  for kind in ("reading", "qc_result", "device_status", "controller_status", "controller_alarm")}
+    validators = {
+        kind: jsonschema.Draft202012Validator(schema(kind), format_checker=jsonschema.FormatChecker())
+        for kind in ("reading", "qc_result", "device_status", "controller_status", "controller_alarm")
+    }
     kinds_seen: set[str] = set()
     for topic, payload, _retained in collector.messages:
         kind = payload["schema"].split("/")[0].removeprefix("hotlab.")
@@ -176,15 +199,17 @@ async def test_statuses_are_retained_for_late_subscribers(tmp_path: Path, mosqui
         async with MqttCollector(mosquitto.host, mosquitto.port, client_id="early") as early:
             await early.wait_for(lambda: len(early.payloads("/reading")) >= 20, what="20 readings")
         await running.shutdown()
-    async with MqttCollector(mosquitto.host, mosquitto.port, topic="hotlab/test-lab/+/+/status",
-                             client_id="late") as late:
+    async with MqttCollector(
+        mosquitto.host, mosquitto.port, topic="hotlab/test-lab/+/+/status", client_id="late"
+    ) as late:
         await late.wait_for(lambda: len(late.messages) >= 1, what="retained device status")
     topic, payload, retained = late.messages[0]
     assert topic == "hotlab/test-lab/hotcell-1/cal-1/status" and retained
     assert payload["up"] is False and payload["detail"] == "controller stopped"
     assert payload["errors"] >= 4  # every 4th read timed out and was counted, yet the stream went on
-    async with MqttCollector(mosquitto.host, mosquitto.port, topic="hotlab/test-lab/controller/#",
-                             client_id="late-ctl") as late_ctl:
+    async with MqttCollector(
+        mosquitto.host, mosquitto.port, topic="hotlab/test-lab/controller/#", client_id="late-ctl"
+    ) as late_ctl:
         await late_ctl.wait_for(lambda: len(late_ctl.messages) >= 2, what="retained controller status and alarm")
     retained_states = {t.rsplit("/", 1)[1]: (p, r) for t, p, r in late_ctl.messages}
     assert retained_states["status"][0]["state"] == "offline" and retained_states["status"][1]
@@ -200,13 +225,15 @@ async def test_broker_outage_loses_nothing_and_keeps_order(tmp_path: Path, mosqu
             await asyncio.sleep(3.0)  # the outage itself: devices keep producing into the outbox
             backlog = await running.service.outbox.pending_count("mqtt")  # type: ignore[union-attr]
             await asyncio.to_thread(mosquitto.start)
-            await collector.wait_for(lambda: len(collector.payloads("/reading")) >= produced_before + 100,
-                                     what="readings after the outage")
+            await collector.wait_for(
+                lambda: len(collector.payloads("/reading")) >= produced_before + 100, what="readings after the outage"
+            )
             await running.shutdown()
         produced = {name: list(source.produced) for name, source in running.sources.items()}
         total = sum(len(v) for v in produced.values())
-        await collector.wait_for(lambda: len({p["msg_id"] for p in collector.payloads("/reading")}) >= total,
-                                 what=f"all {total} readings")
+        await collector.wait_for(
+            lambda: len({p["msg_id"] for p in collector.payloads("/reading")}) >= total, what=f"all {total} readings"
+        )
 
     assert backlog > 50, "the outage should have built a backlog in the outbox"
     assert running.service.mqtt is not None and running.service.mqtt.connections >= 2
@@ -218,8 +245,9 @@ async def test_broker_outage_loses_nothing_and_keeps_order(tmp_path: Path, mosqu
         assert repeats <= 2 * window, f"{name}: {repeats} repeats"
 
 
-async def test_full_outbox_holds_device_data_and_raises_alarm(tmp_path: Path, mosquitto: MosquittoBroker,
-                                                             caplog: pytest.LogCaptureFixture) -> None:
+async def test_full_outbox_holds_device_data_and_raises_alarm(
+    tmp_path: Path, mosquitto: MosquittoBroker, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.WARNING)
     config = lab(tmp_path, mosquitto, poll_s=0.005, max_bytes=64 * 1024, warn_fraction=0.5)
     async with MqttCollector(mosquitto.host, mosquitto.port) as collector:
@@ -233,13 +261,18 @@ async def test_full_outbox_holds_device_data_and_raises_alarm(tmp_path: Path, mo
             assert len(running.sources["cal-1"].produced) == held_at, "a full outbox must pause reading"
             assert "OUTBOX ALARM" in caplog.text
             await asyncio.to_thread(mosquitto.start)
-            await collector.wait_for(lambda: any(not p["active"] for p in collector.payloads("controller/alarm"))
-                                     and len(collector.payloads("/reading")) > held_at + 20,
-                                     what="alarm cleared and reading resumed")
+            await collector.wait_for(
+                lambda: (
+                    any(not p["active"] for p in collector.payloads("controller/alarm"))
+                    and len(collector.payloads("/reading")) > held_at + 20
+                ),
+                what="alarm cleared and reading resumed",
+            )
             await running.shutdown()
         produced = list(running.sources["cal-1"].produced)
-        await collector.wait_for(lambda: len({p["msg_id"] for p in collector.payloads("/reading")}) >= len(produced),
-                                 what="every reading")
+        await collector.wait_for(
+            lambda: len({p["msg_id"] for p in collector.payloads("/reading")}) >= len(produced), what="every reading"
+        )
     values, _ = first_occurrences(collector.payloads("/reading"))
     assert values == produced  # the reading held while the outbox was full was not lost
     alarms = collector.payloads("controller/alarm")
@@ -248,9 +281,9 @@ async def test_full_outbox_holds_device_data_and_raises_alarm(tmp_path: Path, mo
     assert service._full_count >= 1
 
 
-async def test_a_crashed_sink_is_started_again_and_loses_nothing(tmp_path: Path, mosquitto: MosquittoBroker,
-                                                                 monkeypatch: pytest.MonkeyPatch,
-                                                                 caplog: pytest.LogCaptureFixture) -> None:
+async def test_a_crashed_sink_is_started_again_and_loses_nothing(
+    tmp_path: Path, mosquitto: MosquittoBroker, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     """A bug that ends the MQTT sink's run() must not leave the lab without MQTT until a restart."""
     crashes_left = [1]
     session = MqttSink._session
@@ -267,8 +300,10 @@ async def test_a_crashed_sink_is_started_again_and_loses_nothing(tmp_path: Path,
             await collector.wait_for(lambda: len(collector.payloads("/reading")) >= 30, what="30 readings")
             await running.shutdown()
         produced = running.sources["cal-1"].produced
-        await collector.wait_for(lambda: len({p["msg_id"] for p in collector.payloads("/reading")}) >= len(produced),
-                                 what=f"all {len(produced)} readings")
+        await collector.wait_for(
+            lambda: len({p["msg_id"] for p in collector.payloads("/reading")}) >= len(produced),
+            what=f"all {len(produced)} readings",
+        )
     values, _repeats = first_occurrences(readings_by_device(collector)["cal-1"])
     assert values == produced
     assert "sink mqtt crashed (1 time(s) so far); starting it again" in caplog.text
@@ -276,8 +311,8 @@ async def test_a_crashed_sink_is_started_again_and_loses_nothing(tmp_path: Path,
 
 
 async def test_a_crashed_history_sink_reopens_its_archive_and_loses_nothing(
-        tmp_path: Path, mosquitto: MosquittoBroker, monkeypatch: pytest.MonkeyPatch,
-        caplog: pytest.LogCaptureFixture) -> None:
+    tmp_path: Path, mosquitto: MosquittoBroker, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     """The history sink closes its archive when it ends; started again after a crash it must open it again."""
     import hotlab.controller.sinks.history
 

@@ -5,7 +5,6 @@ Memory is only a shortcut: every message is in the outbox first, so whatever mem
 connection, in seq order.
 """
 
-# ruff: noqa: F811  (the `mosquitto` fixture is imported by name, and tests take it as a parameter)
 from __future__ import annotations
 
 import asyncio
@@ -15,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from hotlab.controller.config import MqttConfig
-from hotlab.controller.sinks.mqtt import SINK, MqttSink
 from hotlab.controller.outbox import AsyncOutbox, Outbox, StoredPayload
+from hotlab.controller.sinks.mqtt import SINK, MqttSink
 from hotlab.controller.supervisor import Backoff
 from tests.mosquitto_service import MosquittoBroker, MqttCollector, mosquitto  # noqa: F401
 from tests.test_mqtt_puback_timeout import _until, readings, sink_running
@@ -35,7 +34,8 @@ class CountingReads(Outbox):
 
 
 async def test_committed_messages_go_out_from_memory_and_gaps_from_the_outbox(
-        tmp_path: Path, mosquitto: MosquittoBroker) -> None:
+    tmp_path: Path, mosquitto: MosquittoBroker
+) -> None:
     database = CountingReads(tmp_path / "outbox.sqlite3", sinks=(SINK,))
     outbox = AsyncOutbox(database)
     config = MqttConfig(host=mosquitto.host, port=mosquitto.port, client_id="ctl-fresh", inflight_window=32)
@@ -54,7 +54,7 @@ async def test_committed_messages_go_out_from_memory_and_gaps_from_the_outbox(
                 sent += batch
                 await outbox.put_many(batch)
                 sink.notify()
-                await asyncio.wait_for(_until(lambda: sink.published == len(sent)), 20)
+                await asyncio.wait_for(_until(lambda expected=len(sent): sink.published == expected), 20)
             assert database.reads == reads_at_start and outbox.reads_from_memory >= 5
 
             skipped = readings(100, 7)  # committed behind the AsyncOutbox's back: not in its memory
@@ -63,7 +63,7 @@ async def test_committed_messages_go_out_from_memory_and_gaps_from_the_outbox(
             await outbox.put_many(after)
             sink.notify()
             sent += skipped + after
-            await asyncio.wait_for(_until(lambda: sink.published == len(sent)), 20)
+            await asyncio.wait_for(_until(lambda expected=len(sent): sink.published == expected), 20)
             assert database.reads > reads_at_start
             await collector.wait_for(lambda: len(collector.payloads("/reading")) >= len(sent), what="every reading")
             sink.drain(10.0)

@@ -7,7 +7,6 @@ off, reconnect, send what was not acknowledged again, and get everything acknowl
 the outbox works.
 """
 
-# ruff: noqa: F811  (the `mosquitto` fixture is imported by name, and tests take it as a parameter)
 from __future__ import annotations
 
 import asyncio
@@ -20,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from hotlab.controller.config import MqttConfig
-from hotlab.controller.sinks.mqtt import SINK, MqttSink
 from hotlab.controller.outbox import AsyncOutbox, Outbox
+from hotlab.controller.sinks.mqtt import SINK, MqttSink
 from hotlab.controller.supervisor import Backoff
 from tests.mosquitto_service import MosquittoBroker, MqttCollector, mosquitto  # noqa: F401
 from tests.test_mqtt_puback_timeout import _until, readings, sink_running
@@ -43,8 +42,9 @@ class AcksRefused(Outbox):
         super().ack(sink, seqs)
 
 
-async def test_failed_acks_end_the_session_not_the_sink(tmp_path: Path, mosquitto: MosquittoBroker,
-                                                        caplog: pytest.LogCaptureFixture) -> None:
+async def test_failed_acks_end_the_session_not_the_sink(
+    tmp_path: Path, mosquitto: MosquittoBroker, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.INFO, logger="hotlab.controller.sinks.mqtt")
     outbox = AsyncOutbox(AcksRefused(tmp_path / "outbox.sqlite3", refusals=3))
     config = MqttConfig(host=mosquitto.host, port=mosquitto.port, client_id="ctl-ack-refused", inflight_window=32)
@@ -83,7 +83,9 @@ async def test_a_drain_while_the_outbox_fails_goes_offline_at_once(tmp_path: Pat
         await asyncio.wait_for(run, 20)
         drained_in = loop.time() - started
         assert await outbox.pending_count(SINK) == 20  # nothing could be acknowledged: all kept for the next start
-        await collector.wait_for(lambda: collector.payloads("/controller/status", "controller_status")[-1]["state"]
-                                 == "offline", what="the offline status")
+        await collector.wait_for(
+            lambda: collector.payloads("/controller/status", "controller_status")[-1]["state"] == "offline",
+            what="the offline status",
+        )
     assert drained_in < 4.0, f"the drain took {drained_in:.1f} s of its 8 s budget"
     assert collector.payloads("/controller/status", "controller_status")[-1]["backlog"] == 20

@@ -7,7 +7,6 @@ controller's PUBLISHes still reach the broker. Keepalive is long (60 s), so only
 timeout can end that connection within the test's time.
 """
 
-# ruff: noqa: F811  (the `mosquitto` fixture is imported by name, and tests take it as a parameter)
 from __future__ import annotations
 
 import asyncio
@@ -21,8 +20,8 @@ import pytest
 
 from hotlab.controller.config import MqttConfig
 from hotlab.controller.messages import Message, reading_message
-from hotlab.controller.sinks.mqtt import SINK, MqttSink
 from hotlab.controller.outbox import AsyncOutbox, Outbox
+from hotlab.controller.sinks.mqtt import SINK, MqttSink
 from hotlab.controller.supervisor import Backoff
 from hotlab.drivers.records import Reading
 from tests.mosquitto_service import MosquittoBroker, MqttCollector, mosquitto  # noqa: F401
@@ -65,8 +64,10 @@ class SilencingRelay:
         connection = self.connections
         self._open.add(connection)
         broker_reader, broker_writer = await asyncio.open_connection(*self.broker)
-        pumps = [asyncio.create_task(self._pump(client_reader, broker_writer, None)),
-                 asyncio.create_task(self._pump(broker_reader, client_writer, connection))]
+        pumps = [
+            asyncio.create_task(self._pump(client_reader, broker_writer, None)),
+            asyncio.create_task(self._pump(broker_reader, client_writer, connection)),
+        ]
         self._pumps.update(pumps)
         try:
             await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
@@ -89,20 +90,37 @@ class SilencingRelay:
 
 
 def readings(start: int, count: int) -> list[Message]:
-    return [reading_message("site", "hotcell-1", Reading("cal-1", "Tc-99m", float(n), float(n), "Bq", n))
-            for n in range(start, start + count)]
+    return [
+        reading_message("site", "hotcell-1", Reading("cal-1", "Tc-99m", float(n), float(n), "Bq", n))
+        for n in range(start, start + count)
+    ]
 
 
 @pytest.mark.parametrize("from_memory", [False, True], ids=["read-from-the-database", "answered-from-memory"])
 async def test_missing_pubacks_end_the_connection_and_everything_is_resent(
-        tmp_path: Path, mosquitto: MosquittoBroker, from_memory: bool) -> None:
+    tmp_path: Path, mosquitto: MosquittoBroker, from_memory: bool
+) -> None:
     outbox = AsyncOutbox(Outbox(tmp_path / "outbox.sqlite3", sinks=(SINK,)))
-    async with SilencingRelay(mosquitto.host, mosquitto.port) as relay, \
-            MqttCollector(mosquitto.host, mosquitto.port) as collector:
-        config = MqttConfig(host="127.0.0.1", port=relay.port, client_id="ctl-puback", keepalive_s=60,
-                            inflight_window=32, connect_timeout_s=5.0)
-        sink = MqttSink(config, "site", outbox, backoff=Backoff(0.05, 0.2), publish_timeout_s=PUBLISH_TIMEOUT_S,
-                        rng=random.Random(1))
+    async with (
+        SilencingRelay(mosquitto.host, mosquitto.port) as relay,
+        MqttCollector(mosquitto.host, mosquitto.port) as collector,
+    ):
+        config = MqttConfig(
+            host="127.0.0.1",
+            port=relay.port,
+            client_id="ctl-puback",
+            keepalive_s=60,
+            inflight_window=32,
+            connect_timeout_s=5.0,
+        )
+        sink = MqttSink(
+            config,
+            "site",
+            outbox,
+            backoff=Backoff(0.05, 0.2),
+            publish_timeout_s=PUBLISH_TIMEOUT_S,
+            rng=random.Random(1),
+        )
 
         async def commit(messages: list[Message]) -> None:
             if from_memory:

@@ -35,11 +35,20 @@ def examples() -> dict[str, dict[str, Any]]:
     return {
         "reading": reading_message("lab", "hotcell-1", reading).payload,
         "elution": elution_message("lab", record, yield_pct=62.5).payload,
-        "qc_result": qc_message("lab", "hotcell-1", "cal-1", test="constancy", verdict="warn", measured=1.06,
-                                expected=1.0, deviation_pct=6.0, limit="warn 5 %, fail 10 %",
-                                limit_source="AAPM TG-181", inputs={"reference_bq": 1.0}).payload,
-        "device_status": device_status_message("lab", "hotcell-1", "cal-1", up=True, latency_ms=12.5,
-                                               errors=0).payload,
+        "qc_result": qc_message(
+            "lab",
+            "hotcell-1",
+            "cal-1",
+            test="constancy",
+            verdict="warn",
+            measured=1.06,
+            expected=1.0,
+            deviation_pct=6.0,
+            limit="warn 5 %, fail 10 %",
+            limit_source="AAPM TG-181",
+            inputs={"reference_bq": 1.0},
+        ).payload,
+        "device_status": device_status_message("lab", "hotcell-1", "cal-1", up=True, latency_ms=12.5, errors=0).payload,
         "controller_status": controller_status_payload("lab", "ctl", "online", "connected", now, pid=1),
     }
 

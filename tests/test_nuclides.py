@@ -144,11 +144,23 @@ def test_every_spelling_of_every_nuclide_normalises_back_to_its_name(name, spell
 @pytest.mark.parametrize(
     ("text", "name"),
     [
-        ("Ga68", "Ga-68"), ("68Ga", "Ga-68"), ("ga-68", "Ga-68"), ("GA 68", "Ga-68"),
-        ("Tc99m", "Tc-99m"), ("99mTc", "Tc-99m"), ("tc-99m", "Tc-99m"), ("99MTC", "Tc-99m"),
-        ("Lu177", "Lu-177"), ("177Lu", "Lu-177"), ("177mLu", "Lu-177m"), ("F18", "F-18"),
+        ("Ga68", "Ga-68"),
+        ("68Ga", "Ga-68"),
+        ("ga-68", "Ga-68"),
+        ("GA 68", "Ga-68"),
+        ("Tc99m", "Tc-99m"),
+        ("99mTc", "Tc-99m"),
+        ("tc-99m", "Tc-99m"),
+        ("99MTC", "Tc-99m"),
+        ("Lu177", "Lu-177"),
+        ("177Lu", "Lu-177"),
+        ("177mLu", "Lu-177m"),
+        ("F18", "F-18"),
         # "99MO" must be molybdenum-99, not an isomer of oxygen-99.
-        ("99Mo", "Mo-99"), ("99MO", "Mo-99"), ("gallium-68", "Ga-68"), ("Technetium 99m", "Tc-99m"),
+        ("99Mo", "Mo-99"),
+        ("99MO", "Mo-99"),
+        ("gallium-68", "Ga-68"),
+        ("Technetium 99m", "Tc-99m"),
         ("co60", "Co-60"),  # readable, not in the library: normalize_name does not judge that
     ],
 )

@@ -155,7 +155,12 @@ def test_every_committed_message_survives_kill_9(tmp_path: Path) -> None:
         committed = int(writer.stdout.readline())
     os.kill(writer.pid, signal.SIGKILL)
     writer.wait()
-    stored = [row[0] for row in sqlite3.connect(path).execute("SELECT json_extract(payload, '$.activity_bq') FROM message ORDER BY seq")]
+    stored = [
+        row[0]
+        for row in sqlite3.connect(path).execute(
+            "SELECT json_extract(payload, '$.activity_bq') FROM message ORDER BY seq"
+        )
+    ]
     assert committed >= 200
     assert stored[: committed + 1] == [float(n) for n in range(committed + 1)]
 
@@ -232,8 +237,11 @@ async def test_outbox_full_reaches_only_the_producer_whose_messages_do_not_fit(t
     sync = CountingOutbox(tmp_path / "o.sqlite3", sinks=("mqtt",), max_bytes=int(one * 3.5))
     outbox = AsyncOutbox(sync)
     group = GroupCommit(outbox.put_many)
-    results = await asyncio.gather(group.submit([make_message(1), make_message(2)]),
-                                   group.submit([make_message(3), make_message(4)]), return_exceptions=True)
+    results = await asyncio.gather(
+        group.submit([make_message(1), make_message(2)]),
+        group.submit([make_message(3), make_message(4)]),
+        return_exceptions=True,
+    )
     assert results[0] is None
     assert isinstance(results[1], OutboxFull)
     assert stored_values(tmp_path / "o.sqlite3") == [1.0, 2.0]
@@ -270,7 +278,9 @@ GROUP_WRITER = textwrap.dedent(
 def test_every_acknowledged_group_commit_survives_kill_9(tmp_path: Path) -> None:
     path = tmp_path / "o.sqlite3"
     writer = subprocess.Popen(
-        [sys.executable, "-c", GROUP_WRITER, str(path)], stdout=subprocess.PIPE, text=True,
+        [sys.executable, "-c", GROUP_WRITER, str(path)],
+        stdout=subprocess.PIPE,
+        text=True,
         cwd=Path(__file__).parents[1],
     )
     assert writer.stdout is not None

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hotlab.controller.archive import HistoryArchive
-from hotlab.controller.sinks.history import run_history_sink
-from hotlab.controller.sinks.influx_points import message_to_line
 from hotlab.controller.messages import Message, device_status_message, elution_message, qc_message, reading_message
 from hotlab.controller.outbox import AsyncOutbox, Outbox, StoredMessage, StoredPayload
 from hotlab.controller.recent_commits import RecentCommits
+from hotlab.controller.sinks.history import run_history_sink
+from hotlab.controller.sinks.influx_points import message_to_line
 from hotlab.drivers.records import ElutionRecord, Reading
 
 SINKS = ("mqtt", "influx", "history")
@@ -51,24 +51,54 @@ async def counted_outbox(path: Path) -> AsyncIterator[tuple[CountingOutbox, Asyn
 
 
 def reading(n: int) -> Message:
-    return reading_message("site", "hotcell-1", Reading("cal-1", "Ga-68", n * 1e6, n * 1e6, "Bq", 1_700_000_000 + n,
-                                                       extra={"calibration_factor": 193.0}))
+    return reading_message(
+        "site",
+        "hotcell-1",
+        Reading("cal-1", "Ga-68", n * 1e6, n * 1e6, "Bq", 1_700_000_000 + n, extra={"calibration_factor": 193.0}),
+    )
 
 
 def every_kind() -> list[Message]:
     """One message from each builder, with the values the QC engine puts in `inputs` (floats, tuples, nesting)."""
-    elution = ElutionRecord(station="hotcell-1", generator_id="GEN-7", parent_nuclide="Ge-68",
-                            daughter_nuclide="Ga-68", counter=12, activity_bq=1.1e9, volume_ml=5.0,
-                            start_ns=1_700_000_000_000_000_000, end_ns=1_700_000_060_000_000_000,
-                            parent_bq=11.0)
+    elution = ElutionRecord(
+        station="hotcell-1",
+        generator_id="GEN-7",
+        parent_nuclide="Ge-68",
+        daughter_nuclide="Ga-68",
+        counter=12,
+        activity_bq=1.1e9,
+        volume_ml=5.0,
+        start_ns=1_700_000_000_000_000_000,
+        end_ns=1_700_000_060_000_000_000,
+        parent_bq=11.0,
+    )
     return [
         reading(1),
         elution_message("site", elution, yield_pct=71.5),
-        qc_message("site", "hotcell-1", "cal-1", test="accuracy", verdict="warn", measured=1.04e9, expected=1e9,
-                   deviation_pct=4.0, limit="±5 %", limit_source="EANM 2012", time_ns=1_700_000_000_000_000_123,
-                   inputs={"half_life_s": 4062.6, "window": (1, 2), "nested": {"ok": True, "none": None}}),
-        device_status_message("site", "hotcell-1", "cal-1", up=True, latency_ms=3.5, errors=0, detail="",
-                              time_ns=1_700_000_000_000_000_456),
+        qc_message(
+            "site",
+            "hotcell-1",
+            "cal-1",
+            test="accuracy",
+            verdict="warn",
+            measured=1.04e9,
+            expected=1e9,
+            deviation_pct=4.0,
+            limit="±5 %",
+            limit_source="EANM 2012",
+            time_ns=1_700_000_000_000_000_123,
+            inputs={"half_life_s": 4062.6, "window": (1, 2), "nested": {"ok": True, "none": None}},
+        ),
+        device_status_message(
+            "site",
+            "hotcell-1",
+            "cal-1",
+            up=True,
+            latency_ms=3.5,
+            errors=0,
+            detail="",
+            time_ns=1_700_000_000_000_000_456,
+        ),
     ]
 
 
@@ -97,7 +127,10 @@ async def test_memory_answers_exactly_as_the_database_would(tmp_path: Path) -> N
         from_database = database.pending("influx", limit=100)
         for memory, stored in zip(from_memory, from_database, strict=True):
             assert (memory.seq, memory.message.kind, memory.message.topic) == (
-                stored.seq, stored.message.kind, stored.message.topic)
+                stored.seq,
+                stored.message.kind,
+                stored.message.topic,
+            )
             # What the bulk sinks make of it: the InfluxDB line and the archived JSON.
             assert message_to_line(memory.message) == message_to_line(stored.message)
             assert json.dumps(memory.message.payload) == json.dumps(stored.message.payload)

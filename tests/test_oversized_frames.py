@@ -173,7 +173,8 @@ async def flood_rig(family: str, transport: str, monkeypatch: pytest.MonkeyPatch
 @pytest.mark.parametrize("transport", ["pty", "tcp"])
 @pytest.mark.parametrize("family", FAMILIES)
 async def test_a_megabyte_without_terminator_is_a_frame_error_with_bounded_memory_then_reads_resume(
-        family: str, transport: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    family: str, transport: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     async with flood_rig(family, transport, monkeypatch) as rig:
         first = await rig.driver.read()
         assert first.activity_bq == pytest.approx(rig.chamber.expected_display_bq(), rel=0.02)

@@ -14,10 +14,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hotlab.physics.nuclides import NUCLIDES
-from hotlab.physics.units import ACTIVITY_UNITS
 from hotlab.drivers import atomlab500, crc15r, vdc404, vik202
 from hotlab.drivers.records import ChecksumError, FrameError
+from hotlab.physics.nuclides import NUCLIDES
+from hotlab.physics.units import ACTIVITY_UNITS
 from hotlab.simulators import calibrator_atomlab500, calibrator_crc15r, calibrator_vdc404, calibrator_vik202
 from hotlab.simulators.source import CURIE_LADDER
 

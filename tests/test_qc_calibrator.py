@@ -12,7 +12,6 @@ from datetime import datetime
 
 import pytest
 
-from hotlab.physics.nuclides import get_nuclide
 from hotlab.controller.qc.calibrator_rules import (
     ReferenceSource,
     TimedReading,
@@ -26,6 +25,7 @@ from hotlab.controller.qc.calibrator_rules import (
 )
 from hotlab.controller.qc.limits import DEFAULT_LIMITS as LIMITS
 from hotlab.controller.qc.result import QcInputError
+from hotlab.physics.nuclides import get_nuclide
 
 HOUR_NS = 3_600_000_000_000
 TC99M_HALF_LIFE_NS = 21_624_120_000_000  # 6.0067 h
@@ -57,8 +57,9 @@ def test_constancy_cs137_ten_years_after_the_certificate() -> None:
 def test_constancy_warn_and_fail_bands() -> None:
     when = ns("2026-01-01T00:00:00Z")
     expected = constancy(CS137, [1.0], when, LIMITS["constancy"]).expected
-    verdicts = [constancy(CS137, [expected * f], when, LIMITS["constancy"]).verdict
-                for f in (1.05, 1.0501, 0.90, 0.8999)]
+    verdicts = [
+        constancy(CS137, [expected * f], when, LIMITS["constancy"]).verdict for f in (1.05, 1.0501, 0.90, 0.8999)
+    ]
     assert verdicts == ["pass", "warn", "warn", "fail"]
 
 
@@ -91,8 +92,9 @@ def _tc_series(values_mbq: list[float], spacing_ns: int = TC99M_HALF_LIFE_NS) ->
 
 def test_linearity_decay_perfect_series_fits_the_library_half_life() -> None:
     # One point per half-life: 1000, 500, 250, 125 MBq lie exactly on the decay line.
-    point, half_life = linearity_decay(get_nuclide("Tc-99m"), _tc_series([1000, 500, 250, 125]),
-                                       LIMITS["linearity"], LIMITS["linearity_half_life"])
+    point, half_life = linearity_decay(
+        get_nuclide("Tc-99m"), _tc_series([1000, 500, 250, 125]), LIMITS["linearity"], LIMITS["linearity_half_life"]
+    )
     assert point.verdict == "pass" and abs(point.deviation_pct) < 1e-9
     assert half_life.measured == pytest.approx(6.0067 * 3600, rel=1e-9)
     assert half_life.verdict == "pass"
@@ -102,8 +104,9 @@ def test_linearity_decay_middle_point_off() -> None:
     # Three equally spaced points: the least-squares line has the endpoints' slope, and its value
     # at the middle is the geometric mean (1000 * 560 * 250)^(1/3) = 519.249 MBq,
     # so the middle reading 560 deviates 560 / 519.249 - 1 = +7.848 % -> warn.
-    point, half_life = linearity_decay(get_nuclide("Tc-99m"), _tc_series([1000, 560, 250]),
-                                       LIMITS["linearity"], LIMITS["linearity_half_life"])
+    point, half_life = linearity_decay(
+        get_nuclide("Tc-99m"), _tc_series([1000, 560, 250]), LIMITS["linearity"], LIMITS["linearity_half_life"]
+    )
     assert point.expected == pytest.approx(519.2494e6, rel=1e-6)
     assert point.deviation_pct == pytest.approx(7.848, abs=1e-3)
     assert point.verdict == "warn"
@@ -133,21 +136,30 @@ def test_sleeve_method() -> None:
     t0 = ns("2026-03-02T08:00:00Z")
     # Calibration (linear range): unshielded 100 MBq; sleeve A reads 50 MBq at once -> factor 2;
     # sleeve B reads 10 MBq one half-life later, when the source is 50 MBq -> factor 5.
-    factors = sleeve_factors(tc, TimedReading(t0, 100e6), [TimedReading(t0, 50e6, "A"),
-                                                           TimedReading(t0 + TC99M_HALF_LIFE_NS, 10e6, "B")])
+    factors = sleeve_factors(
+        tc, TimedReading(t0, 100e6), [TimedReading(t0, 50e6, "A"), TimedReading(t0 + TC99M_HALF_LIFE_NS, 10e6, "B")]
+    )
     assert factors == pytest.approx({"A": 2.0, "B": 5.0}, rel=1e-12)
     # Test run at 20 GBq: A reads 10 GBq -> 20 GBq; B reads 1.88 GBq one half-life later
     # -> 9.4 GBq, decay-corrected back 2x = 18.8 GBq. Median of (20, 20, 18.8) = 20: B is -6 % -> warn.
     t1 = t0 + 24 * HOUR_NS
-    result = linearity_sleeve(tc, factors, TimedReading(t1, 20e9),
-                              [TimedReading(t1, 10e9, "A"), TimedReading(t1 + TC99M_HALF_LIFE_NS, 1.88e9, "B")],
-                              LIMITS["linearity_sleeve"])
+    result = linearity_sleeve(
+        tc,
+        factors,
+        TimedReading(t1, 20e9),
+        [TimedReading(t1, 10e9, "A"), TimedReading(t1 + TC99M_HALF_LIFE_NS, 1.88e9, "B")],
+        LIMITS["linearity_sleeve"],
+    )
     assert result.deviation_pct == pytest.approx(-6.0, abs=1e-9)
     assert result.verdict == "warn"
     # Exactly -5 % is at the limit and passes.
-    at_limit = linearity_sleeve(tc, factors, TimedReading(t1, 20e9),
-                                [TimedReading(t1, 10e9, "A"), TimedReading(t1 + TC99M_HALF_LIFE_NS, 1.9e9, "B")],
-                                LIMITS["linearity_sleeve"])
+    at_limit = linearity_sleeve(
+        tc,
+        factors,
+        TimedReading(t1, 20e9),
+        [TimedReading(t1, 10e9, "A"), TimedReading(t1 + TC99M_HALF_LIFE_NS, 1.9e9, "B")],
+        LIMITS["linearity_sleeve"],
+    )
     assert at_limit.deviation_pct == pytest.approx(-5.0, abs=1e-9) and at_limit.verdict == "pass"
     with pytest.raises(QcInputError, match="no calibration factor for sleeve 'C'"):
         linearity_sleeve(tc, factors, TimedReading(t1, 20e9), [TimedReading(t1, 1e9, "C")], LIMITS["linearity_sleeve"])
@@ -158,16 +170,21 @@ def test_geometry_syringe_vs_reference_vial() -> None:
     t0 = ns("2026-03-02T08:00:00Z")
     # 10 mL vial reads 370 MBq; the same activity in a 3 mL syringe read one half-life later shows
     # 197.5 MBq -> 395 MBq at the reference time: +6.757 % -> warn, correction factor 370/395 = 0.93671.
-    result = geometry(tc, TimedReading(t0, 370e6, "vial 10 mL"),
-                      [TimedReading(t0, 372e6, "vial 5 mL"), TimedReading(t0 + TC99M_HALF_LIFE_NS, 197.5e6, "syringe 3 mL")],
-                      LIMITS["geometry"])
+    result = geometry(
+        tc,
+        TimedReading(t0, 370e6, "vial 10 mL"),
+        [TimedReading(t0, 372e6, "vial 5 mL"), TimedReading(t0 + TC99M_HALF_LIFE_NS, 197.5e6, "syringe 3 mL")],
+        LIMITS["geometry"],
+    )
     assert result.deviation_pct == pytest.approx(6.757, abs=1e-3)
     assert result.verdict == "warn"
     assert result.inputs["correction_factors"]["syringe 3 mL"] == pytest.approx(0.93671, abs=1e-5)
 
 
-@pytest.mark.parametrize(("reading", "verdict"), [(0.0, "pass"), (37e3, "pass"), (50e3, "warn"), (370e3, "warn"),
-                                                  (-400e3, "fail"), (1e6, "fail")])
+@pytest.mark.parametrize(
+    ("reading", "verdict"),
+    [(0.0, "pass"), (37e3, "pass"), (50e3, "warn"), (370e3, "warn"), (-400e3, "fail"), (1e6, "fail")],
+)
 def test_background(reading: float, verdict: str) -> None:
     result = background(reading, ns("2026-03-02T08:00:00Z"), LIMITS["background"])
     assert result.verdict == verdict

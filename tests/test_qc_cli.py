@@ -11,8 +11,18 @@ import pytest
 
 from hotlab.controller.cli.main import main
 
-CONSTANCY = ["qc", "constancy", "--nuclide", "Cs-137", "--reference", "7.4MBq", "--reference-date",
-             "2016-01-01T00:00:00Z", "--at", "2026-01-01T00:00:00Z"]
+CONSTANCY = [
+    "qc",
+    "constancy",
+    "--nuclide",
+    "Cs-137",
+    "--reference",
+    "7.4MBq",
+    "--reference-date",
+    "2016-01-01T00:00:00Z",
+    "--at",
+    "2026-01-01T00:00:00Z",
+]
 
 
 def run_json(capsys: pytest.CaptureFixture[str], *argv: str) -> list[dict]:
@@ -45,15 +55,36 @@ def test_site_limits_from_config(tmp_path: Path, capsys: pytest.CaptureFixture[s
 
 
 def test_linearity_elution_mo99_dosage(capsys: pytest.CaptureFixture[str]) -> None:
-    linearity = run_json(capsys, "qc", "linearity", "--nuclide", "Tc-99m",
-                         "--reading", "2026-03-02T00:00:00Z=1000MBq",
-                         "--reading", "2026-03-02T06:00:24.120Z=560MBq",
-                         "--reading", "2026-03-02T12:00:48.240Z=250MBq")
+    linearity = run_json(
+        capsys,
+        "qc",
+        "linearity",
+        "--nuclide",
+        "Tc-99m",
+        "--reading",
+        "2026-03-02T00:00:00Z=1000MBq",
+        "--reading",
+        "2026-03-02T06:00:24.120Z=560MBq",
+        "--reading",
+        "2026-03-02T12:00:48.240Z=250MBq",
+    )
     assert [p["test"] for p in linearity] == ["linearity", "linearity_half_life"]
     assert linearity[0]["deviation_pct"] == pytest.approx(7.848, abs=1e-3)
-    [elution] = run_json(capsys, "qc", "elution", "--parent", "Ge-68", "--calibration", "1.85GBq",
-                         "--calibration-date", "2026-01-01T00:00:00Z", "--eluted", "1.2GBq",
-                         "--at", "2026-03-01T00:00:00Z")
+    [elution] = run_json(
+        capsys,
+        "qc",
+        "elution",
+        "--parent",
+        "Ge-68",
+        "--calibration",
+        "1.85GBq",
+        "--calibration-date",
+        "2026-01-01T00:00:00Z",
+        "--eluted",
+        "1.2GBq",
+        "--at",
+        "2026-03-01T00:00:00Z",
+    )
     assert elution["value_judged"] == pytest.approx(75.42, abs=0.01)
     [mo] = run_json(capsys, "qc", "mo99", "--mo99", "0 Bq", "--tc99m", "37GBq", "--at", "2026-03-01T06:00:00Z")
     assert mo["measured"] == 0.0 and mo["inputs"]["exceeds_limit_at"] is None
@@ -63,9 +94,21 @@ def test_linearity_elution_mo99_dosage(capsys: pytest.CaptureFixture[str]) -> No
     assert default["verdict"] == "fail" and default["inputs"]["judged_time"] == "2026-03-01T18:00:00.000000Z"
     [six] = run_json(capsys, *mo99, "--horizon-h", "6")
     assert six["verdict"] == "pass" and six["measured"] == pytest.approx(0.112579, abs=1e-5)
-    [dose] = run_json(capsys, "qc", "dosage", "--nuclide", "F-18", "--measured", "430MBq",
-                      "--prescribed", "370MBq", "--at", "2026-03-01T08:00:00Z",
-                      "--administration", "2026-03-01T09:00:00Z")
+    [dose] = run_json(
+        capsys,
+        "qc",
+        "dosage",
+        "--nuclide",
+        "F-18",
+        "--measured",
+        "430MBq",
+        "--prescribed",
+        "370MBq",
+        "--at",
+        "2026-03-01T08:00:00Z",
+        "--administration",
+        "2026-03-01T09:00:00Z",
+    )
     assert dose["verdict"] == "fail" and dose["alarm"] is True
 
 
@@ -73,20 +116,75 @@ def test_linearity_elution_mo99_dosage(capsys: pytest.CaptureFixture[str]) -> No
     ("argv", "message"),
     [
         ([*CONSTANCY, "--measured=-5.8MBq"], "activity must not be negative"),
-        (["qc", "constancy", "--nuclide", "Cs-137", "--reference", "7.4MBq", "--reference-date", "2026-01-01T00:00:00Z",
-          "--at", "2025-01-01T00:00:00Z", "--measured", "7MBq"], "is before reference date"),
-        (["qc", "dosage", "--nuclide", "Fl-18", "--measured", "5MBq", "--prescribed", "5MBq",
-          "--administration", "2026-03-01T09:00:00Z"], "did you mean F-18"),
-        (["qc", "breakthrough", "--eluate", "1GBq", "--end-of-elution", "2026-03-01T10:00:00Z", "--remeasured", "10Bq",
-          "--at", "2026-03-02T10:00:00Z"], "Ph. Eur. 2464 requires >= 48 h"),
+        (
+            [
+                "qc",
+                "constancy",
+                "--nuclide",
+                "Cs-137",
+                "--reference",
+                "7.4MBq",
+                "--reference-date",
+                "2026-01-01T00:00:00Z",
+                "--at",
+                "2025-01-01T00:00:00Z",
+                "--measured",
+                "7MBq",
+            ],
+            "is before reference date",
+        ),
+        (
+            [
+                "qc",
+                "dosage",
+                "--nuclide",
+                "Fl-18",
+                "--measured",
+                "5MBq",
+                "--prescribed",
+                "5MBq",
+                "--administration",
+                "2026-03-01T09:00:00Z",
+            ],
+            "did you mean F-18",
+        ),
+        (
+            [
+                "qc",
+                "breakthrough",
+                "--eluate",
+                "1GBq",
+                "--end-of-elution",
+                "2026-03-01T10:00:00Z",
+                "--remeasured",
+                "10Bq",
+                "--at",
+                "2026-03-02T10:00:00Z",
+            ],
+            "Ph. Eur. 2464 requires >= 48 h",
+        ),
         ([*CONSTANCY, "--measured", "5.8"], "expected a number and a unit"),
         ([*CONSTANCY[:-1], "yesterday", "--measured", "5.8MBq"], "cannot read time 'yesterday'"),
-        (["qc", "elution", "--parent", "Cs-137", "--calibration", "1GBq", "--calibration-date", "2026-01-01T00:00:00Z",
-          "--eluted", "1GBq"], "no elution-yield limit"),
+        (
+            [
+                "qc",
+                "elution",
+                "--parent",
+                "Cs-137",
+                "--calibration",
+                "1GBq",
+                "--calibration-date",
+                "2026-01-01T00:00:00Z",
+                "--eluted",
+                "1GBq",
+            ],
+            "no elution-yield limit",
+        ),
     ],
 )
-def test_bad_input_exits_2_with_a_clear_message(argv: list[str], message: str,
-                                                capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_input_exits_2_with_a_clear_message(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(argv) == 2
     assert message in capsys.readouterr().err
 

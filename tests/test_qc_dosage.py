@@ -6,10 +6,10 @@ from datetime import datetime
 
 import pytest
 
-from hotlab.physics.nuclides import get_nuclide
 from hotlab.controller.qc.dosage import dosage_check
 from hotlab.controller.qc.limits import DEFAULT_LIMITS as LIMITS
 from hotlab.controller.qc.result import QcInputError
+from hotlab.physics.nuclides import get_nuclide
 
 F18 = get_nuclide("F-18")
 T0 = int(datetime.fromisoformat("2026-03-01T08:00:00Z").timestamp()) * 1_000_000_000
@@ -20,7 +20,7 @@ ONE_HOUR_LATER = T0 + 3_600_000_000_000
     ("measured_mbq", "deviation", "verdict"),
     [
         # 60 min of F-18 decay: 2^(-60/109.77) = 0.684633.
-        (550.0, 1.7698, "pass"),   # 550 * 0.684633 = 376.548 MBq vs 370: +1.770 %
+        (550.0, 1.7698, "pass"),  # 550 * 0.684633 = 376.548 MBq vs 370: +1.770 %
         (430.0, -20.4346, "fail"),  # 430 * 0.684633 = 294.392 MBq: -20.435 %
         (440.0, -18.5842, "pass"),  # 440 * 0.684633 = 301.238 MBq: -18.584 %
     ],

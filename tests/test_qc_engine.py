@@ -54,14 +54,17 @@ def engine() -> QcEngine:
     return QcEngine("lab1", QcConfig.from_mapping(tomllib.loads(CONFIG)))
 
 
-def reading(activity_bq: float, when: str, nuclide: str | None = "Cs-137", device: str = "calib1",
-            **extra: float | str) -> object:
+def reading(
+    activity_bq: float, when: str, nuclide: str | None = "Cs-137", device: str = "calib1", **extra: float | str
+) -> object:
     record = Reading(device, nuclide, activity_bq, activity_bq / 1e6, "MBq", ns(when), b"frame", dict(extra))
     return reading_message("lab1", "hotcell", record)
 
 
 def elution(counter: int, activity_bq: float, end_ns: int) -> object:
-    record = ElutionRecord("gastation", "GA-1", "Ge-68", "Ga-68", counter, activity_bq, 5.0, end_ns - 300 * 10**9, end_ns)
+    record = ElutionRecord(
+        "gastation", "GA-1", "Ge-68", "Ga-68", counter, activity_bq, 5.0, end_ns - 300 * 10**9, end_ns
+    )
     return elution_message("lab1", record)
 
 
@@ -101,21 +104,40 @@ def test_patient_readings_are_not_qc(engine: QcEngine) -> None:
 
 
 def test_tagged_readings(engine: QcEngine) -> None:
-    [accuracy] = judge(engine, reading(118e6, "2025-11-25T00:00:00Z", nuclide="Co-57", qc="accuracy",
-                                       source="CO-57-REF")).results
+    [accuracy] = judge(
+        engine, reading(118e6, "2025-11-25T00:00:00Z", nuclide="Co-57", qc="accuracy", source="CO-57-REF")
+    ).results
     assert accuracy.payload["test"] == "accuracy" and accuracy.payload["verdict"] == "pass"
     [bg] = judge(engine, reading(400e3, "2026-01-01T07:00:00Z", nuclide="Tc-99m", qc="background")).results
     assert (bg.payload["test"], bg.payload["verdict"]) == ("background", "fail")
-    [dose] = judge(engine, reading(550e6, "2026-03-01T08:00:00Z", nuclide="F-18", qc="dosage",
-                                   prescribed_bq="370 MBq", administration_time="2026-03-01T09:00:00Z")).results
+    [dose] = judge(
+        engine,
+        reading(
+            550e6,
+            "2026-03-01T08:00:00Z",
+            nuclide="F-18",
+            qc="dosage",
+            prescribed_bq="370 MBq",
+            administration_time="2026-03-01T09:00:00Z",
+        ),
+    ).results
     assert dose.payload["deviation_pct"] == pytest.approx(1.7698, abs=1e-3)
     # 0.05 kBq/MBq at the assay, no administration time: judged at assay + 12 h, 0.05 * 2^(12 * 0.151318) = 0.17603.
     [mo] = judge(engine, reading(1.85e6, "2026-03-01T06:00:00Z", nuclide="Mo-99", qc="mo99", tc99m_bq=37e9)).results
     assert mo.payload["measured"] == pytest.approx(0.17603, abs=1e-5) and mo.payload["verdict"] == "fail"
     assert mo.payload["inputs"]["judged_time"] == "2026-03-01T18:00:00.000000Z"
     assert mo.payload["inputs"]["exceeds_limit_after_s"] / 3600 == pytest.approx(10.4744, abs=1e-4)
-    [given] = judge(engine, reading(1.85e6, "2026-03-01T06:00:00Z", nuclide="Mo-99", qc="mo99", tc99m_bq=37e9,
-                                    administration_time="2026-03-01T14:00:00Z")).results
+    [given] = judge(
+        engine,
+        reading(
+            1.85e6,
+            "2026-03-01T06:00:00Z",
+            nuclide="Mo-99",
+            qc="mo99",
+            tc99m_bq=37e9,
+            administration_time="2026-03-01T14:00:00Z",
+        ),
+    ).results
     assert given.payload["measured"] == pytest.approx(0.11571, abs=1e-5) and given.payload["verdict"] == "pass"
 
 
@@ -181,8 +203,18 @@ def test_elution_stream_yield_residual_trend_and_breakthrough(engine: QcEngine) 
     assert trend["test"] == "elution_yield_trend"
     assert trend["inputs"]["slope_pct_per_day"] < 0
     # Ge-68 re-measurement of elution 1, 72 h later, 10 Bq -> 1.0075e-6 % * (1 GBq / 1.2 GBq) -> pass.
-    ge = judge(engine, reading(10.0, "2026-03-04T00:00:00Z", nuclide="Ga-68", device="calib1",
-                               qc="ge68_breakthrough", generator="GA-1", elution_counter=1)).results
+    ge = judge(
+        engine,
+        reading(
+            10.0,
+            "2026-03-04T00:00:00Z",
+            nuclide="Ga-68",
+            device="calib1",
+            qc="ge68_breakthrough",
+            generator="GA-1",
+            elution_counter=1,
+        ),
+    ).results
     assert ge[0].payload["test"] == "ge68_breakthrough"
     assert ge[0].payload["measured"] == pytest.approx(1.00753e-6 / 1.2, rel=1e-4)
     assert json.dumps([m.payload for m in out.messages + second.messages + ge], allow_nan=False)
@@ -199,14 +231,24 @@ def test_elution_of_unconfigured_generator_is_passed_through(engine: QcEngine) -
     ("toml_text", "message"),
     [
         ("[sources.X]\nnuclide='Cs-137'\nactivity='7.4 MBq'", "qc.sources.X.reference_time is required"),
-        ("[sources.X]\nnuclide='Cs-999'\nactivity='7.4 MBq'\nreference_time=2020-01-01T00:00:00Z", "not in the library"),
-        ("[sources.X]\nnuclide='Cs-137'\nactivity='-7 MBq'\nreference_time=2020-01-01T00:00:00Z", "must not be negative"),
+        (
+            "[sources.X]\nnuclide='Cs-999'\nactivity='7.4 MBq'\nreference_time=2020-01-01T00:00:00Z",
+            "not in the library",
+        ),
+        (
+            "[sources.X]\nnuclide='Cs-137'\nactivity='-7 MBq'\nreference_time=2020-01-01T00:00:00Z",
+            "must not be negative",
+        ),
         ("[sources.X]\nnuclide='Cs-137'\nactivity='7 MBq'\nreference_time=2020-01-01T00:00:00", "has no timezone"),
         ("[devices.calib1]\ncheck_source='Y'", "no source 'Y' under [qc.sources]"),
-        ("[generators.G]\nparent='Cs-137'\nactivity='1 GBq'\ncalibration_time=2020-01-01T00:00:00Z",
-         "qc.generators.G: no elution-yield limit for daughter 'Ba-137m' of Cs-137"),
-        ("[sources.X]\nnuclide='Cs-137'\nactivity='7 MBq'\nreference_time=2020-01-01T00:00:00Z\nuncertainty_pct='3'",
-         "qc.sources.X.uncertainty_pct must be a number"),
+        (
+            "[generators.G]\nparent='Cs-137'\nactivity='1 GBq'\ncalibration_time=2020-01-01T00:00:00Z",
+            "qc.generators.G: no elution-yield limit for daughter 'Ba-137m' of Cs-137",
+        ),
+        (
+            "[sources.X]\nnuclide='Cs-137'\nactivity='7 MBq'\nreference_time=2020-01-01T00:00:00Z\nuncertainty_pct='3'",
+            "qc.sources.X.uncertainty_pct must be a number",
+        ),
         ("trend_min_points = 2", "trend_min_points must be an integer >= 3"),
         ("mo99_judge_horizon_h = -1", "mo99_judge_horizon_h must be a number of hours from 0 to 72"),
         ("colour = 'red'", "unknown key(s) ['colour']"),

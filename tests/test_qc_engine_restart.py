@@ -35,13 +35,17 @@ last_elution = 2026-02-28T00:00:00Z   # the stale seed a restart used to fall ba
 
 
 def elution(counter: int, activity_bq: float, end_ns: int) -> Message:
-    record = ElutionRecord("gastation", "GA-1", "Ge-68", "Ga-68", counter, activity_bq, 5.0, end_ns - 300 * 10**9, end_ns)
+    record = ElutionRecord(
+        "gastation", "GA-1", "Ge-68", "Ga-68", counter, activity_bq, 5.0, end_ns - 300 * 10**9, end_ns
+    )
     return elution_message("lab1", record)
 
 
 def ge68_reading(counter: int, at_ns: int, activity_bq: float = 10.0) -> Message:
     extra = {"qc": "ge68_breakthrough", "generator": "GA-1", "elution_counter": counter}
-    return reading_message("lab1", "hotcell", Reading("calib1", "Ga-68", activity_bq, activity_bq, "Bq", at_ns, b"", extra))
+    return reading_message(
+        "lab1", "hotcell", Reading("calib1", "Ga-68", activity_bq, activity_bq, "Bq", at_ns, b"", extra)
+    )
 
 
 def new_engine() -> QcEngine:
@@ -58,8 +62,16 @@ def commit(engine: QcEngine, archive: HistoryArchive, *messages: Message) -> QcO
 
 def verdicts(outcome: QcOutcome) -> list[tuple[str, str, float, float, float]]:
     """What a verdict says, without its msg_id (new on every call)."""
-    return [(m.payload["test"], m.payload["verdict"], m.payload["measured"], m.payload["expected"],
-             m.payload["value_judged"]) for m in outcome.results]
+    return [
+        (
+            m.payload["test"],
+            m.payload["verdict"],
+            m.payload["measured"],
+            m.payload["expected"],
+            m.payload["value_judged"],
+        )
+        for m in outcome.results
+    ]
 
 
 def eighty_percent_one_hour_later() -> tuple[Message, Message]:

@@ -10,9 +10,9 @@ import math
 from datetime import datetime
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from hotlab.physics.nuclides import get_nuclide
 from hotlab.controller.qc.calibrator_rules import TimedReading
 from hotlab.controller.qc.generator_rules import (
     GeneratorSpec,
@@ -26,6 +26,7 @@ from hotlab.controller.qc.generator_rules import (
 )
 from hotlab.controller.qc.limits import DEFAULT_LIMITS as LIMITS
 from hotlab.controller.qc.result import QcInputError
+from hotlab.physics.nuclides import get_nuclide
 
 HOUR_NS = 3_600_000_000_000
 MINUTE_NS = 60_000_000_000
@@ -77,8 +78,13 @@ def test_tc99m_available_one_day_after_elution() -> None:
 
 def test_elution_before_the_previous_one_is_rejected() -> None:
     with pytest.raises(QcInputError, match="before previous elution"):
-        elution_yield(GA_GEN, 1e9, ns("2026-03-01T00:00:00Z"), LIMITS["elution_yield_ga68"],
-                      last_elution_ns=ns("2026-03-02T00:00:00Z"))
+        elution_yield(
+            GA_GEN,
+            1e9,
+            ns("2026-03-01T00:00:00Z"),
+            LIMITS["elution_yield_ga68"],
+            last_elution_ns=ns("2026-03-02T00:00:00Z"),
+        )
 
 
 def test_yield_trend_declining_generator() -> None:
@@ -130,7 +136,9 @@ def test_ge68_breakthrough_exactly_at_the_limit_passes_and_aliquots_scale() -> N
     eoe = ns("2026-03-01T10:00:00Z")
     equilibrium = 1 / (1 - 67.83 / (270.95 * 1440))  # = 1.000174
     reading = 100.0 * equilibrium * (2 ** (-2 / 270.95) - 2 ** (-2880 / 67.83)) + 10e6 * 2 ** (-2880 / 67.83)
-    result = ge68_breakthrough(1e9, eoe, reading, eoe + 48 * HOUR_NS, LIMITS["ge68_breakthrough"], aliquot_fraction=0.01)
+    result = ge68_breakthrough(
+        1e9, eoe, reading, eoe + 48 * HOUR_NS, LIMITS["ge68_breakthrough"], aliquot_fraction=0.01
+    )
     assert result.measured == pytest.approx(0.001, rel=1e-8)
     assert result.verdict == "pass"
 
@@ -141,13 +149,15 @@ def test_ge68_remeasured_too_early_is_rejected() -> None:
         ge68_breakthrough(1e9, eoe, 10.0, eoe + 47 * HOUR_NS, LIMITS["ge68_breakthrough"])
 
 
-@pytest.mark.parametrize(("minutes", "verdict"), [(67.83, "pass"), (62.0, "pass"), (74.0, "pass"), (60.0, "fail"),
-                                                  (75.0, "fail")])
+@pytest.mark.parametrize(
+    ("minutes", "verdict"), [(67.83, "pass"), (62.0, "pass"), (74.0, "pass"), (60.0, "fail"), (75.0, "fail")]
+)
 def test_ga68_half_life_identity(minutes: float, verdict: str) -> None:
     # Readings one assumed half-life apart that halve: T = dt * ln2 / ln(2) = dt.
     t0 = ns("2026-03-01T10:00:00Z")
-    result = ga68_half_life(TimedReading(t0, 800e6), TimedReading(t0 + round(minutes * MINUTE_NS), 400e6),
-                            LIMITS["ga68_half_life"])
+    result = ga68_half_life(
+        TimedReading(t0, 800e6), TimedReading(t0 + round(minutes * MINUTE_NS), 400e6), LIMITS["ga68_half_life"]
+    )
     assert result.measured == pytest.approx(minutes, rel=1e-9)
     assert result.verdict == verdict
 
@@ -226,6 +236,7 @@ def test_mo99_closed_form_matches_the_decay_law(ratio: float, tc99m_bq: float) -
     t0 = ns("2026-03-01T06:00:00Z")
     mo99_bq = ratio * tc99m_bq / 1e3
     exceed_s = mo99_exceed_after_s(ratio, 0.15)
-    at_exceed = mo99_breakthrough(mo99_bq, tc99m_bq, t0, LIMITS["mo99_breakthrough"],
-                                  administration_ns=t0 + round(exceed_s * 1e9))
+    at_exceed = mo99_breakthrough(
+        mo99_bq, tc99m_bq, t0, LIMITS["mo99_breakthrough"], administration_ns=t0 + round(exceed_s * 1e9)
+    )
     assert at_exceed.measured == pytest.approx(0.15, rel=1e-7)

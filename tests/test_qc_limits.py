@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from hotlab.controller.qc.limits import DEFAULT_LIMITS, Limit, LimitKind, QcConfigError, load_limits
 
@@ -18,8 +19,16 @@ def test_every_default_names_its_source() -> None:
 
 @pytest.mark.parametrize(
     ("deviation", "verdict"),
-    [(0.0, "pass"), (5.0, "pass"), (-5.0, "pass"), (5.0001, "warn"), (10.0, "warn"), (-10.0, "warn"),
-     (10.0001, "fail"), (-12.0, "fail")],
+    [
+        (0.0, "pass"),
+        (5.0, "pass"),
+        (-5.0, "pass"),
+        (5.0001, "warn"),
+        (10.0, "warn"),
+        (-10.0, "warn"),
+        (10.0001, "fail"),
+        (-12.0, "fail"),
+    ],
 )
 def test_tolerance_at_the_limit_is_within(deviation: float, verdict: str) -> None:
     assert DEFAULT_LIMITS["constancy"].judge(deviation) == verdict

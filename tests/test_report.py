@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from hotlab.controller.archive import HistoryArchive, TimeRange
 from hotlab.controller.audit import ELUTION_ABORT, ELUTION_START, FAULT_ACKNOWLEDGE, QC_MANUAL_ENTRY, AuditLog
 from hotlab.controller.cli.main import main as hotlab
-from hotlab.controller.archive import HistoryArchive, TimeRange
 from hotlab.controller.messages import Message, device_status_message, elution_message, qc_message, reading_message
 from hotlab.controller.report import build_figures, collect, judged_value, render_html
 from hotlab.controller.report_plots import draw_limit_bands, linearity_figure, new_figure
@@ -36,12 +36,36 @@ def tolerance_verdict(dev: float) -> str:
     return "pass" if abs(dev) <= 5 else "warn" if abs(dev) <= 10 else "fail"
 
 
-def qc(device: str, test: str, time_ns: int, *, measured: float, expected: float, unit: str, judged: float,
-       verdict: str, limit_values: dict | None, limit: str, source: str, inputs: dict) -> Message:
+def qc(
+    device: str,
+    test: str,
+    time_ns: int,
+    *,
+    measured: float,
+    expected: float,
+    unit: str,
+    judged: float,
+    verdict: str,
+    limit_values: dict | None,
+    limit: str,
+    source: str,
+    inputs: dict,
+) -> Message:
     """A qc_result as the QC engine sends it: the builder's payload plus the engine's extra fields."""
-    base = qc_message(SITE, STATION, device, test=test, verdict=verdict, measured=measured, expected=expected,
-                      deviation_pct=(measured / expected - 1) * 100, limit=limit, limit_source=source, inputs=inputs,
-                      time_ns=time_ns)
+    base = qc_message(
+        SITE,
+        STATION,
+        device,
+        test=test,
+        verdict=verdict,
+        measured=measured,
+        expected=expected,
+        deviation_pct=(measured / expected - 1) * 100,
+        limit=limit,
+        limit_source=source,
+        inputs=inputs,
+        time_ns=time_ns,
+    )
     extra = {"alarm": verdict != "pass", "unit": unit, "value_judged": judged, "detail": f"{test} on {device}"}
     if limit_values is not None:
         extra["limit_values"] = limit_values
@@ -73,37 +97,86 @@ def recorded_november() -> RecordedRun:
             if device == "crc-2" and day == 20:
                 dev = -11.0  # one fail
             measured = expected * (1 + dev / 100)
-            messages.append(qc(device, "constancy", t, measured=measured, expected=expected, unit="Bq", judged=dev,
-                               verdict=tolerance_verdict(dev), limit_values=TOLERANCE,
-                               limit="pass |dev| <= 5 %, warn <= 10 %, fail > 10 %", source=TG181,
-                               inputs={"source_id": "CS-137-A", "nuclide": "Cs-137", "reference_bq": 7.4e6,
-                                       "readings_bq": [measured]}))
-            messages.append(reading_message(SITE, STATION, Reading(device, "Cs-137", measured, measured / 3.7e7, "mCi", t)))
+            messages.append(
+                qc(
+                    device,
+                    "constancy",
+                    t,
+                    measured=measured,
+                    expected=expected,
+                    unit="Bq",
+                    judged=dev,
+                    verdict=tolerance_verdict(dev),
+                    limit_values=TOLERANCE,
+                    limit="pass |dev| <= 5 %, warn <= 10 %, fail > 10 %",
+                    source=TG181,
+                    inputs={
+                        "source_id": "CS-137-A",
+                        "nuclide": "Cs-137",
+                        "reference_bq": 7.4e6,
+                        "readings_bq": [measured],
+                    },
+                )
+            )
+            messages.append(
+                reading_message(SITE, STATION, Reading(device, "Cs-137", measured, measured / 3.7e7, "mCi", t))
+            )
             messages.append(device_status_message(SITE, STATION, device, up=True, latency_ms=40.0, errors=0, time_ns=t))
 
     # Linearity by decay: a Tc-99m vial read every 4 h for 2 days, crc-1 slightly non-linear at the top.
     t0 = NOV_1 + 3 * DAY_NS + 8 * HOUR_NS
     times = [t0 + i * 4 * HOUR_NS for i in range(13)]
-    activity = [3.7e10 * 2 ** (-(t - t0) / 1e9 / TC99M_HALF_LIFE_S) * (1.012 if i == 0 else 1.0) for i, t in enumerate(times)]
+    activity = [
+        3.7e10 * 2 ** (-(t - t0) / 1e9 / TC99M_HALF_LIFE_S) * (1.012 if i == 0 else 1.0) for i, t in enumerate(times)
+    ]
     t_s = np.array([(t - t0) / 1e9 for t in times])
     slope, intercept = np.polyfit(t_s, np.log(activity), 1)
     fitted = np.exp(intercept + slope * t_s)
     devs = (np.array(activity) / fitted - 1) * 100
     worst = int(np.argmax(np.abs(devs)))
-    points = [{"time_ns": t, "activity_bq": a, "fitted_bq": float(f), "deviation_pct": float(d)}
-              for t, a, f, d in zip(times, activity, fitted, devs)]
-    linearity_inputs = {"nuclide": "Tc-99m", "half_life_s": TC99M_HALF_LIFE_S, "fitted_half_life_s": math.log(2) / -slope,
-                        "points": points}
-    messages.append(qc("crc-1", "linearity", times[-1], measured=activity[worst], expected=float(fitted[worst]), unit="Bq",
-                       judged=float(devs[worst]), verdict=tolerance_verdict(float(devs[worst])),
-                       limit_values=TOLERANCE, limit="pass |dev| <= 5 %, warn <= 10 %, fail > 10 %", source=TG181,
-                       inputs=linearity_inputs))
+    points = [
+        {"time_ns": t, "activity_bq": a, "fitted_bq": float(f), "deviation_pct": float(d)}
+        for t, a, f, d in zip(times, activity, fitted, devs)
+    ]
+    linearity_inputs = {
+        "nuclide": "Tc-99m",
+        "half_life_s": TC99M_HALF_LIFE_S,
+        "fitted_half_life_s": math.log(2) / -slope,
+        "points": points,
+    }
+    messages.append(
+        qc(
+            "crc-1",
+            "linearity",
+            times[-1],
+            measured=activity[worst],
+            expected=float(fitted[worst]),
+            unit="Bq",
+            judged=float(devs[worst]),
+            verdict=tolerance_verdict(float(devs[worst])),
+            limit_values=TOLERANCE,
+            limit="pass |dev| <= 5 %, warn <= 10 %, fail > 10 %",
+            source=TG181,
+            inputs=linearity_inputs,
+        )
+    )
     hl_dev = (math.log(2) / -slope / TC99M_HALF_LIFE_S - 1) * 100
-    messages.append(qc("crc-1", "linearity_half_life", times[-1], measured=math.log(2) / -slope,
-                       expected=TC99M_HALF_LIFE_S, unit="s", judged=hl_dev, verdict=tolerance_verdict(hl_dev / 2.5),
-                       limit_values={"kind": "tolerance", "unit": "%", "warn": 2.0, "fail": 5.0},
-                       limit="pass |dev| <= 2 %, warn <= 5 %, fail > 5 %", source="hotlab engineering default",
-                       inputs=linearity_inputs))
+    messages.append(
+        qc(
+            "crc-1",
+            "linearity_half_life",
+            times[-1],
+            measured=math.log(2) / -slope,
+            expected=TC99M_HALF_LIFE_S,
+            unit="s",
+            judged=hl_dev,
+            verdict=tolerance_verdict(hl_dev / 2.5),
+            limit_values={"kind": "tolerance", "unit": "%", "warn": 2.0, "fail": 5.0},
+            limit="pass |dev| <= 2 %, warn <= 5 %, fail > 5 %",
+            source="hotlab engineering default",
+            inputs=linearity_inputs,
+        )
+    )
 
     # Ge-68/Ga-68 generator: one elution a working day, yield slowly declining; Ge-68 breakthrough weekly.
     floor = {"kind": "floor", "unit": "%", "warn": 65.0, "fail": 60.0}
@@ -113,39 +186,103 @@ def recorded_november() -> RecordedRun:
         if day == 25:
             yield_pct = 63.5
         available = 1.4e9 * 2 ** (-day / 270.95)  # Ge-68 T1/2 = 270.95 d (ENSDF)
-        record = ElutionRecord(STATION, "gen-GE-1", "Ge-68", "Ga-68", counter, available * yield_pct / 100, 5.0,
-                               end - 150 * 1_000_000_000, end)
+        record = ElutionRecord(
+            STATION,
+            "gen-GE-1",
+            "Ge-68",
+            "Ga-68",
+            counter,
+            available * yield_pct / 100,
+            5.0,
+            end - 150 * 1_000_000_000,
+            end,
+        )
         messages.append(elution_message(SITE, record, yield_pct=yield_pct))
         verdict = "pass" if yield_pct >= 65 else "warn" if yield_pct >= 60 else "fail"
-        messages.append(qc("gen-GE-1", "elution_yield", end, measured=record.activity_bq, expected=available, unit="Bq",
-                           judged=yield_pct, verdict=verdict, limit_values=floor,
-                           limit="pass value >= 65 %, warn >= 60 %, fail < 60 %",
-                           source="GalliaPharm SmPC section 2", inputs={"generator": "gen-GE-1", "yield_pct": yield_pct}))
+        messages.append(
+            qc(
+                "gen-GE-1",
+                "elution_yield",
+                end,
+                measured=record.activity_bq,
+                expected=available,
+                unit="Bq",
+                judged=yield_pct,
+                verdict=verdict,
+                limit_values=floor,
+                limit="pass value >= 65 %, warn >= 60 %, fail < 60 %",
+                source="GalliaPharm SmPC section 2",
+                inputs={"generator": "gen-GE-1", "yield_pct": yield_pct},
+            )
+        )
         if day % 7 == 2:
             bt = 1.2e-4 + day * 1e-6
-            messages.append(qc("gen-GE-1", "ge68_breakthrough", end + 50 * HOUR_NS, measured=bt, expected=0.001, unit="%",
-                               judged=bt, verdict="pass", limit_values={"kind": "ceiling", "unit": "%", "fail": 0.001},
-                               limit="pass value <= 0.001 %, fail > 0.001 %",
-                               source="Ph. Eur. 2464 Gallium (68Ga) chloride solution for radiolabelling: Ge-68 max 0.001 %",
-                               inputs={"generator": "gen-GE-1", "delay_s": 50 * 3600.0}))
+            messages.append(
+                qc(
+                    "gen-GE-1",
+                    "ge68_breakthrough",
+                    end + 50 * HOUR_NS,
+                    measured=bt,
+                    expected=0.001,
+                    unit="%",
+                    judged=bt,
+                    verdict="pass",
+                    limit_values={"kind": "ceiling", "unit": "%", "fail": 0.001},
+                    limit="pass value <= 0.001 %, fail > 0.001 %",
+                    source="Ph. Eur. 2464 Gallium (68Ga) chloride solution for radiolabelling: Ge-68 max 0.001 %",
+                    inputs={"generator": "gen-GE-1", "delay_s": 50 * 3600.0},
+                )
+            )
     for day in (4, 11, 18, 26):
         ratio = 0.01 * (1 + day / 10)
-        messages.append(qc("gen-TC-1", "mo99_breakthrough", NOV_1 + day * DAY_NS + 9 * HOUR_NS, measured=ratio,
-                           expected=0.15, unit="kBq/MBq", judged=ratio, verdict="pass",
-                           limit_values={"kind": "ceiling", "unit": "kBq/MBq", "fail": 0.15},
-                           limit="pass value <= 0.15 kBq/MBq, fail > 0.15 kBq/MBq",
-                           source="10 CFR 35.204(a): max 0.15 kBq Mo-99 per MBq Tc-99m at administration (also USP)",
-                           inputs={"generator": "gen-TC-1"}))
+        messages.append(
+            qc(
+                "gen-TC-1",
+                "mo99_breakthrough",
+                NOV_1 + day * DAY_NS + 9 * HOUR_NS,
+                measured=ratio,
+                expected=0.15,
+                unit="kBq/MBq",
+                judged=ratio,
+                verdict="pass",
+                limit_values={"kind": "ceiling", "unit": "kBq/MBq", "fail": 0.15},
+                limit="pass value <= 0.15 kBq/MBq, fail > 0.15 kBq/MBq",
+                source="10 CFR 35.204(a): max 0.15 kBq Mo-99 per MBq Tc-99m at administration (also USP)",
+                inputs={"generator": "gen-TC-1"},
+            )
+        )
     # A test the report has no dedicated figure for, and one from an engine that did not write limit_values.
     for day, dev in ((5, 3.0), (6, -21.5)):
-        messages.append(qc("crc-1", "dosage", NOV_1 + day * DAY_NS + 10 * HOUR_NS, measured=370e6 * (1 + dev / 100),
-                           expected=370e6, unit="Bq", judged=dev, verdict="pass" if abs(dev) <= 20 else "fail",
-                           limit_values={"kind": "tolerance", "unit": "%", "fail": 20.0},
-                           limit="pass |dev| <= 20 %, fail > 20 %", source="10 CFR 35.63(d)",
-                           inputs={"patient_ref": "P-0042 <script>alert(1)</script>"}))
-    legacy = qc_message(SITE, STATION, "crc-2", test="background", verdict="pass", measured=1.2e3, expected=37e3,
-                        deviation_pct=-96.8, limit="value <= 37 kBq", limit_source="hotlab default",
-                        inputs={"nuclide": None}, time_ns=NOV_1 + 9 * DAY_NS)
+        messages.append(
+            qc(
+                "crc-1",
+                "dosage",
+                NOV_1 + day * DAY_NS + 10 * HOUR_NS,
+                measured=370e6 * (1 + dev / 100),
+                expected=370e6,
+                unit="Bq",
+                judged=dev,
+                verdict="pass" if abs(dev) <= 20 else "fail",
+                limit_values={"kind": "tolerance", "unit": "%", "fail": 20.0},
+                limit="pass |dev| <= 20 %, fail > 20 %",
+                source="10 CFR 35.63(d)",
+                inputs={"patient_ref": "P-0042 <script>alert(1)</script>"},
+            )
+        )
+    legacy = qc_message(
+        SITE,
+        STATION,
+        "crc-2",
+        test="background",
+        verdict="pass",
+        measured=1.2e3,
+        expected=37e3,
+        deviation_pct=-96.8,
+        limit="value <= 37 kBq",
+        limit_source="hotlab default",
+        inputs={"nuclide": None},
+        time_ns=NOV_1 + 9 * DAY_NS,
+    )
     messages.append(legacy)
 
     period = TimeRange.from_text("2026-11-01", "2026-11-30")
@@ -154,14 +291,30 @@ def recorded_november() -> RecordedRun:
 
 def write_audit(path: Path) -> None:
     log = AuditLog(path)
-    log.append(actor="alice", action=FAULT_ACKNOWLEDGE, target="hot-cell-1/gen-GE-1", reason="before the period",
-               time_ns=NOV_1 - DAY_NS)
-    for i, (actor, action, reason) in enumerate((
-        ("alice", ELUTION_START, "daily elution"), ("bob", ELUTION_ABORT, "line pressure"),
-        ("bob", FAULT_ACKNOWLEDGE, "valve reseated"), ("carol", QC_MANUAL_ENTRY, "constancy entered by hand"),
-    )):
-        log.append(actor=actor, action=action, target="hot-cell-1/gen-GE-1", reason=reason, old_value="idle",
-                   new_value={"state": "eluting"}, time_ns=NOV_1 + (i + 2) * DAY_NS)
+    log.append(
+        actor="alice",
+        action=FAULT_ACKNOWLEDGE,
+        target="hot-cell-1/gen-GE-1",
+        reason="before the period",
+        time_ns=NOV_1 - DAY_NS,
+    )
+    for i, (actor, action, reason) in enumerate(
+        (
+            ("alice", ELUTION_START, "daily elution"),
+            ("bob", ELUTION_ABORT, "line pressure"),
+            ("bob", FAULT_ACKNOWLEDGE, "valve reseated"),
+            ("carol", QC_MANUAL_ENTRY, "constancy entered by hand"),
+        )
+    ):
+        log.append(
+            actor=actor,
+            action=action,
+            target="hot-cell-1/gen-GE-1",
+            reason=reason,
+            old_value="idle",
+            new_value={"state": "eluting"},
+            time_ns=NOV_1 + (i + 2) * DAY_NS,
+        )
 
 
 class ReportParser(HTMLParser):
@@ -231,8 +384,9 @@ def test_html_is_well_formed_and_self_contained(rendered: tuple[str, ReportParse
     assert "<script>alert(1)</script>" not in document and "&lt;script&gt;alert(1)&lt;/script&gt;" in document
 
 
-def test_every_verdict_in_the_period_has_a_row(recorded: tuple[RecordedRun, Path, Path],
-                                               rendered: tuple[str, ReportParser, list]) -> None:
+def test_every_verdict_in_the_period_has_a_row(
+    recorded: tuple[RecordedRun, Path, Path], rendered: tuple[str, ReportParser, list]
+) -> None:
     run, _, _ = recorded
     _, parser, _ = rendered
     rows = dict(parser.rows["verdicts"])
@@ -253,7 +407,7 @@ def test_plots_are_embedded_pngs_in_their_sections(rendered: tuple[str, ReportPa
     for _, src in parser.images:
         prefix = "data:image/png;base64,"
         assert src.startswith(prefix)
-        assert base64.b64decode(src[len(prefix):])[:8] == b"\x89PNG\r\n\x1a\n"
+        assert base64.b64decode(src[len(prefix) :])[:8] == b"\x89PNG\r\n\x1a\n"
     per_section: dict[str, int] = {}
     for section, _ in parser.images:
         per_section[section] = per_section.get(section, 0) + 1
@@ -275,8 +429,9 @@ def test_limits_sources_elutions_and_audit_are_listed(rendered: tuple[str, Repor
     assert document.count("<td>gen-GE-1</td>") == 30
 
 
-def test_audit_tampering_shows_in_the_report_and_fails_the_cli(recorded: tuple[RecordedRun, Path, Path], tmp_path: Path,
-                                                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_audit_tampering_shows_in_the_report_and_fails_the_cli(
+    recorded: tuple[RecordedRun, Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     _, archive_path, audit_path = recorded
     tampered = tmp_path / "audit.jsonl"
     lines = audit_path.read_text().splitlines(keepends=True)
@@ -286,23 +441,53 @@ def test_audit_tampering_shows_in_the_report_and_fails_the_cli(recorded: tuple[R
     tampered.write_text("".join(lines))
     out = tmp_path / "tampered.html"
     # One day is enough: the whole chain is verified whatever the period.
-    code = hotlab(["report", "--from", "2026-11-01", "--to", "2026-11-01", "--archive", str(archive_path),
-                   "--audit", str(tampered), "--out", str(out)])
+    code = hotlab(
+        [
+            "report",
+            "--from",
+            "2026-11-01",
+            "--to",
+            "2026-11-01",
+            "--archive",
+            str(archive_path),
+            "--audit",
+            str(tampered),
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 1
     assert "line 3" in capsys.readouterr().err
     document = out.read_text()
     assert "Audit chain BROKEN" in document and "line 3:" in document
 
 
-def test_cli_writes_html_and_pdf(recorded: tuple[RecordedRun, Path, Path], tmp_path: Path,
-                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_writes_html_and_pdf(
+    recorded: tuple[RecordedRun, Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     _, archive_path, audit_path = recorded
     out = tmp_path / "nov" / "report.html"
     # The first ten days hold a result of every test (all nine figures) with fewer table pages.
-    code = hotlab(["report", "--from", "2026-11-01", "--to", "2026-11-10", "--archive", str(archive_path),
-                   "--audit", str(audit_path), "--out", str(out), "--pdf", "--site", SITE])
+    code = hotlab(
+        [
+            "report",
+            "--from",
+            "2026-11-01",
+            "--to",
+            "2026-11-10",
+            "--archive",
+            str(archive_path),
+            "--audit",
+            str(audit_path),
+            "--out",
+            str(out),
+            "--pdf",
+            "--site",
+            SITE,
+        ]
+    )
     assert code == 0, capsys.readouterr().err
-    assert "<section id=\"verdicts\">" in out.read_text()
+    assert '<section id="verdicts">' in out.read_text()
     pdf = out.with_suffix(".pdf").read_bytes()
     assert pdf.startswith(b"%PDF")
     pages = pdf.count(b"/Type /Page\n") or pdf.count(b"/Type /Page ")
@@ -311,12 +496,16 @@ def test_cli_writes_html_and_pdf(recorded: tuple[RecordedRun, Path, Path], tmp_p
     assert pages in (0, printed)  # PdfPages writes one /Type /Page object per page
 
 
-def test_cli_bad_input_exits_2(tmp_path: Path, recorded: tuple[RecordedRun, Path, Path],
-                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_bad_input_exits_2(
+    tmp_path: Path, recorded: tuple[RecordedRun, Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
     _, archive_path, _ = recorded
     assert hotlab(["report", "--from", "November", "--to", "2026-11-30", "--archive", str(archive_path)]) == 2
     assert "cannot read the start" in capsys.readouterr().err
-    assert hotlab(["report", "--from", "2026-11-01", "--to", "2026-11-30", "--archive", str(tmp_path / "none.sqlite")]) == 2
+    assert (
+        hotlab(["report", "--from", "2026-11-01", "--to", "2026-11-30", "--archive", str(tmp_path / "none.sqlite")])
+        == 2
+    )
     assert "no history archive" in capsys.readouterr().err
     assert hotlab(["report", "--from", "2026-11-30", "--to", "2026-11-01", "--archive", str(archive_path)]) == 2
 

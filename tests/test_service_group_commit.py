@@ -81,8 +81,10 @@ class CheckingSource:
 
 def _stored_frames(path: Path) -> list[tuple[str, int]]:
     with closing(sqlite3.connect(path)) as db:
-        return db.execute("SELECT json_extract(payload, '$.device'), json_extract(payload, '$.time_ns') FROM message "
-                          "WHERE kind = 'reading'").fetchall()
+        return db.execute(
+            "SELECT json_extract(payload, '$.device'), json_extract(payload, '$.time_ns') FROM message "
+            "WHERE kind = 'reading'"
+        ).fetchall()
 
 
 @dataclass(frozen=True)
@@ -109,9 +111,21 @@ class RecordingStage:
             out.append(message)
             if message.kind == "reading":
                 p = message.payload
-                out.append(qc_message(p["site"], p["station"], p["device"], test="constancy", verdict="pass",
-                                      measured=1.0, expected=1.0, deviation_pct=0.0, limit="±5 %",
-                                      limit_source="test", inputs={"reading": p["msg_id"]}))
+                out.append(
+                    qc_message(
+                        p["site"],
+                        p["station"],
+                        p["device"],
+                        test="constancy",
+                        verdict="pass",
+                        measured=1.0,
+                        expected=1.0,
+                        deviation_pct=0.0,
+                        limit="±5 %",
+                        limit_source="test",
+                        inputs={"reading": p["msg_id"]},
+                    )
+                )
         return Outcome(tuple(out))
 
     def apply(self, outcome: Outcome) -> None:
@@ -121,17 +135,29 @@ class RecordingStage:
 
 
 async def test_many_devices_share_transactions_and_are_confirmed_only_after_them(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(hotlab.controller.service, "Outbox", CountingOutbox)
     CountingOutbox.instances.clear()
     outbox_path = tmp_path / "outbox.sqlite3"
-    config = parse_config({
-        "site": {"name": "local"},
-        "device": [{"name": f"cal-{i}", "station": "s1", "family": "vik202", "transport": "/dev/null",
-                    "poll_interval_s": 0.005} for i in range(DEVICES)],
-        "outbox": {"path": "outbox.sqlite3"},
-        "history": {"enabled": False},
-    }, base_dir=tmp_path)
+    config = parse_config(
+        {
+            "site": {"name": "local"},
+            "device": [
+                {
+                    "name": f"cal-{i}",
+                    "station": "s1",
+                    "family": "vik202",
+                    "transport": "/dev/null",
+                    "poll_interval_s": 0.005,
+                }
+                for i in range(DEVICES)
+            ],
+            "outbox": {"path": "outbox.sqlite3"},
+            "history": {"enabled": False},
+        },
+        base_dir=tmp_path,
+    )
     sources = {f"cal-{i}": CheckingSource(f"cal-{i}", outbox_path) for i in range(DEVICES)}
     stage = RecordingStage(outbox_path)
     service = ControllerService(config, stage=stage, source_factory=lambda d: sources[d.name])
@@ -158,19 +184,31 @@ async def test_many_devices_share_transactions_and_are_confirmed_only_after_them
 
 
 async def test_a_stage_failing_after_the_commit_does_not_store_the_batch_twice(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     class ApplyFails(RecordingStage):
         def apply(self, outcome: Outcome) -> None:
             raise RuntimeError("state table corrupt")
 
     outbox_path = tmp_path / "outbox.sqlite3"
-    config = parse_config({
-        "site": {"name": "local"},
-        "device": [{"name": f"cal-{i}", "station": "s1", "family": "vik202", "transport": "/dev/null",
-                    "poll_interval_s": 0.005} for i in range(5)],
-        "outbox": {"path": "outbox.sqlite3"},
-        "history": {"enabled": False},
-    }, base_dir=tmp_path)
+    config = parse_config(
+        {
+            "site": {"name": "local"},
+            "device": [
+                {
+                    "name": f"cal-{i}",
+                    "station": "s1",
+                    "family": "vik202",
+                    "transport": "/dev/null",
+                    "poll_interval_s": 0.005,
+                }
+                for i in range(5)
+            ],
+            "outbox": {"path": "outbox.sqlite3"},
+            "history": {"enabled": False},
+        },
+        base_dir=tmp_path,
+    )
     sources = {f"cal-{i}": CheckingSource(f"cal-{i}", outbox_path) for i in range(5)}
     service = ControllerService(config, stage=ApplyFails(outbox_path), source_factory=lambda d: sources[d.name])
     stop = asyncio.Event()
@@ -182,6 +220,7 @@ async def test_a_stage_failing_after_the_commit_does_not_store_the_batch_twice(
     await asyncio.wait_for(task, 30)
     assert "QC stage failed to take over" in caplog.text
     with closing(sqlite3.connect(outbox_path)) as db:
-        (readings, distinct), = db.execute("SELECT COUNT(*), COUNT(DISTINCT json_extract(payload, '$.msg_id')) "
-                                           "FROM message WHERE kind = 'reading'").fetchall()
+        ((readings, distinct),) = db.execute(
+            "SELECT COUNT(*), COUNT(DISTINCT json_extract(payload, '$.msg_id')) FROM message WHERE kind = 'reading'"
+        ).fetchall()
     assert readings == distinct == sum(s.reads for s in sources.values()) >= 50

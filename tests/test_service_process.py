@@ -4,7 +4,6 @@ Devices are the VIK-202 simulator (simulators/) served over TCP, polled by the r
 the controller process through `socket://` URLs; the broker is a real Mosquitto.
 """
 
-# ruff: noqa: F811  (the `mosquitto` fixture is imported by name, and tests take it as a parameter)
 from __future__ import annotations
 
 import asyncio
@@ -65,8 +64,16 @@ class Controller:
     async def start(self, *extra: str) -> None:
         with self.log.open("ab") as log:
             self.process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "hotlab.controller.cli", "run", "--config", str(self.config), *extra,
-                cwd=REPO, stdout=log, stderr=log,
+                sys.executable,
+                "-m",
+                "hotlab.controller.cli",
+                "run",
+                "--config",
+                str(self.config),
+                *extra,
+                cwd=REPO,
+                stdout=log,
+                stderr=log,
             )
 
     async def signal_and_wait(self, signum: int, timeout: float = 40.0) -> int:
@@ -94,8 +101,7 @@ def pending_in_outbox(path: Path) -> list[dict[str, Any]]:
     try:
         with sqlite3.connect(path) as db:
             rows = db.execute(
-                "SELECT m.payload FROM delivery d JOIN message m ON m.seq = d.seq WHERE d.sink = 'mqtt' "
-                "ORDER BY d.seq"
+                "SELECT m.payload FROM delivery d JOIN message m ON m.seq = d.seq WHERE d.sink = 'mqtt' ORDER BY d.seq"
             ).fetchall()
     except sqlite3.OperationalError:  # the controller has not created its tables yet
         return []
@@ -110,8 +116,9 @@ def reading_ids(collector: MqttCollector) -> set[str]:
     return {p["msg_id"] for p in collector.payloads("/reading", "reading")}
 
 
-async def test_kill_9_and_restart_loses_nothing(tmp_path: Path, mosquitto: MosquittoBroker,
-                                                controller: Controller) -> None:
+async def test_kill_9_and_restart_loses_nothing(
+    tmp_path: Path, mosquitto: MosquittoBroker, controller: Controller
+) -> None:
     hosts = await vik202_hosts(2)
     write_config(tmp_path, mosquitto, hosts)
     outbox = tmp_path / "outbox.sqlite3"
@@ -123,16 +130,22 @@ async def test_kill_9_and_restart_loses_nothing(tmp_path: Path, mosquitto: Mosqu
             controller.process.kill()  # SIGKILL: no drain, no offline message, mid-stream
             await controller.process.wait()
             await collector.wait_for(
-                lambda: any(p["reason"] == "connection lost (last will)" for p in collector.payloads("controller/status")),
-                what="the Last Will")
+                lambda: any(
+                    p["reason"] == "connection lost (last will)" for p in collector.payloads("controller/status")
+                ),
+                what="the Last Will",
+            )
 
-            committed = reading_ids(collector) | {p["msg_id"] for p in await asyncio.to_thread(pending_readings, outbox)}
+            committed = reading_ids(collector) | {
+                p["msg_id"] for p in await asyncio.to_thread(pending_readings, outbox)
+            }
 
             # Second kill, this time with a real backlog: the broker is down and readings pile up on disk.
             await controller.start()
-            await collector.wait_for(lambda: committed <= reading_ids(collector)
-                                     and len(reading_ids(collector)) >= len(committed) + 20,
-                                     what="the first backlog and new readings")
+            await collector.wait_for(
+                lambda: committed <= reading_ids(collector) and len(reading_ids(collector)) >= len(committed) + 20,
+                what="the first backlog and new readings",
+            )
             await asyncio.to_thread(mosquitto.stop)
             while len(await asyncio.to_thread(pending_readings, outbox)) < 30:
                 await asyncio.sleep(0.1)
@@ -143,12 +156,15 @@ async def test_kill_9_and_restart_loses_nothing(tmp_path: Path, mosquitto: Mosqu
             await asyncio.to_thread(mosquitto.start)
 
             await controller.start()
-            await collector.wait_for(lambda: committed <= reading_ids(collector)
-                                     and len(reading_ids(collector)) >= len(committed) + 20,
-                                     what="every committed reading plus new ones after the restart")
+            await collector.wait_for(
+                lambda: committed <= reading_ids(collector) and len(reading_ids(collector)) >= len(committed) + 20,
+                what="every committed reading plus new ones after the restart",
+            )
             assert await controller.signal_and_wait(signal.SIGTERM) == 0
-            await collector.wait_for(lambda: collector.payloads("controller/status")[-1]["reason"] == "shutdown",
-                                     what="the offline status of the clean stop")
+            await collector.wait_for(
+                lambda: collector.payloads("controller/status")[-1]["reason"] == "shutdown",
+                what="the offline status of the clean stop",
+            )
     finally:
         for host in hosts:
             await host.stop()
@@ -170,8 +186,9 @@ async def test_kill_9_and_restart_loses_nothing(tmp_path: Path, mosquitto: Mosqu
     assert len(all_readings) - len(reading_ids(collector)) <= len(backlog) + 64
 
 
-async def test_sigterm_without_broker_keeps_backlog_then_sends_it(tmp_path: Path, mosquitto: MosquittoBroker,
-                                                                  controller: Controller) -> None:
+async def test_sigterm_without_broker_keeps_backlog_then_sends_it(
+    tmp_path: Path, mosquitto: MosquittoBroker, controller: Controller
+) -> None:
     hosts = await vik202_hosts(1)
     write_config(tmp_path, mosquitto, hosts, drain_s=2.0)
     try:
@@ -206,10 +223,18 @@ def test_bad_config_exits_2_with_precise_message(tmp_path: Path) -> None:
     import subprocess
 
     config = tmp_path / "bad.toml"
-    config.write_text('[site]\nname = "lab"\n\n[[device]]\nname = "c"\nstation = "s"\nfamily = "capintec"\n'
-                      'transport = "/dev/ttyUSB0"\n')
-    result = subprocess.run([sys.executable, "-m", "hotlab.controller.cli", "run", "--config", str(config)], check=False, cwd=REPO,
-                            capture_output=True, text=True, timeout=60)
+    config.write_text(
+        '[site]\nname = "lab"\n\n[[device]]\nname = "c"\nstation = "s"\nfamily = "capintec"\n'
+        'transport = "/dev/ttyUSB0"\n'
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "hotlab.controller.cli", "run", "--config", str(config)],
+        check=False,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 2
     assert result.stderr.strip() == (
         f"hotlab run: config error: {config}: device[0].family: 'capintec' is not allowed; "

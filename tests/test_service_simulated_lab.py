@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 import hotlab.controller.lab.embedded_broker
-from hotlab.controller.config import SerialTransport
 from hotlab.controller.cli.run import simulated_lab
-from tests.cli_process import REPO, run_hotlab
+from hotlab.controller.config import SerialTransport
+from tests.cli_process import run_hotlab
 from tests.mosquitto_service import require_mosquitto
 
 pytestmark = pytest.mark.integration
@@ -43,8 +43,13 @@ def test_ctrl_c_in_a_terminal_drains_before_the_private_broker_stops(tmp_path: P
     require_mosquitto()
     log_path = tmp_path / "run.log"
     with log_path.open("w") as log:
-        process = subprocess.Popen([sys.executable, "-m", "hotlab.controller.cli", "run"], cwd=tmp_path, stdout=log,
-                                   stderr=log, start_new_session=True)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "hotlab.controller.cli", "run"],
+            cwd=tmp_path,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
     try:
         deadline = time.monotonic() + 60
         while not all(f"device {d}: online" in log_path.read_text() for d in ("vik202-sim", "vdc404-sim")):
@@ -66,13 +71,15 @@ def test_ctrl_c_in_a_terminal_drains_before_the_private_broker_stops(tmp_path: P
         socket.create_connection(("127.0.0.1", int(port_match[1])), timeout=5).close()
 
 
-async def test_without_mosquitto_the_simulated_lab_is_local_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+async def test_without_mosquitto_the_simulated_lab_is_local_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setattr(hotlab.controller.lab.embedded_broker, "mosquitto_binary", lambda: None)
     async with simulated_lab(tmp_path) as config:
         assert config.mqtt is None
         assert len(config.devices) == 5 and config.outbox.path == tmp_path.resolve() / "outbox.sqlite3"
-        schemes = {d.transport.url.partition("://")[0] for d in config.devices
-                   if isinstance(d.transport, SerialTransport)}
+        schemes = {
+            d.transport.url.partition("://")[0] for d in config.devices if isinstance(d.transport, SerialTransport)
+        }
         assert {"socket", "rfc2217"} <= schemes and any(s.startswith("/") for s in schemes)  # and a tty
     assert "LOCAL-ONLY mode" in capsys.readouterr().err

@@ -34,8 +34,13 @@ CAL_BQ = 1.85e9
 
 
 def station_model() -> StationModel:
-    column = GeneratorColumn(get_profile("ge68"), generator_id="GE68-TEST-7", parent_cal_bq=CAL_BQ,
-                             cal_time_ns=CAL_NS, last_elution_ns=LAST_ELUTION_NS)
+    column = GeneratorColumn(
+        get_profile("ge68"),
+        generator_id="GE68-TEST-7",
+        parent_cal_bq=CAL_BQ,
+        cal_time_ns=CAL_NS,
+        last_elution_ns=LAST_ELUTION_NS,
+    )
     return StationModel(column, StationClock(acceleration=500.0), StationIdentity())
 
 
@@ -45,17 +50,34 @@ def service(config: LabConfig) -> ControllerService:
 
 
 def config(tmp_path: Path, port: int) -> LabConfig:
-    return parse_config({
-        "site": {"name": "station-lab"},
-        "device": [{"name": "gen-1", "station": "elution-1", "family": "elution_station", "poll_interval_s": 0.05,
-                    "transport": {"modbus": "tcp", "host": "127.0.0.1", "port": port}}],
-        "outbox": {"path": "outbox.sqlite3"},
-        "service": {"state_dir": "state"},
-        "history": {"enabled": False},
-        "qc": {"generators": {"GE68-TEST-7": {"parent": "Ge-68", "activity": f"{CAL_BQ} Bq",
-                                              "calibration_time": iso_utc(CAL_NS),
-                                              "last_elution": iso_utc(LAST_ELUTION_NS)}}},
-    }, base_dir=tmp_path)
+    return parse_config(
+        {
+            "site": {"name": "station-lab"},
+            "device": [
+                {
+                    "name": "gen-1",
+                    "station": "elution-1",
+                    "family": "elution_station",
+                    "poll_interval_s": 0.05,
+                    "transport": {"modbus": "tcp", "host": "127.0.0.1", "port": port},
+                }
+            ],
+            "outbox": {"path": "outbox.sqlite3"},
+            "service": {"state_dir": "state"},
+            "history": {"enabled": False},
+            "qc": {
+                "generators": {
+                    "GE68-TEST-7": {
+                        "parent": "Ge-68",
+                        "activity": f"{CAL_BQ} Bq",
+                        "calibration_time": iso_utc(CAL_NS),
+                        "last_elution": iso_utc(LAST_ELUTION_NS),
+                    }
+                }
+            },
+        },
+        base_dir=tmp_path,
+    )
 
 
 def stored(tmp_path: Path) -> list[dict[str, Any]]:

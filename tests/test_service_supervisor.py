@@ -79,10 +79,13 @@ class Recorder:
 
 
 def supervise(source: ScriptedSource, recorder: Recorder, **options: object) -> DeviceSupervisor:
-    settings: dict[str, object] = {"poll_interval_s": 0.001, "backoff": Backoff(0.01, 0.05), "status_interval_s": 0.0,
-                                   "rng": random.Random(1)} | options
-    return DeviceSupervisor(source.device, source, deliver=recorder.deliver, report_status=recorder.status,
-                            **settings)  # type: ignore[arg-type]
+    settings: dict[str, object] = {
+        "poll_interval_s": 0.001,
+        "backoff": Backoff(0.01, 0.05),
+        "status_interval_s": 0.0,
+        "rng": random.Random(1),
+    } | options
+    return DeviceSupervisor(source.device, source, deliver=recorder.deliver, report_status=recorder.status, **settings)  # type: ignore[arg-type]
 
 
 def test_backoff_is_full_jitter_within_the_exponential_cap() -> None:
@@ -126,8 +129,10 @@ async def test_a_driver_bug_is_contained_to_its_device(caplog: pytest.LogCapture
     broken = ScriptedSource("broken", [], then=ZeroDivisionError("driver bug"))
     healthy = ScriptedSource("healthy", [])
     broken_rec, healthy_rec = Recorder(), Recorder()
-    tasks = [asyncio.create_task(supervise(broken, broken_rec).run()),
-             asyncio.create_task(supervise(healthy, healthy_rec).run())]
+    tasks = [
+        asyncio.create_task(supervise(broken, broken_rec).run()),
+        asyncio.create_task(supervise(healthy, healthy_rec).run()),
+    ]
     await healthy_rec.until(lambda: len(healthy_rec.items) >= 50)
     await broken_rec.until(lambda: broken.connects >= 3)
     for task in tasks:
@@ -219,13 +224,23 @@ async def test_a_cancellation_from_outside_still_cancels_the_supervisor() -> Non
 
 
 def local_config(tmp_path: Path):  # type: ignore[no-untyped-def]
-    return parse_config({
-        "site": {"name": "local"},
-        "device": [{"name": "cal-1", "station": "s1", "family": "vik202", "transport": "/dev/null",
-                    "poll_interval_s": 0.01}],
-        "outbox": {"path": "outbox.sqlite3"},
-        "history": {"enabled": False},
-    }, base_dir=tmp_path)
+    return parse_config(
+        {
+            "site": {"name": "local"},
+            "device": [
+                {
+                    "name": "cal-1",
+                    "station": "s1",
+                    "family": "vik202",
+                    "transport": "/dev/null",
+                    "poll_interval_s": 0.01,
+                }
+            ],
+            "outbox": {"path": "outbox.sqlite3"},
+            "history": {"enabled": False},
+        },
+        base_dir=tmp_path,
+    )
 
 
 async def run_until_committed(service: ControllerService, count: int) -> None:
@@ -239,14 +254,28 @@ async def run_until_committed(service: ControllerService, count: int) -> None:
 
 
 async def test_local_only_mode_commits_readings_with_processor_results_together(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.INFO)
     source = ScriptedSource("cal-1", [])
 
     async def async_qc(message: Message) -> list[Message]:
         p = message.payload
-        return [qc_message(p["site"], p["station"], p["device"], test="constancy", verdict="pass", measured=1.0,
-                           expected=1.0, deviation_pct=0.0, limit="±5 %", limit_source="test", inputs={})]
+        return [
+            qc_message(
+                p["site"],
+                p["station"],
+                p["device"],
+                test="constancy",
+                verdict="pass",
+                measured=1.0,
+                expected=1.0,
+                deviation_pct=0.0,
+                limit="±5 %",
+                limit_source="test",
+                inputs={},
+            )
+        ]
 
     def failing_qc(message: Message) -> list[Message]:
         raise KeyError("calibration certificate")
@@ -272,8 +301,21 @@ async def test_local_only_mode_commits_readings_with_processor_results_together(
 
 async def test_deliveries_for_a_removed_sink_are_reported(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     earlier = Outbox(tmp_path / "outbox.sqlite3", ["mqtt", "influx"])
-    earlier.put(qc_message("local", "s1", "cal-1", test="constancy", verdict="pass", measured=1.0, expected=1.0,
-                           deviation_pct=0.0, limit="±5 %", limit_source="test", inputs={}))
+    earlier.put(
+        qc_message(
+            "local",
+            "s1",
+            "cal-1",
+            test="constancy",
+            verdict="pass",
+            measured=1.0,
+            expected=1.0,
+            deviation_pct=0.0,
+            limit="±5 %",
+            limit_source="test",
+            inputs={},
+        )
+    )
     earlier.close()
     service = ControllerService(local_config(tmp_path), source_factory=lambda d: ScriptedSource(d.name, []))
     stop = asyncio.Event()
@@ -324,14 +366,20 @@ async def test_an_unusable_outbox_path_is_a_clear_error(tmp_path: Path) -> None:
 
 
 async def test_a_device_whose_driver_cannot_be_built_does_not_stop_the_others(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    config = parse_config({
-        "site": {"name": "local"},
-        "device": [{"name": name, "station": "s1", "family": "vik202", "transport": "/dev/null",
-                    "poll_interval_s": 0.01} for name in ("broken", "healthy")],
-        "outbox": {"path": "outbox.sqlite3"},
-        "history": {"enabled": False},
-    }, base_dir=tmp_path)
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = parse_config(
+        {
+            "site": {"name": "local"},
+            "device": [
+                {"name": name, "station": "s1", "family": "vik202", "transport": "/dev/null", "poll_interval_s": 0.01}
+                for name in ("broken", "healthy")
+            ],
+            "outbox": {"path": "outbox.sqlite3"},
+            "history": {"enabled": False},
+        },
+        base_dir=tmp_path,
+    )
 
     def factory(device: DeviceConfig) -> ScriptedSource:
         if device.name == "broken":
@@ -374,8 +422,9 @@ async def test_a_failing_commit_stage_never_costs_a_reading(tmp_path: Path, capl
 class FailingCommit:
     """A commit callable that raises `errors` in turn, then `forever` (or stores, telling `recorder`)."""
 
-    def __init__(self, errors: Sequence[Exception], *, forever: Exception | None = None,
-                 recorder: Recorder | None = None) -> None:
+    def __init__(
+        self, errors: Sequence[Exception], *, forever: Exception | None = None, recorder: Recorder | None = None
+    ) -> None:
         self.errors = list(errors)
         self.recorder = recorder
         self.forever = forever
@@ -395,13 +444,23 @@ class FailingCommit:
 
 
 async def test_an_unavailable_outbox_is_retried_without_reconnecting_or_losing_the_reading(
-        caplog: pytest.LogCaptureFixture) -> None:
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     source = ScriptedSource("cal", [])
     recorder = Recorder()
-    commit = FailingCommit([sqlite3.OperationalError("disk I/O error"), sqlite3.OperationalError("disk I/O error")],
-                           recorder=recorder)
-    supervisor = DeviceSupervisor("cal", source, poll_interval_s=0.001, deliver=commit, report_status=recorder.status,
-                                  status_interval_s=3600.0, outbox_retry_s=0.01, rng=random.Random(1))
+    commit = FailingCommit(
+        [sqlite3.OperationalError("disk I/O error"), sqlite3.OperationalError("disk I/O error")], recorder=recorder
+    )
+    supervisor = DeviceSupervisor(
+        "cal",
+        source,
+        poll_interval_s=0.001,
+        deliver=commit,
+        report_status=recorder.status,
+        status_interval_s=3600.0,
+        outbox_retry_s=0.01,
+        rng=random.Random(1),
+    )
     task = asyncio.create_task(supervisor.run())
     await recorder.until(lambda: len(commit.items) >= 2)
     supervisor.stop()
@@ -437,8 +496,16 @@ async def test_stop_keeps_retrying_a_failing_commit_until_the_deadline(caplog: p
     source = ScriptedSource("cal", [])
     recorder = Recorder()
     commit = FailingCommit([], forever=OSError(28, "No space left on device"))
-    supervisor = DeviceSupervisor("cal", source, poll_interval_s=0.001, deliver=commit, report_status=recorder.status,
-                                  outbox_retry_s=0.02, stop_commit_s=0.6, backoff=Backoff(0.01, 0.05))
+    supervisor = DeviceSupervisor(
+        "cal",
+        source,
+        poll_interval_s=0.001,
+        deliver=commit,
+        report_status=recorder.status,
+        outbox_retry_s=0.02,
+        stop_commit_s=0.6,
+        backoff=Backoff(0.01, 0.05),
+    )
     task = asyncio.create_task(supervisor.run())
     await asyncio.wait_for(commit.first_failure.wait(), 10)
     attempts_before_stop = commit.attempts
@@ -457,8 +524,16 @@ async def test_a_commit_that_recovers_during_the_stop_deadline_is_kept() -> None
     source = ScriptedSource("cal", [])
     recorder = Recorder()
     commit = FailingCommit([sqlite3.OperationalError("database is locked")] * 8)
-    supervisor = DeviceSupervisor("cal", source, poll_interval_s=0.001, deliver=commit, report_status=recorder.status,
-                                  outbox_retry_s=0.02, stop_commit_s=30.0, backoff=Backoff(0.01, 0.04))
+    supervisor = DeviceSupervisor(
+        "cal",
+        source,
+        poll_interval_s=0.001,
+        deliver=commit,
+        report_status=recorder.status,
+        outbox_retry_s=0.02,
+        stop_commit_s=30.0,
+        backoff=Backoff(0.01, 0.04),
+    )
     task = asyncio.create_task(supervisor.run())
     await asyncio.wait_for(commit.first_failure.wait(), 10)
     supervisor.stop()  # while the first reading is still failing to commit
@@ -470,8 +545,9 @@ async def test_a_commit_that_recovers_during_the_stop_deadline_is_kept() -> None
 async def test_cancelling_a_failing_commit_names_what_was_lost(caplog: pytest.LogCaptureFixture) -> None:
     source = ScriptedSource("cal", [])
     commit = FailingCommit([], forever=sqlite3.OperationalError("disk I/O error"))
-    supervisor = DeviceSupervisor("cal", source, poll_interval_s=0.001, deliver=commit,
-                                  report_status=Recorder().status, outbox_retry_s=0.02)
+    supervisor = DeviceSupervisor(
+        "cal", source, poll_interval_s=0.001, deliver=commit, report_status=Recorder().status, outbox_retry_s=0.02
+    )
     task = asyncio.create_task(supervisor.run())
     await asyncio.wait_for(commit.first_failure.wait(), 10)
     task.cancel()

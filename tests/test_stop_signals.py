@@ -6,7 +6,6 @@ a broken handler cannot interrupt the test run itself.
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -67,8 +66,13 @@ FAILING_START = """\
 
 def signalled(case: str, *signums: int) -> tuple[int, str, str]:
     """Run `case`; each time it prints "starting", send it the next signal. Returns (code, stdout, stderr)."""
-    process = subprocess.Popen([sys.executable, "-c", PROGRAM.format(case=case)], cwd=REPO, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-c", PROGRAM.format(case=case)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert process.stdout is not None
         for signum in signums:

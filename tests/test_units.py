@@ -6,7 +6,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hotlab.physics.units import ACTIVITY_UNITS, UnitError, canonical_unit, format_activity, from_bq, parse_activity, to_bq
+from hotlab.physics.units import (
+    ACTIVITY_UNITS,
+    UnitError,
+    canonical_unit,
+    format_activity,
+    from_bq,
+    parse_activity,
+    to_bq,
+)
 
 
 @pytest.mark.parametrize(

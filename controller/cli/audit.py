@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from hotlab.controller.archive import HistoryQueryError, TimeRange
 from hotlab.controller.audit import (
     AuditEntryError,
     AuditKeyError,
@@ -28,7 +29,6 @@ from hotlab.controller.audit import (
     verify_chain,
 )
 from hotlab.controller.config import ConfigError, load_audit_path
-from hotlab.controller.archive import HistoryQueryError, TimeRange
 
 PATH_ENV = "HOTLAB_AUDIT_LOG"
 #: `hotlab run` without --config runs the simulated lab in var/simulated-lab (controller/run_cli.py)
@@ -52,15 +52,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     def common(sub: argparse.ArgumentParser) -> None:
         where = sub.add_mutually_exclusive_group()
         where.add_argument("--path", type=Path, default=None, help=f"audit log (default ${PATH_ENV} or {DEFAULT_PATH})")
-        where.add_argument("--config", type=Path, default=None,
-                           help="lab config (TOML): use the audit trail that lab's service writes")
-        sub.add_argument("--key-file", type=Path, default=None,
-                         help="HMAC key file (default $HOTLAB_AUDIT_KEY_FILE or $HOTLAB_AUDIT_KEY)")
+        where.add_argument(
+            "--config", type=Path, default=None, help="lab config (TOML): use the audit trail that lab's service writes"
+        )
+        sub.add_argument(
+            "--key-file",
+            type=Path,
+            default=None,
+            help="HMAC key file (default $HOTLAB_AUDIT_KEY_FILE or $HOTLAB_AUDIT_KEY)",
+        )
 
     verify = actions.add_parser("verify", help="check the whole chain; exit 1 at the first broken record")
     common(verify)
-    verify.add_argument("--allow-empty", action="store_true",
-                        help="a missing trail is an empty, intact one (e.g. a new lab); default: exit 1")
+    verify.add_argument(
+        "--allow-empty",
+        action="store_true",
+        help="a missing trail is an empty, intact one (e.g. a new lab); default: exit 1",
+    )
     verify.set_defaults(func=_verify)
 
     show = actions.add_parser("show", help="list records (optionally in a UTC period)")
@@ -134,7 +142,8 @@ def _show(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     records = [
-        r for r in iter_records(path)
+        r
+        for r in iter_records(path)
         if period.start_ns <= r.time_ns < period.end_ns and (args.action is None or r.action == args.action)
     ]
     if args.json:
@@ -170,8 +179,12 @@ def _append(args: argparse.Namespace) -> int:
     try:
         log = AuditLog(_path(args), key=_key(args))
         record = log.append(
-            actor=args.actor, action=args.action, target=args.target, reason=args.reason,
-            old_value=_json_or_text(args.old), new_value=_json_or_text(args.new),
+            actor=args.actor,
+            action=args.action,
+            target=args.target,
+            reason=args.reason,
+            old_value=_json_or_text(args.old),
+            new_value=_json_or_text(args.new),
         )
     except (AuditEntryError, AuditKeyError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)

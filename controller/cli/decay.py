@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from hotlab.physics.decay import (
     corrected_activity_uncertainty,
@@ -23,13 +23,13 @@ from hotlab.physics.decay import (
     equilibrium_fraction,
     generator_daughter_activity,
 )
-from hotlab.physics.utc_time import parse_utc_ns
 from hotlab.physics.nuclides import NUCLIDES, Nuclide, get_nuclide
 from hotlab.physics.units import canonical_unit, format_activity, from_bq, parse_activity
+from hotlab.physics.utc_time import parse_utc_ns
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(s|sec|min|m|h|d)\s*$", re.IGNORECASE)
 _DURATION_UNIT_S = {"s": 1.0, "sec": 1.0, "min": 60.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 class DecayInputError(ValueError):
@@ -58,15 +58,12 @@ def parse_duration(text: str) -> timedelta:
 
 
 def _iso(moment: datetime) -> str:
-    return moment.astimezone(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+    return moment.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def _half_life_text(nuclide: Nuclide) -> str:
-    for unit, seconds in (("y", 365.24219 * 86400.0), ("d", 86400.0), ("h", 3600.0), ("min", 60.0)):
-        if nuclide.half_life_s >= 2 * seconds:
-            break
-    else:
-        unit, seconds = "s", 1.0
+    scales = (("y", 365.24219 * 86400.0), ("d", 86400.0), ("h", 3600.0), ("min", 60.0))
+    unit, seconds = next(((u, s) for u, s in scales if nuclide.half_life_s >= 2 * s), ("s", 1.0))
     return f"{nuclide.half_life_s / seconds:.6g} ± {nuclide.half_life_unc_s / seconds:.2g} {unit} [{nuclide.source}]"
 
 
@@ -88,7 +85,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--to", dest="end", help="moment to correct to (default now)")
     parser.add_argument("--unit", help="output unit: Bq, kBq, MBq, GBq, TBq, uCi, mCi, Ci (default: best SI prefix)")
     parser.add_argument("--generator", metavar="DAUGHTER", help="daughter to elute, e.g. Tc-99m from Mo-99")
-    parser.add_argument("--since-elution", metavar="DURATION", help="time since the last elution, e.g. 23h (with --generator)")
+    parser.add_argument(
+        "--since-elution", metavar="DURATION", help="time since the last elution, e.g. 23h (with --generator)"
+    )
     parser.set_defaults(func=run)
 
 
@@ -97,13 +96,14 @@ def run(args: argparse.Namespace) -> int:
         nuclide = get_nuclide(args.nuclide)
         activity_bq = parse_activity(args.activity)
         unit = canonical_unit(args.unit) if args.unit else None
-        end = parse_time(args.end) if args.end else datetime.now(timezone.utc)
+        end = parse_time(args.end) if args.end else datetime.now(UTC)
         start = parse_time(args.start) if args.start else None
         if args.generator:
             if not args.since_elution:
                 raise DecayInputError("--generator needs --since-elution, e.g. --since-elution 23h")
-            lines = _generator_report(nuclide, get_nuclide(args.generator), activity_bq, start, end,
-                                      parse_duration(args.since_elution), unit)
+            lines = _generator_report(
+                nuclide, get_nuclide(args.generator), activity_bq, start, end, parse_duration(args.since_elution), unit
+            )
         else:
             if args.since_elution:
                 raise DecayInputError("--since-elution only makes sense with --generator DAUGHTER")
@@ -140,8 +140,12 @@ def _generator_report(
     unit: str | None,
 ) -> list[str]:
     if parent.branching_to(daughter.name) is None:
-        links = ", ".join(f"{n.name} -> {d.daughter}" for n in NUCLIDES.values() for d in n.decays if d.daughter in NUCLIDES)
-        raise DecayInputError(f"{daughter.name} is not a daughter of {parent.name} in the library; known links: {links}")
+        links = ", ".join(
+            f"{n.name} -> {d.daughter}" for n in NUCLIDES.values() for d in n.decays if d.daughter in NUCLIDES
+        )
+        raise DecayInputError(
+            f"{daughter.name} is not a daughter of {parent.name} in the library; known links: {links}"
+        )
     elution = end - since_elution
     calibration = calibration or elution
     daughter_bq = float(generator_daughter_activity(parent_bq, calibration, parent, daughter, elution, end))

@@ -36,7 +36,6 @@ from rich.logging import RichHandler
 
 from hotlab.controller.config import ConfigError, load_secret
 from hotlab.controller.lab.demo import LabView, render, snapshot_svg, watch_broker
-from hotlab.controller.service import ControllerService, run_to_exit_code
 from hotlab.controller.lab.simulated_lab import (
     BrokerAddress,
     CheckSource,
@@ -47,6 +46,7 @@ from hotlab.controller.lab.simulated_lab import (
     simulated_lab,
     station_mo99_breakthrough,
 )
+from hotlab.controller.service import ControllerService, run_to_exit_code
 from hotlab.controller.stop_signals import StopSignals
 
 log = logging.getLogger("hotlab.demo")
@@ -80,27 +80,44 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "demo",
         help="start a simulated hot lab with a live view (the first thing to try)",
         description="Start two dose calibrators, a Ga-68 and a Tc-99m generator station, the controller with QC, "
-                    "a private MQTT broker and the history archive, and show everything live. Ctrl-C stops.",
+        "a private MQTT broker and the history archive, and show everything live. Ctrl-C stops.",
     )
     parser.add_argument("--duration", type=float, metavar="S", help="stop cleanly after S seconds")
     parser.add_argument("--headless", action="store_true", help="no live view; print a summary at the end")
-    parser.add_argument("--acceleration", type=float, default=DEMO_LAB.acceleration, metavar="X",
-                        help=f"simulated time runs X times faster than the wall clock (default {DEMO_LAB.acceleration:g})")
-    parser.add_argument("--state-dir", type=Path, default=Path("var/demo"),
-                        help="outbox, history archive, audit trail and driver state (default var/demo)")
+    parser.add_argument(
+        "--acceleration",
+        type=float,
+        default=DEMO_LAB.acceleration,
+        metavar="X",
+        help=f"simulated time runs X times faster than the wall clock (default {DEMO_LAB.acceleration:g})",
+    )
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        default=Path("var/demo"),
+        help="outbox, history archive, audit trail and driver state (default var/demo)",
+    )
     parser.add_argument("--mqtt-host", help="use this MQTT broker instead of starting a private mosquitto")
     parser.add_argument("--mqtt-port", type=int, default=1883, help="port of --mqtt-host (default 1883)")
     parser.add_argument("--influx-url", help="also write to InfluxDB, e.g. http://127.0.0.1:8086")
     token = parser.add_mutually_exclusive_group()
-    token.add_argument("--influx-token-env", metavar="NAME",
-                       help=f"environment variable holding the InfluxDB token (default {INFLUX_TOKEN_ENV}); "
-                            "InfluxDB 1.8: user:password")
-    token.add_argument("--influx-token-file", type=Path, metavar="PATH",
-                       help="file holding only the InfluxDB token (instead of an environment variable)")
+    token.add_argument(
+        "--influx-token-env",
+        metavar="NAME",
+        help=f"environment variable holding the InfluxDB token (default {INFLUX_TOKEN_ENV}); "
+        "InfluxDB 1.8: user:password",
+    )
+    token.add_argument(
+        "--influx-token-file",
+        type=Path,
+        metavar="PATH",
+        help="file holding only the InfluxDB token (instead of an environment variable)",
+    )
     parser.add_argument("--influx-org", default="-", help="InfluxDB organisation (default '-', for InfluxDB 1.8)")
     parser.add_argument("--influx-bucket", default="hotlab", help="InfluxDB bucket, or database/retention (1.8)")
-    parser.add_argument("--snapshot", type=Path, metavar="SVG",
-                        help="when the demo is told to stop, save the live view as an SVG image")
+    parser.add_argument(
+        "--snapshot", type=Path, metavar="SVG", help="when the demo is told to stop, save the live view as an SVG image"
+    )
     parser.add_argument("--log-level", default="WARNING", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     parser.set_defaults(func=main)
 
@@ -112,13 +129,20 @@ def main(args: argparse.Namespace) -> int:
         return 2
     # One console for the live view and the log, so log lines scroll above the view instead of through it.
     console = Console()
-    handler: logging.Handler = (logging.StreamHandler(sys.stderr) if args.headless
-                                else RichHandler(console=console, show_path=False))
-    logging.basicConfig(level=args.log_level, handlers=[handler], format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler: logging.Handler = (
+        logging.StreamHandler(sys.stderr) if args.headless else RichHandler(console=console, show_path=False)
+    )
+    logging.basicConfig(
+        level=args.log_level, handlers=[handler], format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     influx: dict[str, Any] | None = None
     if args.influx_url:
-        influx = {"url": args.influx_url, "org": args.influx_org, "bucket": args.influx_bucket,
-                  **_influx_token_source(args)}
+        influx = {
+            "url": args.influx_url,
+            "org": args.influx_org,
+            "bucket": args.influx_bucket,
+            **_influx_token_source(args),
+        }
     broker = BrokerAddress(args.mqtt_host, args.mqtt_port) if args.mqtt_host else None
     lab = replace(DEMO_LAB, acceleration=args.acceleration, calibrator_acceleration=args.acceleration)
     return run_to_exit_code(_run(lab, args, broker, influx, console), "hotlab demo")
@@ -134,8 +158,9 @@ def _check_options(args: argparse.Namespace) -> str:
     if args.influx_url:
         option = "--influx-token-file" if args.influx_token_file is not None else "--influx-token-env"
         try:
-            load_secret(env=None if args.influx_token_file is not None else _influx_token_env(args),
-                        file=args.influx_token_file)
+            load_secret(
+                env=None if args.influx_token_file is not None else _influx_token_env(args), file=args.influx_token_file
+            )
         except ConfigError as exc:
             return f"{option}: {exc} (--influx-url needs the InfluxDB token)"
     elif args.influx_token_env is not None or args.influx_token_file is not None:
@@ -154,15 +179,22 @@ def _influx_token_source(args: argparse.Namespace) -> dict[str, str]:
     return {"token_env": _influx_token_env(args)}
 
 
-async def _run(lab: SimLab, args: argparse.Namespace, broker: BrokerAddress | None,
-               influx: dict[str, Any] | None, console: Console) -> None:
+async def _run(
+    lab: SimLab, args: argparse.Namespace, broker: BrokerAddress | None, influx: dict[str, Any] | None, console: Console
+) -> None:
     signals = StopSignals()
     with signals.interruptible_start():
         await _run_lab(lab, args, broker, influx, console, signals)
 
 
-async def _run_lab(lab: SimLab, args: argparse.Namespace, broker: BrokerAddress | None,
-                   influx: dict[str, Any] | None, console: Console, signals: StopSignals) -> None:
+async def _run_lab(
+    lab: SimLab,
+    args: argparse.Namespace,
+    broker: BrokerAddress | None,
+    influx: dict[str, Any] | None,
+    console: Console,
+    signals: StopSignals,
+) -> None:
     stop = signals.stop
     loop = asyncio.get_running_loop()
     state_dir: Path = args.state_dir
@@ -170,8 +202,11 @@ async def _run_lab(lab: SimLab, args: argparse.Namespace, broker: BrokerAddress 
     async with simulated_lab(state_dir, lab, broker=broker, influx=influx, audit_path=audit_path) as config:
         from hotlab.controller.qc.engine import QcConfig, QcEngine
 
-        service = ControllerService(config, processors=[station_mo99_breakthrough(config.site)],
-                                    stage=QcEngine(config.site, QcConfig.from_mapping(config.qc)))
+        service = ControllerService(
+            config,
+            processors=[station_mo99_breakthrough(config.site)],
+            stage=QcEngine(config.site, QcConfig.from_mapping(config.qc)),
+        )
         where = "none" if config.mqtt is None else f"{config.mqtt.host}:{config.mqtt.port}"
         view = LabView(config.site, where, lab.acceleration)
         watcher: asyncio.Task[None] | None = None
@@ -179,16 +214,20 @@ async def _run_lab(lab: SimLab, args: argparse.Namespace, broker: BrokerAddress 
         try:  # from here on the live view's task exists: it must end with the demo, however the demo ends
             if config.mqtt is not None:
                 subscribed = asyncio.Event()
-                watcher = asyncio.create_task(watch_broker(view, config.mqtt.host, config.mqtt.port,
-                                                           subscribed=subscribed), name="live-view")
+                watcher = asyncio.create_task(
+                    watch_broker(view, config.mqtt.host, config.mqtt.port, subscribed=subscribed), name="live-view"
+                )
                 # Subscribe before the first reading is published, so the screen misses nothing.
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(subscribed.wait(), timeout=10.0)
             if args.duration is not None:
                 loop.call_later(args.duration, stop.set)
-            print(f"demo running: state in {state_dir}; "
-                  f"{'Ctrl-C stops' if args.duration is None else f'stops after {args.duration:g} s'}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"demo running: state in {state_dir}; "
+                f"{'Ctrl-C stops' if args.duration is None else f'stops after {args.duration:g} s'}",
+                file=sys.stderr,
+                flush=True,
+            )
             started = time.monotonic()
             signals.running()
             if args.snapshot is not None:
@@ -205,8 +244,7 @@ async def _run_lab(lab: SimLab, args: argparse.Namespace, broker: BrokerAddress 
                     snapshot.cancel()
                 await asyncio.gather(snapshot, return_exceptions=True)
         if args.headless:
-            print(await asyncio.to_thread(summary, view, config.history_path, time.monotonic() - started,
-                                          audit_path))
+            print(await asyncio.to_thread(summary, view, config.history_path, time.monotonic() - started, audit_path))
 
 
 async def _snapshot_on_stop(view: LabView, stop: asyncio.Event, path: Path) -> None:
@@ -241,20 +279,27 @@ def summary(view: LabView, history_path: Path | None, wall_s: float, audit_path:
             counts = {kind: archive.count(kind) for kind in ("reading", "elution", "qc_result", "device_status")}
             verdicts = Counter((str(r["test"]), str(r["verdict"])) for r in archive.query("qc_result"))
             elutions = archive.query("elution")
-        lines.append(f"  history {history_path}: {counts['reading']} readings, {counts['elution']} elutions, "
-                     f"{counts['qc_result']} QC results, {counts['device_status']} device statuses")
+        lines.append(
+            f"  history {history_path}: {counts['reading']} readings, {counts['elution']} elutions, "
+            f"{counts['qc_result']} QC results, {counts['device_status']} device statuses"
+        )
         for (test, verdict), count in sorted(verdicts.items()):
             lines.append(f"  qc {test:<22} {verdict:<5} {count}")
         for elution in elutions[-4:]:
             yield_pct = elution.get("yield_pct")
-            lines.append(f"  elution {elution['generator']} #{elution['counter']}: "
-                         f"{float(elution['activity_bq']) / 1e6:.1f} MBq {elution['nuclide']}, yield "
-                         f"{'-' if yield_pct is None else f'{float(yield_pct):.1f} %'}")
+            lines.append(
+                f"  elution {elution['generator']} #{elution['counter']}: "
+                f"{float(elution['activity_bq']) / 1e6:.1f} MBq {elution['nuclide']}, yield "
+                f"{'-' if yield_pct is None else f'{float(yield_pct):.1f} %'}"
+            )
     else:
         lines.append("  no history archive was written")
     for name, row in sorted(view.devices.items()):
-        lines.append(f"  device {name:<20} {'online' if row.up else 'offline':<8} errors {row.errors}"
-                     f"{'  ' + row.detail if row.detail else ''}")
-    lines.append(f"  live view: {sum(view.counts.values())} messages, {view.rejected} rejected; "
-                 f"audit trail {audit_path}")
+        lines.append(
+            f"  device {name:<20} {'online' if row.up else 'offline':<8} errors {row.errors}"
+            f"{'  ' + row.detail if row.detail else ''}"
+        )
+    lines.append(
+        f"  live view: {sum(view.counts.values())} messages, {view.rejected} rejected; audit trail {audit_path}"
+    )
     return "\n".join(lines)

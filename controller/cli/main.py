@@ -42,4 +42,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     return int(args.func(args) or 0)
-

@@ -19,13 +19,13 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from hotlab.physics.nuclides import UnknownNuclideError, get_nuclide
 from hotlab.controller.qc import calibrator_rules, dosage, generator_rules
 from hotlab.controller.qc.calibrator_rules import ReferenceSource, TimedReading
 from hotlab.controller.qc.engine import parse_activity_bq, parse_time_ns
 from hotlab.controller.qc.generator_rules import GeneratorSpec, generator_pair
 from hotlab.controller.qc.limits import YIELD_LIMIT_BY_DAUGHTER, Limit, QcConfigError, load_limits
 from hotlab.controller.qc.result import QcInputError, QcResult
+from hotlab.physics.nuclides import UnknownNuclideError, get_nuclide
 from hotlab.physics.units import format_activity
 
 _VERDICT_STYLE = {"pass": "bold green", "warn": "bold yellow", "fail": "bold red"}
@@ -45,8 +45,12 @@ def _reading(text: str) -> TimedReading:
 
 
 def _source(args: argparse.Namespace) -> ReferenceSource:
-    return ReferenceSource(args.source_id, get_nuclide(args.nuclide), parse_activity_bq(args.reference, "--reference"),
-                           parse_time_ns(args.reference_date, "--reference-date"))
+    return ReferenceSource(
+        args.source_id,
+        get_nuclide(args.nuclide),
+        parse_activity_bq(args.reference, "--reference"),
+        parse_time_ns(args.reference_date, "--reference-date"),
+    )
 
 
 def _constancy(args: argparse.Namespace, limits: dict[str, Limit]) -> list[QcResult]:
@@ -61,41 +65,73 @@ def _accuracy(args: argparse.Namespace, limits: dict[str, Limit]) -> list[QcResu
 
 def _linearity(args: argparse.Namespace, limits: dict[str, Limit]) -> list[QcResult]:
     series = [_reading(text) for text in args.reading]
-    return calibrator_rules.linearity_decay(get_nuclide(args.nuclide), series, limits["linearity"],
-                                            limits["linearity_half_life"])
+    return calibrator_rules.linearity_decay(
+        get_nuclide(args.nuclide), series, limits["linearity"], limits["linearity_half_life"]
+    )
 
 
 def _elution(args: argparse.Namespace, limits: dict[str, Limit]) -> list[QcResult]:
     parent, daughter = generator_pair(args.parent, args.daughter)
-    spec = GeneratorSpec(args.generator, parent, daughter, parse_activity_bq(args.calibration, "--calibration"),
-                         parse_time_ns(args.calibration_date, "--calibration-date"))
+    spec = GeneratorSpec(
+        args.generator,
+        parent,
+        daughter,
+        parse_activity_bq(args.calibration, "--calibration"),
+        parse_time_ns(args.calibration_date, "--calibration-date"),
+    )
     last = None if args.last_elution is None else parse_time_ns(args.last_elution, "--last-elution")
     residual = 0.0 if args.residual is None else parse_activity_bq(args.residual, "--residual")
-    return [generator_rules.elution_yield(spec, parse_activity_bq(args.eluted, "--eluted"), _time(args.at, "--at"),
-                                         limits[YIELD_LIMIT_BY_DAUGHTER[daughter.name]], last_elution_ns=last,
-                                         residual_bq=residual)]
+    return [
+        generator_rules.elution_yield(
+            spec,
+            parse_activity_bq(args.eluted, "--eluted"),
+            _time(args.at, "--at"),
+            limits[YIELD_LIMIT_BY_DAUGHTER[daughter.name]],
+            last_elution_ns=last,
+            residual_bq=residual,
+        )
+    ]
 
 
 def _breakthrough(args: argparse.Namespace, limits: dict[str, Limit]) -> list[QcResult]:
-    return [generator_rules.ge68_breakthrough(
-        parse_activity_bq(args.eluate, "--eluate"), parse_time_ns(args.end_of_elution, "--end-of-elution"),
-        parse_activity_bq(args.remeasured, "--remeasured"), _time(args.at, "--at"), limits["ge68_breakthrough"],
-        aliquot_fraction=args.aliquot_fraction,
-    )]
+    return [
+        generator_rules.ge68_breakthrough(
+            parse_activity_bq(args.eluate, "--eluate"),
+            parse_time_ns(args.end_of_elution, "--end-of-elution"),
+            parse_activity_bq(args.remeasured, "--remeasured"),
+            _time(args.at, "--at"),
+            limits["ge68_breakthrough"],
+            aliquot_fraction=args.aliquot_fraction,
+        )
+    ]
 
 
 def _mo99(args: argparse.Namespace, limits: dict[str, Limit]) -> list[QcResult]:
     administration = None if args.administration is None else parse_time_ns(args.administration, "--administration")
     mo99 = parse_activity_bq(args.mo99, "--mo99", allow_zero=True)
-    return [generator_rules.mo99_breakthrough(mo99, parse_activity_bq(args.tc99m, "--tc99m"), _time(args.at, "--at"),
-                                              limits["mo99_breakthrough"], administration_ns=administration,
-                                              judge_horizon_h=args.horizon_h)]
+    return [
+        generator_rules.mo99_breakthrough(
+            mo99,
+            parse_activity_bq(args.tc99m, "--tc99m"),
+            _time(args.at, "--at"),
+            limits["mo99_breakthrough"],
+            administration_ns=administration,
+            judge_horizon_h=args.horizon_h,
+        )
+    ]
 
 
 def _dosage(args: argparse.Namespace, limits: dict[str, Limit]) -> list[QcResult]:
-    return [dosage.dosage_check(get_nuclide(args.nuclide), parse_activity_bq(args.measured, "--measured"),
-                                _time(args.at, "--at"), parse_activity_bq(args.prescribed, "--prescribed"),
-                                parse_time_ns(args.administration, "--administration"), limits["dosage"])]
+    return [
+        dosage.dosage_check(
+            get_nuclide(args.nuclide),
+            parse_activity_bq(args.measured, "--measured"),
+            _time(args.at, "--at"),
+            parse_activity_bq(args.prescribed, "--prescribed"),
+            parse_time_ns(args.administration, "--administration"),
+            limits["dosage"],
+        )
+    ]
 
 
 def _site_limits(path: str | None) -> dict[str, Limit]:
@@ -120,9 +156,14 @@ def _print_table(results: Sequence[QcResult], console: Console) -> None:
         table.add_column(column, no_wrap=True)
     table.add_column("limit")
     for result in results:
-        table.add_row(result.test, f"[{_VERDICT_STYLE[result.verdict]}]{result.verdict.upper()}[/]",
-                      _shown(result.measured, result.unit), _shown(result.expected, result.unit),
-                      f"{result.deviation_pct:+.3f} %", result.limit.text)
+        table.add_row(
+            result.test,
+            f"[{_VERDICT_STYLE[result.verdict]}]{result.verdict.upper()}[/]",
+            _shown(result.measured, result.unit),
+            _shown(result.expected, result.unit),
+            f"{result.deviation_pct:+.3f} %",
+            result.limit.text,
+        )
     console.print(table)
     for result in results:
         console.print(f"[bold]{result.test}[/]: {result.detail}")
@@ -156,8 +197,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("qc", help="judge a manually entered QC measurement",
-                                   description=__doc__.split("\n\n")[0])
+    parser = subparsers.add_parser(
+        "qc", help="judge a manually entered QC measurement", description=__doc__.split("\n\n")[0]
+    )
     tests = parser.add_subparsers(dest="qc_test", metavar="TEST", required=True)
 
     def add(name: str, rule: Rule, help_text: str) -> argparse.ArgumentParser:
@@ -166,8 +208,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         sub.set_defaults(func=_run(rule))
         return sub
 
-    for name, rule, text in (("constancy", _constancy, "daily constancy with a long-lived check source"),
-                             ("accuracy", _accuracy, "accuracy with a certified reference source")):
+    for name, rule, text in (
+        ("constancy", _constancy, "daily constancy with a long-lived check source"),
+        ("accuracy", _accuracy, "accuracy with a certified reference source"),
+    ):
         sub = add(name, rule, text)
         sub.add_argument("--nuclide", required=True, help="source nuclide, e.g. Cs-137, Co-57, Ba-133")
         sub.add_argument("--reference", required=True, help="certified activity, e.g. 7.4MBq or 200uCi")
@@ -177,8 +221,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     sub = add("linearity", _linearity, "linearity by the decay method (log-linear fit)")
     sub.add_argument("--nuclide", required=True, help="decaying source, e.g. Tc-99m or F-18")
-    sub.add_argument("--reading", required=True, action="append", metavar="TIME=ACTIVITY",
-                     help="one point of the series (at least 3), e.g. 2026-03-02T08:00:00Z=30GBq")
+    sub.add_argument(
+        "--reading",
+        required=True,
+        action="append",
+        metavar="TIME=ACTIVITY",
+        help="one point of the series (at least 3), e.g. 2026-03-02T08:00:00Z=30GBq",
+    )
 
     sub = add("elution", _elution, "generator elution yield against the Bateman-available daughter")
     sub.add_argument("--parent", required=True, help="generator parent, e.g. Ge-68 or Mo-99")
@@ -199,11 +248,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub = add("mo99", _mo99, "Mo-99 breakthrough (kBq Mo-99 per MBq Tc-99m) and when it exceeds the limit")
     sub.add_argument("--mo99", required=True, help="Mo-99 activity of the eluate, e.g. 1.85MBq")
     sub.add_argument("--tc99m", required=True, help="Tc-99m activity of the eluate, e.g. 37GBq")
-    sub.add_argument("--administration",
-                     help="administration time (default: judge at the assay time + --horizon-h, the eluate shelf life)")
-    sub.add_argument("--horizon-h", type=float, default=generator_rules.MO99_DEFAULT_JUDGE_HORIZON_H,
-                     help="hours after the assay to judge at when no --administration is given (default 12 h: "
-                          "Tc-99m eluate shelf life)")
+    sub.add_argument(
+        "--administration",
+        help="administration time (default: judge at the assay time + --horizon-h, the eluate shelf life)",
+    )
+    sub.add_argument(
+        "--horizon-h",
+        type=float,
+        default=generator_rules.MO99_DEFAULT_JUDGE_HORIZON_H,
+        help="hours after the assay to judge at when no --administration is given (default 12 h: "
+        "Tc-99m eluate shelf life)",
+    )
 
     sub = add("dosage", _dosage, "patient dose at administration vs the prescribed activity")
     sub.add_argument("--nuclide", required=True, help="nuclide of the dose, e.g. F-18")

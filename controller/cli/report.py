@@ -11,25 +11,43 @@ import os
 import sys
 from pathlib import Path
 
+from hotlab.controller.archive import HistoryArchive, HistoryQueryError, TimeRange
 from hotlab.controller.audit import AuditKeyError, load_hmac_key
 from hotlab.controller.cli.audit import default_audit_path
-from hotlab.controller.archive import HistoryArchive, HistoryQueryError, TimeRange
 
 ARCHIVE_ENV = "HOTLAB_HISTORY"
 DEFAULT_ARCHIVE = Path("var/history.sqlite3")  # the [history] default of controller/config.py
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("report", help="write the QC report (self-contained HTML, optional PDF) for a period")
-    parser.add_argument("--from", dest="start", required=True, help="first day (UTC), e.g. 2026-11-01, or an ISO instant")
-    parser.add_argument("--to", dest="end", required=True, help="last day (UTC, included), e.g. 2026-11-30, or an ISO instant")
-    parser.add_argument("--archive", type=Path, default=None,
-                        help=f"history archive (default ${ARCHIVE_ENV} or {DEFAULT_ARCHIVE})")
-    parser.add_argument("--audit", type=Path, default=None, help="audit trail (default $HOTLAB_AUDIT_LOG or var/simulated-lab/state/audit.jsonl)")
-    parser.add_argument("--audit-key-file", type=Path, default=None,
-                        help="HMAC key to verify the audit chain (default $HOTLAB_AUDIT_KEY_FILE or $HOTLAB_AUDIT_KEY)")
+    parser = subparsers.add_parser(
+        "report", help="write the QC report (self-contained HTML, optional PDF) for a period"
+    )
+    parser.add_argument(
+        "--from", dest="start", required=True, help="first day (UTC), e.g. 2026-11-01, or an ISO instant"
+    )
+    parser.add_argument(
+        "--to", dest="end", required=True, help="last day (UTC, included), e.g. 2026-11-30, or an ISO instant"
+    )
+    parser.add_argument(
+        "--archive", type=Path, default=None, help=f"history archive (default ${ARCHIVE_ENV} or {DEFAULT_ARCHIVE})"
+    )
+    parser.add_argument(
+        "--audit",
+        type=Path,
+        default=None,
+        help="audit trail (default $HOTLAB_AUDIT_LOG or var/simulated-lab/state/audit.jsonl)",
+    )
+    parser.add_argument(
+        "--audit-key-file",
+        type=Path,
+        default=None,
+        help="HMAC key to verify the audit chain (default $HOTLAB_AUDIT_KEY_FILE or $HOTLAB_AUDIT_KEY)",
+    )
     parser.add_argument("--site", default=None, help="only this site")
-    parser.add_argument("--out", type=Path, default=Path("report.html"), help="HTML file to write (default report.html)")
+    parser.add_argument(
+        "--out", type=Path, default=Path("report.html"), help="HTML file to write (default report.html)"
+    )
     parser.add_argument("--pdf", action="store_true", help="also write a PDF next to the HTML file")
     parser.set_defaults(func=_run)
 
@@ -59,8 +77,10 @@ def _run(args: argparse.Namespace) -> int:
     try:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(render_html(data, figures), encoding="utf-8")
-        print(f"wrote {args.out}: {len(data.qc_results)} QC result(s), {len(data.elutions)} elution(s), "
-              f"{len(data.audit.records)} audited action(s), {len(figures)} figure(s)")
+        print(
+            f"wrote {args.out}: {len(data.qc_results)} QC result(s), {len(data.elutions)} elution(s), "
+            f"{len(data.audit.records)} audited action(s), {len(figures)} figure(s)"
+        )
         if args.pdf:
             pdf_path = args.out.with_suffix(".pdf")
             pages = write_pdf(data, pdf_path, figures)

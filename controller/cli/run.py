@@ -32,8 +32,8 @@ from pathlib import Path
 from hotlab.controller.config import ConfigError, LabConfig, load_config
 from hotlab.controller.event_loop import DEFAULT_EVENT_LOOP
 from hotlab.controller.gc_policy import settle_after_startup
-from hotlab.controller.service import CommitStage, ControllerService, run_to_exit_code
 from hotlab.controller.lab.simulated_lab import simulated_lab
+from hotlab.controller.service import CommitStage, ControllerService, run_to_exit_code
 from hotlab.controller.stop_signals import StopSignals
 
 log = logging.getLogger("hotlab.run")
@@ -44,7 +44,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "run",
         help="run the controller service (simulated lab without --config)",
         description="Poll the configured instruments, run QC, and publish everything to MQTT/InfluxDB "
-                    "through the durable outbox. Without --config, run a simulated lab with a private broker.",
+        "through the durable outbox. Without --config, run a simulated lab with a private broker.",
     )
     parser.add_argument("--config", type=Path, help="lab config (TOML); see examples/lab.toml")
     parser.add_argument("--duration", type=float, metavar="S", help="stop cleanly after S seconds")
@@ -53,8 +53,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def main(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     if args.duration is not None and args.duration <= 0:
         print(f"hotlab run: --duration must be > 0, got {args.duration:g}", file=sys.stderr)
         return 2
@@ -76,8 +77,12 @@ async def _run(config: LabConfig | None, duration_s: float | None) -> None:
     with signals.interruptible_start():
         async with _lab(config) as lab_config:
             service = ControllerService(lab_config, stage=_qc_engine(lab_config), on_started=settle_after_startup)
-            log.info("site %s: %d device(s): %s", lab_config.site, len(lab_config.devices),
-                     ", ".join(f"{d.name} ({d.family})" for d in lab_config.devices) or "none")
+            log.info(
+                "site %s: %d device(s): %s",
+                lab_config.site,
+                len(lab_config.devices),
+                ", ".join(f"{d.name} ({d.family})" for d in lab_config.devices) or "none",
+            )
             signals.running()
             await service.run(signals.stop)
 

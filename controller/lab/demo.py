@@ -108,8 +108,13 @@ class LabView:
         device, up = str(payload["device"]), bool(payload["up"])
         previous = self.devices.get(device)
         latency = payload.get("latency_ms")
-        self.devices[device] = DeviceRow(str(payload["station"]), up, None if latency is None else float(latency),
-                                         int(payload["errors"]), str(payload.get("detail") or ""))
+        self.devices[device] = DeviceRow(
+            str(payload["station"]),
+            up,
+            None if latency is None else float(latency),
+            int(payload["errors"]),
+            str(payload.get("detail") or ""),
+        )
         # docs/mqtt.md: a clean shutdown publishes up=false with this detail; that is not an alarm.
         if previous is not None and previous.up and not up and payload.get("detail") != "controller stopped":
             detail = payload.get("detail") or "no detail"
@@ -130,20 +135,31 @@ class LabView:
         self.verdicts[key] = payload
         self.verdict_counts[verdict] += 1
         if verdict != "pass":
-            self.alarms.append(Alarm(int(payload["time_ns"]), verdict,
-                                     f"{payload['device']}: {payload['test']} {verdict.upper()} {_judged(payload)} "
-                                     f"(limit: {payload.get('limit', '?')})"))
+            self.alarms.append(
+                Alarm(
+                    int(payload["time_ns"]),
+                    verdict,
+                    f"{payload['device']}: {payload['test']} {verdict.upper()} {_judged(payload)} "
+                    f"(limit: {payload.get('limit', '?')})",
+                )
+            )
 
     def _on_controller_alarm(self, payload: dict[str, Any]) -> None:
         if payload["active"]:
-            self.alarms.append(Alarm(int(payload["time_ns"]), "fail",
-                                     f"outbox {float(payload['fraction']) * 100:.0f} % full: sinks are not keeping up"))
+            self.alarms.append(
+                Alarm(
+                    int(payload["time_ns"]),
+                    "fail",
+                    f"outbox {float(payload['fraction']) * 100:.0f} % full: sinks are not keeping up",
+                )
+            )
 
     def _on_controller_status(self, payload: dict[str, Any]) -> None:
         # docs/mqtt.md: "offline"/"shutdown" is a clean stop; the last will ("connection lost") is an alarm.
         if payload["state"] != "online" and payload.get("reason") != "shutdown":
-            self.alarms.append(Alarm(time.time_ns(), "fail", f"controller {payload['state']}: "
-                                                             f"{payload.get('reason', '')}"))
+            self.alarms.append(
+                Alarm(time.time_ns(), "fail", f"controller {payload['state']}: {payload.get('reason', '')}")
+            )
 
 
 _HANDLERS = {
@@ -183,8 +199,12 @@ async def watch_broker(view: LabView, host: str, port: int, *, subscribed: async
 
 def render(view: LabView) -> RenderableType:
     """The whole screen: header; devices beside activities; elutions; QC verdicts beside alarms."""
-    return Group(_header(view), _side_by_side(_devices(view), _activities(view), (3, 2)), _elutions(view),
-                 _side_by_side(_verdicts(view), _alarms(view), (3, 2)))
+    return Group(
+        _header(view),
+        _side_by_side(_devices(view), _activities(view), (3, 2)),
+        _elutions(view),
+        _side_by_side(_verdicts(view), _alarms(view), (3, 2)),
+    )
 
 
 def _side_by_side(left: RenderableType, right: RenderableType, ratios: tuple[int, int]) -> Table:
@@ -200,24 +220,33 @@ def _header(view: LabView) -> Panel:
     broker = Text(f"broker {view.broker}", style="green" if view.connected else "bold red")
     if not view.connected:
         broker.append(f" (not connected: {view.broker_error or 'connecting'})")
-    first = Text.assemble(broker, f" · generator stations and calibrators run {view.acceleration:g}x faster than "
-                                  f"the wall clock · up {uptime // 60:02d}:{uptime % 60:02d}")
+    first = Text.assemble(
+        broker,
+        f" · generator stations and calibrators run {view.acceleration:g}x faster than "
+        f"the wall clock · up {uptime // 60:02d}:{uptime % 60:02d}",
+    )
     second = Text.assemble(
         f"{view.counts['reading']} readings · {view.counts['elution']} elutions · QC verdicts: ",
-        (f"{view.verdict_counts['pass']} pass", VERDICT_STYLE["pass"]), ", ",
-        (f"{view.verdict_counts['warn']} warn", VERDICT_STYLE["warn"]), ", ",
+        (f"{view.verdict_counts['pass']} pass", VERDICT_STYLE["pass"]),
+        ", ",
+        (f"{view.verdict_counts['warn']} warn", VERDICT_STYLE["warn"]),
+        ", ",
         (f"{view.verdict_counts['fail']} fail", VERDICT_STYLE["fail"]),
     )
-    return Panel(Group(first, second), title=f"hotlab demo · site {view.site}", title_align="left",
-                 border_style="cyan")
+    return Panel(Group(first, second), title=f"hotlab demo · site {view.site}", title_align="left", border_style="cyan")
 
 
 def _devices(view: LabView) -> Table:
     table = Table(title="Devices", title_justify="left", expand=True)
     for name in ("device", "station", "state", "latency", "errors", "detail"):
         # Only the free-text detail gives way when the terminal is narrow.
-        table.add_column(name, justify="right" if name in ("latency", "errors") else "left", no_wrap=True,
-                         overflow="ellipsis", ratio=1 if name == "detail" else None)
+        table.add_column(
+            name,
+            justify="right" if name in ("latency", "errors") else "left",
+            no_wrap=True,
+            overflow="ellipsis",
+            ratio=1 if name == "detail" else None,
+        )
     for name, row in sorted(view.devices.items()):
         state = Text("online", "bold green") if row.up else Text("offline", "bold red")
         latency = "-" if row.latency_ms is None else f"{row.latency_ms:.0f} ms"
@@ -231,8 +260,12 @@ def _activities(view: LabView) -> Table:
     for name in ("device", "nuclide", "activity", "time"):
         table.add_column(name, justify="right" if name == "activity" else "left", no_wrap=True)
     for name, reading in sorted(view.latest_reading.items()):
-        table.add_row(name, str(reading.get("nuclide") or "?"), format_activity(float(reading["activity_bq"])),
-                      _clock(reading.get("time_ns")))
+        table.add_row(
+            name,
+            str(reading.get("nuclide") or "?"),
+            format_activity(float(reading["activity_bq"])),
+            _clock(reading.get("time_ns")),
+        )
     return table
 
 
@@ -243,7 +276,9 @@ def _elutions(view: LabView) -> Table:
     for elution in view.elutions:
         yield_pct, breakthrough = elution.get("yield_pct"), elution.get("breakthrough_pct")
         table.add_row(
-            _clock(elution.get("end_ns")), str(elution["generator"]), str(elution.get("counter", "")),
+            _clock(elution.get("end_ns")),
+            str(elution["generator"]),
+            str(elution.get("counter", "")),
             f"{format_activity(float(elution['activity_bq']))} {elution.get('nuclide', '')}",
             f"{float(elution.get('volume_ml', 0.0)):g} mL",
             "-" if yield_pct is None else f"{float(yield_pct):.1f} %",
@@ -258,8 +293,13 @@ def _verdicts(view: LabView) -> Table:
         table.add_column(name, justify="right" if name == "value" else "left", no_wrap=True)
     for result in reversed(view.verdicts.values()):
         verdict = str(result["verdict"])
-        table.add_row(_clock(result.get("time_ns")), str(result["device"]), str(result["test"]),
-                      Text(verdict.upper(), VERDICT_STYLE[verdict]), _judged(result))
+        table.add_row(
+            _clock(result.get("time_ns")),
+            str(result["device"]),
+            str(result["test"]),
+            Text(verdict.upper(), VERDICT_STYLE[verdict]),
+            _judged(result),
+        )
     return table
 
 

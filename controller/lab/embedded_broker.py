@@ -119,8 +119,9 @@ class MosquittoBroker:
         """
         previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
-            self._process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                             stderr=subprocess.STDOUT, cwd=self._dir)
+            self._process = subprocess.Popen(
+                command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, cwd=self._dir
+            )
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
@@ -184,8 +185,9 @@ class MosquittoBroker:
             password_file.write_text("")
             password_file.chmod(0o600)
             for user, password in self.users.items():
-                subprocess.run(["mosquitto_passwd", "-b", str(password_file), user, password], check=True,
-                               capture_output=True)
+                subprocess.run(
+                    ["mosquitto_passwd", "-b", str(password_file), user, password], check=True, capture_output=True
+                )
             lines += ["allow_anonymous false", f"password_file {password_file}"]
         else:
             lines.append("allow_anonymous true")

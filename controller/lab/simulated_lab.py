@@ -153,28 +153,52 @@ async def simulated_lab(
                 await asyncio.shield(starting)  # a Ctrl-C now must not leave a broker started behind our back
                 mqtt = {"host": private.host, "port": private.port}
             except BrokerUnavailable as exc:
-                log.warning("no broker for the simulated lab (%s): LOCAL-ONLY mode, messages stay in %s",
-                            exc, workdir / "outbox.sqlite3")
-        devices = [await _start_calibrator(stack, calibrator, index, lab.calibrator_acceleration)
-                   for index, calibrator in enumerate(lab.calibrators)]
+                log.warning(
+                    "no broker for the simulated lab (%s): LOCAL-ONLY mode, messages stay in %s",
+                    exc,
+                    workdir / "outbox.sqlite3",
+                )
+        devices = [
+            await _start_calibrator(stack, calibrator, index, lab.calibrator_acceleration)
+            for index, calibrator in enumerate(lab.calibrators)
+        ]
         now_ns = time.time_ns()
-        console = None if mqtt is None else OperatorConsole(mqtt["host"], mqtt["port"], lab.site, "demo-operator",
-                                                            secrets.token_hex(16))
+        console = (
+            None
+            if mqtt is None
+            else OperatorConsole(mqtt["host"], mqtt["port"], lab.site, "demo-operator", secrets.token_hex(16))
+        )
         generators: dict[str, Any] = {}
         for generator in lab.generators:
             cal_ns = now_ns - int(generator.column_age_days * SECONDS_PER_DAY * NS_PER_S)
             last_elution_ns = now_ns - SECONDS_PER_DAY * NS_PER_S  # yesterday's elution
             address = await _start_station(stack, generator, cal_ns, last_elution_ns, lab.acceleration, console)
-            devices.append({"name": generator.device, "station": generator.station, "family": "elution_station",
-                            "poll_interval_s": 1.0, "transport": address})
+            devices.append(
+                {
+                    "name": generator.device,
+                    "station": generator.station,
+                    "family": "elution_station",
+                    "poll_interval_s": 1.0,
+                    "transport": address,
+                }
+            )
             generators[generator.generator_id] = {
-                "parent": _parent_nuclide(generator), "activity": f"{generator.calibration_bq} Bq",
-                "calibration_time": iso_utc(cal_ns), "last_elution": iso_utc(last_elution_ns)}
+                "parent": _parent_nuclide(generator),
+                "activity": f"{generator.calibration_bq} Bq",
+                "calibration_time": iso_utc(cal_ns),
+                "last_elution": iso_utc(last_elution_ns),
+            }
         qc: dict[str, Any] = {"generators": generators}
         if lab.check_source is not None:
             source = lab.check_source
-            qc["sources"] = {source.source_id: {"nuclide": source.nuclide, "activity": f"{source.activity_bq} Bq",
-                                                "reference_time": iso_utc(now_ns), "certificate": "simulated"}}
+            qc["sources"] = {
+                source.source_id: {
+                    "nuclide": source.nuclide,
+                    "activity": f"{source.activity_bq} Bq",
+                    "reference_time": iso_utc(now_ns),
+                    "certificate": "simulated",
+                }
+            }
             qc["devices"] = {source.device: {"check_source": source.source_id}}
         document: dict[str, Any] = {
             "site": {"name": lab.site},
@@ -205,8 +229,9 @@ def _parent_nuclide(generator: SimGenerator) -> str:
     return get_profile(generator.profile).parent
 
 
-async def _start_calibrator(stack: contextlib.AsyncExitStack, calibrator: SimCalibrator, seed: int,
-                            acceleration: float) -> dict[str, Any]:
+async def _start_calibrator(
+    stack: contextlib.AsyncExitStack, calibrator: SimCalibrator, seed: int, acceleration: float
+) -> dict[str, Any]:
     from hotlab.simulators.calibrator_cli import CALIBRATOR_SIMULATORS
     from hotlab.simulators.faults import FaultInjector
     from hotlab.simulators.serial_host import PtyHost, Rfc2217Host, TcpHost
@@ -217,12 +242,24 @@ async def _start_calibrator(stack: contextlib.AsyncExitStack, calibrator: SimCal
     host = {"pty": PtyHost, "tcp": TcpHost, "rfc2217": Rfc2217Host}[calibrator.host](model)
     address = await host.start()
     stack.push_async_callback(host.stop)
-    return {"name": calibrator.name, "station": calibrator.station, "family": calibrator.family,
-            "transport": address, "poll_interval_s": 2.0, "timeout_s": 3.0}
+    return {
+        "name": calibrator.name,
+        "station": calibrator.station,
+        "family": calibrator.family,
+        "transport": address,
+        "poll_interval_s": 2.0,
+        "timeout_s": 3.0,
+    }
 
 
-async def _start_station(stack: contextlib.AsyncExitStack, generator: SimGenerator, cal_ns: int,
-                         last_elution_ns: int, acceleration: float, console: OperatorConsole | None) -> dict[str, Any]:
+async def _start_station(
+    stack: contextlib.AsyncExitStack,
+    generator: SimGenerator,
+    cal_ns: int,
+    last_elution_ns: int,
+    acceleration: float,
+    console: OperatorConsole | None,
+) -> dict[str, Any]:
     """A generator station on Modbus TCP, and an operator who starts elutions on its schedule."""
     from hotlab.simulators.elution_station import (
         ElutionStationSimulator,
@@ -232,16 +269,23 @@ async def _start_station(stack: contextlib.AsyncExitStack, generator: SimGenerat
     )
     from hotlab.simulators.generator_physics import GeneratorColumn, get_profile
 
-    column = GeneratorColumn(get_profile(generator.profile), generator_id=generator.generator_id,
-                             parent_cal_bq=generator.calibration_bq, cal_time_ns=cal_ns,
-                             last_elution_ns=last_elution_ns)
+    column = GeneratorColumn(
+        get_profile(generator.profile),
+        generator_id=generator.generator_id,
+        parent_cal_bq=generator.calibration_bq,
+        cal_time_ns=cal_ns,
+        last_elution_ns=last_elution_ns,
+    )
     model = StationModel(column, StationClock(acceleration), StationIdentity(serial=generator.generator_id))
     simulator = ElutionStationSimulator(model)
     host, port = await simulator.start_tcp("127.0.0.1", 0)
     stack.push_async_callback(simulator.stop)
     period_s = generator.elution_every_s / acceleration
-    work = (console.operate(generator, period_s) if console is not None
-            else _press_start_on_front_panel(model, generator, period_s))
+    work = (
+        console.operate(generator, period_s)
+        if console is not None
+        else _press_start_on_front_panel(model, generator, period_s)
+    )
     task = asyncio.create_task(work, name=f"simulated-operator-{generator.device}")
     stack.push_async_callback(cancel_and_wait, task)
     return {"modbus": "tcp", "host": host, "port": port, "device_id": 1, "word_order": "ABCD"}
@@ -272,8 +316,9 @@ class OperatorConsole:
         online = asyncio.Event()
         while True:
             try:
-                async with aiomqtt.Client(self.host, self.port, identifier=f"hotlab-console-{uuid.uuid4().hex[:8]}",
-                                          keepalive=30) as client:
+                async with aiomqtt.Client(
+                    self.host, self.port, identifier=f"hotlab-console-{uuid.uuid4().hex[:8]}", keepalive=30
+                ) as client:
                     await client.subscribe(f"hotlab/{self.site}/controller/status", qos=1)
                     await client.subscribe(f"{topic}/reply", qos=1)
                     listener = asyncio.create_task(self._listen(client, online))
@@ -287,14 +332,22 @@ class OperatorConsole:
                         await asyncio.gather(listener, return_exceptions=True)
             except aiomqtt.MqttError as exc:
                 online.clear()
-                log.warning("simulated operator of %s: broker connection lost (%s); reconnecting",
-                            generator.device, exc)
+                log.warning(
+                    "simulated operator of %s: broker connection lost (%s); reconnecting", generator.device, exc
+                )
                 await asyncio.sleep(1.0)
 
     def _command(self, generator: SimGenerator) -> bytes:
-        return json.dumps({"schema": "hotlab.command/1", "request_id": str(uuid.uuid4()), "user": self.user,
-                           "token": self.token, "reason": f"scheduled elution of {generator.generator_id}",
-                           "args": {"volume_ml": generator.volume_ml}}).encode()
+        return json.dumps(
+            {
+                "schema": "hotlab.command/1",
+                "request_id": str(uuid.uuid4()),
+                "user": self.user,
+                "token": self.token,
+                "reason": f"scheduled elution of {generator.generator_id}",
+                "args": {"volume_ml": generator.volume_ml},
+            }
+        ).encode()
 
     @staticmethod
     async def _listen(client: aiomqtt.Client, online: asyncio.Event) -> None:
@@ -356,9 +409,15 @@ def station_mo99_breakthrough(site: str) -> Callable[[Message], list[Message]]:
             return []
         tc99m_bq = float(payload["activity_bq"])
         mo99_bq = float(payload["breakthrough_pct"]) / 100.0 * tc99m_bq
-        reading = Reading(device=str(payload["generator"]), nuclide="Mo-99", activity_bq=mo99_bq, raw_value=mo99_bq,
-                          unit="Bq", timestamp_ns=int(payload["end_ns"]),
-                          extra={"qc": "mo99", "tc99m_bq": tc99m_bq, "measured_by": "station eluate monitor"})
+        reading = Reading(
+            device=str(payload["generator"]),
+            nuclide="Mo-99",
+            activity_bq=mo99_bq,
+            raw_value=mo99_bq,
+            unit="Bq",
+            timestamp_ns=int(payload["end_ns"]),
+            extra={"qc": "mo99", "tc99m_bq": tc99m_bq, "measured_by": "station eluate monitor"},
+        )
         derived = reading_message(site, str(payload["station"]), reading)
         msg_id = uuid.uuid5(MSG_ID_NAMESPACE, json.dumps(["mo99", message.msg_id])).hex
         return [replace(derived, payload=derived.payload | {"msg_id": msg_id})]
@@ -371,21 +430,31 @@ def announce(config: LabConfig, lab: SimLab, *, private_broker: bool) -> None:
     lines = ["", f"hotlab simulated lab ({config.site})", "  devices:"]
     for device in config.devices:
         transport = device.transport
-        where = (f"modbus tcp {transport.host}:{transport.port}" if isinstance(transport, ModbusTcpTransport)
-                 else transport.url)
+        where = (
+            f"modbus tcp {transport.host}:{transport.port}"
+            if isinstance(transport, ModbusTcpTransport)
+            else transport.url
+        )
         lines.append(f"    {device.name:<20} {device.family:<16} {where}")
-    lines.append(f"  time:        elution stations run {lab.acceleration:g}x faster than the wall clock"
-                 + (f", calibrators {lab.calibrator_acceleration:g}x" if lab.calibrator_acceleration != 1 else ""))
+    lines.append(
+        f"  time:        elution stations run {lab.acceleration:g}x faster than the wall clock"
+        + (f", calibrators {lab.calibrator_acceleration:g}x" if lab.calibrator_acceleration != 1 else "")
+    )
     if config.mqtt is None:
         lines.append("  MQTT broker: none (mosquitto not installed) - LOCAL-ONLY mode, data stays in the outbox")
     else:
         kind = "private mosquitto" if private_broker else "your broker"
-        lines += [f"  MQTT broker: {kind} on {config.mqtt.host}:{config.mqtt.port}",
-                  f"  watch it:    mosquitto_sub -h {config.mqtt.host} -p {config.mqtt.port} -t 'hotlab/#' -v"]
+        lines += [
+            f"  MQTT broker: {kind} on {config.mqtt.host}:{config.mqtt.port}",
+            f"  watch it:    mosquitto_sub -h {config.mqtt.host} -p {config.mqtt.port} -t 'hotlab/#' -v",
+        ]
     if config.influx is not None:
         lines.append(f"  InfluxDB:    {config.influx.url} bucket {config.influx.bucket}")
-    lines += [f"  outbox:      {config.outbox.path}", f"  history:     {config.history_path}",
-              f"  audit trail: {config.commands.resolved_audit_path(config.service.state_dir)}"]
+    lines += [
+        f"  outbox:      {config.outbox.path}",
+        f"  history:     {config.history_path}",
+        f"  audit trail: {config.commands.resolved_audit_path(config.service.state_dir)}",
+    ]
     if config.operators:
         lines.append(f"  operator:    {config.operators[0].name} (simulated) sends start_elution commands over MQTT")
     lines += ["  stop with Ctrl-C", ""]

@@ -16,9 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hotlab.physics.decay import activity_at, corrected_activity_uncertainty
 from hotlab.controller.messages import iso_utc
-from hotlab.physics.nuclides import Nuclide
 from hotlab.controller.qc.limits import Limit
 from hotlab.controller.qc.result import (
     QcInputError,
@@ -29,6 +27,8 @@ from hotlab.controller.qc.result import (
     require_not_before,
     require_positive,
 )
+from hotlab.physics.decay import activity_at, corrected_activity_uncertainty
+from hotlab.physics.nuclides import Nuclide
 from hotlab.physics.units import format_activity
 
 _NS_PER_S = 1e9
@@ -76,8 +76,9 @@ class ReferenceSource:
         }
 
 
-def _against_source(test: str, source: ReferenceSource, readings_bq: Sequence[float], measured_ns: int,
-                    limit: Limit) -> QcResult:
+def _against_source(
+    test: str, source: ReferenceSource, readings_bq: Sequence[float], measured_ns: int, limit: Limit
+) -> QcResult:
     if not readings_bq:
         raise QcInputError(f"{test} needs at least one reading of source {source.source_id}")
     values = [require_non_negative(f"{test} reading", value) for value in readings_bq]
@@ -97,9 +98,17 @@ def _against_source(test: str, source: ReferenceSource, readings_bq: Sequence[fl
     }
     if len(values) > 1:
         inputs["reading_stdev_pct"] = statistics.stdev(values) / measured * 100.0 if measured else 0.0
-    return judged(test, limit, measured=measured, expected=expected, unit="Bq", time_ns=measured_ns, inputs=inputs,
-                  detail=f"{source.nuclide.name} source {source.source_id}: mean of {len(values)} reading(s) "
-                         f"vs certificate decay-corrected to the measurement time")
+    return judged(
+        test,
+        limit,
+        measured=measured,
+        expected=expected,
+        unit="Bq",
+        time_ns=measured_ns,
+        inputs=inputs,
+        detail=f"{source.nuclide.name} source {source.source_id}: mean of {len(values)} reading(s) "
+        f"vs certificate decay-corrected to the measurement time",
+    )
 
 
 def constancy(source: ReferenceSource, readings_bq: Sequence[float], measured_ns: int, limit: Limit) -> QcResult:
@@ -159,24 +168,39 @@ def linearity_decay(
         "half_life_source": nuclide.source,
         "fitted_half_life_s": fitted_half_life_s,
         "points": [
-            {"time": iso_utc(p.time_ns), "time_ns": p.time_ns, "activity_bq": float(a), "fitted_bq": float(f),
-             "deviation_pct": d}
+            {
+                "time": iso_utc(p.time_ns),
+                "time_ns": p.time_ns,
+                "activity_bq": float(a),
+                "fitted_bq": float(f),
+                "deviation_pct": d,
+            }
             for p, a, f, d in zip(points, activity, fitted, deviations)
         ],
     }
     last_ns = points[-1].time_ns
     point_result = judged(
-        "linearity", limit, measured=float(activity[worst]), expected=float(fitted[worst]), unit="Bq",
-        time_ns=last_ns, inputs=inputs,
+        "linearity",
+        limit,
+        measured=float(activity[worst]),
+        expected=float(fitted[worst]),
+        unit="Bq",
+        time_ns=last_ns,
+        inputs=inputs,
         detail=f"{len(points)} points from {format_activity(float(activity[0]))} to "
-               f"{format_activity(float(activity[-1]))}; "
-               f"worst deviation from the log-linear fit at point {worst + 1}",
+        f"{format_activity(float(activity[-1]))}; "
+        f"worst deviation from the log-linear fit at point {worst + 1}",
     )
     half_life_result = judged(
-        "linearity_half_life", half_life_limit, measured=fitted_half_life_s, expected=nuclide.half_life_s, unit="s",
-        time_ns=last_ns, inputs=inputs,
+        "linearity_half_life",
+        half_life_limit,
+        measured=fitted_half_life_s,
+        expected=nuclide.half_life_s,
+        unit="s",
+        time_ns=last_ns,
+        inputs=inputs,
         detail=f"fitted half-life {fitted_half_life_s / 3600:.4f} h vs {nuclide.name} "
-               f"{nuclide.half_life_s / 3600:.4f} h ({nuclide.source})",
+        f"{nuclide.half_life_s / 3600:.4f} h ({nuclide.source})",
     )
     return [point_result, half_life_result]
 
@@ -212,14 +236,17 @@ class _Spread:
     worst: str
 
 
-def _spread(nuclide: Nuclide, to_ns: int, readings: dict[str, tuple[int, float]],
-            reference_bq: float | None = None) -> _Spread:
+def _spread(
+    nuclide: Nuclide, to_ns: int, readings: dict[str, tuple[int, float]], reference_bq: float | None = None
+) -> _Spread:
     """Decay-correct `readings` (label -> (time_ns, Bq)) to `to_ns` and compare each with the reference.
 
     The reference is `reference_bq`, or the median of the corrected readings when None (so one
     deviant point cannot drag the reference with it). `worst` labels the largest |deviation|.
     """
-    corrected = {label: _decayed(bq, nuclide, (to_ns - time_ns) / _NS_PER_S) for label, (time_ns, bq) in readings.items()}
+    corrected = {
+        label: _decayed(bq, nuclide, (to_ns - time_ns) / _NS_PER_S) for label, (time_ns, bq) in readings.items()
+    }
     reference = statistics.median(corrected.values()) if reference_bq is None else reference_bq
     deviations = {label: deviation_pct(value, reference) for label, value in corrected.items()}
     labels = list(deviations)
@@ -242,7 +269,9 @@ def linearity_sleeve(
     readings = {"unshielded": (unshielded.time_ns, require_positive("unshielded reading", unshielded.activity_bq))}
     for sleeve in sleeves:
         if sleeve.label not in factors:
-            raise QcInputError(f"no calibration factor for sleeve {sleeve.label!r}; known: {', '.join(sorted(factors))}")
+            raise QcInputError(
+                f"no calibration factor for sleeve {sleeve.label!r}; known: {', '.join(sorted(factors))}"
+            )
         reading = require_positive(f"reading of sleeve {sleeve.label}", sleeve.activity_bq)
         readings[sleeve.label] = (sleeve.time_ns, reading * factors[sleeve.label])
     if len(readings) < 2:
@@ -259,8 +288,13 @@ def linearity_sleeve(
         "readings": [{"label": s.label, "time_ns": s.time_ns, "activity_bq": s.activity_bq} for s in sleeves],
     }
     return judged(
-        "linearity_sleeve", limit, measured=spread.corrected_bq[spread.worst], expected=spread.reference_bq, unit="Bq",
-        time_ns=max([unshielded.time_ns, *(s.time_ns for s in sleeves)]), inputs=inputs,
+        "linearity_sleeve",
+        limit,
+        measured=spread.corrected_bq[spread.worst],
+        expected=spread.reference_bq,
+        unit="Bq",
+        time_ns=max([unshielded.time_ns, *(s.time_ns for s in sleeves)]),
+        inputs=inputs,
         detail=f"worst: {spread.worst} vs the median of {len(readings)} sleeve-corrected activities",
     )
 
@@ -295,8 +329,13 @@ def geometry(nuclide: Nuclide, reference: TimedReading, others: Sequence[TimedRe
         "correction_factors": {label: reference_bq / value for label, value in spread.corrected_bq.items()},
     }
     return judged(
-        "geometry", limit, measured=spread.corrected_bq[spread.worst], expected=reference_bq, unit="Bq",
-        time_ns=max([reference.time_ns, *(r.time_ns for r in others)]), inputs=inputs,
+        "geometry",
+        limit,
+        measured=spread.corrected_bq[spread.worst],
+        expected=reference_bq,
+        unit="Bq",
+        time_ns=max([reference.time_ns, *(r.time_ns for r in others)]),
+        inputs=inputs,
         detail=f"worst geometry: {spread.worst} vs {reference_label}",
     )
 
@@ -314,9 +353,18 @@ def background(reading_bq: float, measured_ns: int, limit: Limit, *, nuclide: st
     reference = limit.warn if limit.warn is not None else limit.fail
     assert reference is not None and reference > 0
     return judged(
-        "background", limit, measured=value, expected=reference, unit="Bq", time_ns=measured_ns,
-        inputs={"reading_bq": value, "measured_time": iso_utc(measured_ns), "measured_ns": int(measured_ns),
-                "nuclide_setting": nuclide},
+        "background",
+        limit,
+        measured=value,
+        expected=reference,
+        unit="Bq",
+        time_ns=measured_ns,
+        inputs={
+            "reading_bq": value,
+            "measured_time": iso_utc(measured_ns),
+            "measured_ns": int(measured_ns),
+            "nuclide_setting": nuclide,
+        },
         value=abs(value),
         detail="empty-chamber reading (magnitude judged; negative means a zero offset)",
     )

@@ -8,11 +8,11 @@ from the measurement time to the planned administration time before it is compar
 
 from __future__ import annotations
 
-from hotlab.physics.decay import activity_at
 from hotlab.controller.messages import iso_utc
-from hotlab.physics.nuclides import Nuclide
 from hotlab.controller.qc.limits import Limit
 from hotlab.controller.qc.result import QcResult, judged, require_not_before, require_positive
+from hotlab.physics.decay import activity_at
+from hotlab.physics.nuclides import Nuclide
 
 
 def dosage_check(
@@ -42,7 +42,12 @@ def dosage_check(
         "prescribed_bq": prescribed,
     }
     return judged(
-        "dosage", limit, measured=at_administration, expected=prescribed, unit="Bq", time_ns=administration_ns,
+        "dosage",
+        limit,
+        measured=at_administration,
+        expected=prescribed,
+        unit="Bq",
+        time_ns=administration_ns,
         inputs=inputs,
         detail=f"{nuclide.name} dose decay-corrected {dt_s / 60:.1f} min to administration vs the prescription",
     )

@@ -40,9 +40,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from hotlab.physics.utc_time import parse_utc_ns
 from hotlab.controller.messages import Message
-from hotlab.physics.nuclides import UnknownNuclideError, get_nuclide
 from hotlab.controller.qc import calibrator_rules, dosage, generator_rules
 from hotlab.controller.qc.calibrator_rules import ReferenceSource
 from hotlab.controller.qc.generator_rules import (
@@ -54,7 +52,9 @@ from hotlab.controller.qc.generator_rules import (
 )
 from hotlab.controller.qc.limits import YIELD_LIMIT_BY_DAUGHTER, Limit, QcConfigError, load_limits
 from hotlab.controller.qc.result import QcInputError, QcResult
+from hotlab.physics.nuclides import UnknownNuclideError, get_nuclide
 from hotlab.physics.units import UnitError, parse_activity
+from hotlab.physics.utc_time import parse_utc_ns
 
 if TYPE_CHECKING:
     from hotlab.controller.archive import HistoryArchive
@@ -139,8 +139,20 @@ class QcConfig:
     def from_mapping(cls, data: Mapping[str, Any] | None) -> QcConfig:
         """Validate a ``[qc]`` TOML table (see docs/qc.md); every problem is a QcConfigError naming the key."""
         root = _table(data or {}, "qc")
-        _only(root, "qc", {"limits", "sources", "devices", "generators", "trend_horizon_days", "trend_min_points", "trend_min_span_days",
-                          "mo99_judge_horizon_h"})
+        _only(
+            root,
+            "qc",
+            {
+                "limits",
+                "sources",
+                "devices",
+                "generators",
+                "trend_horizon_days",
+                "trend_min_points",
+                "trend_min_span_days",
+                "mo99_judge_horizon_h",
+            },
+        )
         try:
             return cls._parse(root)
         except (QcInputError, UnknownNuclideError) as exc:
@@ -172,7 +184,9 @@ class QcConfig:
             _only(table, path, {"check_source"})
             source_id = str(_required(table, path, "check_source"))
             if source_id not in sources:
-                raise QcConfigError(f"{path}.check_source: no source {source_id!r} under [qc.sources]; known: {sorted(sources)}")
+                raise QcConfigError(
+                    f"{path}.check_source: no source {source_id!r} under [qc.sources]; known: {sorted(sources)}"
+                )
             devices[device] = source_id
         generators: dict[str, GeneratorSpec] = {}
         last_elution: dict[str, int] = {}
@@ -205,10 +219,17 @@ class QcConfig:
         mo99_horizon = root.get("mo99_judge_horizon_h", MO99_DEFAULT_JUDGE_HORIZON_H)
         if isinstance(mo99_horizon, bool) or not isinstance(mo99_horizon, (int, float)) or not 0 <= mo99_horizon <= 72:
             raise QcConfigError(f"qc.mo99_judge_horizon_h must be a number of hours from 0 to 72, got {mo99_horizon!r}")
-        return cls(limits=limits, sources=sources, check_source_by_device=devices, generators=generators,
-                   last_elution_ns=last_elution, trend_horizon_days=float(horizon), trend_min_points=min_points,
-                   trend_min_span_days=float(min_span),
-                   mo99_judge_horizon_h=float(mo99_horizon))
+        return cls(
+            limits=limits,
+            sources=sources,
+            check_source_by_device=devices,
+            generators=generators,
+            last_elution_ns=last_elution,
+            trend_horizon_days=float(horizon),
+            trend_min_points=min_points,
+            trend_min_span_days=float(min_span),
+            mo99_judge_horizon_h=float(mo99_horizon),
+        )
 
 
 def _restorable(payload: Mapping[str, Any], keys: tuple[str, ...]) -> bool:
@@ -228,11 +249,17 @@ class _GeneratorState:
     eluate_by_counter: dict[int, tuple[int, float]] = field(default_factory=dict)
 
     def copy(self) -> _GeneratorState:
-        return _GeneratorState(self.last_elution_ns, self.last_counter, self.residual_bq,
-                               deque(self.history, maxlen=HISTORY_LENGTH), dict(self.eluate_by_counter))
+        return _GeneratorState(
+            self.last_elution_ns,
+            self.last_counter,
+            self.residual_bq,
+            deque(self.history, maxlen=HISTORY_LENGTH),
+            dict(self.eluate_by_counter),
+        )
 
-    def advance(self, counter: int, end_ns: int, eluted_bq: float, available_bq: float | None,
-                yield_pct: float | None) -> None:
+    def advance(
+        self, counter: int, end_ns: int, eluted_bq: float, available_bq: float | None, yield_pct: float | None
+    ) -> None:
         """Record one elution: the residual is what it left on the column (available - eluted)."""
         self.last_counter, self.last_elution_ns = counter, end_ns
         self.residual_bq = 0.0 if available_bq is None else max(available_bq - eluted_bq, 0.0)
@@ -304,8 +331,9 @@ class QcEngine:
         self.rejected += outcome.rejected
         for generator_id, state in outcome._generator_states.items():
             current = self._generators[generator_id]
-            if current.last_counter is None or (state.last_counter is not None
-                                                and state.last_counter > current.last_counter):
+            if current.last_counter is None or (
+                state.last_counter is not None and state.last_counter > current.last_counter
+            ):
                 self._generators[generator_id] = state.copy()
 
     def restore(self, archive: HistoryArchive, unarchived: Iterable[Message] = ()) -> int:
@@ -326,16 +354,26 @@ class QcEngine:
         for generator_id, spec in self.config.generators.items():
             elutions = self._payloads(
                 archive.query("elution", site=self.site, device=generator_id),
-                [m.payload for m in pending if m.kind == "elution" and m.payload.get("generator") == generator_id])
+                [m.payload for m in pending if m.kind == "elution" and m.payload.get("generator") == generator_id],
+            )
             verdicts = self._payloads(
                 archive.query("qc_result", site=self.site, device=generator_id, test="elution_yield"),
-                [m.payload for m in pending if m.kind == "qc_result" and m.payload.get("device") == generator_id
-                 and m.payload.get("test") == "elution_yield"])
+                [
+                    m.payload
+                    for m in pending
+                    if m.kind == "qc_result"
+                    and m.payload.get("device") == generator_id
+                    and m.payload.get("test") == "elution_yield"
+                ],
+            )
             usable = [e for e in elutions if _restorable(e, ("counter", "end_ns", "activity_bq"))]
             verdicts = [v for v in verdicts if _restorable(v, ("time_ns", "expected", "value_judged"))]
             if len(usable) < len(elutions):
-                log.warning("restore: %d archived elution(s) of %s lack counter/end_ns/activity_bq; skipped",
-                            len(elutions) - len(usable), generator_id)
+                log.warning(
+                    "restore: %d archived elution(s) of %s lack counter/end_ns/activity_bq; skipped",
+                    len(elutions) - len(usable),
+                    generator_id,
+                )
             verdict_by_end_ns = {int(v["time_ns"]): v for v in verdicts}
             state = _GeneratorState(None)
             kept = sorted(usable, key=lambda e: int(e["counter"]))[-HISTORY_LENGTH:]
@@ -348,8 +386,12 @@ class QcEngine:
                 try:
                     available: float | None = available_activity(spec, end_ns, state.last_elution_ns, state.residual_bq)
                 except QcInputError as exc:
-                    log.warning("restore: elution %s/%d cannot be re-modelled (%s); residual taken as 0",
-                                generator_id, counter, exc)
+                    log.warning(
+                        "restore: elution %s/%d cannot be re-modelled (%s); residual taken as 0",
+                        generator_id,
+                        counter,
+                        exc,
+                    )
                     available = None
                 state.advance(counter, end_ns, eluted, available, None)
             restored += len(kept)
@@ -375,8 +417,14 @@ class QcEngine:
         result = self._judge_reading(tag, payload, extra, device, staged)
         return [] if result is None else [result.to_message(self.site, station, device)]
 
-    def _judge_reading(self, tag: Any, payload: Mapping[str, Any], extra: Mapping[str, Any],
-                       device: str, staged: Mapping[str, _GeneratorState]) -> QcResult | None:
+    def _judge_reading(
+        self,
+        tag: Any,
+        payload: Mapping[str, Any],
+        extra: Mapping[str, Any],
+        device: str,
+        staged: Mapping[str, _GeneratorState],
+    ) -> QcResult | None:
         limits = self.config.limits
         activity, time_ns = float(payload["activity_bq"]), int(payload["time_ns"])
         setting = payload.get("nuclide")
@@ -388,34 +436,45 @@ class QcEngine:
         if tag in ("constancy", "accuracy"):
             source = self._named_source(extra.get("source"), device, tag)
             if setting is not None and get_nuclide(str(setting)).name != source.nuclide.name:
-                raise QcInputError(f"{tag} reading taken on the {setting} setting, but source {source.source_id} "
-                                   f"is {source.nuclide.name}")
+                raise QcInputError(
+                    f"{tag} reading taken on the {setting} setting, but source {source.source_id} "
+                    f"is {source.nuclide.name}"
+                )
             rule = calibrator_rules.constancy if tag == "constancy" else calibrator_rules.accuracy
             return rule(source, [activity], time_ns, limits[tag])
         if tag == "background":
-            return calibrator_rules.background(activity, time_ns, limits["background"],
-                                               nuclide=None if setting is None else str(setting))
+            return calibrator_rules.background(
+                activity, time_ns, limits["background"], nuclide=None if setting is None else str(setting)
+            )
         if tag == "dosage":
             if setting is None:
                 raise QcInputError("a dosage reading needs the calibrator's nuclide setting")
             return dosage.dosage_check(
-                get_nuclide(str(setting)), activity, time_ns,
+                get_nuclide(str(setting)),
+                activity,
+                time_ns,
                 parse_activity_bq(_field(extra, "prescribed_bq", tag), "extra.prescribed_bq"),
                 parse_time_ns(_field(extra, "administration_time", tag), "extra.administration_time"),
                 limits["dosage"],
             )
         if tag == "mo99":
             return generator_rules.mo99_breakthrough(
-                activity, parse_activity_bq(_field(extra, "tc99m_bq", tag), "extra.tc99m_bq"), time_ns,
+                activity,
+                parse_activity_bq(_field(extra, "tc99m_bq", tag), "extra.tc99m_bq"),
+                time_ns,
                 limits["mo99_breakthrough"],
-                administration_ns=(parse_time_ns(extra["administration_time"], "extra.administration_time")
-                                   if "administration_time" in extra else None),
+                administration_ns=(
+                    parse_time_ns(extra["administration_time"], "extra.administration_time")
+                    if "administration_time" in extra
+                    else None
+                ),
                 judge_horizon_h=self.config.mo99_judge_horizon_h,
             )
         if tag == "ge68_breakthrough":
             return self._ge68_breakthrough(activity, time_ns, extra, staged)
-        raise QcInputError(f"unknown QC tag {tag!r}; known: constancy, accuracy, background, dosage, mo99, "
-                           "ge68_breakthrough")
+        raise QcInputError(
+            f"unknown QC tag {tag!r}; known: constancy, accuracy, background, dosage, mo99, ge68_breakthrough"
+        )
 
     def _mounted_source(self, device: str) -> ReferenceSource | None:
         source_id = self.config.check_source_by_device.get(device)
@@ -432,8 +491,9 @@ class QcEngine:
         except KeyError:
             raise QcInputError(f"unknown source {source_id!r}; configured: {sorted(self.config.sources)}") from None
 
-    def _ge68_breakthrough(self, activity: float, time_ns: int, extra: Mapping[str, Any],
-                           staged: Mapping[str, _GeneratorState]) -> QcResult:
+    def _ge68_breakthrough(
+        self, activity: float, time_ns: int, extra: Mapping[str, Any], staged: Mapping[str, _GeneratorState]
+    ) -> QcResult:
         generator_id = str(_field(extra, "generator", "ge68_breakthrough"))
         counter = int(_field(extra, "elution_counter", "ge68_breakthrough"))
         state = staged.get(generator_id) or self._committed_state(generator_id)
@@ -441,7 +501,11 @@ class QcEngine:
             raise QcInputError(f"elution {counter} of {generator_id} is not among the last {HISTORY_LENGTH} seen")
         eoe_ns, eluted_bq = state.eluate_by_counter[counter]
         return generator_rules.ge68_breakthrough(
-            eluted_bq, eoe_ns, activity, time_ns, self.config.limits["ge68_breakthrough"],
+            eluted_bq,
+            eoe_ns,
+            activity,
+            time_ns,
+            self.config.limits["ge68_breakthrough"],
             aliquot_fraction=float(extra.get("aliquot_fraction", 1.0)),
         )
 
@@ -453,8 +517,7 @@ class QcEngine:
         except KeyError:
             raise QcInputError(f"generator {generator_id!r} is not configured under [qc.generators]") from None
 
-    def _on_elution(self, message: Message,
-                    staged: dict[str, _GeneratorState]) -> tuple[Message | None, list[Message]]:
+    def _on_elution(self, message: Message, staged: dict[str, _GeneratorState]) -> tuple[Message | None, list[Message]]:
         payload = message.payload
         generator_id = str(payload["generator"])
         spec = self.config.generators.get(generator_id)
@@ -468,8 +531,12 @@ class QcEngine:
             return None, []
         yield_limit = self.config.limits[YIELD_LIMIT_BY_DAUGHTER[spec.daughter.name]]
         result = generator_rules.elution_yield(
-            spec, float(payload["activity_bq"]), end_ns, yield_limit,
-            last_elution_ns=state.last_elution_ns, residual_bq=state.residual_bq,
+            spec,
+            float(payload["activity_bq"]),
+            end_ns,
+            yield_limit,
+            last_elution_ns=state.last_elution_ns,
+            residual_bq=state.residual_bq,
         )
         state = state.copy()
         state.advance(counter, end_ns, result.measured, result.expected, result.value_judged)
@@ -478,9 +545,14 @@ class QcEngine:
         replacement = Message(message.kind, message.topic, dict(payload) | {"yield_pct": result.value_judged})
         verdicts = [result.to_message(self.site, station, generator_id)]
         try:
-            trend = generator_rules.yield_trend(generator_id, list(state.history), yield_limit,
-                                                self.config.trend_horizon_days, self.config.trend_min_points,
-                                                self.config.trend_min_span_days)
+            trend = generator_rules.yield_trend(
+                generator_id,
+                list(state.history),
+                yield_limit,
+                self.config.trend_horizon_days,
+                self.config.trend_min_points,
+                self.config.trend_min_span_days,
+            )
         except QcInputError as exc:  # the yield verdict above stands even when no trend can be fitted
             log.warning("no yield trend for %s: %s", generator_id, exc)
             trend = None

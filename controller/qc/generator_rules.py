@@ -14,9 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hotlab.physics.decay import daughter_activity, decay_factor, generator_daughter_activity
 from hotlab.controller.messages import iso_utc
-from hotlab.physics.nuclides import Nuclide, get_nuclide, normalize_name
 from hotlab.controller.qc.calibrator_rules import TimedReading
 from hotlab.controller.qc.limits import YIELD_LIMIT_BY_DAUGHTER, Limit, LimitKind
 from hotlab.controller.qc.result import (
@@ -27,6 +25,8 @@ from hotlab.controller.qc.result import (
     require_not_before,
     require_positive,
 )
+from hotlab.physics.decay import daughter_activity, decay_factor, generator_daughter_activity
+from hotlab.physics.nuclides import Nuclide, get_nuclide, normalize_name
 
 _NS_PER_S = 1e9
 _DAY_S = 86400.0
@@ -64,8 +64,10 @@ def generator_pair(parent_text: str, daughter_text: str | None = None) -> tuple[
     parent = get_nuclide(parent_text)
     daughter_name = daughter_text or (parent.decays[0].daughter if parent.decays else parent.name)
     if normalize_name(daughter_name) not in YIELD_LIMIT_BY_DAUGHTER:
-        raise QcInputError(f"no elution-yield limit for daughter {daughter_name!r} of {parent.name}; supported "
-                           f"generators elute {', '.join(sorted(YIELD_LIMIT_BY_DAUGHTER))}")
+        raise QcInputError(
+            f"no elution-yield limit for daughter {daughter_name!r} of {parent.name}; supported "
+            f"generators elute {', '.join(sorted(YIELD_LIMIT_BY_DAUGHTER))}"
+        )
     return parent, get_nuclide(daughter_name)
 
 
@@ -75,9 +77,17 @@ def available_activity(spec: GeneratorSpec, at_ns: int, last_elution_ns: int | N
         last_elution_ns = at_ns - int(_EQUILIBRIUM_HALF_LIVES * spec.daughter.half_life_s * _NS_PER_S)
         residual_bq = 0.0
     require_not_before("elution time", at_ns, "previous elution", last_elution_ns)
-    return float(generator_daughter_activity(
-        spec.calibration_bq, spec.calibration_ns, spec.parent, spec.daughter, last_elution_ns, at_ns, residual_bq,
-    ))
+    return float(
+        generator_daughter_activity(
+            spec.calibration_bq,
+            spec.calibration_ns,
+            spec.parent,
+            spec.daughter,
+            last_elution_ns,
+            at_ns,
+            residual_bq,
+        )
+    )
 
 
 def elution_yield(
@@ -120,9 +130,15 @@ def elution_yield(
     }
     assumed = "" if last_elution_ns is not None else " (no previous elution known: column assumed in equilibrium)"
     return judged(
-        "elution_yield", limit, measured=eluted, expected=available, unit="Bq", time_ns=end_ns, inputs=inputs,
-        value=yield_pct, detail=f"{spec.generator_id}: yield {yield_pct:.1f} % of the Bateman-available "
-                                f"{spec.daughter.name}{assumed}",
+        "elution_yield",
+        limit,
+        measured=eluted,
+        expected=available,
+        unit="Bq",
+        time_ns=end_ns,
+        inputs=inputs,
+        value=yield_pct,
+        detail=f"{spec.generator_id}: yield {yield_pct:.1f} % of the Bateman-available {spec.daughter.name}{assumed}",
     )
 
 
@@ -135,8 +151,14 @@ class YieldPoint:
     yield_pct: float
 
 
-def yield_trend(generator_id: str, history: Sequence[YieldPoint], yield_limit: Limit, horizon_days: float,
-                min_points: int = 5, min_span_days: float = 2.0) -> QcResult | None:
+def yield_trend(
+    generator_id: str,
+    history: Sequence[YieldPoint],
+    yield_limit: Limit,
+    horizon_days: float,
+    min_points: int = 5,
+    min_span_days: float = 2.0,
+) -> QcResult | None:
     """Yield trend: least-squares slope per day and per elution, projected `horizon_days` ahead.
 
     Returns None until `min_points` elutions spread over at least `min_span_days` are known:
@@ -164,8 +186,11 @@ def yield_trend(generator_id: str, history: Sequence[YieldPoint], yield_limit: L
     projected = max(float(at_t0 + per_day * (days[-1] + horizon_days)), 0.0)
     assert yield_limit.kind is LimitKind.FLOOR and yield_limit.fail is not None
     forecast_limit = Limit(
-        LimitKind.FLOOR, "%", f"projection {horizon_days:g} d ahead against the yield fail level ({yield_limit.source})",
-        warn=yield_limit.fail, fail=0.0,
+        LimitKind.FLOOR,
+        "%",
+        f"projection {horizon_days:g} d ahead against the yield fail level ({yield_limit.source})",
+        warn=yield_limit.fail,
+        fail=0.0,
     )
     inputs = {
         "generator": generator_id,
@@ -178,10 +203,16 @@ def yield_trend(generator_id: str, history: Sequence[YieldPoint], yield_limit: L
         "history": [{"end_ns": p.end_ns, "counter": p.counter, "yield_pct": p.yield_pct} for p in points],
     }
     return judged(
-        "elution_yield_trend", forecast_limit, measured=projected, expected=now_fit,
-        unit="%", time_ns=points[-1].end_ns, inputs=inputs, value=projected,
+        "elution_yield_trend",
+        forecast_limit,
+        measured=projected,
+        expected=now_fit,
+        unit="%",
+        time_ns=points[-1].end_ns,
+        inputs=inputs,
+        value=projected,
         detail=f"{generator_id}: yield trend {per_day:+.3f} %/day ({per_elution:+.3f} %/elution) over "
-               f"{len(points)} elutions; {projected:.1f} % expected in {horizon_days:g} d",
+        f"{len(points)} elutions; {projected:.1f} % expected in {horizon_days:g} d",
     )
 
 
@@ -235,8 +266,14 @@ def ge68_breakthrough(
         "half_life_sources": [ge68.source, ga68.source],
     }
     return judged(
-        "ge68_breakthrough", limit, measured=breakthrough_pct, expected=limit.fail, unit="%", time_ns=remeasured_ns,
-        inputs=inputs, value=breakthrough_pct,
+        "ge68_breakthrough",
+        limit,
+        measured=breakthrough_pct,
+        expected=limit.fail,
+        unit="%",
+        time_ns=remeasured_ns,
+        inputs=inputs,
+        value=breakthrough_pct,
         detail=f"Ge-68 {ge_eoe:.4g} Bq at end of elution = {breakthrough_pct:.3g} % of Ga-68",
     )
 
@@ -253,14 +290,23 @@ def ga68_half_life(first: TimedReading, second: TimedReading, limit: Limit) -> Q
     dt_s = (second.time_ns - first.time_ns) / _NS_PER_S
     half_life_min = dt_s * math.log(2.0) / math.log(a1 / a2) / 60.0
     inputs = {
-        "first_bq": a1, "first_time": iso_utc(first.time_ns),
-        "second_bq": a2, "second_time": iso_utc(second.time_ns),
+        "first_bq": a1,
+        "first_time": iso_utc(first.time_ns),
+        "second_bq": a2,
+        "second_time": iso_utc(second.time_ns),
         "elapsed_s": dt_s,
-        "library_half_life_min": ga68.half_life_s / 60.0, "half_life_source": ga68.source,
+        "library_half_life_min": ga68.half_life_s / 60.0,
+        "half_life_source": ga68.source,
     }
     return judged(
-        "ga68_half_life", limit, measured=half_life_min, expected=ga68.half_life_s / 60.0, unit="min",
-        time_ns=second.time_ns, inputs=inputs, value=half_life_min,
+        "ga68_half_life",
+        limit,
+        measured=half_life_min,
+        expected=ga68.half_life_s / 60.0,
+        unit="min",
+        time_ns=second.time_ns,
+        inputs=inputs,
+        value=half_life_min,
         detail=f"measured half-life {half_life_min:.2f} min from two readings {dt_s / 60:.1f} min apart",
     )
 
@@ -322,7 +368,9 @@ def mo99_breakthrough(
     assert limit.fail is not None
     exceed_s = mo99_exceed_after_s(ratio_now, limit.fail)
     inputs = {
-        "mo99_bq": mo, "tc99m_bq": tc, "measured_time": iso_utc(measured_ns),
+        "mo99_bq": mo,
+        "tc99m_bq": tc,
+        "measured_time": iso_utc(measured_ns),
         "administration_time": None if administration_ns is None else iso_utc(administration_ns),
         "judged_time": iso_utc(at_ns),
         "judged_at": basis,
@@ -336,7 +384,13 @@ def mo99_breakthrough(
     }
     when = "never (no Mo-99)" if math.isinf(exceed_s) else f"{exceed_s / 3600:.1f} h after the assay"
     return judged(
-        "mo99_breakthrough", limit, measured=ratio_then, expected=limit.fail, unit="kBq/MBq", time_ns=at_ns,
-        inputs=inputs, value=ratio_then,
+        "mo99_breakthrough",
+        limit,
+        measured=ratio_then,
+        expected=limit.fail,
+        unit="kBq/MBq",
+        time_ns=at_ns,
+        inputs=inputs,
+        value=ratio_then,
         detail=f"{ratio_then:.4g} kBq Mo-99/MBq Tc-99m judged at {basis}; limit reached {when}",
     )

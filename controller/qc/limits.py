@@ -146,78 +146,114 @@ DEFAULT_LIMITS: dict[str, Limit] = {
     # Daily constancy with a long-lived check source: warn beyond the 5 % reproducibility,
     # fail beyond the 10 % accuracy envelope.
     "constancy": Limit(
-        LimitKind.TOLERANCE, "%", f"{_TG181} daily constancy; {_N42_13}; test required daily by {_FORMER_35_50}",
-        warn=5.0, fail=10.0,
+        LimitKind.TOLERANCE,
+        "%",
+        f"{_TG181} daily constancy; {_N42_13}; test required daily by {_FORMER_35_50}",
+        warn=5.0,
+        fail=10.0,
     ),
     # Accuracy against a certified reference source: +-10 %; 5 % warns as a site action level.
     "accuracy": Limit(
-        LimitKind.TOLERANCE, "%", f"{_N42_13}: fail > 10 %, warn 5 % is a site action level; {_TG181}",
-        warn=5.0, fail=10.0,
+        LimitKind.TOLERANCE,
+        "%",
+        f"{_N42_13}: fail > 10 %, warn 5 % is a site action level; {_TG181}",
+        warn=5.0,
+        fail=10.0,
     ),
     # Linearity (decay or sleeve method): each point against the fitted response / the median.
     "linearity": Limit(
-        LimitKind.TOLERANCE, "%", f"{_N42_13} applied per point; {_TG181} linearity; test required by {_FORMER_35_50}",
-        warn=5.0, fail=10.0,
+        LimitKind.TOLERANCE,
+        "%",
+        f"{_N42_13} applied per point; {_TG181} linearity; test required by {_FORMER_35_50}",
+        warn=5.0,
+        fail=10.0,
     ),
     "linearity_sleeve": Limit(
-        LimitKind.TOLERANCE, "%", f"{_N42_13} applied per point; {_TG181} linearity (shield/sleeve method)",
-        warn=5.0, fail=10.0,
+        LimitKind.TOLERANCE,
+        "%",
+        f"{_N42_13} applied per point; {_TG181} linearity (shield/sleeve method)",
+        warn=5.0,
+        fail=10.0,
     ),
     # The half-life fitted to a decay series against the ENSDF/DDEP value: no standard sets a
     # number; a 2 % half-life error skews readings by ~2 % per half-life of the series.
     "linearity_half_life": Limit(
-        LimitKind.TOLERANCE, "%", "hotlab engineering default (no standard sets one): fitted vs library half-life",
-        warn=2.0, fail=5.0,
+        LimitKind.TOLERANCE,
+        "%",
+        "hotlab engineering default (no standard sets one): fitted vs library half-life",
+        warn=2.0,
+        fail=5.0,
     ),
     # Geometry / volume dependence relative to the reference container and volume.
     "geometry": Limit(
-        LimitKind.TOLERANCE, "%", f"{_N42_13} applied per geometry; {_TG181} geometry dependence; test required by {_FORMER_35_50}",
-        warn=5.0, fail=10.0,
+        LimitKind.TOLERANCE,
+        "%",
+        f"{_N42_13} applied per geometry; {_TG181} geometry dependence; test required by {_FORMER_35_50}",
+        warn=5.0,
+        fail=10.0,
     ),
     # Background with the chamber empty. TG-181 asks for a daily background check without a
     # number, and no standard we could check sets one: this is an engineering default. 370 kBq
     # (10 uCi) is 1 % of a 37 MBq (1 mCi) dosage, the low end of routine diagnostic dosages, so
     # a larger background biases such a dosage by more than 1 %; 37 kBq warns a decade earlier.
     "background": Limit(
-        LimitKind.CEILING, "Bq", f"hotlab engineering default (no standard sets a number): warn 37 kBq (1 uCi), fail 370 kBq (10 uCi, 1 % of a 37 MBq dosage); {_TG181} daily background check",
-        warn=37e3, fail=370e3,
+        LimitKind.CEILING,
+        "Bq",
+        f"hotlab engineering default (no standard sets a number): warn 37 kBq (1 uCi), fail 370 kBq (10 uCi, 1 % of a 37 MBq dosage); {_TG181} daily background check",
+        warn=37e3,
+        fail=370e3,
     ),
     # Ga-68 elution yield: the GalliaPharm SmPC (Eckert & Ziegler), section 2 "Qualitative and
     # quantitative composition", states that with mother and daughter in equilibrium more than
     # 60 % of the present Ga-68 can be eluted; a yield below 60 % is outside that specification.
     # 65 % warns early.
     "elution_yield_ga68": Limit(
-        LimitKind.FLOOR, "%", "GalliaPharm SmPC section 2 (yield specification): > 60 % of present Ga-68 elutable at equilibrium; warn 65 % is a hotlab early-warning margin",
-        warn=65.0, fail=60.0,
+        LimitKind.FLOOR,
+        "%",
+        "GalliaPharm SmPC section 2 (yield specification): > 60 % of present Ga-68 elutable at equilibrium; warn 65 % is a hotlab early-warning margin",
+        warn=65.0,
+        fail=60.0,
     ),
     # Tc-99m elution efficiency: manufacturers' leaflets differ; set these from your generator's
     # leaflet. The defaults flag a generator clearly below the typical >90 % efficiency of
     # dry/wet column Mo-99/Tc-99m generators.
     "elution_yield_tc99m": Limit(
-        LimitKind.FLOOR, "%", "hotlab default, set from the generator leaflet: warn < 90 %, fail < 80 % elution efficiency",
-        warn=90.0, fail=80.0,
+        LimitKind.FLOOR,
+        "%",
+        "hotlab default, set from the generator leaflet: warn < 90 %, fail < 80 % elution efficiency",
+        warn=90.0,
+        fail=80.0,
     ),
     # Ge-68 in Ga-68 eluate: Ph. Eur. monograph 2464 (Gallium (68Ga) chloride solution for
     # radiolabelling): germanium-68 and gamma-emitting impurities maximum 0.001 % of total.
     "ge68_breakthrough": Limit(
-        LimitKind.CEILING, "%", "Ph. Eur. 2464 Gallium (68Ga) chloride solution for radiolabelling: Ge-68 max 0.001 %",
+        LimitKind.CEILING,
+        "%",
+        "Ph. Eur. 2464 Gallium (68Ga) chloride solution for radiolabelling: Ge-68 max 0.001 %",
         fail=0.001,
     ),
     # Radionuclide identity of Ga-68 by half-life: 62 to 74 min (Ph. Eur. 2464).
     "ga68_half_life": Limit(
-        LimitKind.RANGE, "min", "Ph. Eur. 2464 identification: half-life 62 min to 74 min",
-        low=62.0, high=74.0,
+        LimitKind.RANGE,
+        "min",
+        "Ph. Eur. 2464 identification: half-life 62 min to 74 min",
+        low=62.0,
+        high=74.0,
     ),
     # 10 CFR 35.204(a): no more than 0.15 kBq Mo-99 per MBq Tc-99m at administration;
     # the USP Sodium Pertechnetate Tc 99m Injection monograph sets the same 0.15 uCi/mCi.
     "mo99_breakthrough": Limit(
-        LimitKind.CEILING, "kBq/MBq", "10 CFR 35.204(a): max 0.15 kBq Mo-99 per MBq Tc-99m at administration (also USP)",
+        LimitKind.CEILING,
+        "kBq/MBq",
+        "10 CFR 35.204(a): max 0.15 kBq Mo-99 per MBq Tc-99m at administration (also USP)",
         fail=0.15,
     ),
     # 10 CFR 35.63(d): a dosage may not be used if it differs from the prescribed dosage by more
     # than 20 % (unless the authorized user directs otherwise).
     "dosage": Limit(
-        LimitKind.TOLERANCE, "%", "10 CFR 35.63(d): dosage within +-20 % of the prescribed dosage",
+        LimitKind.TOLERANCE,
+        "%",
+        "10 CFR 35.63(d): dosage within +-20 % of the prescribed dosage",
         fail=20.0,
     ),
 }
@@ -242,7 +278,9 @@ def _override(test: str, default: Limit, table: Any) -> Limit:
     unknown = set(table) - _OVERRIDE_KEYS
     if unknown:
         raise QcConfigError(f"qc.limits.{test}: unknown key(s) {sorted(unknown)}; allowed: {sorted(_OVERRIDE_KEYS)}")
-    changes: dict[str, Any] = {key: _number(test, key, table[key]) for key in ("warn", "fail", "low", "high") if key in table}
+    changes: dict[str, Any] = {
+        key: _number(test, key, table[key]) for key in ("warn", "fail", "low", "high") if key in table
+    }
     source = table.get("source")
     if source is not None and not isinstance(source, str):
         raise QcConfigError(f"qc.limits.{test}.source must be text, got {source!r}")

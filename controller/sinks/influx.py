@@ -44,8 +44,8 @@ from influxdb_client import InfluxDBClient, WritePrecision
 from influxdb_client.client.write_api import SYNCHRONOUS
 from influxdb_client.rest import ApiException
 
-from hotlab.controller.sinks.influx_points import PointError, message_to_line
 from hotlab.controller.outbox import AsyncOutbox, StoredMessage
+from hotlab.controller.sinks.influx_points import PointError, message_to_line
 
 log = logging.getLogger(__name__)
 
@@ -187,8 +187,9 @@ class InfluxSink:
         try:
             while not self._stopping.is_set():
                 try:
-                    batch = await self._outbox.pending(self._sink_name, self.config.batch_size,
-                                                       after_seq=self._acked_through)
+                    batch = await self._outbox.pending(
+                        self._sink_name, self.config.batch_size, after_seq=self._acked_through
+                    )
                     completed = await self._deliver(batch) if batch else True
                 except sqlite3.Error as exc:
                     delay = self._note_failure(f"outbox {type(exc).__name__}: {exc}", failures)

@@ -75,8 +75,9 @@ def controller_topic(site: str, leaf: str) -> str:
     return f"{TOPIC_ROOT}/{site}/controller/{leaf}"
 
 
-def controller_status_payload(site: str, client_id: str, state: str, reason: str,
-                              time_ns: int | None = None, **extra: Any) -> dict[str, Any]:
+def controller_status_payload(
+    site: str, client_id: str, state: str, reason: str, time_ns: int | None = None, **extra: Any
+) -> dict[str, Any]:
     payload: dict[str, Any] = {
         "schema": f"hotlab.controller_status/{SCHEMA_VERSION}",
         "site": site,
@@ -113,9 +114,16 @@ class _InFlight:
 class MqttSink:
     """Publishes the outbox's "mqtt" deliveries; `run()` until `drain()` is called."""
 
-    def __init__(self, config: MqttConfig, site: str, outbox: AsyncOutbox, *,
-                 backoff: Backoff | None = None, publish_timeout_s: float = 10.0,
-                 rng: random.Random | None = None) -> None:
+    def __init__(
+        self,
+        config: MqttConfig,
+        site: str,
+        outbox: AsyncOutbox,
+        *,
+        backoff: Backoff | None = None,
+        publish_timeout_s: float = 10.0,
+        rng: random.Random | None = None,
+    ) -> None:
         self.config = config
         self.site = site
         self.outbox = outbox
@@ -155,8 +163,9 @@ class MqttSink:
         if not self.connected.is_set():
             return False
         try:
-            await self._client.publish(topic, _encode(payload), qos=QOS_DATA, retain=False,
-                                       timeout=self.publish_timeout_s)
+            await self._client.publish(
+                topic, _encode(payload), qos=QOS_DATA, retain=False, timeout=self.publish_timeout_s
+            )
         except aiomqtt.MqttError as exc:
             log.warning("mqtt: reply on %s not published: %s", topic, exc)
             return False
@@ -231,8 +240,13 @@ class MqttSink:
         # aiomqtt 2.x has no public handle on its paho client; the data path needs it (module docstring).
         aiomqtt_on_publish = client._client.on_publish
 
-        def on_publish(paho_client: paho.Client, userdata: Any, mid: int, reason_code: paho.ReasonCode,
-                       properties: paho.Properties | None) -> None:
+        def on_publish(
+            paho_client: paho.Client,
+            userdata: Any,
+            mid: int,
+            reason_code: paho.ReasonCode,
+            properties: paho.Properties | None,
+        ) -> None:
             # Called by paho on the event loop thread (aiomqtt reads the socket there).
             aiomqtt_on_publish(paho_client, userdata, mid, reason_code, properties)
             self._on_puback(mid)
@@ -260,27 +274,36 @@ class MqttSink:
                     self.connections += 1
                     attempt = 0
                     self.connected.set()
-                    log.info("mqtt: connected to %s:%d as %s", self.config.host, self.config.port,
-                             self.config.client_id)
+                    log.info(
+                        "mqtt: connected to %s:%d as %s", self.config.host, self.config.port, self.config.client_id
+                    )
                     try:
                         await self._session(client)
                     except sqlite3.Error as exc:
                         if not self.draining:
                             raise
                         # Shutting down: another session would fail the same way; go offline now.
-                        log.error("mqtt: the outbox failed while draining (%s: %s); the rest stays in the outbox",
-                                  type(exc).__name__, exc)
+                        log.error(
+                            "mqtt: the outbox failed while draining (%s: %s); the rest stays in the outbox",
+                            type(exc).__name__,
+                            exc,
+                        )
                     await self._go_offline(client)
                     return
             except aiomqtt.MqttError as exc:
                 self._outbox_failures = 0  # the outbox was not what failed
-                log.warning("mqtt: %s:%d unavailable (%s); messages stay in the outbox",
-                            self.config.host, self.config.port, exc)
+                log.warning(
+                    "mqtt: %s:%d unavailable (%s); messages stay in the outbox", self.config.host, self.config.port, exc
+                )
             except sqlite3.Error as exc:  # e.g. a full disk: the acks cannot be written
                 self._outbox_failures += 1
                 attempt = max(attempt, self._outbox_failures)
-                log.error("mqtt: the outbox failed (%s: %s); reconnecting, and what was not acknowledged in the "
-                          "outbox is sent again", type(exc).__name__, exc)
+                log.error(
+                    "mqtt: the outbox failed (%s: %s); reconnecting, and what was not acknowledged in the "
+                    "outbox is sent again",
+                    type(exc).__name__,
+                    exc,
+                )
             self.connected.clear()
             self._alarm_sent = None
             delay = min(self.backoff.delay(attempt, self._rng), max(0.0, self._time_left()))
@@ -304,8 +327,9 @@ class MqttSink:
             self._wakeup.clear()
 
     async def _session(self, client: aiomqtt.Client) -> None:
-        online = controller_status_payload(self.site, self.config.client_id, "online", "connected",
-                                           time.time_ns(), pid=os.getpid())
+        online = controller_status_payload(
+            self.site, self.config.client_id, "online", "connected", time.time_ns(), pid=os.getpid()
+        )
         if self._commands is not None:
             # Before "online": a client that sees the controller online can send commands at once.
             await client.subscribe(self._commands.topic_filter, qos=QOS_DATA)
@@ -334,8 +358,9 @@ class MqttSink:
                 if not inflight and self.draining:
                     return
                 if self._time_left() <= 0:
-                    log.warning("mqtt: drain time over with %d message(s) in flight; they stay in the outbox",
-                                len(inflight))
+                    log.warning(
+                        "mqtt: drain time over with %d message(s) in flight; they stay in the outbox", len(inflight)
+                    )
                     return
                 if not turn.done() and not watcher.done():
                     with contextlib.suppress(TimeoutError):
@@ -346,8 +371,9 @@ class MqttSink:
                 acker.raise_if_failed()
                 self._ack_prefix(inflight, acker)
                 if inflight and time.monotonic() >= inflight[0].deadline:
-                    raise aiomqtt.MqttError(f"no PUBACK for outbox message {inflight[0].seq} within "
-                                            f"{self.publish_timeout_s:g} s")
+                    raise aiomqtt.MqttError(
+                        f"no PUBACK for outbox message {inflight[0].seq} within {self.publish_timeout_s:g} s"
+                    )
         finally:
             self._turn = None
             self._awaiting_puback.clear()
@@ -355,13 +381,13 @@ class MqttSink:
             await asyncio.gather(watcher, return_exceptions=True)
             await acker.close()
 
-    def _publish_batch(self, client: aiomqtt.Client, batch: list[StoredPayload],
-                       inflight: deque[_InFlight]) -> None:
+    def _publish_batch(self, client: aiomqtt.Client, batch: list[StoredPayload], inflight: deque[_InFlight]) -> None:
         """Hand `batch` to paho in order (QoS 1) and track each one's PUBACK."""
         deadline = time.monotonic() + self.publish_timeout_s
         for stored in batch:
-            info = client._client.publish(stored.topic, stored.payload_json, qos=QOS_DATA,
-                                          retain=stored.kind == "device_status")
+            info = client._client.publish(
+                stored.topic, stored.payload_json, qos=QOS_DATA, retain=stored.kind == "device_status"
+            )
             if info.rc != paho.MQTT_ERR_SUCCESS:
                 raise aiomqtt.MqttCodeError(info.rc, f"could not publish outbox message {stored.seq}")
             entry = _InFlight(stored.seq, deadline)
@@ -396,7 +422,9 @@ class MqttSink:
             if self._commands is None:
                 continue
             raw = message.payload
-            payload = bytes(raw) if isinstance(raw, (bytes, bytearray)) else str(raw if raw is not None else "").encode()
+            payload = (
+                bytes(raw) if isinstance(raw, (bytes, bytearray)) else str(raw if raw is not None else "").encode()
+            )
             try:
                 await self._commands.submit(str(message.topic), payload, bool(message.retain))
             except Exception:  # a router bug must not be mistaken for a lost connection
@@ -405,8 +433,9 @@ class MqttSink:
     async def _publish_alarm(self, client: aiomqtt.Client) -> None:
         if self._alarm is not None and self._alarm is not self._alarm_sent:
             alarm = self._alarm
-            await client.publish(self.alarm_topic, _encode(alarm), qos=QOS_DATA, retain=True,
-                                 timeout=self.publish_timeout_s)
+            await client.publish(
+                self.alarm_topic, _encode(alarm), qos=QOS_DATA, retain=True, timeout=self.publish_timeout_s
+            )
             self._alarm_sent = alarm
 
     async def _go_offline(self, client: aiomqtt.Client) -> None:
@@ -416,11 +445,13 @@ class MqttSink:
             log.error("mqtt: backlog unknown (%s: %s); going offline without it", type(exc).__name__, exc)
             backlog = None
         extra = {} if backlog is None else {"backlog": backlog}
-        offline = controller_status_payload(self.site, self.config.client_id, "offline", "shutdown",
-                                            time.time_ns(), **extra)
+        offline = controller_status_payload(
+            self.site, self.config.client_id, "offline", "shutdown", time.time_ns(), **extra
+        )
         try:
-            await client.publish(self.status_topic, _encode(offline), qos=QOS_DATA, retain=True,
-                                 timeout=min(self.publish_timeout_s, 5.0))
+            await client.publish(
+                self.status_topic, _encode(offline), qos=QOS_DATA, retain=True, timeout=min(self.publish_timeout_s, 5.0)
+            )
         except aiomqtt.MqttError as exc:
             log.warning("mqtt: could not publish offline status (%s); the broker will send the last will", exc)
         left = "an unknown number of" if backlog is None else backlog
@@ -445,8 +476,7 @@ class _OutboxAcker:
     de-duplicated on `msg_id`). `close()` writes what is left.
     """
 
-    def __init__(self, outbox: AsyncOutbox, on_acked: Callable[[int], None], *,
-                 on_failure: Callable[[], None]) -> None:
+    def __init__(self, outbox: AsyncOutbox, on_acked: Callable[[int], None], *, on_failure: Callable[[], None]) -> None:
         self._outbox = outbox
         self._on_acked = on_acked
         self._on_failure = on_failure
