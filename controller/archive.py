@@ -30,6 +30,7 @@ from urllib.parse import quote
 
 from hotlab.controller.messages import Message
 from hotlab.controller.outbox import rollback_unless_done
+from hotlab.errors import InputError
 from hotlab.physics.utc_time import parse_utc_ns
 
 _OPEN_END_NS = 2**63 - 1
@@ -65,7 +66,7 @@ CREATE TABLE IF NOT EXISTS rejected (
 """
 
 
-class HistoryQueryError(ValueError):
+class HistoryQueryError(InputError):
     """A query that cannot be answered as asked (empty or inverted time range, unknown filter)."""
 
 

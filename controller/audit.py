@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from hotlab.controller.messages import iso_utc
+from hotlab.errors import HotlabError, InputError
 
 SCHEMA = "hotlab.audit/1"
 #: `prev_hash` of the first record: a fixed, documented value rather than zeros, so an
@@ -71,11 +72,11 @@ _REQUIRED_FIELDS: dict[str, type] = {
 }
 
 
-class AuditError(Exception):
+class AuditError(HotlabError):
     """Base of audit-trail errors."""
 
 
-class AuditEntryError(AuditError, ValueError):
+class AuditEntryError(AuditError, InputError):
     """An entry was refused before writing: missing who/what/why, bad action name, non-JSON value."""
 
 
@@ -83,7 +84,7 @@ class AuditLogCorrupt(AuditError):
     """The last record of the log cannot be chained onto; nothing was written. Run `hotlab audit verify`."""
 
 
-class AuditKeyError(AuditError, ValueError):
+class AuditKeyError(AuditError, InputError):
     """The configured HMAC key is missing, unreadable or too short."""
 
 

@@ -73,6 +73,7 @@ from hotlab.drivers.elution_station import (
     NotAuthorised,
 )
 from hotlab.drivers.records import DeviceRefused, DriverError
+from hotlab.errors import HotlabError
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +127,7 @@ class Outcome(StrEnum):
     DUPLICATE = "duplicate"  # audit only: a request id seen before, answered with the first outcome, not run again
 
 
-class CommandRejected(Exception):
+class CommandRejected(HotlabError):
     """A command that is answered without touching the device; `outcome` says why."""
 
     outcome = Outcome.MALFORMED

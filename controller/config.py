@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 from hotlab.controller.event_loop import DEFAULT_EVENT_LOOP, EVENT_LOOPS
 from hotlab.drivers.elution_station import ModbusRtuLink, ModbusTcpLink
+from hotlab.errors import InputError
 
 CALIBRATOR_FAMILIES: tuple[str, ...] = ("vik202", "crc15r", "vdc404", "atomlab500")
 STATION_FAMILIES: tuple[str, ...] = ("elution_station",)
@@ -52,7 +53,7 @@ DEFAULT_MIN_ROLE: dict[str, str] = {
 MIN_TOKEN_CHARS = 16
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A config problem; `str()` is the full, user-facing message (file, key path, problem, what is allowed)."""
 
 

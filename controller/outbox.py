@@ -36,6 +36,7 @@ from typing import Any, TypeVar
 
 from hotlab.controller.messages import Message
 from hotlab.controller.recent_commits import RecentCommits
+from hotlab.errors import HotlabError
 
 T = TypeVar("T")
 
@@ -63,7 +64,7 @@ CREATE INDEX IF NOT EXISTS delivery_by_seq ON delivery(seq);
 """
 
 
-class OutboxFull(RuntimeError):
+class OutboxFull(HotlabError, RuntimeError):
     """The outbox reached its byte bound; the message was not stored."""
 
 

@@ -50,6 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from hotlab.backoff import Backoff
 from hotlab.controller.audit import AuditKeyError, AuditLog, load_hmac_key
 from hotlab.controller.commands import Authoriser, CommandHandler, CommandTarget
 from hotlab.controller.config import (
@@ -71,8 +72,9 @@ from hotlab.controller.outbox import AsyncOutbox, GroupCommit, Outbox, OutboxFul
 from hotlab.controller.sinks.mqtt import SINK as MQTT_SINK
 from hotlab.controller.sinks.mqtt import MqttSink
 from hotlab.controller.sources import driver_source
-from hotlab.controller.supervisor import Backoff, DeviceState, DeviceSupervisor, Item, Source
+from hotlab.controller.supervisor import DeviceState, DeviceSupervisor, Item, Source
 from hotlab.drivers.records import ElutionRecord
+from hotlab.errors import HotlabError
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +109,7 @@ ALARM_CLEAR_RATIO = 0.9
 COMMIT_ERROR_CLEAR_S = 5.0
 
 
-class ServiceError(RuntimeError):
+class ServiceError(HotlabError, RuntimeError):
     """The service cannot start (outbox unusable, or already in use by another controller)."""
 
 

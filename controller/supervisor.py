@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Protocol, TypeVar
 
+from hotlab.backoff import Backoff
 from hotlab.controller.outbox import OutboxFull
 from hotlab.drivers.deadlines import SharedDeadlines
 from hotlab.drivers.records import (
@@ -95,17 +96,6 @@ class DeviceState:
     latency_ms: float | None
     errors: int
     detail: str
-
-
-@dataclass(frozen=True, slots=True)
-class Backoff:
-    """Exponential backoff with full jitter: uniform(0, min(cap, base * 2**attempt))."""
-
-    initial_s: float = 0.5
-    max_s: float = 30.0
-
-    def delay(self, attempt: int, rng: random.Random) -> float:
-        return rng.uniform(0.0, min(self.max_s, self.initial_s * 2.0 ** min(attempt, 30)))
 
 
 Deliver = Callable[[Sequence[Item]], Awaitable[None]]
@@ -286,7 +276,7 @@ class DeviceSupervisor:
                     exc,
                 )
             return detail, delay
-        delay = min(self.backoff.max_s, self.outbox_retry_s * 2.0 ** min(failures - 1, 30))
+        delay = Backoff(self.outbox_retry_s, self.backoff.max_s).ceiling(failures - 1)
         if isinstance(exc, (sqlite3.Error, OSError)):
             detail = f"outbox unavailable: {type(exc).__name__}: {exc}"
             if first:

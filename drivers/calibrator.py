@@ -17,6 +17,7 @@ from hotlab.drivers.crc15r import Crc15rDriver
 from hotlab.drivers.records import Reading
 from hotlab.drivers.vdc404 import Vdc404Driver
 from hotlab.drivers.vik202 import Vik202Driver
+from hotlab.errors import InputError
 
 
 @runtime_checkable
@@ -58,7 +59,7 @@ CALIBRATOR_DRIVERS: dict[str, type[Vik202Driver | Crc15rDriver | Vdc404Driver | 
 }
 
 
-class UnknownFamilyError(ValueError):
+class UnknownFamilyError(InputError):
     """A calibrator family name that no driver implements."""
 
 

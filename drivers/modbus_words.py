@@ -23,6 +23,8 @@ import math
 import struct
 from collections.abc import Sequence
 
+from hotlab.errors import InputError
+
 
 class WordOrder(enum.Enum):
     """Where bytes A B C D of a big-endian 32-bit value sit in two registers."""
@@ -41,7 +43,7 @@ class WordOrder(enum.Enum):
         return self in (WordOrder.CDAB, WordOrder.DCBA)
 
 
-class RegisterValueError(ValueError):
+class RegisterValueError(InputError):
     """A value does not fit its register type, or registers do not hold a valid value."""
 
 

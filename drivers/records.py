@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from hotlab.errors import HotlabError
 
-class DriverError(Exception):
+
+class DriverError(HotlabError):
     """Base of every error a driver raises; the supervisor catches this and keeps running."""
 
 

@@ -21,6 +21,8 @@ import math
 import re
 from dataclasses import dataclass
 
+from hotlab.errors import InputError
+
 # Unit lengths in seconds. Years are converted with the tropical year, 365.24219 d; choosing
 # the Julian year instead would move a 30-year half-life by 0.002 %, far inside its uncertainty.
 MINUTE_S = 60.0
@@ -32,7 +34,7 @@ DDEP = "DDEP (LNHB recommended data)"
 ENSDF = "ENSDF (NNDC NuDat 3)"
 
 
-class UnknownNuclideError(ValueError):
+class UnknownNuclideError(InputError):
     """A nuclide name that is not in the library or cannot be read; the message suggests spellings."""
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import re
 
+from hotlab.errors import InputError
+
 CURIE_IN_BQ = 3.7e10
 
 #: Multiplier from each accepted unit to becquerel. Keys are canonical spellings.
@@ -31,7 +33,7 @@ _PREFIX_CASE_TRAPS = {"mBq": "MBq", "MCi": "mCi", "KBq": "kBq", "gBq": "GBq", "t
 _QUANTITY = re.compile(r"^\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*([A-Za-zµμ]+)\s*$")
 
 
-class UnitError(ValueError):
+class UnitError(InputError):
     """An activity or unit that cannot be understood; the message lists what is allowed."""
 
 

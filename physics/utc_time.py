@@ -13,17 +13,19 @@ from typing import Any, TypeAlias
 import numpy as np
 import numpy.typing as npt
 
+from hotlab.errors import InputError
+
 #: A moment: a tz-aware datetime, UTC epoch nanoseconds (int or int64 array), or numpy datetime64.
 TimeLike: TypeAlias = datetime | int | np.integer | np.datetime64 | npt.NDArray[np.integer] | npt.NDArray[np.datetime64]
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
-class NaiveDatetimeError(ValueError):
+class NaiveDatetimeError(InputError):
     """A datetime without a timezone: decay needs real elapsed time, which a naive local time cannot give."""
 
 
-class TimeFormatError(ValueError):
+class TimeFormatError(InputError):
     """A value that is not a readable moment: bad ISO text, a float or bool, or an int not in epoch ns."""
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from hotlab.errors import InputError
 from hotlab.physics.decay import activity_at, generator_daughter_activity
 
 NS_PER_S = 1_000_000_000
@@ -148,7 +149,7 @@ PROFILES: dict[str, GeneratorProfile] = {
 }
 
 
-class UnknownGeneratorError(ValueError):
+class UnknownGeneratorError(InputError):
     """A generator profile name that is not in PROFILES."""
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from hotlab.backoff import Backoff
 from hotlab.controller.archive import HistoryArchive, HistoryQueryError, TimeRange
 from hotlab.controller.messages import Message, device_status_message, elution_message, qc_message, reading_message
 from hotlab.controller.outbox import AsyncOutbox, Outbox
@@ -272,7 +273,7 @@ async def test_sink_retries_while_the_archive_is_locked(tmp_path: Path, caplog: 
     blocker.execute("BEGIN EXCLUSIVE")
     stop = asyncio.Event()
     with caplog.at_level(logging.ERROR, logger="hotlab.controller.sinks.history"):
-        task = asyncio.create_task(run_history_sink(outbox, archive, stop, idle_poll_s=0.05, retry_backoff_s=(0.05,)))
+        task = asyncio.create_task(run_history_sink(outbox, archive, stop, idle_poll_s=0.05, retry=Backoff(0.05, 0.05)))
         await until(lambda: any("retrying" in r.message for r in caplog.records))
         assert await outbox.pending_count("history") == 10  # nothing acked while nothing is archived
         blocker.execute("ROLLBACK")

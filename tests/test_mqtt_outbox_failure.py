@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
+from hotlab.backoff import Backoff
 from hotlab.controller.config import MqttConfig
 from hotlab.controller.outbox import AsyncOutbox, Outbox
 from hotlab.controller.sinks.mqtt import SINK, MqttSink
-from hotlab.controller.supervisor import Backoff
 from tests.mosquitto_service import MosquittoBroker, MqttCollector, mosquitto  # noqa: F401
 from tests.test_mqtt_puback_timeout import _until, readings, sink_running
 

@@ -18,11 +18,11 @@ from typing import Self
 
 import pytest
 
+from hotlab.backoff import Backoff
 from hotlab.controller.config import MqttConfig
 from hotlab.controller.messages import Message, reading_message
 from hotlab.controller.outbox import AsyncOutbox, Outbox
 from hotlab.controller.sinks.mqtt import SINK, MqttSink
-from hotlab.controller.supervisor import Backoff
 from hotlab.drivers.records import Reading
 from tests.mosquitto_service import MosquittoBroker, MqttCollector, mosquitto  # noqa: F401
 

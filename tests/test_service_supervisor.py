@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from hotlab.backoff import Backoff
 from hotlab.controller.config import DeviceConfig, parse_config
 from hotlab.controller.messages import Message, qc_message
 from hotlab.controller.outbox import Outbox
 from hotlab.controller.service import ControllerService, ServiceError
-from hotlab.controller.supervisor import Backoff, DeviceState, DeviceSupervisor, Item
+from hotlab.controller.supervisor import DeviceState, DeviceSupervisor, Item
 from hotlab.drivers.records import DeviceDisconnected, FrameError, Reading
 
 

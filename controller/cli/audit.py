@@ -18,17 +18,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from hotlab.controller.archive import HistoryQueryError, TimeRange
+from hotlab.controller.archive import TimeRange
 from hotlab.controller.audit import (
-    AuditEntryError,
-    AuditKeyError,
     AuditLog,
-    AuditLogCorrupt,
     iter_records,
     load_hmac_key,
     verify_chain,
 )
-from hotlab.controller.config import ConfigError, load_audit_path
+from hotlab.controller.config import load_audit_path
+from hotlab.errors import HotlabError
 
 PATH_ENV = "HOTLAB_AUDIT_LOG"
 #: `hotlab run` without --config runs the simulated lab in var/simulated-lab (controller/run_cli.py)
@@ -41,7 +39,7 @@ def default_audit_path() -> Path:
     return Path(os.environ.get(PATH_ENV) or DEFAULT_PATH)
 
 
-class _NoTrail(Exception):
+class _NoTrail(HotlabError):
     """The audit trail to read does not exist."""
 
 
@@ -115,15 +113,9 @@ def _existing_path(args: argparse.Namespace) -> Path:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    key = _key(args)  # a bad key is bad input even when the trail is missing too
     try:
-        key = _key(args)  # a bad key is bad input even when the trail is missing too
         result = verify_chain(_existing_path(args), key)
-    except (AuditKeyError, ConfigError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except _NoTrail as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
     except OSError as exc:
         print(f"error: cannot read {exc.filename}: {exc.strerror}", file=sys.stderr)
         return 1
@@ -132,15 +124,8 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    try:
-        period = TimeRange.from_text(args.start, args.end)
-        path = _existing_path(args)
-    except (HistoryQueryError, ConfigError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except _NoTrail as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    period = TimeRange.from_text(args.start, args.end)
+    path = _existing_path(args)
     records = [
         r
         for r in iter_records(path)
@@ -186,10 +171,7 @@ def _append(args: argparse.Namespace) -> int:
             old_value=_json_or_text(args.old),
             new_value=_json_or_text(args.new),
         )
-    except (AuditEntryError, AuditKeyError, ConfigError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except (AuditLogCorrupt, OSError) as exc:
+    except OSError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(f"recorded #{record.seq} {record.action} on {record.target} by {record.actor}, hash {record.hash}")

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 from datetime import UTC, datetime, timedelta
 
+from hotlab.errors import InputError
 from hotlab.physics.decay import (
     corrected_activity_uncertainty,
     decay_factor,
@@ -32,7 +32,7 @@ _DURATION_UNIT_S = {"s": 1.0, "sec": 1.0, "min": 60.0, "m": 60.0, "h": 3600.0, "
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
-class DecayInputError(ValueError):
+class DecayInputError(InputError):
     """A command-line value that cannot be used; the message says what was expected."""
 
 
@@ -92,25 +92,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        nuclide = get_nuclide(args.nuclide)
-        activity_bq = parse_activity(args.activity)
-        unit = canonical_unit(args.unit) if args.unit else None
-        end = parse_time(args.end) if args.end else datetime.now(UTC)
-        start = parse_time(args.start) if args.start else None
-        if args.generator:
-            if not args.since_elution:
-                raise DecayInputError("--generator needs --since-elution, e.g. --since-elution 23h")
-            lines = _generator_report(
-                nuclide, get_nuclide(args.generator), activity_bq, start, end, parse_duration(args.since_elution), unit
-            )
-        else:
-            if args.since_elution:
-                raise DecayInputError("--since-elution only makes sense with --generator DAUGHTER")
-            lines = _decay_report(nuclide, activity_bq, start or end, end, unit)
-    except ValueError as error:  # UnknownNuclideError, UnitError, DecayInputError are all ValueErrors
-        print(f"hotlab decay: error: {error}", file=sys.stderr)
-        return 2
+    """Bad input (nuclide, unit, time) raises an InputError, which the CLI reports with exit 2."""
+    nuclide = get_nuclide(args.nuclide)
+    activity_bq = parse_activity(args.activity)
+    unit = canonical_unit(args.unit) if args.unit else None
+    end = parse_time(args.end) if args.end else datetime.now(UTC)
+    start = parse_time(args.start) if args.start else None
+    if args.generator:
+        if not args.since_elution:
+            raise DecayInputError("--generator needs --since-elution, e.g. --since-elution 23h")
+        lines = _generator_report(
+            nuclide, get_nuclide(args.generator), activity_bq, start, end, parse_duration(args.since_elution), unit
+        )
+    else:
+        if args.since_elution:
+            raise DecayInputError("--since-elution only makes sense with --generator DAUGHTER")
+        lines = _decay_report(nuclide, activity_bq, start or end, end, unit)
     print("\n".join(lines))
     return 0
 

@@ -3,13 +3,18 @@
 Sub-command modules live beside their feature (decay maths, simulators, controller, QC,
 report); this file only wires them, so adding a command never touches another's code.
 Exit codes: 0 success, 1 runtime failure, 2 bad input (usage, config, unknown nuclide or unit).
+A `HotlabError` that a sub-command does not handle itself ends it here with one line and the
+error's own exit code, so no sub-command needs its own mapping.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import sys
 from collections.abc import Sequence
+
+from hotlab.errors import HotlabError
 
 #: Modules that each add one or more sub-commands, in the order `--help` lists them.
 COMMAND_MODULES: tuple[str, ...] = (
@@ -41,4 +46,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except HotlabError as exc:
+        print(f"hotlab {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code

@@ -11,8 +11,8 @@ import os
 import sys
 from pathlib import Path
 
-from hotlab.controller.archive import HistoryArchive, HistoryQueryError, TimeRange
-from hotlab.controller.audit import AuditKeyError, load_hmac_key
+from hotlab.controller.archive import HistoryArchive, TimeRange
+from hotlab.controller.audit import load_hmac_key
 from hotlab.controller.cli.audit import default_audit_path
 
 ARCHIVE_ENV = "HOTLAB_HISTORY"
@@ -53,12 +53,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    try:
-        period = TimeRange.from_text(args.start, args.end)
-        key = load_hmac_key({"HOTLAB_AUDIT_KEY_FILE": str(args.audit_key_file)} if args.audit_key_file else None)
-    except (HistoryQueryError, AuditKeyError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    period = TimeRange.from_text(args.start, args.end)
+    key = load_hmac_key({"HOTLAB_AUDIT_KEY_FILE": str(args.audit_key_file)} if args.audit_key_file else None)
     archive_path = args.archive or Path(os.environ.get(ARCHIVE_ENV) or DEFAULT_ARCHIVE)
     if not archive_path.is_file():
         print(f"error: no history archive at {archive_path} (give --archive PATH)", file=sys.stderr)

@@ -27,6 +27,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from hotlab.errors import InputError
 from hotlab.physics.units import format_activity
 
 log = logging.getLogger("hotlab.demo")
@@ -36,7 +37,7 @@ VERDICT_STYLE = {"pass": "bold green", "warn": "bold yellow", "fail": "bold red"
 SEEN_IDS = 4096
 
 
-class ViewInputError(ValueError):
+class ViewInputError(InputError):
     """A message on the site's topics that the view cannot show (not JSON, or a field missing)."""
 
 

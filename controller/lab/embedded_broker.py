@@ -23,8 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
 
+from hotlab.errors import HotlabError
 
-class BrokerUnavailable(RuntimeError):
+
+class BrokerUnavailable(HotlabError, RuntimeError):
     """mosquitto is not installed, or it did not start listening in time (its log is in the message)."""
 
 

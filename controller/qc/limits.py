@@ -19,6 +19,8 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any, Literal
 
+from hotlab.errors import InputError
+
 Verdict = Literal["pass", "warn", "fail"]
 VERDICTS: tuple[Verdict, ...] = ("pass", "warn", "fail")
 
@@ -26,7 +28,7 @@ VERDICTS: tuple[Verdict, ...] = ("pass", "warn", "fail")
 _BOUNDARY_SLACK = 1e-9
 
 
-class QcConfigError(ValueError):
+class QcConfigError(InputError):
     """A limit or QC configuration value that is missing, of the wrong type or inconsistent."""
 
 

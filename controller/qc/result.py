@@ -14,9 +14,10 @@ from typing import Any
 
 from hotlab.controller.messages import Message, qc_message
 from hotlab.controller.qc.limits import Limit, Verdict
+from hotlab.errors import InputError
 
 
-class QcInputError(ValueError):
+class QcInputError(InputError):
     """Input a QC rule cannot judge (negative activity, times out of order, too early a re-measurement)."""
 
 

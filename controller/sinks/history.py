@@ -9,8 +9,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
-from collections.abc import Sequence
 
+from hotlab.backoff import Backoff
 from hotlab.controller.archive import HistoryArchive
 from hotlab.controller.outbox import AsyncOutbox
 
@@ -25,7 +25,7 @@ async def run_history_sink(
     *,
     batch_size: int = 500,
     idle_poll_s: float = 0.5,
-    retry_backoff_s: Sequence[float] = (0.5, 1.0, 2.0, 5.0, 10.0),
+    retry: Backoff = Backoff(0.5, 10.0),
 ) -> int:
     """Move messages from the outbox's "history" queue into the archive until `stop_event` is set.
 
@@ -47,7 +47,7 @@ async def run_history_sink(
             await outbox.ack(SINK_NAME, [stored.seq for stored in batch])
             acked_through = batch[-1].seq
         except sqlite3.Error as exc:
-            delay = retry_backoff_s[min(failures, len(retry_backoff_s) - 1)]
+            delay = retry.delay(failures)
             failures += 1
             log.error("history: moving messages to the archive failed (%s); retrying in %.1f s", exc, delay)
             await _wait(stop_event, delay)

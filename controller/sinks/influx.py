@@ -46,6 +46,7 @@ from influxdb_client.rest import ApiException
 
 from hotlab.controller.outbox import AsyncOutbox, StoredMessage
 from hotlab.controller.sinks.influx_points import PointError, message_to_line
+from hotlab.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ SINK_NAME = "influx"
 _DATA_REJECTED = frozenset({400, 413, 422})
 
 
-class InfluxConfigError(ValueError):
+class InfluxConfigError(InputError):
     """The [influx] settings are missing, misspelt or out of range; the message says which."""
 
 

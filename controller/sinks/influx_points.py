@@ -24,6 +24,7 @@ from typing import Any
 from influxdb_client import Point, WritePrecision
 
 from hotlab.controller.messages import Message
+from hotlab.errors import InputError
 
 #: QC verdicts as numbers, so they can be graphed, aggregated (max over an interval is the
 #: worst verdict) and thresholded in Grafana; the verdict is also kept as a tag for filtering.
@@ -34,7 +35,7 @@ VERDICT_CODES: dict[str, float] = {"pass": 0.0, "warn": 1.0, "fail": 2.0}
 LIMIT_NUMBERS = ("warn", "fail", "low", "high")
 
 
-class PointError(ValueError):
+class PointError(InputError):
     """A message that cannot become a point (unknown kind, missing tag or time, non-numeric field)."""
 
     def __init__(self, message: Message, reason: str) -> None:

@@ -59,10 +59,10 @@ from typing import Any, Protocol
 import aiomqtt
 import paho.mqtt.client as paho
 
+from hotlab.backoff import Backoff
 from hotlab.controller.config import MqttConfig
 from hotlab.controller.messages import SCHEMA_VERSION, TOPIC_ROOT, iso_utc
 from hotlab.controller.outbox import AsyncOutbox, StoredPayload
-from hotlab.controller.supervisor import Backoff
 
 log = logging.getLogger(__name__)
 
