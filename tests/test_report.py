@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import json
 import math
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
@@ -542,3 +544,22 @@ def test_limit_bands_follow_the_limit_kind() -> None:
 def test_linearity_figure_needs_points() -> None:
     assert linearity_figure("x", {"nuclide": "Tc-99m"}, TOLERANCE) is None
     assert linearity_figure("x", {"points": [{"time_ns": 1}]}, TOLERANCE) is None
+
+
+def test_without_matplotlib_the_report_says_which_extra_to_install(tmp_path: Path) -> None:
+    """matplotlib is the optional extra hotlab[report]: its absence is one line, not a traceback."""
+    archive = tmp_path / "history.sqlite3"
+    HistoryArchive(archive).close()
+    program = (
+        "import sys\n"
+        "class NoMatplotlib:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'matplotlib':\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, NoMatplotlib())\n"
+        "from hotlab.controller.cli.main import main\n"
+        f"sys.exit(main(['report', '--from', '2026-11-01', '--to', '2026-11-02', '--archive', {str(archive)!r}]))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", program], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.strip() == "hotlab report: error: the report needs matplotlib: pip install 'hotlab[report]'"

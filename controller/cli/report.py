@@ -10,10 +10,12 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from hotlab.controller.archive import HistoryArchive, TimeRange
 from hotlab.controller.audit import load_hmac_key
 from hotlab.controller.cli.audit import default_audit_path
+from hotlab.errors import HotlabError
 
 ARCHIVE_ENV = "HOTLAB_HISTORY"
 DEFAULT_ARCHIVE = Path("var/history.sqlite3")  # the [history] default of controller/config.py
@@ -64,8 +66,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"error: no audit trail at {audit_path}", file=sys.stderr)
         return 2
 
-    # Imported here so that `hotlab --help` and other commands never pay for matplotlib.
-    from hotlab.controller.report import build_figures, collect, render_html, write_pdf
+    build_figures, collect, render_html, write_pdf = _report_module()
 
     with HistoryArchive(archive_path, read_only=True) as archive:
         data = collect(archive, period, audit_path, audit_key=key, site=args.site)
@@ -89,3 +90,15 @@ def _run(args: argparse.Namespace) -> int:
         print(f"warning: {verification.summary()}", file=sys.stderr)
         return 1
     return 0
+
+
+def _report_module() -> tuple[Any, Any, Any, Any]:
+    """The report's builders, imported only here: matplotlib is the optional extra `hotlab[report]`,
+    and `hotlab --help` and every other command must work (and start fast) without it."""
+    try:
+        from hotlab.controller.report import build_figures, collect, render_html, write_pdf
+    except ModuleNotFoundError as exc:
+        if exc.name != "matplotlib" and not (exc.name or "").startswith("matplotlib."):
+            raise
+        raise HotlabError("the report needs matplotlib: pip install 'hotlab[report]'") from exc
+    return build_figures, collect, render_html, write_pdf

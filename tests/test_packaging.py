@@ -1,0 +1,80 @@
+"""hotlab installs as one `hotlab` package: a built wheel and the editable install both give
+`hotlab.controller`, `hotlab.drivers`, `hotlab.simulators` and `hotlab.physics`, and neither puts
+a top-level `controller` or `drivers` where another distribution could shadow it.
+
+The wheel is built by pip from this checkout and installed with pip into a fresh virtualenv; its
+third-party dependencies are lent from the test interpreter's site-packages by a path entry, so
+the test needs no download beyond the build backend.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import sysconfig
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+IMPORT_ALL = "import hotlab.controller, hotlab.drivers, hotlab.simulators, hotlab.physics; print(hotlab.__file__)"
+
+
+def _run(*command: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(part) for part in command], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("dist")
+    built = _run(sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", out, REPO, cwd=out)
+    assert built.returncode == 0, built.stderr
+    (path,) = out.glob("hotlab-*.whl")
+    return path
+
+
+def test_the_wheel_holds_only_the_hotlab_package(wheel: Path) -> None:
+    names = zipfile.ZipFile(wheel).namelist()
+    top_level = {name.split("/", 1)[0] for name in names if not name.split("/", 1)[0].endswith(".dist-info")}
+    assert top_level == {"hotlab"}
+    for expected in (
+        "hotlab/py.typed",
+        "hotlab/physics/decay.py",
+        "hotlab/drivers/vik202.py",
+        "hotlab/simulators/source.py",
+        "hotlab/controller/cli/main.py",
+        "hotlab/controller/schemas/reading.json",
+    ):
+        assert expected in names
+
+
+def test_the_wheel_installs_and_runs_from_another_directory(wheel: Path, tmp_path: Path) -> None:
+    venv = tmp_path / "venv"
+    assert _run(sys.executable, "-m", "venv", "--without-pip", venv, cwd=tmp_path).returncode == 0
+    python = venv / "bin" / "python"
+    venv_site = _run(python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])", cwd=tmp_path)
+    # Dependencies only: a plain path entry, so the editable install's finder there stays inactive.
+    Path(venv_site.stdout.strip(), "lent_dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    installed = _run(sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "-q", wheel, cwd=tmp_path)
+    assert installed.returncode == 0, installed.stderr
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    imported = _run(python, "-c", IMPORT_ALL, cwd=elsewhere)
+    assert imported.returncode == 0, imported.stderr
+    assert imported.stdout.strip().startswith(str(venv))
+    for bare in ("controller", "drivers", "simulators", "physics"):
+        refused = _run(python, "-c", f"import {bare}", cwd=elsewhere)
+        assert f"No module named '{bare}'" in refused.stderr
+    decay = _run(venv / "bin" / "hotlab", "decay", "F-18", "1GBq", "--from", "2026-11-20T12:00Z", cwd=elsewhere)
+    assert decay.returncode == 0, decay.stderr
+    assert "F-18" in decay.stdout
+
+
+def test_the_editable_install_gives_the_same_names_and_no_bare_ones(tmp_path: Path) -> None:
+    imported = _run(sys.executable, "-c", IMPORT_ALL, cwd=tmp_path)
+    assert imported.returncode == 0, imported.stderr
+    assert imported.stdout.strip() == str(REPO / "hotlab" / "__init__.py")
+    refused = _run(sys.executable, "-c", "import controller", cwd=tmp_path)
+    assert "No module named 'controller'" in refused.stderr
