@@ -1,4 +1,8 @@
-"""Test-wide guards.
+"""Test-wide settings and guards.
+
+Hypothesis runs the "ci" profile when CI is set (derandomized, so a failure in CI reproduces
+the same way on a laptop; no deadline, since a shared 2-core machine stalls now and then) and
+"dev" otherwise; HYPOTHESIS_PROFILE overrides both.
 
 The repository root is on `sys.path` while the tests run (pytest puts it there for the `tests`
 package), which would let a bare `import controller` find the source folder instead of the
@@ -8,10 +12,13 @@ installed `hotlab.controller`. This finder refuses those names, so no test can r
 from __future__ import annotations
 
 import importlib.abc
+import os
 import sys
 from collections.abc import Sequence
 from importlib.machinery import ModuleSpec
 from types import ModuleType
+
+from hypothesis import settings
 
 #: The repository folders that are installed only as `hotlab.<name>`.
 FOLDER_NAMES = frozenset({"controller", "drivers", "simulators", "physics"})
@@ -27,3 +34,8 @@ class _RefuseFolderNames(importlib.abc.MetaPathFinder):
 
 
 sys.meta_path.insert(0, _RefuseFolderNames())
+
+
+settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
+settings.register_profile("dev", deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "dev"))

@@ -6,6 +6,7 @@ import asyncio
 import time
 
 import pytest
+from pytest_mock import MockerFixture
 
 from hotlab.drivers.deadlines import SharedDeadlines
 
@@ -19,21 +20,13 @@ async def test_a_timeout_that_is_reached_raises_timeout_error_at_its_deadline() 
     assert 0.045 <= time.monotonic() - started < 1.0
 
 
-async def test_timeouts_that_end_in_time_arm_one_timer_not_one_each(monkeypatch: pytest.MonkeyPatch) -> None:
-    loop = asyncio.get_running_loop()
-    armed: list[float] = []
-    call_at = loop.call_at
-
-    def counting_call_at(when: float, *args: object) -> asyncio.TimerHandle:
-        armed.append(when)
-        return call_at(when, *args)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(loop, "call_at", counting_call_at)
+async def test_timeouts_that_end_in_time_arm_one_timer_not_one_each(mocker: MockerFixture) -> None:
+    armed = mocker.spy(asyncio.get_running_loop(), "call_at")  # the real call_at runs; the spy counts
     deadlines = SharedDeadlines()
     for _ in range(1000):
         async with deadlines.timeout(5.0):
             await asyncio.sleep(0)
-    assert len(armed) == 1
+    assert armed.call_count == 1
 
 
 async def test_only_the_due_timeouts_expire_and_the_later_ones_still_do() -> None:
