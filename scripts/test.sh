@@ -1,6 +1,12 @@
 #!/usr/bin/env bash
-# The whole test suite, on a fresh machine: set up, then pytest (unit + integration tests).
+# The whole check, on a fresh machine: set up, then lint (ruff), types (mypy) and the test suite
+# (unit + integration tests), showing the 15 slowest tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+echo "ruff: lint and format"
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
+echo "mypy"
+bash scripts/typecheck.sh
+exec .venv/bin/python -m pytest -q -p no:cacheprovider --durations=15 "$@"
