@@ -309,12 +309,12 @@ def verify_chain(path: str | Path, key: bytes | None = None) -> VerifyResult:
     with log_path.open("rb") as fh:
         for line_no, raw in enumerate(fh, start=1):
             if not raw.endswith(b"\n"):
-                broken = ChainBreak(
+                torn = ChainBreak(
                     line_no,
                     f"is a torn last line ({len(raw)} bytes, no newline): a crash interrupted an append; "
                     "that action was never confirmed, and the next append will set the fragment aside",
                 )
-                return VerifyResult(log_path, count, prev_hash, key is not None, mac_present, broken)
+                return VerifyResult(log_path, count, prev_hash, key is not None, mac_present, torn)
             body, broken = _check_line(line_no, raw[:-1], prev_hash, key)
             if broken is not None:
                 return VerifyResult(log_path, count, prev_hash, key is not None, mac_present, broken)

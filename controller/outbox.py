@@ -32,9 +32,9 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
-from hotlab.controller.messages import Message
+from hotlab.controller.messages import Kind, Message
 from hotlab.controller.recent_commits import RecentCommits
 from hotlab.errors import HotlabError
 
@@ -182,7 +182,11 @@ class Outbox:
         """The oldest messages `sink` has not acknowledged, in order, with `seq > after_seq`."""
         with self._read_lock:
             rows = self._pending_rows(self._reader, sink, limit, after_seq)
-        return [StoredMessage(seq, Message(kind, topic, json.loads(payload))) for seq, kind, topic, payload in rows]
+        # The kind was a Message's own when it was stored, so it is one of `Kind`.
+        return [
+            StoredMessage(seq, Message(cast(Kind, kind), topic, json.loads(payload)))
+            for seq, kind, topic, payload in rows
+        ]
 
     def pending_json(self, sink: str, limit: int = 500, after_seq: int = 0) -> list[StoredPayload]:
         """As `pending`, with each payload as its stored JSON text (no parsing), on its own connection."""

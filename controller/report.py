@@ -246,7 +246,9 @@ def build_figures(data: ReportData) -> list[ReportFigure]:
     return figures
 
 
-def _yield_figures(data: ReportData, yield_results: list[dict[str, Any]], span: tuple[int, int]) -> list[ReportFigure]:
+def _yield_figures(
+    data: ReportData, yield_results: Sequence[Mapping[str, Any]], span: tuple[int, int]
+) -> list[ReportFigure]:
     """One figure per generator: QC-judged yields where the engine judged them, else the elution records' yields."""
     judged_by_generator = _by(yield_results, _generator_of)
     recorded = _by(

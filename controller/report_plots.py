@@ -246,7 +246,7 @@ def elution_yield_figure(
         if np.ptp(days) > 0:
             slope, intercept = np.polyfit(days, [p.value for p in ordered], 1)
             ax.plot(
-                [utc(p.time_ns) for p in (ordered[0], ordered[-1])],
+                np.array([p.time_ns for p in (ordered[0], ordered[-1])], dtype="datetime64[ns]"),  # UTC
                 [intercept, intercept + slope * days[-1]],
                 color="black",
                 lw=0.9,

@@ -215,7 +215,7 @@ class DeviceSupervisor:
                 log.info("device %s: online", self.device)
                 await self._report(detail="online", force=True)
             if items:
-                await self._hand_over(items)  # type: ignore[arg-type]
+                await self._hand_over(items)
             await self._report(detail="ok")
             await self._pause(started)
 

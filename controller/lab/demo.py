@@ -186,7 +186,7 @@ async def watch_broker(view: LabView, host: str, port: int, *, subscribed: async
                     subscribed.set()
                 async for message in client.messages:
                     try:
-                        view.apply(str(message.topic), message.payload)  # type: ignore[arg-type]
+                        view.apply(str(message.topic), message.payload)
                     except ViewInputError as exc:
                         view.rejected += 1
                         log.warning("live view: %s", exc)

@@ -354,7 +354,7 @@ class OperatorConsole:
         """Follow the controller's retained status, and say so when a command was not carried out."""
         async for message in client.messages:
             try:
-                body = json.loads(message.payload)  # type: ignore[arg-type]
+                body = json.loads(message.payload)
             except (TypeError, ValueError):
                 continue
             if str(message.topic).endswith("/controller/status"):
