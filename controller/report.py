@@ -6,7 +6,7 @@ years without a network. So the CSS is inline, plots are base64 PNG `data:` URIs
 is no script and no external reference of any kind. The PDF variant holds the same figures
 and tables (matplotlib's PdfPages, always available because matplotlib is a dependency).
 
-Input is the local history archive (controller/history.py) for QC results and elutions and
+Input is the local history archive (controller/archive.py) for QC results and elutions and
 the audit trail (controller/audit.py), whose chain is verified as part of the report so a
 reader sees at once whether the list of control actions can be trusted. The report prints
 the audit head hash: a signed paper copy then anchors the chain against later rewriting.

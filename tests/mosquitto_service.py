@@ -11,7 +11,7 @@ Use the fixture by importing it into a test module (pytest picks up imported fix
 
 Or build one directly with `MosquittoBroker(users={"u": "p"}, tls=TlsListener(...))` inside a
 `with` block. Tests are skipped (not failed) when the mosquitto binary is not installed.
-The process manager itself lives in controller/embedded_broker.py because `hotlab run`
+The process manager itself lives in controller/lab/embedded_broker.py because `hotlab run`
 uses the same code to give newcomers a broker.
 """
 

@@ -415,7 +415,7 @@ def test_cli_default_path_is_where_the_simulated_lab_audits(monkeypatch: pytest.
     from hotlab.controller.cli.audit import default_audit_path
 
     monkeypatch.delenv("HOTLAB_AUDIT_LOG", raising=False)
-    # controller/run_cli.py runs the simulated lab in var/simulated-lab with state_dir "state".
+    # controller/cli/run.py runs the simulated lab in var/simulated-lab with state_dir "state".
     assert default_audit_path() == Path("var/simulated-lab/state/audit.jsonl")
 
 

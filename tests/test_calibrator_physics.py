@@ -25,7 +25,7 @@ from hotlab.simulators.source import (
 def test_decay_follows_the_evaluated_half_life() -> None:
     chamber = make_chamber("F-18", 1e9, noise_rel=0.0)
     start = chamber.true_activity_bq()
-    # F-18: 109.77 (5) min, ENSDF (controller/nuclides.py); after 3 half-lives 1/8 is left.
+    # F-18: 109.77 (5) min, ENSDF (physics/nuclides.py); after 3 half-lives 1/8 is left.
     chamber.clock.advance(3 * 109.77 * 60)
     assert chamber.true_activity_bq() / start == pytest.approx(0.125, rel=1e-6)
 

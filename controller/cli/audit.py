@@ -6,7 +6,7 @@ it: `[commands] audit_path`, else `<state_dir>/audit.jsonl`); `$HOTLAB_AUDIT_LOG
 `verify` and `show` unless --allow-empty: a typo in the path, or a deleted trail, must not read
 as "intact".
 
-Exit codes follow controller/cli.py: 0 ok, 1 broken chain, missing trail or failed write, 2 bad input.
+Exit codes follow controller/cli/main.py: 0 ok, 1 broken chain, missing trail or failed write, 2 bad input.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from hotlab.controller.config import load_audit_path
 from hotlab.errors import HotlabError
 
 PATH_ENV = "HOTLAB_AUDIT_LOG"
-#: `hotlab run` without --config runs the simulated lab in var/simulated-lab (controller/run_cli.py)
-#: with state_dir "state" (controller/simulated_lab.py), so its service audits here.
+#: `hotlab run` without --config runs the simulated lab in var/simulated-lab (controller/cli/run.py)
+#: with state_dir "state" (controller/lab/simulated_lab.py), so its service audits here.
 DEFAULT_PATH = Path("var/simulated-lab/state/audit.jsonl")
 
 

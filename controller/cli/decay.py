@@ -6,7 +6,7 @@
 Times are ISO 8601 with `Z` or an explicit offset (a bare date such as 2026-11-20 is 00:00 UTC):
 a bare local time is refused, because the elapsed time across a daylight-saving change would
 silently be off by an hour. Exit codes
-follow controller/cli.py: 0 ok, 2 bad input (nuclide, unit, time, duration).
+follow controller/cli/main.py: 0 ok, 2 bad input (nuclide, unit, time, duration).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """`hotlab demo`: a whole simulated hot lab and a live view of it, in one command.
 
-What runs (controller/simulated_lab.py starts it, DEMO_LAB below describes it):
+What runs (controller/lab/simulated_lab.py starts it, DEMO_LAB below describes it):
 
 * two dose calibrators of different families: a VIK-202 in the hot cell (Tc-99m, on a
   pseudo-terminal) and a VDC-404 in the QC lab on TCP (socket://) with a Cs-137 check source
@@ -11,7 +11,7 @@ What runs (controller/simulated_lab.py starts it, DEMO_LAB below describes it):
 * the controller with the QC engine (constancy, elution yield and its trend, Mo-99
   breakthrough), the history archive, the audit trail of control commands, and the private
   mosquitto unless --mqtt-host is given; --influx-url adds the InfluxDB sink;
-* the live view (controller/demo.py), subscribed to the broker like a lab-wall screen.
+* the live view (controller/lab/demo.py), subscribed to the broker like a lab-wall screen.
 
 Exit codes: 0 after a clean stop (Ctrl-C, SIGTERM or --duration), 2 for bad options,
 1 when the service fails.

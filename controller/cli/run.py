@@ -1,7 +1,7 @@
 """`hotlab run [--config lab.toml] [--duration S]`: the controller service from the command line.
 
 With `--config` it runs the configured lab. Without it, it runs a simulated lab
-(controller/simulated_lab.py, RUN_LAB) so a newcomer sees the whole pipeline at once,
+(controller/lab/simulated_lab.py, RUN_LAB) so a newcomer sees the whole pipeline at once,
 with nothing to install or configure:
 
 * four dose calibrators, one per family, each the physics simulator from simulators/
@@ -10,7 +10,7 @@ with nothing to install or configure:
   and in RFC 2217 mode (rfc2217://);
 * a Ge-68/Ga-68 elution station as a real Modbus TCP server, clock accelerated 30x, where a
   simulated operator starts an elution every 30 s of wall time;
-* the system `mosquitto` binary on a free loopback port (controller/embedded_broker.py);
+* the system `mosquitto` binary on a free loopback port (controller/lab/embedded_broker.py);
   if it is not installed, local-only mode: no broker, everything is kept in the outbox
   (and the local history archive) until a broker is configured.
 

@@ -14,7 +14,7 @@ arithmetic on in-memory state (microseconds), never I/O, so it is safe on the ev
 
 Generator state (last elution, residual on the column, yield history, recent eluates for
 Ge-68 re-measurements) survives a restart through `restore`, which rebuilds it from the
-history archive (controller/history.py) and any messages still waiting in the outbox.
+history archive (controller/archive.py) and any messages still waiting in the outbox.
 
 What a message means for QC:
 - a reading tagged ``extra["qc"]`` = ``constancy`` | ``accuracy`` | ``background`` |
