@@ -12,6 +12,7 @@ Everything here is synchronous (process start, port probing); async callers run 
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import signal
@@ -28,6 +29,18 @@ from hotlab.errors import HotlabError
 
 class BrokerUnavailable(HotlabError, RuntimeError):
     """mosquitto is not installed, or it did not start listening in time (its log is in the message)."""
+
+
+#: prctl(2) option: the signal the kernel sends a process when its parent thread dies.
+_PR_SET_PDEATHSIG = 1
+#: Loaded before any fork: the child must not load a library between fork and exec.
+_LIBC = ctypes.CDLL(None, use_errno=True) if os.uname().sysname == "Linux" else None
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the thread that started us ends (the owner died)."""
+    if _LIBC is not None:
+        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def free_tcp_port(host: str = "127.0.0.1") -> int:
@@ -69,12 +82,23 @@ class MosquittoBroker:
     tls: TlsListener | None = None
     workdir: Path | None = None
     start_timeout_s: float = 15.0
+    #: End with the owner even when it is killed (Linux): for a broker that serves only its owner.
+    #: The kernel signals when the *thread* that started it ends, so start it from a long-lived thread.
+    die_with_parent: bool = False
     _process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
     _tmp: tempfile.TemporaryDirectory[str] | None = field(default=None, init=False, repr=False)
 
     @property
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._process is None else self._process.pid
+
+    def exit_code(self) -> int | None:
+        """None while it runs (or was never started); once it has exited, its code (and it is reaped)."""
+        return None if self._process is None else self._process.poll()
 
     @property
     def log_path(self) -> Path:
@@ -106,7 +130,7 @@ class MosquittoBroker:
             self.kill()
             if not first_start:
                 break
-        raise BrokerUnavailable(f"mosquitto did not listen on {self.host}:{self.port}: {self._log_tail(log_offset)}")
+        raise BrokerUnavailable(f"mosquitto did not listen on {self.host}:{self.port}: {self.log_tail(log_offset)}")
 
     def _spawn_deaf_to_ctrl_c(self, command: list[str]) -> None:
         """Start mosquitto with SIGINT blocked (a blocked signal stays blocked across exec).
@@ -122,7 +146,12 @@ class MosquittoBroker:
         previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
             self._process = subprocess.Popen(
-                command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, cwd=self._dir
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.STDOUT,
+                cwd=self._dir,
+                preexec_fn=_die_with_parent if self.die_with_parent else None,
             )
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, previous)
@@ -213,7 +242,8 @@ class MosquittoBroker:
                 time.sleep(0.05)
         return False
 
-    def _log_tail(self, offset: int) -> str:
+    def log_tail(self, offset: int = 0) -> str:
+        """The end of the broker's log from `offset` on (at most 2000 characters)."""
         try:
             with self.log_path.open("rb") as log:
                 log.seek(offset)

@@ -33,16 +33,14 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import aiomqtt
 
 from hotlab.controller.config import LabConfig, ModbusTcpTransport, parse_config
+from hotlab.controller.lab.private_broker import PrivateBroker
 from hotlab.controller.messages import MSG_ID_NAMESPACE, Message, iso_utc, reading_message
 from hotlab.drivers.records import Reading
-
-if TYPE_CHECKING:
-    from hotlab.controller.lab.embedded_broker import MosquittoBroker
 
 log = logging.getLogger("hotlab.simulated_lab")
 
@@ -138,7 +136,7 @@ async def simulated_lab(
     `influx` is an [influx] table (controller/config.py) to add the InfluxDB sink;
     `audit_path` is where the controller audits control commands (default `<state_dir>/audit.jsonl`).
     """
-    from hotlab.controller.lab.embedded_broker import BrokerUnavailable, MosquittoBroker
+    from hotlab.controller.lab.embedded_broker import BrokerUnavailable
 
     workdir.mkdir(parents=True, exist_ok=True)
     async with contextlib.AsyncExitStack() as stack:
@@ -146,12 +144,14 @@ async def simulated_lab(
         if broker is not None:
             mqtt = {"host": broker.host, "port": broker.port}
         else:
-            private = MosquittoBroker(persistence=False)
+            private = PrivateBroker(workdir / "broker")
             starting = asyncio.ensure_future(asyncio.to_thread(private.start))
             stack.push_async_callback(_close_when_started, starting, private)
             try:
                 await asyncio.shield(starting)  # a Ctrl-C now must not leave a broker started behind our back
                 mqtt = {"host": private.host, "port": private.port}
+                supervisor = asyncio.create_task(private.supervise(), name="private-broker")
+                stack.push_async_callback(cancel_and_wait, supervisor)
             except BrokerUnavailable as exc:
                 log.warning(
                     "no broker for the simulated lab (%s): LOCAL-ONLY mode, messages stay in %s",
@@ -372,7 +372,7 @@ def _write_secret(path: Path, secret: str) -> None:
         raise OSError(exc.errno, exc.strerror, str(path)) from exc
 
 
-async def _close_when_started(starting: asyncio.Future[Any], broker: MosquittoBroker) -> None:
+async def _close_when_started(starting: asyncio.Future[Any], broker: PrivateBroker) -> None:
     """Close the private broker once its start has ended: a cancellation cannot stop the thread that starts it."""
     await asyncio.gather(starting, return_exceptions=True)
     await asyncio.to_thread(broker.close)
