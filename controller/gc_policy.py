@@ -1,18 +1,15 @@
 """Garbage-collector settings for the long-running controller process (`hotlab run`).
 
-Why: CPython's default cycle collector (thresholds 700/10/10) ran about 900 young-generation
-and 7 full collections in a 20 s benchmark run at 2000 readings/s and took 1.4-1.6 s of it,
-7-8 % of the controller's CPU, for about 1,000 cyclic objects found in all. The young
-generation crosses 700 net allocations whenever a batch is in flight (an outbox read of 500
-messages is thousands of objects that die together a moment later), and every full
-collection walked the 66,000 objects that exist from startup on, pausing the event loop for
-up to 88 ms: longer than the whole latency budget (p99 < 50 ms) of a reading.
+Why: with CPython's default thresholds (700/10/10) the young generation is collected whenever a
+batch is in flight (an outbox read of 500 messages is thousands of objects that die together a
+moment later), and every full collection walks the tens of thousands of objects that exist
+from startup on, pausing the event loop for longer than a reading's whole latency budget; yet
+the controller makes few reference cycles. docs/benchmarks.md has the measured cost.
 
 So, once the controller has started: the objects alive then (modules, classes, config,
 clients, device objects) move to the permanent generation, which the collector never walks
 again, and the young generation is collected after 10,000 net allocations instead of 700.
-Cycles are still collected, only less often: in the same run 13 collections took 0.04-0.06 s
-in all (docs/benchmarks.md, 2026-11-26). Only the service's own process does this; tests
+Cycles are still collected, only less often. Only the service's own process does this; tests
 and library users keep the interpreter's defaults.
 """
 

@@ -42,7 +42,7 @@ T = TypeVar("T")
 
 #: Rows per multi-row INSERT (4 parameters each, well under SQLite's 32766). A commit makes a
 #: handful of SQLite calls, not one per row: each call gives up the GIL and must take it back
-#: from the event loop (a 14-reading commit alone: 0.63 -> 0.50 ms).
+#: from the event loop.
 _ROWS_PER_INSERT = 500
 
 _SCHEMA = """
@@ -376,9 +376,8 @@ class GroupCommit:
     """Group commit: what many producers hand over while a commit is running goes into the next one.
 
     With `synchronous=FULL` every transaction costs an fsync, so one transaction per device
-    reading caps the controller near the disk's fsync rate (about 3,000/s on the benchmark
-    disk, docs/benchmarks.md), while a transaction of 100 messages costs hardly more than one
-    of 1. Here one flusher task commits everything submitted so far in one `commit_batch`
+    reading caps the controller near the disk's fsync rate, while a transaction of 100 messages
+    costs hardly more than one of 1. Here one flusher task commits everything submitted so far in one `commit_batch`
     call, and meanwhile the next submissions queue up: the batch grows with the load, and an
     idle controller still commits a lone reading at once (no fixed delay).
 

@@ -1,9 +1,8 @@
 """What the outbox's latest commits stored, kept in memory so a sink that is caught up need not read it back.
 
 Why: every sink used to read each message back from SQLite right after the commit that stored
-it, and the bulk sinks (InfluxDB, history) parsed its JSON again: at 2000 readings/s that was
-hundreds of reads per second and a few per cent of the controller's CPU, all to learn what the
-commit had in hand a moment before. The outbox stays the single source of truth: memory only
+it, and the bulk sinks (InfluxDB, history) parsed its JSON again: hundreds of reads per second
+under load, all to learn what the commit had in hand a moment before. The outbox stays the single source of truth: memory only
 answers a read that continues exactly where the sink is (`take`), and any other read (after a
 restart, a reconnect, a backlog beyond `limit`, a commit this process did not make) goes to
 the outbox, which holds everything.

@@ -99,8 +99,8 @@ def message_to_point(message: Message) -> Point:
 def message_to_line(message: Message) -> str:
     """The line-protocol text of `message`'s point (ns precision), built as a plain string.
 
-    Building a `Point` and rendering it cost ~5 % of the controller's CPU at 2000 readings/s,
-    so this formats the line directly with the rules of influxdb_client 1.50's point.py: tags
+    Building a `Point` and rendering it is a measurable share of the controller's CPU per
+    reading, so this formats the line directly with the rules of influxdb_client 1.50's point.py: tags
     and fields sorted by key, tag values and string fields escaped as below, floats as `str()`
     without a trailing ".0". tests/test_influx_line_format.py pins the result byte for byte to
     `message_to_point(...).to_line_protocol(WritePrecision.NS)`. Measurement, tag keys and field
