@@ -12,11 +12,12 @@ a reconnect loop with exponential backoff and full jitter. Per connection:
    The payload is the JSON text the outbox stored, sent as it is (parsing and encoding it
    again changed nothing and cost CPU per message). A commit calls `notify`; while the
    publisher keeps up, the outbox answers its next read from memory (what that commit
-   stored), and after a reconnect or a gap from the database. These data
-   publishes go straight to aiomqtt's paho client, with PUBACKs tracked by message id from
-   paho's `on_publish`: aiomqtt's own `publish` costs a task, a `wait_for` and a scan of all
-   pending calls per message, a large share of the controller's CPU per reading
-   (docs/benchmarks.md). aiomqtt still owns the connection; a PUBACK later than
+   stored), and after a reconnect or a gap from the database. These data publishes are
+   not awaited one by one: `PahoPublisher` (sinks/aiomqtt_paho.py, the only code that
+   touches aiomqtt's private attributes) hands them to aiomqtt's paho client and reports
+   each PUBACK by message id, because aiomqtt's own `publish` costs a task, a `wait_for`
+   and a scan of all pending calls per message, a large share of the controller's CPU per
+   reading (docs/benchmarks.md). aiomqtt still owns the connection; a PUBACK later than
    `publish_timeout_s` ends the connection, as an aiomqtt publish timeout did;
 3. `ack` the outbox only for the longest prefix whose PUBACKs arrived, so a crash or an
    outage resends from the first unacknowledged message, never skipping one. The acks are
@@ -57,12 +58,12 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import aiomqtt
-import paho.mqtt.client as paho
 
 from hotlab.backoff import Backoff
 from hotlab.controller.config import MqttConfig
 from hotlab.controller.messages import SCHEMA_VERSION, TOPIC_ROOT, iso_utc
 from hotlab.controller.outbox import AsyncOutbox, StoredPayload
+from hotlab.controller.sinks.aiomqtt_paho import PahoPublisher
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +154,9 @@ class MqttSink:
         #: turns are PUBACKs, and without this each one would cost an outbox read.
         self._unread = True
         self._client = self._make_client()
+        #: The data path's publishes, on the same client (module docstring, step 2).
+        self._publisher = PahoPublisher(self._client)
+        self._publisher.on_puback(self._on_puback)
 
     def route_commands(self, router: CommandRouter) -> None:
         """Subscribe to `router.topic_filter` on every connection and hand it each message received."""
@@ -220,7 +224,7 @@ class MqttSink:
                 keyfile=str(cfg.tls.key_file) if cfg.tls.key_file else None,
                 cert_reqs=ssl.CERT_REQUIRED,
             )
-        client = aiomqtt.Client(
+        return aiomqtt.Client(
             cfg.host,
             cfg.port,
             username=cfg.username,
@@ -237,22 +241,6 @@ class MqttSink:
             tls_insecure=cfg.tls.insecure_skip_hostname_check if cfg.tls is not None else None,
             logger=logging.getLogger("hotlab.paho"),
         )
-        # aiomqtt 2.x has no public handle on its paho client; the data path needs it (module docstring).
-        aiomqtt_on_publish = client._client.on_publish
-
-        def on_publish(
-            paho_client: paho.Client,
-            userdata: Any,
-            mid: int,
-            reason_code: paho.ReasonCode,
-            properties: paho.Properties | None,
-        ) -> None:
-            # Called by paho on the event loop thread (aiomqtt reads the socket there).
-            aiomqtt_on_publish(paho_client, userdata, mid, reason_code, properties)
-            self._on_puback(mid)
-
-        client._client.on_publish = on_publish
-        return client
 
     def _on_puback(self, mid: int) -> None:
         """The broker acknowledged `mid`: mark it if it is one of ours, and wake the publisher."""
@@ -353,7 +341,7 @@ class MqttSink:
                     if len(batch) == room:
                         self._unread = True  # the window was the limit: there may be more
                     if batch:
-                        self._publish_batch(client, batch, inflight)
+                        self._publish_batch(batch, inflight)
                         last_issued = batch[-1].seq
                 if not inflight and self.draining:
                     return
@@ -381,17 +369,15 @@ class MqttSink:
             await asyncio.gather(watcher, return_exceptions=True)
             await acker.close()
 
-    def _publish_batch(self, client: aiomqtt.Client, batch: list[StoredPayload], inflight: deque[_InFlight]) -> None:
-        """Hand `batch` to paho in order (QoS 1) and track each one's PUBACK."""
+    def _publish_batch(self, batch: list[StoredPayload], inflight: deque[_InFlight]) -> None:
+        """Publish `batch` in order (QoS 1) without awaiting, and track each one's PUBACK."""
         deadline = time.monotonic() + self.publish_timeout_s
         for stored in batch:
-            info = client._client.publish(
+            mid = self._publisher.publish(
                 stored.topic, stored.payload_json, qos=QOS_DATA, retain=stored.kind == "device_status"
             )
-            if info.rc != paho.MQTT_ERR_SUCCESS:
-                raise aiomqtt.MqttCodeError(info.rc, f"could not publish outbox message {stored.seq}")
             entry = _InFlight(stored.seq, deadline)
-            self._awaiting_puback[info.mid] = entry
+            self._awaiting_puback[mid] = entry
             inflight.append(entry)
 
     def _wait_timeout(self, inflight: deque[_InFlight]) -> float | None:
