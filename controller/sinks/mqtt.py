@@ -445,9 +445,9 @@ class MqttSink:
 
 
 #: Acks are written once this many wait, or `ACK_DELAY_S` after the first of them arrived.
-#: They share the outbox's one write thread with the devices' commits: at 2000 readings/s,
-#: 100 acks or 20 ms meant 55 ack transactions/s and a fifth of that thread's time, which
-#: the devices' commits queued behind. A later ack only means a larger resend after a crash.
+#: They share the outbox's one write thread with the devices' commits, so small frequent ack
+#: transactions would make those commits queue behind them. A later ack only means a larger
+#: resend after a crash.
 ACK_BATCH = 500
 ACK_DELAY_S = 0.1
 
