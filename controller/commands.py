@@ -10,7 +10,9 @@ Rules this module enforces, in this order:
    keys, NaN/Infinity or lone surrogate escapes, exactly the envelope keys, an action the
    device's family knows, and arguments of the right type and range. A retained command is
    refused: the broker would hand it to the controller again on every reconnect and it would
-   run again.
+   run again. The subscription asks for MQTT 5's retain-as-published, because MQTT 3.1.1
+   clears the flag when it delivers to a connected subscriber, so the refusal holds for a
+   command retained while the controller is online too.
 2. Authenticate: the claimed `user` must be an [[operator]] and `token` must equal that
    operator's secret (hmac.compare_digest, so the time taken does not reveal how much of a
    guess was right). Authorise: the operator's role must be at least [commands.min_role].
@@ -24,7 +26,12 @@ Rules this module enforces, in this order:
    (the append is retried a few times).
 4. Execute through the device's source (controller/service.py), which serialises commands
    with the device's polling on one lock, so the two never interleave on the wire.
-5. Reply. Replies are not stored in the outbox: the audit trail is the durable record, and a
+5. A command runs only while it is fresh: `issued_at` (ISO 8601 with an offset) must lie within
+   `max_age_s` (default 30 s) of the controller's clock, in either direction, so a command
+   replayed from a capture, or queued by a broker for a client that was offline, cannot run
+   later (outcome `expired`). A re-sent request id is still answered from memory at any age:
+   that only repeats an answer, it never runs anything.
+6. Reply. Replies are not stored in the outbox: the audit trail is the durable record, and a
    requester that lost a reply re-sends the same `request_id`, which is answered from memory
    (outcome of the first attempt, `duplicate: true`) and never executed twice. That also
    covers a QoS 1 redelivery of the command itself. The memory is keyed on the request id
@@ -73,7 +80,8 @@ from hotlab.drivers.elution_station import (
     NotAuthorised,
 )
 from hotlab.drivers.records import DeviceRefused, DriverError
-from hotlab.errors import HotlabError
+from hotlab.errors import HotlabError, InputError
+from hotlab.physics.utc_time import parse_utc_ns
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +111,9 @@ UNKNOWN_ACTOR = "unknown"
 #: Audit reason when the attempt gave none (the audit trail requires one; Annex 11 §9).
 NO_REASON = "(no reason given)"
 
-_ENVELOPE_KEYS = frozenset({"schema", "request_id", "user", "token", "reason", "args"})
+_ENVELOPE_KEYS = frozenset({"schema", "request_id", "user", "token", "reason", "issued_at", "args"})
+#: How far `issued_at` may lie from the controller's clock unless [commands] max_age_s says otherwise.
+DEFAULT_MAX_AGE_S = 30.0
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 _USER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
@@ -125,6 +135,7 @@ class Outcome(StrEnum):
     UNCONFIRMED = "unconfirmed"  # sent, but whether the device carried it out is unknown: check the device
     FAILED = "failed"  # not carried out: the audit trail could not be written (commands fail closed)
     DUPLICATE = "duplicate"  # audit only: a request id seen before, answered with the first outcome, not run again
+    EXPIRED = "expired"  # not carried out: issued_at too old (replayed, queued) or too far ahead of our clock
 
 
 class CommandRejected(HotlabError):
@@ -143,6 +154,12 @@ class Unauthorised(CommandRejected):
     outcome = Outcome.UNAUTHORISED
 
 
+class ExpiredCommand(CommandRejected):
+    """Issued too long ago, or too far in the future, to be run now."""
+
+    outcome = Outcome.EXPIRED
+
+
 @dataclass(frozen=True, slots=True)
 class Command:
     """A well-formed command (not yet authenticated)."""
@@ -153,6 +170,8 @@ class Command:
     reason: str
     action: str
     args: dict[str, Any]
+    #: When the sender issued it (UTC epoch ns), from `issued_at`.
+    issued_ns: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -289,10 +308,15 @@ def parse_command(payload: bytes, action: str, device: DeviceConfig) -> Command:
         raise MalformedCommand("reason must say why (it goes into the audit trail)")
     if _CONTROL_CHARS.search(reason):
         raise MalformedCommand("reason must not contain control characters")
+    issued_at = _string(body, "issued_at", 64)
+    try:
+        issued_ns = parse_utc_ns(issued_at)
+    except InputError as exc:
+        raise MalformedCommand(f"issued_at must be an ISO 8601 time with Z or an offset: {exc}") from None
     args = body["args"]
     if not isinstance(args, dict):
         raise MalformedCommand(f"args must be a JSON object, got {_json_type(args)}")
-    return Command(request_id, user, token, reason, action, _parse_args(action, args))
+    return Command(request_id, user, token, reason, action, _parse_args(action, args), issued_ns)
 
 
 def _parse_args(action: str, args: dict[str, Any]) -> dict[str, Any]:
@@ -502,8 +526,12 @@ class CommandHandler:
         lookup: Lookup,
         *,
         concurrency: int = 8,
+        max_age_s: float = DEFAULT_MAX_AGE_S,
+        clock_ns: Callable[[], int] = time.time_ns,
     ) -> None:
         self.site = site
+        self.max_age_s = max_age_s
+        self._clock_ns = clock_ns
         self.authoriser = authoriser
         self.audit = audit
         self.publish = publish
@@ -616,6 +644,9 @@ class CommandHandler:
                 first["outcome"],
             )
             return await self._reply(context, result, record, duplicate=True)
+        expired = self._expired(command)
+        if expired is not None:
+            return await self._reject(context, expired, _who(operator))
         remembered = _Remembered(fingerprint, asyncio.get_running_loop().create_future())
         self._remember(command.request_id, remembered)
         try:
@@ -627,6 +658,21 @@ class CommandHandler:
         if not sent:
             self._forget(command.request_id, remembered)
         return reply
+
+    def _expired(self, command: Command) -> ExpiredCommand | None:
+        """Why a new command is too old or too far ahead of our clock to run, if it is."""
+        age_s = (self._clock_ns() - command.issued_ns) / 1e9
+        if age_s > self.max_age_s:
+            return ExpiredCommand(
+                f"issued at {iso_utc(command.issued_ns)}, {age_s:.1f} s ago; commands older than "
+                f"{self.max_age_s:g} s are not run (a replayed or queued command); send a new one"
+            )
+        if -age_s > self.max_age_s:
+            return ExpiredCommand(
+                f"issued at {iso_utc(command.issued_ns)}, {-age_s:.1f} s ahead of the controller's clock "
+                f"(more than {self.max_age_s:g} s); check the sender's clock"
+            )
+        return None
 
     def _remember(self, request_id: str, remembered: _Remembered) -> None:
         self._answers[request_id] = remembered

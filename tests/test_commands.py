@@ -11,6 +11,8 @@ import errno
 import json
 import logging
 import tempfile
+import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +54,11 @@ ALICE_TOKEN = "alice-token-0123456789abcdef"
 BOB_TOKEN = "bob-token-0123456789abcdef"
 
 
+def now_iso() -> str:
+    """Commands built here are issued now, as a console would; the handler's clock is the real one."""
+    return datetime.now(UTC).isoformat()
+
+
 def command(**changes: Any) -> dict[str, Any]:
     body: dict[str, Any] = {
         "schema": "hotlab.command/1",
@@ -59,6 +66,7 @@ def command(**changes: Any) -> dict[str, Any]:
         "user": "alice",
         "token": ALICE_TOKEN,
         "reason": "morning Ga-68 elution for DOTATATE",
+        "issued_at": now_iso(),
         "args": {"volume_ml": 5.0},
     }
     body.update(changes)
@@ -70,10 +78,17 @@ def encode(body: Any) -> bytes:
 
 
 def test_a_valid_start_elution_parses_and_matches_the_published_schema() -> None:
-    body = command()
+    body = command(issued_at="2026-11-20T13:00:00.5+01:00")
     parsed = parse_command(encode(body), "start_elution", STATION)
+    issued_ns = int(datetime(2026, 11, 20, 12, 0, 0, 500_000, tzinfo=UTC).timestamp()) * 10**9 + 500_000_000
     assert parsed == Command(
-        "req-1", "alice", ALICE_TOKEN, "morning Ga-68 elution for DOTATATE", "start_elution", {"volume_ml": 5.0}
+        "req-1",
+        "alice",
+        ALICE_TOKEN,
+        "morning Ga-68 elution for DOTATATE",
+        "start_elution",
+        {"volume_ml": 5.0},
+        issued_ns,
     )
     schema = json.loads((SCHEMAS / "command.json").read_text())
     jsonschema.Draft202012Validator.check_schema(schema)
@@ -149,6 +164,7 @@ NEAR_MISS = st.fixed_dictionaries(
         "user": st.sampled_from(["alice", "mallory", ""]) | JSON,
         "token": st.sampled_from([ALICE_TOKEN, "guess"]) | JSON,
         "reason": st.sampled_from(["because", " "]) | JSON,
+        "issued_at": st.builds(now_iso) | st.sampled_from(["2026-11-20T12:00", "yesterday"]) | JSON,
         "args": st.fixed_dictionaries({}, optional={"volume_ml": st.floats() | JSON, "nuclide": JSON}) | JSON,
     },
 )
@@ -303,7 +319,7 @@ def test_authoriser_checks_user_token_and_role(tmp_path: Path, tokens: None) -> 
     authoriser = Authoriser(config.operators, config.commands.min_role)
 
     def attempt(user: str, token: str, action: str = "start_elution") -> Command:
-        return Command("r", user, token, "why", action, {})
+        return Command("r", user, token, "why", action, {}, time.time_ns())
 
     assert authoriser.authorise(attempt("alice", ALICE_TOKEN)).name == "alice"
     assert authoriser.authorise(attempt("bob", BOB_TOKEN, "abort")).role == "operator"
@@ -523,6 +539,7 @@ HANDLER_PAYLOADS = (
             "user": st.sampled_from(["alice", "bob"]) | TEXT,
             "token": st.sampled_from([ALICE_TOKEN, BOB_TOKEN]) | TEXT,
             "reason": st.just("because") | TEXT,
+            "issued_at": st.builds(now_iso),
             "args": st.sampled_from([{}, {"volume_ml": 5.0}]) | JSON,
         }
     ).map(encode)
@@ -566,3 +583,42 @@ async def test_odd_records_in_the_trail_do_not_stop_the_handler_from_recalling_i
     console = Console(trail)
     assert (await console.send("abort", "r1"))["outcome"] == "executed"
     assert console.station.calls == ["abort"]
+
+
+def _iso_seconds_from_now(seconds: float) -> str:
+    return (datetime.now(UTC) + timedelta(seconds=seconds)).isoformat()
+
+
+@pytest.mark.parametrize(
+    ("offset_s", "why"),
+    [(-31.0, "s ago; commands older than 30 s are not run"), (31.0, "s ahead of the controller's clock")],
+)
+async def test_a_command_issued_outside_the_window_is_refused_as_expired_and_audited(
+    trail: AuditLog, offset_s: float, why: str
+) -> None:
+    """A captured command replayed later, or one a broker queued for an offline client, must not run."""
+    console = Console(trail)
+    reply = await console.send("start_elution", "r-old", issued_at=_iso_seconds_from_now(offset_s))
+    assert reply["outcome"] == "expired" and reply["ok"] is False
+    assert why in reply["error"]
+    assert console.station.calls == []
+    assert console.outcomes() == [("alice", "elution.start", "expired")]
+    fresh = await console.send("start_elution", "r-new", issued_at=_iso_seconds_from_now(-29.0))
+    assert fresh["outcome"] == "executed" and console.station.calls == ["start_elution"]
+
+
+async def test_the_window_is_configurable_and_a_resent_id_is_answered_at_any_age(trail: AuditLog) -> None:
+    console = Console(trail)
+    console.handler.max_age_s = 5.0
+    assert (await console.send("start_elution", "r1", issued_at=_iso_seconds_from_now(-6.0)))["outcome"] == "expired"
+    assert (await console.send("start_elution", "r2"))["outcome"] == "executed"
+    # Re-sending r2 a minute later only repeats its answer: nothing runs, so its age does not matter.
+    again = await console.send("start_elution", "r2", issued_at=_iso_seconds_from_now(-60.0))
+    assert again["duplicate"] is True and again["outcome"] == "executed"
+    assert console.station.calls == ["start_elution"]
+
+
+@pytest.mark.parametrize("issued_at", ["2026-11-20T12:00", "yesterday", 1_796_000_000_000_000_000, None])
+def test_issued_at_must_be_an_iso_time_with_an_offset(issued_at: Any) -> None:
+    with pytest.raises(MalformedCommand, match="issued_at"):
+        parse_command(encode(command(issued_at=issued_at)), "start_elution", STATION)

@@ -12,6 +12,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,7 @@ def command(
     token: str | None = None,
     request_id: str | None = None,
     reason: str = "test of the command path",
+    issued_at: datetime | None = None,
 ) -> bytes:
     body: dict[str, Any] = {
         "schema": "hotlab.command/1",
@@ -74,6 +76,7 @@ def command(
         "user": user,
         "token": TOKENS.get(user, "") if token is None else token,
         "reason": reason,
+        "issued_at": (issued_at or datetime.now(UTC)).isoformat(),
         "args": action_args,
     }
     return json.dumps(body).encode()
@@ -328,6 +331,28 @@ async def test_a_request_id_resent_after_a_controller_restart_is_not_run_again(
         assert await anext(second_run, None) is None
 
 
+async def test_a_command_retained_while_the_controller_listens_is_refused(lab: Lab) -> None:
+    """MQTT 3.1.1 clears the retain flag on delivery to a connected subscriber: the controller asks
+    for retain-as-published (MQTT 5), so it still sees the flag and refuses the command."""
+    topic = f"{TOPIC}/start_elution"
+    try:
+        reply = await lab.requester.send(topic, command("alice", {"volume_ml": 5.0}), retain=True)
+    finally:
+        await lab.requester.client.publish(topic, b"", qos=1, retain=True)  # clear it from the broker
+    assert reply["outcome"] == "malformed" and "retained commands are refused" in reply["error"]
+    assert lab.model.state is StationState.IDLE
+    assert (await lab.requester.send(topic, command("alice", {"volume_ml": 5.0})))["outcome"] == "executed"
+
+
+async def test_a_replayed_command_is_refused_as_expired_and_a_fresh_one_runs(lab: Lab) -> None:
+    topic = f"{TOPIC}/start_elution"
+    captured = command("alice", {"volume_ml": 5.0}, issued_at=datetime.now(UTC) - timedelta(seconds=45))
+    replayed = await lab.requester.send(topic, captured)
+    assert replayed["outcome"] == "expired" and "older than 30 s" in replayed["error"]
+    assert lab.model.state is StationState.IDLE
+    assert (await lab.requester.send(topic, command("alice", {"volume_ml": 5.0})))["outcome"] == "executed"
+
+
 @pytest.fixture
 async def lab_with_retained_command(
     tmp_path: Path,
@@ -393,6 +418,7 @@ NEAR_MISS = st.fixed_dictionaries(
         "user": st.sampled_from(["alice", "bob", "mallory"]) | JSON,
         "token": st.sampled_from(["guess-guess-guess-guess", ""]) | JSON,
         "reason": st.just("fuzz") | JSON,
+        "issued_at": st.just("2026-11-20T12:00Z") | JSON,
         "args": st.fixed_dictionaries({}, optional={"volume_ml": st.floats() | JSON, "nuclide": JSON}) | JSON,
     },
 )

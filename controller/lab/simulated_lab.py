@@ -345,6 +345,7 @@ class OperatorConsole:
                 "user": self.user,
                 "token": self.token,
                 "reason": f"scheduled elution of {generator.generator_id}",
+                "issued_at": iso_utc(time.time_ns()),
                 "args": {"volume_ml": generator.volume_ml},
             }
         ).encode()

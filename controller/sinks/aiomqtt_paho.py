@@ -104,3 +104,13 @@ class PahoPublisher:
         if info.rc != paho.MQTT_ERR_SUCCESS:
             raise aiomqtt.MqttCodeError(info.rc, f"could not publish on {topic}")
         return info.mid
+
+
+def retain_as_published(qos: int) -> paho.SubscribeOptions:
+    """MQTT 5 subscription options that keep a PUBLISH's retain flag as its sender set it.
+
+    aiomqtt's `subscribe` takes paho's options type; it is built here so that paho stays behind
+    this module. MQTT 3.1.1 (and MQTT 5 without this option) clears the flag on delivery to a
+    connected subscriber, so a retained command would look like a live one.
+    """
+    return paho.SubscribeOptions(qos=qos, retainAsPublished=True)

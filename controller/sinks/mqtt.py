@@ -63,7 +63,7 @@ from hotlab.backoff import Backoff
 from hotlab.controller.config import MqttConfig
 from hotlab.controller.messages import SCHEMA_VERSION, TOPIC_ROOT, iso_utc
 from hotlab.controller.outbox import AsyncOutbox, StoredPayload
-from hotlab.controller.sinks.aiomqtt_paho import PahoPublisher
+from hotlab.controller.sinks.aiomqtt_paho import PahoPublisher, retain_as_published
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +231,9 @@ class MqttSink:
             password=cfg.password.reveal() if cfg.password is not None else None,
             identifier=cfg.client_id,
             will=will,
-            clean_session=True,  # the outbox, not the broker session, is our memory of what is unsent
+            # MQTT 5 for retain-as-published on the command subscription (see `_session`).
+            protocol=aiomqtt.ProtocolVersion.V5,
+            clean_start=True,  # the outbox, not the broker session, is our memory of what is unsent
             keepalive=cfg.keepalive_s,
             timeout=cfg.connect_timeout_s,
             # Unlimited in paho: the sink's own window (`inflight_window`) bounds the data publishes,
@@ -320,7 +322,9 @@ class MqttSink:
         )
         if self._commands is not None:
             # Before "online": a client that sees the controller online can send commands at once.
-            await client.subscribe(self._commands.topic_filter, qos=QOS_DATA)
+            # Retain-as-published: MQTT 3.1.1 clears the retain flag on delivery to a connected
+            # subscriber, so a command retained while we are online would look live and run.
+            await client.subscribe(self._commands.topic_filter, options=retain_as_published(QOS_DATA))
         await client.publish(self.status_topic, _encode(online), qos=QOS_DATA, retain=True)
         watcher = asyncio.ensure_future(self._receive(client))
         watcher.add_done_callback(self._wake)
