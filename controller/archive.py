@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from hotlab.controller.messages import Message
+from hotlab.controller.messages import Message, iso_utc
 from hotlab.controller.outbox import rollback_unless_done
 from hotlab.errors import InputError
 from hotlab.physics.utc_time import parse_utc_ns
@@ -70,6 +70,10 @@ class HistoryQueryError(InputError):
     """A query that cannot be answered as asked (empty or inverted time range, unknown filter)."""
 
 
+class NotAnArchiveError(InputError):
+    """The file given as an archive is not one (another file, another database, a damaged copy)."""
+
+
 @dataclass(frozen=True, slots=True)
 class TimeRange:
     """Half-open UTC interval [start_ns, end_ns) in epoch nanoseconds."""
@@ -79,7 +83,9 @@ class TimeRange:
 
     def __post_init__(self) -> None:
         if self.end_ns <= self.start_ns:
-            raise HistoryQueryError(f"time range ends ({self.end_ns}) before or when it starts ({self.start_ns})")
+            raise HistoryQueryError(
+                f"time range ends ({iso_utc(self.end_ns)}) before or when it starts ({iso_utc(self.start_ns)})"
+            )
 
     @classmethod
     def from_text(cls, start: str | None, end: str | None) -> TimeRange:
@@ -148,6 +154,7 @@ class HistoryArchive:
             self._db = sqlite3.connect(
                 uri, uri=True, timeout=busy_timeout_s, check_same_thread=False, isolation_level=None
             )
+            self._require_archive()
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.path, timeout=busy_timeout_s, check_same_thread=False, isolation_level=None)
@@ -155,6 +162,17 @@ class HistoryArchive:
         # A record we acknowledge to the outbox must survive power loss, not only a crash.
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+
+    def _require_archive(self) -> None:
+        """Fail at open, in one line, on a file that is not an archive, not at the first query."""
+        try:
+            tables = {name for (name,) in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        except sqlite3.DatabaseError as exc:
+            self._db.close()
+            raise NotAnArchiveError(f"{self.path} is not a hotlab history archive ({exc})") from None
+        if "message" not in tables:
+            self._db.close()
+            raise NotAnArchiveError(f"{self.path} is not a hotlab history archive (it has no message table)")
 
     def close(self) -> None:
         with self._lock:

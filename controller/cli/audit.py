@@ -25,18 +25,17 @@ from hotlab.controller.audit import (
     load_hmac_key,
     verify_chain,
 )
+from hotlab.controller.cli.lab_records import latest_lab
 from hotlab.controller.config import load_audit_path
 from hotlab.errors import HotlabError
 
 PATH_ENV = "HOTLAB_AUDIT_LOG"
-#: `hotlab run` without --config runs the simulated lab in var/simulated-lab (controller/cli/run.py)
-#: with state_dir "state" (controller/lab/simulated_lab.py), so its service audits here.
-DEFAULT_PATH = Path("var/simulated-lab/state/audit.jsonl")
 
 
-def default_audit_path() -> Path:
-    """`$HOTLAB_AUDIT_LOG`, else the simulated lab's trail, relative to the working directory."""
-    return Path(os.environ.get(PATH_ENV) or DEFAULT_PATH)
+def default_audit_path(command: str = "audit") -> Path:
+    """`$HOTLAB_AUDIT_LOG`, else the newest trail that `hotlab run`, `hotlab demo` or a configured lab
+    wrote here (controller/cli/lab_records.py), relative to the working directory."""
+    return Path(os.environ.get(PATH_ENV) or latest_lab("audit", command).audit)
 
 
 class _NoTrail(HotlabError):
@@ -49,7 +48,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     def common(sub: argparse.ArgumentParser) -> None:
         where = sub.add_mutually_exclusive_group()
-        where.add_argument("--path", type=Path, default=None, help=f"audit log (default ${PATH_ENV} or {DEFAULT_PATH})")
+        where.add_argument(
+            "--path",
+            type=Path,
+            default=None,
+            help=f"audit log (default ${PATH_ENV}, else the newest trail of the labs hotlab runs here)",
+        )
         where.add_argument(
             "--config", type=Path, default=None, help="lab config (TOML): use the audit trail that lab's service writes"
         )

@@ -14,11 +14,11 @@ from typing import Any
 
 from hotlab.controller.archive import HistoryArchive, TimeRange
 from hotlab.controller.audit import load_hmac_key
-from hotlab.controller.cli.audit import default_audit_path
+from hotlab.controller.cli.audit import PATH_ENV, default_audit_path
+from hotlab.controller.cli.lab_records import KNOWN_LABS, latest_lab
 from hotlab.errors import HotlabError
 
 ARCHIVE_ENV = "HOTLAB_HISTORY"
-DEFAULT_ARCHIVE = Path("var/history.sqlite3")  # the [history] default of controller/config.py
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -32,13 +32,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--to", dest="end", required=True, help="last day (UTC, included), e.g. 2026-11-30, or an ISO instant"
     )
     parser.add_argument(
-        "--archive", type=Path, default=None, help=f"history archive (default ${ARCHIVE_ENV} or {DEFAULT_ARCHIVE})"
+        "--archive",
+        type=Path,
+        default=None,
+        help=f"history archive (default ${ARCHIVE_ENV}, else the newest archive of the labs hotlab runs here)",
     )
     parser.add_argument(
         "--audit",
         type=Path,
         default=None,
-        help="audit trail (default $HOTLAB_AUDIT_LOG or var/simulated-lab/state/audit.jsonl)",
+        help="audit trail (default $HOTLAB_AUDIT_LOG, else the trail of the archive's lab)",
     )
     parser.add_argument(
         "--audit-key-file",
@@ -57,11 +60,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     period = TimeRange.from_text(args.start, args.end)
     key = load_hmac_key({"HOTLAB_AUDIT_KEY_FILE": str(args.audit_key_file)} if args.audit_key_file else None)
-    archive_path = args.archive or Path(os.environ.get(ARCHIVE_ENV) or DEFAULT_ARCHIVE)
+    archive_path = args.archive or Path(os.environ.get(ARCHIVE_ENV) or latest_lab("archive", "report").archive)
     if not archive_path.is_file():
         print(f"error: no history archive at {archive_path} (give --archive PATH)", file=sys.stderr)
         return 2
-    audit_path = args.audit or default_audit_path()
+    audit_path = args.audit or _audit_beside(archive_path)
     if args.audit is not None and not audit_path.is_file():
         print(f"error: no audit trail at {audit_path}", file=sys.stderr)
         return 2
@@ -90,6 +93,14 @@ def _run(args: argparse.Namespace) -> int:
         print(f"warning: {verification.summary()}", file=sys.stderr)
         return 1
     return 0
+
+
+def _audit_beside(archive: Path) -> Path:
+    """`$HOTLAB_AUDIT_LOG`, else the trail of the lab that wrote `archive`, else the default trail."""
+    if os.environ.get(PATH_ENV):
+        return Path(os.environ[PATH_ENV])
+    lab = next((lab for lab in KNOWN_LABS if lab.archive == archive), None)
+    return lab.audit if lab is not None else default_audit_path("report")
 
 
 def _report_module() -> tuple[Any, Any, Any, Any]:

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from hotlab.controller.messages import Message, qc_message
+from hotlab.controller.messages import Message, iso_utc, qc_message
 from hotlab.controller.qc.limits import Limit, Verdict
 from hotlab.errors import InputError
 
@@ -40,7 +40,9 @@ def require_non_negative(name: str, value: float) -> float:
 def require_not_before(later_name: str, later_ns: int, earlier_name: str, earlier_ns: int) -> None:
     """Reject a time that lies before the time it is decay-corrected from (a typo or a clock error)."""
     if later_ns < earlier_ns:
-        raise QcInputError(f"{later_name} ({later_ns} ns) is before {earlier_name} ({earlier_ns} ns); check the dates")
+        raise QcInputError(
+            f"{later_name} ({iso_utc(later_ns)}) is before {earlier_name} ({iso_utc(earlier_ns)}); check the dates"
+        )
 
 
 def deviation_pct(measured: float, expected: float) -> float:
