@@ -1,10 +1,10 @@
 """The controller's TOML configuration, validated up front with errors a lab technician can act on.
 
 A bad config must stop `hotlab run` before any device is touched, and the error must say
-which file, which key, what is wrong and what would be accepted — `ConfigError` carries
-exactly that as its message. Unknown keys are errors too (with a "did you mean" hint): a
-typo such as `pol_interval_s` silently falling back to a default is how a lab ends up
-polling a calibrator ten times too often.
+which file, which key, what is wrong and what would be accepted. Every table is read through
+`hotlab.controller.config_table.ConfigTable`, whose `ConfigError` carries exactly that as its
+message and which refuses unknown keys with a "did you mean" hint (a typo such as
+`pol_interval_s` must not silently fall back to a default).
 
 Secrets (MQTT password, InfluxDB token/password) are only ever read from an environment
 variable or a file named in the config, never from the TOML itself, and are held in
@@ -15,9 +15,7 @@ directory, so a config works the same from any working directory.
 
 from __future__ import annotations
 
-import difflib
 import inspect
-import math
 import os
 import re
 import tomllib
@@ -26,11 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from hotlab.controller.config_table import ConfigError, ConfigTable
 from hotlab.controller.event_loop import DEFAULT_EVENT_LOOP, EVENT_LOOPS
-from hotlab.drivers.elution_station import ModbusRtuLink, ModbusTcpLink
-from hotlab.errors import InputError
+from hotlab.drivers.calibrator import CALIBRATOR_DRIVERS
+from hotlab.drivers.elution_station import ElutionStationDriver, ModbusRtuLink, ModbusTcpLink
 
-CALIBRATOR_FAMILIES: tuple[str, ...] = ("vik202", "crc15r", "vdc404", "atomlab500")
+#: The calibrator families a config may name: exactly those the driver registry can build.
+CALIBRATOR_FAMILIES: tuple[str, ...] = tuple(CALIBRATOR_DRIVERS)
 STATION_FAMILIES: tuple[str, ...] = ("elution_station",)
 WORD_ORDERS: tuple[str, ...] = ("ABCD", "CDAB", "BADC", "DCBA")
 SERIAL_URL_SCHEMES: tuple[str, ...] = ("socket", "rfc2217")
@@ -51,10 +51,6 @@ DEFAULT_MIN_ROLE: dict[str, str] = {
 }
 #: A command token shorter than this is guessable by brute force over MQTT; refuse it at load time.
 MIN_TOKEN_CHARS = 16
-
-
-class ConfigError(InputError):
-    """A config problem; `str()` is the full, user-facing message (file, key path, problem, what is allowed)."""
 
 
 class Secret:
@@ -221,153 +217,6 @@ class LabConfig:
     commands: CommandsConfig = field(default_factory=CommandsConfig)
 
 
-class _Table:
-    """One TOML table being validated: knows its key path for messages and which keys were consumed."""
-
-    def __init__(self, data: Mapping[str, Any], path: str, file: str, base_dir: Path) -> None:
-        self.data = data
-        self.path = path
-        self.file = file
-        self.base_dir = base_dir
-        self._seen: set[str] = set()
-
-    def key(self, name: str) -> str:
-        return f"{self.path}.{name}" if self.path else name
-
-    def error(self, name: str | None, problem: str) -> ConfigError:
-        where = self.key(name) if name else (self.path or "(top level)")
-        return ConfigError(f"{self.file}: {where}: {problem}")
-
-    def _raw(self, name: str, required: bool) -> Any:
-        self._seen.add(name)
-        if name not in self.data:
-            if required:
-                raise self.error(name, "is required but missing")
-            return None
-        return self.data[name]
-
-    def string(
-        self,
-        name: str,
-        default: str | None = None,
-        *,
-        required: bool = False,
-        choices: tuple[str, ...] | None = None,
-        pattern: re.Pattern[str] | None = None,
-        rule: str = "",
-    ) -> str | None:
-        value = self._raw(name, required)
-        if value is None:
-            return default
-        if not isinstance(value, str):
-            raise self.error(name, f"must be a string, got {_describe(value)}")
-        if choices is not None and value not in choices:
-            raise self.error(name, f"{value!r} is not allowed; allowed: {', '.join(choices)}")
-        if pattern is not None and not pattern.match(value):
-            raise self.error(name, f"{value!r} is not valid; expected {rule}")
-        if not value.strip():
-            raise self.error(name, "must not be empty")
-        return value
-
-    def number(
-        self,
-        name: str,
-        default: float,
-        *,
-        minimum: float | None = None,
-        maximum: float | None = None,
-        exclusive_minimum: bool = False,
-    ) -> float:
-        value = self._raw(name, False)
-        if value is None:
-            return default
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise self.error(name, f"must be a finite number, got {_describe(value)}")
-        self._check_range(name, value, minimum, maximum, exclusive_minimum)
-        return float(value)
-
-    def integer(self, name: str, default: int, *, minimum: int | None = None, maximum: int | None = None) -> int:
-        value = self._raw(name, False)
-        if value is None:
-            return default
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise self.error(name, f"must be an integer, got {_describe(value)}")
-        self._check_range(name, value, minimum, maximum, False)
-        return value
-
-    def boolean(self, name: str, default: bool) -> bool:
-        value = self._raw(name, False)
-        if value is None:
-            return default
-        if not isinstance(value, bool):
-            raise self.error(name, f"must be true or false, got {_describe(value)}")
-        return value
-
-    def path_value(self, name: str, default: Path | None = None, *, must_exist: bool = False) -> Path | None:
-        text = self.string(name)
-        if text is None:
-            return default
-        if "\x00" in text:
-            raise self.error(name, "must not contain a NUL byte (no file system accepts one in a path)")
-        resolved = _resolve(self.base_dir, text)
-        if must_exist:
-            try:
-                is_file = resolved.is_file()
-            except OSError as exc:  # e.g. ENAMETOOLONG: the name cannot be a file at all
-                raise self.error(name, f"cannot check {str(resolved)[:200]!r}: {exc.strerror}") from None
-            if not is_file:
-                raise self.error(name, f"file {str(resolved)!r} does not exist or is not a regular file")
-        return resolved
-
-    def table(self, name: str, *, required: bool = False) -> _Table | None:
-        value = self._raw(name, required)
-        if value is None:
-            return None
-        if not isinstance(value, Mapping):
-            raise self.error(name, f"must be a table, got {_describe(value)}")
-        return _Table(value, self.key(name), self.file, self.base_dir)
-
-    def secret(self, stem: str, *, required: bool = False) -> Secret | None:
-        """`<stem>_env` (environment variable name) or `<stem>_file` (path); the value never sits in the TOML."""
-        if stem in self.data:
-            self._seen.add(stem)
-            raise self.error(
-                stem,
-                f"secrets are not accepted inline; set {stem}_env (an environment variable "
-                f"name) or {stem}_file (a file holding only the secret)",
-            )
-        env_name = self.string(f"{stem}_env")
-        file_path = self.path_value(f"{stem}_file")
-        if env_name is not None and file_path is not None:
-            raise self.error(f"{stem}_env", f"give either {stem}_env or {stem}_file, not both")
-        if env_name is not None or file_path is not None:
-            try:
-                return load_secret(env=env_name, file=file_path)
-            except ConfigError as exc:
-                raise self.error(f"{stem}_env" if env_name is not None else f"{stem}_file", str(exc)) from None
-        if required:
-            raise self.error(None, f"needs {stem}_env or {stem}_file")
-        return None
-
-    def finish(self) -> None:
-        """Reject keys nobody asked for: almost always a typo."""
-        unknown = sorted(set(self.data) - self._seen)
-        if unknown:
-            name = unknown[0]
-            hint = difflib.get_close_matches(name, sorted(self._seen), n=1)
-            allowed = ", ".join(sorted(self._seen))
-            suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
-            raise self.error(name, f"unknown key{suggestion}; allowed here: {allowed}")
-
-    def _check_range(
-        self, name: str, value: float, minimum: float | None, maximum: float | None, exclusive_minimum: bool
-    ) -> None:
-        if minimum is not None and (value <= minimum if exclusive_minimum else value < minimum):
-            raise self.error(name, f"must be {'>' if exclusive_minimum else '>='} {minimum:g}, got {value!r}")
-        if maximum is not None and value > maximum:
-            raise self.error(name, f"must be <= {maximum:g}, got {value!r}")
-
-
 def load_secret(*, env: str | None = None, file: Path | None = None) -> Secret:
     """The value of environment variable `env`, or the contents of `file` without its final newline.
 
@@ -393,14 +242,26 @@ def load_secret(*, env: str | None = None, file: Path | None = None) -> Secret:
     return Secret(text, str(file))
 
 
-def _describe(value: Any) -> str:
-    kinds = {bool: "boolean", int: "integer", float: "number", str: "string", list: "array", dict: "table"}
-    return f"{value!r} ({kinds.get(type(value), type(value).__name__)})"
-
-
-def _resolve(base_dir: Path, text: str) -> Path:
-    path = Path(text).expanduser()
-    return Path(os.path.normpath(path if path.is_absolute() else base_dir / path))
+def _secret(table: ConfigTable, stem: str, *, required: bool = False) -> Secret | None:
+    """`<stem>_env` (environment variable name) or `<stem>_file` (path); the value never sits in the TOML."""
+    if stem in table.data:
+        raise table.error(
+            stem,
+            f"secrets are not accepted inline; set {stem}_env (an environment variable "
+            f"name) or {stem}_file (a file holding only the secret)",
+        )
+    env_name = table.string(f"{stem}_env")
+    file_path = table.path_value(f"{stem}_file")
+    if env_name is not None and file_path is not None:
+        raise table.error(f"{stem}_env", f"give either {stem}_env or {stem}_file, not both")
+    if env_name is not None or file_path is not None:
+        try:
+            return load_secret(env=env_name, file=file_path)
+        except ConfigError as exc:
+            raise table.error(f"{stem}_env" if env_name is not None else f"{stem}_file", str(exc)) from None
+    if required:
+        raise table.error(None, f"needs {stem}_env or {stem}_file")
+    return None
 
 
 def load_config(path: str | Path) -> LabConfig:
@@ -418,7 +279,7 @@ def load_audit_path(path: str | Path) -> Path:
     the trail (a QA officer, a cron job) needs no MQTT, InfluxDB or operator secrets for it.
     """
     file = Path(path)
-    root = _Table(_read_toml(file), "", str(file), file.resolve().parent)
+    root = ConfigTable(_read_toml(file), file=str(file), base_dir=file.resolve().parent)
     service = _parse_service(root.table("service"), root)
     return _parse_commands(root.table("commands")).resolved_audit_path(service.state_dir)
 
@@ -440,7 +301,7 @@ def parse_config(
     data: Mapping[str, Any], *, file: str = "<config>", base_dir: Path | None = None, source: Path | None = None
 ) -> LabConfig:
     """Validate an already-parsed TOML document (useful for configs built in code, e.g. the simulated lab)."""
-    root = _Table(data, "", file, base_dir or Path.cwd())
+    root = ConfigTable(data, file=file, base_dir=base_dir)
     site_table = root.table("site", required=True)
     assert site_table is not None
     site = site_table.string("name", required=True, pattern=_NAME, rule=_NAME_RULE)
@@ -459,7 +320,6 @@ def parse_config(
     operators = _parse_operators(root)
     commands = _parse_commands(root.table("commands"))
     root.finish()
-    assert site is not None
     return LabConfig(
         site=site,
         devices=devices,
@@ -475,22 +335,14 @@ def parse_config(
     )
 
 
-def _parse_operators(root: _Table) -> tuple[OperatorConfig, ...]:
-    raw = root._raw("operator", False)
-    if raw is None:
-        return ()
-    if not isinstance(raw, list):
-        raise root.error("operator", f"must be an array of tables ([[operator]]), got {_describe(raw)}")
+def _parse_operators(root: ConfigTable) -> tuple[OperatorConfig, ...]:
     operators: list[OperatorConfig] = []
-    for index, item in enumerate(raw):
-        if not isinstance(item, Mapping):
-            raise root.error(f"operator[{index}]", f"must be a table, got {_describe(item)}")
-        table = _Table(item, f"operator[{index}]", root.file, root.base_dir)
+    for table in root.tables("operator"):
         name = table.string("name", required=True, pattern=_NAME, rule=_NAME_RULE)
         role = table.string("role", required=True, choices=ROLES)
-        token = table.secret("token", required=True)
+        token = _secret(table, "token", required=True)
         table.finish()
-        assert name is not None and role is not None and token is not None
+        assert token is not None
         if len(token.reveal()) < MIN_TOKEN_CHARS:
             raise table.error(
                 "token_env" if token.origin.startswith("$") else "token_file",
@@ -510,7 +362,7 @@ def _parse_operators(root: _Table) -> tuple[OperatorConfig, ...]:
     return tuple(operators)
 
 
-def _parse_commands(table: _Table | None) -> CommandsConfig:
+def _parse_commands(table: ConfigTable | None) -> CommandsConfig:
     if table is None:
         return CommandsConfig()
     audit_path = table.path_value("audit_path")
@@ -526,18 +378,10 @@ def _parse_commands(table: _Table | None) -> CommandsConfig:
     return CommandsConfig(audit_path=audit_path, min_role=min_role)
 
 
-def _parse_devices(root: _Table) -> tuple[DeviceConfig, ...]:
-    raw = root._raw("device", False)
-    if raw is None:
-        return ()
-    if not isinstance(raw, list):
-        raise root.error("device", f"must be an array of tables ([[device]]), got {_describe(raw)}")
+def _parse_devices(root: ConfigTable) -> tuple[DeviceConfig, ...]:
     devices: list[DeviceConfig] = []
     names: set[str] = set()
-    for index, item in enumerate(raw):
-        if not isinstance(item, Mapping):
-            raise root.error(f"device[{index}]", f"must be a table, got {_describe(item)}")
-        table = _Table(item, f"device[{index}]", root.file, root.base_dir)
+    for table in root.tables("device"):
         device = _parse_device(table)
         if device.name in names:
             raise table.error("name", f"duplicate device name {device.name!r}; every device needs its own name")
@@ -546,12 +390,11 @@ def _parse_devices(root: _Table) -> tuple[DeviceConfig, ...]:
     return tuple(devices)
 
 
-def _parse_device(table: _Table) -> DeviceConfig:
+def _parse_device(table: ConfigTable) -> DeviceConfig:
     families = CALIBRATOR_FAMILIES + STATION_FAMILIES
     name = table.string("name", required=True, pattern=_NAME, rule=_NAME_RULE)
     station = table.string("station", required=True, pattern=_NAME, rule=_NAME_RULE)
     family = table.string("family", required=True, choices=families)
-    assert name is not None and station is not None and family is not None
     transport = _parse_transport(table, family)
     poll = table.number("poll_interval_s", 1.0 if family in STATION_FAMILIES else 2.0, minimum=0.0)
     timeout = table.number("timeout_s", 2.0, minimum=0.0, exclusive_minimum=True, maximum=300.0)
@@ -581,19 +424,11 @@ _RESERVED_DRIVER_ARGS = frozenset(
 )
 
 
-def _check_driver_options(options: _Table, family: str) -> None:
+def _check_driver_options(options: ConfigTable, family: str) -> None:
     """Options go to the driver's constructor unchanged: reject names it does not take, now, with the list."""
-    if family in CALIBRATOR_FAMILIES:
-        from hotlab.drivers.calibrator import CALIBRATOR_DRIVERS
-
-        driver: type = CALIBRATOR_DRIVERS[family]
-    else:
-        from hotlab.drivers.elution_station import ElutionStationDriver
-
-        driver = ElutionStationDriver
+    driver: type = CALIBRATOR_DRIVERS.get(family, ElutionStationDriver)  # the one station family
     parameters = inspect.signature(driver).parameters.values()
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
-        options._seen.update(options.data)
         return
     allowed = sorted(
         p.name
@@ -603,10 +438,9 @@ def _check_driver_options(options: _Table, family: str) -> None:
     for name in options.data:
         if name not in allowed:
             raise options.error(name, f"not an option of the {family} driver; allowed: {', '.join(allowed) or 'none'}")
-        options._seen.add(name)
 
 
-def _canonical_nuclide(table: _Table, text: str) -> str:
+def _canonical_nuclide(table: ConfigTable, text: str) -> str:
     from hotlab.physics.nuclides import UnknownNuclideError, get_nuclide
 
     try:
@@ -615,19 +449,16 @@ def _canonical_nuclide(table: _Table, text: str) -> str:
         raise table.error("nuclide", str(exc)) from None
 
 
-def _parse_transport(device: _Table, family: str) -> Transport:
-    raw = device._raw("transport", True)
+def _parse_transport(device: ConfigTable, family: str) -> Transport:
+    raw = device.value("transport", required=True)
     if family in CALIBRATOR_FAMILIES:
         if isinstance(raw, str):
             return SerialTransport(_serial_url(device, "transport", raw))
         if not isinstance(raw, Mapping):
-            raise device.error(
-                "transport", f"must be a serial URL string or a table {{ url = ... }}, got {_describe(raw)}"
-            )
+            raise device.wrong_type("transport", "a serial URL string or a table { url = ... }")
         table = device.table("transport")
         assert table is not None
         url = table.string("url", required=True)
-        assert url is not None
         table.finish()
         return SerialTransport(_serial_url(table, "url", url))
     if not isinstance(raw, Mapping):
@@ -641,16 +472,13 @@ def _parse_transport(device: _Table, family: str) -> Transport:
     mode = table.string("modbus", required=True, choices=("tcp", "rtu"))
     device_id = table.integer("device_id", 1, minimum=0, maximum=247)  # Modbus unit ids 1-247, 0 = broadcast
     word_order = table.string("word_order", "ABCD", choices=WORD_ORDERS)
-    assert word_order is not None
     result: Transport
     if mode == "tcp":
         host = table.string("host", required=True)
-        assert host is not None
         port = table.integer("port", 502, minimum=1, maximum=65535)
         result = ModbusTcpLink(host=host, port=port, device_id=device_id, word_order=word_order)
     else:
         url = table.string("url", required=True)
-        assert url is not None
         baudrate = table.integer("baudrate", 19200, minimum=300, maximum=921600)
         result = ModbusRtuLink(
             url=_serial_url(table, "url", url), baudrate=baudrate, device_id=device_id, word_order=word_order
@@ -659,7 +487,7 @@ def _parse_transport(device: _Table, family: str) -> Transport:
     return result
 
 
-def _serial_url(table: _Table, key: str, url: str) -> str:
+def _serial_url(table: ConfigTable, key: str, url: str) -> str:
     """Accept device paths and the network URL schemes pyserial supports for device servers."""
     if url.startswith("/") or re.fullmatch(r"COM\d+", url):
         return url
@@ -674,10 +502,10 @@ def _serial_url(table: _Table, key: str, url: str) -> str:
     raise table.error(key, f"{url!r} is not a serial URL; allowed: {allowed}")
 
 
-def _parse_outbox(table: _Table | None, root: _Table) -> OutboxConfig:
+def _parse_outbox(table: ConfigTable | None, root: ConfigTable) -> OutboxConfig:
     if table is None:
-        return OutboxConfig(path=_resolve(root.base_dir, "var/outbox.sqlite3"))
-    path = table.path_value("path", _resolve(root.base_dir, "var/outbox.sqlite3"))
+        return OutboxConfig(path=root.resolve("var/outbox.sqlite3"))
+    path = table.path_value("path", root.resolve("var/outbox.sqlite3"))
     assert path is not None
     max_bytes = table.integer("max_bytes", 256 * 1024 * 1024, minimum=64 * 1024)
     warn = table.number("warn_fraction", 0.8, minimum=0.0, maximum=1.0, exclusive_minimum=True)
@@ -685,21 +513,19 @@ def _parse_outbox(table: _Table | None, root: _Table) -> OutboxConfig:
     return OutboxConfig(path=path, max_bytes=max_bytes, warn_fraction=warn)
 
 
-def _parse_qc(table: _Table) -> dict[str, Any]:
+def _parse_qc(table: ConfigTable) -> dict[str, Any]:
     """The QC engine owns the [qc] schema; its errors already name the key (e.g. qc.sources.cs137.activity)."""
     from hotlab.controller.qc.engine import QcConfig
-    from hotlab.controller.qc.limits import QcConfigError
 
     try:
         QcConfig.from_mapping(table.data)
-    except QcConfigError as exc:
+    except ConfigError as exc:  # QcConfigError: the same class, its message starting at the key path
         raise ConfigError(f"{table.file}: {exc}") from None
-    table._seen.update(table.data)
     return dict(table.data)
 
 
-def _parse_history(table: _Table | None, root: _Table) -> Path | None:
-    default = _resolve(root.base_dir, "var/history.sqlite3")
+def _parse_history(table: ConfigTable | None, root: ConfigTable) -> Path | None:
+    default = root.resolve("var/history.sqlite3")
     if table is None:
         return default
     enabled = table.boolean("enabled", True)
@@ -708,17 +534,16 @@ def _parse_history(table: _Table | None, root: _Table) -> Path | None:
     return path if enabled else None
 
 
-def _parse_service(table: _Table | None, root: _Table) -> ServiceConfig:
+def _parse_service(table: ConfigTable | None, root: ConfigTable) -> ServiceConfig:
     if table is None:
-        return ServiceConfig(state_dir=_resolve(root.base_dir, "var"))
+        return ServiceConfig(state_dir=root.resolve("var"))
     drain = table.number("drain_timeout_s", 10.0, minimum=0.0, maximum=3600.0)
     status = table.number("status_interval_s", 60.0, minimum=1.0)
     initial = table.number("backoff_initial_s", 0.5, minimum=0.0, exclusive_minimum=True)
     maximum = table.number("backoff_max_s", 30.0, minimum=initial)
-    state_dir = table.path_value("state_dir", _resolve(root.base_dir, "var"))
+    state_dir = table.path_value("state_dir", root.resolve("var"))
     assert state_dir is not None
     event_loop = table.string("event_loop", DEFAULT_EVENT_LOOP, choices=EVENT_LOOPS)
-    assert event_loop is not None
     table.finish()
     return ServiceConfig(
         drain_timeout_s=drain,
@@ -730,7 +555,7 @@ def _parse_service(table: _Table | None, root: _Table) -> ServiceConfig:
     )
 
 
-def _parse_mqtt(table: _Table) -> MqttConfig:
+def _parse_mqtt(table: ConfigTable) -> MqttConfig:
     host = table.string("host", "127.0.0.1")
     port = table.integer("port", 1883, minimum=1, maximum=65535)
     client_id = table.string(
@@ -742,7 +567,7 @@ def _parse_mqtt(table: _Table) -> MqttConfig:
     # Mosquitto and MQTT 3.1.1 §3.1.2.10: keepalive is a 16-bit number of seconds; 0 would disable the Last Will timing.
     keepalive = table.integer("keepalive_s", 30, minimum=5, maximum=65535)
     username = table.string("username")
-    password = table.secret("password")
+    password = _secret(table, "password")
     if password is not None and username is None:
         raise table.error("username", "is required when a password is configured")
     window = table.integer("inflight_window", 128, minimum=1, maximum=1000)
@@ -750,7 +575,6 @@ def _parse_mqtt(table: _Table) -> MqttConfig:
     tls_table = table.table("tls")
     tls = _parse_tls(tls_table) if tls_table is not None else None
     table.finish()
-    assert host is not None and client_id is not None
     return MqttConfig(
         host=host,
         port=port,
@@ -764,7 +588,7 @@ def _parse_mqtt(table: _Table) -> MqttConfig:
     )
 
 
-def _parse_tls(table: _Table) -> TlsConfig:
+def _parse_tls(table: ConfigTable) -> TlsConfig:
     ca = table.path_value("ca_file", must_exist=True)
     cert = table.path_value("cert_file", must_exist=True)
     key = table.path_value("key_file", must_exist=True)
@@ -777,14 +601,11 @@ def _parse_tls(table: _Table) -> TlsConfig:
     return TlsConfig(ca_file=ca, cert_file=cert, key_file=key, insecure_skip_hostname_check=insecure)
 
 
-def _parse_influx(table: _Table) -> InfluxSection:
-    url = table.string("url", required=True)
-    assert url is not None
-    if not re.match(r"^https?://[^/\s]+", url):
-        raise table.error("url", f"{url!r} is not an http(s) URL, e.g. http://127.0.0.1:8086")
-    token = table.secret("token")
+def _parse_influx(table: ConfigTable) -> InfluxSection:
+    url = read_influx_url(table)
+    token = _secret(table, "token")
     username = table.string("username")
-    password = table.secret("password")
+    password = _secret(table, "password")
     if token is not None and (username is not None or password is not None):
         raise table.error(
             "token_env",
@@ -809,9 +630,7 @@ def _parse_influx(table: _Table) -> InfluxSection:
     org = table.string("org", "-" if database is not None else None)
     if org is None:
         raise table.error("org", 'is required with a bucket (InfluxDB 2.x/3.x); use "-" for InfluxDB 1.8')
-    batch = table.integer("batch_size", 1000, minimum=1, maximum=100_000)
-    flush = table.number("flush_interval_s", 1.0, minimum=0.0, exclusive_minimum=True)
-    timeout = table.number("timeout_s", 10.0, minimum=0.0, exclusive_minimum=True)
+    batch, flush, timeout = read_influx_batching(table)
     table.finish()
     return InfluxSection(
         url=url,
@@ -824,3 +643,29 @@ def _parse_influx(table: _Table) -> InfluxSection:
         flush_interval_s=flush,
         timeout_s=timeout,
     )
+
+
+def read_influx_url(table: ConfigTable) -> str:
+    """The required `url` of an InfluxDB table: http:// or https:// and a host.
+
+    Shared with `InfluxConfig.from_mapping` (controller/sinks/influx.py), so [influx] and the sink's
+    own settings accept the same URLs and say so in the same words.
+    """
+    url = table.string("url", required=True)
+    if not re.match(r"^https?://[^/\s]+", url):
+        raise table.error(
+            "url", f"{url!r} is not an http(s) URL; allowed: http:// or https:// and a host, e.g. http://127.0.0.1:8086"
+        )
+    return url
+
+
+def read_influx_batching(table: ConfigTable) -> tuple[int, float, float]:
+    """`batch_size`, `flush_interval_s` and `timeout_s` of an InfluxDB table, defaults filled in.
+
+    Shared with `InfluxConfig.from_mapping` for the same reason as `read_influx_url`: a batch the
+    lab config accepts must never be one the sink refuses at start-up.
+    """
+    batch = table.integer("batch_size", 1000, minimum=1, maximum=50_000)  # the bound docs/influxdb.md gives
+    flush = table.number("flush_interval_s", 1.0, minimum=0.0, exclusive_minimum=True)
+    timeout = table.number("timeout_s", 10.0, minimum=0.0, exclusive_minimum=True)
+    return batch, flush, timeout

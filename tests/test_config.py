@@ -7,12 +7,14 @@ from pathlib import Path
 import pytest
 
 from hotlab.controller.config import (
+    CALIBRATOR_FAMILIES,
     ConfigError,
     ModbusRtuTransport,
     ModbusTcpTransport,
     SerialTransport,
     load_config,
 )
+from hotlab.drivers.calibrator import CALIBRATOR_DRIVERS
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "lab.toml"
 
@@ -222,7 +224,18 @@ def test_influx_forms(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     neither = MINIMAL + '[influx]\nurl = "http://h:8086"\ntoken_env = "INFLUX_PW"\norg = "o"\n'
     assert "influx: needs bucket (InfluxDB 2.x/3.x) or database" in error_for(tmp_path, neither)
     bad_url = MINIMAL + '[influx]\nurl = "h:8086"\ntoken_env = "INFLUX_PW"\norg = "o"\nbucket = "b"\n'
-    assert "influx.url: 'h:8086' is not an http(s) URL" in error_for(tmp_path, bad_url)
+    assert "influx.url: 'h:8086' is not an http(s) URL; allowed: http:// or https:// and a host" in error_for(
+        tmp_path, bad_url
+    )
+
+
+def test_influx_batch_size_has_the_bound_the_sink_accepts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # [influx] once accepted up to 100000 while the sink refused more than 50000 at start-up.
+    monkeypatch.setenv("INFLUX_TOKEN", "t")
+    influx = MINIMAL + '[influx]\nurl = "http://h:8086"\ntoken_env = "INFLUX_TOKEN"\norg = "o"\nbucket = "b"\n'
+    assert load_config(write(tmp_path, influx + "batch_size = 50000\n")).influx is not None
+    message = error_for(tmp_path, influx + "batch_size = 80000\n")
+    assert message.endswith("influx.batch_size: must be <= 50000, got 80000")
 
 
 def test_tls_files_must_exist_and_pair(tmp_path: Path) -> None:
@@ -253,6 +266,26 @@ def test_qc_section_is_validated_by_the_qc_engine(tmp_path: Path) -> None:
     bad = MINIMAL + '[qc.devices.cal-1]\ncheck_source = "nope"\n'
     message = error_for(tmp_path, bad)
     assert "qc.devices.cal-1.check_source: no source 'nope'" in message
+
+
+def test_qc_limit_errors_name_the_file_and_the_key_path(tmp_path: Path) -> None:
+    path = write(tmp_path, MINIMAL + '[qc.limits.constancy]\nwarn = "five"\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == f"{path}: qc.limits.constancy.warn: must be a finite number, got 'five' (string)"
+    message = error_for(tmp_path, MINIMAL + "[qc.limits.constancyy]\nwarn = 1.0\n")
+    assert f"{tmp_path / 'lab.toml'}: qc.limits.constancyy: unknown test (did you mean 'constancy'?)" in message
+
+
+@pytest.mark.parametrize("family", list(CALIBRATOR_DRIVERS))
+def test_every_registered_calibrator_family_can_be_configured(tmp_path: Path, family: str) -> None:
+    config = load_config(write(tmp_path, MINIMAL.replace('"vik202"', f'"{family}"')))
+    assert config.devices[0].family == family and not config.devices[0].is_station
+
+
+def test_calibrator_families_are_the_driver_registry() -> None:
+    # One source of truth: a driver added to the registry is a family a config may name, in registry order.
+    assert CALIBRATOR_FAMILIES == tuple(CALIBRATOR_DRIVERS)
 
 
 def test_audit_path_is_read_without_the_services_secrets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -122,18 +122,27 @@ def test_config_from_mapping_accepts_the_1_8_compatibility_form() -> None:
 @pytest.mark.parametrize(
     ("settings_", "complaint"),
     [
-        ({"url": "http://x", "token": "t", "org": "o"}, "missing influx setting.*bucket"),
+        ({"url": "http://x", "token": "t", "org": "o"}, r"^influx\.bucket: is required but missing$"),
         (
             {"url": "http://x", "token": "t", "org": "o", "bucket": "b", "batchsize": 5},
-            "unknown influx setting.*batchsize",
+            r"^influx\.batchsize: unknown key \(did you mean 'batch_size'\?\)",
         ),
         ({"url": "x:8086", "token": "t", "org": "o", "bucket": "b"}, "http:// or https://"),
-        ({"url": "http://x", "token": "t", "org": "o", "bucket": "b", "timeout_s": 0}, "timeout_s must be > 0"),
-        ({"url": "http://x", "token": "t", "org": "o", "bucket": "b", "batch_size": "many"}, "must be a number"),
-        ({"url": "http://x", "token": 5, "org": "o", "bucket": "b"}, "token must be a string"),
+        (
+            {"url": "http://x", "token": "t", "org": "o", "bucket": "b", "timeout_s": 0},
+            r"^influx\.timeout_s: must be > 0, got 0$",
+        ),
+        (
+            {"url": "http://x", "token": "t", "org": "o", "bucket": "b", "batch_size": "many"},
+            r"^influx\.batch_size: must be an integer, got 'many' \(string\)$",
+        ),
+        (
+            {"url": "http://x", "token": 5, "org": "o", "bucket": "b"},
+            r"^influx\.token: must be a string, got 5 \(integer\)$",
+        ),
         (
             {"url": "http://x", "token": "t", "org": "o", "bucket": "b", "batch_size": 2.5},
-            "batch_size must be an integer",
+            r"^influx\.batch_size: must be an integer, got 2\.5 \(number\)$",
         ),
     ],
 )

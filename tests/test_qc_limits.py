@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from hotlab.controller.config_table import ConfigError, ConfigTable
 from hotlab.controller.qc.limits import DEFAULT_LIMITS, Limit, LimitKind, QcConfigError, load_limits
+from hotlab.errors import InputError
 
 
 def test_every_default_names_its_source() -> None:
@@ -75,19 +79,84 @@ def test_override_with_own_source() -> None:
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"constancyy": {"warn": 1.0}}, "unknown test 'constancyy'"),
-        ({"constancy": {"wran": 1.0}}, "unknown key(s) ['wran']"),
-        ({"constancy": {"warn": "five"}}, "must be a number"),
-        ({"constancy": {"warn": 12.0}}, "warn level 12.0 must be at or below the fail level 10.0"),
-        ({"elution_yield_ga68": {"warn": 50.0}}, "must be at or above the fail level"),
-        ({"ga68_half_life": {"low": 80.0}}, "low < high"),
-        ({"constancy": 5}, "must be a table"),
+        (
+            {"constancyy": {"warn": 1.0}},
+            "qc.limits.constancyy: unknown test (did you mean 'constancy'?); allowed here: ",
+        ),
+        ({"constancy": {"wran": 1.0}}, "qc.limits.constancy.wran: unknown key (did you mean 'warn'?)"),
+        ({"constancy": {"warn": "five"}}, "qc.limits.constancy.warn: must be a finite number, got 'five' (string)"),
+        (
+            {"constancy": {"warn": 12.0}},
+            "qc.limits.constancy: warn level 12.0 must be at or below the fail level 10.0 for a tolerance",
+        ),
+        (
+            {"elution_yield_ga68": {"warn": 50.0}},
+            "qc.limits.elution_yield_ga68: warn level 50.0 must be at or above the fail level 60.0",
+        ),
+        ({"ga68_half_life": {"low": 80.0}}, "qc.limits.ga68_half_life: a range limit needs low < high"),
+        ({"constancy": 5}, "qc.limits.constancy: must be a table, got 5 (integer)"),
     ],
 )
 def test_bad_overrides_are_rejected_clearly(overrides: dict, message: str) -> None:
     with pytest.raises(QcConfigError) as info:
         load_limits(overrides)
-    assert message in str(info.value)
+    assert str(info.value).startswith(message)
+
+
+def test_an_unknown_test_error_lists_every_known_test() -> None:
+    with pytest.raises(QcConfigError) as info:
+        load_limits({"constancyy": {"warn": 1.0}})
+    assert str(info.value).endswith("allowed here: " + ", ".join(sorted(DEFAULT_LIMITS)))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            {"ga68_half_life": {"warn": 63.0}},
+            "qc.limits.ga68_half_life.warn: unknown key; allowed here: high, low, source",
+        ),
+        ({"constancy": {"low": 1.0}}, "qc.limits.constancy.low: unknown key; allowed here: fail, source, warn"),
+    ],
+)
+def test_only_the_levels_a_limit_judges_by_are_accepted(overrides: dict, message: str) -> None:
+    # A warn level on a range (or bounds on a tolerance) used to be ignored without a word.
+    with pytest.raises(QcConfigError) as info:
+        load_limits(overrides)
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (math.nan, "qc.limits.dosage.fail: must be a finite number, got nan (number)"),
+        (math.inf, "qc.limits.dosage.fail: must be a finite number, got inf (number)"),
+        (True, "qc.limits.dosage.fail: must be a finite number, got True (boolean)"),
+    ],
+)
+def test_a_level_must_be_a_finite_number(value: object, message: str) -> None:
+    with pytest.raises(QcConfigError) as info:
+        load_limits({"dosage": {"fail": value}})
+    assert str(info.value) == message
+
+
+def test_a_source_must_be_text_that_says_something() -> None:
+    with pytest.raises(QcConfigError, match=r"^qc\.limits\.dosage\.source: must be a string, got 12 \(integer\)$"):
+        load_limits({"dosage": {"source": 12}})
+    with pytest.raises(QcConfigError, match=r"^qc\.limits\.dosage\.source: must not be empty$"):
+        load_limits({"dosage": {"source": " "}})
+
+
+def test_a_table_read_from_a_file_names_the_file() -> None:
+    table = ConfigTable({"constancy": {"warn": "five"}}, "qc.limits", file="site.toml")
+    with pytest.raises(QcConfigError) as info:
+        load_limits(table)
+    assert str(info.value) == "site.toml: qc.limits.constancy.warn: must be a finite number, got 'five' (string)"
+
+
+def test_limit_errors_are_config_errors_with_exit_code_2() -> None:
+    assert QcConfigError is ConfigError and issubclass(QcConfigError, InputError)
+    assert QcConfigError.exit_code == 2
 
 
 def test_limit_text_and_numbers() -> None:

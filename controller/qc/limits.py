@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any, Literal
 
-from hotlab.errors import InputError
+from hotlab.controller.config_table import ConfigError, ConfigTable
 
 Verdict = Literal["pass", "warn", "fail"]
 VERDICTS: tuple[Verdict, ...] = ("pass", "warn", "fail")
@@ -28,8 +28,9 @@ VERDICTS: tuple[Verdict, ...] = ("pass", "warn", "fail")
 _BOUNDARY_SLACK = 1e-9
 
 
-class QcConfigError(InputError):
-    """A limit or QC configuration value that is missing, of the wrong type or inconsistent."""
+#: A limit or QC configuration value that is missing, of the wrong type or inconsistent: the one
+#: config error, so that [qc] problems read (and are caught) like every other config problem.
+QcConfigError = ConfigError
 
 
 class LimitKind(StrEnum):
@@ -263,41 +264,36 @@ DEFAULT_LIMITS: dict[str, Limit] = {
 #: Which yield limit applies to a generator, by daughter nuclide (canonical names).
 YIELD_LIMIT_BY_DAUGHTER: dict[str, str] = {"Ga-68": "elution_yield_ga68", "Tc-99m": "elution_yield_tc99m"}
 
-_OVERRIDE_KEYS = {"warn", "fail", "low", "high", "source"}
 
+def load_limits(overrides: ConfigTable | Mapping[str, Any] | None = None) -> dict[str, Limit]:
+    """The default limits with a site's overrides applied; unknown tests or keys are errors naming the key path.
 
-def _number(test: str, key: str, value: Any) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise QcConfigError(f"qc.limits.{test}.{key} must be a number, got {value!r}")
-    return float(value)
-
-
-def _override(test: str, default: Limit, table: Any) -> Limit:
-    if not isinstance(table, Mapping):
-        raise QcConfigError(f"qc.limits.{test} must be a table of warn/fail/low/high/source, got {table!r}")
-    unknown = set(table) - _OVERRIDE_KEYS
-    if unknown:
-        raise QcConfigError(f"qc.limits.{test}: unknown key(s) {sorted(unknown)}; allowed: {sorted(_OVERRIDE_KEYS)}")
-    changes: dict[str, Any] = {
-        key: _number(test, key, table[key]) for key in ("warn", "fail", "low", "high") if key in table
-    }
-    source = table.get("source")
-    if source is not None and not isinstance(source, str):
-        raise QcConfigError(f"qc.limits.{test}.source must be text, got {source!r}")
-    changes["source"] = source or f"site configuration (default: {default.source})"
-    try:
-        return replace(default, **changes)
-    except QcConfigError as exc:
-        raise QcConfigError(f"qc.limits.{test}: {exc}") from None
-
-
-def load_limits(overrides: Mapping[str, Any] | None = None) -> dict[str, Limit]:
-    """The default limits with a site's overrides applied; unknown tests or keys are errors."""
-    limits = dict(DEFAULT_LIMITS)
-    for test, table in (overrides or {}).items():
-        if test not in DEFAULT_LIMITS:
-            raise QcConfigError(f"qc.limits: unknown test {test!r}; known: {', '.join(sorted(DEFAULT_LIMITS))}")
-        limits[test] = _override(test, DEFAULT_LIMITS[test], table)
+    `overrides` is the [qc.limits] table: a ConfigTable from a caller that knows the file (its errors
+    then name it), or the mapping itself, whose errors start at `qc.limits`.
+    """
+    table = overrides if isinstance(overrides, ConfigTable) else ConfigTable(overrides or {}, "qc.limits")
+    limits: dict[str, Limit] = {}
+    for test, default in DEFAULT_LIMITS.items():
+        override = table.table(test)
+        limits[test] = default if override is None else _override(default, override)
+    table.finish("test")
     return limits
+
+
+def _override(default: Limit, table: ConfigTable) -> Limit:
+    """`default` with a site's numbers and source; only the levels its kind judges by are accepted.
+
+    A range has no warn/fail levels and the other kinds no low/high bounds, so such a key would be
+    silently ignored: it is refused like any other unknown key instead.
+    """
+    warn, fail, low, high = default.warn, default.fail, default.low, default.high
+    if default.kind is LimitKind.RANGE:
+        low, high = table.number("low", low), table.number("high", high)
+    else:
+        warn, fail = table.number("warn", warn), table.number("fail", fail)
+    source = table.string("source", f"site configuration (default: {default.source})")
+    table.finish()
+    try:
+        return replace(default, warn=warn, fail=fail, low=low, high=high, source=source)
+    except QcConfigError as exc:  # the levels are each valid but do not fit together
+        raise table.error(None, str(exc)) from None

@@ -36,7 +36,7 @@ import sqlite3
 from collections import deque
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import urllib3
@@ -44,9 +44,11 @@ from influxdb_client import InfluxDBClient, WritePrecision
 from influxdb_client.client.write_api import SYNCHRONOUS
 from influxdb_client.rest import ApiException
 
+from hotlab.backoff import Backoff
+from hotlab.controller.config import read_influx_batching, read_influx_url
+from hotlab.controller.config_table import ConfigError, ConfigTable
 from hotlab.controller.outbox import AsyncOutbox, StoredMessage
 from hotlab.controller.sinks.influx_points import PointError, message_to_line
-from hotlab.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +58,21 @@ SINK_NAME = "influx"
 _DATA_REJECTED = frozenset({400, 413, 422})
 
 
-class InfluxConfigError(InputError):
-    """The [influx] settings are missing, misspelt or out of range; the message says which."""
+#: The [influx] settings are missing, misspelt or out of range: the one config error, so that these
+#: problems read (and are caught) like every other config problem.
+InfluxConfigError = ConfigError
+
+#: The project's retry policy when the settings name none: 0.5 s doubling to 30 s.
+_DEFAULT_RETRY = Backoff()
 
 
 @dataclass(frozen=True, slots=True)
 class InfluxConfig:
-    """Where and how to write. For InfluxDB 1.8+ use token "user:password", org "-", bucket "db/rp"."""
+    """Where and how to write. For InfluxDB 1.8+ use token "user:password", org "-", bucket "db/rp".
+
+    The values are checked where they are read, once: [influx] by controller/config.py, a table in
+    the sink's own terms by `from_mapping`, with the same rules for the keys the two share.
+    """
 
     url: str
     token: str = field(repr=False)
@@ -71,54 +81,32 @@ class InfluxConfig:
     batch_size: int = 1000
     flush_interval_s: float = 1.0
     timeout_s: float = 10.0
-    retry_initial_s: float = 0.5
-    retry_max_s: float = 30.0
-
-    def __post_init__(self) -> None:
-        if not self.url.startswith(("http://", "https://")):
-            raise InfluxConfigError(f"influx url must start with http:// or https://, got {self.url!r}")
-        for name in ("org", "bucket"):
-            if not getattr(self, name):
-                raise InfluxConfigError(f"influx {name} must not be empty (InfluxDB 1.8: org '-', bucket 'db/rp')")
-        if not 1 <= self.batch_size <= 50_000:
-            raise InfluxConfigError(f"influx batch_size must be 1..50000, got {self.batch_size}")
-        for name in ("flush_interval_s", "timeout_s", "retry_initial_s", "retry_max_s"):
-            if not getattr(self, name) > 0:
-                raise InfluxConfigError(f"influx {name} must be > 0, got {getattr(self, name)}")
-        if self.retry_max_s < self.retry_initial_s:
-            raise InfluxConfigError("influx retry_max_s must be >= retry_initial_s")
+    retry_initial_s: float = _DEFAULT_RETRY.initial_s
+    retry_max_s: float = _DEFAULT_RETRY.max_s
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> InfluxConfig:
-        """Build from a parsed TOML table, naming any unknown or missing key."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise InfluxConfigError(
-                f"unknown influx setting(s) {', '.join(unknown)}; allowed: {', '.join(sorted(known))}"
-            )
-        missing = [name for name in ("url", "token", "org", "bucket") if name not in data]
-        if missing:
-            raise InfluxConfigError(f"missing influx setting(s): {', '.join(missing)}")
-        texts: dict[str, Any] = {name: _text(name, data[name]) for name in ("url", "token", "org", "bucket")}
-        numbers = {name: _number(name, value) for name, value in data.items() if name not in texts}
-        return cls(**texts, **numbers)
-
-
-def _text(name: str, value: Any) -> str:
-    if not isinstance(value, str):
-        raise InfluxConfigError(f"influx {name} must be a string, got {value!r}")
-    return value
-
-
-def _number(name: str, value: Any) -> Any:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InfluxConfigError(f"influx {name} must be a number, got {value!r}")
-    if name == "batch_size":
-        if not isinstance(value, int):
-            raise InfluxConfigError(f"influx batch_size must be an integer, got {value!r}")
-        return value
-    return float(value)
+        """Build from a table holding the token itself (tests, tools); errors name the key as `influx.<key>`."""
+        table = ConfigTable(data, "influx")
+        url = read_influx_url(table)
+        token = table.string("token", required=True)
+        org = table.string("org", required=True)
+        bucket = table.string("bucket", required=True)
+        batch_size, flush_interval_s, timeout_s = read_influx_batching(table)
+        retry_initial_s = table.number("retry_initial_s", _DEFAULT_RETRY.initial_s, minimum=0.0, exclusive_minimum=True)
+        retry_max_s = table.number("retry_max_s", _DEFAULT_RETRY.max_s, minimum=retry_initial_s)
+        table.finish()
+        return cls(
+            url=url,
+            token=token,
+            org=org,
+            bucket=bucket,
+            batch_size=batch_size,
+            flush_interval_s=flush_interval_s,
+            timeout_s=timeout_s,
+            retry_initial_s=retry_initial_s,
+            retry_max_s=retry_max_s,
+        )
 
 
 @dataclass(slots=True)
@@ -154,9 +142,18 @@ class InfluxSink:
     A sink runs once: `run()` closes its client on the way out, so build a new sink to run again.
     """
 
-    def __init__(self, config: InfluxConfig, outbox: AsyncOutbox, *, sink_name: str = SINK_NAME) -> None:
+    def __init__(
+        self,
+        config: InfluxConfig,
+        outbox: AsyncOutbox,
+        *,
+        sink_name: str = SINK_NAME,
+        rng: random.Random | None = None,
+    ) -> None:
         self.config = config
         self.stats = SinkStats()
+        self._retry = Backoff(config.retry_initial_s, config.retry_max_s)
+        self._rng = rng
         self._outbox = outbox
         self._sink_name = sink_name
         self._stopping = asyncio.Event()
@@ -283,11 +280,14 @@ class InfluxSink:
             raise _Transient(f"{type(exc).__name__}: {exc}") from None
 
     def _backoff(self, attempt: int, retry_after_s: float | None) -> float:
-        """Exponential backoff with jitter (spreads reconnects of many controllers), capped."""
-        ceiling = min(self.config.retry_max_s, self.config.retry_initial_s * 2 ** min(attempt, 30))
-        delay = random.uniform(ceiling / 2, ceiling)
+        """The project's backoff (hotlab.backoff), but never sooner than the server's Retry-After.
+
+        The floor is capped at retry_max_s: a server asking for an hour must not stall the lab's
+        backlog for an hour when the configured cap says how long a wait may be.
+        """
+        delay = self._retry.delay(attempt, self._rng)
         if retry_after_s is not None:
-            delay = max(delay, min(retry_after_s, self.config.retry_max_s))
+            delay = max(delay, min(retry_after_s, self._retry.max_s))
         return delay
 
     async def _sleep(self, seconds: float) -> bool:
