@@ -102,6 +102,18 @@ Deliver = Callable[[Sequence[Item]], Awaitable[None]]
 ReportStatus = Callable[[DeviceState], Awaitable[None]]
 
 
+class _ErrorRun(Exception):
+    """`max_consecutive_errors` failed reads in a row: the link is reopened. Already counted."""
+
+    def __init__(self, last: DriverError, count: int) -> None:
+        self.detail = f"{type(last).__name__}: {last}"
+        super().__init__(f"{self.detail} ({count} in a row)")
+
+
+#: The shortest time between two statuses that only carry a grown error count.
+ERROR_STATUS_MIN_S = 0.2
+
+
 class DeviceSupervisor:
     def __init__(
         self,
@@ -136,6 +148,7 @@ class DeviceSupervisor:
         self._watchdog = SharedDeadlines()  # one timer for the watchdog of every poll (drivers/deadlines.py)
         self._rng = rng or random.Random()
         self.errors = 0
+        self._reported_errors = 0
         self.reads = 0
         self.up = False
         self.latency_ms: float | None = None
@@ -168,6 +181,9 @@ class DeviceSupervisor:
                     return
                 except asyncio.CancelledError:
                     raise
+                except _ErrorRun as run:  # counted and described by the read loop
+                    log.warning("device %s: %s; reconnecting", self.device, run)
+                    await self._set_down(run.detail)
                 except DriverError as exc:
                     self.errors += 1
                     log.warning("device %s: %s: %s; reconnecting", self.device, type(exc).__name__, exc)
@@ -198,10 +214,10 @@ class DeviceSupervisor:
                 raise
             except DriverError as exc:
                 consecutive += 1
-                log.warning("device %s: %s: %s (%d in a row)", self.device, type(exc).__name__, exc, consecutive)
-                if consecutive >= self.max_consecutive_errors:
-                    raise  # counted by run(), which reconnects
                 self.errors += 1
+                if consecutive >= self.max_consecutive_errors:
+                    raise _ErrorRun(exc, consecutive) from exc  # run() logs it once and reconnects
+                log.warning("device %s: %s: %s (%d in a row)", self.device, type(exc).__name__, exc, consecutive)
                 await self._report(detail=f"{type(exc).__name__}: {exc}")
                 await self._pause(started)
                 continue
@@ -376,10 +392,16 @@ class DeviceSupervisor:
         await self._sleep(self.poll_interval_s - (time.monotonic() - started))
 
     async def _report(self, *, detail: str, force: bool = False) -> None:
+        """Publish the device's status: when forced, when the interval has passed, or when the error
+        count has grown since the last status (at most every ERROR_STATUS_MIN_S), so a dashboard
+        sees each failure while a device stays down instead of once per interval."""
         now = time.monotonic()
-        if not force and now - self._last_status_at < self.status_interval_s:
+        since = now - self._last_status_at
+        new_errors = self.errors != self._reported_errors and since >= ERROR_STATUS_MIN_S
+        if not (force or new_errors or since >= self.status_interval_s):
             return
         self._last_status_at = now
+        self._reported_errors = self.errors
         state = DeviceState(self.device, self.up, self.latency_ms, self.errors, detail)
         try:
             await self._report_status(state)

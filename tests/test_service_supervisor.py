@@ -554,3 +554,45 @@ async def test_cancelling_a_failing_commit_names_what_was_lost(caplog: pytest.Lo
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
     assert "NOT COMMITTED (cancelled before the commit succeeded)" in caplog.text
+
+
+async def test_each_failed_read_is_logged_once_and_counted_once(caplog: pytest.LogCaptureFixture) -> None:
+    """The frame error that forces a reconnect used to be logged by the read loop and again by run()."""
+    bad = FrameError("garbage", b"\x00\xff")
+    source = ScriptedSource("cal", [bad, bad, bad, 1])
+    recorder = Recorder()
+    supervisor = supervise(source, recorder)
+    with caplog.at_level(logging.WARNING, logger="hotlab.controller.supervisor"):
+        task = asyncio.create_task(supervisor.run())
+        await recorder.until(lambda: len(recorder.items) >= 1)
+        supervisor.stop()
+        await asyncio.wait_for(task, 5)
+    frame_lines = [
+        r.getMessage() for r in caplog.records if "FrameError" in r.getMessage() and "offline" not in r.getMessage()
+    ]
+    assert len(frame_lines) == 3, frame_lines
+    assert supervisor.errors == 3
+    assert "3 in a row" in frame_lines[-1] and "reconnecting" in frame_lines[-1]
+
+
+async def test_the_status_counts_every_error_while_the_device_stays_down() -> None:
+    """While a device cannot be reached, each failed attempt shows in its status, not once a minute."""
+    source = ScriptedSource("cal", [])
+    attempts = 0
+
+    async def refuse() -> None:
+        nonlocal attempts
+        attempts += 1
+        raise DeviceDisconnected("no route to the device server")
+
+    source.connect = refuse  # type: ignore[method-assign]
+    recorder = Recorder()
+    supervisor = supervise(source, recorder, status_interval_s=60.0, backoff=Backoff(0.3, 0.3))
+    task = asyncio.create_task(supervisor.run())
+    await recorder.until(lambda: attempts >= 4)
+    await asyncio.sleep(0.05)
+    supervisor.stop()
+    await asyncio.wait_for(task, 5)
+    assert supervisor.errors == attempts
+    assert recorder.states[-1].errors >= attempts - 1  # at most the attempt in flight is not yet reported
+    assert len(recorder.states) <= attempts + 1  # bounded: one status per failed attempt, not a flood
