@@ -514,13 +514,10 @@ def _parse_outbox(table: ConfigTable | None, root: ConfigTable) -> OutboxConfig:
 
 
 def _parse_qc(table: ConfigTable) -> dict[str, Any]:
-    """The QC engine owns the [qc] schema; its errors already name the key (e.g. qc.sources.cs137.activity)."""
+    """The QC engine owns the [qc] schema (controller/qc/engine.py) and reads it with the same table."""
     from hotlab.controller.qc.engine import QcConfig
 
-    try:
-        QcConfig.from_mapping(table.data)
-    except ConfigError as exc:  # QcConfigError: the same class, its message starting at the key path
-        raise ConfigError(f"{table.file}: {exc}") from None
+    QcConfig.from_table(table)
     return dict(table.data)
 
 

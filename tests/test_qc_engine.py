@@ -230,7 +230,7 @@ def test_elution_of_unconfigured_generator_is_passed_through(engine: QcEngine) -
 @pytest.mark.parametrize(
     ("toml_text", "message"),
     [
-        ("[sources.X]\nnuclide='Cs-137'\nactivity='7.4 MBq'", "qc.sources.X.reference_time is required"),
+        ("[sources.X]\nnuclide='Cs-137'\nactivity='7.4 MBq'", "qc.sources.X.reference_time: is required but missing"),
         (
             "[sources.X]\nnuclide='Cs-999'\nactivity='7.4 MBq'\nreference_time=2020-01-01T00:00:00Z",
             "not in the library",
@@ -243,15 +243,19 @@ def test_elution_of_unconfigured_generator_is_passed_through(engine: QcEngine) -
         ("[devices.calib1]\ncheck_source='Y'", "no source 'Y' under [qc.sources]"),
         (
             "[generators.G]\nparent='Cs-137'\nactivity='1 GBq'\ncalibration_time=2020-01-01T00:00:00Z",
-            "qc.generators.G: no elution-yield limit for daughter 'Ba-137m' of Cs-137",
+            "qc.generators.G.parent: no elution-yield limit for daughter 'Ba-137m' of Cs-137",
         ),
         (
             "[sources.X]\nnuclide='Cs-137'\nactivity='7 MBq'\nreference_time=2020-01-01T00:00:00Z\nuncertainty_pct='3'",
-            "qc.sources.X.uncertainty_pct must be a number",
+            "qc.sources.X.uncertainty_pct: must be a finite number, got '3' (string)",
         ),
-        ("trend_min_points = 2", "trend_min_points must be an integer >= 3"),
-        ("mo99_judge_horizon_h = -1", "mo99_judge_horizon_h must be a number of hours from 0 to 72"),
-        ("colour = 'red'", "unknown key(s) ['colour']"),
+        ("trend_min_points = 2", "qc.trend_min_points: must be >= 3, got 2"),
+        ("mo99_judge_horizon_h = -1", "qc.mo99_judge_horizon_h: must be >= 0, got -1"),
+        ("colour = 'red'", "qc.colour: unknown key"),
+        (  # the parent's key path was missing from this message (issue 16)
+            "[generators.G]\nparent='Zz-99'\nactivity='1 GBq'\ncalibration_time=2020-01-01T00:00:00Z",
+            "qc.generators.G.parent: cannot read nuclide name 'Zz-99'",
+        ),
     ],
 )
 def test_bad_config_is_rejected_clearly(toml_text: str, message: str) -> None:

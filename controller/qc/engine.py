@@ -40,6 +40,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from hotlab.controller.config_table import ConfigTable
 from hotlab.controller.messages import Message
 from hotlab.controller.qc import calibrator_rules, dosage, generator_rules
 from hotlab.controller.qc.calibrator_rules import ReferenceSource
@@ -50,9 +51,9 @@ from hotlab.controller.qc.generator_rules import (
     available_activity,
     generator_pair,
 )
-from hotlab.controller.qc.limits import YIELD_LIMIT_BY_DAUGHTER, Limit, QcConfigError, load_limits
+from hotlab.controller.qc.limits import YIELD_LIMIT_BY_DAUGHTER, Limit, load_limits
 from hotlab.controller.qc.result import QcInputError, QcResult
-from hotlab.physics.nuclides import UnknownNuclideError, get_nuclide
+from hotlab.physics.nuclides import Nuclide, UnknownNuclideError, get_nuclide
 from hotlab.physics.units import UnitError, parse_activity
 from hotlab.physics.utc_time import parse_utc_ns
 
@@ -96,22 +97,38 @@ def parse_activity_bq(value: Any, what: str, *, allow_zero: bool = False) -> flo
     return bq
 
 
-def _table(data: Any, path: str) -> Mapping[str, Any]:
-    if not isinstance(data, Mapping):
-        raise QcConfigError(f"{path} must be a table, got {data!r}")
-    return data
+def _activity(table: ConfigTable, name: str) -> float:
+    try:
+        return parse_activity_bq(table.value(name, required=True), "")
+    except QcInputError as exc:
+        raise table.error(name, str(exc).removeprefix(": ")) from None
 
 
-def _only(table: Mapping[str, Any], path: str, allowed: set[str]) -> None:
-    unknown = set(table) - allowed
-    if unknown:
-        raise QcConfigError(f"{path}: unknown key(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
+def _time(table: ConfigTable, name: str, *, required: bool = True) -> int | None:
+    value = table.value(name, required=required)
+    if value is None:
+        return None
+    try:
+        return parse_time_ns(value, "")
+    except QcInputError as exc:
+        raise table.error(name, str(exc).removeprefix(": ")) from None
 
 
-def _required(table: Mapping[str, Any], path: str, key: str) -> Any:
-    if key not in table:
-        raise QcConfigError(f"{path}.{key} is required")
-    return table[key]
+def _nuclide(table: ConfigTable, name: str) -> Nuclide:
+    text = table.string(name, required=True)
+    try:
+        return get_nuclide(text)
+    except UnknownNuclideError as exc:
+        raise table.error(name, str(exc)) from None
+
+
+def _entries(root: ConfigTable, name: str) -> list[tuple[str, ConfigTable]]:
+    """The sub-tables of `[qc.<name>]`, keyed by id (a source, device or generator), each checked as a table."""
+    group = root.table(name)
+    if group is None:
+        return []
+    entries = [(key, group.table(key, required=True)) for key in group.data]
+    return [(key, table) for key, table in entries if table is not None]
 
 
 def _field(extra: Mapping[str, Any], key: str, tag: str) -> Any:
@@ -137,99 +154,77 @@ class QcConfig:
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any] | None) -> QcConfig:
-        """Validate a ``[qc]`` TOML table (see docs/qc.md); every problem is a QcConfigError naming the key."""
-        root = _table(data or {}, "qc")
-        _only(
-            root,
-            "qc",
-            {
-                "limits",
-                "sources",
-                "devices",
-                "generators",
-                "trend_horizon_days",
-                "trend_min_points",
-                "trend_min_span_days",
-                "mo99_judge_horizon_h",
-            },
-        )
-        try:
-            return cls._parse(root)
-        except (QcInputError, UnknownNuclideError) as exc:
-            raise QcConfigError(str(exc)) from None
+        """Validate a ``[qc]`` table built in code (no file); see `from_table`."""
+        return cls.from_table(ConfigTable(data or {}, "qc"))
 
     @classmethod
-    def _parse(cls, root: Mapping[str, Any]) -> QcConfig:
-        limits = load_limits(_table(root.get("limits", {}), "qc.limits"))
+    def from_table(cls, root: ConfigTable) -> QcConfig:
+        """Validate a ``[qc]`` TOML table (see docs/qc.md); every problem is a ConfigError naming the key."""
+        limits_table = root.table("limits")
+        limits = load_limits(limits_table) if limits_table is not None else load_limits()
         sources: dict[str, ReferenceSource] = {}
-        for source_id, raw in _table(root.get("sources", {}), "qc.sources").items():
-            path = f"qc.sources.{source_id}"
-            table = _table(raw, path)
-            _only(table, path, {"nuclide", "activity", "reference_time", "certificate", "uncertainty_pct"})
-            uncertainty = table.get("uncertainty_pct")
-            if uncertainty is not None and (isinstance(uncertainty, bool) or not isinstance(uncertainty, (int, float))):
-                raise QcConfigError(f"{path}.uncertainty_pct must be a number, got {uncertainty!r}")
+        for source_id, table in _entries(root, "sources"):
+            uncertainty = table.number("uncertainty_pct", None, minimum=0.0)
             sources[source_id] = ReferenceSource(
                 source_id=source_id,
-                nuclide=get_nuclide(str(_required(table, path, "nuclide"))),
-                reference_bq=parse_activity_bq(_required(table, path, "activity"), f"{path}.activity"),
-                reference_ns=parse_time_ns(_required(table, path, "reference_time"), f"{path}.reference_time"),
-                certificate=str(table.get("certificate", "")),
-                uncertainty_pct=None if uncertainty is None else float(uncertainty),
+                nuclide=_nuclide(table, "nuclide"),
+                reference_bq=_activity(table, "activity"),
+                reference_ns=_required_time(table, "reference_time"),
+                certificate=table.string("certificate", ""),
+                uncertainty_pct=uncertainty,
             )
+            table.finish()
         devices: dict[str, str] = {}
-        for device, raw in _table(root.get("devices", {}), "qc.devices").items():
-            path = f"qc.devices.{device}"
-            table = _table(raw, path)
-            _only(table, path, {"check_source"})
-            source_id = str(_required(table, path, "check_source"))
+        for device, table in _entries(root, "devices"):
+            source_id = table.string("check_source", required=True)
             if source_id not in sources:
-                raise QcConfigError(
-                    f"{path}.check_source: no source {source_id!r} under [qc.sources]; known: {sorted(sources)}"
+                raise table.error(
+                    "check_source", f"no source {source_id!r} under [qc.sources]; known: {sorted(sources)}"
                 )
             devices[device] = source_id
+            table.finish()
         generators: dict[str, GeneratorSpec] = {}
         last_elution: dict[str, int] = {}
-        for generator_id, raw in _table(root.get("generators", {}), "qc.generators").items():
-            path = f"qc.generators.{generator_id}"
-            table = _table(raw, path)
-            _only(table, path, {"parent", "daughter", "activity", "calibration_time", "last_elution"})
+        for generator_id, table in _entries(root, "generators"):
+            parent_text = table.string("parent", required=True)
             try:
-                parent, daughter = generator_pair(str(_required(table, path, "parent")), table.get("daughter"))
+                parent, daughter = generator_pair(parent_text, table.string("daughter"))
+            except UnknownNuclideError as exc:
+                raise table.error("parent", str(exc)) from None
             except QcInputError as exc:
-                raise QcConfigError(f"{path}: {exc}") from None
+                raise table.error("daughter" if "daughter" in table.data else "parent", str(exc)) from None
             generators[generator_id] = GeneratorSpec(
                 generator_id=generator_id,
                 parent=parent,
                 daughter=daughter,
-                calibration_bq=parse_activity_bq(_required(table, path, "activity"), f"{path}.activity"),
-                calibration_ns=parse_time_ns(_required(table, path, "calibration_time"), f"{path}.calibration_time"),
+                calibration_bq=_activity(table, "activity"),
+                calibration_ns=_required_time(table, "calibration_time"),
             )
-            if "last_elution" in table:
-                last_elution[generator_id] = parse_time_ns(table["last_elution"], f"{path}.last_elution")
-        horizon = root.get("trend_horizon_days", 30.0)
-        min_points = root.get("trend_min_points", 5)
-        if isinstance(horizon, bool) or not isinstance(horizon, (int, float)) or horizon <= 0:
-            raise QcConfigError(f"qc.trend_horizon_days must be a positive number, got {horizon!r}")
-        if isinstance(min_points, bool) or not isinstance(min_points, int) or min_points < 3:
-            raise QcConfigError(f"qc.trend_min_points must be an integer >= 3, got {min_points!r}")
-        min_span = root.get("trend_min_span_days", 2.0)
-        if isinstance(min_span, bool) or not isinstance(min_span, (int, float)) or not 0 <= min_span <= 365:
-            raise QcConfigError(f"qc.trend_min_span_days must be a number of days from 0 to 365, got {min_span!r}")
-        mo99_horizon = root.get("mo99_judge_horizon_h", MO99_DEFAULT_JUDGE_HORIZON_H)
-        if isinstance(mo99_horizon, bool) or not isinstance(mo99_horizon, (int, float)) or not 0 <= mo99_horizon <= 72:
-            raise QcConfigError(f"qc.mo99_judge_horizon_h must be a number of hours from 0 to 72, got {mo99_horizon!r}")
-        return cls(
+            elution_ns = _time(table, "last_elution", required=False)
+            if elution_ns is not None:
+                last_elution[generator_id] = elution_ns
+            table.finish()
+        config = cls(
             limits=limits,
             sources=sources,
             check_source_by_device=devices,
             generators=generators,
             last_elution_ns=last_elution,
-            trend_horizon_days=float(horizon),
-            trend_min_points=min_points,
-            trend_min_span_days=float(min_span),
-            mo99_judge_horizon_h=float(mo99_horizon),
+            trend_horizon_days=root.number("trend_horizon_days", 30.0, minimum=0.0, exclusive_minimum=True),
+            trend_min_points=root.integer("trend_min_points", 5, minimum=3),
+            trend_min_span_days=root.number("trend_min_span_days", 2.0, minimum=0.0, maximum=365.0),
+            mo99_judge_horizon_h=root.number(
+                "mo99_judge_horizon_h", MO99_DEFAULT_JUDGE_HORIZON_H, minimum=0.0, maximum=72.0
+            ),
         )
+        root.finish()
+        return config
+
+
+def _required_time(table: ConfigTable, name: str) -> int:
+    time_ns = _time(table, name)
+    assert time_ns is not None  # required: a missing value raised
+    return time_ns
 
 
 def _restorable(payload: Mapping[str, Any], keys: tuple[str, ...]) -> bool:
