@@ -42,6 +42,8 @@ _NAME_RULE = "1-64 characters: letters, digits, '_', '-', '.', starting with a l
 
 #: Operator roles, least privileged first: a role may do everything a role before it may.
 ROLES: tuple[str, ...] = ("operator", "qc_officer", "admin")
+#: A command runs only within this many seconds of its `issued_at` (controller/commands.py).
+DEFAULT_COMMAND_MAX_AGE_S = 30.0
 #: MQTT control commands (controller/commands.py) and the least role each needs unless [commands.min_role] says otherwise.
 DEFAULT_MIN_ROLE: dict[str, str] = {
     "start_elution": "operator",
@@ -194,6 +196,8 @@ class CommandsConfig:
     #: The hash-chained audit trail; None means `<state_dir>/audit.jsonl`.
     audit_path: Path | None = None
     min_role: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_MIN_ROLE))
+    #: How far a command's `issued_at` may lie from the controller's clock, either way, for it to run.
+    max_age_s: float = DEFAULT_COMMAND_MAX_AGE_S
 
     def resolved_audit_path(self, state_dir: Path) -> Path:
         return self.audit_path if self.audit_path is not None else state_dir / "audit.jsonl"
@@ -374,8 +378,9 @@ def _parse_commands(table: ConfigTable | None) -> CommandsConfig:
             if role is not None:
                 min_role[action] = role
         roles_table.finish()
+    max_age_s = table.number("max_age_s", DEFAULT_COMMAND_MAX_AGE_S, minimum=1.0, maximum=3600.0)
     table.finish()
-    return CommandsConfig(audit_path=audit_path, min_role=min_role)
+    return CommandsConfig(audit_path=audit_path, min_role=min_role, max_age_s=max_age_s)
 
 
 def _parse_devices(root: ConfigTable) -> tuple[DeviceConfig, ...]:

@@ -317,3 +317,9 @@ def test_load_secret_refuses_unreadable_and_non_text_files(tmp_path: Path) -> No
     good = tmp_path / "token"
     good.write_text("t0ken\r\n")
     assert load_secret(file=good).reveal() == "t0ken"
+
+
+def test_the_command_freshness_window_is_configurable_and_bounded(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, MINIMAL)).commands.max_age_s == 30.0
+    assert load_config(write(tmp_path, MINIMAL + "[commands]\nmax_age_s = 10\n")).commands.max_age_s == 10.0
+    assert "commands.max_age_s: must be >= 1, got 0" in error_for(tmp_path, MINIMAL + "[commands]\nmax_age_s = 0\n")
