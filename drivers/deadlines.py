@@ -92,7 +92,7 @@ class SharedTimeout:
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
-    ) -> bool | None:
+    ) -> None:
         assert self._scope is not None
         self._owner._remove(self._scope)
-        return await self._scope.__aexit__(exc_type, exc, traceback)
+        await self._scope.__aexit__(exc_type, exc, traceback)

@@ -1,7 +1,8 @@
 """Generator elution station over Modbus (TCP, or RTU on a tty or through a serial device server).
 
-The register map (docs/elution-station-registers.md) is defined here once, as constants and as
-the `encode_status` / `decode_status` pair, so the driver and the simulator cannot drift apart.
+The register map and its codec are in hotlab.drivers.station_registers, the links in
+hotlab.drivers.modbus_links and the delivered-counter stores in hotlab.drivers.counter_store;
+this module is the driver and the command types it reports with.
 
 Two promises the controller relies on:
 
@@ -26,32 +27,23 @@ Two promises the controller relies on:
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
-import math
-import sqlite3
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Protocol, TypeVar
+from typing import TypeVar
 
-from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.constants import ExcCodes
 from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
-from pymodbus.framer import FramerType
 from pymodbus.pdu import ModbusPDU
 
-from hotlab.drivers.modbus_words import (
-    RegisterValueError,
-    WordOrder,
-    float32_to_registers,
-    registers_to_float32,
-    registers_to_string,
-    registers_to_uint32,
-    string_to_registers,
-    uint32_to_registers,
-)
+from hotlab.backoff import Backoff
+from hotlab.drivers.counter_store import CounterStore, MemoryCounterStore, SqliteCounterStore
+from hotlab.drivers.modbus_links import ModbusClient, ModbusLink, describe_link, make_client
+from hotlab.drivers.modbus_links import ModbusRtuLink as ModbusRtuLink  # re-exported, see below
+from hotlab.drivers.modbus_links import ModbusTcpLink as ModbusTcpLink  # re-exported, see below
+from hotlab.drivers.modbus_words import WordOrder
 from hotlab.drivers.records import (
     DeviceDisconnected,
     DeviceRefused,
@@ -60,400 +52,29 @@ from hotlab.drivers.records import (
     ElutionRecord,
     FrameError,
 )
+from hotlab.drivers.station_registers import (
+    INPUT_REGISTERS,
+    CommandResult,
+    StationStatus,
+    decode_status,
+    encode_command,
+)
+from hotlab.drivers.station_registers import NS_PER_S as NS_PER_S  # re-exported, see below
+from hotlab.drivers.station_registers import CommandCode as CommandCode  # re-exported, see below
+from hotlab.drivers.station_registers import FaultCode as FaultCode  # re-exported, see below
+from hotlab.drivers.station_registers import StationState as StationState  # re-exported, see below
+
+# The "re-exported" names lived here before the register map and the links had modules of their
+# own; controller/config.py, controller/sources.py, controller/lab/simulated_lab.py and
+# tests/test_config.py, test_commands.py, test_commands_service.py and test_service_station.py
+# still import them from here. Drop the `as` re-exports once those import from the new modules.
 
 log = logging.getLogger(__name__)
-
-NS_PER_S = 1_000_000_000
-NS_PER_MS = 1_000_000
-
-# --------------------------------------------------------------------------------------------
-# Register map, version 1. Addresses are PDU addresses (0-based, as on the wire); tools that
-# count from 1 (mbpoll without -0, "3x0001" notation) add one.
-# --------------------------------------------------------------------------------------------
-
-REGISTER_MAP_VERSION = 1
-
-
-class IR:
-    """Input registers (function code 04): identity, generator and live state, read in one request."""
-
-    MAP_VERSION = 0
-    MODEL = 1  # string, 8 registers
-    SERIAL = 9  # string, 8 registers
-    FIRMWARE = 17  # string, 4 registers
-    GENERATOR_ID = 21  # string, 8 registers
-    PARENT_CODE = 29
-    DAUGHTER_CODE = 30
-    CAL_ACTIVITY = 31  # float32 Bq
-    CAL_TIME = 33  # uint32 epoch s
-    STATE = 35
-    FAULT_CODE = 36
-    OUTPUTS = 37  # bit field, see Output
-    ELUTION_COUNTER = 38  # uint32
-    ELUATE_ACTIVITY = 40  # float32 Bq, daughter, at end of last elution
-    ELUATE_VOLUME = 42  # float32 mL
-    ELUATE_PARENT = 44  # float32 Bq, parent breakthrough in the last eluate
-    START_S = 46  # uint32 epoch s + uint16 ms at 48
-    START_MS = 48
-    END_S = 49  # uint32 epoch s + uint16 ms at 51
-    END_MS = 51
-    REQUESTED_VOLUME = 52  # float32 mL, of the running/last elution
-    LINE_DOSE_RATE = 54  # float32 uSv/h
-    CLOCK_S = 56  # uint32 epoch s + uint16 ms at 58: the station's clock when the block was read
-    CLOCK_MS = 58
-    CMD_ACK_SEQ = 59
-    CMD_ACK_CODE = 60
-    CMD_RESULT = 61
-    ELUATE_PEAK_DOSE_RATE = 62  # float32 uSv/h, highest line dose rate during the last elution
-    COUNT = 64
-
-    STRING_LENGTHS = {MODEL: 8, SERIAL: 8, FIRMWARE: 4, GENERATOR_ID: 8}
-
-
-class HR:
-    """Holding registers (function codes 03/06/16): one sequenced command, written in one FC16 request."""
-
-    CMD_SEQ = 0
-    CMD_CODE = 1
-    CMD_VOLUME = 2  # float32 mL
-    COUNT = 4
-
-
-class Coil:
-    """Coils (function codes 01/05/15): momentary panel commands, self-clearing, not sequenced."""
-
-    START = 0
-    ABORT = 1
-    ACK_FAULT = 2
-    COUNT = 3
-
-
-class DiscreteInput(enum.IntEnum):
-    """Discrete inputs (function code 02); the same bits are in input register OUTPUTS."""
-
-    VALVE_ELUENT = 0
-    VALVE_WASTE = 1
-    VALVE_PRODUCT = 2
-    PUMP = 3
-    FAULT = 4
-
-
-class StationState(enum.IntEnum):
-    IDLE = 0
-    PRIMING = 1
-    ELUTING = 2
-    DONE = 3
-    FAULT = 4
-
-
-class CommandCode(enum.IntEnum):
-    START = 1
-    ABORT = 2
-    ACK_FAULT = 3
-
-
-class CommandResult(enum.IntEnum):
-    NONE = 0
-    ACCEPTED = 1
-    REFUSED_STATE = 2
-    REFUSED_VOLUME = 3
-    UNKNOWN_COMMAND = 4
-
-
-class FaultCode(enum.IntEnum):
-    NONE = 0
-    OVERPRESSURE = 1
-    VALVE_POSITION = 2
-    PUMP_STALL = 3
-    ELUENT_EMPTY = 4
-    LINE_DOSE_RATE_HIGH = 5
-
-
-#: Nuclide codes in PARENT_CODE / DAUGHTER_CODE (vendor enumeration, documented in the map).
-NUCLIDE_CODES: dict[int, str] = {
-    1: "Ge-68",
-    2: "Ga-68",
-    3: "Mo-99",
-    4: "Tc-99m",
-    5: "Sr-82",
-    6: "Rb-82",
-}
-NUCLIDE_NUMBERS: dict[str, int] = {name: code for code, name in NUCLIDE_CODES.items()}
 
 #: States in which a new elution may be started.
 STARTABLE_STATES = frozenset({StationState.IDLE, StationState.DONE})
 #: States in which there is something to abort.
 ABORTABLE_STATES = frozenset({StationState.PRIMING, StationState.ELUTING})
-
-
-@dataclass(frozen=True, slots=True)
-class StationStatus:
-    """Everything in the input-register block, decoded into SI-ish units (Bq, mL, ns, uSv/h)."""
-
-    model: str
-    serial: str
-    firmware: str
-    generator_id: str
-    parent_nuclide: str
-    daughter_nuclide: str
-    cal_activity_bq: float
-    cal_time_ns: int
-    state: StationState
-    fault_code: int
-    outputs: int
-    elution_counter: int
-    eluate_activity_bq: float
-    eluate_volume_ml: float
-    eluate_parent_bq: float
-    start_ns: int
-    end_ns: int
-    requested_volume_ml: float
-    line_dose_rate_usv_h: float
-    clock_ns: int
-    cmd_ack_seq: int
-    cmd_ack_code: int
-    cmd_result: int
-    eluate_peak_dose_rate_usv_h: float
-
-    def output_on(self, output: DiscreteInput) -> bool:
-        return bool(self.outputs >> output & 1)
-
-
-def _time_to_registers(time_ns: int, order: WordOrder) -> list[int]:
-    seconds, rest = divmod(max(int(time_ns), 0), NS_PER_S)
-    return uint32_to_registers(seconds, order) + [rest // NS_PER_MS]
-
-
-def _registers_to_time(registers: Sequence[int], order: WordOrder) -> int:
-    if registers[2] > 999:
-        raise RegisterValueError(f"millisecond register holds {registers[2]}, above 999")
-    return registers_to_uint32(registers[:2], order) * NS_PER_S + registers[2] * NS_PER_MS
-
-
-def encode_status(status: StationStatus, order: WordOrder) -> list[int]:
-    """The input-register block for `status`, as a station with word order `order` serves it."""
-    regs = [0] * IR.COUNT
-
-    def put(address: int, values: list[int]) -> None:
-        regs[address : address + len(values)] = values
-
-    put(IR.MAP_VERSION, [REGISTER_MAP_VERSION])
-    for address, text in (
-        (IR.MODEL, status.model),
-        (IR.SERIAL, status.serial),
-        (IR.FIRMWARE, status.firmware),
-        (IR.GENERATOR_ID, status.generator_id),
-    ):
-        put(address, string_to_registers(text, IR.STRING_LENGTHS[address], order))
-    put(IR.PARENT_CODE, [NUCLIDE_NUMBERS[status.parent_nuclide], NUCLIDE_NUMBERS[status.daughter_nuclide]])
-    put(IR.CAL_ACTIVITY, float32_to_registers(status.cal_activity_bq, order))
-    put(IR.CAL_TIME, uint32_to_registers(status.cal_time_ns // NS_PER_S, order))
-    put(IR.STATE, [int(status.state), status.fault_code, status.outputs])
-    put(IR.ELUTION_COUNTER, uint32_to_registers(status.elution_counter, order))
-    put(IR.ELUATE_ACTIVITY, float32_to_registers(status.eluate_activity_bq, order))
-    put(IR.ELUATE_VOLUME, float32_to_registers(status.eluate_volume_ml, order))
-    put(IR.ELUATE_PARENT, float32_to_registers(status.eluate_parent_bq, order))
-    put(IR.START_S, _time_to_registers(status.start_ns, order))
-    put(IR.END_S, _time_to_registers(status.end_ns, order))
-    put(IR.REQUESTED_VOLUME, float32_to_registers(status.requested_volume_ml, order))
-    put(IR.LINE_DOSE_RATE, float32_to_registers(status.line_dose_rate_usv_h, order))
-    put(IR.CLOCK_S, _time_to_registers(status.clock_ns, order))
-    put(IR.CMD_ACK_SEQ, [status.cmd_ack_seq, status.cmd_ack_code, status.cmd_result])
-    put(IR.ELUATE_PEAK_DOSE_RATE, float32_to_registers(status.eluate_peak_dose_rate_usv_h, order))
-    return regs
-
-
-def decode_status(regs: Sequence[int], order: WordOrder) -> StationStatus:
-    """Decode the input-register block; anything outside the map raises FrameError with the raw registers."""
-    if len(regs) != IR.COUNT:
-        raise FrameError(f"input-register block has {len(regs)} registers, expected {IR.COUNT}")
-    try:
-        if regs[IR.MAP_VERSION] != REGISTER_MAP_VERSION:
-            raise RegisterValueError(
-                f"register map version {regs[IR.MAP_VERSION]}, driver speaks {REGISTER_MAP_VERSION}"
-            )
-
-        def text(address: int) -> str:
-            return registers_to_string(regs[address : address + IR.STRING_LENGTHS[address]], order)
-
-        def f32(address: int) -> float:
-            # Every float in the map is a physical quantity; a NaN or infinity is a station fault
-            # or a word-order mistake, and would also break the outbox's strict JSON downstream.
-            value = registers_to_float32(regs[address : address + 2], order)
-            if not math.isfinite(value):
-                raise RegisterValueError(f"non-finite float32 {value!r} at input register {address}")
-            return value
-
-        def nuclide(address: int) -> str:
-            try:
-                return NUCLIDE_CODES[regs[address]]
-            except KeyError:
-                raise RegisterValueError(f"unknown nuclide code {regs[address]} at input register {address}") from None
-
-        try:
-            state = StationState(regs[IR.STATE])
-        except ValueError:
-            raise RegisterValueError(f"unknown station state {regs[IR.STATE]}") from None
-        return StationStatus(
-            model=text(IR.MODEL),
-            serial=text(IR.SERIAL),
-            firmware=text(IR.FIRMWARE),
-            generator_id=text(IR.GENERATOR_ID),
-            parent_nuclide=nuclide(IR.PARENT_CODE),
-            daughter_nuclide=nuclide(IR.DAUGHTER_CODE),
-            cal_activity_bq=f32(IR.CAL_ACTIVITY),
-            cal_time_ns=registers_to_uint32(regs[IR.CAL_TIME : IR.CAL_TIME + 2], order) * NS_PER_S,
-            state=state,
-            fault_code=regs[IR.FAULT_CODE],
-            outputs=regs[IR.OUTPUTS],
-            elution_counter=registers_to_uint32(regs[IR.ELUTION_COUNTER : IR.ELUTION_COUNTER + 2], order),
-            eluate_activity_bq=f32(IR.ELUATE_ACTIVITY),
-            eluate_volume_ml=f32(IR.ELUATE_VOLUME),
-            eluate_parent_bq=f32(IR.ELUATE_PARENT),
-            start_ns=_registers_to_time(regs[IR.START_S : IR.START_S + 3], order),
-            end_ns=_registers_to_time(regs[IR.END_S : IR.END_S + 3], order),
-            requested_volume_ml=f32(IR.REQUESTED_VOLUME),
-            line_dose_rate_usv_h=f32(IR.LINE_DOSE_RATE),
-            clock_ns=_registers_to_time(regs[IR.CLOCK_S : IR.CLOCK_S + 3], order),
-            cmd_ack_seq=regs[IR.CMD_ACK_SEQ],
-            cmd_ack_code=regs[IR.CMD_ACK_CODE],
-            cmd_result=regs[IR.CMD_RESULT],
-            eluate_peak_dose_rate_usv_h=f32(IR.ELUATE_PEAK_DOSE_RATE),
-        )
-    except RegisterValueError as exc:
-        raise FrameError(f"bad elution-station status block ({exc})", bytes(str(list(regs)), "ascii")) from None
-
-
-def encode_command(seq: int, code: CommandCode, volume_ml: float, order: WordOrder) -> list[int]:
-    """The holding-register block HR 0..3 for one command."""
-    return [seq, int(code), *float32_to_registers(volume_ml, order)]
-
-
-# --------------------------------------------------------------------------------------------
-# Transport configuration. The driver needs only the attributes of the ModbusLink protocol;
-# hotlab.controller.config builds ModbusTcpLink / ModbusRtuLink directly as a station's transport.
-# --------------------------------------------------------------------------------------------
-
-
-class ModbusLink(Protocol):
-    """What the driver reads from a link description (any object with these attributes will do).
-
-    Read-only properties, so frozen dataclasses such as the controller's config links match.
-    """
-
-    @property
-    def kind(self) -> str: ...
-
-    @property
-    def device_id(self) -> int: ...
-
-    @property
-    def word_order(self) -> str: ...
-
-
-@dataclass(frozen=True, slots=True)
-class ModbusTcpLink:
-    host: str
-    port: int = 502
-    device_id: int = 1
-    word_order: str = "ABCD"
-    kind: Literal["modbus_tcp"] = "modbus_tcp"
-
-
-@dataclass(frozen=True, slots=True)
-class ModbusRtuLink:
-    """RTU framing on a serial URL: a tty path, or socket://host:port (RTU through a TCP device server)."""
-
-    url: str
-    baudrate: int = 19200
-    device_id: int = 1
-    word_order: str = "ABCD"
-    kind: Literal["modbus_rtu"] = "modbus_rtu"
-
-
-def make_client(
-    link: ModbusLink, timeout_s: float, on_connection_change: Callable[[bool], None] | None = None
-) -> AsyncModbusTcpClient | AsyncModbusSerialClient:
-    """A pymodbus client for `link`, with pymodbus' own retries and reconnects off: the driver owns both."""
-    common = {"timeout": timeout_s, "retries": 0, "reconnect_delay": 0, "trace_connect": on_connection_change}
-    if link.kind == "modbus_tcp":
-        return AsyncModbusTcpClient(link.host, port=link.port, framer=FramerType.SOCKET, **common)  # type: ignore[attr-defined]
-    if link.kind != "modbus_rtu":
-        raise ValueError(f"an elution station needs a Modbus link, not {link.kind!r}")
-    url: str = link.url  # type: ignore[attr-defined]
-    if url.startswith("socket://"):
-        host, _, port = url.removeprefix("socket://").rpartition(":")
-        return AsyncModbusTcpClient(host, port=int(port), framer=FramerType.RTU, **common)
-    return AsyncModbusSerialClient(url, framer=FramerType.RTU, baudrate=link.baudrate, **common)  # type: ignore[attr-defined]
-
-
-# --------------------------------------------------------------------------------------------
-# Delivery bookkeeping: the last elution counter the controller confirmed per (station, generator).
-# --------------------------------------------------------------------------------------------
-
-
-class CounterStore(Protocol):
-    """Where the driver remembers the last elution counter delivered; must survive restarts to be useful."""
-
-    def last_counter(self, station: str, generator_id: str) -> int | None: ...
-
-    def set_last_counter(self, station: str, generator_id: str, counter: int) -> None: ...
-
-
-class MemoryCounterStore:
-    """Process-lifetime store: no replay across reconnects, but a restart replays the last elution (tests, dry runs)."""
-
-    def __init__(self) -> None:
-        self._counters: dict[tuple[str, str], int] = {}
-
-    def last_counter(self, station: str, generator_id: str) -> int | None:
-        return self._counters.get((station, generator_id))
-
-    def set_last_counter(self, station: str, generator_id: str, counter: int) -> None:
-        self._counters[(station, generator_id)] = counter
-
-
-class SqliteCounterStore:
-    """Durable store: one row per (station, generator) in a small SQLite file, committed per update.
-
-    A connection is opened per call, so the store can be used from worker threads
-    (the driver calls it through asyncio.to_thread to keep disk syncs off the event loop).
-    """
-
-    def __init__(self, path: Path | str) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._connect() as db:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute(
-                "CREATE TABLE IF NOT EXISTS last_elution ("
-                " station TEXT NOT NULL, generator_id TEXT NOT NULL, counter INTEGER NOT NULL,"
-                " updated_ns INTEGER NOT NULL, PRIMARY KEY (station, generator_id))"
-            )
-
-    def _connect(self) -> sqlite3.Connection:
-        return sqlite3.connect(self.path, timeout=10.0)
-
-    def last_counter(self, station: str, generator_id: str) -> int | None:
-        with self._connect() as db:
-            row = db.execute(
-                "SELECT counter FROM last_elution WHERE station = ? AND generator_id = ?", (station, generator_id)
-            ).fetchone()
-        return None if row is None else int(row[0])
-
-    def set_last_counter(self, station: str, generator_id: str, counter: int) -> None:
-        with self._connect() as db:
-            db.execute(
-                "INSERT INTO last_elution (station, generator_id, counter, updated_ns) VALUES (?, ?, ?, ?)"
-                " ON CONFLICT (station, generator_id) DO UPDATE SET counter = excluded.counter,"
-                " updated_ns = excluded.updated_ns",
-                (station, generator_id, counter, time.time_ns()),
-            )
-
-
-# --------------------------------------------------------------------------------------------
-# Poll and command results
-# --------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -595,10 +216,11 @@ class ElutionStationDriver:
         #: Set when the transport reports the link lost, so a request in flight fails at once
         #: (pymodbus itself would leave it waiting for its full timeout).
         self._link_lost = asyncio.Event()
-        self._client: AsyncModbusTcpClient | AsyncModbusSerialClient | None = None
-        self._backoff_initial_s = backoff_initial_s
-        self._backoff_max_s = backoff_max_s
-        self._backoff_s = 0.0
+        self._client: ModbusClient | None = None
+        #: Reconnect waits double from backoff_initial_s to backoff_max_s with each failed connect in a
+        #: row: the shared policy's ceiling, without jitter.
+        self._backoff = Backoff(backoff_initial_s, backoff_max_s)
+        self._failed_connects = 0
         self._next_connect_at = 0.0
         self._command_lock = asyncio.Lock()
         #: Write-through cache of the store, per generator id, so a poll only touches disk on news.
@@ -632,15 +254,15 @@ class ElutionStationDriver:
             ok = False
             log.debug("%s: connect raised %s", self.station, exc)
         if not ok:
-            self._backoff_s = min(max(self._backoff_s * 2, self._backoff_initial_s), self._backoff_max_s)
-            self._next_connect_at = time.monotonic() + self._backoff_s
-            raise DeviceDisconnected(f"{self.station}: cannot connect to {self._describe_link()}")
-        self._backoff_s = 0.0
+            self._next_connect_at = time.monotonic() + self._backoff.ceiling(self._failed_connects)
+            self._failed_connects += 1
+            raise DeviceDisconnected(f"{self.station}: cannot connect to {describe_link(self.link)}")
+        self._failed_connects = 0
         self._next_connect_at = 0.0
 
     async def close(self) -> None:
         """Close the link; an explicit close also clears the reconnect backoff (the caller now owns the timing)."""
-        self._backoff_s = 0.0
+        self._failed_connects = 0
         self._next_connect_at = 0.0
         if self._client is not None:
             self._client.close()
@@ -653,18 +275,11 @@ class ElutionStationDriver:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
-    def _describe_link(self) -> str:
-        if self.link.kind == "modbus_tcp":
-            return f"modbus tcp {self.link.host}:{self.link.port}"  # type: ignore[attr-defined]
-        return f"modbus rtu {self.link.url}"  # type: ignore[attr-defined]
-
     def _on_connection_change(self, connected: bool) -> None:
         if not connected:
             self._link_lost.set()
 
-    async def _request(
-        self, what: str, call: Callable[[AsyncModbusTcpClient | AsyncModbusSerialClient], Awaitable[_T]]
-    ) -> _T:
+    async def _request(self, what: str, call: Callable[[ModbusClient], Awaitable[_T]]) -> _T:
         """Run one Modbus request and translate every failure into the driver's typed errors."""
         await self.connect()
         client = self._client
@@ -696,9 +311,10 @@ class ElutionStationDriver:
 
     async def read_status(self) -> StationStatus:
         """Read and decode the whole input-register block in one request."""
+        count = INPUT_REGISTERS.count
         response = await self._request(
-            f"read input registers 0..{IR.COUNT - 1}",
-            lambda c: c.read_input_registers(0, count=IR.COUNT, device_id=self.device_id),
+            f"read input registers 0..{count - 1}",
+            lambda c: c.read_input_registers(0, count=count, device_id=self.device_id),
         )
         return decode_status(response.registers, self.order)
 
@@ -818,7 +434,7 @@ class ElutionStationDriver:
                 await self._request(
                     f"{action} command write",
                     lambda c: c.write_registers(
-                        HR.CMD_SEQ, encode_command(seq, code, volume_ml, self.order), device_id=self.device_id
+                        0, encode_command(seq, code, volume_ml, self.order), device_id=self.device_id
                     ),
                 )
             except (DeviceTimeout, DeviceDisconnected) as lost:
@@ -842,13 +458,13 @@ class ElutionStationDriver:
                     old_state=before.state,
                     parameters=parameters,
                 )
-            result = CommandResult(after.cmd_result) if after.cmd_result in CommandResult._value2member_map_ else None
-            if result is not CommandResult.ACCEPTED:
-                why = {
+            if after.cmd_result != CommandResult.ACCEPTED:
+                reasons: dict[int, str] = {
                     CommandResult.REFUSED_STATE: f"station state was {after.state.name.lower()}",
                     CommandResult.REFUSED_VOLUME: f"volume {volume_ml:g} mL outside the station's range",
                     CommandResult.UNKNOWN_COMMAND: "station does not know the command",
-                }.get(result, f"result code {after.cmd_result}")  # type: ignore[arg-type]
+                }
+                why = reasons.get(after.cmd_result, f"result code {after.cmd_result}")
                 raise CommandRefused(f"{self.station}: {action} refused by the station: {why}", after.state)
             return CommandOutcome(
                 action=action,

@@ -27,8 +27,8 @@ def _resolve(nuclide: str | Nuclide) -> Nuclide:
     return nuclide if isinstance(nuclide, Nuclide) else get_nuclide(nuclide)
 
 
-def _positive(name: str, value: npt.ArrayLike) -> np.ndarray:
-    array = np.asarray(value, dtype=float)
+def _positive(name: str, value: npt.ArrayLike) -> npt.NDArray[np.float64]:
+    array = np.asarray(value, dtype=np.float64)
     if not np.all(array > 0):
         raise ValueError(f"{name} must be > 0, got {value!r}")
     return array
@@ -45,12 +45,12 @@ def elapsed_s(from_time: TimeLike, to_time: TimeLike) -> np.floating | npt.NDArr
 
 def decay_factor(half_life_s: ArrayLike, dt_s: ArrayLike) -> np.floating | npt.NDArray[np.floating]:
     """A(t0 + dt) / A(t0) = 2**(-dt / T1/2); dt < 0 goes back in time (factor > 1)."""
-    return np.exp2(-np.asarray(dt_s, dtype=float) / _positive("half-life", half_life_s))
+    return np.exp2(-np.asarray(dt_s, dtype=np.float64) / _positive("half-life", half_life_s))
 
 
 def activity_at(a0_bq: ArrayLike, nuclide: str | Nuclide, dt_s: ArrayLike) -> np.floating | npt.NDArray[np.floating]:
     """Activity dt_s seconds after (or before, if negative) a moment when it was a0_bq."""
-    return np.asarray(a0_bq, dtype=float) * decay_factor(_resolve(nuclide).half_life_s, dt_s)
+    return np.asarray(a0_bq, dtype=np.float64) * decay_factor(_resolve(nuclide).half_life_s, dt_s)
 
 
 def decay_correct(
@@ -82,11 +82,11 @@ def corrected_activity_uncertainty(
     with f the decay factor; the two are independent and add in quadrature (GUM, JCGM 100:2008 §5.1).
     """
     data = _resolve(nuclide)
-    dt = np.asarray(dt_s, dtype=float)
+    dt = np.asarray(dt_s, dtype=np.float64)
     factor = decay_factor(data.half_life_s, dt)
-    value = np.asarray(activity_bq, dtype=float) * factor
+    value = np.asarray(activity_bq, dtype=np.float64) * factor
     sigma_half_life = np.abs(value) * LN2 * np.abs(dt) * data.half_life_unc_s / data.half_life_s**2
-    sigma_activity = factor * np.asarray(activity_sigma_bq, dtype=float)
+    sigma_activity = factor * np.asarray(activity_sigma_bq, dtype=np.float64)
     return value, np.hypot(sigma_half_life, sigma_activity)
 
 
@@ -128,14 +128,14 @@ def daughter_activity(
     """
     parent_data, daughter_data = _resolve(parent), _resolve(daughter)
     b = _link_branching(parent_data, daughter_data, branching)
-    t = np.asarray(t_s, dtype=float)
+    t = np.asarray(t_s, dtype=np.float64)
     if np.any(t < 0):
         raise ValueError("t_s is time since the elution and must be >= 0")
     lam_p, lam_d = parent_data.decay_constant_per_s, daughter_data.decay_constant_per_s
     lam_lo, lam_hi = min(lam_p, lam_d), max(lam_p, lam_d)
     ingrowth = t * np.exp(-lam_lo * t) * _one_minus_exp_over_x((lam_hi - lam_lo) * t)
-    return b * lam_d * np.asarray(parent_a0_bq, dtype=float) * ingrowth + np.asarray(
-        residual_daughter_bq, dtype=float
+    return b * lam_d * np.asarray(parent_a0_bq, dtype=np.float64) * ingrowth + np.asarray(
+        residual_daughter_bq, dtype=np.float64
     ) * np.exp(-lam_d * t)
 
 
@@ -188,7 +188,7 @@ def equilibrium_fraction(
     lam_p, lam_d = _resolve(parent).decay_constant_per_s, _resolve(daughter).decay_constant_per_s
     if lam_d <= lam_p:
         raise ValueError("no equilibrium: the daughter does not decay faster than the parent")
-    t = np.asarray(t_s, dtype=float)
+    t = np.asarray(t_s, dtype=np.float64)
     if np.any(t < 0):
         raise ValueError("t_s is time since the elution and must be >= 0")
     return -np.expm1(-(lam_d - lam_p) * t)

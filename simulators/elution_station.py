@@ -1,12 +1,13 @@
 """A generator elution station that speaks real Modbus: TCP, RTU over TCP, or RTU on a pty.
 
-The station is a pymodbus 3.16 server (SimDevice/SimData datastore) whose registers follow
-hotlab.drivers.elution_station's map. A SimDevice `action` hook runs before every request: it
-advances the station's state machine to "now", re-renders the input registers and discrete
-inputs from the model, turns holding-register and coil writes into commands, and applies
-injected faults (exception responses, raw register overrides such as a NaN float). Silent
-replies, and lost replies to commands the station did carry out, are injected one layer lower,
-by swallowing the outgoing frame, so the client sees a genuine timeout.
+The station is a pymodbus 3.16 server (SimDevice/SimData datastore) whose block sizes, encoding
+and command decoding all come from the table in hotlab.drivers.station_registers, which the
+driver decodes with. A SimDevice `action` hook runs before every request: it advances the
+station's state machine to "now", re-renders the input registers and discrete inputs from the
+model, turns holding-register and coil writes into commands, and applies injected faults
+(exception responses, raw register overrides such as a NaN float). Silent replies, and lost
+replies to commands the station did carry out, are injected one layer lower, by swallowing the
+outgoing frame, so the client sees a genuine timeout.
 
 Time: the station has its own clock, which runs `acceleration` times faster than wall time
 from the moment the simulator starts. Priming and elution durations are realistic (tens of
@@ -22,35 +23,40 @@ import os
 import pty
 import time
 import tty
-from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from pymodbus.constants import ExcCodes
 from pymodbus.framer import FramerType
 from pymodbus.server import ModbusSerialServer, ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
-from hotlab.drivers.elution_station import (
-    HR,
-    IR,
+from hotlab.drivers.elution_station import STARTABLE_STATES
+from hotlab.drivers.modbus_words import WordOrder
+from hotlab.drivers.station_registers import (
+    COIL_COMMANDS,
+    COILS,
+    DISCRETE_INPUTS,
+    HOLDING_REGISTERS,
+    INPUT_REGISTERS,
     NS_PER_S,
-    STARTABLE_STATES,
-    Coil,
     CommandCode,
     CommandResult,
     DiscreteInput,
     FaultCode,
     StationState,
     StationStatus,
+    decode_command,
     encode_status,
 )
-from hotlab.drivers.modbus_words import WordOrder, registers_to_float32
 from hotlab.simulators.generator_physics import ElutionOutcome, GeneratorColumn
 
 READ_INPUT_REGISTERS = 4
 READ_DISCRETE_INPUTS = 2
 HOLDING_WRITES = frozenset({6, 16, 23})
 COIL_WRITES = frozenset({5, 15})
+#: A holding-register write that covers this address is a command.
+_CMD_SEQ = HOLDING_REGISTERS["cmd_seq"].address
 
 
 class StationClock:
@@ -231,6 +237,12 @@ class StationModel:
         )
 
 
+class _Receiver(Protocol):
+    """What the pty transport calls; pymodbus' ModbusProtocol has it, though its asyncio.BaseProtocol base does not."""
+
+    def data_received(self, data: bytes) -> None: ...
+
+
 class _PtyTransport(asyncio.Transport):
     """The master side of a pty as an asyncio transport, so a pymodbus server protocol can sit on it.
 
@@ -239,7 +251,7 @@ class _PtyTransport(asyncio.Transport):
     cannot take at once (nobody reading the slave) is dropped, as on a real RS-485 line.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, fd: int, protocol: asyncio.Protocol) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, fd: int, protocol: _Receiver) -> None:
         super().__init__()
         self._loop = loop
         self._fd = fd
@@ -258,7 +270,7 @@ class _PtyTransport(asyncio.Transport):
         if data:
             self._protocol.data_received(data)
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | bytearray | memoryview) -> None:
         if data and not self._closing:
             with contextlib.suppress(BlockingIOError):
                 os.write(self._fd, data)
@@ -292,17 +304,17 @@ class ElutionStationSimulator:
         self._ignore_commands = False
         self._input_overrides: dict[int, list[int]] = {}
         #: Last written holding registers (the coil commands take their volume from here).
-        self._holding = [0] * HR.COUNT
+        self._holding = [0] * HOLDING_REGISTERS.count
         self.requests_seen = 0
 
     # ---- datastore -------------------------------------------------------------------------
 
     def _device(self) -> SimDevice:
         blocks = (
-            [SimData(0, count=Coil.COUNT, values=False, datatype=DataType.BITS)],
-            [SimData(0, count=len(DiscreteInput), values=False, datatype=DataType.BITS)],
-            [SimData(0, count=HR.COUNT, values=0, datatype=DataType.REGISTERS)],
-            [SimData(0, count=IR.COUNT, values=0, datatype=DataType.REGISTERS, readonly=True)],
+            [SimData(0, count=COILS.count, values=False, datatype=DataType.BITS)],
+            [SimData(0, count=DISCRETE_INPUTS.count, values=False, datatype=DataType.BITS)],
+            [SimData(0, count=HOLDING_REGISTERS.count, values=0, datatype=DataType.REGISTERS)],
+            [SimData(0, count=INPUT_REGISTERS.count, values=0, datatype=DataType.REGISTERS, readonly=True)],
         )
         return SimDevice(self.device_id, simdata=blocks, action=self._on_request)
 
@@ -313,7 +325,7 @@ class ElutionStationSimulator:
         address: int,
         count: int,
         registers: list[int],
-        values: Sequence[int] | Sequence[bool] | None,
+        values: list[int] | list[bool] | None,
     ) -> ExcCodes | None:
         """pymodbus SimDevice action: runs before every request touches `registers` (the addressed block)."""
         self.requests_seen += 1
@@ -325,7 +337,7 @@ class ElutionStationSimulator:
             block = encode_status(self.model.status(), self.word_order)
             for start, words in self._input_overrides.items():
                 block[start : start + len(words)] = words
-            registers[: IR.COUNT] = block
+            registers[: INPUT_REGISTERS.count] = block
         elif function_code == READ_DISCRETE_INPUTS:
             registers[0] = self.model.outputs()
         elif function_code in HOLDING_WRITES and values is not None:
@@ -334,24 +346,23 @@ class ElutionStationSimulator:
                 self._command_replies_to_lose -= 1
                 self._lose_next_reply = True
         elif function_code in COIL_WRITES and values is not None:
-            self._coil_write(address, values)  # type: ignore[arg-type]
+            self._coil_write(address, values)
         return None
 
     def _holding_write(self, address: int, registers: list[int], values: list[int]) -> None:
         """A write that covers the sequence register is a command (a NaN volume is refused as out of range)."""
-        merged = list(registers[: HR.COUNT])
+        merged = list(registers[: HOLDING_REGISTERS.count])
         merged[address : address + len(values)] = values
         self._holding = merged
-        if address <= HR.CMD_SEQ < address + len(values) and not self._ignore_commands:
-            volume = registers_to_float32(merged[HR.CMD_VOLUME : HR.CMD_VOLUME + 2], self.word_order)
-            self.model.command(merged[HR.CMD_SEQ], merged[HR.CMD_CODE], volume)
+        if address <= _CMD_SEQ < address + len(values) and not self._ignore_commands:
+            command = decode_command(merged, self.word_order)
+            self.model.command(command.cmd_seq, command.cmd_code, command.cmd_volume_ml)
 
-    def _coil_write(self, address: int, values: list[bool]) -> None:
+    def _coil_write(self, address: int, values: list[int] | list[bool]) -> None:
         """Momentary panel buttons: each set coil runs its command once and reads back as off."""
-        volume = registers_to_float32(self._holding[HR.CMD_VOLUME : HR.CMD_VOLUME + 2], self.word_order)
-        commands = {Coil.START: CommandCode.START, Coil.ABORT: CommandCode.ABORT, Coil.ACK_FAULT: CommandCode.ACK_FAULT}
+        volume = decode_command(self._holding, self.word_order).cmd_volume_ml
         for index, value in enumerate(values):
-            code = commands.get(address + index)
+            code = COIL_COMMANDS.get(address + index)
             if value and code is not None:
                 self.model.cmd_result = self.model.execute(code, volume)
                 self.model.cmd_ack_code = code
@@ -452,9 +463,10 @@ class ElutionStationSimulator:
     def override_input_registers(self, overrides: dict[int, list[int]]) -> None:
         """Serve these raw words at these input-register addresses (a failing ADC, a firmware bug)
         instead of what the model says, until called again with {}."""
+        count = INPUT_REGISTERS.count
         for start, words in overrides.items():
-            if start < 0 or start + len(words) > IR.COUNT or not all(0 <= w <= 0xFFFF for w in words):
-                raise ValueError(f"override at {start} does not fit the {IR.COUNT}-register block as 16-bit words")
+            if start < 0 or start + len(words) > count or not all(0 <= w <= 0xFFFF for w in words):
+                raise ValueError(f"override at {start} does not fit the {count}-register block as 16-bit words")
         self._input_overrides = {start: list(words) for start, words in overrides.items()}
 
     def set_stuck(self, stuck: bool = True) -> None:

@@ -15,8 +15,8 @@ import signal
 import sys
 from datetime import UTC, datetime, timedelta
 
-from hotlab.drivers.elution_station import IR, NS_PER_S
 from hotlab.drivers.modbus_words import WordOrder
+from hotlab.drivers.station_registers import INPUT_REGISTERS, NS_PER_S
 from hotlab.physics.units import UnitError, format_activity, parse_activity
 from hotlab.simulators.elution_station import ElutionStationSimulator, StationClock, StationIdentity, StationModel
 from hotlab.simulators.generator_physics import PROFILES, GeneratorColumn, get_profile
@@ -118,7 +118,7 @@ async def _serve(simulator: ElutionStationSimulator, args: argparse.Namespace) -
     if args.tcp:
         host, port = await simulator.start_tcp(*args.tcp)
         where = f"Modbus TCP on {host}:{port}"
-        mbpoll = f"mbpoll -m tcp -p {port} -a {args.device_id} -0 -t 3 -r 0 -c {IR.COUNT} -1 {host}"
+        mbpoll = f"mbpoll -m tcp -p {port} -a {args.device_id} -0 -t 3 -r 0 -c {INPUT_REGISTERS.count} -1 {host}"
     elif args.rtu_tcp:
         host, port = await simulator.start_tcp(*args.rtu_tcp, rtu_framing=True)
         where = f"Modbus RTU over TCP on socket://{host}:{port}"
@@ -126,7 +126,7 @@ async def _serve(simulator: ElutionStationSimulator, args: argparse.Namespace) -
     else:
         path = await simulator.start_rtu_pty()
         where = f"Modbus RTU on {path} (8N1; any baud rate)"
-        mbpoll = f"mbpoll -m rtu -b 19200 -P none -a {args.device_id} -0 -t 3 -r 0 -c {IR.COUNT} -1 {path}"
+        mbpoll = f"mbpoll -m rtu -b 19200 -P none -a {args.device_id} -0 -t 3 -r 0 -c {INPUT_REGISTERS.count} -1 {path}"
     print(
         f"elution station simulator: {column.profile.description}\n"
         f"  generator {column.generator_id}, {format_activity(column.parent_cal_bq)} {column.profile.parent}"

@@ -13,29 +13,29 @@ from pymodbus.constants import ExcCodes
 
 from hotlab.controller.config import ModbusRtuTransport, ModbusTcpTransport, parse_config
 from hotlab.controller.messages import elution_message
+from hotlab.drivers.counter_store import MemoryCounterStore, SqliteCounterStore
 from hotlab.drivers.elution_station import (
-    HR,
-    IR,
-    CommandCode,
     CommandOutcomeUnknown,
     CommandRefused,
+    ElutionStationDriver,
+    NotAuthorised,
+    StationPoll,
+)
+from hotlab.drivers.modbus_links import ModbusRtuLink, ModbusTcpLink
+from hotlab.drivers.modbus_words import WordOrder, float32_to_registers
+from hotlab.drivers.records import DeviceDisconnected, DeviceRefused, DeviceTimeout, ElutionRecord, FrameError
+from hotlab.drivers.station_registers import (
+    HOLDING_REGISTERS,
+    INPUT_REGISTERS,
+    CommandCode,
     CommandResult,
     DiscreteInput,
-    ElutionStationDriver,
     FaultCode,
-    MemoryCounterStore,
-    ModbusRtuLink,
-    ModbusTcpLink,
-    NotAuthorised,
-    SqliteCounterStore,
-    StationPoll,
     StationState,
     decode_status,
     encode_command,
     encode_status,
 )
-from hotlab.drivers.modbus_words import WordOrder, float32_to_registers
-from hotlab.drivers.records import DeviceDisconnected, DeviceRefused, DeviceTimeout, ElutionRecord, FrameError
 from hotlab.physics.decay import generator_daughter_activity
 from hotlab.simulators.elution_station import ElutionStationSimulator, StationClock, StationModel
 from hotlab.simulators.generator_physics import NS_PER_S, GeneratorColumn, get_profile
@@ -47,8 +47,14 @@ DAY_NS = 86_400 * NS_PER_S
 #: Column age at the test: a Ge-68 generator lasts about a year, a Mo-99 one about two weeks.
 CAL_AGE_DAYS = {"ge68": 40, "mo99": 1}
 WHO = {"user": "r.curie", "reason": "morning QC elution"}
+CMD_SEQ = HOLDING_REGISTERS["cmd_seq"].address
 
 Make = Callable[..., Awaitable[tuple[ElutionStationSimulator, ElutionStationDriver]]]
+
+
+def ir(name: str) -> int:
+    """The address of input register `name`."""
+    return INPUT_REGISTERS[name].address
 
 
 def make_model(generator: str = "ge68", acceleration: float = FAST) -> StationModel:
@@ -311,12 +317,12 @@ async def test_station_checks_state_itself_and_ignores_a_repeated_sequence(make:
     await raw.connect()
     try:
         command = encode_command(41, CommandCode.START, 5.0, WordOrder.ABCD)
-        await raw.write_registers(HR.CMD_SEQ, command, device_id=7)
-        await raw.write_registers(HR.CMD_SEQ, command, device_id=7)  # a Modbus-level retry
+        await raw.write_registers(CMD_SEQ, command, device_id=7)
+        await raw.write_registers(CMD_SEQ, command, device_id=7)  # a Modbus-level retry
         assert sim.model.cmd_result is CommandResult.ACCEPTED and sim.model.cmd_ack_seq == 41
-        await raw.write_registers(HR.CMD_SEQ, encode_command(42, CommandCode.START, 5.0, WordOrder.ABCD), device_id=7)
+        await raw.write_registers(CMD_SEQ, encode_command(42, CommandCode.START, 5.0, WordOrder.ABCD), device_id=7)
         assert sim.model.cmd_result is CommandResult.REFUSED_STATE and sim.model.cmd_ack_seq == 42
-        await raw.write_registers(HR.CMD_SEQ, [43, 99, 0, 0], device_id=7)
+        await raw.write_registers(CMD_SEQ, [43, 99, 0, 0], device_id=7)
         assert sim.model.cmd_result is CommandResult.UNKNOWN_COMMAND
     finally:
         raw.close()
@@ -403,10 +409,10 @@ def test_status_block_round_trips_and_rejects_garbage() -> None:
         assert decoded.clock_ns == status.clock_ns // 1_000_000 * 1_000_000
     regs = encode_status(status, WordOrder.ABCD)
     with pytest.raises(FrameError, match="unknown station state 9"):
-        decode_status(regs[: IR.STATE] + [9] + regs[IR.STATE + 1 :], WordOrder.ABCD)
+        decode_status(regs[: ir("state")] + [9] + regs[ir("state") + 1 :], WordOrder.ABCD)
     with pytest.raises(FrameError, match="map version 2"):
         decode_status([2] + regs[1:], WordOrder.ABCD)
-    with pytest.raises(FrameError, match=f"expected {IR.COUNT}"):
+    with pytest.raises(FrameError, match=f"expected {INPUT_REGISTERS.count}"):
         decode_status(regs[:10], WordOrder.ABCD)
 
 
@@ -497,8 +503,8 @@ async def test_a_pending_record_logs_its_gap_once(make: Make, caplog) -> None:
 
 def _non_finite_words(order: WordOrder) -> dict[int, list[int]]:
     return {
-        IR.ELUATE_ACTIVITY: float32_to_registers(math.nan, order),
-        IR.LINE_DOSE_RATE: float32_to_registers(math.inf, order),
+        ir("eluate_activity_bq"): float32_to_registers(math.nan, order),
+        ir("line_dose_rate_usv_h"): float32_to_registers(math.inf, order),
     }
 
 
@@ -507,23 +513,23 @@ def test_codec_rejects_non_finite_floats(value: float) -> None:
     status = make_model().status()
     for order in WordOrder:
         regs = encode_status(status, order)
-        regs[IR.ELUATE_PARENT : IR.ELUATE_PARENT + 2] = float32_to_registers(value, order)
-        with pytest.raises(FrameError, match=f"non-finite float32 .* at input register {IR.ELUATE_PARENT}"):
+        regs[ir("eluate_parent_bq") : ir("eluate_parent_bq") + 2] = float32_to_registers(value, order)
+        with pytest.raises(FrameError, match=f"non-finite float32 .* at input register {ir('eluate_parent_bq')}"):
             decode_status(regs, order)
 
 
 async def test_station_serving_nan_is_a_frame_error_and_polling_goes_on(make: Make) -> None:
     sim, driver = await make("tcp", word_order=WordOrder.CDAB)
     sim.override_input_registers(_non_finite_words(WordOrder.CDAB))
-    with pytest.raises(FrameError, match=f"non-finite float32 nan at input register {IR.ELUATE_ACTIVITY}"):
+    with pytest.raises(FrameError, match=f"non-finite float32 nan at input register {ir('eluate_activity_bq')}"):
         await driver.poll()
     sim.override_input_registers(
         {
-            IR.ELUATE_ACTIVITY: float32_to_registers(1e9, WordOrder.CDAB),
-            IR.LINE_DOSE_RATE: float32_to_registers(math.inf, WordOrder.CDAB),
+            ir("eluate_activity_bq"): float32_to_registers(1e9, WordOrder.CDAB),
+            ir("line_dose_rate_usv_h"): float32_to_registers(math.inf, WordOrder.CDAB),
         }
     )
-    with pytest.raises(FrameError, match=f"non-finite float32 inf at input register {IR.LINE_DOSE_RATE}"):
+    with pytest.raises(FrameError, match=f"non-finite float32 inf at input register {ir('line_dose_rate_usv_h')}"):
         await driver.poll()
     sim.override_input_registers({})
     assert (await driver.poll()).status.line_dose_rate_usv_h == pytest.approx(sim.model.profile.background_usv_h)

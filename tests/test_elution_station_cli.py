@@ -10,7 +10,9 @@ import sys
 
 import pytest
 
-from hotlab.drivers.elution_station import ElutionStationDriver, ModbusRtuLink, ModbusTcpLink, StationState
+from hotlab.drivers.elution_station import ElutionStationDriver
+from hotlab.drivers.modbus_links import ModbusRtuLink, ModbusTcpLink
+from hotlab.drivers.station_registers import StationState
 from hotlab.simulators import elution_station_cli
 
 SERVING = re.compile(r"serving Modbus (?:TCP on (\S+):(\d+)|RTU on (\S+) )")

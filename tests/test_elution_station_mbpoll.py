@@ -14,8 +14,15 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from hotlab.drivers.elution_station import IR, NUCLIDE_NUMBERS, REGISTER_MAP_VERSION, DiscreteInput, StationState
 from hotlab.drivers.modbus_words import WordOrder, registers_to_string
+from hotlab.drivers.station_registers import (
+    DISCRETE_INPUTS,
+    INPUT_REGISTERS,
+    NUCLIDE_NUMBERS,
+    REGISTER_MAP_VERSION,
+    DiscreteInput,
+    StationState,
+)
 from hotlab.simulators.elution_station import ElutionStationSimulator, StationClock, StationModel
 from hotlab.simulators.generator_physics import NS_PER_S, GeneratorColumn, get_profile
 
@@ -25,6 +32,17 @@ pytestmark = [
 ]
 
 VALUE_LINE = re.compile(r"^\[(\d+)\]:\s+(\S+)", re.MULTILINE)
+
+
+def ir(name: str) -> int:
+    """The address of input register `name`."""
+    return INPUT_REGISTERS[name].address
+
+
+def words(values: dict[int, str], name: str) -> list[int]:
+    """The words of input register `name` in mbpoll's output."""
+    register = INPUT_REGISTERS[name]
+    return [int(values[address]) for address in range(register.address, register.end)]
 
 
 def make_simulator(order: WordOrder) -> ElutionStationSimulator:
@@ -72,32 +90,35 @@ def tcp(port: int, *args: str) -> tuple[str, ...]:
 
 async def test_mbpoll_reads_the_input_register_block(station_abcd) -> None:
     sim, port = station_abcd
-    values = await mbpoll(*tcp(port, "-t", "3", "-r", "0", "-c", str(IR.COUNT)))
-    assert sorted(values) == list(range(IR.COUNT))
-    regs = [int(values[a]) for a in range(IR.COUNT)]
-    assert regs[IR.MAP_VERSION] == REGISTER_MAP_VERSION
-    assert regs[IR.STATE] == StationState.IDLE
-    assert regs[IR.PARENT_CODE] == NUCLIDE_NUMBERS["Ge-68"] and regs[IR.DAUGHTER_CODE] == NUCLIDE_NUMBERS["Ga-68"]
-    assert registers_to_string(regs[IR.GENERATOR_ID : IR.GENERATOR_ID + 8]) == "GE68-MB-01"
-    assert registers_to_string(regs[IR.MODEL : IR.MODEL + 8]) == sim.model.identity.model
+    values = await mbpoll(*tcp(port, "-t", "3", "-r", "0", "-c", str(INPUT_REGISTERS.count)))
+    assert sorted(values) == list(range(INPUT_REGISTERS.count))
+    regs = [int(values[a]) for a in range(INPUT_REGISTERS.count)]
+    assert regs[ir("map_version")] == REGISTER_MAP_VERSION
+    assert regs[ir("state")] == StationState.IDLE
+    assert (
+        regs[ir("parent_nuclide")] == NUCLIDE_NUMBERS["Ge-68"]
+        and regs[ir("daughter_nuclide")] == NUCLIDE_NUMBERS["Ga-68"]
+    )
+    assert registers_to_string(words(values, "generator_id")) == "GE68-MB-01"
+    assert registers_to_string(words(values, "model")) == sim.model.identity.model
 
 
 async def test_mbpoll_float_big_endian_matches_the_calibration_activity(station_abcd) -> None:
     sim, port = station_abcd
-    values = await mbpoll(*tcp(port, "-B", "-t", "3:float", "-r", str(IR.CAL_ACTIVITY), "-c", "1"))
-    assert float(values[IR.CAL_ACTIVITY]) == pytest.approx(1.85e9, rel=1e-5)
-    counter = await mbpoll(*tcp(port, "-B", "-t", "3:int", "-r", str(IR.CAL_TIME), "-c", "1"))
-    assert int(counter[IR.CAL_TIME]) == sim.model.column.cal_time_ns // NS_PER_S
+    values = await mbpoll(*tcp(port, "-B", "-t", "3:float", "-r", str(ir("cal_activity_bq")), "-c", "1"))
+    assert float(values[ir("cal_activity_bq")]) == pytest.approx(1.85e9, rel=1e-5)
+    counter = await mbpoll(*tcp(port, "-B", "-t", "3:int", "-r", str(ir("cal_time_ns")), "-c", "1"))
+    assert int(counter[ir("cal_time_ns")]) == sim.model.column.cal_time_ns // NS_PER_S
 
 
 async def test_mbpoll_default_word_order_is_cdab() -> None:
     sim = make_simulator(WordOrder.CDAB)
     _, port = await sim.start_tcp()
     try:
-        values = await mbpoll(*tcp(port, "-t", "3:float", "-r", str(IR.CAL_ACTIVITY), "-c", "1"))
+        values = await mbpoll(*tcp(port, "-t", "3:float", "-r", str(ir("cal_activity_bq")), "-c", "1"))
     finally:
         await sim.stop()
-    assert float(values[IR.CAL_ACTIVITY]) == pytest.approx(1.85e9, rel=1e-5)
+    assert float(values[ir("cal_activity_bq")]) == pytest.approx(1.85e9, rel=1e-5)
 
 
 async def test_mbpoll_starts_an_elution_with_the_panel_coil(station_abcd) -> None:
@@ -108,7 +129,7 @@ async def test_mbpoll_starts_an_elution_with_the_panel_coil(station_abcd) -> Non
     assert sim.model.requested_volume_ml == 4.5
     coils = await mbpoll(*tcp(port, "-t", "0", "-r", "0", "-c", "3"))
     assert coils == {0: "0", 1: "0", 2: "0"}  # momentary: reads back off
-    inputs = await mbpoll(*tcp(port, "-t", "1", "-r", "0", "-c", str(len(DiscreteInput))))
+    inputs = await mbpoll(*tcp(port, "-t", "1", "-r", "0", "-c", str(DISCRETE_INPUTS.count)))
     assert inputs[DiscreteInput.PUMP] == "1" and inputs[DiscreteInput.FAULT] == "0"
 
 
@@ -121,5 +142,5 @@ async def test_mbpoll_reads_rtu_on_the_pty() -> None:
         )
     finally:
         await sim.stop()
-    assert int(values[IR.MAP_VERSION]) == REGISTER_MAP_VERSION
-    assert registers_to_string([int(values[a]) for a in range(IR.MODEL, IR.MODEL + 8)]) == "HL-ES100"
+    assert int(values[ir("map_version")]) == REGISTER_MAP_VERSION
+    assert registers_to_string(words(values, "model")) == "HL-ES100"
