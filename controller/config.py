@@ -27,7 +27,8 @@ from typing import Any, Literal
 from hotlab.controller.config_table import ConfigError, ConfigTable
 from hotlab.controller.event_loop import DEFAULT_EVENT_LOOP, EVENT_LOOPS
 from hotlab.drivers.calibrator import CALIBRATOR_DRIVERS
-from hotlab.drivers.elution_station import ElutionStationDriver, ModbusRtuLink, ModbusTcpLink
+from hotlab.drivers.elution_station import ElutionStationDriver
+from hotlab.drivers.modbus_links import ModbusRtuLink, ModbusTcpLink
 
 #: The calibrator families a config may name: exactly those the driver registry can build.
 CALIBRATOR_FAMILIES: tuple[str, ...] = tuple(CALIBRATOR_DRIVERS)

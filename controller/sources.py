@@ -95,11 +95,8 @@ class StationSource(_ExclusiveDevice):
     streaming = False
 
     def __init__(self, device: DeviceConfig, state_dir: Path) -> None:
-        from hotlab.drivers.elution_station import (
-            ElutionStationDriver,
-            ModbusRtuLink,
-            ModbusTcpLink,
-        )
+        from hotlab.drivers.elution_station import ElutionStationDriver
+        from hotlab.drivers.modbus_links import ModbusRtuLink, ModbusTcpLink
 
         super().__init__()
         link = device.transport  # config builds the driver's own link dataclasses

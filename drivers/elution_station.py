@@ -41,8 +41,6 @@ from pymodbus.pdu import ModbusPDU
 from hotlab.backoff import Backoff
 from hotlab.drivers.counter_store import CounterStore, MemoryCounterStore, SqliteCounterStore
 from hotlab.drivers.modbus_links import ModbusClient, ModbusLink, describe_link, make_client
-from hotlab.drivers.modbus_links import ModbusRtuLink as ModbusRtuLink  # re-exported, see below
-from hotlab.drivers.modbus_links import ModbusTcpLink as ModbusTcpLink  # re-exported, see below
 from hotlab.drivers.modbus_words import WordOrder
 from hotlab.drivers.records import (
     DeviceDisconnected,
@@ -54,20 +52,13 @@ from hotlab.drivers.records import (
 )
 from hotlab.drivers.station_registers import (
     INPUT_REGISTERS,
+    CommandCode,
     CommandResult,
+    StationState,
     StationStatus,
     decode_status,
     encode_command,
 )
-from hotlab.drivers.station_registers import NS_PER_S as NS_PER_S  # re-exported, see below
-from hotlab.drivers.station_registers import CommandCode as CommandCode  # re-exported, see below
-from hotlab.drivers.station_registers import FaultCode as FaultCode  # re-exported, see below
-from hotlab.drivers.station_registers import StationState as StationState  # re-exported, see below
-
-# The "re-exported" names lived here before the register map and the links had modules of their
-# own; controller/config.py, controller/sources.py, controller/lab/simulated_lab.py and
-# tests/test_config.py, test_commands.py, test_commands_service.py and test_service_station.py
-# still import them from here. Drop the `as` re-exports once those import from the new modules.
 
 log = logging.getLogger(__name__)
 

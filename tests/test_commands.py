@@ -45,7 +45,8 @@ from hotlab.controller.config import (
     SerialTransport,
     parse_config,
 )
-from hotlab.drivers.elution_station import CommandOutcome, StationState
+from hotlab.drivers.elution_station import CommandOutcome
+from hotlab.drivers.station_registers import StationState
 
 SCHEMAS = Path(__file__).resolve().parent.parent / "controller" / "schemas"
 STATION = DeviceConfig("gen-1", "elution-1", "elution_station", ModbusTcpTransport("127.0.0.1"))

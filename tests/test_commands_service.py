@@ -26,7 +26,7 @@ from hotlab.controller.audit import AuditRecord, iter_records
 from hotlab.controller.cli.main import main as hotlab
 from hotlab.controller.config import parse_config
 from hotlab.controller.service import ControllerService
-from hotlab.drivers.elution_station import FaultCode, StationState
+from hotlab.drivers.station_registers import FaultCode, StationState
 from hotlab.simulators.calibrator_vik202 import Vik202Simulator
 from hotlab.simulators.elution_station import (
     ElutionStationSimulator,
@@ -337,9 +337,10 @@ async def test_a_command_retained_while_the_controller_listens_is_refused(lab: L
     topic = f"{TOPIC}/start_elution"
     try:
         reply = await lab.requester.send(topic, command("alice", {"volume_ml": 5.0}), retain=True)
-    finally:
-        await lab.requester.client.publish(topic, b"", qos=1, retain=True)  # clear it from the broker
+    finally:  # clear it from the broker; the empty retained message is itself answered as refused
+        cleared = await lab.requester.send(topic, b"", retain=True)
     assert reply["outcome"] == "malformed" and "retained commands are refused" in reply["error"]
+    assert cleared["outcome"] == "malformed"
     assert lab.model.state is StationState.IDLE
     assert (await lab.requester.send(topic, command("alice", {"volume_ml": 5.0})))["outcome"] == "executed"
 

@@ -93,7 +93,7 @@ word_order = "CDAB"
     assert device.transport == ModbusRtuTransport("socket://127.0.0.1:5020", 19200, 7, "CDAB")
     assert device.poll_interval_s == 1.0
     # The driver's own link description, not a field-for-field copy of it.
-    from hotlab.drivers.elution_station import ModbusRtuLink
+    from hotlab.drivers.modbus_links import ModbusRtuLink
 
     assert type(device.transport) is ModbusRtuLink
 

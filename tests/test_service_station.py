@@ -16,7 +16,7 @@ from hotlab.controller.messages import elution_msg_id, iso_utc
 from hotlab.controller.outbox import Outbox
 from hotlab.controller.qc.engine import QcConfig, QcEngine
 from hotlab.controller.service import ControllerService
-from hotlab.drivers.elution_station import NS_PER_S, CommandCode
+from hotlab.drivers.station_registers import NS_PER_S, CommandCode
 from hotlab.simulators.elution_station import (
     ElutionStationSimulator,
     StationClock,

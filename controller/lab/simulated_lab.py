@@ -293,7 +293,7 @@ async def _start_station(
 
 async def _press_start_on_front_panel(model: Any, generator: SimGenerator, period_s: float) -> None:
     """Without a broker there is no command path: the operator starts the station by hand."""
-    from hotlab.drivers.elution_station import CommandCode
+    from hotlab.drivers.station_registers import CommandCode
 
     while True:
         await asyncio.sleep(period_s)
