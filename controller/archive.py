@@ -254,6 +254,22 @@ class HistoryArchive:
             rows = self._db.execute(sql, params).fetchall()
         return [json.loads(payload) for (payload,) in rows]
 
+    def latest_audit_anchor(self, field: str, value: str) -> dict[str, Any] | None:
+        """The `audit_anchor` payload with the highest `seq` whose `field` ("trail_id" or "trail") is `value`.
+
+        SQLite's JSON functions pick it, so `hotlab audit verify` loads one row however many
+        anchors the archive holds (controller/audit.py `TrailIdentity` says which field to match).
+        """
+        if field not in ("trail_id", "trail"):
+            raise HistoryQueryError(f"audit anchors are matched on trail_id or trail, not {field!r}")
+        sql = (
+            "SELECT payload FROM message WHERE kind = 'audit_anchor' AND json_extract(payload, ?) = ? "
+            "ORDER BY json_extract(payload, '$.seq') DESC, time_ns DESC LIMIT 1"
+        )
+        with self._lock:
+            row = self._db.execute(sql, (f"$.{field}", value)).fetchone()
+        return None if row is None else dict(json.loads(row[0]))
+
     def count(self, kind: str | None = None) -> int:
         with self._lock:
             if kind is None:

@@ -11,6 +11,11 @@ An optional HMAC key (see `load_hmac_key`) adds `mac` = HMAC-SHA256(key, hash), 
 rewriting the whole chain with fresh hashes is detectable by anyone holding the key; the
 threat model is in docs/audit-and-report.md.
 
+A chain cut short at its end is still an intact chain, so the controller publishes the head
+after each append as an anchor (controller/audit_anchor.py) and `verify_chain` checks the file
+against the newest anchor it is given (`AuditAnchor`): a trail shorter than the anchor was
+truncated, a different hash at the anchor's seq means it was rewritten.
+
 Durability: a record is written with one `write` on an O_APPEND descriptor and fsynced
 before `append` returns, under a process lock and an `flock`, so concurrent appenders (threads,
 asyncio tasks via `append_async`, even other processes) never interleave. A crash mid-write
@@ -33,12 +38,13 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from hotlab.controller.messages import iso_utc
+from hotlab.controller.messages import SCHEMA_VERSION, iso_utc
 from hotlab.errors import HotlabError, InputError
 
 SCHEMA = "hotlab.audit/1"
+ANCHOR_SCHEMA = f"hotlab.audit_anchor/{SCHEMA_VERSION}"
 #: `prev_hash` of the first record: a fixed, documented value rather than zeros, so an
 #: empty-string or all-zero hash forged into line 1 is also a mismatch.
 GENESIS_HASH = hashlib.sha256(b"hotlab audit trail genesis v1").hexdigest()
@@ -57,6 +63,7 @@ KEY_FILE_ENV = "HOTLAB_AUDIT_KEY_FILE"
 MIN_KEY_BYTES = 32
 
 _ACTION_NAME = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z0-9_]+)+$")
+_HASH = re.compile(r"^[0-9a-f]{64}$")
 _TAIL_CHUNK = 64 * 1024
 _REQUIRED_FIELDS: dict[str, type] = {
     "schema": str,
@@ -209,6 +216,73 @@ class ChainBreak:
 
 
 @dataclass(frozen=True, slots=True)
+class AuditAnchor:
+    """A head of the trail published by the controller: record `seq` existed, with `hash`, at `time_ns`.
+
+    `source` says where it was read (the history archive, an MQTT topic), so a verdict can name it.
+    """
+
+    trail: str
+    trail_id: str
+    seq: int
+    hash: str
+    time_ns: int
+    source: str
+
+    @classmethod
+    def from_payload(cls, payload: Any, source: str) -> AuditAnchor | None:
+        """The anchor in an `audit_anchor` payload, or None if it is not a well-formed one (never trusted half-read)."""
+        if not isinstance(payload, dict) or payload.get("schema") != ANCHOR_SCHEMA:
+            return None
+        trail, trail_id, digest = payload.get("trail"), payload.get("trail_id"), payload.get("hash")
+        seq, time_ns = _natural(payload.get("seq")), _natural(payload.get("time_ns"))
+        if not (isinstance(trail, str) and isinstance(trail_id, str) and isinstance(digest, str)):
+            return None
+        if not (_HASH.match(trail_id) and _HASH.match(digest)) or seq is None or seq < 1 or time_ns is None:
+            return None
+        return cls(trail, trail_id, seq, digest, time_ns, source)
+
+    def describe(self) -> str:
+        return f"#{self.seq} {_short(self.hash)} of {iso_utc(self.time_ns)} from {self.source}"
+
+
+@dataclass(frozen=True, slots=True)
+class TrailIdentity:
+    """Which anchors belong to a trail: those naming the hash of its first record (`trail_id`).
+
+    That hash is the same in every copy of the trail, wherever it lies. A trail without a readable
+    first record (emptied, missing, garbled) can only be recognised by the path the controller
+    writes it to (`trail`, resolved).
+    """
+
+    field: Literal["trail_id", "trail"]
+    value: str
+
+    @classmethod
+    def of(cls, path: str | Path) -> TrailIdentity:
+        first = first_record_hash(path)
+        return cls("trail_id", first) if first is not None else cls("trail", str(Path(path).resolve()))
+
+    def matches(self, payload: dict[str, Any]) -> bool:
+        return payload.get(self.field) == self.value
+
+
+def first_record_hash(path: str | Path) -> str | None:
+    """The `hash` of the trail's first line, its identity; None if there is no readable first record."""
+    try:
+        with Path(path).open("rb") as fh:
+            first = fh.readline()
+    except FileNotFoundError:
+        return None
+    try:
+        body = json.loads(first.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    digest = body.get("hash") if isinstance(body, dict) else None
+    return digest if isinstance(digest, str) and _HASH.match(digest) else None
+
+
+@dataclass(frozen=True, slots=True)
 class VerifyResult:
     path: Path
     records: int
@@ -216,21 +290,53 @@ class VerifyResult:
     mac_checked: bool
     mac_present: bool
     broken: ChainBreak | None
+    #: The anchor the trail was checked against, if one was given.
+    anchor: AuditAnchor | None = None
+    #: The trail's hash at `anchor.seq`, when the intact chain reached that far.
+    hash_at_anchor: str | None = None
+
+    @property
+    def missing(self) -> int:
+        """Records the anchor proves existed and the intact trail does not hold: its end was cut off."""
+        if self.anchor is None or self.broken is not None:
+            return 0
+        return max(0, self.anchor.seq - self.records)
+
+    @property
+    def rewritten(self) -> bool:
+        """The record at the anchor's seq is not the one the anchor saw."""
+        return self.anchor is not None and self.hash_at_anchor not in (None, self.anchor.hash)
 
     @property
     def ok(self) -> bool:
-        return self.broken is None
+        return self.broken is None and self.missing == 0 and not self.rewritten
 
     def summary(self) -> str:
         if self.broken is not None:
             return f"audit trail {self.path} is BROKEN after {self.records} intact record(s)\n{self.broken.describe()}"
+        if self.anchor is not None and self.missing:
+            return (
+                f"audit trail {self.path} is TRUNCATED: {self.missing} record(s) missing at its end; it holds "
+                f"{self.records} record(s), but the anchor from {self.anchor.source} shows record #{self.anchor.seq} "
+                "existed"
+            )
+        if self.anchor is not None and self.rewritten:
+            return (
+                f"audit trail {self.path} is BROKEN: record #{self.anchor.seq} has hash {_short(self.hash_at_anchor or '')}, "
+                f"but the anchor from {self.anchor.source} says {_short(self.anchor.hash)}: the trail was rewritten"
+            )
         if self.mac_checked:
             mac = "HMAC verified"
         elif self.mac_present:
             mac = "HMAC present but NOT checked (no key configured)"
         else:
             mac = "no HMAC"
-        return f"audit trail {self.path} OK: {self.records} record(s), head {self.head_hash}, {mac}"
+        text = f"audit trail {self.path} OK: {self.records} record(s), head {self.head_hash}, {mac}"
+        if self.anchor is None:
+            return text
+        text += f"; record #{self.anchor.seq} matches the anchor"
+        newer = self.records - self.anchor.seq
+        return text + (f" ({newer} later record(s) not covered by an anchor yet)" if newer else "")
 
 
 def _structure_problem(body: Any) -> str | None:
@@ -244,6 +350,11 @@ def _structure_problem(body: Any) -> str | None:
     if body["schema"] != SCHEMA:
         return f"has schema {body['schema']!r}, expected {SCHEMA!r}"
     return None
+
+
+def _natural(value: Any) -> int | None:
+    """`value` if it is a non-negative integer (a bool is not one), else None."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
 def _short(value: str) -> str:
@@ -295,34 +406,44 @@ def _check_line(
     return body, ChainBreak(line_no, problem, tuple(diffs))
 
 
-def verify_chain(path: str | Path, key: bytes | None = None) -> VerifyResult:
+def verify_chain(path: str | Path, key: bytes | None = None, anchor: AuditAnchor | None = None) -> VerifyResult:
     """Walk the whole log once (streaming) and return the first break, if any.
 
+    With an `anchor`, the result also says whether the trail still reaches the anchor's seq
+    (`missing`) and still holds the anchored record there (`rewritten`).
     A missing file is an empty, intact trail (nothing has been audited yet).
     """
     log_path = Path(path)
     prev_hash = GENESIS_HASH
     count = 0
     mac_present = False
+    at_anchor: str | None = None
+
+    def result(broken: ChainBreak | None) -> VerifyResult:
+        return VerifyResult(log_path, count, prev_hash, key is not None, mac_present, broken, anchor, at_anchor)
+
     if not log_path.exists():
-        return VerifyResult(log_path, 0, prev_hash, key is not None, False, None)
+        return result(None)
     with log_path.open("rb") as fh:
         for line_no, raw in enumerate(fh, start=1):
             if not raw.endswith(b"\n"):
-                torn = ChainBreak(
-                    line_no,
-                    f"is a torn last line ({len(raw)} bytes, no newline): a crash interrupted an append; "
-                    "that action was never confirmed, and the next append will set the fragment aside",
+                return result(
+                    ChainBreak(
+                        line_no,
+                        f"is a torn last line ({len(raw)} bytes, no newline): a crash interrupted an append; "
+                        "that action was never confirmed, and the next append will set the fragment aside",
+                    )
                 )
-                return VerifyResult(log_path, count, prev_hash, key is not None, mac_present, torn)
             body, broken = _check_line(line_no, raw[:-1], prev_hash, key)
             if broken is not None:
-                return VerifyResult(log_path, count, prev_hash, key is not None, mac_present, broken)
+                return result(broken)
             assert body is not None
             mac_present = mac_present or "mac" in body
             prev_hash = body["hash"]
             count += 1
-    return VerifyResult(log_path, count, prev_hash, key is not None, mac_present, None)
+            if anchor is not None and line_no == anchor.seq:
+                at_anchor = prev_hash
+    return result(None)
 
 
 def iter_records(path: str | Path) -> Iterator[AuditRecord]:

@@ -507,6 +507,8 @@ async def _execute_calibrator(control: CalibratorControl, command: Command) -> R
 
 Publish = Callable[[str, dict[str, Any]], Awaitable[bool]]
 Lookup = Callable[[str], CommandTarget | None]
+#: Told about every record the handler appended (the service anchors the trail's head with it).
+OnAudited = Callable[[AuditRecord], None]
 
 
 class CommandHandler:
@@ -514,7 +516,9 @@ class CommandHandler:
 
     At most `concurrency` commands are handled at once; `submit` waits for a slot, which
     slows the MQTT receive loop rather than growing an unbounded backlog. Commands for one
-    device are serialised by that device's source lock, not here.
+    device are serialised by that device's source lock, not here. `on_audited` is called with
+    each record appended (synchronously, so it must only note it); an exception from it is
+    logged and never reaches the command.
     """
 
     def __init__(
@@ -528,8 +532,10 @@ class CommandHandler:
         concurrency: int = 8,
         max_age_s: float = DEFAULT_MAX_AGE_S,
         clock_ns: Callable[[], int] = time.time_ns,
+        on_audited: OnAudited | None = None,
     ) -> None:
         self.site = site
+        self._on_audited = on_audited
         self.max_age_s = max_age_s
         self._clock_ns = clock_ns
         self.authoriser = authoriser
@@ -786,7 +792,7 @@ class CommandHandler:
             new_value["result"] = result.new_value
         if not result.sent:
             new_value["sent"] = False
-        return await self.audit.append_async(
+        record = await self.audit.append_async(
             actor=context.claim.actor,
             action=context.audit_action,
             target=context.target,
@@ -794,6 +800,12 @@ class CommandHandler:
             old_value=result.old_value,
             new_value=new_value,
         )
+        if self._on_audited is not None:
+            try:
+                self._on_audited(record)
+            except Exception:  # the record is written: whatever the hook does, the command goes on
+                log.exception("audit record #%d written, but its hook failed", record.seq)
+        return record
 
     async def _audit_quietly(self, context: _Context, result: Result, detail: dict[str, Any]) -> AuditRecord | None:
         """Audit an outcome; a failing trail is logged loudly but does not hide the outcome from the requester."""

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from hotlab.drivers.records import ElutionRecord, Reading
 
-Kind = Literal["reading", "elution", "qc_result", "device_status"]
+Kind = Literal["reading", "elution", "qc_result", "device_status", "audit_anchor"]
 SCHEMA_VERSION = 1
 TOPIC_ROOT = "hotlab"
 
@@ -77,6 +77,11 @@ def _envelope(kind: Kind, time_ns: int, msg_id: str | None = None) -> dict[str, 
 
 def device_topic(site: str, station: str, device: str, leaf: str) -> str:
     return f"{TOPIC_ROOT}/{site}/{station}/{device}/{leaf}"
+
+
+def controller_topic(site: str, leaf: str) -> str:
+    """hotlab/<site>/controller/<leaf>: the controller's own status, alarms and audit anchor."""
+    return f"{TOPIC_ROOT}/{site}/controller/{leaf}"
 
 
 def reading_message(site: str, station: str, reading: Reading) -> Message:
@@ -182,3 +187,22 @@ def device_status_message(
         "detail": detail,
     }
     return Message("device_status", device_topic(site, station, device, "status"), payload)
+
+
+def audit_anchor_message(site: str, *, trail: str, trail_id: str, seq: int, hash_hex: str, time_ns: int) -> Message:
+    """The head of the audit trail after an append: record `seq` of the trail `trail_id` exists and has `hash_hex`.
+
+    `trail_id` is the hash of the trail's first record (its identity wherever a copy of it lies),
+    `trail` the path the controller writes it to, `time_ns` the head record's own time. The
+    msg_id is name-based, so an anchor replayed from the outbox is recognisably the same message.
+    controller/audit_anchor.py says why anchors exist; `hotlab audit verify` reads them back.
+    """
+    name = json.dumps(["audit_anchor", trail_id, int(seq), hash_hex])
+    payload = _envelope("audit_anchor", time_ns, uuid.uuid5(MSG_ID_NAMESPACE, name).hex) | {
+        "site": site,
+        "trail": trail,
+        "trail_id": trail_id,
+        "seq": int(seq),
+        "hash": hash_hex,
+    }
+    return Message("audit_anchor", controller_topic(site, "audit"), payload)

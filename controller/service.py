@@ -25,9 +25,10 @@ Rules this module enforces:
 * Control commands from MQTT (controller/commands.py) reach a device only through its source,
   which holds one lock per device around connect, read, close and every command, so a
   command and a poll never interleave on the wire and a failed command leaves polling alone.
-  Every attempt is audited in `[commands] audit_path` (default `<state_dir>/audit.jsonl`).
+  Every attempt is audited in `[commands] audit_path` (default `<state_dir>/audit.jsonl`),
+  and the trail's new head is committed as an `audit_anchor` (controller/audit_anchor.py).
 * Shutdown (SIGINT/SIGTERM or `--duration`): refuse new commands and let those in progress
-  finish, stop reading devices (the item in hand is
+  finish (and their audit anchor be committed), stop reading devices (the item in hand is
   committed), commit an "offline" status per device, give the sinks `drain_timeout_s` to
   send the backlog, publish the controller's offline status, close the outbox. What was not
   sent stays on disk and goes first after the next start.
@@ -52,6 +53,7 @@ from typing import Any, Protocol
 
 from hotlab.backoff import Backoff
 from hotlab.controller.audit import AuditKeyError, AuditLog, load_hmac_key
+from hotlab.controller.audit_anchor import AnchorPublisher
 from hotlab.controller.commands import Authoriser, CommandHandler, CommandTarget
 from hotlab.controller.config import (
     DeviceConfig,
@@ -207,6 +209,7 @@ class ControllerService:
         self.mqtt: MqttSink | None = None
         self.supervisors: dict[str, DeviceSupervisor] = {}
         self.commands: CommandHandler | None = None
+        self.anchors: AnchorPublisher | None = None
         self._audit_key: bytes | None = None
         self.committed = 0
         self._alarm_active = False
@@ -276,6 +279,8 @@ class ControllerService:
             )
             if self.commands is not None:
                 await self.commands.close()
+            if self.anchors is not None:
+                await self.anchors.close(cfg.service.drain_timeout_s)
             await self._stop_devices(device_tasks)
             await self._commit_final_statuses()
             monitor.cancel()
@@ -390,12 +395,14 @@ class ControllerService:
         audit_path = cfg.commands.resolved_audit_path(cfg.service.state_dir)
         if not cfg.operators:
             log.warning("no [[operator]] configured: every MQTT control command will be refused (and audited)")
+        self.anchors = AnchorPublisher(cfg.site, audit_path, self._commit_messages)
         handler = CommandHandler(
             cfg.site,
             Authoriser(cfg.operators, cfg.commands.min_role),
             AuditLog(audit_path, key=self._audit_key),
             mqtt.publish_reply,
             self._command_target,
+            on_audited=self.anchors.offer,
         )
         log.info("control commands on %s, audited in %s", handler.topic_filter, audit_path)
         return handler

@@ -9,7 +9,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hotlab.controller.messages import Message, device_status_message, elution_message, qc_message, reading_message
+from hotlab.controller.messages import (
+    Message,
+    audit_anchor_message,
+    device_status_message,
+    elution_message,
+    qc_message,
+    reading_message,
+)
 from hotlab.controller.sinks.influx import InfluxConfig, InfluxConfigError
 from hotlab.controller.sinks.influx_points import PointError, message_to_line
 from hotlab.drivers.records import ElutionRecord, Reading
@@ -71,6 +78,21 @@ def test_verdict_is_a_tag_and_a_graphable_code(verdict: str, code: str | None) -
     line = message_to_line(_qc(verdict))
     assert f",verdict={verdict} " in line
     assert _fields(line).get("verdict_code") == code
+
+
+def test_audit_anchor_is_one_series_per_trail_with_its_head() -> None:
+    trail_id, head = "1" * 64, "2" * 64
+    message = audit_anchor_message(
+        "lab", trail="/var/audit.jsonl", trail_id=trail_id, seq=17, hash_hex=head, time_ns=T0
+    )
+    line = message_to_line(message)
+    assert line.startswith(f"audit_anchor,site=lab,trail_id={trail_id} ") and line.endswith(f" {T0}")
+    assert _fields(line) == {
+        "hash": f'"{head}"',
+        "msg_id": f'"{message.msg_id}"',
+        "seq": "17",
+        "trail": '"/var/audit.jsonl"',
+    }
 
 
 @pytest.mark.parametrize(

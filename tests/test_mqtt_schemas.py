@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -11,6 +12,7 @@ import jsonschema
 import pytest
 
 from hotlab.controller.messages import (
+    audit_anchor_message,
     device_status_message,
     elution_message,
     qc_message,
@@ -50,10 +52,20 @@ def examples() -> dict[str, dict[str, Any]]:
         ).payload,
         "device_status": device_status_message("lab", "hotcell-1", "cal-1", up=True, latency_ms=12.5, errors=0).payload,
         "controller_status": controller_status_payload("lab", "ctl", "online", "connected", now, pid=1),
+        "audit_anchor": audit_anchor_message(
+            "lab",
+            trail="/var/lib/hotlab/audit.jsonl",
+            trail_id=hashlib.sha256(b"first record").hexdigest(),
+            seq=42,
+            hash_hex=hashlib.sha256(b"record 42").hexdigest(),
+            time_ns=now,
+        ).payload,
     }
 
 
-@pytest.mark.parametrize("kind", ["reading", "elution", "qc_result", "device_status", "controller_status"])
+@pytest.mark.parametrize(
+    "kind", ["reading", "elution", "qc_result", "device_status", "controller_status", "audit_anchor"]
+)
 def test_builders_match_their_schema(kind: str) -> None:
     validator(kind).validate(examples()[kind])
 
@@ -72,6 +84,9 @@ def test_last_will_has_no_time_but_is_valid() -> None:
         ("qc_result", lambda p: p.update(verdict="ok")),
         ("device_status", lambda p: p.update(surprise=1)),
         ("controller_status", lambda p: p.update(state="sleeping")),
+        ("audit_anchor", lambda p: p.update(seq=0)),
+        ("audit_anchor", lambda p: p.update(hash="abc")),
+        ("audit_anchor", lambda p: p.pop("trail_id")),
     ],
 )
 def test_schemas_reject_wrong_payloads(kind: str, mutate: Any) -> None:

@@ -6,7 +6,14 @@ it: `[commands] audit_path`, else `<state_dir>/audit.jsonl`); `$HOTLAB_AUDIT_LOG
 `verify` and `show` unless --allow-empty: a typo in the path, or a deleted trail, must not read
 as "intact".
 
-Exit codes follow controller/cli/main.py: 0 ok, 1 broken chain, missing trail or failed write, 2 bad input.
+`verify` also checks the trail against the newest anchor of it that it can reach (the history
+archive: --archive, else that of the --config lab or of the known lab whose trail it is; and
+the retained MQTT anchor with --mqtt-host), and names the anchor it used. A chain cut short at
+its end is intact, so without an anchor that truncation cannot be seen: verify says so, and
+--require-anchor makes it a failure.
+
+Exit codes follow controller/cli/main.py: 0 ok, 1 broken chain, truncated trail, missing trail
+or anchor (with --require-anchor), or failed write, 2 bad input.
 """
 
 from __future__ import annotations
@@ -21,12 +28,15 @@ from typing import Any
 from hotlab.controller.archive import TimeRange
 from hotlab.controller.audit import (
     AuditLog,
+    TrailIdentity,
     iter_records,
     load_hmac_key,
     verify_chain,
 )
-from hotlab.controller.cli.lab_records import latest_lab
-from hotlab.controller.config import load_audit_path
+from hotlab.controller.cli.audit_anchors import Broker, find_anchor
+from hotlab.controller.cli.lab_records import KNOWN_LABS, latest_lab
+from hotlab.controller.config import _parse_history, _read_toml, load_audit_path
+from hotlab.controller.config_table import ConfigTable
 from hotlab.errors import HotlabError
 
 PATH_ENV = "HOTLAB_AUDIT_LOG"
@@ -70,6 +80,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--allow-empty",
         action="store_true",
         help="a missing trail is an empty, intact one (e.g. a new lab); default: exit 1",
+    )
+    verify.add_argument(
+        "--archive",
+        type=Path,
+        default=None,
+        help="history archive holding the trail's anchors (default: that of the --config lab, or of the known "
+        "lab whose trail this is)",
+    )
+    verify.add_argument("--mqtt-host", default=None, help="also read the retained anchor from this MQTT broker")
+    verify.add_argument("--mqtt-port", type=int, default=1883, help="MQTT broker port (default 1883)")
+    verify.add_argument(
+        "--mqtt-timeout", type=float, default=3.0, help="seconds to wait for the broker's anchor (default 3)"
+    )
+    verify.add_argument(
+        "--require-anchor",
+        action="store_true",
+        help="exit 1 when no anchor is reachable (a truncation could not be detected); default: say so, exit 0",
     )
     verify.set_defaults(func=_verify)
 
@@ -116,15 +143,41 @@ def _existing_path(args: argparse.Namespace) -> Path:
     return path
 
 
+def _archive_path(args: argparse.Namespace, trail: Path) -> Path | None:
+    """--archive; else the [history] archive of the --config lab; else that of the known lab whose trail this is."""
+    if args.archive is not None:
+        return args.archive
+    if args.config is not None:
+        return _config_archive(args.config)
+    return next((lab.archive for lab in KNOWN_LABS if lab.audit.resolve() == trail.resolve()), None)
+
+
+def _config_archive(config: Path) -> Path | None:
+    """The lab's [history] archive (None if disabled), read as `load_audit_path` reads the trail: without secrets."""
+    root = ConfigTable(_read_toml(config), file=str(config), base_dir=config.resolve().parent)
+    return _parse_history(root.table("history"), root)
+
+
 def _verify(args: argparse.Namespace) -> int:
     key = _key(args)  # a bad key is bad input even when the trail is missing too
+    path = _existing_path(args)
+    broker = None if args.mqtt_host is None else Broker(args.mqtt_host, args.mqtt_port, args.mqtt_timeout)
     try:
-        result = verify_chain(_existing_path(args), key)
+        search = find_anchor(TrailIdentity.of(path), archive=_archive_path(args, path), broker=broker)
+        result = verify_chain(path, key, search.anchor)
     except OSError as exc:
         print(f"error: cannot read {exc.filename}: {exc.strerror}", file=sys.stderr)
         return 1
+    if search.anchor is not None:
+        print(f"anchor used: {search.anchor.describe()}")
     print(result.summary(), file=sys.stdout if result.ok else sys.stderr)
-    return 0 if result.ok else 1
+    unanchored = search.anchor is None and args.require_anchor
+    if search.anchor is None:
+        print(
+            f"no anchor reachable: a truncation of the last records could not be detected ({'; '.join(search.tried)})",
+            file=sys.stderr if unanchored else sys.stdout,
+        )
+    return 0 if result.ok and not unanchored else 1
 
 
 def _show(args: argparse.Namespace) -> int:

@@ -79,6 +79,13 @@ SCHEMAS: dict[str, PointSchema] = {
         float_fields=("up", "latency_ms", "errors"),
         string_fields=("detail",),
     ),
+    # One series per trail (its first record's hash): the trail's growth over time, off the controller host.
+    "audit_anchor": PointSchema(
+        required_tags=("site", "trail_id"),
+        optional_tags=(),
+        float_fields=("seq",),
+        string_fields=("hash", "trail"),
+    ),
 }
 
 

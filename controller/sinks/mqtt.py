@@ -29,8 +29,10 @@ Delivery is therefore at-least-once: a message whose PUBACK was lost is sent aga
 consumers de-duplicate on the payload's `msg_id` (see docs/mqtt.md).
 
 Device statuses are published retained so a dashboard that subscribes later still sees
-each device's last state; readings, elutions and QC results are not retained (a late
-subscriber must not mistake an old reading for a live one).
+each device's last state, and so is the audit anchor (the head of the audit trail,
+controller/audit_anchor.py) so `hotlab audit verify` can read the newest one at any time;
+readings, elutions and QC results are not retained (a late subscriber must not mistake an
+old reading for a live one).
 
 Control commands (controller/commands.py) arrive on the same client: with a router attached,
 each connection subscribes to the command topics (QoS 1; the session is clean, so this is
@@ -61,7 +63,7 @@ import aiomqtt
 
 from hotlab.backoff import Backoff
 from hotlab.controller.config import MqttConfig
-from hotlab.controller.messages import SCHEMA_VERSION, TOPIC_ROOT, iso_utc
+from hotlab.controller.messages import SCHEMA_VERSION, controller_topic, iso_utc
 from hotlab.controller.outbox import AsyncOutbox, StoredPayload
 from hotlab.controller.sinks.aiomqtt_paho import PahoPublisher, retain_as_published
 
@@ -69,11 +71,8 @@ log = logging.getLogger(__name__)
 
 SINK = "mqtt"
 QOS_DATA = 1
-
-
-def controller_topic(site: str, leaf: str) -> str:
-    """hotlab/<site>/controller/<leaf>: the controller's own status and alarms."""
-    return f"{TOPIC_ROOT}/{site}/controller/{leaf}"
+#: Kinds whose last message is the current state, published retained (module docstring).
+RETAINED_KINDS = frozenset({"device_status", "audit_anchor"})
 
 
 def controller_status_payload(
@@ -378,7 +377,7 @@ class MqttSink:
         deadline = time.monotonic() + self.publish_timeout_s
         for stored in batch:
             mid = self._publisher.publish(
-                stored.topic, stored.payload_json, qos=QOS_DATA, retain=stored.kind == "device_status"
+                stored.topic, stored.payload_json, qos=QOS_DATA, retain=stored.kind in RETAINED_KINDS
             )
             entry = _InFlight(stored.seq, deadline)
             self._awaiting_puback[mid] = entry
