@@ -289,6 +289,14 @@ def load_audit_path(path: str | Path) -> Path:
     return _parse_commands(root.table("commands")).resolved_audit_path(service.state_dir)
 
 
+def load_history_path(path: str | Path) -> Path | None:
+    """The history archive the service configured in `path` keeps (None if disabled), read like
+    `load_audit_path`: only [history], so a reader of the archive needs none of the lab's secrets."""
+    file = Path(path)
+    root = ConfigTable(_read_toml(file), file=str(file), base_dir=file.resolve().parent)
+    return _parse_history(root.table("history"), root)
+
+
 def _read_toml(file: Path) -> Mapping[str, Any]:
     try:
         raw = file.read_bytes()

@@ -35,8 +35,7 @@ from hotlab.controller.audit import (
 )
 from hotlab.controller.cli.audit_anchors import Broker, find_anchor
 from hotlab.controller.cli.lab_records import KNOWN_LABS, latest_lab
-from hotlab.controller.config import _parse_history, _read_toml, load_audit_path
-from hotlab.controller.config_table import ConfigTable
+from hotlab.controller.config import load_audit_path, load_history_path
 from hotlab.errors import HotlabError
 
 PATH_ENV = "HOTLAB_AUDIT_LOG"
@@ -148,14 +147,8 @@ def _archive_path(args: argparse.Namespace, trail: Path) -> Path | None:
     if args.archive is not None:
         return args.archive
     if args.config is not None:
-        return _config_archive(args.config)
+        return load_history_path(args.config)
     return next((lab.archive for lab in KNOWN_LABS if lab.audit.resolve() == trail.resolve()), None)
-
-
-def _config_archive(config: Path) -> Path | None:
-    """The lab's [history] archive (None if disabled), read as `load_audit_path` reads the trail: without secrets."""
-    root = ConfigTable(_read_toml(config), file=str(config), base_dir=config.resolve().parent)
-    return _parse_history(root.table("history"), root)
 
 
 def _verify(args: argparse.Namespace) -> int:
