@@ -8,6 +8,7 @@ nanoseconds, and the raw frame kept verbatim so a reading can be audited back to
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from hotlab.errors import HotlabError
 
@@ -56,6 +57,11 @@ class Reading:
     timestamp_ns: int
     raw_frame: bytes = b""
     extra: dict[str, float | str] = field(default_factory=dict)
+    #: "good", or "suspect" when the value is physically implausible (set by the controller's
+    #: plausibility check, `quality_reason` says why). A suspect reading is kept and published,
+    #: but never used by QC, measurements or dose records.
+    quality: Literal["good", "suspect"] = "good"
+    quality_reason: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
