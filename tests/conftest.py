@@ -18,7 +18,10 @@ from collections.abc import Sequence
 from importlib.machinery import ModuleSpec
 from types import ModuleType
 
+import pytest
 from hypothesis import settings
+
+from tests import fault_tally
 
 #: The repository folders that are installed only as `hotlab.<name>`.
 FOLDER_NAMES = frozenset({"controller", "drivers", "simulators", "physics"})
@@ -39,3 +42,12 @@ sys.meta_path.insert(0, _RefuseFolderNames())
 settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
 settings.register_profile("dev", deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "dev"))
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The fault suite's totals (tests/fault_tally.py) as one table after the run."""
+    lines = fault_tally.table()
+    if lines:
+        terminalreporter.section("fault suite: what was produced, delivered, flagged and refused")
+        for line in lines:
+            terminalreporter.write_line(line)
