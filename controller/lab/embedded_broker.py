@@ -43,6 +43,21 @@ def _die_with_parent() -> None:
         _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+def write_file(path: Path, text: str, *, private: bool = False) -> None:
+    """Write `text` to `path` (owner-only if `private`); an OSError always names the file.
+
+    A failed write() raises an OSError without a file name, and on a full disk the user must be
+    told which file could not be written.
+    """
+    try:
+        if private:
+            path.touch(mode=0o600, exist_ok=True)
+            path.chmod(0o600)
+        path.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
+
+
 def free_tcp_port(host: str = "127.0.0.1") -> int:
     """A port that was free a moment ago (bind to port 0 and let the kernel choose)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -192,7 +207,8 @@ class MosquittoBroker:
         self.close()
 
     def _write_config(self) -> Path:
-        directory = self._dir
+        """Write mosquitto.conf and return its absolute path (mosquitto runs with the work dir as its cwd)."""
+        directory = self._dir.resolve()
         lines = [
             f"listener {self.port} {self.host}",
             f"log_dest file {directory / 'mosquitto.log'}",
@@ -226,9 +242,8 @@ class MosquittoBroker:
             lines += [f"cafile {self.tls.cafile}", f"certfile {self.tls.certfile}", f"keyfile {self.tls.keyfile}"]
             if self.tls.require_certificate:
                 lines.append("require_certificate true")
-        config = directory / "mosquitto.conf"
-        config.write_text("\n".join(lines) + "\n")
-        return config
+        write_file(self._dir / "mosquitto.conf", "\n".join(lines) + "\n")
+        return directory / "mosquitto.conf"
 
     def _wait_listening(self) -> bool:
         deadline = time.monotonic() + self.start_timeout_s

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from hotlab.backoff import Backoff
-from hotlab.controller.lab.embedded_broker import BrokerUnavailable, MosquittoBroker
+from hotlab.controller.lab.embedded_broker import BrokerUnavailable, MosquittoBroker, write_file
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +34,9 @@ class PrivateBroker:
     """A supervised `MosquittoBroker` whose files live in `directory` (one per simulated lab)."""
 
     def __init__(self, directory: Path, *, restart: Backoff = Backoff(0.5, 10.0)) -> None:
-        self.directory = directory.resolve()  # mosquitto runs in it, so its config names absolute paths
+        self.directory = directory
         self.restart = restart
-        self.broker = MosquittoBroker(persistence=False, workdir=self.directory, die_with_parent=True)
+        self.broker = MosquittoBroker(persistence=False, workdir=directory, die_with_parent=True)
         self.restarts = 0
 
     @property
@@ -109,7 +109,7 @@ class PrivateBroker:
     def _write_record(self) -> None:
         record = {"pid": self.broker.pid, "port": self.broker.port, "written": time.time()}
         temporary = self.record_path.with_suffix(".tmp")
-        temporary.write_text(json.dumps(record) + "\n")
+        write_file(temporary, json.dumps(record) + "\n")
         temporary.replace(self.record_path)
 
 
@@ -131,7 +131,7 @@ def _stop_orphan(pid: object, directory: Path) -> None:
         command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return  # gone, or no /proc: nothing of ours to stop
-    config = str(directory / "mosquitto.conf").encode()
+    config = str(directory.resolve() / "mosquitto.conf").encode()  # as the broker was started with it
     if not any(part.endswith(b"mosquitto") for part in command) or config not in command:
         return
     log.warning("stopping the private broker (pid %d) that an earlier run left behind", pid)
