@@ -1,4 +1,4 @@
-"""Generator elution station over Modbus (TCP, or RTU on a tty or through a serial device server).
+"""Generator elution station over Modbus (TCP, TCP with TLS, or RTU on a tty or through a serial device server).
 
 The register map and its codec are in hotlab.drivers.station_registers, the links in
 hotlab.drivers.modbus_links and the delivered-counter stores in hotlab.drivers.counter_store;
@@ -6,15 +6,18 @@ this module is the driver and the command types it reports with.
 
 Two promises the controller relies on:
 
-* No finished elution is lost. The station only keeps its last elution, identified by its
-  elution counter. `poll()` returns that elution as an ElutionRecord for as long as its counter
-  is above the last one *delivered* for that (station, generator); the controller calls
-  `mark_delivered(record)` after its outbox commit succeeded, which persists the counter. A
-  crash or dropped connection anywhere before that point means the record comes again, so
-  delivery from the driver is at-least-once; the message id derived from (station, generator,
-  counter) (hotlab.controller.messages.elution_msg_id) makes the sinks drop the replay, which is what
-  makes the stored result exactly-once. Elutions the station finished while nobody polled are
-  gone from the station itself; the driver logs the gap.
+* No finished elution is lost. The station only keeps its last elution, identified by the
+  station's serial number, its counter epoch (when the count last started from 0), the elution
+  counter and the end time. `poll()` returns that elution as an ElutionRecord until the
+  controller calls `mark_delivered(record)` after its outbox commit succeeded, which persists
+  that identity per (station, generator). A crash or dropped connection anywhere before that
+  point means the record comes again, so delivery from the driver is at-least-once; the message
+  id derived from the identity (hotlab.controller.messages.elution_msg_id) makes the sinks drop
+  the replay, which is what makes the stored result exactly-once. A counter that started again
+  (station restarted without keeping it, serviced, replaced, rolled over) is not mistaken for
+  a repeat: the elution is returned with `counter_reset` saying why, and a warning is logged.
+  Elutions the station finished while nobody polled are gone from the station itself; the
+  driver logs the gap.
 * Commands that move radioactivity are never sent casually: each needs a named user and a
   reason, is checked against the station state first, written as one sequenced Modbus
   request, and confirmed by reading the station's command acknowledgement back. The result
@@ -27,6 +30,7 @@ Two promises the controller relies on:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -39,7 +43,7 @@ from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOEx
 from pymodbus.pdu import ModbusPDU
 
 from hotlab.backoff import Backoff
-from hotlab.drivers.counter_store import CounterStore, MemoryCounterStore, SqliteCounterStore
+from hotlab.drivers.counter_store import CounterStore, DeliveredElution, MemoryCounterStore, SqliteCounterStore
 from hotlab.drivers.modbus_links import ModbusClient, ModbusLink, describe_link, make_client
 from hotlab.drivers.modbus_words import WordOrder
 from hotlab.drivers.records import (
@@ -215,10 +219,10 @@ class ElutionStationDriver:
         self._next_connect_at = 0.0
         self._command_lock = asyncio.Lock()
         #: Write-through cache of the store, per generator id, so a poll only touches disk on news.
-        self._last_delivered: dict[str, int | None] = {}
-        #: Per generator, the counter whose gap was already logged, so a record awaiting delivery
-        #: does not repeat the warning on every poll.
-        self._gap_logged: dict[str, int] = {}
+        self._last_delivered: dict[str, DeliveredElution | None] = {}
+        #: Per generator, the elution whose gap or counter restart was already logged, so a record
+        #: awaiting delivery does not repeat the warning on every poll.
+        self._logged: dict[str, DeliveredElution] = {}
 
     # ---- connection ------------------------------------------------------------------------
 
@@ -237,17 +241,20 @@ class ElutionStationDriver:
             )
         if self._client is not None:
             self._client.close()
+            self._client = None
         self._link_lost = asyncio.Event()
-        self._client = make_client(self.link, self.timeout_s, self._on_connection_change)
-        try:
+        problem = ""
+        try:  # a TLS link reads its certificate and key here, so a renewed one is used at the next connect
+            self._client = make_client(self.link, self.timeout_s, self._on_connection_change)
             ok = await self._client.connect()
         except (OSError, ModbusException) as exc:
             ok = False
+            problem = f": {exc}"
             log.debug("%s: connect raised %s", self.station, exc)
         if not ok:
             self._next_connect_at = time.monotonic() + self._backoff.ceiling(self._failed_connects)
             self._failed_connects += 1
-            raise DeviceDisconnected(f"{self.station}: cannot connect to {describe_link(self.link)}")
+            raise DeviceDisconnected(f"{self.station}: cannot connect to {describe_link(self.link)}{problem}")
         self._failed_connects = 0
         self._next_connect_at = 0.0
 
@@ -325,22 +332,25 @@ class ElutionStationDriver:
     async def mark_delivered(self, record: ElutionRecord) -> None:
         """Record that `record` reached the controller's outbox; later polls no longer return it.
 
-        Call only after the outbox commit succeeded. The counter is persisted off the event loop
-        before the cache changes, so a failed write leaves the record pending rather than lost.
-        Marking an older counter than one already delivered changes nothing.
+        Call only after the outbox commit succeeded, in the order the polls returned the records.
+        The identity is persisted off the event loop before the cache changes, so a failed write
+        leaves the record pending rather than lost. Marking an earlier elution of the count
+        already marked changes nothing; a record flagged `counter_reset` starts the new count.
         """
         if record.station != self.station:
             raise ValueError(f"{self.station}: cannot mark an elution of station {record.station!r} delivered")
-        last = await self._delivered_counter(record.generator_id)
-        if last is not None and record.counter <= last:
+        held = _identity(record)
+        last = await self._delivered(record.generator_id)
+        already = last is not None and held.same_count(last) and held.counter <= last.counter
+        if already and record.counter_reset is None:
             return
-        await asyncio.to_thread(self.counter_store.set_last_counter, self.station, record.generator_id, record.counter)
-        self._last_delivered[record.generator_id] = record.counter
+        await asyncio.to_thread(self.counter_store.set_last_delivered, self.station, record.generator_id, held)
+        self._last_delivered[record.generator_id] = held
 
-    async def _delivered_counter(self, generator_id: str) -> int | None:
+    async def _delivered(self, generator_id: str) -> DeliveredElution | None:
         if generator_id not in self._last_delivered:
             self._last_delivered[generator_id] = await asyncio.to_thread(
-                self.counter_store.last_counter, self.station, generator_id
+                self.counter_store.last_delivered, self.station, generator_id
             )
         return self._last_delivered[generator_id]
 
@@ -350,37 +360,63 @@ class ElutionStationDriver:
         With nothing stored yet for this (station, generator) — a first install or a new
         generator — the last elution the station holds is returned.
         """
-        counter = status.elution_counter
-        if counter == 0:
+        if status.elution_counter == 0:
             return None
         generator = status.generator_id
-        last = await self._delivered_counter(generator)
-        if last is not None and counter <= last:
-            return None
-        if last is not None and counter > last + 1 and self._gap_logged.get(generator) != counter:
-            self._gap_logged[generator] = counter
-            log.warning(
-                "%s: elution counter jumped from %d to %d on %s; the station keeps only the last elution,"
-                " so %d elution(s) in between cannot be recorded",
-                self.station,
-                last,
-                counter,
-                generator,
-                counter - last - 1,
-            )
-        return ElutionRecord(
+        record = ElutionRecord(
             station=self.station,
             generator_id=generator,
             parent_nuclide=status.parent_nuclide,
             daughter_nuclide=status.daughter_nuclide,
-            counter=counter,
+            counter=status.elution_counter,
             activity_bq=status.eluate_activity_bq,
             volume_ml=status.eluate_volume_ml,
             start_ns=status.start_ns,
             end_ns=status.end_ns,
             line_dose_rate_usv_h=status.eluate_peak_dose_rate_usv_h,
             parent_bq=status.eluate_parent_bq,
+            station_serial=status.serial,
+            counter_epoch_ns=status.counter_epoch_ns,
         )
+        last = await self._delivered(generator)
+        if last is None:
+            return record
+        held = _identity(record)
+        reset = held.restart_reason(last)
+        if reset is None and held.counter <= last.counter:
+            return None
+        if self._logged.get(generator) != held:
+            self._logged[generator] = held
+            self._log_discontinuity(generator, last, held, reset)
+        return dataclasses.replace(record, counter_reset=reset)
+
+    def _log_discontinuity(
+        self, generator: str, last: DeliveredElution, held: DeliveredElution, reset: str | None
+    ) -> None:
+        """Warn, once per elution, of a counter that started again or skipped elutions."""
+        if reset is not None:
+            log.warning(
+                "%s: elution counter of %s started again (%s): last delivered: serial %s, counter %d;"
+                " now: serial %s, counter %d; recording elution %d of the new count",
+                self.station,
+                generator,
+                reset,
+                last.station_serial,
+                last.counter,
+                held.station_serial,
+                held.counter,
+                held.counter,
+            )
+        elif held.counter > last.counter + 1:
+            log.warning(
+                "%s: elution counter jumped from %d to %d on %s; the station keeps only the last elution,"
+                " so %d elution(s) in between cannot be recorded",
+                self.station,
+                last.counter,
+                held.counter,
+                generator,
+                held.counter - last.counter - 1,
+            )
 
     # ---- commands ---------------------------------------------------------------------------
 
@@ -506,3 +542,7 @@ def _authorise(user: str | None, reason: str | None) -> AuthorisedRequest:
     if not reason or not reason.strip():
         raise NotAuthorised(f"control command refused: user {user!r} gave no reason (why?)")
     return AuthorisedRequest(user.strip(), reason.strip())
+
+
+def _identity(record: ElutionRecord) -> DeliveredElution:
+    return DeliveredElution(record.counter, record.end_ns, record.station_serial, record.counter_epoch_ns)

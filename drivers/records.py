@@ -66,12 +66,15 @@ class Reading:
 
 @dataclass(frozen=True, slots=True)
 class ElutionRecord:
-    """One finished generator elution, identified by (station, generator, counter).
+    """One finished generator elution.
 
+    A station counts elutions, but a count can start again (a restart that loses the counter, a
+    service reset, a replaced station, a roll-over), so the counter alone does not identify an
+    elution: (station, generator, station serial, counter epoch, counter, end time) does.
     A driver may hand the same elution over more than once until the controller confirms
-    delivery (see hotlab.drivers.elution_station), so consumers key on that triple, not on arrival.
-    `parent_bq` is the station's own measurement of parent activity in the eluate at end of
-    elution (Ge-68 or Mo-99 breakthrough), None when the station does not measure it.
+    delivery (see hotlab.drivers.elution_station), so consumers key on that identity, not on
+    arrival. `parent_bq` is the station's own measurement of parent activity in the eluate at
+    end of elution (Ge-68 or Mo-99 breakthrough), None when the station does not measure it.
     """
 
     station: str
@@ -85,6 +88,13 @@ class ElutionRecord:
     end_ns: int
     line_dose_rate_usv_h: float | None = None
     parent_bq: float | None = None
+    #: The station's serial number and when its counter last started from 0 (input registers
+    #: `serial` and `counter_epoch_ns`); None where the source does not say.
+    station_serial: str | None = None
+    counter_epoch_ns: int | None = None
+    #: Why this elution's counter does not follow the last one delivered for the generator (old
+    #: and new counter, epoch or serial), for an alarm; None when it does.
+    counter_reset: str | None = None
 
     @property
     def duration_s(self) -> float:

@@ -1,4 +1,4 @@
-"""The generator elution station's Modbus register map (version 1), as one declarative table.
+"""The generator elution station's Modbus register map (version 2), as one declarative table.
 
 Why one table: the driver's decoder, the encoders, the simulator's datastore and the register
 tables in docs/elution-station-registers.md are all derived from `REGISTERS`, so a register
@@ -33,7 +33,8 @@ from hotlab.drivers.records import FrameError
 NS_PER_S = 1_000_000_000
 NS_PER_MS = 1_000_000
 
-REGISTER_MAP_VERSION = 1
+#: 2 added input register `counter_epoch_ns` after the version 1 block; no address of version 1 moved.
+REGISTER_MAP_VERSION = 2
 
 
 class StationState(enum.IntEnum):
@@ -120,6 +121,7 @@ class StationStatus:
     cmd_ack_code: int
     cmd_result: int
     eluate_peak_dose_rate_usv_h: float
+    counter_epoch_ns: int
 
     def output_on(self, output: DiscreteInput) -> bool:
         return bool(self.outputs >> output & 1)
@@ -289,6 +291,7 @@ def _button(command: CommandCode, address: int, description: str) -> Register:
 _IN, _HOLD = RegisterType.INPUT, RegisterType.HOLDING
 _U16, _U32, _F32, _CODE = DataType.UINT16, DataType.UINT32, DataType.FLOAT32, DataType.CODE
 _STR, _TIME, _TIME_UNIT = DataType.STRING, DataType.EPOCH_MS, "s + ms (epoch)"
+_DATE, _DATE_UNIT = DataType.EPOCH_S, "s (epoch)"
 _NUCLIDE = Codes("nuclide code", NUCLIDE_CODES)
 _COMMAND = Codes.of("command", CommandCode)
 _RESULT = Codes.of("command result", CommandResult)
@@ -308,7 +311,7 @@ REGISTERS: tuple[Register, ...] = (
     Register("parent_nuclide", _IN, 29, _CODE, "Parent nuclide", codes=_NUCLIDE),
     Register("daughter_nuclide", _IN, 30, _CODE, "Daughter nuclide", codes=_NUCLIDE),
     Register("cal_activity_bq", _IN, 31, _F32, "Parent activity at calibration (generator certificate)", "Bq"),
-    Register("cal_time_ns", _IN, 33, DataType.EPOCH_S, "Calibration date", "s (epoch)"),
+    Register("cal_time_ns", _IN, 33, _DATE, "Calibration date", _DATE_UNIT),
     Register("state", _IN, 35, _CODE, "State", codes=Codes.of("station state", StationState)),
     Register("fault_code", _IN, 36, _U16, "Fault code", codes=Codes.of("fault code", FaultCode)),
     Register("outputs", _IN, 37, _U16, "Outputs: bit n is discrete input n", "bits"),
@@ -325,6 +328,8 @@ REGISTERS: tuple[Register, ...] = (
     Register("cmd_ack_code", _IN, 60, _U16, "Code of the last executed command", codes=_COMMAND),
     Register("cmd_result", _IN, 61, _U16, "Result of the last executed command", codes=_RESULT),
     Register("eluate_peak_dose_rate_usv_h", _IN, 62, _F32, "Last elution: peak of `line_dose_rate_usv_h`", "µSv/h"),
+    # Version 2. With `serial`, it tells a counter that started again from one that went on.
+    Register("counter_epoch_ns", _IN, 64, _DATE, "When `elution_counter` last restarted from 0", _DATE_UNIT),
     # Discrete inputs: the bits of input register `outputs`, for panels and PLCs that prefer bits.
     _output(DiscreteInput.VALVE_ELUENT, "Eluent valve open"),
     _output(DiscreteInput.VALVE_WASTE, "Waste valve open (priming path)"),

@@ -1,4 +1,4 @@
-"""A generator elution station that speaks real Modbus: TCP, RTU over TCP, or RTU on a pty.
+"""A generator elution station that speaks real Modbus: TCP, TCP with TLS, RTU over TCP, or RTU on a pty.
 
 The station is a pymodbus 3.16 server (SimDevice/SimData datastore) whose block sizes, encoding
 and command decoding all come from the table in hotlab.drivers.station_registers, which the
@@ -24,14 +24,16 @@ import pty
 import time
 import tty
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 from pymodbus.constants import ExcCodes
 from pymodbus.framer import FramerType
-from pymodbus.server import ModbusSerialServer, ModbusTcpServer
+from pymodbus.server import ModbusSerialServer, ModbusTcpServer, ModbusTlsServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
 from hotlab.drivers.elution_station import STARTABLE_STATES
+from hotlab.drivers.modbus_links import modbus_tls_context
 from hotlab.drivers.modbus_words import WordOrder
 from hotlab.drivers.station_registers import (
     COIL_COMMANDS,
@@ -97,6 +99,10 @@ class StationModel:
 
     The "last elution" fields and the counter change together, at the end of an elution, so a
     client reading the block in one request always sees a consistent record.
+
+    The station does not keep its elution counter over a power cycle (`restart`): it counts
+    the column's elutions from 0 again under a new counter epoch, the time it restarted, as
+    station firmware without non-volatile memory for the counter does.
     """
 
     def __init__(self, column: GeneratorColumn, clock: StationClock, identity: StationIdentity | None = None) -> None:
@@ -114,10 +120,31 @@ class StationModel:
         self.cmd_ack_seq = 0
         self.cmd_ack_code = 0
         self.cmd_result = CommandResult.NONE
+        #: The column's elutions before the counter last started from 0.
+        self._counted_from = 0
+        self.counter_epoch_ns = self._whole_second_now()
 
     @property
     def elution_counter(self) -> int:
-        return self.column.elution_count
+        return self.column.elution_count - self._counted_from
+
+    def _whole_second_now(self) -> int:
+        """The station clock's now, in the whole seconds the counter epoch register holds."""
+        return self.clock.now_ns() // NS_PER_S * NS_PER_S
+
+    def restart(self) -> None:
+        """A power cycle: what was running stops unrecorded, the last elution and the command
+        acknowledgement are forgotten, and the counter starts from 0 under a new epoch."""
+        self.state = StationState.IDLE
+        self.fault_code = FaultCode.NONE
+        self.stuck = False
+        self.requested_volume_ml = 0.0
+        self.last = None
+        self.cmd_ack_seq = 0
+        self.cmd_ack_code = 0
+        self.cmd_result = CommandResult.NONE
+        self._counted_from = self.column.elution_count
+        self.counter_epoch_ns = self._whole_second_now()
 
     def advance(self) -> None:
         """Run the state machine up to the station clock's now (phases end at their exact times)."""
@@ -234,6 +261,7 @@ class StationModel:
             cmd_ack_code=self.cmd_ack_code,
             cmd_result=int(self.cmd_result),
             eluate_peak_dose_rate_usv_h=last.peak_dose_rate_usv_h if last else 0.0,
+            counter_epoch_ns=self.counter_epoch_ns,
         )
 
 
@@ -391,10 +419,37 @@ class ElutionStationSimulator:
             address=(host, port),
             trace_packet=self._trace_packet,
         )
+        return await self._serve_in_background(server)
+
+    async def _serve_in_background(self, server: ModbusTcpServer) -> tuple[str, int]:
         await server.serve_forever(background=True)
         self._server = server
         bound = server.transport.sockets[0].getsockname()  # type: ignore[attr-defined]
         return bound[0], bound[1]
+
+    async def start_tls(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        ca_file: Path | str,
+        cert_file: Path | str,
+        key_file: Path | str,
+    ) -> tuple[str, int]:
+        """Serve MODBUS/TCP Security: TLS with `cert_file`, answering only clients whose certificate `ca_file` verifies.
+
+        A client without a certificate, with one from another CA, or speaking plain Modbus TCP
+        is dropped before any request reaches the station. Returns (host, port).
+        """
+        self._require_stopped()
+        server = ModbusTlsServer(
+            self._device(),
+            framer=FramerType.TLS,
+            address=(host, port),
+            sslctx=modbus_tls_context("server", ca_file, cert_file, key_file),
+            trace_packet=self._trace_packet,
+        )
+        return await self._serve_in_background(server)
 
     async def start_rtu_pty(self) -> str:
         """Serve Modbus RTU on a new pty; returns the slave path for the client (e.g. /dev/pts/7)."""
@@ -450,6 +505,12 @@ class ElutionStationSimulator:
         self._command_replies_to_lose = count
         self._lose_by_disconnect = disconnect
         self._silent_after_lost_reply = silent_after
+
+    def power_cycle(self) -> None:
+        """Switch the station off and on: connections drop and its counter starts again (StationModel.restart)."""
+        if self._pty_fds is None:
+            self.drop_connections()
+        self.model.restart()
 
     def drop_connections(self) -> None:
         """Close every client TCP connection now, as a station reboot or a pulled network cable does."""

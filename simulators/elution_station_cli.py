@@ -3,8 +3,10 @@
     hotlab simulate station --generator ge68 --tcp 127.0.0.1:5020
     hotlab simulate station --generator mo99 --rtu-pty --acceleration 60
     hotlab simulate station --generator ge68 --rtu-tcp 127.0.0.1:5021   # RTU frames over TCP
+    hotlab simulate station --tls 127.0.0.1:8020 --ca-file ca.crt --cert-file station.crt --key-file station.key
 
-It prints where to connect and an mbpoll line to look at the registers from outside.
+It prints where to connect and an mbpoll line to look at the registers from outside. With
+`--tls` it serves MODBUS/TCP Security only: clients need a certificate that `--ca-file` verifies.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import asyncio
 import signal
 import sys
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 from hotlab.drivers.modbus_words import WordOrder
 from hotlab.drivers.station_registers import INPUT_REGISTERS, NS_PER_S
@@ -62,13 +65,18 @@ def _utc_time(text: str) -> datetime:
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = _simulate_subparsers(subparsers).add_parser(
         "station",
-        help="a generator elution station on Modbus TCP or RTU",
+        help="a generator elution station on Modbus TCP (plain or TLS) or RTU",
         description="Serve a simulated elution station (register map: docs/elution-station-registers.md).",
     )
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--tcp", type=_host_port, metavar="HOST:PORT", help="Modbus TCP")
     where.add_argument("--rtu-tcp", type=_host_port, metavar="HOST:PORT", help="Modbus RTU frames over TCP")
     where.add_argument("--rtu-pty", action="store_true", help="Modbus RTU on a new pseudo-terminal")
+    where.add_argument("--tls", type=_host_port, metavar="HOST:PORT", help="MODBUS/TCP Security (TLS, port 802)")
+    tls = parser.add_argument_group("TLS (with --tls)")
+    tls.add_argument("--ca-file", type=Path, help="CA whose client certificates are accepted")
+    tls.add_argument("--cert-file", type=Path, help="the station's certificate")
+    tls.add_argument("--key-file", type=Path, help="the station's private key")
     parser.add_argument("--generator", choices=sorted(PROFILES), default="ge68")
     parser.add_argument("--generator-id", default=None, help="generator serial number (default: per profile)")
     parser.add_argument("--activity", default=None, help="parent activity at calibration, e.g. 1.85GBq or 50mCi")
@@ -90,6 +98,10 @@ def run(args: argparse.Namespace) -> int:
     if not args.acceleration > 0 or args.eluted_hours_ago < 0:
         print("hotlab simulate station: --acceleration must be > 0 and --eluted-hours-ago >= 0", file=sys.stderr)
         return 2
+    tls_files = (args.ca_file, args.cert_file, args.key_file)
+    if not all(tls_files) if args.tls else any(tls_files):
+        print("hotlab simulate station: --tls goes with --ca-file, --cert-file and --key-file", file=sys.stderr)
+        return 2
     now = datetime.now(UTC).replace(microsecond=0)
     calibrated = args.calibrated or now - timedelta(days=30)
     last_elution = max(now - timedelta(hours=args.eluted_hours_ago), calibrated)
@@ -104,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
     simulator = ElutionStationSimulator(model, device_id=args.device_id, word_order=WordOrder(args.word_order))
     try:
         return asyncio.run(_serve(simulator, args))
-    except OSError as exc:
+    except OSError as exc:  # ssl.SSLError too: a certificate or key that cannot be loaded
         print(f"hotlab simulate station: cannot serve: {exc}", file=sys.stderr)
         return 1
 
@@ -119,6 +131,12 @@ async def _serve(simulator: ElutionStationSimulator, args: argparse.Namespace) -
         host, port = await simulator.start_tcp(*args.tcp)
         where = f"Modbus TCP on {host}:{port}"
         mbpoll = f"mbpoll -m tcp -p {port} -a {args.device_id} -0 -t 3 -r 0 -c {INPUT_REGISTERS.count} -1 {host}"
+    elif args.tls:
+        host, port = await simulator.start_tls(
+            *args.tls, ca_file=args.ca_file, cert_file=args.cert_file, key_file=args.key_file
+        )
+        where = f"MODBUS/TCP Security (TLS) on {host}:{port}, client certificates from {args.ca_file}"
+        mbpoll = "(mbpoll does not speak TLS)"
     elif args.rtu_tcp:
         host, port = await simulator.start_tcp(*args.rtu_tcp, rtu_framing=True)
         where = f"Modbus RTU over TCP on socket://{host}:{port}"

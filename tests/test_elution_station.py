@@ -13,7 +13,7 @@ from pymodbus.constants import ExcCodes
 
 from hotlab.controller.config import ModbusRtuTransport, ModbusTcpTransport, parse_config
 from hotlab.controller.messages import elution_message
-from hotlab.drivers.counter_store import MemoryCounterStore, SqliteCounterStore
+from hotlab.drivers.counter_store import DeliveredElution, MemoryCounterStore, SqliteCounterStore
 from hotlab.drivers.elution_station import (
     CommandOutcomeUnknown,
     CommandRefused,
@@ -242,17 +242,10 @@ async def test_delivered_once_across_a_controller_restart(make: Make, tmp_path: 
         await restarted.close()
     assert [r.counter for r in first] == [1]
     assert [r.counter for r in second] == [2]
-    assert SqliteCounterStore(store_path).last_counter("hotcell-2", "GE68-T-17") == 2
-
-
-async def test_counters_are_kept_per_generator(tmp_path: Path) -> None:
-    store = SqliteCounterStore(tmp_path / "c.db")
-    store.set_last_counter("s1", "GEN-A", 12)
-    store.set_last_counter("s1", "GEN-B", 3)
-    store.set_last_counter("s1", "GEN-A", 13)
-    assert store.last_counter("s1", "GEN-A") == 13
-    assert store.last_counter("s1", "GEN-B") == 3
-    assert store.last_counter("s2", "GEN-A") is None
+    assert [r.counter_reset for r in first + second] == [None, None]
+    assert SqliteCounterStore(store_path).last_delivered("hotcell-2", "GE68-T-17") == DeliveredElution(
+        2, second[0].end_ns, "SIM-0001", model.counter_epoch_ns
+    )
 
 
 async def test_start_is_refused_while_priming_or_eluting(make: Make) -> None:
@@ -410,8 +403,8 @@ def test_status_block_round_trips_and_rejects_garbage() -> None:
     regs = encode_status(status, WordOrder.ABCD)
     with pytest.raises(FrameError, match="unknown station state 9"):
         decode_status(regs[: ir("state")] + [9] + regs[ir("state") + 1 :], WordOrder.ABCD)
-    with pytest.raises(FrameError, match="map version 2"):
-        decode_status([2] + regs[1:], WordOrder.ABCD)
+    with pytest.raises(FrameError, match="map version 1, driver speaks 2"):  # a station without the epoch
+        decode_status([1] + regs[1:], WordOrder.ABCD)
     with pytest.raises(FrameError, match=f"expected {INPUT_REGISTERS.count}"):
         decode_status(regs[:10], WordOrder.ABCD)
 
@@ -455,7 +448,7 @@ async def test_a_record_comes_back_until_marked_delivered(make: Make, tmp_path: 
     await driver.mark_delivered(first.finished[0])
     assert (await driver.poll()).finished == []
     assert (await driver.poll()).finished == []
-    assert SqliteCounterStore(store_path).last_counter("hotcell-2", "GE68-T-17") == 1
+    assert SqliteCounterStore(store_path).last_delivered("hotcell-2", "GE68-T-17").counter == 1
 
     after_mark = ElutionStationDriver("hotcell-2", link, last_counter_path=store_path, timeout_s=2.0)
     try:  # a restart after delivery does not
@@ -479,10 +472,10 @@ async def test_marking_is_idempotent_and_checks_the_station(tmp_path: Path) -> N
     await driver.mark_delivered(ElutionRecord("hotcell-2", counter=4, **record))
     await driver.mark_delivered(ElutionRecord("hotcell-2", counter=3, **record))  # a late, older one
     await driver.mark_delivered(ElutionRecord("hotcell-2", counter=4, **record))
-    assert store.last_counter("hotcell-2", "GEN-A") == 4
+    assert store.last_delivered("hotcell-2", "GEN-A") == DeliveredElution(4, 1)
     with pytest.raises(ValueError, match="station 'hotcell-9'"):
         await driver.mark_delivered(ElutionRecord("hotcell-9", counter=5, **record))
-    assert store.last_counter("hotcell-2", "GEN-A") == 4
+    assert store.last_delivered("hotcell-2", "GEN-A") == DeliveredElution(4, 1)
 
 
 async def test_a_pending_record_logs_its_gap_once(make: Make, caplog) -> None:

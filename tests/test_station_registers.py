@@ -67,6 +67,8 @@ WIRE_V1 = [
     ("cmd_result", 61, 1),
     ("eluate_peak_dose_rate_usv_h", 62, 2),
 ]
+#: Version 2 only appended the counter epoch: every version 1 address is where it was.
+WIRE_V2 = [*WIRE_V1, ("counter_epoch_ns", 64, 2)]
 
 STATUS = StationStatus(
     model="HL-ES100",
@@ -93,22 +95,25 @@ STATUS = StationStatus(
     cmd_ack_code=1,
     cmd_result=1,
     eluate_peak_dose_rate_usv_h=35.5,
+    counter_epoch_ns=1_789_990_000 * NS_PER_S,
 )
 
 #: STATUS as the driver before the table served it, word by word, in the plainest and the most
-#: swapped order.
+#: swapped order; map version 2 and the counter epoch (1 789 990 000 s = 0x6AB11470) added by hand.
 STATUS_WORDS = {
     WordOrder.ABCD: (
-        "0001 484c 2d45 5331 3030 0000 0000 0000 0000 5349 4d2d 3030 3031 0000 0000 0000 "
+        "0002 484c 2d45 5331 3030 0000 0000 0000 0000 5349 4d2d 3030 3031 0000 0000 0000 "
         "0000 312e 342e 3200 0000 4745 3638 2d54 2d31 3700 0000 0000 0000 0001 0002 4edc "
         "8985 6ab1 3b80 0003 0000 000d 0001 1170 4e8f 0d18 40a0 0000 42f0 0000 6ab2 8d00 "
-        "007b 6ab2 8d1e 01c8 40a0 0000 3e80 0000 6ab2 8d64 0315 0029 0001 0001 420e 0000"
+        "007b 6ab2 8d1e 01c8 40a0 0000 3e80 0000 6ab2 8d64 0315 0029 0001 0001 420e 0000 "
+        "6ab1 1470"
     ),
     WordOrder.DCBA: (
-        "0001 4c48 452d 3153 3030 0000 0000 0000 0000 4953 2d4d 3030 3130 0000 0000 0000 "
+        "0002 4c48 452d 3153 3030 0000 0000 0000 0000 4953 2d4d 3030 3130 0000 0000 0000 "
         "0000 2e31 2e34 0032 0000 4547 3836 542d 312d 0037 0000 0000 0000 0001 0002 8589 "
         "dc4e 803b b16a 0003 0000 000d 7011 0100 180d 8f4e 0000 a040 0000 f042 008d b26a "
-        "007b 1e8d b26a 01c8 0000 a040 0000 803e 648d b26a 0315 0029 0001 0001 0000 0e42"
+        "007b 1e8d b26a 01c8 0000 a040 0000 803e 648d b26a 0315 0029 0001 0001 0000 0e42 "
+        "7014 b16a"
     ),
 }
 COMMAND_WORDS = {WordOrder.ABCD: [41, 1, 0x40A0, 0], WordOrder.DCBA: [41, 1, 0, 0xA040]}
@@ -140,7 +145,7 @@ def test_every_block_runs_from_address_0_without_gaps_or_overlaps() -> None:
 
 
 def test_the_wire_layout_of_map_version_1_is_unchanged() -> None:
-    assert [(r.name, r.address, r.count) for r in INPUT_REGISTERS] == WIRE_V1
+    assert [(r.name, r.address, r.count) for r in INPUT_REGISTERS] == WIRE_V2
     assert [(r.name, r.address, r.count) for r in HOLDING_REGISTERS] == [
         ("cmd_seq", 0, 1),
         ("cmd_code", 1, 1),
