@@ -89,18 +89,20 @@ class StationSource(_ExclusiveDevice):
     """Adapts the Modbus elution station driver: each poll yields the elution not yet delivered.
 
     The driver repeats the station's last elution until `mark_delivered`, which is called only
-    after the outbox commit; the persisted counter (in `state_dir`) carries that across restarts.
+    after the outbox commit; the identity it persists (in `state_dir`: station serial, counter
+    epoch, counter, end time) carries that across restarts. An elution whose counter started
+    again comes with `ElutionRecord.counter_reset` set, for the service to raise an alarm on.
     """
 
     streaming = False
 
     def __init__(self, device: DeviceConfig, state_dir: Path) -> None:
         from hotlab.drivers.elution_station import ElutionStationDriver
-        from hotlab.drivers.modbus_links import ModbusRtuLink, ModbusTcpLink
+        from hotlab.drivers.modbus_links import ModbusRtuLink, ModbusTcpLink, ModbusTlsLink
 
         super().__init__()
         link = device.transport  # config builds the driver's own link dataclasses
-        if not isinstance(link, (ModbusTcpLink, ModbusRtuLink)):
+        if not isinstance(link, (ModbusTcpLink, ModbusTlsLink, ModbusRtuLink)):
             raise TypeError(f"device {device.name}: an elution station needs a Modbus transport, not {link}")
         state_dir.mkdir(parents=True, exist_ok=True)
         self.driver = ElutionStationDriver(
