@@ -13,17 +13,26 @@ never blocks the loop; opening and closing run in a thread too. The protocol see
 any transport gives it: `data_received`, then one `connection_lost` (with the error, or
 None after `close()`). That is three threads per port (pyserial's, the reader, the writer):
 right for the few instruments behind an RFC 2217 server, not meant for hundreds.
+
+pyserial's thread parses the device server's Telnet, and malformed Telnet makes it raise;
+Python would print that traceback to stderr, outside the log, so the port class here catches
+it and logs one line instead (`Rfc2217Port`). The port is lost either way: pyserial's `read`
+fails once its thread has ended, which closes this transport like any other failure.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import serial
+import serial.rfc2217
+
+log = logging.getLogger(__name__)
 
 #: How long a blocking read waits before it looks at whether the transport was closed.
 _READ_POLL_S = 0.1
@@ -32,6 +41,21 @@ _READ_POLL_S = 0.1
 #: loop's default executor, which a few slow device servers (pyserial waits up to 5 s to connect,
 #: then 3 s per negotiation) would otherwise fill.
 _OPENER = ThreadPoolExecutor(max_workers=4, thread_name_prefix="hotlab-serial-open")
+
+
+class Rfc2217Port(serial.rfc2217.Serial):  # type: ignore[misc]  # pyserial has no type hints
+    """pyserial's RFC 2217 client, whose Telnet reader thread ends with one log line instead of a traceback."""
+
+    def _telnet_read_loop(self) -> None:
+        try:
+            super()._telnet_read_loop()
+        except Exception as exc:  # whatever the parser tripped on, the connection is over
+            log.warning(
+                "%s: the device server sent malformed Telnet (%s: %s); the connection is lost",
+                self.portstr,
+                type(exc).__name__,
+                exc,
+            )
 
 
 class ThreadedSerialTransport(asyncio.Transport):
@@ -51,12 +75,12 @@ class ThreadedSerialTransport(asyncio.Transport):
     async def open(
         cls, loop: asyncio.AbstractEventLoop, protocol: asyncio.Protocol, url: str, **settings: Any
     ) -> ThreadedSerialTransport:
-        """Open `url` with pyserial in a thread (RFC 2217 negotiates first) and start reading it.
+        """Open an `rfc2217://` URL in a thread (RFC 2217 negotiates first) and start reading it.
 
         If the caller stops waiting (its timeout), the open still finishes in its thread; the
         port is then closed there, not left connected: many device servers take one client.
         """
-        opening = _OPENER.submit(serial.serial_for_url, url, timeout=_READ_POLL_S, write_timeout=None, **settings)
+        opening = _OPENER.submit(Rfc2217Port, url, timeout=_READ_POLL_S, write_timeout=None, **settings)
         try:
             port = await asyncio.wrap_future(opening, loop=loop)
         except asyncio.CancelledError:

@@ -6,7 +6,9 @@ ICRU; see also NIST SP 811, table 11), so every conversion here is exact up to f
 
 from __future__ import annotations
 
+import math
 import re
+import sys
 
 from hotlab.errors import InputError
 
@@ -62,15 +64,25 @@ def from_bq(activity_bq: float, unit: str) -> float:
     return float(activity_bq) / ACTIVITY_UNITS[canonical_unit(unit)]
 
 
-def parse_activity(text: str) -> float:
-    """Parse a quantity such as `7.4GBq`, `200 mCi` or `3.5e6 Bq` into becquerel."""
+def parse_activity(text: str, *, positive: bool = False) -> float:
+    """Parse a quantity such as `7.4GBq`, `200 mCi` or `3.5e6 Bq` into becquerel.
+
+    Zero is an activity (a background, an empty vial) unless `positive` says otherwise; a
+    negative one never is. Neither is one beyond the float range: "1e400GBq" would otherwise
+    come out as infinity and turn every result computed from it into inf or nan.
+    """
     match = _QUANTITY.match(text)
     if not match:
         raise UnitError(f"cannot read activity {text!r}; expected a number and a unit, e.g. 7.4GBq or 200 mCi")
     value = float(match.group(1))
+    if positive and not value > 0:
+        raise UnitError(f"activity must be positive, got {text!r}")
     if value < 0:
         raise UnitError(f"activity must not be negative: {text!r}")
-    return to_bq(value, match.group(2))
+    activity_bq = to_bq(value, match.group(2))
+    if not math.isfinite(activity_bq):
+        raise UnitError(f"activity {text!r} is too large: the largest is {sys.float_info.max:.3g} Bq")
+    return activity_bq
 
 
 def format_activity(activity_bq: float, unit: str | None = None, digits: int = 4) -> str:

@@ -121,6 +121,50 @@ def test_bad_input_exits_2_with_a_message_on_stderr(
     assert captured.out == ""
 
 
+@pytest.mark.parametrize("argv", [["10 GBq"], ["10", "GBq"], ["10GBq"]])
+def test_the_activity_may_have_a_space_before_its_unit(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """The error text suggests "200 mCi"; quoted or as two words, that form is read."""
+    code = main(["decay", "F-18", *argv, "--from", "2026-11-20T00:00Z", "--to", "2026-11-20T01:49:46.2Z"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert _number_before("GBq", _line(out, "activity")) == 10.0
+    assert _number_before("GBq", _line(out, "corrected")) == pytest.approx(5.0, rel=5e-6)  # one half-life
+
+
+@pytest.mark.parametrize("activity", ["-5GBq", "-5 GBq", "0 GBq", "-0.5mCi"])
+def test_a_negative_or_zero_activity_is_refused_as_not_positive(
+    activity: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["decay", "F-18", *activity.split()]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == f"hotlab decay: error: activity must be positive, got {activity!r}\n"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["1e400GBq"], "activity '1e400GBq' is too large"),
+        # Fits a float, but the decay correction over a day overflows.
+        (["1.7e308Bq", "--from", "2026-11-20T00:00Z", "--to", "2026-11-21T00:00Z"], "too large to decay-correct"),
+    ],
+)
+def test_an_activity_out_of_range_is_one_line_on_stderr_and_exit_2(argv: list[str], message: str) -> None:
+    """Not `inf TBq ± nan` with exit 0, nor a numpy warning: one line, as a shell user sees it."""
+    done = subprocess.run(
+        [sys.executable, "-m", "hotlab.controller.cli", "decay", "F-18", *argv],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert done.stdout == ""
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("hotlab decay: error: ")
+    assert message in done.stderr
+
+
 @pytest.mark.parametrize(
     ("text", "seconds"), [("23h", 82800.0), ("90 min", 5400.0), ("1.5d", 129600.0), ("45s", 45.0), ("2M", 120.0)]
 )

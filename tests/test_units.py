@@ -1,6 +1,7 @@
 """Activity unit parsing and conversion: the curie is exactly 3.7e10 Bq."""
 
 import math
+import re
 
 import pytest
 from hypothesis import given, settings
@@ -40,6 +41,17 @@ def test_bad_activity_is_a_unit_error_naming_the_input(text: str) -> None:
     with pytest.raises(UnitError) as excinfo:
         parse_activity(text)
     assert repr(text) in str(excinfo.value) or "unknown activity unit" in str(excinfo.value)
+
+
+#: Beyond the largest float (about 1.8e308): the number itself (1e400), or the number times its unit.
+@pytest.mark.parametrize("text", ["1e400GBq", "1e308 TBq", "2e307 Ci"])
+def test_an_activity_beyond_the_float_range_is_refused_not_infinite(text: str) -> None:
+    with pytest.raises(UnitError, match=f"{re.escape(repr(text))} is too large"):
+        parse_activity(text)
+
+
+def test_the_largest_activity_that_fits_is_still_read() -> None:
+    assert parse_activity("1e300 Bq") == 1e300
 
 
 def test_unknown_unit_lists_the_allowed_ones() -> None:

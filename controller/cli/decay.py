@@ -12,8 +12,11 @@ follow controller/cli/main.py: 0 ok, 2 bad input (nuclide, unit, time, duration)
 from __future__ import annotations
 
 import argparse
+import math
 import re
 from datetime import UTC, datetime, timedelta
+
+import numpy as np
 
 from hotlab.errors import InputError
 from hotlab.physics.decay import (
@@ -27,6 +30,7 @@ from hotlab.physics.nuclides import NUCLIDES, Nuclide, get_nuclide
 from hotlab.physics.units import canonical_unit, format_activity, from_bq, parse_activity
 from hotlab.physics.utc_time import parse_utc_ns
 
+_NEGATIVE_QUANTITY = re.compile(r"^-\.?\d")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(s|sec|min|m|h|d)\s*$", re.IGNORECASE)
 _DURATION_UNIT_S = {"s": 1.0, "sec": 1.0, "min": 60.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -80,7 +84,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(default: the elution time).",
     )
     parser.add_argument("nuclide", help="e.g. Lu-177, 99mTc, Ga68")
-    parser.add_argument("activity", help="activity with unit, e.g. 7.4GBq or 200mCi")
+    parser.add_argument("activity", nargs="+", metavar="ACTIVITY", help="activity with unit: 7.4GBq or 200 mCi")
+    # "-5GBq" is an activity to refuse with a reason, not an unknown option: argparse takes only
+    # plain negative numbers for positionals. Its matcher is private, but this is what it is for.
+    parser._negative_number_matcher = _NEGATIVE_QUANTITY
     parser.add_argument("--from", dest="start", help="when ACTIVITY was measured (ISO 8601 with Z or offset)")
     parser.add_argument("--to", dest="end", help="moment to correct to (default now)")
     parser.add_argument("--unit", help="output unit: Bq, kBq, MBq, GBq, TBq, uCi, mCi, Ci (default: best SI prefix)")
@@ -94,27 +101,37 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Bad input (nuclide, unit, time) raises an InputError, which the CLI reports with exit 2."""
     nuclide = get_nuclide(args.nuclide)
-    activity_bq = parse_activity(args.activity)
+    activity_bq = parse_activity(" ".join(args.activity), positive=True)  # `10 GBq` may come as two words
     unit = canonical_unit(args.unit) if args.unit else None
     end = parse_time(args.end) if args.end else datetime.now(UTC)
     start = parse_time(args.start) if args.start else None
-    if args.generator:
-        if not args.since_elution:
-            raise DecayInputError("--generator needs --since-elution, e.g. --since-elution 23h")
-        lines = _generator_report(
-            nuclide, get_nuclide(args.generator), activity_bq, start, end, parse_duration(args.since_elution), unit
-        )
-    else:
-        if args.since_elution:
-            raise DecayInputError("--since-elution only makes sense with --generator DAUGHTER")
-        lines = _decay_report(nuclide, activity_bq, start or end, end, unit)
+    if args.generator and not args.since_elution:
+        raise DecayInputError("--generator needs --since-elution, e.g. --since-elution 23h")
+    if args.since_elution and not args.generator:
+        raise DecayInputError("--since-elution only makes sense with --generator DAUGHTER")
+    # An activity near the float limit can overflow in the correction: that is reported as bad
+    # input (_require_finite), so numpy's own warning would only be a second, confusing line.
+    with np.errstate(over="ignore", invalid="ignore"):
+        if args.generator:
+            since_elution = parse_duration(args.since_elution)
+            lines = _generator_report(
+                nuclide, get_nuclide(args.generator), activity_bq, start, end, since_elution, unit
+            )
+        else:
+            lines = _decay_report(nuclide, activity_bq, start or end, end, unit)
     print("\n".join(lines))
     return 0
+
+
+def _require_finite(*values: float) -> None:
+    if not all(math.isfinite(value) for value in values):
+        raise DecayInputError("the activity is too large to decay-correct: the result overflows")
 
 
 def _decay_report(nuclide: Nuclide, activity_bq: float, start: datetime, end: datetime, unit: str | None) -> list[str]:
     dt_s = float(elapsed_s(start, end))
     value, sigma = corrected_activity_uncertainty(activity_bq, nuclide, dt_s)
+    _require_finite(float(value), float(sigma))
     shown_unit = unit or format_activity(float(value)).split()[-1]  # the SI prefix format_activity picks
     direction = "" if dt_s >= 0 else "  (back-correction: --to is before --from)"
     return [
@@ -147,6 +164,7 @@ def _generator_report(
     calibration = calibration or elution
     daughter_bq = float(generator_daughter_activity(parent_bq, calibration, parent, daughter, elution, end))
     parent_now = parent_bq * float(decay_factor(parent.half_life_s, float(elapsed_s(calibration, end))))
+    _require_finite(daughter_bq, parent_now)
     lines = [
         f"generator    {parent.name} -> {daughter.name}",
         f"parent       {_show(parent_bq, unit)} at {_iso(calibration)}; {_show(parent_now, unit)} at {_iso(end)}",
