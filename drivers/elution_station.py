@@ -66,6 +66,8 @@ from hotlab.drivers.station_registers import (
 
 log = logging.getLogger(__name__)
 
+#: How often an acknowledgement is re-read: 20 ms after the write, doubling to 250 ms.
+_ACK_POLL = Backoff(0.02, 0.25)
 #: States in which a new elution may be started.
 STARTABLE_STATES = frozenset({StationState.IDLE, StationState.DONE})
 #: States in which there is something to abort.
@@ -515,7 +517,7 @@ class ElutionStationDriver:
         acknowledges raises CommandRefused: it has the write and did not act on it.
         """
         deadline = time.monotonic() + self.confirm_timeout_s
-        delay = 0.02
+        reads = 0
         while True:
             try:
                 status = await self.read_status()
@@ -532,8 +534,8 @@ class ElutionStationDriver:
                     )
             if time.monotonic() >= deadline:
                 return None
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.25)
+            await asyncio.sleep(_ACK_POLL.ceiling(reads))  # soon after the write, then less often
+            reads += 1
 
 
 def _authorise(user: str | None, reason: str | None) -> AuthorisedRequest:
