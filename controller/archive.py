@@ -7,8 +7,11 @@ crash between the two just replays the batch and `INSERT OR IGNORE` on `msg_id` 
 idempotent. The QC engine's restore and the report read this module directly; only the sink
 loop sits with the other sinks. Where no InfluxDB is configured this archive is the only time series store.
 
-Columns that queries filter on are indexed (kind, time_ns, site, station, device, and test /
-verdict for qc_result); the complete JSON payload is kept verbatim beside them. For elution
+Columns that queries filter on are indexed (kind, time_ns, site, station, device, test / verdict for
+qc_result, and quality for readings: `good`, or `suspect` when the plausibility check doubted it,
+controller/checked_source.py); the complete JSON payload is kept verbatim beside them. An archive
+written before readings had a quality gets the column when it is next opened for writing; its old
+rows have none (NULL: never checked). For elution
 messages `device` holds the generator id, since a generator is the device an elution
 belongs to. Messages without a `msg_id` or an integer `time_ns` cannot be indexed; they go
 to the `rejected` table with the reason instead of blocking the queue or being dropped.
@@ -33,7 +36,8 @@ from hotlab.controller.outbox import rollback_unless_done
 from hotlab.errors import InputError
 from hotlab.physics.utc_time import parse_utc_ns
 
-_OPEN_END_NS = 2**63 - 1
+#: The largest time SQLite's INTEGER holds: the end of an open time range.
+OPEN_END_NS = 2**63 - 1
 _DAY_NS = 86_400_000_000_000
 log = logging.getLogger(__name__)
 
@@ -49,7 +53,8 @@ CREATE TABLE IF NOT EXISTS message (
     test        TEXT,
     verdict     TEXT,
     payload     TEXT NOT NULL,
-    archived_ns INTEGER NOT NULL
+    archived_ns INTEGER NOT NULL,
+    quality     TEXT
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS message_kind_time ON message (kind, time_ns);
 CREATE INDEX IF NOT EXISTS message_device_time ON message (device, kind, time_ns);
@@ -94,7 +99,7 @@ class TimeRange:
         A missing bound is open (the epoch, or the largest time SQLite's INTEGER can hold).
         """
         start_ns = 0 if start is None else _parse_instant(start, "start", end_of_day=False)
-        end_ns = _OPEN_END_NS if end is None else _parse_instant(end, "end", end_of_day=True)
+        end_ns = OPEN_END_NS if end is None else _parse_instant(end, "end", end_of_day=True)
         return cls(start_ns, end_ns)
 
 
@@ -121,7 +126,14 @@ def _is_bare_date(text: str) -> bool:
     return True
 
 
-def _index_columns(message: Message) -> tuple[str, int, str | None, str | None, str | None, str | None, str | None]:
+_QUALITY_INDEX = (
+    "CREATE INDEX IF NOT EXISTS message_quality ON message (device, quality, time_ns) WHERE kind = 'reading'"
+)
+
+
+def _index_columns(
+    message: Message,
+) -> tuple[str, int, str | None, str | None, str | None, str | None, str | None, str | None]:
     """The indexed columns of a message, or raise ValueError saying why it cannot be indexed."""
     payload = message.payload
     msg_id = payload.get("msg_id")
@@ -136,7 +148,7 @@ def _index_columns(message: Message) -> tuple[str, int, str | None, str | None, 
         return None if value is None else str(value)
 
     device = text("device") if "device" in payload else text("generator")
-    return msg_id, time_ns, text("site"), text("station"), device, text("test"), text("verdict")
+    return msg_id, time_ns, text("site"), text("station"), device, text("test"), text("verdict"), text("quality")
 
 
 class HistoryArchive:
@@ -162,6 +174,10 @@ class HistoryArchive:
         # A record we acknowledge to the outbox must survive power loss, not only a crash.
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(message)")}
+        if "quality" not in columns:  # an archive from before readings had a quality
+            self._db.execute("ALTER TABLE message ADD COLUMN quality TEXT")
+        self._db.execute(_QUALITY_INDEX)
 
     def _require_archive(self) -> None:
         """Fail at open, in one line, on a file that is not an archive, not at the first query."""
@@ -192,18 +208,21 @@ class HistoryArchive:
         for message in messages:
             payload_json = json.dumps(message.payload, separators=(",", ":"), allow_nan=False)
             try:
-                msg_id, time_ns, site, station, device, test, verdict = _index_columns(message)
+                msg_id, time_ns, site, station, device, test, verdict, quality = _index_columns(message)
             except ValueError as exc:
                 rejected.append((message.kind, message.topic, payload_json, str(exc), now))
                 continue
-            rows.append(
-                (msg_id, message.kind, message.topic, time_ns, site, station, device, test, verdict, payload_json, now)
-            )
+            columns = (msg_id, message.kind, message.topic, time_ns, site, station, device, test, verdict)
+            rows.append((*columns, payload_json, now, quality))
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 before = self._db.total_changes
-                self._db.executemany("INSERT OR IGNORE INTO message VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+                self._db.executemany(
+                    "INSERT OR IGNORE INTO message (msg_id, kind, topic, time_ns, site, station, device, test, "
+                    "verdict, payload, archived_ns, quality) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    rows,
+                )
                 added = self._db.total_changes - before
                 self._db.executemany(
                     "INSERT INTO rejected (kind, topic, payload, reason, archived_ns) VALUES (?, ?, ?, ?, ?)", rejected
@@ -226,6 +245,7 @@ class HistoryArchive:
         device: str | None = None,
         test: str | None = None,
         verdict: str | None = None,
+        quality: str | None = None,
         limit: int | None = None,
     ) -> list[dict[str, Any]]:
         """Payloads of one kind, oldest first, filtered by time range and indexed columns."""
@@ -240,6 +260,7 @@ class HistoryArchive:
             ("device", device),
             ("test", test),
             ("verdict", verdict),
+            ("quality", quality),
         ):
             if value is not None:
                 clauses.append(f"{column} = ?")
@@ -253,6 +274,12 @@ class HistoryArchive:
         with self._lock:
             rows = self._db.execute(sql, params).fetchall()
         return [json.loads(payload) for (payload,) in rows]
+
+    def get(self, msg_id: str) -> dict[str, Any] | None:
+        """The payload archived under `msg_id`, or None."""
+        with self._lock:
+            row = self._db.execute("SELECT payload FROM message WHERE msg_id = ?", (msg_id,)).fetchone()
+        return None if row is None else dict(json.loads(row[0]))
 
     def latest_audit_anchor(self, field: str, value: str) -> dict[str, Any] | None:
         """The `audit_anchor` payload with the highest `seq` whose `field` ("trail_id" or "trail") is `value`.
@@ -283,8 +310,10 @@ class HistoryArchive:
 
     def distinct(self, column: str, kind: str) -> list[str]:
         """Distinct non-null values of an indexed column for one kind, e.g. every calibrator with qc results."""
-        if column not in ("site", "station", "device", "test", "verdict"):
-            raise HistoryQueryError(f"cannot list distinct {column!r}; use site, station, device, test or verdict")
+        if column not in ("site", "station", "device", "test", "verdict", "quality"):
+            raise HistoryQueryError(
+                f"cannot list distinct {column!r}; use site, station, device, test, verdict or quality"
+            )
         with self._lock:
             rows = self._db.execute(
                 f"SELECT DISTINCT {column} FROM message WHERE kind = ? AND {column} IS NOT NULL ORDER BY {column}",

@@ -25,7 +25,9 @@ Rules this module enforces, in this order:
    intent record fails still runs, logged as an AUDIT FAILURE, and is audited afterwards
    (the append is retried a few times).
 4. Execute through the device's source (controller/service.py), which serialises commands
-   with the device's polling on one lock, so the two never interleave on the wire.
+   with the device's polling on one lock, so the two never interleave on the wire. A
+   `label_measurement` touches no device: it commits a record linking a label to a measurement
+   (controller/measurement_labels.py), so it also runs while the calibrator is offline.
 5. A command runs only while it is fresh: `issued_at` (ISO 8601 with an offset) must lie within
    `max_age_s` (default 30 s) of the controller's clock, in either direction, so a command
    replayed from a capture, or queued by a broker for a client that was offline, cannot run
@@ -72,6 +74,7 @@ from hotlab.controller.audit import (
     iter_records,
 )
 from hotlab.controller.config import ROLES, DeviceConfig, OperatorConfig
+from hotlab.controller.measurement_labels import LabelRefused
 from hotlab.controller.messages import TOPIC_ROOT, iso_utc
 from hotlab.drivers.elution_station import (
     CommandOutcome,
@@ -96,14 +99,19 @@ MAX_REASON_CHARS = 500
 MAX_TOKEN_CHARS = 256
 
 STATION_ACTIONS: tuple[str, ...] = ("start_elution", "abort", "acknowledge_fault")
-CALIBRATOR_ACTIONS: tuple[str, ...] = ("select_nuclide",)
+CALIBRATOR_ACTIONS: tuple[str, ...] = ("select_nuclide", "label_measurement")
 #: The audit trail's action names (dotted, controller/audit.py) for each command.
 AUDIT_ACTIONS: dict[str, str] = {
     "start_elution": ELUTION_START,
     "abort": ELUTION_ABORT,
     "acknowledge_fault": FAULT_ACKNOWLEDGE,
     "select_nuclide": "calibrator.select_nuclide",
+    "label_measurement": "measurement.label",
 }
+#: Commands that only store a record (controller/measurement_labels.py): they run while the device is offline.
+RECORD_ACTIONS = frozenset({"label_measurement"})
+MAX_LABEL_CHARS = 200
+_MEASUREMENT_ID = re.compile(r"^[0-9a-f]{32}$")
 #: Audit action of an attempt whose topic names no command this controller knows.
 UNKNOWN_AUDIT_ACTION = "command.unknown"
 #: Who the audit trail names when a payload claims no readable user.
@@ -319,11 +327,26 @@ def parse_command(payload: bytes, action: str, device: DeviceConfig) -> Command:
     return Command(request_id, user, token, reason, action, _parse_args(action, args), issued_ns)
 
 
+#: The argument sets each action takes (one of them, exactly).
+_ARGS: dict[str, tuple[frozenset[str], ...]] = {
+    "start_elution": (frozenset({"volume_ml"}),),
+    "select_nuclide": (frozenset({"nuclide"}),),
+    # A plain label; or one that says the measurement is an accuracy test of a certified reference
+    # source; or a patient dosage with its prescription (docs/qc.md, "QC reads measurements").
+    "label_measurement": (
+        frozenset({"measurement_id", "label"}),
+        frozenset({"measurement_id", "label", "reference_source"}),
+        frozenset({"measurement_id", "label", "prescribed_activity", "administration_time"}),
+    ),
+}
+
+
 def _parse_args(action: str, args: dict[str, Any]) -> dict[str, Any]:
-    expected = {"start_elution": {"volume_ml"}, "select_nuclide": {"nuclide"}}.get(action, set())
-    if args.keys() != expected:
-        wanted = ", ".join(sorted(expected)) or "none (use {})"
-        raise MalformedCommand(f"args of {action} must be exactly: {wanted}; got: {', '.join(sorted(args)) or 'none'}")
+    accepted = _ARGS.get(action, (frozenset(),))
+    if frozenset(args) not in accepted:
+        wanted = " | ".join(", ".join(sorted(keys)) or "none (use {})" for keys in accepted)
+        kind = "exactly" if len(accepted) == 1 else "one of"
+        raise MalformedCommand(f"args of {action} must be {kind}: {wanted}; got: {', '.join(sorted(args)) or 'none'}")
     if action == "start_elution":
         volume = args["volume_ml"]
         if isinstance(volume, bool) or not isinstance(volume, (int, float)) or not math.isfinite(volume):
@@ -339,7 +362,43 @@ def _parse_args(action: str, args: dict[str, Any]) -> dict[str, Any]:
             return {"nuclide": get_nuclide(text).name}
         except UnknownNuclideError as exc:
             raise MalformedCommand(f"args.nuclide: {exc}") from None
+    if action == "label_measurement":
+        measurement_id = _string(args, "measurement_id", 32, where="args.measurement_id")
+        if not _MEASUREMENT_ID.match(measurement_id):
+            raise MalformedCommand("args.measurement_id must be a measurement's msg_id: 32 lower-case hex digits")
+        label = _string(args, "label", MAX_LABEL_CHARS, where="args.label").strip()
+        if not label or _CONTROL_CHARS.search(label):
+            raise MalformedCommand("args.label must be text without control characters, not only spaces")
+        parsed: dict[str, Any] = {"measurement_id": measurement_id, "label": label}
+        if "reference_source" in args:
+            parsed["reference_source"] = _string(args, "reference_source", 64, where="args.reference_source")
+        if "prescribed_activity" in args:
+            parsed["prescribed_bq"] = _activity_bq(args["prescribed_activity"], "args.prescribed_activity")
+            try:
+                parsed["administration_ns"] = parse_utc_ns(
+                    _string(args, "administration_time", 64, where="args.administration_time")
+                )
+            except InputError as exc:
+                raise MalformedCommand(
+                    f"args.administration_time must be ISO 8601 with Z or an offset: {exc}"
+                ) from None
+        return parsed
     return {}
+
+
+def _activity_bq(value: Any, where: str) -> float:
+    """A positive activity: a number of becquerel or a quantity such as "370 MBq"."""
+    from hotlab.physics.units import UnitError, parse_activity
+
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise MalformedCommand(f"{where} must be a number of Bq or a text such as '370 MBq', got {_json_type(value)}")
+    try:
+        bq = float(value) if not isinstance(value, str) else parse_activity(value)
+    except UnitError as exc:
+        raise MalformedCommand(f"{where}: {exc}") from None
+    if not (math.isfinite(bq) and bq > 0):
+        raise MalformedCommand(f"{where} must be a positive activity, got {_brief(value)}")
+    return bq
 
 
 def _string(body: Mapping[str, Any], key: str, limit: int, *, where: str | None = None) -> str:
@@ -411,9 +470,22 @@ class StationControl(Protocol):
 
 
 class CalibratorControl(Protocol):
-    """What the service's calibrator source offers: select a nuclide, return (old, new) nuclide."""
+    """What the service offers for a calibrator (controller/measurement_labels.py `CalibratorCommands`):
+    select a nuclide, returning (old, new) nuclide; label a measurement, returning the label record."""
 
     async def select_nuclide(self, nuclide: str) -> tuple[str | None, str]: ...
+
+    async def label_measurement(
+        self,
+        measurement_id: str,
+        label: str,
+        *,
+        user: str,
+        request_id: str,
+        reference_source: str | None = None,
+        prescribed_bq: float | None = None,
+        administration_ns: int | None = None,
+    ) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -438,12 +510,12 @@ class Result:
 
 async def execute(target: CommandTarget, command: Command, operator: OperatorConfig) -> Result:
     """Run an authorised command on its device and classify what happened."""
-    if not target.online():
+    if command.action not in RECORD_ACTIONS and not target.online():
         return Result(Outcome.REFUSED, f"{target.device.name} is offline; the command was not sent", sent=False)
     try:
         if target.device.is_station:
             return await _execute_station(target.control, command, operator)  # type: ignore[arg-type]
-        return await _execute_calibrator(target.control, command)  # type: ignore[arg-type]
+        return await _execute_calibrator(target.control, command, operator)  # type: ignore[arg-type]
     except Exception as exc:  # a driver bug: the requester still gets an answer and the trail an outcome
         log.exception(
             "command %r on %r: unexpected %s from the driver", command.action, target.device.name, type(exc).__name__
@@ -492,7 +564,16 @@ async def _execute_station(control: StationControl, command: Command, operator: 
     )
 
 
-async def _execute_calibrator(control: CalibratorControl, command: Command) -> Result:
+async def _execute_calibrator(control: CalibratorControl, command: Command, operator: OperatorConfig) -> Result:
+    if command.action == "label_measurement":
+        args = dict(command.args)
+        try:
+            record = await control.label_measurement(
+                args.pop("measurement_id"), args.pop("label"), user=operator.name, request_id=command.request_id, **args
+            )
+        except LabelRefused as exc:
+            return Result(Outcome.REFUSED, str(exc), sent=False)
+        return Result(Outcome.EXECUTED, None, None, record)
     try:
         old, new = await control.select_nuclide(command.args["nuclide"])
     except DeviceRefused as exc:

@@ -26,6 +26,8 @@ from typing import Any, Literal
 
 from hotlab.controller.config_table import ConfigError, ConfigTable
 from hotlab.controller.event_loop import DEFAULT_EVENT_LOOP, EVENT_LOOPS
+from hotlab.controller.measurements import MeasurementSettings
+from hotlab.controller.plausibility import Plausibility
 from hotlab.drivers.calibrator import CALIBRATOR_DRIVERS
 from hotlab.drivers.elution_station import ElutionStationDriver
 from hotlab.drivers.modbus_links import ModbusRtuLink, ModbusTcpLink
@@ -51,6 +53,7 @@ DEFAULT_MIN_ROLE: dict[str, str] = {
     "abort": "operator",
     "acknowledge_fault": "operator",
     "select_nuclide": "operator",
+    "label_measurement": "operator",
 }
 #: A command token shorter than this is guessable by brute force over MQTT; refuse it at load time.
 MIN_TOKEN_CHARS = 16
@@ -106,10 +109,22 @@ class DeviceConfig:
     timeout_s: float = 2.0
     nuclide: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    #: A calibrator's plausibility check and measurement detection (`[device.plausibility]`,
+    #: `[device.measurement]`); None for a station, and for a calibrator built in code: its family's
+    #: defaults then apply (`plausibility_settings`, `measurement_settings`).
+    plausibility: Plausibility | None = None
+    measurement: MeasurementSettings | None = None
 
     @property
     def is_station(self) -> bool:
         return self.family in STATION_FAMILIES
+
+    def plausibility_settings(self) -> Plausibility:
+        """A calibrator's plausibility settings: as configured, else its family's defaults."""
+        return self.plausibility or Plausibility.for_family(self.family)
+
+    def measurement_settings(self) -> MeasurementSettings:
+        return self.measurement or MeasurementSettings()
 
 
 @dataclass(frozen=True, slots=True)
@@ -419,6 +434,7 @@ def _parse_device(table: ConfigTable) -> DeviceConfig:
     options = dict(options_table.data) if options_table is not None else {}
     if options_table is not None:
         _check_driver_options(options_table, family)
+    plausibility, measurement = _parse_calibrator_tables(table, family)
     table.finish()
     return DeviceConfig(
         name=name,
@@ -429,7 +445,55 @@ def _parse_device(table: ConfigTable) -> DeviceConfig:
         timeout_s=timeout,
         nuclide=nuclide,
         options=options,
+        plausibility=plausibility,
+        measurement=measurement,
     )
+
+
+def _parse_calibrator_tables(
+    device: ConfigTable, family: str
+) -> tuple[Plausibility | None, MeasurementSettings | None]:
+    """`[device.plausibility]` and `[device.measurement]` of a calibrator, defaults filled in (docs/calibrator-protocols.md)."""
+    if family in STATION_FAMILIES:
+        for name in ("plausibility", "measurement"):
+            if name in device.data:
+                raise device.error(name, "only dose calibrators have readings to check and measure")
+        return None, None
+    plausibility = Plausibility.for_family(family)
+    table = device.table("plausibility")
+    if table is not None:
+        plausibility = _parse_plausibility(table, plausibility)
+    measurement = MeasurementSettings()
+    table = device.table("measurement")
+    if table is not None:
+        measurement = MeasurementSettings(
+            settle_readings=table.integer("settle_readings", measurement.settle_readings, minimum=2, maximum=1000),
+            dwell_s=table.number("dwell_s", measurement.dwell_s, minimum=0.0, maximum=86_400.0, exclusive_minimum=True),
+        )
+        table.finish()
+    return plausibility, measurement
+
+
+def _parse_plausibility(table: ConfigTable, default: Plausibility) -> Plausibility:
+    min_bq = table.number("min_bq", default.min_bq)
+    max_bq = table.number("max_bq", default.max_bq)
+    if not max_bq > min_bq:
+        raise table.error("max_bq", f"must be above min_bq ({min_bq:g}), got {max_bq:g}")
+    configured = "min_bq" in table.data or "max_bq" in table.data
+    plausibility = Plausibility(
+        min_bq=min_bq,
+        max_bq=max_bq,
+        range_source="site configuration" if configured else default.range_source,
+        noise_rel=table.number("noise_rel", default.noise_rel, minimum=0.0, maximum=1.0),
+        noise_floor_bq=table.number("noise_floor_bq", default.noise_floor_bq, minimum=0.0),
+        background_bq=table.number("background_bq", default.background_bq, minimum=0.0),
+        alarm_window=table.integer("alarm_window", default.alarm_window, minimum=1, maximum=100_000),
+        alarm_fraction=table.number(
+            "alarm_fraction", default.alarm_fraction, minimum=0.0, maximum=1.0, exclusive_minimum=True
+        ),
+    )
+    table.finish()
+    return plausibility
 
 
 #: Constructor arguments the controller itself sets; [device.options] may not override them.

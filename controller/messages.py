@@ -18,7 +18,16 @@ from typing import Any, Literal
 
 from hotlab.drivers.records import ElutionRecord, Reading
 
-Kind = Literal["reading", "elution", "qc_result", "device_status", "audit_anchor"]
+Kind = Literal[
+    "reading",
+    "measurement",
+    "measurement_label",
+    "elution",
+    "qc_result",
+    "device_status",
+    "controller_alarm",
+    "audit_anchor",
+]
 SCHEMA_VERSION = 1
 TOPIC_ROOT = "hotlab"
 
@@ -85,6 +94,7 @@ def controller_topic(site: str, leaf: str) -> str:
 
 
 def reading_message(site: str, station: str, reading: Reading) -> Message:
+    """A reading as read, with its quality; `quality_reason` only when it is suspect (controller/checked_source.py)."""
     payload = _envelope("reading", reading.timestamp_ns) | {
         "site": site,
         "station": station,
@@ -94,10 +104,146 @@ def reading_message(site: str, station: str, reading: Reading) -> Message:
         "raw_value": float(reading.raw_value),
         "unit": reading.unit,
         "raw_frame": reading.raw_frame.decode("latin-1"),
+        "quality": reading.quality,
     }
+    if reading.quality == "suspect":
+        payload["quality_reason"] = reading.quality_reason or "no reason recorded"
     if reading.extra:
         payload["extra"] = dict(reading.extra)
     return Message("reading", device_topic(site, station, reading.device, "reading"), payload)
+
+
+def measurement_msg_id(site: str, device: str, start_ns: int) -> str:
+    """The msg_id of the measurement of `device` that started at `start_ns`, the same every time it is built.
+
+    The measurement detector (controller/measurements.py) rebuilds its state after a restart by
+    replaying committed readings; a measurement it finds again there is the same message.
+    """
+    return uuid.uuid5(MSG_ID_NAMESPACE, json.dumps(["measurement", site, device, int(start_ns)])).hex
+
+
+@dataclass(frozen=True, slots=True)
+class MeasurementValues:
+    """What the measurement detector found for one source in one calibrator (times in UTC epoch ns)."""
+
+    device: str
+    nuclide: str | None
+    activity_bq: float
+    sd_bq: float
+    n: int
+    background_bq: float
+    start_ns: int
+    settle_ns: int
+    removal_ns: int | None
+    end: Literal["removed", "dwell", "changed", "setting_changed"]
+    reading_ids: tuple[str, ...]
+
+
+def measurement_message(site: str, station: str, values: MeasurementValues) -> Message:
+    """A settled measurement; `time_ns` is the settle time, to which `activity_bq` is decay-corrected."""
+
+    def moment(time_ns: int | None) -> str | None:
+        return None if time_ns is None else iso_utc(time_ns)
+
+    msg_id = measurement_msg_id(site, values.device, values.start_ns)
+    payload = _envelope("measurement", values.settle_ns, msg_id) | {
+        "site": site,
+        "station": station,
+        "device": values.device,
+        "nuclide": values.nuclide,
+        "activity_bq": float(values.activity_bq),
+        "sd_bq": float(values.sd_bq),
+        "n": int(values.n),
+        "background_bq": float(values.background_bq),
+        "start_ns": int(values.start_ns),
+        "start_time": iso_utc(values.start_ns),
+        "settle_ns": int(values.settle_ns),
+        "settle_time": iso_utc(values.settle_ns),
+        "removal_ns": None if values.removal_ns is None else int(values.removal_ns),
+        "removal_time": moment(values.removal_ns),
+        "end": values.end,
+        "reading_ids": list(values.reading_ids),
+    }
+    return Message("measurement", device_topic(site, station, values.device, "measurement"), payload)
+
+
+def measurement_label_message(
+    site: str,
+    station: str,
+    device: str,
+    *,
+    measurement: dict[str, Any],
+    label: str,
+    user: str,
+    request_id: str,
+    time_ns: int,
+    reference_source: str | None = None,
+    prescribed_bq: float | None = None,
+    administration_ns: int | None = None,
+) -> Message:
+    """A label (sample, batch, patient dose id) attached to a published `measurement` payload by a command.
+
+    It carries the measurement's id, setting, value and time, so a dose record reads on its own; the
+    msg_id is name-based on (measurement, request id), so the record of one command is one message.
+    With `reference_source` the measurement is an accuracy test of that certified source; with a
+    prescription (`prescribed_bq`, `administration_ns`) a patient dosage: the QC engine judges both.
+    """
+    measurement_id = str(measurement["msg_id"])
+    name = json.dumps(["measurement_label", measurement_id, request_id])
+    payload = _envelope("measurement_label", time_ns, uuid.uuid5(MSG_ID_NAMESPACE, name).hex) | {
+        "site": site,
+        "station": station,
+        "device": device,
+        "measurement_id": measurement_id,
+        "label": label,
+        "user": user,
+        "request_id": request_id,
+        "measurement": {
+            "nuclide": measurement.get("nuclide"),
+            "activity_bq": float(measurement["activity_bq"]),
+            "time_ns": int(measurement["time_ns"]),
+            "time": iso_utc(int(measurement["time_ns"])),
+        },
+    }
+    if reference_source is not None:
+        payload["reference_source"] = reference_source
+    if prescribed_bq is not None and administration_ns is not None:
+        payload |= {
+            "prescribed_bq": float(prescribed_bq),
+            "administration_ns": int(administration_ns),
+            "administration_time": iso_utc(administration_ns),
+        }
+    return Message("measurement_label", device_topic(site, station, device, "label"), payload)
+
+
+def suspect_alarm_message(
+    site: str,
+    station: str,
+    device: str,
+    *,
+    active: bool,
+    recent_suspect: int,
+    window: int,
+    threshold: float,
+    total: int,
+    reason: str | None,
+    time_ns: int,
+) -> Message:
+    """The suspect-reading alarm of one calibrator raised or cleared (controller/suspect_alarm.py)."""
+    payload = _envelope("controller_alarm", time_ns) | {
+        "site": site,
+        "station": station,
+        "device": device,
+        "alarm": "suspect_readings",
+        "active": bool(active),
+        "suspect_recent": int(recent_suspect),
+        "window": int(window),
+        "fraction": recent_suspect / window if window else 0.0,
+        "threshold": float(threshold),
+        "suspect_readings": int(total),
+        "reason": reason,
+    }
+    return Message("controller_alarm", device_topic(site, station, device, "alarm"), payload)
 
 
 def elution_message(
@@ -176,7 +322,10 @@ def device_status_message(
     errors: int,
     detail: str = "",
     time_ns: int | None = None,
+    suspect_readings: int | None = None,
+    suspect_fraction: float | None = None,
 ) -> Message:
+    """A device's state; calibrators add their suspect readings since start and the recent suspect fraction."""
     payload = _envelope("device_status", time_ns if time_ns is not None else time.time_ns()) | {
         "site": site,
         "station": station,
@@ -186,6 +335,9 @@ def device_status_message(
         "errors": int(errors),
         "detail": detail,
     }
+    if suspect_readings is not None:
+        payload["suspect_readings"] = int(suspect_readings)
+        payload["suspect_fraction"] = None if suspect_fraction is None else float(suspect_fraction)
     return Message("device_status", device_topic(site, station, device, "status"), payload)
 
 

@@ -1,8 +1,18 @@
 """The controller service behind `hotlab run`: devices in, outbox in the middle, sinks out.
 
-    device supervisors ──items──> processors, QC stage ──> outbox.put_many ──> sinks (MQTT, InfluxDB, history)
+    device supervisors ──items──> processors, measurement detector, QC stage ──> outbox.put_many ──> sinks
 
 Rules this module enforces:
+
+* Every calibrator's source is wrapped in a `CheckedSource` (controller/checked_source.py): each
+  reading leaves with its quality, `good` or `suspect` and why, and where the protocol has no
+  checksum a doubtful reading is read again at once. Suspect readings are committed and published
+  like any other, counted per device (in its status), and raise a retained `suspect_readings` alarm
+  when too many of the recent ones are suspect (controller/suspect_alarm.py); the alarm change is
+  committed with the reading that caused it.
+* The measurement detector (controller/measurements.py) turns each calibrator's good readings into
+  measurements; like the QC stage it judges each transaction's whole batch and takes its state over
+  only after the commit, and the QC stage sees its measurements in the same batch.
 
 * Nothing reaches a sink that was not committed first: a reading, and every message the
   processors and the QC stage derived from it, are committed together in one transaction,
@@ -54,6 +64,7 @@ from typing import Any, Protocol
 from hotlab.backoff import Backoff
 from hotlab.controller.audit import AuditKeyError, AuditLog, load_hmac_key
 from hotlab.controller.audit_anchor import AnchorPublisher
+from hotlab.controller.checked_source import CheckedSource, has_checksum
 from hotlab.controller.commands import Authoriser, CommandHandler, CommandTarget
 from hotlab.controller.config import (
     DeviceConfig,
@@ -61,6 +72,8 @@ from hotlab.controller.config import (
     LabConfig,
 )
 from hotlab.controller.event_loop import DEFAULT_EVENT_LOOP, loop_factory
+from hotlab.controller.measurement_labels import CalibratorCommands, MeasurementLabeller
+from hotlab.controller.measurements import DetectedDevice, DetectionOutcome, MeasurementDetector
 from hotlab.controller.messages import (
     SCHEMA_VERSION,
     Message,
@@ -69,14 +82,19 @@ from hotlab.controller.messages import (
     elution_msg_id,
     iso_utc,
     reading_message,
+    suspect_alarm_message,
 )
 from hotlab.controller.outbox import AsyncOutbox, GroupCommit, Outbox, OutboxFull, OutboxUsage
+from hotlab.controller.plausibility import PlausibilityRules
+from hotlab.controller.qc.engine import QcConfig
 from hotlab.controller.sinks.mqtt import SINK as MQTT_SINK
 from hotlab.controller.sinks.mqtt import MqttSink
 from hotlab.controller.sources import driver_source
 from hotlab.controller.supervisor import DeviceState, DeviceSupervisor, Item, Source
-from hotlab.drivers.records import ElutionRecord
+from hotlab.controller.suspect_alarm import SuspectRate
+from hotlab.drivers.records import ElutionRecord, Reading
 from hotlab.errors import HotlabError
+from hotlab.physics.units import format_activity
 
 log = logging.getLogger(__name__)
 
@@ -208,6 +226,30 @@ class ControllerService:
         self.group_commit: GroupCommit | None = None
         self.mqtt: MqttSink | None = None
         self.supervisors: dict[str, DeviceSupervisor] = {}
+        #: Each device's source as the factory built it (commands use it; the supervisor polls it checked).
+        self.sources: dict[str, Source] = {}
+        #: Suspect readings per calibrator (controller/suspect_alarm.py), as of the last commit.
+        self.suspects: dict[str, SuspectRate] = {}
+        self.measurements = MeasurementDetector(
+            config.site,
+            [
+                DetectedDevice(
+                    device.name,
+                    device.station,
+                    PlausibilityRules(device.family, device.plausibility_settings()),
+                    device.measurement_settings(),
+                )
+                for device in config.devices
+                if not device.is_station
+            ],
+        )
+        self._labeller = MeasurementLabeller(
+            config.site,
+            self.measurements.published,
+            self._commit_messages,
+            config.history_path,
+            {source_id: source.nuclide.name for source_id, source in QcConfig.from_mapping(config.qc).sources.items()},
+        )
         self.commands: CommandHandler | None = None
         self.anchors: AnchorPublisher | None = None
         self._audit_key: bytes | None = None
@@ -262,7 +304,7 @@ class ControllerService:
             backlog,
         )
         await asyncio.to_thread(_warn_about_orphaned_deliveries, cfg.outbox.path, self.sink_names)
-        await self._restore_stage(outbox)
+        await self._restore(outbox)
         sinks = self._start_sinks(outbox)
         sink_tasks = [asyncio.create_task(self._keep_running(sink), name=f"sink-{sink.name}") for sink in sinks]
         monitor = asyncio.create_task(self._watch_usage(), name="outbox-usage")
@@ -294,24 +336,29 @@ class ControllerService:
                 "an unknown number of" if left is None else left,
             )
 
-    async def _restore_stage(self, outbox: AsyncOutbox) -> None:
-        """Let the QC engine rebuild its generator state from the archive before the first reading."""
-        restore = getattr(self.stage, "restore", None)
-        if restore is None or self.config.history_path is None:
+    async def _restore(self, outbox: AsyncOutbox) -> None:
+        """Let the measurement detector and the QC engine rebuild their state from the archive before the
+        first reading; without an archive each calibrator starts unknown (controller/measurements.py)."""
+        history_path = self.config.history_path
+        if history_path is None:
+            log.info("no [history] archive: measurements start afresh (a source already in a chamber is not measured)")
             return
         from hotlab.controller.archive import HistoryArchive
 
         unarchived = [stored.message for stored in await outbox.pending("history", limit=1_000_000)]
+        restore_stage = getattr(self.stage, "restore", None)
 
-        def run() -> int:
-            archive = HistoryArchive(self.config.history_path)  # type: ignore[arg-type]
+        def run() -> int | None:
+            archive = HistoryArchive(history_path)
             try:
-                return int(restore(archive, unarchived))
+                self.measurements.restore(archive, unarchived, time.time_ns())
+                return None if restore_stage is None else int(restore_stage(archive, unarchived))
             finally:
                 archive.close()
 
         restored = await asyncio.to_thread(run)
-        log.info("QC: restored the state of %d elution(s) from the history archive", restored)
+        if restored is not None:
+            log.info("QC: restored the state of %d elution(s) from the history archive", restored)
 
     async def _drain(self, sink: _SinkRunner, task: asyncio.Task[Any], outbox: AsyncOutbox) -> None:
         budget = self.config.service.drain_timeout_s
@@ -412,7 +459,9 @@ class ControllerService:
         device = next((d for d in self.config.devices if d.name == device_name), None)
         if supervisor is None or device is None:
             return None
-        return CommandTarget(device, supervisor.source, lambda: supervisor.up)  # type: ignore[arg-type]
+        source: Any = self.sources[device_name]
+        control = source if device.is_station else CalibratorCommands(device, source, self._labeller)
+        return CommandTarget(device, control, lambda: supervisor.up)
 
     async def _await_sinks(self, tasks: list[asyncio.Task[Any]]) -> None:
         if not tasks:
@@ -434,6 +483,13 @@ class ControllerService:
             return asyncio.create_task(
                 self._report_unusable(device, f"driver not created: {exc}"), name=f"device-{device.name}"
             )
+
+        self.sources[device.name] = source
+        if not device.is_station:
+            settings = device.plausibility_settings()
+            rules = PlausibilityRules(device.family, settings)
+            source = CheckedSource(source, rules, reread=not has_checksum(device.family, device.options))
+            self.suspects[device.name] = SuspectRate(settings.alarm_window, settings.alarm_fraction)
 
         async def deliver(items: Sequence[Item]) -> None:
             await self.commit(device, items)
@@ -465,6 +521,7 @@ class ControllerService:
             log.error("device %s: status not stored, outbox full", device.name)
 
     def _status_message(self, device: DeviceConfig, state: DeviceState) -> Message:
+        suspects = self.suspects.get(device.name)
         return device_status_message(
             self.config.site,
             device.station,
@@ -473,6 +530,8 @@ class ControllerService:
             latency_ms=state.latency_ms,
             errors=state.errors,
             detail=state.detail,
+            suspect_readings=None if suspects is None else suspects.total,
+            suspect_fraction=None if suspects is None else suspects.fraction,
         )
 
     async def commit(self, device: DeviceConfig, items: Sequence[Item]) -> None:
@@ -492,7 +551,41 @@ class ControllerService:
                 message = reading_message(self.config.site, device.station, item)
             messages.append(message)
             messages.extend(await self._process(message))
+        suspects = self.suspects.get(device.name)
+        counted = None
+        if suspects is not None:
+            counted = suspects.observe([item.quality_reason for item in items if isinstance(item, Reading)])
+            if counted.active != suspects.active:
+                messages.append(self._suspect_alarm(device, counted))
         await self._commit_messages(messages)
+        if suspects is None or counted is None:
+            return
+        # Counted once the readings are stored: a retried commit must not count them twice.
+        self.suspects[device.name] = counted
+        if counted.active != suspects.active:
+            (log.warning if counted.active else log.info)(
+                "device %s: SUSPECT READINGS alarm %s: %d of the last %d readings suspect (last: %s)",
+                device.name,
+                "raised" if counted.active else "cleared",
+                sum(counted.recent),
+                len(counted.recent),
+                counted.last_reason,
+            )
+
+    def _suspect_alarm(self, device: DeviceConfig, rate: SuspectRate) -> Message:
+        recent = sum(rate.recent)
+        return suspect_alarm_message(
+            self.config.site,
+            device.station,
+            device.name,
+            active=rate.active,
+            recent_suspect=recent,
+            window=rate.window,
+            threshold=rate.threshold,
+            total=rate.total,
+            reason=rate.last_reason,
+            time_ns=time.time_ns(),
+        )
 
     async def _process(self, message: Message) -> list[Message]:
         derived: list[Message] = []
@@ -546,6 +639,12 @@ class ControllerService:
         committed before it (controller/qc/engine.py).
         """
         assert self.outbox is not None
+        detected: DetectionOutcome | None = None
+        try:
+            detected = self.measurements.process(messages)
+            messages = list(detected.messages)
+        except Exception:
+            log.exception("measurement detection failed on %d message(s); they are stored without it", len(messages))
         staged, outcome = messages, None
         if self.stage is not None:
             try:
@@ -556,6 +655,8 @@ class ControllerService:
                 staged, outcome = messages, None
         await self.outbox.put_many(staged)
         # Committed: from here nothing may raise, or the group commit would store the batch again.
+        if detected is not None:
+            self._take_over_measurements(detected)
         if outcome is not None:
             assert self.stage is not None
             try:
@@ -565,6 +666,24 @@ class ControllerService:
         self.committed += len(staged)
         for wake in self._wake:
             wake()
+
+    def _take_over_measurements(self, detected: DetectionOutcome) -> None:
+        try:
+            self.measurements.apply(detected)
+        except Exception:
+            log.exception("measurement detection failed to take over a committed batch; its state may lag")
+            return
+        for measurement in detected.measurements:
+            p = measurement.payload
+            log.info(
+                "device %s: measurement %s %s, sd %.3g Bq, n %d (%s)",
+                p["device"],
+                format_activity(p["activity_bq"]),
+                p["nuclide"] or "(no nuclide setting)",
+                p["sd_bq"],
+                p["n"],
+                p["end"],
+            )
 
     async def _commit_final_statuses(self) -> None:
         messages = [

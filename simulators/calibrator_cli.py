@@ -67,7 +67,7 @@ def register(subparsers: Subparsers) -> None:
         action="append",
         default=[],
         metavar="KIND[:RATE]",
-        help="garbage, drop, late, disconnect, stuck, bad_checksum; repeatable",
+        help="garbage, drop, late, disconnect, stuck, bad_checksum, bit_flip; repeatable",
     )
     parser.add_argument("--late-s", type=float, default=3.0, help="delay of a late reply")
     parser.add_argument("--interval", type=float, default=1.0, help="vdc404: seconds between streamed lines")

@@ -4,7 +4,8 @@ A fault fires on a reply when it is armed for a number of replies (`arm`, what t
 hit exactly the next reply), enabled until disabled (`enable`), or drawn at a rate from a
 seeded RNG (`set_rate`, what the CLI uses for a flaky-cable soak). The kinds cover what a
 serial line and a tired instrument actually do: line noise, lost and late replies, a pulled
-cable, a display frozen on one value, and a corrupted checksum.
+cable, a display frozen on one value, a corrupted checksum, and a bit flipped in a digit, which
+a protocol without a checksum cannot see (the controller's plausibility check has to).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ class Fault(enum.StrEnum):
     DISCONNECT = "disconnect"  # the cable is pulled (TCP closed, pty hung up)
     STUCK = "stuck"  # the value stops changing
     BAD_CHECKSUM = "bad_checksum"  # one checksum bit flipped (protocols with a checksum)
+    BIT_FLIP = "bit_flip"  # the lowest bit of one digit flipped: still a valid number, a different value
 
 
 class Channel(Protocol):
@@ -94,6 +96,18 @@ class FaultInjector:
         self._held = value
         return value
 
+    def flip_digit(self, frame: bytes) -> bytes:
+        """`frame` with the lowest bit of one of its digits flipped (0<->1, 8<->9, ...).
+
+        A digit stays a digit, so the frame still parses: `>7.4000E+09` may become `>7.4000E+08`
+        or `>7.4000E+19`, as in a line error that flips one bit. A frame without digits is kept.
+        """
+        digits = [index for index, byte in enumerate(frame) if 0x30 <= byte <= 0x39]
+        if not digits:
+            return frame
+        index = self._rng.choice(digits)
+        return frame[:index] + bytes([frame[index] ^ 0x01]) + frame[index + 1 :]
+
     def garbage(self) -> bytes:
         """Line noise: bytes 0x80-0xFF, as a baud-rate mismatch or a ground loop produces.
 
@@ -104,7 +118,7 @@ class FaultInjector:
 
 
 async def send_reply(channel: Channel, frame: bytes, faults: FaultInjector) -> None:
-    """Write `frame` through the transport faults: disconnect, drop, late, garbage."""
+    """Write `frame` through the transport faults: disconnect, drop, late, bit flip, garbage."""
     if faults.fires(Fault.DISCONNECT):
         channel.hang_up()
         return
@@ -112,6 +126,8 @@ async def send_reply(channel: Channel, frame: bytes, faults: FaultInjector) -> N
         return
     if faults.fires(Fault.LATE):
         await asyncio.sleep(faults.late_s)
+    if faults.fires(Fault.BIT_FLIP):
+        frame = faults.flip_digit(frame)
     if faults.fires(Fault.GARBAGE):
         frame = faults.garbage() + frame
     channel.write(frame)

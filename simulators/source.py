@@ -14,10 +14,15 @@ there) through `hotlab.physics.decay.activity_at`: A(t) = A0 * 2^(-dt / T1/2).
 
 Simulated time can run faster than wall time (`acceleration`), so an F-18 half-life
 (109.77 min, ENSDF) passes in seconds in a test.
+
+What is in the chamber may change over simulated time (`ChamberSchedule`): a radiopharmacist puts a
+vial in, reads it and takes it out, or leaves the check source in. An empty chamber reads the
+background only, which the electrometer subtracts.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 import random
 import time
@@ -77,8 +82,39 @@ class Source:
         return float(activity_at(self.reference_activity_bq, self.nuclide, dt_s))
 
 
+@dataclass(frozen=True, slots=True)
+class ChamberSchedule:
+    """What the chamber holds over simulated time: from each change's `at_ns` on, its source (None: empty).
+
+    `changes` are (at_ns, source or None) pairs; before the first one the chamber holds what it was
+    built with. With `repeat_every_ns` the changes repeat with that period (a routine: a dose read
+    every few minutes, the check source every morning); a source keeps decaying from its own
+    reference time however often it goes in and out, as one vial does.
+    """
+
+    changes: tuple[tuple[int, Source | None], ...]
+    repeat_every_ns: int | None = None
+
+    def __post_init__(self) -> None:
+        times = [at_ns for at_ns, _ in self.changes]
+        if not times or times != sorted(times):
+            raise ValueError("a chamber schedule needs at least one change, in time order")
+        if self.repeat_every_ns is not None and not times[-1] - times[0] < self.repeat_every_ns:
+            raise ValueError("a repeating chamber schedule's changes must fit in one period")
+
+    def content(self, at_ns: int, before: Source | None) -> Source | None:
+        """The source in the chamber at `at_ns`; `before` until the first change."""
+        first_ns = self.changes[0][0]
+        if at_ns < first_ns:
+            return before
+        if self.repeat_every_ns is not None:
+            at_ns = first_ns + (at_ns - first_ns) % self.repeat_every_ns
+        index = bisect.bisect_right([at for at, _ in self.changes], at_ns) - 1
+        return self.changes[index][1]
+
+
 class IonChamber:
-    """A well chamber with a source in it, read through a selected calibration."""
+    """A well chamber with a source in it (or a schedule of sources), read through a selected calibration."""
 
     def __init__(
         self,
@@ -91,10 +127,12 @@ class IonChamber:
         noise_rel: float = 0.002,
         seed: int = 0,
         responses: Mapping[str, float] | None = None,
+        schedule: ChamberSchedule | None = None,
     ) -> None:
         if noise_rel < 0:
             raise ValueError(f"noise_rel must be >= 0, got {noise_rel}")
-        self.source = source
+        self.initial_source = source
+        self.schedule = schedule
         self.clock = clock
         self.background_a = background_a
         self.background_subtraction = background_subtraction
@@ -105,8 +143,21 @@ class IonChamber:
         default = source.nuclide.name if source else "Cs-137"
         self.selected = get_nuclide(selected_nuclide or default).name
         self._response(self.selected)
-        if source is not None:
-            self._response(source.nuclide.name)
+        scheduled = [] if schedule is None else [change for _, change in schedule.changes]
+        for content in (source, *scheduled):
+            if content is not None:
+                self._response(content.nuclide.name)
+
+    def source_at(self, at_ns: int) -> Source | None:
+        """What is in the chamber at `at_ns` (simulated time)."""
+        if self.schedule is None:
+            return self.initial_source
+        return self.schedule.content(at_ns, self.initial_source)
+
+    @property
+    def source(self) -> Source | None:
+        """What is in the chamber now."""
+        return self.source_at(self.clock.now_ns())
 
     def select(self, nuclide: str) -> None:
         """Change the calibration (what the operator's nuclide key does)."""
@@ -121,9 +172,8 @@ class IonChamber:
     def current_a(self, at_ns: int | None = None) -> float:
         """Noise-free ionisation current: source plus background."""
         at = self.clock.now_ns() if at_ns is None else at_ns
-        source_a = 0.0
-        if self.source is not None:
-            source_a = self.source.activity_bq(at) * self._response(self.source.nuclide.name)
+        source = self.source_at(at)
+        source_a = 0.0 if source is None else source.activity_bq(at) * self._response(source.nuclide.name)
         return source_a + self.background_a
 
     def expected_display_bq(self, at_ns: int | None = None) -> float:
@@ -139,9 +189,9 @@ class IonChamber:
         return expected * (1.0 + self._rng.gauss(0.0, self.noise_rel))
 
     def true_activity_bq(self, at_ns: int | None = None) -> float:
-        if self.source is None:
-            return 0.0
-        return self.source.activity_bq(self.clock.now_ns() if at_ns is None else at_ns)
+        at = self.clock.now_ns() if at_ns is None else at_ns
+        source = self.source_at(at)
+        return 0.0 if source is None else source.activity_bq(at)
 
     def _response(self, nuclide: str) -> float:
         try:

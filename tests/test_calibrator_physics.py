@@ -13,6 +13,7 @@ from hotlab.simulators.source import (
     CURIE_LADDER,
     DEFAULT_RESPONSE_A_PER_BQ,
     SI_LADDER,
+    ChamberSchedule,
     IonChamber,
     SimClock,
     Source,
@@ -135,3 +136,43 @@ def test_fault_spec_parsing() -> None:
         parse_fault_spec("late:2")
     with pytest.raises(ValueError, match="not a number"):
         parse_fault_spec("late:x")
+
+
+def test_a_chamber_schedule_puts_sources_in_and_takes_them_out() -> None:
+    """Empty 10 s, then the check source 20 s and empty 10 s, repeating every 30 s; the vial keeps decaying."""
+    clock = SimClock(start_ns=0)
+    cs137 = Source(get_nuclide("Cs-137"), 7.4e6, 0)
+    f18 = Source(get_nuclide("F-18"), 1e9, 0)
+    s = 1_000_000_000
+    routine = ChamberSchedule(((10 * s, cs137), (30 * s, None)), repeat_every_ns=30 * s)
+    chamber = IonChamber(None, clock=clock, selected_nuclide="Cs-137", noise_rel=0.0, schedule=routine)
+    timeline = [chamber.source_at(t * s) for t in (0, 9, 10, 29, 30, 39, 40, 59, 60, 69, 70)]
+    assert timeline == [None, None, cs137, cs137, None, None, cs137, cs137, None, None, cs137]
+    assert chamber.expected_display_bq(5 * s) == 0.0  # empty: background only, and it is subtracted
+    assert chamber.expected_display_bq(15 * s) == pytest.approx(cs137.activity_bq(15 * s), rel=1e-12)
+    # A dose inserted once and never taken out, in a chamber that held the check source before.
+    once = IonChamber(
+        cs137, clock=clock, selected_nuclide="F-18", noise_rel=0.0, schedule=ChamberSchedule(((100 * s, f18),))
+    )
+    assert once.source_at(99 * s) is cs137 and once.source_at(10**6 * s) is f18
+    t = 100 * s + int(109.77 * 60 * s)  # one F-18 half-life (ENSDF 109.77 min) after its reference
+    assert once.true_activity_bq(t) == pytest.approx(1e9 * 2.0 ** (-(t / s) / (109.77 * 60)), rel=1e-4)
+    with pytest.raises(ValueError, match="in time order"):
+        ChamberSchedule(((20 * s, None), (10 * s, cs137)))
+    with pytest.raises(ValueError, match="fit in one period"):
+        ChamberSchedule(((0, cs137), (40 * s, None)), repeat_every_ns=30 * s)
+    with pytest.raises(ValueError, match="no chamber response configured for Ge-68"):
+        IonChamber(None, clock=clock, schedule=ChamberSchedule(((0, Source(get_nuclide("Ge-68"), 1.0, 0)),)))
+
+
+def test_a_bit_flip_changes_one_digit_by_one_bit_and_keeps_the_frame_valid() -> None:
+    faults = FaultInjector(seed=3)
+    frame = b">7.4000E+09\r\n"
+    flipped = {faults.flip_digit(frame) for _ in range(200)}
+    assert frame not in flipped and len(flipped) == 7  # one variant per digit: 7, 4, 0, 0, 0, 0, 9
+    for variant in flipped:
+        [(a, b)] = [(a, b) for a, b in zip(frame, variant) if a != b]
+        assert a ^ b == 1 and chr(b).isdigit()
+    assert b">7.4000E+19\r\n" in flipped and b">7.4000E+08\r\n" in flipped  # the review's two frames
+    assert faults.flip_digit(b">OK\r\n") == b">OK\r\n"
+    assert parse_fault_spec("bit_flip:0.25") == (Fault.BIT_FLIP, 0.25)

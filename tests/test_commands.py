@@ -45,6 +45,7 @@ from hotlab.controller.config import (
     SerialTransport,
     parse_config,
 )
+from hotlab.controller.measurement_labels import LabelRefused
 from hotlab.drivers.elution_station import CommandOutcome
 from hotlab.drivers.station_registers import StationState
 
@@ -102,6 +103,26 @@ def test_select_nuclide_canonicalises_the_name() -> None:
     assert parsed.args == {"nuclide": "Tc-99m"}
 
 
+def test_label_measurement_parses_and_matches_the_published_schema() -> None:
+    args = {"measurement_id": "40c6d9045a5c5bdf83b536450e3c6f25", "label": "  patient dose 2026-0412 "}
+    body = command(args=args)
+    parsed = parse_command(encode(body), "label_measurement", CALIBRATOR)
+    assert parsed.args == {"measurement_id": args["measurement_id"], "label": "patient dose 2026-0412"}
+    schema = json.loads((SCHEMAS / "command.json").read_text())
+    jsonschema.validate(body, schema)
+    jsonschema.validate(body["args"], schema["$defs"]["label_measurement"])
+    dosage = args | {"prescribed_activity": "370 MBq", "administration_time": "2026-12-04T10:00:00+01:00"}
+    parsed = parse_command(encode(command(args=dosage)), "label_measurement", CALIBRATOR)
+    assert (parsed.args["prescribed_bq"], parsed.args["administration_ns"]) == (370e6, 1_796_374_800 * 10**9)
+    jsonschema.validate(dosage, schema["$defs"]["label_measurement"])
+    accuracy = args | {"reference_source": "CO-57-REF"}
+    assert parse_command(encode(command(args=accuracy)), "label_measurement", CALIBRATOR).args["reference_source"] == (
+        "CO-57-REF"
+    )
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(dosage | accuracy, schema["$defs"]["label_measurement"])
+
+
 @pytest.mark.parametrize(
     ("payload", "action", "device", "message"),
     [
@@ -131,7 +152,69 @@ def test_select_nuclide_canonicalises_the_name() -> None:
         (encode(command(args={"volume_ml": 5})), "abort", STATION, "args of abort must be exactly: none"),
         (encode(command(args={"nuclide": "Xx-999"})), "select_nuclide", CALIBRATOR, "args.nuclide"),
         (encode(command()), "select_nuclide", STATION, "'select_nuclide' is not a command for gen-1"),
-        (encode(command()), "start_elution", CALIBRATOR, "allowed: select_nuclide"),
+        (encode(command()), "start_elution", CALIBRATOR, "allowed: select_nuclide, label_measurement"),
+        (encode(command()), "label_measurement", STATION, "'label_measurement' is not a command for gen-1"),
+        (
+            encode(command(args={"measurement_id": "ABC", "label": "x"})),
+            "label_measurement",
+            CALIBRATOR,
+            "args.measurement_id must be a measurement's msg_id: 32 lower-case hex digits",
+        ),
+        (
+            encode(command(args={"measurement_id": "0" * 32, "label": "  "})),
+            "label_measurement",
+            CALIBRATOR,
+            "args.label must be text without control characters",
+        ),
+        (
+            encode(command(args={"measurement_id": "0" * 32, "label": "a\tb"})),
+            "label_measurement",
+            CALIBRATOR,
+            "args.label must be text without control characters",
+        ),
+        (
+            encode(command(args={"measurement_id": "0" * 32, "label": "x" * 201})),
+            "label_measurement",
+            CALIBRATOR,
+            "args.label has 201 characters; at most 200",
+        ),
+        (
+            encode(command(args={"measurement_id": "0" * 32})),
+            "label_measurement",
+            CALIBRATOR,
+            "must be one of: label, measurement_id | label, measurement_id, reference_source | "
+            "administration_time, label, measurement_id, prescribed_activity; got: measurement_id",
+        ),
+        (
+            encode(
+                command(
+                    args={
+                        "measurement_id": "0" * 32,
+                        "label": "x",
+                        "prescribed_activity": -1,
+                        "administration_time": "x",
+                    }
+                )
+            ),
+            "label_measurement",
+            CALIBRATOR,
+            "args.prescribed_activity must be a positive activity",
+        ),
+        (
+            encode(
+                command(
+                    args={
+                        "measurement_id": "0" * 32,
+                        "label": "x",
+                        "prescribed_activity": "370 MBq",
+                        "administration_time": "10:00",
+                    }
+                )
+            ),
+            "label_measurement",
+            CALIBRATOR,
+            "args.administration_time must be ISO 8601 with Z or an offset",
+        ),
         (encode(command()), "reboot", STATION, "'reboot' is not a command"),
     ],
 )
@@ -250,6 +333,7 @@ def test_operators_and_min_roles_are_loaded(tmp_path: Path, tokens: None) -> Non
         "abort": "operator",
         "acknowledge_fault": "qc_officer",
         "select_nuclide": "operator",
+        "label_measurement": "operator",
     }
     default = parse_config(lab(tmp_path), base_dir=tmp_path)
     assert default.operators == ()
@@ -479,6 +563,59 @@ async def test_refusals_that_never_reached_the_device_are_not_remembered(trail: 
     restarted = Console(trail, console.station)  # the trail says "not sent": the restarted handler runs it
     assert (await restarted.send("abort", "r3"))["outcome"] == "executed"
     assert console.station.calls == ["start_elution", "acknowledge_fault", "abort"]
+
+
+class RecordingCalibrator:
+    """The CalibratorControl a handler drives: a nuclide switch and a label store that refuses unknown ids."""
+
+    def __init__(self) -> None:
+        self.labels: list[tuple[str, str, str, str]] = []
+
+    async def select_nuclide(self, nuclide: str) -> tuple[str | None, str]:
+        return "Tc-99m", nuclide
+
+    async def label_measurement(self, measurement_id: str, label: str, *, user: str, request_id: str) -> dict[str, Any]:
+        if measurement_id != "a" * 32:
+            raise LabelRefused(f"no measurement {measurement_id} of cal-1 is known to this controller")
+        self.labels.append((measurement_id, label, user, request_id))
+        return {"measurement_id": measurement_id, "label": label, "record": "b" * 32}
+
+
+async def test_a_label_is_audited_like_select_nuclide_and_needs_no_device_online(trail: AuditLog) -> None:
+    calibrator = RecordingCalibrator()
+    target = CommandTarget(CALIBRATOR, calibrator, lambda: False)  # the calibrator is offline
+    handler = CommandHandler("lab", Authoriser(OPERATORS, DEFAULT_MIN_ROLE), trail, _accept_reply, lambda name: target)
+    topic = "hotlab/lab/hotcell-1/cal-1/cmd"
+
+    async def send(action: str, args: dict[str, Any], request_id: str) -> dict[str, Any]:
+        return await handler.handle(f"{topic}/{action}", encode(command(request_id=request_id, args=args)))
+
+    labelled = await send("label_measurement", {"measurement_id": "a" * 32, "label": "batch 12"}, "l1")
+    assert labelled["outcome"] == "executed" and labelled["old_value"] is None
+    assert labelled["new_value"] == {"measurement_id": "a" * 32, "label": "batch 12", "record": "b" * 32}
+    assert calibrator.labels == [("a" * 32, "batch 12", "alice", "l1")]
+    again = await send("label_measurement", {"measurement_id": "a" * 32, "label": "batch 12"}, "l1")
+    assert again["duplicate"] is True and len(calibrator.labels) == 1  # a re-sent request id never labels twice
+    unknown = await send("label_measurement", {"measurement_id": "c" * 32, "label": "batch 12"}, "l2")
+    assert unknown["outcome"] == "refused" and "no measurement cccc" in unknown["error"]
+    offline = await send("select_nuclide", {"nuclide": "F-18"}, "n1")
+    assert offline["outcome"] == "refused" and "offline" in offline["error"]
+    records = list(iter_records(trail.path))
+    assert [(r.action, r.new_value["outcome"]) for r in records] == [
+        ("measurement.label", "requested"),
+        ("measurement.label", "executed"),
+        ("measurement.label", "duplicate"),
+        ("measurement.label", "requested"),
+        ("measurement.label", "refused"),
+        ("calibrator.select_nuclide", "requested"),
+        ("calibrator.select_nuclide", "refused"),
+    ]
+    assert records[1].new_value["result"]["label"] == "batch 12" and records[1].reason == command()["reason"]
+    assert records[4].new_value["sent"] is False  # nothing was stored: a retry of l2 runs again
+
+
+async def _accept_reply(topic: str, reply: dict[str, Any]) -> bool:
+    return True
 
 
 class FlakyAuditLog(AuditLog):

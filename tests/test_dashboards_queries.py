@@ -13,6 +13,7 @@ import math
 import random
 import re
 import shutil
+import statistics
 import tempfile
 import time
 from collections.abc import Iterator
@@ -22,7 +23,16 @@ from typing import Any
 
 import pytest
 
-from hotlab.controller.messages import Message, device_status_message, elution_message, qc_message, reading_message
+from hotlab.controller.messages import (
+    MeasurementValues,
+    Message,
+    device_status_message,
+    elution_message,
+    measurement_message,
+    qc_message,
+    reading_message,
+    suspect_alarm_message,
+)
 from hotlab.controller.outbox import AsyncOutbox, Outbox
 from hotlab.controller.sinks.influx import InfluxConfig, InfluxSink
 from hotlab.drivers.records import ElutionRecord, Reading
@@ -99,6 +109,9 @@ OUTAGE = (
     RUN_START_NS + 24 * HOUR_NS + 10 * HOUR_NS,
     RUN_START_NS + 24 * HOUR_NS + 10 * HOUR_NS + 30 * MINUTE_NS,
 )
+#: A bad serial line on day 2: the calibrator's frames lose a bit now and then; the controller marks those
+#: readings suspect and raises the suspect-readings alarm for the hour, then clears it.
+FLAKY = ("crc-55tr", RUN_START_NS + 2 * 24 * HOUR_NS + 9 * HOUR_NS, 6)
 
 
 def verdict_for(deviation_pct: float) -> str:
@@ -140,17 +153,69 @@ def simulated_lab_run(rng: random.Random) -> list[Message]:
     for station in STATIONS:
         messages += _elutions_and_doses(station, rng)
         messages += _calibrator_qc(station, rng)
+    messages += _flaky_line()
     messages += _device_statuses(rng)
     return sorted(messages, key=lambda m: m.payload["time_ns"])
 
 
-def _reading(station: Station, nuclide: str, activity_bq: float, time_ns: int) -> Message:
+def _reading(station: Station, nuclide: str, activity_bq: float, time_ns: int, reason: str | None = None) -> Message:
     unit = station.display_unit
     raw = round(from_bq(activity_bq, unit), 3)
     frame = f"{raw:.3f} {unit} {nuclide}\r\n".encode()
-    return reading_message(
-        SITE, station.name, Reading(station.calibrator, nuclide, activity_bq, raw, unit, time_ns, frame)
+    quality = "good" if reason is None else "suspect"
+    reading = Reading(
+        station.calibrator, nuclide, activity_bq, raw, unit, time_ns, frame, quality=quality, quality_reason=reason
     )
+    return reading_message(SITE, station.name, reading)
+
+
+def _measurement(station: Station, nuclide: str, plateau: list[Message], removal_ns: int) -> Message:
+    """The controller's measurement of a settled plateau (no decay over a few seconds for the long-lived sources here)."""
+    values = [float(m.payload["activity_bq"]) for m in plateau]
+    times = [int(m.payload["time_ns"]) for m in plateau]
+    return measurement_message(
+        SITE,
+        station.name,
+        MeasurementValues(
+            station.calibrator,
+            nuclide,
+            statistics.fmean(values),
+            statistics.stdev(values),
+            len(values),
+            1.2e3,
+            times[0],
+            times[4],
+            removal_ns,
+            "removed",
+            tuple(m.msg_id for m in plateau),
+        ),
+    )
+
+
+def _flaky_line() -> list[Message]:
+    device, start_ns, suspect = FLAKY
+    [station] = [s for s in STATIONS if s.calibrator == device]
+    out: list[Message] = []
+    for index in range(suspect):
+        time_ns = start_ns + index * 5 * MINUTE_NS
+        out.append(_reading(station, "Tc-99m", 7.4e19, time_ns, "7.4e+07 TBq is outside the crc15r range"))
+        out.append(_reading(station, "Tc-99m", 7.4e9, time_ns + 10**9))  # the re-read
+    for active, time_ns in ((True, start_ns + 10 * MINUTE_NS), (False, start_ns + 70 * MINUTE_NS)):
+        out.append(
+            suspect_alarm_message(
+                SITE,
+                station.name,
+                device,
+                active=active,
+                recent_suspect=3 if active else 0,
+                window=10,
+                threshold=0.2,
+                total=3 if active else suspect,
+                reason="7.4e+07 TBq is outside the crc15r range",
+                time_ns=time_ns,
+            )
+        )
+    return out
 
 
 def _elutions_and_doses(station: Station, rng: random.Random) -> list[Message]:
@@ -211,7 +276,11 @@ def _calibrator_qc(station: Station, rng: random.Random) -> list[Message]:
         expected = decayed(CHECK_SOURCE_BQ, "Cs-137", (time_ns - RUN_START_NS) / 1e9)
         deviation = INJECTED_QC.get((station.calibrator, day), rng.uniform(-2.0, 2.0))
         measured = expected * (1 + deviation / 100)
-        out.append(_reading(station, "Cs-137", measured, time_ns))
+        plateau = [
+            _reading(station, "Cs-137", measured * (1 + rng.gauss(0, 0.002)), time_ns - (8 - k) * 2 * 10**9)
+            for k in range(8)
+        ]
+        out += [*plateau, _measurement(station, "Cs-137", plateau, time_ns + 10**9)]
         out.append(
             _qc(
                 station,
@@ -247,11 +316,13 @@ def _device_statuses(rng: random.Random) -> list[Message]:
     out: list[Message] = []
     devices = [(s.name, d) for s in STATIONS for d in (s.calibrator, s.eluter)]
     errors = dict.fromkeys(devices, 0)
+    calibrators = {s.calibrator for s in STATIONS}
     for tick in range(RUN_DAYS * 24 * 12):  # every 5 minutes
         time_ns = RUN_START_NS + tick * 5 * MINUTE_NS
         for station, device in devices:
             down = device == OUTAGE[0] and OUTAGE[1] <= time_ns < OUTAGE[2]
             errors[(station, device)] += 1 if down else 0
+            suspect = (FLAKY[2] if time_ns >= FLAKY[1] + HOUR_NS else 0) if device == FLAKY[0] else 0
             out.append(
                 device_status_message(
                     SITE,
@@ -262,6 +333,8 @@ def _device_statuses(rng: random.Random) -> list[Message]:
                     errors=errors[(station, device)],
                     detail="no reply within 2.0 s" if down else "",
                     time_ns=time_ns,
+                    suspect_readings=suspect if device in calibrators else None,
+                    suspect_fraction=0.0 if device in calibrators else None,
                 )
             )
     return out
@@ -346,7 +419,7 @@ def _resolve_variables(dashboard: dict[str, Any], run: LabRun, server: InfluxSer
 
 
 def test_the_whole_run_is_stored(lab_run: LabRun, influx_server: InfluxService) -> None:
-    for kind in ("reading", "elution", "qc_result", "device_status"):
+    for kind in ("reading", "measurement", "elution", "qc_result", "device_status", "controller_alarm"):
         [row] = influx_server.rows(f'SELECT count("msg_id") FROM "{kind}"', lab_run.database)
         assert row["count"] == sum(m.kind == kind for m in lab_run.messages), kind
 
@@ -390,6 +463,22 @@ def test_alarm_panels_show_exactly_the_injected_faults(lab_run: LabRun, influx_s
     assert all(r["detail"] == "no reply within 2.0 s" for r in offline)
     online = _panel_rows("lab-overview", "Devices online", lab_run, influx_server)
     assert len(online) == 4 and all(r["last"] == 1 for r in online)  # the outage ended
+
+
+def test_quality_panels_show_exactly_the_suspect_readings_and_their_alarm(
+    lab_run: LabRun, influx_server: InfluxService
+) -> None:
+    suspect = _panel_rows("alarms", "Suspect readings", lab_run, influx_server)
+    assert len(suspect) == FLAKY[2] and {r["device"] for r in suspect} == {FLAKY[0]}
+    assert all(r["activity_bq"] == 7.4e19 and "outside the crc15r range" in r["quality_reason"] for r in suspect)
+    alarms = _panel_rows("alarms", "Suspect reading alarms", lab_run, influx_server)
+    assert [(r["device"], r["active"]) for r in alarms] == [(FLAKY[0], 1), (FLAKY[0], 0)]
+    [count] = _panel_rows("lab-overview", "Suspect readings", lab_run, influx_server)
+    assert count["count"] == FLAKY[2]
+    latest = _panel_rows("lab-overview", "Latest activity per device", lab_run, influx_server)
+    assert all(r["activity_bq"] < 1e12 for r in latest)  # the suspect 7.4e19 Bq is never "the latest activity"
+    measurements = _panel_rows("calibrator-qc", "Measurements", lab_run, influx_server)
+    assert len(measurements) == RUN_DAYS * len(STATIONS) and all(r["n"] == 8 for r in measurements)
 
 
 def test_elution_panels_show_plausible_generator_physics(lab_run: LabRun, influx_server: InfluxService) -> None:

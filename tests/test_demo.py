@@ -26,12 +26,16 @@ from hotlab.controller.cli.main import main as hotlab
 from hotlab.controller.lab.demo import LabView, ViewInputError, render, snapshot_svg
 from hotlab.controller.lab.simulated_lab import station_mo99_breakthrough
 from hotlab.controller.messages import (
+    MeasurementValues,
     Message,
     device_status_message,
     elution_message,
     elution_msg_id,
+    measurement_label_message,
+    measurement_message,
     qc_message,
     reading_message,
+    suspect_alarm_message,
 )
 from hotlab.controller.qc.engine import QcConfig, QcEngine
 from hotlab.drivers.records import ElutionRecord, Reading
@@ -179,6 +183,22 @@ def _fixed_view() -> LabView:
         view.apply(message.topic, _payload_bytes(message))
     reading = reading_message(SITE, "hotcell-1", Reading("hotcell-calibrator", "Tc-99m", 7.4e9, 7.4, "GBq", T0))
     view.apply(reading.topic, _payload_bytes(reading))
+    values = MeasurementValues(
+        "qc-calibrator", "Cs-137", 7.4e6, 7.4e3, 9, 0.0, T0 - 6 * 10**9, T0 - 3 * 10**9, T0, "removed", ("a" * 32,) * 9
+    )
+    measurement = measurement_message(SITE, "qc-lab", values)
+    view.apply(measurement.topic, _payload_bytes(measurement))
+    label = measurement_label_message(
+        SITE,
+        "qc-lab",
+        "qc-calibrator",
+        measurement=measurement.payload,
+        label="daily check CS-7",
+        user="alice",
+        request_id="r-1",
+        time_ns=T0,
+    )
+    view.apply(label.topic, _payload_bytes(label))
     record = ElutionRecord(
         "radiochemistry", "GE68-DEMO-001", "Ge-68", "Ga-68", 7, 4.376e8, 5.0, T0, T0 + 28 * 10**9, parent_bq=4.4e2
     )
@@ -231,13 +251,59 @@ def test_the_live_view_renders_devices_activities_elutions_and_coloured_verdicts
         "FAIL",
         "89.4 %",
         "constancy",
+        "Measurements",
+        "7.4 MBq",
+        "0.10 %",
+        "removed",
+        "daily check CS-7",
     ):
         assert expected in text, expected
-    assert "1 readings · 1 elutions · QC verdicts: 1 pass, 1 warn, 1 fail" in text
+    assert "1 readings · 1 measurements · 1 elutions · QC verdicts: 1 pass, 1 warn, 1 fail" in text
     assert "ge68_breakthrough FAIL" in text  # warn and fail verdicts are also alarms
     ansi = console.export_text(styles=True)
     assert "\x1b[1;32mPASS" in ansi and "\x1b[1;33mWARN" in ansi and "\x1b[1;31mFAIL" in ansi
     assert snapshot_svg(view).startswith("<svg")
+
+
+def test_suspect_readings_are_shown_marked_and_their_alarm_is_an_alarm() -> None:
+    view = _fixed_view()
+    flipped = Reading(
+        "hotcell-calibrator", "Tc-99m", 7.4e19, 7.4e19, "Bq", T0 + 1, quality="suspect", quality_reason="range"
+    )
+    message = reading_message(SITE, "hotcell-1", flipped)
+    view.apply(message.topic, _payload_bytes(message))
+    status = device_status_message(
+        SITE,
+        "hotcell-1",
+        "hotcell-calibrator",
+        up=True,
+        latency_ms=3.0,
+        errors=0,
+        suspect_readings=7,
+        suspect_fraction=0.2,
+    )
+    view.apply(status.topic, _payload_bytes(status))
+    alarm = suspect_alarm_message(
+        SITE,
+        "hotcell-1",
+        "hotcell-calibrator",
+        active=True,
+        recent_suspect=10,
+        window=50,
+        threshold=0.1,
+        total=7,
+        reason="fell from 7.4 GBq to 740 MBq",
+        time_ns=T0,
+    )
+    view.apply(alarm.topic, _payload_bytes(alarm))
+    assert (
+        view.alarms[-1].text == "hotcell-calibrator: 10 of the last 50 readings suspect (fell from 7.4 GBq to 740 MBq)"
+    )
+    assert view.devices["hotcell-calibrator"].suspect == 7
+    console = Console(record=True, width=150, force_terminal=True)
+    console.print(render(view))
+    text = console.export_text()
+    assert "7.4e+07 TBq ⚠" in text and "⚠ suspect" in text
 
 
 def test_offline_devices_raise_an_alarm_but_a_clean_shutdown_does_not() -> None:

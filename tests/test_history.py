@@ -151,7 +151,7 @@ def test_time_range_parsing() -> None:
 
 
 def test_time_range_reads_times_like_every_other_hotlab_input() -> None:
-    """Same rules as hotlab.physics.decay.parse_utc_ns: offsets honoured, ns kept, naive refused."""
+    """Same rules as hotlab.physics.utc_time.parse_utc_ns: offsets honoured, ns kept, naive refused."""
     assert TimeRange.from_text("2026-11-01T01:00:00+01:00", None).start_ns == NOV_1
     assert TimeRange.from_text(None, "2026-11-01T00:00:00.000000001Z").end_ns == NOV_1 + 1  # a date-time end is exact
     with pytest.raises(HistoryQueryError, match="no timezone"):  # was silently taken as UTC
@@ -298,3 +298,45 @@ def test_read_only_archive_answers_queries_and_never_writes(tmp_path: Path) -> N
         with pytest.raises(sqlite3.OperationalError, match="readonly"):
             copy.add_many(sample_messages(1))
         assert copy.count() == 8
+
+
+def _suspect(time_ns: int) -> Message:
+    reading = Reading(
+        "crc-1", "Tc-99m", 7.4e19, 7.4e19, "Bq", time_ns, b">7.4000E+19", quality="suspect", quality_reason="range"
+    )
+    return reading_message("hotlab-a", "hot-cell-1", reading)
+
+
+def test_readings_are_indexed_by_quality_and_any_message_is_found_by_msg_id(tmp_path: Path) -> None:
+    messages = [*sample_messages(8), _suspect(NOV_1 + 1), _suspect(NOV_1 + 2)]
+    with HistoryArchive(tmp_path / "history.sqlite") as archive:
+        archive.add_many(messages)
+        suspect = archive.query("reading", quality="suspect")
+        assert [r["msg_id"] for r in suspect] == [messages[8].msg_id, messages[9].msg_id]
+        assert len(archive.query("reading", quality="good")) == 2
+        assert archive.distinct("quality", "reading") == ["good", "suspect"]
+        assert archive.get(messages[1].msg_id) == messages[1].payload
+        assert archive.get("0" * 32) is None
+
+
+def test_an_archive_from_before_reading_quality_gets_the_column_and_keeps_its_rows(tmp_path: Path) -> None:
+    path = tmp_path / "history.sqlite"
+    old = sqlite3.connect(path)
+    old.executescript(
+        """
+        CREATE TABLE message (msg_id TEXT PRIMARY KEY, kind TEXT NOT NULL, topic TEXT NOT NULL,
+            time_ns INTEGER NOT NULL, site TEXT, station TEXT, device TEXT, test TEXT, verdict TEXT,
+            payload TEXT NOT NULL, archived_ns INTEGER NOT NULL) WITHOUT ROWID;
+        INSERT INTO message VALUES ('old-1', 'reading', 't', 1, 's', 'st', 'd', NULL, NULL,
+            '{"msg_id": "old-1", "time_ns": 1, "activity_bq": 1.0}', 2);
+        """
+    )
+    old.close()
+    with HistoryArchive(path) as archive:
+        archive.add_many([_suspect(NOV_1)])
+        assert [r["msg_id"] for r in archive.query("reading")] == ["old-1", _suspect_id(archive)]
+        assert len(archive.query("reading", quality="suspect")) == 1  # the old row was never checked: NULL
+
+
+def _suspect_id(archive: HistoryArchive) -> str:
+    return str(archive.query("reading", quality="suspect")[0]["msg_id"])

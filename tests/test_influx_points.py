@@ -10,12 +10,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hotlab.controller.messages import (
+    MeasurementValues,
     Message,
     audit_anchor_message,
     device_status_message,
     elution_message,
+    measurement_label_message,
+    measurement_message,
     qc_message,
     reading_message,
+    suspect_alarm_message,
 )
 from hotlab.controller.sinks.influx import InfluxConfig, InfluxConfigError
 from hotlab.controller.sinks.influx_points import PointError, message_to_line
@@ -58,8 +62,81 @@ def test_reading_line_has_identity_tags_float_fields_and_ns_time() -> None:
     message_id = line.split('msg_id="')[1].split('"')[0]
     assert line == (
         f"reading,device=crc\\ 55\\,tr,nuclide=F-18,site=site\\=a,station=st "
-        f'activity_bq=370000000,msg_id="{message_id}",raw_value=10,unit="mCi" {T0}'
+        f'activity_bq=370000000,msg_id="{message_id}",quality="good",raw_value=10,unit="mCi" {T0}'
     )
+
+
+def test_a_suspect_reading_stays_in_its_series_with_quality_and_reason_as_fields() -> None:
+    good = Reading("cal-1", "Tc-99m", 7.4e9, 7.4e9, "Bq", T0, b">7.4000E+09")
+    flipped = Reading(
+        "cal-1",
+        "Tc-99m",
+        7.4e19,
+        7.4e19,
+        "Bq",
+        T0 + 1,
+        b">7.4000E+19",
+        quality="suspect",
+        quality_reason='out "of" range',
+    )
+    good_line, flipped_line = (message_to_line(reading_message("s", "st", r)) for r in (good, flipped))
+    assert good_line.split(" ")[0] == flipped_line.split(" ")[0]  # the same series: quality is not a tag
+    fields = _fields(flipped_line)
+    assert fields["quality"] == '"suspect"' and fields["quality_reason"] == '"out \\"of\\" range"'
+    assert "quality_reason" not in _fields(good_line)
+
+
+def test_measurement_label_alarm_and_calibrator_status_points() -> None:
+    values = MeasurementValues(
+        "cal-1", "Cs-137", 7.4e6, 3.1e3, 12, 1.5e3, T0 - 9 * 10**9, T0, None, "dwell", ("a" * 32,) * 12
+    )
+    measurement = measurement_message("s", "st", values)
+    line = message_to_line(measurement)
+    assert line.startswith("measurement,device=cal-1,nuclide=Cs-137,site=s,station=st ") and line.endswith(f" {T0}")
+    assert _fields(line) == {
+        "activity_bq": "7400000",
+        "sd_bq": "3100",
+        "n": "12",
+        "background_bq": "1500",
+        "end": '"dwell"',
+        "msg_id": f'"{measurement.msg_id}"',
+    }
+    label = measurement_label_message(
+        "s",
+        "st",
+        "cal-1",
+        measurement=measurement.payload,
+        label="batch 12",
+        user="alice",
+        request_id="r1",
+        time_ns=T0 + 5,
+    )
+    assert _fields(message_to_line(label)) == {
+        "label": '"batch 12"',
+        "measurement_id": f'"{measurement.msg_id}"',
+        "user": '"alice"',
+        "msg_id": f'"{label.msg_id}"',
+    }
+    alarm = suspect_alarm_message(
+        "s", "st", "cal-1", active=True, recent_suspect=6, window=50, threshold=0.1, total=9, reason="x", time_ns=T0
+    )
+    alarm_line = message_to_line(alarm)
+    assert alarm_line.startswith("controller_alarm,alarm=suspect_readings,device=cal-1,site=s,station=st ")
+    assert _fields(alarm_line) | {"msg_id": ""} == {
+        "active": "1",
+        "suspect_recent": "6",
+        "window": "50",
+        "fraction": "0.12",
+        "threshold": "0.1",
+        "suspect_readings": "9",
+        "reason": '"x"',
+        "msg_id": "",
+    }
+    status = device_status_message(
+        "s", "st", "cal-1", up=True, latency_ms=1.0, errors=0, suspect_readings=9, suspect_fraction=0.12, time_ns=T0
+    )
+    fields = _fields(message_to_line(status))
+    assert (fields["suspect_readings"], fields["suspect_fraction"]) == ("9", "0.12")
 
 
 def test_ints_and_bools_become_floats_and_none_fields_vanish() -> None:

@@ -1,6 +1,7 @@
 """`hotlab report` and `hotlab audit verify` find, without being told, what `hotlab run` and
-`hotlab demo` wrote in the same folder; a file that is not an archive and an inverted range are
-one-line errors with exit 2, and times in errors are ISO 8601, not raw nanoseconds."""
+`hotlab demo` wrote in the same folder, and the report never pairs an archive with another lab's
+trail; a file that is not an archive and an inverted range are one-line errors with exit 2, and
+times in errors are ISO 8601, not raw nanoseconds."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from hotlab.controller.archive import HistoryArchive
+from hotlab.controller.audit import AuditLog
 from hotlab.controller.cli.main import main as hotlab
 from tests.cli_process import run_hotlab
 from tests.mosquitto_service import require_mosquitto
@@ -35,11 +38,13 @@ def test_report_and_audit_find_what_the_demo_wrote(tmp_path: Path) -> None:
 @pytest.mark.integration
 def test_report_finds_what_the_simulated_lab_wrote_and_says_which_lab_when_there_are_two(tmp_path: Path) -> None:
     require_mosquitto()
-    run = run_hotlab("run", "--duration", "3", cwd=tmp_path, timeout_s=90)
+    # QC judges measurements, not polls: the check source goes into vdc404-sim 3 s after the lab starts
+    # and comes out 4 s later (controller/lab/simulated_lab.py), which publishes its measurement.
+    run = run_hotlab("run", "--duration", "10", cwd=tmp_path, timeout_s=90)
     assert run.returncode == 0, run.stderr[-3000:]
     report = run_hotlab("report", "--from", TODAY, "--to", TODAY, cwd=tmp_path, timeout_s=120)
     assert report.returncode == 0, report.stderr
-    assert "vdc404-sim" in (tmp_path / "report.html").read_text()  # its check source is judged at once
+    assert "vdc404-sim" in (tmp_path / "report.html").read_text()  # its check-source measurement was judged
 
     demo_archive = tmp_path / "var" / "demo" / "history.sqlite3"
     demo_archive.parent.mkdir(parents=True)
@@ -76,3 +81,36 @@ def test_a_dosage_before_its_assay_names_both_times_in_iso(capsys: pytest.Captur
     err = capsys.readouterr().err
     assert code == 2, err
     assert len(ISO.findall(err)) == 2 and not re.search(r"\d{15,}", err), err
+
+
+def _trail(path: Path, entries: int) -> None:
+    log = AuditLog(path)
+    for n in range(entries):
+        log.append(actor="alice", action="qc.manual_entry", target="cal-1", reason=f"entry {n}")
+
+
+def test_the_report_pairs_an_archive_only_with_its_own_labs_trail(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HOTLAB_AUDIT_LOG", raising=False)
+    monkeypatch.delenv("HOTLAB_HISTORY", raising=False)
+    HistoryArchive("var/demo/history.sqlite3").close()
+    _trail(Path("var/demo/audit.jsonl"), 1)
+    _trail(Path("var/simulated-lab/state/audit.jsonl"), 2)  # written last: the newest trail here
+
+    # The demo's archive, named another way: still the demo's trail, not the newest one.
+    named_otherwise = str(tmp_path / "var" / "demo" / ".." / "demo" / "history.sqlite3")
+    assert hotlab(["report", "--from", TODAY, "--to", TODAY, "--archive", named_otherwise]) == 0
+    assert "1 audited action(s)" in capsys.readouterr().out
+    assert "var/demo/audit.jsonl" in Path("report.html").read_text()
+
+    # An archive of no known lab (an inspector's copy): no other lab's trail is paired with it.
+    copy = tmp_path / "inspection" / "history.sqlite3"
+    HistoryArchive(copy).close()
+    assert hotlab(["report", "--from", TODAY, "--to", TODAY, "--archive", str(copy)]) == 2
+    assert f"no audit trail known for the archive {copy}: give --audit PATH" in capsys.readouterr().err
+    assert (
+        hotlab(["report", "--from", TODAY, "--to", TODAY, "--archive", str(copy), "--audit", "var/demo/audit.jsonl"])
+        == 0
+    )

@@ -5,12 +5,17 @@ import json
 import pytest
 
 from hotlab.controller.messages import (
+    MeasurementValues,
     device_status_message,
     elution_message,
     elution_msg_id,
     iso_utc,
+    measurement_label_message,
+    measurement_message,
+    measurement_msg_id,
     qc_message,
     reading_message,
+    suspect_alarm_message,
 )
 from hotlab.drivers.records import ElutionRecord, Reading
 
@@ -102,3 +107,45 @@ def test_breakthrough_comes_from_the_stations_parent_measurement() -> None:
 def test_iso_utc_truncates_to_the_microsecond_and_handles_times_before_1970() -> None:
     assert iso_utc(1_700_000_000_123_456_789) == "2023-11-14T22:13:20.123456Z"
     assert iso_utc(-1) == "1969-12-31T23:59:59.999999Z"
+
+
+def test_a_reading_says_its_quality_and_only_a_suspect_one_why() -> None:
+    good = reading_message("lab-a", "hotcell-1", Reading("cal-1", "Tc-99m", 7.4e9, 7.4e9, "Bq", T0))
+    assert good.payload["quality"] == "good" and "quality_reason" not in good.payload
+    flipped = Reading("cal-1", "Tc-99m", 7.4e19, 7.4e19, "Bq", T0, quality="suspect", quality_reason="out of range")
+    payload = reading_message("lab-a", "hotcell-1", flipped).payload
+    assert (payload["quality"], payload["quality_reason"]) == ("suspect", "out of range")
+
+
+def test_measurements_and_labels_have_name_based_ids_and_their_topics() -> None:
+    values = MeasurementValues(
+        "cal-1", "Cs-137", 7.4e6, 7e3, 6, 0.0, T0, T0 + 5 * 10**9, None, "dwell", ("a" * 32,) * 6
+    )
+    first, replay = (measurement_message("lab-a", "qc-lab", values) for _ in range(2))
+    assert first.msg_id == replay.msg_id == measurement_msg_id("lab-a", "cal-1", T0)
+    assert measurement_msg_id("lab-a", "cal-1", T0) == "e8a138bb7d8858908dbc0cb1145c0b5e"  # fixed forever
+    assert measurement_msg_id("lab-a", "cal-1", T0 + 1) != first.msg_id
+    assert first.topic == "hotlab/lab-a/qc-lab/cal-1/measurement"
+    assert first.payload["time_ns"] == T0 + 5 * 10**9 and first.payload["removal_time"] is None
+    label = measurement_label_message(
+        "lab-a", "qc-lab", "cal-1", measurement=first.payload, label="CS-7", user="alice", request_id="r1", time_ns=T0
+    )
+    assert label.topic == "hotlab/lab-a/qc-lab/cal-1/label" and label.payload["measurement_id"] == first.msg_id
+    again = measurement_label_message(
+        "lab-a", "qc-lab", "cal-1", measurement=first.payload, label="CS-7", user="alice", request_id="r1", time_ns=T0
+    )
+    assert again.msg_id == label.msg_id
+    alarm = suspect_alarm_message(
+        "lab-a",
+        "qc-lab",
+        "cal-1",
+        active=True,
+        recent_suspect=5,
+        window=50,
+        threshold=0.1,
+        total=5,
+        reason=None,
+        time_ns=T0,
+    )
+    assert alarm.topic == "hotlab/lab-a/qc-lab/cal-1/alarm" and alarm.payload["fraction"] == 0.1
+    json.dumps([first.payload, label.payload, alarm.payload], allow_nan=False)

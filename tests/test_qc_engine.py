@@ -1,4 +1,4 @@
-"""The streaming engine: a stream of reading/elution messages in, the expected verdicts out."""
+"""The streaming engine: a stream of measurement/reading/elution messages in, the expected verdicts out."""
 
 from __future__ import annotations
 
@@ -6,10 +6,17 @@ import json
 import logging
 import tomllib
 from datetime import datetime
+from typing import Any
 
 import pytest
 
-from hotlab.controller.messages import elution_message, reading_message
+from hotlab.controller.messages import (
+    MeasurementValues,
+    elution_message,
+    measurement_label_message,
+    measurement_message,
+    reading_message,
+)
 from hotlab.controller.qc.engine import QcConfig, QcEngine, QcOutcome, parse_time_ns
 from hotlab.controller.qc.limits import QcConfigError
 from hotlab.drivers.records import ElutionRecord, Reading
@@ -61,6 +68,25 @@ def reading(
     return reading_message("lab1", "hotcell", record)
 
 
+def measurement(activity_bq: float, when: str, nuclide: str | None = "Cs-137", device: str = "calib1") -> object:
+    """A settled measurement of 5 readings with a 0.1 % spread, settled at `when`."""
+    settle_ns = ns(when)
+    values = MeasurementValues(
+        device,
+        nuclide,
+        activity_bq,
+        activity_bq * 1e-3,
+        5,
+        0.0,
+        settle_ns - 10**10,
+        settle_ns,
+        None,
+        "dwell",
+        ("0" * 32,) * 5,
+    )
+    return measurement_message("lab1", "hotcell", values)
+
+
 def elution(counter: int, activity_bq: float, end_ns: int) -> object:
     record = ElutionRecord(
         "gastation", "GA-1", "Ge-68", "Ga-68", counter, activity_bq, 5.0, end_ns - 300 * 10**9, end_ns
@@ -83,9 +109,9 @@ def judge(engine: QcEngine, *messages: object) -> QcOutcome:
     return outcome
 
 
-def test_untagged_reading_on_the_check_source_setting_is_constancy(engine: QcEngine) -> None:
+def test_a_measurement_on_the_check_source_setting_is_constancy(engine: QcEngine) -> None:
     # Expected 5.87678 MBq on 2026-01-01 (see test_qc_calibrator); 6.2 / 5.87678 - 1 = +5.500 % -> warn (site warn 4 %).
-    message = reading(6.2e6, "2026-01-01T00:00:00Z")
+    message = measurement(6.2e6, "2026-01-01T00:00:00Z")
     outcome = judge(engine, message)
     assert len(outcome.results) == 1 and outcome.replacements == {}
     assert outcome.messages == (message, *outcome.results)
@@ -95,33 +121,79 @@ def test_untagged_reading_on_the_check_source_setting_is_constancy(engine: QcEng
     assert (payload["test"], payload["verdict"], payload["alarm"]) == ("constancy", "warn", True)
     assert payload["deviation_pct"] == pytest.approx(5.500, abs=1e-3)
     assert payload["limit_source"].startswith("site configuration")
+    inputs = payload["inputs"]
+    assert (inputs["measurement_id"], inputs["n"], inputs["sd_bq"]) == (message.msg_id, 5, pytest.approx(6.2e3))
+    assert payload["time_ns"] == message.payload["settle_ns"]
 
 
-def test_patient_readings_are_not_qc(engine: QcEngine) -> None:
-    patient = reading(370e6, "2026-01-01T09:00:00Z", nuclide="F-18")
+def test_polls_are_not_qc_measurements_are(engine: QcEngine) -> None:
+    """One verdict per measurement, not one per poll: a raw reading on the check source setting is not judged."""
+    polls = [reading(6.2e6 + n, f"2026-01-01T00:00:0{n}Z") for n in range(5)]
+    assert judge(engine, *polls).results == ()
+    assert len(judge(engine, *polls, measurement(6.2e6, "2026-01-01T00:00:05Z")).results) == 1
+
+
+def test_patient_measurements_are_not_qc(engine: QcEngine) -> None:
+    patient = measurement(370e6, "2026-01-01T09:00:00Z", nuclide="F-18")
     assert judge(engine, patient).messages == (patient,)
-    assert judge(engine, reading(6.2e6, "2026-01-01T00:00:00Z", device="calib2")).results == ()
+    assert judge(engine, measurement(6.2e6, "2026-01-01T00:00:00Z", device="calib2")).results == ()
+    assert judge(engine, measurement(6.2e6, "2026-01-01T00:00:00Z", nuclide=None)).results == ()
+
+
+def test_a_suspect_tagged_reading_is_never_judged(engine: QcEngine) -> None:
+    tagged = Reading(
+        "calib1",
+        "Tc-99m",
+        400e3,
+        0.4,
+        "MBq",
+        ns("2026-01-01T07:00:00Z"),
+        b"frame",
+        {"qc": "background"},
+        quality="suspect",
+        quality_reason="outside the range",
+    )
+    message = reading_message("lab1", "hotcell", tagged)
+    outcome = judge(engine, message)
+    assert outcome.messages == (message,) and outcome.results == () and outcome.rejected == 0
+
+
+def label(measured: Any, text: str = "sample", **qc: Any) -> Any:
+    """A label record for `measured` (a measurement message), as the label_measurement command commits it."""
+    return measurement_label_message(
+        "lab1",
+        "hotcell",
+        str(measured.payload["device"]),
+        measurement=measured.payload,
+        label=text,
+        user="alice",
+        request_id="r1",
+        time_ns=int(measured.payload["time_ns"]) + 60 * 10**9,
+        **qc,
+    )
+
+
+def test_labelled_measurements_are_accuracy_and_dosage_checks(engine: QcEngine) -> None:
+    co57 = measurement(118e6, "2025-11-25T00:00:00Z", nuclide="Co-57")
+    assert judge(engine, co57).results == ()  # not the check source: a measurement like any other
+    accuracy_label = label(co57, "annual accuracy", reference_source="CO-57-REF")
+    [accuracy] = judge(engine, accuracy_label).results
+    assert accuracy.payload["test"] == "accuracy" and accuracy.payload["verdict"] == "pass"
+    assert accuracy.payload["inputs"]["measurement_id"] == co57.msg_id
+    assert accuracy.payload["inputs"]["label"] == "annual accuracy"
+    dose = measurement(550e6, "2026-03-01T08:00:00Z", nuclide="F-18")
+    [dosage] = judge(
+        engine, label(dose, "patient 0412", prescribed_bq=370e6, administration_ns=ns("2026-03-01T09:00:00Z"))
+    ).results
+    # 550 MBq F-18 at 08:00 is 550 * 2^(-60/109.77) = 376.55 MBq at 09:00: +1.77 % of the 370 MBq prescribed.
+    assert (dosage.payload["test"], dosage.payload["verdict"]) == ("dosage", "pass")
+    assert dosage.payload["deviation_pct"] == pytest.approx(1.7698, abs=1e-3)
+    assert judge(engine, label(dose, "just a name")).results == ()
 
 
 def test_tagged_readings(engine: QcEngine) -> None:
-    [accuracy] = judge(
-        engine, reading(118e6, "2025-11-25T00:00:00Z", nuclide="Co-57", qc="accuracy", source="CO-57-REF")
-    ).results
-    assert accuracy.payload["test"] == "accuracy" and accuracy.payload["verdict"] == "pass"
     [bg] = judge(engine, reading(400e3, "2026-01-01T07:00:00Z", nuclide="Tc-99m", qc="background")).results
     assert (bg.payload["test"], bg.payload["verdict"]) == ("background", "fail")
-    [dose] = judge(
-        engine,
-        reading(
-            550e6,
-            "2026-03-01T08:00:00Z",
-            nuclide="F-18",
-            qc="dosage",
-            prescribed_bq="370 MBq",
-            administration_time="2026-03-01T09:00:00Z",
-        ),
-    ).results
-    assert dose.payload["deviation_pct"] == pytest.approx(1.7698, abs=1e-3)
     # 0.05 kBq/MBq at the assay, no administration time: judged at assay + 12 h, 0.05 * 2^(12 * 0.151318) = 0.17603.
     [mo] = judge(engine, reading(1.85e6, "2026-03-01T06:00:00Z", nuclide="Mo-99", qc="mo99", tc99m_bq=37e9)).results
     assert mo.payload["measured"] == pytest.approx(0.17603, abs=1e-5) and mo.payload["verdict"] == "fail"
@@ -150,10 +222,11 @@ def test_mo99_judge_horizon_is_configurable() -> None:
 
 
 def test_bad_input_is_logged_and_skipped(engine: QcEngine, caplog: pytest.LogCaptureFixture) -> None:
+    tc99m = measurement(1e6, "2026-01-01T00:00:00Z", nuclide="Tc-99m")
     bad = [
-        reading(7e6, "2015-06-01T00:00:00Z"),  # before the certificate
-        reading(1e6, "2026-01-01T00:00:00Z", qc="constancy", source="NOPE"),
-        reading(1e6, "2026-01-01T00:00:00Z", qc="constancy", nuclide="Tc-99m"),
+        measurement(7e6, "2015-06-01T00:00:00Z"),  # before the certificate
+        label(tc99m, reference_source="NOPE"),
+        label(tc99m, reference_source="CS-137-A"),
         reading(1e6, "2026-01-01T00:00:00Z", qc="linearity"),
         reading(1e6, "2026-01-01T00:00:00Z", nuclide="F-18", qc="dosage"),
     ]
@@ -164,7 +237,7 @@ def test_bad_input_is_logged_and_skipped(engine: QcEngine, caplog: pytest.LogCap
     assert engine.rejected == 0
     engine.apply(outcome)
     assert engine.rejected == 5
-    assert "a reading tagged qc='dosage' needs extra['prescribed_bq']" in caplog.text
+    assert "unknown QC tag 'dosage'; known: background, mo99, ge68_breakthrough" in caplog.text
     assert "before reference date of source CS-137-A" in caplog.text
     assert "unknown source 'NOPE'" in caplog.text
     assert "taken on the Tc-99m setting, but source CS-137-A is Cs-137" in caplog.text

@@ -3,8 +3,10 @@
 What runs (controller/lab/simulated_lab.py starts it, DEMO_LAB below describes it):
 
 * two dose calibrators of different families: a VIK-202 in the hot cell (Tc-99m, on a
-  pseudo-terminal) and a VDC-404 in the QC lab on TCP (socket://) with a Cs-137 check source
-  mounted, so every reading is a daily-constancy check;
+  pseudo-terminal) and a VDC-404 in the QC lab on TCP (socket://), in which a simulated
+  radiopharmacist puts a Tc-99m dose and the Cs-137 check source in and takes them out again
+  every few seconds: each time is one measurement, and each check-source measurement one
+  daily-constancy verdict;
 * a Ge-68/Ga-68 and a Mo-99/Tc-99m generator, each on its own Modbus TCP elution station,
   with a simulated operator who elutes on a schedule by MQTT `start_elution` commands; the
   station clocks (and the calibrators' decay) run `--acceleration` times faster than the wall clock;
@@ -276,11 +278,14 @@ def summary(view: LabView, history_path: Path | None, wall_s: float, audit_path:
         from hotlab.controller.archive import HistoryArchive
 
         with HistoryArchive(history_path, read_only=True) as archive:
-            counts = {kind: archive.count(kind) for kind in ("reading", "elution", "qc_result", "device_status")}
+            kinds = ("reading", "measurement", "elution", "qc_result", "device_status")
+            counts = {kind: archive.count(kind) for kind in kinds}
+            suspect = len(archive.query("reading", quality="suspect"))
             verdicts = Counter((str(r["test"]), str(r["verdict"])) for r in archive.query("qc_result"))
             elutions = archive.query("elution")
         lines.append(
-            f"  history {history_path}: {counts['reading']} readings, {counts['elution']} elutions, "
+            f"  history {history_path}: {counts['reading']} readings ({suspect} suspect), "
+            f"{counts['measurement']} measurements, {counts['elution']} elutions, "
             f"{counts['qc_result']} QC results, {counts['device_status']} device statuses"
         )
         for (test, verdict), count in sorted(verdicts.items()):

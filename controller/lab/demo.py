@@ -33,6 +33,8 @@ from hotlab.physics.units import format_activity
 log = logging.getLogger("hotlab.demo")
 
 VERDICT_STYLE = {"pass": "bold green", "warn": "bold yellow", "fail": "bold red"}
+#: Marks a suspect reading's activity (the reading is shown as read: nothing is hidden).
+SUSPECT_MARK = "⚠"
 #: How many msg_ids to remember for de-duplication: far more than the MQTT sink's in-flight window.
 SEEN_IDS = 4096
 
@@ -48,6 +50,8 @@ class DeviceRow:
     latency_ms: float | None
     errors: int
     detail: str
+    #: A calibrator's suspect readings since the controller started; None for a station.
+    suspect: int | None = None
 
 
 @dataclass(slots=True)
@@ -69,6 +73,8 @@ class LabView:
     broker_error: str = ""
     devices: dict[str, DeviceRow] = field(default_factory=dict)
     latest_reading: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: The latest measurements, newest first, each with the labels added to it since.
+    measurements: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=6))
     elutions: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=6))
     #: The latest verdict of each (device, test): a constancy check every second must not push
     #: the morning's elution verdicts off the screen.
@@ -109,12 +115,14 @@ class LabView:
         device, up = str(payload["device"]), bool(payload["up"])
         previous = self.devices.get(device)
         latency = payload.get("latency_ms")
+        suspect = payload.get("suspect_readings")
         self.devices[device] = DeviceRow(
             str(payload["station"]),
             up,
             None if latency is None else float(latency),
             int(payload["errors"]),
             str(payload.get("detail") or ""),
+            None if suspect is None else int(suspect),
         )
         # docs/mqtt.md: a clean shutdown publishes up=false with this detail; that is not an alarm.
         if previous is not None and previous.up and not up and payload.get("detail") != "controller stopped":
@@ -123,6 +131,17 @@ class LabView:
 
     def _on_reading(self, payload: dict[str, Any]) -> None:
         self.latest_reading[str(payload["device"])] = payload | {"activity_bq": float(payload["activity_bq"])}
+
+    def _on_measurement(self, payload: dict[str, Any]) -> None:
+        self.measurements.appendleft(
+            payload | {"activity_bq": float(payload["activity_bq"]), "sd_bq": float(payload["sd_bq"]), "labels": []}
+        )
+
+    def _on_measurement_label(self, payload: dict[str, Any]) -> None:
+        measurement_id, label = str(payload["measurement_id"]), str(payload["label"])
+        for measurement in self.measurements:
+            if measurement["msg_id"] == measurement_id:
+                measurement["labels"].append(label)
 
     def _on_elution(self, payload: dict[str, Any]) -> None:
         self.elutions.appendleft(payload | {"activity_bq": float(payload["activity_bq"])})
@@ -146,14 +165,16 @@ class LabView:
             )
 
     def _on_controller_alarm(self, payload: dict[str, Any]) -> None:
-        if payload["active"]:
-            self.alarms.append(
-                Alarm(
-                    int(payload["time_ns"]),
-                    "fail",
-                    f"outbox {float(payload['fraction']) * 100:.0f} % full: sinks are not keeping up",
-                )
+        if not payload["active"]:
+            return
+        if payload["alarm"] == "suspect_readings":
+            text = (
+                f"{payload['device']}: {payload['suspect_recent']} of the last {payload['window']} readings "
+                f"suspect ({payload.get('reason') or 'no reason'})"
             )
+        else:
+            text = f"outbox {float(payload['fraction']) * 100:.0f} % full: sinks are not keeping up"
+        self.alarms.append(Alarm(int(payload["time_ns"]), "fail", text))
 
     def _on_controller_status(self, payload: dict[str, Any]) -> None:
         # docs/mqtt.md: "offline"/"shutdown" is a clean stop; the last will ("connection lost") is an alarm.
@@ -166,6 +187,8 @@ class LabView:
 _HANDLERS = {
     "device_status": LabView._on_status,
     "reading": LabView._on_reading,
+    "measurement": LabView._on_measurement,
+    "measurement_label": LabView._on_measurement_label,
     "elution": LabView._on_elution,
     "qc_result": LabView._on_qc,
     "controller_alarm": LabView._on_controller_alarm,
@@ -199,10 +222,11 @@ async def watch_broker(view: LabView, host: str, port: int, *, subscribed: async
 
 
 def render(view: LabView) -> RenderableType:
-    """The whole screen: header; devices beside activities; elutions; QC verdicts beside alarms."""
+    """The whole screen: header; devices beside activities; measurements; elutions; QC verdicts beside alarms."""
     return Group(
         _header(view),
         _side_by_side(_devices(view), _activities(view), (3, 2)),
+        _measurements(view),
         _elutions(view),
         _side_by_side(_verdicts(view), _alarms(view), (3, 2)),
     )
@@ -227,7 +251,8 @@ def _header(view: LabView) -> Panel:
         f"the wall clock · up {uptime // 60:02d}:{uptime % 60:02d}",
     )
     second = Text.assemble(
-        f"{view.counts['reading']} readings · {view.counts['elution']} elutions · QC verdicts: ",
+        f"{view.counts['reading']} readings · {view.counts['measurement']} measurements · "
+        f"{view.counts['elution']} elutions · QC verdicts: ",
         (f"{view.verdict_counts['pass']} pass", VERDICT_STYLE["pass"]),
         ", ",
         (f"{view.verdict_counts['warn']} warn", VERDICT_STYLE["warn"]),
@@ -239,11 +264,11 @@ def _header(view: LabView) -> Panel:
 
 def _devices(view: LabView) -> Table:
     table = Table(title="Devices", title_justify="left", expand=True)
-    for name in ("device", "station", "state", "latency", "errors", "detail"):
+    for name in ("device", "station", "state", "latency", "errors", "suspect", "detail"):
         # Only the free-text detail gives way when the terminal is narrow.
         table.add_column(
             name,
-            justify="right" if name in ("latency", "errors") else "left",
+            justify="right" if name in ("latency", "errors", "suspect") else "left",
             no_wrap=True,
             overflow="ellipsis",
             ratio=1 if name == "detail" else None,
@@ -252,7 +277,8 @@ def _devices(view: LabView) -> Table:
         state = Text("online", "bold green") if row.up else Text("offline", "bold red")
         latency = "-" if row.latency_ms is None else f"{row.latency_ms:.0f} ms"
         errors = Text(str(row.errors), "yellow" if row.errors else "")
-        table.add_row(name, row.station, state, latency, errors, row.detail)
+        suspect = Text("-" if row.suspect is None else str(row.suspect), "yellow" if row.suspect else "")
+        table.add_row(name, row.station, state, latency, errors, suspect, row.detail)
     return table
 
 
@@ -261,11 +287,35 @@ def _activities(view: LabView) -> Table:
     for name in ("device", "nuclide", "activity", "time"):
         table.add_column(name, justify="right" if name == "activity" else "left", no_wrap=True)
     for name, reading in sorted(view.latest_reading.items()):
-        table.add_row(
+        activity = Text(format_activity(float(reading["activity_bq"])))
+        if reading.get("quality") == "suspect":  # shown as read, marked: never hidden
+            activity = Text(f"{activity} {SUSPECT_MARK}", "bold yellow")
+            table.caption = f"{SUSPECT_MARK} suspect: shown, never used for QC"
+        table.add_row(name, str(reading.get("nuclide") or "?"), activity, _clock(reading.get("time_ns")))
+    return table
+
+
+def _measurements(view: LabView) -> Table:
+    table = Table(title="Measurements (settled values)", title_justify="left", expand=True)
+    for name in ("settled", "device", "nuclide", "activity", "sd", "n", "ended", "labels"):
+        table.add_column(
             name,
-            str(reading.get("nuclide") or "?"),
-            format_activity(float(reading["activity_bq"])),
-            _clock(reading.get("time_ns")),
+            justify="right" if name in ("activity", "sd", "n") else "left",
+            no_wrap=True,
+            overflow="ellipsis",
+            ratio=1 if name == "labels" else None,
+        )
+    for measurement in view.measurements:
+        activity_bq, sd_bq = measurement["activity_bq"], measurement["sd_bq"]
+        table.add_row(
+            _clock(measurement.get("time_ns")),
+            str(measurement["device"]),
+            str(measurement.get("nuclide") or "?"),
+            format_activity(activity_bq),
+            f"{sd_bq / activity_bq * 100:.2f} %" if activity_bq else "-",
+            str(measurement.get("n", "")),
+            str(measurement.get("end", "")),
+            ", ".join(measurement["labels"]) or "-",
         )
     return table
 

@@ -4,7 +4,11 @@
 simulator from simulators/ speaking its real wire protocol:
 
 * dose calibrators on pseudo-terminals (real ttys) or on TCP as a serial device server would
-  serve them, in raw mode (socket://) or in RFC 2217 mode (rfc2217://, port settings included);
+  serve them, in raw mode (socket://) or in RFC 2217 mode (rfc2217://, port settings included),
+  each used by a simulated radiopharmacist on a routine (`SimLab.chamber_empty_s`/`chamber_loaded_s`):
+  the chamber stays empty a few seconds, then holds the calibrator's dose (or its check source)
+  a few seconds, and again, so every cycle is one measurement (controller/measurements.py) and, on
+  the check source's calibrator, one constancy verdict;
 * generator elution stations as real Modbus TCP servers whose clock runs `acceleration` times
   faster than the wall clock, each with a simulated operator who starts elutions on a schedule
   (in station time, so a faster clock means more elutions per wall-clock minute). With a broker,
@@ -15,9 +19,9 @@ simulator from simulators/ speaking its real wire protocol:
   is given; without mosquitto, local-only mode (everything waits in the outbox).
 
 The lab is described by a `SimLab` (RUN_LAB for `hotlab run`, DEMO_LAB for `hotlab demo`); the QC
-configuration it yields mounts the check source and declares the generators with the same
-calibration as the simulated columns, so constancy and yield verdicts are judged against the
-physics that produced the readings.
+configuration it yields assigns the check source to its calibrator and declares the generators with
+the same calibration as the simulated columns, so constancy and yield verdicts are judged against
+the physics that produced the readings.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import aiomqtt
 
@@ -42,15 +46,22 @@ from hotlab.controller.lab.private_broker import PrivateBroker
 from hotlab.controller.messages import MSG_ID_NAMESPACE, Message, iso_utc, reading_message
 from hotlab.drivers.records import Reading
 
+if TYPE_CHECKING:
+    from hotlab.simulators.source import IonChamber
+
 log = logging.getLogger("hotlab.simulated_lab")
 
 NS_PER_S = 1_000_000_000
 SECONDS_PER_DAY = 86_400
+#: How often the lab's calibrators are polled (and how often the VDC-404 streams a line): several
+#: readings settle a measurement within the few seconds a source spends in the chamber.
+CALIBRATOR_POLL_S = 0.5
 
 
 @dataclass(frozen=True, slots=True)
 class SimCalibrator:
-    """A dose calibrator simulator holding a source of `activity_bq` (at start) of `nuclide`."""
+    """A dose calibrator simulator set to `nuclide`, in which a dose of `activity_bq` (at start) of it is read
+    again and again (the check source instead, on the calibrator it is assigned to)."""
 
     name: str
     family: str
@@ -76,7 +87,7 @@ class SimGenerator:
 
 @dataclass(frozen=True, slots=True)
 class CheckSource:
-    """A long-lived check source mounted on a calibrator, for the daily constancy test."""
+    """A long-lived check source read in one calibrator, for the daily constancy test."""
 
     source_id: str
     device: str
@@ -93,6 +104,11 @@ class SimLab:
     #: Elution stations' clock speed-up; calibrators decay at `calibrator_acceleration`.
     acceleration: float
     calibrator_acceleration: float = 1.0
+    #: The radiopharmacist's routine at every calibrator, in wall-clock seconds (whatever the
+    #: acceleration): the chamber is empty this long, then holds its source this long, and again.
+    #: The first empty spell lets the controller see the empty chamber before the first insertion.
+    chamber_empty_s: float = 3.0
+    chamber_loaded_s: float = 4.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,8 +175,7 @@ async def simulated_lab(
                     workdir / "outbox.sqlite3",
                 )
         devices = [
-            await _start_calibrator(stack, calibrator, index, lab.calibrator_acceleration)
-            for index, calibrator in enumerate(lab.calibrators)
+            await _start_calibrator(stack, calibrator, index, lab) for index, calibrator in enumerate(lab.calibrators)
         ]
         now_ns = time.time_ns()
         console = (
@@ -230,15 +245,15 @@ def _parent_nuclide(generator: SimGenerator) -> str:
 
 
 async def _start_calibrator(
-    stack: contextlib.AsyncExitStack, calibrator: SimCalibrator, seed: int, acceleration: float
+    stack: contextlib.AsyncExitStack, calibrator: SimCalibrator, seed: int, lab: SimLab
 ) -> dict[str, Any]:
     from hotlab.simulators.calibrator_cli import CALIBRATOR_SIMULATORS
     from hotlab.simulators.faults import FaultInjector
     from hotlab.simulators.serial_host import PtyHost, Rfc2217Host, TcpHost
-    from hotlab.simulators.source import make_chamber
 
-    chamber = make_chamber(calibrator.nuclide, calibrator.activity_bq, acceleration=acceleration, seed=seed)
-    model = CALIBRATOR_SIMULATORS[calibrator.family](chamber, FaultInjector(seed=seed))
+    model = CALIBRATOR_SIMULATORS[calibrator.family](
+        _routine_chamber(calibrator, seed, lab), FaultInjector(seed=seed), interval_s=CALIBRATOR_POLL_S
+    )
     host = {"pty": PtyHost, "tcp": TcpHost, "rfc2217": Rfc2217Host}[calibrator.host](model)
     address = await host.start()
     stack.push_async_callback(host.stop)
@@ -247,9 +262,36 @@ async def _start_calibrator(
         "station": calibrator.station,
         "family": calibrator.family,
         "transport": address,
-        "poll_interval_s": 2.0,
+        "poll_interval_s": CALIBRATOR_POLL_S,
         "timeout_s": 3.0,
     }
+
+
+def _routine_chamber(calibrator: SimCalibrator, seed: int, lab: SimLab) -> IonChamber:
+    """The calibrator's chamber, empty at first, then loaded and emptied on the lab's routine.
+
+    The source is the calibrator's dose, or the check source on the calibrator it is assigned to;
+    one vial, decaying from the lab's start however often it goes in and out.
+    """
+    from hotlab.physics.nuclides import get_nuclide
+    from hotlab.simulators.source import ChamberSchedule, IonChamber, SimClock, Source
+
+    check = lab.check_source
+    nuclide, activity_bq = (
+        (check.nuclide, check.activity_bq)
+        if check is not None and check.device == calibrator.name
+        else (calibrator.nuclide, calibrator.activity_bq)
+    )
+    clock = SimClock(lab.calibrator_acceleration)
+    start_ns = clock.now_ns()
+    empty_ns, loaded_ns = (
+        int(s * lab.calibrator_acceleration * NS_PER_S) for s in (lab.chamber_empty_s, lab.chamber_loaded_s)
+    )
+    source = Source(get_nuclide(nuclide), activity_bq, start_ns)
+    schedule = ChamberSchedule(
+        ((start_ns + empty_ns, source), (start_ns + empty_ns + loaded_ns, None)), repeat_every_ns=empty_ns + loaded_ns
+    )
+    return IonChamber(None, clock=clock, selected_nuclide=nuclide, seed=seed, schedule=schedule)
 
 
 async def _start_station(
@@ -437,6 +479,10 @@ def announce(config: LabConfig, lab: SimLab, *, private_broker: bool) -> None:
             else transport.url
         )
         lines.append(f"    {device.name:<20} {device.family:<16} {where}")
+    lines.append(
+        f"  chambers:    empty {lab.chamber_empty_s:g} s, then a dose (or the check source) for "
+        f"{lab.chamber_loaded_s:g} s, again and again: one measurement each time"
+    )
     lines.append(
         f"  time:        elution stations run {lab.acceleration:g}x faster than the wall clock"
         + (f", calibrators {lab.calibrator_acceleration:g}x" if lab.calibrator_acceleration != 1 else "")

@@ -1,4 +1,4 @@
-"""The streaming QC engine: every reading and elution in, the QC verdicts it implies out.
+"""The streaming QC engine: every measurement, tagged reading and elution in, the QC verdicts they imply out.
 
 Two phases, so that the engine's memory never runs ahead of the outbox:
 
@@ -17,11 +17,20 @@ Ge-68 re-measurements) survives a restart through `restore`, which rebuilds it f
 history archive (controller/archive.py) and any messages still waiting in the outbox.
 
 What a message means for QC:
-- a reading tagged ``extra["qc"]`` = ``constancy`` | ``accuracy`` | ``background`` |
-  ``dosage`` | ``mo99`` | ``ge68_breakthrough`` is judged by that rule (details in docs/qc.md);
-- an untagged reading from a calibrator that has a check source configured, taken on the
-  check source's nuclide setting, is a constancy measurement (in a radiopharmacy nothing
-  else is measured on the Cs-137/Co-57/Ba-133 setting);
+- a calibrator's raw readings (polls) are never judged: QC reads *measurements*, the settled
+  value of a source in the chamber (controller/measurements.py), so one insertion gets one
+  verdict, not one per poll, and a suspect reading can never reach a verdict;
+- a measurement from a calibrator that has a check source configured, taken on the check
+  source's nuclide setting, is a constancy check (in a radiopharmacy nothing else is measured
+  on the Cs-137/Co-57/Ba-133 setting);
+- a measurement label (the `label_measurement` command, controller/measurement_labels.py) that
+  names a certified reference source is an accuracy check of the labelled measurement, and one
+  with a prescription (prescribed activity, administration time) a dosage check: the label
+  record carries the measurement's setting, value and time;
+- a reading tagged ``extra["qc"]`` = ``background`` | ``mo99`` | ``ge68_breakthrough`` is an
+  explicit QC entry that names its own context, made by a processor (the station's Mo-99 eluate
+  monitor, controller/lab/simulated_lab.py) or an integration, not a poll; it is judged by that
+  rule (details in docs/qc.md) when its quality is good, and skipped when suspect;
 - an elution from a configured generator gets an elution-yield verdict, a yield-trend
   verdict once enough elutions are known, and a `replacement`: the elution message with
   ``yield_pct`` filled (same ``msg_id``), which `QcOutcome.messages` commits in its place.
@@ -37,7 +46,7 @@ import logging
 import math
 from collections import deque
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from hotlab.controller.config_table import ConfigTable
@@ -283,7 +292,7 @@ class QcOutcome:
 
 
 class QcEngine:
-    """Turns reading and elution messages into qc_result messages (see the module docstring)."""
+    """Turns measurement, tagged reading and elution messages into qc_result messages (see the module docstring)."""
 
     def __init__(self, site: str, config: QcConfig | None = None) -> None:
         self.site = site
@@ -306,6 +315,10 @@ class QcEngine:
             try:
                 if message.kind == "reading":
                     verdicts = self._on_reading(message.payload, staged)
+                elif message.kind == "measurement":
+                    verdicts = self._on_measurement(message.payload)
+                elif message.kind == "measurement_label":
+                    verdicts = self._on_label(message.payload)
                 elif message.kind == "elution":
                     replacement, verdicts = self._on_elution(message, staged)
             except (QcInputError, UnknownNuclideError, KeyError, TypeError, ValueError) as exc:
@@ -403,54 +416,81 @@ class QcEngine:
         seen = {p["msg_id"] for p in archived}
         return [*archived, *(p for p in unarchived if p.get("msg_id") not in seen)]
 
-    # -- readings -------------------------------------------------------------------------
+    # -- measurements and readings ----------------------------------------------------------
+
+    def _on_measurement(self, payload: Mapping[str, Any]) -> list[Message]:
+        """A measurement on the check source's setting of a calibrator with a check source is a constancy check."""
+        device, station = str(payload["device"]), str(payload["station"])
+        source, setting = self._mounted_source(device), payload.get("nuclide")
+        if source is None or setting is None or get_nuclide(str(setting)).name != source.nuclide.name:
+            return []
+        n, sd_bq = int(payload["n"]), float(payload["sd_bq"])
+        result = calibrator_rules.constancy(
+            source, [float(payload["activity_bq"])], int(payload["time_ns"]), self.config.limits["constancy"]
+        )
+        result = replace(
+            result,
+            inputs=dict(result.inputs) | {"measurement_id": str(payload["msg_id"]), "n": n, "sd_bq": sd_bq},
+            detail=f"{source.nuclide.name} source {source.source_id}: measurement {payload['msg_id']} "
+            f"(mean of {n} settled readings, sd {sd_bq:.4g} Bq) vs certificate decay-corrected to its settle time",
+        )
+        return [result.to_message(self.site, station, device)]
+
+    def _on_label(self, payload: Mapping[str, Any]) -> list[Message]:
+        """A labelled measurement that names a reference source (accuracy) or a prescription (dosage)."""
+        device, station = str(payload["device"]), str(payload["station"])
+        measured: Mapping[str, Any] = payload["measurement"]
+        activity, time_ns, setting = float(measured["activity_bq"]), int(measured["time_ns"]), measured["nuclide"]
+        limits = self.config.limits
+        if "reference_source" in payload:
+            source = self._named_source(payload["reference_source"])
+            if setting is None or get_nuclide(str(setting)).name != source.nuclide.name:
+                raise QcInputError(
+                    f"accuracy measurement taken on the {setting} setting, but source {source.source_id} "
+                    f"is {source.nuclide.name}"
+                )
+            result = calibrator_rules.accuracy(source, [activity], time_ns, limits["accuracy"])
+        elif "prescribed_bq" in payload:
+            if setting is None:
+                raise QcInputError("a dosage needs the measurement's nuclide setting")
+            result = dosage.dosage_check(
+                get_nuclide(str(setting)),
+                activity,
+                time_ns,
+                parse_activity_bq(payload["prescribed_bq"], "prescribed_bq"),
+                int(payload["administration_ns"]),
+                limits["dosage"],
+            )
+        else:
+            return []  # a label only names what was measured
+        linked = {"measurement_id": str(payload["measurement_id"]), "label": payload["label"]}
+        return [replace(result, inputs=dict(result.inputs) | linked).to_message(self.site, station, device)]
 
     def _on_reading(self, payload: Mapping[str, Any], staged: Mapping[str, _GeneratorState]) -> list[Message]:
         extra: Mapping[str, Any] = payload.get("extra") or {}
         tag = extra.get("qc")
+        if tag is None:
+            return []  # a poll: QC reads measurements
+        if payload.get("quality") != "good":
+            log.info("QC: %s reading %s is suspect and is not judged", tag, payload.get("msg_id"))
+            return []
         device, station = str(payload["device"]), str(payload["station"])
-        result = self._judge_reading(tag, payload, extra, device, staged)
-        return [] if result is None else [result.to_message(self.site, station, device)]
+        result = self._judge_reading(tag, payload, extra, staged)
+        return [result.to_message(self.site, station, device)]
 
     def _judge_reading(
         self,
         tag: Any,
         payload: Mapping[str, Any],
         extra: Mapping[str, Any],
-        device: str,
         staged: Mapping[str, _GeneratorState],
-    ) -> QcResult | None:
+    ) -> QcResult:
         limits = self.config.limits
         activity, time_ns = float(payload["activity_bq"]), int(payload["time_ns"])
         setting = payload.get("nuclide")
-        if tag is None:
-            source = self._mounted_source(device)
-            if source is None or setting is None or get_nuclide(str(setting)).name != source.nuclide.name:
-                return None
-            return calibrator_rules.constancy(source, [activity], time_ns, limits["constancy"])
-        if tag in ("constancy", "accuracy"):
-            source = self._named_source(extra.get("source"), device, tag)
-            if setting is not None and get_nuclide(str(setting)).name != source.nuclide.name:
-                raise QcInputError(
-                    f"{tag} reading taken on the {setting} setting, but source {source.source_id} "
-                    f"is {source.nuclide.name}"
-                )
-            rule = calibrator_rules.constancy if tag == "constancy" else calibrator_rules.accuracy
-            return rule(source, [activity], time_ns, limits[tag])
         if tag == "background":
             return calibrator_rules.background(
                 activity, time_ns, limits["background"], nuclide=None if setting is None else str(setting)
-            )
-        if tag == "dosage":
-            if setting is None:
-                raise QcInputError("a dosage reading needs the calibrator's nuclide setting")
-            return dosage.dosage_check(
-                get_nuclide(str(setting)),
-                activity,
-                time_ns,
-                parse_activity_bq(_field(extra, "prescribed_bq", tag), "extra.prescribed_bq"),
-                parse_time_ns(_field(extra, "administration_time", tag), "extra.administration_time"),
-                limits["dosage"],
             )
         if tag == "mo99":
             return generator_rules.mo99_breakthrough(
@@ -468,19 +508,15 @@ class QcEngine:
         if tag == "ge68_breakthrough":
             return self._ge68_breakthrough(activity, time_ns, extra, staged)
         raise QcInputError(
-            f"unknown QC tag {tag!r}; known: constancy, accuracy, background, dosage, mo99, ge68_breakthrough"
+            f"unknown QC tag {tag!r}; known: background, mo99, ge68_breakthrough (constancy, accuracy and "
+            "dosage are judged from measurements and their labels)"
         )
 
     def _mounted_source(self, device: str) -> ReferenceSource | None:
         source_id = self.config.check_source_by_device.get(device)
         return None if source_id is None else self.config.sources[source_id]
 
-    def _named_source(self, source_id: Any, device: str, tag: str) -> ReferenceSource:
-        if source_id is None:
-            mounted = self._mounted_source(device)
-            if mounted is None:
-                raise QcInputError(f"{tag} reading from {device} names no source and none is configured for it")
-            return mounted
+    def _named_source(self, source_id: Any) -> ReferenceSource:
         try:
             return self.config.sources[str(source_id)]
         except KeyError:

@@ -55,11 +55,26 @@ class PointSchema:
 
 
 SCHEMAS: dict[str, PointSchema] = {
+    # `quality` is a string field (good | suspect), not a tag: a reading found suspect must stay in its
+    # device's series (last(), mean() per device), and dashboards filter on it with WHERE.
     "reading": PointSchema(
         required_tags=("site", "station", "device"),
         optional_tags=("nuclide",),
         float_fields=("activity_bq", "raw_value"),
-        string_fields=("unit",),
+        string_fields=("unit", "quality", "quality_reason"),
+    ),
+    # One point per measurement at its settle time; `end` says what published it (docs/influxdb.md).
+    "measurement": PointSchema(
+        required_tags=("site", "station", "device"),
+        optional_tags=("nuclide",),
+        float_fields=("activity_bq", "sd_bq", "n", "background_bq"),
+        string_fields=("end",),
+    ),
+    "measurement_label": PointSchema(
+        required_tags=("site", "station", "device"),
+        optional_tags=(),
+        float_fields=(),
+        string_fields=("label", "measurement_id", "user"),
     ),
     "elution": PointSchema(
         required_tags=("site", "station", "generator"),
@@ -76,8 +91,15 @@ SCHEMAS: dict[str, PointSchema] = {
     "device_status": PointSchema(
         required_tags=("site", "station", "device"),
         optional_tags=(),
-        float_fields=("up", "latency_ms", "errors"),
+        float_fields=("up", "latency_ms", "errors", "suspect_readings", "suspect_fraction"),
         string_fields=("detail",),
+    ),
+    # The suspect-readings alarm of a calibrator; the outbox alarm is published directly and never stored.
+    "controller_alarm": PointSchema(
+        required_tags=("site", "station", "device", "alarm"),
+        optional_tags=(),
+        float_fields=("active", "suspect_recent", "window", "fraction", "threshold", "suspect_readings"),
+        string_fields=("reason",),
     ),
     # One series per trail (its first record's hash): the trail's growth over time, off the controller host.
     "audit_anchor": PointSchema(

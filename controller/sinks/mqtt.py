@@ -29,7 +29,8 @@ Delivery is therefore at-least-once: a message whose PUBACK was lost is sent aga
 consumers de-duplicate on the payload's `msg_id` (see docs/mqtt.md).
 
 Device statuses are published retained so a dashboard that subscribes later still sees
-each device's last state, and so is the audit anchor (the head of the audit trail,
+each device's last state, and so are a calibrator's suspect-readings alarm (its current state,
+on hotlab/<site>/<station>/<device>/alarm) and the audit anchor (the head of the audit trail,
 controller/audit_anchor.py) so `hotlab audit verify` can read the newest one at any time;
 readings, elutions and QC results are not retained (a late subscriber must not mistake an
 old reading for a live one).
@@ -72,7 +73,7 @@ log = logging.getLogger(__name__)
 SINK = "mqtt"
 QOS_DATA = 1
 #: Kinds whose last message is the current state, published retained (module docstring).
-RETAINED_KINDS = frozenset({"device_status", "audit_anchor"})
+RETAINED_KINDS = frozenset({"device_status", "controller_alarm", "audit_anchor"})
 
 
 def controller_status_payload(
