@@ -58,12 +58,19 @@ async def test_unawaited_publishes_are_acknowledged_in_order_on_every_connection
     own awaited publish still completes (its handler runs first), and the broker forwards the
     messages in the order of the calls.
     """
-    client = aiomqtt.Client(mosquitto.host, mosquitto.port, identifier="hotlab-private-api", timeout=5)
+    client = aiomqtt.Client(
+        mosquitto.host,
+        mosquitto.port,
+        identifier="hotlab-private-api",
+        timeout=5,
+        protocol=aiomqtt.ProtocolVersion.V5,  # as the sink connects
+    )
     publisher = PahoPublisher(client)
     acked: list[int] = []
     changes = asyncio.Event()
 
-    def on_puback(mid: int) -> None:
+    def on_puback(mid: int, refusal: str | None) -> None:
+        assert refusal is None
         acked.append(mid)
         changes.set()
 

@@ -77,12 +77,15 @@ class PahoPublisher:
         # Version 2 callbacks, checked above: the union paho declares narrows to that one.
         self._aiomqtt_on_publish = cast("paho.CallbackOnPublish_v2", self._paho.on_publish)
 
-    def on_puback(self, callback: Callable[[int], None]) -> None:
-        """Call `callback(mid)` on each PUBACK (a QoS 0 publish: once written), after aiomqtt's own handler.
+    def on_puback(self, callback: Callable[[int, str | None], None]) -> None:
+        """Call `callback(mid, refusal)` on each PUBACK (a QoS 0 publish: once written), after aiomqtt's own handler.
 
-        It runs on the event loop's thread (aiomqtt reads the socket there), for every publish
-        of the client: also those aiomqtt's `publish` awaits, whose message ids the caller never
-        saw. A second call replaces the first callback.
+        `refusal` is None when the broker took the message, else the MQTT 5 reason it gave for not
+        taking it (a reason code of 0x80 or more, e.g. "Not authorized" or "Quota exceeded"): such
+        a PUBACK completes the exchange but the message was not delivered. It runs on the event
+        loop's thread (aiomqtt reads the socket there), for every publish of the client: also
+        those aiomqtt's `publish` awaits, whose message ids the caller never saw. A second call
+        replaces the first callback.
         """
         aiomqtt_on_publish = self._aiomqtt_on_publish
 
@@ -90,7 +93,7 @@ class PahoPublisher:
             paho_client: paho.Client, userdata: Any, mid: int, reason_code: paho.ReasonCode, properties: paho.Properties
         ) -> None:
             aiomqtt_on_publish(paho_client, userdata, mid, reason_code, properties)
-            callback(mid)
+            callback(mid, f"{reason_code} (0x{reason_code.value:02x})" if reason_code.is_failure else None)
 
         self._paho.on_publish = on_publish
 

@@ -110,6 +110,8 @@ class _InFlight:
     seq: int
     deadline: float  # time.monotonic() after which its missing PUBACK ends the connection
     acked: bool = False
+    #: The broker's reason for not taking it (an MQTT 5 PUBACK reason code >= 0x80), if it refused.
+    refused: str | None = None
 
 
 class MqttSink:
@@ -244,12 +246,15 @@ class MqttSink:
             logger=logging.getLogger("hotlab.paho"),
         )
 
-    def _on_puback(self, mid: int) -> None:
-        """The broker acknowledged `mid`: mark it if it is one of ours, and wake the publisher."""
+    def _on_puback(self, mid: int, refusal: str | None) -> None:
+        """The broker acknowledged `mid` (or refused it): mark it if it is one of ours, and wake the publisher."""
         entry = self._awaiting_puback.pop(mid, None)
         if entry is None:
             return  # a status, alarm or reply publish: aiomqtt's own publish waits for it
-        entry.acked = True
+        if refusal is None:
+            entry.acked = True
+        else:
+            entry.refused = refusal
         self._wake()
 
     async def run(self) -> None:
@@ -362,6 +367,10 @@ class MqttSink:
                     watcher.result()  # raises the disconnect as MqttError
                 acker.raise_if_failed()
                 self._ack_prefix(inflight, acker)
+                if refused := next((entry for entry in inflight if entry.refused), None):
+                    # Never acknowledged to the outbox: the message stays there and is sent again
+                    # on the next connection, after the backoff, until the broker takes it.
+                    raise aiomqtt.MqttError(f"the broker refused outbox message {refused.seq}: {refused.refused}")
                 if inflight and time.monotonic() >= inflight[0].deadline:
                     raise aiomqtt.MqttError(
                         f"no PUBACK for outbox message {inflight[0].seq} within {self.publish_timeout_s:g} s"
