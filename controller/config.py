@@ -30,7 +30,7 @@ from hotlab.controller.measurements import MeasurementSettings
 from hotlab.controller.plausibility import Plausibility
 from hotlab.drivers.calibrator import CALIBRATOR_DRIVERS
 from hotlab.drivers.elution_station import ElutionStationDriver
-from hotlab.drivers.modbus_links import ModbusRtuLink, ModbusTcpLink
+from hotlab.drivers.modbus_links import MODBUS_TLS_PORT, ModbusRtuLink, ModbusTcpLink, ModbusTlsLink
 
 #: The calibrator families a config may name: exactly those the driver registry can build.
 CALIBRATOR_FAMILIES: tuple[str, ...] = tuple(CALIBRATOR_DRIVERS)
@@ -95,8 +95,9 @@ class SerialTransport:
 #: cannot drift apart; the Transport names stay for the code that reads a config.
 ModbusTcpTransport = ModbusTcpLink
 ModbusRtuTransport = ModbusRtuLink
+ModbusTlsTransport = ModbusTlsLink
 
-Transport = SerialTransport | ModbusTcpTransport | ModbusRtuTransport
+Transport = SerialTransport | ModbusTcpTransport | ModbusTlsTransport | ModbusRtuTransport
 
 
 @dataclass(frozen=True, slots=True)
@@ -542,12 +543,13 @@ def _parse_transport(device: ConfigTable, family: str) -> Transport:
     if not isinstance(raw, Mapping):
         raise device.error(
             "transport",
-            'an elution station needs a table: { modbus = "tcp", host = ..., port = ... } '
+            'an elution station needs a table: { modbus = "tcp", host = ..., port = ... }, '
+            '{ modbus = "tls", host = ..., tls = { ca_file = ..., cert_file = ..., key_file = ... } } '
             'or { modbus = "rtu", url = ..., baudrate = ... }',
         )
     table = device.table("transport")
     assert table is not None
-    mode = table.string("modbus", required=True, choices=("tcp", "rtu"))
+    mode = table.string("modbus", required=True, choices=("tcp", "tls", "rtu"))
     device_id = table.integer("device_id", 1, minimum=0, maximum=247)  # Modbus unit ids 1-247, 0 = broadcast
     word_order = table.string("word_order", "ABCD", choices=WORD_ORDERS)
     result: Transport
@@ -555,6 +557,8 @@ def _parse_transport(device: ConfigTable, family: str) -> Transport:
         host = table.string("host", required=True)
         port = table.integer("port", 502, minimum=1, maximum=65535)
         result = ModbusTcpLink(host=host, port=port, device_id=device_id, word_order=word_order)
+    elif mode == "tls":
+        result = _modbus_tls_link(table, device_id, word_order)
     else:
         url = table.string("url", required=True)
         baudrate = table.integer("baudrate", 19200, minimum=300, maximum=921600)
@@ -563,6 +567,31 @@ def _parse_transport(device: ConfigTable, family: str) -> Transport:
         )
     table.finish()
     return result
+
+
+def _modbus_tls_link(table: ConfigTable, device_id: int, word_order: str) -> ModbusTlsLink:
+    """MODBUS/TCP Security: `host` must be the name in the station's certificate; all three files must exist."""
+    host = table.string("host", required=True)
+    port = table.integer("port", MODBUS_TLS_PORT, minimum=1, maximum=65535)
+    tls = table.table("tls", required=True)
+    assert tls is not None
+    files = {name: tls.path_value(name, must_exist=True) for name in ("ca_file", "cert_file", "key_file")}
+    missing = [name for name, path in files.items() if path is None]
+    if missing:
+        raise tls.error(
+            missing[0], "is required but missing (the station's CA, and the controller's certificate and key)"
+        )
+    tls.finish()
+    ca_file, cert_file, key_file = (path for path in files.values() if path is not None)
+    return ModbusTlsLink(
+        host=host,
+        ca_file=ca_file,
+        cert_file=cert_file,
+        key_file=key_file,
+        port=port,
+        device_id=device_id,
+        word_order=word_order,
+    )
 
 
 def _serial_url(table: ConfigTable, key: str, url: str) -> str:

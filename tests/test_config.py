@@ -323,3 +323,31 @@ def test_the_command_freshness_window_is_configurable_and_bounded(tmp_path: Path
     assert load_config(write(tmp_path, MINIMAL)).commands.max_age_s == 30.0
     assert load_config(write(tmp_path, MINIMAL + "[commands]\nmax_age_s = 10\n")).commands.max_age_s == 10.0
     assert "commands.max_age_s: must be >= 1, got 0" in error_for(tmp_path, MINIMAL + "[commands]\nmax_age_s = 0\n")
+
+
+def test_modbus_tls_transport_needs_its_three_files(tmp_path: Path) -> None:
+    """MODBUS/TCP Security: port 802 by default, and the CA, certificate and key must exist."""
+    for name in ("ca.crt", "ctl.crt", "ctl.key"):
+        (tmp_path / name).write_text("-----BEGIN-----\n")
+    station = """
+[site]
+name = "lab"
+[[device]]
+name = "gen"
+station = "elution-1"
+family = "elution_station"
+[device.transport]
+modbus = "tls"
+host = "station-1.lab"
+[device.transport.tls]
+ca_file = "ca.crt"
+cert_file = "ctl.crt"
+"""
+    device = load_config(write(tmp_path, station + 'key_file = "ctl.key"\n')).devices[0]
+    from hotlab.drivers.modbus_links import ModbusTlsLink
+
+    assert device.transport == ModbusTlsLink(
+        "station-1.lab", tmp_path / "ca.crt", tmp_path / "ctl.crt", tmp_path / "ctl.key", 802, 1, "ABCD"
+    )
+    assert "device[0].transport.tls.key_file: is required but missing" in error_for(tmp_path, station)
+    assert "device[0].transport.tls.key_file" in error_for(tmp_path, station + 'key_file = "nowhere.key"\n')
