@@ -60,6 +60,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import date
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol
@@ -73,7 +74,7 @@ from hotlab.controller.audit import (
     AuditRecord,
     iter_records,
 )
-from hotlab.controller.config import ROLES, DeviceConfig, OperatorConfig
+from hotlab.controller.config import DEFAULT_COMMAND_MAX_AGE_S, ROLES, DeviceConfig, OperatorConfig
 from hotlab.controller.measurement_labels import LabelRefused
 from hotlab.controller.messages import TOPIC_ROOT, iso_utc
 from hotlab.drivers.elution_station import (
@@ -120,8 +121,6 @@ UNKNOWN_ACTOR = "unknown"
 NO_REASON = "(no reason given)"
 
 _ENVELOPE_KEYS = frozenset({"schema", "request_id", "user", "token", "reason", "issued_at", "args"})
-#: How far `issued_at` may lie from the controller's clock unless [commands] max_age_s says otherwise.
-DEFAULT_MAX_AGE_S = 30.0
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 _USER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
@@ -317,6 +316,12 @@ def parse_command(payload: bytes, action: str, device: DeviceConfig) -> Command:
     if _CONTROL_CHARS.search(reason):
         raise MalformedCommand("reason must not contain control characters")
     issued_at = _string(body, "issued_at", 64)
+    try:
+        date.fromisoformat(issued_at.strip())
+    except ValueError:
+        pass
+    else:  # the shared parser reads a bare date as midnight UTC; a command needs the moment it was sent
+        raise MalformedCommand(f"issued_at must be a date and time with Z or an offset, got the date {issued_at!r}")
     try:
         issued_ns = parse_utc_ns(issued_at)
     except InputError as exc:
@@ -611,7 +616,7 @@ class CommandHandler:
         lookup: Lookup,
         *,
         concurrency: int = 8,
-        max_age_s: float = DEFAULT_MAX_AGE_S,
+        max_age_s: float = DEFAULT_COMMAND_MAX_AGE_S,
         clock_ns: Callable[[], int] = time.time_ns,
         on_audited: OnAudited | None = None,
     ) -> None:
@@ -843,6 +848,9 @@ class CommandHandler:
     ) -> Result:
         if self._stopping:
             return Result(Outcome.REFUSED, "the controller is shutting down; the command was not sent", sent=False)
+        expired = self._expired(command)  # again: the intent record's fsync may have taken the rest of its window
+        if expired is not None:
+            return Result(Outcome.EXPIRED, str(expired), sent=False)
         return await execute(target, command, operator)
 
     @staticmethod

@@ -756,7 +756,22 @@ async def test_the_window_is_configurable_and_a_resent_id_is_answered_at_any_age
     assert console.station.calls == ["start_elution"]
 
 
-@pytest.mark.parametrize("issued_at", ["2026-11-20T12:00", "yesterday", 1_796_000_000_000_000_000, None])
+@pytest.mark.parametrize("issued_at", ["2026-11-20T12:00", "2026-11-20", "yesterday", 1_796_000_000_000_000_000, None])
 def test_issued_at_must_be_an_iso_time_with_an_offset(issued_at: Any) -> None:
     with pytest.raises(MalformedCommand, match="issued_at"):
         parse_command(encode(command(issued_at=issued_at)), "start_elution", STATION)
+
+
+async def test_a_command_whose_window_closes_while_its_intent_is_audited_does_not_run(trail: AuditLog) -> None:
+    """Fresh when it arrived, stale once the intent record was on disk: checked again before the device."""
+    console = Console(trail)
+    issued = datetime.now(UTC)
+    readings_of_the_clock = iter([0.0, 31.0])  # seconds after issued_at: at arrival, then before sending
+
+    def clock_ns() -> int:
+        return int((issued.timestamp() + next(readings_of_the_clock, 31.0)) * 1e9)
+
+    console.handler._clock_ns = clock_ns
+    reply = await console.send("start_elution", "r-slow", issued_at=issued.isoformat())
+    assert reply["outcome"] == "expired" and console.station.calls == []
+    assert console.outcomes() == [("alice", "elution.start", "requested"), ("alice", "elution.start", "expired")]
