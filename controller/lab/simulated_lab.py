@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import aiomqtt
 
 from hotlab.controller.config import LabConfig, ModbusTcpTransport, parse_config
+from hotlab.controller.lab.embedded_broker import write_file
 from hotlab.controller.lab.private_broker import PrivateBroker
 from hotlab.controller.messages import MSG_ID_NAMESPACE, Message, iso_utc, reading_message
 from hotlab.drivers.records import Reading
@@ -227,7 +228,7 @@ async def simulated_lab(
             document["mqtt"] = mqtt | {"client_id": f"hotlab-{lab.site}"}
         if console is not None:
             token_file = workdir / "operator.token"
-            await asyncio.to_thread(_write_secret, token_file, console.token)
+            await asyncio.to_thread(write_file, token_file, console.token + "\n", private=True)
             document["operator"] = [{"name": console.user, "role": "operator", "token_file": str(token_file.resolve())}]
         if audit_path is not None:
             document["commands"] = {"audit_path": str(audit_path.resolve())}
@@ -404,15 +405,6 @@ class OperatorConsole:
                 (online.set if body.get("state") == "online" else online.clear)()
             elif not body.get("ok"):
                 log.warning("simulated operator: %s %s: %s", body.get("outcome"), message.topic, body.get("error"))
-
-
-def _write_secret(path: Path, secret: str) -> None:
-    try:
-        path.touch(mode=0o600, exist_ok=True)
-        path.chmod(0o600)
-        path.write_text(secret + "\n", encoding="utf-8")
-    except OSError as exc:  # a failed write() names no file: say which one (the disk may be full)
-        raise OSError(exc.errno, exc.strerror, str(path)) from exc
 
 
 async def _close_when_started(starting: asyncio.Future[Any], broker: PrivateBroker) -> None:
