@@ -36,6 +36,7 @@ from hotlab.simulators.calibrator_vik202 import Vik202Simulator
 from hotlab.simulators.faults import Fault, FaultInjector
 from hotlab.simulators.serial_host import PtyHost, TcpHost
 from hotlab.simulators.source import make_chamber
+from tests.fault_tally import tally
 from tests.mosquitto_service import MosquittoBroker, MqttCollector, mosquitto  # noqa: F401
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -158,6 +159,10 @@ async def assert_zero_loss(lab: RunningLab, collector: MqttCollector, device: st
     assert frame_times(collector, device) == expected, "MQTT: readings lost, duplicated under new ids or reordered"
     archived = await asyncio.to_thread(archived_frame_times, lab.config.history_path, device)  # type: ignore[arg-type]
     assert archived == expected, f"history archive: {len(archived)} stored of {len(expected)} produced"
+    delivered = len(frame_times(collector, device))
+    tally(
+        "readings through device and sink faults", produced=len(expected), to_MQTT=delivered, to_archive=len(archived)
+    )
     return produced
 
 

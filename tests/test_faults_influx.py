@@ -17,6 +17,7 @@ import pytest
 
 from hotlab.simulators.faults import FaultInjector
 from hotlab.simulators.serial_host import TcpHost
+from tests.fault_tally import tally
 from tests.influx_service import InfluxService, running_influxd
 from tests.mosquitto_service import MosquittoBroker, MqttCollector, mosquitto  # noqa: F401
 from tests.test_faults_devices import (
@@ -84,3 +85,4 @@ async def test_influxdb_down_and_up_loses_nothing(
     assert stored == [reading.timestamp_ns for reading in produced], (
         f"InfluxDB holds {len(stored)} of {len(produced)} produced readings"
     )
+    tally("readings through an InfluxDB outage", produced=len(produced), to_InfluxDB=len(stored))

@@ -23,6 +23,7 @@ from hotlab.controller.archive import HistoryArchive
 from hotlab.controller.config import LabConfig, parse_config
 from hotlab.controller.qc.engine import QcConfig, QcEngine
 from hotlab.controller.service import ControllerService
+from tests.fault_tally import tally
 from tests.mosquitto_service import MosquittoBroker, MqttCollector, mosquitto  # noqa: F401 - fixture
 
 SCHEMAS = Path(__file__).resolve().parent.parent / "controller" / "schemas"
@@ -178,6 +179,14 @@ async def test_bit_flipped_frames_are_archived_as_suspect_and_never_judged(
             assert readings[index + 1]["raw_frame"].encode("latin-1") == CLEAN
     # None judged by QC: no verdict at all (QC reads measurements; the chamber never showed background).
     assert verdicts == [] and measurements == []
+    tally(
+        "bit-flipped calibrator frames",
+        read=len(readings),
+        flipped=len(flipped),
+        flagged_suspect=len(suspect),
+        good=len(readings) - len(suspect),
+        judged_by_QC=len(verdicts),
+    )
     # The alarm was raised while the line was bad and cleared once it was clean again, once each.
     assert [(a["alarm"], a["device"], a["active"]) for a in alarms] == [
         ("suspect_readings", "cal-1", True),
