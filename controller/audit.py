@@ -12,9 +12,8 @@ rewriting the whole chain with fresh hashes is detectable by anyone holding the 
 threat model is in docs/audit-and-report.md.
 
 A chain cut short at its end is still an intact chain, so the controller publishes the head
-after each append as an anchor (controller/audit_anchor.py) and `verify_chain` checks the file
-against the newest anchor it is given (`AuditAnchor`): a trail shorter than the anchor was
-truncated, a different hash at the anchor's seq means it was rewritten.
+after each append as an anchor (controller/audit_anchor.py), and controller/anchor_check.py
+checks the trail against every anchor of it while `verify_chain` streams the file (`on_record`).
 
 Durability: a record is written with one `write` on an O_APPEND descriptor and fsynced
 before `append` returns, under a process lock and an `flock`, so concurrent appenders (threads,
@@ -35,16 +34,15 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, TypeGuard
 
-from hotlab.controller.messages import SCHEMA_VERSION, iso_utc
+from hotlab.controller.messages import iso_utc
 from hotlab.errors import HotlabError, InputError
 
 SCHEMA = "hotlab.audit/1"
-ANCHOR_SCHEMA = f"hotlab.audit_anchor/{SCHEMA_VERSION}"
 #: `prev_hash` of the first record: a fixed, documented value rather than zeros, so an
 #: empty-string or all-zero hash forged into line 1 is also a mismatch.
 GENESIS_HASH = hashlib.sha256(b"hotlab audit trail genesis v1").hexdigest()
@@ -215,58 +213,6 @@ class ChainBreak:
         return text
 
 
-@dataclass(frozen=True, slots=True)
-class AuditAnchor:
-    """A head of the trail published by the controller: record `seq` existed, with `hash`, at `time_ns`.
-
-    `source` says where it was read (the history archive, an MQTT topic), so a verdict can name it.
-    """
-
-    trail: str
-    trail_id: str
-    seq: int
-    hash: str
-    time_ns: int
-    source: str
-
-    @classmethod
-    def from_payload(cls, payload: Any, source: str) -> AuditAnchor | None:
-        """The anchor in an `audit_anchor` payload, or None if it is not a well-formed one (never trusted half-read)."""
-        if not isinstance(payload, dict) or payload.get("schema") != ANCHOR_SCHEMA:
-            return None
-        trail, trail_id, digest = payload.get("trail"), payload.get("trail_id"), payload.get("hash")
-        seq, time_ns = _natural(payload.get("seq")), _natural(payload.get("time_ns"))
-        if not (isinstance(trail, str) and isinstance(trail_id, str) and isinstance(digest, str)):
-            return None
-        if not (_HASH.match(trail_id) and _HASH.match(digest)) or seq is None or seq < 1 or time_ns is None:
-            return None
-        return cls(trail, trail_id, seq, digest, time_ns, source)
-
-    def describe(self) -> str:
-        return f"#{self.seq} {_short(self.hash)} of {iso_utc(self.time_ns)} from {self.source}"
-
-
-@dataclass(frozen=True, slots=True)
-class TrailIdentity:
-    """Which anchors belong to a trail: those naming the hash of its first record (`trail_id`).
-
-    That hash is the same in every copy of the trail, wherever it lies. A trail without a readable
-    first record (emptied, missing, garbled) can only be recognised by the path the controller
-    writes it to (`trail`, resolved).
-    """
-
-    field: Literal["trail_id", "trail"]
-    value: str
-
-    @classmethod
-    def of(cls, path: str | Path) -> TrailIdentity:
-        first = first_record_hash(path)
-        return cls("trail_id", first) if first is not None else cls("trail", str(Path(path).resolve()))
-
-    def matches(self, payload: dict[str, Any]) -> bool:
-        return payload.get(self.field) == self.value
-
-
 def first_record_hash(path: str | Path) -> str | None:
     """The `hash` of the trail's first line, its identity; None if there is no readable first record."""
     try:
@@ -279,7 +225,17 @@ def first_record_hash(path: str | Path) -> str | None:
     except (UnicodeDecodeError, json.JSONDecodeError):
         return None
     digest = body.get("hash") if isinstance(body, dict) else None
-    return digest if isinstance(digest, str) and _HASH.match(digest) else None
+    return digest if is_hash(digest) else None
+
+
+def is_hash(value: object) -> TypeGuard[str]:
+    """True for a SHA-256 digest as the trail writes one: 64 lower-case hex digits."""
+    return isinstance(value, str) and _HASH.match(value) is not None
+
+
+def short_hash(value: str) -> str:
+    """A hash as messages show it: its first 16 digits, enough to tell two apart by eye."""
+    return value if len(value) <= 20 else f"{value[:16]}…"
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,53 +246,21 @@ class VerifyResult:
     mac_checked: bool
     mac_present: bool
     broken: ChainBreak | None
-    #: The anchor the trail was checked against, if one was given.
-    anchor: AuditAnchor | None = None
-    #: The trail's hash at `anchor.seq`, when the intact chain reached that far.
-    hash_at_anchor: str | None = None
-
-    @property
-    def missing(self) -> int:
-        """Records the anchor proves existed and the intact trail does not hold: its end was cut off."""
-        if self.anchor is None or self.broken is not None:
-            return 0
-        return max(0, self.anchor.seq - self.records)
-
-    @property
-    def rewritten(self) -> bool:
-        """The record at the anchor's seq is not the one the anchor saw."""
-        return self.anchor is not None and self.hash_at_anchor not in (None, self.anchor.hash)
 
     @property
     def ok(self) -> bool:
-        return self.broken is None and self.missing == 0 and not self.rewritten
+        return self.broken is None
 
     def summary(self) -> str:
         if self.broken is not None:
             return f"audit trail {self.path} is BROKEN after {self.records} intact record(s)\n{self.broken.describe()}"
-        if self.anchor is not None and self.missing:
-            return (
-                f"audit trail {self.path} is TRUNCATED: {self.missing} record(s) missing at its end; it holds "
-                f"{self.records} record(s), but the anchor from {self.anchor.source} shows record #{self.anchor.seq} "
-                "existed"
-            )
-        if self.anchor is not None and self.rewritten:
-            return (
-                f"audit trail {self.path} is BROKEN: record #{self.anchor.seq} has hash {_short(self.hash_at_anchor or '')}, "
-                f"but the anchor from {self.anchor.source} says {_short(self.anchor.hash)}: the trail was rewritten"
-            )
         if self.mac_checked:
             mac = "HMAC verified"
         elif self.mac_present:
             mac = "HMAC present but NOT checked (no key configured)"
         else:
             mac = "no HMAC"
-        text = f"audit trail {self.path} OK: {self.records} record(s), head {self.head_hash}, {mac}"
-        if self.anchor is None:
-            return text
-        text += f"; record #{self.anchor.seq} matches the anchor"
-        newer = self.records - self.anchor.seq
-        return text + (f" ({newer} later record(s) not covered by an anchor yet)" if newer else "")
+        return f"audit trail {self.path} OK: {self.records} record(s), head {self.head_hash}, {mac}"
 
 
 def _structure_problem(body: Any) -> str | None:
@@ -350,15 +274,6 @@ def _structure_problem(body: Any) -> str | None:
     if body["schema"] != SCHEMA:
         return f"has schema {body['schema']!r}, expected {SCHEMA!r}"
     return None
-
-
-def _natural(value: Any) -> int | None:
-    """`value` if it is a non-negative integer (a bool is not one), else None."""
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
-
-
-def _short(value: str) -> str:
-    return value if len(value) <= 20 else f"{value[:16]}…"
 
 
 def _check_line(
@@ -378,22 +293,26 @@ def _check_line(
         diffs.append(
             Difference(
                 "prev_hash",
-                f"{_short(prev_hash)} (hash of line {line_no - 1})"
+                f"{short_hash(prev_hash)} (hash of line {line_no - 1})"
                 if line_no > 1
-                else f"{_short(prev_hash)} (genesis)",
-                _short(body["prev_hash"]),
+                else f"{short_hash(prev_hash)} (genesis)",
+                short_hash(body["prev_hash"]),
             )
         )
     recomputed = record_hash(body)
     if body["hash"] != recomputed:
-        diffs.append(Difference("hash", f"{_short(recomputed)} (recomputed from the content)", _short(body["hash"])))
+        diffs.append(
+            Difference("hash", f"{short_hash(recomputed)} (recomputed from the content)", short_hash(body["hash"]))
+        )
     if key is not None:
         mac = body.get("mac")
         expected_mac = record_mac(key, body["hash"])
         if not isinstance(mac, str):
             diffs.append(Difference("mac", "an HMAC (a key is configured)", "none"))
         elif not hmac.compare_digest(mac, expected_mac):
-            diffs.append(Difference("mac", f"{_short(expected_mac)} (HMAC with the configured key)", _short(mac)))
+            diffs.append(
+                Difference("mac", f"{short_hash(expected_mac)} (HMAC with the configured key)", short_hash(mac))
+            )
     if not diffs:
         return body, None
     fields = {d.field for d in diffs}
@@ -406,21 +325,22 @@ def _check_line(
     return body, ChainBreak(line_no, problem, tuple(diffs))
 
 
-def verify_chain(path: str | Path, key: bytes | None = None, anchor: AuditAnchor | None = None) -> VerifyResult:
+def verify_chain(
+    path: str | Path, key: bytes | None = None, on_record: Callable[[int, str], None] | None = None
+) -> VerifyResult:
     """Walk the whole log once (streaming) and return the first break, if any.
 
-    With an `anchor`, the result also says whether the trail still reaches the anchor's seq
-    (`missing`) and still holds the anchored record there (`rewritten`).
+    `on_record(seq, hash)` is called for each record of the intact chain as it passes, so the
+    anchors of the trail are checked in the same single pass (controller/anchor_check.py).
     A missing file is an empty, intact trail (nothing has been audited yet).
     """
     log_path = Path(path)
     prev_hash = GENESIS_HASH
     count = 0
     mac_present = False
-    at_anchor: str | None = None
 
     def result(broken: ChainBreak | None) -> VerifyResult:
-        return VerifyResult(log_path, count, prev_hash, key is not None, mac_present, broken, anchor, at_anchor)
+        return VerifyResult(log_path, count, prev_hash, key is not None, mac_present, broken)
 
     if not log_path.exists():
         return result(None)
@@ -441,8 +361,8 @@ def verify_chain(path: str | Path, key: bytes | None = None, anchor: AuditAnchor
             mac_present = mac_present or "mac" in body
             prev_hash = body["hash"]
             count += 1
-            if anchor is not None and line_no == anchor.seq:
-                at_anchor = prev_hash
+            if on_record is not None:
+                on_record(line_no, prev_hash)
     return result(None)
 
 

@@ -11,9 +11,14 @@ Rules this module keeps:
 
 * An anchor never holds up or fails a command: `offer` only notes the record, and one
   background task commits the anchors.
-* Anchors are committed in increasing `seq`, and a burst of appends is anchored by its last
-  record: a later head proves everything an earlier one does, and the retained MQTT anchor
-  must never step back to an older head.
+* Anchors of one trail are committed in increasing `seq`, and a burst of appends is anchored
+  by its last record: a later head proves everything an earlier one does, and the retained
+  MQTT anchor must never step back to an older head.
+* A trail started again (deleted or rotated while the controller runs: the controller's next
+  append writes a new first record) is a new trail: its seqs count from 1 again and are
+  anchored from its first record on, not only once it grows past the old trail's head.
+* Nothing is offered once `close` began: the outbox closes right after, so an anchor of an
+  append that finished later is dropped (logged); the next run's first append anchors the head.
 * An anchor that cannot be queued (outbox full, disk error, unreadable trail) is logged and
   dropped; the next append anchors its own head. The trail itself stays the record.
 """
@@ -45,17 +50,33 @@ class AnchorPublisher:
         self._commit = commit
         self._latest: AuditRecord | None = None
         self._anchored_seq = 0
+        #: The hash of the first record of the trail being anchored, once known.
+        self._trail_id: str | None = None
         self._task: asyncio.Task[None] | None = None
+        self._closed = False
 
     def offer(self, record: AuditRecord) -> None:
         """Note a record just appended to the trail; its anchor is committed in the background."""
-        if self._latest is None or record.seq > self._latest.seq:
+        if self._closed:  # expected at shutdown (a command refused while stopping is audited too): not a warning
+            log.info(
+                "audit record #%d of %s written during shutdown: not anchored (the next run anchors the trail)",
+                record.seq,
+                self.trail,
+            )
+            return
+        if record.seq == 1 and record.hash != self._trail_id:  # the first record of a trail started again
+            self._trail_id = record.hash
+            self._latest = record
+            self._anchored_seq = 0
+        elif self._latest is None or record.seq > self._latest.seq:
             self._latest = record
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._anchor_latest(), name="audit-anchor")
 
     async def close(self, timeout_s: float) -> None:
-        """Let the anchor in progress be committed (for at most `timeout_s`) before the outbox closes."""
+        """Offer nothing more, and let the anchor in progress be committed (for at most `timeout_s`):
+        the outbox closes next."""
+        self._closed = True
         task = self._task
         if task is None:
             return
@@ -87,6 +108,7 @@ class AnchorPublisher:
     async def _message(self, record: AuditRecord) -> Message | None:
         """The anchor of `record`, or nothing (logged) when the trail's first record cannot be read."""
         trail_id = record.hash if record.seq == 1 else await asyncio.to_thread(first_record_hash, self.trail)
+        self._trail_id = self._trail_id or trail_id
         if trail_id is None:
             log.error(
                 "audit anchor #%d not built: the first record of %s is unreadable (run `hotlab audit verify`)",

@@ -6,48 +6,51 @@ it: `[commands] audit_path`, else `<state_dir>/audit.jsonl`); `$HOTLAB_AUDIT_LOG
 `verify` and `show` unless --allow-empty: a typo in the path, or a deleted trail, must not read
 as "intact".
 
-`verify` also checks the trail against the newest anchor of it that it can reach (the history
+`verify` also checks the trail against every anchor of it that it can reach (the history
 archive: --archive, else that of the --config lab or of the known lab whose trail it is; and
-the retained MQTT anchor with --mqtt-host), and names the anchor it used. A chain cut short at
+the retained MQTT anchor: --mqtt, the --config lab's broker with its TLS and credentials, or
+--mqtt-host), and names the newest, against which a truncation is measured. A chain cut short at
 its end is intact, so without an anchor that truncation cannot be seen: verify says so, and
 --require-anchor makes it a failure.
 
-Exit codes follow controller/cli/main.py: 0 ok, 1 broken chain, truncated trail, missing trail
-or anchor (with --require-anchor), or failed write, 2 bad input.
+Errors are raised (HotlabError) and reported by controller/cli/main.py, whose exit codes these
+follow: 0 ok, 1 broken chain, rewritten, truncated or replaced trail, missing trail or anchor (with
+--require-anchor), or failed read or write, 2 bad input.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
+from hotlab.controller.anchor_check import verify_anchored
 from hotlab.controller.archive import TimeRange
-from hotlab.controller.audit import (
-    AuditLog,
-    TrailIdentity,
-    iter_records,
-    load_hmac_key,
-    verify_chain,
-)
-from hotlab.controller.cli.audit_anchors import Broker, find_anchor
+from hotlab.controller.audit import KEY_FILE_ENV, AuditError, AuditLog, iter_records, load_hmac_key
+from hotlab.controller.cli.audit_anchors import Broker, TrailIdentity, find_anchors, lab_broker
 from hotlab.controller.cli.lab_records import KNOWN_LABS, latest_lab
-from hotlab.controller.config import load_audit_path, load_history_path
-from hotlab.errors import HotlabError
+from hotlab.controller.config import MqttConfig, load_audit_path, load_history_path
+from hotlab.errors import InputError
 
 PATH_ENV = "HOTLAB_AUDIT_LOG"
 
 
-def default_audit_path(command: str = "audit") -> Path:
+def default_audit_path() -> Path:
     """`$HOTLAB_AUDIT_LOG`, else the newest trail that `hotlab run`, `hotlab demo` or a configured lab
     wrote here (controller/cli/lab_records.py), relative to the working directory."""
-    return Path(os.environ.get(PATH_ENV) or latest_lab("audit", command).audit)
+    return Path(os.environ.get(PATH_ENV) or latest_lab("audit", "audit").audit)
 
 
-class _NoTrail(HotlabError):
+def hmac_key(key_file: Path | None) -> bytes | None:
+    """The audit HMAC key from `key_file` (a --key-file option) if given, else from the environment."""
+    return load_hmac_key({KEY_FILE_ENV: str(key_file)} if key_file is not None else None)
+
+
+class _NoTrail(AuditError):
     """The audit trail to read does not exist."""
 
 
@@ -87,8 +90,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="history archive holding the trail's anchors (default: that of the --config lab, or of the known "
         "lab whose trail this is)",
     )
-    verify.add_argument("--mqtt-host", default=None, help="also read the retained anchor from this MQTT broker")
-    verify.add_argument("--mqtt-port", type=int, default=1883, help="MQTT broker port (default 1883)")
+    verify.add_argument(
+        "--mqtt",
+        action="store_true",
+        help="also read the retained anchor from the --config lab's broker ([mqtt]: host, port, TLS, credentials)",
+    )
+    verify.add_argument(
+        "--mqtt-host",
+        default=None,
+        help="also read the retained anchor from this MQTT broker (with --mqtt: instead of the config's host)",
+    )
+    verify.add_argument(
+        "--mqtt-port", type=int, default=None, help="MQTT broker port (default: the config's with --mqtt, else 1883)"
+    )
     verify.add_argument(
         "--mqtt-timeout", type=float, default=3.0, help="seconds to wait for the broker's anchor (default 3)"
     )
@@ -119,13 +133,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     append.set_defaults(func=_append)
 
 
-def _key(args: argparse.Namespace) -> bytes | None:
-    env = dict(os.environ)
-    if args.key_file is not None:
-        env = {"HOTLAB_AUDIT_KEY_FILE": str(args.key_file)}
-    return load_hmac_key(env)
-
-
 def _path(args: argparse.Namespace) -> Path:
     """--path, else the trail of the --config lab (ConfigError if it is unreadable), else the default."""
     if args.path is not None:
@@ -151,21 +158,34 @@ def _archive_path(args: argparse.Namespace, trail: Path) -> Path | None:
     return next((lab.archive for lab in KNOWN_LABS if lab.audit.resolve() == trail.resolve()), None)
 
 
+def _broker(args: argparse.Namespace) -> Broker | None:
+    """--mqtt: the --config lab's broker as its controller reaches it; --mqtt-host/--mqtt-port: another host or port."""
+    if args.mqtt:
+        if args.config is None:
+            raise InputError("--mqtt reads the broker from the lab config: give --config too (or --mqtt-host)")
+        mqtt = lab_broker(args.config)
+    elif args.mqtt_host is not None:
+        mqtt = MqttConfig()  # plain and anonymous, on the host and port given
+    else:
+        return None
+    mqtt = dataclasses.replace(mqtt, host=args.mqtt_host or mqtt.host, port=args.mqtt_port or mqtt.port)
+    return Broker(mqtt, args.mqtt_timeout)
+
+
 def _verify(args: argparse.Namespace) -> int:
-    key = _key(args)  # a bad key is bad input even when the trail is missing too
+    key = hmac_key(args.key_file)  # a bad key is bad input even when the trail is missing too
+    broker = _broker(args)
     path = _existing_path(args)
-    broker = None if args.mqtt_host is None else Broker(args.mqtt_host, args.mqtt_port, args.mqtt_timeout)
     try:
-        search = find_anchor(TrailIdentity.of(path), archive=_archive_path(args, path), broker=broker)
-        result = verify_chain(path, key, search.anchor)
+        search = find_anchors(TrailIdentity.of(path), archive=_archive_path(args, path), broker=broker)
+        result = verify_anchored(path, key, search.anchors)
     except OSError as exc:
-        print(f"error: cannot read {exc.filename}: {exc.strerror}", file=sys.stderr)
-        return 1
-    if search.anchor is not None:
-        print(f"anchor used: {search.anchor.describe()}")
+        raise AuditError(f"cannot read {exc.filename}: {exc.strerror}") from exc
+    if result.newest is not None:
+        print(f"anchor used: {result.newest.describe()}")
     print(result.summary(), file=sys.stdout if result.ok else sys.stderr)
-    unanchored = search.anchor is None and args.require_anchor
-    if search.anchor is None:
+    unanchored = not search.anchors and args.require_anchor
+    if not search.anchors:
         print(
             f"no anchor reachable: a truncation of the last records could not be detected ({'; '.join(search.tried)})",
             file=sys.stderr if unanchored else sys.stdout,
@@ -211,8 +231,8 @@ def _json_or_text(text: str | None) -> Any:
 
 
 def _append(args: argparse.Namespace) -> int:
+    log = AuditLog(_path(args), key=hmac_key(args.key_file))
     try:
-        log = AuditLog(_path(args), key=_key(args))
         record = log.append(
             actor=args.actor,
             action=args.action,
@@ -222,7 +242,6 @@ def _append(args: argparse.Namespace) -> int:
             new_value=_json_or_text(args.new),
         )
     except OSError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        raise AuditError(f"cannot write {log.path}: {exc}") from exc
     print(f"recorded #{record.seq} {record.action} on {record.target} by {record.actor}, hash {record.hash}")
     return 0

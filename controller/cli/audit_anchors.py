@@ -1,10 +1,14 @@
-"""Where `hotlab audit verify` finds the newest anchor of a trail: the history archive and the retained MQTT topic.
+"""Where `hotlab audit verify` finds the anchors of a trail: the history archive and the retained MQTT topic.
 
 Why two sources: the archive usually sits on the controller host, beside the trail, so whoever
 can cut the trail short may be able to edit the archive too; the broker (and InfluxDB) hold
-the same anchors elsewhere. Each source is asked for the anchors of this trail
-(controller/audit.py `TrailIdentity`), and the one with the highest seq is used: anchors
-only ever grow, so an older one proves less, never something different.
+the same anchors elsewhere. Each source is asked for every anchor of this trail (`TrailIdentity`:
+those naming its first record, and those naming its path), and all of them are checked
+(controller/anchor_check.py): the archive keeps every anchor ever committed, the broker retains
+the newest one per site.
+
+The broker is read as the lab's controller reaches it (`lab_broker`: [mqtt] host, port, TLS,
+username and password of the lab config), or by hand (`--mqtt-host`, plain and anonymous).
 """
 
 from __future__ import annotations
@@ -12,14 +16,19 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiomqtt
 
+from hotlab.controller.anchor_check import AuditAnchor
 from hotlab.controller.archive import HistoryArchive, NotAnArchiveError
-from hotlab.controller.audit import AuditAnchor, TrailIdentity
+from hotlab.controller.audit import first_record_hash
+from hotlab.controller.config import MqttConfig, Secret, TlsConfig, load_secret
+from hotlab.controller.config_file import read_config_file
+from hotlab.controller.config_table import ConfigError, ConfigTable
 from hotlab.controller.messages import controller_topic
 
 #: Every site's anchor topic: the trail's identity, not the site, says which anchors are its own.
@@ -29,64 +38,132 @@ QUIET_S = 0.5
 
 
 @dataclass(frozen=True, slots=True)
+class TrailIdentity:
+    """Which anchors concern a trail: those naming the hash of its first record (`trail_id`, the same in
+    every copy of the trail, wherever it lies; None if it has no readable first record) and those naming
+    the path the controller writes it to (`trail`, resolved), which tell a trail replaced there."""
+
+    trail: str
+    trail_id: str | None
+
+    @classmethod
+    def of(cls, path: str | Path) -> TrailIdentity:
+        return cls(str(Path(path).resolve()), first_record_hash(path))
+
+    def matches(self, payload: dict[str, Any]) -> bool:
+        return payload.get("trail") == self.trail or (
+            self.trail_id is not None and payload.get("trail_id") == self.trail_id
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class Broker:
-    host: str
-    port: int
+    """The broker to read the retained anchors from, and how long to wait for them."""
+
+    mqtt: MqttConfig
     timeout_s: float
+
+    @property
+    def where(self) -> str:
+        return f"MQTT {self.mqtt.host}:{self.mqtt.port}"
 
 
 @dataclass(frozen=True, slots=True)
 class AnchorSearch:
-    """The newest anchor found (None if none), and what each source gave, for the verdict to name."""
+    """Every anchor found of the trail, and what each source gave, for the verdict to name."""
 
-    anchor: AuditAnchor | None
+    anchors: tuple[AuditAnchor, ...]
     tried: tuple[str, ...]
 
 
-def find_anchor(identity: TrailIdentity, *, archive: Path | None, broker: Broker | None) -> AnchorSearch:
+def find_anchors(identity: TrailIdentity, *, archive: Path | None, broker: Broker | None) -> AnchorSearch:
     """Ask every source given for the anchors of the trail `identity`; a source that fails is reported, not fatal."""
     found: list[AuditAnchor] = []
     tried: list[str] = []
-    for anchor, note in (
-        _archived(identity, archive) if archive is not None else (None, "history archive: none known for this trail"),
-        _retained(identity, broker) if broker is not None else (None, "MQTT: no broker given"),
+    for anchors, note in (
+        _archived(identity, archive) if archive is not None else ([], "history archive: none known for this trail"),
+        _retained(identity, broker) if broker is not None else ([], "MQTT: no broker given"),
     ):
         tried.append(note)
-        if anchor is not None:
-            found.append(anchor)
-    return AnchorSearch(max(found, key=lambda a: a.seq, default=None), tuple(tried))
+        found.extend(anchors)
+    return AnchorSearch(tuple(found), tuple(tried))
 
 
-def _archived(identity: TrailIdentity, path: Path) -> tuple[AuditAnchor | None, str]:
+def lab_broker(config: Path) -> MqttConfig:
+    """The broker of the lab config `config` as its controller reaches it: [mqtt] host, port, username,
+    password (`password_env`/`password_file`) and [mqtt.tls]. Raises ConfigError naming the file and key.
+
+    Only these keys are read: the rest of [mqtt] is the controller's session, and a reader must not
+    take over its client id.
+    """
+    root = read_config_file(config)
+    table = root.table("mqtt")
+    if table is None:
+        raise root.error("mqtt", "is missing: --mqtt reads the lab's broker from it (or give --mqtt-host)")
+    host = table.string("host", "127.0.0.1")
+    port = table.integer("port", 1883, minimum=1, maximum=65535)
+    username = table.string("username")
+    password = _password(table)
+    tls_table = table.table("tls")
+    tls = None
+    if tls_table is not None:
+        tls = TlsConfig(
+            ca_file=tls_table.path_value("ca_file", must_exist=True),
+            cert_file=tls_table.path_value("cert_file", must_exist=True),
+            key_file=tls_table.path_value("key_file", must_exist=True),
+            insecure_skip_hostname_check=tls_table.boolean("insecure_skip_hostname_check", False),
+        )
+    return MqttConfig(host=host, port=port, username=username, password=password, tls=tls)
+
+
+def _password(table: ConfigTable) -> Secret | None:
+    env, file = table.string("password_env"), table.path_value("password_file")
+    if env is None and file is None:
+        return None
+    try:
+        return load_secret(env=env, file=file)
+    except ConfigError as exc:
+        raise table.error("password_env" if env is not None else "password_file", str(exc)) from None
+
+
+def _archived(identity: TrailIdentity, path: Path) -> tuple[list[AuditAnchor], str]:
     source = f"history archive {path}"
     try:
         with HistoryArchive(path, read_only=True) as archive:
-            payload = archive.latest_audit_anchor(identity.field, identity.value)
+            payloads = archive.query("audit_anchor")
     except FileNotFoundError:
-        return None, f"{source}: not found"
+        return [], f"{source}: not found"
     except (NotAnArchiveError, sqlite3.Error) as exc:
-        return None, f"{source}: unreadable ({exc})"
-    anchor = AuditAnchor.from_payload(payload, source)
-    return anchor, f"{source}: " + (f"#{anchor.seq}" if anchor is not None else "no anchor of this trail")
+        return [], f"{source}: unreadable ({exc})"
+    anchors = [
+        anchor
+        for payload in payloads
+        if isinstance(payload, dict)
+        and identity.matches(payload)
+        and (anchor := AuditAnchor.from_payload(payload, source)) is not None
+    ]
+    return anchors, f"{source}: {_count(anchors)}"
 
 
-def _retained(identity: TrailIdentity, broker: Broker) -> tuple[AuditAnchor | None, str]:
-    where = f"MQTT {broker.host}:{broker.port}"
+def _retained(identity: TrailIdentity, broker: Broker) -> tuple[list[AuditAnchor], str]:
     try:
         received = asyncio.run(_read_retained(broker))
     except (aiomqtt.MqttError, OSError) as exc:
-        return None, f"{where}: unreachable ({exc})"
+        return [], f"{broker.where}: unreachable ({exc})"
     anchors = [
         anchor
         for topic, payload in received
         if isinstance(payload, dict)
         and identity.matches(payload)
-        and (anchor := AuditAnchor.from_payload(payload, f"{where} {topic}")) is not None
+        and (anchor := AuditAnchor.from_payload(payload, f"{broker.where} {topic}")) is not None
     ]
-    best = max(anchors, key=lambda a: a.seq, default=None)
-    return best, f"{where} {ANCHOR_TOPIC_FILTER}: " + (
-        f"#{best.seq}" if best is not None else "no anchor of this trail"
-    )
+    return anchors, f"{broker.where} {ANCHOR_TOPIC_FILTER}: {_count(anchors)}"
+
+
+def _count(anchors: list[AuditAnchor]) -> str:
+    if not anchors:
+        return "no anchor of this trail"
+    return f"{len(anchors)} anchor(s) of this trail, the newest #{max(anchor.seq for anchor in anchors)}"
 
 
 async def _read_retained(broker: Broker) -> list[tuple[str, Any]]:
@@ -94,7 +171,7 @@ async def _read_retained(broker: Broker) -> list[tuple[str, Any]]:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + broker.timeout_s
     received: list[tuple[str, Any]] = []
-    async with aiomqtt.Client(broker.host, broker.port, timeout=broker.timeout_s) as client:
+    async with _client(broker) as client:
         await client.subscribe(ANCHOR_TOPIC_FILTER, qos=1)
         wait = deadline - loop.time()
         while wait > 0:
@@ -105,6 +182,28 @@ async def _read_retained(broker: Broker) -> list[tuple[str, Any]]:
             received.append((str(message.topic), _json(message.payload)))
             wait = min(QUIET_S, deadline - loop.time())
     return received
+
+
+def _client(broker: Broker) -> aiomqtt.Client:
+    """A client with the lab's TLS and credentials, and a client id of its own (never the controller's)."""
+    mqtt, tls = broker.mqtt, broker.mqtt.tls
+    tls_params = None
+    if tls is not None:
+        tls_params = aiomqtt.TLSParameters(
+            ca_certs=str(tls.ca_file) if tls.ca_file else None,
+            certfile=str(tls.cert_file) if tls.cert_file else None,
+            keyfile=str(tls.key_file) if tls.key_file else None,
+            cert_reqs=ssl.CERT_REQUIRED,
+        )
+    return aiomqtt.Client(
+        mqtt.host,
+        mqtt.port,
+        username=mqtt.username,
+        password=mqtt.password.reveal() if mqtt.password is not None else None,
+        tls_params=tls_params,
+        tls_insecure=tls.insecure_skip_hostname_check if tls is not None else None,
+        timeout=broker.timeout_s,
+    )
 
 
 def _json(raw: Any) -> Any:
