@@ -4,7 +4,9 @@ Why one self-contained HTML file: it is what gets attached to a QC record, maile
 inspector or archived with the batch documentation, and it must open the same way in ten
 years without a network. So the CSS is inline, plots are base64 PNG `data:` URIs, and there
 is no script and no external reference of any kind. The PDF variant holds the same figures
-and tables (matplotlib's PdfPages, always available because matplotlib is a dependency).
+and tables (matplotlib's PdfPages). matplotlib is the optional extra `hotlab[report]`: only
+this module and controller/report_plots.py import it, and `hotlab report` says which extra to
+install when it is missing (controller/cli/report.py).
 
 Input is the local history archive (controller/archive.py) for QC results and elutions and
 the audit trail (controller/audit.py), whose chain is verified as part of the report so a

@@ -14,13 +14,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
-import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from hotlab.drivers.modbus_words import WordOrder
-from hotlab.drivers.station_registers import INPUT_REGISTERS, NS_PER_S
-from hotlab.physics.units import UnitError, format_activity, parse_activity
+from hotlab.drivers.station_registers import INPUT_REGISTERS
+from hotlab.errors import HotlabError, InputError
+from hotlab.physics.units import format_activity, parse_activity
+from hotlab.physics.utc_time import NS_PER_S
 from hotlab.simulators.elution_station import ElutionStationSimulator, StationClock, StationIdentity, StationModel
 from hotlab.simulators.generator_physics import PROFILES, GeneratorColumn, get_profile
 
@@ -89,19 +90,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Serve until Ctrl-C; bad input raises an InputError, which controller/cli/main.py reports with exit 2."""
     profile = get_profile(args.generator)
-    try:
-        cal_bq = parse_activity(args.activity) if args.activity else profile.nominal_cal_bq
-    except UnitError as exc:
-        print(f"hotlab simulate station: {exc}", file=sys.stderr)
-        return 2
+    cal_bq = parse_activity(args.activity) if args.activity else profile.nominal_cal_bq
     if not args.acceleration > 0 or args.eluted_hours_ago < 0:
-        print("hotlab simulate station: --acceleration must be > 0 and --eluted-hours-ago >= 0", file=sys.stderr)
-        return 2
+        raise InputError("--acceleration must be > 0 and --eluted-hours-ago >= 0")
     tls_files = (args.ca_file, args.cert_file, args.key_file)
     if not all(tls_files) if args.tls else any(tls_files):
-        print("hotlab simulate station: --tls goes with --ca-file, --cert-file and --key-file", file=sys.stderr)
-        return 2
+        raise InputError("--tls goes with --ca-file, --cert-file and --key-file")
     now = datetime.now(UTC).replace(microsecond=0)
     calibrated = args.calibrated or now - timedelta(days=30)
     last_elution = max(now - timedelta(hours=args.eluted_hours_ago), calibrated)
@@ -117,8 +113,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         return asyncio.run(_serve(simulator, args))
     except OSError as exc:  # ssl.SSLError too: a certificate or key that cannot be loaded
-        print(f"hotlab simulate station: cannot serve: {exc}", file=sys.stderr)
-        return 1
+        raise HotlabError(f"cannot serve: {exc}") from exc
 
 
 async def _serve(simulator: ElutionStationSimulator, args: argparse.Namespace) -> int:

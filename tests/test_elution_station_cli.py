@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from hotlab.controller.cli.main import main
 from hotlab.drivers.elution_station import ElutionStationDriver
 from hotlab.drivers.modbus_links import ModbusRtuLink, ModbusTcpLink
 from hotlab.drivers.station_registers import StationState
@@ -107,3 +108,20 @@ async def test_cli_bad_activity_exits_2() -> None:
         _, stderr = await process.communicate()
     assert process.returncode == 2
     assert "unknown activity unit" in stderr.decode()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--tcp", "127.0.0.1:0", "--acceleration", "0"], "--acceleration must be > 0"),
+        (["--tcp", "127.0.0.1:0", "--ca-file", "ca.crt"], "--tls goes with --ca-file, --cert-file and --key-file"),
+        (["--tcp", "127.0.0.1:0", "--activity", "3 furlongs"], "unknown activity unit"),
+    ],
+)
+def test_bad_values_are_reported_by_the_cli_in_its_one_shape(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Raised, not printed here: controller/cli/main.py names the command and sets the exit code."""
+    assert main(["simulate", "station", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hotlab simulate station: error: ") and message in err and err.count("\n") == 1, err

@@ -54,6 +54,37 @@ def test_site_limits_from_config(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert payload["limit_values"]["fail"] == 1.2
 
 
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ("qc = 1\n", "qc: must be a table, got 1 (integer)"),
+        ("[qc]\nlimits = 'strict'\n", "qc.limits: must be a table, got 'strict' (string)"),
+        ("[qc.limits.constancy]\nwarm = 1.0\n", "qc.limits.constancy.warm: unknown key (did you mean 'warn'?)"),
+        ("[qc.limits.constency]\nwarn = 1.0\n", "qc.limits.constency: unknown test (did you mean 'constancy'?)"),
+        ("[qc.limits\n", "not valid TOML"),
+    ],
+)
+def test_config_errors_name_the_file_and_key_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], toml: str, message: str
+) -> None:
+    """Read like every lab config: `qc = 1` was an AttributeError traceback, and no error named the file."""
+    config = tmp_path / "lab.toml"
+    config.write_text(toml, encoding="utf-8")
+    assert main([*CONSTANCY, "--measured", "5.8MBq", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"hotlab qc constancy: error: {config}: ") and err.count("\n") == 1, err
+    assert message in err
+
+
+def test_a_config_without_qc_limits_judges_by_the_defaults(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "lab.toml"
+    config.write_text('[site]\nname = "lab"\n[qc]\nsources = {}\n', encoding="utf-8")  # the engine's keys are its own
+    [payload] = run_json(capsys, *CONSTANCY, "--measured", "5.8MBq", "--config", str(config))
+    assert payload["limit_values"]["fail"] == 10.0
+    assert main([*CONSTANCY, "--measured", "5.8MBq", "--config", str(tmp_path / "missing.toml")]) == 2
+    assert f"{tmp_path / 'missing.toml'}: cannot read config file" in capsys.readouterr().err
+
+
 def test_linearity_elution_mo99_dosage(capsys: pytest.CaptureFixture[str]) -> None:
     linearity = run_json(
         capsys,

@@ -14,7 +14,8 @@ from __future__ import annotations
 import argparse
 import math
 import re
-from datetime import UTC, datetime, timedelta
+import time
+from datetime import timedelta
 
 import numpy as np
 
@@ -28,29 +29,27 @@ from hotlab.physics.decay import (
 )
 from hotlab.physics.nuclides import NUCLIDES, Nuclide, get_nuclide
 from hotlab.physics.units import canonical_unit, format_activity, from_bq, parse_activity
-from hotlab.physics.utc_time import parse_utc_ns
+from hotlab.physics.utc_time import NS_PER_S, format_utc_ns, parse_utc_ns
 
 _NEGATIVE_QUANTITY = re.compile(r"^-\.?\d")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(s|sec|min|m|h|d)\s*$", re.IGNORECASE)
 _DURATION_UNIT_S = {"s": 1.0, "sec": 1.0, "min": 60.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 class DecayInputError(InputError):
     """A command-line value that cannot be used; the message says what was expected."""
 
 
-def parse_time(text: str) -> datetime:
-    """An ISO 8601 moment with `Z` or an offset (or a bare date: 00:00 UTC), as an aware datetime in UTC.
+def parse_time(text: str) -> int:
+    """An ISO 8601 moment with `Z` or an offset (or a bare date: 00:00 UTC), as UTC epoch ns.
 
-    Read by the shared hotlab.physics.decay.parse_utc_ns; the datetime keeps microseconds, which is
-    far finer than any half-life this command reports on.
+    Read by the shared hotlab.physics.utc_time.parse_utc_ns, so a time means here what it means
+    in a config file or a command payload.
     """
     try:
-        moment_ns = parse_utc_ns(text)
+        return parse_utc_ns(text)
     except ValueError as exc:  # TimeFormatError, NaiveDatetimeError
         raise DecayInputError(str(exc)) from None
-    return _EPOCH + timedelta(microseconds=moment_ns // 1_000)
 
 
 def parse_duration(text: str) -> timedelta:
@@ -59,10 +58,6 @@ def parse_duration(text: str) -> timedelta:
     if not match:
         raise DecayInputError(f"cannot read duration {text!r}; use a number and s, min, h or d, e.g. 23h")
     return timedelta(seconds=float(match.group(1)) * _DURATION_UNIT_S[match.group(2).lower()])
-
-
-def _iso(moment: datetime) -> str:
-    return moment.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def _half_life_text(nuclide: Nuclide) -> str:
@@ -103,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     nuclide = get_nuclide(args.nuclide)
     activity_bq = parse_activity(" ".join(args.activity), positive=True)  # `10 GBq` may come as two words
     unit = canonical_unit(args.unit) if args.unit else None
-    end = parse_time(args.end) if args.end else datetime.now(UTC)
+    end = parse_time(args.end) if args.end else time.time_ns()
     start = parse_time(args.start) if args.start else None
     if args.generator and not args.since_elution:
         raise DecayInputError("--generator needs --since-elution, e.g. --since-elution 23h")
@@ -118,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
                 nuclide, get_nuclide(args.generator), activity_bq, start, end, since_elution, unit
             )
         else:
-            lines = _decay_report(nuclide, activity_bq, start or end, end, unit)
+            lines = _decay_report(nuclide, activity_bq, end if start is None else start, end, unit)
     print("\n".join(lines))
     return 0
 
@@ -128,7 +123,7 @@ def _require_finite(*values: float) -> None:
         raise DecayInputError("the activity is too large to decay-correct: the result overflows")
 
 
-def _decay_report(nuclide: Nuclide, activity_bq: float, start: datetime, end: datetime, unit: str | None) -> list[str]:
+def _decay_report(nuclide: Nuclide, activity_bq: float, start: int, end: int, unit: str | None) -> list[str]:
     dt_s = float(elapsed_s(start, end))
     value, sigma = corrected_activity_uncertainty(activity_bq, nuclide, dt_s)
     _require_finite(float(value), float(sigma))
@@ -136,9 +131,9 @@ def _decay_report(nuclide: Nuclide, activity_bq: float, start: datetime, end: da
     direction = "" if dt_s >= 0 else "  (back-correction: --to is before --from)"
     return [
         f"nuclide      {nuclide.name}  T1/2 = {_half_life_text(nuclide)}",
-        f"activity     {_show(activity_bq, unit)} at {_iso(start)}",
+        f"activity     {_show(activity_bq, unit)} at {format_utc_ns(start)}",
         f"corrected    {_show(float(value), shown_unit)} ± {from_bq(float(sigma), shown_unit):.2g} {shown_unit}"
-        f" at {_iso(end)}  (1 sigma from the half-life uncertainty)",
+        f" at {format_utc_ns(end)}  (1 sigma from the half-life uncertainty)",
         f"elapsed      {dt_s / 3600.0:.4f} h = {dt_s / 86400.0:.5f} d{direction}",
         f"decay factor {float(decay_factor(nuclide.half_life_s, dt_s)):.6f}",
     ]
@@ -148,8 +143,8 @@ def _generator_report(
     parent: Nuclide,
     daughter: Nuclide,
     parent_bq: float,
-    calibration: datetime | None,
-    end: datetime,
+    calibration: int | None,
+    end: int,
     since_elution: timedelta,
     unit: str | None,
 ) -> list[str]:
@@ -160,16 +155,18 @@ def _generator_report(
         raise DecayInputError(
             f"{daughter.name} is not a daughter of {parent.name} in the library; known links: {links}"
         )
-    elution = end - since_elution
-    calibration = calibration or elution
+    elution = end - round(since_elution.total_seconds() * NS_PER_S)
+    calibration = elution if calibration is None else calibration
     daughter_bq = float(generator_daughter_activity(parent_bq, calibration, parent, daughter, elution, end))
     parent_now = parent_bq * float(decay_factor(parent.half_life_s, float(elapsed_s(calibration, end))))
     _require_finite(daughter_bq, parent_now)
     lines = [
         f"generator    {parent.name} -> {daughter.name}",
-        f"parent       {_show(parent_bq, unit)} at {_iso(calibration)}; {_show(parent_now, unit)} at {_iso(end)}",
-        f"last elution {_iso(elution)} ({since_elution.total_seconds() / 3600.0:.4f} h of ingrowth, no residual)",
-        f"available    {_show(daughter_bq, unit)} of {daughter.name} at {_iso(end)}",
+        f"parent       {_show(parent_bq, unit)} at {format_utc_ns(calibration)}; "
+        f"{_show(parent_now, unit)} at {format_utc_ns(end)}",
+        f"last elution {format_utc_ns(elution)} "
+        f"({since_elution.total_seconds() / 3600.0:.4f} h of ingrowth, no residual)",
+        f"available    {_show(daughter_bq, unit)} of {daughter.name} at {format_utc_ns(end)}",
     ]
     if daughter.half_life_s < parent.half_life_s:
         fraction = float(equilibrium_fraction(parent, daughter, since_elution.total_seconds()))

@@ -3,8 +3,9 @@
 Sub-command modules live beside their feature (decay maths, simulators, controller, QC,
 report); this file only wires them, so adding a command never touches another's code.
 Exit codes: 0 success, 1 runtime failure, 2 bad input (usage, config, unknown nuclide or unit).
-A `HotlabError` that a sub-command does not handle itself ends it here with one line and the
-error's own exit code, so no sub-command needs its own mapping.
+A `HotlabError` ends its command here, with one line naming the command as its usage does
+(`hotlab qc mo99: error: ...`) and the error's own exit code: sub-commands raise, none prints
+its own errors or maps them to exit codes.
 """
 
 from __future__ import annotations
@@ -49,5 +50,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except HotlabError as exc:
-        print(f"hotlab {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{_command_name(parser, args)}: error: {exc}", file=sys.stderr)
         return exc.exit_code
+
+
+def _command_name(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    """The (sub-)command that ran, as its usage line names it, e.g. `hotlab qc mo99`."""
+    while True:
+        choice = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+        chosen = None if choice is None else getattr(args, choice.dest, None)
+        if choice is None or chosen is None:
+            return parser.prog
+        parser = choice.choices[chosen]

@@ -3,29 +3,28 @@
 For the checks a technician does at the bench (a constancy reading, a Mo-99 assay, a Ge-68
 re-measurement two days after an elution) and for re-computing a stored verdict. The same
 rule functions as the streaming engine judge the input, so the CLI and the live system can
-never disagree. Exit 0 with a verdict (whatever it is), 2 on bad input or configuration.
+never disagree. Exit 0 with a verdict (whatever it is), 2 on bad input or configuration
+(raised as InputError/ConfigError and reported by controller/cli/main.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
-import tomllib
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
+from hotlab.controller.config_file import read_config_file
 from hotlab.controller.qc import calibrator_rules, dosage, generator_rules
 from hotlab.controller.qc.calibrator_rules import ReferenceSource, TimedReading
 from hotlab.controller.qc.engine import parse_activity_bq, parse_time_ns
 from hotlab.controller.qc.generator_rules import GeneratorSpec, generator_pair
-from hotlab.controller.qc.limits import YIELD_LIMIT_BY_DAUGHTER, Limit, QcConfigError, load_limits
+from hotlab.controller.qc.limits import YIELD_LIMIT_BY_DAUGHTER, Limit, load_limits
 from hotlab.controller.qc.result import QcInputError, QcResult
-from hotlab.physics.nuclides import UnknownNuclideError, get_nuclide
+from hotlab.physics.nuclides import get_nuclide
 from hotlab.physics.units import format_activity
 
 _VERDICT_STYLE = {"pass": "bold green", "warn": "bold yellow", "fail": "bold red"}
@@ -135,15 +134,15 @@ def _dosage(args: argparse.Namespace, limits: dict[str, Limit]) -> list[QcResult
 
 
 def _site_limits(path: str | None) -> dict[str, Limit]:
+    """The default limits, with the [qc.limits] overrides of the lab config at `path` if given.
+
+    Only [qc.limits] is read (and checked): the rest of the file is the service's.
+    """
     if path is None:
         return load_limits()
-    try:
-        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise QcConfigError(f"{path}: cannot read: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise QcConfigError(f"{path}: not valid TOML: {exc}") from None
-    return load_limits(data.get("qc", {}).get("limits", {}))
+    qc = read_config_file(path).table("qc")
+    limits = qc.table("limits") if qc is not None else None
+    return load_limits(limits) if limits is not None else load_limits()
 
 
 def _shown(value: float, unit: str) -> str:
@@ -172,11 +171,7 @@ def _print_table(results: Sequence[QcResult], console: Console) -> None:
 
 def _run(rule: Rule) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
-        try:
-            results = rule(args, _site_limits(args.config))
-        except (QcInputError, QcConfigError, UnknownNuclideError, ValueError) as exc:
-            print(f"hotlab qc {args.qc_test}: error: {exc}", file=sys.stderr)
-            return 2
+        results = rule(args, _site_limits(args.config))
         if args.json:
             payloads = [r.to_message(args.site, args.station, args.device).payload for r in results]
             print(json.dumps(payloads, indent=2, allow_nan=False))

@@ -1,7 +1,13 @@
 """`hotlab report --from 2026-11-01 --to 2026-11-30`: write the QC officer's report for a period.
 
+The audit trail reported beside the archive is --audit, else `$HOTLAB_AUDIT_LOG`, else the trail
+of the known lab (controller/cli/lab_records.py) that wrote the archive. An archive of no known
+lab (an inspector's copy, another folder) needs --audit: another lab's trail would list control
+actions that never touched the archive's records.
+
 Exit codes: 0 report written; 1 report written but the audit chain is broken (so a scheduled
-monthly run cannot pass silently), or it could not be written; 2 bad input (dates, missing archive, bad key).
+monthly run cannot pass silently), or it could not be written; 2 bad input (dates, missing
+archive, no audit trail known for it, bad key).
 """
 
 from __future__ import annotations
@@ -13,10 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from hotlab.controller.archive import HistoryArchive, TimeRange
-from hotlab.controller.audit import load_hmac_key
-from hotlab.controller.cli.audit import PATH_ENV, default_audit_path
+from hotlab.controller.cli.audit import PATH_ENV, hmac_key
 from hotlab.controller.cli.lab_records import KNOWN_LABS, latest_lab
-from hotlab.errors import HotlabError
+from hotlab.errors import HotlabError, InputError
 
 ARCHIVE_ENV = "HOTLAB_HISTORY"
 
@@ -41,7 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--audit",
         type=Path,
         default=None,
-        help="audit trail (default $HOTLAB_AUDIT_LOG, else the trail of the archive's lab)",
+        help="audit trail (default $HOTLAB_AUDIT_LOG, else the trail of the known lab that wrote the archive)",
     )
     parser.add_argument(
         "--audit-key-file",
@@ -59,20 +64,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     period = TimeRange.from_text(args.start, args.end)
-    key = load_hmac_key({"HOTLAB_AUDIT_KEY_FILE": str(args.audit_key_file)} if args.audit_key_file else None)
+    key = hmac_key(args.audit_key_file)
     archive_path = args.archive or Path(os.environ.get(ARCHIVE_ENV) or latest_lab("archive", "report").archive)
     if not archive_path.is_file():
-        print(f"error: no history archive at {archive_path} (give --archive PATH)", file=sys.stderr)
-        return 2
-    audit_path = args.audit or _audit_beside(archive_path)
-    if args.audit is not None and not audit_path.is_file():
-        print(f"error: no audit trail at {audit_path}", file=sys.stderr)
-        return 2
+        raise InputError(f"no history archive at {archive_path} (give --archive PATH)")
+    if args.audit is not None and not args.audit.is_file():
+        raise InputError(f"no audit trail at {args.audit}")
 
     build_figures, collect, render_html, write_pdf = _report_module()
 
     with HistoryArchive(archive_path, read_only=True) as archive:
-        data = collect(archive, period, audit_path, audit_key=key, site=args.site)
+        data = collect(archive, period, args.audit or _audit_beside(archive_path), audit_key=key, site=args.site)
     figures = build_figures(data)
     try:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -86,8 +88,7 @@ def _run(args: argparse.Namespace) -> int:
             pages = write_pdf(data, pdf_path, figures)
             print(f"wrote {pdf_path}: {pages} page(s)")
     except OSError as exc:
-        print(f"error: cannot write the report: {exc}", file=sys.stderr)
-        return 1
+        raise HotlabError(f"cannot write the report: {exc}") from exc
     verification = data.audit.verification
     if verification is not None and not verification.ok:
         print(f"warning: {verification.summary()}", file=sys.stderr)
@@ -96,11 +97,16 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _audit_beside(archive: Path) -> Path:
-    """`$HOTLAB_AUDIT_LOG`, else the trail of the lab that wrote `archive`, else the default trail."""
+    """`$HOTLAB_AUDIT_LOG`, else the trail of the known lab whose archive `archive` is (the same file,
+    however either path is written); no other lab's trail, so InputError when none is."""
     if os.environ.get(PATH_ENV):
         return Path(os.environ[PATH_ENV])
-    lab = next((lab for lab in KNOWN_LABS if lab.archive == archive), None)
-    return lab.audit if lab is not None else default_audit_path("report")
+    lab = next((lab for lab in KNOWN_LABS if lab.archive.resolve() == archive.resolve()), None)
+    if lab is None:
+        raise InputError(
+            f"no audit trail known for the archive {archive}: give --audit PATH, the trail of the lab that wrote it"
+        )
+    return lab.audit
 
 
 def _report_module() -> tuple[Any, Any, Any, Any]:

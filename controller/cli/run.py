@@ -15,8 +15,8 @@ with nothing to install or configure:
   (and the local history archive) until a broker is configured.
 
 State (outbox, history, station counter) lives in ./var/simulated-lab.
-Exit codes: 0 after a clean stop (SIGINT, SIGTERM or --duration), 2 for a bad config,
-1 when the service fails.
+Exit codes: 0 after a clean stop (SIGINT, SIGTERM or --duration), 2 for a bad config or
+option (a ConfigError or InputError, reported by controller/cli/main.py), 1 when the service fails.
 """
 
 from __future__ import annotations
@@ -29,12 +29,13 @@ import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from hotlab.controller.config import ConfigError, LabConfig, load_config
+from hotlab.controller.config import LabConfig, load_config
 from hotlab.controller.event_loop import DEFAULT_EVENT_LOOP
 from hotlab.controller.gc_policy import settle_after_startup
 from hotlab.controller.lab.simulated_lab import simulated_lab
 from hotlab.controller.service import CommitStage, ControllerService, run_to_exit_code
 from hotlab.controller.stop_signals import StopSignals
+from hotlab.errors import InputError
 
 log = logging.getLogger("hotlab.run")
 
@@ -57,15 +58,8 @@ def main(args: argparse.Namespace) -> int:
         level=args.log_level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     if args.duration is not None and args.duration <= 0:
-        print(f"hotlab run: --duration must be > 0, got {args.duration:g}", file=sys.stderr)
-        return 2
-    config: LabConfig | None = None
-    if args.config is not None:
-        try:
-            config = load_config(args.config)
-        except ConfigError as exc:
-            print(f"hotlab run: config error: {exc}", file=sys.stderr)
-            return 2
+        raise InputError(f"--duration must be > 0, got {args.duration:g}")
+    config = load_config(args.config) if args.config is not None else None
     event_loop = config.service.event_loop if config is not None else DEFAULT_EVENT_LOOP
     return run_to_exit_code(_run(config, args.duration), "hotlab run", event_loop)
 
