@@ -92,6 +92,8 @@ class StationSource(_ExclusiveDevice):
     after the outbox commit; the identity it persists (in `state_dir`: station serial, counter
     epoch, counter, end time) carries that across restarts. An elution whose counter started
     again comes with `ElutionRecord.counter_reset` set, for the service to raise an alarm on.
+    Built on the event loop at start-up, so it touches no disk: the driver creates `state_dir`
+    and its store file on a worker thread when it first needs them.
     """
 
     streaming = False
@@ -104,7 +106,6 @@ class StationSource(_ExclusiveDevice):
         link = device.transport  # config builds the driver's own link dataclasses
         if not isinstance(link, (ModbusTcpLink, ModbusTlsLink, ModbusRtuLink)):
             raise TypeError(f"device {device.name}: an elution station needs a Modbus transport, not {link}")
-        state_dir.mkdir(parents=True, exist_ok=True)
         self.driver = ElutionStationDriver(
             device.station,
             link,

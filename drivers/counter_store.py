@@ -17,11 +17,10 @@ from __future__ import annotations
 import sqlite3
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
 
-_NS_PER_S = 1_000_000_000
+from hotlab.physics.utc_time import format_utc_ns
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,9 +64,7 @@ def _same(known: object | None, value: object) -> bool:
 
 
 def _iso(time_ns: int | None) -> str:
-    if time_ns is None:
-        return "unknown"
-    return datetime.fromtimestamp(time_ns // _NS_PER_S, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return "unknown" if time_ns is None else format_utc_ns(time_ns)
 
 
 class CounterStore(Protocol):

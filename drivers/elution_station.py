@@ -204,12 +204,12 @@ class ElutionStationDriver:
         self.device_id = link.device_id
         self.timeout_s = timeout_s
         self.confirm_timeout_s = confirm_timeout_s
-        if counter_store is not None:
-            self.counter_store: CounterStore = counter_store
-        elif last_counter_path is not None:
-            self.counter_store = SqliteCounterStore(last_counter_path)
-        else:
-            self.counter_store = MemoryCounterStore()
+        #: None until the SqliteCounterStore at `last_counter_path` is first needed: opening it creates its
+        #: file and table, disk I/O that `_store()` runs on a worker thread rather than here, on the loop.
+        self._counter_store: CounterStore | None = counter_store
+        if counter_store is None and last_counter_path is None:
+            self._counter_store = MemoryCounterStore()
+        self._counter_path = None if last_counter_path is None else Path(last_counter_path)
         #: Set when the transport reports the link lost, so a request in flight fails at once
         #: (pymodbus itself would leave it waiting for its full timeout).
         self._link_lost = asyncio.Event()
@@ -246,8 +246,8 @@ class ElutionStationDriver:
             self._client = None
         self._link_lost = asyncio.Event()
         problem = ""
-        try:  # a TLS link reads its certificate and key here, so a renewed one is used at the next connect
-            self._client = make_client(self.link, self.timeout_s, self._on_connection_change)
+        try:  # a TLS link reads its certificate and key (on a worker thread) at each connect: a renewed one is used
+            self._client = await make_client(self.link, self.timeout_s, self._on_connection_change)
             ok = await self._client.connect()
         except (OSError, ModbusException) as exc:
             ok = False
@@ -346,15 +346,24 @@ class ElutionStationDriver:
         already = last is not None and held.same_count(last) and held.counter <= last.counter
         if already and record.counter_reset is None:
             return
-        await asyncio.to_thread(self.counter_store.set_last_delivered, self.station, record.generator_id, held)
+        store = await self._store()
+        await asyncio.to_thread(store.set_last_delivered, self.station, record.generator_id, held)
         self._last_delivered[record.generator_id] = held
 
     async def _delivered(self, generator_id: str) -> DeliveredElution | None:
         if generator_id not in self._last_delivered:
+            store = await self._store()
             self._last_delivered[generator_id] = await asyncio.to_thread(
-                self.counter_store.last_delivered, self.station, generator_id
+                store.last_delivered, self.station, generator_id
             )
         return self._last_delivered[generator_id]
+
+    async def _store(self) -> CounterStore:
+        """The counter store, opened on a worker thread the first time it is needed."""
+        if self._counter_store is None:
+            assert self._counter_path is not None
+            self._counter_store = await asyncio.to_thread(SqliteCounterStore, self._counter_path)
+        return self._counter_store
 
     async def _undelivered_elution(self, status: StationStatus) -> ElutionRecord | None:
         """The station's last elution as a record, unless it was delivered before.

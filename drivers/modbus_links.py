@@ -12,6 +12,7 @@ the client each prove who they are with an X.509 certificate signed by a CA the 
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -89,18 +90,20 @@ def modbus_tls_context(
     return context
 
 
-def make_client(
+async def make_client(
     link: ModbusLink, timeout_s: float, on_connection_change: Callable[[bool], None] | None = None
 ) -> ModbusClient:
     """A pymodbus client for `link`, with pymodbus' own retries and reconnects off: the driver owns both.
 
-    Raises OSError (ssl.SSLError included) when a TLS link's certificate or key cannot be loaded.
+    A TLS link's CA, certificate and key are read on a worker thread, so a slow disk or network
+    file system never stalls the event loop; the client itself is built on the loop, which
+    pymodbus requires. Raises OSError (ssl.SSLError included) when they cannot be loaded.
     """
     common = _ClientOptions(timeout=timeout_s, retries=0, reconnect_delay=0, trace_connect=on_connection_change)
     if link.kind == "modbus_tcp":
         return AsyncModbusTcpClient(link.host, port=link.port, framer=FramerType.SOCKET, **common)
     if link.kind == "modbus_tls":
-        context = modbus_tls_context("client", link.ca_file, link.cert_file, link.key_file)
+        context = await asyncio.to_thread(modbus_tls_context, "client", link.ca_file, link.cert_file, link.key_file)
         return AsyncModbusTlsClient(link.host, port=link.port, sslctx=context, framer=FramerType.TLS, **common)
     if link.kind != "modbus_rtu":
         raise ValueError(f"an elution station needs a Modbus link, not {link.kind!r}")

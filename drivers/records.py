@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from hotlab.errors import HotlabError
+from hotlab.physics.utc_time import NS_PER_S
 
 
 class DriverError(HotlabError):
@@ -98,4 +99,4 @@ class ElutionRecord:
 
     @property
     def duration_s(self) -> float:
-        return (self.end_ns - self.start_ns) / 1e9
+        return (self.end_ns - self.start_ns) / NS_PER_S

@@ -29,8 +29,8 @@ from hotlab.drivers.modbus_words import (
     uint32_to_registers,
 )
 from hotlab.drivers.records import FrameError
+from hotlab.physics.utc_time import NS_PER_S as NS_PER_S  # re-exported until its importers take it from physics
 
-NS_PER_S = 1_000_000_000
 NS_PER_MS = 1_000_000
 
 #: 2 added input register `counter_epoch_ns` after the version 1 block; no address of version 1 moved.

@@ -18,6 +18,11 @@ pyserial's thread parses the device server's Telnet, and malformed Telnet makes 
 Python would print that traceback to stderr, outside the log, so the port class here catches
 it and logs one line instead (`Rfc2217Port`). The port is lost either way: pyserial's `read`
 fails once its thread has ended, which closes this transport like any other failure.
+
+That thread runs pyserial's private `Serial._telnet_read_loop`, which `Rfc2217Port` overrides.
+A pyserial release without it would leave the override silently unused, so importing this
+module checks that it is there (`pyserial_private_api_problem`) and refuses, naming pyserial's
+version, if it is not; tests/test_rfc2217_garbage.py checks it on the installed pyserial.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ from typing import Any
 import serial
 import serial.rfc2217
 
+from hotlab.errors import HotlabError
+
 log = logging.getLogger(__name__)
 
 #: How long a blocking read waits before it looks at whether the transport was closed.
@@ -41,6 +48,25 @@ _READ_POLL_S = 0.1
 #: loop's default executor, which a few slow device servers (pyserial waits up to 5 s to connect,
 #: then 3 s per negotiation) would otherwise fill.
 _OPENER = ThreadPoolExecutor(max_workers=4, thread_name_prefix="hotlab-serial-open")
+
+
+class PyserialPrivateApiChanged(HotlabError):
+    """The installed pyserial no longer has the private method `Rfc2217Port` overrides."""
+
+
+def pyserial_private_api_problem(port_class: type = serial.rfc2217.Serial) -> str | None:
+    """What `Rfc2217Port` relies on and `port_class` (pyserial's RFC 2217 client) lacks, or None if all holds."""
+    reader = getattr(port_class, "_telnet_read_loop", None)
+    if callable(reader):
+        return None
+    return (
+        f"pyserial {serial.VERSION}: serial.rfc2217.Serial._telnet_read_loop is {reader!r}, not a method; "
+        "hotlab.drivers.threaded_serial.Rfc2217Port overrides it to log malformed Telnet: adapt it to this pyserial"
+    )
+
+
+if (_problem := pyserial_private_api_problem()) is not None:
+    raise PyserialPrivateApiChanged(_problem)
 
 
 class Rfc2217Port(serial.rfc2217.Serial):  # type: ignore[misc]  # pyserial has no type hints

@@ -2,8 +2,10 @@
 
 Why one: devices, the broker, InfluxDB, the archive and the outbox all retry after failures, and
 a lab with several controllers must not have them reconnect in step. Full jitter spreads retries
-best (AWS Architecture Blog, "Exponential Backoff And Jitter", 2015); a caller that must wait at
-least a known time (a Retry-After header) takes `ceiling` and adds its own floor.
+best (AWS Architecture Blog, "Exponential Backoff And Jitter", 2015). A caller that must wait at
+least a known time (a server's Retry-After) draws `delay` as usual and waits at least that
+floor, itself capped at `max_s`: `max(delay, min(floor, max_s))` (controller/sinks/influx.py),
+so a server asking for an hour cannot stall the lab's backlog for an hour.
 """
 
 from __future__ import annotations

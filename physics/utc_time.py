@@ -1,4 +1,5 @@
-"""UTC time: the one parser every hotlab input goes through, and epoch-nanosecond conversion.
+"""UTC time: the one parser every hotlab input goes through, epoch-nanosecond conversion, and the
+one way a moment is written for people to the second.
 
 Decay correction is only as good as the elapsed time it is given, so a moment is always UTC epoch
 nanoseconds inside hotlab; a time without an offset is refused rather than guessed.
@@ -17,6 +18,9 @@ from hotlab.errors import InputError
 
 #: A moment: a tz-aware datetime, UTC epoch nanoseconds (int or int64 array), or numpy datetime64.
 TimeLike: TypeAlias = datetime | int | np.integer | np.datetime64 | npt.NDArray[np.integer] | npt.NDArray[np.datetime64]
+
+#: Nanoseconds per second: the unit of every hotlab moment against the unit of every duration.
+NS_PER_S = 1_000_000_000
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -44,13 +48,23 @@ def to_epoch_ns(moment: TimeLike) -> np.int64 | npt.NDArray[np.int64]:
         if moment.tzinfo is None or moment.utcoffset() is None:
             raise NaiveDatetimeError(f"{moment.isoformat()} has no timezone; give UTC (Z) or an offset")
         delta = moment - _EPOCH
-        return np.int64((delta.days * 86_400 + delta.seconds) * 1_000_000_000 + delta.microseconds * 1_000)
+        return np.int64((delta.days * 86_400 + delta.seconds) * NS_PER_S + delta.microseconds * 1_000)
     array = np.asarray(moment)
     if np.issubdtype(array.dtype, np.datetime64):
         return array.astype("datetime64[ns]").astype(np.int64)
     if not np.issubdtype(array.dtype, np.integer):
         raise TypeError(f"a time must be a tz-aware datetime, datetime64 or integer epoch ns, got {array.dtype}")
     return array.astype(np.int64)
+
+
+def format_utc_ns(time_ns: int) -> str:
+    """`time_ns` as RFC 3339 UTC to the whole second (truncated), e.g. 2026-11-20T12:00:00Z.
+
+    For messages and command output that people read, where a second is fine enough and the
+    digits below it would only be noise; payloads keep `time_ns` itself.
+    """
+    moment = datetime.fromtimestamp(time_ns // NS_PER_S, UTC)
+    return moment.replace(tzinfo=None).isoformat(timespec="seconds") + "Z"
 
 
 def parse_utc_ns(value: Any) -> int:

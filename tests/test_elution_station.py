@@ -37,8 +37,9 @@ from hotlab.drivers.station_registers import (
     encode_status,
 )
 from hotlab.physics.decay import generator_daughter_activity
+from hotlab.physics.utc_time import NS_PER_S
 from hotlab.simulators.elution_station import ElutionStationSimulator, StationClock, StationModel
-from hotlab.simulators.generator_physics import NS_PER_S, GeneratorColumn, get_profile
+from hotlab.simulators.generator_physics import GeneratorColumn, get_profile
 
 #: Station clock speed-up: an 8 s priming + 20 s elution takes 0.28 s of test time.
 FAST = 100.0

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -20,8 +19,8 @@ from hotlab.drivers.elution_station import ElutionStationDriver
 from hotlab.drivers.modbus_links import ModbusTcpLink
 from hotlab.drivers.records import DeviceDisconnected, ElutionRecord
 from hotlab.drivers.station_registers import CommandCode, CommandResult, StationState
+from hotlab.physics.utc_time import NS_PER_S, format_utc_ns
 from hotlab.simulators.elution_station import ElutionStationSimulator
-from hotlab.simulators.generator_physics import NS_PER_S
 from tests.test_elution_station import WAIT_S, Make, finished, make, poll_until  # noqa: F401  (make: fixture)
 
 LOGGER = "hotlab.drivers.elution_station"
@@ -30,10 +29,6 @@ HOUR_NS = 3_600 * NS_PER_S
 EPOCH = 1_790_000_000 * NS_PER_S
 END = EPOCH + 40 * HOUR_NS
 LAST = DeliveredElution(5, END, "SIM-1", EPOCH)
-
-
-def iso(time_ns: int) -> str:
-    return datetime.fromtimestamp(time_ns // NS_PER_S, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 async def elute_from_the_panel(sim: ElutionStationSimulator) -> None:
@@ -52,7 +47,9 @@ async def deliver_next(driver: ElutionStationDriver) -> ElutionRecord:
     return records[0]
 
 
-async def test_a_station_restarted_with_its_counter_at_0_has_both_elutions_recorded(make: Make, caplog) -> None:
+async def test_a_station_restarted_with_its_counter_at_0_yields_both_elutions_the_second_flagged(
+    make: Make, caplog
+) -> None:
     sim, driver = await make("tcp")
     epoch_before = sim.model.counter_epoch_ns
     await elute_from_the_panel(sim)
@@ -71,7 +68,7 @@ async def test_a_station_restarted_with_its_counter_at_0_has_both_elutions_recor
     assert (second.counter, second.station_serial, second.counter_epoch_ns) == (1, "SIM-0001", epoch_after)
     assert second.end_ns == sim.model.last.outcome.end_ns // 1_000_000 * 1_000_000  # the register's ms
     assert second.activity_bq == pytest.approx(sim.model.last.outcome.daughter_bq, rel=1e-6)
-    cause = f"counter epoch changed from {iso(epoch_before)} to {iso(epoch_after)}"
+    cause = f"counter epoch changed from {format_utc_ns(epoch_before)} to {format_utc_ns(epoch_after)}"
     assert second.counter_reset == f"{cause}; counter 1 -> 1"
     assert finished(after) == []
     warnings = [r for r in caplog.records if r.levelname == "WARNING"]
@@ -137,13 +134,13 @@ async def test_an_unmarked_reset_elution_comes_again_still_flagged(make: Make, t
         (DeliveredElution(1, END + HOUR_NS, "SIM-2", EPOCH), "station serial changed from 'SIM-1' to 'SIM-2'"),
         (
             DeliveredElution(1, END + HOUR_NS, "SIM-1", EPOCH + 2 * HOUR_NS),
-            f"counter epoch changed from {iso(EPOCH)} to {iso(EPOCH + 2 * HOUR_NS)}",
+            f"counter epoch changed from {format_utc_ns(EPOCH)} to {format_utc_ns(EPOCH + 2 * HOUR_NS)}",
         ),
         # A station that restarts its count but not its epoch: the counter or the end time tell.
         (DeliveredElution(2, END + HOUR_NS, "SIM-1", EPOCH), "counter went back"),
         (
             DeliveredElution(5, END + HOUR_NS, "SIM-1", EPOCH),
-            f"counter 5 came again with end {iso(END + HOUR_NS)}, not {iso(END)}",
+            f"counter 5 came again with end {format_utc_ns(END + HOUR_NS)}, not {format_utc_ns(END)}",
         ),
     ],
 )

@@ -18,6 +18,14 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+#: Repository folder -> where the wheel installs it.
+PACKAGE_FOLDERS = {
+    "hotlab": "hotlab",
+    "physics": "hotlab/physics",
+    "drivers": "hotlab/drivers",
+    "simulators": "hotlab/simulators",
+    "controller": "hotlab/controller",
+}
 IMPORT_ALL = "import hotlab.controller, hotlab.drivers, hotlab.simulators, hotlab.physics; print(hotlab.__file__)"
 
 
@@ -34,19 +42,27 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def test_the_wheel_holds_only_the_hotlab_package(wheel: Path) -> None:
-    names = zipfile.ZipFile(wheel).namelist()
-    top_level = {name.split("/", 1)[0] for name in names if not name.split("/", 1)[0].endswith(".dist-info")}
-    assert top_level == {"hotlab"}
-    for expected in (
-        "hotlab/py.typed",
-        "hotlab/physics/decay.py",
-        "hotlab/drivers/vik202.py",
-        "hotlab/simulators/source.py",
-        "hotlab/controller/cli/main.py",
-        "hotlab/controller/schemas/reading.json",
-    ):
-        assert expected in names
+def _source_files() -> set[str]:
+    """Every file the wheel must hold, named as installed: each module of the five folders, the JSON
+    schemas and the typing marker. A subpackage missing from pyproject's explicit `packages` is missing here."""
+    files = {"hotlab/py.typed"}
+    for folder, prefix in PACKAGE_FOLDERS.items():
+        root = REPO / folder
+        for path in root.rglob("*.py"):
+            if "__pycache__" not in path.parts:
+                files.add(f"{prefix}/{path.relative_to(root).as_posix()}")
+    files |= {f"hotlab/controller/schemas/{path.name}" for path in (REPO / "controller" / "schemas").glob("*.json")}
+    return files
+
+
+def test_the_wheel_holds_exactly_the_hotlab_package(wheel: Path) -> None:
+    names = [name for name in zipfile.ZipFile(wheel).namelist() if not name.split("/", 1)[0].endswith(".dist-info")]
+    assert {name.split("/", 1)[0] for name in names} == {"hotlab"}
+    packaged, expected = set(names), _source_files()
+    assert not expected - packaged, f"missing from the wheel (pyproject's packages?): {sorted(expected - packaged)}"
+    assert not packaged - expected, (
+        f"in the wheel but not in the source (a stale build/?): {sorted(packaged - expected)}"
+    )
 
 
 def test_the_wheel_installs_and_runs_from_another_directory(wheel: Path, tmp_path: Path) -> None:

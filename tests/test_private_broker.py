@@ -1,5 +1,6 @@
 """The simulated lab's private mosquitto: no orphan after any death of the controller, the same port
-across restarts, and a broker that dies is reaped and started again."""
+across restarts (another one when that port was taken meanwhile), and a broker that dies is reaped
+and started again, however often a restart fails first."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from hotlab.controller.lab import embedded_broker
 from hotlab.controller.lab.embedded_broker import MosquittoBroker
 from hotlab.controller.lab.private_broker import PrivateBroker
 from tests.cli_process import run_hotlab
@@ -131,6 +133,71 @@ async def test_a_broker_that_dies_is_reaped_and_started_again_on_its_port(tmp_pa
             await asyncio.sleep(0.1)
         assert private.port == port and private.broker.pid != first_pid
         assert not Path(f"/proc/{first_pid}").exists()  # reaped: no zombie left behind
+    finally:
+        supervisor.cancel()
+        await asyncio.gather(supervisor, return_exceptions=True)
+        await asyncio.to_thread(private.close)
+
+
+def _listening_on(port: int) -> socket.socket:
+    """Someone else's server on `port`, as when another program takes the port while the broker is down."""
+    holder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    holder.bind(("127.0.0.1", port))
+    holder.listen()
+    return holder
+
+
+async def _until_restarted(private: PrivateBroker, restarts: int) -> None:
+    deadline = time.monotonic() + 30
+    while not (private.restarts == restarts and await asyncio.to_thread(_accepts, private.port)):
+        assert time.monotonic() < deadline, f"the private broker was not started again ({private.restarts} restarts)"
+        await asyncio.sleep(0.1)
+
+
+async def test_a_broker_whose_port_was_taken_meanwhile_restarts_on_another_port(tmp_path: Path) -> None:
+    require_mosquitto()
+    private = PrivateBroker(tmp_path / "broker")
+    await asyncio.to_thread(private.start)
+    first_pid, port = private.broker.pid, private.port
+    assert first_pid is not None
+    os.kill(first_pid, signal.SIGKILL)
+    _wait_for(lambda: not _accepts(port), 10, "the killed broker still accepts")
+    holder = _listening_on(port)
+    supervisor = asyncio.create_task(private.supervise())
+    try:
+        await _until_restarted(private, 1)
+        assert private.port != port
+        assert json.loads((tmp_path / "broker" / "broker.json").read_text())["port"] == private.port
+    finally:
+        holder.close()
+        supervisor.cancel()
+        await asyncio.gather(supervisor, return_exceptions=True)
+        await asyncio.to_thread(private.close)
+
+
+async def test_a_failed_restart_is_retried_until_the_broker_runs_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A restart that fails leaves no process (and no exit code) behind: supervision must go on anyway."""
+    require_mosquitto()
+    real = embedded_broker.mosquitto_binary()
+    attempts: list[str] = []
+
+    def failing_once() -> str | None:
+        attempts.append("start")
+        return "/bin/false" if len(attempts) == 1 else real  # exits at once: it never listens
+
+    private = PrivateBroker(tmp_path / "broker")
+    await asyncio.to_thread(private.start)
+    first_pid, port = private.broker.pid, private.port
+    assert first_pid is not None
+    monkeypatch.setattr(embedded_broker, "mosquitto_binary", failing_once)
+    os.kill(first_pid, signal.SIGKILL)
+    supervisor = asyncio.create_task(private.supervise())
+    try:
+        await _until_restarted(private, 1)
+        assert len(attempts) == 2 and private.port == port
     finally:
         supervisor.cancel()
         await asyncio.gather(supervisor, return_exceptions=True)

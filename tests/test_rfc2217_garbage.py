@@ -4,6 +4,8 @@ pyserial's RFC 2217 client parses the server's Telnet in a thread of its own; on
 Telnet (an IAC SE with no subnegotiation before it) that thread raises, and Python prints the
 traceback to stderr, outside the log. Run in a fresh interpreter, so stderr is what the
 service's log would get; pytest's own thread-exception hook would otherwise hide it.
+
+The handler overrides a private method of pyserial; the last tests check that it exists.
 """
 
 from __future__ import annotations
@@ -13,6 +15,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import serial
+
+from hotlab.drivers.threaded_serial import pyserial_private_api_problem
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -95,3 +100,21 @@ def test_malformed_telnet_is_one_log_line_not_a_traceback(mode: str) -> None:
     assert lines[0].startswith("WARNING hotlab.drivers.threaded_serial: rfc2217://127.0.0.1:")
     assert "malformed Telnet" in lines[0] and "TypeError" in lines[0]
     assert done.stdout.startswith("driver: Device")  # DeviceDisconnected or DeviceTimeout: the port is lost
+
+
+def test_the_installed_pyserial_has_the_reader_method_the_port_overrides() -> None:
+    """If this fails after a pyserial upgrade, `Rfc2217Port` must be adapted before that version is used."""
+    assert pyserial_private_api_problem() is None
+
+
+def test_a_pyserial_without_the_reader_method_is_refused_at_import_naming_its_version() -> None:
+    """In a fresh interpreter: the check runs when the module is first imported."""
+    program = (
+        "import serial.rfc2217\ndel serial.rfc2217.Serial._telnet_read_loop\nimport hotlab.drivers.threaded_serial\n"
+    )
+    done = subprocess.run([sys.executable, "-c", program], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert (
+        f"PyserialPrivateApiChanged: pyserial {serial.VERSION}: serial.rfc2217.Serial._telnet_read_loop is None"
+        in done.stderr
+    )

@@ -5,7 +5,9 @@ A newcomer points a dashboard or `mosquitto_sub` at the port the banner printed.
   controller dies (Linux parent-death signal), and a record file (`broker.json` in the lab's
   broker folder) lets the next start stop one that survived anyway (another OS, a race);
 * the port of the last run is taken again when it is free, so that dashboard keeps working;
-* a broker that dies is reaped (no zombie) and started again on the same port, with backoff.
+  when something else holds it now, a free port is chosen (and logged) rather than failing;
+* a broker that dies is reaped (no zombie) and started again on the same port, with backoff,
+  for as long as it takes: a restart that fails is retried like the exit itself.
 """
 
 from __future__ import annotations
@@ -62,24 +64,29 @@ class PrivateBroker:
                 self.broker.port = port
             elif isinstance(port, int):
                 log.warning("the private broker's port %d is taken now: choosing another one", port)
+                self.broker.port = 0  # MosquittoBroker.start picks a free one
         self.broker.start()
         self._write_record()
 
     async def supervise(self) -> None:
-        """Run until cancelled: restart the broker on its port whenever it exits."""
+        """Run until cancelled: restart the broker on its port whenever it is not running.
+
+        "Not running" covers a broker that exited and one whose restart failed (then no process
+        is left to have an exit code), so a failed restart is retried, with backoff.
+        """
         failures = 0
         while True:
             await asyncio.sleep(WATCH_INTERVAL_S)
-            exit_code = self.broker.exit_code()  # reaps a dead broker, so no zombie is left
-            if exit_code is None:
+            if self.broker.running:  # polls the process: a dead broker is reaped, so no zombie is left
                 failures = 0
                 continue
-            log.error(
-                "the private broker exited (code %s); restarting it on port %d: %s",
-                exit_code,
-                self.broker.port,
-                self.broker.log_tail(),
-            )
+            if failures == 0:
+                log.error(
+                    "the private broker exited (code %s); restarting it on port %d: %s",
+                    self.broker.exit_code(),
+                    self.broker.port,
+                    self.broker.log_tail(),
+                )
             await asyncio.sleep(self.restart.delay(failures))
             try:
                 await asyncio.to_thread(self.start)
