@@ -104,7 +104,7 @@ class TimeRange:
 
 
 def _parse_instant(text: str, which: str, *, end_of_day: bool) -> int:
-    """A bound as UTC epoch ns via the shared parser (hotlab.physics.decay.parse_utc_ns).
+    """A bound as UTC epoch ns via the shared parser (hotlab.physics.utc_time.parse_utc_ns).
 
     A bare date is 00:00 UTC of that day; as the end of a range it means the whole day, so the
     next midnight. Date-times need Z or an offset, exactly as everywhere else in hotlab.
@@ -279,22 +279,6 @@ class HistoryArchive:
         """The payload archived under `msg_id`, or None."""
         with self._lock:
             row = self._db.execute("SELECT payload FROM message WHERE msg_id = ?", (msg_id,)).fetchone()
-        return None if row is None else dict(json.loads(row[0]))
-
-    def latest_audit_anchor(self, field: str, value: str) -> dict[str, Any] | None:
-        """The `audit_anchor` payload with the highest `seq` whose `field` ("trail_id" or "trail") is `value`.
-
-        SQLite's JSON functions pick it, so `hotlab audit verify` loads one row however many
-        anchors the archive holds (controller/audit.py `TrailIdentity` says which field to match).
-        """
-        if field not in ("trail_id", "trail"):
-            raise HistoryQueryError(f"audit anchors are matched on trail_id or trail, not {field!r}")
-        sql = (
-            "SELECT payload FROM message WHERE kind = 'audit_anchor' AND json_extract(payload, ?) = ? "
-            "ORDER BY json_extract(payload, '$.seq') DESC, time_ns DESC LIMIT 1"
-        )
-        with self._lock:
-            row = self._db.execute(sql, (f"$.{field}", value)).fetchone()
         return None if row is None else dict(json.loads(row[0]))
 
     def count(self, kind: str | None = None) -> int:
