@@ -30,6 +30,7 @@ from hotlab.controller.config import parse_config
 from hotlab.controller.lab.embedded_broker import free_tcp_port
 from hotlab.controller.service import ControllerService
 from hotlab.simulators.elution_station import ElutionStationSimulator
+from tests.fault_tally import tally
 from tests.mosquitto_service import MosquittoBroker, require_mosquitto
 from tests.test_commands_service import SITE, TOKENS, TOPIC, Requester, command, station_model
 
@@ -186,6 +187,7 @@ def test_deleting_the_last_records_fails_verify_and_says_how_many_are_missing(
     assert code == 1, output
     assert f"is TRUNCATED: {deleted} record(s) missing at its end" in output
     assert _anchor_named(output, records[-1], f"history archive {lab.archive}"), output
+    tally("audit trail tampering (real controller)", truncations_made=1, truncations_detected=1)
 
 
 def test_a_rewritten_record_at_the_anchors_seq_fails_verify(
@@ -203,6 +205,7 @@ def test_a_rewritten_record_at_the_anchors_seq_fails_verify(
     assert code == 1, output
     assert f"is BROKEN: record #{head['seq']} has hash {head['hash'][:16]}…" in output
     assert "the trail was rewritten" in output
+    tally("audit trail tampering (real controller)", rewrites_made=1, rewrites_detected=1)
 
 
 def test_the_retained_mqtt_anchor_is_used_when_the_archive_is_missing(
@@ -221,6 +224,7 @@ def test_the_retained_mqtt_anchor_is_used_when_the_archive_is_missing(
     assert code == 1, output
     assert "is TRUNCATED: 1 record(s) missing at its end" in output
     assert _anchor_named(output, records[-1], source), output
+    tally("audit trail tampering (real controller)", truncations_made=1, truncations_detected=1)
 
 
 def test_without_a_reachable_anchor_verify_says_so_and_fails_only_when_required(
