@@ -63,15 +63,28 @@ def _utc_second(seconds: int) -> str:
 MSG_ID_NAMESPACE = uuid.UUID("6207ae0a-4f7b-503f-bbb3-b13cde316529")
 
 
-def elution_msg_id(station: str, generator_id: str, counter: int) -> str:
+def elution_msg_id(record: ElutionRecord) -> str:
     """The msg_id of one elution, the same every time it is built.
 
     The station driver hands an elution over again until the controller confirms delivery, so
     a crash between outbox commit and confirmation replays it; with a name-based id the replay
     is the same message (the history archive drops a known msg_id, InfluxDB overwrites the same
-    series and timestamp). The name is JSON so no separator inside a name can collide.
+    series and timestamp). The name is the elution's whole identity (drivers/records.py): a count
+    that starts again (a restarted, serviced or replaced station) repeats counters, and the
+    elution after it must not take the id of an earlier one, or the archive and every consumer
+    would drop it as a repeat. The name is JSON so no separator inside a name can collide.
     """
-    name = json.dumps(["elution", station, generator_id, int(counter)])
+    name = json.dumps(
+        [
+            "elution",
+            record.station,
+            record.generator_id,
+            record.station_serial,
+            record.counter_epoch_ns,
+            int(record.counter),
+            int(record.end_ns),
+        ]
+    )
     return uuid.uuid5(MSG_ID_NAMESPACE, name).hex
 
 
@@ -254,7 +267,11 @@ def elution_message(
     breakthrough_pct: float | None = None,
     msg_id: str | None = None,
 ) -> Message:
-    """An elution; pass `msg_id=elution_msg_id(...)` so a replayed elution is recognisably the same.
+    """An elution; pass `msg_id=elution_msg_id(record)` so a replayed elution is recognisably the same.
+
+    It carries the station's identity (`station_serial`, `counter_epoch_ns`) and, when its count
+    started again, `counter_reset` saying why, so a consumer can tell two elutions with the same
+    counter apart and see where a count began anew.
 
     Without an explicit `breakthrough_pct`, it comes from the station's own eluate measurement:
     parent activity / daughter activity in the eluate, in percent. Both refer to the same instant,
@@ -276,8 +293,37 @@ def elution_message(
         "duration_s": float(record.duration_s),
         "yield_pct": None if yield_pct is None else float(yield_pct),
         "breakthrough_pct": None if breakthrough_pct is None else float(breakthrough_pct),
+        "station_serial": record.station_serial,
+        "counter_epoch_ns": None if record.counter_epoch_ns is None else int(record.counter_epoch_ns),
+        "counter_reset": record.counter_reset,
     }
     return Message("elution", f"{TOPIC_ROOT}/{site}/{record.station}/elution", payload)
+
+
+def counter_reset_alarm_message(site: str, device: str, record: ElutionRecord, *, elution_id: str) -> Message:
+    """The elution-counter alarm of one station: raised by `record` if its count started again, else cleared.
+
+    `record.counter_reset` says why the count started again (drivers/elution_station.py); the
+    service commits this with the elution `elution_id` (controller/service.py). The msg_id is
+    name-based on that elution and `time_ns` is its end, so an elution replayed after a crash
+    brings the same alarm message again, not a second alarm.
+    """
+    active = record.counter_reset is not None
+    name = json.dumps(["elution_counter_reset", elution_id, active])
+    payload = _envelope("controller_alarm", record.end_ns, uuid.uuid5(MSG_ID_NAMESPACE, name).hex) | {
+        "site": site,
+        "station": record.station,
+        "device": device,
+        "alarm": "elution_counter_reset",
+        "active": active,
+        "generator": record.generator_id,
+        "counter": int(record.counter),
+        "station_serial": record.station_serial,
+        "counter_epoch_ns": None if record.counter_epoch_ns is None else int(record.counter_epoch_ns),
+        "elution_id": elution_id,
+        "reason": record.counter_reset,
+    }
+    return Message("controller_alarm", device_topic(site, record.station, device, "alarm"), payload)
 
 
 def qc_message(

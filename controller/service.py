@@ -28,6 +28,10 @@ Rules this module enforces:
 * A failing processor or stage is logged; the reading itself is still committed.
 * The device is told (`Source.delivered`) only after the commit, so the elution station stops
   repeating an elution only once it is safely stored.
+* An elution whose count started again (`ElutionRecord.counter_reset`: a restarted, serviced or
+  replaced station) raises the station's retained `elution_counter_reset` alarm, committed with
+  that elution; the next elution that continues the count clears it. After a start the
+  controller does not know whether the alarm is raised, so the first such elution clears it.
 * The outbox is bounded. Above `warn_fraction` a retained alarm goes to
   hotlab/<site>/controller/alarm and a warning to the log; when it is full the supervisor
   holds the device's data and retries (see controller/supervisor.py).
@@ -77,6 +81,7 @@ from hotlab.controller.measurements import DetectedDevice, DetectionOutcome, Mea
 from hotlab.controller.messages import (
     SCHEMA_VERSION,
     Message,
+    counter_reset_alarm_message,
     device_status_message,
     elution_message,
     elution_msg_id,
@@ -136,19 +141,20 @@ class ServiceError(HotlabError, RuntimeError):
 def run_to_exit_code(main: Coroutine[Any, Any, None], prog: str, event_loop: str = DEFAULT_EVENT_LOOP) -> int:
     """Run a service coroutine on `event_loop` to the end and map how it ended to the CLI's exit code.
 
-    0 after a clean stop; 1 when it failed: a ServiceError is a known condition whose message
-    is enough (printed on one line), and so is an OSError that got this far (a full disk, a
-    read-only or missing directory, no permission: the machine, not the code; its traceback is
-    logged at DEBUG); anything else is a bug and is logged with its traceback.
+    0 after a clean stop. A HotlabError (a ServiceError, bad input such as an InputError, ...)
+    is a known condition whose message is enough: printed on one line, it ends with the error's
+    own `exit_code` (1 for a runtime failure, 2 for bad input). So is an OSError that got this far
+    (a full disk, a read-only or missing directory, no permission: the machine, not the code; its
+    traceback is logged at DEBUG), exit 1; anything else is a bug, logged with its traceback, exit 1.
     """
     try:
         with asyncio.Runner(loop_factory=loop_factory(event_loop)) as runner:
             loop_type = type(runner.get_loop())
             log.info("%s: event loop %s.%s", prog, loop_type.__module__, loop_type.__name__)
             runner.run(main)
-    except ServiceError as exc:
+    except HotlabError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
-        return 1
+        return exc.exit_code
     except OSError as exc:
         log.debug("%s failed", prog, exc_info=True)
         print(f"{prog}: {exc} (--log-level DEBUG shows where)", file=sys.stderr)
@@ -230,6 +236,9 @@ class ControllerService:
         self.sources: dict[str, Source] = {}
         #: Suspect readings per calibrator (controller/suspect_alarm.py), as of the last commit.
         self.suspects: dict[str, SuspectRate] = {}
+        #: Per station, whether its elution_counter_reset alarm is raised, as of the last commit; a
+        #: station is absent until its first elution since the start (not known: it may be raised).
+        self._counter_alarms: dict[str, bool] = {}
         self.measurements = MeasurementDetector(
             config.site,
             [
@@ -305,7 +314,7 @@ class ControllerService:
         )
         await asyncio.to_thread(_warn_about_orphaned_deliveries, cfg.outbox.path, self.sink_names)
         await self._restore(outbox)
-        sinks = self._start_sinks(outbox)
+        sinks = await self._start_sinks(outbox)
         sink_tasks = [asyncio.create_task(self._keep_running(sink), name=f"sink-{sink.name}") for sink in sinks]
         monitor = asyncio.create_task(self._watch_usage(), name="outbox-usage")
         device_tasks = [self._start_device(device) for device in cfg.devices]
@@ -419,7 +428,7 @@ class ControllerService:
             if isinstance(result, Exception):
                 log.error("%s ended with %r", task.get_name(), result)
 
-    def _start_sinks(self, outbox: AsyncOutbox) -> list[_SinkRunner]:
+    async def _start_sinks(self, outbox: AsyncOutbox) -> list[_SinkRunner]:
         cfg = self.config
         sinks: list[_SinkRunner] = []
         if cfg.mqtt is not None:
@@ -433,7 +442,7 @@ class ControllerService:
         if cfg.influx is not None:
             sinks.append(_influx_runner(cfg.influx, outbox))
         if cfg.history_path is not None:
-            sinks.append(_history_runner(cfg.history_path, outbox))
+            sinks.append(await _history_runner(cfg.history_path, outbox))
         return sinks
 
     def _command_handler(self, mqtt: MqttSink) -> CommandHandler:
@@ -449,6 +458,7 @@ class ControllerService:
             AuditLog(audit_path, key=self._audit_key),
             mqtt.publish_reply,
             self._command_target,
+            max_age_s=cfg.commands.max_age_s,
             on_audited=self.anchors.offer,
         )
         log.info("control commands on %s, audited in %s", handler.topic_filter, audit_path)
@@ -542,15 +552,19 @@ class ControllerService:
         confirms the items to the device) only after that transaction committed.
         """
         messages: list[Message] = []
+        counter_alarms: list[Message] = []
         for item in items:
             if isinstance(item, ElutionRecord):
                 # A name-based id: a replayed elution (crash before mark_delivered) is the same message.
-                msg_id = elution_msg_id(item.station, item.generator_id, item.counter)
-                message = elution_message(self.config.site, item, msg_id=msg_id)
+                message = elution_message(self.config.site, item, msg_id=elution_msg_id(item))
             else:
                 message = reading_message(self.config.site, device.station, item)
             messages.append(message)
             messages.extend(await self._process(message))
+            alarm = self._counter_reset_alarm(device, item, message.msg_id, counter_alarms)
+            if alarm is not None:
+                counter_alarms.append(alarm)
+                messages.append(alarm)
         suspects = self.suspects.get(device.name)
         counted = None
         if suspects is not None:
@@ -558,6 +572,8 @@ class ControllerService:
             if counted.active != suspects.active:
                 messages.append(self._suspect_alarm(device, counted))
         await self._commit_messages(messages)
+        for alarm in counter_alarms:  # taken over once stored, like the suspect count below
+            self._counter_reset_alarm_committed(device, alarm.payload)
         if suspects is None or counted is None:
             return
         # Counted once the readings are stored: a retried commit must not count them twice.
@@ -570,6 +586,41 @@ class ControllerService:
                 sum(counted.recent),
                 len(counted.recent),
                 counted.last_reason,
+            )
+
+    def _counter_reset_alarm(
+        self, device: DeviceConfig, item: Item, elution_id: str, earlier: Sequence[Message]
+    ) -> Message | None:
+        """The change of the station's elution-counter alarm that elution `item` brings, if any.
+
+        Raised by an elution whose count started again, cleared by one that continues it while
+        the alarm is raised or not known (module docstring). `earlier` are the alarms of this
+        commit's earlier elutions, which the committed state does not hold yet.
+        """
+        if not isinstance(item, ElutionRecord):
+            return None
+        raised = earlier[-1].payload["active"] if earlier else self._counter_alarms.get(device.name)
+        if item.counter_reset is None and raised is False:
+            return None
+        return counter_reset_alarm_message(self.config.site, device.name, item, elution_id=elution_id)
+
+    def _counter_reset_alarm_committed(self, device: DeviceConfig, alarm: dict[str, Any]) -> None:
+        """Remember a committed elution-counter alarm's state and say so in the log."""
+        self._counter_alarms[device.name] = bool(alarm["active"])
+        if alarm["active"]:
+            log.warning(
+                "device %s: ELUTION COUNTER RESET alarm raised: the count of %s started again (%s);"
+                " elution %d of the new count recorded",
+                device.name,
+                alarm["generator"],
+                alarm["reason"],
+                alarm["counter"],
+            )
+        else:
+            log.info(
+                "device %s: elution counter alarm cleared: elution %d continues the count",
+                device.name,
+                alarm["counter"],
             )
 
     def _suspect_alarm(self, device: DeviceConfig, rate: SuspectRate) -> Message:
@@ -816,12 +867,14 @@ def _influx_runner(section: InfluxSection, outbox: AsyncOutbox) -> _SinkRunner:
     return _SinkRunner("influx", sink.run, lambda _budget: sink.stop())
 
 
-def _history_runner(path: Path, outbox: AsyncOutbox) -> _SinkRunner:
+async def _history_runner(path: Path, outbox: AsyncOutbox) -> _SinkRunner:
+    """The history sink; its archive is opened now, off the event loop (SQLite DDL with fsync), so
+    an archive that cannot be opened stops the start."""
     from hotlab.controller.archive import HistoryArchive
     from hotlab.controller.sinks.history import run_history_sink
 
     stop = asyncio.Event()
-    first_archive = [HistoryArchive(path)]  # opened now: an archive that cannot be opened stops the start
+    first_archive = [await asyncio.to_thread(HistoryArchive, path)]
 
     async def run() -> None:
         # A run after a crash (_keep_running) opens the archive again: the last run closed it.

@@ -146,8 +146,9 @@ async def start_lab(
     model: Any,
     device: dict[str, Any],
     retained_before_start: bytes | None = None,
+    commands: dict[str, Any] | None = None,
 ) -> AsyncIterator[Lab]:
-    """The controller service with one device, running until the test is done."""
+    """The controller service with one device, running until the test is done; `commands` adds to [commands]."""
     for name, token in TOKENS.items():
         monkeypatch.setenv(f"HOTLAB_TEST_TOKEN_{name.upper()}", token)
     monkeypatch.delenv("HOTLAB_AUDIT_KEY", raising=False)
@@ -164,7 +165,7 @@ async def start_lab(
                 {"name": "alice", "role": "qc_officer", "token_env": "HOTLAB_TEST_TOKEN_ALICE"},
                 {"name": "bob", "role": "operator", "token_env": "HOTLAB_TEST_TOKEN_BOB"},
             ],
-            "commands": {"min_role": {"start_elution": "qc_officer"}},
+            "commands": {"min_role": {"start_elution": "qc_officer"}, **(commands or {})},
         },
         base_dir=tmp_path,
     )
@@ -200,6 +201,7 @@ async def station_lab(
     broker: MosquittoBroker,
     monkeypatch: pytest.MonkeyPatch,
     retained_before_start: bytes | None = None,
+    commands: dict[str, Any] | None = None,
     **device_extra: Any,
 ) -> AsyncIterator[Lab]:
     model = station_model()
@@ -214,7 +216,7 @@ async def station_lab(
         **device_extra,
     }
     try:
-        async for running in start_lab(tmp_path, broker, monkeypatch, model, device, retained_before_start):
+        async for running in start_lab(tmp_path, broker, monkeypatch, model, device, retained_before_start, commands):
             running.simulator = simulator
             yield running
     finally:
@@ -352,6 +354,30 @@ async def test_a_replayed_command_is_refused_as_expired_and_a_fresh_one_runs(lab
     assert replayed["outcome"] == "expired" and "older than 30 s" in replayed["error"]
     assert lab.model.state is StationState.IDLE
     assert (await lab.requester.send(topic, command("alice", {"volume_ml": 5.0})))["outcome"] == "executed"
+
+
+@pytest.fixture
+async def lab_with_max_age_5_s(
+    tmp_path: Path,
+    mosquitto: MosquittoBroker,
+    monkeypatch: pytest.MonkeyPatch,
+) -> AsyncIterator[Lab]:
+    async for running in station_lab(tmp_path, mosquitto, monkeypatch, commands={"max_age_s": 5}):
+        yield running
+
+
+async def test_the_configured_max_age_decides_which_commands_are_too_old(lab_with_max_age_5_s: Lab) -> None:
+    """`[commands] max_age_s = 5`: 10 s old is expired (the default 30 s would run it), 3 s old runs."""
+    lab, topic = lab_with_max_age_5_s, f"{TOPIC}/start_elution"
+    stale = command("alice", {"volume_ml": 5.0}, issued_at=datetime.now(UTC) - timedelta(seconds=10))
+    expired = await lab.requester.send(topic, stale)
+    assert expired["outcome"] == "expired" and "older than 5 s" in expired["error"], expired
+    assert lab.model.state is StationState.IDLE and lab.model.cmd_ack_seq == 0
+    recent = command("alice", {"volume_ml": 5.0}, issued_at=datetime.now(UTC) - timedelta(seconds=3))
+    assert (await lab.requester.send(topic, recent))["outcome"] == "executed"
+    assert lab.model.state is StationState.PRIMING
+    assert [r.new_value["outcome"] for r in lab.records()] == ["expired", "requested", "executed"]
+    assert lab.verify() == 0
 
 
 @pytest.fixture

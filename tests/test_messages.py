@@ -6,6 +6,7 @@ import pytest
 
 from hotlab.controller.messages import (
     MeasurementValues,
+    counter_reset_alarm_message,
     device_status_message,
     elution_message,
     elution_msg_id,
@@ -68,26 +69,79 @@ def test_iso_utc_is_rfc3339_z() -> None:
     assert iso_utc(0) == "1970-01-01T00:00:00.000000Z"
 
 
-def test_elution_msg_id_is_stable_per_elution_and_distinct_between_them() -> None:
-    same = {elution_msg_id("ga-station", "GEN-1", 7) for _ in range(3)}
-    assert len(same) == 1
-    others = {
-        elution_msg_id("ga-station", "GEN-1", 8),
-        elution_msg_id("ga-station", "GEN-2", 7),
-        elution_msg_id("tc-station", "GEN-1", 7),
-        elution_msg_id("ga-station/GEN-1", "", 7),  # separators inside names cannot collide
+def station_elution(**identity: object) -> ElutionRecord:
+    """Elution 7 of GEN-1 at ga-station, serial SN-1, counted since epoch T0; `identity` overrides fields."""
+    fields: dict[str, object] = {
+        "station": "ga-station",
+        "generator_id": "GEN-1",
+        "parent_nuclide": "Ge-68",
+        "daughter_nuclide": "Ga-68",
+        "counter": 7,
+        "activity_bq": 1.1e9,
+        "volume_ml": 5.0,
+        "start_ns": T0,
+        "end_ns": T0 + 90 * 10**9,
+        "station_serial": "SN-1",
+        "counter_epoch_ns": T0 - 86400 * 10**9,
     }
-    assert len(others) == 4 and not same & others
-    assert elution_msg_id("ga-station", "GEN-1", 7) == "27dbc1a3c8c857878665714cb9bc4bf6"  # fixed forever
+    return ElutionRecord(**(fields | identity))
+
+
+def test_elution_msg_id_is_stable_per_elution_and_distinct_between_them() -> None:
+    same = {elution_msg_id(station_elution()) for _ in range(3)}
+    assert len(same) == 1
+    # Its measured values and the reason for a counter restart are not part of the identity.
+    assert elution_msg_id(station_elution(activity_bq=1.0, counter_reset="counter went back")) in same
+    others = {
+        elution_msg_id(station_elution(counter=8)),
+        elution_msg_id(station_elution(generator_id="GEN-2")),
+        elution_msg_id(station_elution(station="tc-station")),
+        elution_msg_id(station_elution(station="ga-station/GEN-1", generator_id="")),  # separators cannot collide
+        # The same counter again after the count started over: another elution, another id.
+        elution_msg_id(station_elution(counter_epoch_ns=T0)),
+        elution_msg_id(station_elution(station_serial="SN-2")),
+        elution_msg_id(station_elution(end_ns=T0 + 91 * 10**9)),
+        elution_msg_id(station_elution(station_serial=None, counter_epoch_ns=None)),
+    }
+    assert len(others) == 8 and not same & others
+    assert elution_msg_id(station_elution()) == "961e69db129a5ce49492e65e19eea3f9"  # fixed forever
 
 
 def test_a_replayed_elution_keeps_its_msg_id() -> None:
-    record = ElutionRecord("ga-station", "GEN-1", "Ge-68", "Ga-68", 7, 1.1e9, 5.0, T0, T0 + 90 * 10**9)
-    msg_id = elution_msg_id(record.station, record.generator_id, record.counter)
+    record = station_elution()
+    msg_id = elution_msg_id(record)
     first, replay = (elution_message("lab-a", record, msg_id=msg_id) for _ in range(2))
     assert first.msg_id == replay.msg_id == msg_id
     assert first.payload == replay.payload
     assert elution_message("lab-a", record).msg_id != elution_message("lab-a", record).msg_id
+
+
+def test_an_elution_carries_the_stations_identity_and_why_its_count_started_again() -> None:
+    payload = elution_message("lab-a", station_elution(counter=1, counter_reset="counter went back; 7 -> 1")).payload
+    assert (payload["station_serial"], payload["counter_epoch_ns"]) == ("SN-1", T0 - 86400 * 10**9)
+    assert payload["counter_reset"] == "counter went back; 7 -> 1"
+    unknown = elution_message("lab-a", station_elution(station_serial=None, counter_epoch_ns=None)).payload
+    assert unknown["station_serial"] is unknown["counter_epoch_ns"] is unknown["counter_reset"] is None
+
+
+def test_the_counter_reset_alarm_is_the_same_message_for_a_replayed_elution() -> None:
+    reset = station_elution(counter=1, counter_reset="counter went back; 7 -> 1")
+    raised, replayed = (
+        counter_reset_alarm_message("lab-a", "gen-1", reset, elution_id=elution_msg_id(reset)) for _ in range(2)
+    )
+    assert raised == replayed and raised.kind == "controller_alarm"
+    assert raised.topic == "hotlab/lab-a/ga-station/gen-1/alarm"
+    payload = raised.payload
+    assert (payload["alarm"], payload["active"], payload["reason"]) == (
+        "elution_counter_reset",
+        True,
+        "counter went back; 7 -> 1",
+    )
+    assert payload["elution_id"] == elution_msg_id(reset) and payload["time_ns"] == reset.end_ns
+    follows = station_elution(counter=2, end_ns=T0 + 86400 * 10**9)
+    cleared = counter_reset_alarm_message("lab-a", "gen-1", follows, elution_id=elution_msg_id(follows))
+    assert cleared.payload["active"] is False and cleared.payload["reason"] is None
+    assert cleared.msg_id != raised.msg_id
 
 
 def test_breakthrough_comes_from_the_stations_parent_measurement() -> None:

@@ -12,7 +12,9 @@ import pytest
 
 from hotlab.controller.messages import (
     MeasurementValues,
+    Message,
     elution_message,
+    elution_msg_id,
     measurement_label_message,
     measurement_message,
     reading_message,
@@ -87,11 +89,20 @@ def measurement(activity_bq: float, when: str, nuclide: str | None = "Cs-137", d
     return measurement_message("lab1", "hotcell", values)
 
 
-def elution(counter: int, activity_bq: float, end_ns: int) -> object:
+def elution(counter: int, activity_bq: float, end_ns: int, counter_reset: str | None = None) -> Message:
     record = ElutionRecord(
-        "gastation", "GA-1", "Ge-68", "Ga-68", counter, activity_bq, 5.0, end_ns - 300 * 10**9, end_ns
+        "gastation",
+        "GA-1",
+        "Ge-68",
+        "Ga-68",
+        counter,
+        activity_bq,
+        5.0,
+        end_ns - 300 * 10**9,
+        end_ns,
+        counter_reset=counter_reset,
     )
-    return elution_message("lab1", record)
+    return elution_message("lab1", record, msg_id=elution_msg_id(record))
 
 
 def test_config_from_toml(engine: QcEngine) -> None:
@@ -291,6 +302,39 @@ def test_elution_stream_yield_residual_trend_and_breakthrough(engine: QcEngine) 
     assert ge[0].payload["test"] == "ge68_breakthrough"
     assert ge[0].payload["measured"] == pytest.approx(1.00753e-6 / 1.2, rel=1e-4)
     assert json.dumps([m.payload for m in out.messages + second.messages + ge], allow_nan=False)
+
+
+def test_an_elution_after_the_stations_counter_started_again_is_judged(engine: QcEngine) -> None:
+    start = ns("2026-03-01T00:00:00Z")
+    judge(engine, elution(1, 1.2e9, start))
+    judge(engine, elution(2, 1.1e9, start + DAY_NS))
+    # The station restarted without keeping its count: elution 1 of the new count, a day later.
+    restarted = elution(1, 1.0e9, start + 2 * DAY_NS, counter_reset="counter epoch changed; counter 2 -> 1")
+    out = judge(engine, restarted)
+    assert [r.payload["test"] for r in out.results][:1] == ["elution_yield"]
+    assert out.replacements[restarted.msg_id].payload["yield_pct"] is not None
+    assert out.results[0].payload["inputs"]["last_elution"] == "2026-03-02T00:00:00.000000Z"
+    # Its replay (a crash before the driver was told) is the same message: not judged twice.
+    assert judge(engine, restarted).messages == (restarted,)
+    # The engine took the new count over: the next elution 2 follows the new elution 1.
+    second = judge(engine, elution(2, 1.0e9, start + 3 * DAY_NS)).results
+    assert second and second[0].payload["inputs"]["last_elution"] == "2026-03-03T00:00:00.000000Z"
+    # A re-delivery without a counter restart is still recognised by its counter.
+    assert judge(engine, elution(2, 1.0e9, start + 3 * DAY_NS + 1)).results == ()
+    # A Ge-68 re-measurement of "elution 1" is of the new count's elution 1 (1.0 GBq), not an old one.
+    ge = judge(
+        engine,
+        reading(
+            10.0,
+            "2026-03-06T00:00:00Z",
+            nuclide="Ga-68",
+            qc="ge68_breakthrough",
+            generator="GA-1",
+            elution_counter=1,
+        ),
+    ).results
+    assert ge[0].payload["inputs"]["ga68_eoe_bq"] == pytest.approx(1.0e9)
+    assert ge[0].payload["inputs"]["end_of_elution"] == "2026-03-03T00:00:00.000000Z"
 
 
 def test_elution_of_unconfigured_generator_is_passed_through(engine: QcEngine) -> None:

@@ -13,11 +13,12 @@ from pathlib import Path
 import pytest
 
 from hotlab.controller.archive import HistoryArchive
-from hotlab.controller.messages import Message, elution_message, reading_message
+from hotlab.controller.messages import Message, elution_message, elution_msg_id, reading_message
 from hotlab.controller.outbox import Outbox
 from hotlab.controller.qc.engine import QcConfig, QcEngine, QcOutcome, parse_time_ns
 from hotlab.controller.qc.generator_rules import available_activity
 from hotlab.drivers.records import ElutionRecord, Reading
+from tests.schema_check import malformed_on_purpose
 
 HOUR_NS = 3_600_000_000_000
 DAY_NS = 24 * HOUR_NS
@@ -34,11 +35,20 @@ last_elution = 2026-02-28T00:00:00Z   # the stale seed a restart used to fall ba
 """)
 
 
-def elution(counter: int, activity_bq: float, end_ns: int) -> Message:
+def elution(counter: int, activity_bq: float, end_ns: int, counter_reset: str | None = None) -> Message:
     record = ElutionRecord(
-        "gastation", "GA-1", "Ge-68", "Ga-68", counter, activity_bq, 5.0, end_ns - 300 * 10**9, end_ns
+        "gastation",
+        "GA-1",
+        "Ge-68",
+        "Ga-68",
+        counter,
+        activity_bq,
+        5.0,
+        end_ns - 300 * 10**9,
+        end_ns,
+        counter_reset=counter_reset,
     )
-    return elution_message("lab1", record)
+    return elution_message("lab1", record, msg_id=elution_msg_id(record))
 
 
 def ge68_reading(counter: int, at_ns: int, activity_bq: float = 10.0) -> Message:
@@ -167,7 +177,9 @@ def test_a_batch_is_judged_in_order_like_separate_commits() -> None:
 
 def test_restore_skips_archived_elutions_it_cannot_read(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     first, second = eighty_percent_one_hour_later()
-    broken = Message("elution", first.topic, first.payload | {"msg_id": "broken", "counter": "three", "time_ns": 1})
+    broken = malformed_on_purpose(
+        Message("elution", first.topic, first.payload | {"msg_id": "broken", "counter": "three", "time_ns": 1})
+    )
     with HistoryArchive(tmp_path / "h.sqlite") as archive:
         commit(new_engine(), archive, first)
         archive.add_many([broken])
@@ -175,3 +187,31 @@ def test_restore_skips_archived_elutions_it_cannot_read(tmp_path: Path, caplog: 
         assert restarted.restore(archive) == 1
     assert "1 archived elution(s) of GA-1 lack counter/end_ns/activity_bq; skipped" in caplog.text
     assert restarted.process(second).results[0].payload["value_judged"] == pytest.approx(80.0, rel=1e-9)
+
+
+def test_after_a_restart_the_elution_of_a_new_count_is_judged(tmp_path: Path) -> None:
+    """The station's counter started again while the controller was down: its elution 1 is new, not a repeat."""
+    first, _ = eighty_percent_one_hour_later()
+    new_count = elution(1, 1.0e9, START_NS + DAY_NS, counter_reset="counter epoch changed; counter 1 -> 1")
+    with HistoryArchive(tmp_path / "h.sqlite") as archive:
+        commit(new_engine(), archive, first)
+        restarted = new_engine()
+        assert restarted.restore(archive) == 1
+        judged = commit(restarted, archive, new_count)
+        assert [r.payload["test"] for r in judged.results] == ["elution_yield"]
+        assert judged.results[0].payload["inputs"]["last_elution"] == "2026-03-01T00:00:00.000000Z"
+        assert [e["yield_pct"] is not None for e in archive.query("elution", site="lab1")] == [True, True]
+
+
+def test_restore_follows_time_not_counters_across_a_counter_restart(tmp_path: Path) -> None:
+    old_count = [elution(n, 1.1e9, START_NS + (n - 5) * DAY_NS) for n in (5, 6)]
+    new_count = elution(1, 1.0e9, START_NS + 2 * DAY_NS, counter_reset="counter went back; counter 6 -> 1")
+    with HistoryArchive(tmp_path / "h.sqlite") as archive:
+        before = new_engine()
+        for message in [*old_count, new_count]:
+            assert commit(before, archive, message).results
+        restarted = new_engine()
+        assert restarted.restore(archive) == 3
+        # The last elution is the new count's elution 1 (the latest), so elution 2 follows it.
+        after = commit(restarted, archive, elution(2, 1.0e9, START_NS + 3 * DAY_NS)).results
+    assert after and after[0].payload["inputs"]["last_elution"] == "2026-03-03T00:00:00.000000Z"

@@ -237,6 +237,6 @@ def test_bad_config_exits_2_with_precise_message(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert result.stderr.strip() == (
-        f"hotlab run: config error: {config}: device[0].family: 'capintec' is not allowed; "
+        f"hotlab run: error: {config}: device[0].family: 'capintec' is not allowed; "
         "allowed: vik202, crc15r, vdc404, atomlab500, elution_station"
     )

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
-import pytest
 
 from hotlab.controller.archive import HistoryArchive
 from hotlab.controller.config import LabConfig, parse_config
@@ -18,6 +17,7 @@ from hotlab.controller.messages import elution_msg_id, iso_utc
 from hotlab.controller.outbox import Outbox
 from hotlab.controller.qc.engine import QcConfig, QcEngine
 from hotlab.controller.service import ControllerService
+from hotlab.drivers.records import ElutionRecord
 from hotlab.drivers.station_registers import NS_PER_S, CommandCode
 from hotlab.simulators.elution_station import (
     ElutionStationSimulator,
@@ -82,6 +82,23 @@ def config(tmp_path: Path, port: int, *, history: bool = False) -> LabConfig:
     )
 
 
+def as_delivered(model: StationModel, elution: dict[str, Any]) -> ElutionRecord:
+    """The ElutionRecord the driver delivered for this stored elution of the simulated station (its identity)."""
+    return ElutionRecord(
+        "elution-1",
+        "GE68-TEST-7",
+        "Ge-68",
+        "Ga-68",
+        model.elution_counter,
+        elution["activity_bq"],
+        elution["volume_ml"],
+        elution["start_ns"],
+        elution["end_ns"],
+        station_serial="SIM-0001",
+        counter_epoch_ns=model.counter_epoch_ns,
+    )
+
+
 def stored(tmp_path: Path) -> list[dict[str, Any]]:
     outbox = Outbox(tmp_path / "outbox.sqlite3", ["mqtt"])
     try:
@@ -129,7 +146,12 @@ async def test_an_elution_is_stored_exactly_once_across_polls_and_restarts(tmp_p
     assert len(elutions) == 1, elutions
     elution = elutions[0]
     jsonschema.validate(elution, SCHEMA)
-    assert elution["msg_id"] == elution_msg_id("elution-1", "GE68-TEST-7", model.elution_counter)
+    assert elution["msg_id"] == elution_msg_id(as_delivered(model, elution))
+    assert (elution["station_serial"], elution["counter_epoch_ns"], elution["counter_reset"]) == (
+        "SIM-0001",
+        model.counter_epoch_ns,
+        None,
+    )
     assert elution["generator"] == "GE68-TEST-7" and elution["parent"] == "Ge-68" and elution["nuclide"] == "Ga-68"
     assert elution["volume_ml"] == 5.0 and elution["activity_bq"] > 0
     # The QC engine judged it in the same commit: the elution carries its yield, the verdict follows it.
@@ -138,11 +160,6 @@ async def test_an_elution_is_stored_exactly_once_across_polls_and_restarts(tmp_p
     assert elution["yield_pct"] is not None and 50.0 < elution["yield_pct"] < 100.0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="controller/messages.py elution_msg_id is built from (station, generator, counter) only, so the"
-    " elution after the station's restart gets the msg_id of the one before it and the archive drops it",
-)
 async def test_every_elution_is_archived_when_the_station_restarts_between_two_controller_runs(
     tmp_path: Path,
 ) -> None:
@@ -168,3 +185,15 @@ async def test_every_elution_is_archived_when_the_station_restarts_between_two_c
     with HistoryArchive(tmp_path / "history.sqlite3", read_only=True) as archive:
         archived = archive.query("elution", site="station-lab")
     assert sorted(e["end_ns"] for e in archived) == sorted(stored_ends)
+    # Both are QC-judged: the second is the first of a new count, not a re-delivery of the first.
+    assert all(e["yield_pct"] is not None for e in archived)
+    before, after = sorted(archived, key=lambda e: e["end_ns"])
+    assert after["msg_id"] == elution_msg_id(as_delivered(model, after))
+    assert before["counter"] == after["counter"] == 1 and before["msg_id"] != after["msg_id"]
+    assert before["counter_reset"] is None and after["counter_reset"] is not None
+    assert after["counter_epoch_ns"] == model.counter_epoch_ns != before["counter_epoch_ns"]
+    # ...and the station's retained alarm says what happened, committed with that elution.
+    alarms = [m for m in stored(tmp_path) if m.get("alarm") == "elution_counter_reset"]
+    # (The first elution after a start clears it: the controller cannot know it is not raised.)
+    assert [(a["active"], a["elution_id"]) for a in alarms] == [(False, before["msg_id"]), (True, after["msg_id"])]
+    assert alarms[-1]["reason"] == after["counter_reset"] and "counter epoch changed" in alarms[-1]["reason"]

@@ -14,11 +14,20 @@ import pytest
 
 from hotlab.backoff import Backoff
 from hotlab.controller.config import DeviceConfig, parse_config
-from hotlab.controller.messages import Message, qc_message
+from hotlab.controller.messages import Message
 from hotlab.controller.outbox import Outbox
+from hotlab.controller.qc.generator_rules import ge68_breakthrough
+from hotlab.controller.qc.limits import load_limits
 from hotlab.controller.service import ControllerService, ServiceError
 from hotlab.controller.supervisor import DeviceState, DeviceSupervisor, Item
 from hotlab.drivers.records import DeviceDisconnected, FrameError, Reading
+
+
+def qc_verdict(site: str, station: str, device: str) -> Message:
+    """A QC verdict as the QC engine commits it (so it matches its schema), where any verdict will do."""
+    now = time.time_ns()
+    result = ge68_breakthrough(1.1e9, now - 72 * 3600 * 10**9, 10.0, now, load_limits()["ge68_breakthrough"])
+    return result.to_message(site, station, device)
 
 
 def reading(device: str, n: int) -> Reading:
@@ -262,21 +271,7 @@ async def test_local_only_mode_commits_readings_with_processor_results_together(
 
     async def async_qc(message: Message) -> list[Message]:
         p = message.payload
-        return [
-            qc_message(
-                p["site"],
-                p["station"],
-                p["device"],
-                test="constancy",
-                verdict="pass",
-                measured=1.0,
-                expected=1.0,
-                deviation_pct=0.0,
-                limit="±5 %",
-                limit_source="test",
-                inputs={},
-            )
-        ]
+        return [qc_verdict(p["site"], p["station"], p["device"])]
 
     def failing_qc(message: Message) -> list[Message]:
         raise KeyError("calibration certificate")
@@ -302,21 +297,7 @@ async def test_local_only_mode_commits_readings_with_processor_results_together(
 
 async def test_deliveries_for_a_removed_sink_are_reported(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     earlier = Outbox(tmp_path / "outbox.sqlite3", ["mqtt", "influx"])
-    earlier.put(
-        qc_message(
-            "local",
-            "s1",
-            "cal-1",
-            test="constancy",
-            verdict="pass",
-            measured=1.0,
-            expected=1.0,
-            deviation_pct=0.0,
-            limit="±5 %",
-            limit_source="test",
-            inputs={},
-        )
-    )
+    earlier.put(qc_verdict("local", "s1", "cal-1"))
     earlier.close()
     service = ControllerService(local_config(tmp_path), source_factory=lambda d: ScriptedSource(d.name, []))
     stop = asyncio.Event()

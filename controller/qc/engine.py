@@ -47,7 +47,7 @@ import math
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from hotlab.controller.config_table import ConfigTable
 from hotlab.controller.messages import Message
@@ -242,15 +242,27 @@ def _restorable(payload: Mapping[str, Any], keys: tuple[str, ...]) -> bool:
     return all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
 
 
+class _Eluate(NamedTuple):
+    """One remembered elution's eluate, for a later Ge-68 re-measurement of it."""
+
+    counter: int
+    end_ns: int
+    eluted_bq: float
+
+
 @dataclass(slots=True)
 class _GeneratorState:
-    """What the engine remembers of one generator between elutions."""
+    """What the engine remembers of one generator between elutions.
+
+    Eluates are keyed by the elution's msg_id, not its counter: a station's count can start
+    again (drivers/records.py), so two remembered elutions may share a counter.
+    """
 
     last_elution_ns: int | None
     last_counter: int | None = None
     residual_bq: float = 0.0
     history: deque[YieldPoint] = field(default_factory=lambda: deque(maxlen=HISTORY_LENGTH))
-    eluate_by_counter: dict[int, tuple[int, float]] = field(default_factory=dict)
+    eluates: dict[str, _Eluate] = field(default_factory=dict)
 
     def copy(self) -> _GeneratorState:
         return _GeneratorState(
@@ -258,20 +270,30 @@ class _GeneratorState:
             self.last_counter,
             self.residual_bq,
             deque(self.history, maxlen=HISTORY_LENGTH),
-            dict(self.eluate_by_counter),
+            dict(self.eluates),
         )
 
     def advance(
-        self, counter: int, end_ns: int, eluted_bq: float, available_bq: float | None, yield_pct: float | None
+        self,
+        msg_id: str,
+        counter: int,
+        end_ns: int,
+        eluted_bq: float,
+        available_bq: float | None,
+        yield_pct: float | None,
     ) -> None:
         """Record one elution: the residual is what it left on the column (available - eluted)."""
         self.last_counter, self.last_elution_ns = counter, end_ns
         self.residual_bq = 0.0 if available_bq is None else max(available_bq - eluted_bq, 0.0)
         if yield_pct is not None:
             self.history.append(YieldPoint(end_ns, counter, yield_pct))
-        self.eluate_by_counter[counter] = (end_ns, eluted_bq)
-        while len(self.eluate_by_counter) > HISTORY_LENGTH:
-            del self.eluate_by_counter[min(self.eluate_by_counter)]
+        self.eluates[msg_id] = _Eluate(counter, end_ns, eluted_bq)
+        while len(self.eluates) > HISTORY_LENGTH:  # elutions are advanced in time order: drop the oldest
+            del self.eluates[next(iter(self.eluates))]
+
+    def eluate(self, counter: int) -> _Eluate | None:
+        """The newest remembered elution with `counter` (after a counter restart, the one of the new count)."""
+        return max((e for e in self.eluates.values() if e.counter == counter), key=lambda e: e.end_ns, default=None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -335,12 +357,13 @@ class QcEngine:
         """Take over the generator state of a committed outcome. Call once, after the commit succeeded.
 
         A state older than the engine's (an outcome applied twice, or out of order) is ignored.
+        Age is the last elution's end time, not its counter, since a count can start again.
         """
         self.rejected += outcome.rejected
         for generator_id, state in outcome._generator_states.items():
             current = self._generators[generator_id]
-            if current.last_counter is None or (
-                state.last_counter is not None and state.last_counter > current.last_counter
+            if current.last_elution_ns is None or (
+                state.last_elution_ns is not None and state.last_elution_ns > current.last_elution_ns
             ):
                 self._generators[generator_id] = state.copy()
 
@@ -384,12 +407,15 @@ class QcEngine:
                 )
             verdict_by_end_ns = {int(v["time_ns"]): v for v in verdicts}
             state = _GeneratorState(None)
-            kept = sorted(usable, key=lambda e: int(e["counter"]))[-HISTORY_LENGTH:]
+            # In time order: a counter that started again (drivers/records.py) repeats earlier counters.
+            kept = sorted(usable, key=lambda e: int(e["end_ns"]))[-HISTORY_LENGTH:]
             for elution in kept:
+                msg_id = str(elution["msg_id"])
                 counter, end_ns, eluted = int(elution["counter"]), int(elution["end_ns"]), float(elution["activity_bq"])
                 verdict = verdict_by_end_ns.get(end_ns)
                 if verdict is not None:
-                    state.advance(counter, end_ns, eluted, float(verdict["expected"]), float(verdict["value_judged"]))
+                    expected, judged = float(verdict["expected"]), float(verdict["value_judged"])
+                    state.advance(msg_id, counter, end_ns, eluted, expected, judged)
                     continue
                 try:
                     available: float | None = available_activity(spec, end_ns, state.last_elution_ns, state.residual_bq)
@@ -401,7 +427,7 @@ class QcEngine:
                         exc,
                     )
                     available = None
-                state.advance(counter, end_ns, eluted, available, None)
+                state.advance(msg_id, counter, end_ns, eluted, available, None)
             restored += len(kept)
             seed = self.config.last_elution_ns.get(generator_id)
             if seed is not None and (state.last_elution_ns is None or seed > state.last_elution_ns):
@@ -528,12 +554,12 @@ class QcEngine:
         generator_id = str(_field(extra, "generator", "ge68_breakthrough"))
         counter = int(_field(extra, "elution_counter", "ge68_breakthrough"))
         state = staged.get(generator_id) or self._committed_state(generator_id)
-        if counter not in state.eluate_by_counter:
+        eluate = state.eluate(counter)
+        if eluate is None:
             raise QcInputError(f"elution {counter} of {generator_id} is not among the last {HISTORY_LENGTH} seen")
-        eoe_ns, eluted_bq = state.eluate_by_counter[counter]
         return generator_rules.ge68_breakthrough(
-            eluted_bq,
-            eoe_ns,
+            eluate.eluted_bq,
+            eluate.end_ns,
             activity,
             time_ns,
             self.config.limits["ge68_breakthrough"],
@@ -557,7 +583,11 @@ class QcEngine:
             return None, []
         state = staged.get(generator_id) or self._generators[generator_id]
         counter, end_ns = int(payload["counter"]), int(payload["end_ns"])
-        if state.last_counter is not None and counter <= state.last_counter:
+        # A re-delivery is the same msg_id; a counter at or below the last one is a re-delivery too,
+        # unless the station says its count started again (`counter_reset`, drivers/records.py).
+        if message.msg_id in state.eluates or (
+            payload.get("counter_reset") is None and state.last_counter is not None and counter <= state.last_counter
+        ):
             log.info("elution %s/%d already judged; not judging a re-delivery twice", generator_id, counter)
             return None, []
         yield_limit = self.config.limits[YIELD_LIMIT_BY_DAUGHTER[spec.daughter.name]]
@@ -570,7 +600,7 @@ class QcEngine:
             residual_bq=state.residual_bq,
         )
         state = state.copy()
-        state.advance(counter, end_ns, result.measured, result.expected, result.value_judged)
+        state.advance(message.msg_id, counter, end_ns, result.measured, result.expected, result.value_judged)
         staged[generator_id] = state
         station = str(payload["station"])
         replacement = Message(message.kind, message.topic, dict(payload) | {"yield_pct": result.value_judged})
