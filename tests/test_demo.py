@@ -28,6 +28,7 @@ from hotlab.controller.lab.simulated_lab import station_mo99_breakthrough
 from hotlab.controller.messages import (
     MeasurementValues,
     Message,
+    counter_reset_alarm_message,
     device_status_message,
     elution_message,
     elution_msg_id,
@@ -202,9 +203,7 @@ def _fixed_view() -> LabView:
     record = ElutionRecord(
         "radiochemistry", "GE68-DEMO-001", "Ge-68", "Ga-68", 7, 4.376e8, 5.0, T0, T0 + 28 * 10**9, parent_bq=4.4e2
     )
-    elution = elution_message(
-        SITE, record, yield_pct=78.8, msg_id=elution_msg_id(record.station, record.generator_id, record.counter)
-    )
+    elution = elution_message(SITE, record, yield_pct=78.8, msg_id=elution_msg_id(record))
     view.apply(elution.topic, _payload_bytes(elution))
     for device, test, verdict, value in (
         ("qc-calibrator", "constancy", "pass", 0.26),
@@ -351,7 +350,7 @@ def _tc99m_elution(breakthrough_bq: float) -> Message:
     record = ElutionRecord(
         "hotcell-1", "MO99-DEMO-001", "Mo-99", "Tc-99m", 3, 9.5e9, 10.0, T0, T0 + 25 * 10**9, parent_bq=breakthrough_bq
     )
-    return elution_message(SITE, record, msg_id=elution_msg_id(record.station, record.generator_id, record.counter))
+    return elution_message(SITE, record, msg_id=elution_msg_id(record))
 
 
 def test_the_station_mo99_measurement_becomes_a_judged_mo99_reading() -> None:
@@ -451,3 +450,15 @@ def test_influx_token_options_reach_the_config_as_env_or_file(tmp_path: Path, mo
         assert config.influx is not None and config.influx.auth_token() == expected
     with pytest.raises(SystemExit):
         build_parser().parse_args([*url, "--influx-token-env", "X", "--influx-token-file", str(token_file)])
+
+
+def test_an_elution_counter_reset_alarm_is_shown_as_an_alarm() -> None:
+    """The view took every alarm that was not about suspect readings for an outbox alarm (KeyError 'fraction')."""
+    view = _fixed_view()
+    record = ElutionRecord(
+        "elution-1", "GE68-DEMO-001", "Ge-68", "Ga-68", 1, 5e8, 5.0, T0 - 10**9, T0,
+        station_serial="SIM-0001", counter_epoch_ns=T0 - 10**12, counter_reset="counter 7 -> 1",
+    )  # fmt: skip
+    alarm = counter_reset_alarm_message(SITE, "ga68-generator", record, elution_id=elution_msg_id(record))
+    view.apply(alarm.topic, _payload_bytes(alarm))
+    assert view.alarms[-1].text == "GE68-DEMO-001: elution counter started again (counter 7 -> 1)"

@@ -172,6 +172,8 @@ class LabView:
                 f"{payload['device']}: {payload['suspect_recent']} of the last {payload['window']} readings "
                 f"suspect ({payload.get('reason') or 'no reason'})"
             )
+        elif payload["alarm"] == "elution_counter_reset":
+            text = f"{payload['generator']}: elution counter started again ({payload['reason']})"
         else:
             text = f"outbox {float(payload['fraction']) * 100:.0f} % full: sinks are not keeping up"
         self.alarms.append(Alarm(int(payload["time_ns"]), "fail", text))
