@@ -41,10 +41,11 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import aiomqtt
 
-from hotlab.controller.config import LabConfig, ModbusTcpTransport, parse_config
+from hotlab.controller.config import LabConfig, SerialTransport, parse_config
 from hotlab.controller.lab.embedded_broker import write_file
 from hotlab.controller.lab.private_broker import PrivateBroker
 from hotlab.controller.messages import MSG_ID_NAMESPACE, Message, iso_utc, reading_message
+from hotlab.drivers.modbus_links import describe_link
 from hotlab.drivers.records import Reading
 
 if TYPE_CHECKING:
@@ -465,11 +466,7 @@ def announce(config: LabConfig, lab: SimLab, *, private_broker: bool) -> None:
     lines = ["", f"hotlab simulated lab ({config.site})", "  devices:"]
     for device in config.devices:
         transport = device.transport
-        where = (
-            f"modbus tcp {transport.host}:{transport.port}"
-            if isinstance(transport, ModbusTcpTransport)
-            else transport.url
-        )
+        where = transport.url if isinstance(transport, SerialTransport) else describe_link(transport)
         lines.append(f"    {device.name:<20} {device.family:<16} {where}")
     lines.append(
         f"  chambers:    empty {lab.chamber_empty_s:g} s, then a dose (or the check source) for "
