@@ -37,6 +37,7 @@ from hotlab.simulators.elution_station import (
 from hotlab.simulators.generator_physics import GeneratorColumn, get_profile
 from hotlab.simulators.serial_host import PtyHost
 from hotlab.simulators.source import make_chamber
+from tests.fault_tally import tally
 from tests.mosquitto_service import MosquittoBroker, mosquitto  # noqa: F401 - fixture
 
 SITE = "cmdlab"
@@ -343,6 +344,7 @@ async def test_a_command_retained_while_the_controller_listens_is_refused(lab: L
         cleared = await lab.requester.send(topic, b"", retain=True)
     assert reply["outcome"] == "malformed" and "retained commands are refused" in reply["error"]
     assert cleared["outcome"] == "malformed"
+    tally("commands replayed or left retained", retained_sent=1, retained_refused=1)
     assert lab.model.state is StationState.IDLE
     assert (await lab.requester.send(topic, command("alice", {"volume_ml": 5.0})))["outcome"] == "executed"
 
@@ -352,6 +354,7 @@ async def test_a_replayed_command_is_refused_as_expired_and_a_fresh_one_runs(lab
     captured = command("alice", {"volume_ml": 5.0}, issued_at=datetime.now(UTC) - timedelta(seconds=45))
     replayed = await lab.requester.send(topic, captured)
     assert replayed["outcome"] == "expired" and "older than 30 s" in replayed["error"]
+    tally("commands replayed or left retained", replayed_sent=1, replayed_refused=1)
     assert lab.model.state is StationState.IDLE
     assert (await lab.requester.send(topic, command("alice", {"volume_ml": 5.0})))["outcome"] == "executed"
 

@@ -26,6 +26,7 @@ from hotlab.simulators.elution_station import (
     StationModel,
 )
 from hotlab.simulators.generator_physics import GeneratorColumn, get_profile
+from tests.fault_tally import tally
 
 SCHEMA = json.loads((Path(__file__).resolve().parent.parent / "controller" / "schemas" / "elution.json").read_text())
 
@@ -197,3 +198,9 @@ async def test_every_elution_is_archived_when_the_station_restarts_between_two_c
     # (The first elution after a start clears it: the controller cannot know it is not raised.)
     assert [(a["active"], a["elution_id"]) for a in alarms] == [(False, before["msg_id"]), (True, after["msg_id"])]
     assert alarms[-1]["reason"] == after["counter_reset"] and "counter epoch changed" in alarms[-1]["reason"]
+    tally(
+        "elutions across a station restart and a controller restart",
+        executed=executed,
+        archived=len(archived),
+        counter_resets_alarmed=sum(a["active"] for a in alarms),
+    )
