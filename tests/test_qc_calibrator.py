@@ -1,5 +1,7 @@
 """Dose-calibrator rules against hand computations from evaluated half-lives.
 
+Linearity (decay and sleeve methods) has its own file, tests/test_qc_linearity.py.
+
 Half-lives used in the hand computations (the library's evaluated values):
 Cs-137 30.08 y (ENSDF), Co-57 271.81 d (DDEP), Tc-99m 6.0067 h (DDEP), F-18 109.77 min (ENSDF);
 1 y = 365.24219 d (tropical year, as DDEP/NNDC convert).
@@ -19,15 +21,11 @@ from hotlab.controller.qc.calibrator_rules import (
     background,
     constancy,
     geometry,
-    linearity_decay,
-    linearity_sleeve,
-    sleeve_factors,
 )
 from hotlab.controller.qc.limits import DEFAULT_LIMITS as LIMITS
 from hotlab.controller.qc.result import QcInputError
 from hotlab.physics.nuclides import get_nuclide
 
-HOUR_NS = 3_600_000_000_000
 TC99M_HALF_LIFE_NS = 21_624_120_000_000  # 6.0067 h
 
 
@@ -83,86 +81,6 @@ def test_accuracy_co57_mean_of_readings() -> None:
     assert result.deviation_pct == pytest.approx(6.961, abs=1e-3)
     assert result.verdict == "warn"
     assert result.inputs["reading_stdev_pct"] == pytest.approx(1 / 126 * 100)
-
-
-def _tc_series(values_mbq: list[float], spacing_ns: int = TC99M_HALF_LIFE_NS) -> list[TimedReading]:
-    start = ns("2026-02-02T07:00:00Z")
-    return [TimedReading(start + i * spacing_ns, v * 1e6) for i, v in enumerate(values_mbq)]
-
-
-def test_linearity_decay_perfect_series_fits_the_library_half_life() -> None:
-    # One point per half-life: 1000, 500, 250, 125 MBq lie exactly on the decay line.
-    point, half_life = linearity_decay(
-        get_nuclide("Tc-99m"), _tc_series([1000, 500, 250, 125]), LIMITS["linearity"], LIMITS["linearity_half_life"]
-    )
-    assert point.verdict == "pass" and abs(point.deviation_pct) < 1e-9
-    assert half_life.measured == pytest.approx(6.0067 * 3600, rel=1e-9)
-    assert half_life.verdict == "pass"
-
-
-def test_linearity_decay_middle_point_off() -> None:
-    # Three equally spaced points: the least-squares line has the endpoints' slope, and its value
-    # at the middle is the geometric mean (1000 * 560 * 250)^(1/3) = 519.249 MBq,
-    # so the middle reading 560 deviates 560 / 519.249 - 1 = +7.848 % -> warn.
-    point, half_life = linearity_decay(
-        get_nuclide("Tc-99m"), _tc_series([1000, 560, 250]), LIMITS["linearity"], LIMITS["linearity_half_life"]
-    )
-    assert point.expected == pytest.approx(519.2494e6, rel=1e-6)
-    assert point.deviation_pct == pytest.approx(7.848, abs=1e-3)
-    assert point.verdict == "warn"
-    assert half_life.deviation_pct == pytest.approx(0.0, abs=1e-9)
-
-
-def test_linearity_half_life_off_when_the_series_decays_too_slowly() -> None:
-    # F-18 readings that halve every 112.0 min instead of 109.77: (112.0 / 109.77 - 1) = +2.0315 % -> warn.
-    start = ns("2026-02-02T07:00:00Z")
-    minute = 60_000_000_000
-    series = [TimedReading(start + k * 112 * minute, 2e9 / 2**k) for k in range(5)]
-    _, half_life = linearity_decay(get_nuclide("F-18"), series, LIMITS["linearity"], LIMITS["linearity_half_life"])
-    assert half_life.deviation_pct == pytest.approx(2.0315, abs=1e-3)
-    assert half_life.verdict == "warn"
-
-
-def test_linearity_decay_rejects_short_or_rising_series() -> None:
-    tc = get_nuclide("Tc-99m")
-    with pytest.raises(QcInputError, match="at least 3"):
-        linearity_decay(tc, _tc_series([1000, 500]), LIMITS["linearity"], LIMITS["linearity_half_life"])
-    with pytest.raises(QcInputError, match="do not decay"):
-        linearity_decay(tc, _tc_series([100, 200, 400]), LIMITS["linearity"], LIMITS["linearity_half_life"])
-
-
-def test_sleeve_method() -> None:
-    tc = get_nuclide("Tc-99m")
-    t0 = ns("2026-03-02T08:00:00Z")
-    # Calibration (linear range): unshielded 100 MBq; sleeve A reads 50 MBq at once -> factor 2;
-    # sleeve B reads 10 MBq one half-life later, when the source is 50 MBq -> factor 5.
-    factors = sleeve_factors(
-        tc, TimedReading(t0, 100e6), [TimedReading(t0, 50e6, "A"), TimedReading(t0 + TC99M_HALF_LIFE_NS, 10e6, "B")]
-    )
-    assert factors == pytest.approx({"A": 2.0, "B": 5.0}, rel=1e-12)
-    # Test run at 20 GBq: A reads 10 GBq -> 20 GBq; B reads 1.88 GBq one half-life later
-    # -> 9.4 GBq, decay-corrected back 2x = 18.8 GBq. Median of (20, 20, 18.8) = 20: B is -6 % -> warn.
-    t1 = t0 + 24 * HOUR_NS
-    result = linearity_sleeve(
-        tc,
-        factors,
-        TimedReading(t1, 20e9),
-        [TimedReading(t1, 10e9, "A"), TimedReading(t1 + TC99M_HALF_LIFE_NS, 1.88e9, "B")],
-        LIMITS["linearity_sleeve"],
-    )
-    assert result.deviation_pct == pytest.approx(-6.0, abs=1e-9)
-    assert result.verdict == "warn"
-    # Exactly -5 % is at the limit and passes.
-    at_limit = linearity_sleeve(
-        tc,
-        factors,
-        TimedReading(t1, 20e9),
-        [TimedReading(t1, 10e9, "A"), TimedReading(t1 + TC99M_HALF_LIFE_NS, 1.9e9, "B")],
-        LIMITS["linearity_sleeve"],
-    )
-    assert at_limit.deviation_pct == pytest.approx(-5.0, abs=1e-9) and at_limit.verdict == "pass"
-    with pytest.raises(QcInputError, match="no calibration factor for sleeve 'C'"):
-        linearity_sleeve(tc, factors, TimedReading(t1, 20e9), [TimedReading(t1, 1e9, "C")], LIMITS["linearity_sleeve"])
 
 
 def test_geometry_syringe_vs_reference_vial() -> None:

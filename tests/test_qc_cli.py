@@ -85,22 +85,43 @@ def test_a_config_without_qc_limits_judges_by_the_defaults(tmp_path: Path, capsy
     assert f"{tmp_path / 'missing.toml'}: cannot read config file" in capsys.readouterr().err
 
 
-def test_linearity_elution_mo99_dosage(capsys: pytest.CaptureFixture[str]) -> None:
-    linearity = run_json(
-        capsys,
-        "qc",
-        "linearity",
-        "--nuclide",
-        "Tc-99m",
-        "--reading",
-        "2026-03-02T00:00:00Z=1000MBq",
-        "--reading",
-        "2026-03-02T06:00:24.120Z=560MBq",
-        "--reading",
-        "2026-03-02T12:00:48.240Z=250MBq",
-    )
-    assert [p["test"] for p in linearity] == ["linearity", "linearity_half_life"]
-    assert linearity[0]["deviation_pct"] == pytest.approx(7.848, abs=1e-3)
+LINEARITY = [
+    "qc",
+    "linearity",
+    "--nuclide",
+    "Tc-99m",
+    # One reading per half-life (6.0067 h = 6 h 0 min 24.12 s); the middle one 12 % high.
+    "--reading",
+    "2026-03-02T00:00:00Z=1000MBq",
+    "--reading",
+    "2026-03-02T06:00:24.120Z=560MBq",
+    "--reading",
+    "2026-03-02T12:00:48.240Z=250MBq",
+]
+
+
+def test_linearity_is_judged_against_the_known_half_life(capsys: pytest.CaptureFixture[str]) -> None:
+    # Normalised at the last reading, 250 MBq: 500 MBq expected one half-life earlier, 1000 MBq two.
+    [payload] = run_json(capsys, *LINEARITY, "--normalise-points", "1")
+    assert payload["test"] == "linearity" and payload["verdict"] == "fail"
+    assert [p["expected_bq"] for p in payload["inputs"]["points"]] == pytest.approx([1000e6, 500e6, 250e6], rel=1e-9)
+    assert [p["deviation_pct"] for p in payload["inputs"]["points"]] == pytest.approx([0.0, 12.0, 0.0], abs=1e-9)
+    assert payload["inputs"]["worst_point"] == 2 and payload["deviation_pct"] == pytest.approx(12.0, abs=1e-9)
+    assert payload["inputs"]["normalisation"]["points"] == [3]
+    assert payload["inputs"]["half_life_fit"]["judged"] is False
+    assert main([*LINEARITY, "--normalise-points", "1"]) == 0
+    out = capsys.readouterr().out
+    for text in ("FAIL", "+12.00 %", "norm.", "worst", "fitted half-life (diagnostic, not judged)"):
+        assert text in out, text
+
+
+def test_linearity_refuses_a_normalisation_that_leaves_nothing_to_judge(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(LINEARITY) == 2  # the default normalisation, 3 readings, is the whole series
+    err = capsys.readouterr().err
+    assert err.startswith("hotlab qc linearity: error: the normalisation needs between 1 and 2 readings")
+
+
+def test_elution_mo99_dosage(capsys: pytest.CaptureFixture[str]) -> None:
     [elution] = run_json(
         capsys,
         "qc",

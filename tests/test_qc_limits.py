@@ -171,3 +171,16 @@ def test_default_sources_cite_only_what_was_checked() -> None:
     assert "ANSI N42.13-2004 s.2.2 (accuracy +-10 %, reproducibility +-5 %)" in DEFAULT_LIMITS["accuracy"].source
     assert DEFAULT_LIMITS["elution_yield_ga68"].source.startswith("GalliaPharm SmPC section 2")
     assert DEFAULT_LIMITS["background"].source.startswith("hotlab engineering default")
+
+
+def test_linearity_is_judged_per_point_at_5_percent_and_says_what_was_not_checked() -> None:
+    for test in ("linearity", "linearity_sleeve"):
+        limit = DEFAULT_LIMITS[test]
+        assert (limit.kind, limit.warn, limit.fail) == (LimitKind.TOLERANCE, None, 5.0)
+        assert [limit.judge(d) for d in (5.0, -5.0, 5.0001, -8.0)] == ["pass", "pass", "fail", "fail"]
+        assert "AAPM Report 181 (TG-181, 2012)" in limit.source and "ANSI N42.13-2004" in limit.source
+        assert "not checked against either text" in limit.source
+    # The fitted half-life is a diagnostic inside the linearity result now, with no limit of its own.
+    with pytest.raises(QcConfigError, match="qc.limits.linearity_half_life: unknown test"):
+        load_limits({"linearity_half_life": {"warn": 2.0}})
+    assert load_limits({"linearity": {"warn": 3.0}})["linearity"].judge(4.0) == "warn"

@@ -64,9 +64,11 @@ def _accuracy(args: argparse.Namespace, limits: dict[str, Limit]) -> list[QcResu
 
 def _linearity(args: argparse.Namespace, limits: dict[str, Limit]) -> list[QcResult]:
     series = [_reading(text) for text in args.reading]
-    return calibrator_rules.linearity_decay(
-        get_nuclide(args.nuclide), series, limits["linearity"], limits["linearity_half_life"]
-    )
+    return [
+        calibrator_rules.linearity_decay(
+            get_nuclide(args.nuclide), series, limits["linearity"], normalisation_points=args.normalise_points
+        )
+    ]
 
 
 def _elution(args: argparse.Namespace, limits: dict[str, Limit]) -> list[QcResult]:
@@ -167,6 +169,59 @@ def _print_table(results: Sequence[QcResult], console: Console) -> None:
     for result in results:
         console.print(f"[bold]{result.test}[/]: {result.detail}")
         console.print(f"  limit source: {result.limit.source}", highlight=False)
+        if result.test == "linearity":
+            _print_decay_points(result, console)
+
+
+def _print_decay_points(result: QcResult, console: Console) -> None:
+    """Every point of a decay series, its normalisation and the fitted half-life.
+
+    The verdict names only the worst point; the officer needs to see where along the series the
+    deviations grow (top: saturation or over-response; all points one way: the low end is off).
+    """
+    inputs = result.inputs
+    table = Table(title=f"linearity points (limit {result.limit.text})")
+    for column in ("#", "time (UTC)", "reading", "expected", "deviation", "verdict", "note"):
+        table.add_column(column)
+    for point in inputs["points"]:
+        verdict = result.limit.judge(point["deviation_pct"])
+        notes = [
+            note
+            for note, present in (("norm.", point["normalisation"]), ("worst", point["index"] == inputs["worst_point"]))
+            if present
+        ]
+        table.add_row(
+            str(point["index"]),
+            point["time"][:16],
+            format_activity(point["activity_bq"]),
+            format_activity(point["expected_bq"]),
+            f"{point['deviation_pct']:+.2f} %",
+            f"[{_VERDICT_STYLE[verdict]}]{verdict}[/]",
+            " ".join(notes),
+        )
+    console.print(table)
+    norm = inputs["normalisation"]
+    spread = "" if norm["standard_error_pct"] is None else f", standard error {norm['standard_error_pct']:.2f} %"
+    console.print(
+        f"  normalisation: point(s) {', '.join(str(i) for i in norm['points'])} decay-corrected to {norm['time']}"
+        f" and averaged: {format_activity(norm['activity_bq'])}{spread}",
+        highlight=False,
+    )
+    linear = inputs["linear_range_bq"]
+    console.print(
+        "  within the limit from the lowest reading up to: "
+        + ("none (the lowest reading fails)" if linear is None else format_activity(linear[1])),
+        highlight=False,
+    )
+    fit = inputs["half_life_fit"]
+    sigmas = "" if fit["difference_in_sigma"] is None else f" = {fit['difference_in_sigma']:+.1f} combined sigma"
+    console.print(
+        f"  fitted half-life (diagnostic, not judged): {fit['half_life_s'] / 3600:.4f} h "
+        f"± {fit['fit_sigma_s'] / 3600:.4f} h (fit, k=1) vs library {inputs['half_life_s'] / 3600:.4f} h "
+        f"({fit['difference_pct']:+.3f} %{sigmas}); over {fit['span_half_lives']:.1f} half-lives that is "
+        f"{fit['end_to_end_deviation_pct']:+.2f} % first reading vs last",
+        highlight=False,
+    )
 
 
 def _run(rule: Rule) -> Callable[[argparse.Namespace], int]:
@@ -214,14 +269,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         sub.add_argument("--measured", required=True, nargs="+", help="reading(s), e.g. 5.8MBq (several are averaged)")
         sub.add_argument("--source-id", default="manual", help="source identifier for the record")
 
-    sub = add("linearity", _linearity, "linearity by the decay method (log-linear fit)")
+    sub = add(
+        "linearity",
+        _linearity,
+        "linearity by the decay method: each reading vs the known half-life, normalised at the low-activity end",
+    )
     sub.add_argument("--nuclide", required=True, help="decaying source, e.g. Tc-99m or F-18")
     sub.add_argument(
         "--reading",
         required=True,
         action="append",
         metavar="TIME=ACTIVITY",
-        help="one point of the series (at least 3), e.g. 2026-03-02T08:00:00Z=30GBq",
+        help="one point of the series (at least 3), from the highest activity used clinically down to the "
+        "lowest, e.g. 2026-03-02T08:00:00Z=30GBq",
+    )
+    sub.add_argument(
+        "--normalise-points",
+        type=int,
+        default=calibrator_rules.DECAY_NORMALISATION_POINTS,
+        metavar="N",
+        help="how many of the last (lowest-activity) readings set the expectation "
+        f"(default {calibrator_rules.DECAY_NORMALISATION_POINTS})",
     )
 
     sub = add("elution", _elution, "generator elution yield against the Bateman-available daughter")
