@@ -215,7 +215,8 @@ def build_figures(data: ReportData) -> list[ReportFigure]:
                 ReportFigure(
                     "linearity",
                     f"Decay-method linearity of {result.get('device')}: readings, "
-                    "log-linear fit and each reading's deviation from it",
+                    "the activity expected from the library half-life, normalised at the low-activity end, and each "
+                    "reading's deviation from it",
                     figure,
                 )
             )

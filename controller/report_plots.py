@@ -171,37 +171,35 @@ def trend_figure(
 
 
 def linearity_figure(title: str, inputs: Mapping[str, Any], limit: Mapping[str, Any] | None) -> Figure | None:
-    """Decay-method linearity: activity on a log axis with the fitted exponential, and each point's deviation.
+    """Decay-method linearity: activity on a log axis with the decay-law expectation, and each point's deviation.
 
-    Needs `inputs["points"]` with time_ns, activity_bq and fitted_bq (controller/qc/calibrator_rules.py);
-    returns None when a result does not carry them, and the report then shows the table only.
+    The expectation is the library half-life carried from the normalisation at the low-activity end
+    (controller/qc/calibrator_rules.py `linearity_decay`), so the plot shows what was judged, not a
+    fit. Needs `inputs["points"]` with time_ns, activity_bq and expected_bq; returns None when a
+    result does not carry them, and the report then shows the table only.
     """
     points = inputs.get("points")
-    if not isinstance(points, list) or len(points) < 2:
+    half_life_s = inputs.get("half_life_s")
+    if not isinstance(points, list) or len(points) < 2 or not isinstance(half_life_s, (int, float)):
         return None
     try:
         t_ns = np.array([int(p["time_ns"]) for p in points])
         measured = np.array([float(p["activity_bq"]) for p in points])
-        fitted = np.array([float(p["fitted_bq"]) for p in points])
+        expected = np.array([float(p["expected_bq"]) for p in points])
+        normalising = np.array([bool(p.get("normalisation")) for p in points])
     except (KeyError, TypeError, ValueError):
         return None
     hours = (t_ns - t_ns[0]) / _NS_PER_S / _HOUR_S
-    deviation = (measured / fitted - 1.0) * 100.0
+    deviation = (measured / expected - 1.0) * 100.0
     figure = new_figure(height=4.6)
     top, bottom = figure.subplots(2, 1, sharex=True, height_ratios=(2, 1))
-    half_life_s = inputs.get("fitted_half_life_s")
     dense = np.linspace(hours[0], hours[-1], 200)
-    if isinstance(half_life_s, (int, float)) and half_life_s > 0:
-        curve = fitted[0] * np.exp2(-(dense - hours[0]) * _HOUR_S / half_life_s)
-        label = f"fit, T½ = {half_life_s / _HOUR_S:.4g} h"
-        library = inputs.get("half_life_s")
-        if isinstance(library, (int, float)) and library > 0:
-            label += f" (library {library / _HOUR_S:.4g} h)"
-    else:
-        curve = np.interp(dense, hours, fitted)
-        label = "fit"
-    top.semilogy(dense, curve / 1e6, color=NEUTRAL, lw=1.2, label=label)
-    top.semilogy(hours, measured / 1e6, "o", color="black", ms=4, label="measured")
+    curve = expected[0] * np.exp2(-(dense - hours[0]) * _HOUR_S / half_life_s)
+    top.semilogy(dense, curve / 1e6, color=NEUTRAL, lw=1.2, label=f"expected, T½ = {half_life_s / _HOUR_S:.4g} h")
+    top.semilogy(hours[~normalising], measured[~normalising] / 1e6, "o", color="black", ms=4, label="measured")
+    top.semilogy(
+        hours[normalising], measured[normalising] / 1e6, "s", color="black", mfc="none", ms=6, label="normalisation"
+    )
     top.set_ylabel("activity (MBq)")
     top.set_title(title, fontsize=10)
     top.legend(fontsize=7)
@@ -216,7 +214,7 @@ def linearity_figure(title: str, inputs: Mapping[str, Any], limit: Mapping[str, 
         linewidths=0.3,
     )
     draw_limit_bands(bottom, limit, list(deviation))
-    bottom.set_ylabel("deviation from fit (%)")
+    bottom.set_ylabel("deviation from decay law (%)")
     bottom.set_xlabel("hours since first reading")
     bottom.grid(alpha=0.3)
     return figure
