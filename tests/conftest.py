@@ -7,6 +7,9 @@ the same way on a laptop; no deadline, since a shared 2-core machine stalls now 
 The repository root is on `sys.path` while the tests run (pytest puts it there for the `tests`
 package), which would let a bare `import controller` find the source folder instead of the
 installed `hotlab.controller`. This finder refuses those names, so no test can rely on them.
+
+Every message a test publishes or archives is checked against its JSON Schema
+(tests/schema_check.py), and the test that made a non-matching one fails.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import pytest
 from hypothesis import settings
 
 from tests import fault_tally
+from tests.schema_check import SchemaCheck
 
 #: The repository folders that are installed only as `hotlab.<name>`.
 FOLDER_NAMES = frozenset({"controller", "drivers", "simulators", "physics"})
@@ -42,6 +46,10 @@ sys.meta_path.insert(0, _RefuseFolderNames())
 settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
 settings.register_profile("dev", deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "dev"))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.pluginmanager.register(SchemaCheck(), "hotlab-schema-check")
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

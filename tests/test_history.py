@@ -17,10 +17,13 @@ import pytest
 
 from hotlab.backoff import Backoff
 from hotlab.controller.archive import HistoryArchive, HistoryQueryError, TimeRange
-from hotlab.controller.messages import Message, device_status_message, elution_message, qc_message, reading_message
+from hotlab.controller.messages import Message, device_status_message, elution_message, reading_message
 from hotlab.controller.outbox import AsyncOutbox, Outbox
+from hotlab.controller.qc.limits import DEFAULT_LIMITS
+from hotlab.controller.qc.result import QcResult
 from hotlab.controller.sinks.history import run_history_sink
 from hotlab.drivers.records import ElutionRecord, Reading
+from tests.schema_check import malformed_on_purpose
 
 ROOT = Path(__file__).resolve().parents[1]
 DAY_NS = 86_400_000_000_000
@@ -54,20 +57,18 @@ def sample_messages(n: int, start_ns: int = NOV_1) -> list[Message]:
                 )
             case 2:
                 out.append(
-                    qc_message(
-                        "hotlab-a",
-                        "hot-cell-1",
-                        "crc-1",
+                    QcResult(
                         test="constancy",
                         verdict="warn" if i % 8 == 6 else "pass",
                         measured=7.1e6,
                         expected=7.0e6,
                         deviation_pct=1.43,
-                        limit="±5 % warn, ±10 % fail",
-                        limit_source="AAPM TG-181",
-                        inputs={"source": "CS-137-A"},
+                        unit="Bq",
+                        limit=DEFAULT_LIMITS["constancy"],
+                        value_judged=1.43,
                         time_ns=t,
-                    )
+                        inputs={"source": "CS-137-A"},
+                    ).to_message("hotlab-a", "hot-cell-1", "crc-1")
                 )
             case 3:
                 out.append(
@@ -101,20 +102,17 @@ def test_add_many_is_idempotent_on_msg_id(tmp_path: Path) -> None:
 
 def test_queries_filter_by_kind_time_and_indexed_columns(tmp_path: Path) -> None:
     messages = sample_messages(40)
-    other = qc_message(
-        "hotlab-b",
-        "lab-2",
-        "crc-9",
+    other = QcResult(
         test="linearity",
         verdict="fail",
         measured=1.0,
         expected=1.1,
         deviation_pct=-9.1,
-        limit="±5 %",
-        limit_source="ANSI N42.13",
-        inputs={},
+        unit="Bq",
+        limit=DEFAULT_LIMITS["linearity"],
+        value_judged=-9.1,
         time_ns=NOV_1 + DAY_NS,
-    )
+    ).to_message("hotlab-b", "lab-2", "crc-9")
     with HistoryArchive(tmp_path / "history.sqlite") as archive:
         archive.add_many(messages + [other])
         first_three_hours = TimeRange(NOV_1, NOV_1 + 3 * 3_600_000_000_000)
@@ -251,7 +249,7 @@ async def test_kill_9_mid_stream_loses_nothing(tmp_path: Path) -> None:
 async def test_unindexable_message_is_kept_aside_and_acked(tmp_path: Path) -> None:
     outbox = AsyncOutbox(Outbox(tmp_path / "outbox.sqlite", SINKS))
     archive = HistoryArchive(tmp_path / "history.sqlite")
-    broken = Message("reading", "hotlab/x/y/z/reading", {"msg_id": "abc", "time_ns": "yesterday"})
+    broken = malformed_on_purpose(Message("reading", "hotlab/x/y/z/reading", {"msg_id": "abc", "time_ns": "yesterday"}))
     await outbox.put_many([broken, *sample_messages(3)])
     stop = asyncio.Event()
     task = asyncio.create_task(run_history_sink(outbox, archive, stop, idle_poll_s=0.05))
@@ -332,6 +330,8 @@ def test_an_archive_from_before_reading_quality_gets_the_column_and_keeps_its_ro
         """
     )
     old.close()
+    # The old row, read back below, is not a whole reading payload.
+    malformed_on_purpose(Message("reading", "t", {"msg_id": "old-1", "time_ns": 1, "activity_bq": 1.0}))
     with HistoryArchive(path) as archive:
         archive.add_many([_suspect(NOV_1)])
         assert [r["msg_id"] for r in archive.query("reading")] == ["old-1", _suspect_id(archive)]

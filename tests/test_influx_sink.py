@@ -21,14 +21,16 @@ from hotlab.controller.messages import (
     Message,
     device_status_message,
     elution_message,
-    qc_message,
     reading_message,
 )
 from hotlab.controller.outbox import AsyncOutbox, Outbox
+from hotlab.controller.qc.limits import DEFAULT_LIMITS
+from hotlab.controller.qc.result import QcResult
 from hotlab.controller.sinks.influx import InfluxConfig, InfluxSink
 from hotlab.drivers.records import ElutionRecord, Reading
 from tests import influx_service
 from tests.influx_service import InfluxService
+from tests.schema_check import malformed_on_purpose
 
 pytestmark = pytest.mark.integration
 
@@ -68,20 +70,17 @@ def _every_kind() -> list[Message]:
         _reading(0),
         _reading(1, device="capintec", nuclide=None),
         elution_message(SITE, elution, yield_pct=93.5, breakthrough_pct=None),
-        qc_message(
-            SITE,
-            STATION,
-            "crc-55tr",
+        QcResult(
             test="constancy",
             verdict="fail",
             measured=3.4e6,
             expected=3.7e6,
             deviation_pct=-8.108,
-            limit="±5 %",
-            limit_source="AAPM Report 181 (2012)",
-            inputs={},
+            unit="Bq",
+            limit=DEFAULT_LIMITS["constancy"],
+            value_judged=-8.108,
             time_ns=T0 + 11,
-        ),
+        ).to_message(SITE, STATION, "crc-55tr"),
         device_status_message(
             SITE, STATION, "crc-55tr", up=False, latency_ms=None, errors=3, detail="timeout", time_ns=T0 + 13
         ),
@@ -151,6 +150,7 @@ async def test_every_kind_round_trips_with_tags_fields_and_ns_time(
         "activity_bq": 7.4e8,
         "raw_value": 20.0,
         "unit": "mCi",
+        "quality": "good",  # a field, so a dashboard can filter suspect readings out (docs/influxdb.md)
         "msg_id": messages[0].msg_id,
     }
     assert readings["capintec"]["nuclide"] is None  # a missing nuclide is no tag, not an empty one
@@ -164,7 +164,7 @@ async def test_every_kind_round_trips_with_tags_fields_and_ns_time(
 
     [qc] = only("qc_result")
     assert (qc["test"], qc["verdict"], qc["verdict_code"]) == ("constancy", "fail", 2)
-    assert qc["deviation_pct"] == -8.108 and qc["limit"] == "±5 %" and qc["time"] == T0 + 11
+    assert qc["deviation_pct"] == -8.108 and qc["limit"] == DEFAULT_LIMITS["constancy"].text and qc["time"] == T0 + 11
 
     [status] = only("device_status")
     assert (status["up"], status["errors"], status["detail"]) == (0, 3, "timeout") and "latency_ms" not in status
@@ -302,10 +302,12 @@ async def test_a_point_the_server_refuses_is_dropped_alone_and_the_rest_is_writt
     outbox = AsyncOutbox(Outbox(outbox_path, sinks=("influx",)))
     readings = [_reading(i) for i in range(7)]
     status = device_status_message(SITE, STATION, "crc-55tr", up=True, latency_ms=12.0, errors=0, time_ns=T0)
-    broken = Message(
-        "reading",
-        "hotlab/x",
-        {"msg_id": "no-device", "time_ns": T0, "site": SITE, "station": STATION, "activity_bq": 1.0},
+    broken = malformed_on_purpose(
+        Message(
+            "reading",
+            "hotlab/x",
+            {"msg_id": "no-device", "time_ns": T0, "site": SITE, "station": STATION, "activity_bq": 1.0},
+        )
     )
     await outbox.put_many(readings[:3] + [status, broken] + readings[3:])
     async with running_sink(fast_config(influx_server.sink_settings(influx_database)), outbox) as sink:

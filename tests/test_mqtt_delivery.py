@@ -19,7 +19,9 @@ import jsonschema
 import pytest
 
 from hotlab.controller.config import DeviceConfig, LabConfig, parse_config
-from hotlab.controller.messages import Message, qc_message
+from hotlab.controller.messages import Message
+from hotlab.controller.qc.limits import DEFAULT_LIMITS
+from hotlab.controller.qc.result import QcResult
 from hotlab.controller.service import ControllerService
 from hotlab.controller.sinks.mqtt import MqttSink
 from hotlab.controller.supervisor import Item
@@ -139,19 +141,18 @@ async def test_payloads_match_schemas_and_topics(tmp_path: Path, mosquitto: Mosq
             return []
         p = message.payload
         return [
-            qc_message(
-                p["site"],
-                p["station"],
-                p["device"],
+            QcResult(
                 test="constancy",
                 verdict="pass",
                 measured=1.0,
                 expected=1.0,
                 deviation_pct=0.0,
-                limit="±5 %",
-                limit_source="test",
+                unit="Bq",
+                limit=DEFAULT_LIMITS["constancy"],
+                value_judged=0.0,
+                time_ns=time.time_ns(),
                 inputs={"reading": p["msg_id"]},
-            )
+            ).to_message(p["site"], p["station"], p["device"])
         ]
 
     async with MqttCollector(mosquitto.host, mosquitto.port) as collector:

@@ -1,4 +1,8 @@
-"""The JSON Schemas in controller/schemas describe exactly what the builders in controller/messages.py emit."""
+"""The JSON Schemas in controller/schemas describe exactly what the builders emit, and the suite checks it.
+
+The examples here cover each kind and each branch of a schema; tests/schema_check.py checks every
+message any other test commits, archives or publishes, and the last tests here show that it does.
+"""
 
 from __future__ import annotations
 
@@ -11,27 +15,33 @@ from typing import Any
 import jsonschema
 import pytest
 
+from hotlab.controller.archive import HistoryArchive
 from hotlab.controller.messages import (
     MeasurementValues,
+    Message,
     audit_anchor_message,
+    counter_reset_alarm_message,
     device_status_message,
     elution_message,
     measurement_label_message,
     measurement_message,
-    qc_message,
     reading_message,
     suspect_alarm_message,
 )
+from hotlab.controller.outbox import Outbox
+from hotlab.controller.qc.generator_rules import ge68_breakthrough
+from hotlab.controller.qc.limits import load_limits
+from hotlab.controller.qc.result import judged
+from hotlab.controller.sinks import mqtt
 from hotlab.controller.sinks.mqtt import controller_status_payload
 from hotlab.drivers.records import ElutionRecord, Reading
-
-SCHEMAS = Path(__file__).resolve().parent.parent / "controller" / "schemas"
+from tests.schema_check import LOG, MessageLog, malformed_on_purpose, report, validator_for
 
 
 def validator(kind: str) -> jsonschema.Draft202012Validator:
-    schema = json.loads((SCHEMAS / f"{kind}.json").read_text())
-    jsonschema.Draft202012Validator.check_schema(schema)
-    return jsonschema.Draft202012Validator(schema, format_checker=jsonschema.FormatChecker())
+    found = validator_for(kind)
+    assert found is not None, f"controller/schemas/{kind}.json is missing"
+    return found
 
 
 def examples() -> dict[str, dict[str, Any]]:
@@ -41,6 +51,20 @@ def examples() -> dict[str, dict[str, Any]]:
         "cal-1", "Tc-99m", 7.4e19, 7.4e19, "Bq", now, b">7.4000E+19\r\n", quality="suspect", quality_reason="range"
     )
     record = ElutionRecord("elution-1", "GE68-001", "Ge-68", "Ga-68", 12, 1.1e9, 5.0, now - 60 * 10**9, now)
+    reset = ElutionRecord(
+        "elution-1",
+        "GE68-001",
+        "Ge-68",
+        "Ga-68",
+        1,
+        1.1e9,
+        5.0,
+        now - 60 * 10**9,
+        now,
+        station_serial="SN-4711",
+        counter_epoch_ns=now - 3600 * 10**9,
+        counter_reset="counter epoch changed; counter 12 -> 1",
+    )
     measurement = measurement_message(
         "lab",
         "hotcell-1",
@@ -90,19 +114,27 @@ def examples() -> dict[str, dict[str, Any]]:
             "lab", "hotcell-1", "cal-1", up=True, latency_ms=3.0, errors=0, suspect_readings=4, suspect_fraction=0.08
         ).payload,
         "elution": elution_message("lab", record, yield_pct=62.5).payload,
-        "qc_result": qc_message(
-            "lab",
-            "hotcell-1",
-            "cal-1",
-            test="constancy",
-            verdict="warn",
-            measured=1.06,
-            expected=1.0,
-            deviation_pct=6.0,
-            limit="warn 5 %, fail 10 %",
-            limit_source="AAPM TG-181",
-            inputs={"reference_bq": 1.0},
-        ).payload,
+        "reset_elution": elution_message("lab", reset, yield_pct=62.5).payload,
+        "counter_reset_alarm": counter_reset_alarm_message("lab", "gen-1", reset, elution_id="e" * 32).payload,
+        "counter_alarm_cleared": counter_reset_alarm_message("lab", "gen-1", record, elution_id="f" * 32).payload,
+        # A verdict as the QC engine commits it (QcResult.to_message adds alarm, unit, limit values).
+        "qc_result": ge68_breakthrough(1.1e9, now - 72 * 3600 * 10**9, 10.0, now, load_limits()["ge68_breakthrough"])
+        .to_message("lab", "hotcell-1", "cal-1")
+        .payload,
+        # A range limit: low and high instead of warn and fail.
+        "range_qc_result": judged(
+            "ga68_half_life",
+            load_limits()["ga68_half_life"],
+            measured=67.7,
+            expected=67.83,
+            unit="min",
+            time_ns=now,
+            inputs={"series": [[now, 1.0e9]]},
+            value=67.7,
+            detail="half-life 67.7 min",
+        )
+        .to_message("lab", "elution-1", "GE68-001")
+        .payload,
         "device_status": device_status_message("lab", "hotcell-1", "cal-1", up=True, latency_ms=12.5, errors=0).payload,
         "controller_status": controller_status_payload("lab", "ctl", "online", "connected", now, pid=1),
         "audit_anchor": audit_anchor_message(
@@ -124,7 +156,11 @@ SCHEMA_OF = {
     "measurement_label": "measurement_label",
     "dosage_label": "measurement_label",
     "elution": "elution",
+    "reset_elution": "elution",
+    "counter_reset_alarm": "controller_alarm",
+    "counter_alarm_cleared": "controller_alarm",
     "qc_result": "qc_result",
+    "range_qc_result": "qc_result",
     "device_status": "device_status",
     "calibrator_status": "device_status",
     "controller_status": "controller_status",
@@ -172,6 +208,7 @@ def test_last_will_has_no_time_but_is_valid() -> None:
         ("reading", lambda p: p.update(activity_bq="740 MBq")),
         ("reading", lambda p: p.update(schema="hotlab.reading/2")),
         ("reading", lambda p: p.pop("quality")),
+        ("reading", lambda p: p.update(time="2026-13-04T12:00:00.000000Z")),
         ("reading", lambda p: p.update(quality_reason="a good reading has no reason")),
         ("suspect_reading", lambda p: p.pop("quality_reason")),
         ("suspect_reading", lambda p: p.update(quality="bad")),
@@ -186,7 +223,24 @@ def test_last_will_has_no_time_but_is_valid() -> None:
         ("suspect_alarm", lambda p: p.update(fraction=1.5)),
         ("calibrator_status", lambda p: p.pop("suspect_fraction")),
         ("elution", lambda p: p.update(counter=-1)),
+        ("elution", lambda p: p.pop("counter_reset")),
+        ("reset_elution", lambda p: p.update(counter_epoch_ns="yesterday")),
+        ("reset_elution", lambda p: p.update(station_serial=4711)),
         ("qc_result", lambda p: p.update(verdict="ok")),
+        ("qc_result", lambda p: p.pop("alarm")),
+        ("qc_result", lambda p: p.update(alarm=not p["alarm"])),
+        ("qc_result", lambda p: p.update(unit="mCi")),
+        ("qc_result", lambda p: p.update(value_judged="6 %")),
+        ("qc_result", lambda p: p.pop("detail")),
+        ("qc_result", lambda p: p["limit_values"].update(kind="abs_pct")),
+        ("qc_result", lambda p: p["limit_values"].pop("fail")),
+        ("qc_result", lambda p: p["limit_values"].update(low=1.0)),
+        ("range_qc_result", lambda p: p.update(alarm=not p["alarm"])),
+        ("range_qc_result", lambda p: p["limit_values"].update(warn=70.0)),
+        ("range_qc_result", lambda p: p["limit_values"].pop("high")),
+        ("counter_reset_alarm", lambda p: p.update(reason=None)),
+        ("counter_reset_alarm", lambda p: p.pop("elution_id")),
+        ("counter_alarm_cleared", lambda p: p.update(reason="counter 12 -> 1")),
         ("device_status", lambda p: p.update(surprise=1)),
         ("controller_status", lambda p: p.update(state="sleeping")),
         ("audit_anchor", lambda p: p.update(seq=0)),
@@ -199,3 +253,60 @@ def test_schemas_reject_wrong_payloads(kind: str, mutate: Any) -> None:
     mutate(payload)
     with pytest.raises(jsonschema.ValidationError):
         validator(SCHEMA_OF[kind]).validate(payload)
+
+
+def test_the_suite_checks_what_a_test_commits_and_publishes(tmp_path: Path) -> None:
+    valid = examples()["qc_result"]
+    topic = "hotlab/lab/hotcell-1/cal-1/qc"
+    outbox = Outbox(tmp_path / "outbox.sqlite3", sinks=("mqtt",))
+    unknown = Message("mystery", "hotlab/lab/x", {"msg_id": "m"})  # type: ignore[arg-type]
+    outbox.put_many(iter([Message("qc_result", topic, valid), Message("qc_result", topic, valid | {"x": 1}), unknown]))
+    outbox.close()
+    mqtt._encode({"state": "online"})
+    extra, no_schema, untagged = LOG.violations()  # taken: this test does not fail for them
+    assert (extra.kind, extra.where, extra.path, extra.msg_id) == ("qc_result", "outbox", "$", valid["msg_id"])
+    assert "('x' was unexpected)" in extra.error
+    assert (no_schema.kind, no_schema.error) == ("mystery", "no schema schemas/mystery.json for this kind")
+    assert (untagged.kind, untagged.where, untagged.path) == ("?", "MQTT", "$.schema")
+
+
+def test_the_suite_checks_what_another_process_archived_where_a_test_reads_it(tmp_path: Path) -> None:
+    anchor = Message("audit_anchor", "hotlab/lab/controller/audit", examples()["audit_anchor"] | {"seq": 0})
+    with HistoryArchive(tmp_path / "history.sqlite3") as archive:
+        HistoryArchive.add_many.__wrapped__(archive, [anchor])  # type: ignore[attr-defined]  # as `hotlab run` would
+        archive.query("audit_anchor")
+    [read] = LOG.violations()
+    assert (read.kind, read.where, read.path) == ("audit_anchor", "archive read", "$.seq")
+    assert read.error == "0 is less than the minimum of 1"
+
+
+def test_what_this_process_archived_is_checked_once_when_written(tmp_path: Path) -> None:
+    anchor = Message("audit_anchor", "hotlab/lab/controller/audit", examples()["audit_anchor"] | {"seq": 0})
+    with HistoryArchive(tmp_path / "history.sqlite3") as archive:
+        archive.add_many([anchor])
+        archive.query("audit_anchor")
+    assert [v.where for v in LOG.violations()] == ["archive"]
+
+
+def test_a_message_malformed_on_purpose_passes_and_a_valid_one_cannot_be_marked(tmp_path: Path) -> None:
+    topic = "hotlab/lab/hotcell-1/cal-1/status"
+    status = examples()["device_status"]
+    outbox = Outbox(tmp_path / "outbox.sqlite3", sinks=("mqtt",))
+    outbox.put(malformed_on_purpose(Message("device_status", topic, status | {"errors": -1})))
+    outbox.put(Message("device_status", topic, status | {"errors": -2}))
+    outbox.close()
+    [other] = LOG.violations()
+    assert other.error == "-2 is less than the minimum of 0"
+    with pytest.raises(AssertionError, match="matches its schema"):
+        malformed_on_purpose(Message("device_status", topic, status))
+
+
+def test_the_report_names_each_problem_once_with_its_count() -> None:
+    log = MessageLog()
+    broken = [examples()["device_status"] | {"errors": -1} for _ in range(3)]
+    log.add(("device_status", "outbox", json.dumps(payload)) for payload in broken)
+    log.add([("reading", "archive", json.dumps(examples()["reading"] | {"unit": 1}))])
+    lines = report(log.violations()).splitlines()
+    assert lines[0] == "4 message(s) do not match their schema (schemas/<kind>.json):"
+    assert lines[1].startswith("  device_status at $.errors: -1 is less than the minimum of 0  [outbox; 3 message(s)")
+    assert lines[2].startswith("  reading at $.unit: 1 is not of type 'string'  [archive; 1 message(s)")

@@ -15,8 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hotlab.controller.archive import HistoryArchive
-from hotlab.controller.messages import Message, device_status_message, elution_message, qc_message, reading_message
+from hotlab.controller.messages import Message, device_status_message, elution_message, reading_message
 from hotlab.controller.outbox import AsyncOutbox, Outbox, StoredMessage, StoredPayload
+from hotlab.controller.qc.limits import DEFAULT_LIMITS
+from hotlab.controller.qc.result import QcResult
 from hotlab.controller.recent_commits import RecentCommits
 from hotlab.controller.sinks.history import run_history_sink
 from hotlab.controller.sinks.influx_points import message_to_line
@@ -75,20 +77,18 @@ def every_kind() -> list[Message]:
     return [
         reading(1),
         elution_message("site", elution, yield_pct=71.5),
-        qc_message(
-            "site",
-            "hotcell-1",
-            "cal-1",
+        QcResult(
             test="accuracy",
             verdict="warn",
             measured=1.04e9,
             expected=1e9,
             deviation_pct=4.0,
-            limit="±5 %",
-            limit_source="EANM 2012",
+            unit="Bq",
+            limit=DEFAULT_LIMITS["accuracy"],
+            value_judged=4.0,
             time_ns=1_700_000_000_000_000_123,
             inputs={"half_life_s": 4062.6, "window": (1, 2), "nested": {"ok": True, "none": None}},
-        ),
+        ).to_message("site", "hotcell-1", "cal-1"),
         device_status_message(
             "site",
             "hotcell-1",

@@ -15,8 +15,10 @@ import pytest
 
 import hotlab.controller.service
 from hotlab.controller.config import parse_config
-from hotlab.controller.messages import Message, qc_message
+from hotlab.controller.messages import Message
 from hotlab.controller.outbox import Outbox, StoredPayload
+from hotlab.controller.qc.limits import DEFAULT_LIMITS
+from hotlab.controller.qc.result import QcResult
 from hotlab.controller.service import ControllerService
 from hotlab.controller.supervisor import Item
 from hotlab.drivers.records import Reading
@@ -112,19 +114,18 @@ class RecordingStage:
             if message.kind == "reading":
                 p = message.payload
                 out.append(
-                    qc_message(
-                        p["site"],
-                        p["station"],
-                        p["device"],
+                    QcResult(
                         test="constancy",
                         verdict="pass",
                         measured=1.0,
                         expected=1.0,
                         deviation_pct=0.0,
-                        limit="±5 %",
-                        limit_source="test",
+                        unit="Bq",
+                        limit=DEFAULT_LIMITS["constancy"],
+                        value_judged=0.0,
+                        time_ns=time.time_ns(),
                         inputs={"reading": p["msg_id"]},
-                    )
+                    ).to_message(p["site"], p["station"], p["device"])
                 )
         return Outcome(tuple(out))
 
