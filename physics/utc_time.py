@@ -48,7 +48,10 @@ def to_epoch_ns(moment: TimeLike) -> np.int64 | npt.NDArray[np.int64]:
         if moment.tzinfo is None or moment.utcoffset() is None:
             raise NaiveDatetimeError(f"{moment.isoformat()} has no timezone; give UTC (Z) or an offset")
         delta = moment - _EPOCH
-        return np.int64((delta.days * 86_400 + delta.seconds) * NS_PER_S + delta.microseconds * 1_000)
+        time_ns = (delta.days * 86_400 + delta.seconds) * NS_PER_S + delta.microseconds * 1_000
+        if not -_MAX_NS <= time_ns <= _MAX_NS:
+            raise TimeFormatError(f"{moment.isoformat()} is beyond the int64 epoch-ns range (years 1677 to 2262)")
+        return np.int64(time_ns)
     array = np.asarray(moment)
     if np.issubdtype(array.dtype, np.datetime64):
         return array.astype("datetime64[ns]").astype(np.int64)

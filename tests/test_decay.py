@@ -382,3 +382,9 @@ def test_generator_daughter_activity_vectorises_over_query_times() -> None:
     values = generator_daughter_activity(1e9, elution_ns, "Ge-68", "Ga-68", elution_ns, at_ns)
     assert values.shape == (5,) and values[0] == 0.0
     assert np.all(np.diff(values[:3]) > 0)
+
+
+def test_a_datetime_beyond_the_epoch_ns_range_is_a_typed_error_not_an_overflow() -> None:
+    """Found by the config fuzzer: a TOML date-time in year 9999 raised OverflowError from numpy."""
+    with pytest.raises(TimeFormatError, match="beyond the int64 epoch-ns range"):
+        parse_utc_ns(datetime(9999, 12, 31, tzinfo=UTC))
