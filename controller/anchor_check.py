@@ -41,6 +41,8 @@ class AuditAnchor:
     hash: str
     time_ns: int
     source: str
+    #: The site whose controller published it: two labs may keep their trails at the same path.
+    site: str | None = None
 
     @classmethod
     def from_payload(cls, payload: Any, source: str) -> AuditAnchor | None:
@@ -53,7 +55,8 @@ class AuditAnchor:
             return None
         if seq is None or seq < 1 or time_ns is None:
             return None
-        return cls(trail, trail_id, seq, digest, time_ns, source)
+        site = payload.get("site")
+        return cls(trail, trail_id, seq, digest, time_ns, source, site if isinstance(site, str) else None)
 
     def describe(self) -> str:
         return f"#{self.seq} {short_hash(self.hash)} of {iso_utc(self.time_ns)} from {self.source}"

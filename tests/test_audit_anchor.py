@@ -410,3 +410,28 @@ async def test_the_command_handler_offers_every_record_and_a_failing_hook_fails_
     assert reply["outcome"] == "malformed" and reply["audit_seq"] == 1
     assert [record.seq for record in offered] == [1]
     assert "audit record #1 written, but its hook failed" in caplog.text
+
+
+def test_another_sites_trail_at_the_same_path_is_not_taken_for_a_replacement(tmp_path: Path) -> None:
+    """Two labs on one broker or one central archive may keep their trails at the same install path."""
+    trail = tmp_path / "audit.jsonl"
+    ours = write_trail(trail, 3)
+    elsewhere = tmp_path / "other" / "audit.jsonl"
+    elsewhere.parent.mkdir()
+    theirs = write_trail(elsewhere, 5)
+    at_our_path = [
+        audit_anchor_message(
+            "lab-b", trail=str(trail.resolve()), trail_id=theirs[0].hash, seq=5, hash_hex=theirs[4].hash, time_ns=1
+        )
+    ]
+    archive = archive_with(
+        tmp_path / "history.sqlite3", [anchor_message(trail, ours[0], ours[2], site="lab-a"), *at_our_path]
+    )
+    search = find_anchors(TrailIdentity.of(trail), archive=archive, broker=None)
+    assert [(a.site, a.seq) for a in search.anchors] == [("lab-a", 3)]
+    assert verify_anchored(trail, None, list(search.anchors)).ok
+    # The same foreign anchors still tell a replacement when the trail's own site is one of theirs.
+    replaced = archive_with(tmp_path / "replaced.sqlite3", [anchor_message(trail, theirs[0], theirs[4], site="lab-a")])
+    assert not verify_anchored(
+        trail, None, list(find_anchors(TrailIdentity.of(trail), archive=replaced, broker=None).anchors)
+    ).ok

@@ -86,7 +86,21 @@ def find_anchors(identity: TrailIdentity, *, archive: Path | None, broker: Broke
     ):
         tried.append(note)
         found.extend(anchors)
-    return AnchorSearch(tuple(found), tuple(tried))
+    return AnchorSearch(tuple(_of_the_trails_site(found, identity)), tuple(tried))
+
+
+def _of_the_trails_site(anchors: list[AuditAnchor], identity: TrailIdentity) -> list[AuditAnchor]:
+    """Drop anchors that match only by path and come from another site than the trail's own.
+
+    Two labs on one broker (or one central archive) may keep their trails at the same path; the
+    trail's site is the one whose anchors name its first record. Unknown (an emptied trail), every
+    anchor at the path is kept, so a replaced trail is still reported.
+    """
+    sites = {anchor.site for anchor in anchors if anchor.trail_id == identity.trail_id}
+    if len(sites) != 1:
+        return anchors
+    (site,) = sites
+    return [anchor for anchor in anchors if anchor.trail_id == identity.trail_id or anchor.site == site]
 
 
 def lab_broker(config: Path) -> MqttConfig:
