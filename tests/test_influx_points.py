@@ -13,8 +13,10 @@ from hotlab.controller.messages import (
     MeasurementValues,
     Message,
     audit_anchor_message,
+    counter_reset_alarm_message,
     device_status_message,
     elution_message,
+    elution_msg_id,
     measurement_label_message,
     measurement_message,
     qc_message,
@@ -269,3 +271,17 @@ def test_a_qc_engine_result_keeps_its_limit_numbers_for_limit_lines() -> None:
     assert float(fields["value_judged"]) == pytest.approx(-5.405, abs=1e-3)
     assert fields["unit"] == '"Bq"' and fields["detail"] == '"Cs-137 check source"'
     assert fields["limit"] == '"pass |dev| <= 5 %, warn <= 10 %, fail > 10 %"'
+
+
+def test_an_elution_counter_reset_alarm_keeps_its_generator_counter_and_elution() -> None:
+    """Its generator, counter and elution were dropped: the point said only that some alarm was active."""
+    record = ElutionRecord(
+        "elution-1", "GE68-1", "Ge-68", "Ga-68", 1, 5e8, 5.0, T0 - 10**9, T0,
+        station_serial="SN-1", counter_epoch_ns=T0 - 10**12, counter_reset="counter 7 -> 1",
+    )  # fmt: skip
+    elution_id = elution_msg_id(record)
+    line = message_to_line(counter_reset_alarm_message("s", "gen-1", record, elution_id=elution_id))
+    assert line.startswith("controller_alarm,alarm=elution_counter_reset,device=gen-1,generator=GE68-1,site=s,")
+    fields = _fields(line)
+    assert fields["active"] == "1" and fields["counter"] == "1"
+    assert fields["elution_id"] == f'"{elution_id}"' and fields["reason"] == '"counter 7 -> 1"'

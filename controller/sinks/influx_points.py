@@ -94,12 +94,13 @@ SCHEMAS: dict[str, PointSchema] = {
         float_fields=("up", "latency_ms", "errors", "suspect_readings", "suspect_fraction"),
         string_fields=("detail",),
     ),
-    # The suspect-readings alarm of a calibrator; the outbox alarm is published directly and never stored.
+    # A device's alarms (a calibrator's suspect readings, a station's counter reset); the outbox alarm is
+    # published directly and never stored.
     "controller_alarm": PointSchema(
         required_tags=("site", "station", "device", "alarm"),
-        optional_tags=(),
-        float_fields=("active", "suspect_recent", "window", "fraction", "threshold", "suspect_readings"),
-        string_fields=("reason",),
+        optional_tags=("generator",),
+        float_fields=("active", "suspect_recent", "window", "fraction", "threshold", "suspect_readings", "counter"),
+        string_fields=("reason", "elution_id"),
     ),
     # One series per trail (its first record's hash): the trail's growth over time, off the controller host.
     "audit_anchor": PointSchema(
