@@ -13,10 +13,10 @@ import json
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, Literal
 
 from hotlab.drivers.records import ElutionRecord, Reading
+from hotlab.physics.utc_time import NS_PER_S, format_utc_ns
 
 Kind = Literal[
     "reading",
@@ -49,13 +49,13 @@ def iso_utc(time_ns: int) -> str:
     Every message carries one, so the date part is formatted once per second (cached) and
     the microseconds are cut from the integer, not rounded through a float.
     """
-    seconds, nanoseconds = divmod(time_ns, 1_000_000_000)
+    seconds, nanoseconds = divmod(time_ns, NS_PER_S)
     return f"{_utc_second(seconds)}.{nanoseconds // 1000:06d}Z"
 
 
 @functools.lru_cache(maxsize=256)
 def _utc_second(seconds: int) -> str:
-    return datetime.fromtimestamp(seconds, tz=UTC).replace(tzinfo=None).isoformat(timespec="seconds")
+    return format_utc_ns(seconds * NS_PER_S).removesuffix("Z")
 
 
 #: Namespace for name-based (uuid5) message ids. Fixed forever: changing it would give replayed

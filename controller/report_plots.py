@@ -25,11 +25,12 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.dates import AutoDateLocator, ConciseDateFormatter
 from matplotlib.figure import Figure
 
+from hotlab.physics.utc_time import NS_PER_S
+
 VERDICT_COLOURS = {"pass": "#2e7d32", "warn": "#f0a000", "fail": "#c62828"}
 NEUTRAL = "#1f5fa8"
 _BAND_ALPHA = 0.13
 _PASS_BAND, _WARN_BAND, _FAIL_BAND = "#2e7d32", "#f0a000", "#c62828"
-_NS_PER_S = 1e9
 _HOUR_S = 3600.0
 _DAY_S = 86400.0
 
@@ -44,7 +45,7 @@ class TrendPoint:
 
 
 def utc(time_ns: int) -> datetime:
-    return datetime.fromtimestamp(time_ns / _NS_PER_S, tz=UTC)
+    return datetime.fromtimestamp(time_ns / NS_PER_S, tz=UTC)
 
 
 def new_figure(height: float = 3.2) -> Figure:
@@ -189,7 +190,7 @@ def linearity_figure(title: str, inputs: Mapping[str, Any], limit: Mapping[str, 
         normalising = np.array([bool(p.get("normalisation")) for p in points])
     except (KeyError, TypeError, ValueError):
         return None
-    hours = (t_ns - t_ns[0]) / _NS_PER_S / _HOUR_S
+    hours = (t_ns - t_ns[0]) / NS_PER_S / _HOUR_S
     deviation = (measured / expected - 1.0) * 100.0
     figure = new_figure(height=4.6)
     top, bottom = figure.subplots(2, 1, sharex=True, height_ratios=(2, 1))
@@ -240,7 +241,7 @@ def elution_yield_figure(
     ordered = sorted(points, key=lambda p: p.time_ns)
     _scatter_by_verdict(ax, ordered, "o", "yield")
     if len(ordered) >= 3:
-        days = np.array([(p.time_ns - ordered[0].time_ns) / _NS_PER_S / _DAY_S for p in ordered])
+        days = np.array([(p.time_ns - ordered[0].time_ns) / NS_PER_S / _DAY_S for p in ordered])
         if np.ptp(days) > 0:
             slope, intercept = np.polyfit(days, [p.value for p in ordered], 1)
             ax.plot(

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 from hotlab.errors import InputError
 from hotlab.physics.decay import activity_at, generator_daughter_activity
+from hotlab.physics.utc_time import NS_PER_S
 
-NS_PER_S = 1_000_000_000
 SECONDS_PER_DAY = 86_400.0
 
 

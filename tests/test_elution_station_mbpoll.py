@@ -23,8 +23,9 @@ from hotlab.drivers.station_registers import (
     DiscreteInput,
     StationState,
 )
+from hotlab.physics.utc_time import NS_PER_S
 from hotlab.simulators.elution_station import ElutionStationSimulator, StationClock, StationModel
-from hotlab.simulators.generator_physics import NS_PER_S, GeneratorColumn, get_profile
+from hotlab.simulators.generator_physics import GeneratorColumn, get_profile
 
 pytestmark = [
     pytest.mark.integration,

@@ -47,13 +47,13 @@ from hotlab.controller.lab.private_broker import PrivateBroker
 from hotlab.controller.messages import MSG_ID_NAMESPACE, Message, iso_utc, reading_message
 from hotlab.drivers.modbus_links import describe_link
 from hotlab.drivers.records import Reading
+from hotlab.physics.utc_time import NS_PER_S
 
 if TYPE_CHECKING:
     from hotlab.simulators.source import IonChamber
 
 log = logging.getLogger("hotlab.simulated_lab")
 
-NS_PER_S = 1_000_000_000
 SECONDS_PER_DAY = 86_400
 #: How often the lab's calibrators are polled (and how often the VDC-404 streams a line): several
 #: readings settle a measurement within the few seconds a source spends in the chamber.

@@ -27,8 +27,8 @@ from hotlab.controller.qc.result import (
 )
 from hotlab.physics.decay import daughter_activity, decay_factor, generator_daughter_activity
 from hotlab.physics.nuclides import Nuclide, get_nuclide, normalize_name
+from hotlab.physics.utc_time import NS_PER_S
 
-_NS_PER_S = 1e9
 _DAY_S = 86400.0
 
 #: Ph. Eur. 2464 tests Ge-68 on the eluate after at least 48 h, when the eluted Ga-68 has
@@ -74,7 +74,7 @@ def generator_pair(parent_text: str, daughter_text: str | None = None) -> tuple[
 def available_activity(spec: GeneratorSpec, at_ns: int, last_elution_ns: int | None, residual_bq: float = 0.0) -> float:
     """Daughter activity on the column at `at_ns`: what a 100 %-efficient elution would give."""
     if last_elution_ns is None:
-        last_elution_ns = at_ns - int(_EQUILIBRIUM_HALF_LIVES * spec.daughter.half_life_s * _NS_PER_S)
+        last_elution_ns = at_ns - int(_EQUILIBRIUM_HALF_LIVES * spec.daughter.half_life_s * NS_PER_S)
         residual_bq = 0.0
     require_not_before("elution time", at_ns, "previous elution", last_elution_ns)
     return float(
@@ -109,7 +109,7 @@ def elution_yield(
     residual = require_non_negative("residual daughter activity", residual_bq)
     available = available_activity(spec, end_ns, last_elution_ns, residual)
     yield_pct = eluted / available * 100.0
-    since = None if last_elution_ns is None else (end_ns - last_elution_ns) / _NS_PER_S
+    since = None if last_elution_ns is None else (end_ns - last_elution_ns) / NS_PER_S
     inputs = {
         "generator": spec.generator_id,
         "parent": spec.parent.name,
@@ -171,7 +171,7 @@ def yield_trend(
         return None
     points = sorted(history, key=lambda p: p.end_ns)
     t0 = points[0].end_ns
-    days = np.array([(p.end_ns - t0) / _NS_PER_S / _DAY_S for p in points])
+    days = np.array([(p.end_ns - t0) / NS_PER_S / _DAY_S for p in points])
     if np.ptp(days) < min_span_days:
         return None
     counters = np.array([float(p.counter) for p in points])
@@ -240,11 +240,11 @@ def ge68_breakthrough(
     if fraction > 1.0:
         raise QcInputError(f"aliquot fraction must be <= 1, got {aliquot_fraction}")
     require_not_before("re-measurement time", remeasured_ns, "end of elution", eoe_ns)
-    delay_s = (remeasured_ns - eoe_ns) / _NS_PER_S
+    delay_s = (remeasured_ns - eoe_ns) / NS_PER_S
     if delay_s < GE68_MIN_DELAY_S:
         raise QcInputError(
             f"re-measured {delay_s / 3600:.1f} h after end of elution; Ph. Eur. 2464 requires >= 48 h so that the "
-            f"eluted Ga-68 has decayed and only Ga-68 fed by Ge-68 remains; re-measure after {iso_utc(eoe_ns + int(GE68_MIN_DELAY_S * _NS_PER_S))}"
+            f"eluted Ga-68 has decayed and only Ga-68 fed by Ge-68 remains; re-measure after {iso_utc(eoe_ns + int(GE68_MIN_DELAY_S * NS_PER_S))}"
         )
     ga_aliquot = ga_eoe * fraction
     leftover = float(daughter_activity(0.0, ge68, ga68, delay_s, residual_daughter_bq=ga_aliquot))
@@ -287,7 +287,7 @@ def ga68_half_life(first: TimedReading, second: TimedReading, limit: Limit) -> Q
         raise QcInputError("the second half-life reading must be taken after the first")
     if a2 >= a1:
         raise QcInputError(f"the activity did not decrease ({a1:g} Bq then {a2:g} Bq); cannot derive a half-life")
-    dt_s = (second.time_ns - first.time_ns) / _NS_PER_S
+    dt_s = (second.time_ns - first.time_ns) / NS_PER_S
     half_life_min = dt_s * math.log(2.0) / math.log(a1 / a2) / 60.0
     inputs = {
         "first_bq": a1,
@@ -356,14 +356,14 @@ def mo99_breakthrough(
     tc = require_positive("Tc-99m activity", tc99m_bq)
     horizon_h = require_non_negative("Mo-99 judge horizon (h)", judge_horizon_h)
     if administration_ns is None:
-        at_ns = measured_ns + int(horizon_h * 3600 * _NS_PER_S)
+        at_ns = measured_ns + int(horizon_h * 3600 * NS_PER_S)
         basis = f"assay + {horizon_h:g} h eluate shelf life (no administration time given)"
     else:
         at_ns = administration_ns
         basis = "administration time"
     require_not_before("administration time", at_ns, "Mo-99 assay time", measured_ns)
     ratio_now = (mo / 1e3) / (tc / 1e6)
-    dt_s = (at_ns - measured_ns) / _NS_PER_S
+    dt_s = (at_ns - measured_ns) / NS_PER_S
     ratio_then = ratio_now * float(decay_factor(mo99.half_life_s, dt_s) / decay_factor(tc99m.half_life_s, dt_s))
     assert limit.fail is not None
     exceed_s = mo99_exceed_after_s(ratio_now, limit.fail)
@@ -378,7 +378,7 @@ def mo99_breakthrough(
         "ratio_at_measurement_kbq_per_mbq": ratio_now,
         "ratio_at_judged_time_kbq_per_mbq": ratio_then,
         "exceeds_limit_after_s": None if math.isinf(exceed_s) else exceed_s,
-        "exceeds_limit_at": None if math.isinf(exceed_s) else iso_utc(measured_ns + int(exceed_s * _NS_PER_S)),
+        "exceeds_limit_at": None if math.isinf(exceed_s) else iso_utc(measured_ns + int(exceed_s * NS_PER_S)),
         "half_lives_s": {"Mo-99": mo99.half_life_s, "Tc-99m": tc99m.half_life_s},
         "half_life_sources": [mo99.source, tc99m.source],
     }
