@@ -109,6 +109,7 @@ class _InFlight:
 
     seq: int
     deadline: float  # time.monotonic() after which its missing PUBACK ends the connection
+    topic: str = ""
     acked: bool = False
     #: The broker's reason for not taking it (an MQTT 5 PUBACK reason code >= 0x80), if it refused.
     refused: str | None = None
@@ -135,6 +136,9 @@ class MqttSink:
         self._rng = rng or random.Random()
         self.status_topic = controller_topic(site, "status")
         self.alarm_topic = controller_topic(site, "alarm")
+        #: Retained `mqtt_refused` alarm: raised when the broker refuses an outbox message, cleared
+        #: once it takes it. A topic of its own, so it does not overwrite the outbox alarm.
+        self.refused_alarm_topic = controller_topic(site, "mqtt_alarm")
         self.published = 0
         self.connections = 0
         #: Outbox failures (e.g. a full disk) since the last ack that could be written: each one
@@ -146,6 +150,10 @@ class MqttSink:
         self._drain_deadline: float | None = None
         self._alarm: dict[str, Any] | None = None
         self._alarm_sent: dict[str, Any] | None = None
+        self._refused_alarm: dict[str, Any] | None = None
+        self._refused_alarm_sent: dict[str, Any] | None = None
+        #: The outbox seq of the refused message the raised `mqtt_refused` alarm is about.
+        self._refused_seq: int | None = None
         self._commands: CommandRouter | None = None
         #: The outbox messages of this connection awaiting a PUBACK, by paho message id.
         self._awaiting_puback: dict[int, _InFlight] = {}
@@ -301,6 +309,7 @@ class MqttSink:
                 )
             self.connected.clear()
             self._alarm_sent = None
+            self._refused_alarm_sent = None
             delay = min(self.backoff.delay(attempt, self._rng), max(0.0, self._time_left()))
             attempt += 1
             await self._sleep_unless_draining(delay)
@@ -366,10 +375,13 @@ class MqttSink:
                 if watcher.done():
                     watcher.result()  # raises the disconnect as MqttError
                 acker.raise_if_failed()
-                self._ack_prefix(inflight, acker)
+                if self._ack_prefix(inflight, acker):
+                    continue  # publish the cleared mqtt_refused alarm first
                 if refused := next((entry for entry in inflight if entry.refused), None):
                     # Never acknowledged to the outbox: the message stays there and is sent again
-                    # on the next connection, after the backoff, until the broker takes it.
+                    # on the next connection, after the backoff, until the broker takes it. It
+                    # holds back every later message (acks are by prefix): raise the alarm.
+                    await self._raise_refused_alarm(client, refused)
                     raise aiomqtt.MqttError(f"the broker refused outbox message {refused.seq}: {refused.refused}")
                 if inflight and time.monotonic() >= inflight[0].deadline:
                     raise aiomqtt.MqttError(
@@ -389,7 +401,7 @@ class MqttSink:
             mid = self._publisher.publish(
                 stored.topic, stored.payload_json, qos=QOS_DATA, retain=stored.kind in RETAINED_KINDS
             )
-            entry = _InFlight(stored.seq, deadline)
+            entry = _InFlight(stored.seq, deadline, stored.topic)
             self._awaiting_puback[mid] = entry
             inflight.append(entry)
 
@@ -404,12 +416,55 @@ class MqttSink:
         self.published += count
         self._outbox_failures = 0
 
-    @staticmethod
-    def _ack_prefix(inflight: deque[_InFlight], acker: _OutboxAcker) -> None:
+    def _ack_prefix(self, inflight: deque[_InFlight], acker: _OutboxAcker) -> bool:
+        """Acknowledge the acked prefix; True if that clears the `mqtt_refused` alarm."""
         acked: list[int] = []
         while inflight and inflight[0].acked:
             acked.append(inflight.popleft().seq)
         acker.add(acked)
+        if self._refused_seq is None or self._refused_seq not in acked:
+            return False
+        self._refused_seq = None
+        alarm = dict(self._refused_alarm or {})
+        now = time.time_ns()
+        alarm.update(active=False, time_ns=now, time=iso_utc(now))
+        self._refused_alarm = alarm
+        log.warning("mqtt: refused-publish alarm cleared: the broker took %s", alarm.get("topic"))
+        return True
+
+    async def _raise_refused_alarm(self, client: aiomqtt.Client, refused: _InFlight) -> None:
+        """Raise (retained) the `mqtt_refused` alarm for `refused`, unless it is raised for it already."""
+        current = self._refused_alarm
+        if not (
+            current is not None
+            and current["active"]
+            and current["outbox_seq"] == refused.seq
+            and current["reason"] == refused.refused
+        ):
+            now = time.time_ns()
+            self._refused_seq = refused.seq
+            self._refused_alarm = {
+                "schema": f"hotlab.controller_alarm/{SCHEMA_VERSION}",
+                "site": self.site,
+                "alarm": "mqtt_refused",
+                "active": True,
+                "topic": refused.topic,
+                "reason": refused.refused,
+                "outbox_seq": refused.seq,
+                "time_ns": now,
+                "time": iso_utc(now),
+            }
+            log.error(
+                "MQTT REFUSED ALARM: the broker refused outbox message %d on %s (%s); it and every later "
+                "message stay in the outbox until the broker takes it",
+                refused.seq,
+                refused.topic,
+                refused.refused,
+            )
+        try:
+            await self._publish_alarm(client)
+        except aiomqtt.MqttError as exc:
+            log.warning("mqtt: refused-publish alarm not published (%s); sent again on the next connection", exc)
 
     async def _receive(self, client: aiomqtt.Client) -> None:
         """Route commands; this loop is also how a lost connection surfaces (aiomqtt only tells waiters).
@@ -436,6 +491,16 @@ class MqttSink:
                 self.alarm_topic, _encode(alarm), qos=QOS_DATA, retain=True, timeout=self.publish_timeout_s
             )
             self._alarm_sent = alarm
+        if self._refused_alarm is not None and self._refused_alarm is not self._refused_alarm_sent:
+            refused = self._refused_alarm
+            await client.publish(
+                self.refused_alarm_topic,
+                _encode(refused),
+                qos=QOS_DATA,
+                retain=True,
+                timeout=self.publish_timeout_s,
+            )
+            self._refused_alarm_sent = refused
 
     async def _go_offline(self, client: aiomqtt.Client) -> None:
         try:
