@@ -15,7 +15,9 @@ Rules this module enforces, in this order:
    command retained while the controller is online too.
 2. Authenticate: the claimed `user` must be an [[operator]] and `token` must equal that
    operator's secret (hmac.compare_digest, so the time taken does not reveal how much of a
-   guess was right). Authorise: the operator's role must be at least [commands.min_role].
+   guess was right). Authorise: the operator's role must be at least [commands.min_role] for
+   the action; a `label_measurement` that asks for an accuracy verdict (`reference_source`)
+   needs `label_accuracy` (default qc_officer), a dosage (`prescribed_activity`) `label_dosage`.
 3. Audit every attempt in the hash-chained trail (controller/audit.py), including malformed
    and unauthorised ones, with the claimed user as actor. Audit first: an authorised command
    gets an intent record ("requested") before anything is sent to the device, and is not
@@ -57,6 +59,7 @@ import logging
 import math
 import re
 import time
+import unicodedata
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -123,7 +126,16 @@ NO_REASON = "(no reason given)"
 _ENVELOPE_KEYS = frozenset({"schema", "request_id", "user", "token", "reason", "issued_at", "args"})
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 _USER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+#: Unicode categories refused in labels and reasons: controls (C0 and C1: Cc), format characters
+#: (Cf: bidi overrides such as U+202E, which make an audit record read differently than it is
+#: stored, zero-width characters) and the line and paragraph separators U+2028/U+2029 (Zl, Zp).
+_CONTROL_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp"})
+
+
+def _has_control_chars(text: str) -> bool:
+    return any(unicodedata.category(char) in _CONTROL_CATEGORIES for char in text)
+
+
 #: How many answered request ids are remembered for duplicate detection, per controller.
 _REMEMBERED_REQUESTS = 1024
 #: What a failing audit trail raises: its own errors, I/O errors, and ValueError (which covers
@@ -313,19 +325,9 @@ def parse_command(payload: bytes, action: str, device: DeviceConfig) -> Command:
     reason = _string(body, "reason", MAX_REASON_CHARS).strip()
     if not reason:
         raise MalformedCommand("reason must say why (it goes into the audit trail)")
-    if _CONTROL_CHARS.search(reason):
+    if _has_control_chars(reason):
         raise MalformedCommand("reason must not contain control characters")
-    issued_at = _string(body, "issued_at", 64)
-    try:
-        date.fromisoformat(issued_at.strip())
-    except ValueError:
-        pass
-    else:  # the shared parser reads a bare date as midnight UTC; a command needs the moment it was sent
-        raise MalformedCommand(f"issued_at must be a date and time with Z or an offset, got the date {issued_at!r}")
-    try:
-        issued_ns = parse_utc_ns(issued_at)
-    except InputError as exc:
-        raise MalformedCommand(f"issued_at must be an ISO 8601 time with Z or an offset: {exc}") from None
+    issued_ns = _moment_ns(_string(body, "issued_at", 64), "issued_at")
     args = body["args"]
     if not isinstance(args, dict):
         raise MalformedCommand(f"args must be a JSON object, got {_json_type(args)}")
@@ -372,23 +374,39 @@ def _parse_args(action: str, args: dict[str, Any]) -> dict[str, Any]:
         if not _MEASUREMENT_ID.match(measurement_id):
             raise MalformedCommand("args.measurement_id must be a measurement's msg_id: 32 lower-case hex digits")
         label = _string(args, "label", MAX_LABEL_CHARS, where="args.label").strip()
-        if not label or _CONTROL_CHARS.search(label):
+        if not label or _has_control_chars(label):
             raise MalformedCommand("args.label must be text without control characters, not only spaces")
         parsed: dict[str, Any] = {"measurement_id": measurement_id, "label": label}
         if "reference_source" in args:
-            parsed["reference_source"] = _string(args, "reference_source", 64, where="args.reference_source")
+            source = _string(args, "reference_source", 64, where="args.reference_source")
+            if not source.strip() or _has_control_chars(source):
+                raise MalformedCommand("args.reference_source must be text without control characters, not only spaces")
+            parsed["reference_source"] = source
         if "prescribed_activity" in args:
             parsed["prescribed_bq"] = _activity_bq(args["prescribed_activity"], "args.prescribed_activity")
-            try:
-                parsed["administration_ns"] = parse_utc_ns(
-                    _string(args, "administration_time", 64, where="args.administration_time")
-                )
-            except InputError as exc:
-                raise MalformedCommand(
-                    f"args.administration_time must be ISO 8601 with Z or an offset: {exc}"
-                ) from None
+            parsed["administration_ns"] = _moment_ns(
+                _string(args, "administration_time", 64, where="args.administration_time"), "args.administration_time"
+            )
         return parsed
     return {}
+
+
+def _moment_ns(text: str, where: str) -> int:
+    """A moment (date and time with Z or an offset) as ns since the epoch; a bare date is refused.
+
+    The shared parser reads a bare date as midnight UTC, but a command's `issued_at` and a
+    dosage's `administration_time` are moments, and midnight is a guess, not what was meant.
+    """
+    try:
+        date.fromisoformat(text.strip())
+    except ValueError:
+        pass
+    else:
+        raise MalformedCommand(f"{where} must be a date and time with Z or an offset, got the date {text!r}")
+    try:
+        return parse_utc_ns(text)
+    except InputError as exc:
+        raise MalformedCommand(f"{where} must be an ISO 8601 time with Z or an offset: {exc}") from None
 
 
 def _activity_bq(value: Any, where: str) -> float:
@@ -453,12 +471,28 @@ class Authoriser:
         token_ok = hmac.compare_digest(command.token.encode(), expected)
         if operator is None or not token_ok:
             raise Unauthorised(f"user {command.user!r} is not authenticated: unknown user or wrong token")
-        needed = self._min_role[command.action]
+        privilege = role_key(command)
+        needed = self._min_role[privilege]
         if ROLES.index(operator.role) < ROLES.index(needed):
+            what = command.action if privilege == command.action else f"{command.action} ({privilege})"
             raise Unauthorised(
-                f"role {operator.role} of {operator.name!r} may not run {command.action}; it needs {needed} or higher"
+                f"role {operator.role} of {operator.name!r} may not run {what}; it needs {needed} or higher"
             )
         return operator
+
+
+def role_key(command: Command) -> str:
+    """The [commands.min_role] key that authorises `command`: its action, or for a label what it asks for.
+
+    A label with `reference_source` asks for an accuracy verdict (`label_accuracy`), one with a
+    prescription for a dosage record (`label_dosage`); a plain label is `label_measurement`.
+    """
+    if command.action == "label_measurement":
+        if "reference_source" in command.args:
+            return "label_accuracy"
+        if "prescribed_bq" in command.args:
+            return "label_dosage"
+    return command.action
 
 
 # --------------------------------------------------------------------------- execution

@@ -54,6 +54,10 @@ DEFAULT_MIN_ROLE: dict[str, str] = {
     "acknowledge_fault": "operator",
     "select_nuclide": "operator",
     "label_measurement": "operator",
+    # label_measurement is one action, but what a label asks for is not one privilege: an accuracy
+    # verdict (reference_source) is a QC record, a dosage (prescribed_activity) a clinical one.
+    "label_accuracy": "qc_officer",
+    "label_dosage": "operator",
 }
 #: A command token shorter than this is guessable by brute force over MQTT; refuse it at load time.
 MIN_TOKEN_CHARS = 16

@@ -64,6 +64,10 @@ log = logging.getLogger(__name__)
 RESTORE_MARGIN_S = 3600.0
 #: Published measurements remembered for label commands (older ones are found in the archive).
 REMEMBERED_MEASUREMENTS = 4096
+#: A measurement names at most this many of its plateau's first readings and as many of its last
+#: (`n` counts them all): a source left in for a day at 0.5 s polls would otherwise put ~170 000
+#: msg_ids into one message.
+READING_IDS_KEPT = 50
 
 Phase = Literal["unknown", "empty", "rising", "settled", "held"]
 End = Literal["removed", "dwell", "changed", "setting_changed"]
@@ -178,8 +182,15 @@ class _Track:
             settle_ns=self.settle_ns,
             removal_ns=removal_ns,
             end=end,
-            reading_ids=tuple(msg_id for _, msg_id in self.readings),
+            reading_ids=_capped_ids([msg_id for _, msg_id in self.readings]),
         )
+
+
+def _capped_ids(ids: Sequence[str]) -> tuple[str, ...]:
+    """All of `ids`, or the first and last `READING_IDS_KEPT` of them when there are more than twice that."""
+    if len(ids) <= 2 * READING_IDS_KEPT:
+        return tuple(ids)
+    return (*ids[:READING_IDS_KEPT], *ids[-READING_IDS_KEPT:])
 
 
 def _settled(rules: PlausibilityRules, readings: Sequence[tuple[Point, str]]) -> bool:
@@ -264,19 +275,29 @@ class MeasurementDetector:
         since_ns = now_ns - int((longest_dwell_s + RESTORE_MARGIN_S) * 1e9)
         pending = list(unarchived)
         readings = archive.query("reading", TimeRange(since_ns, OPEN_END_NS))
-        archived_ids = {payload["msg_id"] for payload in readings}
-        readings += [
-            m.payload
-            for m in pending
-            if m.kind == "reading" and m.payload.get("msg_id") not in archived_ids and m.payload["time_ns"] >= since_ns
-        ]
-        readings.sort(key=lambda payload: int(payload["time_ns"]))
-        replayed = 0
+        archived_ids = {payload.get("msg_id") for payload in readings}
+        readings += [m.payload for m in pending if m.kind == "reading" and m.payload.get("msg_id") not in archived_ids]
+        timed: list[tuple[int, dict[str, Any]]] = []
         for payload in readings:
-            device = self.devices.get(str(payload.get("device")))
-            if device is None or payload.get("quality") != "good":
+            try:
+                time_ns = int(payload["time_ns"])
+            except (KeyError, TypeError, ValueError) as exc:
+                log.warning("measurements: archived reading %s not replayed: %r", payload.get("msg_id"), exc)
                 continue
-            self._tracks[device.name].step(device, _good_point(payload), str(payload["msg_id"]))
+            if time_ns >= since_ns:
+                timed.append((time_ns, payload))
+        timed.sort(key=lambda item: item[0])
+        replayed = 0
+        for _, payload in timed:
+            device = self.devices.get(str(payload.get("device")))
+            # A reading archived before readings carried a quality was taken as good.
+            if device is None or payload.get("quality", "good") != "good":
+                continue
+            try:
+                self._tracks[device.name].step(device, _good_point(payload), str(payload["msg_id"]))
+            except (KeyError, TypeError, ValueError) as exc:  # like `process`: one bad payload stops nothing
+                log.warning("measurements: reading %s of %s not replayed: %r", payload.get("msg_id"), device.name, exc)
+                continue
             replayed += 1
         for message in pending:
             if message.kind == "measurement":

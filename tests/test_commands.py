@@ -213,7 +213,22 @@ def test_label_measurement_parses_and_matches_the_published_schema() -> None:
             ),
             "label_measurement",
             CALIBRATOR,
-            "args.administration_time must be ISO 8601 with Z or an offset",
+            "args.administration_time must be an ISO 8601 time with Z or an offset",
+        ),
+        (
+            encode(
+                command(
+                    args={
+                        "measurement_id": "0" * 32,
+                        "label": "x",
+                        "prescribed_activity": "370 MBq",
+                        "administration_time": "2026-12-04",
+                    }
+                )
+            ),
+            "label_measurement",
+            CALIBRATOR,
+            "args.administration_time must be a date and time with Z or an offset, got the date '2026-12-04'",
         ),
         (encode(command()), "reboot", STATION, "'reboot' is not a command"),
     ],
@@ -224,6 +239,43 @@ def test_malformed_commands_are_refused_with_the_precise_reason(
     with pytest.raises(MalformedCommand) as raised:
         parse_command(payload, action, device)
     assert message in str(raised.value)
+
+
+#: Unicode controls, format characters and separators (categories Cc, Cf, Zl, Zp).
+INVISIBLE = ["\u202e", "\u2066", "\u200b", "\ufeff", "\x85", "\x9b", "\u2028", "\u2029", "\U000e0041"]
+
+
+@pytest.mark.parametrize("char", INVISIBLE)
+def test_labels_reasons_and_sources_refuse_unicode_controls_and_format_characters(char: str) -> None:
+    plain = {"measurement_id": "0" * 32, "label": "batch 12"}
+    with pytest.raises(MalformedCommand, match="args.label must be text without control characters"):
+        parse_command(encode(command(args=plain | {"label": f"dose{char}21"})), "label_measurement", CALIBRATOR)
+    with pytest.raises(MalformedCommand, match="reason must not contain control characters"):
+        parse_command(encode(command(reason=f"because{char} reasons")), "start_elution", STATION)
+    with pytest.raises(MalformedCommand, match="args.reference_source must be text without control characters"):
+        parse_command(
+            encode(command(args=plain | {"reference_source": f"CO-57{char}"})), "label_measurement", CALIBRATOR
+        )
+    # Non-ASCII text that is not a control is still fine.
+    parsed = parse_command(
+        encode(command(args=plain | {"label": "Dosis Müller 6 µSv"})), "label_measurement", CALIBRATOR
+    )
+    assert parsed.args["label"] == "Dosis Müller 6 µSv"
+
+
+def test_the_schema_refuses_every_basic_plane_character_the_parser_refuses() -> None:
+    import unicodedata
+
+    schema = json.loads((SCHEMAS / "command.json").read_text())
+    label = schema["$defs"]["label_measurement"]["properties"]["label"]
+    refused = [chr(c) for c in range(0x10000) if unicodedata.category(chr(c)) in {"Cc", "Cf", "Zl", "Zp"}]
+    assert "\u202e" in refused and "\x85" in refused
+    for char in refused:
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(f"a{char}b", label)
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(f"a{char}b", schema["properties"]["reason"])
+    jsonschema.validate("Dosis Müller 6 µSv", label)
 
 
 @pytest.mark.parametrize("token", [..., "", None])
@@ -334,6 +386,8 @@ def test_operators_and_min_roles_are_loaded(tmp_path: Path, tokens: None) -> Non
         "acknowledge_fault": "qc_officer",
         "select_nuclide": "operator",
         "label_measurement": "operator",
+        "label_accuracy": "qc_officer",
+        "label_dosage": "operator",
     }
     default = parse_config(lab(tmp_path), base_dir=tmp_path)
     assert default.operators == ()
@@ -387,6 +441,44 @@ def test_bad_operator_or_command_config_is_refused_precisely(
         parse_config(lab(tmp_path, **extra), base_dir=tmp_path)
     assert message in str(raised.value)
     assert ALICE_TOKEN not in str(raised.value)
+
+
+def test_a_label_is_authorised_by_what_it_asks_for(tmp_path: Path, tokens: None) -> None:
+    """An accuracy verdict needs label_accuracy (qc_officer by default), a dosage label_dosage."""
+    plain = {"measurement_id": "a" * 32, "label": "batch 12"}
+    accuracy = plain | {"reference_source": "CO-57-REF"}
+    dosage = plain | {"prescribed_activity": "370 MBq", "administration_time": "2026-12-04T10:00:00Z"}
+
+    def label(user: str, token: str, args: dict[str, Any]) -> Command:
+        body = command(args=args) | {"user": user, "token": token}
+        return parse_command(encode(body), "label_measurement", CALIBRATOR)
+
+    operators = [
+        OperatorConfig("alice", "qc_officer", Secret(ALICE_TOKEN, "test")),
+        OperatorConfig("bob", "operator", Secret(BOB_TOKEN, "test")),
+    ]
+    default = Authoriser(operators, DEFAULT_MIN_ROLE)
+    for args in (plain, dosage, accuracy):
+        assert default.authorise(label("alice", ALICE_TOKEN, args)).name == "alice"
+    for args in (plain, dosage):
+        assert default.authorise(label("bob", BOB_TOKEN, args)).name == "bob"
+    with pytest.raises(Unauthorised) as raised:
+        default.authorise(label("bob", BOB_TOKEN, accuracy))
+    assert "may not run label_measurement (label_accuracy); it needs qc_officer" in str(raised.value)
+
+    config = parse_config(
+        lab(
+            tmp_path,
+            operator=[{"name": "bob", "role": "operator", "token_env": "T_BOB"}],
+            commands={"min_role": {"label_dosage": "qc_officer", "label_accuracy": "operator"}},
+        ),
+        base_dir=tmp_path,
+    )
+    configured = Authoriser(config.operators, config.commands.min_role)
+    assert configured.authorise(label("bob", BOB_TOKEN, accuracy)).name == "bob"
+    assert configured.authorise(label("bob", BOB_TOKEN, plain)).name == "bob"
+    with pytest.raises(Unauthorised, match="label_dosage"):
+        configured.authorise(label("bob", BOB_TOKEN, dosage))
 
 
 def test_authoriser_checks_user_token_and_role(tmp_path: Path, tokens: None) -> None:

@@ -14,7 +14,12 @@ import jsonschema
 import pytest
 
 from hotlab.controller.archive import HistoryArchive
-from hotlab.controller.measurements import DetectedDevice, MeasurementDetector, MeasurementSettings
+from hotlab.controller.measurements import (
+    READING_IDS_KEPT,
+    DetectedDevice,
+    MeasurementDetector,
+    MeasurementSettings,
+)
 from hotlab.controller.messages import Message, reading_message
 from hotlab.controller.plausibility import Plausibility, PlausibilityRules
 from hotlab.drivers.records import Reading
@@ -190,5 +195,40 @@ def test_restore_replays_committed_readings_so_a_restart_publishes_the_same_meas
         archive.add_many(messages[:5])
         restarted = detector(settle_readings=4)
         assert restarted.restore(archive, messages[5:6], now_ns=T0 + 6 * S) == 6
+    [found] = run(restarted, messages[6:])
+    assert found == expected
+
+
+def test_a_long_plateau_names_its_first_and_last_readings_and_counts_them_all() -> None:
+    """A source left in for long: `n` counts every plateau reading, `reading_ids` stays bounded."""
+    kept = READING_IDS_KEPT
+    plateau_count = 2 * kept + 37
+    stream = [(0, 0.0), *((1 + k, 7.4e6) for k in range(plateau_count)), (plateau_count + 1, 0.0)]
+    messages = readings(stream)
+    [measurement] = run(detector(settle_readings=4, dwell_s=3600), messages)
+    plateau_ids = [m.msg_id for m in messages[1 : 1 + plateau_count]]
+    assert measurement["n"] == plateau_count
+    assert measurement["reading_ids"] == plateau_ids[:kept] + plateau_ids[-kept:]
+    assert len(measurement["reading_ids"]) == SCHEMA["properties"]["reading_ids"]["maxItems"]
+
+
+def test_restore_skips_malformed_readings_and_takes_a_reading_without_quality_as_good(tmp_path: Path) -> None:
+    stream = [(0, 0.0), *((1 + k, 7.4e6) for k in range(8)), (9, 0.0)]
+    messages = readings(stream)
+    [expected] = run(detector(settle_readings=4), messages)
+    template = messages[5]
+    no_time = {k: v for k, v in template.payload.items() if k != "time_ns"} | {"msg_id": "b" * 32}
+    bad_activity = template.payload | {"msg_id": "c" * 32, "activity_bq": "lots"}
+    no_quality = {k: v for k, v in template.payload.items() if k != "quality"}
+    pending = [
+        Message("reading", template.topic, no_time),
+        Message("reading", template.topic, bad_activity),
+        Message("reading", template.topic, no_quality),
+    ]
+    with HistoryArchive(tmp_path / "history.sqlite3") as archive:
+        archive.add_many(messages[:5])
+        restarted = detector(settle_readings=4)
+        # 5 archived + the one without a quality; the two malformed ones are skipped, not fatal.
+        assert restarted.restore(archive, pending, now_ns=T0 + 6 * S) == 6
     [found] = run(restarted, messages[6:])
     assert found == expected

@@ -85,7 +85,8 @@ def lab_config(tmp_path: Path, url: str, *, broker: MosquittoBroker | None, dwel
     }
     if broker is not None:
         document["mqtt"] = {"host": broker.host, "port": broker.port, "client_id": f"ctl-{uuid.uuid4().hex[:8]}"}
-        document["operator"] = [{"name": "alice", "role": "operator", "token_env": "HOTLAB_TEST_TOKEN_ALICE"}]
+        # qc_officer: the accuracy label below asks for a verdict ([commands.min_role] label_accuracy).
+        document["operator"] = [{"name": "alice", "role": "qc_officer", "token_env": "HOTLAB_TEST_TOKEN_ALICE"}]
     return parse_config(document, base_dir=tmp_path)
 
 

@@ -255,8 +255,6 @@ def test_decay_series_input_errors() -> None:
         linearity_decay(TC99M, good[:3], LIMIT)  # the default 3 would leave nothing to judge
     with pytest.raises(QcInputError, match="between 1 and 15 readings"):
         linearity_decay(TC99M, good, LIMIT, normalisation_points=0)
-    with pytest.raises(QcInputError, match="do not decay"):
-        linearity_decay(TC99M, [TimedReading(p.time_ns, 1e6 * (i + 1)) for i, p in enumerate(good)], LIMIT)
     with pytest.raises(QcInputError, match="different times"):
         linearity_decay(TC99M, [TimedReading(START_NS, v) for v in (3e9, 2e9, 1e9)], LIMIT, normalisation_points=1)
     with pytest.raises(QcInputError, match="positive finite"):
@@ -340,3 +338,22 @@ def test_sleeve_test_of_a_linear_chamber_passes_and_names_unknown_sleeves() -> N
     assert result.verdict == "pass" and abs(result.deviation_pct) < 1e-9
     with pytest.raises(QcInputError, match="no calibration factor for sleeve 'D'"):
         linearity_sleeve(TC99M, factors, TimedReading(t1, 20e9), [TimedReading(t1, 1e9, "D")], LIMIT)
+
+
+def test_a_series_that_does_not_decay_is_judged_and_its_fit_only_reported() -> None:
+    """The half-life fit is an unjudged diagnostic: a slope >= 0 is noted in it, never an exception."""
+    good = series(lambda a: a)
+    rising = [TimedReading(p.time_ns, 1e6 * (i + 1)) for i, p in enumerate(good)]
+    result = linearity_decay(TC99M, rising, LIMIT)
+    fit = result.inputs["half_life_fit"]
+    assert fit["judged"] is False and fit["half_life_s"] is None
+    assert "do not decay" in fit["note"]
+    # ln(1e6 (i + 1)) against time rises: the least-squares slope is positive.
+    t_s = [(p.time_ns - rising[0].time_ns) / 1e9 for p in rising]
+    y = [math.log(p.activity_bq) for p in rising]
+    t_mean, y_mean = sum(t_s) / len(t_s), sum(y) / len(y)
+    slope = sum((t - t_mean) * (v - y_mean) for t, v in zip(t_s, y)) / sum((t - t_mean) ** 2 for t in t_s)
+    assert fit["fitted_slope_per_s"] == pytest.approx(slope, rel=1e-9) and slope > 0
+    assert fit["degrees_of_freedom"] == len(rising) - 2
+    # The verdict is judged from the per-point deviations as for any series: far off, so a failure.
+    assert result.verdict == "fail"

@@ -252,10 +252,20 @@ def _half_life_fit(nuclide: Nuclide, points: Sequence[TimedReading]) -> dict[str
     t_s = np.array([(point.time_ns - t0) / _NS_PER_S for point in points])
     log_activity = np.log([point.activity_bq for point in points])
     slope, intercept = (float(c) for c in np.polyfit(t_s, log_activity, 1))
-    if slope >= 0:
-        raise QcInputError("the readings do not decay (fitted slope >= 0); check the series and the nuclide")
-    residuals = log_activity - (intercept + slope * t_s)
     dof = len(points) - 2
+    if slope >= 0:
+        # No half-life to report, but the fit is a diagnostic: the verdict stands on the
+        # per-point deviations (which show such a series plainly), so say so instead of aborting.
+        return {
+            "half_life_s": None,
+            "fitted_slope_per_s": slope,
+            "degrees_of_freedom": dof,
+            "span_half_lives": float(t_s[-1]) / nuclide.half_life_s,
+            "note": "the readings do not decay (fitted slope >= 0): no half-life fitted; "
+            "check the series, the clock and the nuclide setting",
+            "judged": False,
+        }
+    residuals = log_activity - (intercept + slope * t_s)
     slope_sigma = math.sqrt(float(residuals @ residuals) / dof / float(((t_s - t_s.mean()) ** 2).sum()))
     half_life_s = math.log(2.0) / -slope
     fit_sigma_s = half_life_s * slope_sigma / -slope
