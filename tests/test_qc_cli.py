@@ -247,3 +247,16 @@ def test_installed_entry_point_exit_code() -> None:
     done = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[1])
     assert done.returncode == 2
     assert "hotlab qc mo99: error: --mo99" in done.stderr
+
+
+def test_linearity_of_a_series_that_does_not_decay_prints_its_verdict_and_no_fit(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The text output did arithmetic on a fitted half-life that a non-decaying series does not have."""
+    flat = [*LINEARITY[: LINEARITY.index("--reading")]]
+    rising = zip(("2026-03-02T00:00:00Z", "2026-03-02T06:00:24.120Z", "2026-03-02T12:00:48.240Z"), (240, 245, 250))
+    for when, mbq in rising:  # a chamber reading up while the source decays: no half-life to fit
+        flat += ["--reading", f"{when}={mbq}MBq"]
+    assert main([*flat, "--normalise-points", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "FAIL" in out and "fitted half-life (diagnostic, not judged): none" in out

@@ -214,6 +214,9 @@ def _print_decay_points(result: QcResult, console: Console) -> None:
         highlight=False,
     )
     fit = inputs["half_life_fit"]
+    if fit["half_life_s"] is None:  # the series does not decay: nothing to compare, the verdict stands
+        console.print(f"  fitted half-life (diagnostic, not judged): none: {fit['note']}", highlight=False)
+        return
     sigmas = "" if fit["difference_in_sigma"] is None else f" = {fit['difference_in_sigma']:+.1f} combined sigma"
     console.print(
         f"  fitted half-life (diagnostic, not judged): {fit['half_life_s'] / 3600:.4f} h "
