@@ -114,6 +114,10 @@ class PlausibilityRules:
         self.family = family
         self.settings = settings
 
+    def known_nuclide(self, name: str) -> bool:
+        """Whether a nuclide setting is in the library (physics/nuclides.py); a flipped isotope text is not."""
+        return _half_life_nuclide(name) is not None
+
     def band(self, expected_bq: float) -> float:
         """The noise band around an expected value: relative, with an absolute floor."""
         return max(self.settings.noise_rel * abs(expected_bq), self.settings.noise_floor_bq)

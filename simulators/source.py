@@ -90,10 +90,15 @@ class ChamberSchedule:
     built with. With `repeat_every_ns` the changes repeat with that period (a routine: a dose read
     every few minutes, the check source every morning); a source keeps decaying from its own
     reference time however often it goes in and out, as one vial does.
+
+    With `ramp_ns` a source that goes in is not seen at once: the chamber reads a linearly rising
+    fraction of its activity for `ramp_ns` after the change (the dipper goes down, the electrometer
+    settles), as a real insertion ramps over a few polls. Taking a source out is immediate.
     """
 
     changes: tuple[tuple[int, Source | None], ...]
     repeat_every_ns: int | None = None
+    ramp_ns: int = 0
 
     def __post_init__(self) -> None:
         times = [at_ns for at_ns, _ in self.changes]
@@ -101,6 +106,8 @@ class ChamberSchedule:
             raise ValueError("a chamber schedule needs at least one change, in time order")
         if self.repeat_every_ns is not None and not times[-1] - times[0] < self.repeat_every_ns:
             raise ValueError("a repeating chamber schedule's changes must fit in one period")
+        if self.ramp_ns < 0:
+            raise ValueError(f"a chamber schedule's ramp must be >= 0 ns, got {self.ramp_ns}")
 
     def content(self, at_ns: int, before: Source | None) -> Source | None:
         """The source in the chamber at `at_ns`; `before` until the first change."""
@@ -110,7 +117,17 @@ class ChamberSchedule:
         if self.repeat_every_ns is not None:
             at_ns = first_ns + (at_ns - first_ns) % self.repeat_every_ns
         index = bisect.bisect_right([at for at, _ in self.changes], at_ns) - 1
-        return self.changes[index][1]
+        changed_ns, content = self.changes[index]
+        if index > 0:
+            previous = self.changes[index - 1][1]
+        else:
+            previous = before if self.repeat_every_ns is None else self.changes[-1][1]
+        elapsed_ns = at_ns - changed_ns
+        if content is None or content == previous or not elapsed_ns < self.ramp_ns:
+            return content
+        # going in: the chamber sees a growing fraction of the source until the ramp is over
+        fraction = elapsed_ns / self.ramp_ns
+        return Source(content.nuclide, content.reference_activity_bq * fraction, content.reference_time_ns)
 
 
 class IonChamber:

@@ -142,32 +142,38 @@ def checked(script: Sequence[float | tuple[float, str] | DriverError], family: s
 
 
 async def test_without_a_checksum_a_flip_is_read_again_and_not_repeated() -> None:
-    source = checked([7.4e9, 7.4e8, 7.4e9, 7.4e19, 7.4e9, 7.4e9])
+    source = checked([7.4e9, 7.4e9, 7.4e8, 7.4e9, 7.4e19, 7.4e9, 7.4e9])
     assert await qualities(source, 4) == [
         (7.4e9, "good"),
+        (7.4e9, "good"),  # the first reading since start is confirmed by its re-read
         (7.4e8, "suspect"),  # fell by 90 % in 0.5 s
         (7.4e9, "good"),  # the immediate re-read: the flip is not repeated
         (7.4e19, "suspect"),  # out of range
         (7.4e9, "good"),
         (7.4e9, "good"),
     ]
-    assert source.source.reads == 6  # two re-reads, each right after its suspect frame
+    assert source.source.reads == 7  # three re-reads, each right after its unconfirmed frame
 
 
 async def test_without_a_checksum_a_real_change_is_confirmed_by_the_re_read() -> None:
     # A vial swapped between two polls (7.4 -> 3 GBq), then taken out, then another put in: each
     # step is repeated by the re-read, so both frames of each step are good.
-    source = checked([7.4e9, 3e9, 3e9, 0.0, 0.0, 5e8, 5e8])
-    assert [quality for _, quality in await qualities(source, 4)] == ["good"] * 7
+    source = checked([7.4e9, 7.4e9, 3e9, 3e9, 0.0, 0.0, 5e8, 5e8])
+    assert [quality for _, quality in await qualities(source, 4)] == ["good"] * 8
 
 
 async def test_a_re_read_that_fails_leaves_the_reading_suspect_and_is_not_lost() -> None:
-    source = checked([7.4e9, 7.4e8, DeviceTimeout("no reply"), 7.4e9])
+    source = checked([7.4e9, 7.4e9, 7.4e8, DeviceTimeout("no reply"), 7.4e9])
     out = []
     for _ in range(3):
         out.extend(await source.read())
-    assert [(r.activity_bq, r.quality) for r in out] == [(7.4e9, "good"), (7.4e8, "suspect"), (7.4e9, "good")]
-    assert out[1].quality_reason is not None and out[1].quality_reason.endswith("; the re-read failed")
+    assert [(r.activity_bq, r.quality) for r in out] == [
+        (7.4e9, "good"),
+        (7.4e9, "good"),
+        (7.4e8, "suspect"),
+        (7.4e9, "good"),
+    ]
+    assert out[2].quality_reason is not None and out[2].quality_reason.endswith("; the re-read failed")
 
 
 async def test_with_a_checksum_a_jump_is_suspect_until_the_next_poll_agrees() -> None:
@@ -183,10 +189,16 @@ async def test_with_a_checksum_a_jump_is_suspect_until_the_next_poll_agrees() ->
     assert source.source.reads == 6
 
 
-async def test_a_nuclide_change_resets_the_reference() -> None:
-    # The same vial read on another setting shows another number: not a jump.
-    source = checked([7.4e9, (2.29e9, "F-18"), (2.29e9, "F-18")])
-    assert [quality for _, quality in await qualities(source, 3)] == ["good", "good", "good"]
+async def test_a_nuclide_change_repeated_by_the_re_read_resets_the_reference() -> None:
+    # The same vial read on another setting shows another number: not a jump, once the re-read repeats it.
+    source = checked([7.4e9, 7.4e9, (2.29e9, "F-18"), (2.29e9, "F-18"), (2.29e9, "F-18")])
+    assert [quality for _, quality in await qualities(source, 3)] == ["good"] * 5
+    assert source.source.reads == 5  # the re-read of the first reading and of the change; none after
+
+
+async def test_with_a_checksum_a_nuclide_change_needs_no_re_read() -> None:
+    source = checked([7.4e9, (2.29e9, "F-18"), (2.29e9, "F-18")], family="crc15r")
+    assert [quality for _, quality in await qualities(source, 3)] == ["good"] * 3
 
 
 def test_the_suspect_alarm_needs_a_full_window_and_clears_below_half_its_threshold() -> None:
