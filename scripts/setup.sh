@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 need=()
-for bin in mosquitto:mosquitto mosquitto_sub:mosquitto-clients influxd:influxdb socat:socat mbpoll:mbpoll; do
+for bin in mosquitto:mosquitto mosquitto_sub:mosquitto-clients influxd:influxdb socat:socat mbpoll:mbpoll openssl:openssl; do
     command -v "${bin%%:*}" >/dev/null 2>&1 || need+=("${bin##*:}")
 done
 if ((${#need[@]})); then
