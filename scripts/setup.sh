@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install what hotlab and its tests need on a fresh Debian machine: the service binaries the
-# integration tests start (mosquitto, influxd, socat, mbpoll) and a virtualenv in .venv.
+# integration tests start (mosquitto, influxd, socat, mbpoll, openssl) and a virtualenv in .venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 need=()
