@@ -18,12 +18,12 @@ from __future__ import annotations
 import inspect
 import os
 import re
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from hotlab.controller.config_file import read_config_file
 from hotlab.controller.config_table import ConfigError, ConfigTable
 from hotlab.controller.event_loop import DEFAULT_EVENT_LOOP, EVENT_LOOPS
 from hotlab.controller.measurements import MeasurementSettings
@@ -291,9 +291,8 @@ def _secret(table: ConfigTable, stem: str, *, required: bool = False) -> Secret 
 
 def load_config(path: str | Path) -> LabConfig:
     """Read and validate a lab config file; raise ConfigError with a precise message on any problem."""
-    file = Path(path)
-    data = _read_toml(file)
-    return parse_config(data, file=str(file), base_dir=file.resolve().parent, source=file)
+    root = read_config_file(path)
+    return parse_config(root.data, file=str(root.file), base_dir=root.base_dir, source=Path(path))
 
 
 def load_audit_path(path: str | Path) -> Path:
@@ -303,8 +302,7 @@ def load_audit_path(path: str | Path) -> Path:
     Only [service] and [commands] are read, with the same rules as `load_config`: whoever verifies
     the trail (a QA officer, a cron job) needs no MQTT, InfluxDB or operator secrets for it.
     """
-    file = Path(path)
-    root = ConfigTable(_read_toml(file), file=str(file), base_dir=file.resolve().parent)
+    root = read_config_file(path)
     service = _parse_service(root.table("service"), root)
     return _parse_commands(root.table("commands")).resolved_audit_path(service.state_dir)
 
@@ -312,22 +310,16 @@ def load_audit_path(path: str | Path) -> Path:
 def load_history_path(path: str | Path) -> Path | None:
     """The history archive the service configured in `path` keeps (None if disabled), read like
     `load_audit_path`: only [history], so a reader of the archive needs none of the lab's secrets."""
-    file = Path(path)
-    root = ConfigTable(_read_toml(file), file=str(file), base_dir=file.resolve().parent)
+    root = read_config_file(path)
     return _parse_history(root.table("history"), root)
 
 
-def _read_toml(file: Path) -> Mapping[str, Any]:
-    try:
-        raw = file.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"{file}: cannot read config file: {exc.strerror}") from None
-    try:
-        return tomllib.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{file}: not UTF-8 text (byte {exc.start})") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{file}: not valid TOML: {exc}") from None
+def load_mqtt_config(path: str | Path) -> MqttConfig | None:
+    """The broker the service configured in `path` reaches (None without [mqtt]), read like
+    `load_audit_path`: only [mqtt], with the same rules as `load_config`."""
+    root = read_config_file(path)
+    table = root.table("mqtt")
+    return _parse_mqtt(table) if table is not None else None
 
 
 def parse_config(

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
-import ssl
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,10 +25,10 @@ import aiomqtt
 from hotlab.controller.anchor_check import AuditAnchor
 from hotlab.controller.archive import HistoryArchive, NotAnArchiveError
 from hotlab.controller.audit import first_record_hash
-from hotlab.controller.config import MqttConfig, Secret, TlsConfig, load_secret
-from hotlab.controller.config_file import read_config_file
-from hotlab.controller.config_table import ConfigError, ConfigTable
+from hotlab.controller.config import MqttConfig, load_mqtt_config
+from hotlab.controller.config_table import ConfigError
 from hotlab.controller.messages import controller_topic
+from hotlab.controller.sinks.mqtt import tls_parameters
 
 #: Every site's anchor topic: the trail's identity, not the site, says which anchors are its own.
 ANCHOR_TOPIC_FILTER = controller_topic("+", "audit")
@@ -110,34 +109,10 @@ def lab_broker(config: Path) -> MqttConfig:
     Only these keys are read: the rest of [mqtt] is the controller's session, and a reader must not
     take over its client id.
     """
-    root = read_config_file(config)
-    table = root.table("mqtt")
-    if table is None:
-        raise root.error("mqtt", "is missing: --mqtt reads the lab's broker from it (or give --mqtt-host)")
-    host = table.string("host", "127.0.0.1")
-    port = table.integer("port", 1883, minimum=1, maximum=65535)
-    username = table.string("username")
-    password = _password(table)
-    tls_table = table.table("tls")
-    tls = None
-    if tls_table is not None:
-        tls = TlsConfig(
-            ca_file=tls_table.path_value("ca_file", must_exist=True),
-            cert_file=tls_table.path_value("cert_file", must_exist=True),
-            key_file=tls_table.path_value("key_file", must_exist=True),
-            insecure_skip_hostname_check=tls_table.boolean("insecure_skip_hostname_check", False),
-        )
-    return MqttConfig(host=host, port=port, username=username, password=password, tls=tls)
-
-
-def _password(table: ConfigTable) -> Secret | None:
-    env, file = table.string("password_env"), table.path_value("password_file")
-    if env is None and file is None:
-        return None
-    try:
-        return load_secret(env=env, file=file)
-    except ConfigError as exc:
-        raise table.error("password_env" if env is not None else "password_file", str(exc)) from None
+    mqtt = load_mqtt_config(config)
+    if mqtt is None:
+        raise ConfigError(f"{config}: mqtt: is missing: --mqtt reads the lab's broker from it (or give --mqtt-host)")
+    return mqtt
 
 
 def _archived(identity: TrailIdentity, path: Path) -> tuple[list[AuditAnchor], str]:
@@ -201,20 +176,12 @@ async def _read_retained(broker: Broker) -> list[tuple[str, Any]]:
 def _client(broker: Broker) -> aiomqtt.Client:
     """A client with the lab's TLS and credentials, and a client id of its own (never the controller's)."""
     mqtt, tls = broker.mqtt, broker.mqtt.tls
-    tls_params = None
-    if tls is not None:
-        tls_params = aiomqtt.TLSParameters(
-            ca_certs=str(tls.ca_file) if tls.ca_file else None,
-            certfile=str(tls.cert_file) if tls.cert_file else None,
-            keyfile=str(tls.key_file) if tls.key_file else None,
-            cert_reqs=ssl.CERT_REQUIRED,
-        )
     return aiomqtt.Client(
         mqtt.host,
         mqtt.port,
         username=mqtt.username,
         password=mqtt.password.reveal() if mqtt.password is not None else None,
-        tls_params=tls_params,
+        tls_params=tls_parameters(tls),
         tls_insecure=tls.insecure_skip_hostname_check if tls is not None else None,
         timeout=broker.timeout_s,
     )

@@ -63,7 +63,7 @@ from typing import Any, Protocol
 import aiomqtt
 
 from hotlab.backoff import Backoff
-from hotlab.controller.config import MqttConfig
+from hotlab.controller.config import MqttConfig, TlsConfig
 from hotlab.controller.messages import SCHEMA_VERSION, controller_topic, iso_utc
 from hotlab.controller.outbox import AsyncOutbox, StoredPayload
 from hotlab.controller.sinks.aiomqtt_paho import PahoPublisher, retain_as_published
@@ -97,6 +97,18 @@ class CommandRouter(Protocol):
     topic_filter: str
 
     async def submit(self, topic: str, payload: bytes, retain: bool) -> None: ...
+
+
+def tls_parameters(tls: TlsConfig | None) -> aiomqtt.TLSParameters | None:
+    """aiomqtt's TLS settings for [mqtt.tls]: the broker's certificate is always verified."""
+    if tls is None:
+        return None
+    return aiomqtt.TLSParameters(
+        ca_certs=str(tls.ca_file) if tls.ca_file else None,
+        certfile=str(tls.cert_file) if tls.cert_file else None,
+        keyfile=str(tls.key_file) if tls.key_file else None,
+        cert_reqs=ssl.CERT_REQUIRED,
+    )
 
 
 def _encode(payload: dict[str, Any]) -> bytes:
@@ -226,14 +238,6 @@ class MqttSink:
             qos=QOS_DATA,
             retain=True,
         )
-        tls_params = None
-        if cfg.tls is not None:
-            tls_params = aiomqtt.TLSParameters(
-                ca_certs=str(cfg.tls.ca_file) if cfg.tls.ca_file else None,
-                certfile=str(cfg.tls.cert_file) if cfg.tls.cert_file else None,
-                keyfile=str(cfg.tls.key_file) if cfg.tls.key_file else None,
-                cert_reqs=ssl.CERT_REQUIRED,
-            )
         return aiomqtt.Client(
             cfg.host,
             cfg.port,
@@ -249,7 +253,7 @@ class MqttSink:
             # Unlimited in paho: the sink's own window (`inflight_window`) bounds the data publishes,
             # and with a limit set paho re-scans every message it holds on each PUBACK.
             max_inflight_messages=0,
-            tls_params=tls_params,
+            tls_params=tls_parameters(cfg.tls),
             tls_insecure=cfg.tls.insecure_skip_hostname_check if cfg.tls is not None else None,
             logger=logging.getLogger("hotlab.paho"),
         )
