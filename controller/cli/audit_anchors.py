@@ -103,11 +103,9 @@ def _of_the_trails_site(anchors: list[AuditAnchor], identity: TrailIdentity) -> 
 
 
 def lab_broker(config: Path) -> MqttConfig:
-    """The broker of the lab config `config` as its controller reaches it: [mqtt] host, port, username,
-    password (`password_env`/`password_file`) and [mqtt.tls]. Raises ConfigError naming the file and key.
-
-    Only these keys are read: the rest of [mqtt] is the controller's session, and a reader must not
-    take over its client id.
+    """The broker of the lab config `config` as its controller reaches it ([mqtt], checked as the
+    controller checks it). Raises ConfigError naming the file and key. Only host, port, credentials
+    and TLS are used: the verifier connects with a client id of its own, never the controller's.
     """
     mqtt = load_mqtt_config(config)
     if mqtt is None:
