@@ -135,25 +135,28 @@ def first_occurrences(payloads: list[dict[str, Any]]) -> tuple[list[int], int]:
     return values, len(payloads) - len(seen)
 
 
+def passing_verdict_for(reading: Message) -> Message:
+    """A constancy pass caused by `reading`, as the QC engine would build it (it must match its schema)."""
+    p = reading.payload
+    return QcResult(
+        test="constancy",
+        verdict="pass",
+        measured=1.0,
+        expected=1.0,
+        deviation_pct=0.0,
+        unit="Bq",
+        limit=DEFAULT_LIMITS["constancy"],
+        value_judged=0.0,
+        time_ns=time.time_ns(),
+        inputs={"reading": p["msg_id"]},
+    ).to_message(p["site"], p["station"], p["device"])
+
+
 async def test_payloads_match_schemas_and_topics(tmp_path: Path, mosquitto: MosquittoBroker) -> None:
     def qc_every_third(message: Message) -> list[Message]:
         if int(message.payload["activity_bq"]) % 3:
             return []
-        p = message.payload
-        return [
-            QcResult(
-                test="constancy",
-                verdict="pass",
-                measured=1.0,
-                expected=1.0,
-                deviation_pct=0.0,
-                unit="Bq",
-                limit=DEFAULT_LIMITS["constancy"],
-                value_judged=0.0,
-                time_ns=time.time_ns(),
-                inputs={"reading": p["msg_id"]},
-            ).to_message(p["site"], p["station"], p["device"])
-        ]
+        return [passing_verdict_for(message)]
 
     async with MqttCollector(mosquitto.host, mosquitto.port) as collector:
         async with Lab(lab(tmp_path, mosquitto, devices=2, poll_s=0.02), processors=[qc_every_third]) as running:

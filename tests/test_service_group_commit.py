@@ -17,11 +17,10 @@ import hotlab.controller.service
 from hotlab.controller.config import parse_config
 from hotlab.controller.messages import Message
 from hotlab.controller.outbox import Outbox, StoredPayload
-from hotlab.controller.qc.limits import DEFAULT_LIMITS
-from hotlab.controller.qc.result import QcResult
 from hotlab.controller.service import ControllerService
 from hotlab.controller.supervisor import Item
 from hotlab.drivers.records import Reading
+from tests.test_mqtt_delivery import passing_verdict_for
 
 DEVICES = 30
 
@@ -112,21 +111,7 @@ class RecordingStage:
         for message in messages:
             out.append(message)
             if message.kind == "reading":
-                p = message.payload
-                out.append(
-                    QcResult(
-                        test="constancy",
-                        verdict="pass",
-                        measured=1.0,
-                        expected=1.0,
-                        deviation_pct=0.0,
-                        unit="Bq",
-                        limit=DEFAULT_LIMITS["constancy"],
-                        value_judged=0.0,
-                        time_ns=time.time_ns(),
-                        inputs={"reading": p["msg_id"]},
-                    ).to_message(p["site"], p["station"], p["device"])
-                )
+                out.append(passing_verdict_for(message))
         return Outcome(tuple(out))
 
     def apply(self, outcome: Outcome) -> None:
