@@ -58,6 +58,9 @@ DEFAULT_MIN_ROLE: dict[str, str] = {
     # verdict (reference_source) is a QC record, a dosage (prescribed_activity) a clinical one.
     "label_accuracy": "qc_officer",
     "label_dosage": "operator",
+    # start_qc opens a QC procedure (controller/qc/procedures.py); a constancy baseline is a QC officer's record.
+    "start_qc": "operator",
+    "qc_baseline": "qc_officer",
 }
 #: A command token shorter than this is guessable by brute force over MQTT; refuse it at load time.
 MIN_TOKEN_CHARS = 16

@@ -27,6 +27,9 @@ Kind = Literal[
     "device_status",
     "controller_alarm",
     "audit_anchor",
+    "qc_baseline",
+    "qc_procedure",
+    "qc_status",
 ]
 SCHEMA_VERSION = 1
 TOPIC_ROOT = "hotlab"
@@ -88,7 +91,8 @@ def elution_msg_id(record: ElutionRecord) -> str:
     return uuid.uuid5(MSG_ID_NAMESPACE, name).hex
 
 
-def _envelope(kind: Kind, time_ns: int, msg_id: str | None = None) -> dict[str, Any]:
+def envelope(kind: Kind, time_ns: int, msg_id: str | None = None) -> dict[str, Any]:
+    """The keys every message starts with: schema, msg_id (random unless given), time_ns and time."""
     return {
         "schema": f"hotlab.{kind}/{SCHEMA_VERSION}",
         "msg_id": msg_id if msg_id is not None else uuid.uuid4().hex,
@@ -108,7 +112,7 @@ def controller_topic(site: str, leaf: str) -> str:
 
 def reading_message(site: str, station: str, reading: Reading) -> Message:
     """A reading as read, with its quality; `quality_reason` only when it is suspect (controller/checked_source.py)."""
-    payload = _envelope("reading", reading.timestamp_ns) | {
+    payload = envelope("reading", reading.timestamp_ns) | {
         "site": site,
         "station": station,
         "device": reading.device,
@@ -159,7 +163,7 @@ def measurement_message(site: str, station: str, values: MeasurementValues) -> M
         return None if time_ns is None else iso_utc(time_ns)
 
     msg_id = measurement_msg_id(site, values.device, values.start_ns)
-    payload = _envelope("measurement", values.settle_ns, msg_id) | {
+    payload = envelope("measurement", values.settle_ns, msg_id) | {
         "site": site,
         "station": station,
         "device": values.device,
@@ -203,7 +207,7 @@ def measurement_label_message(
     """
     measurement_id = str(measurement["msg_id"])
     name = json.dumps(["measurement_label", measurement_id, request_id])
-    payload = _envelope("measurement_label", time_ns, uuid.uuid5(MSG_ID_NAMESPACE, name).hex) | {
+    payload = envelope("measurement_label", time_ns, uuid.uuid5(MSG_ID_NAMESPACE, name).hex) | {
         "site": site,
         "station": station,
         "device": device,
@@ -243,7 +247,7 @@ def suspect_alarm_message(
     time_ns: int,
 ) -> Message:
     """The suspect-reading alarm of one calibrator raised or cleared (controller/suspect_alarm.py)."""
-    payload = _envelope("controller_alarm", time_ns) | {
+    payload = envelope("controller_alarm", time_ns) | {
         "site": site,
         "station": station,
         "device": device,
@@ -279,7 +283,7 @@ def elution_message(
     """
     if breakthrough_pct is None and record.parent_bq is not None and record.activity_bq > 0:
         breakthrough_pct = record.parent_bq / record.activity_bq * 100.0
-    payload = _envelope("elution", record.end_ns, msg_id) | {
+    payload = envelope("elution", record.end_ns, msg_id) | {
         "site": site,
         "station": record.station,
         "generator": record.generator_id,
@@ -310,7 +314,7 @@ def counter_reset_alarm_message(site: str, device: str, record: ElutionRecord, *
     """
     active = record.counter_reset is not None
     name = json.dumps(["elution_counter_reset", elution_id, active])
-    payload = _envelope("controller_alarm", record.end_ns, uuid.uuid5(MSG_ID_NAMESPACE, name).hex) | {
+    payload = envelope("controller_alarm", record.end_ns, uuid.uuid5(MSG_ID_NAMESPACE, name).hex) | {
         "site": site,
         "station": record.station,
         "device": device,
@@ -342,7 +346,7 @@ def qc_message(
     time_ns: int | None = None,
 ) -> Message:
     """A QC verdict; `inputs` holds everything needed to recompute it later."""
-    payload = _envelope("qc_result", time_ns if time_ns is not None else time.time_ns()) | {
+    payload = envelope("qc_result", time_ns if time_ns is not None else time.time_ns()) | {
         "site": site,
         "station": station,
         "device": device,
@@ -372,7 +376,7 @@ def device_status_message(
     suspect_fraction: float | None = None,
 ) -> Message:
     """A device's state; calibrators add their suspect readings since start and the recent suspect fraction."""
-    payload = _envelope("device_status", time_ns if time_ns is not None else time.time_ns()) | {
+    payload = envelope("device_status", time_ns if time_ns is not None else time.time_ns()) | {
         "site": site,
         "station": station,
         "device": device,
@@ -396,7 +400,7 @@ def audit_anchor_message(site: str, *, trail: str, trail_id: str, seq: int, hash
     controller/audit_anchor.py says why anchors exist; `hotlab audit verify` reads them back.
     """
     name = json.dumps(["audit_anchor", trail_id, int(seq), hash_hex])
-    payload = _envelope("audit_anchor", time_ns, uuid.uuid5(MSG_ID_NAMESPACE, name).hex) | {
+    payload = envelope("audit_anchor", time_ns, uuid.uuid5(MSG_ID_NAMESPACE, name).hex) | {
         "site": site,
         "trail": trail,
         "trail_id": trail_id,
