@@ -388,6 +388,8 @@ def test_operators_and_min_roles_are_loaded(tmp_path: Path, tokens: None) -> Non
         "label_measurement": "operator",
         "label_accuracy": "qc_officer",
         "label_dosage": "operator",
+        "start_qc": "operator",
+        "qc_baseline": "qc_officer",
     }
     default = parse_config(lab(tmp_path), base_dir=tmp_path)
     assert default.operators == ()
