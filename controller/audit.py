@@ -54,6 +54,15 @@ ELUTION_ABORT = "elution.abort"
 FAULT_ACKNOWLEDGE = "fault.acknowledge"
 QC_MANUAL_ENTRY = "qc.manual_entry"
 TORN_TAIL_DISCARDED = "audit.torn_tail_discarded"
+#: Electronic signatures of QC records (controller/signatures.py) and changes to the accounts
+#: that make them (controller/users.py); none of these records holds a password or its hash.
+RECORD_SIGNED = "record.signed"
+USER_ADD = "user.add"
+USER_PASSWD = "user.passwd"
+USER_DISABLE = "user.disable"
+#: A password check that failed, and the lock that consecutive failures put on an account.
+USER_AUTH_FAILED = "user.auth_failed"
+USER_LOCK = "user.lock"
 
 KEY_ENV = "HOTLAB_AUDIT_KEY"
 KEY_FILE_ENV = "HOTLAB_AUDIT_KEY_FILE"

@@ -227,6 +227,27 @@ class CommandsConfig:
         return self.audit_path if self.audit_path is not None else state_dir / "audit.jsonl"
 
 
+#: NIST SP 800-63B-4 §3.1.1.2: a password that is the only secret of an authentication needs at
+#: least 15 characters, one used beside another factor at least 8; signing is username + password.
+DEFAULT_MIN_PASSWORD_CHARS = 15
+MIN_PASSWORD_CHARS_FLOOR = 8
+#: Consecutive failed password checks that lock an account (SP 800-63B-4 §3.2.2 allows at most 100).
+DEFAULT_MAX_FAILED_PASSWORDS = 5
+
+
+@dataclass(frozen=True, slots=True)
+class UsersConfig:
+    """[users]: the account store of the people who sign records (controller/users.py)."""
+
+    #: The SQLite store; None means `users.sqlite3` beside the audit trail that records its changes.
+    path: Path | None = None
+    min_password_chars: int = DEFAULT_MIN_PASSWORD_CHARS
+    max_failed_passwords: int = DEFAULT_MAX_FAILED_PASSWORDS
+
+    def resolved_path(self, audit_path: Path) -> Path:
+        return self.path if self.path is not None else audit_path.parent / "users.sqlite3"
+
+
 @dataclass(frozen=True, slots=True)
 class LabConfig:
     site: str
@@ -243,6 +264,7 @@ class LabConfig:
     #: [[operator]] entries; without any, every control command is refused (and audited).
     operators: tuple[OperatorConfig, ...] = ()
     commands: CommandsConfig = field(default_factory=CommandsConfig)
+    users: UsersConfig = field(default_factory=UsersConfig)
 
 
 def load_secret(*, env: str | None = None, file: Path | None = None) -> Secret:
@@ -310,6 +332,12 @@ def load_audit_path(path: str | Path) -> Path:
     return _parse_commands(root.table("commands")).resolved_audit_path(service.state_dir)
 
 
+def load_users_config(path: str | Path) -> UsersConfig:
+    """The [users] table of the lab configured in `path`, read like `load_audit_path`: only [users],
+    so managing accounts needs none of the lab's other settings or secrets."""
+    return _parse_users(read_config_file(path).table("users"))
+
+
 def load_history_path(path: str | Path) -> Path | None:
     """The history archive the service configured in `path` keeps (None if disabled), read like
     `load_audit_path`: only [history], so a reader of the archive needs none of the lab's secrets."""
@@ -347,6 +375,7 @@ def parse_config(
     qc = _parse_qc(qc_table) if qc_table is not None else {}
     operators = _parse_operators(root)
     commands = _parse_commands(root.table("commands"))
+    users = _parse_users(root.table("users"))
     root.finish()
     return LabConfig(
         site=site,
@@ -360,6 +389,7 @@ def parse_config(
         source=source,
         operators=operators,
         commands=commands,
+        users=users,
     )
 
 
@@ -405,6 +435,18 @@ def _parse_commands(table: ConfigTable | None) -> CommandsConfig:
     max_age_s = table.number("max_age_s", DEFAULT_COMMAND_MAX_AGE_S, minimum=1.0, maximum=3600.0)
     table.finish()
     return CommandsConfig(audit_path=audit_path, min_role=min_role, max_age_s=max_age_s)
+
+
+def _parse_users(table: ConfigTable | None) -> UsersConfig:
+    if table is None:
+        return UsersConfig()
+    path = table.path_value("path")
+    min_chars = table.integer(
+        "min_password_chars", DEFAULT_MIN_PASSWORD_CHARS, minimum=MIN_PASSWORD_CHARS_FLOOR, maximum=64
+    )
+    max_failed = table.integer("max_failed_passwords", DEFAULT_MAX_FAILED_PASSWORDS, minimum=1, maximum=100)
+    table.finish()
+    return UsersConfig(path=path, min_password_chars=min_chars, max_failed_passwords=max_failed)
 
 
 def _parse_devices(root: ConfigTable) -> tuple[DeviceConfig, ...]:

@@ -8,10 +8,13 @@ and tables (matplotlib's PdfPages). matplotlib is the optional extra `hotlab[rep
 this module and controller/report_plots.py import it, and `hotlab report` says which extra to
 install when it is missing (controller/cli/report.py).
 
-Input is the local history archive (controller/archive.py) for QC results and elutions and
-the audit trail (controller/audit.py), whose chain is verified as part of the report so a
-reader sees at once whether the list of control actions can be trusted. The report prints
-the audit head hash: a signed paper copy then anchors the chain against later rewriting.
+Input is the local history archive (controller/archive.py) for QC results, procedures and
+elutions and the audit trail (controller/audit.py), whose chain is verified as part of the
+report so a reader sees at once whether the list of control actions can be trusted. The report
+prints the audit head hash: a signed paper copy then anchors the chain against later rewriting.
+The QC procedures of the period are listed with their electronic signatures (who, printed name,
+meaning, when, comment; 21 CFR 11.50 asks that a signed record show them), each re-hashed
+against the archive, and the ended procedures nobody signed yet as awaiting review.
 """
 
 from __future__ import annotations
@@ -41,6 +44,15 @@ from hotlab.controller.report_plots import (
     text_pages,
     trend_figure,
 )
+from hotlab.controller.signatures import (
+    Signature,
+    SignatureProblem,
+    awaiting_review,
+    check_signatures,
+    payload_sha256,
+    record_kind,
+    signatures,
+)
 from hotlab.physics.units import format_activity
 
 #: Tests with a dedicated figure; every other test gets the generic trend of its judged value.
@@ -57,6 +69,30 @@ class AuditSection:
 
 
 @dataclass(frozen=True, slots=True)
+class SignedRow:
+    """One signature of one reviewed record (a procedure, or a result outside any procedure)."""
+
+    record: dict[str, Any]
+    signature: Signature
+    #: The archived record still hashes as signed.
+    intact: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ReviewSection:
+    #: One record per procedure of the period: its end record, else its start (still running).
+    procedures: list[dict[str, Any]]
+    signed: list[SignedRow]
+    #: Records of the period no signature covers as they are now (controller/signatures.py).
+    awaiting: list[dict[str, Any]]
+    #: Signed records anywhere in the trail that changed or went missing from the archive.
+    problems: list[SignatureProblem]
+
+    def signatures_of(self, msg_id: str) -> list[SignedRow]:
+        return [row for row in self.signed if row.record.get("msg_id") == msg_id]
+
+
+@dataclass(frozen=True, slots=True)
 class ReportData:
     period: TimeRange
     generated_ns: int
@@ -65,6 +101,7 @@ class ReportData:
     qc_results: list[dict[str, Any]]
     elutions: list[dict[str, Any]]
     audit: AuditSection
+    review: ReviewSection
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +134,39 @@ def collect(
         qc_results=archive.query("qc_result", period, site=site),
         elutions=archive.query("elution", period, site=site),
         audit=AuditSection(audit_path, records, verification),
+        review=collect_review(archive, period, signatures(audit_path), site=site),
     )
+
+
+def collect_review(
+    archive: HistoryArchive, period: TimeRange, found: Sequence[Signature], *, site: str | None = None
+) -> ReviewSection:
+    """The procedures of the period, the signatures of its reviewed records (made whenever), what awaits review."""
+
+    def in_report(payload: Mapping[str, Any]) -> bool:
+        return period.start_ns <= int(payload["time_ns"]) < period.end_ns and site in (None, payload.get("site"))
+
+    latest: dict[str, dict[str, Any]] = {}
+    for record in archive.query("qc_procedure", period, site=site):
+        latest[str(record.get("procedure_id"))] = record  # oldest first: an end record replaces its start
+    signed = []
+    for signature in found:
+        for entry in signature.records:
+            payload = archive.get(entry.msg_id)
+            if payload is None or not in_report(payload) or not _reviewed_on_its_own(payload):
+                continue
+            signed.append(SignedRow(payload, signature, payload_sha256(payload) == entry.sha256))
+    return ReviewSection(
+        procedures=sorted(latest.values(), key=lambda p: (int(p.get("started_ns") or p["time_ns"]), p["msg_id"])),
+        signed=signed,
+        awaiting=[p for p in awaiting_review(archive, found, period=period) if in_report(p)],
+        problems=check_signatures(found, archive),
+    )
+
+
+def _reviewed_on_its_own(payload: Mapping[str, Any]) -> bool:
+    """A procedure, or a result outside any: a procedure's results are signed with it and shown with it."""
+    return record_kind(payload) == "qc_procedure" or not payload.get("procedure_id")
 
 
 # --------------------------------------------------------------------------- values
@@ -359,7 +428,9 @@ def _summary_html(data: ReportData) -> str:
     verdicts = _table(("test", "pass", "warn", "fail", "total"), rows, "No QC results in this period.")
     return (
         f"{verdicts}<p>{len(data.qc_results)} QC result(s), {len(data.elutions)} elution(s), "
-        f"{len(data.audit.records)} audited action(s) in the period.</p>{_audit_status_html(data.audit)}"
+        f"{len(data.audit.records)} audited action(s) in the period; {len(data.review.procedures)} QC procedure(s), "
+        f"{len(data.review.signed)} signature(s), {len(data.review.awaiting)} record(s) awaiting review.</p>"
+        f"{_audit_status_html(data.audit)}"
     )
 
 
@@ -384,6 +455,110 @@ def _audit_status_html(audit: AuditSection) -> str:
         f'<div class="status broken">Audit chain BROKEN in <code>{_e(audit.path)}</code> after '
         f"{result.records} intact record(s):<pre>{_e(result.broken.describe())}</pre>"
         "Records from that line on cannot be trusted.</div>"
+    )
+
+
+def _time(value: Any) -> str:
+    return iso_utc(int(value))[:19] if isinstance(value, int) and not isinstance(value, bool) else "–"
+
+
+def started_by(procedure: Mapping[str, Any]) -> str:
+    who = procedure.get("started_by")
+    if isinstance(who, Mapping):
+        return f"{who.get('user')} ({who.get('role')})"
+    return "recognised automatically"
+
+
+def sign_off(review: ReviewSection, record: Mapping[str, Any]) -> str:
+    """How far a reviewed record got: each signature's meaning and printed name, else running or awaiting review."""
+    rows = review.signatures_of(str(record.get("msg_id")))
+    if rows:
+        return "; ".join(
+            f"{row.signature.meaning} by {row.signature.printed_name}"
+            + ("" if row.intact else " (record CHANGED since)")
+            for row in rows
+        )
+    return "running" if record.get("status") == "started" else "awaiting review"
+
+
+def _what(record: Mapping[str, Any]) -> str:
+    return str(record.get("procedure") if record_kind(record) == "qc_procedure" else record.get("test"))
+
+
+_PROCEDURE_HEADER = (
+    "started (UTC)",
+    "procedure",
+    "site/station/device",
+    "status",
+    "verdict",
+    "started by",
+    "ended (UTC)",
+    "results",
+    "sign-off",
+    "detail",
+)
+
+
+def _procedure_row(review: ReviewSection, p: Mapping[str, Any]) -> str:
+    where = "/".join(str(p.get(k, "")) for k in ("site", "station", "device"))
+    verdict = p.get("verdict")
+    return (
+        f'<tr class="procedure verdict-{_e(verdict)}" data-msg-id="{_e(p.get("msg_id"))}">'
+        f"<td>{_e(_time(p.get('started_ns')))}</td><td>{_e(p.get('procedure'))}</td><td>{_e(where)}</td>"
+        f'<td>{_e(p.get("status"))}</td><td class="verdict">{_e(verdict or "–")}</td><td>{_e(started_by(p))}</td>'
+        f'<td>{_e(_time(p.get("ended_ns")))}</td><td class="num">{len(p.get("results") or [])}</td>'
+        f"<td>{_e(sign_off(review, p))}</td><td>{_e(p.get('detail', ''))}</td></tr>"
+    )
+
+
+_SIGNATURE_HEADER = (
+    "record (UTC)",
+    "record",
+    "device",
+    "verdict",
+    "meaning",
+    "signed by",
+    "printed name",
+    "role",
+    "signed (UTC)",
+    "comment",
+    "record since signing",
+)
+
+
+def _signature_row(row: SignedRow) -> str:
+    r, s = row.record, row.signature
+    return (
+        f'<tr class="signature meaning-{_e(s.meaning)}" data-msg-id="{_e(r.get("msg_id"))}">'
+        f"<td>{_e(_time(r.get('time_ns')))}</td><td>{_e(record_kind(r))} {_e(_what(r))}</td>"
+        f"<td>{_e(r.get('device'))}</td><td>{_e(r.get('verdict') or '–')}</td><td>{_e(s.meaning)}</td>"
+        f"<td>{_e(s.signer)}</td><td>{_e(s.printed_name)}</td><td>{_e(s.role)}</td><td>{_e(s.time[:19])}</td>"
+        f"<td>{_e(s.comment or '')}</td><td>{'unchanged' if row.intact else 'CHANGED'}</td></tr>"
+    )
+
+
+def _review_status_html(review: ReviewSection) -> str:
+    if not review.problems:
+        return (
+            f'<p class="status ok">{len(review.signed)} signature(s) of records in this period; every record '
+            "signed (in any period) is in the archive as it was signed.</p>"
+        )
+    problems = "".join(f"<li>{_e(p.describe())}</li>" for p in review.problems)
+    return f'<div class="status broken">Signed records changed or missing since signing:<ul>{problems}</ul></div>'
+
+
+def _review_html(review: ReviewSection) -> str:
+    waiting = [p for p in review.awaiting if record_kind(p) == "qc_procedure"]
+    loose = len(review.awaiting) - len(waiting)
+    return (
+        f'<section id="procedures"><h2>QC procedures</h2>'
+        f"{_table(_PROCEDURE_HEADER, (_procedure_row(review, p) for p in review.procedures), 'No QC procedures in this period.')}</section>"
+        f'<section id="review"><h2>Review and sign-off</h2>{_review_status_html(review)}'
+        f"{_table(_SIGNATURE_HEADER, map(_signature_row, review.signed), 'No record of this period is signed.')}</section>"
+        f'<section id="awaiting-review"><h2>Awaiting review</h2>'
+        f"{_table(_PROCEDURE_HEADER, (_procedure_row(review, p) for p in waiting), 'No ended procedure awaits review.')}"
+        f"<p>{loose} QC result(s) outside any procedure await review too (<code>hotlab review list</code>).</p>"
+        "</section>"
     )
 
 
@@ -439,6 +614,7 @@ def render_html(data: ReportData, figures: Sequence[ReportFigure] | None = None)
         f"{' · site ' + _e(data.site) if data.site else ''} · archive <code>{_e(data.archive_path)}</code> · "
         f"generated {_e(iso_utc(data.generated_ns))}</p></header>",
         f'<section id="summary"><h2>Summary</h2>{_summary_html(data)}</section>',
+        _review_html(data.review),
     ]
     for section, heading in _SECTIONS:
         chosen = [f for f in figures if f.section == section]
@@ -535,6 +711,43 @@ def _pdf_text(data: ReportData) -> list[tuple[str, list[str]]]:
         f"{quantity(e.get('activity_bq'), 'Bq'):<14} yield {e.get('yield_pct')!s:<8} breakthrough {e.get('breakthrough_pct')}"
         for e in data.elutions
     ]
+    review = data.review
+    procedures = [
+        line
+        for p in review.procedures
+        for line in _wrapped(
+            (
+                _time(p.get("started_ns")),
+                str(p.get("procedure")),
+                str(p.get("device")),
+                str(p.get("status")),
+                str(p.get("verdict") or "–"),
+                f"started by {started_by(p)}; ended {_time(p.get('ended_ns'))}; {sign_off(review, p)}",
+            ),
+            (21, 20, 14, 12, 7),
+        )
+    ]
+    signed = [
+        line
+        for row in review.signed
+        for line in _wrapped(
+            (
+                _time(row.record.get("time_ns")),
+                f"{_what(row.record)} {row.record.get('device')}",
+                row.signature.meaning,
+                row.signature.time[:19],
+                f"{row.signature.printed_name} ({row.signature.signer}, {row.signature.role})"
+                + ("" if row.intact else " — record CHANGED since signing")
+                + (f"; comment: {row.signature.comment}" if row.signature.comment else ""),
+            ),
+            (21, 28, 10, 21),
+        )
+    ]
+    signed += [line for problem in review.problems for line in textwrap.wrap(problem.describe(), TEXT_PAGE_COLUMNS)]
+    awaiting = [
+        f"{_time(p.get('time_ns')):<21}{record_kind(p)!s:<14}{_what(p):<22}{p.get('device')!s:<14}{p['msg_id']}"
+        for p in review.awaiting
+    ]
     audit_lines = [
         line
         for r in audit.records
@@ -554,6 +767,9 @@ def _pdf_text(data: ReportData) -> list[tuple[str, list[str]]]:
         ("hotlab QC report — summary", summary),
         ("Warnings and failures", verdict_lines([r for r in data.qc_results if r.get("verdict") != "pass"])),
         ("All verdicts", verdict_lines(data.qc_results)),
+        ("QC procedures", procedures),
+        ("Review and sign-off", signed),
+        ("Awaiting review", awaiting),
         ("Limits and their sources", limits),
         ("Elutions", elutions),
         ("Audit trail of control actions", [*textwrap.wrap(status, TEXT_PAGE_COLUMNS), "", *audit_lines]),

@@ -63,7 +63,8 @@ def qc(
         verdict=verdict,
         measured=measured,
         expected=expected,
-        deviation_pct=(measured / expected - 1) * 100,
+        # Only a tolerance judges the deviation; for the other limit kinds the schema wants none (null).
+        deviation_pct=(measured / expected - 1) * 100 if (limit_values or {}).get("kind") == "tolerance" else None,
         limit=limit,
         limit_source=source,
         inputs=inputs,
@@ -476,7 +477,7 @@ def test_cli_writes_html_and_pdf(
     assert pdf.startswith(b"%PDF")
     pages = pdf.count(b"/Type /Page\n") or pdf.count(b"/Type /Page ")
     printed = int(capsys.readouterr().out.split(".pdf: ")[1].split(" page")[0])
-    assert printed == 1 + 8 + 5  # summary, eight figures, five table sections of one page each
+    assert printed == 1 + 8 + 8  # summary, eight figures, eight table sections of one page each
     assert pages in (0, printed)  # PdfPages writes one /Type /Page object per page
 
 
@@ -545,3 +546,67 @@ def test_without_matplotlib_the_report_says_which_extra_to_install(tmp_path: Pat
     result = subprocess.run([sys.executable, "-c", program], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     assert result.stderr.strip() == "hotlab report: error: the report needs matplotlib: pip install 'hotlab[report]'"
+
+
+def test_procedures_signatures_and_what_awaits_review_are_reported(tmp_path: Path) -> None:
+    """One daily procedure signed twice (reviewed, then approved with a comment), one ended and unsigned, one
+    running; the report lists each procedure with its sign-off, and every signature with who, name and meaning."""
+    from hotlab.controller.report import write_pdf
+    from hotlab.controller.signatures import sign
+    from hotlab.controller.users import Credentials, UserStore
+    from tests.test_review import procedure, result
+
+    t0 = NOV_1 + 3 * DAY_NS + 7 * HOUR_NS
+    signed_id, unsigned_id, running_id = "1" * 32, "2" * 32, "3" * 32
+    results = [result("constancy", t0 + 60_000_000_000, signed_id)]
+    signed_end = procedure(
+        signed_id, "complete", started_ns=t0, ended_ns=t0 + 120_000_000_000, results=[results[0].msg_id], verdict="pass"
+    )
+    unsigned_end = procedure(
+        unsigned_id,
+        "incomplete",
+        started_ns=t0 + DAY_NS,
+        ended_ns=t0 + DAY_NS + 600_000_000_000,
+        results=[],
+        verdict=None,
+    )
+    running = procedure(running_id, "started", started_ns=t0 + 2 * DAY_NS, ended_ns=None, results=[], verdict=None)
+    archive_path, audit_path = tmp_path / "history.sqlite3", tmp_path / "audit.jsonl"
+    with HistoryArchive(archive_path) as archive:
+        archive.add_many([*results, signed_end, unsigned_end, running])
+    with UserStore(tmp_path / "users.sqlite3", AuditLog(audit_path)) as store, HistoryArchive(archive_path) as archive:
+        store.add_user("root", "Ada Admin", "admin", "admin passphrase one", admin=None)
+        store.add_user(
+            "jdoe", "Jane Doe", "qc_officer", "qc officer passphrase", admin=Credentials("root", "admin passphrase one")
+        )
+        jane = Credentials("jdoe", "qc officer passphrase")
+        sign(store=store, archive=archive, credentials=jane, record_ids=[signed_end.msg_id], meaning="reviewed")
+        sign(
+            store=store,
+            archive=archive,
+            credentials=Credentials("root", "admin passphrase one"),
+            record_ids=[signed_end.msg_id],
+            meaning="approved",
+            comment="<b>fine</b>",
+        )
+        data = collect(archive, TimeRange.from_text("2026-11-01", "2026-11-30"), audit_path)
+    document = render_html(data, [])
+    parser = ReportParser()
+    parser.feed(document)
+    parser.close()
+    assert [msg_id for msg_id, _ in parser.rows["procedures"]] == [
+        signed_end.msg_id,
+        unsigned_end.msg_id,
+        running.msg_id,
+    ]
+    assert [msg_id for msg_id, _ in parser.rows["review"]] == [signed_end.msg_id, signed_end.msg_id]
+    assert [css for _, css in parser.rows["review"]] == ["signature meaning-reviewed", "signature meaning-approved"]
+    assert [msg_id for msg_id, _ in parser.rows["awaiting-review"]] == [unsigned_end.msg_id]
+    text = " ".join(parser.text)
+    assert "reviewed by Jane Doe; approved by Ada Admin" in text
+    assert "op (operator)" in text and "awaiting review" in text and "running" in text
+    assert "<b>fine</b>" in text and "<b>fine</b>" not in document  # the comment is shown, escaped
+    assert "every record signed (in any period) is in the archive as it was signed" in text
+    assert parser.stack == []
+    pages = write_pdf(data, tmp_path / "report.pdf", [])
+    assert pages >= 8 and (tmp_path / "report.pdf").read_bytes().startswith(b"%PDF")

@@ -25,6 +25,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "hotlab.controller.cli.qc",
     "hotlab.controller.cli.audit",
     "hotlab.controller.cli.report",
+    "hotlab.controller.cli.user",
+    "hotlab.controller.cli.review",
     "hotlab.simulators.calibrator_cli",
     "hotlab.simulators.elution_station_cli",
 )
