@@ -457,3 +457,14 @@ def test_cli_config_errors_are_bad_input(tmp_path: Path, capsys: pytest.CaptureF
     assert hotlab(["audit", "verify", "--config", str(tmp_path / "missing.toml")]) == 2
     with pytest.raises(SystemExit):  # --path and --config name the same thing twice
         hotlab(["audit", "verify", "--config", str(config), "--path", str(tmp_path / "a.jsonl")])
+
+
+@pytest.mark.parametrize("action", ["record.signed", "user.add", "user.passwd", "user.disable"])
+def test_cli_append_cannot_forge_a_signature_or_an_account_change(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], action: str
+) -> None:
+    path = tmp_path / "audit.jsonl"
+    argv = ["audit", "append", "--path", str(path), "--actor", "mallory", "--action", action]
+    assert hotlab([*argv, "--target", "qc_result/abc", "--reason", "typed in"]) == 2
+    assert "only by its own command" in capsys.readouterr().err
+    assert not path.exists()

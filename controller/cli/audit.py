@@ -230,7 +230,17 @@ def _json_or_text(text: str | None) -> Any:
         return text
 
 
+#: Actions only their own commands may record: a signature or an account change carries a checked
+#: password (controller/signatures.py, controller/users.py), so a typed-in one would be a forgery.
+PROTECTED_ACTION_PREFIXES = ("record.", "user.")
+
+
 def _append(args: argparse.Namespace) -> int:
+    if str(args.action).startswith(PROTECTED_ACTION_PREFIXES):
+        raise InputError(
+            f"{args.action} is recorded only by its own command (hotlab review sign, hotlab user ...), "
+            "which checks the signer's password; audit append cannot write it"
+        )
     log = AuditLog(_path(args), key=hmac_key(args.key_file))
     try:
         record = log.append(
