@@ -32,6 +32,8 @@ from hotlab.controller.outbox import Outbox
 from hotlab.controller.qc.generator_rules import ge68_breakthrough
 from hotlab.controller.qc.limits import load_limits
 from hotlab.controller.qc.result import judged
+from hotlab.controller.qc.schedule import ItemStatus
+from hotlab.controller.qc.schedule_stage import qc_status_message
 from hotlab.controller.sinks import mqtt
 from hotlab.controller.sinks.mqtt import controller_status_payload
 from hotlab.drivers.records import ElutionRecord, Reading
@@ -118,7 +120,9 @@ def examples() -> dict[str, dict[str, Any]]:
         "counter_reset_alarm": counter_reset_alarm_message("lab", "gen-1", reset, elution_id="e" * 32).payload,
         "counter_alarm_cleared": counter_reset_alarm_message("lab", "gen-1", record, elution_id="f" * 32).payload,
         # A verdict as the QC engine commits it (QcResult.to_message adds alarm, unit, limit values).
-        "qc_result": ge68_breakthrough(1.1e9, now - 72 * 3600 * 10**9, 10.0, now, load_limits()["ge68_breakthrough"])
+        "qc_result": ge68_breakthrough(
+            1.1e9, now - 72 * 3600 * 10**9, 10.0, now, load_limits()["ge68_breakthrough"], background_bq=[0.5, 0.7]
+        )
         .to_message("lab", "hotcell-1", "cal-1")
         .payload,
         # A range limit: low and high instead of warn and fail.
@@ -136,6 +140,26 @@ def examples() -> dict[str, dict[str, Any]]:
         .to_message("lab", "elution-1", "GE68-001")
         .payload,
         "device_status": device_status_message("lab", "hotcell-1", "cal-1", up=True, latency_ms=12.5, errors=0).payload,
+        "qc_status": qc_status_message(
+            "lab",
+            ItemStatus(
+                "GE68-001",
+                "elution-1",
+                "ge68_breakthrough/" + "e" * 32,
+                "ge68_breakthrough",
+                "overdue",
+                now - 3600 * 10**9,
+                now,
+                None,
+                None,
+                None,
+                "e" * 32,
+                "Ge-68 follow-up of elution " + "e" * 32,
+            ),
+            now,
+        ).payload,
+        "marked_measurement": measurement | {"qc_state": "overdue", "procedure_id": None},
+        "marked_reading": reading_message("lab", "hotcell-1", reading).payload | {"qc_state": "failed"},
         "controller_status": controller_status_payload("lab", "ctl", "online", "connected", now, pid=1),
         "audit_anchor": audit_anchor_message(
             "lab",
@@ -162,6 +186,9 @@ SCHEMA_OF = {
     "qc_result": "qc_result",
     "range_qc_result": "qc_result",
     "device_status": "device_status",
+    "qc_status": "qc_status",
+    "marked_measurement": "measurement",
+    "marked_reading": "reading",
     "calibrator_status": "device_status",
     "controller_status": "controller_status",
     "suspect_alarm": "controller_alarm",
@@ -242,6 +269,11 @@ def test_last_will_has_no_time_but_is_valid() -> None:
         ("counter_reset_alarm", lambda p: p.pop("elution_id")),
         ("counter_alarm_cleared", lambda p: p.update(reason="counter 12 -> 1")),
         ("device_status", lambda p: p.update(surprise=1)),
+        ("qc_status", lambda p: p.update(alarm=False)),
+        ("qc_status", lambda p: p.update(state="late")),
+        ("qc_status", lambda p: p.update(item="ge68_breakthrough/elution-7")),
+        ("marked_reading", lambda p: p.update(qc_state="done")),
+        ("marked_measurement", lambda p: p.update(procedure_id="P-1")),
         ("controller_status", lambda p: p.update(state="sleeping")),
         ("audit_anchor", lambda p: p.update(seq=0)),
         ("audit_anchor", lambda p: p.update(hash="abc")),

@@ -31,6 +31,10 @@ from hotlab.errors import InputError
 VERDICT_CODES: dict[str, float] = {"pass": 0.0, "warn": 1.0, "fail": 2.0}
 
 
+#: QC schedule states as numbers (done < due < overdue < failed), so the worst state of an interval is its max.
+STATE_CODES: dict[str, float] = {"done": 0.0, "due": 1.0, "overdue": 2.0, "failed": 3.0}
+
+
 #: Numbers of a QC limit (QcResult payload `limit_values`), written as float fields `limit_<name>`.
 LIMIT_NUMBERS = ("warn", "fail", "low", "high")
 
@@ -101,6 +105,14 @@ SCHEMAS: dict[str, PointSchema] = {
         optional_tags=("generator",),
         float_fields=("active", "suspect_recent", "window", "fraction", "threshold", "suspect_readings", "counter"),
         string_fields=("reason", "elution_id"),
+    ),
+    # One series per QC schedule item (docs/qc.md, "Schedule"). `state` is a string field, not a tag, and
+    # `state_code` its number (STATE_CODES), so an item stays one series whatever its state; `alarm` is 0/1.
+    "qc_status": PointSchema(
+        required_tags=("site", "station", "device", "item", "test"),
+        optional_tags=(),
+        float_fields=("alarm", "due_ns", "overdue_ns", "last_done_ns"),
+        string_fields=("state", "last_verdict", "last_record_id", "elution_id", "detail"),
     ),
     # One series per trail (its first record's hash): the trail's growth over time, off the controller host.
     "audit_anchor": PointSchema(
@@ -195,6 +207,10 @@ def _point_parts(message: Message) -> tuple[int, dict[str, str], dict[str, float
             fields[key] = str(value)
     if message.kind == "qc_result":
         _add_qc_numbers(message, fields)
+    if message.kind == "qc_status":
+        code = STATE_CODES.get(str(payload.get("state")))
+        if code is not None:
+            fields["state_code"] = code
     msg_id = payload.get("msg_id")
     if not isinstance(msg_id, str) or not msg_id:
         raise PointError(message, f"msg_id must be a non-empty string, got {msg_id!r}")

@@ -31,8 +31,10 @@ consumers de-duplicate on the payload's `msg_id` (see docs/mqtt.md).
 Device statuses are published retained so a dashboard that subscribes later still sees
 each device's last state, and so are a calibrator's suspect-readings alarm (its current state,
 on hotlab/<site>/<station>/<device>/alarm) and the audit anchor (the head of the audit trail,
-controller/audit_anchor.py) so `hotlab audit verify` can read the newest one at any time;
-readings, elutions and QC results are not retained (a late subscriber must not mistake an
+controller/audit_anchor.py) so `hotlab audit verify` can read the newest one at any time; so
+are each QC schedule item's state (qc_status, one topic per item: what is due now) and each
+constancy baseline (qc_baseline, one topic per calibrator setting: what today's check compares
+with); readings, elutions and QC results are not retained (a late subscriber must not mistake an
 old reading for a live one).
 
 Control commands (controller/commands.py) arrive on the same client: with a router attached,
@@ -73,7 +75,7 @@ log = logging.getLogger(__name__)
 SINK = "mqtt"
 QOS_DATA = 1
 #: Kinds whose last message is the current state, published retained (module docstring).
-RETAINED_KINDS = frozenset({"device_status", "controller_alarm", "audit_anchor"})
+RETAINED_KINDS = frozenset({"device_status", "controller_alarm", "audit_anchor", "qc_status", "qc_baseline"})
 
 
 def controller_status_payload(

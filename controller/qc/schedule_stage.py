@@ -1,0 +1,282 @@
+"""The QC schedule as a two-phase commit stage: qc_status messages and `qc_state` on readings.
+
+Chained after the QC engine (controller/qc/engine.py), it sees each commit batch as the engine
+left it: measurements with their `procedure_id`, qc_result and qc_procedure records, elutions.
+Like the engine it is two-phase:
+
+    outcome = stage.process(*messages)       # pure: the batch with qc_state stamped + qc_status changes
+    await outbox.put_many(outcome.messages)
+    stage.apply(outcome)                     # only after the commit
+
+`process` folds each message into a copy of the facts (controller/qc/schedule.py) and, after the
+message that changed an item, places a qc_status for it; a reading or measurement of a calibrator
+whose daily QC is overdue or failed is replaced by a copy carrying `qc_state`, so nobody takes a
+dose from it unknowingly. The facts merge commutatively ("latest record wins"), so `apply` of
+the same outcome twice, or of a `tick` outcome and a batch outcome computed from the same
+state, leaves the same state. `tick(now)` finds the changes the clock alone makes (due ->
+overdue at the deadline, done -> due at midnight); its qc_status messages can be committed
+through the ordinary commit path, where `process` takes them as published.
+
+`restore` rebuilds the facts and what was last published from the history archive, so a
+restart neither forgets a done item nor publishes every status again; `hotlab qc status` uses
+the same `restore` and `current` on the archive alone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from hotlab.controller.messages import MSG_ID_NAMESPACE, Message, device_topic, envelope
+from hotlab.controller.qc.schedule import (
+    GE68,
+    GEOMETRY,
+    INTERVAL_ITEMS,
+    ItemStatus,
+    Key,
+    Schedule,
+    ScheduleConfig,
+    ScheduleFacts,
+)
+
+if TYPE_CHECKING:
+    from hotlab.controller.archive import HistoryArchive
+    from hotlab.controller.qc.engine import QcConfig
+
+log = logging.getLogger(__name__)
+
+_DAY_NS = 86_400 * 1_000_000_000
+#: Clinical measurements older than this before `now` cannot make today's daily QC overdue.
+_CLINICAL_LOOKBACK_NS = 2 * _DAY_NS
+_WEEK_NS = 7 * _DAY_NS
+
+
+def qc_status_message(site: str, status: ItemStatus, time_ns: int) -> Message:
+    """One item's state, retained on hotlab/<site>/<station>/<device>/qc/status/<item>.
+
+    The msg_id is name-based on the state and its time, so the same change built twice (a
+    batch processed again after a failed commit) is the same message.
+    """
+    name = json.dumps(["qc_status", site, status.device, status.item, *status.signature(), int(time_ns)])
+    payload = envelope("qc_status", time_ns, uuid.uuid5(MSG_ID_NAMESPACE, name).hex) | {
+        "site": site,
+        "station": status.station,
+        "device": status.device,
+        "item": status.item,
+        "test": status.test,
+        "state": status.state,
+        "alarm": status.alarm,
+        "due_ns": status.due_ns,
+        "overdue_ns": status.overdue_ns,
+        "last_done_ns": status.last_done_ns,
+        "last_verdict": status.last_verdict,
+        "last_record_id": status.last_record_id,
+        "elution_id": status.elution_id,
+        "detail": status.detail,
+    }
+    return Message("qc_status", device_topic(site, status.station, status.device, f"qc/status/{status.item}"), payload)
+
+
+@dataclass(slots=True)
+class _StageState:
+    """The facts plus, per item, the time and signature of the last qc_status committed for it."""
+
+    facts: ScheduleFacts = field(default_factory=ScheduleFacts)
+    published: dict[Key, tuple[int, tuple[Any, ...]]] = field(default_factory=dict)
+
+    def copy(self) -> _StageState:
+        return _StageState(self.facts.copy(), dict(self.published))
+
+    def merge(self, other: _StageState) -> None:
+        self.facts.merge(other.facts)
+        for key, (time_ns, signature) in other.published.items():
+            known = self.published.get(key)
+            if known is None or time_ns >= known[0]:
+                self.published[key] = (time_ns, signature)
+
+    def publish(self, status: ItemStatus, time_ns: int) -> bool:
+        """Note `status` as published at `time_ns`; False if it is what was published last."""
+        known = self.published.get(status.key)
+        if known is not None and known[1] == status.signature():
+            return False
+        self.published[status.key] = (time_ns, status.signature())
+        return True
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduleOutcome:
+    """What `process` or `tick` decided: commit `messages`, then `apply` the outcome.
+
+    `messages` is the whole batch in order (inputs, some replaced with `qc_state`, each followed
+    by the qc_status changes it caused); `statuses` are those qc_status messages alone.
+    """
+
+    messages: tuple[Message, ...]
+    statuses: tuple[Message, ...]
+    rejected: int
+    _state: _StageState = field(repr=False)
+
+
+def schedule_stage_for(site: str, qc: QcConfig, schedule: ScheduleConfig, stations: Mapping[str, str]) -> ScheduleStage:
+    """The stage for a site's `[qc]`: every calibrator with a check source (`[qc.devices]`, station from
+    `stations`, device -> station) and every generator whose daughter is Ga-68 (`[qc.generators]`).
+
+    One place that says what is scheduled, for the controller and `hotlab qc status` alike.
+    """
+    calibrators = {device: stations.get(device, device) for device in qc.devices}
+    generators = [gid for gid, spec in qc.generators.items() if spec.daughter.name == "Ga-68"]
+    return ScheduleStage(site, schedule, calibrators, generators)
+
+
+class ScheduleStage:
+    """The schedule of one site as a commit stage (module docstring).
+
+    `calibrators` maps each calibrator with daily QC (a check source) to its station;
+    `generators` are the ids of generators that give Ga-68 (a mapping's keys will do).
+    """
+
+    def __init__(
+        self, site: str, config: ScheduleConfig, calibrators: Mapping[str, str], generators: Collection[str]
+    ) -> None:
+        self.schedule = Schedule(site, config, calibrators, generators)
+        self.site = site
+        self.rejected = 0
+        self._state = _StageState()
+
+    def process(self, *messages: Message) -> ScheduleOutcome:
+        """Fold one commit batch, in order, into a copy of the state; the stage itself is unchanged."""
+        staged = self._state.copy()
+        batch: list[Message] = []
+        statuses: list[Message] = []
+        rejected = 0
+        for message in messages:
+            out: Message = message
+            changes: list[Message] = []
+            try:
+                out, changes = self._on_message(staged, message)
+            except (KeyError, TypeError, ValueError) as exc:
+                rejected += 1
+                log.warning("QC schedule skipped %s message %s: %s", message.kind, message.payload.get("msg_id"), exc)
+            batch.append(out)
+            batch.extend(changes)
+            statuses.extend(changes)
+        return ScheduleOutcome(tuple(batch), tuple(statuses), rejected, staged)
+
+    def tick(self, now_ns: int) -> ScheduleOutcome:
+        """The qc_status changes the clock alone makes by `now_ns` (pure, like `process`)."""
+        staged = self._state.copy()
+        staged.facts.clock_ns = max(staged.facts.clock_ns, now_ns)
+        changes = self._changes(staged, self.schedule.statuses(staged.facts, staged.facts.clock_ns))
+        return ScheduleOutcome(tuple(changes), tuple(changes), 0, staged)
+
+    def apply(self, outcome: ScheduleOutcome) -> None:
+        """Take over a committed outcome (idempotent), then forget what can no longer change a state."""
+        self.rejected += outcome.rejected
+        self._state.merge(outcome._state)
+        self.schedule.prune(self._state.facts)
+        tracked = {s.key for s in self.schedule.ge68_statuses(self._state.facts, self._state.facts.clock_ns)}
+        for key in [k for k in self._state.published if k[1].startswith(f"{GE68}/") and k not in tracked]:
+            del self._state.published[key]
+
+    def current(self, now_ns: int) -> list[ItemStatus]:
+        """Every item's state at `now_ns`, from what was committed and applied."""
+        return self.schedule.statuses(self._state.facts, now_ns)
+
+    def restore(self, archive: HistoryArchive, unarchived: Iterable[Message] = (), now_ns: int | None = None) -> int:
+        """Rebuild the facts and the last published statuses from the archive plus `unarchived`.
+
+        `unarchived` are the outbox messages the history sink has not archived yet; records after
+        `now_ns` (default: now) are left out, so `hotlab qc status --at` sees the past as it was.
+        SQLite I/O: from async code run it in `asyncio.to_thread`. Returns how many records counted.
+        """
+        from hotlab.controller.archive import TimeRange
+
+        now = time.time_ns() if now_ns is None else now_ns
+        up_to = TimeRange(0, now + 1)
+        recent = TimeRange(max(now - _CLINICAL_LOOKBACK_NS, 0), now + 1)
+        track_ns = round(self.schedule.config.ge68_track_days * _DAY_NS)
+        elutions = TimeRange(max(now - track_ns - _WEEK_NS, 0), now + 1)
+        site = self.site
+        found: list[Message] = []
+
+        def add(kind: Any, payloads: list[dict[str, Any]]) -> None:
+            found.extend(Message(kind, "", payload) for payload in payloads)
+
+        for device in self.schedule.calibrators:
+            add("qc_procedure", archive.query("qc_procedure", up_to, site=site, device=device))
+            for test in (*INTERVAL_ITEMS, GEOMETRY):
+                add("qc_result", archive.query("qc_result", up_to, site=site, device=device, test=test))
+            add(
+                "qc_result",
+                archive.query("qc_result", up_to, site=site, device=device, test="background", verdict="fail"),
+            )
+            add("measurement", archive.query("measurement", recent, site=site, device=device))
+        add("qc_result", archive.query("qc_result", up_to, site=site, test=GE68))
+        for generator in self.schedule.generators:
+            add("elution", archive.query("elution", elutions, site=site, device=generator))
+        add("qc_status", archive.query("qc_status", up_to, site=site))
+        archived = {m.msg_id for m in found}
+        found += [
+            m
+            for m in unarchived
+            if m.msg_id not in archived and m.payload.get("site") == site and int(m.payload["time_ns"]) <= now
+        ]
+        state = _StageState()
+        counted = 0
+        for message in sorted(found, key=lambda m: (int(m.payload["time_ns"]), m.msg_id)):
+            try:
+                if message.kind == "qc_status":
+                    self._take_published(state, message)
+                elif self.schedule.fold(state.facts, message):
+                    counted += 1
+            except (KeyError, TypeError, ValueError) as exc:
+                log.warning("restore: archived %s %s skipped: %s", message.kind, message.payload.get("msg_id"), exc)
+        self._state = state
+        log.info("QC schedule restored from %d record(s)", counted)
+        return counted
+
+    # -- one message ----------------------------------------------------------------------
+
+    def _on_message(self, staged: _StageState, message: Message) -> tuple[Message, list[Message]]:
+        if message.kind == "qc_status":
+            self._take_published(staged, message)
+            return message, []
+        counted = self.schedule.fold(staged.facts, message)
+        payload, now = message.payload, staged.facts.clock_ns
+        device = payload.get("device")
+        if message.kind in ("reading", "measurement") and device in self.schedule.calibrators:
+            device = str(device)
+            changes = self._changes(staged, self.schedule.daily_statuses(staged.facts, device, now))
+            qc_state = self.schedule.qc_state(staged.facts, device, now)
+            if qc_state is not None:
+                message = Message(message.kind, message.topic, dict(payload) | {"qc_state": qc_state})
+            return message, changes
+        if not counted:
+            return message, []
+        affected = (
+            self.schedule.calibrator_statuses(staged.facts, str(device), now)
+            if device in self.schedule.calibrators
+            else []
+        )
+        if message.kind == "elution" or payload.get("test") == GE68:
+            affected += self.schedule.ge68_statuses(staged.facts, now)
+        return message, self._changes(staged, affected)
+
+    def _changes(self, staged: _StageState, statuses: Iterable[ItemStatus]) -> list[Message]:
+        now = staged.facts.clock_ns
+        return [qc_status_message(self.site, s, now) for s in statuses if staged.publish(s, now)]
+
+    def _take_published(self, state: _StageState, message: Message) -> None:
+        """A qc_status committed before (archived, or from a tick): what subscribers see for that item."""
+        if message.payload.get("site") != self.site:
+            return
+        status = ItemStatus.from_payload(message.payload)
+        time_ns = int(message.payload["time_ns"])
+        known = state.published.get(status.key)
+        if known is None or time_ns >= known[0]:
+            state.published[status.key] = (time_ns, status.signature())
