@@ -129,6 +129,9 @@ _LIBRARY: tuple[Nuclide, ...] = (
         Decay("Rb-82", 1.0, "ENSDF: Sr-82 decays 100 % by electron capture to Rb-82"),
     ),
     _nuclide("Rb-82", 1.2575, 0.0002, MINUTE_S, ENSDF),  # 1.2575 (2) min
+    # Sr-85 rides along with Sr-82 in the generator column (both made by spallation); it decays by
+    # electron capture to stable Rb-85, so no daughter is listed.
+    _nuclide("Sr-85", 64.850, 0.007, DAY_S, ENSDF),  # 64.850 (7) d
     # Therapy
     _nuclide("Lu-177", 6.6443, 0.0009, DAY_S, ENSDF),  # 6.6443 (9) d
     _nuclide(

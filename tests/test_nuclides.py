@@ -13,7 +13,7 @@ from hotlab.physics.nuclides import NUCLIDES, Decay, Nuclide, UnknownNuclideErro
 
 REQUIRED = (
     "F-18 Ga-68 Ge-68 Tc-99m Mo-99 Lu-177 Lu-177m Y-90 I-131 I-123 In-111 Tl-201 Cs-137 Co-57 Ba-133 "
-    "Ra-223 Ac-225 Cu-64 Zr-89 C-11 N-13 O-15 Rb-82 Sr-82 Sm-153 Ho-166"
+    "Ra-223 Ac-225 Cu-64 Zr-89 C-11 N-13 O-15 Rb-82 Sr-82 Sr-85 Sm-153 Ho-166"
 ).split()
 
 

@@ -106,7 +106,9 @@ def test_geometry_syringe_vs_reference_vial() -> None:
 def test_background(reading: float, verdict: str) -> None:
     result = background(reading, ns("2026-03-02T08:00:00Z"), LIMITS["background"])
     assert result.verdict == verdict
-    assert result.expected == 37e3
+    # The ideal background is zero: no expected value and no deviation; the magnitude is judged.
+    assert result.expected is None and result.deviation_pct is None
+    assert result.value_judged == abs(reading)
 
 
 def test_result_message_is_complete_json() -> None:

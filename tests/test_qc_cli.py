@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -139,13 +140,16 @@ def test_elution_mo99_dosage(capsys: pytest.CaptureFixture[str]) -> None:
     )
     assert elution["value_judged"] == pytest.approx(75.42, abs=0.01)
     [mo] = run_json(capsys, "qc", "mo99", "--mo99", "0 Bq", "--tc99m", "37GBq", "--at", "2026-03-01T06:00:00Z")
-    assert mo["measured"] == 0.0 and mo["inputs"]["exceeds_limit_at"] is None
-    # 0.06 kBq/MBq at the assay: judged at assay + 12 h by default (0.2112, fail), at assay + 6 h if asked (pass).
+    assert mo["measured"] == 0.0 and mo["limit_reached_ns"] is None
+    # 0.06 kBq/MBq at the assay: within the limit there (pass), which it reaches after
+    # log2(0.15/0.06) / (1/6.0067 h - 1/65.9496 h) = 8.7361 h; administered 12 h later it is
+    # 0.06 * 2^(12 h * 0.151318/h) = 0.21123 (fail).
     mo99 = ["qc", "mo99", "--mo99", "2.22MBq", "--tc99m", "37GBq", "--at", "2026-03-01T06:00:00Z"]
     [default] = run_json(capsys, *mo99)
-    assert default["verdict"] == "fail" and default["inputs"]["judged_time"] == "2026-03-01T18:00:00.000000Z"
-    [six] = run_json(capsys, *mo99, "--horizon-h", "6")
-    assert six["verdict"] == "pass" and six["measured"] == pytest.approx(0.112579, abs=1e-5)
+    assert default["verdict"] == "pass" and default["inputs"]["judged_time"] == "2026-03-01T06:00:00.000000Z"
+    assert (default["limit_reached_ns"] - default["time_ns"]) / 3.6e12 == pytest.approx(8.7361, abs=1e-4)
+    [late] = run_json(capsys, *mo99, "--administration", "2026-03-01T18:00:00Z")
+    assert late["verdict"] == "fail" and late["measured"] == pytest.approx(0.21123, abs=1e-5)
     [dose] = run_json(
         capsys,
         "qc",
@@ -210,6 +214,9 @@ def test_elution_mo99_dosage(capsys: pytest.CaptureFixture[str]) -> None:
                 "2026-03-01T10:00:00Z",
                 "--remeasured",
                 "10Bq",
+                "--background",
+                "1Bq",
+                "1.2Bq",
                 "--at",
                 "2026-03-02T10:00:00Z",
             ],
@@ -260,3 +267,116 @@ def test_linearity_of_a_series_that_does_not_decay_prints_its_verdict_and_no_fit
     assert main([*flat, "--normalise-points", "1"]) == 0
     out = capsys.readouterr().out
     assert "FAIL" in out and "fitted half-life (diagnostic, not judged): none" in out
+
+
+def test_mo99_prints_the_time_the_limit_is_reached_first(capsys: pytest.CaptureFixture[str]) -> None:
+    # 0.05 kBq/MBq reaches 0.15 after log2(3) / (1/6.0067 h - 1/65.9496 h) = 10.4744 h = 10 h 28.5 min.
+    assert main(["qc", "mo99", "--mo99", "1.85MBq", "--tc99m", "37GBq", "--at", "2026-03-01T06:00:00Z"]) == 0
+    first = capsys.readouterr().out.lstrip().splitlines()[0]
+    assert first.startswith("mo99_breakthrough: limit 0.15 kBq/MBq reached 2026-03-01T16:28")
+
+
+def test_profile_flag_and_config_profile(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # 0.5 kBq/MBq: fails 10 CFR 35.204 (0.15), passes the Ph. Eur. 0.1 % (1.0 kBq/MBq).
+    mo99 = ["qc", "mo99", "--mo99", "18.5MBq", "--tc99m", "37GBq", "--at", "2026-03-01T06:00:00Z"]
+    [nrc] = run_json(capsys, *mo99)
+    [eur] = run_json(capsys, *mo99, "--profile", "ph-eur")
+    assert (nrc["verdict"], eur["verdict"]) == ("fail", "pass") and eur["limit_values"]["fail"] == 1.0
+    config = tmp_path / "lab.toml"
+    config.write_text('[qc]\nprofile = "ph-eur"\n', encoding="utf-8")
+    [from_config] = run_json(capsys, *mo99, "--config", str(config))
+    assert from_config["verdict"] == "pass"
+    [flag_wins] = run_json(capsys, *mo99, "--config", str(config), "--profile", "us-nrc")
+    assert flag_wins["verdict"] == "fail"
+    config.write_text('[qc]\nprofile = "eu"\n', encoding="utf-8")
+    assert main([*mo99, "--config", str(config)]) == 2
+    assert "lab.toml: qc.profile: 'eu' is not allowed; allowed: us-nrc, ph-eur, chp" in capsys.readouterr().err
+
+
+def test_lu177m_and_strontium_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    [lu] = run_json(capsys, "qc", "lu177m", "--lu177m", "1.48MBq", "--lu177", "7.4GBq", "--at", "2026-03-01T08:00:00Z")
+    # 1.48 MBq / 7.4 GBq = 0.02 %; reaches 0.05 % after ln(2.5) / (ln2/6.6443 - ln2/160.44) days.
+    days = math.log(2.5) / (math.log(2) / 6.6443 - math.log(2) / 160.44)
+    assert lu["measured"] == pytest.approx(0.02) and lu["verdict"] == "pass"
+    assert (lu["limit_reached_ns"] - lu["time_ns"]) / 86_400e9 == pytest.approx(days, rel=1e-9)
+    sr = run_json(
+        capsys,
+        "qc",
+        "sr82",
+        "--rb82",
+        "1.85GBq",
+        "--end-of-elution",
+        "2026-03-01T08:00:00Z",
+        "--sr82",
+        "20kBq",
+        "--sr85",
+        "150kBq",
+        "--at",
+        "2026-03-01T09:00:00Z",
+    )
+    assert [r["test"] for r in sr] == ["sr82_breakthrough", "sr85_breakthrough"]
+    assert sr[0]["measured"] == pytest.approx(20 * 2 ** ((1 / 24) / 25.35) / 1850, rel=1e-9)
+
+
+def test_ga68_half_life_geometry_and_sleeve_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    # Halving in 68 min: T = 68 min -> pass (62-74 min).
+    [ga] = run_json(
+        capsys,
+        "qc",
+        "ga68-half-life",
+        "--first",
+        "2026-03-01T08:00:00Z=800MBq",
+        "--second",
+        "2026-03-01T09:08:00Z=400MBq",
+    )
+    assert ga["measured"] == pytest.approx(68.0, rel=1e-12) and ga["verdict"] == "pass"
+    # The same Tc-99m source 6.0067 h later in a syringe reads 8 % high once decay-corrected back.
+    [geo] = run_json(
+        capsys,
+        "qc",
+        "geometry",
+        "--nuclide",
+        "Tc-99m",
+        "--reference",
+        "vial-10mL@2026-03-01T08:00:00Z=400MBq",
+        "--reading",
+        "syringe-3mL@2026-03-01T14:00:24.120Z=216MBq",
+    )
+    assert geo["deviation_pct"] == pytest.approx(216 * 2 / 400 * 100 - 100, rel=1e-9) and geo["verdict"] == "warn"
+    # Sleeve factors 10 and 100; sleeve-corrected readings 1000 and 1030 MBq against the most attenuating sleeve.
+    [sleeve] = run_json(
+        capsys,
+        "qc",
+        "sleeve",
+        "--nuclide",
+        "Tc-99m",
+        "--factor",
+        "s1=10",
+        "--factor",
+        "s2=100",
+        "--unshielded",
+        "2026-03-01T08:00:00Z=1030MBq",
+        "--sleeve",
+        "s1@2026-03-01T08:00:00Z=101MBq",
+        "--sleeve",
+        "s2@2026-03-01T08:00:00Z=10MBq",
+    )
+    assert sleeve["deviation_pct"] == pytest.approx(3.0, rel=1e-9) and sleeve["verdict"] == "pass"
+    assert (
+        main(
+            [
+                "qc",
+                "sleeve",
+                "--nuclide",
+                "Tc-99m",
+                "--factor",
+                "s1=x",
+                "--unshielded",
+                "2026-03-01T08:00:00Z=1GBq",
+                "--sleeve",
+                "s1@2026-03-01T08:00:00Z=1MBq",
+            ]
+        )
+        == 2
+    )
+    assert "expected LABEL=FACTOR" in capsys.readouterr().err

@@ -21,7 +21,7 @@ from hotlab.controller.qc.generator_rules import (
     ga68_half_life,
     ge68_breakthrough,
     mo99_breakthrough,
-    mo99_exceed_after_s,
+    ratio_limit_reached_after_s,
     yield_trend,
 )
 from hotlab.controller.qc.limits import DEFAULT_LIMITS as LIMITS
@@ -29,6 +29,10 @@ from hotlab.controller.qc.result import QcInputError
 from hotlab.physics.nuclides import get_nuclide
 
 HOUR_NS = 3_600_000_000_000
+MO99, TC99M = get_nuclide("Mo-99"), get_nuclide("Tc-99m")
+#: Background read with each Ge-68 re-measurement: mean 1.0 Bq, sd 0.2 Bq; Currie decision level
+#: 1.645 * 0.2 * sqrt(1 + 1/3) = 0.37992 Bq.
+BACKGROUND = (1.0, 1.2, 0.8)
 MINUTE_NS = 60_000_000_000
 
 
@@ -49,7 +53,9 @@ def test_ga68_yield_at_equilibrium() -> None:
     assert results[0].expected == pytest.approx(1.59110e9, rel=1e-5)
     assert [r.value_judged for r in results] == pytest.approx([75.42, 62.85, 56.56], abs=0.01)
     assert [r.verdict for r in results] == ["pass", "warn", "fail"]
-    assert results[0].deviation_pct == pytest.approx(75.42 - 100, abs=0.01)
+    # The yield is judged against a floor, not a deviation: no deviation_pct to read as a margin.
+    assert all(r.deviation_pct is None for r in results)
+    assert results[0].measured == 1.2e9 and results[0].unit == "Bq"
 
 
 def test_ga68_yield_after_a_short_regrowth_with_residual() -> None:
@@ -119,12 +125,18 @@ def test_ge68_breakthrough_hand_computed() -> None:
     # Ga-68 fed by 1 Bq of Ge-68 after 72 h: 1.000174 * (2^(-3/270.95) - 2^(-4320/67.83)) = 0.992527,
     # so Ge-68 at end of elution = 10 / 0.992527 = 10.0753 Bq = 1.00753e-6 % of 1 GBq -> pass.
     eoe = ns("2026-03-01T10:00:00Z")
-    result = ge68_breakthrough(1e9, eoe, 10.0, eoe + 72 * HOUR_NS, LIMITS["ge68_breakthrough"])
+    # The background (mean 1.0 Bq) is read with it: the reading is 11 Bq, the net 10 Bq.
+    result = ge68_breakthrough(
+        1e9, eoe, 11.0, eoe + 72 * HOUR_NS, LIMITS["ge68_breakthrough"], background_bq=BACKGROUND
+    )
+    assert result.inputs["net_bq"] == pytest.approx(10.0, rel=1e-9)
     assert result.inputs["ge68_eoe_bq"] == pytest.approx(10.0753, rel=1e-5)
     assert result.measured == pytest.approx(1.00753e-6, rel=1e-5)
     assert result.verdict == "pass"
     # 12 kBq re-measured -> 12090 Bq Ge-68 = 0.001209 % > 0.001 % -> fail.
-    failed = ge68_breakthrough(1e9, eoe, 12e3, eoe + 72 * HOUR_NS, LIMITS["ge68_breakthrough"])
+    failed = ge68_breakthrough(
+        1e9, eoe, 12e3 + 1.0, eoe + 72 * HOUR_NS, LIMITS["ge68_breakthrough"], background_bq=BACKGROUND
+    )
     assert failed.measured == pytest.approx(0.0012090, rel=1e-4)
     assert failed.verdict == "fail" and failed.alarm
 
@@ -135,9 +147,15 @@ def test_ge68_breakthrough_exactly_at_the_limit_passes_and_aliquots_scale() -> N
     # eluted 10 MBq Ga-68 itself decayed 42.5 half-lives: 10 MBq * 2^(-2880/67.83) = 1.65e-6 Bq (kept for exactness).
     eoe = ns("2026-03-01T10:00:00Z")
     equilibrium = 1 / (1 - 67.83 / (270.95 * 1440))  # = 1.000174
-    reading = 100.0 * equilibrium * (2 ** (-2 / 270.95) - 2 ** (-2880 / 67.83)) + 10e6 * 2 ** (-2880 / 67.83)
+    reading = 100.0 * equilibrium * (2 ** (-2 / 270.95) - 2 ** (-2880 / 67.83)) + 10e6 * 2 ** (-2880 / 67.83) + 1.0
     result = ge68_breakthrough(
-        1e9, eoe, reading, eoe + 48 * HOUR_NS, LIMITS["ge68_breakthrough"], aliquot_fraction=0.01
+        1e9,
+        eoe,
+        reading,
+        eoe + 48 * HOUR_NS,
+        LIMITS["ge68_breakthrough"],
+        background_bq=BACKGROUND,
+        aliquot_fraction=0.01,
     )
     assert result.measured == pytest.approx(0.001, rel=1e-8)
     assert result.verdict == "pass"
@@ -146,7 +164,7 @@ def test_ge68_breakthrough_exactly_at_the_limit_passes_and_aliquots_scale() -> N
 def test_ge68_remeasured_too_early_is_rejected() -> None:
     eoe = ns("2026-03-01T10:00:00Z")
     with pytest.raises(QcInputError, match=r"re-measured 47.0 h .* Ph\. Eur\. 2464 requires >= 48 h"):
-        ge68_breakthrough(1e9, eoe, 10.0, eoe + 47 * HOUR_NS, LIMITS["ge68_breakthrough"])
+        ge68_breakthrough(1e9, eoe, 10.0, eoe + 47 * HOUR_NS, LIMITS["ge68_breakthrough"], background_bq=BACKGROUND)
 
 
 @pytest.mark.parametrize(
@@ -168,60 +186,62 @@ def test_ga68_half_life_needs_decaying_readings() -> None:
         ga68_half_life(TimedReading(t0, 400e6), TimedReading(t0 + MINUTE_NS, 400e6), LIMITS["ga68_half_life"])
 
 
-def test_mo99_ratio_and_closed_form_exceed_time() -> None:
+def test_mo99_ratio_and_the_time_the_limit_is_reached() -> None:
     # 1.85 MBq (50 uCi) Mo-99 in 37 GBq (1 Ci) Tc-99m: 1850 kBq / 37000 MBq = 0.05 kBq/MBq.
     # The ratio grows as 2^(t (1/6.0067 h - 1/65.9496 h)) = 2^(0.151318 t/h); it reaches 0.15 when
     # t = log2(0.15/0.05) / 0.151318 = 1.584963 / 0.151318 = 10.4744 h.
     t0 = ns("2026-03-01T06:00:00Z")
     result = mo99_breakthrough(1.85e6, 37e9, t0, LIMITS["mo99_breakthrough"], administration_ns=t0)
     assert result.measured == pytest.approx(0.05)
-    assert result.verdict == "pass"
-    assert result.inputs["exceeds_limit_after_s"] / 3600 == pytest.approx(10.4744, abs=1e-4)
+    assert result.verdict == "pass" and result.expected is None and result.deviation_pct is None
+    assert result.limit_reached_ns is not None
+    assert (result.limit_reached_ns - t0) / HOUR_NS == pytest.approx(10.4744, abs=1e-4)
     # At administration 8 h later: 0.05 * 2^(8 * 0.151318) = 0.11571 -> pass; 12 h later 0.17603 -> fail.
     later = mo99_breakthrough(1.85e6, 37e9, t0, LIMITS["mo99_breakthrough"], administration_ns=t0 + 8 * HOUR_NS)
     assert later.measured == pytest.approx(0.11571, abs=1e-5) and later.verdict == "pass"
     too_late = mo99_breakthrough(1.85e6, 37e9, t0, LIMITS["mo99_breakthrough"], administration_ns=t0 + 12 * HOUR_NS)
     assert too_late.measured == pytest.approx(0.17603, abs=1e-5) and too_late.verdict == "fail"
-    # Closed form agrees with the rule: exactly at the exceed time the ratio is the limit, which passes.
-    exceed_ns = t0 + round(result.inputs["exceeds_limit_after_s"] * 1e9)
-    edge = mo99_breakthrough(1.85e6, 37e9, t0, LIMITS["mo99_breakthrough"], administration_ns=exceed_ns)
+    # The expiry does not depend on when it is judged.
+    assert later.limit_reached_ns == too_late.limit_reached_ns == result.limit_reached_ns
+    # Exactly at that time the ratio is the limit, which passes.
+    edge = mo99_breakthrough(1.85e6, 37e9, t0, LIMITS["mo99_breakthrough"], administration_ns=result.limit_reached_ns)
     assert edge.measured == pytest.approx(0.15, rel=1e-9) and edge.verdict == "pass"
 
 
-def test_mo99_without_administration_time_is_judged_at_the_end_of_the_eluate_shelf_life() -> None:
-    # The reviewer's case: 0.06 kBq/MBq at the assay passes there, but the ratio reaches 0.15 after
-    # log2(0.15/0.06) / 0.151318 h^-1 = 1.321928 / 0.151318 = 8.7361 h. With no administration time it
-    # is judged at assay + 12 h: 0.06 * 2^(12 * 0.151318) = 0.06 * 3.52058 = 0.21123 -> fail.
+def test_mo99_without_administration_time_is_judged_at_the_assay_and_reports_its_expiry() -> None:
+    # The reviewer's case: 0.06 kBq/MBq at the assay is within the limit there and reaches 0.15 after
+    # log2(0.15/0.06) / 0.151318 h^-1 = 1.321928 / 0.151318 = 8.7361 h: a pass, with that expiry.
     t0 = ns("2026-03-01T06:00:00Z")
     mo99_bq, tc99m_bq = 0.06 * 37e9 / 1e3, 37e9
     unknown = mo99_breakthrough(mo99_bq, tc99m_bq, t0, LIMITS["mo99_breakthrough"])
-    assert unknown.verdict == "fail" and unknown.measured == pytest.approx(0.21123, abs=1e-5)
-    assert unknown.inputs["judged_at"] == "assay + 12 h eluate shelf life (no administration time given)"
-    assert unknown.inputs["judged_time"] == "2026-03-01T18:00:00.000000Z"
+    assert unknown.verdict == "pass" and unknown.measured == pytest.approx(0.06, rel=1e-12)
+    assert unknown.inputs["judged_at"] == "the assay time (no administration time given)"
+    assert unknown.inputs["judged_time"] == "2026-03-01T06:00:00.000000Z"
     assert unknown.inputs["administration_time"] is None
-    assert unknown.inputs["exceeds_limit_after_s"] / 3600 == pytest.approx(8.7361, abs=1e-4)
-    assert "judged at assay + 12 h" in unknown.detail
+    assert unknown.limit_reached_ns is not None
+    assert (unknown.limit_reached_ns - t0) / HOUR_NS == pytest.approx(8.7361, abs=1e-4)
+    assert unknown.detail.startswith("limit 0.15 kBq/MBq reached at 2026-03-01T14:44")
     # Administered 1 h after the assay: 0.06 * 2^0.151318 = 0.066635 -> pass, judged at administration.
     given = mo99_breakthrough(mo99_bq, tc99m_bq, t0, LIMITS["mo99_breakthrough"], administration_ns=t0 + HOUR_NS)
     assert given.verdict == "pass" and given.measured == pytest.approx(0.066635, abs=1e-5)
-    assert given.inputs["judged_at"] == "administration time" and given.inputs["judge_horizon_h"] is None
-    # A site with a shorter eluate shelf life configures the horizon: 6 h -> 0.06 * 2^0.907906 = 0.112579 -> pass.
-    six = mo99_breakthrough(mo99_bq, tc99m_bq, t0, LIMITS["mo99_breakthrough"], judge_horizon_h=6.0)
-    assert six.verdict == "pass" and six.measured == pytest.approx(0.112579, abs=1e-5)
-    with pytest.raises(QcInputError, match="Mo-99 judge horizon"):
-        mo99_breakthrough(mo99_bq, tc99m_bq, t0, LIMITS["mo99_breakthrough"], judge_horizon_h=-1.0)
+    assert given.inputs["judged_at"] == "administration time"
 
 
 def test_mo99_edge_cases() -> None:
-    assert mo99_exceed_after_s(0.0, 0.15) == math.inf
-    assert mo99_exceed_after_s(0.2, 0.15) == 0.0
+    assert ratio_limit_reached_after_s(0.0, 0.15, MO99, TC99M) == math.inf
+    assert ratio_limit_reached_after_s(0.2, 0.15, MO99, TC99M) == 0.0
+    with pytest.raises(QcInputError, match="does not outlive"):
+        ratio_limit_reached_after_s(0.1, 0.15, TC99M, MO99)
     t0 = ns("2026-03-01T06:00:00Z")
     with pytest.raises(QcInputError, match="Tc-99m activity must be a positive"):
         mo99_breakthrough(1e3, 0.0, t0, LIMITS["mo99_breakthrough"])
     with pytest.raises(QcInputError, match="administration time .* is before Mo-99 assay time"):
         mo99_breakthrough(1e3, 1e9, t0, LIMITS["mo99_breakthrough"], administration_ns=t0 - HOUR_NS)
     clean = mo99_breakthrough(0.0, 1e9, t0, LIMITS["mo99_breakthrough"])
-    assert clean.inputs["exceeds_limit_after_s"] is None and clean.verdict == "pass"
+    assert clean.limit_reached_ns is None and clean.verdict == "pass"
+    # Already beyond the limit at the assay: reached at the assay itself.
+    over = mo99_breakthrough(0.2e-3 * 1e9, 1e9, t0, LIMITS["mo99_breakthrough"])
+    assert over.verdict == "fail" and over.limit_reached_ns == t0
 
 
 def test_generator_spec_rejects_an_unrelated_pair() -> None:
@@ -235,7 +255,7 @@ def test_mo99_closed_form_matches_the_decay_law(ratio: float, tc99m_bq: float) -
     # Whatever the starting ratio, judging at the closed-form exceed time lands on the limit.
     t0 = ns("2026-03-01T06:00:00Z")
     mo99_bq = ratio * tc99m_bq / 1e3
-    exceed_s = mo99_exceed_after_s(ratio, 0.15)
+    exceed_s = ratio_limit_reached_after_s(ratio, 0.15, MO99, TC99M)
     at_exceed = mo99_breakthrough(
         mo99_bq, tc99m_bq, t0, LIMITS["mo99_breakthrough"], administration_ns=t0 + round(exceed_s * 1e9)
     )

@@ -26,7 +26,9 @@ from hotlab.drivers.records import DeviceDisconnected, FrameError, Reading
 def qc_verdict(site: str, station: str, device: str) -> Message:
     """A QC verdict as the QC engine commits it (so it matches its schema), where any verdict will do."""
     now = time.time_ns()
-    result = ge68_breakthrough(1.1e9, now - 72 * 3600 * 10**9, 10.0, now, load_limits()["ge68_breakthrough"])
+    result = ge68_breakthrough(
+        1.1e9, now - 72 * 3600 * 10**9, 10.0, now, load_limits()["ge68_breakthrough"], background_bq=(1.0, 1.2, 0.8)
+    )
     return result.to_message(site, station, device)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from collections.abc import Callable, Sequence
 
@@ -18,11 +19,12 @@ from rich.console import Console
 from rich.table import Table
 
 from hotlab.controller.config_file import read_config_file
+from hotlab.controller.messages import iso_utc
 from hotlab.controller.qc import calibrator_rules, dosage, generator_rules
 from hotlab.controller.qc.calibrator_rules import ReferenceSource, TimedReading
 from hotlab.controller.qc.engine import parse_activity_bq, parse_time_ns
 from hotlab.controller.qc.generator_rules import GeneratorSpec, generator_pair
-from hotlab.controller.qc.limits import YIELD_LIMIT_BY_DAUGHTER, Limit, load_limits
+from hotlab.controller.qc.limits import DEFAULT_PROFILE, PROFILES, YIELD_LIMIT_BY_DAUGHTER, Limit, load_limits
 from hotlab.controller.qc.result import QcInputError, QcResult
 from hotlab.physics.nuclides import get_nuclide
 from hotlab.physics.units import format_activity
@@ -41,6 +43,29 @@ def _reading(text: str) -> TimedReading:
     if not sep:
         raise QcInputError(f"reading {text!r}: expected TIME=ACTIVITY, e.g. 2026-03-02T08:00:00Z=1.2GBq")
     return TimedReading(parse_time_ns(when, "reading time"), parse_activity_bq(activity, "reading activity"))
+
+
+def _labelled(text: str) -> TimedReading:
+    """`LABEL@TIME=ACTIVITY`, e.g. ``10 mL syringe@2026-03-02T08:00Z=370MBq``."""
+    label, sep, reading = text.partition("@")
+    if not sep or not label.strip():
+        raise QcInputError(
+            f"reading {text!r}: expected LABEL@TIME=ACTIVITY, e.g. vial-10mL@2026-03-02T08:00:00Z=370MBq"
+        )
+    timed = _reading(reading)
+    return TimedReading(timed.time_ns, timed.activity_bq, label.strip())
+
+
+def _factor(text: str) -> tuple[str, float]:
+    """`LABEL=FACTOR`, e.g. ``sleeve-3=41.7``."""
+    label, sep, number = text.rpartition("=")
+    try:
+        factor = float(number)
+    except ValueError:
+        factor = math.nan
+    if not sep or not label.strip() or not math.isfinite(factor) or factor <= 0:
+        raise QcInputError(f"sleeve factor {text!r}: expected LABEL=FACTOR with a positive number, e.g. sleeve-3=41.7")
+    return label.strip(), factor
 
 
 def _source(args: argparse.Namespace) -> ReferenceSource:
@@ -102,6 +127,10 @@ def _breakthrough(args: argparse.Namespace, limits: dict[str, Limit]) -> list[Qc
             parse_activity_bq(args.remeasured, "--remeasured"),
             _time(args.at, "--at"),
             limits["ge68_breakthrough"],
+            background_bq=[parse_activity_bq(value, "--background", allow_zero=True) for value in args.background],
+            minimum_detectable_bq=(
+                0.0 if args.min_detectable is None else parse_activity_bq(args.min_detectable, "--min-detectable")
+            ),
             aliquot_fraction=args.aliquot_fraction,
         )
     ]
@@ -117,7 +146,58 @@ def _mo99(args: argparse.Namespace, limits: dict[str, Limit]) -> list[QcResult]:
             _time(args.at, "--at"),
             limits["mo99_breakthrough"],
             administration_ns=administration,
-            judge_horizon_h=args.horizon_h,
+        )
+    ]
+
+
+def _lu177m(args: argparse.Namespace, limits: dict[str, Limit]) -> list[QcResult]:
+    use = None if args.use is None else parse_time_ns(args.use, "--use")
+    return [
+        generator_rules.lu177m_ratio(
+            parse_activity_bq(args.lu177m, "--lu177m", allow_zero=True),
+            parse_activity_bq(args.lu177, "--lu177"),
+            _time(args.at, "--at"),
+            limits["lu177m_ratio"],
+            use_ns=use,
+        )
+    ]
+
+
+def _strontium(args: argparse.Namespace, limits: dict[str, Limit]) -> list[QcResult]:
+    return list(
+        generator_rules.strontium_breakthrough(
+            parse_activity_bq(args.rb82, "--rb82"),
+            parse_time_ns(args.end_of_elution, "--end-of-elution"),
+            parse_activity_bq(args.sr82, "--sr82", allow_zero=True),
+            parse_activity_bq(args.sr85, "--sr85", allow_zero=True),
+            _time(args.at, "--at"),
+            limits["sr82_breakthrough"],
+            limits["sr85_breakthrough"],
+        )
+    )
+
+
+def _ga68_half_life(args: argparse.Namespace, limits: dict[str, Limit]) -> list[QcResult]:
+    return [generator_rules.ga68_half_life(_reading(args.first), _reading(args.second), limits["ga68_half_life"])]
+
+
+def _geometry(args: argparse.Namespace, limits: dict[str, Limit]) -> list[QcResult]:
+    others = [_labelled(text) for text in args.reading]
+    return [calibrator_rules.geometry(get_nuclide(args.nuclide), _labelled(args.reference), others, limits["geometry"])]
+
+
+def _sleeve(args: argparse.Namespace, limits: dict[str, Limit]) -> list[QcResult]:
+    factors = dict(_factor(text) for text in args.factor)
+    if len(factors) < len(args.factor):
+        raise QcInputError("--factor: a sleeve is given more than one factor")
+    return [
+        calibrator_rules.linearity_sleeve(
+            get_nuclide(args.nuclide),
+            factors,
+            _reading(args.unshielded),
+            [_labelled(text) for text in args.sleeve],
+            limits["linearity_sleeve"],
+            normalisation_points=args.normalise_points,
         )
     ]
 
@@ -135,23 +215,37 @@ def _dosage(args: argparse.Namespace, limits: dict[str, Limit]) -> list[QcResult
     ]
 
 
-def _site_limits(path: str | None) -> dict[str, Limit]:
-    """The default limits, with the [qc.limits] overrides of the lab config at `path` if given.
+def _site_limits(path: str | None, profile: str | None) -> dict[str, Limit]:
+    """The limits of `profile` (else the config's `[qc] profile`, else the default) with the config's [qc.limits].
 
-    Only [qc.limits] is read (and checked): the rest of the file is the service's.
+    Only `[qc] profile` and [qc.limits] are read (and checked): the rest of the file is the service's.
     """
-    if path is None:
-        return load_limits()
-    qc = read_config_file(path).table("qc")
-    limits = qc.table("limits") if qc is not None else None
-    return load_limits(limits) if limits is not None else load_limits()
+    qc = None if path is None else read_config_file(path).table("qc")
+    if qc is None:
+        return load_limits(profile=profile or DEFAULT_PROFILE)
+    configured = qc.string("profile", DEFAULT_PROFILE, choices=PROFILES)
+    return load_limits(qc.table("limits"), profile=profile or configured)
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{value:+.3f} %"
 
 
 def _shown(value: float, unit: str) -> str:
     return format_activity(value) if unit == "Bq" else f"{value:.6g} {unit}"
 
 
+def _print_limit_reached(result: QcResult, console: Console) -> None:
+    """For a ratio that grows with time, the time it reaches the limit: the product's expiry by this test."""
+    reached = result.limit_reached_ns
+    when = "never (none of the impurity measured)" if reached is None else iso_utc(reached)
+    console.print(f"[bold]{result.test}: limit {result.limit.fail:g} {result.unit} reached {when}[/]", highlight=False)
+
+
 def _print_table(results: Sequence[QcResult], console: Console) -> None:
+    for result in results:
+        if "limit_reached_at" in result.inputs:
+            _print_limit_reached(result, console)
     table = Table(title="hotlab QC")
     for column in ("test", "verdict", "measured", "expected", "deviation"):
         table.add_column(column, no_wrap=True)
@@ -161,8 +255,8 @@ def _print_table(results: Sequence[QcResult], console: Console) -> None:
             result.test,
             f"[{_VERDICT_STYLE[result.verdict]}]{result.verdict.upper()}[/]",
             _shown(result.measured, result.unit),
-            _shown(result.expected, result.unit),
-            f"{result.deviation_pct:+.3f} %",
+            "–" if result.expected is None else _shown(result.expected, result.unit),
+            _pct(result.deviation_pct),
             result.limit.text,
         )
     console.print(table)
@@ -229,7 +323,7 @@ def _print_decay_points(result: QcResult, console: Console) -> None:
 
 def _run(rule: Rule) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
-        results = rule(args, _site_limits(args.config))
+        results = rule(args, _site_limits(args.config, args.profile))
         if args.json:
             payloads = [r.to_message(args.site, args.station, args.device).payload for r in results]
             print(json.dumps(payloads, indent=2, allow_nan=False))
@@ -242,7 +336,12 @@ def _run(rule: Rule) -> Callable[[argparse.Namespace], int]:
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the qc_result payload(s) as JSON")
-    parser.add_argument("--config", help="lab TOML file whose [qc.limits] overrides the default limits")
+    parser.add_argument("--config", help="lab TOML file whose [qc] profile and [qc.limits] overrides set the limits")
+    parser.add_argument(
+        "--profile",
+        choices=PROFILES,
+        help=f"jurisdiction whose limits apply (default: the config's [qc] profile, else {DEFAULT_PROFILE})",
+    )
     parser.add_argument("--at", help="measurement time, ISO 8601 with offset (default: now)")
     parser.add_argument("--site", default="manual", help="site name in the JSON payload")
     parser.add_argument("--station", default="manual", help="station name in the JSON payload")
@@ -310,20 +409,64 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub.add_argument("--end-of-elution", required=True, help="end of elution (ISO 8601)")
     sub.add_argument("--remeasured", required=True, help="Ga-68 reading of the aliquot at --at")
     sub.add_argument("--aliquot-fraction", type=float, default=1.0, help="aliquot / eluate volume (default 1)")
+    sub.add_argument(
+        "--background",
+        required=True,
+        nargs="+",
+        help="background reading(s) taken with the re-measurement (empty container), e.g. 2Bq 3Bq 2.5Bq; "
+        "their spread sets the detectable level",
+    )
+    sub.add_argument("--min-detectable", help="configured minimum detectable net activity (needed with one background)")
 
-    sub = add("mo99", _mo99, "Mo-99 breakthrough (kBq Mo-99 per MBq Tc-99m) and when it exceeds the limit")
+    sub = add(
+        "mo99",
+        _mo99,
+        "Mo-99 breakthrough (kBq Mo-99 per MBq Tc-99m): when the eluate reaches the limit, and the verdict",
+    )
     sub.add_argument("--mo99", required=True, help="Mo-99 activity of the eluate, e.g. 1.85MBq")
     sub.add_argument("--tc99m", required=True, help="Tc-99m activity of the eluate, e.g. 37GBq")
+    sub.add_argument("--administration", help="administration time (default: judged at the assay time, --at)")
+
+    sub = add("lu177m", _lu177m, "Lu-177m / Lu-177 in carrier-added Lu-177 (%) and when it reaches the limit")
+    sub.add_argument("--lu177m", required=True, help="Lu-177m activity, e.g. 20kBq")
+    sub.add_argument("--lu177", required=True, help="Lu-177 activity, e.g. 7.4GBq")
+    sub.add_argument("--use", help="labelling or administration time (default: judged at the assay time, --at)")
+
+    sub = add("sr82", _strontium, "Sr-82 and Sr-85 breakthrough of a Rb-82 generator (kBq per MBq Rb-82)")
+    sub.add_argument("--rb82", required=True, help="Rb-82 activity of the eluate at end of elution")
+    sub.add_argument("--end-of-elution", required=True, help="end of elution (ISO 8601)")
+    sub.add_argument("--sr82", required=True, help="Sr-82 activity of the eluate, determined at --at")
+    sub.add_argument("--sr85", required=True, help="Sr-85 activity of the eluate, determined at --at")
+
+    sub = add("ga68-half-life", _ga68_half_life, "Ga-68 radionuclidic identity from two readings' half-life")
+    sub.add_argument("--first", required=True, metavar="TIME=ACTIVITY", help="first reading")
+    sub.add_argument("--second", required=True, metavar="TIME=ACTIVITY", help="second reading, later")
+
+    sub = add("geometry", _geometry, "geometry / volume dependence against the reference container")
+    sub.add_argument("--nuclide", required=True, help="nuclide of the source, e.g. Tc-99m")
     sub.add_argument(
-        "--administration",
-        help="administration time (default: judge at the assay time + --horizon-h, the eluate shelf life)",
+        "--reference", required=True, metavar="LABEL@TIME=ACTIVITY", help="reading in the reference geometry"
     )
     sub.add_argument(
-        "--horizon-h",
-        type=float,
-        default=generator_rules.MO99_DEFAULT_JUDGE_HORIZON_H,
-        help="hours after the assay to judge at when no --administration is given (default 12 h: "
-        "Tc-99m eluate shelf life)",
+        "--reading",
+        required=True,
+        action="append",
+        metavar="LABEL@TIME=ACTIVITY",
+        help="the same activity in another geometry, e.g. syringe-3mL@2026-03-02T08:05:00Z=365MBq",
+    )
+
+    sub = add("sleeve", _sleeve, "linearity by shielded sleeves, with factors set up from a decay series")
+    sub.add_argument("--nuclide", required=True, help="nuclide of the source, e.g. Tc-99m")
+    sub.add_argument("--factor", required=True, action="append", metavar="LABEL=FACTOR", help="a sleeve's factor")
+    sub.add_argument("--unshielded", required=True, metavar="TIME=ACTIVITY", help="the unshielded reading")
+    sub.add_argument("--sleeve", required=True, action="append", metavar="LABEL@TIME=ACTIVITY", help="a sleeve reading")
+    sub.add_argument(
+        "--normalise-points",
+        type=int,
+        default=calibrator_rules.SLEEVE_NORMALISATION_POINTS,
+        metavar="N",
+        help="how many of the lowest chamber readings set the reference "
+        f"(default {calibrator_rules.SLEEVE_NORMALISATION_POINTS})",
     )
 
     sub = add("dosage", _dosage, "patient dose at administration vs the prescribed activity")

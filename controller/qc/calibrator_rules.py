@@ -515,19 +515,17 @@ def background(reading_bq: float, measured_ns: int, limit: Limit, *, nuclide: st
     """Background / zero check with the chamber empty.
 
     The magnitude is judged: a negative reading means the zero has drifted, which biases every
-    measurement just as much as a contaminated chamber does. `expected` is the warn level (or
-    the fail level if there is none), so the deviation reads as the margin to it.
+    measurement just as much as a contaminated chamber does. There is no expected value (the
+    ideal is zero), so `expected` and `deviation_pct` are None.
     """
     value = float(reading_bq)
     if not math.isfinite(value):
         raise QcInputError(f"background reading must be a finite number, got {reading_bq!r}")
-    reference = limit.warn if limit.warn is not None else limit.fail
-    assert reference is not None and reference > 0
     return judged(
         "background",
         limit,
         measured=value,
-        expected=reference,
+        expected=None,
         unit="Bq",
         time_ns=measured_ns,
         inputs={

@@ -1,9 +1,11 @@
-"""QC acceptance limits: the defaults, where each comes from, and per-site overrides.
+"""QC acceptance limits: the jurisdiction profiles, where each limit comes from, and per-site overrides.
 
-Every limit carries its source so a verdict can always be traced to the standard that
-justifies it. A site may tighten or relax any limit from its configuration (a TOML table
-such as ``[qc.limits.constancy] warn = 3.0``); the override keeps the default's source
-in its text so an auditor sees both what was changed and what it replaced.
+Every limit carries its source so a verdict can always be traced to the text that justifies
+it. A profile (`[qc] profile = "us-nrc" | "ph-eur" | "chp"`) sets every default; where it has no
+limit of its own for a test, or its text could not be checked, the source says which text is
+applied instead and why. A site may tighten or relax any limit on top of the profile (a TOML
+table such as ``[qc.limits.constancy] warn = 3.0``); the override keeps the default's source in
+its text so an auditor sees both what was changed and what it replaced.
 
 Boundary rule (used by every test, chosen once here): a value exactly AT a limit is
 within it. The standards are phrased that way ("within ±10 %", "not more than 0.15",
@@ -152,7 +154,10 @@ _LINEARITY = (
     "(not checked against either text; what was checked is ANSI N42.13-2004 s.2.2, reproducibility +-5 %)"
 )
 
-DEFAULT_LIMITS: dict[str, Limit] = {
+# Limits that do not depend on the jurisdiction: the calibrator tests (the profiles below say, for
+# Ph. Eur. and ChP, that they apply ANSI N42.13 because those texts set no calibrator number we could
+# check), the manufacturers' yield specifications and the hotlab background default.
+_CALIBRATOR_AND_GENERATOR: dict[str, Limit] = {
     # Daily constancy with a long-lived check source: warn beyond the 5 % reproducibility,
     # fail beyond the 10 % accuracy envelope.
     "constancy": Limit(
@@ -225,53 +230,167 @@ DEFAULT_LIMITS: dict[str, Limit] = {
         warn=90.0,
         fail=80.0,
     ),
-    # Ge-68 in Ga-68 eluate: Ph. Eur. monograph 2464 (Gallium (68Ga) chloride solution for
-    # radiolabelling): germanium-68 and gamma-emitting impurities maximum 0.001 % of total.
-    "ge68_breakthrough": Limit(
-        LimitKind.CEILING,
-        "%",
-        "Ph. Eur. 2464 Gallium (68Ga) chloride solution for radiolabelling: Ge-68 max 0.001 %",
-        fail=0.001,
-    ),
-    # Radionuclide identity of Ga-68 by half-life: 62 to 74 min (Ph. Eur. 2464).
-    "ga68_half_life": Limit(
-        LimitKind.RANGE,
-        "min",
-        "Ph. Eur. 2464 identification: half-life 62 min to 74 min",
-        low=62.0,
-        high=74.0,
-    ),
-    # 10 CFR 35.204(a): no more than 0.15 kBq Mo-99 per MBq Tc-99m at administration;
-    # the USP Sodium Pertechnetate Tc 99m Injection monograph sets the same 0.15 uCi/mCi.
-    "mo99_breakthrough": Limit(
-        LimitKind.CEILING,
-        "kBq/MBq",
-        "10 CFR 35.204(a): max 0.15 kBq Mo-99 per MBq Tc-99m at administration (also USP)",
-        fail=0.15,
-    ),
-    # 10 CFR 35.63(d): a dosage may not be used if it differs from the prescribed dosage by more
-    # than 20 % (unless the authorized user directs otherwise).
-    "dosage": Limit(
-        LimitKind.TOLERANCE,
-        "%",
-        "10 CFR 35.63(d): dosage within +-20 % of the prescribed dosage",
-        fail=20.0,
-    ),
 }
+
+# Ph. Eur. monograph 2464 (Gallium (68Ga) chloride solution for radiolabelling): germanium-68 and
+# gamma-emitting impurities maximum 0.001 % of total radioactivity, tested on the eluate after 48 h;
+# identification by half-life, 62 min to 74 min.
+_GE68_PH_EUR = Limit(
+    LimitKind.CEILING,
+    "%",
+    "Ph. Eur. 2464 Gallium (68Ga) chloride solution for radiolabelling: Ge-68 max 0.001 % of the Ga-68 at end of elution",
+    fail=0.001,
+)
+_GA68_HALF_LIFE_PH_EUR = Limit(
+    LimitKind.RANGE,
+    "min",
+    "Ph. Eur. 2464 identification: half-life 62 min to 74 min",
+    low=62.0,
+    high=74.0,
+)
+# 10 CFR 35.204(a) (checked, text as amended 2007): a licensee may not administer a
+# radiopharmaceutical containing more than 0.15 kBq Mo-99 per MBq Tc-99m, more than 0.02 kBq
+# Sr-82 or 0.2 kBq Sr-85 per MBq Rb-82. "May not administer" makes it a limit at administration;
+# 35.3204 requires a report when an eluate exceeded it at the time of elution. 35.204(c): Sr-82
+# and Sr-85 are measured before the first patient use of the day.
+_MO99_NRC = Limit(
+    LimitKind.CEILING,
+    "kBq/MBq",
+    "10 CFR 35.204(a)(1): max 0.15 kBq Mo-99 per MBq Tc-99m at administration (35.3204: reportable if "
+    "exceeded at elution); measured per 35.204(b)",
+    fail=0.15,
+)
+_SR82_NRC = Limit(
+    LimitKind.CEILING,
+    "kBq/MBq",
+    "10 CFR 35.204(a)(2): max 0.02 kBq Sr-82 per MBq Rb-82; measured before the first patient use of the day, 35.204(c)",
+    fail=0.02,
+)
+_SR85_NRC = Limit(
+    LimitKind.CEILING,
+    "kBq/MBq",
+    "10 CFR 35.204(a)(2): max 0.2 kBq Sr-85 per MBq Rb-82; measured before the first patient use of the day, 35.204(c)",
+    fail=0.2,
+)
+# Lu-177m in carrier-added Lu-177 (made from Lu-176 by neutron capture, which also makes the
+# 160 d isomer). The one figure checked against a public text is the LutaPol (POLATOM, carrier-added,
+# EU-authorised) product specification, 177mLu <= 0.05 %; the page does not say at which time.
+# The Ph. Eur. monograph on lutetium (177Lu) solution for radiolabelling could not be checked here.
+_LU177M_SPEC = Limit(
+    LimitKind.CEILING,
+    "%",
+    "LutaPol (POLATOM) product specification: Lu-177m <= 0.05 % of Lu-177 (checked on the manufacturer's page; "
+    "the time it refers to is not stated there)",
+    fail=0.05,
+)
+# 10 CFR 35.63(d): a dosage may not be used if it differs from the prescribed dosage by more
+# than 20 % (unless the authorized user directs otherwise).
+_DOSAGE_NRC = Limit(
+    LimitKind.TOLERANCE,
+    "%",
+    "10 CFR 35.63(d): dosage within +-20 % of the prescribed dosage",
+    fail=20.0,
+)
+
+
+def _instead(limit: Limit, why: str) -> Limit:
+    """`limit` applied in a profile that has no limit of its own for the test; the source says why."""
+    return replace(limit, source=f"{why}; applied instead: {limit.source}")
+
+
+#: The dose-calibrator tests: the pharmacopoeia profiles apply ANSI N42.13 to them.
+_CALIBRATOR_TESTS = ("constancy", "accuracy", "linearity", "linearity_sleeve", "geometry")
+_NO_NRC_RULE = "us-nrc: no NRC regulation sets this limit"
+_PH_EUR_NO_CALIBRATOR = "ph-eur: no Ph. Eur. text checked here sets a dose-calibrator tolerance"
+_CHP_NOT_CHECKED = "chp: the Chinese Pharmacopoeia text for this test could not be checked here"
+
+#: The jurisdiction profiles (`[qc] profile`); the first is the default.
+PROFILES: tuple[str, ...] = ("us-nrc", "ph-eur", "chp")
+DEFAULT_PROFILE = PROFILES[0]
+
+#: Every default limit of every profile, with its source.
+PROFILE_LIMITS: dict[str, dict[str, Limit]] = {
+    "us-nrc": _CALIBRATOR_AND_GENERATOR
+    | {
+        "ge68_breakthrough": _instead(_GE68_PH_EUR, f"{_NO_NRC_RULE} for Ge-68 in Ga-68 eluate"),
+        "ga68_half_life": _instead(_GA68_HALF_LIFE_PH_EUR, f"{_NO_NRC_RULE} for Ga-68 identity"),
+        "mo99_breakthrough": _MO99_NRC,
+        "sr82_breakthrough": _SR82_NRC,
+        "sr85_breakthrough": _SR85_NRC,
+        "lu177m_ratio": _instead(_LU177M_SPEC, f"{_NO_NRC_RULE} for Lu-177m"),
+        "dosage": _DOSAGE_NRC,
+    },
+    "ph-eur": {
+        test: _instead(limit, _PH_EUR_NO_CALIBRATOR) if test in _CALIBRATOR_TESTS else limit
+        for test, limit in _CALIBRATOR_AND_GENERATOR.items()
+    }
+    | {
+        "ge68_breakthrough": _GE68_PH_EUR,
+        "ga68_half_life": _GA68_HALF_LIFE_PH_EUR,
+        # 0.1 % of total radioactivity is Mo/(Mo + Tc) = 1e-3, i.e. Mo/Tc = 1.001 kBq/MBq: 1.0 is
+        # the limit in the unit every profile judges Mo-99 in (0.1 % tighter, never looser).
+        "mo99_breakthrough": Limit(
+            LimitKind.CEILING,
+            "kBq/MBq",
+            "Ph. Eur. 0124 (fission) / 0283 (non-fission) Sodium pertechnetate (99mTc) injection: Mo-99 max 0.1 % of "
+            "total radioactivity, taken as 1.0 kBq/MBq; value as cited, monograph text and the time it applies to NOT "
+            "checked here (judged at administration like 10 CFR 35.204)",
+            fail=1.0,
+        ),
+        "sr82_breakthrough": _instead(
+            _SR82_NRC, "ph-eur: the Ph. Eur. rubidium (82Rb) injection text could not be checked here"
+        ),
+        "sr85_breakthrough": _instead(
+            _SR85_NRC, "ph-eur: the Ph. Eur. rubidium (82Rb) injection text could not be checked here"
+        ),
+        "lu177m_ratio": _instead(
+            _LU177M_SPEC,
+            "ph-eur: the Ph. Eur. lutetium (177Lu) solution for radiolabelling limit could not be checked here",
+        ),
+        "dosage": _instead(_DOSAGE_NRC, "ph-eur: no Ph. Eur. patient-dosage tolerance was found"),
+    },
+    "chp": {
+        test: _instead(limit, _CHP_NOT_CHECKED) if test in _CALIBRATOR_TESTS else limit
+        for test, limit in _CALIBRATOR_AND_GENERATOR.items()
+    }
+    | {
+        "ge68_breakthrough": _instead(_GE68_PH_EUR, _CHP_NOT_CHECKED),
+        "ga68_half_life": _instead(_GA68_HALF_LIFE_PH_EUR, _CHP_NOT_CHECKED),
+        # The strictest checked figure, so this profile never passes what a checked text fails.
+        "mo99_breakthrough": _instead(
+            _MO99_NRC,
+            "chp: the ChP sodium pertechnetate [99mTc] injection limit could not be checked here, so the strictest "
+            "checked figure",
+        ),
+        "sr82_breakthrough": _instead(_SR82_NRC, _CHP_NOT_CHECKED),
+        "sr85_breakthrough": _instead(_SR85_NRC, _CHP_NOT_CHECKED),
+        "lu177m_ratio": _instead(_LU177M_SPEC, _CHP_NOT_CHECKED),
+        "dosage": _instead(_DOSAGE_NRC, _CHP_NOT_CHECKED),
+    },
+}
+
+#: The default profile's limits.
+DEFAULT_LIMITS: dict[str, Limit] = PROFILE_LIMITS[DEFAULT_PROFILE]
 
 #: Which yield limit applies to a generator, by daughter nuclide (canonical names).
 YIELD_LIMIT_BY_DAUGHTER: dict[str, str] = {"Ga-68": "elution_yield_ga68", "Tc-99m": "elution_yield_tc99m"}
 
 
-def load_limits(overrides: ConfigTable | Mapping[str, Any] | None = None) -> dict[str, Limit]:
-    """The default limits with a site's overrides applied; unknown tests or keys are errors naming the key path.
+def load_limits(
+    overrides: ConfigTable | Mapping[str, Any] | None = None, profile: str = DEFAULT_PROFILE
+) -> dict[str, Limit]:
+    """The `profile`'s limits with a site's overrides applied; unknown profiles, tests or keys are errors naming the key.
 
     `overrides` is the [qc.limits] table: a ConfigTable from a caller that knows the file (its errors
-    then name it), or the mapping itself, whose errors start at `qc.limits`.
+    then name it), or the mapping itself, whose errors start at `qc.limits`. `profile` is the value
+    of `[qc] profile`.
     """
     table = overrides if isinstance(overrides, ConfigTable) else ConfigTable(overrides or {}, "qc.limits")
+    if profile not in PROFILE_LIMITS:
+        qc = ConfigTable({}, "qc", file=table.file)
+        raise qc.error("profile", f"unknown profile {profile!r}; known: {', '.join(PROFILES)}")
     limits: dict[str, Limit] = {}
-    for test, default in DEFAULT_LIMITS.items():
+    for test, default in PROFILE_LIMITS[profile].items():
         override = table.table(test)
         limits[test] = default if override is None else _override(default, override)
     table.finish("test")

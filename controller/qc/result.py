@@ -2,7 +2,8 @@
 
 A result is self-contained: measured and expected values, the deviation, the limit that
 judged it (text, numbers and source) and every input the rule used, so a reviewer can
-recompute the verdict months later from the stored message alone.
+recompute the verdict months later from the stored message alone. What each field means is
+defined once, on `QcResult`, and holds for every test.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hotlab.controller.messages import Message, iso_utc, qc_message
-from hotlab.controller.qc.limits import Limit, Verdict
+from hotlab.controller.qc.limits import Limit, LimitKind, Verdict
 from hotlab.errors import InputError
 
 
@@ -52,25 +53,35 @@ def deviation_pct(measured: float, expected: float) -> float:
 
 @dataclass(frozen=True, slots=True)
 class QcResult:
-    """One verdict of one QC test.
+    """One verdict of one QC test. Every field means the same in every result:
 
-    `deviation_pct` is always 100 * (measured - expected) / expected. For limit-only tests
-    (breakthrough, background) `expected` is the limit itself, so the deviation reads as
-    the margin to the limit (negative = below it). `value_judged` is what the limit was
-    applied to (the deviation for tolerances, e.g. the yield in % for a floor).
+    - `measured`: the value the test measured or derived from measurements, in `unit`.
+    - `expected`: the value `measured` would have if the instrument or product were exactly right
+      (a decay-corrected certificate or reference, the prescription, the Bateman-available daughter,
+      the library half-life), in `unit`; None where there is no such value (an impurity, a
+      background, a forecast: the ideal is zero or unknown, and the limit is not a deviation).
+    - `deviation_pct`: 100 * (measured - expected) / expected, present only when the limit judges
+      it (tolerance tests); None otherwise, so no number is ever read as a margin that was not judged.
+    - `value_judged`: what the limit was applied to, in the limit's unit (`limit.unit`): the
+      deviation for a tolerance, the quantity itself (yield, ratio, half-life, reading) otherwise.
+    - `limit_reached_ns`: for a ratio that grows with time (Mo-99, Lu-177m), when it reaches the
+      fail level (the product's expiry by this test); None for every other test.
+    - `procedure_id`: the QC procedure the result belongs to, or None.
     """
 
     test: str
     verdict: Verdict
     measured: float
-    expected: float
-    deviation_pct: float
+    expected: float | None
+    deviation_pct: float | None
     unit: str
     limit: Limit
     value_judged: float
     time_ns: int
     inputs: Mapping[str, Any] = field(default_factory=dict)
     detail: str = ""
+    limit_reached_ns: int | None = None
+    procedure_id: str | None = None
 
     @property
     def alarm(self) -> bool:
@@ -96,12 +107,14 @@ class QcResult:
             limit_source=self.limit.source,
             inputs=dict(self.inputs),
             time_ns=self.time_ns,
+            procedure_id=self.procedure_id,
         )
         extra = {
             "alarm": self.alarm,
             "unit": self.unit,
             "value_judged": float(self.value_judged),
             "limit_values": self.limit.as_dict(),
+            "limit_reached_ns": self.limit_reached_ns,
             "detail": self.detail,
         }
         return Message(base.kind, base.topic, base.payload | extra)
@@ -112,21 +125,32 @@ def judged(
     limit: Limit,
     *,
     measured: float,
-    expected: float,
+    expected: float | None,
     unit: str,
     time_ns: int,
     inputs: Mapping[str, Any],
     value: float | None = None,
     detail: str = "",
+    limit_reached_ns: int | None = None,
 ) -> QcResult:
-    """Build a result: the limit judges `value`, or the deviation of measured from expected if omitted."""
-    deviation = deviation_pct(measured, expected)
-    value_judged = deviation if value is None else float(value)
+    """Build a result: a tolerance judges the deviation of measured from expected, any other limit `value`.
+
+    The two are exclusive so that `deviation_pct` exists exactly when it was judged (see QcResult).
+    """
+    if limit.kind is LimitKind.TOLERANCE:
+        if expected is None or value is not None:
+            raise ValueError(f"{test}: a tolerance judges the deviation from an expected value, not a value")
+        value_judged = deviation_pct(measured, expected)
+        deviation: float | None = value_judged
+    else:
+        if value is None:
+            raise ValueError(f"{test}: a {limit.kind} limit needs the value it judges")
+        value_judged, deviation = float(value), None
     return QcResult(
         test=test,
         verdict=limit.judge(value_judged),
         measured=float(measured),
-        expected=float(expected),
+        expected=None if expected is None else float(expected),
         deviation_pct=deviation,
         unit=unit,
         limit=limit,
@@ -134,4 +158,5 @@ def judged(
         time_ns=int(time_ns),
         inputs=dict(inputs),
         detail=detail,
+        limit_reached_ns=limit_reached_ns,
     )
