@@ -17,7 +17,8 @@ Rules this module enforces, in this order:
    operator's secret (hmac.compare_digest, so the time taken does not reveal how much of a
    guess was right). Authorise: the operator's role must be at least [commands.min_role] for
    the action; a `label_measurement` that asks for an accuracy verdict (`reference_source`)
-   needs `label_accuracy` (default qc_officer), a dosage (`prescribed_activity`) `label_dosage`.
+   needs `label_accuracy` (default qc_officer), a dosage (`prescribed_activity`) `label_dosage`;
+   a `start_qc` of a baseline procedure needs `qc_baseline` (default qc_officer), `end_qc` `start_qc`.
 3. Audit every attempt in the hash-chained trail (controller/audit.py), including malformed
    and unauthorised ones, with the claimed user as actor. Audit first: an authorised command
    gets an intent record ("requested") before anything is sent to the device, and is not
@@ -29,7 +30,9 @@ Rules this module enforces, in this order:
 4. Execute through the device's source (controller/service.py), which serialises commands
    with the device's polling on one lock, so the two never interleave on the wire. A
    `label_measurement` touches no device: it commits a record linking a label to a measurement
-   (controller/measurement_labels.py), so it also runs while the calibrator is offline.
+   (controller/measurement_labels.py), so it also runs while the calibrator is offline; so do
+   `start_qc` and `end_qc`, which commit a QC procedure's start or end record
+   (controller/qc/procedure_commands.py).
 5. A command runs only while it is fresh: `issued_at` (ISO 8601 with an offset) must lie within
    `max_age_s` (default 30 s) of the controller's clock, in either direction, so a command
    replayed from a capture, or queued by a broker for a client that was offline, cannot run
@@ -80,6 +83,7 @@ from hotlab.controller.audit import (
 from hotlab.controller.config import DEFAULT_COMMAND_MAX_AGE_S, ROLES, DeviceConfig, OperatorConfig
 from hotlab.controller.measurement_labels import LabelRefused
 from hotlab.controller.messages import TOPIC_ROOT, iso_utc
+from hotlab.controller.qc.procedure_commands import ProcedureRefused
 from hotlab.drivers.elution_station import (
     CommandOutcome,
     CommandOutcomeUnknown,
@@ -103,7 +107,7 @@ MAX_REASON_CHARS = 500
 MAX_TOKEN_CHARS = 256
 
 STATION_ACTIONS: tuple[str, ...] = ("start_elution", "abort", "acknowledge_fault")
-CALIBRATOR_ACTIONS: tuple[str, ...] = ("select_nuclide", "label_measurement")
+CALIBRATOR_ACTIONS: tuple[str, ...] = ("select_nuclide", "label_measurement", "start_qc", "end_qc")
 #: The audit trail's action names (dotted, controller/audit.py) for each command.
 AUDIT_ACTIONS: dict[str, str] = {
     "start_elution": ELUTION_START,
@@ -111,9 +115,11 @@ AUDIT_ACTIONS: dict[str, str] = {
     "acknowledge_fault": FAULT_ACKNOWLEDGE,
     "select_nuclide": "calibrator.select_nuclide",
     "label_measurement": "measurement.label",
+    "start_qc": "qc.start",
+    "end_qc": "qc.end",
 }
 #: Commands that only store a record (controller/measurement_labels.py): they run while the device is offline.
-RECORD_ACTIONS = frozenset({"label_measurement"})
+RECORD_ACTIONS = frozenset({"label_measurement", "start_qc", "end_qc"})
 MAX_LABEL_CHARS = 200
 _MEASUREMENT_ID = re.compile(r"^[0-9a-f]{32}$")
 #: Audit action of an attempt whose topic names no command this controller knows.
@@ -345,6 +351,21 @@ _ARGS: dict[str, tuple[frozenset[str], ...]] = {
         frozenset({"measurement_id", "label", "reference_source"}),
         frozenset({"measurement_id", "label", "prescribed_activity", "administration_time"}),
     ),
+    # A daily check or a baseline of the calibrator's check source; a Ge-68 follow-up of an elution;
+    # a linearity series on one setting (docs/qc.md, "Procedures").
+    "start_qc": (
+        frozenset({"procedure", "source"}),
+        frozenset({"procedure", "elution_id"}),
+        frozenset({"procedure", "nuclide"}),
+    ),
+    "end_qc": (frozenset(), frozenset({"procedure"})),
+}
+#: The argument each start_qc procedure names its subject with.
+_START_QC_SUBJECT = {
+    "daily_constancy": "source",
+    "baseline": "source",
+    "ge68_breakthrough": "elution_id",
+    "linearity": "nuclide",
 }
 
 
@@ -388,7 +409,45 @@ def _parse_args(action: str, args: dict[str, Any]) -> dict[str, Any]:
                 _string(args, "administration_time", 64, where="args.administration_time"), "args.administration_time"
             )
         return parsed
+    if action == "start_qc":
+        return _start_qc_args(args)
+    if action == "end_qc":
+        return {"procedure": _procedure_name(args)} if "procedure" in args else {}
     return {}
+
+
+def _procedure_name(args: Mapping[str, Any]) -> str:
+    procedure = _string(args, "procedure", 32, where="args.procedure")
+    if procedure not in _START_QC_SUBJECT:
+        raise MalformedCommand(
+            f"args.procedure must be one of: {', '.join(_START_QC_SUBJECT)}; got {_brief(procedure)}"
+        )
+    return procedure
+
+
+def _start_qc_args(args: Mapping[str, Any]) -> dict[str, Any]:
+    """The procedure and the one subject it needs: a check source, an elution's msg_id, or a nuclide setting."""
+    from hotlab.physics.nuclides import UnknownNuclideError, get_nuclide
+
+    procedure = _procedure_name(args)
+    subject = _START_QC_SUBJECT[procedure]
+    if subject not in args:
+        raise MalformedCommand(f"start_qc of {procedure} needs args.{subject} (and only that besides procedure)")
+    if subject == "elution_id":
+        elution_id = _string(args, "elution_id", 32, where="args.elution_id")
+        if not _MEASUREMENT_ID.match(elution_id):
+            raise MalformedCommand("args.elution_id must be an elution's msg_id: 32 lower-case hex digits")
+        return {"procedure": procedure, "elution_id": elution_id}
+    if subject == "nuclide":
+        text = _string(args, "nuclide", 32, where="args.nuclide")
+        try:
+            return {"procedure": procedure, "nuclide": get_nuclide(text).name}
+        except UnknownNuclideError as exc:
+            raise MalformedCommand(f"args.nuclide: {exc}") from None
+    source = _string(args, "source", 64, where="args.source")
+    if not source.strip() or _has_control_chars(source):
+        raise MalformedCommand("args.source must be text without control characters, not only spaces")
+    return {"procedure": procedure, "source": source}
 
 
 def _moment_ns(text: str, where: str) -> int:
@@ -485,13 +544,18 @@ def role_key(command: Command) -> str:
     """The [commands.min_role] key that authorises `command`: its action, or for a label what it asks for.
 
     A label with `reference_source` asks for an accuracy verdict (`label_accuracy`), one with a
-    prescription for a dosage record (`label_dosage`); a plain label is `label_measurement`.
+    prescription for a dosage record (`label_dosage`); a plain label is `label_measurement`. A
+    baseline procedure is a QC officer's record (`qc_baseline`); ending a procedure needs `start_qc`.
     """
     if command.action == "label_measurement":
         if "reference_source" in command.args:
             return "label_accuracy"
         if "prescribed_bq" in command.args:
             return "label_dosage"
+    if command.action == "start_qc" and command.args["procedure"] == "baseline":
+        return "qc_baseline"
+    if command.action == "end_qc":
+        return "start_qc"
     return command.action
 
 
@@ -510,7 +574,8 @@ class StationControl(Protocol):
 
 class CalibratorControl(Protocol):
     """What the service offers for a calibrator (controller/measurement_labels.py `CalibratorCommands`):
-    select a nuclide, returning (old, new) nuclide; label a measurement, returning the label record."""
+    select a nuclide, returning (old, new) nuclide; label a measurement, returning the label record;
+    start or end a QC procedure, returning its record."""
 
     async def select_nuclide(self, nuclide: str) -> tuple[str | None, str]: ...
 
@@ -525,6 +590,10 @@ class CalibratorControl(Protocol):
         prescribed_bq: float | None = None,
         administration_ns: int | None = None,
     ) -> dict[str, Any]: ...
+
+    async def start_qc(self, args: Mapping[str, Any], *, user: str, role: str, reason: str) -> dict[str, Any]: ...
+
+    async def end_qc(self, args: Mapping[str, Any], *, user: str, role: str, reason: str) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -611,6 +680,13 @@ async def _execute_calibrator(control: CalibratorControl, command: Command, oper
                 args.pop("measurement_id"), args.pop("label"), user=operator.name, request_id=command.request_id, **args
             )
         except LabelRefused as exc:
+            return Result(Outcome.REFUSED, str(exc), sent=False)
+        return Result(Outcome.EXECUTED, None, None, record)
+    if command.action in ("start_qc", "end_qc"):
+        run = control.start_qc if command.action == "start_qc" else control.end_qc
+        try:
+            record = await run(command.args, user=operator.name, role=operator.role, reason=command.reason)
+        except ProcedureRefused as exc:
             return Result(Outcome.REFUSED, str(exc), sent=False)
         return Result(Outcome.EXECUTED, None, None, record)
     try:

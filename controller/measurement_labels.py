@@ -1,5 +1,8 @@
 """Labels on measurements: the `label_measurement` command's action, and a calibrator's command surface.
 
+A calibrator's commands: `select_nuclide` (through its source), `label_measurement` (here),
+`start_qc` and `end_qc` (controller/qc/procedure_commands.py).
+
 A radiopharmacist names a measurement after taking it: a sample, a batch, a patient dose id. The
 command path (controller/commands.py) validates, authorises and audits the `label_measurement`
 command exactly like `select_nuclide`; executing it means committing a `measurement_label` record
@@ -26,6 +29,7 @@ from typing import Any, Protocol
 from hotlab.controller.config import DeviceConfig
 from hotlab.controller.messages import Message, iso_utc, measurement_label_message
 from hotlab.controller.outbox import OutboxFull
+from hotlab.controller.qc.procedure_commands import ProcedureCommands
 from hotlab.errors import HotlabError
 
 Commit = Callable[[list[Message]], Awaitable[None]]
@@ -131,12 +135,19 @@ class MeasurementLabeller:
 
 
 class CalibratorCommands:
-    """What the command path may do with one calibrator: switch its nuclide, label its measurements."""
+    """What the command path may do with one calibrator: switch its nuclide, label its measurements, run QC."""
 
-    def __init__(self, device: DeviceConfig, source: NuclideControl, labeller: MeasurementLabeller) -> None:
+    def __init__(
+        self,
+        device: DeviceConfig,
+        source: NuclideControl,
+        labeller: MeasurementLabeller,
+        procedures: ProcedureCommands,
+    ) -> None:
         self.device = device
         self.source = source
         self.labeller = labeller
+        self.procedures = procedures
 
     async def select_nuclide(self, nuclide: str) -> tuple[str | None, str]:
         return await self.source.select_nuclide(nuclide)
@@ -162,3 +173,9 @@ class CalibratorCommands:
             prescribed_bq=prescribed_bq,
             administration_ns=administration_ns,
         )
+
+    async def start_qc(self, args: Mapping[str, Any], *, user: str, role: str, reason: str) -> dict[str, Any]:
+        return await self.procedures.start(self.device, args, user=user, role=role, reason=reason)
+
+    async def end_qc(self, args: Mapping[str, Any], *, user: str, role: str, reason: str) -> dict[str, Any]:
+        return await self.procedures.end(self.device, args, user=user, role=role, reason=reason)

@@ -338,14 +338,20 @@ def qc_message(
     test: str,
     verdict: str,
     measured: float,
-    expected: float,
-    deviation_pct: float,
+    expected: float | None,
+    deviation_pct: float | None,
     limit: str,
     limit_source: str,
     inputs: dict[str, Any],
     time_ns: int | None = None,
+    procedure_id: str | None = None,
 ) -> Message:
-    """A QC verdict; `inputs` holds everything needed to recompute it later."""
+    """A QC verdict; `inputs` holds everything needed to recompute it later.
+
+    `expected` and `deviation_pct` are None for a test with no expected value or whose limit does not
+    judge a deviation (controller/qc/result.py QcResult says what each field means); `procedure_id`
+    names the QC procedure the verdict belongs to, if any.
+    """
     payload = envelope("qc_result", time_ns if time_ns is not None else time.time_ns()) | {
         "site": site,
         "station": station,
@@ -353,11 +359,12 @@ def qc_message(
         "test": test,
         "verdict": verdict,
         "measured": float(measured),
-        "expected": float(expected),
-        "deviation_pct": float(deviation_pct),
+        "expected": None if expected is None else float(expected),
+        "deviation_pct": None if deviation_pct is None else float(deviation_pct),
         "limit": limit,
         "limit_source": limit_source,
         "inputs": inputs,
+        "procedure_id": procedure_id,
     }
     return Message("qc_result", device_topic(site, station, device, "qc"), payload)
 
@@ -408,3 +415,95 @@ def audit_anchor_message(site: str, *, trail: str, trail_id: str, seq: int, hash
         "hash": hash_hex,
     }
     return Message("audit_anchor", controller_topic(site, "audit"), payload)
+
+
+def qc_procedure_message(
+    site: str,
+    station: str,
+    device: str,
+    *,
+    procedure_id: str,
+    procedure: str,
+    status: str,
+    started_by: dict[str, str] | None,
+    started_ns: int,
+    ended_ns: int | None,
+    source_id: str | None,
+    elution_id: str | None,
+    generator: str | None,
+    reason: str | None,
+    settings: list[str],
+    verdict: str | None,
+    results: list[str],
+    measurements: list[str],
+    detail: str,
+    msg_id: str | None = None,
+) -> Message:
+    """A QC procedure started or ended (controller/qc/procedures.py); both records carry the same `procedure_id`.
+
+    `time_ns` is the start for a "started" record and the end for the others; `started_by` is None
+    when the procedure was recognised from a measurement rather than started by a command.
+    """
+    payload = envelope("qc_procedure", started_ns if ended_ns is None else ended_ns, msg_id) | {
+        "site": site,
+        "station": station,
+        "device": device,
+        "procedure_id": procedure_id,
+        "procedure": procedure,
+        "status": status,
+        "started_by": None if started_by is None else dict(started_by),
+        "started_ns": int(started_ns),
+        "ended_ns": None if ended_ns is None else int(ended_ns),
+        "source_id": source_id,
+        "elution_id": elution_id,
+        "generator": generator,
+        "reason": reason,
+        "settings": list(settings),
+        "verdict": verdict,
+        "results": list(results),
+        "measurements": list(measurements),
+        "detail": detail,
+    }
+    return Message("qc_procedure", device_topic(site, station, device, "qc/procedure"), payload)
+
+
+def qc_baseline_message(
+    site: str,
+    station: str,
+    device: str,
+    *,
+    source_id: str,
+    setting: str,
+    activity_bq: float,
+    baseline_ns: int,
+    measurement_id: str,
+    procedure_id: str,
+    taken_by: dict[str, str],
+    reason: str,
+    source_nuclide: str,
+    half_life_s: float,
+    half_life_source: str,
+) -> Message:
+    """A constancy baseline (controller/qc/baselines.py): the chamber's reading of its check source on one setting.
+
+    Retained per setting (hotlab/<site>/<station>/<device>/qc/baseline/<setting, lower case>): the
+    newest one is the reference. The msg_id is name-based on the measurement it was taken from.
+    """
+    name = json.dumps(["qc_baseline", procedure_id, measurement_id])
+    payload = envelope("qc_baseline", baseline_ns, uuid.uuid5(MSG_ID_NAMESPACE, name).hex) | {
+        "site": site,
+        "station": station,
+        "device": device,
+        "source_id": source_id,
+        "setting": setting,
+        "activity_bq": float(activity_bq),
+        "baseline_ns": int(baseline_ns),
+        "measurement_id": measurement_id,
+        "procedure_id": procedure_id,
+        "taken_by": dict(taken_by),
+        "reason": reason,
+        "source_nuclide": source_nuclide,
+        "half_life_s": float(half_life_s),
+        "half_life_source": half_life_source,
+    }
+    return Message("qc_baseline", device_topic(site, station, device, f"qc/baseline/{setting.lower()}"), payload)

@@ -91,7 +91,8 @@ from hotlab.controller.messages import (
 )
 from hotlab.controller.outbox import AsyncOutbox, GroupCommit, Outbox, OutboxFull, OutboxUsage
 from hotlab.controller.plausibility import PlausibilityRules
-from hotlab.controller.qc.engine import QcConfig
+from hotlab.controller.qc.engine import QcConfig, QcEngine
+from hotlab.controller.qc.procedure_commands import ProcedureCommands
 from hotlab.controller.sinks.mqtt import SINK as MQTT_SINK
 from hotlab.controller.sinks.mqtt import MqttSink
 from hotlab.controller.sources import driver_source
@@ -119,7 +120,8 @@ class CommitStage(Protocol):
     """A two-phase processor (the QC engine): judge a batch, commit `outcome.messages`, then `apply`.
 
     `process` must not change the stage, so a failed commit can simply be retried; `apply`
-    runs only after the commit succeeded (controller/qc/engine.py explains why).
+    runs only after the commit succeeded (controller/qc/engine.py explains why). A QC engine is
+    also ticked every QC_TICK_S (its procedures time out) and runs the start_qc/end_qc commands.
     """
 
     def process(self, *messages: Message) -> StagedOutcome: ...
@@ -127,6 +129,8 @@ class CommitStage(Protocol):
     def apply(self, outcome: Any) -> None: ...
 
 
+#: How often the QC engine's clock ticks: a procedure that timed out ends at most this much later.
+QC_TICK_S = 30.0
 #: Below this fraction of warn_fraction an active usage alarm clears (hysteresis, so it does not flap).
 ALARM_CLEAR_RATIO = 0.9
 #: An alarm for failing commits clears once commits have worked for this long: on a disk that is
@@ -259,6 +263,11 @@ class ControllerService:
             config.history_path,
             {source_id: source.nuclide.name for source_id, source in QcConfig.from_mapping(config.qc).sources.items()},
         )
+        self._procedures = ProcedureCommands(
+            config.site, stage if isinstance(stage, QcEngine) else None, self._commit_messages
+        )
+        #: Seconds between QC engine ticks (QC_TICK_S; tests shorten it).
+        self.qc_tick_s = QC_TICK_S
         self.commands: CommandHandler | None = None
         self.anchors: AnchorPublisher | None = None
         self._audit_key: bytes | None = None
@@ -317,6 +326,7 @@ class ControllerService:
         sinks = await self._start_sinks(outbox)
         sink_tasks = [asyncio.create_task(self._keep_running(sink), name=f"sink-{sink.name}") for sink in sinks]
         monitor = asyncio.create_task(self._watch_usage(), name="outbox-usage")
+        qc_clock = asyncio.create_task(self._tick_qc(), name="qc-clock")
         device_tasks = [self._start_device(device) for device in cfg.devices]
         if self.on_started is not None:
             self.on_started()
@@ -335,7 +345,8 @@ class ControllerService:
             await self._stop_devices(device_tasks)
             await self._commit_final_statuses()
             monitor.cancel()
-            await asyncio.gather(monitor, return_exceptions=True)
+            qc_clock.cancel()
+            await asyncio.gather(monitor, qc_clock, return_exceptions=True)
             await asyncio.gather(*(self._drain(sink, task, outbox) for sink, task in zip(sinks, sink_tasks)))
             await self._await_sinks(sink_tasks)
             left = await self._backlog(outbox, MQTT_SINK)
@@ -470,7 +481,7 @@ class ControllerService:
         if supervisor is None or device is None:
             return None
         source: Any = self.sources[device_name]
-        control = source if device.is_station else CalibratorCommands(device, source, self._labeller)
+        control = source if device.is_station else CalibratorCommands(device, source, self._labeller, self._procedures)
         return CommandTarget(device, control, lambda: supervisor.up)
 
     async def _await_sinks(self, tasks: list[asyncio.Task[Any]]) -> None:
@@ -753,6 +764,27 @@ class ControllerService:
             log.error("outbox full: final device statuses not stored")
         except (sqlite3.Error, OSError) as exc:  # the drain that follows must still run
             log.error("outbox unavailable: final device statuses not stored (%s: %s)", type(exc).__name__, exc)
+
+    async def _tick_qc(self) -> None:
+        """End the QC procedures whose time ran out: tick the engine, commit what it decided, then apply it.
+
+        The end records pass the QC stage in their commit like any batch, which closes the
+        procedures; one that finished meanwhile drops its stale end record there.
+        """
+        stage = self.stage
+        if not isinstance(stage, QcEngine):
+            return
+        while True:
+            await asyncio.sleep(self.qc_tick_s)
+            outcome = stage.tick(time.time_ns())
+            if not outcome.messages:
+                continue
+            try:
+                await self._commit_messages(list(outcome.messages))
+            except (OutboxFull, sqlite3.Error, OSError) as exc:  # tried again at the next tick
+                log.error("QC: %d timed-out procedure(s) not ended now: %s", len(outcome.messages), exc)
+                continue
+            stage.apply(outcome)
 
     async def _watch_usage(self, interval_s: float = 1.0) -> None:
         while True:

@@ -869,3 +869,34 @@ async def test_a_command_whose_window_closes_while_its_intent_is_audited_does_no
     reply = await console.send("start_elution", "r-slow", issued_at=issued.isoformat())
     assert reply["outcome"] == "expired" and console.station.calls == []
     assert console.outcomes() == [("alice", "elution.start", "requested"), ("alice", "elution.start", "expired")]
+
+
+def test_start_qc_and_end_qc_are_parsed_strictly_and_a_baseline_needs_a_qc_officer(tokens: None) -> None:
+    """start_qc names a procedure and its one subject; a baseline is a QC officer's record (qc_baseline)."""
+
+    def qc(action: str, user: str, token: str, args: dict[str, Any]) -> Command:
+        return parse_command(encode(command(args=args) | {"user": user, "token": token}), action, CALIBRATOR)
+
+    daily = qc("start_qc", "bob", BOB_TOKEN, {"procedure": "daily_constancy", "source": "CS-1"})
+    baseline = qc("start_qc", "bob", BOB_TOKEN, {"procedure": "baseline", "source": "CS-1"})
+    linearity = qc("start_qc", "alice", ALICE_TOKEN, {"procedure": "linearity", "nuclide": "99mTc"})
+    assert linearity.args == {"procedure": "linearity", "nuclide": "Tc-99m"}
+    assert qc("end_qc", "bob", BOB_TOKEN, {}).args == {}
+    operators = [
+        OperatorConfig("alice", "qc_officer", Secret(ALICE_TOKEN, "test")),
+        OperatorConfig("bob", "operator", Secret(BOB_TOKEN, "test")),
+    ]
+    authoriser = Authoriser(operators, DEFAULT_MIN_ROLE)
+    assert authoriser.authorise(daily).name == "bob"
+    assert authoriser.authorise(qc("end_qc", "bob", BOB_TOKEN, {"procedure": "baseline"})).name == "bob"
+    with pytest.raises(Unauthorised, match=r"may not run start_qc \(qc_baseline\); it needs qc_officer"):
+        authoriser.authorise(baseline)
+    for args, problem in (
+        ({"procedure": "baseline"}, "args of start_qc must be one of"),
+        ({"procedure": "daily_constancy", "elution_id": "a" * 32}, "start_qc of daily_constancy needs args.source"),
+        ({"procedure": "ge68_breakthrough", "elution_id": "12"}, "args.elution_id must be an elution's msg_id"),
+        ({"procedure": "geometry", "source": "X"}, "args.procedure must be one of"),
+        ({"procedure": "linearity", "nuclide": "Xx-1"}, "args.nuclide"),
+    ):
+        with pytest.raises(MalformedCommand, match=problem):
+            qc("start_qc", "bob", BOB_TOKEN, args)

@@ -2,7 +2,7 @@
 
 The simulator's chamber follows a schedule (simulators/source.py `ChamberSchedule`): empty, then the
 Cs-137 check source, then empty again, repeating. Every insertion the controller saw from an empty
-chamber to an empty chamber must give exactly one measurement, one constancy verdict judged from it,
+chamber to an empty chamber must give exactly one measurement, one daily check recognised from it,
 and a radiopharmacist's label must reach the archive through an audited command. A source left in
 the chamber gives one measurement after its dwell, and no more.
 """
@@ -218,14 +218,19 @@ async def test_one_measurement_per_insertion_judged_once_and_labelled_by_an_audi
         validate("measurement", measurement)
         assert measurement["end"] == "removed" and measurement["nuclide"] == "Cs-137"
         assert measurement["n"] >= 10 and measurement["activity_bq"] == pytest.approx(CHECK_BQ, rel=0.01)
-    # QC judged each measurement once (no verdict per poll), against the check source; and the one the
-    # accuracy label names once more, as an accuracy test of the same certified source.
-    constancy = [v for v in verdicts if v["test"] == "constancy"]
-    assert [v["inputs"]["measurement_id"] for v in constancy] == [m["msg_id"] for m in measurements]
-    assert {v["verdict"] for v in constancy} == {"pass"}
+    # Each insertion of the check source on its own setting opened one daily check (no verdict per poll):
+    # its background judged once, and without a baseline it ends incomplete asking for one. Constancy is
+    # never judged against the certificate; the accuracy label is, once, against the same certified source.
+    backgrounds = [v for v in verdicts if v["test"] == "background"]
+    assert [v["inputs"]["measurement_id"] for v in backgrounds] == [m["msg_id"] for m in measurements]
+    assert not [v for v in verdicts if v["test"] == "constancy"]
+    ends = [p for p in archived(tmp_path, "qc_procedure") if p["status"] != "started"]
+    assert [p["measurements"] for p in ends] == [[m["msg_id"]] for m in measurements]
+    assert {p["status"] for p in ends} == {"incomplete"} and all("baseline" in p["detail"] for p in ends)
     [annual] = [v for v in verdicts if v["test"] == "accuracy"]
     assert (annual["verdict"], annual["inputs"]["measurement_id"]) == ("pass", second["msg_id"])
     assert len(verdicts) == len(measurements) + 1 and len(readings) > 10 * len(verdicts)
+    assert all(m["procedure_id"] for m in measurements)
     assert bus.payloads("/measurement")[: len(measurements)] == measurements
 
 

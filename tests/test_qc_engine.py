@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import tomllib
 from datetime import datetime
 from typing import Any
@@ -22,6 +23,7 @@ from hotlab.controller.messages import (
 from hotlab.controller.qc.engine import QcConfig, QcEngine, QcOutcome, parse_time_ns
 from hotlab.controller.qc.limits import QcConfigError
 from hotlab.drivers.records import ElutionRecord, Reading
+from hotlab.physics.nuclides import get_nuclide
 
 HOUR_NS = 3_600_000_000_000
 DAY_NS = 24 * HOUR_NS
@@ -46,6 +48,7 @@ reference_time = "2025-06-01T00:00:00Z"
 
 [devices.calib1]
 check_source = "CS-137-A"
+minimum_detectable_bq = 1.0  # Bq: the detectable level of a Ge-68 re-measurement with one background value
 
 [generators.GA-1]
 parent = "Ge-68"
@@ -120,28 +123,26 @@ def judge(engine: QcEngine, *messages: object) -> QcOutcome:
     return outcome
 
 
-def test_a_measurement_on_the_check_source_setting_is_constancy(engine: QcEngine) -> None:
-    # Expected 5.87678 MBq on 2026-01-01 (see test_qc_calibrator); 6.2 / 5.87678 - 1 = +5.500 % -> warn (site warn 4 %).
+def test_a_check_source_measurement_opens_a_daily_check_not_a_certificate_verdict(engine: QcEngine) -> None:
+    """Constancy is judged against this chamber's baseline, never the certificate: without one the check is incomplete."""
     message = measurement(6.2e6, "2026-01-01T00:00:00Z")
     outcome = judge(engine, message)
-    assert len(outcome.results) == 1 and outcome.replacements == {}
-    assert outcome.messages == (message, *outcome.results)
-    verdict = outcome.results[0]
-    payload = verdict.payload
-    assert verdict.topic == "hotlab/lab1/hotcell/calib1/qc"
-    assert (payload["test"], payload["verdict"], payload["alarm"]) == ("constancy", "warn", True)
-    assert payload["deviation_pct"] == pytest.approx(5.500, abs=1e-3)
-    assert payload["limit_source"].startswith("site configuration")
-    inputs = payload["inputs"]
-    assert (inputs["measurement_id"], inputs["n"], inputs["sd_bq"]) == (message.msg_id, 5, pytest.approx(6.2e3))
-    assert payload["time_ns"] == message.payload["settle_ns"]
+    started, replaced, background, ended = outcome.messages
+    assert (started.kind, started.payload["status"], started.payload["started_by"]) == ("qc_procedure", "started", None)
+    assert replaced.msg_id == message.msg_id and replaced.payload["procedure_id"] == started.payload["procedure_id"]
+    assert [r.payload["test"] for r in outcome.results] == ["background"]
+    assert "constancy" not in [r.payload["test"] for r in outcome.results]
+    assert (ended.payload["status"], ended.payload["procedure_id"]) == ("incomplete", started.payload["procedure_id"])
+    assert "no constancy baseline of source CS-137-A on the Cs-137 setting" in ended.payload["detail"]
+    assert "start_qc procedure baseline" in ended.payload["detail"]
 
 
 def test_polls_are_not_qc_measurements_are(engine: QcEngine) -> None:
-    """One verdict per measurement, not one per poll: a raw reading on the check source setting is not judged."""
+    """One procedure per insertion, not one verdict per poll: a raw reading on the check source setting is not judged."""
     polls = [reading(6.2e6 + n, f"2026-01-01T00:00:0{n}Z") for n in range(5)]
     assert judge(engine, *polls).results == ()
-    assert len(judge(engine, *polls, measurement(6.2e6, "2026-01-01T00:00:05Z")).results) == 1
+    outcome = judge(engine, *polls, measurement(6.2e6, "2026-01-01T00:00:05Z"))
+    assert [m.kind for m in outcome.messages].count("qc_procedure") == 2 and len(outcome.results) == 1
 
 
 def test_patient_measurements_are_not_qc(engine: QcEngine) -> None:
@@ -205,12 +206,14 @@ def test_labelled_measurements_are_accuracy_and_dosage_checks(engine: QcEngine) 
 def test_tagged_readings(engine: QcEngine) -> None:
     [bg] = judge(engine, reading(400e3, "2026-01-01T07:00:00Z", nuclide="Tc-99m", qc="background")).results
     assert (bg.payload["test"], bg.payload["verdict"]) == ("background", "fail")
-    # 0.05 kBq/MBq at the assay, no administration time: judged at assay + 12 h, 0.05 * 2^(12 * 0.151318) = 0.17603.
+    # 1.85 MBq Mo-99 / 37 GBq Tc-99m = 0.05 kBq/MBq at the assay (no administration time: judged then) -> pass.
+    # The ratio grows as 2^(t (1/T_Tc - 1/T_Mo)); it reaches 0.15 after log2(3) / (1/T_Tc - 1/T_Mo).
     [mo] = judge(engine, reading(1.85e6, "2026-03-01T06:00:00Z", nuclide="Mo-99", qc="mo99", tc99m_bq=37e9)).results
-    assert mo.payload["measured"] == pytest.approx(0.17603, abs=1e-5) and mo.payload["verdict"] == "fail"
-    assert mo.payload["inputs"]["judged_time"] == "2026-03-01T18:00:00.000000Z"
-    assert mo.payload["inputs"]["exceeds_limit_after_s"] / 3600 == pytest.approx(10.4744, abs=1e-4)
-    [given] = judge(
+    assert mo.payload["measured"] == pytest.approx(0.05) and mo.payload["verdict"] == "pass"
+    t_tc, t_mo = get_nuclide("Tc-99m").half_life_s, get_nuclide("Mo-99").half_life_s
+    reached_s = math.log2(0.15 / 0.05) / (1 / t_tc - 1 / t_mo)
+    assert (mo.payload["limit_reached_ns"] - ns("2026-03-01T06:00:00Z")) / 1e9 == pytest.approx(reached_s, rel=1e-9)
+    given = judge(
         engine,
         reading(
             1.85e6,
@@ -220,22 +223,14 @@ def test_tagged_readings(engine: QcEngine) -> None:
             tc99m_bq=37e9,
             administration_time="2026-03-01T14:00:00Z",
         ),
-    ).results
-    assert given.payload["measured"] == pytest.approx(0.11571, abs=1e-5) and given.payload["verdict"] == "pass"
-
-
-def test_mo99_judge_horizon_is_configurable() -> None:
-    engine = QcEngine("lab1", QcConfig.from_mapping({"mo99_judge_horizon_h": 8}))
-    # 0.05 * 2^(8 * 0.151318) = 0.11571 -> pass, judged 8 h after the assay.
-    [mo] = judge(engine, reading(1.85e6, "2026-03-01T06:00:00Z", nuclide="Mo-99", qc="mo99", tc99m_bq=37e9)).results
-    assert mo.payload["measured"] == pytest.approx(0.11571, abs=1e-5) and mo.payload["verdict"] == "pass"
-    assert mo.payload["inputs"]["judged_at"] == "assay + 8 h eluate shelf life (no administration time given)"
+    ).results[0]
+    expected = 0.05 * 2 ** (8 * 3600 * (1 / t_tc - 1 / t_mo))
+    assert given.payload["measured"] == pytest.approx(expected, rel=1e-9) and given.payload["verdict"] == "pass"
 
 
 def test_bad_input_is_logged_and_skipped(engine: QcEngine, caplog: pytest.LogCaptureFixture) -> None:
     tc99m = measurement(1e6, "2026-01-01T00:00:00Z", nuclide="Tc-99m")
     bad = [
-        measurement(7e6, "2015-06-01T00:00:00Z"),  # before the certificate
         label(tc99m, reference_source="NOPE"),
         label(tc99m, reference_source="CS-137-A"),
         reading(1e6, "2026-01-01T00:00:00Z", qc="linearity"),
@@ -244,12 +239,11 @@ def test_bad_input_is_logged_and_skipped(engine: QcEngine, caplog: pytest.LogCap
     with caplog.at_level(logging.WARNING):
         outcome = engine.process(*bad)
     # Rejected input is still committed as it was, without a verdict; the count reaches the engine on apply.
-    assert outcome.messages == tuple(bad) and outcome.results == () and outcome.rejected == 5
+    assert outcome.messages == tuple(bad) and outcome.results == () and outcome.rejected == 4
     assert engine.rejected == 0
     engine.apply(outcome)
-    assert engine.rejected == 5
+    assert engine.rejected == 4
     assert "unknown QC tag 'dosage'; known: background, mo99, ge68_breakthrough" in caplog.text
-    assert "before reference date of source CS-137-A" in caplog.text
     assert "unknown source 'NOPE'" in caplog.text
     assert "taken on the Tc-99m setting, but source CS-137-A is Cs-137" in caplog.text
     assert "unknown QC tag 'linearity'" in caplog.text
@@ -297,6 +291,7 @@ def test_elution_stream_yield_residual_trend_and_breakthrough(engine: QcEngine) 
             qc="ge68_breakthrough",
             generator="GA-1",
             elution_counter=1,
+            background_bq=0.0,
         ),
     ).results
     assert ge[0].payload["test"] == "ge68_breakthrough"
@@ -331,6 +326,7 @@ def test_an_elution_after_the_stations_counter_started_again_is_judged(engine: Q
             qc="ge68_breakthrough",
             generator="GA-1",
             elution_counter=1,
+            background_bq=0.0,
         ),
     ).results
     assert ge[0].payload["inputs"]["ga68_eoe_bq"] == pytest.approx(1.0e9)
@@ -367,7 +363,12 @@ def test_elution_of_unconfigured_generator_is_passed_through(engine: QcEngine) -
             "qc.sources.X.uncertainty_pct: must be a finite number, got '3' (string)",
         ),
         ("trend_min_points = 2", "qc.trend_min_points: must be >= 3, got 2"),
-        ("mo99_judge_horizon_h = -1", "qc.mo99_judge_horizon_h: must be >= 0, got -1"),
+        ("procedure_timeout_min = 0", "qc.procedure_timeout_min: must be > 0, got 0"),
+        (
+            "[sources.S]\nnuclide='Cs-137'\nactivity='7 MBq'\nreference_time=2020-01-01T00:00:00Z\n"
+            "[devices.c]\ncheck_source='S'\nsettings=['Tc-99x']",
+            "qc.devices.c.settings: cannot read nuclide name 'Tc-99x'",
+        ),
         ("colour = 'red'", "qc.colour: unknown key"),
         (  # the parent's key path was missing from this message (issue 16)
             "[generators.G]\nparent='Zz-99'\nactivity='1 GBq'\ncalibration_time=2020-01-01T00:00:00Z",

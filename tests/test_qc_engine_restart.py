@@ -32,6 +32,9 @@ parent = "Ge-68"
 activity = "1.85 GBq"
 calibration_time = 2026-01-01T00:00:00Z
 last_elution = 2026-02-28T00:00:00Z   # the stale seed a restart used to fall back to
+
+[devices.calib1]
+minimum_detectable_bq = 1.0  # Bq: the detectable level of a Ge-68 re-measurement with one background value
 """)
 
 
@@ -52,7 +55,7 @@ def elution(counter: int, activity_bq: float, end_ns: int, counter_reset: str | 
 
 
 def ge68_reading(counter: int, at_ns: int, activity_bq: float = 10.0) -> Message:
-    extra = {"qc": "ge68_breakthrough", "generator": "GA-1", "elution_counter": counter}
+    extra = {"qc": "ge68_breakthrough", "generator": "GA-1", "elution_counter": counter, "background_bq": 0.0}
     return reading_message(
         "lab1", "hotcell", Reading("calib1", "Ga-68", activity_bq, activity_bq, "Bq", at_ns, b"", extra)
     )

@@ -45,23 +45,25 @@ from __future__ import annotations
 import logging
 import math
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from hotlab.controller.config_table import ConfigTable
-from hotlab.controller.messages import Message
-from hotlab.controller.qc import calibrator_rules, dosage, generator_rules
-from hotlab.controller.qc.calibrator_rules import ReferenceSource
+from hotlab.controller.messages import Message, qc_baseline_message
+from hotlab.controller.qc import baselines, calibrator_rules, dosage, generator_rules
+from hotlab.controller.qc.baselines import Baseline
+from hotlab.controller.qc.calibrator_rules import ReferenceSource, TimedReading
 from hotlab.controller.qc.generator_rules import (
-    MO99_DEFAULT_JUDGE_HORIZON_H,
     GeneratorSpec,
     YieldPoint,
     available_activity,
     generator_pair,
 )
 from hotlab.controller.qc.limits import YIELD_LIMIT_BY_DAUGHTER, Limit, load_limits
+from hotlab.controller.qc.procedures import Procedure, Status, Step, recognised_procedure_id, within_band
 from hotlab.controller.qc.result import QcInputError, QcResult
+from hotlab.physics.decay import activity_at
 from hotlab.physics.nuclides import Nuclide, UnknownNuclideError, get_nuclide
 from hotlab.physics.units import UnitError, parse_activity
 from hotlab.physics.utc_time import parse_utc_ns
@@ -147,19 +149,37 @@ def _field(extra: Mapping[str, Any], key: str, tag: str) -> Any:
         raise QcInputError(f"a reading tagged qc={tag!r} needs extra[{key!r}]") from None
 
 
+#: `[qc.devices.X] linearity_low_bq` default: a linearity series ends at or below 30 uCi (1.1 MBq), the
+#: lowest activity of the range former 10 CFR 35.50(b)(3) required the test to cover.
+DEFAULT_LINEARITY_LOW_BQ = 1.11e6
+#: `[qc] procedure_timeout_min` default: a daily check or baseline not finished in 30 min is incomplete.
+DEFAULT_PROCEDURE_TIMEOUT_MIN = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceQc:
+    """`[qc.devices.<calibrator>]`: its check source, the settings its daily check covers, its linearity end."""
+
+    check_source: str | None
+    settings: tuple[str, ...]
+    linearity_low_bq: float = DEFAULT_LINEARITY_LOW_BQ
+    #: The chamber's minimum detectable activity: the detectable level when the background is one value.
+    minimum_detectable_bq: float = 0.0
+
+
 @dataclass(frozen=True, slots=True)
 class QcConfig:
     """Per-site QC configuration: limits, check/reference sources, calibrator and generator set-up."""
 
     limits: Mapping[str, Limit] = field(default_factory=load_limits)
     sources: Mapping[str, ReferenceSource] = field(default_factory=dict)
-    check_source_by_device: Mapping[str, str] = field(default_factory=dict)
+    devices: Mapping[str, DeviceQc] = field(default_factory=dict)
     generators: Mapping[str, GeneratorSpec] = field(default_factory=dict)
     last_elution_ns: Mapping[str, int] = field(default_factory=dict)
     trend_horizon_days: float = 30.0
     trend_min_points: int = 5
     trend_min_span_days: float = 2.0
-    mo99_judge_horizon_h: float = MO99_DEFAULT_JUDGE_HORIZON_H
+    procedure_timeout_min: float = DEFAULT_PROCEDURE_TIMEOUT_MIN
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any] | None) -> QcConfig:
@@ -183,15 +203,7 @@ class QcConfig:
                 uncertainty_pct=uncertainty,
             )
             table.finish()
-        devices: dict[str, str] = {}
-        for device, table in _entries(root, "devices"):
-            source_id = table.string("check_source", required=True)
-            if source_id not in sources:
-                raise table.error(
-                    "check_source", f"no source {source_id!r} under [qc.sources]; known: {sorted(sources)}"
-                )
-            devices[device] = source_id
-            table.finish()
+        devices = {device: _device_qc(table, sources) for device, table in _entries(root, "devices")}
         generators: dict[str, GeneratorSpec] = {}
         last_elution: dict[str, int] = {}
         for generator_id, table in _entries(root, "generators"):
@@ -216,18 +228,73 @@ class QcConfig:
         config = cls(
             limits=limits,
             sources=sources,
-            check_source_by_device=devices,
+            devices=devices,
             generators=generators,
             last_elution_ns=last_elution,
             trend_horizon_days=root.number("trend_horizon_days", 30.0, minimum=0.0, exclusive_minimum=True),
             trend_min_points=root.integer("trend_min_points", 5, minimum=3),
             trend_min_span_days=root.number("trend_min_span_days", 2.0, minimum=0.0, maximum=365.0),
-            mo99_judge_horizon_h=root.number(
-                "mo99_judge_horizon_h", MO99_DEFAULT_JUDGE_HORIZON_H, minimum=0.0, maximum=72.0
+            procedure_timeout_min=root.number(
+                "procedure_timeout_min",
+                DEFAULT_PROCEDURE_TIMEOUT_MIN,
+                minimum=0.0,
+                exclusive_minimum=True,
+                maximum=24 * 60.0,
             ),
         )
         root.finish()
         return config
+
+    def check_source(self, device: str) -> ReferenceSource | None:
+        """The check source configured for calibrator `device`, if any."""
+        device_qc = self.devices.get(device)
+        return None if device_qc is None or device_qc.check_source is None else self.sources[device_qc.check_source]
+
+    def linearity_low_bq(self, device: str) -> float:
+        device_qc = self.devices.get(device)
+        return DEFAULT_LINEARITY_LOW_BQ if device_qc is None else device_qc.linearity_low_bq
+
+    def minimum_detectable_bq(self, device: str) -> float:
+        device_qc = self.devices.get(device)
+        return 0.0 if device_qc is None else device_qc.minimum_detectable_bq
+
+
+def _device_qc(table: ConfigTable, sources: Mapping[str, ReferenceSource]) -> DeviceQc:
+    """One `[qc.devices.X]`: the source's own setting is always checked, first; the others as listed."""
+    low_bq = _optional_activity(table, "linearity_low_bq", DEFAULT_LINEARITY_LOW_BQ)
+    minimum_bq = _optional_activity(table, "minimum_detectable_bq", 0.0)
+    source_id = table.string("check_source")
+    if source_id is None:
+        if "settings" in table.data:
+            raise table.error("settings", "settings are the check source's: set check_source too")
+        table.finish()
+        return DeviceQc(None, (), low_bq, minimum_bq)
+    if source_id not in sources:
+        raise table.error("check_source", f"no source {source_id!r} under [qc.sources]; known: {sorted(sources)}")
+    own = sources[source_id].nuclide.name
+    listed = table.value("settings", required=False)
+    if listed is None:
+        listed = [own]
+    if not isinstance(listed, list) or not listed or not all(isinstance(item, str) for item in listed):
+        raise table.error("settings", f'expected a list of nuclide settings such as ["{own}", "Tc-99m"]')
+    settings = [own]
+    for text in listed:
+        try:
+            name = get_nuclide(text).name
+        except UnknownNuclideError as exc:
+            raise table.error("settings", str(exc)) from None
+        if name not in settings:
+            settings.append(name)
+    table.finish()
+    return DeviceQc(source_id, tuple(settings), low_bq, minimum_bq)
+
+
+def _optional_activity(table: ConfigTable, name: str, default: float) -> float:
+    value = table.value(name, required=False)
+    try:
+        return default if value is None else parse_activity_bq(value, "")
+    except QcInputError as exc:
+        raise table.error(name, str(exc).removeprefix(": ")) from None
 
 
 def _required_time(table: ConfigTable, name: str) -> int:
@@ -296,21 +363,57 @@ class _GeneratorState:
         return max((e for e in self.eluates.values() if e.counter == counter), key=lambda e: e.end_ns, default=None)
 
 
+Slot = tuple[str, str]
+
+
+def slot_of(device: str, kind: str) -> Slot:
+    """Where a procedure lives: a device runs one check (daily, baseline, Ge-68) and one linearity series at a time."""
+    return (device, "series" if kind == "linearity" else "check")
+
+
+@dataclass(slots=True)
+class _Stage:
+    """What one `process` or `tick` changed, for `apply` to take over after the commit.
+
+    `procedures` maps a slot to its procedure after the batch (None: none open), `based_on` to the
+    procedure_id the batch found there: `apply` takes a slot over only if it still holds that one.
+    """
+
+    generators: dict[str, _GeneratorState] = field(default_factory=dict)
+    procedures: dict[Slot, Procedure | None] = field(default_factory=dict)
+    based_on: dict[Slot, str | None] = field(default_factory=dict)
+    baselines: dict[tuple[str, str, str], Baseline] = field(default_factory=dict)
+
+
+class _Handled(NamedTuple):
+    """What one input message became: messages before it, its replacement, messages after it, or dropped."""
+
+    before: list[Message]
+    replacement: Message | None
+    after: list[Message]
+    drop: bool = False
+
+
+_NOTHING = _Handled([], None, [])
+
+
 @dataclass(frozen=True, slots=True)
 class QcOutcome:
-    """What `QcEngine.process` decided for a batch of messages; commit `messages`, then `apply` it.
+    """What `QcEngine.process` (or `tick`) decided for a batch of messages; commit `messages`, then `apply` it.
 
-    `messages` is the whole batch to commit, in order: every input message (or its
-    `replacement`) followed by its verdicts. `results` are the verdicts alone and
-    `replacements` maps an input's msg_id to the message that must be committed instead of it
-    (an elution with ``yield_pct`` filled). `rejected` counts inputs that could not be judged.
+    `messages` is the whole batch to commit, in order: every input message (or its `replacement`)
+    with what it brought (a procedure's start record before the measurement that opened it; its
+    verdicts, baselines and end record after). `results` are the qc_result verdicts alone and
+    `replacements` maps an input's msg_id to the message committed instead of it (an elution with
+    ``yield_pct`` filled, a measurement with its ``procedure_id``, a procedure's end record with its
+    final results). `rejected` counts inputs that could not be judged.
     """
 
     messages: tuple[Message, ...]
     results: tuple[Message, ...]
     replacements: Mapping[str, Message]
     rejected: int
-    _generator_states: Mapping[str, _GeneratorState] = field(repr=False)
+    _stage: _Stage = field(repr=False)
 
 
 class QcEngine:
@@ -323,51 +426,132 @@ class QcEngine:
         self._generators = {
             gid: _GeneratorState(self.config.last_elution_ns.get(gid)) for gid in self.config.generators
         }
+        self._procedures: dict[Slot, Procedure] = {}
+        self._baselines: dict[tuple[str, str, str], Baseline] = {}
+
+    # -- read-only views for the start_qc / end_qc commands ------------------------------------
+
+    def open_procedures(self, device: str) -> list[Procedure]:
+        """The committed open procedures of `device` (copies)."""
+        return [p.copy() for (name, _), p in self._procedures.items() if name == device]
+
+    def baseline(self, device: str, source_id: str, setting: str) -> Baseline | None:
+        return self._baselines.get((device, source_id, setting))
+
+    def eluate_generator(self, elution_id: str) -> str | None:
+        """The generator whose remembered elution has msg_id `elution_id`, if any."""
+        return next((gid for gid, state in self._generators.items() if elution_id in state.eluates), None)
+
+    # -- the two phases ---------------------------------------------------------------------
 
     def process(self, *messages: Message) -> QcOutcome:
         """Judge `messages` (one commit batch, in order) without changing the engine; see `apply`."""
-        staged: dict[str, _GeneratorState] = {}
+        stage = _Stage()
         batch: list[Message] = []
         results: list[Message] = []
         replacements: dict[str, Message] = {}
         rejected = 0
         for message in messages:
-            replacement: Message | None = None
-            verdicts: list[Message] = []
+            handled = _NOTHING
             try:
-                if message.kind == "reading":
-                    verdicts = self._on_reading(message.payload, staged)
-                elif message.kind == "measurement":
-                    verdicts = self._on_measurement(message.payload)
-                elif message.kind == "measurement_label":
-                    verdicts = self._on_label(message.payload)
-                elif message.kind == "elution":
-                    replacement, verdicts = self._on_elution(message, staged)
+                handled = self._handle(message, stage)
             except (QcInputError, UnknownNuclideError, KeyError, TypeError, ValueError) as exc:
                 rejected += 1
                 log.warning("QC skipped %s message %s: %s", message.kind, message.payload.get("msg_id"), exc)
-            if replacement is not None:
-                replacements[message.msg_id] = replacement
-            batch.append(replacement or message)
-            batch.extend(verdicts)
-            results.extend(verdicts)
-        return QcOutcome(tuple(batch), tuple(results), replacements, rejected, staged)
+            if handled.drop:
+                continue
+            if handled.replacement is not None:
+                replacements[message.msg_id] = handled.replacement
+            batch.extend(handled.before)
+            batch.append(handled.replacement or message)
+            batch.extend(handled.after)
+            results.extend(m for m in (*handled.before, *handled.after) if m.kind == "qc_result")
+        return QcOutcome(tuple(batch), tuple(results), replacements, rejected, stage)
+
+    def _handle(self, message: Message, stage: _Stage) -> _Handled:
+        payload = message.payload
+        if message.kind == "reading":
+            self._watch_reading(payload, stage)
+            return _Handled([], None, self._on_reading(payload, stage.generators))
+        if message.kind == "measurement":
+            return self._on_measurement(message, stage)
+        if message.kind == "measurement_label":
+            return _Handled([], None, self._on_label(payload))
+        if message.kind == "elution":
+            replacement, verdicts = self._on_elution(message, stage.generators)
+            return _Handled([], replacement, verdicts)
+        if message.kind == "qc_procedure":
+            return self._on_procedure_record(message, stage)
+        return _NOTHING
+
+    def tick(self, now_ns: int) -> QcOutcome:
+        """End every procedure whose time ran out by `now_ns` as incomplete; pure like `process`.
+
+        Commit `messages` (the service does so every 30 s, through the QC stage, which takes the end
+        records over), then `apply`. An end record that lost a race with the procedure's last step
+        is dropped by `process`, so a procedure never gets two ends.
+        """
+        stage = _Stage()
+        timeout_ns = int(self.config.procedure_timeout_min * 60e9)
+        ended: list[Message] = []
+        for slot, procedure in self._procedures.items():
+            deadline = procedure.deadline_ns(timeout_ns)
+            if deadline is None or now_ns < deadline:
+                continue
+            missing = ", ".join(procedure.missing) or "no setting"
+            ended.append(
+                procedure.end_message(
+                    "incomplete",
+                    now_ns,
+                    f"not finished within {self.config.procedure_timeout_min:g} min ([qc] procedure_timeout_min); "
+                    f"no result for: {missing}",
+                )
+            )
+            stage.based_on[slot], stage.procedures[slot] = procedure.procedure_id, None
+        return QcOutcome(tuple(ended), (), {}, 0, stage)
 
     def apply(self, outcome: QcOutcome) -> None:
-        """Take over the generator state of a committed outcome. Call once, after the commit succeeded.
+        """Take over the state of a committed outcome. Call once, after the commit succeeded.
 
-        A state older than the engine's (an outcome applied twice, or out of order) is ignored.
-        Age is the last elution's end time, not its counter, since a count can start again.
+        A generator state older than the engine's (an outcome applied twice, or out of order) is
+        ignored; age is the last elution's end time, not its counter, since a count can start again.
+        A procedure slot is taken over only if it still holds what the outcome found there.
         """
         self.rejected += outcome.rejected
-        for generator_id, state in outcome._generator_states.items():
+        stage = outcome._stage
+        for generator_id, state in stage.generators.items():
             current = self._generators[generator_id]
             if current.last_elution_ns is None or (
                 state.last_elution_ns is not None and state.last_elution_ns > current.last_elution_ns
             ):
                 self._generators[generator_id] = state.copy()
+        for slot, procedure in stage.procedures.items():
+            held = self._procedures.get(slot)
+            if (None if held is None else held.procedure_id) != stage.based_on.get(slot):
+                continue
+            if procedure is None:
+                self._procedures.pop(slot, None)
+            else:
+                self._procedures[slot] = procedure.copy()
+        for key, baseline in stage.baselines.items():
+            held_baseline = self._baselines.get(key)
+            if held_baseline is None or baseline.baseline_ns >= held_baseline.baseline_ns:
+                self._baselines[key] = baseline
 
     def restore(self, archive: HistoryArchive, unarchived: Iterable[Message] = ()) -> int:
+        """Rebuild the engine's state from what was committed before a restart; return the elutions restored.
+
+        Generators (below), the newest baseline per (calibrator, source, setting), and the procedures
+        still open (`_restore_procedures`). Call once at start-up, before `process`; it does SQLite
+        I/O, so from async code run it in `asyncio.to_thread`.
+        """
+        pending = [m for m in unarchived if m.payload.get("site") == self.site]
+        restored = self._restore_generators(archive, pending)
+        self._restore_baselines(archive, pending)
+        self._restore_procedures(archive, pending)
+        return restored
+
+    def _restore_generators(self, archive: HistoryArchive, pending: list[Message]) -> int:
         """Rebuild each configured generator's state from what was committed before a restart.
 
         Sources: elution messages and elution_yield qc_results in `archive`, plus `unarchived`,
@@ -380,7 +564,6 @@ class QcEngine:
         in `asyncio.to_thread`. A config `last_elution` later than the archive still wins.
         Returns how many elutions were restored.
         """
-        pending = [m for m in unarchived if m.payload.get("site") == self.site]
         restored = 0
         for generator_id, spec in self.config.generators.items():
             elutions = self._payloads(
@@ -436,31 +619,85 @@ class QcEngine:
             log.info("QC restored %s: %d elution(s), last counter %s", generator_id, len(kept), state.last_counter)
         return restored
 
+    def _restore_baselines(self, archive: HistoryArchive, pending: list[Message]) -> None:
+        for device in self.config.devices:
+            payloads = self._payloads(
+                archive.query("qc_baseline", site=self.site, device=device),
+                [m.payload for m in pending if m.kind == "qc_baseline" and m.payload.get("device") == device],
+            )
+            for payload in payloads:
+                try:
+                    baseline = Baseline.from_payload(payload)
+                except QcInputError as exc:
+                    log.warning("restore: %s; skipped", exc)
+                    continue
+                held = self._baselines.get(baseline.key)
+                if held is None or baseline.baseline_ns >= held.baseline_ns:
+                    self._baselines[baseline.key] = baseline
+        log.info("QC restored %d constancy baseline(s)", len(self._baselines))
+
+    def _restore_procedures(self, archive: HistoryArchive, pending: list[Message]) -> None:
+        """Reopen the procedures that started and have not ended, with the steps and results committed so far.
+
+        Whether the chamber emptied while the controller was down is not known, so a restored
+        procedure takes no setting change as a continuation until its next step.
+        """
+        from hotlab.controller.archive import OPEN_END_NS, TimeRange
+
+        records = self._payloads(
+            archive.query("qc_procedure", site=self.site),
+            [m.payload for m in pending if m.kind == "qc_procedure"],
+        )
+        ended = {r.get("procedure_id") for r in records if r.get("status") != "started"}
+        for record in records:
+            if record.get("status") != "started" or record.get("procedure_id") in ended:
+                continue
+            try:
+                procedure = Procedure.from_started(dict(record))
+            except (KeyError, TypeError, ValueError) as exc:
+                log.warning("restore: procedure record %s cannot be read (%r); skipped", record.get("msg_id"), exc)
+                continue
+            since = TimeRange(procedure.started_ns, OPEN_END_NS)
+
+            def linked(
+                kind: str, procedure: Procedure = procedure, since: TimeRange = since
+            ) -> list[Mapping[str, Any]]:
+                archived = archive.query(kind, since, site=self.site, device=procedure.device)
+                unsent = [m.payload for m in pending if m.kind == kind and m.payload.get("device") == procedure.device]
+                found = self._payloads(archived, unsent)
+                return [p for p in found if p.get("procedure_id") == procedure.procedure_id]
+
+            for payload in linked("measurement"):
+                procedure.steps.append(
+                    Step(
+                        str(payload["msg_id"]),
+                        str(payload["nuclide"]),
+                        float(payload["activity_bq"]),
+                        int(payload["time_ns"]),
+                        str(payload["end"]),
+                    )
+                )
+            for payload in linked("qc_result"):
+                procedure.results.append(str(payload["msg_id"]))
+                procedure.verdicts.append(str(payload["verdict"]))
+                setting = payload.get("inputs", {}).get("setting")
+                if payload.get("test") == "constancy" and setting is not None:
+                    procedure.done[str(setting)] = str(payload["msg_id"])
+            for payload in linked("qc_baseline"):
+                procedure.done[str(payload["setting"])] = str(payload["msg_id"])
+            procedure.source_left = True
+            self._procedures[slot_of(procedure.device, procedure.kind)] = procedure
+            log.info(
+                "QC restored open procedure %s (%s on %s)", procedure.procedure_id, procedure.kind, procedure.device
+            )
+
     @staticmethod
-    def _payloads(archived: list[dict[str, Any]], unarchived: list[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    def _payloads(archived: list[dict[str, Any]], unarchived: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
         """Archived payloads plus the not yet archived ones, each msg_id once."""
         seen = {p["msg_id"] for p in archived}
         return [*archived, *(p for p in unarchived if p.get("msg_id") not in seen)]
 
     # -- measurements and readings ----------------------------------------------------------
-
-    def _on_measurement(self, payload: Mapping[str, Any]) -> list[Message]:
-        """A measurement on the check source's setting of a calibrator with a check source is a constancy check."""
-        device, station = str(payload["device"]), str(payload["station"])
-        source, setting = self._mounted_source(device), payload.get("nuclide")
-        if source is None or setting is None or get_nuclide(str(setting)).name != source.nuclide.name:
-            return []
-        n, sd_bq = int(payload["n"]), float(payload["sd_bq"])
-        result = calibrator_rules.constancy(
-            source, [float(payload["activity_bq"])], int(payload["time_ns"]), self.config.limits["constancy"]
-        )
-        result = replace(
-            result,
-            inputs=dict(result.inputs) | {"measurement_id": str(payload["msg_id"]), "n": n, "sd_bq": sd_bq},
-            detail=f"{source.nuclide.name} source {source.source_id}: measurement {payload['msg_id']} "
-            f"(mean of {n} settled readings, sd {sd_bq:.4g} Bq) vs certificate decay-corrected to its settle time",
-        )
-        return [result.to_message(self.site, station, device)]
 
     def _on_label(self, payload: Mapping[str, Any]) -> list[Message]:
         """A labelled measurement that names a reference source (accuracy) or a prescription (dosage)."""
@@ -529,18 +766,13 @@ class QcEngine:
                     if "administration_time" in extra
                     else None
                 ),
-                judge_horizon_h=self.config.mo99_judge_horizon_h,
             )
         if tag == "ge68_breakthrough":
-            return self._ge68_breakthrough(activity, time_ns, extra, staged)
+            return self._ge68_breakthrough(str(payload["device"]), activity, time_ns, extra, staged)
         raise QcInputError(
             f"unknown QC tag {tag!r}; known: background, mo99, ge68_breakthrough (constancy, accuracy and "
             "dosage are judged from measurements and their labels)"
         )
-
-    def _mounted_source(self, device: str) -> ReferenceSource | None:
-        source_id = self.config.check_source_by_device.get(device)
-        return None if source_id is None else self.config.sources[source_id]
 
     def _named_source(self, source_id: Any) -> ReferenceSource:
         try:
@@ -549,7 +781,12 @@ class QcEngine:
             raise QcInputError(f"unknown source {source_id!r}; configured: {sorted(self.config.sources)}") from None
 
     def _ge68_breakthrough(
-        self, activity: float, time_ns: int, extra: Mapping[str, Any], staged: Mapping[str, _GeneratorState]
+        self,
+        device: str,
+        activity: float,
+        time_ns: int,
+        extra: Mapping[str, Any],
+        staged: Mapping[str, _GeneratorState],
     ) -> QcResult:
         generator_id = str(_field(extra, "generator", "ge68_breakthrough"))
         counter = int(_field(extra, "elution_counter", "ge68_breakthrough"))
@@ -563,6 +800,8 @@ class QcEngine:
             activity,
             time_ns,
             self.config.limits["ge68_breakthrough"],
+            background_bq=[float(_field(extra, "background_bq", "ge68_breakthrough"))],
+            minimum_detectable_bq=self.config.minimum_detectable_bq(device),
             aliquot_fraction=float(extra.get("aliquot_fraction", 1.0)),
         )
 
@@ -620,3 +859,267 @@ class QcEngine:
         if trend is not None:
             verdicts.append(trend.to_message(self.site, station, generator_id))
         return replacement, verdicts
+
+    # -- procedures -------------------------------------------------------------------------
+
+    def _procedure(self, slot: Slot, stage: _Stage) -> Procedure | None:
+        """The procedure open in `slot` as of this batch so far: staged, else a copy of the committed one."""
+        if slot in stage.procedures:
+            return stage.procedures[slot]
+        committed = self._procedures.get(slot)
+        return None if committed is None else committed.copy()
+
+    def _stage_procedure(self, slot: Slot, procedure: Procedure | None, stage: _Stage) -> None:
+        if slot not in stage.based_on:
+            committed = self._procedures.get(slot)
+            stage.based_on[slot] = None if committed is None else committed.procedure_id
+        stage.procedures[slot] = procedure
+
+    def _baseline_for(self, key: tuple[str, str, str], stage: _Stage) -> Baseline | None:
+        return stage.baselines.get(key) or self._baselines.get(key)
+
+    def _watch_reading(self, payload: Mapping[str, Any], stage: _Stage) -> None:
+        """Note when a good reading shows the source was taken out since a procedure's last step."""
+        if payload.get("quality") != "good" or payload.get("extra"):
+            return
+        device, activity = str(payload["device"]), float(payload["activity_bq"])
+        for slot in (slot_of(device, "daily_constancy"), slot_of(device, "linearity")):
+            procedure = self._procedure(slot, stage)
+            if procedure is None or procedure.source_left or procedure.last_step is None:
+                continue
+            procedure.saw_reading(activity)
+            if procedure.source_left:
+                self._stage_procedure(slot, procedure, stage)
+
+    def _on_measurement(self, message: Message, stage: _Stage) -> _Handled:
+        """A measurement is a step of an open procedure it plausibly belongs to, or opens a daily check.
+
+        A measurement of the check source on its own setting while no check is open is recognised
+        as the first step of a daily constancy procedure (started_by null). Anything else is a
+        measurement like any other (a patient dose) and gets no verdict.
+        """
+        payload = message.payload
+        device = str(payload["device"])
+        setting = None if payload.get("nuclide") is None else get_nuclide(str(payload["nuclide"])).name
+        before: list[Message] = []
+        for slot in (slot_of(device, "daily_constancy"), slot_of(device, "linearity")):
+            procedure = self._procedure(slot, stage)
+            if procedure is not None and self._is_step(procedure, payload, setting, stage):
+                break
+        else:
+            source = self.config.check_source(device)
+            slot = slot_of(device, "daily_constancy")
+            if source is None or setting != source.nuclide.name or self._procedure(slot, stage) is not None:
+                return _NOTHING
+            procedure = self._recognised(payload, source)
+            before.append(procedure.started_message())
+        assert procedure is not None and setting is not None
+        procedure.take(
+            Step(message.msg_id, setting, float(payload["activity_bq"]), int(payload["time_ns"]), str(payload["end"]))
+        )
+        after, end = self._judge_step(procedure, payload, setting, stage)
+        for record in after:
+            if record.kind == "qc_result":
+                procedure.add_result(record)
+        if end is not None:
+            status, detail = end
+            after.append(procedure.end_message(status, int(payload["time_ns"]), detail))
+        self._stage_procedure(slot, None if end is not None else procedure, stage)
+        replacement = Message(message.kind, message.topic, dict(payload) | {"procedure_id": procedure.procedure_id})
+        return _Handled(before, replacement, after)
+
+    def _recognised(self, payload: Mapping[str, Any], source: ReferenceSource) -> Procedure:
+        device = str(payload["device"])
+        return Procedure(
+            procedure_id=recognised_procedure_id(device, str(payload["msg_id"])),
+            kind="daily_constancy",
+            site=self.site,
+            station=str(payload["station"]),
+            device=device,
+            started_by=None,
+            started_ns=int(payload["start_ns"]),
+            settings=self.config.devices[device].settings,
+            source_id=source.source_id,
+        )
+
+    def _is_step(self, procedure: Procedure, payload: Mapping[str, Any], setting: str | None, stage: _Stage) -> bool:
+        """Whether a measurement plausibly belongs to `procedure` (controller/qc/procedures.py says when)."""
+        if setting is None or setting not in procedure.settings or int(payload["start_ns"]) < procedure.started_ns:
+            return False
+        activity, time_ns = float(payload["activity_bq"]), int(payload["time_ns"])
+        if procedure.kind == "ge68_breakthrough":
+            return not procedure.steps
+        if procedure.kind == "linearity":
+            last = procedure.last_step
+            if last is None:
+                return True
+            nuclide = get_nuclide(setting)
+            expected = float(activity_at(last.activity_bq, nuclide, (time_ns - last.time_ns) / 1e9))
+            return time_ns > last.time_ns and within_band(activity, expected)
+        if setting in procedure.done:
+            return False
+        source = self._named_source(procedure.source_id)
+        if setting == source.nuclide.name or procedure.continues_setting_change(setting, int(payload["start_ns"])):
+            return True
+        baseline = self._baseline_for((procedure.device, source.source_id, setting), stage)
+        return (
+            baseline is not None
+            and time_ns >= baseline.baseline_ns
+            and within_band(activity, baseline.expected_at(time_ns))
+        )
+
+    def _judge_step(
+        self, procedure: Procedure, payload: Mapping[str, Any], setting: str, stage: _Stage
+    ) -> tuple[list[Message], tuple[Status, str] | None]:
+        """The records one step brings, and how the procedure ends with it (None: it goes on)."""
+        if procedure.kind == "linearity":
+            return self._linearity_step(procedure, payload)
+        if procedure.kind == "ge68_breakthrough":
+            return self._ge68_step(procedure, payload, stage)
+        station, device = procedure.station, procedure.device
+        measurement_id = str(payload["msg_id"])
+        measured: dict[str, Any] = {
+            "measurement_id": measurement_id,
+            "n": int(payload["n"]),
+            "sd_bq": float(payload["sd_bq"]),
+            "reading_ids": list(payload["reading_ids"]),
+        }
+        records: list[Message] = []
+        if len(procedure.steps) == 1:  # the chamber's background before the source went in
+            background = calibrator_rules.background(
+                float(payload["background_bq"]),
+                int(payload["start_ns"]),
+                self.config.limits["background"],
+                nuclide=setting,
+            )
+            background = replace(background, inputs=dict(background.inputs) | {"measurement_id": measurement_id})
+            records.append(self._result(background, procedure))
+        source = self._named_source(procedure.source_id)
+        key = (device, source.source_id, setting)
+        activity, time_ns = float(payload["activity_bq"]), int(payload["time_ns"])
+        if procedure.kind == "baseline":
+            assert procedure.started_by is not None  # a baseline is only ever started by a command
+            record = qc_baseline_message(
+                self.site,
+                station,
+                device,
+                source_id=source.source_id,
+                setting=setting,
+                activity_bq=activity,
+                baseline_ns=time_ns,
+                measurement_id=measurement_id,
+                procedure_id=procedure.procedure_id,
+                taken_by=procedure.started_by,
+                reason=procedure.reason or "",
+                source_nuclide=source.nuclide.name,
+                half_life_s=source.nuclide.half_life_s,
+                half_life_source=source.nuclide.source,
+            )
+            stage.baselines[key] = Baseline.from_payload(record.payload)
+            procedure.done[setting] = record.msg_id
+            records.append(record)
+        else:
+            baseline = self._baseline_for(key, stage)
+            if baseline is None:
+                return records, (
+                    "incomplete",
+                    f"no constancy baseline of source {source.source_id} on the {setting} setting of {device}: "
+                    "a QC officer takes one (start_qc procedure baseline)",
+                )
+            result = baselines.constancy(baseline, activity, time_ns, self.config.limits["constancy"], inputs=measured)
+            records.append(self._result(result, procedure))
+            procedure.done[setting] = records[-1].msg_id
+        if procedure.missing:
+            return records, None
+        what = "baseline taken" if procedure.kind == "baseline" else "constancy judged"
+        return records, ("complete", f"{what} on {len(procedure.settings)} setting(s): {', '.join(procedure.settings)}")
+
+    def _linearity_step(
+        self, procedure: Procedure, payload: Mapping[str, Any]
+    ) -> tuple[list[Message], tuple[Status, str] | None]:
+        low_bq = self.config.linearity_low_bq(procedure.device)
+        if float(payload["activity_bq"]) > low_bq:
+            return [], None
+        return self._linearity_end(procedure, f"reached {low_bq:.4g} Bq ([qc.devices] linearity_low_bq)")
+
+    def _linearity_end(self, procedure: Procedure, why: str) -> tuple[list[Message], tuple[Status, str]]:
+        """Judge the series collected (at least 3 points) by the decay method, or end it incomplete."""
+        if len(procedure.steps) < 3:
+            return [], ("incomplete", f"{why} with {len(procedure.steps)} measurement(s); the decay method needs 3")
+        series = [TimedReading(s.time_ns, s.activity_bq, s.measurement_id) for s in procedure.steps]
+        result = calibrator_rules.linearity_decay(
+            get_nuclide(procedure.settings[0]), series, self.config.limits["linearity"]
+        )
+        return [self._result(result, procedure)], ("complete", f"{why}: {len(series)} points judged")
+
+    def _ge68_step(
+        self, procedure: Procedure, payload: Mapping[str, Any], stage: _Stage
+    ) -> tuple[list[Message], tuple[Status, str] | None]:
+        """The eluate's re-measurement, background subtracted, judged by the Ge-68 breakthrough rule."""
+        generator_id, elution_id = str(procedure.generator), str(procedure.elution_id)
+        state = stage.generators.get(generator_id) or self._committed_state(generator_id)
+        eluate = state.eluates.get(elution_id)
+        if eluate is None:
+            return [], ("incomplete", f"elution {elution_id} of {generator_id} is no longer remembered")
+        try:
+            result = generator_rules.ge68_breakthrough(
+                eluate.eluted_bq,
+                eluate.end_ns,
+                float(payload["activity_bq"]),
+                int(payload["time_ns"]),
+                self.config.limits["ge68_breakthrough"],
+                background_bq=[float(payload["background_bq"])],
+                minimum_detectable_bq=self.config.minimum_detectable_bq(procedure.device),
+            )
+        except QcInputError as exc:
+            return [], ("incomplete", str(exc))
+        linked = {
+            "elution_id": elution_id,
+            "generator": generator_id,
+            "measurement_id": str(payload["msg_id"]),
+            "measured_bq": float(payload["activity_bq"]),
+            "background_bq": float(payload["background_bq"]),
+        }
+        result = replace(result, inputs=dict(result.inputs) | linked)
+        return [self._result(result, procedure)], ("complete", f"Ge-68 breakthrough of elution {elution_id} judged")
+
+    def _result(self, result: QcResult, procedure: Procedure) -> Message:
+        return replace(result, procedure_id=procedure.procedure_id).to_message(
+            self.site, procedure.station, procedure.device
+        )
+
+    def _on_procedure_record(self, message: Message, stage: _Stage) -> _Handled:
+        """A start record (from start_qc) opens a procedure; an end record (end_qc, a timeout) closes it.
+
+        An end record is committed as the procedure's final record (same msg_id, its results and
+        measurements as of now); one for a procedure that is no longer open lost a race with the
+        procedure's own end and is dropped. A start while another check is open on the device (two
+        start_qc commands at once) aborts the older one.
+        """
+        payload = message.payload
+        slot = slot_of(str(payload["device"]), str(payload["procedure"]))
+        current = self._procedure(slot, stage)
+        procedure_id = str(payload["procedure_id"])
+        if payload["status"] == "started":
+            if current is not None and current.procedure_id == procedure_id:
+                return _NOTHING
+            before = []
+            if current is not None:
+                before.append(
+                    current.end_message(
+                        "aborted", int(payload["started_ns"]), f"superseded by procedure {procedure_id} started at once"
+                    )
+                )
+            self._stage_procedure(slot, Procedure.from_started(payload), stage)
+            return _Handled(before, None, [])
+        if current is None or current.procedure_id != procedure_id:
+            log.info("QC: end record of procedure %s dropped: it has ended already", procedure_id)
+            return _Handled([], None, [], drop=True)
+        status, detail, ended_ns = payload["status"], str(payload["detail"]), int(payload["ended_ns"])
+        before = []
+        if status == "aborted" and current.kind == "linearity":  # end_qc finishes a series
+            before, (status, detail) = self._linearity_end(current, f"ended by end_qc ({detail})")
+            for record in before:
+                current.add_result(record)
+        self._stage_procedure(slot, None, stage)
+        return _Handled(before, current.end_message(status, ended_ns, detail, msg_id=message.msg_id), [])
