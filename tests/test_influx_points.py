@@ -285,3 +285,37 @@ def test_an_elution_counter_reset_alarm_keeps_its_generator_counter_and_elution(
     fields = _fields(line)
     assert fields["active"] == "1" and fields["counter"] == "1"
     assert fields["elution_id"] == f'"{elution_id}"' and fields["reason"] == '"counter 7 -> 1"'
+
+
+def test_every_message_kind_the_controller_stores_becomes_a_point() -> None:
+    """qc_procedure and qc_baseline records had no point: the sink counted each as a rejected message."""
+    from typing import get_args
+
+    from hotlab.controller.messages import Kind
+    from hotlab.controller.sinks.influx_points import SCHEMAS
+
+    assert set(get_args(Kind)) == set(SCHEMAS)
+
+
+def test_procedure_and_baseline_points_name_the_device_and_what_was_done() -> None:
+    from hotlab.controller.messages import qc_baseline_message, qc_procedure_message
+
+    procedure = qc_procedure_message(
+        "s", "st", "crc", procedure_id="a" * 32, procedure="daily_constancy", status="complete",
+        started_by={"user": "jdoe", "role": "operator"}, started_ns=T0 - 10**12, ended_ns=T0, source_id="CS-1",
+        elution_id=None, generator=None, reason=None, settings=["Cs-137", "Tc-99m"], verdict="pass",
+        results=["b" * 32], measurements=["c" * 32], detail="constancy judged on 2 setting(s)",
+    )  # fmt: skip
+    line = message_to_line(procedure)
+    assert line.startswith("qc_procedure,device=crc,procedure=daily_constancy,site=s,station=st,status=complete ")
+    assert line.endswith(f" {T0}")
+    fields = _fields(line)
+    assert fields["procedure_id"] == f'"{"a" * 32}"' and fields["verdict"] == '"pass"'
+    baseline = qc_baseline_message(
+        "s", "st", "crc", source_id="CS-1", setting="Tc-99m", activity_bq=6.5e6, baseline_ns=T0,
+        measurement_id="c" * 32, procedure_id="a" * 32, taken_by={"user": "qco", "role": "qc_officer"},
+        reason="acceptance", source_nuclide="Cs-137", half_life_s=9.49e8, half_life_source="NNDC",
+    )  # fmt: skip
+    line = message_to_line(baseline)
+    assert line.startswith("qc_baseline,device=crc,setting=Tc-99m,site=s,station=st ")
+    assert _fields(line)["activity_bq"] == "6500000"

@@ -114,6 +114,21 @@ SCHEMAS: dict[str, PointSchema] = {
         float_fields=("alarm", "due_ns", "overdue_ns", "last_done_ns"),
         string_fields=("state", "last_verdict", "last_record_id", "elution_id", "detail"),
     ),
+    # A QC procedure's start and end records (docs/qc.md, "Procedures"); who started it, its steps and results
+    # are in the archive and the audit trail, which a dashboard links to by `procedure_id`.
+    "qc_procedure": PointSchema(
+        required_tags=("site", "station", "device", "procedure", "status"),
+        optional_tags=("generator",),
+        float_fields=("started_ns", "ended_ns"),
+        string_fields=("procedure_id", "verdict", "source_id", "elution_id", "detail"),
+    ),
+    # One series per calibrator setting: the check source's reading that daily constancy is judged against.
+    "qc_baseline": PointSchema(
+        required_tags=("site", "station", "device", "setting"),
+        optional_tags=(),
+        float_fields=("activity_bq",),
+        string_fields=("source_id", "measurement_id", "procedure_id", "reason"),
+    ),
     # One series per trail (its first record's hash): the trail's growth over time, off the controller host.
     "audit_anchor": PointSchema(
         required_tags=("site", "trail_id"),
