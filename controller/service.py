@@ -91,8 +91,9 @@ from hotlab.controller.messages import (
 )
 from hotlab.controller.outbox import AsyncOutbox, GroupCommit, Outbox, OutboxFull, OutboxUsage
 from hotlab.controller.plausibility import PlausibilityRules
-from hotlab.controller.qc.engine import QcConfig, QcEngine
+from hotlab.controller.qc.engine import QcConfig
 from hotlab.controller.qc.procedure_commands import ProcedureCommands
+from hotlab.controller.qc.stage import QcStage
 from hotlab.controller.sinks.mqtt import SINK as MQTT_SINK
 from hotlab.controller.sinks.mqtt import MqttSink
 from hotlab.controller.sources import driver_source
@@ -120,8 +121,9 @@ class CommitStage(Protocol):
     """A two-phase processor (the QC engine): judge a batch, commit `outcome.messages`, then `apply`.
 
     `process` must not change the stage, so a failed commit can simply be retried; `apply`
-    runs only after the commit succeeded (controller/qc/engine.py explains why). A QC engine is
-    also ticked every QC_TICK_S (its procedures time out) and runs the start_qc/end_qc commands.
+    runs only after the commit succeeded (controller/qc/engine.py explains why). The QC stage
+    (controller/qc/stage.py) is also ticked every QC_TICK_S (procedures time out, QC items turn
+    overdue) and its engine runs the start_qc/end_qc commands.
     """
 
     def process(self, *messages: Message) -> StagedOutcome: ...
@@ -264,9 +266,9 @@ class ControllerService:
             {source_id: source.nuclide.name for source_id, source in QcConfig.from_mapping(config.qc).sources.items()},
         )
         self._procedures = ProcedureCommands(
-            config.site, stage if isinstance(stage, QcEngine) else None, self._commit_messages
+            config.site, stage.engine if isinstance(stage, QcStage) else None, self._commit_messages
         )
-        #: Seconds between QC engine ticks (QC_TICK_S; tests shorten it).
+        #: Seconds between QC stage ticks (QC_TICK_S; tests shorten it).
         self.qc_tick_s = QC_TICK_S
         self.commands: CommandHandler | None = None
         self.anchors: AnchorPublisher | None = None
@@ -766,13 +768,14 @@ class ControllerService:
             log.error("outbox unavailable: final device statuses not stored (%s: %s)", type(exc).__name__, exc)
 
     async def _tick_qc(self) -> None:
-        """End the QC procedures whose time ran out: tick the engine, commit what it decided, then apply it.
+        """What the QC clock decides (procedures that timed out end, items turn overdue): tick, commit, apply.
 
-        The end records pass the QC stage in their commit like any batch, which closes the
-        procedures; one that finished meanwhile drops its stale end record there.
+        The messages pass the QC stage in their commit like any batch, which closes the procedures
+        and takes the statuses as published; a procedure that finished meanwhile drops its stale
+        end record there.
         """
         stage = self.stage
-        if not isinstance(stage, QcEngine):
+        if not isinstance(stage, QcStage):
             return
         while True:
             await asyncio.sleep(self.qc_tick_s)
@@ -782,7 +785,7 @@ class ControllerService:
             try:
                 await self._commit_messages(list(outcome.messages))
             except (OutboxFull, sqlite3.Error, OSError) as exc:  # tried again at the next tick
-                log.error("QC: %d timed-out procedure(s) not ended now: %s", len(outcome.messages), exc)
+                log.error("QC: %d clock change(s) not committed now: %s", len(outcome.messages), exc)
                 continue
             stage.apply(outcome)
 

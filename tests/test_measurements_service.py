@@ -25,7 +25,7 @@ import pytest
 from hotlab.controller.archive import HistoryArchive
 from hotlab.controller.audit import iter_records
 from hotlab.controller.config import LabConfig, parse_config
-from hotlab.controller.qc.engine import QcConfig, QcEngine
+from hotlab.controller.qc.stage import qc_stage_for
 from hotlab.controller.service import ControllerService
 from hotlab.physics.nuclides import get_nuclide
 from hotlab.simulators.calibrator_vik202 import Vik202Simulator
@@ -148,7 +148,7 @@ async def test_one_measurement_per_insertion_judged_once_and_labelled_by_an_audi
     monkeypatch.delenv("HOTLAB_AUDIT_KEY_FILE", raising=False)
     _simulator, url = simulated_vik
     config = lab_config(tmp_path, url, broker=mosquitto, dwell_s=30.0)
-    service = ControllerService(config, stage=QcEngine(config.site, QcConfig.from_mapping(config.qc)))
+    service = ControllerService(config, stage=qc_stage_for(config))
     stop = asyncio.Event()
     cal_topic = f"hotlab/{SITE}/qc-lab/cal-1"
     async with MqttCollector(mosquitto.host, mosquitto.port, f"hotlab/{SITE}/#", client_id="meas-collector") as bus:

@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import tomllib
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
@@ -299,6 +300,21 @@ def test_elution_stream_yield_residual_trend_and_breakthrough(engine: QcEngine) 
     assert json.dumps([m.payload for m in out.messages + second.messages + ge], allow_nan=False)
 
 
+@pytest.mark.parametrize(
+    ("parent_bq", "verdict"),
+    [(5.0e3, "pass"), (2.0e4, "fail")],  # of 1 GBq Ga-68: 5e-4 % and 2e-3 %, against Ph. Eur. 2464's 0.001 %
+)
+def test_the_breakthrough_the_station_reports_is_judged(engine: QcEngine, parent_bq: float, verdict: str) -> None:
+    end_ns = ns("2026-03-01T00:00:00Z")
+    record = ElutionRecord("gastation", "GA-1", "Ge-68", "Ga-68", 1, 1.0e9, 5.0, end_ns - 300 * 10**9, end_ns)
+    message = elution_message("lab1", replace(record, parent_bq=parent_bq), msg_id=elution_msg_id(record))
+    station = [r.payload for r in judge(engine, message).results if r.payload["test"] == "ge68_breakthrough_station"]
+    assert len(station) == 1
+    assert station[0]["measured"] == pytest.approx(parent_bq / 1.0e9 * 100.0)
+    assert station[0]["verdict"] == verdict and "2464" in station[0]["limit_source"]
+    assert station[0]["inputs"]["elution_id"] == message.msg_id
+
+
 def test_an_elution_after_the_stations_counter_started_again_is_judged(engine: QcEngine) -> None:
     start = ns("2026-03-01T00:00:00Z")
     judge(engine, elution(1, 1.2e9, start))
@@ -385,3 +401,15 @@ def test_bad_config_is_rejected_clearly(toml_text: str, message: str) -> None:
 def test_parse_time_accepts_z_and_offsets() -> None:
     assert parse_time_ns("2026-01-01T01:00:00+01:00", "t") == ns("2026-01-01T00:00:00Z")
     assert parse_time_ns(datetime.fromisoformat("2026-01-01T00:00:00Z"), "t") == 1767225600 * 10**9
+
+
+def test_the_sites_profile_and_schedule_are_part_of_its_qc_config() -> None:
+    """`[qc] profile` and `[qc.schedule]` were refused as unknown keys by the controller's [qc]."""
+    config = QcConfig.from_mapping({"profile": "ph-eur", "schedule": {"timezone": "Europe/Vienna"}})
+    assert config.profile == "ph-eur" and "Ph. Eur." in config.limits["mo99_breakthrough"].source
+    assert config.schedule.timezone.key == "Europe/Vienna"
+    assert (
+        "NRC" in QcConfig().limits["mo99_breakthrough"].source or "CFR" in QcConfig().limits["mo99_breakthrough"].source
+    )
+    with pytest.raises(QcConfigError, match=r"qc\.profile.*us-nrc"):
+        QcConfig.from_mapping({"profile": "mars"})

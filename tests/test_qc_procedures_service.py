@@ -23,7 +23,7 @@ import pytest
 from hotlab.controller.archive import HistoryArchive
 from hotlab.controller.audit import iter_records
 from hotlab.controller.config import parse_config
-from hotlab.controller.qc.engine import QcConfig, QcEngine
+from hotlab.controller.qc.stage import qc_stage_for
 from hotlab.controller.service import ControllerService
 from hotlab.physics.nuclides import get_nuclide
 from hotlab.simulators.calibrator_vik202 import Vik202Simulator
@@ -107,7 +107,7 @@ async def lab(
         },
         base_dir=tmp_path,
     )
-    service = ControllerService(config, stage=QcEngine(config.site, QcConfig.from_mapping(config.qc)))
+    service = ControllerService(config, stage=qc_stage_for(config))
     service.qc_tick_s = 0.5
     stop = asyncio.Event()
     async with MqttCollector(mosquitto.host, mosquitto.port, f"hotlab/{SITE}/#", client_id="qc-collector") as bus:
@@ -187,6 +187,16 @@ async def test_baseline_then_daily_check_with_a_patient_dose_in_between_then_a_t
     ]
     assert {r["verdict"] for r in mine} == {"pass"} and end["verdict"] == "pass"
     assert dose["msg_id"] not in end["measurements"] and "procedure_id" not in dose
+    # The schedule, chained after the engine: a patient dose before the day's check is marked, and the
+    # check's end makes the daily item done, on its retained status topic.
+    assert dose["qc_state"] == "overdue"
+    await bus.wait_for(
+        lambda: any(p["item"] == "daily_constancy" and p["state"] == "done" for p in bus.payloads(kind="qc_status")),
+        30,
+        "daily constancy done",
+    )
+    done = [p for p in bus.payloads("/qc/status/daily_constancy") if p["state"] == "done"][-1]
+    assert done["last_verdict"] == "pass" and done["alarm"] is False
     # -- a daily check nobody finishes ends incomplete after [qc] procedure_timeout_min (15 s) -------
     chamber.initial_source = None
     forgotten = await console.send("start_qc", "bob", {"procedure": "daily_constancy", "source": "CS-CHECK"})

@@ -15,7 +15,7 @@ from hotlab.controller.archive import HistoryArchive
 from hotlab.controller.config import LabConfig, parse_config
 from hotlab.controller.messages import elution_msg_id, iso_utc
 from hotlab.controller.outbox import Outbox
-from hotlab.controller.qc.engine import QcConfig, QcEngine
+from hotlab.controller.qc.stage import qc_stage_for
 from hotlab.controller.service import ControllerService
 from hotlab.drivers.records import ElutionRecord
 from hotlab.drivers.station_registers import NS_PER_S, CommandCode
@@ -49,7 +49,7 @@ def station_model() -> StationModel:
 
 def service(config: LabConfig) -> ControllerService:
     """With the real QC engine as the commit stage, as `hotlab run` wires it."""
-    return ControllerService(config, stage=QcEngine(config.site, QcConfig.from_mapping(config.qc)))
+    return ControllerService(config, stage=qc_stage_for(config))
 
 
 def config(tmp_path: Path, port: int, *, history: bool = False) -> LabConfig:
@@ -156,8 +156,10 @@ async def test_an_elution_is_stored_exactly_once_across_polls_and_restarts(tmp_p
     assert elution["generator"] == "GE68-TEST-7" and elution["parent"] == "Ge-68" and elution["nuclide"] == "Ga-68"
     assert elution["volume_ml"] == 5.0 and elution["activity_bq"] > 0
     # The QC engine judged it in the same commit: the elution carries its yield, the verdict follows it.
-    assert messages[0] is elution and messages[1]["test"] == "elution_yield"
-    assert messages[1]["inputs"]["generator"] == "GE68-TEST-7" and messages[1]["verdict"] in ("pass", "warn", "fail")
+    assert messages[0] is elution
+    verdict = next(m for m in messages if m["schema"] == "hotlab.qc_result/1")
+    assert verdict["test"] == "elution_yield" and verdict["time_ns"] == elution["time_ns"]
+    assert verdict["inputs"]["generator"] == "GE68-TEST-7" and verdict["verdict"] in ("pass", "warn", "fail")
     assert elution["yield_pct"] is not None and 50.0 < elution["yield_pct"] < 100.0
 
 

@@ -21,7 +21,7 @@ import pytest
 
 from hotlab.controller.archive import HistoryArchive
 from hotlab.controller.config import LabConfig, parse_config
-from hotlab.controller.qc.engine import QcConfig, QcEngine
+from hotlab.controller.qc.stage import qc_stage_for
 from hotlab.controller.service import ControllerService
 from tests.fault_tally import tally
 from tests.mosquitto_service import MosquittoBroker, MqttCollector, mosquitto  # noqa: F401 - fixture
@@ -147,7 +147,7 @@ async def test_bit_flipped_frames_are_archived_as_suspect_and_never_judged(
 ) -> None:
     device, port = bad_line
     config = lab_config(tmp_path, port)
-    service = ControllerService(config, stage=QcEngine(config.site, QcConfig.from_mapping(config.qc)))
+    service = ControllerService(config, stage=qc_stage_for(config))
     await run_until_archived(service, tmp_path / "history.sqlite3", device)
 
     with HistoryArchive(tmp_path / "history.sqlite3", read_only=True) as archive:

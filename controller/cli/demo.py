@@ -202,12 +202,10 @@ async def _run_lab(
     state_dir: Path = args.state_dir
     audit_path = state_dir / "audit.jsonl"
     async with simulated_lab(state_dir, lab, broker=broker, influx=influx, audit_path=audit_path) as config:
-        from hotlab.controller.qc.engine import QcConfig, QcEngine
+        from hotlab.controller.qc.stage import qc_stage_for
 
         service = ControllerService(
-            config,
-            processors=[station_mo99_breakthrough(config.site)],
-            stage=QcEngine(config.site, QcConfig.from_mapping(config.qc)),
+            config, processors=[station_mo99_breakthrough(config.site)], stage=qc_stage_for(config)
         )
         where = "none" if config.mqtt is None else f"{config.mqtt.host}:{config.mqtt.port}"
         view = LabView(config.site, where, lab.acceleration)

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from rich.console import Console
 from rich.table import Table
 
+from hotlab.controller.cli.qc_status import register_status
 from hotlab.controller.config_file import read_config_file
 from hotlab.controller.messages import iso_utc
 from hotlab.controller.qc import calibrator_rules, dosage, generator_rules
@@ -353,6 +354,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "qc", help="judge a manually entered QC measurement", description=__doc__.split("\n\n")[0]
     )
     tests = parser.add_subparsers(dest="qc_test", metavar="TEST", required=True)
+    register_status(tests)
 
     def add(name: str, rule: Rule, help_text: str) -> argparse.ArgumentParser:
         sub = tests.add_parser(name, help=help_text, description=help_text)
@@ -427,7 +429,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub.add_argument("--tc99m", required=True, help="Tc-99m activity of the eluate, e.g. 37GBq")
     sub.add_argument("--administration", help="administration time (default: judged at the assay time, --at)")
 
-    sub = add("lu177m", _lu177m, "Lu-177m / Lu-177 in carrier-added Lu-177 (%) and when it reaches the limit")
+    sub = add("lu177m", _lu177m, "Lu-177m / Lu-177 in carrier-added Lu-177, in percent, and when it reaches the limit")
     sub.add_argument("--lu177m", required=True, help="Lu-177m activity, e.g. 20kBq")
     sub.add_argument("--lu177", required=True, help="Lu-177 activity, e.g. 7.4GBq")
     sub.add_argument("--use", help="labelling or administration time (default: judged at the assay time, --at)")

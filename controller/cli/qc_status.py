@@ -21,7 +21,7 @@ from hotlab.controller.archive import HistoryArchive
 from hotlab.controller.config import load_history_path
 from hotlab.controller.config_file import read_config_file
 from hotlab.controller.qc.engine import QcConfig, parse_time_ns
-from hotlab.controller.qc.schedule import ItemStatus, ScheduleConfig
+from hotlab.controller.qc.schedule import ItemStatus
 from hotlab.controller.qc.schedule_stage import ScheduleStage, qc_status_message, schedule_stage_for
 from hotlab.errors import InputError
 from hotlab.physics.utc_time import NS_PER_S
@@ -55,9 +55,8 @@ def load_schedule(config_path: str) -> ScheduleStage:
     qc_table = root.table("qc")
     if qc_table is None:
         raise InputError(f"{config_path}: no [qc] table: no calibrator or generator has scheduled QC")
-    # Read before QcConfig, which rejects keys it does not know ([qc.schedule] is this module's).
-    schedule = ScheduleConfig.from_table(qc_table.table("schedule"))
-    return schedule_stage_for(site, QcConfig.from_table(qc_table), schedule, stations)
+    qc = QcConfig.from_table(qc_table)
+    return schedule_stage_for(site, qc, qc.schedule, stations)
 
 
 def _run(args: argparse.Namespace) -> int:

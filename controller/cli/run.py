@@ -91,10 +91,10 @@ async def _lab(config: LabConfig | None) -> AsyncIterator[LabConfig]:
 
 
 def _qc_engine(config: LabConfig) -> CommitStage | None:
-    """The QC engine judges every reading and elution in the same commit (config: the [qc] table)."""
+    """The QC stage judges every measurement and elution and keeps the schedule in the same commit ([qc])."""
     try:
-        from hotlab.controller.qc.engine import QcConfig, QcEngine
+        from hotlab.controller.qc.stage import qc_stage_for
     except ImportError as exc:
         log.error("QC engine not available (%s): readings are published WITHOUT QC", exc)
         return None
-    return QcEngine(config.site, QcConfig.from_mapping(config.qc))
+    return qc_stage_for(config)

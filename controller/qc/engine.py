@@ -60,9 +60,10 @@ from hotlab.controller.qc.generator_rules import (
     available_activity,
     generator_pair,
 )
-from hotlab.controller.qc.limits import YIELD_LIMIT_BY_DAUGHTER, Limit, load_limits
+from hotlab.controller.qc.limits import DEFAULT_PROFILE, PROFILES, YIELD_LIMIT_BY_DAUGHTER, Limit, load_limits
 from hotlab.controller.qc.procedures import Procedure, Status, Step, recognised_procedure_id, within_band
 from hotlab.controller.qc.result import QcInputError, QcResult
+from hotlab.controller.qc.schedule import ScheduleConfig
 from hotlab.physics.decay import activity_at
 from hotlab.physics.nuclides import Nuclide, UnknownNuclideError, get_nuclide
 from hotlab.physics.units import UnitError, parse_activity
@@ -169,8 +170,10 @@ class DeviceQc:
 
 @dataclass(frozen=True, slots=True)
 class QcConfig:
-    """Per-site QC configuration: limits, check/reference sources, calibrator and generator set-up."""
+    """Per-site QC configuration: limits (of `profile`), check/reference sources, calibrator and generator
+    set-up, and the schedule of what QC is due (`[qc.schedule]`, controller/qc/schedule.py)."""
 
+    profile: str = DEFAULT_PROFILE
     limits: Mapping[str, Limit] = field(default_factory=load_limits)
     sources: Mapping[str, ReferenceSource] = field(default_factory=dict)
     devices: Mapping[str, DeviceQc] = field(default_factory=dict)
@@ -180,6 +183,7 @@ class QcConfig:
     trend_min_points: int = 5
     trend_min_span_days: float = 2.0
     procedure_timeout_min: float = DEFAULT_PROCEDURE_TIMEOUT_MIN
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any] | None) -> QcConfig:
@@ -189,8 +193,8 @@ class QcConfig:
     @classmethod
     def from_table(cls, root: ConfigTable) -> QcConfig:
         """Validate a ``[qc]`` TOML table (see docs/qc.md); every problem is a ConfigError naming the key."""
-        limits_table = root.table("limits")
-        limits = load_limits(limits_table) if limits_table is not None else load_limits()
+        profile = root.string("profile", DEFAULT_PROFILE, choices=PROFILES)
+        limits = load_limits(root.table("limits"), profile)
         sources: dict[str, ReferenceSource] = {}
         for source_id, table in _entries(root, "sources"):
             uncertainty = table.number("uncertainty_pct", None, minimum=0.0)
@@ -226,6 +230,7 @@ class QcConfig:
                 last_elution[generator_id] = elution_ns
             table.finish()
         config = cls(
+            profile=profile,
             limits=limits,
             sources=sources,
             devices=devices,
@@ -241,6 +246,7 @@ class QcConfig:
                 exclusive_minimum=True,
                 maximum=24 * 60.0,
             ),
+            schedule=ScheduleConfig.from_table(root.table("schedule")),
         )
         root.finish()
         return config
@@ -858,6 +864,16 @@ class QcEngine:
             trend = None
         if trend is not None:
             verdicts.append(trend.to_message(self.site, station, generator_id))
+        reported = payload.get("breakthrough_pct")
+        if spec.parent.name == "Ge-68" and reported is not None:
+            station_figure = generator_rules.ge68_station_breakthrough(
+                float(reported),
+                end_ns,
+                self.config.limits["ge68_breakthrough"],
+                generator_id=generator_id,
+                elution_id=message.msg_id,
+            )
+            verdicts.append(station_figure.to_message(self.site, station, generator_id))
         return replacement, verdicts
 
     # -- procedures -------------------------------------------------------------------------
