@@ -7,16 +7,22 @@ local day is 23 hours long.
 
 from __future__ import annotations
 
+import tomllib
 import uuid
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from hotlab.controller.archive import HistoryArchive
 from hotlab.controller.config_table import ConfigError, ConfigTable
-from hotlab.controller.messages import Message
+from hotlab.controller.messages import Message, elution_message, elution_msg_id
+from hotlab.controller.qc import calibrator_rules
+from hotlab.controller.qc.limits import load_limits
 from hotlab.controller.qc.schedule import ScheduleConfig
 from hotlab.controller.qc.schedule_stage import ScheduleStage
+from hotlab.drivers.records import ElutionRecord
 
 SITE = "lab"
 CAL, STATION = "cal-1", "hotcell-1"
@@ -205,6 +211,32 @@ def test_a_failed_background_inside_the_procedure_fails_background_only() -> Non
     assert item(s, "background", start + 4 * H).state == "done"
 
 
+def test_a_standalone_background_check_does_or_fails_the_daily_background_item() -> None:
+    s = stage()
+    at = utc("2026-06-10T05:00:00Z")  # 07:00 local (UTC+2), no daily procedure
+    committed(s, result("background", "pass", at))
+    background = item(s, "background", at + H)
+    assert (background.state, background.last_done_ns) == ("done", at)
+    assert item(s, "daily_constancy", at + H - 1).state == "due"  # still to do until 08:00 local (06:00Z)
+    # Done for that local day only: local midnight of 11 June is 22:00Z on the 10th.
+    assert item(s, "background", utc("2026-06-10T21:59:59Z")).state == "done"
+    assert item(s, "background", utc("2026-06-10T22:00:00Z")).state == "due"
+    committed(s, result("background", "fail", at + 2 * H))
+    assert item(s, "background", at + 2 * H).state == "failed"
+    assert committed(s, reading(at + 2 * H + 1))[0].payload["qc_state"] == "failed"
+    committed(s, result("background", "pass", at + 3 * H))
+    assert item(s, "background", at + 3 * H).state == "done"
+
+
+def test_qc_state_is_judged_at_the_readings_own_time() -> None:
+    s = stage()
+    deadline = utc("2026-06-10T06:00:00Z")  # 08:00 local (UTC+2)
+    s.apply(s.tick(deadline))  # the clock has passed the deadline ...
+    early = committed(s, reading(deadline - 60 * 10**9), measurement(deadline - 30 * 10**9, uuid.uuid4().hex))
+    assert [m.payload.get("qc_state") for m in early if m.kind != "qc_status"] == [None, None]  # ... these had not
+    assert committed(s, reading(deadline + 60 * 10**9))[0].payload["qc_state"] == "overdue"
+
+
 # -- interval items -----------------------------------------------------------------------
 
 
@@ -221,18 +253,59 @@ def test_quarterly_linearity_is_done_then_due_then_overdue() -> None:
     assert item(s, "linearity", overdue + DAY).state == "failed"
 
 
-def test_never_done_intervals_count_from_installation_and_geometry_from_repair() -> None:
+def test_never_done_intervals_are_due_at_installation_and_geometry_after_repair() -> None:
     installed, repaired = "2026-01-15", "2026-05-04"
-    s = stage(devices={CAL: {"installed": installed, "repaired": repaired}}, geometry_grace_days=7)
+    s = stage(
+        devices={CAL: {"installed": installed, "repaired": repaired}},
+        linearity_grace_days=7,
+        accuracy_grace_days=30,
+        geometry_grace_days=7,
+    )
     # Local midnights: 15 January is UTC+1, 4 May is UTC+2.
     installed_ns, repaired_ns = utc("2026-01-14T23:00:00Z"), utc("2026-05-03T22:00:00Z")
+    # Former 10 CFR 35.50(b)(2),(3): accuracy and linearity "upon installation and at least
+    # annually / quarterly thereafter": never done, both are due at installation, not a period later.
     accuracy = item(s, "accuracy", installed_ns + DAY)
-    assert (accuracy.state, accuracy.due_ns) == ("done", installed_ns + 365 * DAY)
+    assert (accuracy.state, accuracy.due_ns, accuracy.overdue_ns) == ("due", installed_ns, installed_ns + 30 * DAY)
     assert accuracy.last_done_ns is None
+    linearity = item(s, "linearity", installed_ns + 7 * DAY)
+    assert (linearity.state, linearity.due_ns, linearity.overdue_ns) == (
+        "overdue",
+        installed_ns,
+        installed_ns + 7 * DAY,
+    )
+    # Once done, the interval counts from the test: accuracy on 1 February 10:00Z, due a year later.
+    accuracy_done = utc("2026-02-01T10:00:00Z")
+    committed(s, result("accuracy", "pass", accuracy_done))
+    accuracy = item(s, "accuracy", accuracy_done + DAY)
+    assert (accuracy.state, accuracy.due_ns) == ("done", utc("2027-02-01T10:00:00Z"))
     geometry = item(s, "geometry", repaired_ns + 8 * DAY)
     assert (geometry.state, geometry.due_ns, geometry.overdue_ns) == ("overdue", repaired_ns, repaired_ns + 7 * DAY)
     committed(s, result("geometry", "pass", repaired_ns + 9 * DAY))
     assert item(s, "geometry", repaired_ns + 9 * DAY).state == "done"
+
+
+def test_an_interval_test_before_installation_does_not_count() -> None:
+    s = stage(devices={CAL: {"installed": "2026-01-15"}}, linearity_grace_days=7)
+    installed_ns = utc("2026-01-14T23:00:00Z")  # local midnight of 15 January, UTC+1
+    before = utc("2026-01-10T10:00:00Z")  # tests before installation, e.g. at the vendor's
+    committed(s, result("linearity", "pass", before), result("accuracy", "fail", before))
+    linearity = item(s, "linearity", installed_ns + DAY)
+    assert (linearity.state, linearity.due_ns) == ("due", installed_ns)
+    assert item(s, "accuracy", installed_ns + DAY).state == "due"
+
+
+def test_a_bare_installation_date_is_midnight_in_the_site_zone() -> None:
+    # Pacific/Auckland keeps daylight time (NZDT, UTC+13) in January: local midnight of
+    # 15 January 2026 is 11:00Z on 14 January, a different UTC date.
+    table = tomllib.loads('timezone = "Pacific/Auckland"\n[devices.cal-1]\ninstalled = 2026-01-15\n')
+    toml_date = ScheduleConfig.from_table(ConfigTable(table, "qc.schedule"))
+    text_date = ScheduleConfig.from_table(
+        ConfigTable({"timezone": "Pacific/Auckland", "devices": {CAL: {"installed": "2026-01-15"}}}, "qc.schedule")
+    )
+    assert toml_date.devices[CAL].installed_ns == text_date.devices[CAL].installed_ns == utc("2026-01-14T11:00:00Z")
+    s = ScheduleStage(SITE, toml_date, {CAL: STATION}, [])
+    assert item(s, "geometry", utc("2026-01-14T12:00:00Z")).due_ns == utc("2026-01-14T11:00:00Z")
 
 
 # -- Ge-68 follow-ups ---------------------------------------------------------------------
@@ -261,6 +334,76 @@ def test_ge68_follow_up_is_due_48_h_after_elution_and_done_by_its_result() -> No
     assert (status.state, status.due_ns, status.overdue_ns) == ("overdue", end + 48 * H, end + 72 * H)
     committed(s, result("ge68_breakthrough", "pass", end + 73 * H, device=CAL, elution_id=eluted.msg_id))
     assert item(s, name, end + 73 * H).state == "done"
+
+
+def test_a_ge68_result_measured_too_early_neither_does_nor_fails_the_follow_up() -> None:
+    s = stage(ge68_delay_h=48, ge68_grace_h=24)
+    end = utc("2026-06-01T06:00:00Z")
+    eluted = elution(end)
+    committed(s, eluted)
+    name = f"ge68_breakthrough/{eluted.msg_id}"
+    # 2 June 18:00Z is 36 h after the end of elution: too early for the >= 48 h re-measurement.
+    too_early = utc("2026-06-02T18:00:00Z")
+    committed(s, result("ge68_breakthrough", "pass", too_early, elution_id=eluted.msg_id))
+    assert item(s, name, too_early + H).state == "due"
+    committed(s, result("ge68_breakthrough", "fail", too_early + H, elution_id=eluted.msg_id))
+    assert item(s, name, too_early + 2 * H).state == "due"
+    # 3 June 06:00Z is exactly 48 h after 1 June 06:00Z: this one counts.
+    in_time = utc("2026-06-03T06:00:00Z")
+    committed(s, result("ge68_breakthrough", "pass", in_time, elution_id=eluted.msg_id))
+    status = item(s, name, in_time)
+    assert (status.state, status.due_ns, status.last_done_ns) == ("done", in_time, in_time)
+
+
+def test_an_overdue_or_failed_ge68_follow_up_stays_listed_until_done() -> None:
+    s = stage(ge68_policy="every", ge68_track_days=14, ge68_grace_h=24)
+    missed, failed = elution(utc("2026-06-01T06:00:00Z")), elution(utc("2026-06-01T12:00:00Z"))
+    committed(s, missed, failed)
+    committed(s, result("ge68_breakthrough", "fail", utc("2026-06-03T12:00:00Z"), elution_id=failed.msg_id))
+    # 21 June is 20 days after both elutions, beyond the 14-day tracking window.
+    later = utc("2026-06-21T06:00:00Z")
+    s.apply(s.tick(later))
+    states = {st.elution_id: st.state for st in s.current(later) if st.test == "ge68_breakthrough"}
+    assert states == {missed.msg_id: "overdue", failed.msg_id: "failed"}
+    assert s.tick(later + H).messages == ()  # still listed, so nothing is published again
+    # Done at last: published as done, and listed until 14 days after that result.
+    done_at = later + H
+    out = committed(s, result("ge68_breakthrough", "pass", done_at, elution_id=missed.msg_id))
+    assert [m.payload["state"] for m in out if m.kind == "qc_status"] == ["done"]
+    s.apply(s.tick(done_at + 14 * DAY - 1))
+    assert item(s, f"ge68_breakthrough/{missed.msg_id}", done_at + 14 * DAY - 1).state == "done"
+    s.apply(s.tick(done_at + 14 * DAY + 1))
+    listed = [st.elution_id for st in s.current(done_at + 14 * DAY + 1) if st.test == "ge68_breakthrough"]
+    assert listed == [failed.msg_id]
+
+
+def test_an_unselected_elution_is_not_listed_after_its_weeks_first_is_forgotten() -> None:
+    s = stage(ge68_policy="weekly", ge68_track_days=14)
+    # Monday 1 June and Sunday 7 June 2026 are in the same ISO week (23): only the first is selected.
+    first, second = elution(utc("2026-06-01T06:00:00Z")), elution(utc("2026-06-07T06:00:00Z"))
+    committed(s, first, second)
+    committed(s, result("ge68_breakthrough", "pass", utc("2026-06-03T07:00:00Z"), elution_id=first.msg_id))
+    for day in range(10, 40, 3):  # the clock moves on, past the window of both, pruning as it goes
+        now = utc("2026-06-01T06:00:00Z") + day * DAY
+        s.apply(s.tick(now))
+        assert [st.item for st in s.current(now) if st.test == "ge68_breakthrough" and st.state != "done"] == []
+
+
+def test_restore_finds_old_undone_follow_ups_and_standalone_background_checks(tmp_path: Path) -> None:
+    now = utc("2026-07-01T06:30:00Z")  # 08:30 local (UTC+2)
+    end = now - 60 * DAY  # long before the tracking window and any look-back
+    record = ElutionRecord("elution-1", GEN, "Ge-68", "Ga-68", 7, 1.1e9, 5.0, end - 600 * 10**9, end)
+    old = elution_message(SITE, record, msg_id=elution_msg_id(record))
+    # 5 Bq with the chamber empty at 07:30 local today, outside any procedure: a pass.
+    background = calibrator_rules.background(5.0, now - H, load_limits()["background"]).to_message(SITE, STATION, CAL)
+    assert background.payload["verdict"] == "pass"
+    with HistoryArchive(tmp_path / "history.sqlite3") as archive:
+        archive.add_many([old, background])
+        s = stage(ge68_track_days=14)
+        s.restore(archive, now_ns=now)
+    follow_up = item(s, f"ge68_breakthrough/{old.msg_id}", now)
+    assert follow_up.state == "overdue"
+    assert item(s, "background", now).state == "done"
 
 
 # -- two phases ---------------------------------------------------------------------------

@@ -10,15 +10,26 @@ facts are folded from committed messages (`Schedule.fold`) and merged commutativ
 rebuilds them from the archive, compute the same list.
 
 Why local time: "daily" means the lab's day. Midnight and the daily deadline are taken in the
-site's time zone (`[qc.schedule] timezone`), so a day can be 23 or 25 hours long.
+site's time zone (`[qc.schedule] timezone`), so a day can be 23 or 25 hours long. For the same
+reason a bare date in `[qc.schedule]` (`installed = 2026-01-15`, a TOML date or the same text)
+is local midnight of that date in the site's zone; a date-time must carry Z or an offset.
 
 Rules (docs/qc.md, "Schedule"):
 * daily items are due from local midnight and overdue at the daily deadline, or as soon as a
   measurement that belongs to no QC procedure (a patient measurement) is taken on that
   calibrator before they are done; a `complete` daily_constancy procedure that day does both;
-* an interval item is done until its last pass + interval, due until + grace, overdue after;
-  never done, the interval counts from the calibrator's installation date;
+* `background` is also done by any passing (or warning) background qc_result of that chamber on
+  that local day, inside a procedure or not (a tagged empty-chamber reading), and a failing one
+  fails it;
+* an interval item (linearity, accuracy) is done until its last pass + interval, due until
+  + grace, overdue after; never done since installation, it is due at installation (former
+  10 CFR 35.50(b)(2),(3): "upon installation and at least annually / quarterly thereafter"); a
+  test (pass or fail) dated before the installation date does not count;
 * geometry is due at installation and after a repair;
+* a Ge-68 follow-up is due `ge68_delay_h` after its end of elution and done by a breakthrough
+  result measured at or after that time; a result from an earlier re-measurement neither does
+  nor fails it. An undone (due, overdue, failed) follow-up stays listed until done, however old,
+  so no alarm is dropped unanswered; a done one is listed until `ge68_track_days` after its result;
 * `failed` (a failing record newer than the start of the last passing one) stays until a
   later pass, across days.
 """
@@ -52,8 +63,6 @@ _HOUR_NS = 3600 * NS_PER_S
 _DAY_NS = 24 * _HOUR_NS
 #: Days a clinical-measurement fact is kept: today's and yesterday's are all that can count.
 _CLINICAL_KEEP_DAYS = 2
-#: Extra elutions kept beyond the tracking window, so the first of a week can still be told.
-_WEEK_NS = 7 * _DAY_NS
 
 _DEADLINE = re.compile(r"^([01][0-9]|2[0-3]):([0-5][0-9])$")
 
@@ -73,13 +82,16 @@ DEFAULT_SOURCES: dict[str, str] = {
     "ge68_delay_h": "Ph. Eur. 2464 practice: Ge-68 measured after the Ga-68 has decayed for at least 48 h (as in "
     "published release specifications; the monograph's own wording could not be checked against a public text)",
     "ge68_grace_h": "hotlab default",
-    "ge68_track_days": "hotlab default: follow-ups of older elutions are no longer listed",
+    "ge68_track_days": "hotlab default: a done follow-up is listed this long after its result (undone ones until done)",
 }
 
 
 @dataclass(frozen=True, slots=True)
 class DeviceDates:
-    """When a calibrator was installed and last repaired (UTC epoch ns), from `[qc.schedule.devices.<id>]`."""
+    """When a calibrator was installed and last repaired (UTC epoch ns), from `[qc.schedule.devices.<id>]`.
+
+    A bare date there is local midnight in the site's zone (module docstring).
+    """
 
     installed_ns: int | None = None
     repaired_ns: int | None = None
@@ -387,21 +399,31 @@ class Schedule:
             return True
         if device not in self.calibrators:
             return False
-        if test in (*INTERVAL_ITEMS, GEOMETRY):
+        if test in (*INTERVAL_ITEMS, GEOMETRY, "background"):
             facts.record(book, (str(device), str(test)), evidence)
-            return True
-        if test == "background" and verdict == "fail":
-            facts.record(facts.fails, (str(device), "background"), evidence)
             return True
         return False
 
     def prune(self, facts: ScheduleFacts) -> None:
-        """Forget what can no longer change any state: old clinical days, untracked elutions."""
+        """Forget what can no longer change any state: old clinical days, elutions no longer listed.
+
+        Elutions are forgotten a whole policy period (generator and local day or ISO week) at a
+        time, so the policy never selects a later elution of a period whose first was forgotten.
+        """
         now = facts.clock_ns
         today = self.local_date(now)
         facts.clinical = {k: v for k, v in facts.clinical.items() if (today - k[1]).days < _CLINICAL_KEEP_DAYS}
-        horizon = now - self._track_ns() - _WEEK_NS
-        facts.elutions = {k: e for k, e in facts.elutions.items() if e.end_ns >= horizon}
+        tracked_from = self.tracked_from(now)
+        periods: dict[tuple[str, Any], list[Elution]] = {}
+        for elution in sorted(facts.elutions.values(), key=lambda e: (e.end_ns, e.msg_id)):
+            periods.setdefault(self._period(elution), []).append(elution)
+        facts.elutions = {
+            elution.msg_id: elution
+            for members in periods.values()
+            if members[-1].end_ns >= tracked_from
+            or self._listed(self._ge68_status(facts, members[0], now), tracked_from)
+            for elution in members
+        }
         for book in (facts.passes, facts.fails):
             for key in [k for k in book if k[1] == GE68 and k[0] not in facts.elutions]:
                 del book[key]
@@ -464,28 +486,31 @@ class Schedule:
                 overdue_ns = clinical.time_ns
                 detail = f"patient measurement {clinical.msg_id} was taken before today's daily QC"
             state = "overdue" if now_ns >= overdue_ns else "due"
-        return self._judged(
-            key, device, self.calibrators[device], item, DAILY_ITEMS[item], state, due_ns, overdue_ns, detail, facts
-        )
+        station, test = self.calibrators[device], DAILY_ITEMS[item]
+        return self._judged(device, station, item, test, state, due_ns, overdue_ns, detail, *self._evidence(facts, key))
 
     def _interval(self, facts: ScheduleFacts, device: str, item: str, now_ns: int) -> ItemStatus:
-        key = (device, item)
         interval, grace = self.config.interval_ns(item)
-        done = facts.passes.get(key)
         installed = self.config.devices.get(device, DeviceDates()).installed_ns
+        done, failing = (
+            evidence if evidence is not None and (installed is None or evidence.time_ns >= installed) else None
+            for evidence in self._evidence(facts, (device, item))
+        )
         every = f"every {interval / _DAY_NS:g} d ({self.config.sources[f'{item}_interval_days']})"
-        if done is None and installed is None:
-            state: State = "due"
-            due_ns = overdue_ns = None
-            detail = f"no record and no installation date ([qc.schedule.devices.{device}] installed); {every}"
-        else:
-            reference = done.time_ns if done is not None else installed
-            assert reference is not None
-            due_ns, overdue_ns = reference + interval, reference + interval + grace
+        state: State
+        if done is not None:
+            due_ns, overdue_ns = done.time_ns + interval, done.time_ns + interval + grace
             state = "done" if now_ns < due_ns else "due" if now_ns < overdue_ns else "overdue"
-            since = "last done" if done is not None else "no record: counted from installation"
-            detail = f"{since}; {every}"
-        return self._judged(key, device, self.calibrators[device], item, item, state, due_ns, overdue_ns, detail, facts)
+            detail = f"last done; {every}"
+        elif installed is not None:
+            due_ns, overdue_ns = installed, installed + grace
+            state = "overdue" if now_ns >= overdue_ns else "due"
+            detail = f"not done since installation: due upon installation, then {every}"
+        else:
+            state, due_ns, overdue_ns = "due", None, None
+            detail = f"no record and no installation date ([qc.schedule.devices.{device}] installed); {every}"
+        station = self.calibrators[device]
+        return self._judged(device, station, item, item, state, due_ns, overdue_ns, detail, done, failing)
 
     def _geometry(self, facts: ScheduleFacts, device: str, now_ns: int) -> ItemStatus:
         key = (device, GEOMETRY)
@@ -505,59 +530,79 @@ class Schedule:
         else:
             state, due_ns, overdue_ns = "due", None, None
             detail = f"no record and no installation date ([qc.schedule.devices.{device}] installed)"
+        station = self.calibrators[device]
         return self._judged(
-            key, device, self.calibrators[device], GEOMETRY, GEOMETRY, state, due_ns, overdue_ns, detail, facts
+            device, station, GEOMETRY, GEOMETRY, state, due_ns, overdue_ns, detail, *self._evidence(facts, key)
         )
 
     def ge68_statuses(self, facts: ScheduleFacts, now_ns: int) -> list[ItemStatus]:
-        """The follow-up of every elution the policy selects, ended within the tracking window, oldest first."""
+        """The follow-up of every elution the policy selects, oldest first, that is listed (`_listed`)."""
+        tracked_from = self.tracked_from(now_ns)
+        statuses = (self._ge68_status(facts, elution, now_ns) for elution in self._selected(facts.elutions.values()))
+        return [status for status in statuses if self._listed(status, tracked_from)]
+
+    def tracked_from(self, now_ns: int) -> int:
+        """The start of the tracking window at `now_ns`: `ge68_track_days` before it."""
+        return now_ns - round(self.config.ge68_track_days * _DAY_NS)
+
+    @staticmethod
+    def _listed(status: ItemStatus, tracked_from: int) -> bool:
+        """A follow-up is listed until done, and once done until its result leaves the tracking window.
+
+        Counting from the result (not the elution) means a follow-up done late is still published
+        as done once, so its retained status never stays overdue.
+        """
+        return status.state != "done" or (status.last_done_ns is not None and status.last_done_ns >= tracked_from)
+
+    def _ge68_status(self, facts: ScheduleFacts, elution: Elution, now_ns: int) -> ItemStatus:
+        """One follow-up; only results measured at or after end of elution + delay count, pass or fail."""
         delay, grace = round(self.config.ge68_delay_h * _HOUR_NS), round(self.config.ge68_grace_h * _HOUR_NS)
-        statuses = []
-        for elution in self._selected(facts.elutions.values()):
-            if elution.end_ns < now_ns - self._track_ns():
-                continue
-            key = (elution.msg_id, GE68)
-            due_ns, overdue_ns = elution.end_ns + delay, elution.end_ns + delay + grace
-            state: State = "done" if key in facts.passes else "overdue" if now_ns >= overdue_ns else "due"
-            detail = (
-                f"Ge-68 breakthrough of elution {elution.msg_id} ({self.config.ge68_policy} policy), "
-                f"measured >= {self.config.ge68_delay_h:g} h after the end of elution"
-            )
-            statuses.append(
-                self._judged(
-                    key,
-                    elution.generator,
-                    elution.station,
-                    f"{GE68}/{elution.msg_id}",
-                    GE68,
-                    state,
-                    due_ns,
-                    overdue_ns,
-                    detail,
-                    facts,
-                    elution_id=elution.msg_id,
-                )
-            )
-        return statuses
+        due_ns, overdue_ns = elution.end_ns + delay, elution.end_ns + delay + grace
+        done, failing = (
+            evidence if evidence is not None and evidence.time_ns >= due_ns else None
+            for evidence in self._evidence(facts, (elution.msg_id, GE68))
+        )
+        state: State = "done" if done is not None else "overdue" if now_ns >= overdue_ns else "due"
+        detail = (
+            f"Ge-68 breakthrough of elution {elution.msg_id} ({self.config.ge68_policy} policy), "
+            f"measured >= {self.config.ge68_delay_h:g} h after the end of elution"
+        )
+        item = f"{GE68}/{elution.msg_id}"
+        return self._judged(
+            elution.generator,
+            elution.station,
+            item,
+            GE68,
+            state,
+            due_ns,
+            overdue_ns,
+            detail,
+            done,
+            failing,
+            elution_id=elution.msg_id,
+        )
 
     def _selected(self, elutions: Iterable[Elution]) -> list[Elution]:
         """The elutions the Ge-68 policy selects: all, or the first of each generator's local day or ISO week."""
-        ordered = sorted(elutions, key=lambda e: (e.end_ns, e.msg_id))
-        if self.config.ge68_policy == "every":
-            return ordered
         first: dict[tuple[str, Any], Elution] = {}
-        for elution in ordered:
-            day = self.local_date(elution.end_ns)
-            period = day if self.config.ge68_policy == "first_of_day" else day.isocalendar()[:2]
-            first.setdefault((elution.generator, period), elution)
-        return sorted(first.values(), key=lambda e: (e.end_ns, e.msg_id))
+        for elution in sorted(elutions, key=lambda e: (e.end_ns, e.msg_id)):
+            first.setdefault(self._period(elution), elution)
+        return list(first.values())
 
-    def _track_ns(self) -> int:
-        return round(self.config.ge68_track_days * _DAY_NS)
+    def _period(self, elution: Elution) -> tuple[str, Any]:
+        """The period the policy selects one elution of: the elution itself, its local day or its ISO week."""
+        if self.config.ge68_policy == "every":
+            return (elution.generator, elution.msg_id)
+        day = self.local_date(elution.end_ns)
+        return (elution.generator, day if self.config.ge68_policy == "first_of_day" else day.isocalendar()[:2])
+
+    @staticmethod
+    def _evidence(facts: ScheduleFacts, key: Key) -> tuple[Evidence | None, Evidence | None]:
+        """The last passing and the last failing record of an item."""
+        return facts.passes.get(key), facts.fails.get(key)
 
     @staticmethod
     def _judged(
-        key: Key,
         device: str,
         station: str,
         item: str,
@@ -566,12 +611,12 @@ class Schedule:
         due_ns: int | None,
         overdue_ns: int | None,
         detail: str,
-        facts: ScheduleFacts,
+        done: Evidence | None,
+        failing: Evidence | None,
         *,
         elution_id: str | None = None,
     ) -> ItemStatus:
         """The status with the last record filled in, and `failed` when a failure is newer than the last pass began."""
-        done, failing = facts.passes.get(key), facts.fails.get(key)
         last = failing if failing is not None and failing.newer(done) else done
         if failing is not None and (done is None or failing.time_ns >= done.start_ns):
             state, last = "failed", failing

@@ -10,12 +10,15 @@ Like the engine it is two-phase:
 
 `process` folds each message into a copy of the facts (controller/qc/schedule.py) and, after the
 message that changed an item, places a qc_status for it; a reading or measurement of a calibrator
-whose daily QC is overdue or failed is replaced by a copy carrying `qc_state`, so nobody takes a
-dose from it unknowingly. The facts merge commutatively ("latest record wins"), so `apply` of
-the same outcome twice, or of a `tick` outcome and a batch outcome computed from the same
-state, leaves the same state. `tick(now)` finds the changes the clock alone makes (due ->
-overdue at the deadline, done -> due at midnight); its qc_status messages can be committed
-through the ordinary commit path, where `process` takes them as published.
+whose daily QC is overdue or failed at the message's own `time_ns` is replaced by a copy carrying
+`qc_state`, so nobody takes a dose from it unknowingly. Its own time, not the stage's clock: a
+reading taken before the deadline must not be marked because a tick or another device's message
+moved the clock past it first (records already folded count, whatever their time). The facts
+merge commutatively ("latest record wins"), so `apply` of the same outcome twice, or of a `tick`
+outcome and a batch outcome computed from the same state, leaves the same state. `tick(now)`
+finds the changes the clock alone makes (due -> overdue at the deadline, done -> due at
+midnight); its qc_status messages can be committed through the ordinary commit path, where
+`process` takes them as published.
 
 `restore` rebuilds the facts and what was last published from the history archive, so a
 restart neither forgets a done item nor publishes every status again; `hotlab qc status` uses
@@ -53,7 +56,6 @@ log = logging.getLogger(__name__)
 _DAY_NS = 86_400 * 1_000_000_000
 #: Clinical measurements older than this before `now` cannot make today's daily QC overdue.
 _CLINICAL_LOOKBACK_NS = 2 * _DAY_NS
-_WEEK_NS = 7 * _DAY_NS
 
 
 def qc_status_message(site: str, status: ItemStatus, time_ns: int) -> Message:
@@ -178,10 +180,7 @@ class ScheduleStage:
         """Take over a committed outcome (idempotent), then forget what can no longer change a state."""
         self.rejected += outcome.rejected
         self._state.merge(outcome._state)
-        self.schedule.prune(self._state.facts)
-        tracked = {s.key for s in self.schedule.ge68_statuses(self._state.facts, self._state.facts.clock_ns)}
-        for key in [k for k in self._state.published if k[1].startswith(f"{GE68}/") and k not in tracked]:
-            del self._state.published[key]
+        self._forget(self._state)
 
     def current(self, now_ns: int) -> list[ItemStatus]:
         """Every item's state at `now_ns`, from what was committed and applied."""
@@ -199,8 +198,6 @@ class ScheduleStage:
         now = time.time_ns() if now_ns is None else now_ns
         up_to = TimeRange(0, now + 1)
         recent = TimeRange(max(now - _CLINICAL_LOOKBACK_NS, 0), now + 1)
-        track_ns = round(self.schedule.config.ge68_track_days * _DAY_NS)
-        elutions = TimeRange(max(now - track_ns - _WEEK_NS, 0), now + 1)
         site = self.site
         found: list[Message] = []
 
@@ -209,16 +206,13 @@ class ScheduleStage:
 
         for device in self.schedule.calibrators:
             add("qc_procedure", archive.query("qc_procedure", up_to, site=site, device=device))
-            for test in (*INTERVAL_ITEMS, GEOMETRY):
+            for test in (*INTERVAL_ITEMS, GEOMETRY, "background"):
                 add("qc_result", archive.query("qc_result", up_to, site=site, device=device, test=test))
-            add(
-                "qc_result",
-                archive.query("qc_result", up_to, site=site, device=device, test="background", verdict="fail"),
-            )
             add("measurement", archive.query("measurement", recent, site=site, device=device))
         add("qc_result", archive.query("qc_result", up_to, site=site, test=GE68))
+        # Every elution: an undone follow-up stays listed however old (`prune` then forgets the rest).
         for generator in self.schedule.generators:
-            add("elution", archive.query("elution", elutions, site=site, device=generator))
+            add("elution", archive.query("elution", up_to, site=site, device=generator))
         add("qc_status", archive.query("qc_status", up_to, site=site))
         archived = {m.msg_id for m in found}
         found += [
@@ -236,6 +230,7 @@ class ScheduleStage:
                     counted += 1
             except (KeyError, TypeError, ValueError) as exc:
                 log.warning("restore: archived %s %s skipped: %s", message.kind, message.payload.get("msg_id"), exc)
+        self._forget(state)
         self._state = state
         log.info("QC schedule restored from %d record(s)", counted)
         return counted
@@ -252,7 +247,7 @@ class ScheduleStage:
         if message.kind in ("reading", "measurement") and device in self.schedule.calibrators:
             device = str(device)
             changes = self._changes(staged, self.schedule.daily_statuses(staged.facts, device, now))
-            qc_state = self.schedule.qc_state(staged.facts, device, now)
+            qc_state = self.schedule.qc_state(staged.facts, device, int(payload["time_ns"]))
             if qc_state is not None:
                 message = Message(message.kind, message.topic, dict(payload) | {"qc_state": qc_state})
             return message, changes
@@ -270,6 +265,13 @@ class ScheduleStage:
     def _changes(self, staged: _StageState, statuses: Iterable[ItemStatus]) -> list[Message]:
         now = staged.facts.clock_ns
         return [qc_status_message(self.site, s, now) for s in statuses if staged.publish(s, now)]
+
+    def _forget(self, state: _StageState) -> None:
+        """Prune the facts, and what was published for follow-ups no longer listed."""
+        self.schedule.prune(state.facts)
+        listed = {s.key for s in self.schedule.ge68_statuses(state.facts, state.facts.clock_ns)}
+        for key in [k for k in state.published if k[1].startswith(f"{GE68}/") and k not in listed]:
+            del state.published[key]
 
     def _take_published(self, state: _StageState, message: Message) -> None:
         """A qc_status committed before (archived, or from a tick): what subscribers see for that item."""
