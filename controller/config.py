@@ -233,6 +233,9 @@ DEFAULT_MIN_PASSWORD_CHARS = 15
 MIN_PASSWORD_CHARS_FLOOR = 8
 #: Consecutive failed password checks that lock an account (SP 800-63B-4 §3.2.2 allows at most 100).
 DEFAULT_MAX_FAILED_PASSWORDS = 5
+#: How long a lock lasts. No regulation fixes it (21 CFR 11.300(d) asks for safeguards, not a
+#: number); 15 minutes is a common choice that slows guessing to a few tries an hour.
+DEFAULT_LOCKOUT_MIN = 15
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,6 +246,7 @@ class UsersConfig:
     path: Path | None = None
     min_password_chars: int = DEFAULT_MIN_PASSWORD_CHARS
     max_failed_passwords: int = DEFAULT_MAX_FAILED_PASSWORDS
+    lockout_min: int = DEFAULT_LOCKOUT_MIN
 
     def resolved_path(self, audit_path: Path) -> Path:
         return self.path if self.path is not None else audit_path.parent / "users.sqlite3"
@@ -445,8 +449,11 @@ def _parse_users(table: ConfigTable | None) -> UsersConfig:
         "min_password_chars", DEFAULT_MIN_PASSWORD_CHARS, minimum=MIN_PASSWORD_CHARS_FLOOR, maximum=64
     )
     max_failed = table.integer("max_failed_passwords", DEFAULT_MAX_FAILED_PASSWORDS, minimum=1, maximum=100)
+    lockout_min = table.integer("lockout_min", DEFAULT_LOCKOUT_MIN, minimum=1, maximum=1440)
     table.finish()
-    return UsersConfig(path=path, min_password_chars=min_chars, max_failed_passwords=max_failed)
+    return UsersConfig(
+        path=path, min_password_chars=min_chars, max_failed_passwords=max_failed, lockout_min=lockout_min
+    )
 
 
 def _parse_devices(root: ConfigTable) -> tuple[DeviceConfig, ...]:

@@ -14,7 +14,9 @@ report so a reader sees at once whether the list of control actions can be trust
 prints the audit head hash: a signed paper copy then anchors the chain against later rewriting.
 The QC procedures of the period are listed with their electronic signatures (who, printed name,
 meaning, when, comment; 21 CFR 11.50 asks that a signed record show them), each re-hashed
-against the archive, and the ended procedures nobody signed yet as awaiting review.
+against the archive, and the records with no decision yet as awaiting review or approval. Only
+signatures the verified trail vouches for count (controller/signatures.py `read_signatures`);
+those it does not are listed as such.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from matplotlib.backends.backend_pdf import PdfPages
 from matplotlib.figure import Figure
 
 from hotlab.controller.archive import HistoryArchive, TimeRange
-from hotlab.controller.audit import AuditRecord, VerifyResult, iter_records, verify_chain
+from hotlab.controller.audit import AuditRecord, VerifyResult, iter_records
 from hotlab.controller.messages import iso_utc
 from hotlab.controller.report_plots import (
     TEXT_PAGE_COLUMNS,
@@ -46,12 +48,14 @@ from hotlab.controller.report_plots import (
 )
 from hotlab.controller.signatures import (
     Signature,
+    SignatureLedger,
     SignatureProblem,
     awaiting_review,
+    awaits,
     check_signatures,
     payload_sha256,
+    read_signatures,
     record_kind,
-    signatures,
 )
 from hotlab.physics.units import format_activity
 
@@ -83,10 +87,12 @@ class ReviewSection:
     #: One record per procedure of the period: its end record, else its start (still running).
     procedures: list[dict[str, Any]]
     signed: list[SignedRow]
-    #: Records of the period no signature covers as they are now (controller/signatures.py).
+    #: Records of the period with no decision signed as they are now (controller/signatures.py).
     awaiting: list[dict[str, Any]]
     #: Signed records anywhere in the trail that changed or went missing from the archive.
     problems: list[SignatureProblem]
+    #: Signature entries of the trail that do not count (after the chain's break, or by someone who could not sign).
+    uncounted: list[str]
 
     def signatures_of(self, msg_id: str) -> list[SignedRow]:
         return [row for row in self.signed if row.record.get("msg_id") == msg_id]
@@ -124,7 +130,8 @@ def collect(
     The whole audit chain is verified (a break before the period also makes the period's
     records untrustworthy); only the period's records are listed.
     """
-    verification = verify_chain(audit_path, audit_key) if audit_path.exists() else None
+    ledger = read_signatures(audit_path, audit_key)
+    verification = ledger.chain if audit_path.exists() else None
     records = [r for r in iter_records(audit_path) if period.start_ns <= r.time_ns < period.end_ns]
     return ReportData(
         period=period,
@@ -134,14 +141,15 @@ def collect(
         qc_results=archive.query("qc_result", period, site=site),
         elutions=archive.query("elution", period, site=site),
         audit=AuditSection(audit_path, records, verification),
-        review=collect_review(archive, period, signatures(audit_path), site=site),
+        review=collect_review(archive, period, ledger, site=site),
     )
 
 
 def collect_review(
-    archive: HistoryArchive, period: TimeRange, found: Sequence[Signature], *, site: str | None = None
+    archive: HistoryArchive, period: TimeRange, ledger: SignatureLedger, *, site: str | None = None
 ) -> ReviewSection:
     """The procedures of the period, the signatures of its reviewed records (made whenever), what awaits review."""
+    found = ledger.valid
 
     def in_report(payload: Mapping[str, Any]) -> bool:
         return period.start_ns <= int(payload["time_ns"]) < period.end_ns and site in (None, payload.get("site"))
@@ -161,6 +169,7 @@ def collect_review(
         signed=signed,
         awaiting=[p for p in awaiting_review(archive, found, period=period) if in_report(p)],
         problems=check_signatures(found, archive),
+        uncounted=ledger.uncounted(),
     )
 
 
@@ -470,15 +479,19 @@ def started_by(procedure: Mapping[str, Any]) -> str:
 
 
 def sign_off(review: ReviewSection, record: Mapping[str, Any]) -> str:
-    """How far a reviewed record got: each signature's meaning and printed name, else running or awaiting review."""
+    """How far a reviewed record got: each signature's meaning, printed name and comment, then what it
+    awaits (review, or approval after a review alone), or running while a procedure has not ended."""
+    if record.get("status") == "started":
+        return "running"
     rows = review.signatures_of(str(record.get("msg_id")))
-    if rows:
-        return "; ".join(
-            f"{row.signature.meaning} by {row.signature.printed_name}"
-            + ("" if row.intact else " (record CHANGED since)")
-            for row in rows
-        )
-    return "running" if record.get("status") == "started" else "awaiting review"
+    parts = [
+        f"{row.signature.meaning} by {row.signature.printed_name}"
+        + (f': "{row.signature.comment}"' if row.signature.comment else "")
+        + ("" if row.intact else " (record CHANGED since)")
+        for row in rows
+    ]
+    pending = awaits(row.signature for row in rows if row.intact)
+    return "; ".join(parts + ([] if pending is None else [f"awaiting {pending}"]))
 
 
 def _what(record: Mapping[str, Any]) -> str:
@@ -538,26 +551,48 @@ def _signature_row(row: SignedRow) -> str:
 
 
 def _review_status_html(review: ReviewSection) -> str:
+    uncounted = (
+        '<div class="status broken">Signatures in the audit trail that do not count:<ul>'
+        + "".join(f"<li>{_e(line)}</li>" for line in review.uncounted)
+        + "</ul></div>"
+        if review.uncounted
+        else ""
+    )
     if not review.problems:
-        return (
+        return uncounted + (
             f'<p class="status ok">{len(review.signed)} signature(s) of records in this period; every record '
             "signed (in any period) is in the archive as it was signed.</p>"
         )
     problems = "".join(f"<li>{_e(p.describe())}</li>" for p in review.problems)
-    return f'<div class="status broken">Signed records changed or missing since signing:<ul>{problems}</ul></div>'
+    return (
+        uncounted
+        + f'<div class="status broken">Signed records changed or missing since signing:<ul>{problems}</ul></div>'
+    )
+
+
+_LOOSE_RESULT_HEADER = ("time (UTC)", "test", "site/station/device", "verdict", "sign-off")
+
+
+def _loose_result_row(review: ReviewSection, r: Mapping[str, Any]) -> str:
+    where = "/".join(str(r.get(k, "")) for k in ("site", "station", "device"))
+    return (
+        f'<tr class="result verdict-{_e(r.get("verdict"))}" data-msg-id="{_e(r.get("msg_id"))}">'
+        f"<td>{_e(_time(r.get('time_ns')))}</td><td>{_e(r.get('test'))}</td><td>{_e(where)}</td>"
+        f'<td class="verdict">{_e(r.get("verdict") or "–")}</td><td>{_e(sign_off(review, r))}</td></tr>'
+    )
 
 
 def _review_html(review: ReviewSection) -> str:
     waiting = [p for p in review.awaiting if record_kind(p) == "qc_procedure"]
-    loose = len(review.awaiting) - len(waiting)
+    loose = [p for p in review.awaiting if record_kind(p) != "qc_procedure"]
     return (
         f'<section id="procedures"><h2>QC procedures</h2>'
         f"{_table(_PROCEDURE_HEADER, (_procedure_row(review, p) for p in review.procedures), 'No QC procedures in this period.')}</section>"
         f'<section id="review"><h2>Review and sign-off</h2>{_review_status_html(review)}'
         f"{_table(_SIGNATURE_HEADER, map(_signature_row, review.signed), 'No record of this period is signed.')}</section>"
-        f'<section id="awaiting-review"><h2>Awaiting review</h2>'
+        f'<section id="awaiting-review"><h2>Awaiting review or approval</h2>'
         f"{_table(_PROCEDURE_HEADER, (_procedure_row(review, p) for p in waiting), 'No ended procedure awaits review.')}"
-        f"<p>{loose} QC result(s) outside any procedure await review too (<code>hotlab review list</code>).</p>"
+        f"{_table(_LOOSE_RESULT_HEADER, (_loose_result_row(review, r) for r in loose), 'No QC result outside a procedure awaits review.')}"
         "</section>"
     )
 
@@ -743,10 +778,24 @@ def _pdf_text(data: ReportData) -> list[tuple[str, list[str]]]:
             (21, 28, 10, 21),
         )
     ]
-    signed += [line for problem in review.problems for line in textwrap.wrap(problem.describe(), TEXT_PAGE_COLUMNS)]
+    signed += [
+        line
+        for text in [*(p.describe() for p in review.problems), *review.uncounted]
+        for line in textwrap.wrap(text, TEXT_PAGE_COLUMNS)
+    ]
     awaiting = [
-        f"{_time(p.get('time_ns')):<21}{record_kind(p)!s:<14}{_what(p):<22}{p.get('device')!s:<14}{p['msg_id']}"
+        line
         for p in review.awaiting
+        for line in _wrapped(
+            (
+                _time(p.get("time_ns")),
+                str(record_kind(p)),
+                _what(p),
+                str(p.get("device")),
+                f"{p['msg_id']}: {sign_off(review, p)}",
+            ),
+            (21, 14, 22, 14),
+        )
     ]
     audit_lines = [
         line

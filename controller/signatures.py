@@ -13,7 +13,15 @@ msg_id and the SHA-256 of its payload as archived (controller/archive.py), seria
 
 Signing the end record of a procedure (qc_procedure) also signs each qc_result it lists, so the
 verdicts reviewed are bound to the signature, not only their ids. What awaits review: ended
-procedures, and results that belong to no procedure, not yet signed as they are now.
+procedures, and results that belong to no procedure, with no decision (approved or rejected)
+signed as they are now; one only `reviewed` awaits its approval.
+
+A signature counts only as far as the trail vouches for it (`read_signatures`): the chain is
+verified first (with the HMAC key: without it, anyone able to write the file could append a
+signature with fresh hashes), entries after its first break are ignored and reported, and a
+signature whose signer was not, at that point of the trail, an enabled qc_officer or admin added
+by a `user.add` record (controller/users.py) is reported as invalid. Signing needs the key, so
+that every signature written can be verified.
 """
 
 from __future__ import annotations
@@ -23,13 +31,23 @@ import hashlib
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
 from hotlab.controller.archive import HistoryArchive, TimeRange
-from hotlab.controller.audit import RECORD_SIGNED, AuditRecord, canonical_json, iter_records
-from hotlab.controller.users import AccessDenied, Credentials, UserStore
-from hotlab.errors import InputError
+from hotlab.controller.audit import (
+    RECORD_SIGNED,
+    USER_ADD,
+    USER_DISABLE,
+    AuditRecord,
+    VerifyResult,
+    canonical_json,
+    iter_records,
+    verify_chain,
+)
+from hotlab.controller.users import ACCOUNT_TARGET_PREFIX, Credentials, UserStore
+from hotlab.errors import HotlabError, InputError
 
 #: What each signature meaning states; a rejection must say why (its comment).
 MEANINGS: dict[str, str] = {
@@ -37,6 +55,8 @@ MEANINGS: dict[str, str] = {
     "approved": "accepted as the QC record of the device: it may be used on the strength of it",
     "rejected": "not accepted: the QC record does not stand (the comment says why)",
 }
+#: The meanings that settle a record: after one of them it no longer awaits review.
+DECISIONS: tuple[str, ...] = ("approved", "rejected")
 SIGNING_ROLES: tuple[str, ...] = ("qc_officer", "admin")
 #: The record kinds a person reviews and signs.
 REVIEW_KINDS: tuple[str, ...] = ("qc_procedure", "qc_result")
@@ -45,7 +65,11 @@ _SCHEMA_TAG = re.compile(r"^hotlab\.([a-z_]+)/[0-9]+$")
 
 
 class SigningError(InputError):
-    """A signature that cannot be made as asked: unknown or unsignable record, bad meaning, missing comment."""
+    """A signature that cannot be made as asked: unknown or unsignable record, bad meaning, missing comment, no key."""
+
+
+class UntrustedTrail(HotlabError):
+    """The audit chain that holds the signatures is broken: no signature is added after the break."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,10 +158,95 @@ def signed_record(payload: Mapping[str, Any]) -> SignedRecord:
     return SignedRecord(str(record_kind(payload)), str(payload["msg_id"]), payload_sha256(payload))
 
 
-def signatures(audit_path: Path) -> list[Signature]:
-    """Every signature in the trail, oldest first. Whether the trail is intact is `verify_chain`'s to say."""
-    found = (Signature.from_audit(record) for record in iter_records(audit_path) if record.action == RECORD_SIGNED)
-    return [s for s in found if s is not None]
+@dataclass(frozen=True, slots=True)
+class InvalidSignature:
+    """A `record.signed` entry of the verified trail that does not count, and why."""
+
+    record: AuditRecord
+    problem: str
+
+    def describe(self) -> str:
+        return (
+            f"audit record #{self.record.seq} ({self.record.actor}, {self.record.time}) does not count: {self.problem}"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SignatureLedger:
+    """The signatures the audit trail vouches for, oldest first, and those it does not."""
+
+    chain: VerifyResult
+    valid: list[Signature]
+    #: Entries of the verified prefix whose signer could not sign then, or that do not parse.
+    invalid: list[InvalidSignature]
+    #: `record.signed` entries after the chain's first break: ignored, whatever they say.
+    unverified: list[AuditRecord]
+
+    def uncounted(self) -> list[str]:
+        """One line for each signature entry that does not count: those after the break, then the invalid."""
+        return [
+            f"audit record #{r.seq} ({r.actor}, {r.time}) is a signature after the chain's break: ignored"
+            for r in self.unverified
+        ] + [entry.describe() for entry in self.invalid]
+
+
+def read_signatures(audit_path: Path, key: bytes | None) -> SignatureLedger:
+    """The trail's signatures that count: `verify_chain` first (with `key`, the HMAC too), then only
+    the verified records, each signature checked against the accounts the trail shows at that point.
+
+    Records appended after the verification are neither counted nor reported: they were not checked.
+    """
+    chain = verify_chain(audit_path, key)
+    records = iter_records(audit_path)
+    # Every line of the intact prefix parses, so the first `chain.records` records are exactly that prefix.
+    trusted = list(islice(records, chain.records))
+    valid, invalid = _check_signers(trusted)
+    unverified = [] if chain.ok else [r for r in records if r.action == RECORD_SIGNED]
+    return SignatureLedger(chain, valid, invalid, unverified)
+
+
+def _check_signers(records: Iterable[AuditRecord]) -> tuple[list[Signature], list[InvalidSignature]]:
+    """Replay the account records (user.add, user.disable) and judge each signature at its place in the trail."""
+    accounts: dict[str, Mapping[str, Any]] = {}
+    disabled: set[str] = set()
+    valid: list[Signature] = []
+    invalid: list[InvalidSignature] = []
+    for record in records:
+        if record.action == USER_ADD and isinstance(record.new_value, Mapping):
+            accounts.setdefault(str(record.new_value.get("username")), record.new_value)
+        elif record.action == USER_DISABLE:
+            disabled.add(record.target.removeprefix(ACCOUNT_TARGET_PREFIX))
+        elif record.action == RECORD_SIGNED:
+            signature = Signature.from_audit(record)
+            if signature is None:
+                invalid.append(InvalidSignature(record, "it is not a well-formed signature"))
+            elif problem := _signer_problem(
+                signature, record, accounts.get(signature.signer), signature.signer in disabled
+            ):
+                invalid.append(InvalidSignature(record, problem))
+            else:
+                valid.append(signature)
+    return valid, invalid
+
+
+def _signer_problem(
+    signature: Signature, record: AuditRecord, account: Mapping[str, Any] | None, disabled: bool
+) -> str | None:
+    who = signature.signer
+    if record.actor != who:
+        return f"written by {record.actor!r} for the signer {who!r}"
+    if account is None:
+        return f"no user.add record of {who!r} precedes it"
+    if disabled:
+        return f"{who!r} was disabled before it"
+    if account.get("role") not in SIGNING_ROLES:
+        return f"{who!r} was added as {account.get('role')}; only a {' or '.join(SIGNING_ROLES)} signs"
+    if (signature.role, signature.printed_name) != (account.get("role"), account.get("printed_name")):
+        return (
+            f"it names {signature.printed_name!r} ({signature.role}), but {who!r} was added as "
+            f"{account.get('printed_name')!r} ({account.get('role')})"
+        )
+    return None
 
 
 def records_to_sign(archive: HistoryArchive, record_ids: Sequence[str]) -> list[tuple[dict[str, Any], SignedRecord]]:
@@ -182,10 +291,14 @@ def sign(
 ) -> Signature:
     """Check the signer's password and role, then write one `record.signed` audit record; the signature.
 
-    Refused: an unknown meaning, a rejection without a comment, a record not in the archive or
-    not reviewable, a signer who is not a QC officer or admin, and a record this signer already
+    Refused: a store whose audit log has no HMAC key, a broken chain, an unknown meaning, a
+    rejection without a comment, a record not in the archive or not reviewable, a signer who is
+    not a QC officer or admin (audited, like a wrong password), and a record this signer already
     signed with this meaning as it is now (another person, or another meaning, may sign it too).
     """
+    key = store.audit.key
+    if key is None:
+        raise SigningError("signing needs the audit HMAC key: a signature written without it could not be verified")
     if meaning not in MEANINGS:
         raise SigningError(f"meaning {meaning!r} is not known; allowed: {', '.join(MEANINGS)}")
     note = " ".join((comment or "").split()) or None
@@ -194,11 +307,15 @@ def sign(
     if meaning == "rejected" and note is None:
         raise SigningError("a rejection needs a comment saying why (--comment)")
     covered = records_to_sign(archive, record_ids)
-    signer = store.authenticate(credentials, purpose="signing QC records")
-    if signer.role not in SIGNING_ROLES:
-        raise AccessDenied(f"{signer.username!r} is an {signer.role}; only a {' or '.join(SIGNING_ROLES)} signs")
+    ledger = read_signatures(store.audit.path, key)
+    if not ledger.chain.ok:
+        raise UntrustedTrail(
+            f"{ledger.chain.summary().splitlines()[0]}: a signature after the break would not count "
+            "(hotlab audit verify)"
+        )
+    signer = store.authorise(credentials, purpose=f"signing {', '.join(record_ids)} as {meaning}", roles=SIGNING_ROLES)
     named = set(record_ids)
-    for earlier in signatures(store.audit.path):
+    for earlier in ledger.valid:
         if earlier.signer != signer.username or earlier.meaning != meaning:
             continue
         for _, record in covered:
@@ -277,6 +394,14 @@ def signatures_by_record(found: Iterable[Signature]) -> dict[SignedRecord, list[
     return by_record
 
 
+def awaits(signatures_of_record: Iterable[Signature]) -> str | None:
+    """What a record's signatures (of it as it is now) leave to do: "review", "approval", or None once decided."""
+    meanings = {s.meaning for s in signatures_of_record}
+    if meanings & set(DECISIONS):
+        return None
+    return "approval" if meanings else "review"
+
+
 def awaiting_review(
     archive: HistoryArchive,
     found: Iterable[Signature],
@@ -285,16 +410,16 @@ def awaiting_review(
     device: str | None = None,
     test: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Ended procedures and results outside any procedure, oldest first, that no signature covers as they are now.
+    """Ended procedures and results outside any procedure, oldest first, with no decision signed as they are now.
 
     `test` matches a result's `test` or a procedure's `procedure` (e.g. "daily_constancy").
     """
-    signed = set(signatures_by_record(found))
+    by_record = signatures_by_record(found)
     procedures = [
         p
         for p in archive.query("qc_procedure", period, device=device)
         if p.get("status") != "started" and (test is None or p.get("procedure") == test)
     ]
     results = [r for r in archive.query("qc_result", period, device=device, test=test) if not r.get("procedure_id")]
-    pending = [p for p in procedures + results if signed_record(p) not in signed]
+    pending = [p for p in procedures + results if awaits(by_record.get(signed_record(p), ())) is not None]
     return sorted(pending, key=lambda p: (int(p["time_ns"]), str(p["msg_id"])))

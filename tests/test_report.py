@@ -554,7 +554,7 @@ def test_procedures_signatures_and_what_awaits_review_are_reported(tmp_path: Pat
     from hotlab.controller.report import write_pdf
     from hotlab.controller.signatures import sign
     from hotlab.controller.users import Credentials, UserStore
-    from tests.test_review import procedure, result
+    from tests.test_review import KEY, procedure, result
 
     t0 = NOV_1 + 3 * DAY_NS + 7 * HOUR_NS
     signed_id, unsigned_id, running_id = "1" * 32, "2" * 32, "3" * 32
@@ -574,7 +574,10 @@ def test_procedures_signatures_and_what_awaits_review_are_reported(tmp_path: Pat
     archive_path, audit_path = tmp_path / "history.sqlite3", tmp_path / "audit.jsonl"
     with HistoryArchive(archive_path) as archive:
         archive.add_many([*results, signed_end, unsigned_end, running])
-    with UserStore(tmp_path / "users.sqlite3", AuditLog(audit_path)) as store, HistoryArchive(archive_path) as archive:
+    with (
+        UserStore(tmp_path / "users.sqlite3", AuditLog(audit_path, key=KEY)) as store,
+        HistoryArchive(archive_path) as archive,
+    ):
         store.add_user("root", "Ada Admin", "admin", "admin passphrase one", admin=None)
         store.add_user(
             "jdoe", "Jane Doe", "qc_officer", "qc officer passphrase", admin=Credentials("root", "admin passphrase one")
@@ -589,7 +592,7 @@ def test_procedures_signatures_and_what_awaits_review_are_reported(tmp_path: Pat
             meaning="approved",
             comment="<b>fine</b>",
         )
-        data = collect(archive, TimeRange.from_text("2026-11-01", "2026-11-30"), audit_path)
+        data = collect(archive, TimeRange.from_text("2026-11-01", "2026-11-30"), audit_path, audit_key=KEY)
     document = render_html(data, [])
     parser = ReportParser()
     parser.feed(document)
@@ -603,10 +606,64 @@ def test_procedures_signatures_and_what_awaits_review_are_reported(tmp_path: Pat
     assert [css for _, css in parser.rows["review"]] == ["signature meaning-reviewed", "signature meaning-approved"]
     assert [msg_id for msg_id, _ in parser.rows["awaiting-review"]] == [unsigned_end.msg_id]
     text = " ".join(parser.text)
-    assert "reviewed by Jane Doe; approved by Ada Admin" in text
+    assert 'reviewed by Jane Doe; approved by Ada Admin: "<b>fine</b>"' in text
     assert "op (operator)" in text and "awaiting review" in text and "running" in text
     assert "<b>fine</b>" in text and "<b>fine</b>" not in document  # the comment is shown, escaped
     assert "every record signed (in any period) is in the archive as it was signed" in text
     assert parser.stack == []
     pages = write_pdf(data, tmp_path / "report.pdf", [])
     assert pages >= 8 and (tmp_path / "report.pdf").read_bytes().startswith(b"%PDF")
+
+
+def test_a_record_only_reviewed_awaits_approval_and_uncounted_signatures_are_named(tmp_path: Path) -> None:
+    """A loose result reviewed with a comment still awaits approval, and says so; a signature entry by an
+    operator, though in an intact chain, is listed as not counting instead of as a sign-off."""
+    from hotlab.controller.audit import RECORD_SIGNED
+    from hotlab.controller.signatures import sign
+    from hotlab.controller.users import Credentials, UserStore
+    from tests.test_review import KEY, result
+
+    loose = result("linearity", NOV_1 + 3 * DAY_NS, None, verdict="warn")
+    archive_path, audit_path = tmp_path / "history.sqlite3", tmp_path / "audit.jsonl"
+    with HistoryArchive(archive_path) as archive:
+        archive.add_many([loose])
+    audit = AuditLog(audit_path, key=KEY)
+    with UserStore(tmp_path / "users.sqlite3", audit) as store, HistoryArchive(archive_path) as archive:
+        store.add_user("root", "Ada Admin", "admin", "admin passphrase one", admin=None)
+        admin = Credentials("root", "admin passphrase one")
+        store.add_user("jdoe", "Jane Doe", "qc_officer", "qc officer passphrase", admin=admin)
+        store.add_user("op", "Otto Operator", "operator", "operator passphrase", admin=admin)
+        review = sign(
+            store=store,
+            archive=archive,
+            credentials=Credentials("jdoe", "qc officer passphrase"),
+            record_ids=[loose.msg_id],
+            meaning="reviewed",
+            comment="second series pending",
+        )
+        forged = audit.append(
+            actor="op",
+            action=RECORD_SIGNED,
+            target="crc-1",
+            reason="approved",
+            new_value={
+                "signer": "op",
+                "printed_name": "Otto Operator",
+                "role": "qc_officer",
+                "meaning": "approved",
+                "comment": None,
+                "records": [r.as_json() for r in review.records],
+            },
+        )
+        data = collect(archive, TimeRange.from_text("2026-11-01", "2026-11-30"), audit_path, audit_key=KEY)
+    assert [row.signature.seq for row in data.review.signed] == [review.seq]
+    assert [p["msg_id"] for p in data.review.awaiting] == [loose.msg_id]
+    document = render_html(data, [])
+    parser = ReportParser()
+    parser.feed(document)
+    parser.close()
+    assert [msg_id for msg_id, _ in parser.rows["awaiting-review"]] == [loose.msg_id]
+    text = " ".join(parser.text)
+    assert 'reviewed by Jane Doe: "second series pending"; awaiting approval' in text
+    assert f"audit record #{forged.seq} (op, {forged.time}) does not count: 'op' was added as operator" in text
+    assert parser.stack == []

@@ -20,18 +20,20 @@ from pathlib import Path
 import pytest
 
 from hotlab.controller.archive import HistoryArchive
-from hotlab.controller.audit import RECORD_SIGNED, AuditLog, iter_records, verify_chain
+from hotlab.controller.audit import RECORD_SIGNED, USER_AUTH_FAILED, AuditLog, iter_records, verify_chain
 from hotlab.controller.cli.main import main as hotlab
 from hotlab.controller.messages import Message, qc_procedure_message
 from hotlab.controller.qc.limits import DEFAULT_LIMITS
 from hotlab.controller.qc.result import QcResult, Verdict
 from hotlab.controller.signatures import (
+    Signature,
     SigningError,
+    UntrustedTrail,
     awaiting_review,
     check_signatures,
+    read_signatures,
     sign,
     sign_async,
-    signatures,
 )
 from hotlab.controller.users import AccessDenied, Credentials, UserStore
 
@@ -42,6 +44,14 @@ ADMIN_PW = "admin passphrase one"
 QC_PW = "qc officer passphrase"
 QC2_PW = "second officer phrase"
 OPERATOR_PW = "operator passphrase"
+#: The audit HMAC key (at least 32 bytes, RFC 2104 §3), and another that is not it.
+KEY = b"hotlab review test key, 32 bytes or more"
+OTHER_KEY = b"someone else's key, also 32 bytes long!!"
+
+
+def signatures(audit_path: Path) -> list[Signature]:
+    """The signatures that count, as read with the key."""
+    return read_signatures(audit_path, KEY).valid
 
 
 def archived_sha256(archive_path: Path, msg_id: str) -> str:
@@ -107,7 +117,7 @@ class Lab:
     running_procedure_end: str | None = None
 
     def store(self) -> UserStore:
-        return UserStore(self.users_path, AuditLog(self.audit_path))
+        return UserStore(self.users_path, AuditLog(self.audit_path, key=KEY))
 
     def archive(self) -> HistoryArchive:
         return HistoryArchive(self.archive_path, read_only=True)
@@ -191,7 +201,7 @@ def test_a_signature_binds_the_procedure_and_its_results_by_their_archived_hashe
         "records": expected,
     }
     assert record.reason == "constancy within limits"
-    assert verify_chain(lab.audit_path).ok
+    assert verify_chain(lab.audit_path, KEY).ok
     assert signatures(lab.audit_path) == [signature]
     assert check_signatures([signature], archive) == []
 
@@ -207,12 +217,38 @@ def test_what_awaits_review_is_ended_procedures_and_loose_results_not_yet_signed
         archive=archive,
         credentials=Credentials("jdoe", QC_PW),
         record_ids=[lab.loose_result],
-        meaning="reviewed",
+        meaning="approved",
     )
     found = signatures(lab.audit_path)
     assert [p["msg_id"] for p in awaiting_review(archive, found)] == [lab.procedure_end]
     assert [p["msg_id"] for p in awaiting_review(archive, found, test="daily_constancy")] == [lab.procedure_end]
     assert awaiting_review(archive, found, device="crc-2") == []
+
+
+def test_a_review_alone_leaves_a_record_awaiting_approval_a_decision_settles_it(
+    lab: Lab, opened: tuple[UserStore, HistoryArchive]
+) -> None:
+    store, archive = opened
+
+    def by(username: str, password: str, record: str, meaning: str, comment: str | None = None) -> None:
+        sign(
+            store=store,
+            archive=archive,
+            credentials=Credentials(username, password),
+            record_ids=[record],
+            meaning=meaning,
+            comment=comment,
+        )
+
+    def pending() -> list[str]:
+        return [p["msg_id"] for p in awaiting_review(archive, signatures(lab.audit_path))]
+
+    by("jdoe", QC_PW, lab.procedure_end, "reviewed")
+    by("rroe", QC2_PW, lab.loose_result, "reviewed")
+    assert pending() == [lab.procedure_end, lab.loose_result]  # reviewed is not yet a decision
+    by("rroe", QC2_PW, lab.procedure_end, "approved")
+    by("jdoe", QC_PW, lab.loose_result, "rejected", "fit drifts")
+    assert pending() == []
 
 
 def test_a_rejection_needs_a_comment_and_a_started_procedure_cannot_be_signed(
@@ -244,7 +280,7 @@ def test_only_qc_officers_and_admins_with_their_own_password_sign(
 ) -> None:
     store, archive = opened
     ids = [lab.loose_result]
-    with pytest.raises(AccessDenied, match="only a qc_officer or admin signs"):
+    with pytest.raises(AccessDenied, match="needs the role qc_officer or admin; 'op' has the role operator"):
         sign(
             store=store, archive=archive, credentials=Credentials("op", OPERATOR_PW), record_ids=ids, meaning="reviewed"
         )
@@ -360,7 +396,12 @@ def test_review_end_to_end_on_the_command_line(
     for leftover in lab.users_path.parent.glob("users.sqlite3-*"):
         leftover.unlink()
     config = write_config(lab)
-    cfg = ("--config", str(config), "--password-stdin")
+    monkeypatch.delenv("HOTLAB_AUDIT_KEY", raising=False)
+    monkeypatch.delenv("HOTLAB_AUDIT_KEY_FILE", raising=False)
+    key_file = tmp_path / "audit.key"
+    key_file.write_bytes(KEY)
+    keyed = ("--config", str(config), "--key-file", str(key_file))
+    cfg = (*keyed, "--password-stdin")
 
     assert run(monkeypatch, f"{ADMIN_PW}\n", "user", "add", "boss", "--name", "Ada Admin", "--role", "admin", *cfg) == 0
     assert (
@@ -388,13 +429,23 @@ def test_review_end_to_end_on_the_command_line(
     ]
     assert all("hash" not in key for u in listed for key in u)
 
-    assert run(monkeypatch, "", "review", "list", "--json", "--config", str(config)) == 0
+    assert run(monkeypatch, "", "review", "list", "--json", *keyed) == 0
     pending = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert [(p["msg_id"], p["kind"], p["what"]) for p in pending] == [
-        (lab.procedure_end, "qc_procedure", "daily_constancy"),
-        (lab.loose_result, "qc_result", "linearity"),
+    assert [(p["msg_id"], p["kind"], p["what"], p["awaits"]) for p in pending] == [
+        (lab.procedure_end, "qc_procedure", "daily_constancy", "review"),
+        (lab.loose_result, "qc_result", "linearity", "review"),
     ]
     assert pending[0]["sha256"] == archived_sha256(lab.archive_path, lab.procedure_end)
+
+    # Without the audit HMAC key nothing is signed or verified: one line, exit 2, before any password is asked.
+    unkeyed = ("--config", str(config), "--password-stdin")
+    no_key = "error: the audit HMAC key is needed (--key-file, $HOTLAB_AUDIT_KEY_FILE or $HOTLAB_AUDIT_KEY)"
+    for command in (("sign", lab.procedure_end, "--meaning", "approved", "--user", "qa1"), ("verify",)):
+        records_before = len(list(iter_records(lab.audit_path)))
+        assert run(monkeypatch, f"{QC_PW}\n", "review", *command, *unkeyed) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and no_key in err
+        assert len(list(iter_records(lab.audit_path))) == records_before
 
     sign_args = ("review", "sign", lab.procedure_end, "--meaning", "approved", "--user", "qa1", *cfg)
     assert run(monkeypatch, f"{QC_PW}\n", *sign_args) == 0
@@ -404,7 +455,7 @@ def test_review_end_to_end_on_the_command_line(
     assert run(monkeypatch, f"{QC_PW}\n", *sign_args) == 2  # the same person, the same meaning: refused
     assert "as approved already" in capsys.readouterr().err
 
-    assert run(monkeypatch, "", "review", "list", "--json", "--config", str(config)) == 0
+    assert run(monkeypatch, "", "review", "list", "--json", *keyed) == 0
     assert [json.loads(line)["msg_id"] for line in capsys.readouterr().out.splitlines()] == [lab.loose_result]
 
     reject = ("review", "sign", lab.loose_result, "--meaning", "rejected", "--user", "qa1", *cfg)
@@ -413,10 +464,10 @@ def test_review_end_to_end_on_the_command_line(
     assert run(monkeypatch, "a wrong passphrase\n", *reject, "--comment", "x") == 1
     assert "wrong password" in capsys.readouterr().err
 
-    assert run(monkeypatch, "", "review", "verify", "--config", str(config)) == 0
+    assert run(monkeypatch, "", "review", "verify", *keyed) == 0
     assert "1 signature(s) over 3 record(s)" in capsys.readouterr().out
     tamper(lab.archive_path, lab.procedure_end)
-    assert run(monkeypatch, "", "review", "verify", "--config", str(config)) == 1
+    assert run(monkeypatch, "", "review", "verify", *keyed) == 1
     err = capsys.readouterr().err
     assert f"qc_procedure {lab.procedure_end} changed since it was signed" in err
     assert "1 of 3 signed record(s) changed or missing" in err
@@ -429,5 +480,142 @@ def test_review_end_to_end_on_the_command_line(
     new_pw = "qc officer passphrase 2"
     assert run(monkeypatch, f"{ADMIN_PW}\n{new_pw}\n", "user", "passwd", "qa1", "--admin", "boss", *cfg) == 0
     assert run(monkeypatch, f"{new_pw}\n", *reject, "--comment", "fit drifts") == 0
-    assert verify_chain(lab.audit_path).ok
+    assert verify_chain(lab.audit_path, KEY).ok
     assert [s.meaning for s in signatures(lab.audit_path)] == ["approved", "rejected"]
+
+
+# --------------------------------------------------------------------------- what the trail vouches for
+
+
+def forge(audit: AuditLog, *, signer: str, printed_name: str, role: str, record: str, sha256: str) -> int:
+    """Append a `record.signed` entry as someone writing the file directly would; its seq."""
+    entry = audit.append(
+        actor=signer,
+        action=RECORD_SIGNED,
+        target=DEVICE,
+        reason="approved",
+        new_value={
+            "signer": signer,
+            "printed_name": printed_name,
+            "role": role,
+            "meaning": "approved",
+            "comment": None,
+            "records": [{"kind": "qc_result", "msg_id": record, "sha256": sha256}],
+        },
+    )
+    return entry.seq
+
+
+def test_signatures_after_the_first_break_of_the_chain_are_ignored_and_reported(
+    lab: Lab, opened: tuple[UserStore, HistoryArchive]
+) -> None:
+    store, archive = opened
+    genuine = sign(
+        store=store,
+        archive=archive,
+        credentials=Credentials("jdoe", QC_PW),
+        record_ids=[lab.procedure_end],
+        meaning="approved",
+    )
+    sha = archived_sha256(lab.archive_path, lab.loose_result)
+    # Fresh hashes chain on correctly, but without the key the HMAC is wrong: the chain breaks there.
+    forged = forge(
+        AuditLog(lab.audit_path, key=OTHER_KEY),
+        signer="jdoe",
+        printed_name="Jane Doe",
+        role="qc_officer",
+        record=lab.loose_result,
+        sha256=sha,
+    )
+    ledger = read_signatures(lab.audit_path, KEY)
+    assert ledger.chain.broken is not None and ledger.chain.broken.line == forged
+    assert ledger.valid == [genuine]
+    assert [r.seq for r in ledger.unverified] == [forged]
+    assert ledger.uncounted() == [
+        f"audit record #{forged} (jdoe, {ledger.unverified[0].time}) is a signature after the chain's break: ignored"
+    ]
+    assert [p["msg_id"] for p in awaiting_review(archive, ledger.valid)] == [lab.loose_result]
+    with pytest.raises(UntrustedTrail, match=f"BROKEN after {forged - 1} intact record"):
+        sign(
+            store=store,
+            archive=archive,
+            credentials=Credentials("rroe", QC2_PW),
+            record_ids=[lab.loose_result],
+            meaning="reviewed",
+        )
+
+
+def test_a_signature_by_someone_who_could_not_sign_then_does_not_count(
+    lab: Lab,
+    opened: tuple[UserStore, HistoryArchive],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Written with the key (an intact chain), but the trail's own user records say the signer could not sign."""
+    store, archive = opened
+    sha = archived_sha256(lab.archive_path, lab.loose_result)
+    store.disable("rroe", admin=Credentials("root", ADMIN_PW), reason="left")
+    keyed = AuditLog(lab.audit_path, key=KEY)
+    entries = {
+        "mallory": forge(
+            keyed, signer="mallory", printed_name="M", role="qc_officer", record=lab.loose_result, sha256=sha
+        ),
+        "op": forge(
+            keyed, signer="op", printed_name="Otto Operator", role="qc_officer", record=lab.loose_result, sha256=sha
+        ),
+        "rroe": forge(
+            keyed, signer="rroe", printed_name="Richard Roe", role="qc_officer", record=lab.loose_result, sha256=sha
+        ),
+        "jdoe": forge(
+            keyed, signer="jdoe", printed_name="Joe Other", role="qc_officer", record=lab.loose_result, sha256=sha
+        ),
+    }
+    ledger = read_signatures(lab.audit_path, KEY)
+    assert ledger.chain.ok and ledger.valid == [] and ledger.unverified == []
+    assert [(i.record.seq, i.problem) for i in ledger.invalid] == [
+        (entries["mallory"], "no user.add record of 'mallory' precedes it"),
+        (entries["op"], "'op' was added as operator; only a qc_officer or admin signs"),
+        (entries["rroe"], "'rroe' was disabled before it"),
+        (entries["jdoe"], "it names 'Joe Other' (qc_officer), but 'jdoe' was added as 'Jane Doe' (qc_officer)"),
+    ]
+    assert [p["msg_id"] for p in awaiting_review(archive, ledger.valid)] == [lab.procedure_end, lab.loose_result]
+
+    key_file = lab.root / "audit.key"
+    key_file.write_bytes(KEY)
+    config = write_config(lab)
+    assert run(monkeypatch, "", "review", "verify", "--config", str(config), "--key-file", str(key_file)) == 1
+    err = capsys.readouterr().err
+    assert f"audit record #{entries['op']} (op, " in err and "4 signature(s) do not count" in err
+
+
+def test_signing_needs_the_key(lab: Lab) -> None:
+    with UserStore(lab.users_path, AuditLog(lab.audit_path)) as store, lab.archive() as archive:
+        with pytest.raises(SigningError, match="signing needs the audit HMAC key"):
+            sign(
+                store=store,
+                archive=archive,
+                credentials=Credentials("jdoe", QC_PW),
+                record_ids=[lab.loose_result],
+                meaning="reviewed",
+            )
+    assert not [r for r in iter_records(lab.audit_path) if r.action in (RECORD_SIGNED, USER_AUTH_FAILED)]
+
+
+def test_a_refused_signature_is_audited_with_what_was_attempted(
+    lab: Lab, opened: tuple[UserStore, HistoryArchive]
+) -> None:
+    store, archive = opened
+    attempts = [("op", OPERATOR_PW, "the role operator may not do this"), ("jdoe", QC2_PW, "wrong password")]
+    for username, password, why in attempts:
+        with pytest.raises(AccessDenied):
+            sign(
+                store=store,
+                archive=archive,
+                credentials=Credentials(username, password),
+                record_ids=[lab.loose_result],
+                meaning="approved",
+            )
+        last = list(iter_records(lab.audit_path))[-1]
+        assert (last.action, last.actor, last.target) == (USER_AUTH_FAILED, username, f"user:{username}")
+        assert last.reason == f"refused signing {lab.loose_result} as approved: {why}"
+    assert signatures(lab.audit_path) == []

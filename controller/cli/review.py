@@ -1,14 +1,17 @@
 """`hotlab review list|sign|verify`: what awaits a QC officer's signature, signing it, and checking signatures.
 
 `list` shows ended QC procedures and results outside any procedure (from the history archive)
-that no signature covers as they are now; `sign` signs records with a meaning (reviewed,
-approved, rejected) after checking the signer's password and role (controller/signatures.py);
-`verify` checks the audit chain and re-hashes every signed record in the archive. Files are
-found as for `hotlab user` (controller/cli/user.py), the archive as the --config lab's, else
---archive, `$HOTLAB_HISTORY` or the known lab whose trail it is.
+with no decision (approved or rejected) signed as they are now, and what each awaits; `sign`
+signs records with a meaning (reviewed, approved, rejected) after checking the signer's password
+and role (controller/signatures.py); `verify` checks the audit chain and the signers, and
+re-hashes every signed record in the archive. Only signatures of the verified chain by an enabled
+QC officer or admin count (`read_signatures`); `sign` and `verify` need the audit HMAC key, `list`
+uses it when configured. Files are found as for `hotlab user` (controller/cli/user.py), the
+archive as the --config lab's, else --archive, `$HOTLAB_HISTORY` or the known lab whose trail it is.
 
-Exit codes: 0 done (verify: every signature intact), 1 refused signature, broken chain or a signed
-record changed or missing, 2 bad input.
+Exit codes: 0 done (verify: every signature intact), 1 refused signature, broken chain, a
+signature that does not count, or a signed record changed or missing, 2 bad input (a missing
+HMAC key too).
 """
 
 from __future__ import annotations
@@ -20,25 +23,28 @@ from pathlib import Path
 from typing import Any
 
 from hotlab.controller.archive import HistoryArchive, TimeRange
-from hotlab.controller.audit import verify_chain
 from hotlab.controller.cli.audit import hmac_key
-from hotlab.controller.cli.user import LabFiles, PasswordReader, add_lab_options, lab_files
+from hotlab.controller.cli.user import LabFiles, PasswordReader, add_lab_options, lab_files, required_audit_key
 from hotlab.controller.signatures import (
     MEANINGS,
+    Signature,
     awaiting_review,
+    awaits,
     check_signatures,
     payload_sha256,
+    read_signatures,
     record_kind,
     records_to_sign,
     sign,
-    signatures,
+    signatures_by_record,
+    signed_record,
 )
 from hotlab.controller.users import Credentials
 from hotlab.errors import HotlabError, InputError
 
 
 class SignaturesBroken(HotlabError):
-    """The audit chain holding the signatures is broken, or a signed record changed or went missing."""
+    """The audit chain holding the signatures is broken, a signature does not count, or a signed record changed."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -80,7 +86,7 @@ def _audit(files: LabFiles) -> Path:
     return path
 
 
-def _summary(payload: dict[str, Any]) -> dict[str, Any]:
+def _summary(payload: dict[str, Any], signed: list[Signature]) -> dict[str, Any]:
     kind = record_kind(payload)
     return {
         "msg_id": payload["msg_id"],
@@ -91,16 +97,24 @@ def _summary(payload: dict[str, Any]) -> dict[str, Any]:
         "status": payload.get("status"),
         "verdict": payload.get("verdict"),
         "sha256": payload_sha256(payload),
+        "awaits": awaits(signed),
+        "signatures": [
+            {"meaning": x.meaning, "signer": x.signer, "printed_name": x.printed_name, "comment": x.comment}
+            for x in signed
+        ],
     }
 
 
 def _list(args: argparse.Namespace) -> int:
     period = None if args.since is None else TimeRange.from_text(args.since, None)
     files = lab_files(args)
-    found = signatures(files.audit) if files.audit.is_file() else []
+    ledger = read_signatures(files.audit, hmac_key(args.key_file))
+    for problem in ([] if ledger.chain.ok else [ledger.chain.summary()]) + ledger.uncounted():
+        print(problem, file=sys.stderr)
+    by_record = signatures_by_record(ledger.valid)
     with _archive(files) as archive:
-        pending = awaiting_review(archive, found, period=period, device=args.device, test=args.test)
-    rows = [_summary(p) for p in pending]
+        pending = awaiting_review(archive, ledger.valid, period=period, device=args.device, test=args.test)
+    rows = [_summary(p, by_record.get(signed_record(p), [])) for p in pending]
     if args.json:
         for row in rows:
             print(json.dumps(row, ensure_ascii=False))
@@ -109,7 +123,8 @@ def _list(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     table = Table(title=f"{len(rows)} record(s) awaiting review")
-    for column in ("time (UTC)", "kind", "device", "test or procedure", "status", "verdict", "record id"):
+    columns = ("time (UTC)", "kind", "device", "test or procedure", "status", "verdict", "awaits", "signed so far")
+    for column in (*columns, "record id"):
         table.add_column(column)
     for row in rows:
         table.add_row(
@@ -119,6 +134,11 @@ def _list(args: argparse.Namespace) -> int:
             str(row["what"]),
             row["status"] or "",
             row["verdict"] or "",
+            row["awaits"],
+            "; ".join(
+                f"{x['meaning']} by {x['printed_name']}" + (f" ({x['comment']})" if x["comment"] else "")
+                for x in row["signatures"]
+            ),
             row["msg_id"],
         )
     Console().print(table)
@@ -129,7 +149,8 @@ def _sign(args: argparse.Namespace) -> int:
     if args.password_stdin and args.user is None:
         raise InputError("--password-stdin needs --user (standard input holds only the password)")
     files = lab_files(args)
-    with _archive(files) as archive, files.open_store(args.key_file) as store:
+    key = required_audit_key(args.key_file)
+    with _archive(files) as archive, files.open_store(key) as store:
         records_to_sign(archive, args.record_ids)  # a typo in an id fails before the password is asked
         username = args.user or input("username: ").strip()
         credentials = Credentials(username, PasswordReader(args.password_stdin).read(f"password of {username}"))
@@ -152,19 +173,23 @@ def _sign(args: argparse.Namespace) -> int:
 
 def _verify(args: argparse.Namespace) -> int:
     files = lab_files(args)
-    audit = _audit(files)
-    chain = verify_chain(audit, hmac_key(args.key_file))
-    found = signatures(audit)
+    key = required_audit_key(args.key_file)
+    ledger = read_signatures(_audit(files), key)
     with _archive(files) as archive:
-        problems = check_signatures(found, archive)
-    records = sum(len(s.records) for s in found)
-    print(chain.summary(), file=sys.stdout if chain.ok else sys.stderr)
-    for problem in problems:
-        print(problem.describe(), file=sys.stderr)
-    if not chain.ok or problems:
+        problems = check_signatures(ledger.valid, archive)
+    records = sum(len(s.records) for s in ledger.valid)
+    print(ledger.chain.summary(), file=sys.stdout if ledger.chain.ok else sys.stderr)
+    for line in [*ledger.uncounted(), *(p.describe() for p in problems)]:
+        print(line, file=sys.stderr)
+    if not ledger.chain.ok or ledger.invalid or problems:
+        uncounted = len(ledger.invalid) + len(ledger.unverified)
         raise SignaturesBroken(
-            f"{len(problems)} of {records} signed record(s) changed or missing"
-            + ("" if chain.ok else "; the audit chain holding the signatures is broken")
+            f"{len(problems)} of {records} signed record(s) changed or missing; "
+            f"{uncounted} signature(s) do not count"
+            + ("" if ledger.chain.ok else "; the audit chain holding the signatures is broken")
         )
-    print(f"{len(found)} signature(s) over {records} record(s): every record is in the archive as it was signed")
+    print(
+        f"{len(ledger.valid)} signature(s) over {records} record(s): every signer could sign, and every record "
+        "is in the archive as it was signed"
+    )
     return 0

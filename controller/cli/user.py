@@ -10,8 +10,12 @@ prompt (getpass), or with --password-stdin read one per line from standard input
 the prompts would ask: the acting admin's (or for `passwd` of one's own account, the current
 one), then the new password.
 
+The commands that write to the trail (add, passwd, disable) need its HMAC key (--key-file,
+else the environment, as for `hotlab audit`): a record without its HMAC would break the chain
+for whoever verifies it with the key, and signatures count only up to the first break.
+
 Exit codes (controller/cli/main.py): 0 done, 1 refused (wrong password, disabled or locked
-account, role too low) or failed write, 2 bad input.
+account, role too low) or failed write, 2 bad input (a missing HMAC key too).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from hotlab.controller.audit import AuditLog
+from hotlab.controller.audit import KEY_ENV, KEY_FILE_ENV, AuditLog
 from hotlab.controller.cli.audit import default_audit_path, hmac_key
 from hotlab.controller.cli.lab_records import KNOWN_LABS
 from hotlab.controller.config import ROLES, UsersConfig, load_audit_path, load_history_path, load_users_config
@@ -44,12 +48,14 @@ class LabFiles:
     archive: Path | None
     settings: UsersConfig
 
-    def open_store(self, key_file: Path | None) -> UserStore:
+    def open_store(self, key: bytes | None) -> UserStore:
+        """The store, its changes audited with `key` (`required_audit_key` for a command that writes)."""
         return UserStore(
             self.users,
-            AuditLog(self.audit, key=hmac_key(key_file)),
+            AuditLog(self.audit, key=key),
             min_password_chars=self.settings.min_password_chars,
             max_failed_passwords=self.settings.max_failed_passwords,
+            lockout_min=self.settings.lockout_min,
         )
 
 
@@ -95,6 +101,18 @@ def lab_files(args: argparse.Namespace) -> LabFiles:
         else:
             archive = next((lab.archive for lab in KNOWN_LABS if lab.audit.resolve() == audit.resolve()), None)
     return LabFiles(args.users or settings.resolved_path(audit), audit, archive, settings)
+
+
+def required_audit_key(key_file: Path | None) -> bytes:
+    """The audit HMAC key, else InputError: a record written without it breaks the chain for whoever
+    verifies with the key, and a trail read without it proves nothing against a rewrite."""
+    key = hmac_key(key_file)
+    if key is None:
+        raise InputError(
+            f"the audit HMAC key is needed (--key-file, ${KEY_FILE_ENV} or ${KEY_ENV}): "
+            "without it the audit trail cannot be verified"
+        )
+    return key
 
 
 class PasswordReader:
@@ -151,7 +169,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _add(args: argparse.Namespace) -> int:
     files = lab_files(args)
     passwords = PasswordReader(args.password_stdin)
-    with files.open_store(args.key_file) as store:
+    with files.open_store(required_audit_key(args.key_file)) as store:
         admin = (
             None if args.admin is None else Credentials(args.admin, passwords.read(f"password of admin {args.admin}"))
         )
@@ -164,7 +182,7 @@ def _add(args: argparse.Namespace) -> int:
 def _passwd(args: argparse.Namespace) -> int:
     files = lab_files(args)
     passwords = PasswordReader(args.password_stdin)
-    with files.open_store(args.key_file) as store:
+    with files.open_store(required_audit_key(args.key_file)) as store:
         if args.admin is None:
             by = Credentials(args.username, passwords.read(f"current password of {args.username}"))
         else:
@@ -177,7 +195,7 @@ def _passwd(args: argparse.Namespace) -> int:
 
 def _disable(args: argparse.Namespace) -> int:
     files = lab_files(args)
-    with files.open_store(args.key_file) as store:
+    with files.open_store(required_audit_key(args.key_file)) as store:
         admin = Credentials(args.admin, PasswordReader(args.password_stdin).read(f"password of admin {args.admin}"))
         user = store.disable(args.username, admin=admin, reason=args.reason)
     print(f"disabled {user.username} ({user.printed_name})")
@@ -188,7 +206,7 @@ def _list(args: argparse.Namespace) -> int:
     files = lab_files(args)
     if not files.users.exists():
         raise InputError(f"no user store at {files.users} (the first `hotlab user add` creates it)")
-    with files.open_store(args.key_file) as store:
+    with files.open_store(hmac_key(args.key_file)) as store:
         users = store.users()
     if args.json:
         for user in users:
