@@ -428,3 +428,18 @@ def test_published_statuses_come_back_as_published() -> None:
     fresh = stage()
     fresh.apply(fresh.process(*ticked.messages))  # a tick's statuses committed through the normal path
     assert fresh.tick(utc("2026-06-10T07:00:00Z")).messages == ()
+
+
+def test_only_calibrators_with_a_check_source_have_daily_qc() -> None:
+    """A [qc.devices] entry without a check source got daily items it could never complete."""
+    from hotlab.controller.qc.engine import QcConfig
+    from hotlab.controller.qc.schedule_stage import schedule_stage_for
+
+    qc = QcConfig.from_mapping(
+        {
+            "sources": {"CS": {"nuclide": "Cs-137", "activity": "7.4 MBq", "reference_time": "2020-01-01T00:00:00Z"}},
+            "devices": {"checked": {"check_source": "CS"}, "dispensing": {"linearity_low_bq": "1 MBq"}},
+        }
+    )
+    stage = schedule_stage_for("lab", qc, qc.schedule, {"checked": "qc-lab", "dispensing": "hotcell"})
+    assert dict(stage.schedule.calibrators) == {"checked": "qc-lab"}

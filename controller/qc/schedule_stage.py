@@ -130,7 +130,9 @@ def schedule_stage_for(site: str, qc: QcConfig, schedule: ScheduleConfig, statio
 
     One place that says what is scheduled, for the controller and `hotlab qc status` alike.
     """
-    calibrators = {device: stations.get(device, device) for device in qc.devices}
+    calibrators = {
+        device: stations.get(device, device) for device, spec in qc.devices.items() if spec.check_source is not None
+    }
     generators = [gid for gid, spec in qc.generators.items() if spec.daughter.name == "Ga-68"]
     return ScheduleStage(site, schedule, calibrators, generators)
 
