@@ -319,3 +319,14 @@ def test_procedure_and_baseline_points_name_the_device_and_what_was_done() -> No
     line = message_to_line(baseline)
     assert line.startswith("qc_baseline,device=crc,setting=Tc-99m,site=s,station=st ")
     assert _fields(line)["activity_bq"] == "6500000"
+
+
+def test_a_reading_taken_with_overdue_qc_says_so_in_its_point() -> None:
+    """qc_state and the procedure a measurement or verdict belongs to were dropped on the way to InfluxDB."""
+    reading = reading_message("s", "st", Reading("cal-1", "Tc-99m", 7.4e9, 7.4e9, "Bq", T0, b">7.4000E+09"))
+    marked = Message("reading", reading.topic, reading.payload | {"qc_state": "overdue"})
+    assert _fields(message_to_line(marked))["qc_state"] == '"overdue"'
+    assert "qc_state" not in _fields(message_to_line(reading))
+    verdict = _qc("pass")
+    linked = Message("qc_result", verdict.topic, verdict.payload | {"procedure_id": "a" * 32})
+    assert _fields(message_to_line(linked))["procedure_id"] == f'"{"a" * 32}"'

@@ -65,14 +65,14 @@ SCHEMAS: dict[str, PointSchema] = {
         required_tags=("site", "station", "device"),
         optional_tags=("nuclide",),
         float_fields=("activity_bq", "raw_value"),
-        string_fields=("unit", "quality", "quality_reason"),
+        string_fields=("unit", "quality", "quality_reason", "qc_state"),
     ),
     # One point per measurement at its settle time; `end` says what published it (docs/influxdb.md).
     "measurement": PointSchema(
         required_tags=("site", "station", "device"),
         optional_tags=("nuclide",),
         float_fields=("activity_bq", "sd_bq", "n", "background_bq"),
-        string_fields=("end",),
+        string_fields=("end", "qc_state", "procedure_id"),
     ),
     "measurement_label": PointSchema(
         required_tags=("site", "station", "device"),
@@ -90,7 +90,7 @@ SCHEMAS: dict[str, PointSchema] = {
         required_tags=("site", "station", "device", "test", "verdict"),
         optional_tags=(),
         float_fields=("measured", "expected", "deviation_pct", "value_judged"),
-        string_fields=("unit", "limit", "limit_source", "detail"),
+        string_fields=("unit", "limit", "limit_source", "detail", "procedure_id"),
     ),
     "device_status": PointSchema(
         required_tags=("site", "station", "device"),
