@@ -62,13 +62,13 @@ _CMD_SEQ = HOLDING_REGISTERS["cmd_seq"].address
 
 
 class StationClock:
-    """The station's clock: wall time at start, then running `acceleration` times faster."""
+    """The station's clock: `start_ns` (default: wall time) at start, then running `acceleration` times faster."""
 
-    def __init__(self, acceleration: float = 1.0) -> None:
+    def __init__(self, acceleration: float = 1.0, start_ns: int | None = None) -> None:
         if not acceleration > 0:
             raise ValueError(f"time acceleration must be > 0, got {acceleration!r}")
         self.acceleration = acceleration
-        self._start_ns = time.time_ns()
+        self._start_ns = time.time_ns() if start_ns is None else start_ns
         self._mono0 = time.monotonic_ns()
 
     def now_ns(self) -> int:

@@ -37,9 +37,12 @@ from hotlab.physics.nuclides import Nuclide, get_nuclide
 #: values follow the VIK-202 calibration factor numbers (236 Tc-99m, 762 F-18, 587 Cs-137),
 #: taking the factor as proportional to the response; the scale, 1e-19 A/Bq per factor unit
 #: (about 24 pA/MBq for Tc-99m), is the order of magnitude of an argon-filled well chamber.
+#: Ga-68 has no VIK-202 number here: it is F-18's scaled by the annihilation photons per decay
+#: (beta+ 88.9 % vs 96.7 %, DDEP), the 1077 keV line (3 %) neglected: a model value too.
 DEFAULT_RESPONSE_A_PER_BQ: dict[str, float] = {
     "Tc-99m": 236e-19,
     "F-18": 762e-19,
+    "Ga-68": 762e-19 * 88.9 / 96.7,
     "Cs-137": 587e-19,
 }
 

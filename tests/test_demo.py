@@ -7,6 +7,7 @@ from fixed messages, so a rendering or physics mistake fails without a lab runni
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -38,7 +39,7 @@ from hotlab.controller.messages import (
     reading_message,
     suspect_alarm_message,
 )
-from hotlab.controller.qc.engine import QcConfig, QcEngine
+from hotlab.controller.qc.engine import QcEngine
 from hotlab.drivers.records import ElutionRecord, Reading
 from tests.mosquitto_service import require_mosquitto
 
@@ -47,7 +48,7 @@ SITE = DEMO_LAB.site
 T0 = 1_795_000_000_000_000_000
 
 
-def _hotlab(*args: str, cwd: Path) -> subprocess.Popen[str]:
+def _hotlab(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     """In a process group of its own, so that a failed test can kill the demo's private broker with it."""
     return subprocess.Popen(
         [sys.executable, "-m", "hotlab.controller.cli", *args],
@@ -56,17 +57,19 @@ def _hotlab(*args: str, cwd: Path) -> subprocess.Popen[str]:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         start_new_session=True,
-        env={**os.environ, "COLUMNS": "150"},
+        env={**(os.environ if env is None else env), "COLUMNS": "150"},
     )
 
 
 @pytest.mark.integration
-def test_headless_demo_produces_readings_elutions_and_verdicts(tmp_path: Path) -> None:
+def test_headless_demo_produces_readings_elutions_verdicts_procedures_and_a_review(tmp_path: Path) -> None:
     require_mosquitto()
     # 200x: the Ga-68 station is eluted every 4.5 s and the Tc-99m station every 6 s of wall time, slow
-    # enough for the 1 s station poll to see every elution even on a loaded machine.
+    # enough for the 1 s station poll to see every elution even on a loaded machine. The QC officer's
+    # three procedures take about 7 s each (an empty chamber, then the source in).
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HOTLAB_AUDIT_KEY")}
     process = _hotlab(
-        "demo", "--headless", "--duration", "16", "--acceleration", "200", "--state-dir", "state", cwd=tmp_path
+        "demo", "--headless", "--duration", "35", "--acceleration", "200", "--state-dir", "state", cwd=tmp_path, env=env
     )
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 0, stderr[-3000:]
@@ -99,6 +102,46 @@ def test_headless_demo_produces_readings_elutions_and_verdicts(tmp_path: Path) -
     executed = [r for r in iter_records(audit) if r.action == "elution.start" and r.new_value["outcome"] == "executed"]
     assert len(executed) >= len(elutions)
     assert {(r.actor, r.new_value["authenticated"]) for r in executed} == {("demo-operator", True)}
+
+    # The QC officer's morning: a baseline by command, the daily check recognised from the check source, a
+    # Ge-68 follow-up of an elution >= 48 h old, then both checks approved with a password-checked signature.
+    with HistoryArchive(tmp_path / "state" / "history.sqlite3", read_only=True) as archive:
+        ended = {p["procedure"]: p for p in archive.query("qc_procedure") if p["status"] != "started"}
+        follow_up = archive.query("qc_result", test="ge68_breakthrough")
+    assert {kind: p["status"] for kind, p in ended.items()} == {
+        "baseline": "complete",
+        "daily_constancy": "complete",
+        "ge68_breakthrough": "complete",
+    }, ended
+    assert ended["daily_constancy"]["started_by"] is None and ended["daily_constancy"]["verdict"] == "pass"
+    assert ended["baseline"]["started_by"] == {"user": "demo-qc-officer", "role": "qc_officer"}
+    (breakthrough,) = follow_up
+    elution = next(e for e in elutions if e["msg_id"] == breakthrough["inputs"]["elution_id"])
+    assert breakthrough["time_ns"] - elution["end_ns"] >= 48 * 3600 * 10**9
+    # The station measured the Ge-68 in the eluate at end of elution; 48 h later the chamber reads that Ge-68
+    # (half-life 270.95 d) through its Ga-68, so the re-measurement gives back the station's own figure.
+    assert breakthrough["measured"] == pytest.approx(elution["breakthrough_pct"], rel=0.02)
+    signed = [r for r in iter_records(audit) if r.action == "record.signed"]
+    assert [(r.actor, r.new_value["meaning"]) for r in signed] == [("demo-qc-officer", "approved")]
+    signed_ids = {e["msg_id"] for e in signed[0].new_value["records"]}  # each procedure with its results
+    assert {
+        ended["daily_constancy"]["msg_id"],
+        ended["ge68_breakthrough"]["msg_id"],
+        breakthrough["msg_id"],
+    } <= signed_ids
+    assert "signed    approved by Demo QC Officer" in stdout
+    # ... and the QC officer's report shows the procedures and the signature.
+    day = elution["time"][:10]
+    report = subprocess.run(
+        [sys.executable, "-m", "hotlab.controller.cli", "report", "--from", day, "--to", "2100-01-01",
+         "--archive", "state/history.sqlite3", "--audit", "state/audit.jsonl",
+         "--audit-key-file", "state/audit.key", "--out", "report.html"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+    assert report.returncode == 0, report.stderr
+    html = (tmp_path / "report.html").read_text()
+    assert f'data-msg-id="{ended["daily_constancy"]["msg_id"]}"' in html
+    assert "Demo QC Officer" in html and "approved" in html
 
 
 @pytest.mark.integration
@@ -369,12 +412,17 @@ def test_the_station_mo99_measurement_becomes_a_judged_mo99_reading() -> None:
 
     engine = QcEngine(SITE)
     (verdict,) = engine.process(reading).messages[1:]
-    # 0.006 kBq/MBq grows ~3.5x by the 12 h shelf-life horizon (Tc-99m 6.01 h vs Mo-99 65.9 h): still far below 0.15.
+    # With no administration time it is judged at the assay: 5.7e4 Bq / 9.5e9 Bq = 0.006 kBq/MBq.
     assert verdict.payload["test"] == "mo99_breakthrough" and verdict.payload["verdict"] == "pass"
-    assert 0.015 < verdict.payload["value_judged"] < 0.025
-    over = derive(_tc99m_elution(9.5e9 * 0.10e-3))[0]  # 0.10 kBq/MBq at EOE exceeds 0.15 within 12 h
+    assert verdict.payload["value_judged"] == pytest.approx(0.006)
+    # The ratio grows as exp((ln2/T_Tc - ln2/T_Mo) t) (Tc-99m 6.0067 h, Mo-99 65.94 h): it reaches the
+    # 0.15 kBq/MBq of 10 CFR 35.204(a) after ln(0.15 / 0.006) / (ln2/6.0067 h - ln2/65.94 h) = 30.7 h.
+    growth_per_h = math.log(2) / 6.0067 - math.log(2) / 65.94
+    expiry_h = math.log(0.15 / 0.006) / growth_per_h
+    reached_h = (verdict.payload["limit_reached_ns"] - reading.payload["time_ns"]) / 3.6e12
+    assert reached_h == pytest.approx(expiry_h, rel=2e-3)
+    over = derive(_tc99m_elution(9.5e9 * 0.16e-3))[0]  # 0.16 kBq/MBq at the assay: over the limit already
     assert engine.process(over).messages[1].payload["verdict"] == "fail"
-    assert QcConfig.from_mapping({}).mo99_judge_horizon_h == 12.0
 
 
 @pytest.mark.parametrize(

@@ -25,6 +25,8 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
+import secrets
 import sys
 import time
 from collections import Counter
@@ -36,8 +38,11 @@ from rich.console import Console
 from rich.live import Live
 from rich.logging import RichHandler
 
+from hotlab.controller.audit import KEY_FILE_ENV, load_hmac_key
 from hotlab.controller.config import ConfigError, load_secret
 from hotlab.controller.lab.demo import LabView, render, snapshot_svg, watch_broker
+from hotlab.controller.lab.demo_review import demo_signer
+from hotlab.controller.lab.embedded_broker import write_file
 from hotlab.controller.lab.simulated_lab import (
     BrokerAddress,
     CheckSource,
@@ -65,8 +70,11 @@ DEMO_LAB = SimLab(
         SimCalibrator("qc-calibrator", "vdc404", "qc-lab", "Cs-137", 7.4e6, "tcp"),
     ),
     generators=(
-        # 1.85 GBq (50 mCi) Ge-68, a common clinical size, calibrated a month ago; eluted every 15 min.
-        SimGenerator("ga68-station", "radiochemistry", "ge68", "GE68-DEMO-001", 1.85e9, 30.0, 900.0, 5.0),
+        # 1.85 GBq (50 mCi) Ge-68, a common clinical size, calibrated a month ago; eluted every 15 min. Its clock
+        # starts 3 days behind, so the QC officer can follow up an elution >= 48 h old during the demo.
+        SimGenerator(
+            "ga68-station", "radiochemistry", "ge68", "GE68-DEMO-001", 1.85e9, 30.0, 900.0, 5.0, clock_behind_h=72.0
+        ),
         # 20 GBq Mo-99 (the simulator's nominal size), calibrated 2 days ago; eluted every 20 min.
         SimGenerator("tc99m-station", "hotcell-1", "mo99", "MO99-DEMO-001", 20e9, 2.0, 1200.0, 10.0),
     ),
@@ -74,6 +82,7 @@ DEMO_LAB = SimLab(
     check_source=CheckSource("cs137-check", "qc-calibrator", "Cs-137", 7.4e6),
     acceleration=60.0,
     calibrator_acceleration=60.0,
+    qc_officer=True,
 )
 
 
@@ -201,7 +210,9 @@ async def _run_lab(
     loop = asyncio.get_running_loop()
     state_dir: Path = args.state_dir
     audit_path = state_dir / "audit.jsonl"
-    async with simulated_lab(state_dir, lab, broker=broker, influx=influx, audit_path=audit_path) as config:
+    key = await asyncio.to_thread(_audit_key, state_dir)
+    sign = await asyncio.to_thread(demo_signer, state_dir, audit_path, state_dir / "history.sqlite3", key)
+    async with simulated_lab(state_dir, lab, broker=broker, influx=influx, audit_path=audit_path, sign=sign) as config:
         from hotlab.controller.qc.stage import qc_stage_for
 
         service = ControllerService(
@@ -244,7 +255,54 @@ async def _run_lab(
                     snapshot.cancel()
                 await asyncio.gather(snapshot, return_exceptions=True)
         if args.headless:
-            print(await asyncio.to_thread(summary, view, config.history_path, time.monotonic() - started, audit_path))
+            wall_s = time.monotonic() - started
+            print(await asyncio.to_thread(summary, view, config.history_path, wall_s, audit_path, key))
+
+
+def _audit_key(state_dir: Path) -> bytes:
+    """The audit trail's HMAC key: the one configured, else the demo's own (state_dir/audit.key, made once).
+
+    Signatures need a keyed trail (controller/signatures.py). The controller reads the key from the
+    environment, so the demo's own key file is put there for this process and its controller.
+    """
+    key = load_hmac_key()
+    if key is not None:
+        return key
+    path = state_dir / "audit.key"
+    if not path.is_file():
+        state_dir.mkdir(parents=True, exist_ok=True)
+        write_file(path, secrets.token_hex(32) + "\n", private=True)
+    os.environ[KEY_FILE_ENV] = str(path.resolve())
+    key = load_hmac_key()
+    assert key is not None
+    return key
+
+
+def _review_lines(history_path: Path, audit_path: Path, key: bytes | None) -> list[str]:
+    """Each ended QC procedure (who started it), the signatures that count, and how many records await review."""
+    from hotlab.controller.archive import HistoryArchive
+    from hotlab.controller.signatures import awaiting_review, read_signatures
+
+    ledger = read_signatures(audit_path, key) if audit_path.is_file() else None
+    signatures = [] if ledger is None else ledger.valid
+    with HistoryArchive(history_path, read_only=True) as archive:
+        ended = [p for p in archive.query("qc_procedure") if p["status"] != "started"]
+        pending = awaiting_review(archive, signatures)
+    lines = []
+    for procedure in ended:
+        by = procedure["started_by"]
+        who = "recognised" if by is None else f"started by {by['user']}"
+        lines.append(
+            f"  procedure {procedure['procedure']:<18} {procedure['status']:<10} {procedure['verdict'] or '-':<5} "
+            f"{who} ({procedure['msg_id']})"
+        )
+    for signature in signatures:
+        lines.append(
+            f"  signed    {signature.meaning} by {signature.printed_name} ({signature.signer}), {signature.time}: "
+            f"{len(signature.records)} record(s)"
+        )
+    lines.append(f"  review    {len(pending)} record(s) await review: hotlab review list")
+    return lines
 
 
 async def _snapshot_on_stop(view: LabView, stop: asyncio.Event, path: Path) -> None:
@@ -269,8 +327,9 @@ async def _run_live(service: ControllerService, view: LabView, stop: asyncio.Eve
         await task
 
 
-def summary(view: LabView, history_path: Path | None, wall_s: float, audit_path: Path) -> str:
-    """The headless end-of-run summary: what the archive holds, and each device's last state."""
+def summary(view: LabView, history_path: Path | None, wall_s: float, audit_path: Path, key: bytes | None) -> str:
+    """The headless end-of-run summary: what the archive holds, the QC procedures and their review, and
+    each device's last state."""
     lines = [f"hotlab demo summary (site {view.site}, {wall_s:.0f} s wall, stations at {view.acceleration:g}x)"]
     if history_path is not None and history_path.is_file():
         from hotlab.controller.archive import HistoryArchive
@@ -295,6 +354,7 @@ def summary(view: LabView, history_path: Path | None, wall_s: float, audit_path:
                 f"{float(elution['activity_bq']) / 1e6:.1f} MBq {elution['nuclide']}, yield "
                 f"{'-' if yield_pct is None else f'{float(yield_pct):.1f} %'}"
             )
+        lines += _review_lines(history_path, audit_path, key)
     else:
         lines.append("  no history archive was written")
     for name, row in sorted(view.devices.items()):

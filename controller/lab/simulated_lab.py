@@ -44,6 +44,7 @@ import aiomqtt
 from hotlab.controller.config import LabConfig, SerialTransport, parse_config
 from hotlab.controller.lab.embedded_broker import write_file
 from hotlab.controller.lab.private_broker import PrivateBroker
+from hotlab.controller.lab.qc_officer import QcOfficer, Sign
 from hotlab.controller.messages import MSG_ID_NAMESPACE, Message, iso_utc, reading_message
 from hotlab.drivers.modbus_links import describe_link
 from hotlab.drivers.records import Reading
@@ -55,6 +56,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("hotlab.simulated_lab")
 
 SECONDS_PER_DAY = 86_400
+#: `[device.plausibility]` of the QC officer's calibrator: its simulated electrometer reads to 0.1 Bq, so an
+#: empty chamber is at most 100 Bq instead of the 37 kBq default, and the Ge-68 left in a 48 h old eluate
+#: (a few hundred Bq) is a measurement. A real dose calibrator does not read that low: a lab measures
+#: Ge-68 breakthrough in a well counter, or with a larger part of the eluate (docs/qc.md).
+LOW_LEVEL_CHAMBER = {"background_bq": 100.0, "noise_floor_bq": 20.0}
 #: How often the lab's calibrators are polled (and how often the VDC-404 streams a line): several
 #: readings settle a measurement within the few seconds a source spends in the chamber.
 CALIBRATOR_POLL_S = 0.5
@@ -85,6 +91,9 @@ class SimGenerator:
     column_age_days: float
     elution_every_s: float
     volume_ml: float
+    #: The station's clock starts this many hours behind the wall clock (and catches up at its speed), so
+    #: its first elutions are old enough for a Ge-68 follow-up (>= 48 h) while the demo runs.
+    clock_behind_h: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +120,9 @@ class SimLab:
     #: The first empty spell lets the controller see the empty chamber before the first insertion.
     chamber_empty_s: float = 3.0
     chamber_loaded_s: float = 4.0
+    #: With a broker, a simulated QC officer (controller/lab/qc_officer.py) loads the check source's
+    #: calibrator by hand instead of the routine: a baseline, the daily check, a Ge-68 follow-up, a review.
+    qc_officer: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,11 +160,13 @@ async def simulated_lab(
     broker: BrokerAddress | None = None,
     influx: Mapping[str, Any] | None = None,
     audit_path: Path | None = None,
+    sign: Sign | None = None,
 ) -> AsyncIterator[LabConfig]:
     """Start the simulators (and a private broker unless `broker` is given); yield the config for them.
 
     `influx` is an [influx] table (controller/config.py) to add the InfluxDB sink;
-    `audit_path` is where the controller audits control commands (default `<state_dir>/audit.jsonl`).
+    `audit_path` is where the controller audits control commands (default `<state_dir>/audit.jsonl`);
+    `sign` is how the lab's QC officer signs the procedures they ran (`lab.qc_officer`; None: not signed).
     """
     from hotlab.controller.lab.embedded_broker import BrokerUnavailable
 
@@ -176,9 +190,16 @@ async def simulated_lab(
                     exc,
                     workdir / "outbox.sqlite3",
                 )
-        devices = [
-            await _start_calibrator(stack, calibrator, index, lab) for index, calibrator in enumerate(lab.calibrators)
-        ]
+        by_hand = lab.qc_officer and mqtt is not None and lab.check_source is not None
+        chambers: dict[str, IonChamber] = {}
+        devices = []
+        for index, calibrator in enumerate(lab.calibrators):
+            chamber = _chamber(calibrator, index, lab, by_hand=by_hand)
+            chambers[calibrator.name] = chamber
+            device = await _start_calibrator(stack, calibrator, chamber, index)
+            if by_hand and lab.check_source is not None and calibrator.name == lab.check_source.device:
+                device["plausibility"] = LOW_LEVEL_CHAMBER
+            devices.append(device)
         now_ns = time.time_ns()
         console = (
             None
@@ -187,9 +208,12 @@ async def simulated_lab(
         )
         generators: dict[str, Any] = {}
         for generator in lab.generators:
-            cal_ns = now_ns - int(generator.column_age_days * SECONDS_PER_DAY * NS_PER_S)
-            last_elution_ns = now_ns - SECONDS_PER_DAY * NS_PER_S  # yesterday's elution
-            address = await _start_station(stack, generator, cal_ns, last_elution_ns, lab.acceleration, console)
+            station_ns = now_ns - int(generator.clock_behind_h * 3600 * NS_PER_S)
+            cal_ns = station_ns - int(generator.column_age_days * SECONDS_PER_DAY * NS_PER_S)
+            last_elution_ns = station_ns - SECONDS_PER_DAY * NS_PER_S  # the day before the station's clock starts
+            address = await _start_station(
+                stack, generator, cal_ns, last_elution_ns, lab.acceleration, console, station_ns
+            )
             devices.append(
                 {
                     "name": generator.device,
@@ -216,7 +240,10 @@ async def simulated_lab(
                     "certificate": "simulated",
                 }
             }
-            qc["devices"] = {source.device: {"check_source": source.source_id}}
+            # A Ge-68 re-measurement subtracts one background value, so it needs the chamber's detectable
+            # level: its empty-chamber level, where it has one (LOW_LEVEL_CHAMBER).
+            detectable = LOW_LEVEL_CHAMBER["background_bq"] if lab.qc_officer else 0.0
+            qc["devices"] = {source.device: {"check_source": source.source_id, "minimum_detectable_bq": detectable}}
         document: dict[str, Any] = {
             "site": {"name": lab.site},
             "device": devices,
@@ -231,12 +258,24 @@ async def simulated_lab(
             token_file = workdir / "operator.token"
             await asyncio.to_thread(write_file, token_file, console.token + "\n", private=True)
             document["operator"] = [{"name": console.user, "role": "operator", "token_file": str(token_file.resolve())}]
+        officer: QcOfficer | None = None
+        if by_hand:
+            assert mqtt is not None and lab.check_source is not None
+            officer = _qc_officer(lab, lab.check_source, mqtt, chambers[lab.check_source.device], now_ns, sign)
+            token_file = workdir / "qc-officer.token"
+            await asyncio.to_thread(write_file, token_file, officer.token + "\n", private=True)
+            document["operator"].append(
+                {"name": officer.user, "role": "qc_officer", "token_file": str(token_file.resolve())}
+            )
         if audit_path is not None:
             document["commands"] = {"audit_path": str(audit_path.resolve())}
         if influx is not None:
             document["influx"] = dict(influx)
         config = parse_config(document, file=f"<{lab.site}>", base_dir=workdir.resolve())
         announce(config, lab, private_broker=broker is None)
+        if officer is not None:
+            task = asyncio.create_task(officer.work(), name="simulated-qc-officer")
+            stack.push_async_callback(cancel_and_wait, task)
         yield config
 
 
@@ -246,16 +285,29 @@ def _parent_nuclide(generator: SimGenerator) -> str:
     return get_profile(generator.profile).parent
 
 
+def _qc_officer(
+    lab: SimLab, check: CheckSource, mqtt: Mapping[str, Any], chamber: IonChamber, now_ns: int, sign: Sign | None
+) -> QcOfficer:
+    from hotlab.physics.nuclides import get_nuclide
+    from hotlab.simulators.source import Source
+
+    station = next(c.station for c in lab.calibrators if c.name == check.device)
+    ga68 = next((g.generator_id for g in lab.generators if g.profile == "ge68"), None)
+    source = Source(get_nuclide(check.nuclide), check.activity_bq, chamber.clock.now_ns())
+    return QcOfficer(
+        mqtt["host"], mqtt["port"], lab.site, station, check.device, "demo-qc-officer", secrets.token_hex(16),
+        chamber, source, check.source_id, ga68, sign,
+    )  # fmt: skip
+
+
 async def _start_calibrator(
-    stack: contextlib.AsyncExitStack, calibrator: SimCalibrator, seed: int, lab: SimLab
+    stack: contextlib.AsyncExitStack, calibrator: SimCalibrator, chamber: IonChamber, seed: int
 ) -> dict[str, Any]:
     from hotlab.simulators.calibrator_cli import CALIBRATOR_SIMULATORS
     from hotlab.simulators.faults import FaultInjector
     from hotlab.simulators.serial_host import PtyHost, Rfc2217Host, TcpHost
 
-    model = CALIBRATOR_SIMULATORS[calibrator.family](
-        _routine_chamber(calibrator, seed, lab), FaultInjector(seed=seed), interval_s=CALIBRATOR_POLL_S
-    )
+    model = CALIBRATOR_SIMULATORS[calibrator.family](chamber, FaultInjector(seed=seed), interval_s=CALIBRATOR_POLL_S)
     host = {"pty": PtyHost, "tcp": TcpHost, "rfc2217": Rfc2217Host}[calibrator.host](model)
     address = await host.start()
     stack.push_async_callback(host.stop)
@@ -269,22 +321,28 @@ async def _start_calibrator(
     }
 
 
-def _routine_chamber(calibrator: SimCalibrator, seed: int, lab: SimLab) -> IonChamber:
+def _chamber(calibrator: SimCalibrator, seed: int, lab: SimLab, *, by_hand: bool) -> IonChamber:
     """The calibrator's chamber, empty at first, then loaded and emptied on the lab's routine.
 
     The source is the calibrator's dose, or the check source on the calibrator it is assigned to;
-    one vial, decaying from the lab's start however often it goes in and out.
+    one vial, decaying from the lab's start however often it goes in and out. With `by_hand` the
+    check source's calibrator has no routine: the QC officer loads it (controller/lab/qc_officer.py).
     """
+    from hotlab.controller.lab.qc_officer import ge68_responses
     from hotlab.physics.nuclides import get_nuclide
-    from hotlab.simulators.source import ChamberSchedule, IonChamber, SimClock, Source
+    from hotlab.simulators.source import DEFAULT_RESPONSE_A_PER_BQ, ChamberSchedule, IonChamber, SimClock, Source
 
     check = lab.check_source
+    checked_here = check is not None and check.device == calibrator.name
     nuclide, activity_bq = (
         (check.nuclide, check.activity_bq)
-        if check is not None and check.device == calibrator.name
+        if check is not None and checked_here
         else (calibrator.nuclide, calibrator.activity_bq)
     )
     clock = SimClock(lab.calibrator_acceleration)
+    if by_hand and checked_here:
+        responses = ge68_responses(DEFAULT_RESPONSE_A_PER_BQ)
+        return IonChamber(None, clock=clock, selected_nuclide=nuclide, seed=seed, responses=responses)
     start_ns = clock.now_ns()
     empty_ns, loaded_ns = (
         int(s * lab.calibrator_acceleration * NS_PER_S) for s in (lab.chamber_empty_s, lab.chamber_loaded_s)
@@ -303,8 +361,9 @@ async def _start_station(
     last_elution_ns: int,
     acceleration: float,
     console: OperatorConsole | None,
+    station_ns: int,
 ) -> dict[str, Any]:
-    """A generator station on Modbus TCP, and an operator who starts elutions on its schedule."""
+    """A generator station on Modbus TCP (its clock at `station_ns` now), and an operator who elutes on its schedule."""
     from hotlab.simulators.elution_station import (
         ElutionStationSimulator,
         StationClock,
@@ -320,7 +379,7 @@ async def _start_station(
         cal_time_ns=cal_ns,
         last_elution_ns=last_elution_ns,
     )
-    model = StationModel(column, StationClock(acceleration), StationIdentity(serial=generator.generator_id))
+    model = StationModel(column, StationClock(acceleration, station_ns), StationIdentity(serial=generator.generator_id))
     simulator = ElutionStationSimulator(model)
     host, port = await simulator.start_tcp("127.0.0.1", 0)
     stack.push_async_callback(simulator.stop)
