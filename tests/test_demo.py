@@ -510,3 +510,36 @@ def test_an_elution_counter_reset_alarm_is_shown_as_an_alarm() -> None:
     alarm = counter_reset_alarm_message(SITE, "ga68-generator", record, elution_id=elution_msg_id(record))
     view.apply(alarm.topic, _payload_bytes(alarm))
     assert view.alarms[-1].text == "GE68-DEMO-001: elution counter started again (counter 7 -> 1)"
+
+
+def test_the_live_view_shows_what_qc_is_due_and_the_procedures_and_alarms_once_when_overdue() -> None:
+    from hotlab.controller.messages import qc_procedure_message
+    from hotlab.controller.qc.schedule import ItemStatus
+    from hotlab.controller.qc.schedule_stage import qc_status_message
+
+    view = LabView(SITE, "127.0.0.1:1883", 60.0, connected=True)
+
+    def status(state: str, time_ns: int) -> None:
+        item = ItemStatus(
+            "qc-calibrator", "qc-lab", "daily_constancy", "constancy", state, T0, T0 + 8 * 3600 * 10**9,  # type: ignore[arg-type]
+            None, None, None, None, f"daily constancy {state}",
+        )  # fmt: skip
+        message = qc_status_message(SITE, item, time_ns)
+        view.apply(message.topic, _payload_bytes(message))
+
+    status("due", T0)
+    status("overdue", T0 + 1)
+    status("overdue", T0 + 2)  # the same state again (a restart republishes it): no second alarm
+    procedure = qc_procedure_message(
+        SITE, "qc-lab", "qc-calibrator", procedure_id="b" * 32, procedure="daily_constancy", status="complete",
+        started_by=None, started_ns=T0, ended_ns=T0 + 60 * 10**9, source_id="cs137-check", elution_id=None,
+        generator=None, reason=None, settings=["Cs-137"], verdict="pass", results=[], measurements=[],
+        detail="constancy judged on 1 setting(s): Cs-137",
+    )  # fmt: skip
+    view.apply(procedure.topic, _payload_bytes(procedure))
+    console = Console(record=True, width=150, color_system="truecolor", force_terminal=True)
+    console.print(render(view))
+    text = console.export_text()
+    assert "QC due" in text and "daily_constancy" in text and "OVERDUE" in text
+    assert "QC procedures" in text and "recognised" in text and "PASS" in text
+    assert [a.text for a in view.alarms] == ["qc-calibrator: QC daily_constancy OVERDUE (daily constancy overdue)"]

@@ -33,6 +33,7 @@ from hotlab.physics.units import format_activity
 log = logging.getLogger("hotlab.demo")
 
 VERDICT_STYLE = {"pass": "bold green", "warn": "bold yellow", "fail": "bold red"}
+STATE_STYLE = {"done": "green", "due": "yellow", "overdue": "bold red", "failed": "bold red"}
 #: Marks a suspect reading's activity (the reading is shown as read: nothing is hidden).
 SUSPECT_MARK = "⚠"
 #: How many msg_ids to remember for de-duplication: far more than the MQTT sink's in-flight window.
@@ -80,6 +81,10 @@ class LabView:
     #: the morning's elution verdicts off the screen.
     verdicts: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     alarms: deque[Alarm] = field(default_factory=lambda: deque(maxlen=6))
+    #: Every QC schedule item's latest state (retained qc_status), keyed by (device, item).
+    schedule: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    #: The latest QC procedures, newest first, each as its latest record (start, then end).
+    procedures: OrderedDict[str, dict[str, Any]] = field(default_factory=OrderedDict)
     counts: Counter[str] = field(default_factory=Counter)
     verdict_counts: Counter[str] = field(default_factory=Counter)
     rejected: int = 0
@@ -164,6 +169,26 @@ class LabView:
                 )
             )
 
+    def _on_qc_status(self, payload: dict[str, Any]) -> None:
+        key = (str(payload["device"]), str(payload["item"]))
+        state = str(payload["state"])
+        if state not in STATE_STYLE:
+            raise ValueError("state")
+        previous = self.schedule.get(key)
+        self.schedule[key] = payload
+        if payload["alarm"] and (previous is None or previous["state"] != state):
+            self.alarms.append(
+                Alarm(int(payload["time_ns"]), "fail", f"{key[0]}: QC {key[1]} {state.upper()} ({payload['detail']})")
+            )
+
+    def _on_qc_procedure(self, payload: dict[str, Any]) -> None:
+        procedure_id = str(payload["procedure_id"])
+        self.procedures.pop(procedure_id, None)
+        self.procedures[procedure_id] = payload
+        self.procedures.move_to_end(procedure_id, last=False)
+        while len(self.procedures) > 6:
+            self.procedures.popitem()
+
     def _on_controller_alarm(self, payload: dict[str, Any]) -> None:
         if not payload["active"]:
             return
@@ -193,6 +218,8 @@ _HANDLERS = {
     "measurement_label": LabView._on_measurement_label,
     "elution": LabView._on_elution,
     "qc_result": LabView._on_qc,
+    "qc_status": LabView._on_qc_status,
+    "qc_procedure": LabView._on_qc_procedure,
     "controller_alarm": LabView._on_controller_alarm,
     "controller_status": LabView._on_controller_status,
 }
@@ -224,13 +251,15 @@ async def watch_broker(view: LabView, host: str, port: int, *, subscribed: async
 
 
 def render(view: LabView) -> RenderableType:
-    """The whole screen: header; devices beside activities; measurements; elutions; QC verdicts beside alarms."""
+    """The whole screen: header; devices beside activities; measurements; elutions; QC verdicts beside alarms;
+    what QC is due beside the QC procedures."""
     return Group(
         _header(view),
         _side_by_side(_devices(view), _activities(view), (3, 2)),
         _measurements(view),
         _elutions(view),
         _side_by_side(_verdicts(view), _alarms(view), (3, 2)),
+        _side_by_side(_schedule(view), _procedures(view), (2, 3)),
     )
 
 
@@ -356,6 +385,34 @@ def _verdicts(view: LabView) -> Table:
     return table
 
 
+def _schedule(view: LabView) -> Table:
+    table = Table(title="QC due (schedule)", title_justify="left", expand=True)
+    for name in ("device", "item", "state", "due"):
+        table.add_column(name, no_wrap=True, overflow="ellipsis", ratio=1 if name == "item" else None)
+    for (device, item), status in sorted(view.schedule.items()):
+        state = str(status["state"])
+        table.add_row(device, item, Text(state.upper(), STATE_STYLE[state]), _day_clock(status.get("due_ns")))
+    return table
+
+
+def _procedures(view: LabView) -> Table:
+    table = Table(title="QC procedures", title_justify="left", expand=True)
+    for name in ("started", "device", "procedure", "status", "verdict", "by"):
+        table.add_column(name, no_wrap=True, overflow="ellipsis")
+    for procedure in view.procedures.values():
+        verdict = procedure.get("verdict")
+        started_by = procedure.get("started_by")
+        table.add_row(
+            _clock(procedure.get("started_ns")),
+            str(procedure["device"]),
+            str(procedure["procedure"]),
+            str(procedure["status"]),
+            Text(str(verdict).upper(), VERDICT_STYLE.get(str(verdict), "")) if verdict else "-",
+            "recognised" if started_by is None else str(started_by.get("user", "?")),
+        )
+    return table
+
+
 def _alarms(view: LabView) -> Panel:
     if not view.alarms:
         return Panel(Text("none", "green"), title="Alarms", title_align="left", border_style="green")
@@ -379,9 +436,17 @@ def _judged(result: dict[str, Any]) -> str:
     value = result.get("value_judged")
     limit_values = result.get("limit_values") or {}
     if value is None:
-        return f"{float(result['deviation_pct']):+.2f} %"
+        deviation = result.get("deviation_pct")
+        return "-" if deviation is None else f"{float(deviation):+.2f} %"
     sign = "+" if limit_values.get("kind") == "tolerance" else ""
     return f"{float(value):{sign}.4g} {limit_values.get('unit', '')}".strip()
+
+
+def _day_clock(time_ns: Any) -> str:
+    """A due time can be days away (a quarterly test): the date too."""
+    if not isinstance(time_ns, int):
+        return "-"
+    return datetime.fromtimestamp(time_ns / 1e9, tz=UTC).strftime("%m-%d %H:%M")
 
 
 def _clock(time_ns: Any) -> str:
