@@ -34,6 +34,8 @@ from hotlab.controller.messages import (
     suspect_alarm_message,
 )
 from hotlab.controller.outbox import AsyncOutbox, Outbox
+from hotlab.controller.qc.schedule import ItemStatus, State
+from hotlab.controller.qc.schedule_stage import qc_status_message
 from hotlab.controller.sinks.influx import InfluxConfig, InfluxSink
 from hotlab.drivers.records import ElutionRecord, Reading
 from hotlab.physics.units import from_bq
@@ -292,6 +294,10 @@ def _calibrator_qc(station: Station, rng: random.Random) -> list[Message]:
                 "Cs-137 check source",
             )
         )
+        # The schedule's daily item: due from midnight, then done, or failed by a failing check (10 %).
+        midnight_ns = RUN_START_NS + day * 24 * HOUR_NS
+        out.append(_daily_status(station, "due", midnight_ns, midnight_ns))
+        out.append(_daily_status(station, "failed" if abs(deviation) > 10 else "done", midnight_ns, time_ns + 10**9))
     # A linearity test on day 1: the same Tc-99m vial measured every 6 h as it decays.
     vial_bq, start_ns = 30e9, RUN_START_NS + 6 * HOUR_NS
     for step in range(6):
@@ -310,6 +316,14 @@ def _calibrator_qc(station: Station, rng: random.Random) -> list[Message]:
             )
         )
     return out
+
+
+def _daily_status(station: Station, state: State, due_ns: int, time_ns: int) -> Message:
+    item = ItemStatus(
+        station.calibrator, station.name, "daily_constancy", "constancy", state, due_ns, due_ns + 8 * HOUR_NS,
+        time_ns if state == "done" else None, None, None, None, f"daily constancy {state}",
+    )  # fmt: skip
+    return qc_status_message(SITE, item, time_ns)
 
 
 def _device_statuses(rng: random.Random) -> list[Message]:
@@ -419,7 +433,7 @@ def _resolve_variables(dashboard: dict[str, Any], run: LabRun, server: InfluxSer
 
 
 def test_the_whole_run_is_stored(lab_run: LabRun, influx_server: InfluxService) -> None:
-    for kind in ("reading", "measurement", "elution", "qc_result", "device_status", "controller_alarm"):
+    for kind in ("reading", "measurement", "elution", "qc_result", "device_status", "controller_alarm", "qc_status"):
         [row] = influx_server.rows(f'SELECT count("msg_id") FROM "{kind}"', lab_run.database)
         assert row["count"] == sum(m.kind == kind for m in lab_run.messages), kind
 
@@ -463,6 +477,17 @@ def test_alarm_panels_show_exactly_the_injected_faults(lab_run: LabRun, influx_s
     assert all(r["detail"] == "no reply within 2.0 s" for r in offline)
     online = _panel_rows("lab-overview", "Devices online", lab_run, influx_server)
     assert len(online) == 4 and all(r["last"] == 1 for r in online)  # the outage ended
+
+
+def test_the_qc_schedule_panel_shows_each_items_latest_state(lab_run: LabRun, influx_server: InfluxService) -> None:
+    """A constancy over 10 % on the last day failed that day's check (state 3); the other items are done (0)."""
+    rows = _panel_rows("alarms", "QC schedule", lab_run, influx_server)
+    states = {(r["device"], r["item"]): r["state"] for r in rows}
+    last_day = RUN_DAYS - 1
+    assert states == {
+        (s.calibrator, "daily_constancy"): 3 if abs(INJECTED_QC.get((s.calibrator, last_day), 0.0)) > 10 else 0
+        for s in STATIONS
+    }
 
 
 def test_quality_panels_show_exactly_the_suspect_readings_and_their_alarm(
