@@ -351,25 +351,29 @@ _ARGS: dict[str, tuple[frozenset[str], ...]] = {
         frozenset({"measurement_id", "label", "reference_source"}),
         frozenset({"measurement_id", "label", "prescribed_activity", "administration_time"}),
     ),
-    # A daily check or a baseline of the calibrator's check source; a Ge-68 follow-up of an elution;
-    # a linearity series on one setting (docs/qc.md, "Procedures").
-    "start_qc": (
-        frozenset({"procedure", "source"}),
-        frozenset({"procedure", "elution_id"}),
-        frozenset({"procedure", "nuclide"}),
-    ),
     "end_qc": (frozenset(), frozenset({"procedure"})),
 }
-#: The argument each start_qc procedure names its subject with.
-_START_QC_SUBJECT = {
-    "daily_constancy": "source",
-    "baseline": "source",
-    "ge68_breakthrough": "elution_id",
-    "linearity": "nuclide",
+#: What each start_qc procedure is about besides its name: (required, optional) arguments. A daily check
+#: or a baseline of the calibrator's check source; a linearity series (decay or sleeves) on one setting;
+#: the geometries of a geometry test, the reference first; a Ga-68 identity, of an elution if named;
+#: a Ge-68 follow-up of an elution (docs/qc.md, "Procedures").
+_START_QC_ARGS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
+    "daily_constancy": (frozenset({"source"}), frozenset()),
+    "baseline": (frozenset({"source"}), frozenset()),
+    "linearity": (frozenset({"nuclide"}), frozenset()),
+    "sleeve_linearity": (frozenset({"nuclide"}), frozenset()),
+    "geometry": (frozenset({"nuclide", "geometries"}), frozenset()),
+    "ga68_half_life": (frozenset(), frozenset({"elution_id"})),
+    "ge68_breakthrough": (frozenset({"elution_id"}), frozenset()),
 }
+#: A geometry test compares the reference with at most this many other volumes or containers.
+MAX_GEOMETRIES = 12
+MAX_GEOMETRY_LABEL_CHARS = 64
 
 
 def _parse_args(action: str, args: dict[str, Any]) -> dict[str, Any]:
+    if action == "start_qc":
+        return _start_qc_args(args)
     accepted = _ARGS.get(action, (frozenset(),))
     if frozenset(args) not in accepted:
         wanted = " | ".join(", ".join(sorted(keys)) or "none (use {})" for keys in accepted)
@@ -409,45 +413,76 @@ def _parse_args(action: str, args: dict[str, Any]) -> dict[str, Any]:
                 _string(args, "administration_time", 64, where="args.administration_time"), "args.administration_time"
             )
         return parsed
-    if action == "start_qc":
-        return _start_qc_args(args)
     if action == "end_qc":
         return {"procedure": _procedure_name(args)} if "procedure" in args else {}
     return {}
 
 
 def _procedure_name(args: Mapping[str, Any]) -> str:
+    if "procedure" not in args:
+        raise MalformedCommand(f"args.procedure is missing: one of {', '.join(_START_QC_ARGS)}")
     procedure = _string(args, "procedure", 32, where="args.procedure")
-    if procedure not in _START_QC_SUBJECT:
-        raise MalformedCommand(
-            f"args.procedure must be one of: {', '.join(_START_QC_SUBJECT)}; got {_brief(procedure)}"
-        )
+    if procedure not in _START_QC_ARGS:
+        raise MalformedCommand(f"args.procedure must be one of: {', '.join(_START_QC_ARGS)}; got {_brief(procedure)}")
     return procedure
 
 
 def _start_qc_args(args: Mapping[str, Any]) -> dict[str, Any]:
-    """The procedure and the one subject it needs: a check source, an elution's msg_id, or a nuclide setting."""
+    """The procedure and what it is about (`_START_QC_ARGS`): a check source, a nuclide setting, the
+    geometries, an elution's msg_id."""
     from hotlab.physics.nuclides import UnknownNuclideError, get_nuclide
 
     procedure = _procedure_name(args)
-    subject = _START_QC_SUBJECT[procedure]
-    if subject not in args:
-        raise MalformedCommand(f"start_qc of {procedure} needs args.{subject} (and only that besides procedure)")
-    if subject == "elution_id":
+    required, optional = _START_QC_ARGS[procedure]
+    given = frozenset(args) - {"procedure"}
+    if not required <= given <= required | optional:
+        needs = ", ".join(f"args.{key}" for key in sorted(required)) or "no argument besides procedure"
+        extra = f" (args.{', args.'.join(sorted(optional))} optional)" if optional else " and nothing else"
+        raise MalformedCommand(f"start_qc of {procedure} needs {needs}{extra}; got: {', '.join(sorted(args))}")
+    parsed: dict[str, Any] = {"procedure": procedure}
+    if "source" in args:
+        source = _string(args, "source", 64, where="args.source")
+        if not source.strip() or _has_control_chars(source):
+            raise MalformedCommand("args.source must be text without control characters, not only spaces")
+        parsed["source"] = source
+    if "nuclide" in args:
+        text = _string(args, "nuclide", 32, where="args.nuclide")
+        try:
+            parsed["nuclide"] = get_nuclide(text).name
+        except UnknownNuclideError as exc:
+            raise MalformedCommand(f"args.nuclide: {exc}") from None
+    if "geometries" in args:
+        parsed["geometries"] = _geometries(args["geometries"])
+    if "elution_id" in args:
         elution_id = _string(args, "elution_id", 32, where="args.elution_id")
         if not _MEASUREMENT_ID.match(elution_id):
             raise MalformedCommand("args.elution_id must be an elution's msg_id: 32 lower-case hex digits")
-        return {"procedure": procedure, "elution_id": elution_id}
-    if subject == "nuclide":
-        text = _string(args, "nuclide", 32, where="args.nuclide")
-        try:
-            return {"procedure": procedure, "nuclide": get_nuclide(text).name}
-        except UnknownNuclideError as exc:
-            raise MalformedCommand(f"args.nuclide: {exc}") from None
-    source = _string(args, "source", 64, where="args.source")
-    if not source.strip() or _has_control_chars(source):
-        raise MalformedCommand("args.source must be text without control characters, not only spaces")
-    return {"procedure": procedure, "source": source}
+        parsed["elution_id"] = elution_id
+    return parsed
+
+
+def _geometries(value: Any) -> list[str]:
+    """The geometry labels of a geometry test, the reference first: 2 to 1 + MAX_GEOMETRIES distinct texts."""
+    if not isinstance(value, list) or not 2 <= len(value) <= MAX_GEOMETRIES + 1:
+        got = f"{len(value)} item(s)" if isinstance(value, list) else _json_type(value)
+        raise MalformedCommand(
+            f"args.geometries must list the reference geometry and 1 to {MAX_GEOMETRIES} others, "
+            f'e.g. ["vial 10 mL", "syringe 3 mL"]; got {got}'
+        )
+    labels: list[str] = []
+    for index, item in enumerate(value):
+        where = f"args.geometries[{index}]"
+        if not isinstance(item, str):
+            raise MalformedCommand(f"{where} must be a geometry's name, got {_json_type(item)}")
+        label = item.strip()
+        if not label or _has_control_chars(label) or len(label) > MAX_GEOMETRY_LABEL_CHARS:
+            raise MalformedCommand(
+                f"{where} must be 1-{MAX_GEOMETRY_LABEL_CHARS} characters without control characters, not only spaces"
+            )
+        if label in labels:
+            raise MalformedCommand(f"{where}: geometry {label!r} is listed twice")
+        labels.append(label)
+    return labels
 
 
 def _moment_ns(text: str, where: str) -> int:

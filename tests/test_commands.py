@@ -34,6 +34,7 @@ from hotlab.controller.commands import (
     command_topic_filter,
     parse_command,
     parse_topic,
+    role_key,
 )
 from hotlab.controller.config import (
     DEFAULT_MIN_ROLE,
@@ -892,11 +893,54 @@ def test_start_qc_and_end_qc_are_parsed_strictly_and_a_baseline_needs_a_qc_offic
     with pytest.raises(Unauthorised, match=r"may not run start_qc \(qc_baseline\); it needs qc_officer"):
         authoriser.authorise(baseline)
     for args, problem in (
-        ({"procedure": "baseline"}, "args of start_qc must be one of"),
+        ({"procedure": "baseline"}, "start_qc of baseline needs args.source and nothing else; got: procedure"),
         ({"procedure": "daily_constancy", "elution_id": "a" * 32}, "start_qc of daily_constancy needs args.source"),
         ({"procedure": "ge68_breakthrough", "elution_id": "12"}, "args.elution_id must be an elution's msg_id"),
-        ({"procedure": "geometry", "source": "X"}, "args.procedure must be one of"),
+        ({"procedure": "constancy", "source": "X"}, "args.procedure must be one of"),
+        ({"source": "X"}, "args.procedure is missing"),
         ({"procedure": "linearity", "nuclide": "Xx-1"}, "args.nuclide"),
     ):
         with pytest.raises(MalformedCommand, match=problem):
             qc("start_qc", "bob", BOB_TOKEN, args)
+
+
+def test_start_qc_of_geometry_sleeves_and_ga68_identity_parse_and_match_the_schema(tokens: None) -> None:
+    """The geometries are listed reference first; sleeves come from the config; a half-life may name its elution."""
+    schema = json.loads((SCHEMAS / "command.json").read_text())
+
+    def parsed(args: dict[str, Any]) -> Command:
+        return parse_command(encode(command(args=args) | {"user": "bob", "token": BOB_TOKEN}), "start_qc", CALIBRATOR)
+
+    def start(args: dict[str, Any]) -> dict[str, Any]:
+        found = parsed(args).args
+        jsonschema.validate(args, schema["$defs"]["start_qc"])
+        return found
+
+    geometry = {"procedure": "geometry", "nuclide": "99mTc", "geometries": [" vial 10 mL", "syringe 3 mL "]}
+    sleeves = {"procedure": "sleeve_linearity", "nuclide": "Tc-99m"}
+    identity = {"procedure": "ga68_half_life"}
+    assert start(geometry) == {
+        "procedure": "geometry",
+        "nuclide": "Tc-99m",
+        "geometries": ["vial 10 mL", "syringe 3 mL"],
+    }
+    assert start(sleeves) == sleeves
+    assert start(identity) == identity
+    assert start(identity | {"elution_id": "e" * 32}) == identity | {"elution_id": "e" * 32}
+    # Each is an operator's start_qc, like a decay series: only a baseline is a QC officer's record.
+    authoriser = Authoriser([OperatorConfig("bob", "operator", Secret(BOB_TOKEN, "test"))], DEFAULT_MIN_ROLE)
+    for args in (geometry, sleeves, identity):
+        assert role_key(parsed(args)) == "start_qc" and authoriser.authorise(parsed(args)).name == "bob"
+    for args, problem in (
+        ({"procedure": "geometry", "nuclide": "Tc-99m"}, "start_qc of geometry needs args.geometries, args.nuclide"),
+        ({"procedure": "geometry", "nuclide": "Tc-99m", "geometries": ["vial"]}, "reference geometry and 1 to 12"),
+        ({"procedure": "geometry", "nuclide": "Tc-99m", "geometries": "vial"}, "got string"),
+        ({"procedure": "geometry", "nuclide": "Tc-99m", "geometries": [f"v{n}" for n in range(14)]}, "got 14 item"),
+        ({"procedure": "geometry", "nuclide": "Tc-99m", "geometries": ["vial", " vial"]}, "'vial' is listed twice"),
+        ({"procedure": "geometry", "nuclide": "Tc-99m", "geometries": ["vial", 3]}, r"geometries\[1\] must be"),
+        ({"procedure": "geometry", "nuclide": "Tc-99m", "geometries": ["vial", "a\u202eb"]}, "control characters"),
+        ({"procedure": "sleeve_linearity", "nuclide": "Tc-99m", "source": "X"}, "needs args.nuclide and nothing"),
+        ({"procedure": "ga68_half_life", "nuclide": "Ga-68"}, r"no argument besides procedure \(args.elution_id"),
+    ):
+        with pytest.raises(MalformedCommand, match=problem):
+            start(args)

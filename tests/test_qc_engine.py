@@ -413,3 +413,29 @@ def test_the_sites_profile_and_schedule_are_part_of_its_qc_config() -> None:
     )
     with pytest.raises(QcConfigError, match=r"qc\.profile.*us-nrc"):
         QcConfig.from_mapping({"profile": "mars"})
+
+
+def test_a_tagged_ge68_re_measurement_names_its_elution_and_does_the_schedules_follow_up(engine: QcEngine) -> None:
+    """The result lacked inputs.elution_id, so the follow-up item of its elution stayed due for ever."""
+    from hotlab.controller.qc.schedule import Schedule, ScheduleConfig, ScheduleFacts
+
+    end_ns = ns("2026-03-01T00:00:00Z")
+    eluted = elution(1, 1.2e9, end_ns)
+    committed = judge(engine, eluted).messages
+    remeasured = reading(
+        10.0,
+        "2026-03-04T00:00:00Z",
+        nuclide="Ga-68",
+        qc="ge68_breakthrough",
+        generator="GA-1",
+        elution_counter=1,
+        background_bq=0.0,
+    )
+    [result] = judge(engine, remeasured).results
+    assert (result.payload["inputs"]["elution_id"], result.payload["inputs"]["generator"]) == (eluted.msg_id, "GA-1")
+    schedule = Schedule("lab1", ScheduleConfig(), {"calib1": "hotcell"}, {"GA-1"})
+    facts = ScheduleFacts()
+    for message in (*committed, result):
+        schedule.fold(facts, message)
+    [follow_up] = schedule.ge68_statuses(facts, ns("2026-03-04T01:00:00Z"))
+    assert (follow_up.elution_id, follow_up.state, follow_up.last_record_id) == (eluted.msg_id, "done", result.msg_id)

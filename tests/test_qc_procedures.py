@@ -1,4 +1,5 @@
-"""QC procedures in the engine: baselines, daily constancy per setting, Ge-68 follow-up, linearity, timeouts.
+"""QC procedures in the engine: baselines, daily constancy per setting, Ge-68 follow-up, linearity (decay and
+sleeves), geometry, Ga-68 identity, timeouts.
 
 Expected values come from the decay law written out here: A(t) = A0 * 2**(-dt / T_half), with the
 half-lives of hotlab.physics.nuclides (the check source is Cs-137 whatever the setting).
@@ -35,6 +36,10 @@ check_source = "CS-1"
 settings = ["99mTc", "F18"]
 linearity_low_bq = "1 MBq"
 minimum_detectable_bq = 2.0
+
+[devices.cal.sleeves]  # activity / reading in the sleeve, in the order they are read
+s1 = 10.0
+s2 = 100.0
 
 [generators.GA-1]
 parent = "Ge-68"
@@ -302,3 +307,190 @@ def test_restore_brings_back_baselines_and_the_open_procedure(tmp_path: Path) ->
     assert procedure.missing == ("Tc-99m", "F-18") and len(procedure.results) == 2
     outcome = commit(fresh, measured(READS["Tc-99m"], day + 60 * S, "Tc-99m", end="removed"))
     assert [r.payload["inputs"]["setting"] for r in outcome.results] == ["Tc-99m"]
+
+
+TC99M_T = get_nuclide("Tc-99m").half_life_s
+GA68_T = get_nuclide("Ga-68").half_life_s
+
+
+def test_geometry_judges_each_container_against_the_reference_decay_corrected_to_its_time() -> None:
+    """TG-181 / ANSI N42.13: the same activity in each geometry, corrected to the reference reading's time."""
+    qc = engine()
+    labels = ("vial 10 mL", "vial 20 mL", "syringe 3 mL")
+    commit(qc, started("geometry", T0, role="operator", setting="Tc-99m", step_labels=labels))
+    # 400 MBq in the reference vial; 10 min later the same activity reads 2 % high in 20 mL, 20 min later 7 % low
+    # in a syringe: reading = 400 MBq * 2^(-dt / T) * (1 + deviation).
+    reads = {600: 1.02, 1200: 0.93}
+    steps = [measured(400e6, T0 + 60 * S, "Tc-99m", end="removed")] + [
+        measured(400e6 * 2 ** (-dt / TC99M_T) * f, T0 + (60 + dt) * S, "Tc-99m", end="removed")
+        for dt, f in reads.items()
+    ]
+    first = commit(qc, steps[0])
+    # A patient dose (740 MBq, outside +-50 % of the reference) and a measurement on another setting are not steps.
+    others = commit(
+        qc,
+        measured(740e6, T0 + 300 * S, "Tc-99m", end="removed"),
+        measured(400e6, T0 + 400 * S, "F-18", end="removed"),
+    )
+    assert not others.replacements and others.results == ()
+    last = commit(qc, *steps[1:])
+    [result] = last.results
+    payload = result.payload
+    assert (payload["test"], payload["verdict"], payload["expected"]) == ("geometry", "warn", 400e6)
+    deviations = payload["inputs"]["deviation_pct"]
+    assert deviations["vial 20 mL"] == pytest.approx(2.0, rel=1e-9)
+    assert deviations["syringe 3 mL"] == pytest.approx(-7.0, rel=1e-9) == payload["deviation_pct"]
+    assert payload["inputs"]["correction_factors"]["syringe 3 mL"] == pytest.approx(1 / 0.93, rel=1e-9)
+    assert payload["inputs"]["measurement_ids"] == {label: m.msg_id for label, m in zip(labels, steps)}
+    [end] = of(last, "qc_procedure")
+    assert (end["status"], end["verdict"], end["results"]) == ("complete", "warn", [result.msg_id])
+    assert end["step_labels"] == list(labels) and end["measurements"] == [m.msg_id for m in steps]
+    assert first.replacements and qc.open_procedures("cal") == []
+
+
+def test_a_geometry_test_not_finished_in_time_names_the_geometries_never_measured() -> None:
+    qc = engine()
+    labels = ("vial 10 mL", "vial 20 mL", "syringe 3 mL")
+    commit(qc, started("geometry", T0, role="operator", setting="Tc-99m", step_labels=labels))
+    commit(qc, measured(400e6, T0 + 60 * S, "Tc-99m", end="removed"))
+    [ended] = qc.tick(T0 + 31 * 60 * S).messages
+    assert ended.payload["status"] == "incomplete"
+    assert "no result for: vial 20 mL, syringe 3 mL" in ended.payload["detail"]
+
+
+def test_sleeve_linearity_reads_unshielded_then_each_configured_sleeve_and_judges_them() -> None:
+    """Sleeve-corrected readings against the most attenuating sleeve (s2, the lowest chamber current)."""
+    qc = engine()
+    labels = ("unshielded", "s1", "s2")
+    commit(qc, started("sleeve_linearity", T0 - 60 * S, role="operator", setting="Tc-99m", step_labels=labels))
+    # 1 GBq in the chamber at T0. Unshielded it reads 7 % high (a chamber over-responding at the top); in s1
+    # (factor 10) and s2 (factor 100) it reads what decay and the factor give: A * 2^(-dt / T) / factor.
+    steps = [
+        measured(1.07e9, T0, "Tc-99m", end="removed"),
+        measured(1e9 * 2 ** (-60 / TC99M_T) / 10, T0 + 60 * S, "Tc-99m", end="removed"),
+        measured(1e9 * 2 ** (-120 / TC99M_T) / 100, T0 + 120 * S, "Tc-99m", end="removed"),
+    ]
+    outcome = commit(qc, *steps)
+    [result] = outcome.results
+    payload = result.payload
+    assert (payload["test"], payload["verdict"]) == ("linearity_sleeve", "fail")  # +7 % > +-5 %
+    assert payload["expected"] == pytest.approx(1e9, rel=1e-12)
+    assert payload["deviation_pct"] == pytest.approx(7.0, rel=1e-9)
+    assert payload["inputs"]["sleeve_factors"] == {"s1": 10.0, "s2": 100.0}
+    assert payload["inputs"]["deviation_pct"]["s1"] == pytest.approx(0.0, abs=1e-9)
+    [end] = of(outcome, "qc_procedure")
+    assert (end["status"], end["verdict"], end["step_labels"]) == ("complete", "fail", ["unshielded", "s1", "s2"])
+
+
+def test_ga68_identity_takes_two_readings_of_the_sample_and_names_its_elution() -> None:
+    """Ph. Eur. 2464: T = dt * ln 2 / ln(A1 / A2) within 62-74 min; 800 MBq halving in 68 min gives T = 68 min."""
+    qc = engine()
+    eluted = elution(1, 1.2e9, T0 - 600 * S)
+    commit(qc, eluted)
+    steps = ("first reading", "second reading")
+    commit(
+        qc,
+        started("ga68_half_life", T0, role="operator", step_labels=steps, elution_id=eluted.msg_id, generator="GA-1"),
+    )
+    commit(qc, measured(800e6, T0 + 60 * S, "Ga-68", end="removed"))
+    dose = commit(qc, measured(50e6, T0 + 1800 * S, "Ga-68", end="removed"))  # another sample: 50 MBq, not ~500
+    assert not dose.replacements
+    outcome = commit(qc, measured(400e6, T0 + 60 * S + 68 * 60 * S, "Ga-68", end="removed"))
+    [result] = outcome.results
+    payload = result.payload
+    assert (payload["test"], payload["verdict"], payload["measured"]) == ("ga68_half_life", "pass", pytest.approx(68.0))
+    assert payload["expected"] == pytest.approx(GA68_T / 60, rel=1e-12)
+    assert (payload["inputs"]["elution_id"], payload["inputs"]["generator"]) == (eluted.msg_id, "GA-1")
+    [end] = of(outcome, "qc_procedure")
+    assert (end["status"], end["elution_id"]) == ("complete", eluted.msg_id)
+
+
+def test_two_half_life_readings_too_close_end_the_identity_test_incomplete_with_the_reason() -> None:
+    qc = engine()
+    commit(qc, started("ga68_half_life", T0, role="operator", step_labels=("first reading", "second reading")))
+    commit(qc, measured(800e6, T0 + 60 * S, "Ga-68", end="removed"))
+    # 5 min later the sample reads 800 MBq * 2^(-5 / 67.83): the same sample, but too soon to tell T from noise.
+    outcome = commit(qc, measured(800e6 * 2 ** (-300 / GA68_T), T0 + 360 * S, "Ga-68", end="removed"))
+    [end] = of(outcome, "qc_procedure")
+    assert outcome.results == () and end["status"] == "incomplete" and end["verdict"] is None
+    assert "the two half-life readings are 5.0 min apart; they must be at least 15 min apart" in end["detail"]
+
+
+def test_a_geometry_test_open_at_a_restart_goes_on_with_its_geometries(tmp_path: Path) -> None:
+    qc = engine()
+    labels = ("vial 10 mL", "syringe 3 mL")
+    with HistoryArchive(tmp_path / "h.sqlite3") as archive:
+        archive.add_many(commit(qc, started("geometry", T0, setting="Tc-99m", step_labels=labels)).messages)
+        archive.add_many(commit(qc, measured(400e6, T0 + 60 * S, "Tc-99m", end="removed")).messages)
+        fresh = engine()
+        fresh.restore(archive)
+    [procedure] = fresh.open_procedures("cal")
+    assert procedure.step_labels == labels and procedure.missing == ("syringe 3 mL",)
+    outcome = commit(fresh, measured(400e6 * 2 ** (-600 / TC99M_T), T0 + 660 * S, "Tc-99m", end="removed"))
+    [result] = outcome.results
+    assert result.payload["deviation_pct"] == pytest.approx(0.0, abs=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("sleeves", "complaint"),
+    [
+        ({"unshielded": 1.0}, "sleeves.unshielded: is the reading without a sleeve"),
+        ({"s1": 0.5}, r"sleeves.s1: a sleeve attenuates: its factor \(activity / reading in it\) is > 1, got 0.5"),
+        ({"s1": "ten"}, "sleeves.s1: must be a finite number"),
+        ({}, "devices.cal.sleeves: names no sleeve"),
+    ],
+)
+def test_sleeve_factors_that_cannot_be_right_are_refused_by_the_config(sleeves: dict[str, Any], complaint: str) -> None:
+    from hotlab.controller.config_table import ConfigError
+
+    bad = CONFIG | {"devices": {"cal": CONFIG["devices"]["cal"] | {"sleeves": sleeves}}}
+    with pytest.raises(ConfigError, match=complaint):
+        QcConfig.from_mapping(bad)
+
+
+def test_start_qc_sets_each_procedure_up_from_its_args_and_the_config_or_refuses_in_one_line() -> None:
+    """The start record carries the steps the engine will wait for: the geometries given, the sleeves configured."""
+    import asyncio
+
+    from hotlab.controller.config import DeviceConfig, SerialTransport
+    from hotlab.controller.qc.procedure_commands import ProcedureCommands, ProcedureRefused
+
+    qc = QcEngine("lab", QcConfig.from_mapping(CONFIG | {"devices": {"cal": {}, "bare": {}}}))
+    stored: list[Message] = []
+
+    async def store(records: list[Message]) -> None:
+        stored.extend(records)
+        commit(qc, *records)
+
+    commands = ProcedureCommands("lab", qc, store)
+
+    def start(device: str, args: dict[str, Any]) -> dict[str, Any]:
+        config = DeviceConfig(device, "hot", "vik202", SerialTransport("/dev/null"))
+        reply = asyncio.run(commands.start(config, args, user="bob", role="operator", reason="quarterly QC"))
+        return dict(stored[-1].payload) | {"reply": reply}
+
+    def refused(device: str, args: dict[str, Any]) -> str:
+        with pytest.raises(ProcedureRefused) as caught:
+            start(device, args)
+        assert "\n" not in str(caught.value)
+        return str(caught.value)
+
+    geometry = start("cal", {"procedure": "geometry", "nuclide": "Tc-99m", "geometries": ["vial 10 mL", "syringe"]})
+    assert (geometry["settings"], geometry["step_labels"]) == (["Tc-99m"], ["vial 10 mL", "syringe"])
+    assert "geometry procedure" in refused("cal", {"procedure": "ga68_half_life"})  # one check at a time
+    assert refused("bare", {"procedure": "sleeve_linearity", "nuclide": "Tc-99m"}) == (
+        "bare has no linearity sleeves: configure [qc.devices.bare.sleeves] label = factor "
+        "(activity / reading in that sleeve)"
+    )
+    assert "no elution " + "e" * 32 in refused("bare", {"procedure": "ga68_half_life", "elution_id": "e" * 32})
+    identity = start("bare", {"procedure": "ga68_half_life"})
+    assert (identity["settings"], identity["step_labels"], identity["elution_id"]) == (
+        ["Ga-68"],
+        ["first reading", "second reading"],
+        None,
+    )
+    with_sleeves = QcConfig.from_mapping(CONFIG)
+    qc = QcEngine("lab", with_sleeves)
+    commands = ProcedureCommands("lab", qc, store)
+    sleeves = start("cal", {"procedure": "sleeve_linearity", "nuclide": "Tc-99m"})
+    assert sleeves["step_labels"] == ["unshielded", "s1", "s2"]

@@ -220,3 +220,35 @@ async def test_baseline_then_daily_check_with_a_patient_dose_in_between_then_a_t
     with HistoryArchive(tmp_path / "history.sqlite3", read_only=True) as archive:
         ids = {p["procedure_id"] for p in archive.query("qc_procedure")}
     assert {baseline_id, daily_id, forgotten_id} <= ids
+
+
+async def test_a_geometry_test_started_by_command_is_judged_and_does_the_schedules_geometry_item(
+    lab: tuple[ControllerService, IonChamber, MqttCollector, Console],
+) -> None:
+    """The same Tc-99m vial measured as the reference and as a second geometry; the chamber reads both alike."""
+    _service, chamber, bus, console = lab
+    assert (await console.send("select_nuclide", "bob", {"nuclide": "Tc-99m"}))["outcome"] == "executed"
+    args = {"procedure": "geometry", "nuclide": "Tc-99m", "geometries": ["vial 10 mL", "syringe 3 mL"]}
+    started = await console.send("start_qc", "bob", args, "acceptance of the new calibrator")
+    assert started["outcome"] == "executed", started
+    procedure_id = started["new_value"]["procedure_id"]
+    vial = Source(get_nuclide("Tc-99m"), 400e6, time.time_ns())
+    for count in (1, 2):
+        chamber.initial_source = vial
+        await measured(bus, "Tc-99m", count)
+        chamber.initial_source = None
+        await asyncio.sleep(0.5)
+    await bus.wait_for(lambda: bus.payloads("/qc/procedure")[-1]["status"] != "started", 30, "the geometry test's end")
+    end = bus.payloads("/qc/procedure")[-1]
+    assert (end["procedure_id"], end["procedure"], end["status"]) == (procedure_id, "geometry", "complete")
+    assert end["step_labels"] == ["vial 10 mL", "syringe 3 mL"] and len(end["measurements"]) == 2
+    [result] = [r for r in bus.payloads("/qc", kind="qc_result") if r["msg_id"] in end["results"]]
+    assert (result["test"], result["verdict"], result["procedure_id"]) == ("geometry", "pass", procedure_id)
+    assert list(result["inputs"]["deviation_pct"]) == ["syringe 3 mL"]
+    await bus.wait_for(
+        lambda: any(p["item"] == "geometry" and p["state"] == "done" for p in bus.payloads(kind="qc_status")),
+        30,
+        "the geometry item done",
+    )
+    done = [p for p in bus.payloads("/qc/status/geometry") if p["state"] == "done"][-1]
+    assert done["last_record_id"] == result["msg_id"]

@@ -61,7 +61,14 @@ from hotlab.controller.qc.generator_rules import (
     generator_pair,
 )
 from hotlab.controller.qc.limits import DEFAULT_PROFILE, PROFILES, YIELD_LIMIT_BY_DAUGHTER, Limit, load_limits
-from hotlab.controller.qc.procedures import Procedure, Status, Step, recognised_procedure_id, within_band
+from hotlab.controller.qc.procedures import (
+    UNSHIELDED,
+    Procedure,
+    Status,
+    Step,
+    recognised_procedure_id,
+    within_band,
+)
 from hotlab.controller.qc.result import QcInputError, QcResult
 from hotlab.controller.qc.schedule import ScheduleConfig
 from hotlab.physics.decay import activity_at
@@ -159,13 +166,16 @@ DEFAULT_PROCEDURE_TIMEOUT_MIN = 30.0
 
 @dataclass(frozen=True, slots=True)
 class DeviceQc:
-    """`[qc.devices.<calibrator>]`: its check source, the settings its daily check covers, its linearity end."""
+    """`[qc.devices.<calibrator>]`: its check source, the settings its daily check covers, its linearity end,
+    and its linearity sleeves."""
 
     check_source: str | None
     settings: tuple[str, ...]
     linearity_low_bq: float = DEFAULT_LINEARITY_LOW_BQ
     #: The chamber's minimum detectable activity: the detectable level when the background is one value.
     minimum_detectable_bq: float = 0.0
+    #: `[qc.devices.<id>.sleeves]`: label -> factor (activity / reading in that sleeve), in the configured order.
+    sleeves: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,17 +274,23 @@ class QcConfig:
         device_qc = self.devices.get(device)
         return 0.0 if device_qc is None else device_qc.minimum_detectable_bq
 
+    def sleeves(self, device: str) -> Mapping[str, float]:
+        """The linearity sleeves of calibrator `device` (label -> factor), in the configured order."""
+        device_qc = self.devices.get(device)
+        return {} if device_qc is None else device_qc.sleeves
+
 
 def _device_qc(table: ConfigTable, sources: Mapping[str, ReferenceSource]) -> DeviceQc:
     """One `[qc.devices.X]`: the source's own setting is always checked, first; the others as listed."""
     low_bq = _optional_activity(table, "linearity_low_bq", DEFAULT_LINEARITY_LOW_BQ)
     minimum_bq = _optional_activity(table, "minimum_detectable_bq", 0.0)
+    sleeves = _sleeves(table)
     source_id = table.string("check_source")
     if source_id is None:
         if "settings" in table.data:
             raise table.error("settings", "settings are the check source's: set check_source too")
         table.finish()
-        return DeviceQc(None, (), low_bq, minimum_bq)
+        return DeviceQc(None, (), low_bq, minimum_bq, sleeves)
     if source_id not in sources:
         raise table.error("check_source", f"no source {source_id!r} under [qc.sources]; known: {sorted(sources)}")
     own = sources[source_id].nuclide.name
@@ -292,7 +308,32 @@ def _device_qc(table: ConfigTable, sources: Mapping[str, ReferenceSource]) -> De
         if name not in settings:
             settings.append(name)
     table.finish()
-    return DeviceQc(source_id, tuple(settings), low_bq, minimum_bq)
+    return DeviceQc(source_id, tuple(settings), low_bq, minimum_bq, sleeves)
+
+
+def _sleeves(table: ConfigTable) -> dict[str, float]:
+    """`[qc.devices.X.sleeves]`: label = factor, each factor > 1 (a sleeve attenuates), in the file's order.
+
+    A factor is the activity in the chamber divided by the reading in that sleeve, as `sleeve_factors`
+    (controller/qc/calibrator_rules.py) sets it up from a decay series.
+    """
+    group = table.table("sleeves")
+    if group is None:
+        return {}
+    if UNSHIELDED in group.data:
+        raise group.error(UNSHIELDED, "is the reading without a sleeve; name the sleeve otherwise")
+    factors: dict[str, float] = {}
+    for label in group.data:
+        factor = group.number(label)
+        assert factor is not None  # the key is there
+        if factor <= 1.0:
+            raise group.error(
+                label, f"a sleeve attenuates: its factor (activity / reading in it) is > 1, got {factor:g}"
+            )
+        factors[label] = factor
+    if not factors:
+        raise table.error("sleeves", "names no sleeve: give each as label = factor (activity / reading in it)")
+    return factors
 
 
 def _optional_activity(table: ConfigTable, name: str, default: float) -> float:
@@ -316,8 +357,9 @@ def _restorable(payload: Mapping[str, Any], keys: tuple[str, ...]) -> bool:
 
 
 class _Eluate(NamedTuple):
-    """One remembered elution's eluate, for a later Ge-68 re-measurement of it."""
+    """One remembered elution's eluate, for a later Ge-68 re-measurement of it; `msg_id` is the elution's."""
 
+    msg_id: str
     counter: int
     end_ns: int
     eluted_bq: float
@@ -360,7 +402,7 @@ class _GeneratorState:
         self.residual_bq = 0.0 if available_bq is None else max(available_bq - eluted_bq, 0.0)
         if yield_pct is not None:
             self.history.append(YieldPoint(end_ns, counter, yield_pct))
-        self.eluates[msg_id] = _Eluate(counter, end_ns, eluted_bq)
+        self.eluates[msg_id] = _Eluate(msg_id, counter, end_ns, eluted_bq)
         while len(self.eluates) > HISTORY_LENGTH:  # elutions are advanced in time order: drop the oldest
             del self.eluates[next(iter(self.eluates))]
 
@@ -800,7 +842,7 @@ class QcEngine:
         eluate = state.eluate(counter)
         if eluate is None:
             raise QcInputError(f"elution {counter} of {generator_id} is not among the last {HISTORY_LENGTH} seen")
-        return generator_rules.ge68_breakthrough(
+        result = generator_rules.ge68_breakthrough(
             eluate.eluted_bq,
             eluate.end_ns,
             activity,
@@ -810,6 +852,8 @@ class QcEngine:
             minimum_detectable_bq=self.config.minimum_detectable_bq(device),
             aliquot_fraction=float(extra.get("aliquot_fraction", 1.0)),
         )
+        # The elution's msg_id is what the schedule's follow-up item of that elution is matched on.
+        return replace(result, inputs=dict(result.inputs) | {"elution_id": eluate.msg_id, "generator": generator_id})
 
     # -- elutions -------------------------------------------------------------------------
 
@@ -965,6 +1009,8 @@ class QcEngine:
         activity, time_ns = float(payload["activity_bq"]), int(payload["time_ns"])
         if procedure.kind == "ge68_breakthrough":
             return not procedure.steps
+        if procedure.step_labels:
+            return self._is_labelled_step(procedure, activity, time_ns, setting)
         if procedure.kind == "linearity":
             last = procedure.last_step
             if last is None:
@@ -984,10 +1030,23 @@ class QcEngine:
             and within_band(activity, baseline.expected_at(time_ns))
         )
 
+    def _is_labelled_step(self, procedure: Procedure, activity: float, time_ns: int, setting: str) -> bool:
+        """The next labelled step: the first, or the first step's source again (decayed; through its sleeve)."""
+        if not procedure.steps:
+            return True
+        first, last = procedure.steps[0], procedure.steps[-1]
+        if not procedure.missing or time_ns <= last.time_ns:
+            return False
+        factor = self.config.sleeves(procedure.device).get(procedure.missing[0], 1.0)
+        expected = float(activity_at(first.activity_bq, get_nuclide(setting), (time_ns - first.time_ns) / 1e9))
+        return within_band(activity * factor, expected)
+
     def _judge_step(
         self, procedure: Procedure, payload: Mapping[str, Any], setting: str, stage: _Stage
     ) -> tuple[list[Message], tuple[Status, str] | None]:
         """The records one step brings, and how the procedure ends with it (None: it goes on)."""
+        if procedure.step_labels:
+            return self._labelled_steps_end(procedure) if not procedure.missing else ([], None)
         if procedure.kind == "linearity":
             return self._linearity_step(procedure, payload)
         if procedure.kind == "ge68_breakthrough":
@@ -1067,6 +1126,34 @@ class QcEngine:
             get_nuclide(procedure.settings[0]), series, self.config.limits["linearity"]
         )
         return [self._result(result, procedure)], ("complete", f"{why}: {len(series)} points judged")
+
+    def _labelled_steps_end(self, procedure: Procedure) -> tuple[list[Message], tuple[Status, str]]:
+        """Judge a procedure whose every labelled step is measured; a rule's refusal ends it incomplete."""
+        nuclide = get_nuclide(procedure.settings[0])
+        labelled = list(zip(procedure.step_labels, procedure.steps, strict=True))
+        readings = [TimedReading(step.time_ns, step.activity_bq, label) for label, step in labelled]
+        reference, others = readings[0], readings[1:]
+        limits = self.config.limits
+        try:
+            if procedure.kind == "geometry":
+                result = calibrator_rules.geometry(nuclide, reference, others, limits["geometry"])
+                done = f"{len(others)} geometry(ies) judged against the reference, {reference.label}"
+            elif procedure.kind == "sleeve_linearity":
+                factors = dict(self.config.sleeves(procedure.device))
+                result = calibrator_rules.linearity_sleeve(
+                    nuclide, factors, reference, others, limits["linearity_sleeve"]
+                )
+                done = f"unshielded and {len(others)} sleeve reading(s) judged"
+            else:
+                result = generator_rules.ga68_half_life(reference, others[0], limits["ga68_half_life"])
+                done = "Ga-68 half-life judged from two readings"
+        except QcInputError as exc:
+            return [], ("incomplete", str(exc))
+        linked: dict[str, Any] = {"measurement_ids": {label: step.measurement_id for label, step in labelled}}
+        if procedure.elution_id is not None:
+            linked |= {"elution_id": procedure.elution_id, "generator": procedure.generator}
+        result = replace(result, inputs=dict(result.inputs) | linked)
+        return [self._result(result, procedure)], ("complete", done)
 
     def _ge68_step(
         self, procedure: Procedure, payload: Mapping[str, Any], stage: _Stage

@@ -36,6 +36,13 @@ _DAY_S = 86400.0
 #: decayed by 2**(-48 h / 67.83 min) ~ 1.7e-13 and what is left is Ga-68 fed by Ge-68.
 GE68_MIN_DELAY_S = 48 * 3600.0
 
+#: The shortest time between the two readings of a Ga-68 half-life (hotlab choice; no public text
+#: checked here sets one). The half-life's relative uncertainty is sqrt(2) * u / ln(A1/A2) for readings
+#: of relative uncertainty u: with u = 0.5 % (a settled calibrator reading; an assumption), 15 min apart
+#: (ln(A1/A2) = 15 * ln 2 / 67.8 = 0.153) gives 4.6 %, +-3.1 min on 68 min, half the 62-74 min window;
+#: at 5 min apart it would be +-9.4 min, wider than the window, and the verdict would be noise.
+GA68_HALF_LIFE_MIN_INTERVAL_S = 15 * 60.0
+
 #: With no known previous elution the column is taken as in equilibrium, modelled as an
 #: elution this many daughter half-lives ago (ingrowth complete to 2**-30).
 _EQUILIBRIUM_HALF_LIVES = 30
@@ -380,7 +387,11 @@ def ge68_station_breakthrough(
 
 
 def ga68_half_life(first: TimedReading, second: TimedReading, limit: Limit) -> QcResult:
-    """Radionuclidic identity: the half-life from two readings, T = dt * ln 2 / ln(A1 / A2), in minutes."""
+    """Radionuclidic identity: the half-life from two readings, T = dt * ln 2 / ln(A1 / A2), in minutes.
+
+    The readings must be at least GA68_HALF_LIFE_MIN_INTERVAL_S apart: closer ones give a half-life
+    whose noise is wider than the 62-74 min window.
+    """
     ga68 = get_nuclide("Ga-68")
     a1 = require_positive("first reading", first.activity_bq)
     a2 = require_positive("second reading", second.activity_bq)
@@ -389,6 +400,11 @@ def ga68_half_life(first: TimedReading, second: TimedReading, limit: Limit) -> Q
     if a2 >= a1:
         raise QcInputError(f"the activity did not decrease ({a1:g} Bq then {a2:g} Bq); cannot derive a half-life")
     dt_s = (second.time_ns - first.time_ns) / NS_PER_S
+    if dt_s < GA68_HALF_LIFE_MIN_INTERVAL_S:
+        raise QcInputError(
+            f"the two half-life readings are {dt_s / 60:.1f} min apart; they must be at least "
+            f"{GA68_HALF_LIFE_MIN_INTERVAL_S / 60:g} min apart for the half-life to be told from noise: read it again later"
+        )
     half_life_min = dt_s * math.log(2.0) / math.log(a1 / a2) / 60.0
     inputs = {
         "first_bq": a1,

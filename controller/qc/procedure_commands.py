@@ -2,7 +2,8 @@
 
 The command path (controller/commands.py) parses, authorises and audits both like every command;
 executing one means checking it against what the QC engine has committed (the check source is the
-calibrator's, the elution is known, no procedure of the kind is open) and committing one
+calibrator's, the elution is known, the calibrator has sleeves for a sleeve test, no procedure of the
+kind is open) and committing one
 `qc_procedure` record through the outbox. The QC engine opens or closes the procedure when that
 record passes its commit stage (controller/qc/engine.py), so the procedure's state is only ever
 what was committed, and the calibrator itself is not touched: both run while it is offline.
@@ -19,7 +20,7 @@ from hotlab.controller.config import DeviceConfig
 from hotlab.controller.messages import Message, iso_utc
 from hotlab.controller.outbox import OutboxFull
 from hotlab.controller.qc.engine import QcEngine, slot_of
-from hotlab.controller.qc.procedures import Procedure, new_procedure_id
+from hotlab.controller.qc.procedures import HALF_LIFE_STEPS, UNSHIELDED, Procedure, new_procedure_id
 from hotlab.errors import HotlabError
 
 Commit = Callable[[list[Message]], Awaitable[None]]
@@ -64,19 +65,29 @@ class ProcedureCommands:
                     f"source {args['source']!r} is not the check source of {device.name} ({device_qc.check_source})"
                 )
             procedure.source_id, procedure.settings = device_qc.check_source, device_qc.settings
-        elif kind == "ge68_breakthrough":
-            generator = engine.eluate_generator(str(args["elution_id"]))
-            if generator is None:
-                raise ProcedureRefused(
-                    f"no elution {args['elution_id']} of a configured generator is known to this controller"
-                )
-            procedure.elution_id, procedure.generator, procedure.settings = (
-                str(args["elution_id"]),
-                generator,
-                ("Ga-68",),
-            )
+        elif kind in ("ge68_breakthrough", "ga68_half_life"):
+            procedure.settings = ("Ga-68",)
+            if "elution_id" in args:
+                procedure.elution_id = str(args["elution_id"])
+                procedure.generator = engine.eluate_generator(procedure.elution_id)
+                if procedure.generator is None:
+                    raise ProcedureRefused(
+                        f"no elution {procedure.elution_id} of a configured generator is known to this controller"
+                    )
+            if kind == "ga68_half_life":
+                procedure.step_labels = HALF_LIFE_STEPS
         else:
             procedure.settings = (str(args["nuclide"]),)
+            if kind == "geometry":
+                procedure.step_labels = tuple(args["geometries"])
+            elif kind == "sleeve_linearity":
+                sleeves = engine.config.sleeves(device.name)
+                if not sleeves:
+                    raise ProcedureRefused(
+                        f"{device.name} has no linearity sleeves: configure [qc.devices.{device.name}.sleeves] "
+                        "label = factor (activity / reading in that sleeve)"
+                    )
+                procedure.step_labels = (UNSHIELDED, *sleeves)
         for open_procedure in engine.open_procedures(device.name):
             if slot_of(device.name, open_procedure.kind) == slot_of(device.name, kind):
                 raise ProcedureRefused(

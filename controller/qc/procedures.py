@@ -1,4 +1,4 @@
-"""QC procedures: a daily check, a baseline, a linearity series, a Ge-68 follow-up, each one record with its steps.
+"""QC procedures: daily check, baseline, linearity, geometry, Ga-68 identity, Ge-68 follow-up: records with steps.
 
 A QC test is something a person performs, not one verdict per reading: a daily constancy check is
 the empty chamber's background, then the check source on each configured setting, one result per
@@ -21,7 +21,12 @@ procedure's source, so a patient dose measured in between is not mistaken for a 
     chamber is still judged, narrow enough that a dose of another activity is not taken);
 * linearity: on the series' setting, the first one, then each within `STEP_BAND_PCT` of the previous
   step decayed to its time (the same vial, read again later);
-* ge68_breakthrough: the next measurement on the Ga-68 setting (the eluate kept for the test).
+* ge68_breakthrough: the next measurement on the Ga-68 setting (the eluate kept for the test);
+* geometry, sleeve_linearity and ga68_half_life, whose steps are labelled (`step_labels`: the
+  geometries with the reference first; unshielded then each configured sleeve; the first and the
+  second reading): on the procedure's setting, the first one, then each, once multiplied by its
+  sleeve's factor, within `STEP_BAND_PCT` of the first step decayed to its time (the same source
+  in another container, sleeve, or later). The procedure is judged when every label has its step.
 
 This module holds a procedure's state and its records; controller/qc/engine.py feeds it
 measurements and readings in its pure `process` and takes the state over in `apply`.
@@ -36,7 +41,9 @@ from typing import Any, Literal, get_args
 
 from hotlab.controller.messages import MSG_ID_NAMESPACE, Message, qc_procedure_message
 
-ProcedureKind = Literal["daily_constancy", "baseline", "linearity", "ge68_breakthrough"]
+ProcedureKind = Literal[
+    "daily_constancy", "baseline", "linearity", "geometry", "sleeve_linearity", "ga68_half_life", "ge68_breakthrough"
+]
 PROCEDURES: tuple[str, ...] = get_args(ProcedureKind)
 Status = Literal["started", "complete", "incomplete", "aborted"]
 END_STATUSES = frozenset({"complete", "incomplete", "aborted"})
@@ -47,7 +54,11 @@ STEP_BAND_PCT = 50.0
 #: A reading at or below this fraction of the last step's activity means the source was taken out.
 SOURCE_LEFT_FRACTION = 0.05
 #: Procedures that time out (`[qc] procedure_timeout_min`); a linearity series runs over days.
-TIMED_PROCEDURES = frozenset({"daily_constancy", "baseline", "ge68_breakthrough"})
+TIMED_PROCEDURES = frozenset(PROCEDURES) - {"linearity"}
+#: The step of a sleeve_linearity procedure read without a sleeve (no `[qc.devices.X.sleeves]` label may take it).
+UNSHIELDED = "unshielded"
+#: The steps of a ga68_half_life procedure: the same sample read twice.
+HALF_LIFE_STEPS = ("first reading", "second reading")
 
 
 def within_band(measured_bq: float, expected_bq: float) -> bool:
@@ -91,6 +102,8 @@ class Procedure:
     elution_id: str | None = None
     generator: str | None = None
     reason: str | None = None
+    #: The labels of the steps, in order, for a procedure whose steps are not its settings (module docstring).
+    step_labels: tuple[str, ...] = ()
     steps: list[Step] = field(default_factory=list)
     results: list[str] = field(default_factory=list)
     verdicts: list[str] = field(default_factory=list)
@@ -114,7 +127,9 @@ class Procedure:
 
     @property
     def missing(self) -> tuple[str, ...]:
-        """The settings that have no result (or baseline) yet."""
+        """The labelled steps not measured yet, else the settings that have no result (or baseline) yet."""
+        if self.step_labels:
+            return self.step_labels[len(self.steps) :]
         return tuple(s for s in self.settings if s not in self.done)
 
     def deadline_ns(self, timeout_ns: int) -> int | None:
@@ -162,7 +177,8 @@ class Procedure:
             if self.started_by is None
             else (f"started by {self.started_by['user']} ({self.started_by['role']})")
         )
-        return f"{self.kind} on {self.device}, settings {', '.join(self.settings)}: {who}"
+        steps = f", steps {', '.join(self.step_labels)}" if self.step_labels else ""
+        return f"{self.kind} on {self.device}, settings {', '.join(self.settings)}{steps}: {who}"
 
     def _message(
         self, status: Status, ended_ns: int | None, detail: str, msg_id: str | None, verdict: str | None = None
@@ -187,6 +203,7 @@ class Procedure:
             measurements=[step.measurement_id for step in self.steps],
             detail=detail,
             msg_id=msg_id,
+            step_labels=list(self.step_labels),
         )
 
     @classmethod
@@ -208,4 +225,5 @@ class Procedure:
             elution_id=payload["elution_id"],
             generator=payload["generator"],
             reason=payload["reason"],
+            step_labels=tuple(str(label) for label in payload.get("step_labels", ())),
         )
