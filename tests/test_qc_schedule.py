@@ -253,6 +253,17 @@ def test_quarterly_linearity_is_done_then_due_then_overdue() -> None:
     assert item(s, "linearity", overdue + DAY).state == "failed"
 
 
+def test_linearity_by_shielded_sleeves_does_the_quarterly_linearity_item() -> None:
+    """A sleeve result (test linearity_sleeve) left the linearity item due: the schedule knew only the decay method."""
+    s = stage(linearity_interval_days=91, linearity_grace_days=7)
+    done_at = utc("2026-03-02T09:00:00Z")
+    committed(s, result("linearity_sleeve", "pass", done_at))
+    assert item(s, "linearity", done_at + 90 * DAY).state == "done"
+    assert item(s, "linearity", done_at + 91 * DAY).state == "due"
+    committed(s, result("linearity_sleeve", "fail", done_at + 92 * DAY))
+    assert item(s, "linearity", done_at + 92 * DAY).state == "failed"
+
+
 def test_never_done_intervals_are_due_at_installation_and_geometry_after_repair() -> None:
     installed, repaired = "2026-01-15", "2026-05-04"
     s = stage(

@@ -58,6 +58,15 @@ INTERVAL_ITEMS = ("linearity", "accuracy")
 GEOMETRY = "geometry"
 GE68 = "ge68_breakthrough"
 CALIBRATOR_ITEMS = (*DAILY_ITEMS, *INTERVAL_ITEMS, GEOMETRY)
+#: qc_result test -> the calibrator item a result of it does (or fails); linearity by shielded sleeves
+#: is linearity as much as the decay method is (AAPM TG-181 describes both).
+ITEM_OF_TEST = {
+    "linearity": "linearity",
+    "linearity_sleeve": "linearity",
+    "accuracy": "accuracy",
+    GEOMETRY: GEOMETRY,
+    "background": "background",
+}
 
 _HOUR_NS = 3600 * NS_PER_S
 _DAY_NS = 24 * _HOUR_NS
@@ -399,10 +408,11 @@ class Schedule:
             return True
         if device not in self.calibrators:
             return False
-        if test in (*INTERVAL_ITEMS, GEOMETRY, "background"):
-            facts.record(book, (str(device), str(test)), evidence)
-            return True
-        return False
+        item = ITEM_OF_TEST.get(str(test))
+        if item is None:
+            return False
+        facts.record(book, (str(device), item), evidence)
+        return True
 
     def prune(self, facts: ScheduleFacts) -> None:
         """Forget what can no longer change any state: old clinical days, elutions no longer listed.

@@ -38,8 +38,7 @@ from typing import TYPE_CHECKING, Any
 from hotlab.controller.messages import MSG_ID_NAMESPACE, Message, device_topic, envelope
 from hotlab.controller.qc.schedule import (
     GE68,
-    GEOMETRY,
-    INTERVAL_ITEMS,
+    ITEM_OF_TEST,
     ItemStatus,
     Key,
     Schedule,
@@ -208,7 +207,7 @@ class ScheduleStage:
 
         for device in self.schedule.calibrators:
             add("qc_procedure", archive.query("qc_procedure", up_to, site=site, device=device))
-            for test in (*INTERVAL_ITEMS, GEOMETRY, "background"):
+            for test in ITEM_OF_TEST:
                 add("qc_result", archive.query("qc_result", up_to, site=site, device=device, test=test))
             add("measurement", archive.query("measurement", recent, site=site, device=device))
         add("qc_result", archive.query("qc_result", up_to, site=site, test=GE68))
