@@ -242,8 +242,10 @@ async def simulated_lab(
             }
             # A Ge-68 re-measurement subtracts one background value, so it needs the chamber's detectable
             # level: its empty-chamber level, where it has one (LOW_LEVEL_CHAMBER).
-            detectable = LOW_LEVEL_CHAMBER["background_bq"] if lab.qc_officer else 0.0
-            qc["devices"] = {source.device: {"check_source": source.source_id, "minimum_detectable_bq": detectable}}
+            device_qc: dict[str, Any] = {"check_source": source.source_id}
+            if by_hand:
+                device_qc["minimum_detectable_bq"] = LOW_LEVEL_CHAMBER["background_bq"]
+            qc["devices"] = {source.device: device_qc}
         document: dict[str, Any] = {
             "site": {"name": lab.site},
             "device": devices,
