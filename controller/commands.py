@@ -356,7 +356,7 @@ _ARGS: dict[str, tuple[frozenset[str], ...]] = {
 #: What each start_qc procedure is about besides its name: (required, optional) arguments. A daily check
 #: or a baseline of the calibrator's check source; a linearity series (decay or sleeves) on one setting;
 #: the geometries of a geometry test, the reference first; a Ga-68 identity, of an elution if named;
-#: a Ge-68 follow-up of an elution (docs/qc.md, "Procedures").
+#: a Ge-68 follow-up of an elution, of the whole eluate or the fraction of it kept (docs/qc.md, "Procedures").
 _START_QC_ARGS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "daily_constancy": (frozenset({"source"}), frozenset()),
     "baseline": (frozenset({"source"}), frozenset()),
@@ -364,7 +364,7 @@ _START_QC_ARGS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "sleeve_linearity": (frozenset({"nuclide"}), frozenset()),
     "geometry": (frozenset({"nuclide", "geometries"}), frozenset()),
     "ga68_half_life": (frozenset(), frozenset({"elution_id"})),
-    "ge68_breakthrough": (frozenset({"elution_id"}), frozenset()),
+    "ge68_breakthrough": (frozenset({"elution_id"}), frozenset({"aliquot_fraction"})),
 }
 #: A geometry test compares the reference with at most this many other volumes or containers.
 MAX_GEOMETRIES = 12
@@ -458,6 +458,13 @@ def _start_qc_args(args: Mapping[str, Any]) -> dict[str, Any]:
         if not _MEASUREMENT_ID.match(elution_id):
             raise MalformedCommand("args.elution_id must be an elution's msg_id: 32 lower-case hex digits")
         parsed["elution_id"] = elution_id
+    if "aliquot_fraction" in args:
+        fraction = args["aliquot_fraction"]
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction <= 1.0:
+            raise MalformedCommand(
+                f"args.aliquot_fraction must be the part of the eluate measured, > 0 and <= 1; got {_brief(fraction)}"
+            )
+        parsed["aliquot_fraction"] = float(fraction)
     return parsed
 
 

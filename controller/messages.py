@@ -439,11 +439,13 @@ def qc_procedure_message(
     detail: str,
     msg_id: str | None = None,
     step_labels: list[str] | None = None,
+    aliquot_fraction: float | None = None,
 ) -> Message:
     """A QC procedure started or ended (controller/qc/procedures.py); both records carry the same `procedure_id`.
 
     `step_labels` names the steps of a procedure that measures labelled steps in order (a geometry
-    test's containers, a sleeve test's sleeves); it is in the payload only when given.
+    test's containers, a sleeve test's sleeves); `aliquot_fraction` the part of an eluate a Ge-68
+    follow-up measures. Each is in the payload only when given.
 
     `time_ns` is the start for a "started" record and the end for the others; `started_by` is None
     when the procedure was recognised from a measurement rather than started by a command.
@@ -470,6 +472,8 @@ def qc_procedure_message(
     }
     if step_labels:
         payload["step_labels"] = list(step_labels)
+    if aliquot_fraction is not None:
+        payload["aliquot_fraction"] = float(aliquot_fraction)
     return Message("qc_procedure", device_topic(site, station, device, "qc/procedure"), payload)
 
 

@@ -927,6 +927,13 @@ def test_start_qc_of_geometry_sleeves_and_ga68_identity_parse_and_match_the_sche
     assert start(sleeves) == sleeves
     assert start(identity) == identity
     assert start(identity | {"elution_id": "e" * 32}) == identity | {"elution_id": "e" * 32}
+    kept = {"procedure": "ge68_breakthrough", "elution_id": "e" * 32, "aliquot_fraction": 0.1}
+    assert start(kept) == kept  # the part of the eluate kept for the Ge-68 follow-up
+    for fraction in (0, 1.5, True, "half"):
+        with pytest.raises(MalformedCommand, match="args.aliquot_fraction must be the part of the eluate measured"):
+            parsed(kept | {"aliquot_fraction": fraction})
+    with pytest.raises(MalformedCommand, match="start_qc of ga68_half_life needs"):
+        parsed(identity | {"aliquot_fraction": 0.5})
     # Each is an operator's start_qc, like a decay series: only a baseline is a QC officer's record.
     authoriser = Authoriser([OperatorConfig("bob", "operator", Secret(BOB_TOKEN, "test"))], DEFAULT_MIN_ROLE)
     for args in (geometry, sleeves, identity):

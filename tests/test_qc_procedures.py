@@ -274,6 +274,39 @@ def test_ge68_follow_up_subtracts_the_background_and_refuses_a_measurement_too_e
     assert of(outcome, "qc_procedure")[0]["status"] == "complete"
 
 
+def test_ge68_follow_up_of_an_aliquot_is_scaled_to_the_whole_eluate_and_skips_a_ga68_dose() -> None:
+    """A procedure measured a 10 % aliquot as if it were the whole eluate (10x too low: a fail passed), and took
+    whatever Ga-68 measurement came next (a patient dose was judged as breakthrough)."""
+    from hotlab.physics.decay import daughter_activity
+
+    qc = engine()
+    eoe = parse_time_ns("2026-03-01T00:00:00Z", "eoe")
+    eluted = elution(1, 1.0e9, eoe)
+    commit(qc, eluted)
+    later = eoe + 72 * 3600 * S
+    commit(
+        qc,
+        started(
+            "ge68_breakthrough",
+            later,
+            role="operator",
+            elution_id=eluted.msg_id,
+            generator="GA-1",
+            aliquot_fraction=0.1,
+        ),
+    )
+    dose = commit(qc, measured(150e6, later + 30 * S, "Ga-68", end="removed", background_bq=10.0))
+    assert dose.results == () and not dose.replacements  # 150 MBq: no kept eluate reads that much
+    outcome = commit(qc, measured(1010.0, later + 60 * S, "Ga-68", end="removed", background_bq=10.0))
+    [result] = outcome.results
+    # 1000 Bq net (Ge-68 seen through its Ga-68) in 10 % of the eluate: 1e4 Bq in the whole, which held Ge-68
+    # 1e4 / f(t) at EOE (f: Ga-68 grown from 1 Bq Ge-68 in t, 0.9925 after 72 h), of 1 GBq Ga-68.
+    t_s = 72 * 3600 + 60
+    per_bq = float(daughter_activity(1.0, get_nuclide("Ge-68"), get_nuclide("Ga-68"), t_s))
+    assert result.payload["measured"] == pytest.approx(1000.0 / 0.1 / per_bq / 1.0e9 * 100, rel=1e-6)
+    assert result.payload["verdict"] == "fail"  # 1.0076e-3 % > 0.001 %: read as the whole eluate, 1.0e-4 % passed
+
+
 def test_linearity_collects_a_decaying_vial_until_the_low_end_and_ignores_other_doses() -> None:
     tc = get_nuclide("Tc-99m")
     qc = engine()
@@ -292,6 +325,24 @@ def test_linearity_collects_a_decaying_vial_until_the_low_end_and_ignores_other_
     assert (
         of(outcomes[-1], "qc_procedure")[-1]["status"] == "complete"
     )  # 30 GBq * 2^(-96 h / 6.0067 h) = 464 kBq <= 1 MBq
+
+
+def test_a_linearity_series_too_short_to_judge_ends_incomplete_instead_of_losing_its_last_step() -> None:
+    """Three points reached the low end: the rule (3 to normalise + 1 to judge) refused, the step was lost, the
+    series stayed open for ever."""
+    tc = get_nuclide("Tc-99m")
+    qc = engine()
+    commit(qc, started("linearity", T0 - 600 * S, role="qc_officer", setting="Tc-99m"))
+    a0, hours = 30e9, (0, 48, 96)  # 30 GBq -> 117 MBq -> 464 kBq: the third is below linearity_low_bq (1 MBq)
+    outcomes = [
+        commit(qc, measured(a0 * 2 ** (-h * 3600 / tc.half_life_s), T0 + h * 3600 * S, "Tc-99m", end="removed"))
+        for h in hours
+    ]
+    last = outcomes[-1]
+    assert last.rejected == 0 and last.replacements  # the third measurement is the series' third step
+    [end] = of(last, "qc_procedure")
+    assert end["status"] == "incomplete" and "needs 4" in end["detail"] and len(end["measurements"]) == 3
+    assert qc.open_procedures("cal") == []
 
 
 def test_restore_brings_back_baselines_and_the_open_procedure(tmp_path: Path) -> None:

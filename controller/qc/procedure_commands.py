@@ -76,6 +76,8 @@ class ProcedureCommands:
                     )
             if kind == "ga68_half_life":
                 procedure.step_labels = HALF_LIFE_STEPS
+            else:
+                procedure.aliquot_fraction = float(args.get("aliquot_fraction", 1.0))
         else:
             procedure.settings = (str(args["nuclide"]),)
             if kind == "geometry":

@@ -100,6 +100,8 @@ class Procedure:
     settings: tuple[str, ...]
     source_id: str | None = None
     elution_id: str | None = None
+    #: A Ge-68 follow-up: the part of the eluate measured (the whole eluate: 1).
+    aliquot_fraction: float = 1.0
     generator: str | None = None
     reason: str | None = None
     #: The labels of the steps, in order, for a procedure whose steps are not its settings (module docstring).
@@ -204,6 +206,7 @@ class Procedure:
             detail=detail,
             msg_id=msg_id,
             step_labels=list(self.step_labels),
+            aliquot_fraction=self.aliquot_fraction if self.kind == "ge68_breakthrough" else None,
         )
 
     @classmethod
@@ -223,6 +226,7 @@ class Procedure:
             settings=tuple(str(s) for s in payload["settings"]),
             source_id=payload["source_id"],
             elution_id=payload["elution_id"],
+            aliquot_fraction=float(payload.get("aliquot_fraction", 1.0)),
             generator=payload["generator"],
             reason=payload["reason"],
             step_labels=tuple(str(label) for label in payload.get("step_labels", ())),
