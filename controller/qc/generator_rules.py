@@ -251,6 +251,13 @@ class DetectableLevel:
     def level_bq(self) -> float:
         return max(self.currie_bq or 0.0, self.minimum_bq)
 
+    @property
+    def detection_limit_bq(self) -> float:
+        """The least net activity sure to be detected: Currie's L_D = 2 L_C (equal false-positive and false-negative
+        rates, 5 %), or the configured minimum, which is a minimum detectable activity. A sample not detected
+        holds less than this; it bounds a result that is not detected."""
+        return max(2.0 * (self.currie_bq or 0.0), self.minimum_bq)
+
     def describe(self) -> dict[str, object]:
         return {
             "background_mean_bq": self.mean_bq,
@@ -302,8 +309,13 @@ def ge68_breakthrough(
     chamber with the empty container) read at the same session. Ge-68 itself decays by electron
     capture with no gamma a calibrator sees, so the net reading is the Ga-68 it feeds. By Bateman:
         net = reading - background = Ge0 * f(t) + Ga0 * 2**(-t/T_Ga),   f(t) = Ga-68 grown from 1 Bq of Ge-68,
-    so Ge0 = (net - Ga0 * 2**(-t/T_Ga)) / f(t) at end of elution. A net reading below the detectable
-    level (`detectable_level`) is refused: a pass computed from noise is not a measurement.
+    so Ge0 = (net - Ga0 * 2**(-t/T_Ga)) / f(t) at end of elution.
+
+    A net reading below the detectable level (`detectable_level`) detects no Ge-68: a value computed
+    from noise is not a measurement. The sample then holds less than the detection limit, so the
+    result is that bound ("< x %", `inputs.detected` false) when it is within the limit, which shows
+    compliance; when the bound is above the limit nothing is shown and the measurement is refused
+    (re-measure more of the eluate, or with a more sensitive instrument).
     """
     ga68, ge68 = get_nuclide("Ga-68"), get_nuclide("Ge-68")
     ga_eoe = require_positive("Ga-68 activity at end of elution", ga68_eoe_bq)
@@ -323,15 +335,19 @@ def ge68_breakthrough(
     leftover = float(daughter_activity(0.0, ge68, ga68, delay_s, residual_daughter_bq=ga_aliquot))
     per_bq_ge = float(daughter_activity(1.0, ge68, ga68, delay_s))
     net = reading - background.mean_bq - leftover
-    if net < background.level_bq:
-        at_level_pct = background.level_bq / per_bq_ge / ga_aliquot * 100.0
-        raise QcInputError(
-            f"net reading {net:.3g} Bq is below the detectable level {background.level_bq:.3g} Bq "
-            f"(Currie decision level from {background.n} background reading(s), or the configured minimum; "
-            f"= {at_level_pct:.2g} % breakthrough): Ge-68 not detected, no verdict; re-measure a larger aliquot "
-            "or with more background readings"
-        )
-    ge_eoe = net / per_bq_ge
+    detected = net >= background.level_bq
+    if detected:
+        ge_eoe = net / per_bq_ge
+    else:
+        ge_eoe = background.detection_limit_bq / per_bq_ge
+        bound_pct = ge_eoe / ga_aliquot * 100.0
+        if limit.fail is None or bound_pct > limit.fail:
+            raise QcInputError(
+                f"net reading {net:.3g} Bq is below the detectable level {background.level_bq:.3g} Bq "
+                f"(Currie decision level from {background.n} background reading(s), or the configured minimum): "
+                f"Ge-68 not detected, and the detection limit ({bound_pct:.2g} % breakthrough) is above the limit "
+                f"({limit.text}), so no verdict; re-measure a larger aliquot or with a more sensitive instrument"
+            )
     breakthrough_pct = ge_eoe / ga_aliquot * 100.0
     inputs = {
         "ga68_eoe_bq": ga_eoe,
@@ -344,6 +360,8 @@ def ge68_breakthrough(
         "currie_k": CURRIE_K,
         "ga68_leftover_bq": leftover,
         "net_bq": net,
+        "detected": detected,
+        "detection_limit_bq": background.detection_limit_bq,
         "ga68_per_bq_ge68": per_bq_ge,
         "ge68_eoe_bq": ge_eoe,
         "half_lives_s": {"Ge-68": ge68.half_life_s, "Ga-68": ga68.half_life_s},
@@ -358,8 +376,14 @@ def ge68_breakthrough(
         time_ns=remeasured_ns,
         inputs=inputs,
         value=breakthrough_pct,
-        detail=f"Ge-68 {ge_eoe:.4g} Bq at end of elution = {breakthrough_pct:.3g} % of Ga-68 "
-        f"(net of {background.mean_bq:.3g} Bq background, detectable from {background.level_bq:.3g} Bq)",
+        detail=(
+            f"Ge-68 {ge_eoe:.4g} Bq at end of elution = {breakthrough_pct:.3g} % of Ga-68 "
+            f"(net of {background.mean_bq:.3g} Bq background, detectable from {background.level_bq:.3g} Bq)"
+            if detected
+            else f"Ge-68 not detected: below {breakthrough_pct:.3g} % of Ga-68 at end of elution (the detection "
+            f"limit {background.detection_limit_bq:.3g} Bq net; net reading {net:.3g} Bq, decision level "
+            f"{background.level_bq:.3g} Bq)"
+        ),
     )
 
 
