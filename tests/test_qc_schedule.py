@@ -196,6 +196,32 @@ def test_failed_stays_failed_across_days_until_a_later_pass() -> None:
     assert item(s, "daily_constancy", day1 + DAY + 3 * H).state == "done"
 
 
+def test_a_failing_constancy_fails_the_day_even_if_its_procedure_never_completes() -> None:
+    """Cs-137 judged -30 %, then the procedure timed out: the item stayed merely due, doses got no qc_state."""
+    s = stage()
+    start = utc("2026-06-10T05:00:00Z")  # 07:00 in Berlin, before the 08:00 deadline
+    committed(s, result("constancy", "fail", start + 120 * 10**9, setting="Cs-137"))
+    committed(s, procedure(start, start + 1800 * 10**9, None, status="incomplete"))  # type: ignore[arg-type]
+    assert item(s, "daily_constancy", start + 1900 * 10**9).state == "failed"
+    assert committed(s, reading(start + 1900 * 10**9))[0].payload["qc_state"] == "failed"
+
+
+def test_a_station_clock_running_ahead_does_not_make_todays_qc_overdue() -> None:
+    """The schedule's clock followed an elution stamped by a station 2 days ahead: today's items turned overdue."""
+    s = stage()
+    now = utc("2026-06-10T04:00:00Z")  # 06:00 in Berlin, two hours before the deadline
+    committed(s, reading(now), elution(now + 2 * DAY + 4 * H))  # 10:00 in Berlin, two days on
+    ticked = s.tick(now + 60 * 10**9)  # the controller's clock, a minute later
+    s.apply(ticked)
+    daily = {
+        m.payload["item"]: m.payload["state"]
+        for m in ticked.statuses
+        if m.payload["item"] in ("daily_constancy", "background")
+    }
+    assert set(daily.values()) <= {"due"}, daily
+    assert item(s, "daily_constancy", now + 60 * 10**9).state == "due"
+
+
 def test_a_failed_background_inside_the_procedure_fails_background_only() -> None:
     s = stage()
     start = utc("2026-06-10T05:00:00Z")

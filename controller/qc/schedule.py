@@ -17,7 +17,9 @@ is local midnight of that date in the site's zone; a date-time must carry Z or a
 Rules (docs/qc.md, "Schedule"):
 * daily items are due from local midnight and overdue at the daily deadline, or as soon as a
   measurement that belongs to no QC procedure (a patient measurement) is taken on that
-  calibrator before they are done; a `complete` daily_constancy procedure that day does both;
+  calibrator before they are done; a `complete` daily_constancy procedure that day does both,
+  and a failing constancy result fails `daily_constancy` at once, whether its procedure
+  completes or not;
 * `background` is also done by any passing (or warning) background qc_result of that chamber on
   that local day, inside a procedure or not (a tagged empty-chamber reading), and a failing one
   fails it;
@@ -32,6 +34,10 @@ Rules (docs/qc.md, "Schedule"):
   so no alarm is dropped unanswered; a done one is listed until `ge68_track_days` after its result;
 * `failed` (a failing record newer than the start of the last passing one) stays until a
   later pass, across days.
+
+The schedule's clock follows the controller's own time stamps (a calibrator's readings,
+measurements and results, procedure records, the stage's tick), never a station's: an elution
+and what is judged at its end carry the station's clock, which may run ahead of the controller.
 """
 
 from __future__ import annotations
@@ -359,7 +365,8 @@ class Schedule:
         if payload.get("site") != self.site:
             return False
         time_ns = int(payload["time_ns"])
-        facts.clock_ns = max(facts.clock_ns, time_ns)
+        if self._on_controller_clock(message):
+            facts.clock_ns = max(facts.clock_ns, time_ns)
         if message.kind == "qc_procedure":
             return self._fold_procedure(facts, payload, time_ns)
         if message.kind == "qc_result":
@@ -378,6 +385,18 @@ class Schedule:
                 facts.clinical[day_key] = Clinical(time_ns, message.msg_id)
             return True
         return False
+
+    def _on_controller_clock(self, message: Message) -> bool:
+        """Whether `message`'s time is the controller's (a calibrator's reading, measurement or result, a
+        procedure or status record), so the schedule's clock may follow it. An elution and what is judged
+        at its end carry the station's clock, which may run ahead: one such time must not make today's
+        daily QC overdue."""
+        if message.kind in ("qc_procedure", "qc_status"):
+            return True
+        return (
+            message.kind in ("reading", "measurement", "qc_result")
+            and message.payload.get("device") in self.calibrators
+        )
 
     def _fold_procedure(self, facts: ScheduleFacts, payload: Mapping[str, Any], time_ns: int) -> bool:
         device = payload.get("device")
@@ -408,6 +427,13 @@ class Schedule:
             return True
         if device not in self.calibrators:
             return False
+        if test == "constancy":
+            # A daily check is done by its complete procedure (`_fold_procedure`); one setting failing fails
+            # it at once, even if the procedure then times out or is ended before it completes.
+            if verdict != "fail":
+                return False
+            facts.record(facts.fails, (str(device), "daily_constancy"), evidence)
+            return True
         item = ITEM_OF_TEST.get(str(test))
         if item is None:
             return False

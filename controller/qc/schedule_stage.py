@@ -209,6 +209,8 @@ class ScheduleStage:
             add("qc_procedure", archive.query("qc_procedure", up_to, site=site, device=device))
             for test in ITEM_OF_TEST:
                 add("qc_result", archive.query("qc_result", up_to, site=site, device=device, test=test))
+            failed = archive.query("qc_result", up_to, site=site, device=device, test="constancy", verdict="fail")
+            add("qc_result", failed)
             add("measurement", archive.query("measurement", recent, site=site, device=device))
         add("qc_result", archive.query("qc_result", up_to, site=site, test=GE68))
         # Every elution: an undone follow-up stays listed however old (`prune` then forgets the rest).
