@@ -263,16 +263,25 @@ def _trend(
     return ReportFigure(section, caption, figure)
 
 
+#: What a calibrator test's deviation is from: constancy against the chamber's own baseline, accuracy
+#: against the certificate (docs/qc.md).
+_REFERENCE_OF_TEST = {
+    "constancy": "this chamber's decay-corrected baseline",
+    "accuracy": "the decay-corrected certificate value",
+}
+
+
 def build_figures(data: ReportData) -> list[ReportFigure]:
     """Every figure of the report, in reading order, each tagged with its section."""
     by_test = _by((r for r in data.qc_results if judged_value(r) is not None), lambda r: str(r.get("test")))
     span = (data.period.start_ns, data.period.end_ns)
     figures: list[ReportFigure] = []
-    for test in ("constancy", "accuracy"):
+    for test in _REFERENCE_OF_TEST:
         for device, results in _by(by_test.get(test, []), lambda r: str(r.get("device"))).items():
+            reference = _REFERENCE_OF_TEST[test]
             caption = (
-                f"{test.capitalize()} of calibrator {device}: deviation from the decay-corrected certificate "
-                "value, one marker per source, on the warn/fail bands"
+                f"{test.capitalize()} of calibrator {device}: deviation from {reference}, one marker per source, "
+                "on the warn/fail bands"
             )
             figures.append(
                 _trend(

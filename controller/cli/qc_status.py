@@ -2,7 +2,8 @@
 
 Computed by the controller's own schedule (controller/qc/schedule_stage.py `restore` and
 `current`) from the history archive and the lab config alone, so the list is right while the
-controller is down, and `--at` shows it as it was at any past moment. Only [site], [history],
+controller is down, and `--at` shows it as it was at any past moment. Records the controller has
+committed but not archived yet (its history sink runs behind) are not seen until they are. Only [site], [history],
 the [[device]] stations and [qc] are read: no broker or database secrets are needed.
 Exit 0 with the list (an overdue item is a state, not an error), 2 on a bad config or time.
 """

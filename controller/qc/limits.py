@@ -148,7 +148,7 @@ class Limit:
 #   the programme the tests belong to, not as the source of a number.
 _TG181 = "AAPM Report 181 (TG-181, 2012)"
 _N42_13 = "ANSI N42.13-2004 s.2.2 (accuracy +-10 %, reproducibility +-5 %)"
-_FORMER_35_50 = "former 10 CFR 35.50(b) (NRC, pre-2002)"
+_FORMER_35_50 = "former 10 CFR 35.50(b) (NRC, Part 35 before its 2002 revision)"
 _LINEARITY = (
     f"+-5 % per point, the linearity tolerance cited from {_TG181} and ANSI N42.13-2004 "
     "(not checked against either text; what was checked is ANSI N42.13-2004 s.2.2, reproducibility +-5 %)"
