@@ -18,11 +18,13 @@ from hotlab.controller.archive import HistoryArchive
 from hotlab.controller.audit import AuditLog
 from hotlab.controller.lab.embedded_broker import write_file
 from hotlab.controller.lab.qc_officer import Sign
-from hotlab.controller.signatures import sign
+from hotlab.controller.signatures import sign_async
 from hotlab.controller.users import ADMIN, Credentials, UserStore
 
 ADMIN_USER = "demo-admin"
 QC_OFFICER_USER = "demo-qc-officer"
+#: How long the officer waits for the records to sign to reach the archive (the history sink runs behind MQTT).
+ARCHIVE_WAIT_S = 30.0
 
 
 def user_store_path(state_dir: Path) -> Path:
@@ -40,12 +42,19 @@ def demo_signer(state_dir: Path, audit_path: Path, archive_path: Path, key: byte
         _account(store, state_dir, QC_OFFICER_USER, "Demo QC Officer", "qc_officer", admin)
     officer = Credentials(QC_OFFICER_USER, password_file(state_dir, QC_OFFICER_USER).read_text().strip())
 
-    def approve(record_ids: Sequence[str]) -> str:
-        with (
-            UserStore(user_store_path(state_dir), AuditLog(audit_path, key=key)) as store,
-            HistoryArchive(archive_path, read_only=True) as archive,
-        ):
-            signature = sign(
+    def archived(record_ids: Sequence[str]) -> bool:
+        with HistoryArchive(archive_path, read_only=True) as archive:
+            return all(archive.get(record_id) is not None for record_id in record_ids)
+
+    async def signer(record_ids: Sequence[str]) -> str:
+        """Approve `record_ids` once the history sink has archived them (a signature hashes the archived record)."""
+        async with asyncio.timeout(ARCHIVE_WAIT_S):
+            while not await asyncio.to_thread(archived, record_ids):
+                await asyncio.sleep(0.2)
+        store = await asyncio.to_thread(UserStore, user_store_path(state_dir), AuditLog(audit_path, key=key))
+        archive = await asyncio.to_thread(HistoryArchive, archive_path, read_only=True)
+        try:
+            signature = await sign_async(
                 store=store,
                 archive=archive,
                 credentials=officer,
@@ -53,10 +62,10 @@ def demo_signer(state_dir: Path, audit_path: Path, archive_path: Path, key: byte
                 meaning="approved",
                 comment="demo: procedures reviewed on the controller's records",
             )
+        finally:
+            await asyncio.to_thread(archive.close)
+            await asyncio.to_thread(store.close)
         return f"signed {len(record_ids)} record(s) as {signature.meaning} (audit record #{signature.seq})"
-
-    async def signer(record_ids: Sequence[str]) -> str:
-        return await asyncio.to_thread(approve, record_ids)
 
     return signer
 

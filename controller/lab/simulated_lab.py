@@ -525,6 +525,7 @@ def station_mo99_breakthrough(site: str) -> Callable[[Message], list[Message]]:
 def announce(config: LabConfig, lab: SimLab, *, private_broker: bool) -> None:
     """Tell the newcomer what runs where, and which embedded defaults are in use."""
     lines = ["", f"hotlab simulated lab ({config.site})", "  devices:"]
+    officer = next((o.name for o in config.operators if o.role == "qc_officer"), None)
     for device in config.devices:
         transport = device.transport
         where = transport.url if isinstance(transport, SerialTransport) else describe_link(transport)
@@ -532,6 +533,7 @@ def announce(config: LabConfig, lab: SimLab, *, private_broker: bool) -> None:
     lines.append(
         f"  chambers:    empty {lab.chamber_empty_s:g} s, then a dose (or the check source) for "
         f"{lab.chamber_loaded_s:g} s, again and again: one measurement each time"
+        + ("" if officer is None else " (but the QC officer's)")
     )
     lines.append(
         f"  time:        elution stations run {lab.acceleration:g}x faster than the wall clock"
@@ -554,5 +556,10 @@ def announce(config: LabConfig, lab: SimLab, *, private_broker: bool) -> None:
     ]
     if config.operators:
         lines.append(f"  operator:    {config.operators[0].name} (simulated) sends start_elution commands over MQTT")
+    if officer is not None and lab.check_source is not None:
+        lines.append(
+            f"  QC officer:  {officer} (simulated) loads {lab.check_source.device} by hand: a constancy baseline, "
+            "the daily check, a Ge-68 follow-up, then signs them"
+        )
     lines += ["  stop with Ctrl-C", ""]
     print("\n".join(lines), file=sys.stderr, flush=True)
