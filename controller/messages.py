@@ -345,6 +345,7 @@ def qc_message(
     inputs: dict[str, Any],
     time_ns: int | None = None,
     procedure_id: str | None = None,
+    msg_id: str | None = None,
 ) -> Message:
     """A QC verdict; `inputs` holds everything needed to recompute it later.
 
@@ -352,7 +353,7 @@ def qc_message(
     judge a deviation (controller/qc/result.py QcResult says what each field means); `procedure_id`
     names the QC procedure the verdict belongs to, if any.
     """
-    payload = envelope("qc_result", time_ns if time_ns is not None else time.time_ns()) | {
+    payload = envelope("qc_result", time_ns if time_ns is not None else time.time_ns(), msg_id) | {
         "site": site,
         "station": station,
         "device": device,

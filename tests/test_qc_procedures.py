@@ -545,3 +545,19 @@ def test_start_qc_sets_each_procedure_up_from_its_args_and_the_config_or_refuses
     commands = ProcedureCommands("lab", qc, store)
     sleeves = start("cal", {"procedure": "sleeve_linearity", "nuclide": "Tc-99m"})
     assert sleeves["step_labels"] == ["unshielded", "s1", "s2"]
+
+
+def test_a_batch_judged_again_after_a_failed_commit_gives_the_same_records() -> None:
+    """Results and procedure records had random msg_ids: judged again, the same verdict was a new record."""
+    qc = engine()
+    commit(qc, started("baseline", T0, source_id="CS-1"))
+    batch = (
+        measured(READS["Cs-137"], T0 + 60 * S, "Cs-137"),
+        measured(READS["Tc-99m"], T0 + 90 * S, "Tc-99m", start_ns=T0 + 61 * S),
+        measured(READS["F-18"], T0 + 120 * S, "F-18", start_ns=T0 + 91 * S, end="dwell"),
+    )
+    first, again = qc.process(*batch), qc.process(*batch)  # the first commit failed: nothing applied
+    assert [m.payload for m in first.messages] == [m.payload for m in again.messages]
+    assert {m.kind for m in first.messages} >= {"qc_result", "qc_procedure", "qc_baseline"}
+    ticked = [qc.tick(T0 + 10**15).messages for _ in range(2)]
+    assert ticked[0] == ticked[1]

@@ -185,6 +185,11 @@ class Procedure:
     def _message(
         self, status: Status, ended_ns: int | None, detail: str, msg_id: str | None, verdict: str | None = None
     ) -> Message:
+        """The record; its msg_id, unless given, is name-based on the procedure, status and end time, so
+        the same end decided again (a batch processed again after a failed commit) is the same record."""
+        if msg_id is None:
+            name = json.dumps(["qc_procedure_record", self.procedure_id, status, ended_ns])
+            msg_id = uuid.uuid5(MSG_ID_NAMESPACE, name).hex
         return qc_procedure_message(
             self.site,
             self.station,

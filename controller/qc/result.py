@@ -8,12 +8,14 @@ defined once, on `QcResult`, and holds for every test.
 
 from __future__ import annotations
 
+import json
 import math
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from hotlab.controller.messages import Message, iso_utc, qc_message
+from hotlab.controller.messages import MSG_ID_NAMESPACE, Message, iso_utc, qc_message
 from hotlab.controller.qc.limits import Limit, LimitKind, Verdict
 from hotlab.errors import InputError
 
@@ -93,7 +95,15 @@ class QcResult:
 
         Alarms are not a second message: the payload carries ``alarm: true`` and the sinks
         publish it on the same topic, so a verdict is committed, sent and stored exactly once.
+        The msg_id is name-based on what was judged (device, test, time, procedure, inputs), so
+        the same inputs judged again (a batch processed again after a failed commit, a restart)
+        give the same message.
         """
+        name = json.dumps(
+            ["qc_result", site, device, self.test, self.time_ns, self.procedure_id, dict(self.inputs)],
+            sort_keys=True,
+            default=str,
+        )
         base = qc_message(
             site,
             station,
@@ -108,6 +118,7 @@ class QcResult:
             inputs=dict(self.inputs),
             time_ns=self.time_ns,
             procedure_id=self.procedure_id,
+            msg_id=uuid.uuid5(MSG_ID_NAMESPACE, name).hex,
         )
         extra = {
             "alarm": self.alarm,
