@@ -99,7 +99,8 @@ class _Track:
     background: list[float] = field(default_factory=list)
     setting: str | None = None
     start_ns: int = 0
-    start_background_bq: float = 0.0
+    #: The empty-chamber readings just before the source went in (the measurement's background).
+    start_background: tuple[float, ...] = ()
     settle_ns: int = 0
     #: rising: the last `settle_readings` readings; settled: the plateau so far. (point, reading msg_id)
     readings: list[tuple[Point, str]] = field(default_factory=list)
@@ -111,7 +112,7 @@ class _Track:
             list(self.background),
             self.setting,
             self.start_ns,
-            self.start_background_bq,
+            self.start_background,
             self.settle_ns,
             list(self.readings),
             self.last,
@@ -160,7 +161,7 @@ class _Track:
 
     def _start(self, point: Point, msg_id: str) -> None:
         self.phase, self.setting, self.start_ns = "rising", point.nuclide, point.time_ns
-        self.start_background_bq = statistics.fmean(self.background) if self.background else 0.0
+        self.start_background = tuple(self.background)
         self.readings, self.last = [(point, msg_id)], point
 
     def _rise(self, device: DetectedDevice, point: Point, msg_id: str) -> None:
@@ -177,12 +178,13 @@ class _Track:
             activity_bq=statistics.fmean(corrected),
             sd_bq=statistics.stdev(corrected) if len(corrected) > 1 else 0.0,
             n=len(corrected),
-            background_bq=self.start_background_bq,
+            background_bq=statistics.fmean(self.start_background) if self.start_background else 0.0,
             start_ns=self.start_ns,
             settle_ns=self.settle_ns,
             removal_ns=removal_ns,
             end=end,
             reading_ids=_capped_ids([msg_id for _, msg_id in self.readings]),
+            background_readings=self.start_background,
         )
 
 

@@ -154,6 +154,8 @@ class MeasurementValues:
     removal_ns: int | None
     end: Literal["removed", "dwell", "changed", "setting_changed"]
     reading_ids: tuple[str, ...]
+    #: The empty-chamber readings `background_bq` is the mean of: their spread sets a detectable level.
+    background_readings: tuple[float, ...] = ()
 
 
 def measurement_message(site: str, station: str, values: MeasurementValues) -> Message:
@@ -172,6 +174,7 @@ def measurement_message(site: str, station: str, values: MeasurementValues) -> M
         "sd_bq": float(values.sd_bq),
         "n": int(values.n),
         "background_bq": float(values.background_bq),
+        "background_readings": [float(value) for value in values.background_readings],
         "start_ns": int(values.start_ns),
         "start_time": iso_utc(values.start_ns),
         "settle_ns": int(values.settle_ns),

@@ -91,6 +91,7 @@ def test_a_dose_inserted_read_and_removed_is_one_measurement() -> None:
     assert measurement["sd_bq"] == pytest.approx(statistics.stdev(corrected), rel=1e-9)
     assert measurement["n"] == 6
     assert measurement["background_bq"] == pytest.approx(statistics.fmean([1.2e3, -0.8e3, 2.0e3]))
+    assert measurement["background_readings"] == [1.2e3, -0.8e3, 2.0e3]  # the readings that mean is of
     assert (measurement["start_ns"], measurement["settle_ns"], measurement["removal_ns"]) == (
         T0 + 6 * S,
         T0 + 14 * S,

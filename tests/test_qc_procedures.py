@@ -7,6 +7,8 @@ half-lives of hotlab.physics.nuclides (the check source is Cs-137 whatever the s
 
 from __future__ import annotations
 
+import math
+import statistics
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -63,6 +65,7 @@ def measured(
     end: str = "setting_changed",
     background_bq: float = 1.0e3,
     start_ns: int | None = None,
+    background_readings: tuple[float, ...] = (),
 ) -> Message:
     values = MeasurementValues(
         "cal",
@@ -76,6 +79,7 @@ def measured(
         settle_ns + S if end == "removed" else None,
         end,  # type: ignore[arg-type]
         ("a" * 32, "b" * 32),
+        background_readings,
     )
     return measurement_message("lab", "hot", values)
 
@@ -561,3 +565,22 @@ def test_a_batch_judged_again_after_a_failed_commit_gives_the_same_records() -> 
     assert {m.kind for m in first.messages} >= {"qc_result", "qc_procedure", "qc_baseline"}
     ticked = [qc.tick(T0 + 10**15).messages for _ in range(2)]
     assert ticked[0] == ticked[1]
+
+
+def test_ge68_follow_up_takes_its_detectable_level_from_the_spread_of_the_measurements_background() -> None:
+    """Only the mean background reached the rule, so a net reading inside the background's own noise counted as
+    detected Ge-68 whenever it passed the configured floor (2 Bq here)."""
+    qc = engine()
+    eoe = parse_time_ns("2026-03-01T00:00:00Z", "eoe")
+    eluted = elution(1, 1.2e9, eoe)
+    commit(qc, eluted)
+    later = eoe + 72 * 3600 * S
+    commit(qc, started("ge68_breakthrough", later, role="operator", elution_id=eluted.msg_id, generator="GA-1"))
+    empty = (8.0, 12.0, 10.0, 9.0, 11.0)  # mean 10 Bq, sd 1.58 Bq
+    decision = 1.645 * statistics.stdev(empty) * math.sqrt(1 + 1 / len(empty))  # Currie L_C = 2.85 Bq
+    outcome = commit(qc, measured(12.5, later + 60 * S, "Ga-68", end="removed", background_bq=10.0,
+                                  background_readings=empty))  # fmt: skip
+    [result] = outcome.results
+    inputs = result.payload["inputs"]
+    assert inputs["detected"] is False and inputs["background_readings"] == 5  # net 2.5 Bq < L_C
+    assert inputs["detection_limit_bq"] == pytest.approx(2 * decision, rel=1e-9)

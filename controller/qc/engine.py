@@ -354,6 +354,13 @@ def _required_time(table: ConfigTable, name: str) -> int:
     return time_ns
 
 
+def _background_readings(measurement: Mapping[str, Any]) -> list[float]:
+    """A measurement's empty-chamber readings (their spread sets a detectable level), else its mean background
+    alone (a measurement recorded before it carried them), which needs a configured minimum detectable level."""
+    readings = measurement.get("background_readings") or [measurement["background_bq"]]
+    return [float(value) for value in readings]
+
+
 def _restorable(payload: Mapping[str, Any], keys: tuple[str, ...]) -> bool:
     """True if an archived payload has a finite number under every key (restore skips others)."""
     values = [payload.get(key) for key in keys]
@@ -1200,7 +1207,7 @@ class QcEngine:
                 float(payload["activity_bq"]),
                 int(payload["time_ns"]),
                 self.config.limits["ge68_breakthrough"],
-                background_bq=[float(payload["background_bq"])],
+                background_bq=_background_readings(payload),
                 minimum_detectable_bq=self.config.minimum_detectable_bq(procedure.device),
                 aliquot_fraction=procedure.aliquot_fraction,
             )
