@@ -92,7 +92,8 @@ def test_add_many_is_idempotent_on_msg_id(tmp_path: Path) -> None:
     with HistoryArchive(tmp_path / "history.sqlite") as archive:
         assert archive.add_many(messages) == 20
         assert archive.add_many(messages[5:15]) == 0
-        assert archive.add_many(messages + sample_messages(4)) == 4
+        later = sample_messages(4, start_ns=NOV_1 + 20 * 600_000_000_000)  # new records, after the first 20
+        assert archive.add_many(messages + later) == 4
         assert archive.count() == 24
     with HistoryArchive(tmp_path / "history.sqlite") as reopened:
         assert reopened.count() == 24

@@ -95,12 +95,24 @@ class QcResult:
 
         Alarms are not a second message: the payload carries ``alarm: true`` and the sinks
         publish it on the same topic, so a verdict is committed, sent and stored exactly once.
-        The msg_id is name-based on what was judged (device, test, time, procedure, inputs), so
+        The msg_id is name-based on what was judged and how (device, test, time, procedure, inputs,
+        verdict, value, limit), so
         the same inputs judged again (a batch processed again after a failed commit, a restart)
         give the same message.
         """
         name = json.dumps(
-            ["qc_result", site, device, self.test, self.time_ns, self.procedure_id, dict(self.inputs)],
+            [
+                "qc_result",
+                site,
+                device,
+                self.test,
+                self.time_ns,
+                self.procedure_id,
+                dict(self.inputs),
+                self.verdict,
+                self.measured,
+                self.limit.text,
+            ],  # fmt: skip
             sort_keys=True,
             default=str,
         )
