@@ -63,6 +63,9 @@ USER_DISABLE = "user.disable"
 #: A password check that failed, and the lock that consecutive failures put on an account.
 USER_AUTH_FAILED = "user.auth_failed"
 USER_LOCK = "user.lock"
+#: Signing in to and out of the web panel (controller/web/).
+USER_LOGIN = "user.login"
+USER_LOGOUT = "user.logout"
 
 KEY_ENV = "HOTLAB_AUDIT_KEY"
 KEY_FILE_ENV = "HOTLAB_AUDIT_KEY_FILE"

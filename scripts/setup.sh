@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Install what hotlab and its tests need on a fresh Debian machine: the service binaries the
-# integration tests start (mosquitto, influxd, socat, mbpoll, openssl) and a virtualenv in .venv.
+# integration tests start (mosquitto, influxd, socat, mbpoll, openssl), the browser the web panel's
+# test drives (chromium) and a virtualenv in .venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 need=()
-for bin in mosquitto:mosquitto mosquitto_sub:mosquitto-clients influxd:influxdb socat:socat mbpoll:mbpoll openssl:openssl; do
+for bin in mosquitto:mosquitto mosquitto_sub:mosquitto-clients influxd:influxdb socat:socat mbpoll:mbpoll openssl:openssl chromium:chromium; do
     command -v "${bin%%:*}" >/dev/null 2>&1 || need+=("${bin##*:}")
 done
 if ((${#need[@]})); then

@@ -44,7 +44,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _source_files() -> set[str]:
     """Every file the wheel must hold, named as installed: each module of the five folders, the JSON
-    schemas and the typing marker. A subpackage missing from pyproject's explicit `packages` is missing here."""
+    schemas, the web panel's templates and static files, and the typing marker. A subpackage missing from pyproject's explicit `packages` is missing here."""
     files = {"hotlab/py.typed"}
     for folder, prefix in PACKAGE_FOLDERS.items():
         root = REPO / folder
@@ -52,6 +52,13 @@ def _source_files() -> set[str]:
             if "__pycache__" not in path.parts:
                 files.add(f"{prefix}/{path.relative_to(root).as_posix()}")
     files |= {f"hotlab/controller/schemas/{path.name}" for path in (REPO / "controller" / "schemas").glob("*.json")}
+    web = REPO / "controller" / "web"
+    files |= {
+        f"hotlab/controller/web/{path.relative_to(web).as_posix()}"
+        for folder in ("templates", "static")
+        for path in (web / folder).rglob("*")
+        if path.is_file()
+    }
     return files
 
 

@@ -1,0 +1,1 @@
+"""The browser panel of `hotlab web` (docs/web.md)."""

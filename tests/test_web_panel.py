@@ -1,0 +1,201 @@
+"""The web panel in a real browser (Debian's chromium driven by Playwright) against a real Mosquitto.
+
+The panel runs in the test's event loop on a free loopback port, with a user store whose audit
+trail is HMAC-keyed; the lab's messages are built with the controller's own builders and
+published to the broker, as the controller would. Expected activities are written out in the
+unit a person reads (370 MBq is 370 × 10^6 Bq), not taken from the formatter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import time
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import aiomqtt
+import pytest
+import uvicorn
+from playwright.async_api import Page, async_playwright, expect
+
+from hotlab.controller.audit import USER_AUTH_FAILED, USER_LOGIN, USER_LOGOUT, AuditLog, iter_records, verify_chain
+from hotlab.controller.config import MqttConfig
+from hotlab.controller.messages import Message, device_status_message, reading_message
+from hotlab.controller.qc.schedule import ItemStatus
+from hotlab.controller.qc.schedule_stage import qc_status_message
+from hotlab.controller.users import Credentials, UserStore
+from hotlab.controller.web.app import create_app
+from hotlab.controller.web.auth import COOKIE_NAME, Sessions
+from hotlab.controller.web.live import LiveFeed
+from hotlab.drivers.records import Reading
+from tests.mosquitto_service import MosquittoBroker, free_tcp_port, mosquitto  # noqa: F401
+
+CHROMIUM = "/usr/bin/chromium"
+KEY = b"hotlab web panel test key, 32 bytes or more"
+SITE, STATION, DEVICE = "lab-a", "hotcell-1", "cal-1"
+ADMIN_PW = "admin passphrase one"
+QC_PW = "qc officer passphrase"
+#: Playwright waits this long for what the page should show; the panel pushes within a second.
+SHOWN_WITHIN_MS = 3000
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[UserStore]:
+    with UserStore(tmp_path / "users.sqlite3", AuditLog(tmp_path / "audit.jsonl", key=KEY)) as users:
+        users.add_user("root", "Ada Admin", "admin", ADMIN_PW, admin=None)
+        users.add_user("jdoe", "Jane Doe", "qc_officer", QC_PW, admin=Credentials("root", ADMIN_PW))
+        yield users
+
+
+@pytest.fixture
+async def panel(mosquitto: MosquittoBroker, store: UserStore) -> AsyncIterator[str]:
+    """The panel's base URL, once it is subscribed to the broker."""
+    feed = LiveFeed(SITE, MqttConfig(host=mosquitto.host, port=mosquitto.port))
+    port = free_tcp_port()
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(feed, store), host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    )
+    serving = asyncio.create_task(server.serve())
+    deadline = time.monotonic() + 10
+    while not (server.started and feed.view.connected):
+        assert time.monotonic() < deadline, "the panel did not start and subscribe within 10 s"
+        await asyncio.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await serving
+
+
+async def publish(broker: MosquittoBroker, *messages: Message, retain: bool = False) -> None:
+    async with aiomqtt.Client(broker.host, broker.port) as client:
+        for message in messages:
+            await client.publish(message.topic, json.dumps(message.payload), qos=1, retain=retain)
+
+
+def reading(activity_bq: float) -> Reading:
+    return Reading(DEVICE, "Tc-99m", activity_bq, activity_bq / 1e6, "MBq", time.time_ns(), b"frame")
+
+
+def audited(store: UserStore) -> list[tuple[str, str, str]]:
+    return [(r.actor, r.action, r.target) for r in iter_records(store.audit.path)]
+
+
+def post_status(url: str, cookie: str, body: bytes) -> int:
+    """The status of a form POST sent with the session cookie but without the page's CSRF token."""
+    request = urllib.request.Request(
+        url,
+        data=body,
+        method="POST",
+        headers={"Cookie": f"{COOKIE_NAME}={cookie}", "Content-Type": "application/x-www-form-urlencoded"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as refused:
+        return refused.code
+
+
+async def sign_in(page: Page, username: str, password: str) -> None:
+    await page.fill("#username", username)
+    await page.fill("#password", password)
+    await page.click("button[type=submit]")
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(shutil.which(CHROMIUM) is None, reason="Debian's chromium is not installed")
+async def test_login_live_overview_csrf_and_logout_in_a_browser(
+    panel: str,
+    mosquitto: MosquittoBroker,
+    store: UserStore,
+) -> None:
+    now = time.time_ns()
+    await publish(
+        mosquitto,
+        device_status_message(SITE, STATION, DEVICE, up=True, latency_ms=12.0, errors=0),
+        reading_message(SITE, STATION, reading(370e6)),
+    )
+    daily = ItemStatus(
+        device=DEVICE,
+        station=STATION,
+        item="daily-constancy",
+        test="constancy",
+        state="due",
+        due_ns=now,
+        overdue_ns=now + 3600 * 10**9,
+        last_done_ns=None,
+        last_verdict=None,
+        last_record_id=None,
+        elution_id=None,
+        detail="due today",
+    )
+    await publish(mosquitto, qc_status_message(SITE, daily, now), retain=True)
+
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            page = await browser.new_page()
+            await page.goto(panel + "/")
+            await expect(page).to_have_url(panel + "/login")  # no session: every page sends to the login
+
+            await sign_in(page, "jdoe", "not the password at all")
+            await expect(page.get_by_role("alert")).to_contain_text("Sign-in refused")
+            assert ("jdoe", USER_AUTH_FAILED, "user:jdoe") in audited(store)
+
+            await sign_in(page, "jdoe", QC_PW)
+            await expect(page).to_have_url(panel + "/")
+            device = page.locator(f"[data-device='{DEVICE}']")
+            await expect(device).to_contain_text("online")
+            await expect(device.locator(".activity")).to_have_text("370 MBq")  # 370e6 Bq
+            await expect(device.locator(".qc li.due")).to_contain_text("constancy")
+
+            # A new reading shows without a reload: a mark set on this document must still be there.
+            await page.evaluate("window.notReloaded = true")
+            await publish(mosquitto, reading_message(SITE, STATION, reading(1.25e9)))
+            await expect(device.locator(".activity")).to_have_text("1.25 GBq", timeout=SHOWN_WITHIN_MS)
+            assert await page.evaluate("window.notReloaded === true")
+
+            # A POST without the session's CSRF token is refused, in the browser's own session and outside it.
+            cookie = next(c["value"] for c in await page.context.cookies() if c["name"] == COOKIE_NAME)
+            refused = await page.context.request.post(panel + "/logout", form={"csrf_token": "forged"})
+            assert refused.status == 403
+            assert await asyncio.to_thread(post_status, panel + "/logout", cookie, b"") == 403
+            await page.reload()
+            await expect(page).to_have_url(panel + "/")  # still signed in
+
+            await page.get_by_role("button", name="Log out").click()
+            await expect(page).to_have_url(panel + "/login")
+            await page.goto(panel + "/")
+            await expect(page).to_have_url(panel + "/login")
+        finally:
+            await browser.close()
+
+    # The ended session is gone on the server too: a copy of its cookie opens nothing.
+    stale = urllib.request.Request(panel + "/", headers={"Cookie": f"{COOKIE_NAME}={cookie}"})
+    with await asyncio.to_thread(urllib.request.urlopen, stale, None, 5) as response:
+        assert response.url == panel + "/login"
+    trail = audited(store)
+    assert ("jdoe", USER_LOGIN, "user:jdoe") in trail
+    assert ("jdoe", USER_LOGOUT, "user:jdoe") in trail
+    assert trail.index(("jdoe", USER_LOGIN, "user:jdoe")) < trail.index(("jdoe", USER_LOGOUT, "user:jdoe"))
+    assert verify_chain(store.audit.path, KEY).ok
+
+
+def test_a_session_ends_after_15_idle_minutes_and_activity_keeps_it() -> None:
+    now = [0.0]
+    sessions = Sessions(clock=lambda: now[0])
+    session = sessions.start(None)
+    cookie = sessions.cookie_value(session)
+    now[0] = 14 * 60.0
+    assert sessions.from_cookie(cookie) is session
+    # The same session id signed with another key (another panel process, or a forger) opens nothing.
+    assert sessions.from_cookie(Sessions().cookie_value(session)) is None
+    sessions.touch(session)
+    now[0] = 28 * 60.0  # 14 min after the last activity, 28 after the start
+    assert sessions.from_cookie(cookie) is session
+    now[0] = 28 * 60.0 + 15 * 60.0 + 1
+    assert sessions.from_cookie(cookie) is None
