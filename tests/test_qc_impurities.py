@@ -82,6 +82,11 @@ def test_the_detectable_level_is_currie_from_the_background_spread() -> None:
         detectable_level([2.0])
     with pytest.raises(QcInputError, match="needs the background measured with it"):
         detectable_level([])
+    # A display that rounds the empty chamber to 0.000 gives no spread: L_C would be 0 and any reading "below
+    # 0 %" a pass. It needs a configured minimum, like one reading.
+    with pytest.raises(QcInputError, match="no spread to set a detectable level"):
+        detectable_level([0.0, 0.0, 0.0])
+    assert detectable_level([0.0, 0.0], minimum_bq=3.0).level_bq == 3.0
 
 
 def test_ge68_subtracts_the_background_and_bounds_a_net_below_the_detectable_level() -> None:

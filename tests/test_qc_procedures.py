@@ -79,7 +79,7 @@ def measured(
         settle_ns + S if end == "removed" else None,
         end,  # type: ignore[arg-type]
         ("a" * 32, "b" * 32),
-        background_readings,
+        background_readings or (background_bq,),  # as the detector gives it: the readings the mean is of
     )
     return measurement_message("lab", "hot", values)
 
@@ -584,3 +584,13 @@ def test_ge68_follow_up_takes_its_detectable_level_from_the_spread_of_the_measur
     inputs = result.payload["inputs"]
     assert inputs["detected"] is False and inputs["background_readings"] == 5  # net 2.5 Bq < L_C
     assert inputs["detection_limit_bq"] == pytest.approx(2 * decision, rel=1e-9)
+
+
+def test_a_timed_out_procedure_ends_at_its_deadline_whenever_the_tick_finds_it() -> None:
+    """The end was stamped with the tick's time, so the same timeout decided twice gave two different records."""
+    qc = engine()
+    commit(qc, started("baseline", T0, source_id="CS-1"))
+    deadline = T0 + 30 * 60 * S  # [qc] procedure_timeout_min = 30 in CONFIG
+    first, later = qc.tick(deadline + 5 * S), qc.tick(deadline + 95 * S)
+    assert first.messages == later.messages
+    assert first.messages[0].payload["ended_ns"] == deadline

@@ -222,6 +222,17 @@ def test_a_station_clock_running_ahead_does_not_make_todays_qc_overdue() -> None
     assert item(s, "daily_constancy", now + 60 * 10**9).state == "due"
 
 
+def test_a_dose_prescribed_for_tomorrow_does_not_move_the_schedule_to_tomorrow() -> None:
+    """A dosage verdict is timed at the administration: one for 10:00 tomorrow made tomorrow's QC overdue tonight."""
+    s = stage()
+    tonight = utc("2026-06-10T21:30:00Z")  # 23:30 in Berlin
+    committed(s, reading(tonight), result("dosage", "pass", tonight + 10 * H + 30 * 60 * 10**9))
+    ticked = s.tick(tonight + 60 * 10**9)
+    assert not [
+        m for m in ticked.statuses if m.payload["state"] == "overdue" and m.payload["item"] == "daily_constancy"
+    ]
+
+
 def test_a_failed_background_inside_the_procedure_fails_background_only() -> None:
     s = stage()
     start = utc("2026-06-10T05:00:00Z")

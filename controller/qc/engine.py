@@ -357,7 +357,9 @@ def _required_time(table: ConfigTable, name: str) -> int:
 def _background_readings(measurement: Mapping[str, Any]) -> list[float]:
     """A measurement's empty-chamber readings (their spread sets a detectable level), else its mean background
     alone (a measurement recorded before it carried them), which needs a configured minimum detectable level."""
-    readings = measurement.get("background_readings") or [measurement["background_bq"]]
+    readings = measurement.get("background_readings")
+    if readings is None:
+        readings = [measurement["background_bq"]]
     return [float(value) for value in readings]
 
 
@@ -559,9 +561,9 @@ class QcEngine:
                 continue
             missing = ", ".join(procedure.missing) or "no setting"
             ended.append(
-                procedure.end_message(
+                procedure.end_message(  # ended at its deadline: the same end however late the tick that finds it
                     "incomplete",
-                    now_ns,
+                    deadline,
                     f"not finished within {self.config.procedure_timeout_min:g} min ([qc] procedure_timeout_min); "
                     f"no result for: {missing}",
                 )

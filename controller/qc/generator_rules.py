@@ -287,6 +287,11 @@ def detectable_level(background_bq: Sequence[float], minimum_bq: float = 0.0) ->
     if len(readings) == 1:
         return DetectableLevel(mean, None, 1, None, floor)
     sd = statistics.stdev(readings)
+    if sd == 0 and floor == 0:
+        raise QcInputError(
+            f"the {len(readings)} background readings are all {mean:g} Bq: no spread to set a detectable level "
+            "(a display that rounds to zero); configure a minimum detectable activity"
+        )
     currie = CURRIE_K * sd * math.sqrt(1.0 + 1.0 / len(readings))
     return DetectableLevel(mean, sd, len(readings), currie, floor)
 

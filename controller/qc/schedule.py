@@ -387,15 +387,17 @@ class Schedule:
         return False
 
     def _on_controller_clock(self, message: Message) -> bool:
-        """Whether `message`'s time is the controller's (a calibrator's reading, measurement or result, a
-        procedure or status record), so the schedule's clock may follow it. An elution and what is judged
+        """Whether `message`'s time is the controller's (a calibrator's reading, measurement or result other
+        than a dosage, a procedure or status record), so the schedule's clock may follow it. An elution and what is judged
         at its end carry the station's clock, which may run ahead: one such time must not make today's
         daily QC overdue."""
         if message.kind in ("qc_procedure", "qc_status"):
             return True
-        return (
-            message.kind in ("reading", "measurement", "qc_result")
-            and message.payload.get("device") in self.calibrators
+        if message.payload.get("device") not in self.calibrators:
+            return False
+        # A dosage verdict is timed at the administration, which may be tomorrow.
+        return message.kind in ("reading", "measurement") or (
+            message.kind == "qc_result" and message.payload.get("test") != "dosage"
         )
 
     def _fold_procedure(self, facts: ScheduleFacts, payload: Mapping[str, Any], time_ns: int) -> bool:
