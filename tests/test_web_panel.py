@@ -16,6 +16,7 @@ import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import aiomqtt
 import pytest
@@ -199,3 +200,56 @@ def test_a_session_ends_after_15_idle_minutes_and_activity_keeps_it() -> None:
     assert sessions.from_cookie(cookie) is session
     now[0] = 28 * 60.0 + 15 * 60.0 + 1
     assert sessions.from_cookie(cookie) is None
+
+
+def test_a_message_the_page_cannot_show_is_counted_and_the_page_still_renders() -> None:
+    """A retained qc_status without `test`, an absurd time, or JSON nested too deep crashed the page or the feed."""
+    from hotlab.controller.web.overview import lab_overview
+
+    feed = LiveFeed("lab", MqttConfig(host="127.0.0.1", port=1883))
+    status = {"schema": "hotlab.qc_status/1", "msg_id": "a" * 32, "time_ns": 1, "site": "lab", "device": "cal",
+              "item": "daily_constancy", "state": "due", "alarm": False, "detail": "", "station": "qc"}  # fmt: skip
+    feed.apply("hotlab/lab/qc/cal/qc/status/daily_constancy", json.dumps(status))  # no "test"
+    feed.apply("hotlab/lab/x", "[" * 100_000)  # RecursionError in json
+    alarm = {"schema": "hotlab.controller_alarm/1", "msg_id": "b" * 32, "time_ns": 10**25, "site": "lab",
+             "station": "qc", "device": "cal", "alarm": "outbox", "active": True, "fraction": 0.9}  # fmt: skip
+    feed.apply("hotlab/lab/controller/alarm", json.dumps(alarm))
+    assert feed.view.rejected == 2
+    overview = lab_overview(feed.view)
+    assert overview.devices == () and overview.alarms[0].time == "-"
+
+
+def test_server_sent_event_data_cannot_start_a_field_of_its_own() -> None:
+    """Only LF was split: a CR in a device's detail could end the data line and inject `event: signed-out`."""
+    from hotlab.controller.web.app import server_sent_event
+
+    event = server_sent_event("lab", "x\r\revent: signed-out\rdata: y\r\nz")
+    lines = event.split("\n")
+    assert all(line.startswith(("event: lab", "data: ")) or line == "" for line in lines), lines
+    assert "\r" not in event
+
+
+async def test_every_method_that_may_change_something_needs_the_csrf_token() -> None:
+    """Only POST was checked: a PUT or DELETE route added later would have had no CSRF protection."""
+    from hotlab.controller.web.auth import SessionGuard
+
+    reached: list[str] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        reached.append(scope["method"])
+
+    sessions = Sessions()
+    session = sessions.start(None)
+    cookie = f"{COOKIE_NAME}={sessions.cookie_value(session)}".encode()
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    for method in ("PUT", "PATCH", "DELETE", "POST"):
+        scope = {"type": "http", "path": "/login", "method": method, "headers": [(b"cookie", cookie)]}
+        await SessionGuard(app, sessions)(scope, receive, send)
+    assert reached == [] and [m["status"] for m in sent if m["type"] == "http.response.start"] == [403] * 4

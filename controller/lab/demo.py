@@ -135,7 +135,10 @@ class LabView:
             self.alarms.append(Alarm(int(payload["time_ns"]), "fail", f"{device} offline: {detail}"))
 
     def _on_reading(self, payload: dict[str, Any]) -> None:
-        self.latest_reading[str(payload["device"])] = payload | {"activity_bq": float(payload["activity_bq"])}
+        self.latest_reading[str(payload["device"])] = payload | {
+            "activity_bq": float(payload["activity_bq"]),
+            "station": str(payload["station"]),
+        }
 
     def _on_measurement(self, payload: dict[str, Any]) -> None:
         self.measurements.appendleft(
@@ -171,6 +174,7 @@ class LabView:
 
     def _on_qc_status(self, payload: dict[str, Any]) -> None:
         key = (str(payload["device"]), str(payload["item"]))
+        payload = payload | {"test": str(payload["test"]), "station": str(payload["station"])}  # shown as such
         state = str(payload["state"])
         if state not in STATE_STYLE:
             raise ValueError("state")
@@ -391,7 +395,9 @@ def _schedule(view: LabView) -> Table:
         table.add_column(name, no_wrap=True, overflow="ellipsis", ratio=1 if name == "item" else None)
     for (device, item), status in sorted(view.schedule.items()):
         state = str(status["state"])
-        table.add_row(device, item, Text(state.upper(), STATE_STYLE[state]), _day_clock(status.get("due_ns")))
+        table.add_row(
+            device, item, Text(state.upper(), STATE_STYLE[state]), _clock(status.get("due_ns"), "%m-%d %H:%M")
+        )
     return table
 
 
@@ -442,14 +448,11 @@ def _judged(result: dict[str, Any]) -> str:
     return f"{float(value):{sign}.4g} {limit_values.get('unit', '')}".strip()
 
 
-def _day_clock(time_ns: Any) -> str:
-    """A due time can be days away (a quarterly test): the date too."""
+def _clock(time_ns: Any, layout: str = "%H:%M:%S") -> str:
+    """A UTC time of day; `layout` "%m-%d %H:%M" for a time that can be days away (a quarterly test's due)."""
     if not isinstance(time_ns, int):
         return "-"
-    return datetime.fromtimestamp(time_ns / 1e9, tz=UTC).strftime("%m-%d %H:%M")
-
-
-def _clock(time_ns: Any) -> str:
-    if not isinstance(time_ns, int):
+    try:
+        return datetime.fromtimestamp(time_ns / 1e9, tz=UTC).strftime(layout)
+    except (OverflowError, ValueError, OSError):  # a time no clock shows: the message is shown without it
         return "-"
-    return datetime.fromtimestamp(time_ns / 1e9, tz=UTC).strftime("%H:%M:%S")

@@ -10,6 +10,8 @@ package (no CDN), and the Content-Security-Policy allows nothing else to load.
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -40,7 +42,12 @@ from hotlab.controller.web.auth import (
 from hotlab.controller.web.live import LiveFeed
 from hotlab.controller.web.overview import lab_overview
 
+log = logging.getLogger(__name__)
+
 HERE = Path(__file__).parent
+#: argon2id checks (64 MiB each) at once: a flood of sign-ins waits instead of taking every worker
+#: thread (and the audit writes queued behind them).
+PASSWORD_CHECKS_AT_ONCE = 2
 #: At most this many updates a second reach a page, however busy the bus is (changes in between merge).
 MAX_PUSHES_PER_S = 4
 #: A comment line this often keeps proxies from closing a quiet stream, and ends one whose session ended.
@@ -55,15 +62,23 @@ SECURITY_HEADERS = {
 }
 
 
+def _report_end(task: asyncio.Task[None]) -> None:
+    """The subscriber only ends when cancelled; anything else is said at once, not at shutdown."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("web panel: the broker subscription ended: %r; the page no longer updates", task.exception())
+
+
 def create_app(feed: LiveFeed, store: UserStore, sessions: Sessions | None = None) -> Starlette:
     """The panel for one lab: `feed` is subscribed while the app runs; `store` checks passwords and
     its audit log (with the HMAC key) records logins and logouts."""
     sessions = sessions or Sessions()
     templates = Jinja2Templates(directory=HERE / "templates")
+    password_checks = asyncio.Semaphore(PASSWORD_CHECKS_AT_ONCE)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         subscriber = asyncio.create_task(feed.run(), name="web-panel-mqtt")
+        subscriber.add_done_callback(_report_end)
         try:
             yield
         finally:
@@ -85,7 +100,8 @@ def create_app(feed: LiveFeed, store: UserStore, sessions: Sessions | None = Non
         form = await request.form()
         credentials = Credentials(str(form.get("username") or ""), str(form.get("password") or ""))
         try:
-            user = await asyncio.to_thread(store.authenticate, credentials, purpose="web login")
+            async with password_checks:
+                user = await asyncio.to_thread(store.authenticate, credentials, purpose="web login")
         except AccessDenied:
             return _login_page(request, anonymous.csrf_token, LOGIN_REFUSED, 401)
         await store.audit.append_async(
@@ -159,7 +175,8 @@ def create_app(feed: LiveFeed, store: UserStore, sessions: Sessions | None = Non
 
 def server_sent_event(name: str, data: str) -> str:
     """One event of the text/event-stream format (WHATWG HTML §9.2): each line of `data` on its own data: line."""
-    lines = "".join(f"data: {line}\n" for line in data.split("\n"))
+    # Browsers end an event-stream line at CR, LF or CRLF: split at each, so no text can start a field.
+    lines = "".join(f"data: {line}\n" for line in re.split(r"\r\n|\r|\n", data))
     return f"event: {name}\n{lines}\n"
 
 

@@ -37,6 +37,8 @@ CSRF_FIELD = "csrf_token"
 #: The paths that answer without a signed-in session; /static serves only the panel's own CSS and JS.
 LOGIN_PATH = "/login"
 STATIC_PREFIX = "/static/"
+#: Methods that change nothing (RFC 9110 9.2.1); every other one must carry the session's CSRF token.
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 #: The live stream: it does not count as activity, and refuses with 401 (a browser's EventSource stops).
 EVENTS_PATH = "/events"
 #: Anonymous sessions (a login form shown) kept at most; the oldest go first, signed-in ones never.
@@ -155,7 +157,7 @@ class SessionGuard:
             return
         path, method = scope["path"], scope["method"]
         session = self.sessions.from_cookie(HTTPConnection(scope).cookies.get(COOKIE_NAME))
-        if method == "POST":
+        if method not in SAFE_METHODS:  # every method that may change something, not only POST
             body = await _read_body(receive)
             if body is None:
                 await PlainTextResponse("form too large", status_code=413)(scope, receive, send)

@@ -44,6 +44,10 @@ class LiveFeed:
             self.view.rejected += 1
             log.warning("web panel: %s", exc)
             return
+        except Exception:  # a payload no check foresaw (nesting too deep, say) must not end the subscription
+            self.view.rejected += 1
+            log.exception("web panel: message on %s not shown", topic)
+            return
         if self.view.counts.total() != before:
             self._bump()
 

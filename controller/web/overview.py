@@ -108,4 +108,7 @@ def _reading(reading: dict[str, Any] | None) -> ReadingLine | None:
 def _clock(time_ns: Any) -> str:
     if not isinstance(time_ns, int):
         return "-"
-    return datetime.fromtimestamp(time_ns / 1e9, tz=UTC).strftime("%H:%M:%S UTC")
+    try:
+        return datetime.fromtimestamp(time_ns / 1e9, tz=UTC).strftime("%H:%M:%S UTC")
+    except (OverflowError, ValueError, OSError):  # a time no clock shows: the rest is still shown
+        return "-"
