@@ -1,24 +1,34 @@
 """MQTT control commands: validate, authenticate, authorise, audit, execute, reply.
 
-A command is a QoS 1 PUBLISH to hotlab/<site>/<station>/<device>/cmd/<action> carrying
-`hotlab.command/1` JSON (controller/schemas/command.json); the answer goes to the same topic
-plus `/reply` (`hotlab.command_reply/1`, QoS 1, not retained). docs/mqtt.md has the contract.
+A command is a QoS 1 PUBLISH to hotlab/<site>/<station>/<device>/cmd/<action> carrying a
+`hotlab.signed_command/1` envelope (controller/schemas/signed_command.json): a sender's name, the
+`hotlab.command/2` command as JSON text (controller/schemas/command.json) and the sender's HMAC
+over topic and text (controller/command_signing.py). The answer goes to the same topic plus
+`/reply` (`hotlab.command_reply/1`, QoS 1, not retained). docs/mqtt.md has the contract.
 
 Rules this module enforces, in this order:
 
-1. Parse strictly: payload at most MAX_PAYLOAD_BYTES, UTF-8, one JSON object without duplicate
-   keys, NaN/Infinity or lone surrogate escapes, exactly the envelope keys, an action the
-   device's family knows, and arguments of the right type and range. A retained command is
-   refused: the broker would hand it to the controller again on every reconnect and it would
-   run again. The subscription asks for MQTT 5's retain-as-published, because MQTT 3.1.1
-   clears the flag when it delivers to a connected subscriber, so the refusal holds for a
-   command retained while the controller is online too.
-2. Authenticate: the claimed `user` must be an [[operator]] and `token` must equal that
-   operator's secret (hmac.compare_digest, so the time taken does not reveal how much of a
-   guess was right). Authorise: the operator's role must be at least [commands.min_role] for
-   the action; a `label_measurement` that asks for an accuracy verdict (`reference_source`)
-   needs `label_accuracy` (default qc_officer), a dosage (`prescribed_activity`) `label_dosage`;
-   a `start_qc` of a baseline procedure needs `qc_baseline` (default qc_officer), `end_qc` `start_qc`.
+1. Parse strictly, then authenticate, then parse again: the envelope (at most
+   MAX_PAYLOAD_BYTES, UTF-8, one JSON object without duplicate keys, NaN/Infinity or lone
+   surrogate escapes, exactly its keys and types); then its signature, which the named
+   [[command_sender]]'s key must reproduce (compared in constant time; an unknown sender costs
+   the same as a wrong signature, and the refusal does not say which); only then the command
+   text inside, with the same strictness, an action the device's family knows and arguments of
+   the right type and range. A retained command is refused: the broker would hand it to the
+   controller again on every reconnect and it would run again. The subscription asks for
+   MQTT 5's retain-as-published, because MQTT 3.1.1 clears the flag when it delivers to a
+   connected subscriber, so the refusal holds for a command retained while the controller is
+   online too.
+2. Authorise: the person named in `user` must have an account in the lab's user store
+   (controller/users.py) that is neither disabled nor locked, with a role at least
+   [commands.min_role] for the action; a `label_measurement` that asks for an accuracy verdict
+   (`reference_source`) needs `label_accuracy` (default qc_officer), a dosage
+   (`prescribed_activity`) `label_dosage`; a `start_qc` of a baseline procedure needs
+   `qc_baseline` (default qc_officer), `end_qc` `start_qc`. The sender vouches for the person
+   (it checked their password); the audit trail names both.
+   Migration: a `hotlab.command/1` with an [[operator]]'s token in its payload is refused
+   (unauthorised) unless [commands] accept_token_commands is set, and then logged as a warning
+   each time (docs/mqtt.md#migrating-from-tokens).
 3. Audit every attempt in the hash-chained trail (controller/audit.py), including malformed
    and unauthorised ones, with the claimed user as actor. Audit first: an authorised command
    gets an intent record ("requested") before anything is sent to the device, and is not
@@ -50,7 +60,7 @@ Rules this module enforces, in this order:
    device (device offline, controller shutting down, audit trail unwritable) are not
    remembered: a retry with the same id after the cause is fixed runs.
 
-Tokens never appear in a log line, an audit record or a reply.
+Tokens (of the migration) never appear in a log line, an audit record or a reply.
 """
 
 from __future__ import annotations
@@ -61,6 +71,7 @@ import json
 import logging
 import math
 import re
+import sqlite3
 import time
 import unicodedata
 from collections import OrderedDict
@@ -80,10 +91,25 @@ from hotlab.controller.audit import (
     AuditRecord,
     iter_records,
 )
-from hotlab.controller.config import DEFAULT_COMMAND_MAX_AGE_S, ROLES, DeviceConfig, OperatorConfig
+from hotlab.controller.command_signing import (
+    COMMAND_SCHEMA,
+    MAX_PAYLOAD_BYTES,
+    SIGNATURE_HEX_CHARS,
+    SIGNED_SCHEMA,
+    signature_matches,
+)
+from hotlab.controller.config import (
+    DEFAULT_COMMAND_MAX_AGE_S,
+    ROLES,
+    TOKEN_MIGRATION_DOC,
+    CommandSenderConfig,
+    DeviceConfig,
+    OperatorConfig,
+)
 from hotlab.controller.measurement_labels import LabelRefused
 from hotlab.controller.messages import TOPIC_ROOT, iso_utc
 from hotlab.controller.qc.procedure_commands import ProcedureRefused
+from hotlab.controller.users import User
 from hotlab.drivers.elution_station import (
     CommandOutcome,
     CommandOutcomeUnknown,
@@ -96,10 +122,11 @@ from hotlab.physics.utc_time import parse_utc_ns
 
 log = logging.getLogger(__name__)
 
-COMMAND_SCHEMA = "hotlab.command/1"
+#: A command with an [[operator]]'s token in its payload: run only during a migration.
+TOKEN_COMMAND_SCHEMA = "hotlab.command/1"
 REPLY_SCHEMA = "hotlab.command_reply/1"
-#: Commands are a few hundred bytes; anything larger is a mistake or an attack on the parser.
-MAX_PAYLOAD_BYTES = 4096
+#: The answer to a token command when they are not accepted (any more).
+TOKENS_REFUSED = f"tokens in payloads are no longer accepted: sign commands, see {TOKEN_MIGRATION_DOC}"
 #: Controller-side sanity bound on an elution volume; the station refuses volumes outside its
 #: generator's own range (e.g. 1-10 mL for a Ge-68/Ga-68 generator) with a precise reason.
 MAX_VOLUME_ML = 50.0
@@ -129,9 +156,13 @@ UNKNOWN_ACTOR = "unknown"
 #: Audit reason when the attempt gave none (the audit trail requires one; Annex 11 §9).
 NO_REASON = "(no reason given)"
 
-_ENVELOPE_KEYS = frozenset({"schema", "request_id", "user", "token", "reason", "issued_at", "args"})
+_COMMAND_KEYS = frozenset({"schema", "request_id", "user", "reason", "issued_at", "args"})
+_TOKEN_COMMAND_KEYS = _COMMAND_KEYS | {"token"}
+_SIGNED_KEYS = frozenset({"schema", "sender", "command", "signature"})
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+#: User and sender names: the config's name rule (controller/config.py).
 _USER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_SIGNATURE = re.compile(rf"^[0-9a-f]{{{SIGNATURE_HEX_CHARS}}}$")
 #: Unicode categories refused in labels and reasons: controls (C0 and C1: Cc), format characters
 #: (Cf: bidi overrides such as U+202E, which make an audit record read differently than it is
 #: stored, zero-width characters) and the line and paragraph separators U+2028/U+2029 (Zl, Zp).
@@ -155,10 +186,10 @@ class Outcome(StrEnum):
     REQUESTED = "requested"  # intent record, written before the device is touched
     EXECUTED = "executed"
     REFUSED = "refused"  # not carried out: device state, device refusal, device offline
-    UNAUTHORISED = "unauthorised"  # unknown user, wrong or missing token, or role not allowed
+    UNAUTHORISED = "unauthorised"  # unknown sender, bad signature, no active account, role not allowed, a token
     MALFORMED = "malformed"
     UNCONFIRMED = "unconfirmed"  # sent, but whether the device carried it out is unknown: check the device
-    FAILED = "failed"  # not carried out: the audit trail could not be written (commands fail closed)
+    FAILED = "failed"  # not carried out: the audit trail or the user store was unusable (commands fail closed)
     DUPLICATE = "duplicate"  # audit only: a request id seen before, answered with the first outcome, not run again
     EXPIRED = "expired"  # not carried out: issued_at too old (replayed, queued) or too far ahead of our clock
 
@@ -174,9 +205,15 @@ class MalformedCommand(CommandRejected):
 
 
 class Unauthorised(CommandRejected):
-    """Not authenticated (unknown user, wrong token) or the role may not run the action."""
+    """Not authenticated (unknown sender, bad signature, no active account) or the role may not run the action."""
 
     outcome = Outcome.UNAUTHORISED
+
+
+class AccountsUnavailable(CommandRejected):
+    """The user store could not be read: nobody can be authorised, so nothing runs (fail closed)."""
+
+    outcome = Outcome.FAILED
 
 
 class ExpiredCommand(CommandRejected):
@@ -187,11 +224,10 @@ class ExpiredCommand(CommandRejected):
 
 @dataclass(frozen=True, slots=True)
 class Command:
-    """A well-formed command (not yet authenticated)."""
+    """A well-formed command (not yet authorised)."""
 
     request_id: str
     user: str
-    token: str = field(repr=False)
     reason: str
     action: str
     args: dict[str, Any]
@@ -200,34 +236,75 @@ class Command:
 
 
 @dataclass(frozen=True, slots=True)
+class SignedEnvelope:
+    """A well-formed `hotlab.signed_command/1` (its signature not yet checked, its command not yet parsed)."""
+
+    sender: str
+    command: str
+    signature: str
+
+
+@dataclass(frozen=True, slots=True)
+class TokenCommand:
+    """A well-formed `hotlab.command/1` and the token it carries (migration only)."""
+
+    command: Command
+    token: str = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Actor:
+    """Who an authorised command runs as: the person, their role, and the sender that vouched for them
+    (None for a token command, where the person's own token did)."""
+
+    name: str
+    role: str
+    sender: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class Claim:
-    """What an attempt said about itself, read leniently for the audit trail even from a bad payload."""
+    """What an attempt said about itself, read leniently for the audit trail even from a bad payload.
+
+    Of a signed command: the sender from the envelope, the rest from the command text inside it.
+    """
 
     actor: str = UNKNOWN_ACTOR
     reason: str = NO_REASON
     request_id: str | None = None
+    sender: str | None = None
 
     @classmethod
     def read(cls, payload: bytes) -> Claim:
-        try:
-            body = json.loads(payload) if len(payload) <= MAX_PAYLOAD_BYTES else None
-        except (ValueError, RecursionError):
+        body = _lenient_object(payload)
+        if body is None:
             return cls()
-        if not isinstance(body, dict):
-            return cls()
-
-        def text(key: str, limit: int) -> str | None:
-            value = body.get(key)
-            if not isinstance(value, str) or not _is_unicode(value):
-                return None  # a lone surrogate escape cannot be written to the audit trail
-            return value.strip()[:limit] or None
-
-        request_id = text("request_id", 64)
+        sender = _lenient_text(body, "sender", 64)
+        inner = body.get("command")
+        if isinstance(inner, str):
+            body = _lenient_object(inner.encode("utf-8", "replace")) or {}
+        request_id = _lenient_text(body, "request_id", 64)
         return cls(
-            actor=text("user", 64) or UNKNOWN_ACTOR,
-            reason=text("reason", MAX_REASON_CHARS) or NO_REASON,
+            actor=_lenient_text(body, "user", 64) or UNKNOWN_ACTOR,
+            reason=_lenient_text(body, "reason", MAX_REASON_CHARS) or NO_REASON,
             request_id=request_id if request_id and _REQUEST_ID.match(request_id) else None,
+            sender=sender if sender and _USER.match(sender) else None,
         )
+
+
+def _lenient_object(payload: bytes) -> dict[str, Any] | None:
+    try:
+        body = json.loads(payload) if len(payload) <= MAX_PAYLOAD_BYTES else None
+    except (ValueError, RecursionError):
+        return None
+    return body if isinstance(body, dict) else None
+
+
+def _lenient_text(body: Mapping[str, Any], key: str, limit: int) -> str | None:
+    value = body.get(key)
+    if not isinstance(value, str) or not _is_unicode(value):
+        return None  # a lone surrogate escape cannot be written to the audit trail
+    return value.strip()[:limit] or None
 
 
 # --------------------------------------------------------------------------- parsing
@@ -300,34 +377,82 @@ def _is_unicode(text: str) -> bool:
     return True
 
 
-def parse_command(payload: bytes, action: str, device: DeviceConfig) -> Command:
-    """Validate `payload` as `action` for `device`; raise MalformedCommand naming the first problem.
-
-    A command that is complete except for its token raises Unauthorised instead.
-    """
+def check_action(action: str, device: DeviceConfig) -> None:
+    """MalformedCommand unless `device`'s family takes `action`."""
     allowed = actions_for(device)
     if action not in allowed:
         kind = "an elution station" if device.is_station else "a dose calibrator"
         raise MalformedCommand(f"{action!r} is not a command for {device.name} ({kind}); allowed: {', '.join(allowed)}")
+
+
+def read_envelope(payload: bytes) -> SignedEnvelope | dict[str, Any]:
+    """The signed envelope of `payload`, checked strictly (its signature not yet).
+
+    A token command (`hotlab.command/1`) comes back as its JSON object, for `parse_token_command`
+    to read only when token commands are accepted at all.
+    """
     body = decode_json(payload)
-    missing = sorted(_ENVELOPE_KEYS - body.keys() - {"token"})
-    if missing:
-        raise MalformedCommand(f"missing key(s): {', '.join(missing)}")
-    unknown = sorted(body.keys() - _ENVELOPE_KEYS)
-    if unknown:
-        raise MalformedCommand(f"unknown key(s): {', '.join(unknown)}; allowed: {', '.join(sorted(_ENVELOPE_KEYS))}")
+    schema = body.get("schema")
+    if schema == TOKEN_COMMAND_SCHEMA:
+        return body
+    if "schema" in body and schema != SIGNED_SCHEMA:
+        raise MalformedCommand(
+            f"schema must be {SIGNED_SCHEMA!r} (a {COMMAND_SCHEMA} travels inside one, signed; docs/mqtt.md), "
+            f"got {_brief(schema)}"
+        )
+    _exact_keys(body, _SIGNED_KEYS)
+    sender = _string(body, "sender", 64)
+    if not _USER.match(sender):
+        raise MalformedCommand("sender must be a [[command_sender]] name: 1-64 letters, digits, '_', '-', '.'")
+    command = _string(body, "command", MAX_PAYLOAD_BYTES)
+    signature = _string(body, "signature", SIGNATURE_HEX_CHARS)
+    if not _SIGNATURE.match(signature):
+        raise MalformedCommand(f"signature must be {SIGNATURE_HEX_CHARS} lower-case hex digits (HMAC-SHA256)")
+    return SignedEnvelope(sender, command, signature)
+
+
+def parse_command(text: bytes, action: str, device: DeviceConfig) -> Command:
+    """Validate `text`, the command inside a signed envelope, as `action` for `device`; raise
+    MalformedCommand naming the first problem."""
+    check_action(action, device)
+    body = decode_json(text)
+    _exact_keys(body, _COMMAND_KEYS)
     if body["schema"] != COMMAND_SCHEMA:
         raise MalformedCommand(f"schema must be {COMMAND_SCHEMA!r}, got {_brief(body['schema'])}")
+    return _command(body, action)
+
+
+def parse_token_command(body: dict[str, Any], action: str, device: DeviceConfig) -> TokenCommand:
+    """Validate a `hotlab.command/1` (the envelope of `read_envelope`) as `action` for `device`.
+
+    A command that is complete except for its token raises Unauthorised instead of MalformedCommand.
+    """
+    check_action(action, device)
+    _exact_keys(body, _TOKEN_COMMAND_KEYS, optional=frozenset({"token"}))
+    command = _command(body, action)
+    if body.get("token") in (None, ""):
+        # Well-formed otherwise, but without credentials: an authentication failure, not a syntax error.
+        raise Unauthorised(f"command by {command.user!r} carries no token; every control command must be authenticated")
+    return TokenCommand(command, _string(body, "token", MAX_TOKEN_CHARS))
+
+
+def _exact_keys(body: Mapping[str, Any], keys: frozenset[str], optional: frozenset[str] = frozenset()) -> None:
+    missing = sorted(keys - optional - body.keys())
+    if missing:
+        raise MalformedCommand(f"missing key(s): {', '.join(missing)}")
+    unknown = sorted(body.keys() - keys)
+    if unknown:
+        raise MalformedCommand(f"unknown key(s): {', '.join(unknown)}; allowed: {', '.join(sorted(keys))}")
+
+
+def _command(body: Mapping[str, Any], action: str) -> Command:
+    """The fields every command has, checked; the keys are known to be exactly right."""
     request_id = _string(body, "request_id", 64)
     if not _REQUEST_ID.match(request_id):
         raise MalformedCommand("request_id must be 1-64 characters: letters, digits, '_', '.', ':', '-' (a UUID works)")
     user = _string(body, "user", 64)
     if not _USER.match(user):
-        raise MalformedCommand("user must be an operator name: 1-64 letters, digits, '_', '-', '.'")
-    if body.get("token") in (None, ""):
-        # Well-formed otherwise, but without credentials: an authentication failure, not a syntax error.
-        raise Unauthorised(f"command by {user!r} carries no token; every control command must be authenticated")
-    token = _string(body, "token", MAX_TOKEN_CHARS)
+        raise MalformedCommand("user must be a user name: 1-64 letters, digits, '_', '-', '.'")
     reason = _string(body, "reason", MAX_REASON_CHARS).strip()
     if not reason:
         raise MalformedCommand("reason must say why (it goes into the audit trail)")
@@ -337,7 +462,7 @@ def parse_command(payload: bytes, action: str, device: DeviceConfig) -> Command:
     args = body["args"]
     if not isinstance(args, dict):
         raise MalformedCommand(f"args must be a JSON object, got {_json_type(args)}")
-    return Command(request_id, user, token, reason, action, _parse_args(action, args), issued_ns)
+    return Command(request_id, user, reason, action, _parse_args(action, args), issued_ns)
 
 
 #: The argument sets each action takes (one of them, exactly).
@@ -556,30 +681,88 @@ def _brief(value: Any) -> str:
 # --------------------------------------------------------------------------- authorisation
 
 
-class Authoriser:
-    """Who may do what: [[operator]] tokens and [commands.min_role]."""
+class Accounts(Protocol):
+    """Where the people who act are kept (controller/users.py `UserStore`); blocking, so called in a thread."""
 
-    def __init__(self, operators: Sequence[OperatorConfig], min_role: Mapping[str, str]) -> None:
-        self._operators = {operator.name: operator for operator in operators}
+    def user(self, username: str) -> User | None: ...
+
+
+class Authoriser:
+    """Who may do what: a signed command's sender ([[command_sender]] keys) and person (an active account
+    in the user store), a token command's [[operator]] during a migration, and [commands.min_role].
+
+    `accounts` None means the user store could not be opened: signed commands then fail closed.
+    """
+
+    def __init__(
+        self,
+        min_role: Mapping[str, str],
+        *,
+        senders: Sequence[CommandSenderConfig] = (),
+        accounts: Accounts | None = None,
+        operators: Sequence[OperatorConfig] = (),
+        accept_token_commands: bool = False,
+    ) -> None:
         self._min_role = dict(min_role)
-        # Compared against when the user is unknown, so an unknown name costs the same as a wrong token.
+        self._keys = {sender.name: sender.key_bytes() for sender in senders}
+        self._accounts = accounts
+        self._operators = {operator.name: operator for operator in operators}
+        self.accept_token_commands = accept_token_commands
+        # Compared against when the sender or user is unknown, so an unknown name costs the same as a wrong secret.
         self._decoy = b"\0" * 64
 
-    def authorise(self, command: Command) -> OperatorConfig:
-        """The authenticated operator, or Unauthorised saying why (never how close a token was)."""
+    def authenticate_sender(self, envelope: SignedEnvelope, topic: str) -> str:
+        """The sender whose key signed this command for this topic, or Unauthorised (never how close it was)."""
+        key = self._keys.get(envelope.sender)
+        matches = signature_matches(key or self._decoy, topic, envelope.command, envelope.signature)
+        if key is None or not matches:
+            raise Unauthorised(
+                f"the command from sender {envelope.sender!r} is not authenticated: unknown sender, or a signature "
+                "that is not that sender's over this topic and command"
+            )
+        return envelope.sender
+
+    async def authorise_person(self, command: Command, sender: str) -> Actor:
+        """The person `sender` vouches for, if their account is active and their role may run `command`."""
+        if self._accounts is None:
+            raise AccountsUnavailable(
+                "the lab's user store could not be opened (see the controller's log); no command can be authorised"
+            )
+        try:
+            user = await asyncio.to_thread(self._accounts.user, command.user)
+        except (sqlite3.Error, OSError) as exc:
+            raise AccountsUnavailable(
+                f"the lab's user store cannot be read ({type(exc).__name__}); command not executed"
+            ) from None
+        if user is None:
+            raise Unauthorised(f"user {command.user!r} has no account in the lab's user store")
+        if user.disabled:
+            raise Unauthorised(f"the account {command.user!r} is disabled")
+        if user.locked_until_ns is not None:
+            until = iso_utc(user.locked_until_ns)[:19]
+            raise Unauthorised(f"the account {command.user!r} is locked until {until} UTC after failed password checks")
+        actor = Actor(user.username, user.role, sender)
+        self._check_role(command, actor)
+        return actor
+
+    def authorise_token(self, token_command: TokenCommand) -> Actor:
+        """The [[operator]] whose token this is (migration only), or Unauthorised saying why (never how close)."""
+        command = token_command.command
         operator = self._operators.get(command.user)
         expected = operator.token.reveal().encode() if operator is not None else self._decoy
-        token_ok = hmac.compare_digest(command.token.encode(), expected)
+        token_ok = hmac.compare_digest(token_command.token.encode(), expected)
         if operator is None or not token_ok:
             raise Unauthorised(f"user {command.user!r} is not authenticated: unknown user or wrong token")
+        actor = Actor(operator.name, operator.role, None)
+        self._check_role(command, actor)
+        return actor
+
+    def _check_role(self, command: Command, actor: Actor) -> None:
         privilege = role_key(command)
         needed = self._min_role[privilege]
-        if ROLES.index(operator.role) < ROLES.index(needed):
+        if actor.role not in ROLES or ROLES.index(actor.role) < ROLES.index(needed):
             what = command.action if privilege == command.action else f"{command.action} ({privilege})"
-            raise Unauthorised(
-                f"role {operator.role} of {operator.name!r} may not run {what}; it needs {needed} or higher"
-            )
-        return operator
+            raise Unauthorised(f"role {actor.role} of {actor.name!r} may not run {what}; it needs {needed} or higher")
 
 
 def role_key(command: Command) -> str:
@@ -658,14 +841,14 @@ class Result:
     sent: bool = True
 
 
-async def execute(target: CommandTarget, command: Command, operator: OperatorConfig) -> Result:
+async def execute(target: CommandTarget, command: Command, actor: Actor) -> Result:
     """Run an authorised command on its device and classify what happened."""
     if command.action not in RECORD_ACTIONS and not target.online():
         return Result(Outcome.REFUSED, f"{target.device.name} is offline; the command was not sent", sent=False)
     try:
         if target.device.is_station:
-            return await _execute_station(target.control, command, operator)  # type: ignore[arg-type]
-        return await _execute_calibrator(target.control, command, operator)  # type: ignore[arg-type]
+            return await _execute_station(target.control, command, actor)  # type: ignore[arg-type]
+        return await _execute_calibrator(target.control, command, actor)  # type: ignore[arg-type]
     except Exception as exc:  # a driver bug: the requester still gets an answer and the trail an outcome
         log.exception(
             "command %r on %r: unexpected %s from the driver", command.action, target.device.name, type(exc).__name__
@@ -677,8 +860,8 @@ async def execute(target: CommandTarget, command: Command, operator: OperatorCon
         )
 
 
-async def _execute_station(control: StationControl, command: Command, operator: OperatorConfig) -> Result:
-    who = {"user": operator.name, "reason": command.reason}
+async def _execute_station(control: StationControl, command: Command, actor: Actor) -> Result:
+    who = {"user": actor.name, "reason": command.reason}
     try:
         if command.action == "start_elution":
             done = await control.start_elution(command.args["volume_ml"], **who)
@@ -714,12 +897,12 @@ async def _execute_station(control: StationControl, command: Command, operator: 
     )
 
 
-async def _execute_calibrator(control: CalibratorControl, command: Command, operator: OperatorConfig) -> Result:
+async def _execute_calibrator(control: CalibratorControl, command: Command, actor: Actor) -> Result:
     if command.action == "label_measurement":
         args = dict(command.args)
         try:
             record = await control.label_measurement(
-                args.pop("measurement_id"), args.pop("label"), user=operator.name, request_id=command.request_id, **args
+                args.pop("measurement_id"), args.pop("label"), user=actor.name, request_id=command.request_id, **args
             )
         except LabelRefused as exc:
             return Result(Outcome.REFUSED, str(exc), sent=False)
@@ -727,7 +910,7 @@ async def _execute_calibrator(control: CalibratorControl, command: Command, oper
     if command.action in ("start_qc", "end_qc"):
         run = control.start_qc if command.action == "start_qc" else control.end_qc
         try:
-            record = await run(command.args, user=operator.name, role=operator.role, reason=command.reason)
+            record = await run(command.args, user=actor.name, role=actor.role, reason=command.reason)
         except ProcedureRefused as exc:
             return Result(Outcome.REFUSED, str(exc), sent=False)
         return Result(Outcome.EXECUTED, None, None, record)
@@ -829,12 +1012,35 @@ class CommandHandler:
                     "retained commands are refused: the broker would deliver them again on "
                     "every reconnect and they would run again; publish with retain=false"
                 )
-            command = parse_command(payload, action, target.device)
-            context.claim = Claim(command.user, command.reason, command.request_id)
-            operator = self.authoriser.authorise(command)
+            command, actor = await self._authenticate(context, payload, target.device)
         except CommandRejected as exc:
-            return await self._reject(context, exc, {"authenticated": False})
-        return await self._run_once(context, target, command, operator)
+            sender = {} if context.claim.sender is None else {"sender": context.claim.sender}
+            return await self._reject(context, exc, {"authenticated": False} | sender)
+        return await self._run_once(context, target, command, actor)
+
+    async def _authenticate(self, context: _Context, payload: bytes, device: DeviceConfig) -> tuple[Command, Actor]:
+        """The command and who it runs as: envelope, signature, command text, then the person (module docstring)."""
+        envelope = read_envelope(payload)
+        if isinstance(envelope, SignedEnvelope):
+            sender = self.authoriser.authenticate_sender(envelope, context.topic)
+            command = parse_command(envelope.command.encode(), context.action, device)
+            context.claim = Claim(command.user, command.reason, command.request_id, sender)
+            return command, await self.authoriser.authorise_person(command, sender)
+        if not self.authoriser.accept_token_commands:
+            raise Unauthorised(TOKENS_REFUSED)
+        token_command = parse_token_command(envelope, context.action, device)
+        command = token_command.command
+        context.claim = Claim(command.user, command.reason, command.request_id)
+        actor = self.authoriser.authorise_token(token_command)
+        log.warning(
+            "command %r on %r by %s carries a token in its payload, readable by every subscriber: run only because "
+            "[commands] accept_token_commands = true; sign commands instead (%s)",
+            command.action,
+            context.target,
+            actor.name,
+            TOKEN_MIGRATION_DOC,
+        )
+        return command, actor
 
     def _resolve(self, topic: str) -> CommandTarget:
         station, device, _action = parse_topic(self.site, topic)
@@ -852,13 +1058,13 @@ class CommandHandler:
         return await self._reply(context, result, await self._audit_quietly(context, result, detail))
 
     async def _run_once(
-        self, context: _Context, target: CommandTarget, command: Command, operator: OperatorConfig
+        self, context: _Context, target: CommandTarget, command: Command, actor: Actor
     ) -> dict[str, Any]:
         """Execute unless this request id was seen before; then answer with the first attempt's outcome."""
         try:
             await self._recall_trail()
         except _AUDIT_ERRORS as exc:
-            reply, _sent = await self._without_intent_record(context, target, command, operator, exc)
+            reply, _sent = await self._without_intent_record(context, target, command, actor, exc)
             return reply
         fingerprint = _Fingerprint(context.target, command.user, command.action, _canonical_args(command.args))
         earlier = self._answers.get(command.request_id)
@@ -870,7 +1076,7 @@ class CommandHandler:
                     f"request_id {command.request_id!r} already used for a different command; use a new request_id "
                     "for every new intention"
                 ),
-                _who(operator),
+                _who(actor),
             )
         if earlier is not None:
             first = await asyncio.shield(earlier.answer)
@@ -878,7 +1084,7 @@ class CommandHandler:
             record = await self._audit_quietly(
                 context,
                 Result(Outcome.DUPLICATE),
-                _who(operator) | {"first_outcome": first["outcome"], "first_audit_seq": first["audit_seq"]},
+                _who(actor) | {"first_outcome": first["outcome"], "first_audit_seq": first["audit_seq"]},
             )
             log.info(
                 "command %r %s on %r repeated; answered with the first outcome (%s), not run again",
@@ -890,11 +1096,11 @@ class CommandHandler:
             return await self._reply(context, result, record, duplicate=True)
         expired = self._expired(command)
         if expired is not None:
-            return await self._reject(context, expired, _who(operator))
+            return await self._reject(context, expired, _who(actor))
         remembered = _Remembered(fingerprint, asyncio.get_running_loop().create_future())
         self._remember(command.request_id, remembered)
         try:
-            reply, sent = await self._execute_audited(context, target, command, operator)
+            reply, sent = await self._execute_audited(context, target, command, actor)
         except BaseException:
             self._forget(command.request_id, remembered)
             raise
@@ -945,21 +1151,21 @@ class CommandHandler:
                 log.info("remembered %d request id(s) from the audit trail %s", len(answers), self.audit.path)
 
     async def _execute_audited(
-        self, context: _Context, target: CommandTarget, command: Command, operator: OperatorConfig
+        self, context: _Context, target: CommandTarget, command: Command, actor: Actor
     ) -> tuple[dict[str, Any], bool]:
         """(reply, whether the device may have been touched) of one authorised command, audited before and after."""
-        who = _who(operator) | {"args": command.args}
+        who = _who(actor) | {"args": command.args}
         try:
             await self._append(context, Result(Outcome.REQUESTED), who)
         except _AUDIT_ERRORS as exc:
-            return await self._without_intent_record(context, target, command, operator, exc)
-        result = await self._execute_unless_stopping(target, command, operator)
-        self._log_outcome(context, command, operator, result)
+            return await self._without_intent_record(context, target, command, actor, exc)
+        result = await self._execute_unless_stopping(target, command, actor)
+        self._log_outcome(context, command, actor, result)
         record = await self._audit_quietly(context, result, who)
         return await self._reply(context, result, record), result.sent
 
     async def _without_intent_record(
-        self, context: _Context, target: CommandTarget, command: Command, operator: OperatorConfig, exc: Exception
+        self, context: _Context, target: CommandTarget, command: Command, actor: Actor, exc: Exception
     ) -> tuple[dict[str, Any], bool]:
         """The audit trail failed before the device was touched: fail closed, except for `abort`.
 
@@ -971,7 +1177,7 @@ class CommandHandler:
                 "command %r on %r by %s NOT executed: audit trail %s unusable: %s: %s",
                 command.action,
                 context.target,
-                operator.name,
+                actor.name,
                 self.audit.path,
                 type(exc).__name__,
                 exc,
@@ -984,36 +1190,34 @@ class CommandHandler:
             "AUDIT FAILURE: abort on %r by %s runs WITHOUT its intent record (stopping an elution is the safe "
             "action); audit trail %s: %s: %s",
             context.target,
-            operator.name,
+            actor.name,
             self.audit.path,
             type(exc).__name__,
             exc,
         )
-        result = await self._execute_unless_stopping(target, command, operator)
-        self._log_outcome(context, command, operator, result)
-        detail = _who(operator) | {"args": command.args, "intent_record": f"not written ({type(exc).__name__})"}
+        result = await self._execute_unless_stopping(target, command, actor)
+        self._log_outcome(context, command, actor, result)
+        detail = _who(actor) | {"args": command.args, "intent_record": f"not written ({type(exc).__name__})"}
         record = await self._audit_with_retries(context, result, detail)
         return await self._reply(context, result, record), result.sent
 
-    async def _execute_unless_stopping(
-        self, target: CommandTarget, command: Command, operator: OperatorConfig
-    ) -> Result:
+    async def _execute_unless_stopping(self, target: CommandTarget, command: Command, actor: Actor) -> Result:
         if self._stopping:
             return Result(Outcome.REFUSED, "the controller is shutting down; the command was not sent", sent=False)
         expired = self._expired(command)  # again: the intent record's fsync may have taken the rest of its window
         if expired is not None:
             return Result(Outcome.EXPIRED, str(expired), sent=False)
-        return await execute(target, command, operator)
+        return await execute(target, command, actor)
 
     @staticmethod
-    def _log_outcome(context: _Context, command: Command, operator: OperatorConfig, result: Result) -> None:
+    def _log_outcome(context: _Context, command: Command, actor: Actor, result: Result) -> None:
         level = logging.INFO if result.outcome is Outcome.EXECUTED else logging.WARNING
         log.log(
             level,
             "command %r on %r by %s (%r): %s%s",
             command.action,
             context.target,
-            operator.name,
+            actor.name,
             command.reason,
             result.outcome,
             f": {result.error}" if result.error else "",
@@ -1196,8 +1400,10 @@ def answers_in_trail(path: str | Path, limit: int) -> OrderedDict[str, tuple[_Fi
     return answers
 
 
-def _who(operator: OperatorConfig) -> dict[str, Any]:
-    return {"authenticated": True, "role": operator.role}
+def _who(actor: Actor) -> dict[str, Any]:
+    """What the audit trail records of an authorised command's actor besides their name: the sender that
+    vouched for them (null for a token command of a migration)."""
+    return {"authenticated": True, "role": actor.role, "sender": actor.sender}
 
 
 def _topic_levels(topic: str) -> tuple[str | None, str | None, str]:

@@ -6,9 +6,9 @@ which file, which key, what is wrong and what would be accepted. Every table is 
 message and which refuses unknown keys with a "did you mean" hint (a typo such as
 `pol_interval_s` must not silently fall back to a default).
 
-Secrets (MQTT password, InfluxDB token/password) are only ever read from an environment
-variable or a file named in the config, never from the TOML itself, and are held in
-`Secret`, whose repr and str are masked so a logged or printed config never leaks them.
+Secrets (MQTT passwords, InfluxDB token/password, command sender keys) are only ever read from
+an environment variable or a file named in the config, never from the TOML itself, and are held
+in `Secret`, whose repr and str are masked so a logged or printed config never leaks them.
 Relative paths (outbox, TLS files, secret files) are resolved against the config file's
 directory, so a config works the same from any working directory.
 """
@@ -19,10 +19,11 @@ import inspect
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from hotlab.controller.command_signing import sender_key
 from hotlab.controller.config_file import read_config_file
 from hotlab.controller.config_table import ConfigError, ConfigTable
 from hotlab.controller.event_loop import DEFAULT_EVENT_LOOP, EVENT_LOOPS
@@ -64,6 +65,8 @@ DEFAULT_MIN_ROLE: dict[str, str] = {
 }
 #: A command token shorter than this is guessable by brute force over MQTT; refuse it at load time.
 MIN_TOKEN_CHARS = 16
+#: Where the move from tokens in command payloads to signed commands is explained.
+TOKEN_MIGRATION_DOC = "docs/mqtt.md#migrating-from-tokens"
 
 
 class Secret:
@@ -206,11 +209,39 @@ class ServiceConfig:
 
 @dataclass(frozen=True, slots=True)
 class OperatorConfig:
-    """[[operator]]: a person who may send control commands, with the token that proves it is them."""
+    """[[operator]]: a person whose token in a command's payload proves it is them.
+
+    Only while a lab moves to signed commands (`[commands] accept_token_commands = true`,
+    docs/mqtt.md#migrating-from-tokens): every subscriber to `hotlab/#` can read that token.
+    """
 
     name: str
     role: str
     token: Secret
+
+
+@dataclass(frozen=True, slots=True)
+class CommandSenderConfig:
+    """[[command_sender]]: a program that sends commands for people (the web panel, `hotlab cmd`), and the
+    key it signs them with, shared with the controller alone (controller/command_signing.py)."""
+
+    name: str
+    #: Hex text of at least MIN_KEY_BYTES bytes, checked at load.
+    key: Secret
+
+    def key_bytes(self) -> bytes:
+        return bytes.fromhex(self.key.reveal())
+
+
+@dataclass(frozen=True, slots=True)
+class WebConfig:
+    """[web]: how the web panel acts on the lab (controller/web/)."""
+
+    #: The [[command_sender]] the panel signs commands as; None: the panel shows, never acts.
+    sender: str | None = None
+    #: The panel's own broker identity (the ACL lets it publish commands); default: [mqtt]'s.
+    mqtt_username: str | None = None
+    mqtt_password: Secret | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,6 +253,8 @@ class CommandsConfig:
     min_role: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_MIN_ROLE))
     #: How far a command's `issued_at` may lie from the controller's clock, either way, for it to run.
     max_age_s: float = DEFAULT_COMMAND_MAX_AGE_S
+    #: During a migration only: also run `hotlab.command/1` commands that carry an [[operator]]'s token.
+    accept_token_commands: bool = False
 
     def resolved_audit_path(self, state_dir: Path) -> Path:
         return self.audit_path if self.audit_path is not None else state_dir / "audit.jsonl"
@@ -265,10 +298,16 @@ class LabConfig:
     #: The [qc] table as written (validated at load by hotlab.controller.qc.engine.QcConfig; see docs/qc.md).
     qc: dict[str, Any] = field(default_factory=dict)
     source: Path | None = None
-    #: [[operator]] entries; without any, every control command is refused (and audited).
+    #: [[operator]] entries: token commands, accepted only with `[commands] accept_token_commands = true`.
     operators: tuple[OperatorConfig, ...] = ()
     commands: CommandsConfig = field(default_factory=CommandsConfig)
     users: UsersConfig = field(default_factory=UsersConfig)
+    #: [[command_sender]] entries; without any, every control command is refused (and audited).
+    senders: tuple[CommandSenderConfig, ...] = ()
+    web: WebConfig = field(default_factory=WebConfig)
+
+    def command_sender(self, name: str) -> CommandSenderConfig | None:
+        return next((sender for sender in self.senders if sender.name == name), None)
 
 
 def load_secret(*, env: str | None = None, file: Path | None = None) -> Secret:
@@ -357,16 +396,47 @@ def load_mqtt_config(path: str | Path) -> MqttConfig | None:
     return _parse_mqtt(table) if table is not None else None
 
 
+@dataclass(frozen=True, slots=True)
+class CommandClientConfig:
+    """What a program that sends commands (`hotlab cmd`) needs of a lab config."""
+
+    site: str
+    devices: tuple[DeviceConfig, ...]
+    mqtt: MqttConfig
+    senders: tuple[CommandSenderConfig, ...]
+    #: The trail that records a password check, and the accounts it checks against.
+    audit_path: Path
+    users: UsersConfig
+
+
+def load_command_client(path: str | Path) -> CommandClientConfig:
+    """The site, devices, broker, senders, audit trail and accounts of the lab configured in `path`, read like
+    `load_audit_path`: only those tables, so a script that sends commands needs none of the lab's other secrets."""
+    root = read_config_file(path)
+    site = _parse_site(root)
+    devices = _parse_devices(root)
+    mqtt_table = root.table("mqtt")
+    if mqtt_table is None:
+        raise root.error("mqtt", "is required: commands travel over MQTT")
+    mqtt = _parse_mqtt(mqtt_table)
+    service = _parse_service(root.table("service"), root)
+    commands = _parse_commands(root.table("commands"))
+    return CommandClientConfig(
+        site=site,
+        devices=devices,
+        mqtt=mqtt,
+        senders=_parse_senders(root),
+        audit_path=commands.resolved_audit_path(service.state_dir),
+        users=_parse_users(root.table("users")),
+    )
+
+
 def parse_config(
     data: Mapping[str, Any], *, file: str = "<config>", base_dir: Path | None = None, source: Path | None = None
 ) -> LabConfig:
     """Validate an already-parsed TOML document (useful for configs built in code, e.g. the simulated lab)."""
     root = ConfigTable(data, file=file, base_dir=base_dir)
-    site_table = root.table("site", required=True)
-    assert site_table is not None
-    site = site_table.string("name", required=True, pattern=_NAME, rule=_NAME_RULE)
-    site_table.finish()
-
+    site = _parse_site(root)
     devices = _parse_devices(root)
     outbox = _parse_outbox(root.table("outbox"), root)
     service = _parse_service(root.table("service"), root)
@@ -377,9 +447,11 @@ def parse_config(
     history_path = _parse_history(root.table("history"), root)
     qc_table = root.table("qc")
     qc = _parse_qc(qc_table) if qc_table is not None else {}
-    operators = _parse_operators(root)
     commands = _parse_commands(root.table("commands"))
+    operators = _parse_operators(root, commands)
     users = _parse_users(root.table("users"))
+    senders = _parse_senders(root)
+    web = _parse_web(root.table("web"), mqtt, senders)
     root.finish()
     return LabConfig(
         site=site,
@@ -394,12 +466,31 @@ def parse_config(
         operators=operators,
         commands=commands,
         users=users,
+        senders=senders,
+        web=web,
     )
 
 
-def _parse_operators(root: ConfigTable) -> tuple[OperatorConfig, ...]:
+def _parse_site(root: ConfigTable) -> str:
+    table = root.table("site", required=True)
+    assert table is not None
+    site = table.string("name", required=True, pattern=_NAME, rule=_NAME_RULE)
+    table.finish()
+    return site
+
+
+def _parse_operators(root: ConfigTable, commands: CommandsConfig) -> tuple[OperatorConfig, ...]:
+    """[[operator]] tokens, for a migration only: without `accept_token_commands` they are an error, not ignored,
+    so a lab that still relies on them learns why its consoles stopped working before anyone uses them."""
     operators: list[OperatorConfig] = []
     for table in root.tables("operator"):
+        if not commands.accept_token_commands:
+            raise table.error(
+                None,
+                "tokens in command payloads are no longer accepted (every subscriber can read them): give each "
+                "sender a [[command_sender]] key and sign commands, see "
+                f"{TOKEN_MIGRATION_DOC} (or set [commands] accept_token_commands = true for the transition)",
+            )
         name = table.string("name", required=True, pattern=_NAME, rule=_NAME_RULE)
         role = table.string("role", required=True, choices=ROLES)
         token = _secret(table, "token", required=True)
@@ -437,8 +528,62 @@ def _parse_commands(table: ConfigTable | None) -> CommandsConfig:
                 min_role[action] = role
         roles_table.finish()
     max_age_s = table.number("max_age_s", DEFAULT_COMMAND_MAX_AGE_S, minimum=1.0, maximum=3600.0)
+    accept_tokens = table.boolean("accept_token_commands", False)
     table.finish()
-    return CommandsConfig(audit_path=audit_path, min_role=min_role, max_age_s=max_age_s)
+    return CommandsConfig(
+        audit_path=audit_path, min_role=min_role, max_age_s=max_age_s, accept_token_commands=accept_tokens
+    )
+
+
+def _parse_senders(root: ConfigTable) -> tuple[CommandSenderConfig, ...]:
+    """[[command_sender]]: a name and a key of its own, so the audit trail can tell which sender vouched."""
+    senders: list[CommandSenderConfig] = []
+    keys: dict[bytes, str] = {}
+    for table in root.tables("command_sender"):
+        name = table.string("name", required=True, pattern=_NAME, rule=_NAME_RULE)
+        key = _secret(table, "key", required=True)
+        table.finish()
+        assert key is not None
+        key_name = "key_env" if key.origin.startswith("$") else "key_file"
+        try:
+            key_bytes = sender_key(key.reveal())
+        except ValueError as exc:
+            raise table.error(key_name, f"the key from {key.origin} {exc}") from None
+        if any(sender.name == name for sender in senders):
+            raise table.error("name", f"duplicate command sender {name!r}; every sender needs one entry")
+        if key_bytes in keys:
+            raise table.error(
+                key_name,
+                f"the key from {key.origin} is also the key of sender {keys[key_bytes]!r}; every sender needs its "
+                "own key, or the audit trail could not tell them apart",
+            )
+        keys[key_bytes] = name
+        senders.append(CommandSenderConfig(name=name, key=key))
+    return tuple(senders)
+
+
+def _parse_web(
+    table: ConfigTable | None, mqtt: MqttConfig | None, senders: tuple[CommandSenderConfig, ...]
+) -> WebConfig:
+    """[web]: the sender the panel signs as (one of [[command_sender]]) and its broker identity ([mqtt]'s by default)."""
+    default = WebConfig(
+        mqtt_username=mqtt.username if mqtt is not None else None,
+        mqtt_password=mqtt.password if mqtt is not None else None,
+    )
+    if table is None:
+        return default
+    sender = table.string("sender", pattern=_NAME, rule=_NAME_RULE)
+    if sender is not None and not any(s.name == sender for s in senders):
+        configured = ", ".join(s.name for s in senders) or "none"
+        raise table.error("sender", f"no [[command_sender]] is named {sender!r}; configured: {configured}")
+    username = table.string("mqtt_username")
+    password = _secret(table, "mqtt_password")
+    table.finish()
+    if password is not None and username is None:
+        raise table.error("mqtt_username", "is required when mqtt_password_env or mqtt_password_file is given")
+    if username is None:
+        return replace(default, sender=sender)
+    return WebConfig(sender=sender, mqtt_username=username, mqtt_password=password)
 
 
 def _parse_users(table: ConfigTable | None) -> UsersConfig:

@@ -36,7 +36,8 @@ Rules this module enforces:
   hotlab/<site>/controller/alarm and a warning to the log; when it is full the supervisor
   holds the device's data and retries (see controller/supervisor.py).
 * One controller per outbox (an flock), so two processes never send the same backlog.
-* Control commands from MQTT (controller/commands.py) reach a device only through its source,
+* Control commands from MQTT (controller/commands.py), signed by a [[command_sender]] for a person
+  with an active account in the lab's user store ([users]), reach a device only through its source,
   which holds one lock per device around connect, read, close and every command, so a
   command and a poll never interleave on the wire and a failed command leaves polling alone.
   Every attempt is audited in `[commands] audit_path` (default `<state_dir>/audit.jsonl`),
@@ -71,6 +72,7 @@ from hotlab.controller.audit_anchor import AnchorPublisher
 from hotlab.controller.checked_source import CheckedSource, has_checksum
 from hotlab.controller.commands import Authoriser, CommandHandler, CommandTarget
 from hotlab.controller.config import (
+    TOKEN_MIGRATION_DOC,
     DeviceConfig,
     InfluxSection,
     LabConfig,
@@ -99,6 +101,7 @@ from hotlab.controller.sinks.mqtt import MqttSink
 from hotlab.controller.sources import driver_source
 from hotlab.controller.supervisor import DeviceState, DeviceSupervisor, Item, Source
 from hotlab.controller.suspect_alarm import SuspectRate
+from hotlab.controller.users import AccountError, UserStore
 from hotlab.drivers.records import ElutionRecord, Reading
 from hotlab.errors import HotlabError
 from hotlab.physics.units import format_activity
@@ -271,6 +274,7 @@ class ControllerService:
         #: Seconds between QC stage ticks (QC_TICK_S; tests shorten it).
         self.qc_tick_s = QC_TICK_S
         self.commands: CommandHandler | None = None
+        self._accounts: UserStore | None = None
         self.anchors: AnchorPublisher | None = None
         self._audit_key: bytes | None = None
         self.committed = 0
@@ -342,6 +346,8 @@ class ControllerService:
             )
             if self.commands is not None:
                 await self.commands.close()
+            if self._accounts is not None:
+                await asyncio.to_thread(self._accounts.close)
             if self.anchors is not None:
                 await self.anchors.close(cfg.service.drain_timeout_s)
             await self._stop_devices(device_tasks)
@@ -446,7 +452,7 @@ class ControllerService:
         sinks: list[_SinkRunner] = []
         if cfg.mqtt is not None:
             self.mqtt = MqttSink(cfg.mqtt, cfg.site, outbox, backoff=self.backoff)
-            self.commands = self._command_handler(self.mqtt)
+            self.commands = self._command_handler(self.mqtt, await self._open_accounts())
             self.mqtt.route_commands(self.commands)
             sinks.append(_SinkRunner(MQTT_SINK, self.mqtt.run, self.mqtt.drain, self_draining=True))
             self._wake.append(self.mqtt.notify)
@@ -458,16 +464,58 @@ class ControllerService:
             sinks.append(await _history_runner(cfg.history_path, outbox))
         return sinks
 
-    def _command_handler(self, mqtt: MqttSink) -> CommandHandler:
-        """Commands need MQTT (they arrive there); without [[operator]]s every one is refused, and audited."""
+    async def _open_accounts(self) -> UserStore | None:
+        """The lab's user store, which names the people signed commands may run for ([users], controller/users.py).
+
+        Only with [[command_sender]]s: without one no command is authenticated anyway. A store that
+        cannot be opened stops commands (each is refused as `failed`), not the measurements.
+        """
+        cfg = self.config
+        if not cfg.senders:
+            return None
+        audit_path = cfg.commands.resolved_audit_path(cfg.service.state_dir)
+        path = cfg.users.resolved_path(audit_path)
+        try:
+            store = await asyncio.to_thread(
+                UserStore,
+                path,
+                AuditLog(audit_path, key=self._audit_key),
+                min_password_chars=cfg.users.min_password_chars,
+                max_failed_passwords=cfg.users.max_failed_passwords,
+                lockout_min=cfg.users.lockout_min,
+            )
+        except (AccountError, sqlite3.Error, OSError) as exc:
+            log.error("user store %s cannot be opened (%s): every control command will be refused", path, exc)
+            return None
+        self._accounts = store
+        log.info("signed commands run for the accounts in %s", path)
+        return store
+
+    def _command_handler(self, mqtt: MqttSink, accounts: UserStore | None) -> CommandHandler:
+        """Commands need MQTT (they arrive there); without [[command_sender]]s every one is refused, and audited."""
         cfg = self.config
         audit_path = cfg.commands.resolved_audit_path(cfg.service.state_dir)
-        if not cfg.operators:
-            log.warning("no [[operator]] configured: every MQTT control command will be refused (and audited)")
+        if not cfg.senders:
+            log.warning(
+                "no [[command_sender]] configured: every signed MQTT control command will be refused (and audited)"
+            )
+        if cfg.commands.accept_token_commands:
+            log.warning(
+                "[commands] accept_token_commands = true: commands with an [[operator]]'s token in their payload run, "
+                "and every subscriber can read those tokens; end the migration soon (%s)",
+                TOKEN_MIGRATION_DOC,
+            )
         self.anchors = AnchorPublisher(cfg.site, audit_path, self._commit_messages)
+        authoriser = Authoriser(
+            cfg.commands.min_role,
+            senders=cfg.senders,
+            accounts=accounts,
+            operators=cfg.operators,
+            accept_token_commands=cfg.commands.accept_token_commands,
+        )
         handler = CommandHandler(
             cfg.site,
-            Authoriser(cfg.operators, cfg.commands.min_role),
+            authoriser,
             AuditLog(audit_path, key=self._audit_key),
             mqtt.publish_reply,
             self._command_target,

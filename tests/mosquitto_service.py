@@ -10,7 +10,8 @@ Use the fixture by importing it into a test module (pytest picks up imported fix
         mosquitto.kill(); mosquitto.start()   # crash restart
 
 Or build one directly with `MosquittoBroker(users={"u": "p"}, tls=TlsListener(...))` inside a
-`with` block. Tests are skipped (not failed) when the mosquitto binary is not installed.
+`with` block, or `AclMosquittoBroker(users=..., acl_file=...)` for a broker that also applies an
+ACL file. Tests are skipped (not failed) when the mosquitto binary is not installed.
 The process manager itself lives in controller/lab/embedded_broker.py because `hotlab run`
 uses the same code to give newcomers a broker.
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
 
@@ -33,7 +35,15 @@ from hotlab.controller.lab.embedded_broker import (
     mosquitto_binary,
 )
 
-__all__ = ["MosquittoBroker", "MqttCollector", "TlsListener", "free_tcp_port", "mosquitto", "require_mosquitto"]
+__all__ = [
+    "AclMosquittoBroker",
+    "MosquittoBroker",
+    "MqttCollector",
+    "TlsListener",
+    "free_tcp_port",
+    "mosquitto",
+    "require_mosquitto",
+]
 
 
 def require_mosquitto() -> None:
@@ -53,6 +63,21 @@ def mosquitto(tmp_path: Path) -> Iterator[MosquittoBroker]:
         yield broker
     finally:
         broker.close()
+
+
+@dataclass
+class AclMosquittoBroker(MosquittoBroker):
+    """A MosquittoBroker that also applies `acl_file` (mosquitto.conf `acl_file`); give it `users` too,
+    since an ACL names users (examples/mosquitto.acl)."""
+
+    acl_file: Path | None = None
+
+    def _write_config(self) -> Path:
+        config = super()._write_config()
+        if self.acl_file is not None:
+            with config.open("a", encoding="utf-8") as lines:
+                lines.write(f"acl_file {self.acl_file.resolve()}\n")
+        return config
 
 
 class MqttCollector:

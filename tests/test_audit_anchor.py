@@ -404,7 +404,7 @@ async def test_the_command_handler_offers_every_record_and_a_failing_hook_fails_
         return True
 
     audit = AuditLog(tmp_path / "audit.jsonl")
-    handler = CommandHandler("lab", Authoriser([], DEFAULT_MIN_ROLE), audit, publish, lambda _: None, on_audited=hook)
+    handler = CommandHandler("lab", Authoriser(DEFAULT_MIN_ROLE), audit, publish, lambda _: None, on_audited=hook)
     with caplog.at_level(logging.ERROR, logger="hotlab.controller.commands"):
         reply = await handler.handle("hotlab/lab/elution-1/gen-1/cmd/abort", b"{}")
     assert reply["outcome"] == "malformed" and reply["audit_seq"] == 1

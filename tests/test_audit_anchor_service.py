@@ -32,7 +32,7 @@ from hotlab.controller.service import ControllerService
 from hotlab.simulators.elution_station import ElutionStationSimulator
 from tests.fault_tally import tally
 from tests.mosquitto_service import MosquittoBroker, require_mosquitto
-from tests.test_commands_service import SITE, TOKENS, TOPIC, Requester, command, station_model
+from tests.test_commands_service import PANEL_KEY, SITE, TOPIC, Requester, add_accounts, command, station_model
 
 ANCHOR_SCHEMA = json.loads(
     (Path(__file__).resolve().parent.parent / "controller" / "schemas" / "audit_anchor.json").read_text()
@@ -83,10 +83,7 @@ async def _run_controller(root: Path, broker: MosquittoBroker) -> None:
             "service": {"state_dir": "state", "backoff_initial_s": 0.1, "backoff_max_s": 1.0, "drain_timeout_s": 5.0},
             "history": {"path": "history.sqlite3"},
             "mqtt": {"host": broker.host, "port": broker.port, "client_id": f"ctl-{uuid.uuid4().hex[:8]}"},
-            "operator": [
-                {"name": "alice", "role": "qc_officer", "token_env": "HOTLAB_TEST_TOKEN_ALICE"},
-                {"name": "bob", "role": "operator", "token_env": "HOTLAB_TEST_TOKEN_BOB"},
-            ],
+            "command_sender": [{"name": "panel", "key_env": "HOTLAB_TEST_KEY_PANEL"}],
             "commands": {"min_role": {"start_elution": "qc_officer"}},
         },
         base_dir=root,
@@ -129,8 +126,8 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AnchoredLab]:
     root = tmp_path_factory.mktemp("anchored-lab")
     (root / "mosquitto").mkdir()
     with MosquittoBroker(workdir=root / "mosquitto") as broker, pytest.MonkeyPatch.context() as env:
-        for name, token in TOKENS.items():
-            env.setenv(f"HOTLAB_TEST_TOKEN_{name.upper()}", token)
+        env.setenv("HOTLAB_TEST_KEY_PANEL", PANEL_KEY.hex())
+        add_accounts(root / "state")
         env.delenv("HOTLAB_AUDIT_KEY", raising=False)
         env.delenv("HOTLAB_AUDIT_KEY_FILE", raising=False)
         asyncio.run(_run_controller(root, broker))

@@ -1,17 +1,21 @@
-"""Command parsing, authorisation and the [[operator]] / [commands] config, without a broker.
+"""Command parsing, authorisation and the [[command_sender]] / [commands] config, without a broker.
 
-The end-to-end behaviour (real Mosquitto, real Modbus station simulator) is in
-tests/test_commands_service.py.
+Signatures and the migration from tokens are in tests/test_signed_commands.py; the end-to-end
+behaviour (real Mosquitto, real Modbus station simulator) in tests/test_commands_service.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import hashlib
+import hmac
 import json
 import logging
+import secrets
 import tempfile
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -24,37 +28,47 @@ from hypothesis import strategies as st
 from hotlab.controller.audit import AuditLog, AuditRecord, iter_records
 from hotlab.controller.commands import (
     MAX_PAYLOAD_BYTES,
+    Actor,
     Authoriser,
     Claim,
     Command,
     CommandHandler,
     CommandTarget,
     MalformedCommand,
+    SignedEnvelope,
     Unauthorised,
     command_topic_filter,
     parse_command,
     parse_topic,
+    read_envelope,
     role_key,
 )
 from hotlab.controller.config import (
     DEFAULT_MIN_ROLE,
+    CommandSenderConfig,
     ConfigError,
     DeviceConfig,
     ModbusTcpTransport,
-    OperatorConfig,
     Secret,
     SerialTransport,
     parse_config,
 )
 from hotlab.controller.measurement_labels import LabelRefused
+from hotlab.controller.users import Credentials, UserStore
 from hotlab.drivers.elution_station import CommandOutcome
 from hotlab.drivers.station_registers import StationState
 
 SCHEMAS = Path(__file__).resolve().parent.parent / "controller" / "schemas"
 STATION = DeviceConfig("gen-1", "elution-1", "elution_station", ModbusTcpTransport("127.0.0.1"))
 CALIBRATOR = DeviceConfig("cal-1", "hotcell-1", "vik202", SerialTransport("/dev/ttyUSB0"))
-ALICE_TOKEN = "alice-token-0123456789abcdef"
-BOB_TOKEN = "bob-token-0123456789abcdef"
+PANEL_KEY = secrets.token_bytes(32)
+OTHER_KEY = secrets.token_bytes(32)
+SENDERS = (
+    CommandSenderConfig("panel", Secret(PANEL_KEY.hex(), "test")),
+    CommandSenderConfig("admin-tool", Secret(OTHER_KEY.hex(), "test")),
+)
+#: The accounts of the `accounts` store: carol the admin who added the others, alice a QC officer, bob an operator.
+PASSWORDS = {"carol": "carol-password-0123456789", "alice": "alice-password-0123456789", "bob": "bob-password-012345"}
 
 
 def now_iso() -> str:
@@ -64,10 +78,9 @@ def now_iso() -> str:
 
 def command(**changes: Any) -> dict[str, Any]:
     body: dict[str, Any] = {
-        "schema": "hotlab.command/1",
+        "schema": "hotlab.command/2",
         "request_id": "req-1",
         "user": "alice",
-        "token": ALICE_TOKEN,
         "reason": "morning Ga-68 elution for DOTATATE",
         "issued_at": now_iso(),
         "args": {"volume_ml": 5.0},
@@ -80,23 +93,54 @@ def encode(body: Any) -> bytes:
     return json.dumps(body).encode()
 
 
+def signature(topic: str, text: str, key: bytes = PANEL_KEY) -> str:
+    """docs/mqtt.md: HMAC-SHA256 over "hotlab.signed_command/1\n" + topic + "\n" + command text, hex."""
+    message = b"hotlab.signed_command/1\n" + topic.encode() + b"\n" + text.encode()
+    return hmac.new(key, message, hashlib.sha256).hexdigest()
+
+
+def signed(topic: str, body: Any, *, sender: str = "panel", key: bytes = PANEL_KEY) -> bytes:
+    """The payload a sender publishes: `body` (or a text as is) inside a signed envelope, built from the spec."""
+    text = body if isinstance(body, str) else json.dumps(body)
+    envelope = {"schema": "hotlab.signed_command/1", "sender": sender, "command": text}
+    return encode(envelope | {"signature": signature(topic, text, key)})
+
+
+@pytest.fixture(scope="module")
+def accounts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UserStore]:
+    """A real user store with PASSWORDS' accounts (its own audit trail, apart from the handlers')."""
+    directory = tmp_path_factory.mktemp("accounts")
+    with UserStore(directory / "users.sqlite3", AuditLog(directory / "accounts.jsonl")) as store:
+        store.add_user("carol", "Carol Admin", "admin", PASSWORDS["carol"], admin=None)
+        admin = Credentials("carol", PASSWORDS["carol"])
+        store.add_user("alice", "Alice QC", "qc_officer", PASSWORDS["alice"], admin=admin)
+        store.add_user("bob", "Bob Operator", "operator", PASSWORDS["bob"], admin=admin)
+        yield store
+
+
 def test_a_valid_start_elution_parses_and_matches_the_published_schema() -> None:
     body = command(issued_at="2026-11-20T13:00:00.5+01:00")
     parsed = parse_command(encode(body), "start_elution", STATION)
     issued_ns = int(datetime(2026, 11, 20, 12, 0, 0, 500_000, tzinfo=UTC).timestamp()) * 10**9 + 500_000_000
     assert parsed == Command(
-        "req-1",
-        "alice",
-        ALICE_TOKEN,
-        "morning Ga-68 elution for DOTATATE",
-        "start_elution",
-        {"volume_ml": 5.0},
-        issued_ns,
+        "req-1", "alice", "morning Ga-68 elution for DOTATATE", "start_elution", {"volume_ml": 5.0}, issued_ns
     )
     schema = json.loads((SCHEMAS / "command.json").read_text())
     jsonschema.Draft202012Validator.check_schema(schema)
     jsonschema.validate(body, schema)
     jsonschema.validate(body["args"], schema["$defs"]["start_elution"])
+
+
+def test_a_signed_envelope_is_read_strictly_and_matches_the_published_schema() -> None:
+    topic = "hotlab/lab/elution-1/gen-1/cmd/start_elution"
+    body = command()
+    payload = signed(topic, body)
+    envelope = read_envelope(payload)
+    assert isinstance(envelope, SignedEnvelope) and envelope.sender == "panel"
+    assert json.loads(envelope.command) == body and envelope.signature == signature(topic, envelope.command)
+    schema = json.loads((SCHEMAS / "signed_command.json").read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    jsonschema.validate(json.loads(payload), schema)
 
 
 def test_select_nuclide_canonicalises_the_name() -> None:
@@ -136,12 +180,13 @@ def test_label_measurement_parses_and_matches_the_published_schema() -> None:
         (b"x" * (MAX_PAYLOAD_BYTES + 1), "start_elution", STATION, f"at most {MAX_PAYLOAD_BYTES}"),
         (encode(command(reason=...)), "start_elution", STATION, "missing key(s): reason"),
         (encode(command(extra=1)), "start_elution", STATION, "unknown key(s): extra"),
-        (encode(command(schema="hotlab.command/2")), "start_elution", STATION, "schema must be 'hotlab.command/1'"),
+        (encode(command(schema="hotlab.command/1")), "start_elution", STATION, "schema must be 'hotlab.command/2'"),
+        (encode(command(token="a-token-in-a-command")), "start_elution", STATION, "unknown key(s): token"),
         (encode(command(request_id="a b")), "start_elution", STATION, "request_id must be"),
-        (encode(command(user="../root")), "start_elution", STATION, "user must be an operator name"),
+        (encode(command(user="../root")), "start_elution", STATION, "user must be a user name"),
         (encode(command(reason="   ")), "start_elution", STATION, "reason must say why"),
         (encode(command(reason="ok\u0000")), "start_elution", STATION, "control characters"),
-        (encode(command(token="\ud800")), "start_elution", STATION, "lone surrogate escape"),
+        (encode(command(user="\ud800")), "start_elution", STATION, "lone surrogate escape"),
         (encode(command(reason="why \udfff")), "start_elution", STATION, "lone surrogate escape"),
         (encode(command(args={"volume_ml": 5.0, "\udc80": 1})), "start_elution", STATION, "lone surrogate escape"),
         (encode(command(args=[])), "start_elution", STATION, "args must be a JSON object, got array"),
@@ -279,10 +324,56 @@ def test_the_schema_refuses_every_basic_plane_character_the_parser_refuses() -> 
     jsonschema.validate("Dosis Müller 6 µSv", label)
 
 
-@pytest.mark.parametrize("token", [..., "", None])
-def test_a_command_without_a_token_is_unauthorised_not_malformed(token: Any) -> None:
-    with pytest.raises(Unauthorised, match="carries no token"):
-        parse_command(encode(command(token=token)), "start_elution", STATION)
+SIGNED_TOPIC = "hotlab/lab/elution-1/gen-1/cmd/start_elution"
+GOOD_TEXT = json.dumps(command())
+
+
+@pytest.mark.parametrize(
+    ("envelope", "message"),
+    [
+        ({"schema": "hotlab.command/2"}, "schema must be 'hotlab.signed_command/1' (a hotlab.command/2 travels inside"),
+        ({"sender": "panel", "command": GOOD_TEXT, "signature": "0" * 64}, "missing key(s): schema"),
+        (
+            {"schema": "hotlab.signed_command/1", "sender": "panel", "command": GOOD_TEXT},
+            "missing key(s): signature",
+        ),
+        (
+            {
+                "schema": "hotlab.signed_command/1",
+                "sender": "panel",
+                "command": GOOD_TEXT,
+                "signature": "0" * 64,
+                "x": 1,
+            },
+            "unknown key(s): x",
+        ),
+        (
+            {"schema": "hotlab.signed_command/1", "sender": "../panel", "command": GOOD_TEXT, "signature": "0" * 64},
+            "sender must be a [[command_sender]] name",
+        ),
+        (
+            {
+                "schema": "hotlab.signed_command/1",
+                "sender": "panel",
+                "command": {"user": "alice"},
+                "signature": "0" * 64,
+            },
+            "command must be a non-empty string, got object",
+        ),
+        (
+            {"schema": "hotlab.signed_command/1", "sender": "panel", "command": GOOD_TEXT, "signature": "A" * 64},
+            "signature must be 64 lower-case hex digits",
+        ),
+        (
+            {"schema": "hotlab.signed_command/1", "sender": "panel", "command": GOOD_TEXT, "signature": "0" * 65},
+            "signature has 65 characters; at most 64",
+        ),
+    ],
+)
+def test_a_malformed_envelope_is_refused_with_the_precise_reason(envelope: dict[str, Any], message: str) -> None:
+    with pytest.raises(MalformedCommand) as raised:
+        read_envelope(encode(envelope))
+    assert message in str(raised.value)
 
 
 #: Text that may hold lone surrogates: json.dumps writes them as "\ud800" escapes, which JSON allows.
@@ -299,10 +390,21 @@ NEAR_MISS = st.fixed_dictionaries(
         "schema": st.sampled_from(["hotlab.command/1", "hotlab.command/2"]) | JSON,
         "request_id": st.sampled_from(["r-1", "", "x" * 65]) | JSON,
         "user": st.sampled_from(["alice", "mallory", ""]) | JSON,
-        "token": st.sampled_from([ALICE_TOKEN, "guess"]) | JSON,
         "reason": st.sampled_from(["because", " "]) | JSON,
         "issued_at": st.builds(now_iso) | st.sampled_from(["2026-11-20T12:00", "yesterday"]) | JSON,
         "args": st.fixed_dictionaries({}, optional={"volume_ml": st.floats() | JSON, "nuclide": JSON}) | JSON,
+    },
+)
+
+
+#: Signed envelopes that are nearly right, around nearly right commands.
+NEAR_MISS_ENVELOPE = st.fixed_dictionaries(
+    {},
+    optional={
+        "schema": st.sampled_from(["hotlab.signed_command/1", "hotlab.command/2"]) | JSON,
+        "sender": st.sampled_from(["panel", "", "x" * 65]) | JSON,
+        "command": NEAR_MISS.map(json.dumps) | TEXT | JSON,
+        "signature": st.sampled_from(["0" * 64, "0" * 63]) | JSON,
     },
 )
 
@@ -313,14 +415,26 @@ NEAR_MISS = st.fixed_dictionaries(
     action=st.sampled_from(["start_elution", "abort", "acknowledge_fault", "select_nuclide", "x"]),
     device=st.sampled_from([STATION, CALIBRATOR]),
 )
-def test_any_payload_parses_or_raises_a_typed_refusal(payload: bytes, action: str, device: DeviceConfig) -> None:
+def test_any_command_text_parses_or_raises_a_typed_refusal(payload: bytes, action: str, device: DeviceConfig) -> None:
     try:
         parsed = parse_command(payload, action, device)
-    except (MalformedCommand, Unauthorised) as exc:
+    except MalformedCommand as exc:
         assert str(exc)
     else:
-        assert parsed.action == action and parsed.reason.strip() and parsed.token
+        assert parsed.action == action and parsed.reason.strip()
     Claim.read(payload)  # the lenient audit reader never raises either
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(payload=st.binary(max_size=300) | JSON.map(encode) | NEAR_MISS_ENVELOPE.map(encode))
+def test_any_envelope_reads_or_raises_a_typed_refusal(payload: bytes) -> None:
+    try:
+        envelope = read_envelope(payload)
+    except MalformedCommand as exc:
+        assert str(exc)
+    else:
+        assert isinstance(envelope, dict) or len(envelope.signature) == 64
+    Claim.read(payload)
 
 
 def test_the_claim_of_a_bad_payload_names_who_and_why_for_the_audit() -> None:
@@ -331,12 +445,12 @@ def test_the_claim_of_a_bad_payload_names_who_and_why_for_the_audit() -> None:
     assert Claim.read(encode(command(user="\ud800", reason="x\udfff"))) == Claim(
         "unknown", "(no reason given)", "req-1"
     )
-
-
-def test_the_repr_of_a_command_hides_its_token() -> None:
-    parsed = parse_command(encode(command()), "start_elution", STATION)
-    assert ALICE_TOKEN not in repr(parsed) and ALICE_TOKEN not in str(parsed)
-    assert "req-1" in repr(parsed)
+    # A signed command's claim: the sender from the envelope, the rest from the command text inside.
+    topic = "hotlab/lab/elution-1/gen-1/cmd/abort"
+    assert Claim.read(signed(topic, command(args="nonsense"), key=OTHER_KEY)) == Claim(
+        "alice", "morning Ga-68 elution for DOTATATE", "req-1", "panel"
+    )
+    assert Claim.read(signed(topic, "not json", sender="../x")) == Claim("unknown", "(no reason given)", None, None)
 
 
 def test_topics() -> None:
@@ -354,32 +468,33 @@ def lab(tmp_path: Path, **extra: Any) -> dict[str, Any]:
 
 
 @pytest.fixture
-def tokens(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("T_ALICE", ALICE_TOKEN)
-    monkeypatch.setenv("T_BOB", BOB_TOKEN)
+def keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("K_PANEL", PANEL_KEY.hex())
+    monkeypatch.setenv("K_TOOL", OTHER_KEY.hex())
 
 
-def test_operators_and_min_roles_are_loaded(tmp_path: Path, tokens: None) -> None:
-    (tmp_path / "carol.token").write_text("carol-token-0123456789abcdef\n")
+def test_senders_web_and_min_roles_are_loaded(tmp_path: Path, keys: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "tool.key").write_text(OTHER_KEY.hex() + "\n")
+    monkeypatch.setenv("MQTT_PASSWORD", "broker-password")
     config = parse_config(
         lab(
             tmp_path,
-            operator=[
-                {"name": "alice", "role": "qc_officer", "token_env": "T_ALICE"},
-                {"name": "bob", "role": "operator", "token_env": "T_BOB"},
-                {"name": "carol", "role": "admin", "token_file": "carol.token"},
-            ],
+            command_sender=[{"name": "panel", "key_env": "K_PANEL"}, {"name": "admin-tool", "key_file": "tool.key"}],
+            web={"sender": "panel"},
+            mqtt={"username": "hotlab-controller", "password_env": "MQTT_PASSWORD"},
             commands={"audit_path": "trail/audit.jsonl", "min_role": {"acknowledge_fault": "qc_officer"}},
         ),
         base_dir=tmp_path,
     )
-    assert [(o.name, o.role) for o in config.operators] == [
-        ("alice", "qc_officer"),
-        ("bob", "operator"),
-        ("carol", "admin"),
-    ]
-    assert config.operators[2].token.reveal() == "carol-token-0123456789abcdef"
-    assert ALICE_TOKEN not in repr(config)
+    assert [sender.name for sender in config.senders] == ["panel", "admin-tool"]
+    assert config.senders[0].key_bytes() == PANEL_KEY and config.senders[1].key_bytes() == OTHER_KEY
+    panel = config.command_sender("panel")
+    assert panel is not None and panel.key_bytes() == PANEL_KEY and config.command_sender("nobody") is None
+    assert PANEL_KEY.hex() not in repr(config) and OTHER_KEY.hex() not in repr(config)
+    # The panel's broker identity is [mqtt]'s unless [web] gives its own.
+    assert config.web.sender == "panel" and config.web.mqtt_username == "hotlab-controller"
+    assert config.web.mqtt_password is not None and config.web.mqtt_password.reveal() == "broker-password"
+    assert config.operators == () and config.commands.accept_token_commands is False
     assert config.commands.resolved_audit_path(tmp_path / "var") == tmp_path / "trail" / "audit.jsonl"
     assert config.commands.min_role == {
         "start_elution": "operator",
@@ -392,8 +507,20 @@ def test_operators_and_min_roles_are_loaded(tmp_path: Path, tokens: None) -> Non
         "start_qc": "operator",
         "qc_baseline": "qc_officer",
     }
+    monkeypatch.setenv("PANEL_MQTT_PASSWORD", "panel-password")
+    own = parse_config(
+        lab(
+            tmp_path,
+            command_sender=[{"name": "panel", "key_env": "K_PANEL"}],
+            web={"sender": "panel", "mqtt_username": "hotlab-panel", "mqtt_password_env": "PANEL_MQTT_PASSWORD"},
+            mqtt={"username": "hotlab-controller", "password_env": "MQTT_PASSWORD"},
+        ),
+        base_dir=tmp_path,
+    )
+    assert own.web.mqtt_username == "hotlab-panel" and own.web.mqtt_password is not None
+    assert own.web.mqtt_password.reveal() == "panel-password"
     default = parse_config(lab(tmp_path), base_dir=tmp_path)
-    assert default.operators == ()
+    assert default.senders == () and default.web.sender is None and default.web.mqtt_username is None
     assert default.commands.resolved_audit_path(default.service.state_dir) == tmp_path / "var" / "audit.jsonl"
 
 
@@ -401,126 +528,116 @@ def test_operators_and_min_roles_are_loaded(tmp_path: Path, tokens: None) -> Non
     ("extra", "message"),
     [
         (
-            {"operator": [{"name": "alice", "role": "operator", "token": "inline-secret-123456"}]},
-            "operator[0].token: secrets are not accepted inline",
+            {"command_sender": [{"name": "panel", "key": PANEL_KEY.hex()}]},
+            "command_sender[0].key: secrets are not accepted inline",
+        ),
+        ({"command_sender": [{"name": "panel"}]}, "command_sender[0]: needs key_env or key_file"),
+        (
+            {"command_sender": [{"name": "panel", "key_env": "K_SHORT"}]},
+            "command_sender[0].key_env: the key from $K_SHORT has 16 bytes; at least 32 are needed",
         ),
         (
-            {"operator": [{"name": "alice", "role": "root", "token_env": "T_ALICE"}]},
-            "operator[0].role: 'root' is not allowed; allowed: operator, qc_officer, admin",
-        ),
-        ({"operator": [{"name": "alice", "role": "operator"}]}, "operator[0]: needs token_env or token_file"),
-        (
-            {"operator": [{"name": "alice", "role": "operator", "token_env": "T_SHORT"}]},
-            "operator[0].token_env: the token from $T_SHORT has 5 characters; at least 16",
+            {"command_sender": [{"name": "panel", "key_env": "K_ODD"}]},
+            "command_sender[0].key_env: the key from $K_ODD is not hex text",
         ),
         (
-            {
-                "operator": [
-                    {"name": "alice", "role": "operator", "token_env": "T_ALICE"},
-                    {"name": "alice", "role": "admin", "token_env": "T_BOB"},
-                ]
-            },
-            "duplicate operator 'alice'",
+            {"command_sender": [{"name": "panel", "key_env": "K_NOT_HEX"}]},
+            "command_sender[0].key_env: the key from $K_NOT_HEX is not hex text",
         ),
         (
-            {
-                "operator": [
-                    {"name": "alice", "role": "operator", "token_env": "T_ALICE"},
-                    {"name": "bob", "role": "admin", "token_env": "T_ALICE"},
-                ]
-            },
-            "the same token as 'alice'",
+            {"command_sender": [{"name": "panel", "key_env": "K_PANEL"}, {"name": "panel", "key_env": "K_TOOL"}]},
+            "command_sender[1].name: duplicate command sender 'panel'",
+        ),
+        (
+            {"command_sender": [{"name": "panel", "key_env": "K_PANEL"}, {"name": "tool", "key_env": "K_PANEL_UPPER"}]},
+            "command_sender[1].key_env: the key from $K_PANEL_UPPER is also the key of sender 'panel'",
+        ),
+        (
+            {"command_sender": [{"name": "a/b", "key_env": "K_PANEL"}]},
+            "command_sender[0].name: 'a/b'",
+        ),
+        (
+            {"command_sender": [{"name": "panel", "key_env": "K_PANEL"}], "web": {"sender": "nobody"}},
+            "web.sender: no [[command_sender]] is named 'nobody'; configured: panel",
+        ),
+        ({"web": {"mqtt_password_env": "K_PANEL"}}, "web.mqtt_username: is required"),
+        ({"web": {"port": 8080}}, "web.port: unknown key"),
+        (
+            {"operator": [{"name": "alice", "role": "operator", "token_env": "K_PANEL"}]},
+            "operator[0]: tokens in command payloads are no longer accepted (every subscriber can read them): "
+            "give each sender a [[command_sender]] key and sign commands, see docs/mqtt.md#migrating-from-tokens",
         ),
         ({"commands": {"min_role": {"start_elution": "superuser"}}}, "commands.min_role.start_elution: 'superuser'"),
         ({"commands": {"min_role": {"reboot": "admin"}}}, "commands.min_role.reboot: unknown key"),
         ({"commands": {"audit": "x"}}, "did you mean 'audit_path'"),
+        ({"commands": {"accept_token_commands": "yes"}}, "commands.accept_token_commands"),
     ],
 )
-def test_bad_operator_or_command_config_is_refused_precisely(
-    tmp_path: Path, tokens: None, monkeypatch: pytest.MonkeyPatch, extra: dict[str, Any], message: str
+def test_bad_sender_web_or_command_config_is_refused_precisely(
+    tmp_path: Path, keys: None, monkeypatch: pytest.MonkeyPatch, extra: dict[str, Any], message: str
 ) -> None:
-    monkeypatch.setenv("T_SHORT", "short")
+    monkeypatch.setenv("K_SHORT", "ab" * 16)
+    monkeypatch.setenv("K_ODD", PANEL_KEY.hex() + "a")
+    monkeypatch.setenv("K_NOT_HEX", "zz" * 32)
+    monkeypatch.setenv("K_PANEL_UPPER", PANEL_KEY.hex().upper())
     with pytest.raises(ConfigError) as raised:
         parse_config(lab(tmp_path, **extra), base_dir=tmp_path)
-    assert message in str(raised.value)
-    assert ALICE_TOKEN not in str(raised.value)
+    assert message in str(raised.value) and "\n" not in str(raised.value)
+    for secret in (PANEL_KEY.hex(), "ab" * 16, "zz" * 32):
+        assert secret not in str(raised.value)
 
 
-def test_a_label_is_authorised_by_what_it_asks_for(tmp_path: Path, tokens: None) -> None:
+def attempt(user: str, action: str = "start_elution", args: dict[str, Any] | None = None) -> Command:
+    return Command("r", user, "why", action, args or {}, time.time_ns())
+
+
+async def test_a_label_is_authorised_by_what_it_asks_for(tmp_path: Path, accounts: UserStore) -> None:
     """An accuracy verdict needs label_accuracy (qc_officer by default), a dosage label_dosage."""
     plain = {"measurement_id": "a" * 32, "label": "batch 12"}
     accuracy = plain | {"reference_source": "CO-57-REF"}
     dosage = plain | {"prescribed_activity": "370 MBq", "administration_time": "2026-12-04T10:00:00Z"}
 
-    def label(user: str, token: str, args: dict[str, Any]) -> Command:
-        body = command(args=args) | {"user": user, "token": token}
-        return parse_command(encode(body), "label_measurement", CALIBRATOR)
+    def label(user: str, args: dict[str, Any]) -> Command:
+        return parse_command(encode(command(args=args, user=user)), "label_measurement", CALIBRATOR)
 
-    operators = [
-        OperatorConfig("alice", "qc_officer", Secret(ALICE_TOKEN, "test")),
-        OperatorConfig("bob", "operator", Secret(BOB_TOKEN, "test")),
-    ]
-    default = Authoriser(operators, DEFAULT_MIN_ROLE)
+    default = Authoriser(DEFAULT_MIN_ROLE, senders=SENDERS, accounts=accounts)
     for args in (plain, dosage, accuracy):
-        assert default.authorise(label("alice", ALICE_TOKEN, args)).name == "alice"
+        assert await default.authorise_person(label("alice", args), "panel") == Actor("alice", "qc_officer", "panel")
     for args in (plain, dosage):
-        assert default.authorise(label("bob", BOB_TOKEN, args)).name == "bob"
+        assert (await default.authorise_person(label("bob", args), "panel")).name == "bob"
     with pytest.raises(Unauthorised) as raised:
-        default.authorise(label("bob", BOB_TOKEN, accuracy))
+        await default.authorise_person(label("bob", accuracy), "panel")
     assert "may not run label_measurement (label_accuracy); it needs qc_officer" in str(raised.value)
 
     config = parse_config(
-        lab(
-            tmp_path,
-            operator=[{"name": "bob", "role": "operator", "token_env": "T_BOB"}],
-            commands={"min_role": {"label_dosage": "qc_officer", "label_accuracy": "operator"}},
-        ),
+        lab(tmp_path, commands={"min_role": {"label_dosage": "qc_officer", "label_accuracy": "operator"}}),
         base_dir=tmp_path,
     )
-    configured = Authoriser(config.operators, config.commands.min_role)
-    assert configured.authorise(label("bob", BOB_TOKEN, accuracy)).name == "bob"
-    assert configured.authorise(label("bob", BOB_TOKEN, plain)).name == "bob"
+    configured = Authoriser(config.commands.min_role, senders=SENDERS, accounts=accounts)
+    assert (await configured.authorise_person(label("bob", accuracy), "panel")).name == "bob"
+    assert (await configured.authorise_person(label("bob", plain), "panel")).name == "bob"
     with pytest.raises(Unauthorised, match="label_dosage"):
-        configured.authorise(label("bob", BOB_TOKEN, dosage))
+        await configured.authorise_person(label("bob", dosage), "panel")
 
 
-def test_authoriser_checks_user_token_and_role(tmp_path: Path, tokens: None) -> None:
-    config = parse_config(
-        lab(
-            tmp_path,
-            operator=[
-                {"name": "alice", "role": "qc_officer", "token_env": "T_ALICE"},
-                {"name": "bob", "role": "operator", "token_env": "T_BOB"},
-            ],
-            commands={"min_role": {"start_elution": "qc_officer"}},
-        ),
-        base_dir=tmp_path,
+async def test_the_authoriser_needs_an_account_and_a_role_high_enough(accounts: UserStore) -> None:
+    authoriser = Authoriser(DEFAULT_MIN_ROLE | {"start_elution": "qc_officer"}, senders=SENDERS, accounts=accounts)
+    assert await authoriser.authorise_person(attempt("alice"), "admin-tool") == Actor(
+        "alice", "qc_officer", "admin-tool"
     )
-    authoriser = Authoriser(config.operators, config.commands.min_role)
-
-    def attempt(user: str, token: str, action: str = "start_elution") -> Command:
-        return Command("r", user, token, "why", action, {}, time.time_ns())
-
-    assert authoriser.authorise(attempt("alice", ALICE_TOKEN)).name == "alice"
-    assert authoriser.authorise(attempt("bob", BOB_TOKEN, "abort")).role == "operator"
-    for user, token, expected in [
-        ("alice", BOB_TOKEN, "not authenticated"),
-        ("mallory", ALICE_TOKEN, "not authenticated"),
-        ("alice", ALICE_TOKEN[:-1], "not authenticated"),
-        ("bob", BOB_TOKEN, "role operator of 'bob' may not run start_elution; it needs qc_officer"),
+    assert (await authoriser.authorise_person(attempt("bob", "abort"), "panel")).role == "operator"
+    for user, expected in [
+        ("mallory", "user 'mallory' has no account in the lab's user store"),
+        ("Alice", "user 'Alice' has no account"),
+        ("bob", "role operator of 'bob' may not run start_elution; it needs qc_officer or higher"),
     ]:
         with pytest.raises(Unauthorised) as raised:
-            authoriser.authorise(attempt(user, token))
+            await authoriser.authorise_person(attempt(user), "panel")
         assert expected in str(raised.value)
-        assert token not in str(raised.value)
 
 
 # --------------------------------------------------------------------------- the handler, on a real audit trail
 
-OPERATORS = (
-    OperatorConfig("alice", "operator", Secret(ALICE_TOKEN, "test")),
-    OperatorConfig("bob", "operator", Secret(BOB_TOKEN, "test")),
-)
 CMD = "hotlab/lab/elution-1/gen-1/cmd"
 
 
@@ -556,9 +673,9 @@ class RecordingStation:
 
 
 class Console:
-    """A handler on an audit trail with one station, and every reply it published."""
+    """A handler on an audit trail with one station, and every reply it published; the panel signs."""
 
-    def __init__(self, audit: AuditLog, station: RecordingStation | None = None) -> None:
+    def __init__(self, audit: AuditLog, accounts: UserStore, station: RecordingStation | None = None) -> None:
         self.audit = audit
         self.station = station or RecordingStation()
         self.online = True
@@ -566,7 +683,7 @@ class Console:
         target = CommandTarget(STATION, self.station, lambda: self.online)
         self.handler = CommandHandler(
             "lab",
-            Authoriser(OPERATORS, DEFAULT_MIN_ROLE),
+            Authoriser(DEFAULT_MIN_ROLE, senders=SENDERS, accounts=accounts),
             audit,
             self._publish,
             lambda name: target if name == "gen-1" else None,
@@ -579,9 +696,9 @@ class Console:
 
     async def send(self, action: str, request_id: str, user: str = "alice", **changes: Any) -> dict[str, Any]:
         args = {"volume_ml": 5.0} if action == "start_elution" else {}
-        token = ALICE_TOKEN if user == "alice" else BOB_TOKEN
-        body = command(request_id=request_id, user=user, token=token, args=args, **changes)
-        return await self.handler.handle(f"{CMD}/{action}", encode(body))
+        body = command(request_id=request_id, user=user, args=args, **changes)
+        topic = f"{CMD}/{action}"
+        return await self.handler.handle(topic, signed(topic, body))
 
     def outcomes(self) -> list[tuple[str, str, str]]:
         return [(r.actor, r.action, r.new_value["outcome"]) for r in iter_records(self.audit.path)]
@@ -592,8 +709,10 @@ def trail(tmp_path: Path) -> AuditLog:
     return AuditLog(tmp_path / "audit.jsonl")
 
 
-async def test_a_reused_request_id_for_another_command_is_refused_not_answered(trail: AuditLog) -> None:
-    console = Console(trail)
+async def test_a_reused_request_id_for_another_command_is_refused_not_answered(
+    trail: AuditLog, accounts: UserStore
+) -> None:
+    console = Console(trail, accounts)
     started = await console.send("start_elution", "r1")
     assert started["outcome"] == "executed"
     abort = await console.send("abort", "r1")
@@ -614,8 +733,10 @@ async def test_a_reused_request_id_for_another_command_is_refused_not_answered(t
     ]
 
 
-async def test_a_restarted_handler_remembers_request_ids_from_the_audit_trail(trail: AuditLog) -> None:
-    before = Console(trail)
+async def test_a_restarted_handler_remembers_request_ids_from_the_audit_trail(
+    trail: AuditLog, accounts: UserStore
+) -> None:
+    before = Console(trail, accounts)
     assert (await before.send("start_elution", "r1"))["outcome"] == "executed"
     before.station.hang = True
     before.station.reached.clear()
@@ -625,7 +746,7 @@ async def test_a_restarted_handler_remembers_request_ids_from_the_audit_trail(tr
     await asyncio.gather(cut_off, return_exceptions=True)
     assert before.station.calls == ["start_elution", "abort"]
 
-    after = Console(trail)
+    after = Console(trail, accounts)
     again = await after.send("start_elution", "r1")
     assert again["duplicate"] is True and again["outcome"] == "executed" and again["new_value"]["sequence"] == 1
     assert [r.new_value.get("first_audit_seq") for r in iter_records(trail.path)][-1] == 2  # the executed record
@@ -637,8 +758,8 @@ async def test_a_restarted_handler_remembers_request_ids_from_the_audit_trail(tr
     assert after.station.calls == [], "nothing may run twice across a restart"
 
 
-async def test_refusals_that_never_reached_the_device_are_not_remembered(trail: AuditLog) -> None:
-    console = Console(trail)
+async def test_refusals_that_never_reached_the_device_are_not_remembered(trail: AuditLog, accounts: UserStore) -> None:
+    console = Console(trail, accounts)
     console.online = False
     offline = await console.send("start_elution", "r1")
     assert offline["outcome"] == "refused" and "offline" in offline["error"]
@@ -655,7 +776,7 @@ async def test_refusals_that_never_reached_the_device_are_not_remembered(trail: 
     await console.handler.close()
     stopping = await console.send("abort", "r3")
     assert stopping["outcome"] == "refused" and "shutting down" in stopping["error"]
-    restarted = Console(trail, console.station)  # the trail says "not sent": the restarted handler runs it
+    restarted = Console(trail, accounts, console.station)  # the trail says "not sent": the restarted handler runs it
     assert (await restarted.send("abort", "r3"))["outcome"] == "executed"
     assert console.station.calls == ["start_elution", "acknowledge_fault", "abort"]
 
@@ -676,14 +797,19 @@ class RecordingCalibrator:
         return {"measurement_id": measurement_id, "label": label, "record": "b" * 32}
 
 
-async def test_a_label_is_audited_like_select_nuclide_and_needs_no_device_online(trail: AuditLog) -> None:
+async def test_a_label_is_audited_like_select_nuclide_and_needs_no_device_online(
+    trail: AuditLog, accounts: UserStore
+) -> None:
     calibrator = RecordingCalibrator()
     target = CommandTarget(CALIBRATOR, calibrator, lambda: False)  # the calibrator is offline
-    handler = CommandHandler("lab", Authoriser(OPERATORS, DEFAULT_MIN_ROLE), trail, _accept_reply, lambda name: target)
+    authoriser = Authoriser(DEFAULT_MIN_ROLE, senders=SENDERS, accounts=accounts)
+    handler = CommandHandler("lab", authoriser, trail, _accept_reply, lambda name: target)
     topic = "hotlab/lab/hotcell-1/cal-1/cmd"
 
     async def send(action: str, args: dict[str, Any], request_id: str) -> dict[str, Any]:
-        return await handler.handle(f"{topic}/{action}", encode(command(request_id=request_id, args=args)))
+        return await handler.handle(
+            f"{topic}/{action}", signed(f"{topic}/{action}", command(request_id=request_id, args=args))
+        )
 
     labelled = await send("label_measurement", {"measurement_id": "a" * 32, "label": "batch 12"}, "l1")
     assert labelled["outcome"] == "executed" and labelled["old_value"] is None
@@ -728,10 +854,10 @@ class FlakyAuditLog(AuditLog):
 
 
 async def test_abort_runs_when_its_intent_cannot_be_audited_and_is_audited_afterwards(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, accounts: UserStore, caplog: pytest.LogCaptureFixture
 ) -> None:
     trail = FlakyAuditLog(tmp_path / "audit.jsonl", failures=1)
-    console = Console(trail)
+    console = Console(trail, accounts)
     start = await console.send("start_elution", "r1")
     assert start["outcome"] == "failed" and console.station.calls == [], "everything but abort fails closed"
 
@@ -750,10 +876,11 @@ async def test_abort_runs_when_its_intent_cannot_be_audited_and_is_audited_after
 
 
 async def test_topic_levels_are_logged_quoted_so_a_newline_cannot_forge_a_log_line(
-    trail: AuditLog, caplog: pytest.LogCaptureFixture
+    trail: AuditLog, accounts: UserStore, caplog: pytest.LogCaptureFixture
 ) -> None:
-    console = Console(trail)
-    reply = await console.handler.handle(f"{CMD}/abort\nINFO command abort executed", encode(command()))
+    console = Console(trail, accounts)
+    topic = f"{CMD}/abort\nINFO command abort executed"
+    reply = await console.handler.handle(topic, signed(topic, command()))
     assert reply["outcome"] == "malformed"
     assert caplog.records and all("\n" not in r.getMessage() for r in caplog.records)
 
@@ -762,36 +889,47 @@ HANDLER_TOPICS = st.sampled_from(
     [f"{CMD}/{action}" for action in ("start_elution", "abort", "acknowledge_fault", "select_nuclide", "reboot")]
     + ["hotlab/lab/elution-1/other/cmd/abort", "hotlab/elsewhere/x/y/cmd/abort", "x"]
 )
-#: Mostly valid envelopes with valid tokens (the station is a recorder), so executions, duplicates,
-#: reused ids and malformed values all occur; strings may carry lone surrogates.
-HANDLER_PAYLOADS = (
+#: Mostly valid commands (the station is a recorder), so executions, duplicates, reused ids and malformed
+#: values all occur; strings may carry lone surrogates. Each is signed for one of the topics, by a sender
+#: with its key or the other's, so good and bad signatures occur too.
+HANDLER_COMMANDS = (
     st.fixed_dictionaries(
         {
-            "schema": st.just("hotlab.command/1"),
+            "schema": st.just("hotlab.command/2"),
             "request_id": st.sampled_from(["r1", "r2", "r3"]),
-            "user": st.sampled_from(["alice", "bob"]) | TEXT,
-            "token": st.sampled_from([ALICE_TOKEN, BOB_TOKEN]) | TEXT,
+            "user": st.sampled_from(["alice", "bob", "mallory"]) | TEXT,
             "reason": st.just("because") | TEXT,
             "issued_at": st.builds(now_iso),
             "args": st.sampled_from([{}, {"volume_ml": 5.0}]) | JSON,
         }
-    ).map(encode)
-    | NEAR_MISS.map(encode)
+    )
+    | NEAR_MISS
+)
+HANDLER_PAYLOADS = (
+    st.builds(
+        lambda topic, body, sender, key: signed(topic, body, sender=sender, key=key),
+        HANDLER_TOPICS,
+        HANDLER_COMMANDS,
+        st.sampled_from(["panel", "admin-tool", "stranger"]),
+        st.sampled_from([PANEL_KEY, OTHER_KEY]),
+    )
+    | NEAR_MISS_ENVELOPE.map(encode)
     | st.binary(max_size=100)
 )
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(messages=st.lists(st.tuples(HANDLER_TOPICS, HANDLER_PAYLOADS, st.booleans()), min_size=1, max_size=4))
-@example(messages=[(f"{CMD}/abort", encode(command(args={}, token="\ud800")), False)])
-@example(messages=[(f"{CMD}/abort", encode(command(args={}, reason="why \udfff")), False)])
+@example(messages=[(f"{CMD}/abort", signed(f"{CMD}/abort", command(args={}, user="\ud800")), False)])
+@example(messages=[(f"{CMD}/abort", signed(f"{CMD}/abort", command(args={}, reason="why \udfff")), False)])
+@example(messages=[(f"{CMD}/abort", encode({"schema": "hotlab.signed_command/1", "sender": "\ud800"}), False)])
 def test_every_submitted_message_gets_exactly_one_reply_and_an_audit_record(
-    messages: list[tuple[str, bytes, bool]],
+    accounts: UserStore, messages: list[tuple[str, bytes, bool]]
 ) -> None:
     async def run(directory: str) -> None:
         audit = AuditLog(Path(directory) / "audit.jsonl")
         for topic, payload, retain in messages:
-            console = Console(audit)  # a fresh handler per message: each also recalls the trail
+            console = Console(audit, accounts)  # a fresh handler per message: each also recalls the trail
             records_before = len(list(iter_records(audit.path)))
             await console.handler.submit(topic, payload, retain)
             await console.handler.close()
@@ -802,7 +940,9 @@ def test_every_submitted_message_gets_exactly_one_reply_and_an_audit_record(
         asyncio.run(run(directory))
 
 
-async def test_odd_records_in_the_trail_do_not_stop_the_handler_from_recalling_it(trail: AuditLog) -> None:
+async def test_odd_records_in_the_trail_do_not_stop_the_handler_from_recalling_it(
+    trail: AuditLog, accounts: UserStore
+) -> None:
     for odd in (
         {"authenticated": True, "request_id": "r1", "command": "abort", "outcome": ["executed"]},
         {"authenticated": True, "request_id": ["r1"], "command": "abort", "outcome": "executed"},
@@ -813,7 +953,7 @@ async def test_odd_records_in_the_trail_do_not_stop_the_handler_from_recalling_i
         trail.append(
             actor="hotlab", action="qc.manual_entry", target="elution-1/gen-1", reason="other records", new_value=odd
         )
-    console = Console(trail)
+    console = Console(trail, accounts)
     assert (await console.send("abort", "r1"))["outcome"] == "executed"
     assert console.station.calls == ["abort"]
 
@@ -827,10 +967,10 @@ def _iso_seconds_from_now(seconds: float) -> str:
     [(-31.0, "s ago; commands older than 30 s are not run"), (31.0, "s ahead of the controller's clock")],
 )
 async def test_a_command_issued_outside_the_window_is_refused_as_expired_and_audited(
-    trail: AuditLog, offset_s: float, why: str
+    trail: AuditLog, accounts: UserStore, offset_s: float, why: str
 ) -> None:
     """A captured command replayed later, or one a broker queued for an offline client, must not run."""
-    console = Console(trail)
+    console = Console(trail, accounts)
     reply = await console.send("start_elution", "r-old", issued_at=_iso_seconds_from_now(offset_s))
     assert reply["outcome"] == "expired" and reply["ok"] is False
     assert why in reply["error"]
@@ -840,8 +980,10 @@ async def test_a_command_issued_outside_the_window_is_refused_as_expired_and_aud
     assert fresh["outcome"] == "executed" and console.station.calls == ["start_elution"]
 
 
-async def test_the_window_is_configurable_and_a_resent_id_is_answered_at_any_age(trail: AuditLog) -> None:
-    console = Console(trail)
+async def test_the_window_is_configurable_and_a_resent_id_is_answered_at_any_age(
+    trail: AuditLog, accounts: UserStore
+) -> None:
+    console = Console(trail, accounts)
     console.handler.max_age_s = 5.0
     assert (await console.send("start_elution", "r1", issued_at=_iso_seconds_from_now(-6.0)))["outcome"] == "expired"
     assert (await console.send("start_elution", "r2"))["outcome"] == "executed"
@@ -857,9 +999,11 @@ def test_issued_at_must_be_an_iso_time_with_an_offset(issued_at: Any) -> None:
         parse_command(encode(command(issued_at=issued_at)), "start_elution", STATION)
 
 
-async def test_a_command_whose_window_closes_while_its_intent_is_audited_does_not_run(trail: AuditLog) -> None:
+async def test_a_command_whose_window_closes_while_its_intent_is_audited_does_not_run(
+    trail: AuditLog, accounts: UserStore
+) -> None:
     """Fresh when it arrived, stale once the intent record was on disk: checked again before the device."""
-    console = Console(trail)
+    console = Console(trail, accounts)
     issued = datetime.now(UTC)
     readings_of_the_clock = iter([0.0, 31.0])  # seconds after issued_at: at arrival, then before sending
 
@@ -872,26 +1016,25 @@ async def test_a_command_whose_window_closes_while_its_intent_is_audited_does_no
     assert console.outcomes() == [("alice", "elution.start", "requested"), ("alice", "elution.start", "expired")]
 
 
-def test_start_qc_and_end_qc_are_parsed_strictly_and_a_baseline_needs_a_qc_officer(tokens: None) -> None:
+async def test_start_qc_and_end_qc_are_parsed_strictly_and_a_baseline_needs_a_qc_officer(
+    accounts: UserStore,
+) -> None:
     """start_qc names a procedure and its one subject; a baseline is a QC officer's record (qc_baseline)."""
 
-    def qc(action: str, user: str, token: str, args: dict[str, Any]) -> Command:
-        return parse_command(encode(command(args=args) | {"user": user, "token": token}), action, CALIBRATOR)
+    def qc(action: str, user: str, args: dict[str, Any]) -> Command:
+        return parse_command(encode(command(args=args, user=user)), action, CALIBRATOR)
 
-    daily = qc("start_qc", "bob", BOB_TOKEN, {"procedure": "daily_constancy", "source": "CS-1"})
-    baseline = qc("start_qc", "bob", BOB_TOKEN, {"procedure": "baseline", "source": "CS-1"})
-    linearity = qc("start_qc", "alice", ALICE_TOKEN, {"procedure": "linearity", "nuclide": "99mTc"})
+    daily = qc("start_qc", "bob", {"procedure": "daily_constancy", "source": "CS-1"})
+    baseline = qc("start_qc", "bob", {"procedure": "baseline", "source": "CS-1"})
+    linearity = qc("start_qc", "alice", {"procedure": "linearity", "nuclide": "99mTc"})
     assert linearity.args == {"procedure": "linearity", "nuclide": "Tc-99m"}
-    assert qc("end_qc", "bob", BOB_TOKEN, {}).args == {}
-    operators = [
-        OperatorConfig("alice", "qc_officer", Secret(ALICE_TOKEN, "test")),
-        OperatorConfig("bob", "operator", Secret(BOB_TOKEN, "test")),
-    ]
-    authoriser = Authoriser(operators, DEFAULT_MIN_ROLE)
-    assert authoriser.authorise(daily).name == "bob"
-    assert authoriser.authorise(qc("end_qc", "bob", BOB_TOKEN, {"procedure": "baseline"})).name == "bob"
+    assert qc("end_qc", "bob", {}).args == {}
+    authoriser = Authoriser(DEFAULT_MIN_ROLE, senders=SENDERS, accounts=accounts)
+    assert (await authoriser.authorise_person(daily, "panel")).name == "bob"
+    assert (await authoriser.authorise_person(qc("end_qc", "bob", {"procedure": "baseline"}), "panel")).name == "bob"
+    assert (await authoriser.authorise_person(qc("start_qc", "alice", baseline.args), "panel")).name == "alice"
     with pytest.raises(Unauthorised, match=r"may not run start_qc \(qc_baseline\); it needs qc_officer"):
-        authoriser.authorise(baseline)
+        await authoriser.authorise_person(baseline, "panel")
     for args, problem in (
         ({"procedure": "baseline"}, "start_qc of baseline needs args.source and nothing else; got: procedure"),
         ({"procedure": "daily_constancy", "elution_id": "a" * 32}, "start_qc of daily_constancy needs args.source"),
@@ -901,15 +1044,15 @@ def test_start_qc_and_end_qc_are_parsed_strictly_and_a_baseline_needs_a_qc_offic
         ({"procedure": "linearity", "nuclide": "Xx-1"}, "args.nuclide"),
     ):
         with pytest.raises(MalformedCommand, match=problem):
-            qc("start_qc", "bob", BOB_TOKEN, args)
+            qc("start_qc", "bob", args)
 
 
-def test_start_qc_of_geometry_sleeves_and_ga68_identity_parse_and_match_the_schema(tokens: None) -> None:
+async def test_start_qc_of_geometry_sleeves_and_ga68_identity_parse_and_match_the_schema(accounts: UserStore) -> None:
     """The geometries are listed reference first; sleeves come from the config; a half-life may name its elution."""
     schema = json.loads((SCHEMAS / "command.json").read_text())
 
     def parsed(args: dict[str, Any]) -> Command:
-        return parse_command(encode(command(args=args) | {"user": "bob", "token": BOB_TOKEN}), "start_qc", CALIBRATOR)
+        return parse_command(encode(command(args=args, user="bob")), "start_qc", CALIBRATOR)
 
     def start(args: dict[str, Any]) -> dict[str, Any]:
         found = parsed(args).args
@@ -935,9 +1078,10 @@ def test_start_qc_of_geometry_sleeves_and_ga68_identity_parse_and_match_the_sche
     with pytest.raises(MalformedCommand, match="start_qc of ga68_half_life needs"):
         parsed(identity | {"aliquot_fraction": 0.5})
     # Each is an operator's start_qc, like a decay series: only a baseline is a QC officer's record.
-    authoriser = Authoriser([OperatorConfig("bob", "operator", Secret(BOB_TOKEN, "test"))], DEFAULT_MIN_ROLE)
+    authoriser = Authoriser(DEFAULT_MIN_ROLE, senders=SENDERS, accounts=accounts)
     for args in (geometry, sleeves, identity):
-        assert role_key(parsed(args)) == "start_qc" and authoriser.authorise(parsed(args)).name == "bob"
+        assert role_key(parsed(args)) == "start_qc"
+        assert (await authoriser.authorise_person(parsed(args), "panel")).name == "bob"
     for args, problem in (
         ({"procedure": "geometry", "nuclide": "Tc-99m"}, "start_qc of geometry needs args.geometries, args.nuclide"),
         ({"procedure": "geometry", "nuclide": "Tc-99m", "geometries": ["vial"]}, "reference geometry and 1 to 12"),

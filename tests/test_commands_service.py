@@ -1,13 +1,15 @@
 """MQTT control commands end to end: real Mosquitto, the real controller service, a real Modbus station simulator.
 
 Every attempt must be answered, audited (hash chain intact, `hotlab audit verify` passes) and
-must leave the station alone unless it was authorised; polling must carry on throughout.
+must leave the station alone unless it was authorised; polling must carry on throughout. Commands
+are signed by the sender "panel" for people with accounts in the lab's user store.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -22,10 +24,12 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from hotlab.controller.audit import AuditRecord, iter_records
+from hotlab.controller.audit import AuditLog, AuditRecord, iter_records
 from hotlab.controller.cli.main import main as hotlab
+from hotlab.controller.command_signing import signed_payload
 from hotlab.controller.config import parse_config
 from hotlab.controller.service import ControllerService
+from hotlab.controller.users import Credentials, UserStore
 from hotlab.drivers.station_registers import FaultCode, StationState
 from hotlab.simulators.calibrator_vik202 import Vik202Simulator
 from hotlab.simulators.elution_station import (
@@ -42,7 +46,9 @@ from tests.mosquitto_service import MosquittoBroker, mosquitto  # noqa: F401 - f
 
 SITE = "cmdlab"
 TOPIC = f"hotlab/{SITE}/elution-1/gen-1/cmd"
-TOKENS = {"alice": "alice-token-7f3a9c2e5b1d4f60", "bob": "bob-token-1c8e4a7d2f9b3e56"}
+PANEL_KEY = secrets.token_bytes(32)
+OTHER_KEY = secrets.token_bytes(32)
+PASSWORD = "a-password-of-20-chars"
 REPLY_SCHEMA = json.loads(
     (Path(__file__).resolve().parent.parent / "controller" / "schemas" / "command_reply.json").read_text()
 )
@@ -66,21 +72,36 @@ def command(
     user: str,
     action_args: dict[str, Any],
     *,
-    token: str | None = None,
     request_id: str | None = None,
     reason: str = "test of the command path",
     issued_at: datetime | None = None,
-) -> bytes:
-    body: dict[str, Any] = {
-        "schema": "hotlab.command/1",
+) -> dict[str, Any]:
+    """A `hotlab.command/2`; `Requester.send` signs it for the topic it goes to."""
+    return {
+        "schema": "hotlab.command/2",
         "request_id": request_id or uuid.uuid4().hex,
         "user": user,
-        "token": TOKENS.get(user, "") if token is None else token,
         "reason": reason,
         "issued_at": (issued_at or datetime.now(UTC)).isoformat(),
         "args": action_args,
     }
-    return json.dumps(body).encode()
+
+
+def sign(topic: str, body: dict[str, Any], *, sender: str = "panel", key: bytes = PANEL_KEY) -> bytes:
+    return signed_payload(topic, body, sender=sender, key=key)
+
+
+def add_accounts(state_dir: Path) -> None:
+    """alice (qc_officer) and bob (operator) in the store the controller reads: [users] default, beside the
+    trail. Their creation is audited in a trail of its own, so the lab's trail holds only commands."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    with UserStore(state_dir / "users.sqlite3", AuditLog(state_dir.parent / "accounts.jsonl")) as store:
+        if store.user("carol") is not None:
+            return
+        store.add_user("carol", "Carol Admin", "admin", PASSWORD, admin=None)
+        admin = Credentials("carol", PASSWORD)
+        store.add_user("alice", "Alice QC", "qc_officer", PASSWORD, admin=admin)
+        store.add_user("bob", "Bob Operator", "operator", PASSWORD, admin=admin)
 
 
 class Requester:
@@ -100,8 +121,10 @@ class Requester:
             else:
                 await self.replies.put((str(message.topic), payload))
 
-    async def send(self, topic: str, payload: bytes, *, retain: bool = False) -> dict[str, Any]:
-        await self.client.publish(topic, payload, qos=1, retain=retain)
+    async def send(self, topic: str, payload: bytes | dict[str, Any], *, retain: bool = False) -> dict[str, Any]:
+        """Publish `payload` (a command body: signed by the panel for `topic` first) and wait for the reply."""
+        raw = sign(topic, payload) if isinstance(payload, dict) else payload
+        await self.client.publish(topic, raw, qos=1, retain=retain)
         return await self.reply_to(topic)
 
     async def reply_to(self, topic: str) -> dict[str, Any]:
@@ -146,12 +169,13 @@ async def start_lab(
     monkeypatch: pytest.MonkeyPatch,
     model: Any,
     device: dict[str, Any],
-    retained_before_start: bytes | None = None,
+    retained_before_start: dict[str, Any] | None = None,
     commands: dict[str, Any] | None = None,
 ) -> AsyncIterator[Lab]:
     """The controller service with one device, running until the test is done; `commands` adds to [commands]."""
-    for name, token in TOKENS.items():
-        monkeypatch.setenv(f"HOTLAB_TEST_TOKEN_{name.upper()}", token)
+    monkeypatch.setenv("HOTLAB_TEST_KEY_PANEL", PANEL_KEY.hex())
+    monkeypatch.setenv("HOTLAB_TEST_KEY_TOOL", OTHER_KEY.hex())
+    await asyncio.to_thread(add_accounts, tmp_path / "state")
     monkeypatch.delenv("HOTLAB_AUDIT_KEY", raising=False)
     monkeypatch.delenv("HOTLAB_AUDIT_KEY_FILE", raising=False)
     config = parse_config(
@@ -162,9 +186,9 @@ async def start_lab(
             "service": {"state_dir": "state", "backoff_initial_s": 0.1, "backoff_max_s": 1.0, "drain_timeout_s": 2.0},
             "history": {"enabled": False},
             "mqtt": {"host": broker.host, "port": broker.port, "client_id": f"ctl-{uuid.uuid4().hex[:8]}"},
-            "operator": [
-                {"name": "alice", "role": "qc_officer", "token_env": "HOTLAB_TEST_TOKEN_ALICE"},
-                {"name": "bob", "role": "operator", "token_env": "HOTLAB_TEST_TOKEN_BOB"},
+            "command_sender": [
+                {"name": "panel", "key_env": "HOTLAB_TEST_KEY_PANEL"},
+                {"name": "admin-tool", "key_env": "HOTLAB_TEST_KEY_TOOL"},
             ],
             "commands": {"min_role": {"start_elution": "qc_officer"}, **(commands or {})},
         },
@@ -178,7 +202,8 @@ async def start_lab(
         await client.subscribe(f"hotlab/{SITE}/controller/status", qos=1)
         listener = asyncio.create_task(requester.listen())
         if retained_before_start is not None:
-            await client.publish(f"{TOPIC}/start_elution", retained_before_start, qos=1, retain=True)
+            retained = sign(f"{TOPIC}/start_elution", retained_before_start)
+            await client.publish(f"{TOPIC}/start_elution", retained, qos=1, retain=True)
         task = asyncio.create_task(service.run(stop))
         try:
             await asyncio.wait_for(requester.online.wait(), 30)
@@ -201,7 +226,7 @@ async def station_lab(
     tmp_path: Path,
     broker: MosquittoBroker,
     monkeypatch: pytest.MonkeyPatch,
-    retained_before_start: bytes | None = None,
+    retained_before_start: dict[str, Any] | None = None,
     commands: dict[str, Any] | None = None,
     **device_extra: Any,
 ) -> AsyncIterator[Lab]:
@@ -287,11 +312,12 @@ async def test_authorised_commands_run_once_are_audited_and_refused_in_the_wrong
         "sequence": 1,
     }
     assert executed.new_value["authenticated"] is True and executed.new_value["role"] == "qc_officer"
+    assert executed.new_value["sender"] == "panel"
     assert executed.seq == reply["audit_seq"]
     assert duplicate.new_value["first_audit_seq"] == executed.seq and duplicate.new_value["first_outcome"] == "executed"
     assert duplicate.seq == again["audit_seq"]
     assert records[4].new_value["error"] == busy["error"]
-    assert all(token not in lab.audit_path.read_text() for token in TOKENS.values())
+    assert PANEL_KEY.hex() not in lab.audit_path.read_text()
     assert lab.verify() == 0
     await lab.polling_goes_on()
 
@@ -402,21 +428,30 @@ async def test_unauthorised_attempts_are_refused_audited_and_leave_the_station_a
     replayed = await lab.requester.reply_to(f"{TOPIC}/start_elution")
     assert replayed["outcome"] == "malformed" and "retained commands are refused" in replayed["error"]
 
-    attempts = {
-        "wrong token": command("alice", {"volume_ml": 5.0}, token=TOKENS["bob"]),
-        "missing token": command("alice", {"volume_ml": 5.0}, token=""),
-        "unknown user": command("mallory", {"volume_ml": 5.0}, token="mallory-token-0000000000"),
-        "role not allowed": command("bob", {"volume_ml": 5.0}),
+    topic = f"{TOPIC}/start_elution"
+    token_command = command("alice", {"volume_ml": 5.0}) | {
+        "schema": "hotlab.command/1",
+        "token": "alice-token-7f3a9c2e",
     }
-    replies = {what: await lab.requester.send(f"{TOPIC}/start_elution", payload) for what, payload in attempts.items()}
+    attempts = {
+        "wrong key": sign(topic, command("alice", {"volume_ml": 5.0}), key=OTHER_KEY),
+        "signed for another topic": sign(f"{TOPIC}/abort", command("alice", {"volume_ml": 5.0})),
+        "unknown sender": sign(topic, command("alice", {"volume_ml": 5.0}), sender="stranger"),
+        "unknown user": sign(topic, command("mallory", {"volume_ml": 5.0})),
+        "role not allowed": sign(topic, command("bob", {"volume_ml": 5.0})),
+        "a token in the payload": json.dumps(token_command).encode(),
+    }
+    replies = {what: await lab.requester.send(topic, payload) for what, payload in attempts.items()}
     for what, reply in replies.items():
         assert reply["ok"] is False and reply["outcome"] == "unauthorised", (what, reply)
-    assert "not authenticated" in replies["wrong token"]["error"]
-    assert "carries no token" in replies["missing token"]["error"]
-    assert "not authenticated" in replies["unknown user"]["error"]
+    for what in ("wrong key", "signed for another topic"):
+        assert "the command from sender 'panel' is not authenticated" in replies[what]["error"]
+    assert "the command from sender 'stranger' is not authenticated" in replies["unknown sender"]["error"]
+    assert "user 'mallory' has no account" in replies["unknown user"]["error"]
     assert (
         "role operator of 'bob' may not run start_elution; it needs qc_officer" in replies["role not allowed"]["error"]
     )
+    assert "tokens in payloads are no longer accepted" in replies["a token in the payload"]["error"]
     assert lab.model.state is StationState.IDLE and lab.model.cmd_ack_seq == 0, "nothing may reach the station"
 
     records = lab.records()
@@ -424,11 +459,22 @@ async def test_unauthorised_attempts_are_refused_audited_and_leave_the_station_a
         ("alice", "malformed", False),
         ("alice", "unauthorised", False),
         ("alice", "unauthorised", False),
+        ("alice", "unauthorised", False),
         ("mallory", "unauthorised", False),
         ("bob", "unauthorised", False),
+        ("alice", "unauthorised", False),
+    ]
+    assert [r.new_value.get("sender") for r in records] == [
+        "panel",
+        "panel",
+        "panel",
+        "stranger",
+        "panel",
+        "panel",
+        None,
     ]
     assert all(r.action == "elution.start" and r.target == "elution-1/gen-1" for r in records)
-    assert all(token not in lab.audit_path.read_text() for token in [*TOKENS.values(), "mallory-token-0000000000"])
+    assert "alice-token-7f3a9c2e" not in lab.audit_path.read_text()
     assert lab.verify() == 0
 
 
@@ -439,11 +485,12 @@ JSON = st.recursive(
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(TEXT, inner, max_size=4),
     max_leaves=12,
 )
-#: Nearly valid envelopes, never with a valid token (an accepted fuzz command would really elute).
+#: Nearly valid commands: old token commands, and the command text of signed envelopes
+#: that are never signed with a key the controller knows (an accepted fuzz command would really elute).
 NEAR_MISS = st.fixed_dictionaries(
     {},
     optional={
-        "schema": st.just("hotlab.command/1") | JSON,
+        "schema": st.sampled_from(["hotlab.command/1", "hotlab.command/2"]) | JSON,
         "request_id": st.just("fuzz-1") | JSON,
         "user": st.sampled_from(["alice", "bob", "mallory"]) | JSON,
         "token": st.sampled_from(["guess-guess-guess-guess", ""]) | JSON,
@@ -452,10 +499,20 @@ NEAR_MISS = st.fixed_dictionaries(
         "args": st.fixed_dictionaries({}, optional={"volume_ml": st.floats() | JSON, "nuclide": JSON}) | JSON,
     },
 )
+NEAR_MISS_SIGNED = st.fixed_dictionaries(
+    {},
+    optional={
+        "schema": st.just("hotlab.signed_command/1") | JSON,
+        "sender": st.sampled_from(["panel", "admin-tool", "stranger"]) | JSON,
+        "command": NEAR_MISS.map(json.dumps) | JSON,
+        "signature": st.text("0123456789abcdef", min_size=64, max_size=64) | JSON,
+    },
+)
 PAYLOADS = (
     st.binary(max_size=200)
     | JSON.map(lambda v: json.dumps(v).encode())
     | NEAR_MISS.map(lambda v: json.dumps(v).encode())
+    | NEAR_MISS_SIGNED.map(lambda v: json.dumps(v).encode())
 )
 TOPICS = st.sampled_from(
     [f"{TOPIC}/{action}" for action in ("start_elution", "abort", "acknowledge_fault", "select_nuclide", "reboot")]
@@ -471,7 +528,10 @@ async def test_malformed_payloads_get_an_error_reply_and_polling_goes_on(lab: La
     @given(topic=TOPICS, payload=PAYLOADS)
     @example(topic=f"{TOPIC}/start_elution", payload=b"{" + b" " * 5000 + b"}")  # oversized
     @example(topic=f"{TOPIC}/abort", payload=b"")
-    @example(topic=f"{TOPIC}/abort", payload=command("bob", {}, token="\ud800"))  # not encodable: no reply before
+    @example(  # not encodable: no reply before
+        topic=f"{TOPIC}/abort",
+        payload=json.dumps({"schema": "hotlab.command/1", "user": "bob", "token": "\ud800"}).encode(),
+    )
     def fuzz(topic: str, payload: bytes) -> None:
         # Hypothesis drives from a worker thread; the service and the broker client run on the loop.
         reply = asyncio.run_coroutine_threadsafe(lab.requester.send(topic, payload), loop).result(60)

@@ -351,3 +351,28 @@ cert_file = "ctl.crt"
     )
     assert "device[0].transport.tls.key_file: is required but missing" in error_for(tmp_path, station)
     assert "device[0].transport.tls.key_file" in error_for(tmp_path, station + 'key_file = "nowhere.key"\n')
+
+
+def test_a_command_sender_reads_only_the_tables_it_needs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`hotlab cmd` needs the site, devices, broker, senders, trail and accounts: not the InfluxDB token."""
+    from hotlab.controller.config import load_command_client
+
+    monkeypatch.delenv("HOTLAB_TEST_UNSET", raising=False)
+    monkeypatch.setenv("TEST_SENDER_KEY", "ab" * 32)
+    text = MINIMAL + (
+        '[mqtt]\nhost = "broker.lab"\n'
+        '[[command_sender]]\nname = "admin-tool"\nkey_env = "TEST_SENDER_KEY"\n'
+        '[influx]\nurl = "http://h:8086"\ntoken_env = "HOTLAB_TEST_UNSET"\norg = "o"\nbucket = "b"\n'
+        '[commands]\naudit_path = "trail/audit.jsonl"\n'
+    )
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError, match="HOTLAB_TEST_UNSET"):
+        load_config(path)
+    client = load_command_client(path)
+    assert client.site == "lab-a" and client.mqtt.host == "broker.lab"
+    assert [(d.name, d.station) for d in client.devices] == [("cal-1", "hotcell-1")]
+    assert [s.name for s in client.senders] == ["admin-tool"] and client.senders[0].key_bytes() == b"\xab" * 32
+    assert client.audit_path == tmp_path / "trail" / "audit.jsonl"
+    assert client.users.resolved_path(client.audit_path) == tmp_path / "trail" / "users.sqlite3"
+    with pytest.raises(ConfigError, match=r"lab.toml: mqtt: is required: commands travel over MQTT"):
+        load_command_client(write(tmp_path, MINIMAL))

@@ -40,6 +40,8 @@ SECTIONS = [
     "qc.sources.s1",
     "qc.devices.d1",
     "qc.generators.g1",
+    "commands",
+    "web",
     "nonsense",
 ]
 KEYS = [
@@ -94,6 +96,13 @@ KEYS = [
     "parent",
     "calibration_time",
     "pol_interval_s",
+    "key",
+    "key_env",
+    "key_file",
+    "sender",
+    "mqtt_username",
+    "mqtt_password_env",
+    "accept_token_commands",
 ]
 LITERALS = [
     '"vik202"',
@@ -150,7 +159,7 @@ def tomlish_documents(draw: st.DrawFn) -> str:
         if shape == "section":
             lines.append(f"[{draw(st.sampled_from(SECTIONS))}]")
         elif shape == "device":
-            lines.append("[[device]]")
+            lines.append(draw(st.sampled_from(["[[device]]", "[[command_sender]]", "[[operator]]"])))
         elif shape == "pair":
             lines.append(f"{draw(st.sampled_from(KEYS))} = {draw(st.sampled_from(LITERALS))}")
         else:
@@ -215,8 +224,10 @@ def parent_of(document: dict[str, Any], path: tuple[Any, ...]) -> Any:
 def valid_document(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path]:
     """The example, plus every optional section with its secret and TLS files present."""
     base = tmp_path_factory.mktemp("fuzz-config")
-    for name in ("ca.crt", "client.crt", "client.key", "mqtt-password", "influx-token"):
+    for name in ("ca.crt", "client.crt", "client.key", "mqtt-password", "influx-token", "panel-password"):
         (base / name).write_text("secret-or-pem\n")
+    (base / "panel.key").write_text("0f" * 32 + "\n")
+    (base / "tool.key").write_text("1e" * 32 + "\n")
     document = tomllib.loads(EXAMPLE.read_text())
     document["mqtt"] |= {
         "username": "hotlab",
@@ -224,6 +235,8 @@ def valid_document(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, 
         "tls": {"ca_file": "ca.crt", "cert_file": "client.crt", "key_file": "client.key"},
     }
     document["influx"] = {"url": "http://127.0.0.1:8086", "token_file": "influx-token", "org": "o", "bucket": "b"}
+    document["command_sender"] = [{"name": "panel", "key_file": "panel.key"}, {"name": "tool", "key_file": "tool.key"}]
+    document["web"] = {"sender": "panel", "mqtt_username": "hotlab-panel", "mqtt_password_file": "panel-password"}
     document["device"][1]["transport"] = {"url": "socket://127.0.0.1:4001"}
     document["device"][3]["options"] = {"read_command": "DS\r", "settings": {"baudrate": 19200}}
     parse_config(document, file="valid.toml", base_dir=base)  # the starting point really is valid
@@ -351,6 +364,8 @@ def test_every_string_value_replaced_by_an_awkward_string(
         pytest.param({"history": {"path": "history\x00.sqlite3"}}, id="history.path"),
         pytest.param({"service": {"state_dir": "var\x00"}}, id="service.state_dir"),
         pytest.param({"mqtt": {"tls": {"ca_file": "ca\x00.crt"}}}, id="mqtt.tls.ca_file"),
+        pytest.param({"command_sender": [{"name": "panel", "key_file": "key\x00"}]}, id="command_sender.key_file"),
+        pytest.param({"web": {"mqtt_username": "u", "mqtt_password_file": "p\x00"}}, id="web.mqtt_password_file"),
     ],
 )
 def test_a_nul_byte_in_a_file_name_is_a_config_error(section: dict[str, Any], tmp_path: Path) -> None:

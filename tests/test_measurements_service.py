@@ -32,10 +32,10 @@ from hotlab.simulators.calibrator_vik202 import Vik202Simulator
 from hotlab.simulators.serial_host import TcpHost
 from hotlab.simulators.source import ChamberSchedule, IonChamber, SimClock, Source
 from tests.mosquitto_service import MosquittoBroker, MqttCollector, mosquitto  # noqa: F401 - fixture
+from tests.test_commands_service import PANEL_KEY, add_accounts, sign
 
 SITE = "measlab"
 S = 1_000_000_000
-TOKEN = "alice-token-4b9d2e7a1c5f8036"
 SCHEMAS = Path(__file__).resolve().parent.parent / "controller" / "schemas"
 #: 7.4 MBq (200 uCi) Cs-137: the check source the script puts in and takes out.
 CHECK_BQ = 7.4e6
@@ -85,8 +85,8 @@ def lab_config(tmp_path: Path, url: str, *, broker: MosquittoBroker | None, dwel
     }
     if broker is not None:
         document["mqtt"] = {"host": broker.host, "port": broker.port, "client_id": f"ctl-{uuid.uuid4().hex[:8]}"}
-        # qc_officer: the accuracy label below asks for a verdict ([commands.min_role] label_accuracy).
-        document["operator"] = [{"name": "alice", "role": "qc_officer", "token_env": "HOTLAB_TEST_TOKEN_ALICE"}]
+        # alice is a qc_officer (add_accounts): the accuracy label below asks for a verdict (label_accuracy).
+        document["command_sender"] = [{"name": "panel", "key_env": "HOTLAB_TEST_KEY_PANEL"}]
     return parse_config(document, base_dir=tmp_path)
 
 
@@ -123,18 +123,17 @@ def insertions(readings: list[dict[str, Any]], background_bq: float = 37e3) -> l
     return found
 
 
-def command(action_args: dict[str, Any], request_id: str | None = None) -> bytes:
-    return json.dumps(
-        {
-            "schema": "hotlab.command/1",
-            "request_id": request_id or uuid.uuid4().hex,
-            "user": "alice",
-            "token": TOKEN,
-            "reason": "dispensed for patient 2026-0412",
-            "issued_at": datetime.now(UTC).isoformat(),
-            "args": action_args,
-        }
-    ).encode()
+def command(topic: str, action_args: dict[str, Any], request_id: str | None = None) -> bytes:
+    """alice's command, signed by the panel for `topic`."""
+    body = {
+        "schema": "hotlab.command/2",
+        "request_id": request_id or uuid.uuid4().hex,
+        "user": "alice",
+        "reason": "dispensed for patient 2026-0412",
+        "issued_at": datetime.now(UTC).isoformat(),
+        "args": action_args,
+    }
+    return sign(topic, body)
 
 
 async def test_one_measurement_per_insertion_judged_once_and_labelled_by_an_audited_command(
@@ -143,7 +142,8 @@ async def test_one_measurement_per_insertion_judged_once_and_labelled_by_an_audi
     monkeypatch: pytest.MonkeyPatch,
     simulated_vik: tuple[Vik202Simulator, str],
 ) -> None:
-    monkeypatch.setenv("HOTLAB_TEST_TOKEN_ALICE", TOKEN)
+    monkeypatch.setenv("HOTLAB_TEST_KEY_PANEL", PANEL_KEY.hex())
+    await asyncio.to_thread(add_accounts, tmp_path / "state")
     monkeypatch.delenv("HOTLAB_AUDIT_KEY", raising=False)
     monkeypatch.delenv("HOTLAB_AUDIT_KEY_FILE", raising=False)
     _simulator, url = simulated_vik
@@ -166,7 +166,8 @@ async def test_one_measurement_per_insertion_judged_once_and_labelled_by_an_audi
                     {"measurement_id": second["msg_id"], "label": "annual accuracy", "reference_source": "CS-CHECK"},
                     {"measurement_id": second["msg_id"], "label": "annual accuracy", "reference_source": "NOPE"},
                 ):
-                    await console.publish(f"{cal_topic}/cmd/label_measurement", command(args), qos=1)
+                    topic = f"{cal_topic}/cmd/label_measurement"
+                    await console.publish(topic, command(topic, args), qos=1)
                     async for message in console.messages:
                         replies.append(json.loads(bytes(message.payload)))  # type: ignore[arg-type]
                         break

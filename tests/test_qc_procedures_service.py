@@ -30,25 +30,24 @@ from hotlab.simulators.calibrator_vik202 import Vik202Simulator
 from hotlab.simulators.serial_host import TcpHost
 from hotlab.simulators.source import IonChamber, SimClock, Source
 from tests.mosquitto_service import MosquittoBroker, MqttCollector, mosquitto  # noqa: F401 - fixture
+from tests.test_commands_service import PANEL_KEY, add_accounts, sign
 
 SITE = "qclab"
-TOKENS = {"alice": "alice-token-5d1e8f3a7c2b9046", "bob": "bob-token-8a3f6c1e9d4b2075"}
 CHECK_BQ = 7.4e6
 CAL = f"hotlab/{SITE}/qc-lab/cal-1"
 
 
-def command(user: str, args: dict[str, Any], reason: str) -> bytes:
-    return json.dumps(
-        {
-            "schema": "hotlab.command/1",
-            "request_id": uuid.uuid4().hex,
-            "user": user,
-            "token": TOKENS[user],
-            "reason": reason,
-            "issued_at": datetime.now(UTC).isoformat(),
-            "args": args,
-        }
-    ).encode()
+def command(topic: str, user: str, args: dict[str, Any], reason: str) -> bytes:
+    """`user`'s command (alice a QC officer, bob an operator: add_accounts), signed by the panel for `topic`."""
+    body = {
+        "schema": "hotlab.command/2",
+        "request_id": uuid.uuid4().hex,
+        "user": user,
+        "reason": reason,
+        "issued_at": datetime.now(UTC).isoformat(),
+        "args": args,
+    }
+    return sign(topic, body)
 
 
 class Console:
@@ -58,7 +57,8 @@ class Console:
         self.client = client
 
     async def send(self, action: str, user: str, args: dict[str, Any], reason: str = "daily QC") -> dict[str, Any]:
-        await self.client.publish(f"{CAL}/cmd/{action}", command(user, args, reason), qos=1)
+        topic = f"{CAL}/cmd/{action}"
+        await self.client.publish(topic, command(topic, user, args, reason), qos=1)
         async for message in self.client.messages:
             return dict(json.loads(bytes(message.payload)))  # type: ignore[arg-type]
         raise AssertionError("no reply")
@@ -68,8 +68,8 @@ class Console:
 async def lab(
     tmp_path: Path, mosquitto: MosquittoBroker, monkeypatch: pytest.MonkeyPatch
 ) -> AsyncIterator[tuple[ControllerService, IonChamber, MqttCollector, Console]]:
-    for name, token in TOKENS.items():
-        monkeypatch.setenv(f"HOTLAB_TEST_TOKEN_{name.upper()}", token)
+    monkeypatch.setenv("HOTLAB_TEST_KEY_PANEL", PANEL_KEY.hex())
+    await asyncio.to_thread(add_accounts, tmp_path / "state")
     monkeypatch.delenv("HOTLAB_AUDIT_KEY", raising=False)
     monkeypatch.delenv("HOTLAB_AUDIT_KEY_FILE", raising=False)
     chamber = IonChamber(None, clock=SimClock(), selected_nuclide="Cs-137", seed=7)
@@ -93,10 +93,7 @@ async def lab(
             "history": {"path": "history.sqlite3"},
             "service": {"state_dir": "state", "drain_timeout_s": 5.0},
             "mqtt": {"host": mosquitto.host, "port": mosquitto.port, "client_id": f"ctl-{uuid.uuid4().hex[:8]}"},
-            "operator": [
-                {"name": "alice", "role": "qc_officer", "token_env": "HOTLAB_TEST_TOKEN_ALICE"},
-                {"name": "bob", "role": "operator", "token_env": "HOTLAB_TEST_TOKEN_BOB"},
-            ],
+            "command_sender": [{"name": "panel", "key_env": "HOTLAB_TEST_KEY_PANEL"}],
             "qc": {
                 "procedure_timeout_min": 0.25,
                 "sources": {

@@ -27,6 +27,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "hotlab.controller.cli.report",
     "hotlab.controller.cli.user",
     "hotlab.controller.cli.review",
+    "hotlab.controller.cli.cmd",
     "hotlab.controller.cli.web",
     "hotlab.simulators.calibrator_cli",
     "hotlab.simulators.elution_station_cli",

@@ -1,10 +1,12 @@
-"""The demo's user accounts and its QC officer's signature (controller/users.py, controller/signatures.py).
+"""The simulated lab's user accounts and its QC officer's signature (controller/users.py, controller/signatures.py).
 
-`hotlab demo` creates a user store in its state directory with an admin and the QC officer, each
-with a random password kept beside it in a file only the owner can read, so the demo's officer
-can sign and a newcomer can try `hotlab review` with the same accounts. The store, the audit
-trail it writes to and the archive are the demo's own; nothing here is a shortcut the real
-commands do not take: a signature is the same `sign` call `hotlab review sign` makes.
+The simulated lab (`hotlab run`, `hotlab demo`) creates a user store with an admin, an operator and
+the QC officer, each with a random password kept beside the store in a file only the owner can
+read: the controller runs the consoles' signed commands for them (an account must be active), the
+demo's officer signs with theirs, and a newcomer can try `hotlab review`, `hotlab cmd` or the web
+panel with the same accounts. The store, the audit trail it writes to and the archive are the lab's
+own; nothing here is a shortcut the real commands do not take: a signature is the same `sign` call
+`hotlab review sign` makes.
 """
 
 from __future__ import annotations
@@ -22,7 +24,14 @@ from hotlab.controller.signatures import sign_async
 from hotlab.controller.users import ADMIN, Credentials, UserStore
 
 ADMIN_USER = "demo-admin"
+OPERATOR_USER = "demo-operator"
 QC_OFFICER_USER = "demo-qc-officer"
+#: (username, printed name, role) of each account, the admin first: it adds the others.
+DEMO_ACCOUNTS: tuple[tuple[str, str, str], ...] = (
+    (ADMIN_USER, "Demo Admin", ADMIN),
+    (OPERATOR_USER, "Demo Operator", "operator"),
+    (QC_OFFICER_USER, "Demo QC Officer", "qc_officer"),
+)
 #: How long the officer waits for the records to sign to reach the archive (the history sink runs behind MQTT).
 ARCHIVE_WAIT_S = 30.0
 
@@ -35,11 +44,19 @@ def password_file(state_dir: Path, username: str) -> Path:
     return state_dir / f"{username}.password"
 
 
+def demo_accounts(store_path: Path, audit_path: Path, key: bytes | None) -> None:
+    """Create the DEMO_ACCOUNTS the store at `store_path` lacks, their passwords in files beside it
+    (blocking: call in a thread)."""
+    with UserStore(store_path, AuditLog(audit_path, key=key)) as store:
+        (admin_name, admin_printed, admin_role), *others = DEMO_ACCOUNTS
+        admin = _account(store, store_path.parent, admin_name, admin_printed, admin_role, None)
+        for username, printed_name, role in others:
+            _account(store, store_path.parent, username, printed_name, role, admin)
+
+
 def demo_signer(state_dir: Path, audit_path: Path, archive_path: Path, key: bytes) -> Sign:
     """Create the demo's accounts if needed (blocking: call in a thread); how its QC officer signs."""
-    with UserStore(user_store_path(state_dir), AuditLog(audit_path, key=key)) as store:
-        admin = _account(store, state_dir, ADMIN_USER, "Demo Admin", ADMIN, None)
-        _account(store, state_dir, QC_OFFICER_USER, "Demo QC Officer", "qc_officer", admin)
+    demo_accounts(user_store_path(state_dir), audit_path, key)
     officer = Credentials(QC_OFFICER_USER, password_file(state_dir, QC_OFFICER_USER).read_text().strip())
 
     def archived(record_ids: Sequence[str]) -> bool:

@@ -2,7 +2,8 @@
 
 One person's morning at the QC lab's dose calibrator (a VDC-404, set on its front panel, so the
 officer presses its nuclide key on the simulator) and at a console that speaks to the controller
-over MQTT with the officer's own token, as a QC officer's console would:
+over MQTT as a QC officer's console would: commands in the officer's name, signed with the
+console's own [[command_sender]] key (controller/command_signing.py):
 
 1. a constancy baseline of the check source (`start_qc` baseline, audited: the calibrator is new);
 2. the daily check: the check source goes in and the controller recognises the daily constancy
@@ -32,7 +33,8 @@ from typing import TYPE_CHECKING, Any
 
 import aiomqtt
 
-from hotlab.controller.messages import device_topic, iso_utc
+from hotlab.controller.command_signing import command_body, signed_payload
+from hotlab.controller.messages import device_topic
 from hotlab.errors import HotlabError
 from hotlab.physics.decay import activity_at
 from hotlab.physics.nuclides import get_nuclide
@@ -76,7 +78,9 @@ class QcOfficer:
     station: str
     device: str
     user: str
-    token: str = field(repr=False)
+    #: The console's [[command_sender]] name and key.
+    sender: str
+    key: bytes = field(repr=False)
     chamber: IonChamber
     check_source: Source
     source_id: str
@@ -153,19 +157,13 @@ class QcOfficer:
 
     async def _start(self, client: aiomqtt.Client, args: dict[str, Any], reason: str) -> str:
         """Send start_qc (again while a procedure is still open on the calibrator); the new procedure_id."""
+        topic = self._topic("cmd/start_qc")
         while True:
-            request_id = uuid.uuid4().hex
-            command = {
-                "schema": "hotlab.command/1",
-                "request_id": request_id,
-                "user": self.user,
-                "token": self.token,
-                "reason": reason,
-                "issued_at": iso_utc(time.time_ns()),
-                "args": args,
-            }
-            await client.publish(self._topic("cmd/start_qc"), json.dumps(command), qos=1)
-            reply = await self._until(functools.partial(self._seen.replies.get, request_id), f"the reply to {args}")
+            command = command_body(user=self.user, reason=reason, args=args)
+            await client.publish(topic, signed_payload(topic, command, sender=self.sender, key=self.key), qos=1)
+            reply = await self._until(
+                functools.partial(self._seen.replies.get, command["request_id"]), f"the reply to {args}"
+            )
             if reply.get("ok"):
                 return str(reply["new_value"]["procedure_id"])
             log.info("simulated QC officer: start_qc refused (%s); trying again", reply.get("error"))

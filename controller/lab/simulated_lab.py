@@ -12,11 +12,16 @@ simulator from simulators/ speaking its real wire protocol:
 * generator elution stations as real Modbus TCP servers whose clock runs `acceleration` times
   faster than the wall clock, each with a simulated operator who starts elutions on a schedule
   (in station time, so a faster clock means more elutions per wall-clock minute). With a broker,
-  the operator works as an operator console does: a `start_elution` command over MQTT with an
-  operator token, which the controller authorises, audits and sends to the station over Modbus
-  (docs/mqtt.md, Commands). Without one, the operator presses start on the station's front panel;
+  the operator works as an operator console does: a `start_elution` command over MQTT in the
+  operator's name, signed with the console's [[command_sender]] key, which the controller
+  authenticates, authorises against the operator's account, audits and sends to the station over
+  Modbus (docs/mqtt.md, Commands). Without one, the operator presses start on the station's front panel;
 * the system `mosquitto` on a free loopback port (controller/embedded_broker.py) unless a broker
   is given; without mosquitto, local-only mode (everything waits in the outbox).
+
+The lab's user store holds the demo accounts (controller/lab/demo_review.py), and its config a
+[[command_sender]] per console plus one for the web panel (`[web] sender = "panel"`), each key a
+new random one in a private file of the work directory: no token is in any payload.
 
 The lab is described by a `SimLab` (RUN_LAB for `hotlab run`, DEMO_LAB for `hotlab demo`); the QC
 configuration it yields assigns the check source to its calibrator and declares the generators with
@@ -41,7 +46,10 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import aiomqtt
 
+from hotlab.controller.audit import load_hmac_key
+from hotlab.controller.command_signing import command_body, signed_payload
 from hotlab.controller.config import LabConfig, SerialTransport, parse_config
+from hotlab.controller.lab.demo_review import DEMO_ACCOUNTS, OPERATOR_USER, QC_OFFICER_USER, demo_accounts
 from hotlab.controller.lab.embedded_broker import write_file
 from hotlab.controller.lab.private_broker import PrivateBroker
 from hotlab.controller.lab.qc_officer import QcOfficer, Sign
@@ -64,6 +72,10 @@ LOW_LEVEL_CHAMBER = {"background_bq": 100.0, "noise_floor_bq": 20.0}
 #: How often the lab's calibrators are polled (and how often the VDC-404 streams a line): several
 #: readings settle a measurement within the few seconds a source spends in the chamber.
 CALIBRATOR_POLL_S = 0.5
+#: The [[command_sender]]s of the simulated lab: its two consoles, and the web panel (`[web] sender`).
+OPERATOR_CONSOLE = "operator-console"
+QC_CONSOLE = "qc-console"
+PANEL_SENDER = "panel"
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,10 +213,18 @@ async def simulated_lab(
                 device["plausibility"] = LOW_LEVEL_CHAMBER
             devices.append(device)
         now_ns = time.time_ns()
+        senders: list[dict[str, str]] = []
         console = (
             None
             if mqtt is None
-            else OperatorConsole(mqtt["host"], mqtt["port"], lab.site, "demo-operator", secrets.token_hex(16))
+            else OperatorConsole(
+                mqtt["host"],
+                mqtt["port"],
+                lab.site,
+                OPERATOR_USER,
+                OPERATOR_CONSOLE,
+                await _new_sender(workdir, OPERATOR_CONSOLE, senders),
+            )
         )
         generators: dict[str, Any] = {}
         for generator in lab.generators:
@@ -256,29 +276,46 @@ async def simulated_lab(
         }
         if mqtt is not None:
             document["mqtt"] = mqtt | {"client_id": f"hotlab-{lab.site}"}
-        if console is not None:
-            token_file = workdir / "operator.token"
-            await asyncio.to_thread(write_file, token_file, console.token + "\n", private=True)
-            document["operator"] = [{"name": console.user, "role": "operator", "token_file": str(token_file.resolve())}]
         officer: QcOfficer | None = None
         if by_hand:
             assert mqtt is not None and lab.check_source is not None
-            officer = _qc_officer(lab, lab.check_source, mqtt, chambers[lab.check_source.device], now_ns, sign)
-            token_file = workdir / "qc-officer.token"
-            await asyncio.to_thread(write_file, token_file, officer.token + "\n", private=True)
-            document["operator"].append(
-                {"name": officer.user, "role": "qc_officer", "token_file": str(token_file.resolve())}
-            )
+            key = await _new_sender(workdir, QC_CONSOLE, senders)
+            officer = _qc_officer(lab, lab.check_source, mqtt, chambers[lab.check_source.device], now_ns, key, sign)
+        await _new_sender(workdir, PANEL_SENDER, senders)
+        document["command_sender"] = senders
+        document["web"] = {"sender": PANEL_SENDER}
         if audit_path is not None:
             document["commands"] = {"audit_path": str(audit_path.resolve())}
         if influx is not None:
             document["influx"] = dict(influx)
         config = parse_config(document, file=f"<{lab.site}>", base_dir=workdir.resolve())
-        announce(config, lab, private_broker=broker is None)
+        accounts = config.users.resolved_path(config.commands.resolved_audit_path(config.service.state_dir))
+        audit_key = await asyncio.to_thread(load_hmac_key)
+        await asyncio.to_thread(
+            demo_accounts, accounts, config.commands.resolved_audit_path(config.service.state_dir), audit_key
+        )
+        announce(
+            config,
+            lab,
+            private_broker=broker is None,
+            operator=None if console is None else console.user,
+            officer=None if officer is None else officer.user,
+            accounts=accounts,
+        )
         if officer is not None:
             task = asyncio.create_task(officer.work(), name="simulated-qc-officer")
             stack.push_async_callback(cancel_and_wait, task)
         yield config
+
+
+async def _new_sender(workdir: Path, name: str, senders: list[dict[str, str]]) -> bytes:
+    """A new [[command_sender]] `name` (appended to `senders`) whose random key is kept in a private file
+    of `workdir`; its key."""
+    text = secrets.token_hex(32)
+    path = workdir / f"{name}.key"
+    await asyncio.to_thread(write_file, path, text + "\n", private=True)
+    senders.append({"name": name, "key_file": str(path.resolve())})
+    return bytes.fromhex(text)
 
 
 def _parent_nuclide(generator: SimGenerator) -> str:
@@ -288,7 +325,13 @@ def _parent_nuclide(generator: SimGenerator) -> str:
 
 
 def _qc_officer(
-    lab: SimLab, check: CheckSource, mqtt: Mapping[str, Any], chamber: IonChamber, now_ns: int, sign: Sign | None
+    lab: SimLab,
+    check: CheckSource,
+    mqtt: Mapping[str, Any],
+    chamber: IonChamber,
+    now_ns: int,
+    key: bytes,
+    sign: Sign | None,
 ) -> QcOfficer:
     from hotlab.physics.nuclides import get_nuclide
     from hotlab.simulators.source import Source
@@ -297,7 +340,7 @@ def _qc_officer(
     ga68 = next((g.generator_id for g in lab.generators if g.profile == "ge68"), None)
     source = Source(get_nuclide(check.nuclide), check.activity_bq, chamber.clock.now_ns())
     return QcOfficer(
-        mqtt["host"], mqtt["port"], lab.site, station, check.device, "demo-qc-officer", secrets.token_hex(16),
+        mqtt["host"], mqtt["port"], lab.site, station, check.device, QC_OFFICER_USER, QC_CONSOLE, key,
         chamber, source, check.source_id, ga68, sign,
     )  # fmt: skip
 
@@ -407,13 +450,15 @@ async def _press_start_on_front_panel(model: Any, generator: SimGenerator, perio
 
 @dataclass(frozen=True, slots=True)
 class OperatorConsole:
-    """The simulated operator's console: MQTT `start_elution` commands with the operator's own token."""
+    """The simulated operator's console: MQTT `start_elution` commands in the operator's name, signed with
+    the console's [[command_sender]] key."""
 
     host: str
     port: int
     site: str
     user: str
-    token: str = field(repr=False)
+    sender: str
+    key: bytes = field(repr=False)
 
     async def operate(self, generator: SimGenerator, period_s: float) -> None:
         """Every `period_s`, while the controller is online, ask it to elute; reconnect after a broker loss."""
@@ -431,7 +476,7 @@ class OperatorConsole:
                         while True:
                             await asyncio.sleep(period_s)
                             await online.wait()
-                            await client.publish(topic, self._command(generator), qos=1)
+                            await client.publish(topic, self._command(topic, generator), qos=1)
                     finally:
                         listener.cancel()
                         await asyncio.gather(listener, return_exceptions=True)
@@ -442,18 +487,13 @@ class OperatorConsole:
                 )
                 await asyncio.sleep(1.0)
 
-    def _command(self, generator: SimGenerator) -> bytes:
-        return json.dumps(
-            {
-                "schema": "hotlab.command/1",
-                "request_id": str(uuid.uuid4()),
-                "user": self.user,
-                "token": self.token,
-                "reason": f"scheduled elution of {generator.generator_id}",
-                "issued_at": iso_utc(time.time_ns()),
-                "args": {"volume_ml": generator.volume_ml},
-            }
-        ).encode()
+    def _command(self, topic: str, generator: SimGenerator) -> bytes:
+        command = command_body(
+            user=self.user,
+            reason=f"scheduled elution of {generator.generator_id}",
+            args={"volume_ml": generator.volume_ml},
+        )
+        return signed_payload(topic, command, sender=self.sender, key=self.key)
 
     @staticmethod
     async def _listen(client: aiomqtt.Client, online: asyncio.Event) -> None:
@@ -522,10 +562,17 @@ def station_mo99_breakthrough(site: str) -> Callable[[Message], list[Message]]:
     return derive
 
 
-def announce(config: LabConfig, lab: SimLab, *, private_broker: bool) -> None:
+def announce(
+    config: LabConfig,
+    lab: SimLab,
+    *,
+    private_broker: bool,
+    operator: str | None,
+    officer: str | None,
+    accounts: Path,
+) -> None:
     """Tell the newcomer what runs where, and which embedded defaults are in use."""
     lines = ["", f"hotlab simulated lab ({config.site})", "  devices:"]
-    officer = next((o.name for o in config.operators if o.role == "qc_officer"), None)
     for device in config.devices:
         transport = device.transport
         where = transport.url if isinstance(transport, SerialTransport) else describe_link(transport)
@@ -554,8 +601,10 @@ def announce(config: LabConfig, lab: SimLab, *, private_broker: bool) -> None:
         f"  history:     {config.history_path}",
         f"  audit trail: {config.commands.resolved_audit_path(config.service.state_dir)}",
     ]
-    if config.operators:
-        lines.append(f"  operator:    {config.operators[0].name} (simulated) sends start_elution commands over MQTT")
+    names = ", ".join(username for username, _name, _role in DEMO_ACCOUNTS)
+    lines.append(f"  accounts:    {names} in {accounts} (passwords in <username>.password beside it)")
+    if operator is not None:
+        lines.append(f"  operator:    {operator} (simulated) sends signed start_elution commands over MQTT")
     if officer is not None and lab.check_source is not None:
         lines.append(
             f"  QC officer:  {officer} (simulated) loads {lab.check_source.device} by hand: a constancy baseline, "
