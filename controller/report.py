@@ -29,7 +29,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from matplotlib.backends.backend_pdf import PdfPages
 from matplotlib.figure import Figure
@@ -834,8 +834,9 @@ def _pdf_text(data: ReportData) -> list[tuple[str, list[str]]]:
     ]
 
 
-def write_pdf(data: ReportData, path: Path, figures: Sequence[ReportFigure] | None = None) -> int:
-    """The report as PDF: summary, figures, then the tables as text pages. Returns the page count."""
+def write_pdf(data: ReportData, path: Path | BinaryIO, figures: Sequence[ReportFigure] | None = None) -> int:
+    """The report as PDF to a file, or to an open binary stream (the web panel's download): summary,
+    figures, then the tables as text pages. Returns the page count."""
     figures = build_figures(data) if figures is None else figures
     texts = _pdf_text(data)
     pages = text_pages(*texts[0]) + [f.figure for f in figures]

@@ -24,7 +24,7 @@ import uvicorn
 from playwright.async_api import Page, async_playwright, expect
 
 from hotlab.controller.audit import USER_AUTH_FAILED, USER_LOGIN, USER_LOGOUT, AuditLog, iter_records, verify_chain
-from hotlab.controller.config import MqttConfig
+from hotlab.controller.config import MqttConfig, parse_config
 from hotlab.controller.messages import Message, device_status_message, reading_message
 from hotlab.controller.qc.schedule import ItemStatus
 from hotlab.controller.qc.schedule_stage import qc_status_message
@@ -32,6 +32,7 @@ from hotlab.controller.users import Credentials, UserStore
 from hotlab.controller.web.app import create_app
 from hotlab.controller.web.auth import COOKIE_NAME, Sessions
 from hotlab.controller.web.live import LiveFeed
+from hotlab.controller.web.panel import Panel
 from hotlab.drivers.records import Reading
 from tests.mosquitto_service import MosquittoBroker, free_tcp_port, mosquitto  # noqa: F401
 
@@ -56,10 +57,15 @@ def store(tmp_path: Path) -> Iterator[UserStore]:
 async def panel(mosquitto: MosquittoBroker, store: UserStore) -> AsyncIterator[str]:
     """The panel's base URL, once it is subscribed to the broker."""
     feed = LiveFeed(SITE, MqttConfig(host=mosquitto.host, port=mosquitto.port))
-    port = free_tcp_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(feed, store), host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    config = parse_config(
+        {
+            "site": {"name": SITE},
+            "device": [{"name": DEVICE, "station": STATION, "family": "vik202", "transport": "/dev/null"}],
+        }
     )
+    port = free_tcp_port()
+    app = create_app(Panel(config, feed, store))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
     serving = asyncio.create_task(server.serve())
     deadline = time.monotonic() + 10
     while not (server.started and feed.view.connected):
@@ -221,7 +227,7 @@ def test_a_message_the_page_cannot_show_is_counted_and_the_page_still_renders() 
 
 def test_server_sent_event_data_cannot_start_a_field_of_its_own() -> None:
     """Only LF was split: a CR in a device's detail could end the data line and inject `event: signed-out`."""
-    from hotlab.controller.web.app import server_sent_event
+    from hotlab.controller.web.events import server_sent_event
 
     event = server_sent_event("lab", "x\r\revent: signed-out\rdata: y\r\nz")
     lines = event.split("\n")
@@ -253,3 +259,27 @@ async def test_every_method_that_may_change_something_needs_the_csrf_token() -> 
         scope = {"type": "http", "path": "/login", "method": method, "headers": [(b"cookie", cookie)]}
         await SessionGuard(app, sessions)(scope, receive, send)
     assert reached == [] and [m["status"] for m in sent if m["type"] == "http.response.start"] == [403] * 4
+
+
+@pytest.mark.integration
+async def test_a_form_sent_after_its_session_ended_leads_to_a_sign_in_form_that_says_so(panel: str) -> None:
+    """A sign-in form left open past the idle limit was a bare 403; nothing is done, and the form says why."""
+    ended = Sessions()  # another key: to this panel, a session that no longer exists
+    cookie = ended.cookie_value(ended.start(None))
+    request = urllib.request.Request(
+        panel + "/login",
+        data=b"csrf_token=whatever&username=jdoe&password=x",
+        headers={"Cookie": f"{COOKIE_NAME}={cookie}", "Content-Type": "application/x-www-form-urlencoded"},
+    )
+    with await asyncio.to_thread(urllib.request.urlopen, request, None, 5) as response:
+        assert response.url == panel + "/login?expired=1"
+        assert "Your session had ended, so nothing was done" in response.read().decode()
+
+
+@pytest.mark.integration
+async def test_every_page_stream_refuses_a_visitor_who_is_not_signed_in_with_401(panel: str) -> None:
+    """A device page's stream answered 303 to the sign-in form, which a browser's EventSource retries forever."""
+    for path in ("/events", f"/calibrator/{DEVICE}/events"):
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            await asyncio.to_thread(urllib.request.urlopen, panel + path, None, 5)
+        assert refused.value.code == 401, path

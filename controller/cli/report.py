@@ -71,7 +71,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.audit is not None and not args.audit.is_file():
         raise InputError(f"no audit trail at {args.audit}")
 
-    build_figures, collect, render_html, write_pdf = _report_module()
+    build_figures, collect, render_html, write_pdf = report_builders()
 
     with HistoryArchive(archive_path, read_only=True) as archive:
         data = collect(archive, period, args.audit or _audit_beside(archive_path), audit_key=key, site=args.site)
@@ -109,9 +109,10 @@ def _audit_beside(archive: Path) -> Path:
     return lab.audit
 
 
-def _report_module() -> tuple[Any, Any, Any, Any]:
-    """The report's builders, imported only here: matplotlib is the optional extra `hotlab[report]`,
-    and `hotlab --help` and every other command must work (and start fast) without it."""
+def report_builders() -> tuple[Any, Any, Any, Any]:
+    """The report's builders (build_figures, collect, render_html, write_pdf), imported only when a
+    report is made: matplotlib is the optional extra `hotlab[report]`, and `hotlab --help`, every
+    other command and the web panel must work (and start fast) without it. HotlabError names the extra."""
     try:
         from hotlab.controller.report import build_figures, collect, render_html, write_pdf
     except ModuleNotFoundError as exc:

@@ -1,7 +1,8 @@
 """`hotlab web --config lab.toml`: the browser panel of a lab (docs/web.md), served by hotlab itself.
 
 A process of its own beside the controller: it reads the lab's live state from the broker
-([mqtt] of the config) and checks passwords against the lab's user store, found as `hotlab user`
+([mqtt] of the config, or the panel's own broker identity in [web]), sends control commands signed
+with the [[command_sender]] key `[web] sender` names, and checks passwords against the lab's user store, found as `hotlab user`
 finds it (controller/cli/user.py). Logins and logouts are written to the audit trail, so the
 trail's HMAC key is needed (--key-file or the environment), as for any command that writes it.
 The panel's packages are the optional `web` extra: `pip install 'hotlab[web]'`.
@@ -13,6 +14,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
+import logging
+import sys
 from pathlib import Path
 
 from hotlab.controller.cli.user import lab_files, required_audit_key
@@ -21,7 +25,9 @@ from hotlab.errors import InputError
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    parser = subparsers.add_parser("web", help="serve the lab's browser panel (live overview, login)")
+    parser = subparsers.add_parser(
+        "web", help="serve the lab's browser panel (live lab, stations, calibrators, QC, review, audit)"
+    )
     parser.add_argument("--config", type=Path, required=True, help="lab config (TOML): its [mqtt] and user store")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8080, help="TCP port (default 8080)")
@@ -46,10 +52,11 @@ def _web(args: argparse.Namespace) -> int:
     if not 0 < args.port < 65536:
         raise InputError(f"--port {args.port} is not a TCP port (1-65535)")
     try:
-        import uvicorn
-
         from hotlab.controller.web.app import create_app
+        from hotlab.controller.web.commands import CommandSender
         from hotlab.controller.web.live import LiveFeed
+        from hotlab.controller.web.panel import Panel
+        from hotlab.controller.web.server import serving
     except ImportError as exc:
         raise InputError(f"the web panel needs the optional packages: pip install 'hotlab[web]' ({exc})") from None
     config = load_config(args.config)
@@ -58,18 +65,37 @@ def _web(args: argparse.Namespace) -> int:
     files = lab_files(args)
     if not files.users.exists():
         raise InputError(f"no user store at {files.users} (the first `hotlab user add` creates it)")
-    with files.open_store(required_audit_key(args.key_file)) as store:
-        app = create_app(LiveFeed(config.site, config.mqtt), store)
-        server = uvicorn.Server(
-            uvicorn.Config(
-                app,
-                host=args.host,
-                port=args.port,
-                ssl_certfile=args.tls_cert,
-                ssl_keyfile=args.tls_key,
-                timeout_graceful_shutdown=2,
-                log_level="info",
-            )
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.tls_cert is None and not _loopback(args.host):
+        logging.getLogger("hotlab.web").warning(
+            "serving on %s without TLS: passwords cross the network in clear; give --tls-cert and --tls-key",
+            args.host,
         )
-        asyncio.run(server.serve())
+    with files.open_store(required_audit_key(args.key_file)) as store:
+        commands = CommandSender.for_lab(config)
+        if commands is None:
+            logging.getLogger("hotlab.web").warning(
+                "no [web] sender in %s: the panel shows the lab but cannot act on it", args.config
+            )
+        app = create_app(Panel(config, LiveFeed(config.site, config.mqtt), store, commands=commands))
+
+        async def serve() -> None:
+            async with serving(app, args.host, args.port, tls_cert=args.tls_cert, tls_key=args.tls_key) as url:
+                print(f"web panel at {url} (Ctrl-C stops)", file=sys.stderr, flush=True)
+                await asyncio.Event().wait()
+
+        try:
+            asyncio.run(serve())
+        except KeyboardInterrupt:
+            pass
     return 0
+
+
+def _loopback(host: str) -> bool:
+    """Whether only this machine can reach `host` (a name other than localhost counts as reachable)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

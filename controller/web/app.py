@@ -1,4 +1,5 @@
-"""The panel's routes: login and logout, the lab overview, and its live stream (server-sent events).
+"""The panel's application: login and logout, the lab overview and its live stream (server-sent events),
+and the routes of each page module (station, calibrator, QC, review, audit).
 
 The overview is rendered on the server from one template fragment, both for the page and for each
 update the stream pushes, so there is one way to show the lab; the page's own small script only
@@ -11,50 +12,42 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.datastructures import MutableHeaders
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import RedirectResponse, Response, StreamingResponse
+from starlette.responses import RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
-from starlette.templating import Jinja2Templates
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hotlab.controller.audit import USER_LOGIN, USER_LOGOUT
-from hotlab.controller.users import AccessDenied, Credentials, UserStore, account_target
+from hotlab.controller.users import AccessDenied, Credentials, account_target
+from hotlab.controller.web import audit_page, calibrator, qc_pages, review, station
 from hotlab.controller.web.auth import (
     CSRF_FIELD,
     EVENTS_PATH,
     LOGIN_PATH,
     SessionGuard,
-    Sessions,
     clear_session_cookie,
     current_session,
     set_session_cookie,
     signed_in,
 )
-from hotlab.controller.web.live import LiveFeed
+from hotlab.controller.web.events import fragment_events
 from hotlab.controller.web.overview import lab_overview
+from hotlab.controller.web.panel import HERE, Panel
 
 log = logging.getLogger(__name__)
 
-HERE = Path(__file__).parent
-#: argon2id checks (64 MiB each) at once: a flood of sign-ins waits instead of taking every worker
-#: thread (and the audit writes queued behind them).
-PASSWORD_CHECKS_AT_ONCE = 2
-#: At most this many updates a second reach a page, however busy the bus is (changes in between merge).
-MAX_PUSHES_PER_S = 4
-#: A comment line this often keeps proxies from closing a quiet stream, and ends one whose session ended.
-KEEPALIVE_S = 5.0
 #: What the login form says to any refusal: which of user, password, lock or disabled account it was
 #: is in the audit trail, not on a screen anyone can walk up to.
 LOGIN_REFUSED = "Sign-in refused: unknown user or wrong password, or the account is locked or disabled."
+#: Shown on the sign-in form reached by a form sent after its session ended (idle logout, restart).
+SESSION_ENDED = "Your session had ended, so nothing was done: sign in again."
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'",
     "X-Content-Type-Options": "nosniff",
@@ -63,34 +56,37 @@ SECURITY_HEADERS = {
 
 
 def _report_end(task: asyncio.Task[None]) -> None:
-    """The subscriber only ends when cancelled; anything else is said at once, not at shutdown."""
+    """The broker connections only end when cancelled; anything else is said at once, not at shutdown."""
     if not task.cancelled() and task.exception() is not None:
-        log.error("web panel: the broker subscription ended: %r; the page no longer updates", task.exception())
+        log.error("web panel: %s ended: %r; the panel no longer updates or acts", task.get_name(), task.exception())
 
 
-def create_app(feed: LiveFeed, store: UserStore, sessions: Sessions | None = None) -> Starlette:
-    """The panel for one lab: `feed` is subscribed while the app runs; `store` checks passwords and
-    its audit log (with the HMAC key) records logins and logouts."""
-    sessions = sessions or Sessions()
-    templates = Jinja2Templates(directory=HERE / "templates")
-    password_checks = asyncio.Semaphore(PASSWORD_CHECKS_AT_ONCE)
+def create_app(panel: Panel) -> Starlette:
+    """The panel for one lab: its feed is subscribed while the app runs; its store checks passwords
+    and its audit log (with the HMAC key) records logins, logouts and every action."""
+    feed, store, sessions, templates = panel.feed, panel.store, panel.sessions, panel.templates
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        subscriber = asyncio.create_task(feed.run(), name="web-panel-mqtt")
-        subscriber.add_done_callback(_report_end)
+        tasks = [asyncio.create_task(feed.run(), name="web-panel-mqtt")]
+        if panel.commands is not None:
+            tasks.append(asyncio.create_task(panel.commands.run(), name="web-panel-commands"))
+        for task in tasks:
+            task.add_done_callback(_report_end)
         try:
             yield
         finally:
-            subscriber.cancel()
-            await asyncio.gather(subscriber, return_exceptions=True)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def login_form(request: Request) -> Response:
         session = current_session(request)
         if session is not None and session.user is not None:
             return RedirectResponse("/", status_code=303)
         session = session or sessions.start(None)
-        response = _login_page(request, session.csrf_token, None, 200)
+        notice = SESSION_ENDED if request.query_params.get("expired") else None
+        response = _login_page(request, session.csrf_token, notice, 200)
         set_session_cookie(response, request, sessions, session)
         return response
 
@@ -100,8 +96,7 @@ def create_app(feed: LiveFeed, store: UserStore, sessions: Sessions | None = Non
         form = await request.form()
         credentials = Credentials(str(form.get("username") or ""), str(form.get("password") or ""))
         try:
-            async with password_checks:
-                user = await asyncio.to_thread(store.authenticate, credentials, purpose="web login")
+            user = await panel.authenticate(credentials, purpose="web login")
         except AccessDenied:
             return _login_page(request, anonymous.csrf_token, LOGIN_REFUSED, 401)
         await store.audit.append_async(
@@ -129,31 +124,15 @@ def create_app(feed: LiveFeed, store: UserStore, sessions: Sessions | None = Non
         return response
 
     async def overview(request: Request) -> Response:
-        session, user = signed_in(request)
-        context = {"lab": lab_overview(feed.view), "user": user, "csrf_field": CSRF_FIELD, "csrf": session.csrf_token}
-        return templates.TemplateResponse(request, "overview.html", context)
+        return panel.page(request, "overview.html", {"lab": lab_overview(feed.view)})
 
     async def events(request: Request) -> Response:
-        session, _ = signed_in(request)
         fragment = templates.get_template("_lab.html")
 
-        async def stream() -> AsyncIterator[str]:
-            seen = -1
-            while sessions.is_live(session):
-                version = await feed.wait_for_change(seen, KEEPALIVE_S)
-                if not sessions.is_live(session):
-                    break
-                if version == seen:
-                    yield ": keepalive\n\n"
-                    continue
-                seen = version
-                yield server_sent_event("lab", fragment.render(lab=lab_overview(feed.view)))
-                await asyncio.sleep(1 / MAX_PUSHES_PER_S)
-            yield server_sent_event("signed-out", "")
+        async def render() -> dict[str, str]:
+            return {"lab": fragment.render(lab=lab_overview(feed.view))}
 
-        return StreamingResponse(
-            stream(), media_type="text/event-stream", headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
-        )
+        return fragment_events(panel, request, render)
 
     def _login_page(request: Request, csrf: str, error: str | None, status: int) -> Response:
         context = {"csrf_field": CSRF_FIELD, "csrf": csrf, "error": error}
@@ -166,18 +145,16 @@ def create_app(feed: LiveFeed, store: UserStore, sessions: Sessions | None = Non
             Route(LOGIN_PATH, login, methods=["POST"]),
             Route("/logout", logout, methods=["POST"]),
             Route(EVENTS_PATH, events),
+            *station.routes(panel),
+            *calibrator.routes(panel),
+            *qc_pages.routes(panel),
+            *review.routes(panel),
+            *audit_page.routes(panel),
             Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
         ],
         middleware=[Middleware(SecurityHeaders), Middleware(SessionGuard, sessions=sessions)],
         lifespan=lifespan,
     )
-
-
-def server_sent_event(name: str, data: str) -> str:
-    """One event of the text/event-stream format (WHATWG HTML §9.2): each line of `data` on its own data: line."""
-    # Browsers end an event-stream line at CR, LF or CRLF: split at each, so no text can start a field.
-    lines = "".join(f"data: {line}\n" for line in re.split(r"\r\n|\r|\n", data))
-    return f"event: {name}\n{lines}\n"
 
 
 def _client(request: Request) -> str:

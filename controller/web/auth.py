@@ -8,7 +8,7 @@ new session (a session id known before login is worth nothing after it).
 
 `SessionGuard` sits in front of every route: without a signed-in session only /login and /static
 answer, and every POST must carry its session's token in the form field `csrf_token` (403
-otherwise). Checking here rather than in each handler means a route added later cannot forget it.
+otherwise; a POST whose session has ended goes back to the sign-in form, which says so). Checking here rather than in each handler means a route added later cannot forget it.
 """
 
 from __future__ import annotations
@@ -36,11 +36,15 @@ COOKIE_NAME = "hotlab_session"
 CSRF_FIELD = "csrf_token"
 #: The paths that answer without a signed-in session; /static serves only the panel's own CSS and JS.
 LOGIN_PATH = "/login"
+#: Where a form sent with an ended session goes: the sign-in form, saying the session had ended.
+EXPIRED_LOGIN = f"{LOGIN_PATH}?expired=1"
 STATIC_PREFIX = "/static/"
 #: Methods that change nothing (RFC 9110 9.2.1); every other one must carry the session's CSRF token.
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-#: The live stream: it does not count as activity, and refuses with 401 (a browser's EventSource stops).
+#: The overview's live stream. Every path ending in /events is a page's stream (controller/web/events.py):
+#: it does not count as activity, and refuses with 401 (a browser's EventSource then stops).
 EVENTS_PATH = "/events"
+_STREAM_SUFFIX = "/events"
 #: Anonymous sessions (a login form shown) kept at most; the oldest go first, signed-in ones never.
 MAX_ANONYMOUS = 1000
 #: The panel's forms are a few short fields: a larger body is refused before it is read.
@@ -162,21 +166,31 @@ class SessionGuard:
             if body is None:
                 await PlainTextResponse("form too large", status_code=413)(scope, receive, send)
                 return
-            if session is None or not _token_matches(scope, body, session.csrf_token):
+            if session is None:
+                # A form left open past the idle limit (or a panel restarted): nothing was done, so a
+                # fresh sign-in form says so, instead of a bare refusal.
+                await RedirectResponse(EXPIRED_LOGIN, status_code=303)(scope, receive, send)
+                return
+            if not _token_matches(scope, body, session.csrf_token):
                 await PlainTextResponse("missing or wrong CSRF token", status_code=403)(scope, receive, send)
                 return
             receive = _replay(body, receive)
         if path != LOGIN_PATH and (session is None or session.user is None):
             await _refusal(path, method)(scope, receive, send)
             return
-        if session is not None and path != EVENTS_PATH:
+        if session is not None and not is_stream(path):
             self.sessions.touch(session)
         scope.setdefault("state", {})["session"] = session
         await self.app(scope, receive, _no_store(send))
 
 
+def is_stream(path: str) -> bool:
+    """Whether `path` is a page's live stream (the overview's, a station's, a calibrator's)."""
+    return path.endswith(_STREAM_SUFFIX)
+
+
 def _refusal(path: str, method: str) -> Response:
-    if path == EVENTS_PATH:
+    if is_stream(path):
         return PlainTextResponse("not signed in", status_code=401)
     if method in ("GET", "HEAD"):
         return RedirectResponse(LOGIN_PATH, status_code=303)
