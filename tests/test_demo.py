@@ -69,7 +69,17 @@ def test_headless_demo_produces_readings_elutions_verdicts_procedures_and_a_revi
     # three procedures take about 7 s each (an empty chamber, then the source in).
     env = {k: v for k, v in os.environ.items() if not k.startswith("HOTLAB_AUDIT_KEY")}
     process = _hotlab(
-        "demo", "--headless", "--duration", "35", "--acceleration", "200", "--state-dir", "state", cwd=tmp_path, env=env
+        "demo",
+        "--no-web",
+        "--headless",
+        "--duration",
+        "35",
+        "--acceleration",
+        "200",
+        "--state-dir",
+        "state",
+        cwd=tmp_path,
+        env=env,
     )
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 0, stderr[-3000:]
@@ -150,6 +160,7 @@ def test_ctrl_c_stops_the_live_demo_cleanly_and_drains(tmp_path: Path) -> None:
     snapshot = tmp_path / "view.svg"
     process = _hotlab(
         "demo",
+        "--no-web",
         "--acceleration",
         "300",
         "--state-dir",
@@ -432,6 +443,8 @@ def test_the_station_mo99_measurement_becomes_a_judged_mo99_reading() -> None:
         ["--duration", "-1"],
         ["--mqtt-port", "70000"],
         ["--influx-url", "http://127.0.0.1:8086"],
+        ["--web-port", "70000"],
+        ["--history-days", "3"],
     ],
 )
 def test_bad_options_exit_2_with_a_message(

@@ -132,7 +132,7 @@ async def test_disk_full_holds_the_readings_and_delivers_them_all_once_there_is_
 
 
 def hotlab_run(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return run_hotlab("run", "--duration", "3", *args, cwd=cwd, timeout_s=60)
+    return run_hotlab("run", "--no-web", "--duration", "3", *args, cwd=cwd, timeout_s=60)
 
 
 def test_starting_on_a_full_disk_is_one_clear_line(tiny_disk: Path) -> None:

@@ -24,7 +24,9 @@ TODAY = datetime.now(UTC).date().isoformat()
 @pytest.mark.integration
 def test_report_and_audit_find_what_the_demo_wrote(tmp_path: Path) -> None:
     require_mosquitto()
-    demo = run_hotlab("demo", "--headless", "--duration", "8", "--acceleration", "200", cwd=tmp_path, timeout_s=120)
+    demo = run_hotlab(
+        "demo", "--no-web", "--headless", "--duration", "8", "--acceleration", "200", cwd=tmp_path, timeout_s=120
+    )
     assert demo.returncode == 0, demo.stderr[-3000:]
     report = run_hotlab("report", "--from", TODAY, "--to", TODAY, "--out", "report.html", cwd=tmp_path, timeout_s=120)
     assert report.returncode == 0, report.stderr
@@ -40,7 +42,7 @@ def test_report_finds_what_the_simulated_lab_wrote_and_says_which_lab_when_there
     require_mosquitto()
     # QC judges measurements, not polls: the check source goes into vdc404-sim 3 s after the lab starts
     # and comes out 4 s later (controller/lab/simulated_lab.py), which publishes its measurement.
-    run = run_hotlab("run", "--duration", "10", cwd=tmp_path, timeout_s=90)
+    run = run_hotlab("run", "--no-web", "--duration", "10", cwd=tmp_path, timeout_s=90)
     assert run.returncode == 0, run.stderr[-3000:]
     report = run_hotlab("report", "--from", TODAY, "--to", TODAY, cwd=tmp_path, timeout_s=120)
     assert report.returncode == 0, report.stderr

@@ -57,7 +57,7 @@ def test_a_killed_controller_leaves_no_broker_and_the_next_start_takes_its_port(
     record = tmp_path / "var" / "simulated-lab" / "broker" / "broker.json"
     with log_path.open("w") as log:
         controller = subprocess.Popen(
-            [sys.executable, "-m", "hotlab.controller.cli", "run"],
+            [sys.executable, "-m", "hotlab.controller.cli", "run", "--no-web"],
             cwd=tmp_path,
             stdout=log,
             stderr=log,
@@ -76,7 +76,7 @@ def test_a_killed_controller_leaves_no_broker_and_the_next_start_takes_its_port(
         os.killpg(controller.pid, signal.SIGKILL)
         controller.wait()
 
-    again = run_hotlab("run", "--duration", "2", cwd=tmp_path, timeout_s=90)
+    again = run_hotlab("run", "--no-web", "--duration", "2", cwd=tmp_path, timeout_s=90)
     assert again.returncode == 0, again.stderr[-3000:]
     assert int(BANNER_PORT.search(again.stderr)[1]) == port  # type: ignore[index]
 

@@ -13,7 +13,10 @@ What runs (controller/lab/simulated_lab.py starts it, DEMO_LAB below describes i
 * the controller with the QC engine (constancy, elution yield and its trend, Mo-99
   breakthrough), the history archive, the audit trail of control commands, and the private
   mosquitto unless --mqtt-host is given; --influx-url adds the InfluxDB sink;
-* the live view (controller/lab/demo.py), subscribed to the broker like a lab-wall screen.
+* the live view (controller/lab/demo.py), subscribed to the broker like a lab-wall screen, and
+  the web panel on http://127.0.0.1:8080/ (`--web-port`, `--no-web`) for the demo's accounts;
+* with `--history-days N`, first N days of past lab life in the archive (and InfluxDB), made by the
+  same simulators, QC engine and sinks in accelerated time (controller/lab/history_fill.py).
 
 Exit codes: 0 after a clean stop (Ctrl-C, SIGTERM or --duration), 2 for bad options,
 1 when the service fails.
@@ -39,10 +42,12 @@ from rich.live import Live
 from rich.logging import RichHandler
 
 from hotlab.controller.audit import KEY_FILE_ENV, load_hmac_key
+from hotlab.controller.cli.run import add_web_options, web_port
 from hotlab.controller.config import ConfigError, load_secret
 from hotlab.controller.lab.demo import LabView, render, snapshot_svg, watch_broker
 from hotlab.controller.lab.demo_review import demo_signer
 from hotlab.controller.lab.embedded_broker import write_file
+from hotlab.controller.lab.history_plan import MAX_DAYS, MIN_DAYS
 from hotlab.controller.lab.simulated_lab import (
     BrokerAddress,
     CheckSource,
@@ -55,6 +60,7 @@ from hotlab.controller.lab.simulated_lab import (
 )
 from hotlab.controller.service import ControllerService, run_to_exit_code
 from hotlab.controller.stop_signals import StopSignals
+from hotlab.controller.web.embedded import lab_panel
 
 log = logging.getLogger("hotlab.demo")
 
@@ -129,6 +135,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument(
         "--snapshot", type=Path, metavar="SVG", help="when the demo is told to stop, save the live view as an SVG image"
     )
+    parser.add_argument(
+        "--history-days",
+        type=int,
+        metavar="N",
+        help=f"first fill a new --state-dir with N days ({MIN_DAYS}-{MAX_DAYS}) of past lab life, so the "
+        "panel, the report and the dashboards have months to show",
+    )
+    add_web_options(parser)
     parser.add_argument("--log-level", default="WARNING", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     parser.set_defaults(func=main)
 
@@ -166,6 +180,10 @@ def _check_options(args: argparse.Namespace) -> str:
         return f"--acceleration must be from 1 to 3600, got {args.acceleration:g}"
     if not 1 <= args.mqtt_port <= 65535:
         return f"--mqtt-port must be from 1 to 65535, got {args.mqtt_port}"
+    if not args.no_web and not 0 <= args.web_port <= 65535:
+        return f"--web-port must be from 0 to 65535, got {args.web_port}"
+    if args.history_days is not None and not MIN_DAYS <= args.history_days <= MAX_DAYS:
+        return f"--history-days must be from {MIN_DAYS} to {MAX_DAYS}, got {args.history_days}"
     if args.influx_url:
         option = "--influx-token-file" if args.influx_token_file is not None else "--influx-token-env"
         try:
@@ -212,9 +230,17 @@ async def _run_lab(
     audit_path = state_dir / "audit.jsonl"
     key = await asyncio.to_thread(_audit_key, state_dir)
     sign = await asyncio.to_thread(demo_signer, state_dir, audit_path, state_dir / "history.sqlite3", key)
-    async with simulated_lab(state_dir, lab, broker=broker, influx=influx, audit_path=audit_path, sign=sign) as config:
+    async with (
+        simulated_lab(state_dir, lab, broker=broker, influx=influx, audit_path=audit_path, sign=sign) as config,
+        lab_panel(config, web_port(args), key) as web_url,
+    ):
         from hotlab.controller.qc.stage import qc_stage_for
 
+        if args.history_days is not None:
+            from hotlab.controller.lab.history_fill import fill_history
+
+            filled = await fill_history(config, lab, args.history_days)
+            print(filled.describe(), file=sys.stderr, flush=True)
         service = ControllerService(
             config, processors=[station_mo99_breakthrough(config.site)], stage=qc_stage_for(config)
         )
@@ -233,6 +259,8 @@ async def _run_lab(
                     await asyncio.wait_for(subscribed.wait(), timeout=10.0)
             if args.duration is not None:
                 loop.call_later(args.duration, stop.set)
+            if web_url is not None:
+                print(f"web panel: {web_url} (sign in with a demo account above)", file=sys.stderr, flush=True)
             print(
                 f"demo running: state in {state_dir}; "
                 f"{'Ctrl-C stops' if args.duration is None else f'stops after {args.duration:g} s'}",

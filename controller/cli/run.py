@@ -12,7 +12,9 @@ with nothing to install or configure:
   simulated operator starts an elution every 30 s of wall time;
 * the system `mosquitto` binary on a free loopback port (controller/lab/embedded_broker.py);
   if it is not installed, local-only mode: no broker, everything is kept in the outbox
-  (and the local history archive) until a broker is configured.
+  (and the local history archive) until a broker is configured;
+* the web panel on http://127.0.0.1:8080/ (`--web-port`, `--no-web`; controller/web/embedded.py),
+  signed in with the lab's demo accounts. A configured lab serves its panel with `hotlab web`.
 
 State (outbox, history, station counter) lives in ./var/simulated-lab.
 Exit codes: 0 after a clean stop (SIGINT, SIGTERM or --duration), 2 for a bad config or
@@ -29,12 +31,14 @@ import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+from hotlab.controller.audit import load_hmac_key
 from hotlab.controller.config import LabConfig, load_config
 from hotlab.controller.event_loop import DEFAULT_EVENT_LOOP
 from hotlab.controller.gc_policy import settle_after_startup
 from hotlab.controller.lab.simulated_lab import simulated_lab
 from hotlab.controller.service import CommitStage, ControllerService, run_to_exit_code
 from hotlab.controller.stop_signals import StopSignals
+from hotlab.controller.web.embedded import DEFAULT_PORT, lab_panel
 from hotlab.errors import InputError
 
 log = logging.getLogger("hotlab.run")
@@ -49,8 +53,31 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     parser.add_argument("--config", type=Path, help="lab config (TOML); see examples/lab.toml")
     parser.add_argument("--duration", type=float, metavar="S", help="stop cleanly after S seconds")
+    add_web_options(parser)
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     parser.set_defaults(func=main)
+
+
+def add_web_options(parser: argparse.ArgumentParser) -> None:
+    """--web-port and --no-web: the simulated lab's web panel (hotlab run and hotlab demo alike)."""
+    web = parser.add_mutually_exclusive_group()
+    web.add_argument(
+        "--web-port",
+        type=int,
+        default=DEFAULT_PORT,
+        metavar="PORT",
+        help=f"serve the simulated lab's web panel on 127.0.0.1:PORT (default {DEFAULT_PORT}; 0: any free port)",
+    )
+    web.add_argument("--no-web", action="store_true", help="do not start the web panel")
+
+
+def web_port(args: argparse.Namespace) -> int | None:
+    """The panel's port, or None for --no-web; InputError for a port that is not one."""
+    if args.no_web:
+        return None
+    if not 0 <= args.web_port < 65536:
+        raise InputError(f"--web-port {args.web_port} is not a TCP port (0-65535)")
+    return int(args.web_port)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -59,17 +86,18 @@ def main(args: argparse.Namespace) -> int:
     )
     if args.duration is not None and args.duration <= 0:
         raise InputError(f"--duration must be > 0, got {args.duration:g}")
+    port = web_port(args)
     config = load_config(args.config) if args.config is not None else None
     event_loop = config.service.event_loop if config is not None else DEFAULT_EVENT_LOOP
-    return run_to_exit_code(_run(config, args.duration), "hotlab run", event_loop)
+    return run_to_exit_code(_run(config, args.duration, port), "hotlab run", event_loop)
 
 
-async def _run(config: LabConfig | None, duration_s: float | None) -> None:
+async def _run(config: LabConfig | None, duration_s: float | None, port: int | None) -> None:
     signals = StopSignals()
     if duration_s is not None:
         asyncio.get_running_loop().call_later(duration_s, signals.stop.set)
     with signals.interruptible_start():
-        async with _lab(config) as lab_config:
+        async with _lab(config, port) as lab_config:
             service = ControllerService(lab_config, stage=_qc_engine(lab_config), on_started=settle_after_startup)
             log.info(
                 "site %s: %d device(s): %s",
@@ -82,11 +110,14 @@ async def _run(config: LabConfig | None, duration_s: float | None) -> None:
 
 
 @contextlib.asynccontextmanager
-async def _lab(config: LabConfig | None) -> AsyncIterator[LabConfig]:
+async def _lab(config: LabConfig | None, web_port: int | None) -> AsyncIterator[LabConfig]:
     if config is not None:
         yield config
         return
-    async with simulated_lab(Path("var/simulated-lab")) as lab_config:
+    key = await asyncio.to_thread(load_hmac_key)
+    async with simulated_lab(Path("var/simulated-lab")) as lab_config, lab_panel(lab_config, web_port, key) as url:
+        if url is not None:
+            print(f"  web panel:   {url} (sign in with an account above)", file=sys.stderr, flush=True)
         yield lab_config
 
 
