@@ -243,6 +243,13 @@ class WebConfig:
     mqtt_username: str | None = None
     mqtt_password: Secret | None = None
 
+    def broker(self, mqtt: MqttConfig) -> MqttConfig:
+        """The lab's broker as the panel uses it, for reading and acting alike: under the panel's own
+        identity when [web] gives one (examples/mosquitto.acl), else [mqtt]'s."""
+        if self.mqtt_username is None:
+            return mqtt
+        return replace(mqtt, username=self.mqtt_username, password=self.mqtt_password)
+
 
 @dataclass(frozen=True, slots=True)
 class CommandsConfig:

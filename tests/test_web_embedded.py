@@ -158,3 +158,12 @@ async def test_every_page_of_the_demo_lab_opens_in_a_browser_and_is_photographed
         process.terminate()
         process.wait(60)
     assert {p.name for p in shots.glob("web-*.png")} == {f"web-{name}.png" for name in PAGES}
+
+
+def test_run_refuses_web_port_for_a_configured_lab(capsys: pytest.CaptureFixture[str]) -> None:
+    """--web-port used to be ignored silently with --config: a configured lab's panel is `hotlab web`."""
+    from hotlab.controller.cli.main import main as hotlab
+
+    example = Path(__file__).resolve().parent.parent / "examples" / "lab.toml"
+    assert hotlab(["run", "--config", str(example), "--web-port", "9000"]) == 2
+    assert "a configured lab's is `hotlab web --config`" in capsys.readouterr().err

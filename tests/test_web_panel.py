@@ -34,9 +34,16 @@ from hotlab.controller.web.auth import COOKIE_NAME, Sessions
 from hotlab.controller.web.live import LiveFeed
 from hotlab.controller.web.panel import Panel
 from hotlab.drivers.records import Reading
-from tests.mosquitto_service import MosquittoBroker, free_tcp_port, mosquitto  # noqa: F401
+from tests.mosquitto_service import (  # noqa: F401
+    AclMosquittoBroker,
+    MosquittoBroker,
+    free_tcp_port,
+    mosquitto,
+    require_mosquitto,
+)
 
 CHROMIUM = "/usr/bin/chromium"
+ACL = Path(__file__).resolve().parent.parent / "examples" / "mosquitto.acl"
 KEY = b"hotlab web panel test key, 32 bytes or more"
 SITE, STATION, DEVICE = "lab-a", "hotcell-1", "cal-1"
 ADMIN_PW = "admin passphrase one"
@@ -283,3 +290,69 @@ async def test_every_page_stream_refuses_a_visitor_who_is_not_signed_in_with_401
         with pytest.raises(urllib.error.HTTPError) as refused:
             await asyncio.to_thread(urllib.request.urlopen, panel + path, None, 5)
         assert refused.value.code == 401, path
+
+
+@pytest.mark.integration
+async def test_the_panel_reads_the_bus_under_its_own_broker_identity(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under examples/mosquitto.acl the controller's broker user reads only commands, so a panel reading with
+    the [mqtt] login (the controller's, in a shared lab.toml) showed nothing: it reads as [web] mqtt_username."""
+    require_mosquitto()
+    users = {"hotlab-controller": "controller-password-1", "hotlab-panel": "panel-password-1"}
+    with AclMosquittoBroker(users=users, acl_file=ACL, workdir=tmp_path) as broker:
+        monkeypatch.setenv("TEST_PANEL_MQTT_PASSWORD", users["hotlab-panel"])
+        monkeypatch.setenv("TEST_CONTROLLER_MQTT_PASSWORD", users["hotlab-controller"])
+        config = parse_config(
+            {
+                "site": {"name": SITE},
+                "device": [{"name": DEVICE, "station": STATION, "family": "vik202", "transport": "/dev/null"}],
+                "mqtt": {
+                    "host": broker.host,
+                    "port": broker.port,
+                    "username": "hotlab-controller",
+                    "password_env": "TEST_CONTROLLER_MQTT_PASSWORD",
+                },
+                "web": {"mqtt_username": "hotlab-panel", "mqtt_password_env": "TEST_PANEL_MQTT_PASSWORD"},
+            }
+        )
+        assert config.mqtt is not None
+        feed = LiveFeed.for_lab(config, config.mqtt)
+        subscribed = asyncio.Event()
+        reader = asyncio.create_task(feed.run(subscribed=subscribed))
+        try:
+            await asyncio.wait_for(subscribed.wait(), 10)
+            message = reading_message(SITE, STATION, reading(370e6))
+            async with aiomqtt.Client(
+                broker.host, broker.port, username="hotlab-controller", password=users["hotlab-controller"]
+            ) as controller:
+                await controller.publish(message.topic, json.dumps(message.payload), qos=1)
+            deadline = time.monotonic() + 5
+            while feed.view.latest_reading.get(DEVICE) is None:
+                assert time.monotonic() < deadline, "the panel never saw the controller's reading"
+                await asyncio.sleep(0.05)
+        finally:
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+
+
+@pytest.mark.integration
+async def test_disabling_an_account_ends_its_open_sessions_at_their_next_request(panel: str, store: UserStore) -> None:
+    """A signed-in session kept the account as it was at sign-in: a disabled QC officer went on reading."""
+    import http.cookiejar
+    import re
+
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+
+    def get(path: str, data: bytes | None = None) -> tuple[str, str]:
+        with opener.open(panel + path, data, 10) as response:
+            return str(response.url), response.read().decode()
+
+    _, form = await asyncio.to_thread(get, "/login")
+    csrf = re.search(r'name="csrf_token" value="([^"]+)"', form)
+    assert csrf is not None
+    body = f"csrf_token={csrf.group(1)}&username=jdoe&password={QC_PW.replace(' ', '+')}".encode()
+    assert (await asyncio.to_thread(get, "/login", body))[0] == panel + "/"
+    assert (await asyncio.to_thread(get, "/"))[0] == panel + "/"
+    await asyncio.to_thread(store.disable, "jdoe", admin=Credentials("root", ADMIN_PW), reason="left the lab")
+    assert (await asyncio.to_thread(get, "/"))[0] == panel + "/login"

@@ -544,3 +544,15 @@ def test_the_overview_links_a_calibrator_and_a_station_to_their_pages_and_a_gene
         view.apply(message.topic, json.dumps(message.payload))
     pages = {device.name: device.page for device in lab_overview(view).devices}
     assert pages == {"cal-1": "/calibrator/cal-1", "gen-1": "/station/gen-1", GENERATOR: None}
+
+
+def test_a_baseline_step_is_recorded_not_left_awaiting_a_verdict_it_never_gets() -> None:
+    """A baseline gives its settings no verdict: its measured step stayed 'awaiting verdict' for good."""
+    from hotlab.controller.web.calibrator import _check_steps
+
+    measured = [{"nuclide": "Cs-137", "activity_bq": 7.4e6}]
+    background = [{"test": "background", "verdict": "pass", "value_judged": 120.0}]
+    steps = _check_steps(["Cs-137"], "cs137-check", background, measured, False, judged=False)
+    assert [(s.label, s.state) for s in steps] == [("background", "pass"), ("Cs-137", "recorded")]
+    daily = _check_steps(["Cs-137"], "cs137-check", background, measured, True, judged=True)
+    assert daily[-1].state == "measured" and "awaiting verdict" in daily[-1].text

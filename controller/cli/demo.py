@@ -180,7 +180,7 @@ def _check_options(args: argparse.Namespace) -> str:
         return f"--acceleration must be from 1 to 3600, got {args.acceleration:g}"
     if not 1 <= args.mqtt_port <= 65535:
         return f"--mqtt-port must be from 1 to 65535, got {args.mqtt_port}"
-    if not args.no_web and not 0 <= args.web_port <= 65535:
+    if args.web_port is not None and not 0 <= args.web_port <= 65535:
         return f"--web-port must be from 0 to 65535, got {args.web_port}"
     if args.history_days is not None and not MIN_DAYS <= args.history_days <= MAX_DAYS:
         return f"--history-days must be from {MIN_DAYS} to {MAX_DAYS}, got {args.history_days}"

@@ -64,7 +64,6 @@ def add_web_options(parser: argparse.ArgumentParser) -> None:
     web.add_argument(
         "--web-port",
         type=int,
-        default=DEFAULT_PORT,
         metavar="PORT",
         help=f"serve the simulated lab's web panel on 127.0.0.1:PORT (default {DEFAULT_PORT}; 0: any free port)",
     )
@@ -75,6 +74,8 @@ def web_port(args: argparse.Namespace) -> int | None:
     """The panel's port, or None for --no-web; InputError for a port that is not one."""
     if args.no_web:
         return None
+    if args.web_port is None:
+        return DEFAULT_PORT
     if not 0 <= args.web_port < 65536:
         raise InputError(f"--web-port {args.web_port} is not a TCP port (0-65535)")
     return int(args.web_port)
@@ -86,6 +87,8 @@ def main(args: argparse.Namespace) -> int:
     )
     if args.duration is not None and args.duration <= 0:
         raise InputError(f"--duration must be > 0, got {args.duration:g}")
+    if args.config is not None and args.web_port is not None:
+        raise InputError("--web-port serves the simulated lab's panel; a configured lab's is `hotlab web --config`")
     port = web_port(args)
     config = load_config(args.config) if args.config is not None else None
     event_loop = config.service.event_loop if config is not None else DEFAULT_EVENT_LOOP

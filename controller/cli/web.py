@@ -77,7 +77,7 @@ def _web(args: argparse.Namespace) -> int:
             logging.getLogger("hotlab.web").warning(
                 "no [web] sender in %s: the panel shows the lab but cannot act on it", args.config
             )
-        app = create_app(Panel(config, LiveFeed(config.site, config.mqtt), store, commands=commands))
+        app = create_app(Panel(config, LiveFeed.for_lab(config, config.mqtt), store, commands=commands))
 
         async def serve() -> None:
             async with serving(app, args.host, args.port, tls_cert=args.tls_cert, tls_key=args.tls_key) as url:

@@ -25,7 +25,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hotlab.controller.audit import USER_LOGIN, USER_LOGOUT
-from hotlab.controller.users import AccessDenied, Credentials, account_target
+from hotlab.controller.users import AccessDenied, Credentials, User, account_target
 from hotlab.controller.web import audit_page, calibrator, qc_pages, review, station
 from hotlab.controller.web.auth import (
     CSRF_FIELD,
@@ -65,6 +65,9 @@ def create_app(panel: Panel) -> Starlette:
     """The panel for one lab: its feed is subscribed while the app runs; its store checks passwords
     and its audit log (with the HMAC key) records logins, logouts and every action."""
     feed, store, sessions, templates = panel.feed, panel.store, panel.sessions, panel.templates
+
+    async def account(username: str) -> User | None:
+        return await asyncio.to_thread(store.user, username)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -152,7 +155,7 @@ def create_app(panel: Panel) -> Starlette:
             *audit_page.routes(panel),
             Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
         ],
-        middleware=[Middleware(SecurityHeaders), Middleware(SessionGuard, sessions=sessions)],
+        middleware=[Middleware(SecurityHeaders), Middleware(SessionGuard, sessions=sessions, account=account)],
         lifespan=lifespan,
     )
 

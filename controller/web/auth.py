@@ -17,7 +17,7 @@ import hmac
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from urllib.parse import parse_qs
 
@@ -151,9 +151,14 @@ def signed_in(request: Request) -> tuple[Session, User]:
 class SessionGuard:
     """ASGI middleware: finds the request's session, refuses what needs one it lacks, checks every POST's token."""
 
-    def __init__(self, app: ASGIApp, sessions: Sessions) -> None:
+    def __init__(
+        self, app: ASGIApp, sessions: Sessions, account: Callable[[str], Awaitable[User | None]] | None = None
+    ) -> None:
         self.app = app
         self.sessions = sessions
+        #: The account as the store has it now: a signed-in page sees the current role, and an account
+        #: disabled meanwhile ends its sessions at their next request (21 CFR 11.10(d), Annex 11 §12).
+        self.account = account
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"].startswith(STATIC_PREFIX):
@@ -161,6 +166,13 @@ class SessionGuard:
             return
         path, method = scope["path"], scope["method"]
         session = self.sessions.from_cookie(HTTPConnection(scope).cookies.get(COOKIE_NAME))
+        if session is not None and session.user is not None and self.account is not None:
+            current = await self.account(session.user.username)
+            if current is None or current.disabled:
+                self.sessions.end(session)
+                session = None
+            else:
+                session.user = current
         if method not in SAFE_METHODS:  # every method that may change something, not only POST
             body = await _read_body(receive)
             if body is None:

@@ -70,7 +70,8 @@ STEP_TESTS = frozenset({"background", "constancy"})
 @dataclass(frozen=True, slots=True)
 class Step:
     label: str
-    #: pass, warn or fail once judged; measured (judging), next (what to do now), waiting: also its CSS class.
+    #: pass, warn or fail once judged; measured (judging), recorded (a baseline: never judged), next (what to
+    #: do now), waiting: also its CSS class.
     state: str
     text: str
 
@@ -219,7 +220,8 @@ def _confirmation(action: str, form: FormData, state: CalibratorLive) -> Confirm
     procedure = state.procedure
     if procedure is None or not procedure.open:
         raise ValueError(f"No QC procedure is open on {state.name}: there is nothing to end.")
-    meaning = f"end the open {procedure.kind} procedure on {state.name} now (it ends aborted)"
+    outcome = "judged on the points it collected" if procedure.kind == "linearity" else "it ends aborted"
+    meaning = f"end the open {procedure.kind} procedure on {state.name} now ({outcome})"
     return confirmation(form, action, "End the procedure", meaning, {"procedure": procedure.kind})
 
 
@@ -325,7 +327,7 @@ def _procedure(
     if kind in CHECK_PROCEDURES:
         source = str(record.get("source_id") or (device_qc.check_source if device_qc else "") or "the check source")
         settings = [str(s) for s in record.get("settings") or []]
-        steps = _check_steps(settings, source, mine, measured, open_)
+        steps = _check_steps(settings, source, mine, measured, open_, judged=kind != "baseline")
         others = [r for r in mine if r.get("test") not in STEP_TESTS]
     return ProcedureLine(
         procedure_id=procedure_id,
@@ -341,9 +343,16 @@ def _procedure(
 
 
 def _check_steps(
-    settings: list[str], source: str, results: list[dict[str, Any]], measured: list[dict[str, Any]], open_: bool
+    settings: list[str],
+    source: str,
+    results: list[dict[str, Any]],
+    measured: list[dict[str, Any]],
+    open_: bool,
+    *,
+    judged: bool,
 ) -> tuple[Step, ...]:
-    """Background, then the check source on each setting: judged, measured, the next one to do, or waiting."""
+    """Background, then the check source on each setting: judged, measured, the next one to do, or waiting.
+    A baseline (`judged` False) records each setting's value for later checks and gives it no verdict."""
     steps: list[Step] = []
     waiting_for_next = open_
     background = next((r for r in results if r.get("test") == "background"), None)
@@ -363,7 +372,11 @@ def _check_steps(
         if result is not None:
             steps.append(Step(setting, str(result.get("verdict")), _judged(result)))
         elif taken is not None:
-            steps.append(Step(setting, "measured", f"{format_activity(float(taken['activity_bq']))}; awaiting verdict"))
+            value = format_activity(float(taken["activity_bq"]))
+            if judged:
+                steps.append(Step(setting, "measured", f"{value}; awaiting verdict"))
+            else:
+                steps.append(Step(setting, "recorded", f"{value}: the baseline of later checks (not judged)"))
         elif waiting_for_next:
             steps.append(Step(setting, "next", f"select {setting} with {source} in the chamber"))
             waiting_for_next = False

@@ -37,7 +37,7 @@ from starlette.responses import RedirectResponse, Response
 from hotlab.controller.audit import USER_AUTH_FAILED
 from hotlab.controller.command_signing import command_body, signed_payload
 from hotlab.controller.commands import MAX_REASON_CHARS, REPLY_SCHEMA, reply_topic
-from hotlab.controller.config import DeviceConfig, LabConfig, MqttConfig, Secret
+from hotlab.controller.config import DeviceConfig, LabConfig, MqttConfig
 from hotlab.controller.messages import TOPIC_ROOT
 from hotlab.controller.sinks.mqtt import tls_parameters
 from hotlab.controller.users import AccessDenied, Credentials, User, account_target
@@ -245,16 +245,12 @@ class CommandSender:
         sender: str,
         key: bytes,
         *,
-        mqtt_username: str | None = None,
-        mqtt_password: Secret | None = None,
         reply_timeout_s: float = DEFAULT_REPLY_TIMEOUT_S,
     ) -> None:
         self.site = site
         self.mqtt = mqtt
         self.sender = sender
         self._key = key
-        self._username = mqtt_username if mqtt_username is not None else mqtt.username
-        self._password = mqtt_password if mqtt_password is not None else mqtt.password
         self.reply_timeout_s = reply_timeout_s
         #: For each device, the newest reply from any sender that says something of it (a state, a setting):
         #: the last word the controller said about the device. A refusal before the device was reached
@@ -273,14 +269,7 @@ class CommandSender:
         sender = config.command_sender(config.web.sender) if config.web.sender is not None else None
         if sender is None or config.mqtt is None:
             return None
-        return cls(
-            config.site,
-            config.mqtt,
-            sender.name,
-            sender.key_bytes(),
-            mqtt_username=config.web.mqtt_username,
-            mqtt_password=config.web.mqtt_password,
-        )
+        return cls(config.site, config.web.broker(config.mqtt), sender.name, sender.key_bytes())
 
     @property
     def connected(self) -> bool:
@@ -376,8 +365,8 @@ class CommandSender:
             mqtt.host,
             mqtt.port,
             identifier=identifier,
-            username=self._username,
-            password=self._password.reveal() if self._password is not None else None,
+            username=mqtt.username,
+            password=mqtt.password.reveal() if mqtt.password is not None else None,
             tls_params=tls_parameters(tls),
             tls_insecure=tls.insecure_skip_hostname_check if tls is not None else None,
             keepalive=mqtt.keepalive_s,

@@ -49,7 +49,7 @@ async def lab_panel(config: LabConfig, port: int | None, audit_key: bytes | None
         UserStore, config.users.resolved_path(audit_path), AuditLog(audit_path, key=audit_key)
     )
     try:
-        panel = Panel(config, LiveFeed(config.site, config.mqtt), store, commands=CommandSender.for_lab(config))
+        panel = Panel(config, LiveFeed.for_lab(config, config.mqtt), store, commands=CommandSender.for_lab(config))
         async with contextlib.AsyncExitStack() as stack:
             url: str | None = None
             try:

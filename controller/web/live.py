@@ -16,7 +16,7 @@ import uuid
 
 import aiomqtt
 
-from hotlab.controller.config import MqttConfig
+from hotlab.controller.config import LabConfig, MqttConfig
 from hotlab.controller.lab.demo import LabView, ViewInputError
 from hotlab.controller.sinks.mqtt import tls_parameters
 
@@ -34,6 +34,11 @@ class LiveFeed:
         self.view = LabView(site=site, broker=f"{mqtt.host}:{mqtt.port}", acceleration=1.0)
         self.version = 0
         self._changed = asyncio.Event()
+
+    @classmethod
+    def for_lab(cls, config: LabConfig, mqtt: MqttConfig) -> LiveFeed:
+        """The feed of `config`'s lab from broker `mqtt`, read under the panel's own identity ([web])."""
+        return cls(config.site, config.web.broker(mqtt))
 
     def apply(self, topic: str, payload: bytes | str) -> None:
         """One message from the bus; a message the view cannot show is logged and counted, never fatal."""
