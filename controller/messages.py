@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from hotlab.drivers.records import ElutionRecord, Reading
+from hotlab.drivers.station_registers import StationState
 from hotlab.physics.utc_time import NS_PER_S, format_utc_ns
 
 Kind = Literal[
@@ -32,6 +33,8 @@ Kind = Literal[
     "qc_status",
 ]
 SCHEMA_VERSION = 1
+#: An elution station's states as device_status names them (drivers/station_registers.py StationState).
+STATION_STATES = tuple(state.name.lower() for state in StationState)
 TOPIC_ROOT = "hotlab"
 
 
@@ -385,8 +388,20 @@ def device_status_message(
     time_ns: int | None = None,
     suspect_readings: int | None = None,
     suspect_fraction: float | None = None,
+    station_state: str | None = None,
+    fault_code: int | None = None,
 ) -> Message:
-    """A device's state; calibrators add their suspect readings since start and the recent suspect fraction."""
+    """A device's state; calibrators add their suspect readings since start and the recent suspect fraction.
+
+    An elution station that answers adds its own state (a lower-case `StationState` name) and, in
+    fault, its fault code, so a panel shows a fault before anyone presses start (docs/mqtt.md).
+    """
+    if station_state is not None and station_state not in STATION_STATES:
+        raise ValueError(f"station_state must be one of {', '.join(STATION_STATES)}; got {station_state!r}")
+    if (fault_code is not None) != (station_state == "fault"):
+        raise ValueError(
+            f"a fault code goes with a station in fault and only then; got {station_state!r}, {fault_code!r}"
+        )
     payload = envelope("device_status", time_ns if time_ns is not None else time.time_ns()) | {
         "site": site,
         "station": station,
@@ -399,6 +414,9 @@ def device_status_message(
     if suspect_readings is not None:
         payload["suspect_readings"] = int(suspect_readings)
         payload["suspect_fraction"] = None if suspect_fraction is None else float(suspect_fraction)
+    if station_state is not None:
+        payload["station_state"] = station_state
+        payload["fault_code"] = None if fault_code is None else int(fault_code)
     return Message("device_status", device_topic(site, station, device, "status"), payload)
 
 

@@ -98,7 +98,7 @@ from hotlab.controller.qc.procedure_commands import ProcedureCommands
 from hotlab.controller.qc.stage import QcStage
 from hotlab.controller.sinks.mqtt import SINK as MQTT_SINK
 from hotlab.controller.sinks.mqtt import MqttSink
-from hotlab.controller.sources import driver_source
+from hotlab.controller.sources import StationSource, driver_source
 from hotlab.controller.supervisor import DeviceState, DeviceSupervisor, Item, Source
 from hotlab.controller.suspect_alarm import SuspectRate
 from hotlab.controller.users import AccountError, UserStore
@@ -346,8 +346,6 @@ class ControllerService:
             )
             if self.commands is not None:
                 await self.commands.close()
-            if self._accounts is not None:
-                await asyncio.to_thread(self._accounts.close)
             if self.anchors is not None:
                 await self.anchors.close(cfg.service.drain_timeout_s)
             await self._stop_devices(device_tasks)
@@ -357,6 +355,10 @@ class ControllerService:
             await asyncio.gather(monitor, qc_clock, return_exceptions=True)
             await asyncio.gather(*(self._drain(sink, task, outbox) for sink, task in zip(sinks, sink_tasks)))
             await self._await_sinks(sink_tasks)
+            # Only now: until the MQTT sink stopped, a command can still arrive, and is authorised
+            # (the account read here) before it is refused because the controller is stopping.
+            if self._accounts is not None:
+                await asyncio.to_thread(self._accounts.close)
             left = await self._backlog(outbox, MQTT_SINK)
             await outbox.close()
             log.info(
@@ -568,6 +570,7 @@ class ControllerService:
         async def report_status(state: DeviceState) -> None:
             await self._commit_messages([self._status_message(device, state)])
 
+        station = source if isinstance(source, StationSource) else None
         supervisor = DeviceSupervisor(
             device.name,
             source,
@@ -579,6 +582,7 @@ class ControllerService:
             # Generous: a streaming device waits up to timeout_s for its next line by design.
             watchdog_s=max(10.0, 5.0 * device.timeout_s),
             stop_commit_s=self.config.service.drain_timeout_s,
+            condition=None if station is None else lambda: station.condition,
         )
         self.supervisors[device.name] = supervisor
         return asyncio.create_task(supervisor.run(), name=f"device-{device.name}")
@@ -592,7 +596,10 @@ class ControllerService:
             log.error("device %s: status not stored, outbox full", device.name)
 
     def _status_message(self, device: DeviceConfig, state: DeviceState) -> Message:
+        """The device_status of `state`; a station that answers adds its state as of its last poll."""
         suspects = self.suspects.get(device.name)
+        station = self.sources.get(device.name)
+        condition = station.condition if isinstance(station, StationSource) and state.up else None
         return device_status_message(
             self.config.site,
             device.station,
@@ -603,6 +610,8 @@ class ControllerService:
             detail=state.detail,
             suspect_readings=None if suspects is None else suspects.total,
             suspect_fraction=None if suspects is None else suspects.fraction,
+            station_state=None if condition is None else condition.state,
+            fault_code=None if condition is None else condition.fault_code,
         )
 
     async def commit(self, device: DeviceConfig, items: Sequence[Item]) -> None:

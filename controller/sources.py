@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from hotlab.controller.config import DeviceConfig
 from hotlab.controller.supervisor import Item, Source
 from hotlab.drivers.elution_station import CommandOutcome
 from hotlab.drivers.records import ElutionRecord, Reading
+from hotlab.drivers.station_registers import StationState, StationStatus
 
 
 class _ExclusiveDevice:
@@ -85,6 +87,21 @@ class CalibratorSource(_ExclusiveDevice):
         return before, nuclide
 
 
+@dataclass(frozen=True, slots=True)
+class StationCondition:
+    """What an elution station said about itself at a poll, as its device_status carries it."""
+
+    #: The lower-case StationState name: idle, priming, eluting, done, fault.
+    state: str
+    #: The station's fault code register while in fault; None otherwise.
+    fault_code: int | None
+
+    @classmethod
+    def of(cls, status: StationStatus) -> StationCondition:
+        in_fault = status.state is StationState.FAULT
+        return cls(status.state.name.lower(), status.fault_code if in_fault else None)
+
+
 class StationSource(_ExclusiveDevice):
     """Adapts the Modbus elution station driver: each poll yields the elution not yet delivered.
 
@@ -113,10 +130,13 @@ class StationSource(_ExclusiveDevice):
             last_counter_path=state_dir / f"{device.name}.last_counter",
             **device.options,
         )
+        #: The station's state at the last poll; None before the first. The supervisor reports a change.
+        self.condition: StationCondition | None = None
 
     async def read(self) -> Sequence[Item]:
         async with self.access:
             poll = await self.driver.poll()
+        self.condition = StationCondition.of(poll.status)
         return list(poll.finished)
 
     async def delivered(self, items: Sequence[Item]) -> None:

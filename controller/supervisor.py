@@ -18,7 +18,10 @@ Modbus elution station and a test double are handled the same way. Its rules:
   instead of being dropped here. The status detail says why ("outbox full", "outbox
   unavailable: ...", "commit failed: ...").
 * Status (up, last read latency, error count) is reported on every change and every
-  `status_interval_s`; the service turns it into a retained device_status message.
+  `status_interval_s`; the service turns it into a retained device_status message. A device
+  that has a state of its own (an elution station: idle, eluting, fault…) gives it as
+  `condition`; a change of it after a read is reported at once, so a station that faults on
+  its own is shown faulted within a poll, not a status interval later.
 * A watchdog bounds every connect/read (drivers have their own timeouts; this catches a
   driver that hangs anyway) and turns a hang into a DeviceTimeout.
 * `stop()` is graceful: an item already read is committed before `run()` returns; only
@@ -100,6 +103,8 @@ class DeviceState:
 
 Deliver = Callable[[Sequence[Item]], Awaitable[None]]
 ReportStatus = Callable[[DeviceState], Awaitable[None]]
+#: The device's own state as of its last read (compared for equality only), e.g. a station's state.
+Condition = Callable[[], object]
 
 
 class _ErrorRun(Exception):
@@ -130,6 +135,7 @@ class DeviceSupervisor:
         stop_commit_s: float = 8.0,
         watchdog_s: float = 30.0,
         rng: random.Random | None = None,
+        condition: Condition | None = None,
     ) -> None:
         self.device = device
         self.source = source
@@ -147,6 +153,8 @@ class DeviceSupervisor:
         self.watchdog_s = watchdog_s
         self._watchdog = SharedDeadlines()  # one timer for the watchdog of every poll (drivers/deadlines.py)
         self._rng = rng or random.Random()
+        self._condition = condition
+        self._reported_condition: object = None
         self.errors = 0
         self._reported_errors = 0
         self.reads = 0
@@ -392,16 +400,20 @@ class DeviceSupervisor:
         await self._sleep(self.poll_interval_s - (time.monotonic() - started))
 
     async def _report(self, *, detail: str, force: bool = False) -> None:
-        """Publish the device's status: when forced, when the interval has passed, or when the error
-        count has grown since the last status (at most every ERROR_STATUS_MIN_S), so a dashboard
-        sees each failure while a device stays down instead of once per interval."""
+        """Publish the device's status: when forced, when the interval has passed, when the device's
+        condition changed, or when the error count has grown since the last status (at most every
+        ERROR_STATUS_MIN_S), so a dashboard sees each failure while a device stays down instead of
+        once per interval."""
         now = time.monotonic()
         since = now - self._last_status_at
         new_errors = self.errors != self._reported_errors and since >= ERROR_STATUS_MIN_S
-        if not (force or new_errors or since >= self.status_interval_s):
+        condition = self._condition() if self._condition is not None else None
+        changed = condition != self._reported_condition
+        if not (force or changed or new_errors or since >= self.status_interval_s):
             return
         self._last_status_at = now
         self._reported_errors = self.errors
+        self._reported_condition = condition
         state = DeviceState(self.device, self.up, self.latency_ms, self.errors, detail)
         try:
             await self._report_status(state)

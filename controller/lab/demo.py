@@ -53,6 +53,11 @@ class DeviceRow:
     detail: str
     #: A calibrator's suspect readings since the controller started; None for a station.
     suspect: int | None = None
+    #: An answering elution station's state (idle, priming, eluting, done, fault) and fault code; else None.
+    station_state: str | None = None
+    fault_code: int | None = None
+    #: When the controller sent this status (UTC epoch ns).
+    time_ns: int = 0
 
 
 @dataclass(slots=True)
@@ -121,6 +126,7 @@ class LabView:
         previous = self.devices.get(device)
         latency = payload.get("latency_ms")
         suspect = payload.get("suspect_readings")
+        station_state, fault_code = payload.get("station_state"), payload.get("fault_code")
         self.devices[device] = DeviceRow(
             str(payload["station"]),
             up,
@@ -128,6 +134,9 @@ class LabView:
             int(payload["errors"]),
             str(payload.get("detail") or ""),
             None if suspect is None else int(suspect),
+            None if station_state is None else str(station_state),
+            None if fault_code is None else int(fault_code),
+            int(payload["time_ns"]),
         )
         # docs/mqtt.md: a clean shutdown publishes up=false with this detail; that is not an alarm.
         if previous is not None and previous.up and not up and payload.get("detail") != "controller stopped":

@@ -12,9 +12,12 @@ sender sees) and from the archive for what happened before the panel started:
 * parent activity now, and the daughter available now with its ingrowth since the last elution,
   are the two-member Bateman solution of `hotlab.physics.decay` with what the last elution left
   on the column (available − eluted, from its yield verdict), as the QC engine computes them;
-* the station does not publish its state (idle, priming, eluting, done, fault) on the bus: the
-  page shows the last one the controller reported in a command reply, or "done" when an elution
-  ended after that reply, and says where it comes from.
+* the station's state (idle, priming, eluting, done, fault with its code) is the one the controller
+  published in the station's device_status, as of that status's time; a change is published after
+  the poll that saw it, so a fault the station raised on its own is shown before anyone presses
+  start. Only while no status carries a state (the station does not answer, or a controller that
+  does not publish it) does the page fall back to the last command reply, or "done" when an elution
+  ended after that reply. Either way it says where the shown state comes from.
 
 Each action is confirmed on a second screen and signed there with username and password
 (controller/web/commands.py `confirm_or_send`).
@@ -38,6 +41,7 @@ from starlette.routing import BaseRoute, Route
 
 from hotlab.controller.commands import MAX_REASON_CHARS, MAX_VOLUME_ML, STATION_ACTIONS
 from hotlab.controller.config import DeviceConfig
+from hotlab.controller.lab.demo import DeviceRow
 from hotlab.controller.qc.engine import QcConfig
 from hotlab.controller.qc.generator_rules import GeneratorSpec, available_activity
 from hotlab.controller.web.auth import signed_in
@@ -52,6 +56,7 @@ from hotlab.controller.web.commands import (
 from hotlab.controller.web.events import fragment_events
 from hotlab.controller.web.overview import Notice, archived, clock, newest_first
 from hotlab.controller.web.panel import Panel
+from hotlab.drivers.station_registers import FaultCode
 from hotlab.physics.decay import daughter_activity, decay_correct
 from hotlab.physics.units import format_activity
 from hotlab.physics.utc_time import NS_PER_S
@@ -82,6 +87,18 @@ class StationState:
     name: str
     #: Where the page has it from, for people.
     source: str
+    #: The station's fault code while in fault, when the controller published it.
+    fault_code: int | None = None
+
+    @property
+    def fault(self) -> str:
+        """The fault code for people: its number and, when drivers/station_registers.py knows it, its name."""
+        if self.fault_code is None:
+            return ""
+        try:
+            return f"code {self.fault_code}, {FaultCode(self.fault_code).name.lower().replace('_', ' ')}"
+        except ValueError:  # a code the driver's table does not know: shown as its number
+            return f"code {self.fault_code}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,7 +281,7 @@ async def station_live(
     row = view.devices.get(device.name)
     status = "unknown" if row is None else "online" if row.up else "offline"
     reply = panel.commands.latest.get(device.name) if panel.commands is not None else None
-    state = _state(reply, elutions[0] if elutions else None)
+    state = _published_state(row) or _replied_state(reply, elutions[0] if elutions else None)
     spec = generators.get(generator_id) if generator_id is not None else None
     generator = None
     if generator_id is not None:
@@ -281,13 +298,22 @@ async def station_live(
     )
 
 
-def _state(reply: dict[str, Any] | None, newest_elution: dict[str, Any] | None) -> StationState:
-    """The station's last known state: the newest command reply's, or done when an elution ended after it."""
+def _published_state(row: DeviceRow | None) -> StationState | None:
+    """The state in the station's latest device_status, if it carries one (the station answered)."""
+    if row is None or row.station_state is None:
+        return None
+    return StationState(row.station_state, f"polled by the controller, status of {clock(row.time_ns)}", row.fault_code)
+
+
+def _replied_state(reply: dict[str, Any] | None, newest_elution: dict[str, Any] | None) -> StationState:
+    """Fallback: the newest command reply's state, or done when an elution ended after it."""
     end_ns = newest_elution.get("end_ns") if newest_elution is not None else None
     if reply is None:
         if isinstance(end_ns, int):
-            return StationState("done", f"an elution ended {clock(end_ns)} (station clock); no command reply yet")
-        return StationState("unknown", "the station does not publish its state; no command reply seen yet")
+            return StationState(
+                "done", f"no state from the controller; an elution ended {clock(end_ns)} (station clock)"
+            )
+        return StationState("unknown", "no state from the controller, and no command reply seen yet")
     reply_ns = reply["time_ns"] if isinstance(reply.get("time_ns"), int) else 0
     if isinstance(end_ns, int) and end_ns > reply_ns:
         return StationState("done", f"an elution ended {clock(end_ns)} (station clock), after the last reply")
@@ -309,7 +335,8 @@ def _notices(
     if status != "online":
         notices.append(Notice("fail", f"The station is {status}: the controller cannot reach it."))
     if state.name == "fault":
-        notices.append(Notice("fail", "The station is in fault: acknowledge the fault before eluting."))
+        code = f" ({state.fault})" if state.fault else ""
+        notices.append(Notice("fail", f"The station is in fault{code}: acknowledge the fault before eluting."))
     elif state.name in BUSY_STATES:
         notices.append(Notice("warn", f"An elution is in progress ({state.name}): abort it, or wait for its end."))
     if generator_id is not None:
