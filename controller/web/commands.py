@@ -39,9 +39,9 @@ from hotlab.controller.command_signing import command_body, signed_payload
 from hotlab.controller.commands import MAX_REASON_CHARS, REPLY_SCHEMA, reply_topic
 from hotlab.controller.config import DeviceConfig, LabConfig, MqttConfig
 from hotlab.controller.messages import TOPIC_ROOT
-from hotlab.controller.sinks.mqtt import tls_parameters
 from hotlab.controller.users import AccessDenied, Credentials, User, account_target
 from hotlab.controller.web.auth import signed_in
+from hotlab.controller.web.live import broker_client
 from hotlab.controller.web.panel import Panel, require_role
 from hotlab.errors import HotlabError
 
@@ -293,7 +293,7 @@ class CommandSender:
         identifier = f"hotlab-web-commands-{uuid.uuid4().hex[:8]}"
         while True:
             try:
-                async with self._connection(identifier) as client:
+                async with broker_client(self.mqtt, identifier) as client:
                     await client.subscribe(reply_topic(f"{TOPIC_ROOT}/{self.site}/+/+/cmd/+"), qos=1)
                     self._client, self._broker_error = client, ""
                     if subscribed is not None:
@@ -358,20 +358,6 @@ class CommandSender:
         finally:
             self._waiting.pop(request_id, None)
         return self._remember(request_id, device, action, str(reply["outcome"]), _said(reply), reply)
-
-    def _connection(self, identifier: str) -> aiomqtt.Client:
-        mqtt, tls = self.mqtt, self.mqtt.tls
-        return aiomqtt.Client(
-            mqtt.host,
-            mqtt.port,
-            identifier=identifier,
-            username=mqtt.username,
-            password=mqtt.password.reveal() if mqtt.password is not None else None,
-            tls_params=tls_parameters(tls),
-            tls_insecure=tls.insecure_skip_hostname_check if tls is not None else None,
-            keepalive=mqtt.keepalive_s,
-            timeout=mqtt.connect_timeout_s,
-        )
 
     def _take_reply(self, payload: Any) -> None:
         """One message on a reply topic: remembered per device, and handed to the send waiting for it."""

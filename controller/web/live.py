@@ -71,7 +71,7 @@ class LiveFeed:
         identifier = f"hotlab-web-{uuid.uuid4().hex[:8]}"
         while True:
             try:
-                async with self._client(identifier) as client:
+                async with broker_client(self.mqtt, identifier) as client:
                     await client.subscribe(topic, qos=1)
                     self._set_connection(True, "")
                     if subscribed is not None:
@@ -81,20 +81,6 @@ class LiveFeed:
             except aiomqtt.MqttError as exc:
                 self._set_connection(False, str(exc))
                 await asyncio.sleep(RECONNECT_S)
-
-    def _client(self, identifier: str) -> aiomqtt.Client:
-        mqtt, tls = self.mqtt, self.mqtt.tls
-        return aiomqtt.Client(
-            mqtt.host,
-            mqtt.port,
-            identifier=identifier,
-            username=mqtt.username,
-            password=mqtt.password.reveal() if mqtt.password is not None else None,
-            tls_params=tls_parameters(tls),
-            tls_insecure=tls.insecure_skip_hostname_check if tls is not None else None,
-            keepalive=mqtt.keepalive_s,
-            timeout=mqtt.connect_timeout_s,
-        )
 
     def _set_connection(self, connected: bool, error: str) -> None:
         if (self.view.connected, self.view.broker_error) != (connected, error):
@@ -106,3 +92,19 @@ class LiveFeed:
         self.version += 1
         self._changed.set()
         self._changed = asyncio.Event()
+
+
+def broker_client(mqtt: MqttConfig, identifier: str) -> aiomqtt.Client:
+    """A client of the lab's broker as `mqtt` describes it (TLS, credentials), for each of the panel's connections."""
+    tls = mqtt.tls
+    return aiomqtt.Client(
+        mqtt.host,
+        mqtt.port,
+        identifier=identifier,
+        username=mqtt.username,
+        password=mqtt.password.reveal() if mqtt.password is not None else None,
+        tls_params=tls_parameters(tls),
+        tls_insecure=tls.insecure_skip_hostname_check if tls is not None else None,
+        keepalive=mqtt.keepalive_s,
+        timeout=mqtt.connect_timeout_s,
+    )
