@@ -356,3 +356,38 @@ async def test_disabling_an_account_ends_its_open_sessions_at_their_next_request
     assert (await asyncio.to_thread(get, "/"))[0] == panel + "/"
     await asyncio.to_thread(store.disable, "jdoe", admin=Credentials("root", ADMIN_PW), reason="left the lab")
     assert (await asyncio.to_thread(get, "/"))[0] == panel + "/login"
+
+
+async def test_a_live_page_reads_the_archive_again_only_after_the_bus_brought_that_kind(
+    tmp_path: Path, store: UserStore
+) -> None:
+    """Each push of a device page re-read the archive (up to ten times a second, for any device's reading)."""
+    from hotlab.controller.archive import HistoryArchive
+
+    archive_path = tmp_path / "history.sqlite3"
+    config = parse_config(
+        {
+            "site": {"name": SITE},
+            "device": [{"name": DEVICE, "station": STATION, "family": "vik202", "transport": "/dev/null"}],
+            "history": {"path": str(archive_path)},
+        }
+    )
+    feed = LiveFeed(SITE, MqttConfig(host="127.0.0.1", port=1))
+    panel = Panel(config, feed, store)
+    first, second = (
+        device_status_message(SITE, STATION, DEVICE, up=True, latency_ms=1.0, errors=0, time_ns=time.time_ns() + n)
+        for n in (0, 1)
+    )
+    with HistoryArchive(archive_path) as archive:
+        archive.add_many([first])
+    assert len(await panel.archived("device_status", 0)) == 1
+    with HistoryArchive(archive_path) as archive:
+        archive.add_many([second])
+    feed.apply(
+        reading_message(SITE, STATION, reading(1e6)).topic,
+        json.dumps(reading_message(SITE, STATION, reading(1e6)).payload),
+    )
+    assert len(await panel.archived("device_status", 0)) == 1  # a reading: the statuses were not read again
+    feed.apply(second.topic, json.dumps(second.payload))
+    assert len(await panel.archived("device_status", 0)) == 2  # a status on the bus: read again
+    assert await panel.archived("device_status", time.time_ns() + 10) == []  # a later start filters what was read

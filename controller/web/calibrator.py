@@ -13,12 +13,12 @@ ends a procedure early (aborted). Changing the nuclide setting is `select_nuclid
 confirmed and signed (controller/web/commands.py `confirm_or_send`), and audited by the controller.
 
 The live view keeps one verdict per test, so a procedure's earlier steps (one constancy result per
-setting) are read from the archive as well (overview.py `archived`).
+setting) are read from the archive as well (`Panel.archived`: read again only when the bus brought a
+message of that kind).
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -46,7 +46,6 @@ from hotlab.controller.web.events import fragment_events
 from hotlab.controller.web.overview import (
     Notice,
     ReadingLine,
-    archived,
     clock,
     newest_first,
     reading_line,
@@ -244,28 +243,23 @@ async def calibrator_live(
     """The calibrator as the page shows it now: the live view, and the archive for the day's QC and measurements."""
     view = panel.feed.view
     since_ns = now_ns - HISTORY_S * NS_PER_S
-    history = panel.history_path
     procedures = newest_first(
-        await asyncio.to_thread(archived, history, "qc_procedure", since_ns, device=device.name),
+        await panel.archived("qc_procedure", since_ns, device=device.name),
         [p for p in view.procedures.values() if p.get("device") == device.name],
     )
     measurements = newest_first(
         [m for m in view.measurements if m.get("device") == device.name],
-        await asyncio.to_thread(archived, history, "measurement", since_ns, device=device.name),
+        await panel.archived("measurement", since_ns, device=device.name),
     )
     labels: dict[str, list[str]] = {}
-    for label in await asyncio.to_thread(archived, history, "measurement_label", since_ns, device=device.name):
+    for label in await panel.archived("measurement_label", since_ns, device=device.name):
         labels.setdefault(str(label.get("measurement_id")), []).append(str(label.get("label")))
     procedure = None
     if procedures:
         started_ns = procedures[0].get("started_ns")
         results = newest_first(
-            await asyncio.to_thread(
-                archived,
-                history,
-                "qc_result",
-                started_ns if isinstance(started_ns, int) else since_ns,
-                device=device.name,
+            await panel.archived(
+                "qc_result", started_ns if isinstance(started_ns, int) else since_ns, device=device.name
             ),
             [r for (d, _), r in view.verdicts.items() if d == device.name],
         )

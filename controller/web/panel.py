@@ -10,6 +10,7 @@ action alike.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from hotlab.controller.config import ROLES, LabConfig
 from hotlab.controller.users import Credentials, User, UserStore
 from hotlab.controller.web.auth import CSRF_FIELD, Sessions, signed_in
 from hotlab.controller.web.live import LiveFeed
+from hotlab.controller.web.overview import archived
 
 if TYPE_CHECKING:
     from hotlab.controller.web.commands import CommandSender
@@ -32,6 +34,9 @@ HERE = Path(__file__).parent
 #: argon2id checks at once: a flood of sign-ins waits instead of taking every worker thread
 #: (and the audit writes queued behind them).
 PASSWORD_CHECKS_AT_ONCE = 2
+#: An archive read is reused this long at most while the bus brought no message of its kind: the
+#: archive also holds what the panel did not see (records archived late, another panel's commands).
+ARCHIVE_REUSE_S = 30.0
 #: The pages of the navigation bar: (path, label); device pages are reached from the overview.
 NAVIGATION: tuple[tuple[str, str], ...] = (
     ("/", "Lab"),
@@ -39,6 +44,15 @@ NAVIGATION: tuple[tuple[str, str], ...] = (
     ("/review", "Review"),
     ("/audit", "Audit"),
 )
+
+
+@dataclass(frozen=True, slots=True)
+class _ArchiveRead:
+    #: How many messages of the kind the bus had brought when the archive was read.
+    seen: int
+    since_ns: int
+    at: float
+    rows: list[dict[str, Any]]
 
 
 @dataclass
@@ -52,6 +66,7 @@ class Panel:
     commands: CommandSender | None = None
     templates: Jinja2Templates = field(default_factory=lambda: Jinja2Templates(directory=HERE / "templates"))
     password_checks: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(PASSWORD_CHECKS_AT_ONCE))
+    _archive_reads: dict[tuple[Any, ...], _ArchiveRead] = field(default_factory=dict, repr=False)
 
     @property
     def site(self) -> str:
@@ -65,6 +80,22 @@ class Panel:
     def history_path(self) -> Path | None:
         """The lab's permanent archive, read only; None when the lab keeps none."""
         return self.config.history_path
+
+    async def archived(self, kind: str, since_ns: int, **where: str) -> list[dict[str, Any]]:
+        """Messages of `kind` since `since_ns` from the archive (overview.archived), oldest first.
+
+        A live page re-renders after every change on the bus, up to ten times a second; it reads the
+        archive again only when a message of `kind` arrived since its last read (or after
+        ARCHIVE_REUSE_S), so a reading from another device costs no database query.
+        """
+        key = (kind, *sorted(where.items()))
+        seen = self.feed.view.counts[kind]
+        read = self._archive_reads.get(key)
+        now = time.monotonic()
+        if read is None or read.seen != seen or read.since_ns > since_ns or now - read.at > ARCHIVE_REUSE_S:
+            rows = await asyncio.to_thread(archived, self.history_path, kind, since_ns, **where)
+            read = self._archive_reads[key] = _ArchiveRead(seen, since_ns, now, rows)
+        return [row for row in read.rows if int(row.get("time_ns") or 0) >= since_ns]
 
     async def authenticate(self, credentials: Credentials, *, purpose: str) -> User:
         """The account whose password this is, or AccessDenied (audited with `purpose`, counted for lockout)."""

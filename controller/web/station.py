@@ -25,7 +25,6 @@ Each action is confirmed on a second screen and signed there with username and p
 
 from __future__ import annotations
 
-import asyncio
 import math
 import time
 from collections.abc import Mapping
@@ -54,7 +53,7 @@ from hotlab.controller.web.commands import (
     shown_answer,
 )
 from hotlab.controller.web.events import fragment_events
-from hotlab.controller.web.overview import Notice, archived, clock, newest_first
+from hotlab.controller.web.overview import Notice, clock, newest_first
 from hotlab.controller.web.panel import Panel
 from hotlab.drivers.station_registers import FaultCode
 from hotlab.physics.decay import daughter_activity, decay_correct
@@ -266,16 +265,12 @@ async def station_live(
     """The station as the page shows it now: live view, latest reply, and the archive's elutions."""
     view = panel.feed.view
     since_ns = now_ns - HISTORY_DAYS * 86400 * NS_PER_S
-    archived_elutions = await asyncio.to_thread(
-        archived, panel.history_path, "elution", since_ns, station=device.station
-    )
+    archived_elutions = await panel.archived("elution", since_ns, station=device.station)
     elutions = newest_first(archived_elutions, [e for e in view.elutions if e.get("station") == device.station])
     generator_id = str(elutions[0]["generator"]) if elutions else None
     verdicts: list[dict[str, Any]] = []
     if generator_id is not None:
-        archived_verdicts = await asyncio.to_thread(
-            archived, panel.history_path, "qc_result", since_ns, device=generator_id, test="elution_yield"
-        )
+        archived_verdicts = await panel.archived("qc_result", since_ns, device=generator_id, test="elution_yield")
         live_verdicts = [v for (d, t), v in view.verdicts.items() if d == generator_id and t == "elution_yield"]
         verdicts = newest_first(archived_verdicts, live_verdicts)
     row = view.devices.get(device.name)
