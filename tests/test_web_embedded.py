@@ -57,8 +57,9 @@ def _sign_in(opener: urllib.request.OpenerDirector, url: str, username: str, pas
 def test_the_demo_serves_its_panel_by_default_and_the_history_shows_on_the_qc_page(tmp_path: Path) -> None:
     require_mosquitto()
     env = {k: v for k, v in os.environ.items() if not k.startswith("HOTLAB_AUDIT_KEY")}
+    started = time.time_ns()
     process = subprocess.Popen(
-        [sys.executable, "-m", "hotlab.controller.cli", "demo", "--headless", "--duration", "60"]
+        [sys.executable, "-m", "hotlab.controller.cli", "demo", "--headless", "--duration", "90"]
         + ["--state-dir", "state", "--web-port", "0", "--history-days", "14"],
         cwd=tmp_path,
         env=env,
@@ -79,10 +80,27 @@ def test_the_demo_serves_its_panel_by_default_and_the_history_shows_on_the_qc_pa
             page = response.read().decode()
         # 14 days of daily constancy checks are in the archive before the live lab starts.
         assert page.count("constancy") >= 14, page[:2000]
+        # The live QC officer's morning starts at the daily check: the calibrator's acceptance baseline is
+        # in the history already, and taking it again would record a second acceptance.
+        archive_path = tmp_path / "state" / "history.sqlite3"
+        deadline = time.monotonic() + 60
+        while not (live := _live_procedures(archive_path, started)):
+            assert time.monotonic() < deadline, "the live QC officer's daily check never ended"
+            time.sleep(0.5)
+        assert "baseline" not in live, live
     finally:
         process.terminate()
         process.wait(60)
     assert process.returncode == 0
+
+
+def _live_procedures(archive_path: Path, since_ns: int) -> list[str]:
+    """The QC procedures that ended after `since_ns` (the live lab's, not the history's)."""
+    from hotlab.controller.archive import HistoryArchive
+
+    with HistoryArchive(archive_path, read_only=True) as archive:
+        ended = [p for p in archive.query("qc_procedure") if p["status"] != "started"]
+    return [str(p["procedure"]) for p in ended if int(p["time_ns"]) >= since_ns]
 
 
 def test_a_port_in_use_is_a_one_line_error_naming_the_address() -> None:

@@ -231,7 +231,15 @@ async def _run_lab(
     key = await asyncio.to_thread(_audit_key, state_dir)
     sign = await asyncio.to_thread(demo_signer, state_dir, audit_path, state_dir / "history.sqlite3", key)
     async with (
-        simulated_lab(state_dir, lab, broker=broker, influx=influx, audit_path=audit_path, sign=sign) as config,
+        simulated_lab(
+            state_dir,
+            lab,
+            broker=broker,
+            influx=influx,
+            audit_path=audit_path,
+            sign=sign,
+            accepted=args.history_days is not None,
+        ) as config,
         lab_panel(config, web_port(args), key) as web_url,
     ):
         from hotlab.controller.qc.stage import qc_stage_for

@@ -5,7 +5,8 @@ officer presses its nuclide key on the simulator) and at a console that speaks t
 over MQTT as a QC officer's console would: commands in the officer's name, signed with the
 console's own [[command_sender]] key (controller/command_signing.py):
 
-1. a constancy baseline of the check source (`start_qc` baseline, audited: the calibrator is new);
+1. a constancy baseline of the check source (`start_qc` baseline, audited: the calibrator is new), unless
+   the archive already holds it (`baseline_first` False after a history fill);
 2. the daily check: the check source goes in and the controller recognises the daily constancy
    procedure by itself;
 3. a Ge-68 breakthrough follow-up of the first Ga-68 elution that is at least 48 h old: the eluate
@@ -86,6 +87,8 @@ class QcOfficer:
     source_id: str
     ga68_generator: str | None
     sign: Sign | None
+    #: A new calibrator's acceptance baseline first; False when the archive already holds the chamber's baseline.
+    baseline_first: bool = True
     _seen: _Seen = field(default_factory=_Seen)
 
     async def work(self) -> None:
@@ -112,9 +115,10 @@ class QcOfficer:
 
     async def _morning(self, client: aiomqtt.Client) -> None:
         await self._until(lambda: self._seen.online, "the controller online")
-        baseline = await self._start(client, {"procedure": "baseline", "source": self.source_id}, "acceptance")
-        await self._measure(self.check_source)
-        await self._until(lambda: self._ended(baseline, None), "the baseline's end")
+        if self.baseline_first:
+            baseline = await self._start(client, {"procedure": "baseline", "source": self.source_id}, "acceptance")
+            await self._measure(self.check_source)
+            await self._until(lambda: self._ended(baseline, None), "the baseline's end")
         await self._measure(self.check_source)  # the daily check: recognised, no command
         daily = await self._until(lambda: self._ended(None, "daily_constancy"), "the daily constancy check")
         signed = [daily["msg_id"]]

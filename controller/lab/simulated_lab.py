@@ -173,12 +173,15 @@ async def simulated_lab(
     influx: Mapping[str, Any] | None = None,
     audit_path: Path | None = None,
     sign: Sign | None = None,
+    accepted: bool = False,
 ) -> AsyncIterator[LabConfig]:
     """Start the simulators (and a private broker unless `broker` is given); yield the config for them.
 
     `influx` is an [influx] table (controller/config.py) to add the InfluxDB sink;
     `audit_path` is where the controller audits control commands (default `<state_dir>/audit.jsonl`);
-    `sign` is how the lab's QC officer signs the procedures they ran (`lab.qc_officer`; None: not signed).
+    `sign` is how the lab's QC officer signs the procedures they ran (`lab.qc_officer`; None: not signed);
+    `accepted` says the calibrators' acceptance and baseline are already in the archive (a history fill,
+    controller/lab/history_fill.py), so the QC officer does not take an acceptance baseline again.
     """
     from hotlab.controller.lab.embedded_broker import BrokerUnavailable
 
@@ -281,6 +284,7 @@ async def simulated_lab(
             assert mqtt is not None and lab.check_source is not None
             key = await _new_sender(workdir, QC_CONSOLE, senders)
             officer = _qc_officer(lab, lab.check_source, mqtt, chambers[lab.check_source.device], now_ns, key, sign)
+            officer.baseline_first = not accepted
         await _new_sender(workdir, PANEL_SENDER, senders)
         document["command_sender"] = senders
         document["web"] = {"sender": PANEL_SENDER}
