@@ -56,6 +56,7 @@ from hotlab.controller.plausibility import PlausibilityRules, Point
 
 if TYPE_CHECKING:
     from hotlab.controller.archive import HistoryArchive
+    from hotlab.controller.config import LabConfig
 
 log = logging.getLogger(__name__)
 
@@ -222,6 +223,23 @@ class DetectionOutcome:
 
 class MeasurementDetector:
     """Turns the good readings of the configured calibrators into measurement messages (module docstring)."""
+
+    @classmethod
+    def for_lab(cls, config: LabConfig) -> MeasurementDetector:
+        """The detector of every calibrator of `config`, with its plausibility rules and measurement settings."""
+        return cls(
+            config.site,
+            [
+                DetectedDevice(
+                    device.name,
+                    device.station,
+                    PlausibilityRules(device.family, device.plausibility_settings()),
+                    device.measurement_settings(),
+                )
+                for device in config.devices
+                if not device.is_station
+            ],
+        )
 
     def __init__(self, site: str, devices: Iterable[DetectedDevice]) -> None:
         self.site = site

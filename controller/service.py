@@ -79,7 +79,7 @@ from hotlab.controller.config import (
 )
 from hotlab.controller.event_loop import DEFAULT_EVENT_LOOP, loop_factory
 from hotlab.controller.measurement_labels import CalibratorCommands, MeasurementLabeller
-from hotlab.controller.measurements import DetectedDevice, DetectionOutcome, MeasurementDetector
+from hotlab.controller.measurements import DetectionOutcome, MeasurementDetector
 from hotlab.controller.messages import (
     SCHEMA_VERSION,
     Message,
@@ -248,19 +248,7 @@ class ControllerService:
         #: Per station, whether its elution_counter_reset alarm is raised, as of the last commit; a
         #: station is absent until its first elution since the start (not known: it may be raised).
         self._counter_alarms: dict[str, bool] = {}
-        self.measurements = MeasurementDetector(
-            config.site,
-            [
-                DetectedDevice(
-                    device.name,
-                    device.station,
-                    PlausibilityRules(device.family, device.plausibility_settings()),
-                    device.measurement_settings(),
-                )
-                for device in config.devices
-                if not device.is_station
-            ],
-        )
+        self.measurements = MeasurementDetector.for_lab(config)
         self._labeller = MeasurementLabeller(
             config.site,
             self.measurements.published,

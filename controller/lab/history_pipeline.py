@@ -27,10 +27,9 @@ from typing import TYPE_CHECKING
 
 from hotlab.controller.archive import HistoryArchive
 from hotlab.controller.config import DeviceConfig, LabConfig
-from hotlab.controller.measurements import DetectedDevice, MeasurementDetector
+from hotlab.controller.measurements import MeasurementDetector
 from hotlab.controller.messages import Message, elution_message, elution_msg_id, reading_message
 from hotlab.controller.outbox import AsyncOutbox, Outbox
-from hotlab.controller.plausibility import PlausibilityRules
 from hotlab.controller.qc.stage import QcStage
 from hotlab.controller.sinks.history import SINK_NAME as HISTORY_SINK
 from hotlab.controller.sinks.history import run_history_sink
@@ -64,19 +63,7 @@ class HistoryPipeline:
         self.outbox = outbox
         self.stage = stage
         self.processors = list(processors)
-        self.detector = MeasurementDetector(
-            config.site,
-            [
-                DetectedDevice(
-                    device.name,
-                    device.station,
-                    PlausibilityRules(device.family, device.plausibility_settings()),
-                    device.measurement_settings(),
-                )
-                for device in config.devices
-                if not device.is_station
-            ],
-        )
+        self.detector = MeasurementDetector.for_lab(config)
         #: What was committed, by kind, and the QC results by (test, verdict).
         self.kinds: Counter[str] = Counter()
         self.results: Counter[tuple[str, str]] = Counter()
