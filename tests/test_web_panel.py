@@ -391,3 +391,48 @@ async def test_a_live_page_reads_the_archive_again_only_after_the_bus_brought_th
     feed.apply(second.topic, json.dumps(second.payload))
     assert len(await panel.archived("device_status", 0)) == 2  # a status on the bus: read again
     assert await panel.archived("device_status", time.time_ns() + 10) == []  # a later start filters what was read
+
+
+def test_the_overview_shows_alarms_in_force_until_the_message_that_ends_them() -> None:
+    """The overview listed the latest six alarms raised, whether a device had come back or a QC item was
+    done since; "active alarms" are the conditions still in force, the list of recent ones stays beside them."""
+    from hotlab.controller.lab.demo import LabView
+    from hotlab.controller.messages import suspect_alarm_message
+    from hotlab.controller.web.overview import lab_overview
+
+    view = LabView(site=SITE, broker="test", acceleration=1.0)
+    now = time.time_ns()
+
+    def apply(message: Message) -> None:
+        view.apply(message.topic, json.dumps(message.payload))
+
+    def status(up: bool, at: int) -> Message:
+        return device_status_message(SITE, STATION, DEVICE, up=up, latency_ms=1.0, errors=0, detail="", time_ns=at)
+
+    def suspect(active: bool, at: int) -> Message:
+        return suspect_alarm_message(
+            SITE, STATION, DEVICE, active=active, recent_suspect=5 if active else 0, window=20, threshold=0.2,
+            total=5, reason="checksum" if active else None, time_ns=at,
+        )  # fmt: skip
+
+    def daily(state: str, alarm_at: int) -> Message:
+        item = ItemStatus(
+            device=DEVICE, station=STATION, item="daily-constancy", test="constancy", state=state, due_ns=now,
+            overdue_ns=now + 1, last_done_ns=None, last_verdict=None, last_record_id=None, elution_id=None,
+            detail=state,
+        )  # fmt: skip
+        return qc_status_message(SITE, item, alarm_at)
+
+    apply(status(True, now))
+    apply(status(False, now + 1))
+    apply(suspect(True, now + 2))
+    apply(daily("overdue", now + 3))
+    texts = [a.text for a in lab_overview(view).active]
+    assert len(texts) == 3 and "offline" in texts[2] and "suspect" in texts[1] and "OVERDUE" in texts[0]
+
+    apply(status(True, now + 4))
+    apply(suspect(False, now + 5))
+    apply(daily("done", now + 6))
+    overview = lab_overview(view)
+    assert overview.active == ()
+    assert len(overview.alarms) == 3  # what happened stays in the recent list

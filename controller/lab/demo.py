@@ -86,6 +86,9 @@ class LabView:
     #: the morning's elution verdicts off the screen.
     verdicts: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     alarms: deque[Alarm] = field(default_factory=lambda: deque(maxlen=6))
+    #: The conditions in force now, each until the message that ends it (a device back online, a
+    #: QC item done, a controller alarm cleared, the controller back), keyed by what they are about.
+    active: dict[str, Alarm] = field(default_factory=dict)
     #: Every QC schedule item's latest state (retained qc_status), keyed by (device, item).
     schedule: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     #: The latest QC procedures, newest first, each as its latest record (start, then end).
@@ -141,7 +144,9 @@ class LabView:
         # docs/mqtt.md: a clean shutdown publishes up=false with this detail; that is not an alarm.
         if previous is not None and previous.up and not up and payload.get("detail") != "controller stopped":
             detail = payload.get("detail") or "no detail"
-            self.alarms.append(Alarm(int(payload["time_ns"]), "fail", f"{device} offline: {detail}"))
+            self._raise(f"offline:{device}", Alarm(int(payload["time_ns"]), "fail", f"{device} offline: {detail}"))
+        elif up:
+            self.active.pop(f"offline:{device}", None)
 
     def _on_reading(self, payload: dict[str, Any]) -> None:
         self.latest_reading[str(payload["device"])] = payload | {
@@ -189,10 +194,12 @@ class LabView:
             raise ValueError("state")
         previous = self.schedule.get(key)
         self.schedule[key] = payload
-        if payload["alarm"] and (previous is None or previous["state"] != state):
-            self.alarms.append(
-                Alarm(int(payload["time_ns"]), "fail", f"{key[0]}: QC {key[1]} {state.upper()} ({payload['detail']})")
-            )
+        condition = f"qc:{key[0]}:{key[1]}"
+        if not payload["alarm"]:
+            self.active.pop(condition, None)
+        elif previous is None or previous["state"] != state:
+            text = f"{key[0]}: QC {key[1]} {state.upper()} ({payload['detail']})"
+            self._raise(condition, Alarm(int(payload["time_ns"]), "fail", text))
 
     def _on_qc_procedure(self, payload: dict[str, Any]) -> None:
         procedure_id = str(payload["procedure_id"])
@@ -203,7 +210,10 @@ class LabView:
             self.procedures.popitem()
 
     def _on_controller_alarm(self, payload: dict[str, Any]) -> None:
+        about = payload.get("device") or payload.get("generator") or ""
+        condition = f"{payload['alarm']}:{about}"
         if not payload["active"]:
+            self.active.pop(condition, None)
             return
         if payload["alarm"] == "suspect_readings":
             text = (
@@ -214,14 +224,20 @@ class LabView:
             text = f"{payload['generator']}: elution counter started again ({payload['reason']})"
         else:
             text = f"outbox {float(payload['fraction']) * 100:.0f} % full: sinks are not keeping up"
-        self.alarms.append(Alarm(int(payload["time_ns"]), "fail", text))
+        self._raise(condition, Alarm(int(payload["time_ns"]), "fail", text))
 
     def _on_controller_status(self, payload: dict[str, Any]) -> None:
         # docs/mqtt.md: "offline"/"shutdown" is a clean stop; the last will ("connection lost") is an alarm.
-        if payload["state"] != "online" and payload.get("reason") != "shutdown":
-            self.alarms.append(
-                Alarm(time.time_ns(), "fail", f"controller {payload['state']}: {payload.get('reason', '')}")
-            )
+        if payload["state"] == "online":
+            self.active.pop("controller", None)
+        elif payload.get("reason") != "shutdown":
+            text = f"controller {payload['state']}: {payload.get('reason', '')}"
+            self._raise("controller", Alarm(time.time_ns(), "fail", text))
+
+    def _raise(self, condition: str, alarm: Alarm) -> None:
+        """An alarm: in the recent list, and in force under `condition` until the message that ends it."""
+        self.alarms.append(alarm)
+        self.active[condition] = alarm
 
 
 _HANDLERS = {

@@ -81,7 +81,9 @@ class LabOverview:
     connected: bool
     broker_error: str
     devices: tuple[DeviceLine, ...]
-    #: The latest alarms raised, newest first.
+    #: The alarms in force now (device offline, QC overdue or failed, a controller alarm), newest first.
+    active: tuple[AlarmLine, ...]
+    #: The latest alarms raised, in force or not (a failed verdict is an event), newest first.
     alarms: tuple[AlarmLine, ...]
 
 
@@ -94,6 +96,10 @@ def lab_overview(view: LabView) -> LabOverview:
         connected=view.connected,
         broker_error=view.broker_error,
         devices=tuple(_device(view, name) for name in names),
+        active=tuple(
+            AlarmLine(clock(a.time_ns), a.severity, a.text)
+            for a in sorted(view.active.values(), key=lambda a: a.time_ns, reverse=True)
+        ),
         alarms=tuple(AlarmLine(clock(a.time_ns), a.severity, a.text) for a in reversed(view.alarms)),
     )
 
