@@ -932,18 +932,7 @@ def _warn_about_orphaned_deliveries(path: Path, sinks: Sequence[str]) -> None:
 def _influx_runner(section: InfluxSection, outbox: AsyncOutbox) -> _SinkRunner:
     from hotlab.controller.sinks.influx import InfluxConfig, InfluxSink
 
-    sink = InfluxSink(
-        InfluxConfig(
-            url=section.url,
-            token=section.auth_token(),
-            org=section.org,
-            bucket=section.bucket,
-            batch_size=section.batch_size,
-            flush_interval_s=section.flush_interval_s,
-            timeout_s=section.timeout_s,
-        ),
-        outbox,
-    )
+    sink = InfluxSink(InfluxConfig.from_section(section), outbox)
     return _SinkRunner("influx", sink.run, lambda _budget: sink.stop())
 
 

@@ -163,15 +163,4 @@ def _influx_sink(config: LabConfig, outbox: AsyncOutbox) -> InfluxSink:
 
     section = config.influx
     assert section is not None
-    return InfluxSink(
-        InfluxConfig(
-            url=section.url,
-            token=section.auth_token(),
-            org=section.org,
-            bucket=section.bucket,
-            batch_size=section.batch_size,
-            flush_interval_s=section.flush_interval_s,
-            timeout_s=section.timeout_s,
-        ),
-        outbox,
-    )
+    return InfluxSink(InfluxConfig.from_section(section), outbox)

@@ -45,7 +45,7 @@ from influxdb_client.client.write_api import SYNCHRONOUS
 from influxdb_client.rest import ApiException
 
 from hotlab.backoff import Backoff
-from hotlab.controller.config import read_influx_batching, read_influx_url
+from hotlab.controller.config import InfluxSection, read_influx_batching, read_influx_url
 from hotlab.controller.config_table import ConfigError, ConfigTable
 from hotlab.controller.outbox import AsyncOutbox, StoredMessage
 from hotlab.controller.sinks.influx_points import PointError, message_to_line
@@ -83,6 +83,19 @@ class InfluxConfig:
     timeout_s: float = 10.0
     retry_initial_s: float = _DEFAULT_RETRY.initial_s
     retry_max_s: float = _DEFAULT_RETRY.max_s
+
+    @classmethod
+    def from_section(cls, section: InfluxSection) -> InfluxConfig:
+        """The sink's settings from a lab config's validated [influx] table (its secret read there)."""
+        return cls(
+            url=section.url,
+            token=section.auth_token(),
+            org=section.org,
+            bucket=section.bucket,
+            batch_size=section.batch_size,
+            flush_interval_s=section.flush_interval_s,
+            timeout_s=section.timeout_s,
+        )
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> InfluxConfig:
