@@ -42,7 +42,7 @@ from hotlab.controller.web.commands import (
     role_refusal,
     shown_answer,
 )
-from hotlab.controller.web.events import fragment_events
+from hotlab.controller.web.events import templates_events
 from hotlab.controller.web.overview import (
     Notice,
     ReadingLine,
@@ -132,13 +132,7 @@ def routes(panel: Panel) -> list[BaseRoute]:
     qc = QcConfig.from_mapping(panel.config.qc)
 
     def calibrator_device(request: Request) -> DeviceConfig:
-        name = request.path_params["device"]
-        device = next((d for d in panel.config.devices if d.name == name), None)
-        if device is None:
-            raise HTTPException(404, f"no device {name!r} in this lab's configuration")
-        if device.is_station:
-            raise HTTPException(404, f"{name} is an elution station: its page is /station/{name}")
-        return device
+        return panel.device(request, station=False)
 
     async def live(device: DeviceConfig) -> CalibratorLive:
         return await calibrator_live(panel, qc.devices.get(device.name), device, time.time_ns())
@@ -173,12 +167,7 @@ def routes(panel: Panel) -> list[BaseRoute]:
             "calibrator-qc": "_calibrator_qc.html",
             "calibrator-measurements": "_calibrator_measurements.html",
         }
-
-        async def render() -> Mapping[str, str]:
-            state = await live(device)
-            return {name: panel.templates.get_template(t).render(live=state) for name, t in fragments.items()}
-
-        return fragment_events(panel, request, render)
+        return templates_events(panel, request, fragments, lambda: live(device))
 
     async def act(request: Request) -> Response:
         device = calibrator_device(request)

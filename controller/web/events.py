@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
@@ -56,3 +57,15 @@ def fragment_events(panel: Panel, request: Request, render: Callable[[], Awaitab
     return StreamingResponse(
         stream(), media_type="text/event-stream", headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
     )
+
+
+def templates_events(
+    panel: Panel, request: Request, fragments: Mapping[str, str], state: Callable[[], Awaitable[Any]]
+) -> Response:
+    """A device page's stream: each live region (name -> template) rendered with `live` = the page's state now."""
+
+    async def render() -> Mapping[str, str]:
+        live = await state()
+        return {name: panel.templates.get_template(template).render(live=live) for name, template in fragments.items()}
+
+    return fragment_events(panel, request, render)

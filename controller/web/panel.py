@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.templating import Jinja2Templates
 
-from hotlab.controller.config import ROLES, LabConfig
+from hotlab.controller.config import ROLES, DeviceConfig, LabConfig
 from hotlab.controller.users import Credentials, User, UserStore
 from hotlab.controller.web.auth import CSRF_FIELD, Sessions, signed_in
 from hotlab.controller.web.live import LiveFeed
@@ -96,6 +96,17 @@ class Panel:
             rows = await asyncio.to_thread(archived, self.history_path, kind, since_ns, **where)
             read = self._archive_reads[key] = _ArchiveRead(seen, since_ns, now, rows)
         return [row for row in read.rows if int(row.get("time_ns") or 0) >= since_ns]
+
+    def device(self, request: Request, *, station: bool) -> DeviceConfig:
+        """The device the request's path names, of the kind its page shows (a station or a calibrator); 404 if not."""
+        name = request.path_params["device"]
+        device = next((d for d in self.config.devices if d.name == name), None)
+        if device is None:
+            raise HTTPException(404, f"no device {name!r} in this lab's configuration")
+        if device.is_station != station:
+            page = "station" if device.is_station else "calibrator"
+            raise HTTPException(404, f"{name} is not shown on this page: its page is /{page}/{name}")
+        return device
 
     async def authenticate(self, credentials: Credentials, *, purpose: str) -> User:
         """The account whose password this is, or AccessDenied (audited with `purpose`, counted for lockout)."""

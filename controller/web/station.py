@@ -52,7 +52,7 @@ from hotlab.controller.web.commands import (
     role_refusal,
     shown_answer,
 )
-from hotlab.controller.web.events import fragment_events
+from hotlab.controller.web.events import templates_events
 from hotlab.controller.web.overview import Notice, clock, newest_first
 from hotlab.controller.web.panel import Panel
 from hotlab.drivers.station_registers import FaultCode
@@ -174,13 +174,7 @@ def routes(panel: Panel) -> list[BaseRoute]:
     qc = QcConfig.from_mapping(panel.config.qc)
 
     def station_device(request: Request) -> DeviceConfig:
-        name = request.path_params["device"]
-        device = next((d for d in panel.config.devices if d.name == name), None)
-        if device is None:
-            raise HTTPException(404, f"no device {name!r} in this lab's configuration")
-        if not device.is_station:
-            raise HTTPException(404, f"{name} is not an elution station: its page is /calibrator/{name}")
-        return device
+        return panel.device(request, station=True)
 
     async def live(device: DeviceConfig) -> StationLive:
         return await station_live(panel, qc.generators, device, time.time_ns())
@@ -211,12 +205,7 @@ def routes(panel: Panel) -> list[BaseRoute]:
     async def events(request: Request) -> Response:
         device = station_device(request)
         fragments = {"station-status": "_station_status.html", "station-details": "_station_details.html"}
-
-        async def render() -> Mapping[str, str]:
-            state = await live(device)
-            return {name: panel.templates.get_template(t).render(live=state) for name, t in fragments.items()}
-
-        return fragment_events(panel, request, render)
+        return templates_events(panel, request, fragments, lambda: live(device))
 
     async def act(request: Request) -> Response:
         device = station_device(request)
