@@ -25,6 +25,22 @@ from tests.mosquitto_service import require_mosquitto
 pytest.importorskip("starlette")
 
 
+def _demo(cwd: Path, *, duration_s: int, history_days: int) -> subprocess.Popen[str]:
+    """A headless demo with its own audit key, its panel on a free port and `history_days` of history;
+    its stderr is read by `_lines_until`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HOTLAB_AUDIT_KEY")}
+    return subprocess.Popen(
+        [sys.executable, "-m", "hotlab.controller.cli", "demo", "--headless", "--duration", str(duration_s)]
+        + ["--state-dir", "state", "--web-port", "0", "--history-days", str(history_days)],
+        cwd=cwd,
+        env=env,
+        text=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+
+
 def _lines_until(process: subprocess.Popen[str], pattern: str, timeout_s: float) -> re.Match[str]:
     """Read the process's stderr until a line matches `pattern`."""
     assert process.stderr is not None
@@ -56,18 +72,8 @@ def _sign_in(opener: urllib.request.OpenerDirector, url: str, username: str, pas
 @pytest.mark.integration
 def test_the_demo_serves_its_panel_by_default_and_the_history_shows_on_the_qc_page(tmp_path: Path) -> None:
     require_mosquitto()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HOTLAB_AUDIT_KEY")}
     started = time.time_ns()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "hotlab.controller.cli", "demo", "--headless", "--duration", "90"]
-        + ["--state-dir", "state", "--web-port", "0", "--history-days", "14"],
-        cwd=tmp_path,
-        env=env,
-        text=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
+    process = _demo(tmp_path, duration_s=90, history_days=14)
     try:
         url = _lines_until(process, r"web panel: (http://127\.0\.0\.1:\d+/)", 90).group(1)
         opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
@@ -132,17 +138,7 @@ async def test_every_page_of_the_demo_lab_opens_in_a_browser_and_is_photographed
     from playwright.async_api import async_playwright, expect
 
     require_mosquitto()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HOTLAB_AUDIT_KEY")}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "hotlab.controller.cli", "demo", "--headless", "--duration", "120"]
-        + ["--state-dir", "state", "--web-port", "0", "--history-days", "30"],
-        cwd=tmp_path,
-        env=env,
-        text=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
+    process = _demo(tmp_path, duration_s=120, history_days=30)
     shots = Path(os.environ.get(SCREENSHOTS_ENV) or tmp_path / "shots")
     shots.mkdir(parents=True, exist_ok=True)
     try:
