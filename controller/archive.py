@@ -24,7 +24,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -129,6 +129,28 @@ def _is_bare_date(text: str) -> bool:
 _QUALITY_INDEX = (
     "CREATE INDEX IF NOT EXISTS message_quality ON message (device, quality, time_ns) WHERE kind = 'reading'"
 )
+
+
+#: The indexed columns a query may filter on by equality.
+FILTER_COLUMNS = ("site", "station", "device", "test", "verdict", "quality")
+
+
+def _where(kind: str, period: TimeRange | None, where: Mapping[str, str | None]) -> tuple[str, list[Any]]:
+    """The WHERE clause (without the keyword) and its parameters for one kind, period and filters."""
+    unknown = sorted(set(where) - set(FILTER_COLUMNS))
+    if unknown:
+        raise HistoryQueryError(f"cannot filter on {', '.join(unknown)}; use {', '.join(FILTER_COLUMNS)}")
+    clauses = ["kind = ?"]
+    params: list[Any] = [kind]
+    if period is not None:
+        clauses.append("time_ns >= ? AND time_ns < ?")
+        params += [period.start_ns, period.end_ns]
+    for column in FILTER_COLUMNS:
+        value = where.get(column)
+        if value is not None:
+            clauses.append(f"{column} = ?")
+            params.append(value)
+    return " AND ".join(clauses), params
 
 
 def _index_columns(
@@ -240,32 +262,13 @@ class HistoryArchive:
         kind: str,
         period: TimeRange | None = None,
         *,
-        site: str | None = None,
-        station: str | None = None,
-        device: str | None = None,
-        test: str | None = None,
-        verdict: str | None = None,
-        quality: str | None = None,
         limit: int | None = None,
+        **where: str | None,
     ) -> list[dict[str, Any]]:
-        """Payloads of one kind, oldest first, filtered by time range and indexed columns."""
-        clauses = ["kind = ?"]
-        params: list[Any] = [kind]
-        if period is not None:
-            clauses.append("time_ns >= ? AND time_ns < ?")
-            params += [period.start_ns, period.end_ns]
-        for column, value in (
-            ("site", site),
-            ("station", station),
-            ("device", device),
-            ("test", test),
-            ("verdict", verdict),
-            ("quality", quality),
-        ):
-            if value is not None:
-                clauses.append(f"{column} = ?")
-                params.append(value)
-        sql = f"SELECT payload FROM message WHERE {' AND '.join(clauses)} ORDER BY time_ns, msg_id"
+        """Payloads of one kind, oldest first, filtered by time range and indexed columns
+        (site, station, device, test, verdict, quality). For periods of unknown size use `stream`."""
+        clauses, params = _where(kind, period, where)
+        sql = f"SELECT payload FROM message WHERE {clauses} ORDER BY time_ns, msg_id"
         if limit is not None:
             if limit <= 0:
                 raise HistoryQueryError(f"limit must be positive, got {limit}")
@@ -274,6 +277,38 @@ class HistoryArchive:
         with self._lock:
             rows = self._db.execute(sql, params).fetchall()
         return [json.loads(payload) for (payload,) in rows]
+
+    def stream(
+        self, kind: str, period: TimeRange | None = None, *, chunk_size: int = 2000, **where: str | None
+    ) -> Iterator[dict[str, Any]]:
+        """Like `query`, oldest first, but read `chunk_size` rows at a time, so memory stays bounded
+        whatever the period. Each chunk continues after the last (time_ns, msg_id) seen, and the lock
+        is held only while a chunk is read, so a long report never stalls the history sink."""
+        if chunk_size <= 0:
+            raise HistoryQueryError(f"chunk size must be positive, got {chunk_size}")
+        clauses, params = _where(kind, period, where)
+        after: tuple[int, str] | None = None
+        while True:
+            keyset = "" if after is None else " AND (time_ns > ? OR (time_ns = ? AND msg_id > ?))"
+            more = [] if after is None else [after[0], after[0], after[1]]
+            sql = (
+                f"SELECT time_ns, msg_id, payload FROM message WHERE {clauses}{keyset} ORDER BY time_ns, msg_id LIMIT ?"
+            )
+            with self._lock:
+                rows = self._db.execute(sql, [*params, *more, chunk_size]).fetchall()
+            for _time_ns, _msg_id, payload in rows:
+                yield json.loads(payload)
+            if len(rows) < chunk_size:
+                return
+            after = (rows[-1][0], rows[-1][1])
+
+    def select(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """The rows of one read-only SELECT: for aggregates (counts, per-day groups) that SQLite
+        answers in bounded memory and Python would have to load every payload for."""
+        if not sql.lstrip().upper().startswith(("SELECT", "WITH")):
+            raise HistoryQueryError("the archive answers only SELECT statements here")
+        with self._lock:
+            return [tuple(row) for row in self._db.execute(sql, params).fetchall()]
 
     def get(self, msg_id: str) -> dict[str, Any] | None:
         """The payload archived under `msg_id`, or None."""
@@ -294,10 +329,8 @@ class HistoryArchive:
 
     def distinct(self, column: str, kind: str) -> list[str]:
         """Distinct non-null values of an indexed column for one kind, e.g. every calibrator with qc results."""
-        if column not in ("site", "station", "device", "test", "verdict", "quality"):
-            raise HistoryQueryError(
-                f"cannot list distinct {column!r}; use site, station, device, test, verdict or quality"
-            )
+        if column not in FILTER_COLUMNS:
+            raise HistoryQueryError(f"cannot list distinct {column!r}; use {', '.join(FILTER_COLUMNS)}")
         with self._lock:
             rows = self._db.execute(
                 f"SELECT DISTINCT {column} FROM message WHERE kind = ? AND {column} IS NOT NULL ORDER BY {column}",

@@ -193,6 +193,20 @@ class OutboxConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class RetentionConfig:
+    """[history] retention: raw readings are kept this long, then only their per-minute summaries.
+
+    Why: at 1 Hz raw polls of an empty chamber fill ~250 GB a year; the records a lab must keep
+    (10 CFR 35.2063/35.2204: three years) are everything else, which is never thinned.
+    """
+
+    #: Days of raw readings kept in the archive; older readings become per-minute summaries.
+    raw_days: float = 30.0
+    #: How often the controller looks for readings past the window.
+    interval_s: float = 3600.0
+
+
+@dataclass(frozen=True, slots=True)
 class ServiceConfig:
     #: On SIGTERM/SIGINT, how long to keep sending the backlog before leaving the rest on disk.
     drain_timeout_s: float = 10.0
@@ -302,6 +316,8 @@ class LabConfig:
     influx: InfluxSection | None = None
     #: The local permanent archive (controller/history.py) for QC officers; None when disabled.
     history_path: Path | None = None
+    #: When raw readings in the archive give way to per-minute summaries ([history] raw_days).
+    history_retention: RetentionConfig = field(default_factory=RetentionConfig)
     #: The [qc] table as written (validated at load by hotlab.controller.qc.engine.QcConfig; see docs/qc.md).
     qc: dict[str, Any] = field(default_factory=dict)
     source: Path | None = None
@@ -392,7 +408,7 @@ def load_history_path(path: str | Path) -> Path | None:
     """The history archive the service configured in `path` keeps (None if disabled), read like
     `load_audit_path`: only [history], so a reader of the archive needs none of the lab's secrets."""
     root = read_config_file(path)
-    return _parse_history(root.table("history"), root)
+    return _parse_history(root.table("history"), root)[0]
 
 
 def load_mqtt_config(path: str | Path) -> MqttConfig | None:
@@ -451,7 +467,7 @@ def parse_config(
     mqtt = _parse_mqtt(mqtt_table) if mqtt_table is not None else None
     influx_table = root.table("influx")
     influx = _parse_influx(influx_table) if influx_table is not None else None
-    history_path = _parse_history(root.table("history"), root)
+    history_path, history_retention = _parse_history(root.table("history"), root)
     qc_table = root.table("qc")
     qc = _parse_qc(qc_table) if qc_table is not None else {}
     commands = _parse_commands(root.table("commands"))
@@ -468,6 +484,7 @@ def parse_config(
         mqtt=mqtt,
         influx=influx,
         history_path=history_path,
+        history_retention=history_retention,
         qc=qc,
         source=source,
         operators=operators,
@@ -828,14 +845,18 @@ def _parse_qc(table: ConfigTable) -> dict[str, Any]:
     return dict(table.data)
 
 
-def _parse_history(table: ConfigTable | None, root: ConfigTable) -> Path | None:
+def _parse_history(table: ConfigTable | None, root: ConfigTable) -> tuple[Path | None, RetentionConfig]:
     default = root.resolve("var/history.sqlite3")
     if table is None:
-        return default
+        return default, RetentionConfig()
     enabled = table.boolean("enabled", True)
     path = table.path_value("path", default)
+    retention = RetentionConfig(
+        raw_days=table.number("raw_days", RetentionConfig.raw_days, minimum=1.0, maximum=36_500.0),
+        interval_s=table.number("retention_interval_s", RetentionConfig.interval_s, minimum=1.0, maximum=86_400.0),
+    )
     table.finish()
-    return path if enabled else None
+    return (path if enabled else None), retention
 
 
 def _parse_service(table: ConfigTable | None, root: ConfigTable) -> ServiceConfig:
