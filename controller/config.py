@@ -192,6 +192,10 @@ class OutboxConfig:
     warn_fraction: float = 0.8
 
 
+DEFAULT_RAW_DAYS = 30.0
+DEFAULT_RETENTION_INTERVAL_S = 3600.0
+
+
 @dataclass(frozen=True, slots=True)
 class RetentionConfig:
     """[history] retention: raw readings are kept this long, then only their per-minute summaries.
@@ -201,9 +205,9 @@ class RetentionConfig:
     """
 
     #: Days of raw readings kept in the archive; older readings become per-minute summaries.
-    raw_days: float = 30.0
+    raw_days: float = DEFAULT_RAW_DAYS
     #: How often the controller looks for readings past the window.
-    interval_s: float = 3600.0
+    interval_s: float = DEFAULT_RETENTION_INTERVAL_S
 
 
 @dataclass(frozen=True, slots=True)
@@ -852,8 +856,8 @@ def _parse_history(table: ConfigTable | None, root: ConfigTable) -> tuple[Path |
     enabled = table.boolean("enabled", True)
     path = table.path_value("path", default)
     retention = RetentionConfig(
-        raw_days=table.number("raw_days", RetentionConfig.raw_days, minimum=1.0, maximum=36_500.0),
-        interval_s=table.number("retention_interval_s", RetentionConfig.interval_s, minimum=1.0, maximum=86_400.0),
+        raw_days=table.number("raw_days", DEFAULT_RAW_DAYS, minimum=1.0, maximum=36_500.0),
+        interval_s=table.number("retention_interval_s", DEFAULT_RETENTION_INTERVAL_S, minimum=1.0, maximum=86_400.0),
     )
     table.finish()
     return (path if enabled else None), retention
