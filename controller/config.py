@@ -159,17 +159,44 @@ class MqttConfig:
     connect_timeout_s: float = 10.0
 
 
+#: The InfluxDB 1.x retention policy the raw readings go to (docs/influxdb.md, "Retention and downsampling");
+#: the dashboards read `"raw"."reading"`, so the name is fixed.
+INFLUX_RAW_POLICY = "raw"
+#: How many days InfluxDB 1.x keeps raw readings unless [influx] raw_days says otherwise.
+DEFAULT_INFLUX_RAW_DAYS = 30
+
+
+@dataclass(frozen=True, slots=True)
+class InfluxTarget:
+    """Where the InfluxDB sink writes, as [influx] and the sink's own table both name it.
+
+    A 1.x `database` is written natively (/write with db, rp); raw readings go to the INFLUX_RAW_POLICY
+    policy (kept `raw_days`), everything else to `retention_policy` (None: the database's default). A
+    2.x/3.x `bucket` of `org` is written through /api/v2/write; raw readings go to `raw_bucket` if set.
+    For a 1.x database, `bucket`/`org` are the names the v2 compatibility API of 1.8+ gives the same
+    target ("db/rp", "-"), for tools that speak that API.
+    """
+
+    bucket: str
+    org: str
+    database: str | None = None
+    retention_policy: str | None = None
+    raw_bucket: str | None = None
+    raw_days: int = DEFAULT_INFLUX_RAW_DAYS
+    #: 1.x: create the database, the raw policy and the continuous queries at start (if the user may).
+    provision: bool = True
+
+
 @dataclass(frozen=True, slots=True)
 class InfluxSection:
     """[influx] as parsed here; the InfluxDB sink maps it onto its own client settings.
 
-    InfluxDB 2.x/3.x: url + token + org + bucket. InfluxDB 1.8+: url + username/password
-    (sent as the token "user:password") + database/retention_policy (bucket "db/rp"), org "-".
+    InfluxDB 2.x/3.x: url + token + org + bucket (+ raw_bucket). InfluxDB 1.x: url + username/password
+    (or a token, 1.8+) + database (+ retention_policy, raw_days, provision).
     """
 
     url: str
-    org: str
-    bucket: str
+    target: InfluxTarget
     token: Secret | None = None
     username: str | None = None
     password: Secret | None = None
@@ -177,8 +204,16 @@ class InfluxSection:
     flush_interval_s: float = 1.0
     timeout_s: float = 10.0
 
+    @property
+    def bucket(self) -> str:
+        return self.target.bucket
+
+    @property
+    def org(self) -> str:
+        return self.target.org
+
     def auth_token(self) -> str:
-        """The token the influxdb-client expects: the v2 token, or "user:password" for the 1.8 compat API."""
+        """The v2 API's token: the token, or "user:password" (what InfluxDB 1.8+ accepts as one)."""
         if self.token is not None:
             return self.token.reveal()
         password = self.password.reveal() if self.password is not None else ""
@@ -935,42 +970,68 @@ def _parse_influx(table: ConfigTable) -> InfluxSection:
     token = _secret(table, "token")
     username = table.string("username")
     password = _secret(table, "password")
-    if token is not None and (username is not None or password is not None):
-        raise table.error(
-            "token_env",
-            "give either a token (InfluxDB 2.x/3.x) or username + password (InfluxDB 1.8 compatibility), not both",
-        )
-    if token is None and username is None:
-        raise table.error(
-            None,
-            "needs token_env/token_file (InfluxDB 2.x/3.x) or username with password_env/password_file (InfluxDB 1.8+)",
-        )
-    bucket = table.string("bucket")
-    database = table.string("database")
-    retention = table.string("retention_policy")
-    if bucket is not None and database is not None:
-        raise table.error("database", "give either bucket (2.x/3.x) or database/retention_policy (1.8), not both")
-    if bucket is None and database is None:
-        raise table.error(None, "needs bucket (InfluxDB 2.x/3.x) or database (InfluxDB 1.8+)")
-    if retention is not None and database is None:
-        raise table.error("retention_policy", "only makes sense together with database")
-    if bucket is None:
-        bucket = f"{database}/{retention}" if retention else str(database)
-    org = table.string("org", "-" if database is not None else None)
-    if org is None:
-        raise table.error("org", 'is required with a bucket (InfluxDB 2.x/3.x); use "-" for InfluxDB 1.8')
+    if username is None and password is not None:
+        raise table.error("username", "is required when a password is configured")
+    target = read_influx_target(table, token=token is not None, username=username)
     batch, flush, timeout = read_influx_batching(table)
     table.finish()
     return InfluxSection(
         url=url,
-        org=org,
-        bucket=bucket,
+        target=target,
         token=token,
         username=username,
         password=password,
         batch_size=batch,
         flush_interval_s=flush,
         timeout_s=timeout,
+    )
+
+
+def read_influx_target(table: ConfigTable, *, token: bool, username: str | None) -> InfluxTarget:
+    """The target of an InfluxDB table and its credentials' form: a 2.x/3.x bucket or a 1.x database.
+
+    Shared with `InfluxConfig.from_mapping` (controller/sinks/influx.py), like `read_influx_url`;
+    `token` says whether a token was given, `username` is the 1.x user (the secrets are read by the caller).
+    """
+    if token and username is not None:
+        raise table.error(
+            "token_env",
+            "give either a token (InfluxDB 2.x/3.x, or 1.8+) or username + password (InfluxDB 1.x), not both",
+        )
+    if not token and username is None:
+        raise table.error(
+            None,
+            "needs token_env/token_file (InfluxDB 2.x/3.x) or username with password_env/password_file (InfluxDB 1.x)",
+        )
+    bucket = table.string("bucket")
+    database = table.string("database")
+    if bucket is not None and database is not None:
+        raise table.error("database", "give either bucket (2.x/3.x) or database (1.x), not both")
+    if bucket is None and database is None:
+        raise table.error(None, "needs bucket (InfluxDB 2.x/3.x) or database (InfluxDB 1.x)")
+    if database is None:
+        for key in ("retention_policy", "raw_days", "provision"):
+            if key in table.data:
+                raise table.error(key, "belongs to a 1.x database; a 2.x/3.x bucket has its retention set in InfluxDB")
+        org = table.string("org")
+        if org is None:
+            raise table.error("org", "is required with a bucket (InfluxDB 2.x/3.x)")
+        return InfluxTarget(bucket=str(bucket), org=org, raw_bucket=table.string("raw_bucket"))
+    for key in ("org", "raw_bucket"):
+        if key in table.data:
+            raise table.error(key, "belongs to a 2.x/3.x bucket; a 1.x database has retention policies instead")
+    retention = table.string("retention_policy")
+    if retention == INFLUX_RAW_POLICY:
+        raise table.error(
+            "retention_policy", f"{INFLUX_RAW_POLICY!r} is the raw readings' policy; name the one for everything else"
+        )
+    return InfluxTarget(
+        bucket=f"{database}/{retention}" if retention else database,
+        org="-",
+        database=database,
+        retention_policy=retention,
+        raw_days=table.integer("raw_days", DEFAULT_INFLUX_RAW_DAYS, minimum=1),
+        provision=table.boolean("provision", True),
     )
 
 

@@ -46,7 +46,9 @@ Rules this module enforces:
   finish (and their audit anchor be committed), stop reading devices (the item in hand is
   committed), commit an "offline" status per device, give the sinks `drain_timeout_s` to
   send the backlog, publish the controller's offline status, close the outbox. What was not
-  sent stays on disk and goes first after the next start.
+  sent stays on disk and goes first after the next start. `deliveries` then says, per sink, what
+  it acknowledged in this run and what is left, and a configured sink that had messages and
+  acknowledged none is logged as a WARNING (`SinkDelivery.silent`; the CLIs decide what it means).
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ import random
 import sqlite3
 import sys
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -208,15 +211,68 @@ def _exclusive_lock(outbox_path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _no_detail() -> str:
+    return ""
+
+
 @dataclass
 class _SinkRunner:
     """A sink task. `stop(budget_s)` ends it; a sink that cannot drain by itself (`self_draining`
-    False) is only stopped once its backlog is empty or the drain budget is spent."""
+    False) is only stopped once its backlog is empty or the drain budget is spent. `detail` says
+    what the sink knows about its trouble, for the end-of-run summary."""
 
     name: str
     run: Callable[[], Coroutine[Any, Any, Any]]
     stop: Callable[[float], None]
     self_draining: bool = False
+    detail: Callable[[], str] = _no_detail
+
+
+class _TalliedOutbox(AsyncOutbox):
+    """The service's outbox, counting what each sink acknowledged in this run (for `deliveries`)."""
+
+    def __init__(self, outbox: Outbox) -> None:
+        super().__init__(outbox)
+        self.acked: Counter[str] = Counter()
+
+    async def ack(self, sink: str, seqs: Sequence[int]) -> None:
+        await super().ack(sink, seqs)
+        self.acked[sink] += len(seqs)
+
+
+@dataclass(frozen=True, slots=True)
+class SinkDelivery:
+    """One sink's run: messages it acknowledged (`delivered`), messages still waiting for it (`left`; None if
+    the outbox could not tell), and what it knows about why not more (`detail`)."""
+
+    name: str
+    #: False for the MQTT sink without a broker (local-only mode): its messages wait for one.
+    configured: bool
+    delivered: int
+    left: int | None
+    detail: str = ""
+
+    @property
+    def silent(self) -> bool:
+        """A configured sink that had messages to send and acknowledged none of them."""
+        return self.configured and self.delivered == 0 and bool(self.left)
+
+    def line(self) -> str:
+        left = "an unknown number" if self.left is None else str(self.left)
+        if not self.configured:
+            return f"  {self.name:<8} not configured: {left} message(s) wait in the outbox for it"
+        text = f"  {self.name:<8} {self.delivered} delivered, {left} left in the outbox"
+        return text + (f"; {self.detail}" if self.detail else "")
+
+
+def delivery_report(deliveries: Sequence[SinkDelivery]) -> str:
+    """The end-of-run summary, one line per sink, and a WARNING line per silent one."""
+    lines = ["sink deliveries in this run:"] + [delivery.line() for delivery in deliveries]
+    lines += [
+        f"WARNING: the {d.name} sink never acknowledged anything; its messages wait in the outbox" for d in deliveries
+        if d.silent
+    ]  # fmt: skip
+    return "\n".join(lines)
 
 
 class ControllerService:
@@ -238,6 +294,8 @@ class ControllerService:
         self.backoff = Backoff(config.service.backoff_initial_s, config.service.backoff_max_s)
         self.sink_names = self._sink_names()
         self.outbox: AsyncOutbox | None = None
+        #: Per sink, what it delivered in the run and what is left; set once the service has stopped.
+        self.deliveries: tuple[SinkDelivery, ...] = ()
         self.group_commit: GroupCommit | None = None
         self.mqtt: MqttSink | None = None
         self.supervisors: dict[str, DeviceSupervisor] = {}
@@ -305,7 +363,7 @@ class ControllerService:
             sync_outbox = await asyncio.to_thread(Outbox, cfg.outbox.path, self.sink_names, cfg.outbox.max_bytes)
         except (sqlite3.Error, OSError) as exc:
             raise ServiceError(f"cannot open the outbox {cfg.outbox.path}: {exc}") from exc
-        outbox = AsyncOutbox(sync_outbox)
+        outbox = _TalliedOutbox(sync_outbox)
         self.outbox = outbox
         self.group_commit = GroupCommit(self._commit_batch)
         backlog = await outbox.pending_count(MQTT_SINK)
@@ -347,6 +405,7 @@ class ControllerService:
             # (the account read here) before it is refused because the controller is stopping.
             if self._accounts is not None:
                 await asyncio.to_thread(self._accounts.close)
+            self.deliveries = await self._deliveries(outbox, sinks)
             left = await self._backlog(outbox, MQTT_SINK)
             await outbox.close()
             log.info(
@@ -377,6 +436,29 @@ class ControllerService:
         restored = await asyncio.to_thread(run)
         if restored is not None:
             log.info("QC: restored the state of %d elution(s) from the history archive", restored)
+
+    async def _deliveries(self, outbox: _TalliedOutbox, sinks: Sequence[_SinkRunner]) -> tuple[SinkDelivery, ...]:
+        """Each sink's deliveries in this run; a silent one is logged as a WARNING with its detail."""
+        runners = {sink.name: sink for sink in sinks}
+        deliveries = []
+        for name in self.sink_names:
+            runner = runners.get(name)
+            delivery = SinkDelivery(
+                name,
+                runner is not None,
+                outbox.acked[name],
+                await self._backlog(outbox, name),
+                "" if runner is None else runner.detail(),
+            )
+            if delivery.silent:
+                log.warning(
+                    "the %s sink never acknowledged anything in this run: %s message(s) wait in the outbox%s",
+                    name,
+                    delivery.left,
+                    f" ({delivery.detail})" if delivery.detail else "",
+                )
+            deliveries.append(delivery)
+        return tuple(deliveries)
 
     async def _drain(self, sink: _SinkRunner, task: asyncio.Task[Any], outbox: AsyncOutbox) -> None:
         budget = self.config.service.drain_timeout_s
@@ -444,7 +526,16 @@ class ControllerService:
             self.mqtt = MqttSink(cfg.mqtt, cfg.site, outbox, backoff=self.backoff)
             self.commands = self._command_handler(self.mqtt, await self._open_accounts())
             self.mqtt.route_commands(self.commands)
-            sinks.append(_SinkRunner(MQTT_SINK, self.mqtt.run, self.mqtt.drain, self_draining=True))
+            mqtt = self.mqtt
+            sinks.append(
+                _SinkRunner(
+                    MQTT_SINK,
+                    mqtt.run,
+                    mqtt.drain,
+                    self_draining=True,
+                    detail=lambda: "" if mqtt.connections else "never connected to the broker",
+                )
+            )
             self._wake.append(self.mqtt.notify)
         else:
             log.warning("no [mqtt] configured: local-only mode, messages are kept in the outbox %s", cfg.outbox.path)
@@ -933,7 +1024,7 @@ def _influx_runner(section: InfluxSection, outbox: AsyncOutbox) -> _SinkRunner:
     from hotlab.controller.sinks.influx import InfluxConfig, InfluxSink
 
     sink = InfluxSink(InfluxConfig.from_section(section), outbox)
-    return _SinkRunner("influx", sink.run, lambda _budget: sink.stop())
+    return _SinkRunner("influx", sink.run, lambda _budget: sink.stop(), detail=sink.stats.detail)
 
 
 async def _history_runner(path: Path, outbox: AsyncOutbox) -> _SinkRunner:

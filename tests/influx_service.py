@@ -7,13 +7,14 @@ Import the fixtures into a test module to use them:
 `influx_server` is one server per test module; `influx_database` is a fresh database on it per
 test. For tests that stop and restart the server, build an `InfluxService` yourself.
 
-InfluxDB 1.6.7 (the only version packaged here) predates the /api/v2/write compatibility
-endpoint that 1.8 added, so the service also runs `V2WriteBridge`: a small HTTP server that
-accepts what influxdb-client sends (POST /api/v2/write?org=-&bucket=db/rp&precision=ns with
-`Authorization: Token user:password`) and forwards it to 1.x /write?db=&rp=&precision= with
-the same credentials. Production code only ever sees a v2 URL; the bridge exists only here.
-The bridge starts and stops with influxd, so an outage looks like an outage (connection
-refused), not like an HTTP error from a proxy.
+The sink writes to InfluxDB 1.x natively (`url`, `sink_settings`). InfluxDB 1.6.7 (the only
+version packaged here) predates the /api/v2/write endpoint that 1.8 added, so to test the sink's
+2.x/3.x path the service also runs `V2WriteBridge` (`v2_url`, `v2_settings`): a small HTTP server
+that serves what a 1.8 server serves, the 1.x API (forwarded as is) plus POST
+/api/v2/write?org=-&bucket=db/rp&precision=ns with `Authorization: Token user:password`, which it
+forwards to 1.x /write?db=&rp=&precision= with the same credentials. The bridge starts and stops
+with influxd, so an outage looks like an outage (connection refused), not like an HTTP error from
+a proxy.
 """
 
 from __future__ import annotations
@@ -139,12 +140,12 @@ class InfluxService:
 
     @property
     def url(self) -> str:
-        """The influxd 1.x HTTP API (for /query)."""
+        """The influxd 1.x HTTP API (/write, /query)."""
         return f"http://127.0.0.1:{self.http_port}"
 
     @property
     def v2_url(self) -> str:
-        """The URL the sink should use (v2 write API, served by the bridge)."""
+        """The bridge: influxd as a 1.8 server would serve it, with the v2 write API too."""
         return f"http://127.0.0.1:{self.bridge_port}"
 
     @property
@@ -156,8 +157,12 @@ class InfluxService:
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
-    def sink_settings(self, database: str, retention_policy: str = "autogen") -> dict[str, Any]:
-        """The [influx] settings for a sink writing to `database` (1.8 compatibility form)."""
+    def sink_settings(self, database: str) -> dict[str, Any]:
+        """The sink's settings (`InfluxConfig.from_mapping`) for writing to `database` with the 1.x API."""
+        return {"url": self.url, "username": self.username, "password": self.password, "database": database}
+
+    def v2_settings(self, database: str, retention_policy: str = "autogen") -> dict[str, Any]:
+        """The sink's settings for writing to `database` through the v2 write API (the bridge, as 1.8 serves it)."""
         return {"url": self.v2_url, "token": self.token, "org": "-", "bucket": f"{database}/{retention_policy}"}
 
     def start(self) -> None:
@@ -327,7 +332,7 @@ def _basic_auth(username: str, password: str) -> str:
 
 
 class V2WriteBridge:
-    """Serves the InfluxDB 1.8 v2-compatibility endpoints (/api/v2/write, /ping, /health) for a 1.6 server.
+    """Serves a 1.6 server as 1.8 does: the 1.x API as is, plus /api/v2/write and /health.
 
     `port` 0 lets the kernel choose on the first start; later starts rebind the same port.
     """
@@ -384,9 +389,9 @@ class _BridgeHandler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         path = urllib.parse.urlsplit(self.path).path
-        if path == "/ping":
-            self._forward("GET", "/ping", b"", {})
-        elif path == "/health":
+        if path != "/health":
+            self._relay("GET", self.path, b"", self._passed_headers())
+        else:
             try:
                 status, _, _ = self._upstream("GET", "/ping", b"", {})
             except OSError as exc:
@@ -394,14 +399,15 @@ class _BridgeHandler(BaseHTTPRequestHandler):
                 return
             ok = status == 204
             self._reply_json(200 if ok else 503, {"name": "influxdb", "status": "pass" if ok else "fail"})
-        else:
-            self._reply_json(404, {"code": "not found", "message": f"path {path} not found"})
+
+    def _passed_headers(self) -> dict[str, str]:
+        return {name: self.headers[name] for name in ("Authorization", "Content-Type") if name in self.headers}
 
     def do_POST(self) -> None:
         parts = urllib.parse.urlsplit(self.path)
         body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
         if parts.path != "/api/v2/write":
-            self._reply_json(404, {"code": "not found", "message": f"path {parts.path} not found"})
+            self._relay("POST", self.path, body, self._passed_headers())
             return
         query = urllib.parse.parse_qs(parts.query)
         bucket = query.get("bucket", [""])[0]
@@ -422,7 +428,23 @@ class _BridgeHandler(BaseHTTPRequestHandler):
             headers["Authorization"] = _basic_auth(username, password)
         self._forward("POST", f"/write?{urllib.parse.urlencode(params)}", body, headers)
 
+    def _relay(self, method: str, target: str, body: bytes, headers: dict[str, str]) -> None:
+        """A 1.x request, passed on and answered as influxd answered it."""
+        try:
+            status, reply_headers, reply = self._upstream(method, target, body, headers)
+        except OSError as exc:
+            self._reply_json(503, {"error": f"influxd unreachable: {exc}"})
+            return
+        self.send_response(status)
+        for name in ("Content-Type", "X-Influxdb-Version", "X-Influxdb-Build", "X-Influxdb-Error"):
+            if name in reply_headers:
+                self.send_header(name, reply_headers[name])
+        self.send_header("Content-Length", str(len(reply)))
+        self.end_headers()
+        self.wfile.write(reply)
+
     def _forward(self, method: str, target: str, body: bytes, headers: dict[str, str]) -> None:
+        """A v2 write, passed on as a 1.x write and answered as a v2 server would."""
         try:
             status, reply_headers, reply = self._upstream(method, target, body, headers)
         except OSError as exc:

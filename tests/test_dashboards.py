@@ -18,7 +18,11 @@ VARIABLE_USE = re.compile(r"\$\{?(\w+)")
 NON_PORTABLE = re.compile(
     r"\bINTO\b|FROM\s*\(|\bSLIMIT\b|\bSOFFSET\b|fill\(linear\)|\bholt_winters|\bCREATE\b|\bDROP\b", re.IGNORECASE
 )
-PORTABLE_FUNCTIONS = {"last", "mean", "min", "max", "count", "time", "fill"}
+PORTABLE_FUNCTIONS = {"last", "mean", "min", "max", "count", "sum", "time", "fill"}
+#: Where raw readings are (the 1.x retention policy, or a 2.x DBRP mapping / 3.x database of that name) and their
+#: per-minute summary (docs/influxdb.md, "Retention and downsampling").
+RAW_READINGS = 'FROM "raw"."reading"'
+SUMMARY = 'FROM "reading_1m"'
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -92,6 +96,29 @@ def test_queries_stay_within_influxql_that_1_8_2_x_and_3_x_all_run(path: Path) -
         assert not NON_PORTABLE.search(query), query
         functions = {name.lower() for name in re.findall(r"(\w+)\(", query)}
         assert functions <= PORTABLE_FUNCTIONS, f"{functions - PORTABLE_FUNCTIONS} in {query}"
+
+
+@pytest.mark.parametrize("path", DASHBOARD_FILES, ids=lambda p: p.stem)
+def test_readings_come_from_the_raw_policy_for_rows_and_short_ranges_and_from_the_summary_otherwise(path: Path) -> None:
+    """Raw readings are kept raw_days: a panel that shows a range's trend or count reads the per-minute summary
+    (kept for good), or has a twin that does; only panels of single readings (the latest, each suspect one) and
+    short-range trends read them raw, and they say how long raw readings are kept."""
+    panels = _load(path)["panels"]
+    for panel in panels:
+        for target in panel["targets"]:
+            query = target["query"]
+            assert 'FROM "reading"' not in query, f"{panel['title']}: readings are not in the default policy"
+            if SUMMARY in query:
+                assert panel.get("interval") == "1m", f"{panel['title']}: finer than its per-minute summary"
+            if RAW_READINGS not in query:
+                continue
+            assert "raw_days" in panel["description"], panel["title"]
+            grouping = re.search(r"GROUP BY time\(\$__interval\)(.*?) fill", query)
+            if grouping is None:
+                assert panel["type"] == "table", f"{panel['title']}: a count of raw readings misses older ones"
+                continue
+            twins = [p for p in panels for t in p["targets"] if SUMMARY in t["query"] and grouping[0] in t["query"]]
+            assert twins, f"{panel['title']}: no per-minute twin for long ranges"
 
 
 def test_datasource_provisioning_is_influxql_with_env_configured_secrets() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from hotlab.controller.audit import iter_records, verify_chain
 from hotlab.controller.cli.demo import DEMO_LAB
 from hotlab.controller.cli.main import main as hotlab
 from hotlab.controller.lab.demo import LabView, ViewInputError, render, snapshot_svg
+from hotlab.controller.lab.private_influxd import influxd_binary
 from hotlab.controller.lab.simulated_lab import station_mo99_breakthrough
 from hotlab.controller.messages import (
     MeasurementValues,
@@ -41,6 +43,7 @@ from hotlab.controller.messages import (
 )
 from hotlab.controller.qc.engine import QcEngine
 from hotlab.drivers.records import ElutionRecord, Reading
+from tests.influx_service import running_influxd
 from tests.mosquitto_service import require_mosquitto
 
 REPO = Path(__file__).resolve().parent.parent
@@ -86,6 +89,12 @@ def test_headless_demo_produces_readings_elutions_verdicts_procedures_and_a_revi
     assert "MQTT broker: private mosquitto on 127.0.0.1:" in stderr  # the embedded defaults are announced
     assert "Traceback" not in stderr
     assert "hotlab demo summary" in stdout and "qc mo99_breakthrough" in stdout, stdout
+    # Every sink the demo has got everything: the private influxd (when installed) as much as the broker.
+    delivered = {
+        m[1]: (int(m[2]), int(m[3])) for m in re.finditer(r"^  (\w+) +(\d+) delivered, (\d+) left", stdout, re.M)
+    }
+    sinks = {"mqtt", "history"} | ({"influx"} if influxd_binary() is not None else set())
+    assert set(delivered) == sinks and all(done > 0 and left == 0 for done, left in delivered.values()), stdout
 
     with HistoryArchive(tmp_path / "state" / "history.sqlite3", read_only=True) as archive:
         readings = archive.query("reading")
@@ -206,6 +215,32 @@ def test_ctrl_c_stops_the_live_demo_cleanly_and_drains(tmp_path: Path) -> None:
     assert "Traceback" not in stdout + stderr
     assert "hotcell-calibrator" in stdout and "Elutions" in stdout  # the live view's last frame
     assert snapshot.read_text().startswith("<svg")
+
+
+@pytest.mark.integration
+def test_a_demo_whose_influxdb_refuses_the_password_says_so_and_exits_1(tmp_path: Path) -> None:
+    """Pointed at a real influxd (1.x, written natively) with a wrong password, the demo must not end as if all
+    was well: every write is refused and retried, and the summary and the exit code say the sink took nothing."""
+    require_mosquitto()
+    with running_influxd() as influx:
+        database = influx.create_database()
+        env = {**os.environ, "LAB_INFLUX_PASSWORD": "not-" + influx.password}
+        process = _hotlab(
+            "demo", "--no-web", "--headless", "--duration", "3", "--acceleration", "200", "--state-dir", "state",
+            "--influx-url", influx.url, "--influx-database", database, "--influx-username", influx.username,
+            "--influx-token-env", "LAB_INFLUX_PASSWORD",
+            cwd=tmp_path, env=env,
+        )  # fmt: skip
+        stdout, stderr = process.communicate(timeout=120)
+        stored = influx.series("SELECT count(*) FROM /.*/", database)
+    assert process.returncode == 1, (stdout + stderr)[-3000:]
+    assert "Traceback" not in stderr
+    match = re.search(r"^  influx +0 delivered, (\d+) left in the outbox; last error: HTTP 401: (.*)$", stdout, re.M)
+    assert match is not None and int(match[1]) > 0, stdout[-3000:]
+    assert "WARNING: the influx sink never acknowledged anything" in stdout
+    assert re.search(r"^hotlab demo: the influx sink never acknowledged anything \(last error: HTTP 401", stderr, re.M)
+    assert re.search(r"^  history +[1-9]\d* delivered, 0 left", stdout, re.M)  # the rest of the demo ran
+    assert stored == []  # nothing reached InfluxDB, and nothing was lost: it waits in the outbox
 
 
 def _wait_for_archived_elution(path: Path, timeout_s: float = 60.0) -> None:
@@ -511,6 +546,48 @@ def test_influx_token_options_reach_the_config_as_env_or_file(tmp_path: Path, mo
         assert config.influx is not None and config.influx.auth_token() == expected
     with pytest.raises(SystemExit):
         build_parser().parse_args([*url, "--influx-token-env", "X", "--influx-token-file", str(token_file)])
+
+
+def test_influx_1x_options_make_a_database_table_with_the_users_password(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hotlab.controller.cli.demo import _influx_table
+    from hotlab.controller.cli.main import build_parser
+    from hotlab.controller.config import parse_config
+
+    monkeypatch.setenv("LAB_INFLUX_PASSWORD", "pw")
+    url = ["demo", "--influx-url", "http://127.0.0.1:8086", "--influx-database", "lab"]
+    args = build_parser().parse_args([*url, "--influx-username", "ada", "--influx-token-env", "LAB_INFLUX_PASSWORD"])
+    table = _influx_table(args)
+    assert table == {
+        "url": "http://127.0.0.1:8086",
+        "database": "lab",
+        "username": "ada",
+        "password_env": "LAB_INFLUX_PASSWORD",
+    }
+    influx = parse_config({"site": {"name": "demo"}, "influx": table}, base_dir=tmp_path).influx
+    assert influx is not None and influx.target.database == "lab" and influx.auth_token() == "ada:pw"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--influx-username", "ada"], "--influx-username needs --influx-database (InfluxDB 1.x)"),
+        (
+            ["--influx-database", "lab", "--influx-bucket", "b"],
+            "give either --influx-database (InfluxDB 1.x) or --influx-bucket (2.x/3.x), not both",
+        ),
+    ],
+)
+def test_bad_influx_1x_options_exit_2(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HOTLAB_INFLUX_TOKEN", "pw")
+    assert hotlab(["demo", "--influx-url", "http://127.0.0.1:8086", *args]) == 2
+    assert capsys.readouterr().err == f"hotlab demo: {message}\n"
+    monkeypatch.delenv("HOTLAB_INFLUX_TOKEN")
+    assert hotlab(["demo", "--influx-database", "lab"]) == 2
+    assert "need --influx-url" in capsys.readouterr().err
 
 
 def test_an_elution_counter_reset_alarm_is_shown_as_an_alarm() -> None:

@@ -26,11 +26,17 @@ def test_defaults_are_the_projects_retry_policy() -> None:
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"bucket": None}, "influx.bucket: is required but missing"),
+        ({"bucket": None}, "influx: needs bucket (InfluxDB 2.x/3.x) or database (InfluxDB 1.x)"),
         (
             {"batchsize": 5},
             "influx.batchsize: unknown key (did you mean 'batch_size'?); allowed here: batch_size, bucket, "
-            "flush_interval_s, org, retry_initial_s, retry_max_s, timeout_s, token, url",
+            "database, flush_interval_s, org, password, raw_bucket, retry_initial_s, retry_max_s, timeout_s, "
+            "token, url, username",
+        ),
+        ({"database": "hotlab"}, "influx.database: give either bucket (2.x/3.x) or database (1.x), not both"),
+        (
+            {"raw_days": 30},
+            "influx.raw_days: belongs to a 1.x database; a 2.x/3.x bucket has its retention set in InfluxDB",
         ),
         (
             {"url": "x:8086"},
@@ -53,6 +59,52 @@ def test_bad_settings_name_the_key_the_problem_and_what_is_allowed(changes: dict
         InfluxConfig.from_mapping(settings)
     assert str(info.value) == message
     assert info.value.exit_code == 2
+
+
+V1_SETTINGS: dict[str, Any] = {"url": "http://db:8086", "username": "u", "password": "p", "database": "hotlab"}
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"org": "o"}, "influx.org: belongs to a 2.x/3.x bucket; a 1.x database has retention policies instead"),
+        (
+            {"raw_bucket": "r"},
+            "influx.raw_bucket: belongs to a 2.x/3.x bucket; a 1.x database has retention policies instead",
+        ),
+        (
+            {"retention_policy": "raw"},
+            "influx.retention_policy: 'raw' is the raw readings' policy; name the one for everything else",
+        ),
+        ({"raw_days": 0}, "influx.raw_days: must be >= 1, got 0"),
+        ({"raw_days": 7.5}, "influx.raw_days: must be an integer, got 7.5 (number)"),
+        ({"provision": "yes"}, "influx.provision: must be true or false, got 'yes' (string)"),
+        (
+            {"username": None, "password": None},
+            "influx: needs token_env/token_file (InfluxDB 2.x/3.x) or username with "
+            "password_env/password_file (InfluxDB 1.x)",
+        ),
+        (
+            {"token": "t"},
+            "influx.token_env: give either a token (InfluxDB 2.x/3.x, or 1.8+) or username + password "
+            "(InfluxDB 1.x), not both",
+        ),
+    ],
+)
+def test_bad_1x_settings_name_the_key_the_problem_and_what_is_allowed(changes: dict[str, Any], message: str) -> None:
+    settings = {key: value for key, value in (V1_SETTINGS | changes).items() if value is not None}
+    with pytest.raises(InfluxConfigError) as info:
+        InfluxConfig.from_mapping(settings)
+    assert str(info.value) == message
+
+
+def test_1x_defaults_keep_raw_readings_30_days_and_provision() -> None:
+    config = InfluxConfig.from_mapping(V1_SETTINGS)
+    target = config.target
+    assert (target.database, target.retention_policy, target.raw_days, target.provision) == ("hotlab", None, 30, True)
+    assert (target.bucket, target.org) == ("hotlab", "-")  # the same target in 1.8's v2 compatibility terms
+    assert config.authorization() == "Basic dTpw"  # base64 of "u:p" (RFC 7617)
+    assert "'p'" not in repr(config)
 
 
 @pytest.mark.parametrize(

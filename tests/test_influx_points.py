@@ -223,7 +223,10 @@ def test_config_from_mapping_accepts_the_1_8_compatibility_form() -> None:
 @pytest.mark.parametrize(
     ("settings_", "complaint"),
     [
-        ({"url": "http://x", "token": "t", "org": "o"}, r"^influx\.bucket: is required but missing$"),
+        (
+            {"url": "http://x", "token": "t", "org": "o"},
+            r"^influx: needs bucket \(InfluxDB 2\.x/3\.x\) or database \(InfluxDB 1\.x\)$",
+        ),
         (
             {"url": "http://x", "token": "t", "org": "o", "bucket": "b", "batchsize": 5},
             r"^influx\.batchsize: unknown key \(did you mean 'batch_size'\?\)",

@@ -121,6 +121,16 @@ async def drained(outbox: AsyncOutbox, timeout_s: float = 30.0) -> None:
     await wait_until(empty, timeout_s, "the outbox to drain")
 
 
+def stored_in(measurement: str) -> str:
+    """Where a measurement's points are: raw readings in the "raw" retention policy, the rest in the default one."""
+    return f'"raw"."{measurement}"' if measurement == "reading" else f'"{measurement}"'
+
+
+def native(service: InfluxService, database: str) -> dict:
+    """1.x settings whose raw policy keeps this module's readings: T0 is older than the default 30 days."""
+    return service.sink_settings(database) | {"raw_days": 36_500}
+
+
 def fast_config(settings: dict, **overrides) -> InfluxConfig:
     return InfluxConfig.from_mapping(
         settings | {"flush_interval_s": 0.05, "retry_initial_s": 0.05, "retry_max_s": 0.3} | overrides
@@ -133,12 +143,12 @@ async def test_every_kind_round_trips_with_tags_fields_and_ns_time(
     outbox = AsyncOutbox(Outbox(outbox_path, sinks=("influx",)))
     messages = _every_kind()
     await outbox.put_many(messages)
-    async with running_sink(fast_config(influx_server.sink_settings(influx_database)), outbox) as sink:
+    async with running_sink(fast_config(native(influx_server, influx_database)), outbox) as sink:
         await drained(outbox)
     assert sink.stats.written == len(messages) and sink.stats.rejected == 0
 
     def only(measurement: str, where: str = "") -> list[dict]:
-        return influx_server.rows(f'SELECT * FROM "{measurement}" {where}', influx_database)
+        return influx_server.rows(f"SELECT * FROM {stored_in(measurement)} {where}", influx_database)
 
     readings = {row["device"]: row for row in only("reading")}
     assert readings["crc-55tr"] == {
@@ -180,10 +190,10 @@ async def test_resending_a_message_is_idempotent(
     outbox = AsyncOutbox(Outbox(outbox_path, sinks=("influx",)))
     messages = _every_kind()
     await outbox.put_many(messages + messages)  # as after a crash between write and ack
-    async with running_sink(fast_config(influx_server.sink_settings(influx_database)), outbox):
+    async with running_sink(fast_config(native(influx_server, influx_database)), outbox):
         await drained(outbox)
     for measurement in ("reading", "elution", "qc_result", "device_status"):
-        counted = influx_server.rows(f'SELECT count("msg_id") FROM "{measurement}"', influx_database)
+        counted = influx_server.rows(f'SELECT count("msg_id") FROM {stored_in(measurement)}', influx_database)
         expected = sum(m.kind == measurement for m in messages)
         assert counted[0]["count"] == expected, measurement
     await outbox.close()
@@ -194,11 +204,11 @@ async def test_a_full_backlog_goes_out_in_batches_of_batch_size(
 ) -> None:
     outbox = AsyncOutbox(Outbox(outbox_path, sinks=("influx",)))
     await outbox.put_many([_reading(i) for i in range(2500)])
-    config = fast_config(influx_server.sink_settings(influx_database), batch_size=1000)
+    config = fast_config(native(influx_server, influx_database), batch_size=1000)
     async with running_sink(config, outbox) as sink:
         await drained(outbox)
     assert sink.stats.requests == 3 and sink.stats.written == 2500
-    assert influx_server.rows('SELECT count("activity_bq") FROM "reading"', influx_database)[0]["count"] == 2500
+    assert influx_server.rows('SELECT count("activity_bq") FROM "raw"."reading"', influx_database)[0]["count"] == 2500
     await outbox.close()
 
 
@@ -209,7 +219,7 @@ async def test_outage_mid_stream_loses_nothing_and_duplicates_nothing(outbox_pat
             database = service.create_database()
             outbox = AsyncOutbox(Outbox(outbox_path, sinks=("influx",)))
             total = 600
-            config = fast_config(service.sink_settings(database), batch_size=50, timeout_s=2.0)
+            config = fast_config(native(service, database), batch_size=50, timeout_s=2.0)
             async with running_sink(config, outbox) as sink:
                 for i in range(total):
                     await outbox.put(_reading(i))
@@ -228,7 +238,7 @@ async def test_outage_mid_stream_loses_nothing_and_duplicates_nothing(outbox_pat
                 await drained(outbox, timeout_s=60)
             assert "refused" in outage_error.lower()  # the server was really gone, not answering with errors
             assert sink.stats.rejected == 0 and sink.stats.last_error == ""
-            rows = service.rows('SELECT "msg_id" FROM "reading"', database)
+            rows = service.rows('SELECT "msg_id" FROM "raw"."reading"', database)
             assert len(rows) == total
             assert len({row["msg_id"] for row in rows}) == total
             assert sorted(row["time"] for row in rows) == [T0 + i * 1_000_000 for i in range(total)]
@@ -268,14 +278,17 @@ def test_a_restart_waits_for_its_briefly_held_port_and_keeps_it() -> None:
         shutil.rmtree(root, ignore_errors=True)
 
 
-async def test_a_restart_moves_influxd_off_a_port_taken_for_good_and_the_sink_never_notices(outbox_path: Path) -> None:
+async def test_a_restart_moves_influxd_off_a_port_taken_for_good_and_the_v2_sink_never_notices(
+    outbox_path: Path,
+) -> None:
+    """The v2 write path (2.x/3.x, and 1.8+) through the bridge, whose port stays while influxd moves."""
     root = Path(tempfile.mkdtemp(prefix="hotlab-influxd-moved-"))
     holder: socket.socket | None = None
     try:
         with InfluxService(root) as service:
             database = service.create_database()
             outbox = AsyncOutbox(Outbox(outbox_path, sinks=("influx",)))
-            async with running_sink(fast_config(service.sink_settings(database)), outbox) as sink:
+            async with running_sink(fast_config(service.v2_settings(database)), outbox) as sink:
                 await outbox.put_many([_reading(i) for i in range(10)])
                 await drained(outbox)
                 old_port, bridge_port = service.http_port, service.bridge_port
@@ -310,10 +323,10 @@ async def test_a_point_the_server_refuses_is_dropped_alone_and_the_rest_is_writt
         )
     )
     await outbox.put_many(readings[:3] + [status, broken] + readings[3:])
-    async with running_sink(fast_config(influx_server.sink_settings(influx_database)), outbox) as sink:
+    async with running_sink(fast_config(native(influx_server, influx_database)), outbox) as sink:
         await drained(outbox)
     assert sink.stats.rejected == 2 and sink.stats.written == 7
-    assert influx_server.rows('SELECT count("activity_bq") FROM "reading"', influx_database)[0]["count"] == 7
+    assert influx_server.rows('SELECT count("activity_bq") FROM "raw"."reading"', influx_database)[0]["count"] == 7
     await outbox.close()
 
 
@@ -322,7 +335,7 @@ async def test_wrong_credentials_keep_the_backlog_and_say_why(
 ) -> None:
     outbox = AsyncOutbox(Outbox(outbox_path, sinks=("influx",)))
     await outbox.put_many(_every_kind())
-    settings = influx_server.sink_settings(influx_database) | {"token": f"{influx_server.username}:wrong"}
+    settings = native(influx_server, influx_database) | {"password": "wrong"}
     async with running_sink(fast_config(settings), outbox) as sink:
 
         async def failed_twice() -> bool:
@@ -389,14 +402,14 @@ async def test_outbox_errors_are_retried_and_everything_is_still_delivered_once(
     messages = [_reading(i) for i in range(40)]
     await outbox.put_many(messages)
     with caplog.at_level(logging.ERROR, logger="hotlab.controller.sinks.influx"):
-        async with running_sink(fast_config(influx_server.sink_settings(influx_database)), outbox) as sink:
+        async with running_sink(fast_config(native(influx_server, influx_database)), outbox) as sink:
             await drained(outbox)
     assert not outbox.pending_faults and not outbox.ack_faults
     assert sink.stats.failed_attempts == 4
     assert sink.stats.written == len(messages)  # the resent batch is counted once
     assert sink.stats.last_error == ""
     assert sum("outbox unusable" in record.getMessage() for record in caplog.records) == 4
-    rows = influx_server.rows('SELECT "msg_id" FROM "reading"', influx_database)
+    rows = influx_server.rows('SELECT "msg_id" FROM "raw"."reading"', influx_database)
     assert sorted(row["msg_id"] for row in rows) == sorted(m.msg_id for m in messages)
     await outbox.close()
 
@@ -410,7 +423,7 @@ async def test_a_real_sqlite_lock_on_the_outbox_delays_the_ack_but_loses_nothing
     other_process = sqlite3.connect(outbox_path, isolation_level=None)  # e.g. a backup tool holding a write lock
     other_process.execute("BEGIN IMMEDIATE")
     try:
-        async with running_sink(fast_config(influx_server.sink_settings(influx_database)), outbox) as sink:
+        async with running_sink(fast_config(native(influx_server, influx_database)), outbox) as sink:
 
             async def ack_failed() -> bool:
                 return "locked" in sink.stats.last_error
@@ -422,7 +435,7 @@ async def test_a_real_sqlite_lock_on_the_outbox_delays_the_ack_but_loses_nothing
         other_process.close()
     assert sink.stats.written == len(messages) and sink.stats.last_error == ""
     assert sink.stats.failed_attempts >= 1
-    assert influx_server.rows('SELECT count("msg_id") FROM "reading"', influx_database)[0]["count"] == 2
+    assert influx_server.rows('SELECT count("msg_id") FROM "raw"."reading"', influx_database)[0]["count"] == 2
     await outbox.close()
 
 
@@ -433,7 +446,7 @@ async def test_an_unexpected_error_is_logged_with_its_traceback_and_the_sink_car
     outbox.pending_faults = [RuntimeError("a bug in a sink's collaborator")]
     await outbox.put(_reading(0))
     with caplog.at_level(logging.ERROR, logger="hotlab.controller.sinks.influx"):
-        async with running_sink(fast_config(influx_server.sink_settings(influx_database)), outbox) as sink:
+        async with running_sink(fast_config(native(influx_server, influx_database)), outbox) as sink:
             await drained(outbox)
     [record] = [r for r in caplog.records if "unexpected error" in r.getMessage()]
     assert record.exc_info is not None and record.exc_info[0] is RuntimeError

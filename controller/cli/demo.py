@@ -11,15 +11,20 @@ What runs (controller/lab/simulated_lab.py starts it, DEMO_LAB below describes i
   with a simulated operator who elutes on a schedule by MQTT `start_elution` commands; the
   station clocks (and the calibrators' decay) run `--acceleration` times faster than the wall clock;
 * the controller with the QC engine (constancy, elution yield and its trend, Mo-99
-  breakthrough), the history archive, the audit trail of control commands, and the private
-  mosquitto unless --mqtt-host is given; --influx-url adds the InfluxDB sink;
+  breakthrough), the history archive, the audit trail of control commands, the private
+  mosquitto unless --mqtt-host is given, and the private influxd (if installed) unless
+  --influx-url names an InfluxDB (1.x with --influx-database, 2.x/3.x with --influx-bucket);
 * the live view (controller/lab/demo.py), subscribed to the broker like a lab-wall screen, and
   the web panel on http://127.0.0.1:8080/ (`--web-port`, `--no-web`) for the demo's accounts;
 * with `--history-days N`, first N days of past lab life in the archive (and InfluxDB), made by the
   same simulators, QC engine and sinks in accelerated time (controller/lab/history_fill.py).
 
+At the end it prints, per sink, what it delivered and what is left in the outbox. A demo shows the
+data reaching every sink it has, so a sink that never acknowledged anything (a wrong password, an
+unreachable InfluxDB) ends it with exit code 1 and says which and why.
+
 Exit codes: 0 after a clean stop (Ctrl-C, SIGTERM or --duration), 2 for bad options,
-1 when the service fails.
+1 when the service fails or a sink never acknowledged anything.
 """
 
 from __future__ import annotations
@@ -58,16 +63,25 @@ from hotlab.controller.lab.simulated_lab import (
     simulated_lab,
     station_mo99_breakthrough,
 )
-from hotlab.controller.service import ControllerService, run_to_exit_code
+from hotlab.controller.service import ControllerService, delivery_report, run_to_exit_code
 from hotlab.controller.stop_signals import StopSignals
 from hotlab.controller.web.embedded import lab_panel
+from hotlab.errors import HotlabError
 
 log = logging.getLogger("hotlab.demo")
 
-#: Where the InfluxDB token is read from unless --influx-token-env/--influx-token-file say otherwise. There is
-#: no option taking the token itself: process arguments are visible to every user (ps, /proc/<pid>/cmdline)
-#: and end up in shell history (controller/config.py, load_secret).
+#: Where the InfluxDB token (or, with --influx-username, the password) is read from unless
+#: --influx-token-env/--influx-token-file say otherwise. There is no option taking the secret itself: process
+#: arguments are visible to every user (ps, /proc/<pid>/cmdline) and end up in shell history
+#: (controller/config.py, load_secret).
 INFLUX_TOKEN_ENV = "HOTLAB_INFLUX_TOKEN"
+#: The bucket written to when --influx-url names a 2.x/3.x InfluxDB and --influx-bucket does not say.
+DEFAULT_INFLUX_BUCKET = "hotlab"
+
+
+class SinkNeverDelivered(HotlabError):
+    """A sink of the demo never acknowledged anything: the demo did not show what it was started to show."""
+
 
 DEMO_LAB = SimLab(
     site="hotlab-demo",
@@ -116,22 +130,29 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     parser.add_argument("--mqtt-host", help="use this MQTT broker instead of starting a private mosquitto")
     parser.add_argument("--mqtt-port", type=int, default=1883, help="port of --mqtt-host (default 1883)")
-    parser.add_argument("--influx-url", help="also write to InfluxDB, e.g. http://127.0.0.1:8086")
+    parser.add_argument(
+        "--influx-url",
+        help="write to this InfluxDB, e.g. http://127.0.0.1:8086, instead of starting a private influxd",
+    )
+    parser.add_argument("--influx-database", metavar="NAME", help="InfluxDB 1.x: write natively to this database")
+    parser.add_argument(
+        "--influx-username", metavar="USER", help="InfluxDB 1.x: authenticate as USER; the secret is USER's password"
+    )
     token = parser.add_mutually_exclusive_group()
     token.add_argument(
         "--influx-token-env",
         metavar="NAME",
-        help=f"environment variable holding the InfluxDB token (default {INFLUX_TOKEN_ENV}); "
-        "InfluxDB 1.8: user:password",
+        help=f"environment variable holding the InfluxDB token, or with --influx-username the password "
+        f"(default {INFLUX_TOKEN_ENV})",
     )
     token.add_argument(
         "--influx-token-file",
         type=Path,
         metavar="PATH",
-        help="file holding only the InfluxDB token (instead of an environment variable)",
+        help="file holding only that secret (instead of an environment variable)",
     )
-    parser.add_argument("--influx-org", default="-", help="InfluxDB organisation (default '-', for InfluxDB 1.8)")
-    parser.add_argument("--influx-bucket", default="hotlab", help="InfluxDB bucket, or database/retention (1.8)")
+    parser.add_argument("--influx-org", default="-", help="InfluxDB 2.x organisation (default '-')")
+    parser.add_argument("--influx-bucket", help=f"InfluxDB 2.x/3.x bucket (default {DEFAULT_INFLUX_BUCKET})")
     parser.add_argument(
         "--snapshot", type=Path, metavar="SVG", help="when the demo is told to stop, save the live view as an SVG image"
     )
@@ -160,14 +181,7 @@ def main(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level, handlers=[handler], format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    influx: dict[str, Any] | None = None
-    if args.influx_url:
-        influx = {
-            "url": args.influx_url,
-            "org": args.influx_org,
-            "bucket": args.influx_bucket,
-            **_influx_token_source(args),
-        }
+    influx = _influx_table(args) if args.influx_url else None
     broker = BrokerAddress(args.mqtt_host, args.mqtt_port) if args.mqtt_host else None
     lab = replace(DEMO_LAB, acceleration=args.acceleration, calibrator_acceleration=args.acceleration)
     return run_to_exit_code(_run(lab, args, broker, influx, console), "hotlab demo")
@@ -192,9 +206,28 @@ def _check_options(args: argparse.Namespace) -> str:
             )
         except ConfigError as exc:
             return f"{option}: {exc} (--influx-url needs the InfluxDB token)"
-    elif args.influx_token_env is not None or args.influx_token_file is not None:
-        return "--influx-token-env/--influx-token-file need --influx-url"
+        if args.influx_database is not None and args.influx_bucket is not None:
+            return "give either --influx-database (InfluxDB 1.x) or --influx-bucket (2.x/3.x), not both"
+        if args.influx_username is not None and args.influx_database is None:
+            return "--influx-username needs --influx-database (InfluxDB 1.x)"
+    elif any(
+        value is not None
+        for value in (args.influx_token_env, args.influx_token_file, args.influx_database, args.influx_username)
+    ):
+        return "--influx-token-env/--influx-token-file/--influx-database/--influx-username need --influx-url"
     return ""
+
+
+def _influx_table(args: argparse.Namespace) -> dict[str, Any]:
+    """The [influx] table of --influx-*: a 1.x database (its user's password, or a token) or a 2.x/3.x bucket."""
+    if args.influx_database is None:
+        bucket = args.influx_bucket or DEFAULT_INFLUX_BUCKET
+        return {"url": args.influx_url, "org": args.influx_org, "bucket": bucket, **_influx_token_source(args)}
+    table = {"url": args.influx_url, "database": args.influx_database}
+    if args.influx_username is None:
+        return table | _influx_token_source(args)
+    secret = {key.replace("token_", "password_"): value for key, value in _influx_token_source(args).items()}
+    return table | {"username": args.influx_username} | secret
 
 
 def _influx_token_env(args: argparse.Namespace) -> str:
@@ -236,6 +269,7 @@ async def _run_lab(
             lab,
             broker=broker,
             influx=influx,
+            private_influxd=influx is None,
             audit_path=audit_path,
             sign=sign,
             accepted=args.history_days is not None,
@@ -293,6 +327,16 @@ async def _run_lab(
         if args.headless:
             wall_s = time.monotonic() - started
             print(await asyncio.to_thread(summary, view, config.history_path, wall_s, audit_path, key))
+        print(delivery_report(service.deliveries), flush=True)
+        silent = [delivery for delivery in service.deliveries if delivery.silent]
+        if silent:
+            raise SinkNeverDelivered(
+                "; ".join(
+                    f"the {d.name} sink never acknowledged anything ({d.detail or 'no reason known'}): "
+                    f"{d.left} message(s) wait in {config.outbox.path}"
+                    for d in silent
+                )
+            )
 
 
 def _audit_key(state_dir: Path) -> bytes:

@@ -13,10 +13,15 @@ with nothing to install or configure:
 * the system `mosquitto` binary on a free loopback port (controller/lab/embedded_broker.py);
   if it is not installed, local-only mode: no broker, everything is kept in the outbox
   (and the local history archive) until a broker is configured;
+* the system `influxd` (InfluxDB 1.x) on a free loopback port (controller/lab/private_influxd.py),
+  written to natively; if it is not installed, the lab runs without InfluxDB;
 * the web panel on http://127.0.0.1:8080/ (`--web-port`, `--no-web`; controller/web/embedded.py),
   signed in with the lab's demo accounts. A configured lab serves its panel with `hotlab web`.
 
-State (outbox, history, station counter) lives in ./var/simulated-lab.
+State (outbox, history, station counter, the private influxd's data) lives in ./var/simulated-lab.
+At the end it prints, per sink, what it delivered in the run and what is left in the outbox, and a
+WARNING line for a configured sink that never acknowledged anything. That is not a failure of the
+service (everything it read is kept for the next start), so the exit code stays 0.
 Exit codes: 0 after a clean stop (SIGINT, SIGTERM or --duration), 2 for a bad config or
 option (a ConfigError or InputError, reported by controller/cli/main.py), 1 when the service fails.
 """
@@ -36,7 +41,7 @@ from hotlab.controller.config import LabConfig, load_config
 from hotlab.controller.event_loop import DEFAULT_EVENT_LOOP
 from hotlab.controller.gc_policy import settle_after_startup
 from hotlab.controller.lab.simulated_lab import simulated_lab
-from hotlab.controller.service import CommitStage, ControllerService, run_to_exit_code
+from hotlab.controller.service import CommitStage, ControllerService, delivery_report, run_to_exit_code
 from hotlab.controller.stop_signals import StopSignals
 from hotlab.controller.web.embedded import DEFAULT_PORT, lab_panel
 from hotlab.errors import InputError
@@ -110,6 +115,7 @@ async def _run(config: LabConfig | None, duration_s: float | None, port: int | N
             )
             signals.running()
             await service.run(signals.stop)
+            print(delivery_report(service.deliveries), file=sys.stderr, flush=True)
 
 
 @contextlib.asynccontextmanager
@@ -118,7 +124,10 @@ async def _lab(config: LabConfig | None, web_port: int | None) -> AsyncIterator[
         yield config
         return
     key = await asyncio.to_thread(load_hmac_key)
-    async with simulated_lab(Path("var/simulated-lab")) as lab_config, lab_panel(lab_config, web_port, key) as url:
+    async with (
+        simulated_lab(Path("var/simulated-lab"), private_influxd=True) as lab_config,
+        lab_panel(lab_config, web_port, key) as url,
+    ):
         if url is not None:
             print(f"  web panel:   {url} (sign in with an account above)", file=sys.stderr, flush=True)
         yield lab_config

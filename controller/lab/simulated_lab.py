@@ -17,7 +17,10 @@ simulator from simulators/ speaking its real wire protocol:
   authenticates, authorises against the operator's account, audits and sends to the station over
   Modbus (docs/mqtt.md, Commands). Without one, the operator presses start on the station's front panel;
 * the system `mosquitto` on a free loopback port (controller/embedded_broker.py) unless a broker
-  is given; without mosquitto, local-only mode (everything waits in the outbox).
+  is given; without mosquitto, local-only mode (everything waits in the outbox);
+* with `private_influxd`, the system `influxd` (1.x) on a free loopback port
+  (controller/lab/private_influxd.py) and the lab's [influx] pointing at it; without influxd, no
+  InfluxDB (said so at start).
 
 The lab's user store holds the demo accounts (controller/lab/demo_review.py), and its config a
 [[command_sender]] per console plus one for the web panel (`[web] sender = "panel"`), each key a
@@ -52,6 +55,7 @@ from hotlab.controller.config import LabConfig, SerialTransport, parse_config
 from hotlab.controller.lab.demo_review import DEMO_ACCOUNTS, OPERATOR_USER, QC_OFFICER_USER, demo_accounts
 from hotlab.controller.lab.embedded_broker import write_file
 from hotlab.controller.lab.private_broker import PrivateBroker
+from hotlab.controller.lab.private_influxd import ADMIN_USER, InfluxdUnavailable, PrivateInfluxd
 from hotlab.controller.lab.qc_officer import QcOfficer, Sign
 from hotlab.controller.messages import MSG_ID_NAMESPACE, Message, iso_utc, reading_message
 from hotlab.drivers.modbus_links import describe_link
@@ -145,6 +149,10 @@ class BrokerAddress:
     port: int
 
 
+#: The database of the lab's private influxd.
+PRIVATE_INFLUX_DATABASE = "hotlab"
+
+
 #: `hotlab run` without a config: one calibrator per family and a Ge-68/Ga-68 station eluted
 #: every 30 s of wall time (15 min of station time at 30x).
 RUN_LAB = SimLab(
@@ -171,13 +179,15 @@ async def simulated_lab(
     *,
     broker: BrokerAddress | None = None,
     influx: Mapping[str, Any] | None = None,
+    private_influxd: bool = False,
     audit_path: Path | None = None,
     sign: Sign | None = None,
     accepted: bool = False,
 ) -> AsyncIterator[LabConfig]:
     """Start the simulators (and a private broker unless `broker` is given); yield the config for them.
 
-    `influx` is an [influx] table (controller/config.py) to add the InfluxDB sink;
+    `influx` is an [influx] table (controller/config.py) to add the InfluxDB sink; `private_influxd`
+    starts the lab's own influxd instead, if it is installed;
     `audit_path` is where the controller audits control commands (default `<state_dir>/audit.jsonl`);
     `sign` is how the lab's QC officer signs the procedures they ran (`lab.qc_officer`; None: not signed);
     `accepted` says the calibrators' acceptance and baseline are already in the archive (a history fill,
@@ -205,6 +215,28 @@ async def simulated_lab(
                     exc,
                     workdir / "outbox.sqlite3",
                 )
+        influx_table = None if influx is None else dict(influx)
+        influxd: PrivateInfluxd | None = None
+        no_influx = ""
+        if private_influxd:
+            if influx is not None:
+                raise ValueError("give either an [influx] table or private_influxd, not both")
+            influxd = PrivateInfluxd(workdir / "influxd")
+            starting = asyncio.ensure_future(asyncio.to_thread(influxd.start))
+            stack.push_async_callback(_close_when_started, starting, influxd)
+            try:
+                await asyncio.shield(starting)  # as for the broker: never a server started behind our back
+                influx_table = {
+                    "url": influxd.url,
+                    "username": ADMIN_USER,
+                    "password_file": str(influxd.password_path.resolve()),
+                    "database": PRIVATE_INFLUX_DATABASE,
+                }
+                supervisor = asyncio.create_task(influxd.supervise(), name="private-influxd")
+                stack.push_async_callback(cancel_and_wait, supervisor)
+            except InfluxdUnavailable as exc:
+                log.warning("no InfluxDB for the simulated lab (%s): running without InfluxDB", exc)
+                influxd, no_influx = None, str(exc)
         by_hand = lab.qc_officer and mqtt is not None and lab.check_source is not None
         chambers: dict[str, IonChamber] = {}
         devices = []
@@ -290,8 +322,8 @@ async def simulated_lab(
         document["web"] = {"sender": PANEL_SENDER}
         if audit_path is not None:
             document["commands"] = {"audit_path": str(audit_path.resolve())}
-        if influx is not None:
-            document["influx"] = dict(influx)
+        if influx_table is not None:
+            document["influx"] = influx_table
         config = parse_config(document, file=f"<{lab.site}>", base_dir=workdir.resolve())
         accounts = config.users.resolved_path(config.commands.resolved_audit_path(config.service.state_dir))
         audit_key = await asyncio.to_thread(load_hmac_key)
@@ -302,6 +334,8 @@ async def simulated_lab(
             config,
             lab,
             private_broker=broker is None,
+            influxd=influxd,
+            no_influx=no_influx,
             operator=None if console is None else console.user,
             officer=None if officer is None else officer.user,
             accounts=accounts,
@@ -513,10 +547,10 @@ class OperatorConsole:
                 log.warning("simulated operator: %s %s: %s", body.get("outcome"), message.topic, body.get("error"))
 
 
-async def _close_when_started(starting: asyncio.Future[Any], broker: PrivateBroker) -> None:
-    """Close the private broker once its start has ended: a cancellation cannot stop the thread that starts it."""
+async def _close_when_started(starting: asyncio.Future[Any], server: PrivateBroker | PrivateInfluxd) -> None:
+    """Close a private server once its start has ended: a cancellation cannot stop the thread that starts it."""
     await asyncio.gather(starting, return_exceptions=True)
-    await asyncio.to_thread(broker.close)
+    await asyncio.to_thread(server.close)
 
 
 async def cancel_and_wait(task: asyncio.Task[None]) -> None:
@@ -566,11 +600,31 @@ def station_mo99_breakthrough(site: str) -> Callable[[Message], list[Message]]:
     return derive
 
 
+def _influx_lines(config: LabConfig, influxd: PrivateInfluxd | None, no_influx: str) -> list[str]:
+    """Where the lab's InfluxDB is, and for its private influxd how to ask it what it holds."""
+    influx = config.influx
+    if influx is None:
+        return [f"  InfluxDB:    none ({no_influx}) - running without InfluxDB"] if no_influx else []
+    target = influx.target
+    if influxd is None:
+        where = f"database {target.database}" if target.database is not None else f"bucket {target.bucket}"
+        return [f"  InfluxDB:    {influx.url} {where}"]
+    query = 'SELECT count("activity_bq") FROM "raw"."reading" WHERE time > now() - 5m GROUP BY "device"'
+    return [
+        f"  InfluxDB:    private influxd on {influxd.url}, database {target.database} (raw readings "
+        f"{target.raw_days} days, per-minute summaries and the records kept)",
+        f"  query it:    curl -sG -u {ADMIN_USER}:$(cat {influxd.password_path.resolve()}) {influxd.url}/query "
+        f"--data-urlencode db={target.database} --data-urlencode 'q={query}'",
+    ]
+
+
 def announce(
     config: LabConfig,
     lab: SimLab,
     *,
     private_broker: bool,
+    influxd: PrivateInfluxd | None = None,
+    no_influx: str = "",
     operator: str | None,
     officer: str | None,
     accounts: Path,
@@ -598,8 +652,7 @@ def announce(
             f"  MQTT broker: {kind} on {config.mqtt.host}:{config.mqtt.port}",
             f"  watch it:    mosquitto_sub -h {config.mqtt.host} -p {config.mqtt.port} -t 'hotlab/#' -v",
         ]
-    if config.influx is not None:
-        lines.append(f"  InfluxDB:    {config.influx.url} bucket {config.influx.bucket}")
+    lines += _influx_lines(config, influxd, no_influx)
     lines += [
         f"  outbox:      {config.outbox.path}",
         f"  history:     {config.history_path}",

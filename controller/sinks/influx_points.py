@@ -12,6 +12,8 @@ has to think about schema. Rules (reasons in docs/influxdb.md):
   series and timestamp and therefore overwrites itself: at-least-once delivery from the
   outbox becomes exactly-once storage.
 * The timestamp is the payload's `time_ns` (UTC epoch nanoseconds), written at ns precision.
+* Raw readings (RAW_KINDS) are kept for a limited time and summarised per minute; every other kind
+  (measurements, QC, elutions, statuses, ...) is a record and is kept (docs/influxdb.md, "Retention").
 """
 
 from __future__ import annotations
@@ -33,6 +35,12 @@ VERDICT_CODES: dict[str, float] = {"pass": 0.0, "warn": 1.0, "fail": 2.0}
 
 #: QC schedule states as numbers (done < due < overdue < failed), so the worst state of an interval is its max.
 STATE_CODES: dict[str, float] = {"done": 0.0, "due": 1.0, "overdue": 2.0, "failed": 3.0}
+
+
+#: The kinds written to the raw readings' retention policy (or raw bucket); every other kind is kept.
+RAW_KINDS = frozenset({"reading"})
+#: The per-minute summary of the good raw readings (and the count of suspect ones), kept like the records.
+SUMMARY_MEASUREMENT = "reading_1m"
 
 
 #: Numbers of a QC limit (QcResult payload `limit_values`), written as float fields `limit_<name>`.
@@ -129,6 +137,24 @@ SCHEMAS: dict[str, PointSchema] = {
         float_fields=("activity_bq",),
         string_fields=("source_id", "measurement_id", "procedure_id", "reason"),
     ),
+    # One point per pass of the history archive's retention (controller/archive_retention.py): what it summarised.
+    "archive_retention": PointSchema(
+        required_tags=("site",),
+        optional_tags=(),
+        float_fields=(
+            "raw_days",
+            "cutoff_ns",
+            "started_ns",
+            "readings",
+            "minutes",
+            "statuses",
+            "chunks",
+            "complete",
+            "freed_bytes",
+            "archive_bytes",
+        ),
+        string_fields=(),
+    ),  # fmt: skip
     # One series per trail (its first record's hash): the trail's growth over time, off the controller host.
     "audit_anchor": PointSchema(
         required_tags=("site", "trail_id"),
