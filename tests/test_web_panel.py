@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import signal
 import time
 import urllib.error
 import urllib.request
@@ -41,6 +42,7 @@ from tests.mosquitto_service import (  # noqa: F401
     mosquitto,
     require_mosquitto,
 )
+from tests.web_latency_probe import panel_process, wait_for_http
 
 CHROMIUM = "/usr/bin/chromium"
 ACL = Path(__file__).resolve().parent.parent / "examples" / "mosquitto.acl"
@@ -436,3 +438,13 @@ def test_the_overview_shows_alarms_in_force_until_the_message_that_ends_them() -
     overview = lab_overview(view)
     assert overview.active == ()
     assert len(overview.alarms) == 3  # what happened stays in the recent list
+
+
+async def test_hotlab_web_stops_gracefully_on_sigterm_as_its_service_unit_asks(
+    mosquitto: MosquittoBroker, tmp_path: Path
+) -> None:
+    """systemd stops the panel with SIGTERM: it must end like Ctrl-C (exit 0), not be killed by the signal."""
+    with panel_process(tmp_path, mosquitto) as (url, process):
+        await wait_for_http(url + "/login", process)
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(process.wait, 15) == 0

@@ -29,6 +29,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "hotlab.controller.cli.review",
     "hotlab.controller.cli.cmd",
     "hotlab.controller.cli.web",
+    "hotlab.controller.cli.doctor",
+    "hotlab.controller.cli.install_units",
     "hotlab.simulators.calibrator_cli",
     "hotlab.simulators.elution_station_cli",
 )

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from hotlab.controller.cli.user import lab_files, required_audit_key
 from hotlab.controller.config import load_config
+from hotlab.controller.stop_signals import StopSignals
 from hotlab.errors import InputError
 
 
@@ -80,14 +81,15 @@ def _web(args: argparse.Namespace) -> int:
         app = create_app(Panel(config, LiveFeed.for_lab(config, config.mqtt), store, commands=commands))
 
         async def serve() -> None:
-            async with serving(app, args.host, args.port, tls_cert=args.tls_cert, tls_key=args.tls_key) as url:
-                print(f"web panel at {url} (Ctrl-C stops)", file=sys.stderr, flush=True)
-                await asyncio.Event().wait()
+            # SIGTERM (systemd's stop) ends the panel as gracefully as Ctrl-C: open pages' streams close.
+            signals = StopSignals()
+            with signals.interruptible_start():
+                async with serving(app, args.host, args.port, tls_cert=args.tls_cert, tls_key=args.tls_key) as url:
+                    signals.running()
+                    print(f"web panel at {url} (Ctrl-C or SIGTERM stops)", file=sys.stderr, flush=True)
+                    await signals.stop.wait()
 
-        try:
-            asyncio.run(serve())
-        except KeyboardInterrupt:
-            pass
+        asyncio.run(serve())
     return 0
 
 
