@@ -37,7 +37,7 @@ _PR_SET_PDEATHSIG = 1
 _LIBC = ctypes.CDLL(None, use_errno=True) if os.uname().sysname == "Linux" else None
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In the child before exec: SIGTERM when the thread that started us ends (the owner died)."""
     if _LIBC is not None:
         _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
@@ -166,7 +166,7 @@ class MosquittoBroker:
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.STDOUT,
                 cwd=self._dir,
-                preexec_fn=_die_with_parent if self.die_with_parent else None,
+                preexec_fn=die_with_parent if self.die_with_parent else None,
             )
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, previous)

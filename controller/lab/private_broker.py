@@ -60,7 +60,7 @@ class PrivateBroker:
         if earlier is not None:
             _stop_orphan(earlier.get("pid"), self.directory)
             port = earlier.get("port")
-            if isinstance(port, int) and _port_is_free(self.broker.host, port):
+            if isinstance(port, int) and port_is_free(self.broker.host, port):
                 self.broker.port = port
             elif isinstance(port, int):
                 log.warning("the private broker's port %d is taken now: choosing another one", port)
@@ -120,7 +120,7 @@ class PrivateBroker:
         temporary.replace(self.record_path)
 
 
-def _port_is_free(host: str, port: int) -> bool:
+def port_is_free(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -145,13 +145,13 @@ def _stop_orphan(pid: object, directory: Path) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + 5.0
-        while _alive(pid) and time.monotonic() < deadline:
+        while pid_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.05)
-        if _alive(pid):
+        if pid_alive(pid):
             os.kill(pid, signal.SIGKILL)
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     """Running and not a zombie (in a container, nobody may reap an orphan that has exited)."""
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]

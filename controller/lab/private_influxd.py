@@ -34,8 +34,8 @@ import urllib.parse
 from pathlib import Path
 
 from hotlab.backoff import Backoff
-from hotlab.controller.lab.embedded_broker import _die_with_parent, free_tcp_port, write_file
-from hotlab.controller.lab.private_broker import WATCH_INTERVAL_S, _alive, _port_is_free
+from hotlab.controller.lab.embedded_broker import die_with_parent, free_tcp_port, write_file
+from hotlab.controller.lab.private_broker import WATCH_INTERVAL_S, pid_alive, port_is_free
 from hotlab.errors import HotlabError
 
 log = logging.getLogger(__name__)
@@ -121,7 +121,7 @@ class PrivateInfluxd:
         if earlier is not None:
             _stop_orphan(earlier.get("pid"), self.directory / CONFIG_NAME)
             port = earlier.get("port")
-            if isinstance(port, int) and not self.port and _port_is_free(self.host, port):
+            if isinstance(port, int) and not self.port and port_is_free(self.host, port):
                 self.port = port
             elif isinstance(port, int) and not self.port:
                 log.warning("the private influxd's port %d is taken now: choosing another one", port)
@@ -185,7 +185,7 @@ class PrivateInfluxd:
                 stderr=subprocess.STDOUT,
                 cwd=self.directory,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
             )
 
     def _stop(self, how: signal.Signals) -> None:
@@ -289,7 +289,7 @@ def _stop_orphan(pid: object, config: Path) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + 10.0
-        while _alive(pid) and time.monotonic() < deadline:
+        while pid_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.05)
-        if _alive(pid):
+        if pid_alive(pid):
             os.kill(pid, signal.SIGKILL)
