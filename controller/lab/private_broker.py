@@ -58,7 +58,7 @@ class PrivateBroker:
         self.directory.mkdir(parents=True, exist_ok=True)
         earlier = self._read_record()
         if earlier is not None:
-            _stop_orphan(earlier.get("pid"), self.directory)
+            stop_orphan(earlier.get("pid"), "mosquitto", self.directory / "mosquitto.conf", grace_s=5.0)
             port = earlier.get("port")
             if isinstance(port, int) and port_is_free(self.broker.host, port):
                 self.broker.port = port
@@ -130,21 +130,21 @@ def port_is_free(host: str, port: int) -> bool:
     return True
 
 
-def _stop_orphan(pid: object, directory: Path) -> None:
-    """SIGTERM the recorded broker if it still runs with this folder's config (a pid may have been reused)."""
+def stop_orphan(pid: object, program: str, config: Path, *, grace_s: float) -> None:
+    """SIGTERM the recorded `program` (then SIGKILL after `grace_s`) if it still runs with this `config`:
+    a pid may have been reused by something else, which is left alone."""
     if not isinstance(pid, int) or pid <= 0:
         return
     try:
         command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return  # gone, or no /proc: nothing of ours to stop
-    config = str(directory.resolve() / "mosquitto.conf").encode()  # as the broker was started with it
-    if not any(part.endswith(b"mosquitto") for part in command) or config not in command:
+    if not any(part.endswith(program.encode()) for part in command) or str(config.resolve()).encode() not in command:
         return
-    log.warning("stopping the private broker (pid %d) that an earlier run left behind", pid)
+    log.warning("stopping the private %s (pid %d) that an earlier run left behind", program, pid)
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + 5.0
+        deadline = time.monotonic() + grace_s
         while pid_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.05)
         if pid_alive(pid):

@@ -24,7 +24,6 @@ import contextlib
 import http.client
 import json
 import logging
-import os
 import secrets
 import shutil
 import signal
@@ -35,7 +34,7 @@ from pathlib import Path
 
 from hotlab.backoff import Backoff
 from hotlab.controller.lab.embedded_broker import die_with_parent, free_tcp_port, write_file
-from hotlab.controller.lab.private_broker import WATCH_INTERVAL_S, pid_alive, port_is_free
+from hotlab.controller.lab.private_broker import WATCH_INTERVAL_S, port_is_free, stop_orphan
 from hotlab.errors import HotlabError
 
 log = logging.getLogger(__name__)
@@ -119,7 +118,7 @@ class PrivateInfluxd:
         self.directory.mkdir(parents=True, exist_ok=True)
         earlier = self._read_record()
         if earlier is not None:
-            _stop_orphan(earlier.get("pid"), self.directory / CONFIG_NAME)
+            stop_orphan(earlier.get("pid"), "influxd", self.directory / CONFIG_NAME, grace_s=10.0)
             port = earlier.get("port")
             if isinstance(port, int) and not self.port and port_is_free(self.host, port):
                 self.port = port
@@ -273,23 +272,3 @@ class PrivateInfluxd:
         temporary = path.with_suffix(".tmp")
         write_file(temporary, json.dumps(record) + "\n")
         temporary.replace(path)
-
-
-def _stop_orphan(pid: object, config: Path) -> None:
-    """SIGTERM the recorded influxd if it still runs with this folder's config (a pid may have been reused)."""
-    if not isinstance(pid, int) or pid <= 0:
-        return
-    try:
-        command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return  # gone, or no /proc: nothing of ours to stop
-    if not any(part.endswith(b"influxd") for part in command) or str(config.resolve()).encode() not in command:
-        return
-    log.warning("stopping the private influxd (pid %d) that an earlier run left behind", pid)
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + 10.0
-        while pid_alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if pid_alive(pid):
-            os.kill(pid, signal.SIGKILL)
