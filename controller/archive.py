@@ -15,20 +15,27 @@ rows have none (NULL: never checked). For elution
 messages `device` holds the generator id, since a generator is the device an elution
 belongs to. Messages without a `msg_id` or an integer `time_ns` cannot be indexed; they go
 to the `rejected` table with the reason instead of blocking the queue or being dropped.
+
+Raw readings are not kept forever: controller/archive_retention.py replaces those older than
+`[history] raw_days` with per-minute summaries (the `reading_summary` table, read with
+`summaries`) and drops repeated device statuses, a bounded chunk at a time through `write`.
+A new archive is created with `auto_vacuum=INCREMENTAL`, so the pages retention frees can be
+given back to the file system (`release_free_pages`); an older archive reuses them for new rows.
 """
 
 from __future__ import annotations
 
+import heapq
 import json
 import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 from datetime import date
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 from hotlab.controller.messages import Message, iso_utc
@@ -39,7 +46,9 @@ from hotlab.physics.utc_time import parse_utc_ns
 #: The largest time SQLite's INTEGER holds: the end of an open time range.
 OPEN_END_NS = 2**63 - 1
 _DAY_NS = 86_400_000_000_000
+_MINUTE_NS = 60_000_000_000
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS message (
@@ -68,6 +77,32 @@ CREATE TABLE IF NOT EXISTS rejected (
     reason      TEXT NOT NULL,
     archived_ns INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS reading_series (
+    id          INTEGER PRIMARY KEY,
+    device      TEXT NOT NULL,
+    site        TEXT NOT NULL,
+    station     TEXT NOT NULL,
+    nuclide     TEXT NOT NULL,
+    UNIQUE (device, site, station, nuclide)
+);
+CREATE TABLE IF NOT EXISTS reading_minute (
+    series      INTEGER NOT NULL,
+    minute      INTEGER NOT NULL,
+    n           INTEGER NOT NULL,
+    suspect     INTEGER NOT NULL,
+    min_bq      REAL,
+    mean_bq     REAL,
+    max_bq      REAL,
+    PRIMARY KEY (series, minute)
+) WITHOUT ROWID;
+CREATE VIEW IF NOT EXISTS reading_summary AS
+    SELECT s.site, s.station, s.device, NULLIF(s.nuclide, '') AS nuclide, m.minute * 60000000000 AS minute_ns,
+           m.n, m.suspect, m.min_bq, m.mean_bq, m.max_bq
+    FROM reading_minute AS m JOIN reading_series AS s ON s.id = m.series;
+CREATE TABLE IF NOT EXISTS retention_mark (
+    device      TEXT PRIMARY KEY,
+    statuses_through_ns INTEGER NOT NULL
+) WITHOUT ROWID;
 """
 
 
@@ -135,6 +170,28 @@ _QUALITY_INDEX = (
 FILTER_COLUMNS = ("site", "station", "device", "test", "verdict", "quality")
 
 
+@dataclass(frozen=True, slots=True)
+class ReadingSummary:
+    """The readings of one device on one setting in one UTC minute, once the raw readings are gone.
+
+    `n` counts the good readings (and those archived before readings had a quality); `min_bq`,
+    `mean_bq` and `max_bq` are theirs, None when the minute had none. `suspect` counts the readings
+    the plausibility check doubted: kept out of the values, as QC keeps them out, but counted.
+    Activity in Bq whatever unit the device displayed; `nuclide` is None when the readings named no setting.
+    """
+
+    site: str
+    station: str
+    device: str
+    nuclide: str | None
+    minute_ns: int
+    n: int
+    suspect: int
+    min_bq: float | None
+    mean_bq: float | None
+    max_bq: float | None
+
+
 def _where(kind: str, period: TimeRange | None, where: Mapping[str, str | None]) -> tuple[str, list[Any]]:
     """The WHERE clause (without the keyword) and its parameters for one kind, period and filters."""
     unknown = sorted(set(where) - set(FILTER_COLUMNS))
@@ -181,6 +238,7 @@ class HistoryArchive:
         inspectors' copies without ever writing to it."""
         self.path = Path(path)
         self._lock = threading.Lock()
+        self._has_summaries = True
         if read_only:
             if not self.path.is_file():
                 raise FileNotFoundError(f"no history archive at {self.path}")
@@ -192,6 +250,9 @@ class HistoryArchive:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.path, timeout=busy_timeout_s, check_same_thread=False, isolation_level=None)
+        # Both take effect only on a new file (before its first table): an existing archive keeps its own.
+        self._db.execute("PRAGMA page_size=8192")
+        self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")
         self._db.execute("PRAGMA journal_mode=WAL")
         # A record we acknowledge to the outbox must survive power loss, not only a crash.
         self._db.execute("PRAGMA synchronous=FULL")
@@ -211,6 +272,7 @@ class HistoryArchive:
         if "message" not in tables:
             self._db.close()
             raise NotAnArchiveError(f"{self.path} is not a hotlab history archive (it has no message table)")
+        self._has_summaries = "reading_minute" in tables  # an archive from before retention has none
 
     def close(self) -> None:
         with self._lock:
@@ -223,8 +285,11 @@ class HistoryArchive:
         self.close()
 
     def add_many(self, messages: Iterable[Message]) -> int:
-        """Archive messages in one transaction; return how many were new (replays are ignored)."""
-        now = time.time_ns()
+        """Archive messages in one transaction; return how many were new (replays are ignored).
+
+        `archived_ns` is the time the transaction began, under the lock: retention
+        (controller/archive_retention.py) leaves rows archived after the sink last caught up alone.
+        """
         rows: list[tuple[Any, ...]] = []
         rejected: list[tuple[Any, ...]] = []
         for message in messages:
@@ -232,30 +297,118 @@ class HistoryArchive:
             try:
                 msg_id, time_ns, site, station, device, test, verdict, quality = _index_columns(message)
             except ValueError as exc:
-                rejected.append((message.kind, message.topic, payload_json, str(exc), now))
+                rejected.append((message.kind, message.topic, payload_json, str(exc)))
                 continue
             columns = (msg_id, message.kind, message.topic, time_ns, site, station, device, test, verdict)
-            rows.append((*columns, payload_json, now, quality))
+            rows.append((*columns, payload_json, quality))
+
+        def insert(db: sqlite3.Connection) -> int:
+            now = time.time_ns()
+            before = db.total_changes
+            db.executemany(
+                "INSERT OR IGNORE INTO message (msg_id, kind, topic, time_ns, site, station, device, test, "
+                "verdict, payload, quality, archived_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(*row, now) for row in rows],
+            )
+            added = db.total_changes - before
+            db.executemany(
+                "INSERT INTO rejected (kind, topic, payload, reason, archived_ns) VALUES (?, ?, ?, ?, ?)",
+                [(*row, now) for row in rejected],
+            )
+            return added
+
+        added = self.write(insert)
+        if rejected:
+            log.warning("history: %d message(s) without msg_id/time_ns kept in the rejected table", len(rejected))
+        return added
+
+    def write(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `work` in one write transaction under the archive's lock: all of it is committed, or
+        (when it raises) none of it. Other threads wait only while one `work` runs, so a long job such
+        as retention (controller/archive_retention.py) calls this once per bounded chunk."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                before = self._db.total_changes
-                self._db.executemany(
-                    "INSERT OR IGNORE INTO message (msg_id, kind, topic, time_ns, site, station, device, test, "
-                    "verdict, payload, archived_ns, quality) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    rows,
-                )
-                added = self._db.total_changes - before
-                self._db.executemany(
-                    "INSERT INTO rejected (kind, topic, payload, reason, archived_ns) VALUES (?, ?, ?, ?, ?)", rejected
-                )
+                result = work(self._db)
                 self._db.execute("COMMIT")
             except BaseException:
                 rollback_unless_done(self._db)
                 raise
-        if rejected:
-            log.warning("history: %d message(s) without msg_id/time_ns kept in the rejected table", len(rejected))
-        return added
+        return result
+
+    def release_free_pages(self, max_pages: int) -> int:
+        """Give up to `max_pages` free pages back to the file system; return how many went.
+
+        Only an archive created with `auto_vacuum=INCREMENTAL` (every new one) can; an older one
+        keeps its free pages and fills them with new rows first. One call holds the lock for
+        `max_pages` page moves at most.
+        """
+        with self._lock:
+            before = int(self._db.execute("PRAGMA freelist_count").fetchone()[0])
+            if before == 0 or int(self._db.execute("PRAGMA auto_vacuum").fetchone()[0]) != 2:
+                return 0
+            # executescript steps the pragma to its end; a plain execute frees a single page.
+            self._db.executescript(f"PRAGMA incremental_vacuum({int(max_pages)})")
+            return before - int(self._db.execute("PRAGMA freelist_count").fetchone()[0])
+
+    def size_bytes(self) -> int:
+        """The pages the archive's data takes (page count × page size), whatever the WAL holds meanwhile."""
+        with self._lock:
+            pages = int(self._db.execute("PRAGMA page_count").fetchone()[0])
+            return pages * int(self._db.execute("PRAGMA page_size").fetchone()[0])
+
+    def summaries(
+        self, device: str, period: TimeRange | None = None, *, site: str | None = None, chunk_size: int = 2000
+    ) -> Iterator[ReadingSummary]:
+        """The per-minute summaries of `device`'s readings past the raw window, oldest minute first.
+
+        A minute belongs to `period` if it starts in it. Each series (site, station, setting) is read
+        `chunk_size` rows at a time, with the lock held only per chunk, like `stream`, and the series
+        are merged by minute. Raw readings not yet summarised are read with `query`/`stream("reading")`;
+        a minute is in one or the other, never both (controller/archive_retention.py).
+        """
+        if chunk_size <= 0:
+            raise HistoryQueryError(f"chunk size must be positive, got {chunk_size}")
+        if not self._has_summaries:
+            return
+        span = period or TimeRange(0, OPEN_END_NS)
+        first, end = -(-span.start_ns // _MINUTE_NS), -(-span.end_ns // _MINUTE_NS)
+        clauses, params = ("device = ?", [device]) if site is None else ("device = ? AND site = ?", [device, site])
+        with self._lock:
+            series = self._db.execute(
+                f"SELECT id, site, station, nuclide FROM reading_series WHERE {clauses} ORDER BY site, station, nuclide",
+                params,
+            ).fetchall()
+        streams = [
+            self._series_minutes(
+                number,
+                ReadingSummary(site_, station, device, nuclide or None, 0, 0, 0, None, None, None),
+                first,
+                end,
+                chunk_size,
+            )
+            for number, site_, station, nuclide in series
+        ]
+        yield from heapq.merge(*streams, key=lambda summary: summary.minute_ns)
+
+    def _series_minutes(
+        self, series: int, named: ReadingSummary, first: int, end: int, chunk_size: int
+    ) -> Iterator[ReadingSummary]:
+        """One series' minutes in [first, end), in order, a chunk at a time (keyset on the primary key)."""
+        while True:
+            with self._lock:
+                rows = self._db.execute(
+                    "SELECT minute, n, suspect, min_bq, mean_bq, max_bq FROM reading_minute "
+                    "WHERE series = ? AND minute >= ? AND minute < ? ORDER BY minute LIMIT ?",
+                    (series, first, end, chunk_size),
+                ).fetchall()
+            for minute, n, suspect, low, mean, high in rows:
+                yield replace(
+                    named, minute_ns=minute * _MINUTE_NS, n=n, suspect=suspect, min_bq=low, mean_bq=mean, max_bq=high
+                )
+            if len(rows) < chunk_size:
+                return
+            first = rows[-1][0] + 1
 
     def query(
         self,

@@ -31,6 +31,7 @@ Kind = Literal[
     "qc_baseline",
     "qc_procedure",
     "qc_status",
+    "archive_retention",
 ]
 SCHEMA_VERSION = 1
 #: An elution station's states as device_status names them (drivers/station_registers.py StationState).
@@ -539,3 +540,39 @@ def qc_baseline_message(
         "half_life_source": half_life_source,
     }
     return Message("qc_baseline", device_topic(site, station, device, f"qc/baseline/{setting.lower()}"), payload)
+
+
+def archive_retention_message(
+    site: str,
+    *,
+    raw_days: float,
+    cutoff_ns: int,
+    started_ns: int,
+    time_ns: int,
+    readings: int,
+    minutes: int,
+    statuses: int,
+    chunks: int,
+    complete: bool,
+    freed_bytes: int,
+    archive_bytes: int,
+) -> Message:
+    """What one retention pass removed from the history archive (controller/archive_retention.py), and why.
+
+    The archive keeps this record, so what was summarised and when stays on file beside the summaries.
+    """
+    payload = envelope("archive_retention", time_ns) | {
+        "site": site,
+        "raw_days": float(raw_days),
+        "cutoff_ns": int(cutoff_ns),
+        "cutoff_time": iso_utc(cutoff_ns),
+        "started_ns": int(started_ns),
+        "readings": int(readings),
+        "minutes": int(minutes),
+        "statuses": int(statuses),
+        "chunks": int(chunks),
+        "complete": bool(complete),
+        "freed_bytes": int(freed_bytes),
+        "archive_bytes": int(archive_bytes),
+    }
+    return Message("archive_retention", controller_topic(site, "archive/retention"), payload)

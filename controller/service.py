@@ -542,7 +542,7 @@ class ControllerService:
         if cfg.influx is not None:
             sinks.append(_influx_runner(cfg.influx, outbox))
         if cfg.history_path is not None:
-            sinks.append(await _history_runner(cfg.history_path, outbox))
+            sinks.append(await _history_runner(cfg.history_path, outbox, cfg))
         return sinks
 
     async def _open_accounts(self) -> UserStore | None:
@@ -1027,9 +1027,9 @@ def _influx_runner(section: InfluxSection, outbox: AsyncOutbox) -> _SinkRunner:
     return _SinkRunner("influx", sink.run, lambda _budget: sink.stop(), detail=sink.stats.detail)
 
 
-async def _history_runner(path: Path, outbox: AsyncOutbox) -> _SinkRunner:
-    """The history sink; its archive is opened now, off the event loop (SQLite DDL with fsync), so
-    an archive that cannot be opened stops the start."""
+async def _history_runner(path: Path, outbox: AsyncOutbox, cfg: LabConfig) -> _SinkRunner:
+    """The history sink, which also runs the archive's retention; its archive is opened now, off the
+    event loop (SQLite DDL with fsync), so an archive that cannot be opened stops the start."""
     from hotlab.controller.archive import HistoryArchive
     from hotlab.controller.sinks.history import run_history_sink
 
@@ -1040,7 +1040,7 @@ async def _history_runner(path: Path, outbox: AsyncOutbox) -> _SinkRunner:
         # A run after a crash (_keep_running) opens the archive again: the last run closed it.
         archive = first_archive.pop() if first_archive else await asyncio.to_thread(HistoryArchive, path)
         try:
-            await run_history_sink(outbox, archive, stop)
+            await run_history_sink(outbox, archive, stop, retention=cfg.history_retention, site=cfg.site)
         finally:
             await asyncio.to_thread(archive.close)
 
