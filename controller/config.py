@@ -26,6 +26,7 @@ from typing import Any, Literal
 from hotlab.controller.command_signing import sender_key
 from hotlab.controller.config_file import read_config_file
 from hotlab.controller.config_table import ConfigError, ConfigTable
+from hotlab.controller.device_clock import DEFAULT_MAX_CLOCK_OFFSET_S
 from hotlab.controller.event_loop import DEFAULT_EVENT_LOOP, EVENT_LOOPS
 from hotlab.controller.measurements import MeasurementSettings
 from hotlab.controller.plausibility import Plausibility
@@ -258,6 +259,8 @@ class ServiceConfig:
     state_dir: Path = Path("var")
     #: "uvloop" (faster, the default) or "asyncio" (the standard loop); controller/event_loop.py.
     event_loop: str = DEFAULT_EVENT_LOOP
+    #: A device clock further than this from the controller's raises a clock alarm (controller/device_clock.py).
+    max_clock_offset_s: float = DEFAULT_MAX_CLOCK_OFFSET_S
 
 
 @dataclass(frozen=True, slots=True)
@@ -908,6 +911,9 @@ def _parse_service(table: ConfigTable | None, root: ConfigTable) -> ServiceConfi
     state_dir = table.path_value("state_dir", root.resolve("var"))
     assert state_dir is not None
     event_loop = table.string("event_loop", DEFAULT_EVENT_LOOP, choices=EVENT_LOOPS)
+    max_clock_offset = table.number(
+        "max_clock_offset_s", DEFAULT_MAX_CLOCK_OFFSET_S, minimum=0.0, exclusive_minimum=True
+    )
     table.finish()
     return ServiceConfig(
         drain_timeout_s=drain,
@@ -916,6 +922,7 @@ def _parse_service(table: ConfigTable | None, root: ConfigTable) -> ServiceConfi
         backoff_max_s=maximum,
         state_dir=state_dir,
         event_loop=event_loop,
+        max_clock_offset_s=max_clock_offset,
     )
 
 

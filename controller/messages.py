@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import time
 import uuid
 from dataclasses import dataclass
@@ -270,6 +271,13 @@ def suspect_alarm_message(
     return Message("controller_alarm", device_topic(site, station, device, "alarm"), payload)
 
 
+#: The clocks a message's times can come from (its `clock` map): the controller's own, or the elution station's.
+CLOCKS = ("controller", "elution_station")
+#: Every time of an elution is the station's: it stamps start and end, the message is timed at the end,
+#: and the counter epoch is when the station's count last started.
+ELUTION_CLOCK = {key: "elution_station" for key in ("time_ns", "start_ns", "end_ns", "counter_epoch_ns")}
+
+
 def elution_message(
     site: str,
     record: ElutionRecord,
@@ -282,7 +290,9 @@ def elution_message(
 
     It carries the station's identity (`station_serial`, `counter_epoch_ns`) and, when its count
     started again, `counter_reset` saying why, so a consumer can tell two elutions with the same
-    counter apart and see where a count began anew.
+    counter apart and see where a count began anew. Its `clock` says that each of its times is the
+    station's clock (`ELUTION_CLOCK`), which can be off the controller's by the offset its
+    device_status carries (controller/device_clock.py).
 
     Without an explicit `breakthrough_pct`, it comes from the station's own eluate measurement:
     parent activity / daughter activity in the eluate, in percent. Both refer to the same instant,
@@ -307,6 +317,7 @@ def elution_message(
         "station_serial": record.station_serial,
         "counter_epoch_ns": None if record.counter_epoch_ns is None else int(record.counter_epoch_ns),
         "counter_reset": record.counter_reset,
+        "clock": dict(ELUTION_CLOCK),
     }
     return Message("elution", f"{TOPIC_ROOT}/{site}/{record.station}/elution", payload)
 
@@ -333,6 +344,8 @@ def counter_reset_alarm_message(site: str, device: str, record: ElutionRecord, *
         "counter_epoch_ns": None if record.counter_epoch_ns is None else int(record.counter_epoch_ns),
         "elution_id": elution_id,
         "reason": record.counter_reset,
+        # Timed at the elution's end, as the station stamped it.
+        "clock": {"time_ns": "elution_station", "counter_epoch_ns": "elution_station"},
     }
     return Message("controller_alarm", device_topic(site, record.station, device, "alarm"), payload)
 
@@ -391,11 +404,14 @@ def device_status_message(
     suspect_fraction: float | None = None,
     station_state: str | None = None,
     fault_code: int | None = None,
+    clock: ClockStatus | None = None,
 ) -> Message:
     """A device's state; calibrators add their suspect readings since start and the recent suspect fraction.
 
     An elution station that answers adds its own state (a lower-case `StationState` name) and, in
-    fault, its fault code, so a panel shows a fault before anyone presses start (docs/mqtt.md).
+    fault, its fault code, so a panel shows a fault before anyone presses start (docs/mqtt.md), and
+    its clock against the controller's (`clock`, controller/device_clock.py). The status's own time
+    is the controller's.
     """
     if station_state is not None and station_state not in STATION_STATES:
         raise ValueError(f"station_state must be one of {', '.join(STATION_STATES)}; got {station_state!r}")
@@ -418,7 +434,64 @@ def device_status_message(
     if station_state is not None:
         payload["station_state"] = station_state
         payload["fault_code"] = None if fault_code is None else int(fault_code)
+    if clock is not None:
+        payload |= {
+            "clock_offset_s": float(clock.offset_s),
+            "clock_uncertainty_s": float(clock.uncertainty_s),
+            "max_clock_offset_s": float(clock.limit_s),
+            "clock_alarm": bool(clock.alarm),
+        }
     return Message("device_status", device_topic(site, station, device, "status"), payload)
+
+
+@dataclass(frozen=True, slots=True)
+class ClockStatus:
+    """A device's clock against the controller's, as its status and its clock alarm carry it.
+
+    `offset_s` is device clock − controller clock, within ± `uncertainty_s`; `alarm` is whether the
+    controller judges it beyond `limit_s` ([service] max_clock_offset_s, with hysteresis).
+    """
+
+    offset_s: float
+    uncertainty_s: float
+    limit_s: float
+    alarm: bool
+
+    @classmethod
+    def of_status(cls, payload: dict[str, Any]) -> ClockStatus | None:
+        """What a device_status payload says of the device's clock; None when it says nothing (a calibrator,
+        a station that does not answer). A payload with part of it raises KeyError, TypeError or ValueError."""
+        if payload.get("clock_offset_s") is None:
+            return None
+        fields = (payload["clock_offset_s"], payload["clock_uncertainty_s"], payload["max_clock_offset_s"])
+        offset_s, uncertainty_s, limit_s = (float(value) for value in fields)
+        if not all(math.isfinite(value) for value in (offset_s, uncertainty_s, limit_s)):
+            raise ValueError("clock_offset_s")
+        return cls(offset_s, uncertainty_s, limit_s, bool(payload["clock_alarm"]))
+
+
+def clock_offset_alarm_message(
+    site: str, station: str, device: str, clock: ClockStatus, *, measured_ns: int, time_ns: int
+) -> Message:
+    """The clock-offset alarm of one device raised or cleared (controller/device_clock.py).
+
+    Retained on its own topic, `.../<device>/clock_alarm`, so it does not take the place of the
+    device's other retained alarm (a station's elution counter reset on `.../<device>/alarm`).
+    `measured_ns` is when the offset was measured, `time_ns` when the alarm changed: both on the
+    controller's clock.
+    """
+    payload = envelope("controller_alarm", time_ns) | {
+        "site": site,
+        "station": station,
+        "device": device,
+        "alarm": "clock_offset",
+        "active": bool(clock.alarm),
+        "clock_offset_s": float(clock.offset_s),
+        "clock_uncertainty_s": float(clock.uncertainty_s),
+        "max_clock_offset_s": float(clock.limit_s),
+        "measured_ns": int(measured_ns),
+    }
+    return Message("controller_alarm", device_topic(site, station, device, "clock_alarm"), payload)
 
 
 def audit_anchor_message(site: str, *, trail: str, trail_id: str, seq: int, hash_hex: str, time_ns: int) -> Message:

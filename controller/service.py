@@ -80,6 +80,7 @@ from hotlab.controller.config import (
     InfluxSection,
     LabConfig,
 )
+from hotlab.controller.device_clock import ClockAlarms
 from hotlab.controller.event_loop import DEFAULT_EVENT_LOOP, loop_factory
 from hotlab.controller.measurement_labels import CalibratorCommands, MeasurementLabeller
 from hotlab.controller.measurements import DetectionOutcome, MeasurementDetector
@@ -290,7 +291,9 @@ class ControllerService:
         self.on_started = on_started
         self.processors = list(processors)
         self.stage = stage
-        self.source_factory = source_factory or (lambda device: driver_source(device, config.service.state_dir))
+        self.source_factory = source_factory or (
+            lambda device: driver_source(device, config.service.state_dir, config.service.max_clock_offset_s)
+        )
         self.backoff = Backoff(config.service.backoff_initial_s, config.service.backoff_max_s)
         self.sink_names = self._sink_names()
         self.outbox: AsyncOutbox | None = None
@@ -303,6 +306,8 @@ class ControllerService:
         self.sources: dict[str, Source] = {}
         #: Suspect readings per calibrator (controller/suspect_alarm.py), as of the last commit.
         self.suspects: dict[str, SuspectRate] = {}
+        #: Each station's clock alarm as last committed (raised and cleared with its status).
+        self.clock_alarms = ClockAlarms(config.site)
         #: Per station, whether its elution_counter_reset alarm is raised, as of the last commit; a
         #: station is absent until its first elution since the start (not known: it may be raised).
         self._counter_alarms: dict[str, bool] = {}
@@ -647,7 +652,12 @@ class ControllerService:
             await self.commit(device, items)
 
         async def report_status(state: DeviceState) -> None:
-            await self._commit_messages([self._status_message(device, state)])
+            messages = [self._status_message(device, state)]
+            station_source = self.sources.get(device.name)
+            if isinstance(station_source, StationSource):
+                messages += self.clock_alarms.changes(device.station, device.name, station_source.clock, time.time_ns())
+            await self._commit_messages(messages)
+            self.clock_alarms.committed(messages)
 
         station = source if isinstance(source, StationSource) else None
         supervisor = DeviceSupervisor(
@@ -691,6 +701,7 @@ class ControllerService:
             suspect_fraction=None if suspects is None else suspects.fraction,
             station_state=None if condition is None else condition.state,
             fault_code=None if condition is None else condition.fault_code,
+            clock=station.clock.status() if isinstance(station, StationSource) and state.up else None,
         )
 
     async def commit(self, device: DeviceConfig, items: Sequence[Item]) -> None:

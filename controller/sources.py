@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from hotlab.controller.config import DeviceConfig
+from hotlab.controller.device_clock import DEFAULT_MAX_CLOCK_OFFSET_S, DeviceClock
 from hotlab.controller.supervisor import Item, Source
 from hotlab.drivers.elution_station import CommandOutcome
 from hotlab.drivers.records import ElutionRecord, Reading
@@ -89,17 +90,24 @@ class CalibratorSource(_ExclusiveDevice):
 
 @dataclass(frozen=True, slots=True)
 class StationCondition:
-    """What an elution station said about itself at a poll, as its device_status carries it."""
+    """What an elution station said about itself at a poll, as its device_status carries it.
+
+    The supervisor publishes a status at once when this changes, so it holds whether the station's
+    clock alarm is raised but not the clock offset itself: that moves a little at every poll, and
+    would publish a status at every poll.
+    """
 
     #: The lower-case StationState name: idle, priming, eluting, done, fault.
     state: str
     #: The station's fault code register while in fault; None otherwise.
     fault_code: int | None
+    #: Whether its clock is too far off the controller's (controller/device_clock.py DeviceClock.alarm).
+    clock_alarm: bool = False
 
     @classmethod
-    def of(cls, status: StationStatus) -> StationCondition:
+    def of(cls, status: StationStatus, *, clock_alarm: bool = False) -> StationCondition:
         in_fault = status.state is StationState.FAULT
-        return cls(status.state.name.lower(), status.fault_code if in_fault else None)
+        return cls(status.state.name.lower(), status.fault_code if in_fault else None, clock_alarm)
 
 
 class StationSource(_ExclusiveDevice):
@@ -111,11 +119,16 @@ class StationSource(_ExclusiveDevice):
     again comes with `ElutionRecord.counter_reset` set, for the service to raise an alarm on.
     Built on the event loop at start-up, so it touches no disk: the driver creates `state_dir`
     and its store file on a worker thread when it first needs them.
+
+    Each poll also measures the station's clock against the controller's (`clock`, with the alarm
+    above `max_clock_offset_s`): the station stamps its elutions with its own clock.
     """
 
     streaming = False
 
-    def __init__(self, device: DeviceConfig, state_dir: Path) -> None:
+    def __init__(
+        self, device: DeviceConfig, state_dir: Path, max_clock_offset_s: float = DEFAULT_MAX_CLOCK_OFFSET_S
+    ) -> None:
         from hotlab.drivers.elution_station import ElutionStationDriver
         from hotlab.drivers.modbus_links import ModbusRtuLink, ModbusTcpLink, ModbusTlsLink
 
@@ -132,11 +145,14 @@ class StationSource(_ExclusiveDevice):
         )
         #: The station's state at the last poll; None before the first. The supervisor reports a change.
         self.condition: StationCondition | None = None
+        #: The station's clock against the controller's, as of the last poll.
+        self.clock = DeviceClock(max_clock_offset_s)
 
     async def read(self) -> Sequence[Item]:
         async with self.access:
             poll = await self.driver.poll()
-        self.condition = StationCondition.of(poll.status)
+        self.clock.observe(poll.clock)
+        self.condition = StationCondition.of(poll.status, clock_alarm=self.clock.alarm)
         return list(poll.finished)
 
     async def delivered(self, items: Sequence[Item]) -> None:
@@ -157,8 +173,10 @@ class StationSource(_ExclusiveDevice):
             return await self.driver.acknowledge_fault(user=user, reason=reason)
 
 
-def driver_source(device: DeviceConfig, state_dir: Path) -> Source:
-    """The production source for a configured device."""
+def driver_source(
+    device: DeviceConfig, state_dir: Path, max_clock_offset_s: float = DEFAULT_MAX_CLOCK_OFFSET_S
+) -> Source:
+    """The production source for a configured device; a station's clock alarm is raised above `max_clock_offset_s`."""
     if device.is_station:
-        return StationSource(device, state_dir)
+        return StationSource(device, state_dir, max_clock_offset_s)
     return CalibratorSource(device)

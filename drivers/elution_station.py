@@ -43,6 +43,7 @@ from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOEx
 from pymodbus.pdu import ModbusPDU
 
 from hotlab.backoff import Backoff
+from hotlab.drivers.clock_offset import ClockOffset, measure_offset
 from hotlab.drivers.counter_store import CounterStore, DeliveredElution, MemoryCounterStore, SqliteCounterStore
 from hotlab.drivers.modbus_links import ModbusClient, ModbusLink, describe_link, make_client
 from hotlab.drivers.modbus_words import WordOrder
@@ -56,6 +57,7 @@ from hotlab.drivers.records import (
 )
 from hotlab.drivers.station_registers import (
     INPUT_REGISTERS,
+    NS_PER_MS,
     CommandCode,
     CommandResult,
     StationState,
@@ -74,14 +76,23 @@ STARTABLE_STATES = frozenset({StationState.IDLE, StationState.DONE})
 ABORTABLE_STATES = frozenset({StationState.PRIMING, StationState.ELUTING})
 
 
+#: What the station's clock register holds of a second (input register `clock_ns`: epoch seconds + milliseconds).
+CLOCK_RESOLUTION_NS = NS_PER_MS
+
+
 @dataclass(frozen=True, slots=True)
 class StationPoll:
-    """One poll: the decoded status, how long the read took, and the finished elution not yet marked delivered."""
+    """One poll: the decoded status, how long the read took, and the finished elution not yet marked delivered.
+
+    `clock` is the station's clock against the controller's, measured by this read: its `clock_ns`
+    register read between the request and the reply (hotlab.drivers.clock_offset).
+    """
 
     station: str
     received_ns: int
     latency_ms: float
     status: StationStatus
+    clock: ClockOffset
     finished: list[ElutionRecord] = field(default_factory=list)
 
     @property
@@ -322,14 +333,16 @@ class ElutionStationDriver:
 
     async def poll(self) -> StationPoll:
         """Read the station; the last finished elution is in `finished` until it is marked delivered."""
-        started = time.perf_counter()
+        sent_ns = time.time_ns()
+        started = time.monotonic_ns()  # the round trip on the monotonic clock: a wall-clock step cannot shorten it
         status = await self.read_status()
-        latency_ms = (time.perf_counter() - started) * 1000.0
+        round_trip_ns = time.monotonic_ns() - started
+        clock = measure_offset(status.clock_ns, sent_ns, round_trip_ns, CLOCK_RESOLUTION_NS)
         finished: list[ElutionRecord] = []
         record = await self._undelivered_elution(status)
         if record is not None:
             finished.append(record)
-        return StationPoll(self.station, time.time_ns(), latency_ms, status, finished)
+        return StationPoll(self.station, time.time_ns(), round_trip_ns / 1e6, status, clock, finished)
 
     async def mark_delivered(self, record: ElutionRecord) -> None:
         """Record that `record` reached the controller's outbox; later polls no longer return it.

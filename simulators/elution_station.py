@@ -13,12 +13,17 @@ Time: the station has its own clock, which runs `acceleration` times faster than
 from the moment the simulator starts. Priming and elution durations are realistic (tens of
 seconds) on that clock; tests compress them with a large acceleration, and every timestamp the
 station reports, and all decay it computes, use the same clock, so the physics stays exact.
+A clock that is set wrong (`StationClock(offset_s=...)`, `--clock-offset-s`) is what the
+station reports, not what happens: the times it stamps (`clock_ns`, an elution's start and end,
+its counter epoch) are off by the offset, while the column decays and fills on true time, as on
+a real station whose clock nobody set right.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import pty
 import time
@@ -62,17 +67,28 @@ _CMD_SEQ = HOLDING_REGISTERS["cmd_seq"].address
 
 
 class StationClock:
-    """The station's clock: `start_ns` (default: wall time) at start, then running `acceleration` times faster."""
+    """The station's time: `start_ns` (default: wall time) at start, then running `acceleration` times faster.
 
-    def __init__(self, acceleration: float = 1.0, start_ns: int | None = None) -> None:
+    `offset_s` sets the station's clock wrong by that much (positive: ahead): `now_ns` stays the
+    true time the physics runs on, `displayed_ns` is what the station reads off its clock.
+    """
+
+    def __init__(self, acceleration: float = 1.0, start_ns: int | None = None, *, offset_s: float = 0.0) -> None:
         if not acceleration > 0:
             raise ValueError(f"time acceleration must be > 0, got {acceleration!r}")
+        if not math.isfinite(offset_s):
+            raise ValueError(f"a clock offset must be a finite number of seconds, got {offset_s!r}")
         self.acceleration = acceleration
+        self.offset_ns = round(offset_s * NS_PER_S)
         self._start_ns = time.time_ns() if start_ns is None else start_ns
         self._mono0 = time.monotonic_ns()
 
     def now_ns(self) -> int:
         return self._start_ns + int((time.monotonic_ns() - self._mono0) * self.acceleration)
+
+    def displayed_ns(self, true_ns: int) -> int:
+        """What the station's clock reads at the true time `true_ns`."""
+        return true_ns + self.offset_ns
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,8 +145,8 @@ class StationModel:
         return self.column.elution_count - self._counted_from
 
     def _whole_second_now(self) -> int:
-        """The station clock's now, in the whole seconds the counter epoch register holds."""
-        return self.clock.now_ns() // NS_PER_S * NS_PER_S
+        """The station clock's now as it reads it, in the whole seconds the counter epoch register holds."""
+        return self.clock.displayed_ns(self.clock.now_ns()) // NS_PER_S * NS_PER_S
 
     def restart(self) -> None:
         """A power cycle: what was running stops unrecorded, the last elution and the command
@@ -234,7 +250,9 @@ class StationModel:
         return self.profile.line_dose_rate_usv_h(in_line)
 
     def status(self) -> StationStatus:
+        """The input registers now: times as the station's clock reads them (`StationClock.displayed_ns`)."""
         now = self.clock.now_ns()
+        shown = self.clock.displayed_ns
         last = self.last
         return StationStatus(
             model=self.identity.model,
@@ -252,11 +270,11 @@ class StationModel:
             eluate_activity_bq=last.outcome.daughter_bq if last else 0.0,
             eluate_volume_ml=last.outcome.volume_ml if last else 0.0,
             eluate_parent_bq=last.outcome.parent_bq if last else 0.0,
-            start_ns=last.start_ns if last else 0,
-            end_ns=last.outcome.end_ns if last else 0,
+            start_ns=shown(last.start_ns) if last else 0,
+            end_ns=shown(last.outcome.end_ns) if last else 0,
             requested_volume_ml=self.requested_volume_ml,
             line_dose_rate_usv_h=self.line_dose_rate_usv_h(now),
-            clock_ns=now,
+            clock_ns=shown(now),
             cmd_ack_seq=self.cmd_ack_seq,
             cmd_ack_code=self.cmd_ack_code,
             cmd_result=int(self.cmd_result),

@@ -3,6 +3,7 @@
     hotlab simulate station --generator ge68 --tcp 127.0.0.1:5020
     hotlab simulate station --generator mo99 --rtu-pty --acceleration 60
     hotlab simulate station --generator ge68 --rtu-tcp 127.0.0.1:5021   # RTU frames over TCP
+    hotlab simulate station --tcp 127.0.0.1:5020 --clock-offset-s 90     # its clock 90 s ahead
     hotlab simulate station --tls 127.0.0.1:8020 --ca-file ca.crt --cert-file station.crt --key-file station.key
 
 It prints where to connect and an mbpoll line to look at the registers from outside. With
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import signal
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -53,6 +55,16 @@ def _device_id(text: str) -> int:
     return int(text)
 
 
+def _seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds such as 90 or -3600, got {text!r}")
+    return seconds
+
+
 def _utc_time(text: str) -> datetime:
     try:
         moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
@@ -86,6 +98,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--device-id", type=_device_id, default=1, help="Modbus unit id 1-247 (default 1)")
     parser.add_argument("--word-order", choices=[o.value for o in WordOrder], default="ABCD")
     parser.add_argument("--acceleration", type=float, default=1.0, help="station clock speed-up (default 1)")
+    parser.add_argument(
+        "--clock-offset-s",
+        type=_seconds,
+        default=0.0,
+        metavar="S",
+        help="set the station's clock S seconds wrong (negative: behind); the times it reports are off by S,"
+        " its physics is not (default 0)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -108,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
         cal_time_ns=int(calibrated.timestamp()) * NS_PER_S,
         last_elution_ns=int(last_elution.timestamp()) * NS_PER_S,
     )
-    model = StationModel(column, StationClock(args.acceleration), StationIdentity())
+    model = StationModel(column, StationClock(args.acceleration, offset_s=args.clock_offset_s), StationIdentity())
     simulator = ElutionStationSimulator(model, device_id=args.device_id, word_order=WordOrder(args.word_order))
     try:
         return asyncio.run(_serve(simulator, args))
@@ -140,10 +160,11 @@ async def _serve(simulator: ElutionStationSimulator, args: argparse.Namespace) -
         path = await simulator.start_rtu_pty()
         where = f"Modbus RTU on {path} (8N1; any baud rate)"
         mbpoll = f"mbpoll -m rtu -b 19200 -P none -a {args.device_id} -0 -t 3 -r 0 -c {INPUT_REGISTERS.count} -1 {path}"
+    skew = f", set {args.clock_offset_s:+g} s wrong" if args.clock_offset_s else ""
     print(
         f"elution station simulator: {column.profile.description}\n"
         f"  generator {column.generator_id}, {format_activity(column.parent_cal_bq)} {column.profile.parent}"
-        f" at calibration, clock x{args.acceleration:g}\n"
+        f" at calibration, clock x{args.acceleration:g}{skew}\n"
         f"  serving {where}, device id {args.device_id}, word order {args.word_order}\n"
         f"  look from outside: {mbpoll}\n"
         f"  Ctrl-C to stop",

@@ -79,6 +79,8 @@ async def test_cli_serves_a_station_the_driver_can_poll(where: list[str]) -> Non
         (["--tcp", "127.0.0.1:0", "--device-id", "300"], "unit id is 1-247"),
         (["--rtu-pty", "--calibrated", "2026-11-01T12:00"], "time zone"),
         (["--tcp", "127.0.0.1:0", "--rtu-pty"], "not allowed with"),
+        (["--tcp", "127.0.0.1:0", "--clock-offset-s", "nan"], "expected a number of seconds"),
+        (["--tcp", "127.0.0.1:0", "--clock-offset-s", "90s"], "expected a number of seconds"),
     ],
 )
 def test_cli_bad_arguments_exit_2_with_a_clear_message(args: list[str], message: str, capsys) -> None:

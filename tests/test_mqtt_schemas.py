@@ -17,9 +17,11 @@ import pytest
 
 from hotlab.controller.archive import HistoryArchive
 from hotlab.controller.messages import (
+    ClockStatus,
     MeasurementValues,
     Message,
     audit_anchor_message,
+    clock_offset_alarm_message,
     counter_reset_alarm_message,
     device_status_message,
     elution_message,
@@ -140,6 +142,22 @@ def examples() -> dict[str, dict[str, Any]]:
         .to_message("lab", "elution-1", "GE68-001")
         .payload,
         "device_status": device_status_message("lab", "hotcell-1", "cal-1", up=True, latency_ms=12.5, errors=0).payload,
+        "station_status": device_status_message(
+            "lab",
+            "elution-1",
+            "gen-1",
+            up=True,
+            latency_ms=4.0,
+            errors=0,
+            station_state="idle",
+            clock=ClockStatus(90.0005, 0.0025, 10.0, True),
+        ).payload,
+        "clock_alarm": clock_offset_alarm_message(
+            "lab", "elution-1", "gen-1", ClockStatus(90.0005, 0.0025, 10.0, True), measured_ns=now, time_ns=now
+        ).payload,
+        "clock_alarm_cleared": clock_offset_alarm_message(
+            "lab", "elution-1", "gen-1", ClockStatus(-0.2, 0.0025, 10.0, False), measured_ns=now, time_ns=now
+        ).payload,
         "qc_status": qc_status_message(
             "lab",
             ItemStatus(
@@ -186,6 +204,9 @@ SCHEMA_OF = {
     "qc_result": "qc_result",
     "range_qc_result": "qc_result",
     "device_status": "device_status",
+    "station_status": "device_status",
+    "clock_alarm": "controller_alarm",
+    "clock_alarm_cleared": "controller_alarm",
     "qc_status": "qc_status",
     "marked_measurement": "measurement",
     "marked_reading": "reading",
@@ -251,6 +272,15 @@ def test_last_will_has_no_time_but_is_valid() -> None:
         ("calibrator_status", lambda p: p.pop("suspect_fraction")),
         ("elution", lambda p: p.update(counter=-1)),
         ("elution", lambda p: p.pop("counter_reset")),
+        ("elution", lambda p: p.pop("clock")),
+        ("elution", lambda p: p["clock"].update(end_ns="controller")),  # an elution's times are the station's
+        ("elution", lambda p: p["clock"].pop("start_ns")),
+        ("counter_reset_alarm", lambda p: p.update(clock={"time_ns": "controller", "counter_epoch_ns": "controller"})),
+        ("station_status", lambda p: p.pop("clock_uncertainty_s")),  # the offset without its bound
+        ("station_status", lambda p: p.update(clock_uncertainty_s=-0.001)),
+        ("station_status", lambda p: p.update(max_clock_offset_s=0)),
+        ("clock_alarm", lambda p: p.pop("measured_ns")),
+        ("clock_alarm", lambda p: p.update(reason="clock off")),
         ("reset_elution", lambda p: p.update(counter_epoch_ns="yesterday")),
         ("reset_elution", lambda p: p.update(station_serial=4711)),
         ("qc_result", lambda p: p.update(verdict="ok")),

@@ -27,13 +27,14 @@ from typing import Any
 import aiomqtt
 import pytest
 import uvicorn
+from markupsafe import escape
 from playwright.async_api import Browser, Page, async_playwright, expect
 
 from hotlab.controller.audit import USER_AUTH_FAILED, AuditLog, iter_records, verify_chain
 from hotlab.controller.command_signing import signature_matches
 from hotlab.controller.config import DeviceConfig, MqttConfig, parse_config
 from hotlab.controller.lab.demo import LabView
-from hotlab.controller.messages import device_status_message
+from hotlab.controller.messages import ClockStatus, device_status_message, elution_message
 from hotlab.controller.qc.generator_rules import GeneratorSpec
 from hotlab.controller.qc.schedule import ItemStatus
 from hotlab.controller.qc.schedule_stage import qc_status_message
@@ -45,7 +46,8 @@ from hotlab.controller.web.commands import CommandSender
 from hotlab.controller.web.live import LiveFeed
 from hotlab.controller.web.overview import lab_overview
 from hotlab.controller.web.panel import Panel
-from hotlab.controller.web.station import ingrowth_curve
+from hotlab.controller.web.station import ingrowth_curve, station_live
+from hotlab.drivers.records import ElutionRecord
 from hotlab.drivers.station_registers import FaultCode
 from hotlab.physics.nuclides import get_nuclide
 from hotlab.simulators.calibrator_vik202 import Vik202Simulator
@@ -551,3 +553,94 @@ def test_a_baseline_step_is_recorded_not_left_awaiting_a_verdict_it_never_gets()
     assert [(s.label, s.state) for s in steps] == [("background", "pass"), ("Cs-137", "recorded")]
     daily = _check_steps(["Cs-137"], "cs137-check", background, measured, True, judged=True)
     assert daily[-1].state == "measured" and "awaiting verdict" in daily[-1].text
+
+
+async def test_the_station_page_shows_the_clock_offset_and_computes_ingrowth_on_one_clock(tmp_path: Path) -> None:
+    """A station 90 s ahead: the page says so, warns above the limit, and its "now" ingrowth uses the real elapsed
+    time. The elution ended 2 h ago on the controller's clock; its end, as the station stamped it, is 90 s later,
+    so taking the stamp as it is would show 90 s less ingrowth (about 0.6 % of Ga-68 at 2 h)."""
+    config = parse_config(
+        {
+            "site": {"name": SITE},
+            "device": [
+                {
+                    "name": "gen-1",
+                    "station": "elution-1",
+                    "family": "elution_station",
+                    "transport": {"modbus": "tcp", "host": "127.0.0.1", "port": 1502},
+                }
+            ],
+            "history": {"enabled": False},
+            "service": {"state_dir": "state"},
+            "mqtt": {"host": "127.0.0.1", "port": 1883},  # never connected: the view is fed by hand
+        },
+        base_dir=tmp_path,
+    )
+    store = UserStore(tmp_path / "users.sqlite3", AuditLog(tmp_path / "audit.jsonl", key=b"k" * 32))
+    try:
+        panel = Panel(config, LiveFeed(SITE, config.mqtt), store)
+        panel.feed.view.connected = True
+        now = time.time_ns()
+        cal_ns = now - int(30 * DAY_S * 1e9)
+        ended_ns = now - 2 * 3600 * 10**9  # on the controller's clock
+        stamped_ns = ended_ns + 90 * 10**9  # as the station, 90 s ahead, stamped it
+        record = ElutionRecord(
+            "elution-1", GENERATOR, "Ge-68", "Ga-68", 3, 1.0e9, 5.0, stamped_ns - 20 * 10**9, stamped_ns
+        )
+        elution = elution_message(SITE, record)
+        status = device_status_message(
+            SITE, "elution-1", "gen-1", up=True, latency_ms=2.0, errors=0, station_state="idle",
+            clock=ClockStatus(90.0, 0.002, 10.0, True),
+        )  # fmt: skip
+        for message in (elution, status):
+            panel.feed.apply(message.topic, json.dumps(message.payload))
+        spec = GeneratorSpec(GENERATOR, get_nuclide("Ge-68"), get_nuclide("Ga-68"), 1.85e9, cal_ns)
+        live = await station_live(panel, {GENERATOR: spec}, config.devices[0], now)
+
+        lam_p, lam_d = math.log(2) / GE68_HALF_LIFE_S, math.log(2) / GA68_HALF_LIFE_S
+        parent_at_elution = 1.85e9 * math.exp(-lam_p * (ended_ns - cal_ns) / 1e9)
+        t_s = 7200.0  # elapsed on one clock; the residual is 0 (no yield verdict known: the page says so)
+        expected = parent_at_elution * lam_d / (lam_d - lam_p) * (math.exp(-lam_p * t_s) - math.exp(-lam_d * t_s))
+        assert live.generator is not None and live.generator.curve is not None
+        assert live.generator.curve.now_s == t_s
+        assert live.generator.curve.now_bq == pytest.approx(expected, rel=1e-9)
+
+        assert live.clock.state == "alarm"
+        assert live.clock.text == "Station clock 90.000 s ahead of the controller's (± 0.002 s; limit 10 s)"
+        hms = "%H:%M:%S UTC"
+        assert live.clock.now_text == (
+            f"now {_utc(now, hms)} on the controller's clock, {_utc(now + 90 * 10**9, hms)} on the station's"
+        )
+        assert live.generator.last_elution == (
+            f"{_utc(stamped_ns, '%Y-%m-%d %H:%M:%S UTC')} (station clock), "
+            f"{_utc(ended_ns, '%Y-%m-%d %H:%M:%S UTC')} on the controller's clock"
+        )
+        warning = [n for n in live.notices if "clock" in n.text]
+        assert [n.severity for n in warning] == ["warn"] and "90.000 s ahead of the controller's" in warning[0].text
+        shown = panel.templates.get_template("_station_status.html").render(live=live)
+        assert 'class="clock alarm"' in shown and escape(live.clock.text) in shown and escape(warning[0].text) in shown
+        details = panel.templates.get_template("_station_details.html").render(live=live)
+        assert escape(live.clock.now_text) in details and "end (station clock)" in details
+        assert "(certificate)" in details and "the station's end moved to the controller's clock" in details
+
+        # Within the limit: no warning; with no offset published, the page says it takes the stamps as they are.
+        def publish_status(clock: ClockStatus | None) -> None:
+            message = device_status_message(
+                SITE, "elution-1", "gen-1", up=True, latency_ms=2.0, errors=0, station_state="idle", clock=clock
+            )
+            panel.feed.apply(message.topic, json.dumps(message.payload))
+
+        publish_status(ClockStatus(0.4, 0.002, 10.0, False))
+        calm = await station_live(panel, {GENERATOR: spec}, config.devices[0], now)
+        assert calm.clock.state == "ok" and not [n for n in calm.notices if "clock" in n.text]
+        publish_status(None)
+        unknown = await station_live(panel, {GENERATOR: spec}, config.devices[0], now)
+        assert unknown.clock.state == "unknown" and "taken as they are" in unknown.clock.text
+        assert unknown.generator is not None and unknown.generator.curve is not None
+        assert unknown.generator.curve.now_s == t_s - 90.0
+    finally:
+        store.close()
+
+
+def _utc(time_ns: int, pattern: str) -> str:
+    return datetime.fromtimestamp(time_ns / 1e9, tz=UTC).strftime(pattern)

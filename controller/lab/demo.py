@@ -27,6 +27,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from hotlab.controller.messages import ClockStatus
 from hotlab.errors import InputError
 from hotlab.physics.units import format_activity
 
@@ -58,6 +59,8 @@ class DeviceRow:
     fault_code: int | None = None
     #: When the controller sent this status (UTC epoch ns).
     time_ns: int = 0
+    #: An answering station's clock against the controller's; None for a calibrator (no clock reported).
+    clock: ClockStatus | None = None
 
 
 @dataclass(slots=True)
@@ -140,6 +143,7 @@ class LabView:
             None if station_state is None else str(station_state),
             None if fault_code is None else int(fault_code),
             int(payload["time_ns"]),
+            ClockStatus.of_status(payload),
         )
         # docs/mqtt.md: a clean shutdown publishes up=false with this detail; that is not an alarm.
         if previous is not None and previous.up and not up and payload.get("detail") != "controller stopped":
@@ -222,6 +226,11 @@ class LabView:
             )
         elif payload["alarm"] == "elution_counter_reset":
             text = f"{payload['generator']}: elution counter started again ({payload['reason']})"
+        elif payload["alarm"] == "clock_offset":
+            text = (
+                f"{payload['device']}: clock {float(payload['clock_offset_s']):+.1f} s from the controller's"
+                f" (limit {float(payload['max_clock_offset_s']):g} s)"
+            )
         else:
             text = f"outbox {float(payload['fraction']) * 100:.0f} % full: sinks are not keeping up"
         self._raise(condition, Alarm(int(payload["time_ns"]), "fail", text))

@@ -19,6 +19,13 @@ sender sees) and from the archive for what happened before the panel started:
   does not publish it) does the page fall back to the last command reply, or "done" when an elution
   ended after that reply. Either way it says where the shown state comes from.
 
+Clocks: the station stamps its elutions with its own clock, which can be off the controller's by
+the offset its device_status carries (controller/device_clock.py). The page names the clock of
+every time it shows. "Now" is the controller's clock; the ingrowth since the last elution is
+computed on one clock, with the elution's end moved to the controller's (end − offset), which is
+the same elapsed time as the station's own now (controller now + offset) minus its end. While no
+offset is known the station's times are taken as they are, and the page says so.
+
 Each action is confirmed on a second screen and signed there with username and password
 (controller/web/commands.py `confirm_or_send`).
 """
@@ -41,6 +48,7 @@ from starlette.routing import BaseRoute, Route
 from hotlab.controller.commands import MAX_REASON_CHARS, MAX_VOLUME_ML, STATION_ACTIONS
 from hotlab.controller.config import DeviceConfig
 from hotlab.controller.lab.demo import DeviceRow
+from hotlab.controller.messages import ClockStatus
 from hotlab.controller.qc.engine import QcConfig
 from hotlab.controller.qc.generator_rules import GeneratorSpec, available_activity
 from hotlab.controller.web.auth import signed_in
@@ -98,6 +106,20 @@ class StationState:
             return f"code {self.fault_code}, {FaultCode(self.fault_code).name.lower().replace('_', ' ')}"
         except ValueError:  # a code the driver's table does not know: shown as its number
             return f"code {self.fault_code}"
+
+
+@dataclass(frozen=True, slots=True)
+class StationClockLine:
+    """The station's clock against the controller's, as the page says it, and "now" on both."""
+
+    #: ok, alarm (the controller's clock_offset alarm is raised), or unknown (no offset published).
+    state: str
+    #: The offset, its bound and the limit, for people; or that it is not known.
+    text: str
+    #: What "now" is on this page, on each clock.
+    now_text: str
+    #: Station clock − controller clock; 0 while unknown (the station's times are then taken as they are).
+    offset_ns: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +182,7 @@ class StationLive:
     status: str
     detail: str
     state: StationState
+    clock: StationClockLine
     notices: tuple[Notice, ...]
     generator: GeneratorLine | None
     elutions: tuple[ElutionLine, ...]
@@ -249,9 +272,13 @@ def _volume_ml(text: str) -> float:
 
 
 async def station_live(
-    panel: Panel, generators: Mapping[str, GeneratorSpec], device: DeviceConfig, now_ns: int
+    panel: Panel,
+    generators: Mapping[str, GeneratorSpec],
+    device: DeviceConfig,
+    now_ns: int,
 ) -> StationLive:
-    """The station as the page shows it now: live view, latest reply, and the archive's elutions."""
+    """The station as the page shows it at `now_ns` (controller clock): live view, latest reply, the archive's
+    elutions, and its clock as the station's latest device_status says it (not known before one)."""
     view = panel.feed.view
     since_ns = now_ns - HISTORY_DAYS * 86400 * NS_PER_S
     archived_elutions = await panel.archived("elution", since_ns, station=device.station)
@@ -267,16 +294,19 @@ async def station_live(
     reply = panel.commands.latest.get(device.name) if panel.commands is not None else None
     state = _published_state(row) or _replied_state(reply, elutions[0] if elutions else None)
     spec = generators.get(generator_id) if generator_id is not None else None
+    station_clock = None if row is None else row.clock
+    clock_line = station_clock_line(station_clock, now_ns)
     generator = None
     if generator_id is not None:
-        generator = _generator(generator_id, elutions[0], spec, verdicts, now_ns)
+        generator = _generator(generator_id, elutions[0], spec, verdicts, now_ns, clock_line.offset_ns)
     return StationLive(
         name=device.name,
         station=device.station,
         status=status,
         detail=row.detail if row is not None else "no status from the controller since the panel started",
         state=state,
-        notices=_notices(panel, status, state, generator_id, spec),
+        clock=clock_line,
+        notices=_notices(panel, status, state, generator_id, spec, station_clock),
         generator=generator,
         elutions=tuple(_elution(e, verdicts) for e in elutions[:ELUTIONS_SHOWN]),
     )
@@ -286,7 +316,8 @@ def _published_state(row: DeviceRow | None) -> StationState | None:
     """The state in the station's latest device_status, if it carries one (the station answered)."""
     if row is None or row.station_state is None:
         return None
-    return StationState(row.station_state, f"polled by the controller, status of {clock(row.time_ns)}", row.fault_code)
+    said = f"polled by the controller, status of {clock(row.time_ns)} (controller clock)"
+    return StationState(row.station_state, said, row.fault_code)
 
 
 def _replied_state(reply: dict[str, Any] | None, newest_elution: dict[str, Any] | None) -> StationState:
@@ -304,16 +335,29 @@ def _replied_state(reply: dict[str, Any] | None, newest_elution: dict[str, Any] 
     # Executed: the state it left the station in. Refused: the state that refused it. Unconfirmed: not known.
     value = {"executed": reply.get("new_value"), "refused": reply.get("old_value")}.get(str(reply.get("outcome")))
     named = value.get("state") if isinstance(value, dict) else None
-    said = f"reply to {reply.get('action')} ({reply.get('outcome')}) at {clock(reply_ns)}"
+    said = f"reply to {reply.get('action')} ({reply.get('outcome')}) at {clock(reply_ns)} (controller clock)"
     return StationState(named if isinstance(named, str) else "unknown", said)
 
 
 def _notices(
-    panel: Panel, status: str, state: StationState, generator_id: str | None, spec: GeneratorSpec | None
+    panel: Panel,
+    status: str,
+    state: StationState,
+    generator_id: str | None,
+    spec: GeneratorSpec | None,
+    station_clock: ClockStatus | None,
 ) -> tuple[Notice, ...]:
     """What a person must see before starting an elution, worst first."""
     view = panel.feed.view
     notices: list[Notice] = []
+    if station_clock is not None and station_clock.alarm:
+        notices.append(
+            Notice(
+                "warn",
+                f"The station's clock is {_offset_words(station_clock.offset_s)} the controller's (limit"
+                f" {station_clock.limit_s:g} s): the times it stamps on its elutions are that far off. Set its clock.",
+            )
+        )
     if not view.connected:
         notices.append(Notice("fail", f"Not connected to the broker: what is shown may be old ({view.broker_error})."))
     if status != "online":
@@ -346,25 +390,34 @@ def _generator(
     spec: GeneratorSpec | None,
     verdicts: list[dict[str, Any]],
     now_ns: int,
+    offset_ns: int,
 ) -> GeneratorLine:
+    """The generator now (`now_ns`, controller clock); `offset_ns` takes the station's times to the controller's."""
     parent, daughter = str(newest.get("parent") or "?"), str(newest.get("nuclide") or "?")
     last_ns = newest.get("end_ns") if isinstance(newest.get("end_ns"), int) else None
-    last = f"{clock(last_ns, '%Y-%m-%d %H:%M:%S UTC')} (station clock)" if last_ns is not None else "-"
+    # The last elution's end on the controller's clock, which "now" and the certificate's time are on.
+    ended_ns = None if last_ns is None else last_ns - offset_ns
+    last = "-"
+    if last_ns is not None and ended_ns is not None:
+        pattern = "%Y-%m-%d %H:%M:%S UTC"
+        last = f"{clock(last_ns, pattern)} (station clock)"
+        if offset_ns:
+            last += f", {clock(ended_ns, pattern)} on the controller's clock"
     if spec is None:
         note = "No certificate under [qc.generators]: parent and daughter activity cannot be computed."
         return GeneratorLine(generator_id, parent, daughter, "", "-", "-", last, note, None)
     residual_bq, note = _residual(newest, verdicts)
     parent_now = float(decay_correct(spec.calibration_bq, spec.parent, spec.calibration_ns, now_ns))
     curve = None
-    if last_ns is not None and now_ns >= last_ns:
-        curve = ingrowth_curve(spec, last_ns, residual_bq, now_ns)
+    if ended_ns is not None and now_ns >= ended_ns:
+        curve = ingrowth_curve(spec, ended_ns, residual_bq, now_ns)
         daughter_now = curve.now_bq
     else:  # no elution time the page can use: the column in equilibrium, as the QC engine takes it
         daughter_now = available_activity(spec, now_ns, None)
-        note = "The last elution ended after now on the station's clock: the column is taken to be in equilibrium."
+        note = "The last elution ended after now: the column is taken to be in equilibrium."
     certificate = (
         f"{format_activity(spec.calibration_bq)} {spec.parent.name} at "
-        f"{clock(spec.calibration_ns, '%Y-%m-%d %H:%M UTC')}"
+        f"{clock(spec.calibration_ns, '%Y-%m-%d %H:%M UTC')} (certificate)"
     )
     return GeneratorLine(
         generator_id=generator_id,
@@ -377,6 +430,41 @@ def _generator(
         note=note,
         curve=curve,
     )
+
+
+def station_clock_line(station_clock: ClockStatus | None, now_ns: int) -> StationClockLine:
+    """What the page says of the station's clock, and of "now" on each clock, at `now_ns` (controller clock)."""
+    if station_clock is None:
+        return StationClockLine(
+            "unknown",
+            "Station clock offset not known (no status of the answering station): its times are shown as it stamped"
+            " them, and taken as they are.",
+            f"now {clock(now_ns)} on the controller's clock",
+        )
+    offset_ns = round(station_clock.offset_s * NS_PER_S)
+    text = (
+        f"Station clock {_offset_words(station_clock.offset_s)} the controller's"
+        f" (± {_duration(station_clock.uncertainty_s)}; limit {station_clock.limit_s:g} s)"
+    )
+    now_text = f"now {clock(now_ns)} on the controller's clock, {clock(now_ns + offset_ns)} on the station's"
+    return StationClockLine("alarm" if station_clock.alarm else "ok", text, now_text, offset_ns)
+
+
+def _offset_words(offset_s: float) -> str:
+    """An offset for people: "90.000 s ahead of", "3.0 d behind"."""
+    side = "ahead of" if offset_s >= 0 else "behind"
+    return f"{_duration(abs(offset_s))} {side}"
+
+
+def _duration(seconds: float) -> str:
+    """Milliseconds shown while they matter (under 2 minutes), then minutes, hours or days."""
+    if seconds < 120:
+        return f"{seconds:.3f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} d"
 
 
 def _residual(newest: dict[str, Any], verdicts: list[dict[str, Any]]) -> tuple[float, str]:
