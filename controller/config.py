@@ -42,8 +42,8 @@ SERIAL_URL_SCHEMES: tuple[str, ...] = ("socket", "rfc2217")
 
 # MQTT topic levels must not contain the separators or wildcards (MQTT 3.1.1 §4.7); keep names
 # to a conservative set that is also a valid InfluxDB tag value without escaping.
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_NAME_RULE = "1-64 characters: letters, digits, '_', '-', '.', starting with a letter or digit"
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+NAME_RULE = "1-64 characters: letters, digits, '_', '-', '.', starting with a letter or digit"
 
 #: Operator roles, least privileged first: a role may do everything a role before it may.
 ROLES: tuple[str, ...] = ("operator", "qc_officer", "admin")
@@ -540,7 +540,7 @@ def parse_config(
 def _parse_site(root: ConfigTable) -> str:
     table = root.table("site", required=True)
     assert table is not None
-    site = table.string("name", required=True, pattern=_NAME, rule=_NAME_RULE)
+    site = table.string("name", required=True, pattern=NAME_PATTERN, rule=NAME_RULE)
     table.finish()
     return site
 
@@ -557,7 +557,7 @@ def _parse_operators(root: ConfigTable, commands: CommandsConfig) -> tuple[Opera
                 "sender a [[command_sender]] key and sign commands, see "
                 f"{TOKEN_MIGRATION_DOC} (or set [commands] accept_token_commands = true for the transition)",
             )
-        name = table.string("name", required=True, pattern=_NAME, rule=_NAME_RULE)
+        name = table.string("name", required=True, pattern=NAME_PATTERN, rule=NAME_RULE)
         role = table.string("role", required=True, choices=ROLES)
         token = _secret(table, "token", required=True)
         table.finish()
@@ -606,7 +606,7 @@ def _parse_senders(root: ConfigTable) -> tuple[CommandSenderConfig, ...]:
     senders: list[CommandSenderConfig] = []
     keys: dict[bytes, str] = {}
     for table in root.tables("command_sender"):
-        name = table.string("name", required=True, pattern=_NAME, rule=_NAME_RULE)
+        name = table.string("name", required=True, pattern=NAME_PATTERN, rule=NAME_RULE)
         key = _secret(table, "key", required=True)
         table.finish()
         assert key is not None
@@ -638,7 +638,7 @@ def _parse_web(
     )
     if table is None:
         return default
-    sender = table.string("sender", pattern=_NAME, rule=_NAME_RULE)
+    sender = table.string("sender", pattern=NAME_PATTERN, rule=NAME_RULE)
     if sender is not None and not any(s.name == sender for s in senders):
         configured = ", ".join(s.name for s in senders) or "none"
         raise table.error("sender", f"no [[command_sender]] is named {sender!r}; configured: {configured}")
@@ -681,8 +681,8 @@ def _parse_devices(root: ConfigTable) -> tuple[DeviceConfig, ...]:
 
 def _parse_device(table: ConfigTable) -> DeviceConfig:
     families = CALIBRATOR_FAMILIES + STATION_FAMILIES
-    name = table.string("name", required=True, pattern=_NAME, rule=_NAME_RULE)
-    station = table.string("station", required=True, pattern=_NAME, rule=_NAME_RULE)
+    name = table.string("name", required=True, pattern=NAME_PATTERN, rule=NAME_RULE)
+    station = table.string("station", required=True, pattern=NAME_PATTERN, rule=NAME_RULE)
     family = table.string("family", required=True, choices=families)
     transport = _parse_transport(table, family)
     poll = table.number("poll_interval_s", 1.0 if family in STATION_FAMILIES else 2.0, minimum=0.0)

@@ -31,6 +31,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "hotlab.controller.cli.web",
     "hotlab.controller.cli.doctor",
     "hotlab.controller.cli.install_units",
+    "hotlab.controller.cli.broker",
     "hotlab.simulators.calibrator_cli",
     "hotlab.simulators.elution_station_cli",
 )
