@@ -17,6 +17,7 @@ import pytest
 
 import hotlab.controller.lab.embedded_broker
 import hotlab.controller.lab.private_influxd
+from hotlab.controller.archive import HistoryArchive
 from hotlab.controller.cli.run import simulated_lab
 from hotlab.controller.config import SerialTransport
 from hotlab.controller.lab.private_influxd import influxd_binary
@@ -37,6 +38,11 @@ def test_simulated_lab_runs_every_device_and_drains(tmp_path: Path) -> None:
     assert "stopped; 0 message(s) kept in the outbox" in log
     assert (tmp_path / "var" / "simulated-lab" / "outbox.sqlite3").is_file()
     assert "Traceback" not in log
+    # Its station's clock runs fast on purpose: the offset is published, but no clock alarm is raised.
+    with HistoryArchive(tmp_path / "var" / "simulated-lab" / "history.sqlite3", read_only=True) as archive:
+        statuses = archive.query("device_status", device="ga68-generator-sim")
+        alarms = [a for a in archive.query("controller_alarm") if a["alarm"] == "clock_offset" and a["active"]]
+    assert any(s.get("clock_offset_s") is not None for s in statuses) and alarms == []
     if influxd_binary() is not None:
         assert re.search(r"InfluxDB: +private influxd on http://127\.0\.0\.1:\d+, database hotlab", log)
         # The summary: each sink delivered every message (the same count), nothing left, no warning.

@@ -82,6 +82,10 @@ QC_CONSOLE = "qc-console"
 PANEL_SENDER = "panel"
 
 
+#: The clock-offset limit of the simulated lab's stations, whose time runs fast on purpose: ten years.
+SIMULATED_CLOCK_LIMIT_S = 10 * 365 * 86_400.0
+
+
 @dataclass(frozen=True, slots=True)
 class SimCalibrator:
     """A dose calibrator simulator set to `nuclide`, in which a dose of `activity_bq` (at start) of it is read
@@ -306,7 +310,13 @@ async def simulated_lab(
             "device": devices,
             "outbox": {"path": "outbox.sqlite3"},
             "history": {"path": "history.sqlite3"},
-            "service": {"state_dir": "state", "drain_timeout_s": 5.0, "status_interval_s": 30.0},
+            "service": {
+                "state_dir": "state",
+                "drain_timeout_s": 5.0,
+                "status_interval_s": 30.0,
+                # The stations' clocks run `acceleration` times fast by design: their offset is shown, not alarmed.
+                "max_clock_offset_s": SIMULATED_CLOCK_LIMIT_S,
+            },
             "qc": qc,
         }
         if mqtt is not None:
@@ -643,6 +653,7 @@ def announce(
     lines.append(
         f"  time:        elution stations run {lab.acceleration:g}x faster than the wall clock"
         + (f", calibrators {lab.calibrator_acceleration:g}x" if lab.calibrator_acceleration != 1 else "")
+        + " (the stations' clock offset is shown, not alarmed)"
     )
     if config.mqtt is None:
         lines.append("  MQTT broker: none (mosquitto not installed) - LOCAL-ONLY mode, data stays in the outbox")
