@@ -41,6 +41,7 @@ DATA_TOPICS: tuple[str, ...] = (
     "+/+/qc/#",
     "+/+/status",
     "+/+/alarm",
+    "+/+/clock_alarm",
     "+/elution",
     "controller/#",
 )
