@@ -15,9 +15,10 @@ from __future__ import annotations
 import base64
 import io
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from itertools import islice
 from typing import Any
 
 import numpy as np
@@ -32,7 +33,17 @@ NEUTRAL = "#1f5fa8"
 _BAND_ALPHA = 0.13
 _PASS_BAND, _WARN_BAND, _FAIL_BAND = "#2e7d32", "#f0a000", "#c62828"
 _HOUR_S = 3600.0
-_DAY_S = 86400.0
+
+
+@dataclass(frozen=True, slots=True)
+class Fit:
+    """A least-squares line over time: its slope per day and its value at the first and the last time."""
+
+    slope_per_day: float
+    first_ns: int
+    first: float
+    last_ns: int
+    last: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,8 +60,11 @@ def utc(time_ns: int) -> datetime:
 
 
 def new_figure(height: float = 3.2) -> Figure:
-    figure = Figure(figsize=(8.0, height), dpi=100, layout="constrained")
+    """An 8-inch-wide figure with fixed margins: a constrained layout would lay every figure out twice, doubling
+    the time a report over years spends drawing (the labels here are short and fit the margins)."""
+    figure = Figure(figsize=(8.0, height), dpi=100)
     FigureCanvasAgg(figure)
+    figure.subplots_adjust(left=0.1, right=0.98, top=0.9, bottom=0.16 * 3.2 / height, hspace=0.1)
     return figure
 
 
@@ -61,14 +75,16 @@ def png_base64(figure: Figure) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def _time_axis(ax: Any, period_ns: tuple[int, int] | None) -> None:
-    """UTC dates on x; spanning the report period so figures of one report line up (and one point is not a decade)."""
+def _time_axis(ax: Any, period_ns: tuple[int, int] | None, label: str) -> None:
+    """UTC dates on x; spanning the report period so figures of one report line up (and one point is not a decade).
+
+    `label` names the clock the times came from (controller/report.py CLOCKS)."""
     if period_ns is not None:
         ax.set_xlim(utc(period_ns[0]), utc(period_ns[1]))
     locator = AutoDateLocator(tz=UTC)
     ax.xaxis.set_major_locator(locator)
     ax.xaxis.set_major_formatter(ConciseDateFormatter(locator, tz=UTC))
-    ax.set_xlabel("time (UTC)")
+    ax.set_xlabel(label)
 
 
 def _span(values: Sequence[float], *levels: float | None) -> tuple[float, float]:
@@ -153,20 +169,57 @@ def trend_figure(
     series: Mapping[str, Sequence[TrendPoint]],
     limit: Mapping[str, Any] | None,
     period_ns: tuple[int, int] | None = None,
+    *,
+    xlabel: str,
+    ranges: Mapping[str, Sequence[tuple[int, float, float]]] | None = None,
+    marked: Sequence[TrendPoint] = (),
+    fit: Fit | None = None,
 ) -> Figure:
-    """Judged values over time, one marker per series (e.g. check source), on the limit's bands."""
+    """Values over time, one marker per series (e.g. check source), on the limit's bands.
+
+    Aggregated series come with `ranges` (per point: time, lowest, highest, drawn as a bar) and the
+    results that did not pass as `marked`, drawn on top in their verdict's colour; `fit` adds the
+    least-squares line with its slope in the legend.
+    """
     figure = new_figure()
-    ax = figure.add_subplot()
+    ax: Any = figure.add_subplot()
     markers = "osD^vP*X"
     for index, (name, points) in enumerate(sorted(series.items())):
-        _scatter_by_verdict(ax, sorted(points, key=lambda p: p.time_ns), markers[index % len(markers)], name)
-    values = [p.value for points in series.values() for p in points]
+        if ranges and name in ranges:
+            bars = ranges[name]
+            ax.vlines([utc(t) for t, _, _ in bars], [lo for _, lo, _ in bars], [hi for _, _, hi in bars],
+                      color="#9db3cf", lw=0.8, zorder=1)  # fmt: skip
+        label = f"{name} (mean, range)" if ranges and name in ranges else name
+        _scatter_by_verdict(ax, sorted(points, key=lambda p: p.time_ns), markers[index % len(markers)], label)
+    if marked:
+        ax.scatter(
+            [utc(p.time_ns) for p in marked],
+            [p.value for p in marked],
+            c=[VERDICT_COLOURS.get(p.verdict or "", NEUTRAL) for p in marked],
+            marker="X",
+            s=34,
+            zorder=4,
+            label="did not pass",
+            edgecolors="black",
+            linewidths=0.3,
+        )
+    if fit is not None:
+        ax.plot(
+            [utc(fit.first_ns), utc(fit.last_ns)],
+            [fit.first, fit.last],
+            color="black",
+            lw=0.9,
+            ls=":",
+            label=f"trend {fit.slope_per_day:+.3f} /day",
+        )
+    values = [p.value for points in series.values() for p in points] + [p.value for p in marked]
+    values += [v for bars in (ranges or {}).values() for _, lo, hi in bars for v in (lo, hi)]
     draw_limit_bands(ax, limit, values)
     ax.set_title(title, fontsize=10)
     ax.set_ylabel(ylabel)
-    _time_axis(ax, period_ns)
-    if len(series) > 1:
-        ax.legend(fontsize=7, loc="best")
+    _time_axis(ax, period_ns, xlabel)
+    if len(series) > 1 or marked or fit is not None:
+        ax.legend(fontsize=7, loc="upper left", framealpha=0.8)
     ax.grid(alpha=0.3)
     return figure
 
@@ -232,48 +285,37 @@ def _point_colour(deviation: float, limit: Mapping[str, Any] | None) -> str:
     return VERDICT_COLOURS["pass"]
 
 
-def elution_yield_figure(
-    title: str, points: Sequence[TrendPoint], limit: Mapping[str, Any] | None, period_ns: tuple[int, int] | None = None
-) -> Figure:
-    """Elution yield over the generator's life with its floor bands and a least-squares trend in %/day."""
-    figure = new_figure()
-    ax = figure.add_subplot()
-    ordered = sorted(points, key=lambda p: p.time_ns)
-    _scatter_by_verdict(ax, ordered, "o", "yield")
-    if len(ordered) >= 3:
-        days = np.array([(p.time_ns - ordered[0].time_ns) / NS_PER_S / _DAY_S for p in ordered])
-        if np.ptp(days) > 0:
-            slope, intercept = np.polyfit(days, [p.value for p in ordered], 1)
-            ax.plot(
-                np.array([p.time_ns for p in (ordered[0], ordered[-1])], dtype="datetime64[ns]"),  # UTC
-                [intercept, intercept + slope * days[-1]],
-                color="black",
-                lw=0.9,
-                ls=":",
-                label=f"trend {slope:+.3f} %/day",
-            )
-            ax.legend(fontsize=7, loc="best")
-    draw_limit_bands(ax, limit, [p.value for p in ordered])
-    ax.set_title(title, fontsize=10)
-    ax.set_ylabel("elution yield (%)")
-    _time_axis(ax, period_ns)
-    ax.grid(alpha=0.3)
-    return figure
-
-
 #: Characters per line that fit a landscape A4 page at the table font size (DejaVu Sans Mono, 0.6 em).
 TEXT_PAGE_COLUMNS = 190
 
 
-def text_pages(title: str, lines: Sequence[str], lines_per_page: int = 64) -> list[Figure]:
-    """Monospaced landscape A4 pages for the PDF's tables; long tables continue on further pages."""
-    pages: list[Figure] = []
-    chunks = [lines[i : i + lines_per_page] for i in range(0, len(lines), lines_per_page)] or [[]]
-    for number, chunk in enumerate(chunks, start=1):
+def text_pages(title: str, lines: Iterable[str], lines_per_page: int = 64) -> Iterator[tuple[Figure, bool]]:
+    """Monospaced landscape A4 pages for the PDF's tables, made one at a time as `lines` yields them; a long
+    table continues on further pages. With each page: whether all its text fits the PDF's built-in Courier
+    (cp1252), which writes ~50 times faster than an embedded font (controller/report.py `write_pdf`)."""
+    remaining = iter(lines)
+    number = 0
+    while True:
+        chunk = list(islice(remaining, lines_per_page))
+        if number and not chunk:
+            return
+        number += 1
+        heading = title if number == 1 else f"{title} (continued)"
         page = Figure(figsize=(11.69, 8.27), dpi=100)
         FigureCanvasAgg(page)
-        suffix = f" ({number}/{len(chunks)})" if len(chunks) > 1 else ""
-        page.text(0.04, 0.96, title + suffix, fontsize=11, weight="bold", va="top")
-        page.text(0.04, 0.92, "\n".join(chunk), fontsize=6.2, family="monospace", va="top")
-        pages.append(page)
-    return pages
+        core_font = _fits_courier(heading, *chunk)
+        weight = "medium" if core_font else "normal"  # medium: the built-in Courier's one weight
+        page.text(0.04, 0.96, heading, fontsize=11, weight="bold", va="top")
+        page.text(0.04, 0.92, "\n".join(chunk), fontsize=6.2, family="monospace", va="top", weight=weight)
+        yield page, core_font
+        if len(chunk) < lines_per_page:
+            return
+
+
+def _fits_courier(*texts: str) -> bool:
+    try:
+        for text in texts:
+            text.encode("cp1252")
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -28,14 +28,17 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import heapq
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from hotlab.controller.archive import HistoryArchive, TimeRange
+from hotlab.controller import archive_reads
+from hotlab.controller.archive import OPEN_END_NS, HistoryArchive, TimeRange
+from hotlab.controller.archive_reads import Scope
 from hotlab.controller.audit import (
     RECORD_SIGNED,
     USER_ADD,
@@ -195,22 +198,37 @@ def read_signatures(audit_path: Path, key: bytes | None) -> SignatureLedger:
     the verified records, each signature checked against the accounts the trail shows at that point.
 
     Records appended after the verification are neither counted nor reported: they were not checked.
+    A report over years reads them one at a time instead (`counted_signatures`, `unverified_signatures`).
     """
     chain = verify_chain(audit_path, key)
-    records = iter_records(audit_path)
+    valid: list[Signature] = []
+    invalid: list[InvalidSignature] = []
+    for found in counted_signatures(audit_path, chain):
+        if isinstance(found, Signature):
+            valid.append(found)
+        else:
+            invalid.append(found)
+    return SignatureLedger(chain, valid, invalid, unverified_signatures(audit_path, chain))
+
+
+def counted_signatures(audit_path: Path, chain: VerifyResult) -> Iterator[Signature | InvalidSignature]:
+    """Each `record.signed` entry of the intact prefix `chain` verified, oldest first: a Signature that
+    counts, or an InvalidSignature saying why not. Reads the trail as it goes: memory does not grow with it."""
     # Every line of the intact prefix parses, so the first `chain.records` records are exactly that prefix.
-    trusted = list(islice(records, chain.records))
-    valid, invalid = _check_signers(trusted)
-    unverified = [] if chain.ok else [r for r in records if r.action == RECORD_SIGNED]
-    return SignatureLedger(chain, valid, invalid, unverified)
+    return _check_signers(islice(iter_records(audit_path), chain.records))
 
 
-def _check_signers(records: Iterable[AuditRecord]) -> tuple[list[Signature], list[InvalidSignature]]:
+def unverified_signatures(audit_path: Path, chain: VerifyResult) -> list[AuditRecord]:
+    """The `record.signed` entries after the chain's first break: ignored, whatever they say (none when intact)."""
+    if chain.ok:
+        return []
+    return [r for r in islice(iter_records(audit_path), chain.records, None) if r.action == RECORD_SIGNED]
+
+
+def _check_signers(records: Iterable[AuditRecord]) -> Iterator[Signature | InvalidSignature]:
     """Replay the account records (user.add, user.disable) and judge each signature at its place in the trail."""
     accounts: dict[str, Mapping[str, Any]] = {}
     disabled: set[str] = set()
-    valid: list[Signature] = []
-    invalid: list[InvalidSignature] = []
     for record in records:
         if record.action == USER_ADD and isinstance(record.new_value, Mapping):
             accounts.setdefault(str(record.new_value.get("username")), record.new_value)
@@ -219,14 +237,13 @@ def _check_signers(records: Iterable[AuditRecord]) -> tuple[list[Signature], lis
         elif record.action == RECORD_SIGNED:
             signature = Signature.from_audit(record)
             if signature is None:
-                invalid.append(InvalidSignature(record, "it is not a well-formed signature"))
+                yield InvalidSignature(record, "it is not a well-formed signature")
             elif problem := _signer_problem(
                 signature, record, accounts.get(signature.signer), signature.signer in disabled
             ):
-                invalid.append(InvalidSignature(record, problem))
+                yield InvalidSignature(record, problem)
             else:
-                valid.append(signature)
-    return valid, invalid
+                yield signature
 
 
 def _signer_problem(
@@ -396,10 +413,15 @@ def signatures_by_record(found: Iterable[Signature]) -> dict[SignedRecord, list[
 
 def awaits(signatures_of_record: Iterable[Signature]) -> str | None:
     """What a record's signatures (of it as it is now) leave to do: "review", "approval", or None once decided."""
-    meanings = {s.meaning for s in signatures_of_record}
-    if meanings & set(DECISIONS):
+    return still_to_do(s.meaning for s in signatures_of_record)
+
+
+def still_to_do(meanings: Iterable[str]) -> str | None:
+    """What the meanings signed of a record as it is now leave to do: "review", "approval", or None once decided."""
+    signed = set(meanings)
+    if signed & set(DECISIONS):
         return None
-    return "approval" if meanings else "review"
+    return "approval" if signed else "review"
 
 
 def awaiting_review(
@@ -412,14 +434,32 @@ def awaiting_review(
 ) -> list[dict[str, Any]]:
     """Ended procedures and results outside any procedure, oldest first, with no decision signed as they are now.
 
+    Read in chunks, filtered in SQL: memory holds what awaits, never the period's every record.
+
     `test` matches a result's `test` or a procedure's `procedure` (e.g. "daily_constancy").
     """
     by_record = signatures_by_record(found)
-    procedures = [
-        p
-        for p in archive.query("qc_procedure", period, device=device)
-        if p.get("status") != "started" and (test is None or p.get("procedure") == test)
-    ]
-    results = [r for r in archive.query("qc_result", period, device=device, test=test) if not r.get("procedure_id")]
-    pending = [p for p in procedures + results if awaits(by_record.get(signed_record(p), ())) is not None]
-    return sorted(pending, key=lambda p: (int(p["time_ns"]), str(p["msg_id"])))
+    scope = Scope(period or TimeRange(0, OPEN_END_NS))
+    device_sql, device_params = ("device = ?", [device]) if device is not None else ("1", [])
+    ended = "COALESCE(json_extract(payload, '$.status'), '') != 'started'"
+    named = "json_extract(payload, '$.procedure') = ?" if test is not None else "1"
+    procedures = archive_reads.stream(
+        archive,
+        "qc_procedure",
+        scope,
+        f"{device_sql} AND {ended} AND {named}",
+        [*device_params, *([test] if test else [])],
+    )
+    loose = "COALESCE(json_extract(payload, '$.procedure_id'), '') = ''"
+    test_sql = "test = ?" if test is not None else "1"
+    results = archive_reads.stream(
+        archive,
+        "qc_result",
+        scope,
+        f"{device_sql} AND {test_sql} AND {loose}",
+        [*device_params, *([test] if test else [])],
+    )
+    in_order = heapq.merge(
+        (row[0] for row in procedures), (row[0] for row in results), key=lambda p: (int(p["time_ns"]), str(p["msg_id"]))
+    )
+    return [p for p in in_order if awaits(by_record.get(signed_record(p), ())) is not None]

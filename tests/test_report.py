@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 
 from hotlab.controller.archive import HistoryArchive, TimeRange
+from hotlab.controller.archive_reads import JUDGED_VALUE_SQL
 from hotlab.controller.audit import ELUTION_ABORT, ELUTION_START, FAULT_ACKNOWLEDGE, QC_MANUAL_ENTRY, AuditLog
 from hotlab.controller.cli.main import main as hotlab
 from hotlab.controller.messages import Message, device_status_message, elution_message, qc_message, reading_message
-from hotlab.controller.report import build_figures, collect, judged_value, render_html
+from hotlab.controller.report import build_figures, collect, render_html
 from hotlab.controller.report_plots import draw_limit_bands, linearity_figure, new_figure
 from hotlab.drivers.records import ElutionRecord, Reading
 from tests.schema_check import malformed_on_purpose
@@ -411,7 +412,8 @@ def test_limits_sources_elutions_and_audit_are_listed(rendered: tuple[str, Repor
         assert reason in text
     assert "before the period" not in text
     # One elution a day at 08:00 on Nov 1..30: `--to 2026-11-30` includes the whole last day.
-    assert document.count("<td>gen-GE-1</td>") == 30
+    elutions = parser.rows["elutions"]
+    assert len(elutions) == 30 and len(set(elutions)) == 30
 
 
 def test_audit_tampering_shows_in_the_report_and_fails_the_cli(
@@ -477,7 +479,8 @@ def test_cli_writes_html_and_pdf(
     assert pdf.startswith(b"%PDF")
     pages = pdf.count(b"/Type /Page\n") or pdf.count(b"/Type /Page ")
     printed = int(capsys.readouterr().out.split(".pdf: ")[1].split(" page")[0])
-    assert printed == 1 + 8 + 8  # summary, eight figures, eight table sections of one page each
+    # Summary, eight figures, nine table sections of one page each (the verdicts per day among them).
+    assert printed == 1 + 8 + 9
     assert pages in (0, printed)  # PdfPages writes one /Type /Page object per page
 
 
@@ -504,10 +507,22 @@ def test_empty_period_renders_without_figures(recorded: tuple[RecordedRun, Path,
     assert "No QC results in this period." in document and "No audit trail at" in document
 
 
-def test_judged_value_falls_back_for_results_without_engine_fields() -> None:
-    assert judged_value({"value_judged": 63.5, "deviation_pct": -10.0}) == 63.5
-    assert judged_value({"deviation_pct": -4.0, "measured": 1.0}) == -4.0
-    assert judged_value({"limit_values": {"kind": "ceiling"}, "deviation_pct": -4.0, "measured": 0.02}) == 0.02
+def test_judged_value_falls_back_for_results_without_engine_fields(tmp_path: Path) -> None:
+    """What a limit judged: `value_judged` when the engine wrote it, else the deviation for a tolerance (the
+    kind assumed without limit_values), else the measured value (a ceiling judges the measured ratio)."""
+    cases = [
+        ({"value_judged": 63.5, "deviation_pct": -10.0}, 63.5),
+        ({"deviation_pct": -4.0, "measured": 1.0}, -4.0),
+        ({"limit_values": {"kind": "ceiling"}, "deviation_pct": -4.0, "measured": 0.02}, 0.02),
+        ({"limit_values": {"kind": "ceiling"}, "measured": None}, None),
+    ]
+    with HistoryArchive(tmp_path / "history.sqlite3") as archive:
+        archive.add_many(
+            malformed_on_purpose(Message("qc_result", "t", {"msg_id": f"m{i}", "time_ns": i} | fields))
+            for i, (fields, _) in enumerate(cases)
+        )
+        judged = archive.select(f"SELECT {JUDGED_VALUE_SQL} FROM message ORDER BY time_ns")
+    assert [value for (value,) in judged] == [expected for _, expected in cases]
 
 
 def test_limit_bands_follow_the_limit_kind() -> None:
@@ -656,8 +671,8 @@ def test_a_record_only_reviewed_awaits_approval_and_uncounted_signatures_are_nam
             },
         )
         data = collect(archive, TimeRange.from_text("2026-11-01", "2026-11-30"), audit_path, audit_key=KEY)
-    assert [row.signature.seq for row in data.review.signed] == [review.seq]
-    assert [p["msg_id"] for p in data.review.awaiting] == [loose.msg_id]
+    assert [row.signature.seq for row in data.review.index.rows()] == [review.seq]
+    assert [p["msg_id"] for p, _ in data.review.index.awaiting("qc_result")] == [loose.msg_id]
     document = render_html(data, [])
     parser = ReportParser()
     parser.feed(document)

@@ -71,24 +71,26 @@ def _run(args: argparse.Namespace) -> int:
     if args.audit is not None and not args.audit.is_file():
         raise InputError(f"no audit trail at {args.audit}")
 
-    build_figures, collect, render_html, write_pdf = report_builders()
+    build_figures, collect, write_html, write_pdf = report_builders()
 
     with HistoryArchive(archive_path, read_only=True) as archive:
         data = collect(archive, period, args.audit or _audit_beside(archive_path), audit_key=key, site=args.site)
-    figures = build_figures(data)
-    try:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(render_html(data, figures), encoding="utf-8")
-        print(
-            f"wrote {args.out}: {len(data.qc_results)} QC result(s), {len(data.elutions)} elution(s), "
-            f"{len(data.audit.records)} audited action(s), {len(figures)} figure(s)"
-        )
-        if args.pdf:
-            pdf_path = args.out.with_suffix(".pdf")
-            pages = write_pdf(data, pdf_path, figures)
-            print(f"wrote {pdf_path}: {pages} page(s)")
-    except OSError as exc:
-        raise HotlabError(f"cannot write the report: {exc}") from exc
+    with data:
+        figures = build_figures(data)
+        try:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            with args.out.open("w", encoding="utf-8") as out:
+                write_html(data, out, figures)
+            print(
+                f"wrote {args.out}: {data.results} QC result(s), {data.elutions} elution(s), "
+                f"{data.audit.in_period} audited action(s), {len(figures)} figure(s)"
+            )
+            if args.pdf:
+                pdf_path = args.out.with_suffix(".pdf")
+                pages = write_pdf(data, pdf_path, figures)
+                print(f"wrote {pdf_path}: {pages} page(s)")
+        except OSError as exc:
+            raise HotlabError(f"cannot write the report: {exc}") from exc
     verification = data.audit.verification
     if verification is not None and not verification.ok:
         print(f"warning: {verification.summary()}", file=sys.stderr)
@@ -110,13 +112,13 @@ def _audit_beside(archive: Path) -> Path:
 
 
 def report_builders() -> tuple[Any, Any, Any, Any]:
-    """The report's builders (build_figures, collect, render_html, write_pdf), imported only when a
+    """The report's builders (build_figures, collect, write_html, write_pdf), imported only when a
     report is made: matplotlib is the optional extra `hotlab[report]`, and `hotlab --help`, every
     other command and the web panel must work (and start fast) without it. HotlabError names the extra."""
     try:
-        from hotlab.controller.report import build_figures, collect, render_html, write_pdf
+        from hotlab.controller.report import build_figures, collect, write_html, write_pdf
     except ModuleNotFoundError as exc:
         if exc.name != "matplotlib" and not (exc.name or "").startswith("matplotlib."):
             raise
         raise HotlabError("the report needs matplotlib: pip install 'hotlab[report]'") from exc
-    return build_figures, collect, render_html, write_pdf
+    return build_figures, collect, write_html, write_pdf

@@ -21,7 +21,9 @@ midnight); its qc_status messages can be committed through the ordinary commit p
 `process` takes them as published.
 
 `restore` rebuilds the facts and what was last published from the history archive, so a
-restart neither forgets a done item nor publishes every status again; `hotlab qc status` uses
+restart neither forgets a done item nor publishes every status again; it reads each calibrator
+item's newest passing and failing record and each item's newest qc_status, not the whole history,
+so a restart (and each visit of the web panel's QC page) costs the same after years; `hotlab qc status` uses
 the same `restore` and `current` on the archive alone.
 """
 
@@ -48,6 +50,7 @@ from hotlab.controller.qc.schedule import (
 
 if TYPE_CHECKING:
     from hotlab.controller.archive import HistoryArchive
+    from hotlab.controller.archive_reads import Scope
     from hotlab.controller.qc.engine import QcConfig
 
 log = logging.getLogger(__name__)
@@ -55,6 +58,14 @@ log = logging.getLogger(__name__)
 _DAY_NS = 86_400 * 1_000_000_000
 #: Clinical measurements older than this before `now` cannot make today's daily QC overdue.
 _CLINICAL_LOOKBACK_NS = 2 * _DAY_NS
+
+
+def _newest(archive: HistoryArchive, kind: str, scope: Scope, condition: str, *params: str) -> list[dict[str, Any]]:
+    """The newest record of `kind` in `scope` matching `condition`, as a list of none or one."""
+    from hotlab.controller.archive_reads import newest_payload
+
+    found = newest_payload(archive, kind, scope, condition, params)
+    return [] if found is None else [found]
 
 
 def qc_status_message(site: str, status: ItemStatus, time_ns: int) -> Message:
@@ -195,6 +206,7 @@ class ScheduleStage:
         SQLite I/O: from async code run it in `asyncio.to_thread`. Returns how many records counted.
         """
         from hotlab.controller.archive import TimeRange
+        from hotlab.controller.archive_reads import Scope
 
         now = time.time_ns() if now_ns is None else now_ns
         up_to = TimeRange(0, now + 1)
@@ -205,18 +217,35 @@ class ScheduleStage:
         def add(kind: Any, payloads: list[dict[str, Any]]) -> None:
             found.extend(Message(kind, "", payload) for payload in payloads)
 
+        # A calibrator item's state depends on its newest passing and newest failing record only (facts keep the
+        # newest of each: ScheduleFacts.record), so those are read, newest first, not the device's whole history.
+        everything = Scope(up_to, site)
+        daily = "json_extract(payload, '$.procedure') = 'daily_constancy' AND json_extract(payload, '$.status') = 'complete'"
         for device in self.schedule.calibrators:
-            add("qc_procedure", archive.query("qc_procedure", up_to, site=site, device=device))
-            for test in ITEM_OF_TEST:
-                add("qc_result", archive.query("qc_result", up_to, site=site, device=device, test=test))
-            failed = archive.query("qc_result", up_to, site=site, device=device, test="constancy", verdict="fail")
-            add("qc_result", failed)
+            for failing in ("COALESCE(verdict, '') != 'fail'", "verdict = 'fail'"):
+                add(
+                    "qc_procedure",
+                    _newest(archive, "qc_procedure", everything, f"device = ? AND {daily} AND {failing}", device),
+                )
+                for test in (*ITEM_OF_TEST, "constancy"):
+                    add(
+                        "qc_result",
+                        _newest(
+                            archive, "qc_result", everything, f"device = ? AND test = ? AND {failing}", device, test
+                        ),
+                    )
             add("measurement", archive.query("measurement", recent, site=site, device=device))
         add("qc_result", archive.query("qc_result", up_to, site=site, test=GE68))
         # Every elution: an undone follow-up stays listed however old (`prune` then forgets the rest).
         for generator in self.schedule.generators:
             add("elution", archive.query("elution", up_to, site=site, device=generator))
-        add("qc_status", archive.query("qc_status", up_to, site=site))
+        # What was published last for each item: the newest qc_status of each (device, item).
+        where, params = everything.where("qc_status")
+        newest_status = archive.select(
+            f"SELECT payload, MAX(time_ns) FROM message WHERE {where} GROUP BY device, json_extract(payload, '$.item')",
+            params,
+        )
+        add("qc_status", [json.loads(payload) for payload, _ in newest_status])
         archived = {m.msg_id for m in found}
         found += [
             m

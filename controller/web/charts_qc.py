@@ -16,7 +16,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from hotlab.controller import archive_reads as reads
 from hotlab.controller.archive import HistoryArchive, TimeRange
+from hotlab.controller.archive_reads import Scope
 from hotlab.controller.messages import iso_utc
 from hotlab.controller.web.charts_svg import Level, Point, SvgChart, chart
 from hotlab.physics.utc_time import NS_PER_S, parse_utc_ns
@@ -40,7 +42,7 @@ def qc_charts(archive: HistoryArchive, site: str, period: TimeRange, now_ns: int
     span = (float(period.start_ns), float(min(period.end_ns, now_ns)))
     return [
         *_constancy(archive, site, period, span, device),
-        *_yields(archive, site, device),
+        *_yields(archive, site, period, device),
         *_breakthrough(archive, site, period, span, device),
     ]
 
@@ -169,9 +171,11 @@ def _constancy(
     return charts
 
 
-def _yields(archive: HistoryArchive, site: str, device: str | None) -> list[QcChart]:
-    """One chart per generator: the yield of each elution over the generator's life (days since its calibration)."""
-    generators = [g for g in archive.distinct("device", "qc_result") if device in (None, g)]
+def _yields(archive: HistoryArchive, site: str, period: TimeRange, device: str | None) -> list[QcChart]:
+    """One chart per generator eluted in the period: the yield of each elution over the generator's life (days since
+    its calibration). Only generators of the period: a lab that changes its Mo-99 generator weekly has hundreds."""
+    eluted = reads.grouped(archive, "qc_result", Scope(period, site), ("device",), extra="test = 'elution_yield'")
+    generators = [str(g) for g, _n in eluted if device in (None, g)]
     charts = []
     for generator in generators:
         found, truncated = _read(archive, site, None, device=generator, test="elution_yield")

@@ -82,7 +82,8 @@ class Panel:
         return self.config.history_path
 
     async def archived(self, kind: str, since_ns: int, **where: str) -> list[dict[str, Any]]:
-        """Messages of `kind` since `since_ns` from the archive (overview.archived), oldest first.
+        """The newest messages of `kind` since `since_ns` from the archive (overview.archived: at most
+        ARCHIVED_ROWS), oldest first.
 
         A live page re-renders after every change on the bus, up to ten times a second; it reads the
         archive again only when a message of `kind` arrived since its last read (or after

@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import time
 
+from starlette.background import BackgroundTask
 from starlette.requests import Request
-from starlette.responses import PlainTextResponse, Response
+from starlette.responses import FileResponse, PlainTextResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from hotlab.controller.archive import TimeRange
@@ -82,10 +83,11 @@ def routes(panel: Panel) -> list[BaseRoute]:
             return PlainTextResponse(str(exc), status_code=400)
         except HotlabError as exc:  # matplotlib missing: the message names the extra to install
             return PlainTextResponse(str(exc), status_code=503)
-        return Response(
-            made.body,
+        return FileResponse(
+            made.path,
             media_type=made.media_type,
-            headers={"Content-Disposition": f'attachment; filename="{made.name}"'},
+            filename=made.name,
+            background=BackgroundTask(made.path.unlink, missing_ok=True),
         )
 
     return [Route("/qc", qc_page), Route("/qc/report", report)]

@@ -4,9 +4,9 @@ The schedule is computed exactly as `hotlab qc status` computes it (controller/c
 the controller's own schedule stage for the lab's `[qc]` (`schedule_stage_for`), restored from
 the archive and asked for every item's state now (controller/qc/schedule_stage.py `restore`,
 `current`), so the page and the command agree, and the page is right while the controller is
-down. Times are shown in the site's zone, as the command shows them. Like the command, `restore`
-reads every record the schedule depends on (all QC records of each scheduled device and every
-elution): the cost of each visit grows with the lab's history, on a worker thread.
+down. Times are shown in the site's zone, as the command shows them. `restore` reads each item's
+newest records, not the device's history (the Ge-68 follow-ups still read the generators' elutions).
+The filters offer the devices and tests with results in the period shown.
 
 Results are read a page at a time, oldest first within the period (the archive's order), with
 a cursor (time, msg_id) of the last row shown: a page reads at most one page and a row more,
@@ -21,7 +21,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from hotlab.controller import archive_reads as reads
 from hotlab.controller.archive import HistoryArchive, TimeRange
+from hotlab.controller.archive_reads import Scope
 from hotlab.controller.config import LabConfig
 from hotlab.controller.qc.engine import QcConfig
 from hotlab.controller.qc.limits import VERDICTS
@@ -129,10 +131,17 @@ def read_qc_page(
             schedule_note=note,
             results=tuple(result_line(r) for r in rows),
             next_cursor=next_cursor,
-            devices=tuple(archive.distinct("device", "qc_result")),
-            tests=tuple(archive.distinct("test", "qc_result")),
+            devices=_offered(archive, config.site, wanted.period.range, "device"),
+            tests=_offered(archive, config.site, wanted.period.range, "test"),
             charts=tuple(qc_charts(archive, config.site, wanted.period.range, now_ns, wanted.device)),
         )
+
+
+def _offered(archive: HistoryArchive, site: str, period: TimeRange, column: str) -> tuple[str, ...]:
+    """The devices or tests with results in the period, offered as filters: a read of the period, not of the archive."""
+    return tuple(
+        str(value) for value, _n in reads.grouped(archive, "qc_result", Scope(period, site), (column,)) if value
+    )
 
 
 def _schedule(config: LabConfig, archive: HistoryArchive, now_ns: int) -> tuple[tuple[ScheduleLine, ...] | None, str]:

@@ -3,12 +3,15 @@
 The builders are the report's own (controller/report.py, through `report_builders` of
 controller/cli/report.py, which says which extra to install when matplotlib is missing): the
 page's HTML is the same self-contained document the command writes, its PDF the same pages.
+The report is written to a temporary file, not held in memory: a report over years is as large as
+its lists of failures, procedures and signatures. The page sends the file, then removes it.
 Blocking (SQLite, audit verification, plotting): call from a worker thread.
 """
 
 from __future__ import annotations
 
-import io
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +28,8 @@ FORMATS = {"html": "text/html; charset=utf-8", "pdf": "application/pdf"}
 class ReportFile:
     name: str
     media_type: str
-    body: bytes
+    #: A temporary file holding the report: the caller removes it once sent.
+    path: Path
 
 
 def report_file(
@@ -34,14 +38,24 @@ def report_file(
     """The report of `site` for `period` as HTML or PDF (`fmt`), verified against the keyed audit trail."""
     if not archive_path.is_file():
         raise InputError(f"no history archive at {archive_path}: there is nothing to report")
-    build_figures, collect, render_html, write_pdf = report_builders()
+    build_figures, collect, write_html, write_pdf = report_builders()
     with HistoryArchive(archive_path, read_only=True) as archive:
         data = collect(archive, period, audit_path, audit_key=audit_key, site=site)
-    figures = build_figures(data)
     last_day = iso_utc(period.end_ns - 1_000)[:10]  # the end is exclusive; 1 µs is iso_utc's resolution
     name = f"hotlab-qc-report-{site}-{iso_utc(period.start_ns)[:10]}-{last_day}.{fmt}"
-    if fmt == "html":
-        return ReportFile(name, FORMATS[fmt], render_html(data, figures).encode("utf-8"))
-    buffer = io.BytesIO()
-    write_pdf(data, buffer, figures)
-    return ReportFile(name, FORMATS[fmt], buffer.getvalue())
+    descriptor, temporary = tempfile.mkstemp(prefix="hotlab-report-", suffix=f".{fmt}")
+    os.close(descriptor)  # reopened by name below, as text or bytes
+    path = Path(temporary)
+    try:
+        with data:
+            figures = build_figures(data)
+            if fmt == "html":
+                with path.open("w", encoding="utf-8") as text:
+                    write_html(data, text, figures)
+            else:
+                with path.open("wb") as binary:
+                    write_pdf(data, binary, figures)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return ReportFile(name, FORMATS[fmt], path)
