@@ -439,11 +439,15 @@ class HistoryArchive:
         is held only while a chunk is read, so a long report never stalls the history sink."""
         if chunk_size <= 0:
             raise HistoryQueryError(f"chunk size must be positive, got {chunk_size}")
-        clauses, params = _where(kind, period, where)
+        span = period or TimeRange(0, OPEN_END_NS)
         after: tuple[int, str] | None = None
         while True:
-            keyset = "" if after is None else " AND (time_ns > ? OR (time_ns = ? AND msg_id > ?))"
-            more = [] if after is None else [after[0], after[0], after[1]]
+            # The range starts at the last time seen, so each chunk seeks in the index instead of
+            # scanning from the period's start; the msg_id test drops what was read at that time.
+            start_ns = span.start_ns if after is None else after[0]
+            clauses, params = _where(kind, TimeRange(start_ns, span.end_ns), where)
+            keyset = "" if after is None else " AND (time_ns > ? OR msg_id > ?)"
+            more = [] if after is None else [after[0], after[1]]
             sql = (
                 f"SELECT time_ns, msg_id, payload FROM message WHERE {clauses}{keyset} ORDER BY time_ns, msg_id LIMIT ?"
             )
