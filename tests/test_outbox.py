@@ -297,3 +297,19 @@ def test_every_acknowledged_group_commit_survives_kill_9(tmp_path: Path) -> None
     for d in range(20):  # per device: stored in order, and nothing acknowledged is missing from its prefix
         mine = [v for v in stored if d * 1_000_000 <= v < (d + 1) * 1_000_000]
         assert mine == [float(d * 1_000_000 + n) for n in range(len(mine))]
+
+
+def test_sync_to_disk_leaves_no_ack_only_in_the_unsynced_wal(tmp_path: Path) -> None:
+    """Acks are committed without an fsync; after `sync_to_disk` every WAL frame is checkpointed into the
+    database file, which SQLite does only after syncing the WAL: nothing acked waits on a later fsync."""
+    outbox = Outbox(tmp_path / "o.sqlite3", sinks=("history",))
+    try:
+        seqs = outbox.put_many([make_message(n) for n in range(5)])
+        outbox.ack("history", seqs)
+        outbox.sync_to_disk()
+        with closing(sqlite3.connect(tmp_path / "o.sqlite3")) as other:
+            busy, frames, checkpointed = other.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        assert busy == 0 and frames == checkpointed
+        assert outbox.pending("history") == []
+    finally:
+        outbox.close()

@@ -113,6 +113,9 @@ class _Retention:
 
     async def _run(self, *, archived_before_ns: int) -> None:
         try:
+            # The acks of what the pass may summarise must survive a power loss: a replay of readings
+            # already summarised and deleted would be archived again and counted twice.
+            await self.outbox.sync_to_disk()
             done = await asyncio.to_thread(
                 retain,
                 self.archive,
