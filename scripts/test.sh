@@ -9,4 +9,5 @@ echo "ruff: lint and format"
 .venv/bin/ruff format --check .
 echo "mypy"
 bash scripts/typecheck.sh
-exec .venv/bin/python -m pytest -q -p no:cacheprovider --durations=15 "$@"
+# Two workers (most tests wait on real processes and sockets, not the CPU); a module's tests stay together.
+exec .venv/bin/python -m pytest -q -p no:cacheprovider --durations=15 -n 2 --dist loadfile "$@"

@@ -20,6 +20,7 @@ import sys
 from collections.abc import Sequence
 from importlib.machinery import ModuleSpec
 from types import ModuleType
+from typing import Any
 
 import pytest
 from hypothesis import settings
@@ -50,6 +51,20 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.enviro
 
 def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(SchemaCheck(), "hotlab-schema-check")
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """In a parallel run's worker: hand this worker's fault counts to the main process."""
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        workeroutput["fault_tally"] = fault_tally.counts()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: object) -> None:
+    """In a parallel run's main process: add a finished worker's fault counts (pytest-xdist hook)."""
+    for row, counts in (getattr(node, "workeroutput", {}) or {}).get("fault_tally", {}).items():
+        fault_tally.tally(row, **counts)
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

@@ -20,6 +20,11 @@ def tally(row: str, **counts: int) -> None:
     _COUNTS[row].update(counts)
 
 
+def counts() -> dict[str, dict[str, int]]:
+    """Everything counted so far, as plain data (a parallel worker sends it to the main process)."""
+    return {row: dict(columns) for row, columns in _COUNTS.items()}
+
+
 def table() -> list[str]:
     """The table as Markdown lines, one row per fault kind in the order first counted; empty if nothing was."""
     if not _COUNTS:
