@@ -42,20 +42,28 @@ def _demo(cwd: Path, *, duration_s: int, history_days: int) -> subprocess.Popen[
 
 
 def _lines_until(process: subprocess.Popen[str], pattern: str, timeout_s: float) -> re.Match[str]:
-    """Read the process's stderr until a line matches `pattern`."""
+    """Read the process's stderr until a line matches `pattern`.
+
+    It reads the file descriptor itself: a buffered `readline` after `select` can take two lines into
+    Python's buffer and leave the second there, unseen, while the process writes nothing more.
+    """
     assert process.stderr is not None
+    fd = process.stderr.fileno()
     selector = selectors.DefaultSelector()
-    selector.register(process.stderr, selectors.EVENT_READ)
+    selector.register(fd, selectors.EVENT_READ)
     deadline = time.monotonic() + timeout_s
     seen: list[str] = []
+    pending = ""
     while time.monotonic() < deadline:
         if selector.select(timeout=0.5):
-            line = process.stderr.readline()
-            if not line:
+            chunk = os.read(fd, 65536).decode(errors="replace")
+            if not chunk:
                 break
-            seen.append(line)
-            if match := re.search(pattern, line):
-                return match
+            *lines, pending = (pending + chunk).split("\n")
+            for line in lines:
+                seen.append(line + "\n")
+                if match := re.search(pattern, line):
+                    return match
     raise AssertionError(f"no line matching {pattern!r} within {timeout_s:g} s:\n{''.join(seen)[-3000:]}")
 
 
